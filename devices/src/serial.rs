@@ -1,0 +1,182 @@
+//! COM1: vm-superio's 16550 behind a vm-device PIO window.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use luvmm_resources::state::SerialRegisters;
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::DevicePio;
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises the serial interrupt by writing the eventfd that KVM routes to the IRQ line.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest output goes: stdout, a file, or nowhere. The VMM hands in a line-buffered
+/// writer, so whole guest lines reach a log file at once.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// Why the serial device could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The saved receive FIFO holds more bytes than the device has room for.
+    #[error("saved serial state does not fit the device: {0:?}")]
+    BadState(vm_superio::serial::Error<std::io::Error>),
+}
+
+/// The guest's console.
+pub struct SerialDevice {
+    uart: Mutex<Serial<IrqTrigger, NoEvents, SerialOut>>,
+}
+
+impl SerialDevice {
+    /// A fresh UART in its reset state.
+    pub fn new(irq: EventFd, out: SerialOut) -> SerialDevice {
+        SerialDevice {
+            uart: Mutex::new(Serial::new(IrqTrigger(irq), out)),
+        }
+    }
+
+    /// A UART with the registers it had when it was saved.
+    pub fn from_state(
+        state: &SerialRegisters,
+        irq: EventFd,
+        out: SerialOut,
+    ) -> Result<SerialDevice, SerialError> {
+        let uart = Serial::from_state(&to_superio(state), IrqTrigger(irq), NoEvents, out)
+            .map_err(SerialError::BadState)?;
+        Ok(SerialDevice {
+            uart: Mutex::new(uart),
+        })
+    }
+
+    /// The registers, for the saved state.
+    pub fn save(&self) -> SerialRegisters {
+        from_superio(&self.lock().state())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, SerialOut>> {
+        // A vCPU thread that panicked mid-access leaves plain register values behind; they
+        // are still usable, so a poisoned lock is not an error here.
+        self.uart
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl DevicePio for SerialDevice {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        if let (Some(byte), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            *byte = self.lock().read(offset);
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let (Some(&byte), Ok(offset)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.lock().write(offset, byte) {
+                log::warn!("serial: write to offset {offset} failed: {e:?}");
+            }
+        }
+    }
+}
+
+fn to_superio(s: &SerialRegisters) -> SerialState {
+    SerialState {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+fn from_superio(s: &SerialState) -> SerialRegisters {
+    SerialRegisters {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<StdMutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn eventfd() -> EventFd {
+        EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()
+    }
+
+    const LCR: u16 = 3;
+    const SCRATCH: u16 = 7;
+
+    #[test]
+    fn guest_bytes_reach_the_writer() {
+        let out = Capture::default();
+        let dev = SerialDevice::new(eventfd(), Box::new(out.clone()));
+        for &b in b"hi\n" {
+            dev.pio_write(PioAddress(0x3f8), 0, &[b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+
+    #[test]
+    fn registers_survive_save_and_restore() {
+        let dev = SerialDevice::new(eventfd(), Box::new(std::io::sink()));
+        dev.pio_write(PioAddress(0x3f8), LCR, &[0x03]);
+        dev.pio_write(PioAddress(0x3f8), SCRATCH, &[0x5a]);
+        let saved = dev.save();
+        assert_eq!(saved.line_control, 0x03);
+        assert_eq!(saved.scratch, 0x5a);
+
+        let back = SerialDevice::from_state(&saved, eventfd(), Box::new(std::io::sink())).unwrap();
+        let mut byte = [0u8];
+        back.pio_read(PioAddress(0x3f8), SCRATCH, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        assert_eq!(back.save(), saved);
+    }
+
+    #[test]
+    fn an_overfull_fifo_is_refused() {
+        let state = SerialRegisters {
+            in_buffer: vec![0; 4096],
+            ..SerialDevice::new(eventfd(), Box::new(std::io::sink())).save()
+        };
+        assert!(SerialDevice::from_state(&state, eventfd(), Box::new(std::io::sink())).is_err());
+    }
+}

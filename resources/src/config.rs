@@ -1,0 +1,442 @@
+//! The VM configuration: plain data, read from JSON or built from CLI flags, and validated as a
+//! whole before the VMM creates anything.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{
+    GuestRegion, MemoryLayout, CMDLINE_MAX_SIZE, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START,
+    PAGE_SIZE,
+};
+
+/// Command line given to the guest when the config names none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 luvmm.fill_pages=1024";
+
+/// How the vCPU enters the guest ELF.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// PVH when the ELF carries a PVH entry note, else the 64-bit Linux boot protocol.
+    #[default]
+    Auto,
+    /// 64-bit Linux boot protocol: long mode, `boot_params` in RSI, e820 map.
+    Linux64,
+    /// PVH: 32-bit protected mode, `hvm_start_info` in EBX.
+    Pvh,
+}
+
+/// Where the guest's COM1 output goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Appended to a file, created if missing.
+    File(PathBuf),
+    /// Discarded.
+    Sink,
+}
+
+/// One RAM region as the user writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRegionConfig {
+    /// Guest physical address, page aligned.
+    pub gpa: u64,
+    /// Size in bytes, page aligned, not zero.
+    pub size: u64,
+}
+
+/// A complete VM configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// RAM regions; one memfd each.
+    pub memory: Vec<MemoryRegionConfig>,
+    /// The guest ELF.
+    pub payload: PathBuf,
+    /// Guest kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Boot protocol.
+    #[serde(default)]
+    pub boot: BootProtocol,
+    /// COM1 output.
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// Unix socket for the control API; none means no API.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+/// What the host allows, read from KVM before validation.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// `KVM_CAP_MAX_VCPUS`.
+    pub max_vcpus: u32,
+}
+
+/// A configuration that cannot be used; each variant names the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The JSON text does not parse into a config.
+    #[error("config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    /// The config file cannot be read.
+    #[error("config file {path}: cannot read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    /// `vcpus` is 0.
+    #[error("vcpus: must be at least 1")]
+    NoVcpus,
+    /// `vcpus` exceeds what KVM allows.
+    #[error("vcpus: {count} exceeds this host's KVM limit of {max}")]
+    TooManyVcpus { count: u32, max: u32 },
+    /// `memory` is empty.
+    #[error("memory: at least one region is needed")]
+    NoMemory,
+    /// A region's size is 0.
+    #[error("memory[{index}].size: must not be 0")]
+    ZeroSize { index: usize },
+    /// A region's address or size is not page aligned.
+    #[error("memory[{index}].{field}: {value:#x} is not a multiple of {PAGE_SIZE:#x}")]
+    NotPageAligned {
+        index: usize,
+        field: &'static str,
+        value: u64,
+    },
+    /// `gpa + size` does not fit in 64 bits.
+    #[error("memory[{index}]: gpa {gpa:#x} + size {size:#x} overflows")]
+    RegionOverflow { index: usize, gpa: u64, size: u64 },
+    /// Two regions share addresses.
+    #[error("memory[{first}] and memory[{second}] overlap")]
+    Overlap { first: usize, second: usize },
+    /// A region reaches into the 32-bit MMIO hole.
+    #[error(
+        "memory[{index}]: [{gpa:#x}, {end:#x}) overlaps the MMIO hole [{MMIO_HOLE_START:#x}, {MMIO_HOLE_END:#x})"
+    )]
+    InMmioHole { index: usize, gpa: u64, end: u64 },
+    /// No region starts at GPA 0 with room for the boot structures and a kernel at 1 MiB.
+    #[error("memory: a region must start at gpa 0 and extend past {HIMEM_START:#x} (boot structures and the payload live there)")]
+    NoLowMemory,
+    /// The payload file is missing or not a regular file.
+    #[error("payload: {path}: {reason}")]
+    Payload { path: PathBuf, reason: String },
+    /// The command line is too long for the boot protocol area.
+    #[error("cmdline: {len} bytes, at most {} allowed", CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong { len: usize },
+    /// The API socket's directory does not exist.
+    #[error("api_socket: directory of {path} does not exist")]
+    ApiSocketDir { path: PathBuf },
+}
+
+impl VmConfig {
+    /// Reads a JSON config file. Unknown fields are refused so that typos do not pass silently.
+    pub fn from_json_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > limits.max_vcpus {
+            return Err(ConfigError::TooManyVcpus {
+                count: self.vcpus,
+                max: limits.max_vcpus,
+            });
+        }
+        self.validate_memory()?;
+        self.validate_payload()?;
+        if self.cmdline.len() >= CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+            });
+        }
+        if let Some(path) = &self.api_socket {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(ConfigError::ApiSocketDir { path: path.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_memory(&self) -> Result<(), ConfigError> {
+        if self.memory.is_empty() {
+            return Err(ConfigError::NoMemory);
+        }
+        for (index, region) in self.memory.iter().enumerate() {
+            if region.size == 0 {
+                return Err(ConfigError::ZeroSize { index });
+            }
+            for (field, value) in [("gpa", region.gpa), ("size", region.size)] {
+                if value % PAGE_SIZE != 0 {
+                    return Err(ConfigError::NotPageAligned {
+                        index,
+                        field,
+                        value,
+                    });
+                }
+            }
+            let end = region
+                .gpa
+                .checked_add(region.size)
+                .ok_or(ConfigError::RegionOverflow {
+                    index,
+                    gpa: region.gpa,
+                    size: region.size,
+                })?;
+            if region.gpa < MMIO_HOLE_END && end > MMIO_HOLE_START {
+                return Err(ConfigError::InMmioHole {
+                    index,
+                    gpa: region.gpa,
+                    end,
+                });
+            }
+        }
+        for (first, a) in self.memory.iter().enumerate() {
+            for (offset, b) in self.memory[first + 1..].iter().enumerate() {
+                if to_region(a).overlaps(&to_region(b)) {
+                    return Err(ConfigError::Overlap {
+                        first,
+                        second: first + 1 + offset,
+                    });
+                }
+            }
+        }
+        if !self
+            .memory
+            .iter()
+            .any(|r| r.gpa == 0 && r.size > HIMEM_START)
+        {
+            return Err(ConfigError::NoLowMemory);
+        }
+        Ok(())
+    }
+
+    fn validate_payload(&self) -> Result<(), ConfigError> {
+        let reason = match std::fs::metadata(&self.payload) {
+            Ok(meta) if meta.is_file() => return Ok(()),
+            Ok(_) => "not a regular file".to_string(),
+            Err(e) => e.to_string(),
+        };
+        Err(ConfigError::Payload {
+            path: self.payload.clone(),
+            reason,
+        })
+    }
+
+    /// The RAM layout of a validated config, sorted by address.
+    pub fn memory_layout(&self) -> MemoryLayout {
+        let mut regions: Vec<GuestRegion> = self.memory.iter().map(to_region).collect();
+        regions.sort_by_key(|r| r.gpa);
+        MemoryLayout { regions }
+    }
+}
+
+fn to_region(r: &MemoryRegionConfig) -> GuestRegion {
+    GuestRegion {
+        gpa: r.gpa,
+        size: r.size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const LIMITS: HostLimits = HostLimits { max_vcpus: 8 };
+
+    fn payload_file() -> PathBuf {
+        // The test binary itself is a regular file that always exists.
+        std::env::current_exe().unwrap()
+    }
+
+    fn config() -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory: vec![MemoryRegionConfig {
+                gpa: 0,
+                size: 64 * MIB,
+            }],
+            payload: payload_file(),
+            cmdline: default_cmdline(),
+            boot: BootProtocol::Auto,
+            serial: SerialOutput::Stdout,
+            api_socket: None,
+        }
+    }
+
+    fn with_memory(regions: &[(u64, u64)]) -> VmConfig {
+        VmConfig {
+            memory: regions
+                .iter()
+                .map(|&(gpa, size)| MemoryRegionConfig { gpa, size })
+                .collect(),
+            ..config()
+        }
+    }
+
+    #[test]
+    fn a_sane_config_validates() {
+        assert_eq!(config().validate(&LIMITS), Ok(()));
+        let two = with_memory(&[(MMIO_HOLE_END, 64 * MIB), (0, 64 * MIB)]);
+        assert_eq!(two.validate(&LIMITS), Ok(()));
+        assert_eq!(two.memory_layout().regions[0].gpa, 0);
+    }
+
+    #[test]
+    fn vcpu_count_is_bounded() {
+        let zero = VmConfig {
+            vcpus: 0,
+            ..config()
+        };
+        assert_eq!(zero.validate(&LIMITS), Err(ConfigError::NoVcpus));
+        let many = VmConfig {
+            vcpus: 9,
+            ..config()
+        };
+        assert_eq!(
+            many.validate(&LIMITS),
+            Err(ConfigError::TooManyVcpus { count: 9, max: 8 })
+        );
+    }
+
+    #[test]
+    fn memory_errors_name_the_region_and_field() {
+        assert_eq!(
+            with_memory(&[]).validate(&LIMITS),
+            Err(ConfigError::NoMemory)
+        );
+        assert_eq!(
+            with_memory(&[(0, 64 * MIB), (MMIO_HOLE_END, 0)]).validate(&LIMITS),
+            Err(ConfigError::ZeroSize { index: 1 })
+        );
+        assert_eq!(
+            with_memory(&[(0, 64 * MIB + 1)]).validate(&LIMITS),
+            Err(ConfigError::NotPageAligned {
+                index: 0,
+                field: "size",
+                value: 64 * MIB + 1
+            })
+        );
+        assert_eq!(
+            with_memory(&[(0, 64 * MIB), (0x1_0000_0800, 4096)]).validate(&LIMITS),
+            Err(ConfigError::NotPageAligned {
+                index: 1,
+                field: "gpa",
+                value: 0x1_0000_0800
+            })
+        );
+        assert_eq!(
+            with_memory(&[(0, 64 * MIB), (32 * MIB, 64 * MIB)]).validate(&LIMITS),
+            Err(ConfigError::Overlap {
+                first: 0,
+                second: 1
+            })
+        );
+        assert_eq!(
+            with_memory(&[(0, 4096 * MIB)]).validate(&LIMITS),
+            Err(ConfigError::InMmioHole {
+                index: 0,
+                gpa: 0,
+                end: 4096 * MIB
+            })
+        );
+        assert_eq!(
+            with_memory(&[(0, 64 * MIB), (u64::MAX - 4095, 8192)]).validate(&LIMITS),
+            Err(ConfigError::RegionOverflow {
+                index: 1,
+                gpa: u64::MAX - 4095,
+                size: 8192
+            })
+        );
+        assert_eq!(
+            with_memory(&[(2 * MIB, 64 * MIB)]).validate(&LIMITS),
+            Err(ConfigError::NoLowMemory)
+        );
+    }
+
+    #[test]
+    fn missing_payload_is_refused() {
+        let missing = VmConfig {
+            payload: PathBuf::from("/nonexistent/payload.elf"),
+            ..config()
+        };
+        assert!(matches!(
+            missing.validate(&LIMITS),
+            Err(ConfigError::Payload { .. })
+        ));
+        let dir = VmConfig {
+            payload: PathBuf::from("/"),
+            ..config()
+        };
+        assert!(matches!(
+            dir.validate(&LIMITS),
+            Err(ConfigError::Payload { .. })
+        ));
+    }
+
+    #[test]
+    fn long_cmdline_and_bad_socket_dir_are_refused() {
+        let long = VmConfig {
+            cmdline: "x".repeat(CMDLINE_MAX_SIZE),
+            ..config()
+        };
+        assert!(matches!(
+            long.validate(&LIMITS),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+        let socket = VmConfig {
+            api_socket: Some(PathBuf::from("/nonexistent/dir/api.sock")),
+            ..config()
+        };
+        assert!(matches!(
+            socket.validate(&LIMITS),
+            Err(ConfigError::ApiSocketDir { .. })
+        ));
+    }
+
+    #[test]
+    fn json_config_parses_with_defaults_and_refuses_unknown_fields() {
+        let dir = std::env::temp_dir().join(format!("luvmm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.json");
+        std::fs::write(
+            &path,
+            r#"{"vcpus": 2, "memory": [{"gpa": 0, "size": 67108864}], "payload": "/bin/sh",
+                "serial": {"file": "/tmp/serial.log"}}"#,
+        )
+        .unwrap();
+        let parsed = VmConfig::from_json_file(&path).unwrap();
+        assert_eq!(parsed.vcpus, 2);
+        assert_eq!(parsed.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(parsed.boot, BootProtocol::Auto);
+        assert_eq!(parsed.serial, SerialOutput::File("/tmp/serial.log".into()));
+
+        std::fs::write(&path, r#"{"vcpus": 1, "memroy": [], "payload": "x"}"#).unwrap();
+        let err = VmConfig::from_json_file(&path).unwrap_err();
+        assert!(err.to_string().contains("memroy"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

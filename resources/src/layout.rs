@@ -1,0 +1,206 @@
+//! The guest physical layout shared by the boot path and the restore path.
+//!
+//! Constants describe where boot structures and devices live; [`MemoryLayout`] describes the RAM
+//! regions. A saved state carries its `MemoryLayout`, and a restore compares it with the memfds it
+//! was handed before it creates anything.
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size; regions and their sizes are multiples of it.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Start of the 32-bit MMIO hole: no RAM may sit in `[MMIO_HOLE_START, MMIO_HOLE_END)`.
+pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+/// End (exclusive) of the 32-bit MMIO hole.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// KVM's three-page TSS region (Intel needs it), placed inside the MMIO hole.
+pub const KVM_TSS_ADDRESS: u64 = 0xFFFB_D000;
+
+/// The boot GDT written by the VMM for the 64-bit Linux entry.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// The (empty) boot IDT.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH memory map, right after the start info.
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// Linux `boot_params` ("zero page").
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8FF0;
+/// Identity page tables for the 64-bit Linux entry: PML4, PDPT, PD.
+pub const PML4_START: u64 = 0x9000;
+/// Page directory pointer table.
+pub const PDPTE_START: u64 = 0xA000;
+/// Page directory (512 x 2 MiB = the first 1 GiB).
+pub const PDE_START: u64 = 0xB000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Longest command line accepted, NUL included.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Top of the low RAM the e820 map reports as usable (the EBDA starts here).
+pub const EBDA_START: u64 = 0x9_FC00;
+/// Where the kernel image is loaded: 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// COM1, the guest's console.
+pub const SERIAL_PORT_BASE: u16 = 0x3F8;
+/// COM1 register window.
+pub const SERIAL_PORT_SIZE: u16 = 8;
+/// COM1 interrupt line.
+pub const SERIAL_IRQ: u32 = 4;
+/// The luvmm guest-control port: a guest reads it to learn whether the VMM asked for a check.
+pub const GUEST_CONTROL_PORT: u16 = 0x0600;
+/// Width of the guest-control port window.
+pub const GUEST_CONTROL_PORT_SIZE: u16 = 4;
+
+/// One guest RAM region: `size` bytes at guest physical address `gpa`, backed by its own memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRegion {
+    /// Guest physical start address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl GuestRegion {
+    /// End address (exclusive). Callers validate first, so this cannot overflow.
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    /// Whether `[gpa, end)` and `other` share any byte.
+    pub fn overlaps(&self, other: &GuestRegion) -> bool {
+        self.gpa < other.end() && other.gpa < self.end()
+    }
+}
+
+/// The RAM layout of a VM, in guest-physical order. Region `i` is backed by memfd `i`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    /// RAM regions, sorted by `gpa`.
+    pub regions: Vec<GuestRegion>,
+}
+
+impl MemoryLayout {
+    /// Sum of all region sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Lays `bytes` of RAM out from GPA 0, skipping the MMIO hole: one region below it, and
+    /// the rest from 4 GiB up.
+    pub fn contiguous(bytes: u64) -> MemoryLayout {
+        let low = bytes.min(MMIO_HOLE_START);
+        let mut regions = vec![GuestRegion { gpa: 0, size: low }];
+        if bytes > low {
+            regions.push(GuestRegion {
+                gpa: MMIO_HOLE_END,
+                size: bytes - low,
+            });
+        }
+        MemoryLayout { regions }
+    }
+
+    /// Usable RAM ranges as the guest should see them in its e820 or PVH memory map: the
+    /// legacy hole between the EBDA and 1 MiB is left out of the first region.
+    pub fn usable_ranges(&self) -> Vec<GuestRegion> {
+        let mut ranges = Vec::with_capacity(self.regions.len() + 1);
+        for region in &self.regions {
+            if region.gpa == 0 && region.size > HIMEM_START {
+                ranges.push(GuestRegion {
+                    gpa: 0,
+                    size: EBDA_START,
+                });
+                ranges.push(GuestRegion {
+                    gpa: HIMEM_START,
+                    size: region.size - HIMEM_START,
+                });
+            } else {
+                ranges.push(*region);
+            }
+        }
+        ranges
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn contiguous_layout_skips_the_mmio_hole() {
+        let small = MemoryLayout::contiguous(64 * MIB);
+        assert_eq!(
+            small.regions,
+            vec![GuestRegion {
+                gpa: 0,
+                size: 64 * MIB
+            }]
+        );
+
+        let big = MemoryLayout::contiguous(4 * GIB);
+        assert_eq!(
+            big.regions,
+            vec![
+                GuestRegion {
+                    gpa: 0,
+                    size: 3 * GIB
+                },
+                GuestRegion {
+                    gpa: 4 * GIB,
+                    size: GIB
+                },
+            ]
+        );
+        assert_eq!(big.total_bytes(), 4 * GIB);
+    }
+
+    #[test]
+    fn usable_ranges_leave_out_the_legacy_hole() {
+        let layout = MemoryLayout::contiguous(64 * MIB);
+        assert_eq!(
+            layout.usable_ranges(),
+            vec![
+                GuestRegion {
+                    gpa: 0,
+                    size: EBDA_START
+                },
+                GuestRegion {
+                    gpa: HIMEM_START,
+                    size: 63 * MIB
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_round_trips_through_json_and_compares() {
+        let layout = MemoryLayout::contiguous(5 * GIB);
+        let text = serde_json::to_string(&layout).unwrap();
+        let back: MemoryLayout = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, layout);
+        assert_ne!(back, MemoryLayout::contiguous(4 * GIB));
+    }
+
+    #[test]
+    fn overlap_is_exclusive_at_the_end() {
+        let a = GuestRegion {
+            gpa: 0,
+            size: 0x1000,
+        };
+        let b = GuestRegion {
+            gpa: 0x1000,
+            size: 0x1000,
+        };
+        let c = GuestRegion {
+            gpa: 0xFFF,
+            size: 2,
+        };
+        assert!(!a.overlaps(&b));
+        assert!(a.overlaps(&c) && b.overlaps(&c));
+    }
+}

@@ -1,0 +1,10 @@
+//! Everything luvmm decides before it touches KVM, and everything that must cross an update.
+//!
+//! - [`config`]: the typed VM configuration and its validation, run before anything is created.
+//! - [`layout`]: the guest physical layout (memory regions, boot structures, ports) as values
+//!   that can be serialized and compared, so a restore can prove it rebuilds the same machine.
+//! - [`state`]: the versioned, checksummed container for a paused VM's state and its typed root.
+
+pub mod config;
+pub mod layout;
+pub mod state;

@@ -1,0 +1,304 @@
+//! The typed root of a saved VM and the state of each component.
+//!
+//! Every type here is plain data: no fds, no pointers. Live handles are passed to the restore
+//! functions separately.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{MemoryLayout, MMIO_HOLE_END, MMIO_HOLE_START};
+
+/// Everything needed to rebuild a paused VM on top of its own memfds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Which luvmm wrote it, for error messages and drills.
+    pub producer: String,
+    /// The RAM layout; region `i` is memfd `i`.
+    pub memory: MemoryLayout,
+    /// VM-wide KVM state.
+    pub vm: KvmVmState,
+    /// One entry per vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// Emulated devices.
+    pub devices: DevicesState,
+}
+
+/// VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KvmVmState {
+    /// 8259 master (`KVM_IRQCHIP_PIC_MASTER`).
+    pub pic_master: kvm_irqchip,
+    /// 8259 slave.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// i8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock; restored so the guest's clock does not jump back.
+    pub clock: kvm_clock_data,
+}
+
+/// The architectural state of one vCPU, as KVM reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU id (also its APIC id).
+    pub id: u32,
+    /// CPUID the guest saw; restored as is so the guest's view does not change under it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM would save for this vCPU.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87, SSE and extended state (the legacy XSAVE area holds the FPU).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Local APIC registers, including its timer.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts and NMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// Running, halted or waiting for SIPI.
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// TSC frequency in kHz, when KVM reports one.
+    pub tsc_khz: Option<u32>,
+}
+
+/// COM1 registers: the fields of vm-superio's `SerialState`, kept here as serde data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// The guest-control port: whether a check request is still waiting for the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestControlState {
+    /// A check was requested and the guest has not read it yet.
+    pub check_pending: bool,
+}
+
+/// State of the emulated devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialRegisters,
+    /// The guest-control port.
+    #[serde(default)]
+    pub guest_control: GuestControlState,
+}
+
+/// A decoded state that does not fit what it is being restored onto.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateMismatch {
+    /// The state holds no vCPU.
+    #[error("state has no vCPUs")]
+    NoVcpus,
+    /// vCPU ids are not 0, 1, 2, ... in order.
+    #[error("state vCPU #{index} has id {id}")]
+    VcpuId { index: usize, id: u32 },
+    /// The layout itself is inconsistent (unsorted, overlapping, empty or in the MMIO hole).
+    #[error("state memory layout is invalid at region {index}")]
+    BadLayout { index: usize },
+    /// A different number of memfds than regions.
+    #[error("state has {in_state} memory regions but {given} memfds were given")]
+    RegionCount { in_state: usize, given: usize },
+    /// A memfd's size differs from its region.
+    #[error("memory region {index}: state says {in_state:#x} bytes, memfd has {given:#x}")]
+    RegionSize {
+        index: usize,
+        in_state: u64,
+        given: u64,
+    },
+}
+
+impl VmState {
+    /// Checks the state against itself and against the sizes of the memfds it will be
+    /// restored onto. Runs before any KVM object exists.
+    pub fn check_against(&self, memfd_sizes: &[u64]) -> Result<(), StateMismatch> {
+        if self.vcpus.is_empty() {
+            return Err(StateMismatch::NoVcpus);
+        }
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            if vcpu.id as usize != index {
+                return Err(StateMismatch::VcpuId { index, id: vcpu.id });
+            }
+        }
+        let regions = &self.memory.regions;
+        for (index, region) in regions.iter().enumerate() {
+            let sorted = index == 0 || regions[index - 1].end() <= region.gpa;
+            let in_hole = region.gpa < MMIO_HOLE_END && region.end() > MMIO_HOLE_START;
+            if region.size == 0
+                || region.gpa.checked_add(region.size).is_none()
+                || !sorted
+                || in_hole
+            {
+                return Err(StateMismatch::BadLayout { index });
+            }
+        }
+        if regions.len() != memfd_sizes.len() {
+            return Err(StateMismatch::RegionCount {
+                in_state: regions.len(),
+                given: memfd_sizes.len(),
+            });
+        }
+        for (index, (region, &given)) in regions.iter().zip(memfd_sizes).enumerate() {
+            if region.size != given {
+                return Err(StateMismatch::RegionSize {
+                    index,
+                    in_state: region.size,
+                    given,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::GuestRegion;
+    use crate::state::{decode, encode};
+
+    const MIB: u64 = 1 << 20;
+
+    fn vcpu(id: u32) -> VcpuState {
+        let regs = kvm_regs {
+            rip: 0x10_0000 + u64::from(id),
+            ..Default::default()
+        };
+        let mut xsave = kvm_xsave::default();
+        xsave.region[7] = 0xdead_beef;
+        VcpuState {
+            id,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f0,
+                ..Default::default()
+            }],
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 12345,
+                ..Default::default()
+            }],
+            regs,
+            sregs: kvm_sregs::default(),
+            xsave,
+            xcrs: kvm_xcrs::default(),
+            lapic: kvm_lapic_state::default(),
+            vcpu_events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state::default(),
+            debug_regs: kvm_debugregs::default(),
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    fn state() -> VmState {
+        VmState {
+            producer: "luvmm test".into(),
+            memory: MemoryLayout::contiguous(64 * MIB),
+            vm: KvmVmState {
+                pic_master: kvm_irqchip::default(),
+                pic_slave: kvm_irqchip::default(),
+                ioapic: kvm_irqchip::default(),
+                pit: kvm_pit_state2::default(),
+                clock: kvm_clock_data {
+                    clock: 42,
+                    ..Default::default()
+                },
+            },
+            vcpus: vec![vcpu(0), vcpu(1)],
+            devices: DevicesState {
+                serial: SerialRegisters {
+                    line_control: 3,
+                    in_buffer: vec![b'a'],
+                    ..Default::default()
+                },
+                guest_control: GuestControlState {
+                    check_pending: true,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn vm_state_round_trips_through_the_container() {
+        let original = state();
+        let back: VmState = decode(&encode(&original).unwrap()).unwrap();
+        assert_eq!(back.memory, original.memory);
+        assert_eq!(back.vcpus.len(), 2);
+        assert_eq!(back.vcpus[1].regs.rip, 0x10_0001);
+        assert_eq!(back.vcpus[0].xsave.region[7], 0xdead_beef);
+        assert_eq!(back.vcpus[0].cpuid[0].eax, 0x806f0);
+        assert_eq!(back.vcpus[0].msrs[0].data, 12345);
+        assert_eq!(back.vcpus[0].tsc_khz, Some(2_000_000));
+        assert_eq!(back.vm.clock.clock, 42);
+        assert_eq!(back.devices, original.devices);
+    }
+
+    #[test]
+    fn matching_memfds_pass() {
+        assert_eq!(state().check_against(&[64 * MIB]), Ok(()));
+    }
+
+    #[test]
+    fn layout_mismatch_is_refused() {
+        assert_eq!(
+            state().check_against(&[64 * MIB, MIB]),
+            Err(StateMismatch::RegionCount {
+                in_state: 1,
+                given: 2
+            })
+        );
+        assert_eq!(
+            state().check_against(&[32 * MIB]),
+            Err(StateMismatch::RegionSize {
+                index: 0,
+                in_state: 64 * MIB,
+                given: 32 * MIB
+            })
+        );
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused() {
+        let mut no_vcpus = state();
+        no_vcpus.vcpus.clear();
+        assert_eq!(
+            no_vcpus.check_against(&[64 * MIB]),
+            Err(StateMismatch::NoVcpus)
+        );
+
+        let mut swapped = state();
+        swapped.vcpus.swap(0, 1);
+        assert_eq!(
+            swapped.check_against(&[64 * MIB]),
+            Err(StateMismatch::VcpuId { index: 0, id: 1 })
+        );
+
+        let mut in_hole = state();
+        in_hole.memory.regions.push(GuestRegion {
+            gpa: MMIO_HOLE_START,
+            size: MIB,
+        });
+        assert_eq!(
+            in_hole.check_against(&[64 * MIB, MIB]),
+            Err(StateMismatch::BadLayout { index: 1 })
+        );
+    }
+}

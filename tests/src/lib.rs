@@ -1,0 +1,299 @@
+//! Helpers for luvmm's integration tests: find the binary and the payload, run VMs as child
+//! processes, read their serial log, talk to their API, and wait on conditions with timeouts
+//! instead of sleeping.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Generous: guest instructions are slow on emulated KVM, and CI machines are small.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The guest payload built from `tests/guest/` by this crate's build script.
+pub fn payload() -> PathBuf {
+    PathBuf::from(env!("LUVMM_PAYLOAD"))
+}
+
+/// Fails loudly when the machine cannot run VMs: these tests must not pass by skipping.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs a usable /dev/kvm and cannot run here: {e}");
+    }
+}
+
+/// The `luvmm` binary of this workspace, built once per test binary so it is never stale.
+pub fn luvmm_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let test_exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = test_exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "luvmm-vmm", "--bin", "luvmm"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cannot run cargo to build luvmm");
+        assert!(status.success(), "building the luvmm binary failed");
+        let bin = profile_dir.join("luvmm");
+        assert!(bin.is_file(), "{} missing after the build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Polls `probe` until it yields a value or `TIMEOUT` passes; panics naming `what`.
+pub fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A scratch directory removed when dropped.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    /// A new empty directory named after the test.
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!("luvmm-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir(path)
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `LUVMM-CHECK` line of the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub ok: bool,
+    pub pages: u64,
+    pub heartbeat: u64,
+    pub seed: String,
+    pub checks: u64,
+    pub line: String,
+}
+
+/// Parses the `key=value` fields of a guest line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+}
+
+fn parse_check(line: &str) -> Check {
+    let num = |key| field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Check {
+        ok: line.starts_with("LUVMM-CHECK ok"),
+        pages: num("pages"),
+        heartbeat: num("heartbeat"),
+        seed: field(line, "seed").unwrap_or_default().to_string(),
+        checks: num("checks"),
+        line: line.to_string(),
+    }
+}
+
+/// Complete lines (newline-terminated: the guest may be mid-line) of a serial log that start
+/// with `prefix`.
+pub fn lines_with(serial: &Path, prefix: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every check line in the log, in order.
+pub fn checks(serial: &Path) -> Vec<Check> {
+    lines_with(serial, "LUVMM-CHECK")
+        .iter()
+        .map(|l| parse_check(l))
+        .collect()
+}
+
+/// A raw API exchange: status and body.
+pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send request");
+    read_reply(&mut stream)
+}
+
+/// Reads a whole reply (the server closes after it) and splits status and body.
+pub fn read_reply(stream: &mut UnixStream) -> (u16, String) {
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read reply");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {text:?}"));
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// A luvmm process serving a VM, killed when dropped.
+pub struct Vm {
+    child: Child,
+    pub socket: PathBuf,
+    pub serial: PathBuf,
+}
+
+impl Vm {
+    /// Boots the payload with `extra` flags and waits for its boot line.
+    pub fn boot(dir: &TestDir, name: &str, extra: &[&str]) -> Vm {
+        require_kvm();
+        let socket = dir.join(&format!("{name}.sock"));
+        let serial = dir.join("serial.log");
+        let mut cmd = Command::new(luvmm_bin());
+        cmd.arg("run")
+            .arg("--payload")
+            .arg(payload())
+            .arg("--serial")
+            .arg(&serial)
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(extra);
+        let vm = Vm::spawn(cmd, socket, serial);
+        wait_until("the guest's LUVMM-BOOT line", || {
+            (!lines_with(&vm.serial, "LUVMM-BOOT").is_empty()).then_some(())
+        });
+        vm
+    }
+
+    /// Starts `luvmm restore` with `args`, appending to the same serial log as `serial`, and
+    /// waits until its API answers.
+    pub fn restore(
+        dir: &TestDir,
+        name: &str,
+        serial: &Path,
+        args: &[&str],
+        cmd_hook: impl FnOnce(&mut Command),
+    ) -> Vm {
+        require_kvm();
+        let socket = dir.join(&format!("{name}.sock"));
+        let mut cmd = Command::new(luvmm_bin());
+        cmd.arg("restore")
+            .args(args)
+            .arg("--serial")
+            .arg(serial)
+            .arg("--api-socket")
+            .arg(&socket);
+        cmd_hook(&mut cmd);
+        let mut vm = Vm::spawn(cmd, socket, serial.to_path_buf());
+        wait_until("the restored VMM's API socket", || {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                panic!("luvmm restore exited early with {status}");
+            }
+            vm.socket.exists().then_some(())
+        });
+        vm
+    }
+
+    fn spawn(mut cmd: Command, socket: PathBuf, serial: PathBuf) -> Vm {
+        let child = cmd.stdin(Stdio::null()).spawn().expect("spawn luvmm");
+        Vm {
+            child,
+            socket,
+            serial,
+        }
+    }
+
+    /// An API exchange with this VM.
+    pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        api(&self.socket, method, path, body)
+    }
+
+    /// The `phase` field of `GET /vm`.
+    pub fn phase(&self) -> String {
+        let (status, body) = self.api("GET", "/vm", "");
+        assert_eq!(status, 200, "GET /vm: {body}");
+        let value: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        value["phase"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Asks the guest for a check and returns the new check line.
+    pub fn check(&self) -> Check {
+        let before = checks(&self.serial).len();
+        let (status, body) = self.api("PUT", "/vm/check", "");
+        assert_eq!(status, 204, "PUT /vm/check: {body}");
+        self.next_check(before)
+    }
+
+    /// Waits for check line number `seen + 1`.
+    pub fn next_check(&self, seen: usize) -> Check {
+        wait_until("a LUVMM-CHECK line", || {
+            checks(&self.serial).get(seen).cloned()
+        })
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash or an operator would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        wait_until("luvmm to exit", || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `luvmm` with `args` to completion and returns its exit status and stderr.
+pub fn run_luvmm(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(luvmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run luvmm");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

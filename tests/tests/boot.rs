@@ -1,0 +1,128 @@
+//! Booting the payload through both entry protocols, and refusing bad configurations.
+
+use luvmm_tests::{field, lines_with, run_luvmm, TestDir, Vm};
+
+fn boot_line(vm: &Vm) -> String {
+    lines_with(&vm.serial, "LUVMM-BOOT").remove(0)
+}
+
+#[test]
+fn boots_through_the_64_bit_linux_protocol() {
+    let dir = TestDir::new("boot-linux64");
+    let vm = Vm::boot(&dir, "vm", &["--boot", "linux64", "--memory-mib", "64"]);
+    let line = boot_line(&vm);
+    assert_eq!(field(&line, "proto"), Some("linux64"), "{line}");
+    // 64 MiB less the legacy hole between the EBDA and 1 MiB, from the e820 map.
+    assert_eq!(field(&line, "ram_mib"), Some("63"), "{line}");
+    let check = vm.check();
+    assert!(check.ok, "{}", check.line);
+    assert_eq!(check.pages, 1024);
+}
+
+#[test]
+fn boots_through_pvh_and_auto_prefers_it() {
+    let dir = TestDir::new("boot-pvh");
+    for (name, boot) in [("pvh", "pvh"), ("auto", "auto")] {
+        let vm = Vm::boot(&dir, name, &["--boot", boot]);
+        let line = boot_line(&vm);
+        assert_eq!(field(&line, "proto"), Some("pvh"), "{boot}: {line}");
+        assert!(vm.check().ok);
+        vm.kill();
+        std::fs::remove_file(dir.join("serial.log")).unwrap();
+    }
+}
+
+#[test]
+fn config_file_with_two_regions_and_two_vcpus_boots() {
+    let dir = TestDir::new("boot-config");
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"vcpus": 2,
+                "memory": [{{"gpa": 0, "size": 67108864}}, {{"gpa": 4294967296, "size": 33554432}}],
+                "payload": "{}",
+                "cmdline": "console=ttyS0 luvmm.fill_pages=300"}}"#,
+            luvmm_tests::payload().display()
+        ),
+    )
+    .unwrap();
+    let vm = Vm::boot(&dir, "vm", &["--config", config.to_str().unwrap()]);
+    let line = boot_line(&vm);
+    // The guest sums both regions from its memory map: 63 MiB low + 32 MiB high.
+    assert_eq!(field(&line, "ram_mib"), Some("95"), "{line}");
+    assert_eq!(field(&line, "fill_pages"), Some("300"), "{line}");
+    let (status, body) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["vcpus"], 2);
+    assert_eq!(status["memory"]["regions"].as_array().unwrap().len(), 2);
+    assert_eq!(vm.check().pages, 300);
+}
+
+fn refused(args: &[&str], expected: &str) {
+    let (status, stderr) = run_luvmm(args);
+    assert!(!status.success(), "{args:?} was accepted");
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+}
+
+#[test]
+fn bad_configurations_are_refused_with_the_field_named() {
+    luvmm_tests::require_kvm();
+    let payload = luvmm_tests::payload();
+    let payload = payload.to_str().unwrap();
+    refused(
+        &["run", "--payload", payload, "--vcpus", "0"],
+        "vcpus: must be at least 1",
+    );
+    refused(
+        &["run", "--payload", payload, "--vcpus", "100000"],
+        "exceeds this host's KVM limit",
+    );
+    refused(
+        &["run", "--payload", payload, "--memory-mib", "0"],
+        "memory[0].size: must not be 0",
+    );
+    refused(
+        &["run", "--payload", "/nonexistent/payload.elf"],
+        "payload: /nonexistent/payload.elf",
+    );
+    refused(&["run"], "payload: ");
+
+    let dir = TestDir::new("boot-bad-config");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let overlap = write(
+        "overlap.json",
+        format!(
+            r#"{{"vcpus": 1, "memory": [{{"gpa": 0, "size": 67108864}}, {{"gpa": 4096, "size": 4096}}], "payload": "{payload}"}}"#
+        ),
+    );
+    refused(
+        &["run", "--config", &overlap],
+        "memory[0] and memory[1] overlap",
+    );
+    let hole = write(
+        "hole.json",
+        format!(
+            r#"{{"vcpus": 1, "memory": [{{"gpa": 0, "size": 67108864}}, {{"gpa": 3221225472, "size": 4096}}], "payload": "{payload}"}}"#
+        ),
+    );
+    refused(&["run", "--config", &hole], "overlaps the MMIO hole");
+    let unaligned = write(
+        "unaligned.json",
+        format!(
+            r#"{{"vcpus": 1, "memory": [{{"gpa": 0, "size": 67109000}}], "payload": "{payload}"}}"#
+        ),
+    );
+    refused(&["run", "--config", &unaligned], "memory[0].size");
+    let typo = write("typo.json", r#"{"vcpus": 1, "memroy": []}"#.to_string());
+    refused(&["run", "--config", &typo], "memroy");
+}

@@ -1,0 +1,59 @@
+//! Pause, resume and save of a running guest.
+
+use std::time::Duration;
+
+use luvmm_tests::{checks, TestDir, Vm};
+
+#[test]
+fn pause_holds_the_guest_and_resume_lets_it_go_on() {
+    let dir = TestDir::new("pause");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let first = vm.check();
+    assert!(first.ok, "{}", first.line);
+
+    assert_eq!(vm.api("PUT", "/vm/pause", ""), (204, String::new()));
+    assert_eq!(vm.phase(), "paused");
+    // A check asked for while paused must wait for the resume: nothing runs the guest now.
+    assert_eq!(vm.api("PUT", "/vm/check", "").0, 204);
+    let seen = checks(&vm.serial).len();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(checks(&vm.serial).len(), seen, "a paused guest answered");
+
+    assert_eq!(vm.api("PUT", "/vm/resume", ""), (204, String::new()));
+    assert_eq!(vm.phase(), "running");
+    let after = vm.next_check(seen);
+    assert!(after.ok, "{}", after.line);
+    assert!(
+        after.heartbeat >= first.heartbeat,
+        "{after:?} after {first:?}"
+    );
+    assert_eq!(after.seed, first.seed, "the guest rebooted");
+    assert_eq!(after.checks, first.checks + 1);
+}
+
+#[test]
+fn save_pauses_and_exports_a_state_file() {
+    let dir = TestDir::new("save");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let export = dir.join("state.bin");
+    let (status, body) = vm.api(
+        "PUT",
+        "/vm/save",
+        &format!(r#"{{"export_path": "{}"}}"#, export.display()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bytes = report["state_bytes"].as_u64().unwrap();
+    assert!(report["pause_to_saved_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(std::fs::metadata(&export).unwrap().len(), bytes);
+    assert_eq!(&std::fs::read(&export).unwrap()[..8], b"LUVMMSTA");
+
+    assert_eq!(vm.phase(), "paused");
+    let (_, status) = vm.api("GET", "/vm", "");
+    assert!(status.contains(r#""state_current":true"#), "{status}");
+    // Running again makes the saved state stale.
+    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    let (_, status) = vm.api("GET", "/vm", "");
+    assert!(status.contains(r#""state_current":false"#), "{status}");
+    assert!(vm.check().ok);
+}

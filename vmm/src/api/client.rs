@@ -1,0 +1,110 @@
+//! A client for the control API, used by `luvmm ctl`, `luvmm restore --from-socket` and the
+//! benchmarks.
+
+use std::io::{IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+use super::http::{parse_response, request_bytes, HttpError};
+
+/// Most fds a reply may carry: a state memfd plus RAM memfds.
+const MAX_FDS: usize = 64;
+
+/// Talking to a VMM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad reply from {path}")]
+    Http {
+        path: PathBuf,
+        #[source]
+        source: HttpError,
+    },
+}
+
+/// A reply: status, body, and any fds that came with it.
+#[derive(Debug)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: String,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl ApiReply {
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Sends one request to the API socket at `socket` and reads the whole reply.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<ApiReply, ClientError> {
+    let io_err = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .write_all(&request_bytes(method, path, body))
+        .map_err(io_err)?;
+    let (bytes, fds) = read_all_with_fds(&stream).map_err(io_err)?;
+    let (status, body) = parse_response(&bytes).map_err(|source| ClientError::Http {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    Ok(ApiReply { status, body, fds })
+}
+
+fn read_all_with_fds(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut bytes = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: the kernel just installed these fds in this process for us; nothing
+                // else owns them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        let n = msg.bytes;
+        if n == 0 {
+            return Ok((bytes, fds));
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -1,0 +1,205 @@
+//! The control API: HTTP/1.1 + JSON on a Unix socket, as Firecracker and Cloud Hypervisor do.
+//!
+//! | method | path           | body                          | reply                          |
+//! |--------|----------------|-------------------------------|--------------------------------|
+//! | GET    | `/vm`          |                               | 200 status                     |
+//! | PUT    | `/vm/pause`    |                               | 204                            |
+//! | PUT    | `/vm/resume`   |                               | 204                            |
+//! | PUT    | `/vm/save`     | `{"export_path": "FILE"}`?    | 200 `{state_bytes, pause_to_saved_ms}` |
+//! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
+//! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
+//! | PUT    | `/vm/shutdown` |                               | 204                            |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad body), 404 (unknown path), 405 (wrong method),
+//! 409 (wrong phase), 413 (too large), 503 (another client is connected) or 500.
+
+pub mod client;
+pub mod http;
+pub mod server;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::vmm::{Vmm, VmmError};
+use http::{Request, Response};
+
+/// One operation the API can ask of the VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmmAction {
+    Status,
+    Pause,
+    Resume,
+    Save { export_path: Option<PathBuf> },
+    Check,
+    Handover,
+    Shutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaveBody {
+    export_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// Turns a request body into the action of one endpoint.
+type BodyParser = fn(&[u8]) -> Result<VmmAction, Response>;
+
+/// Maps a request to an action, or to the error response it deserves.
+pub fn route(req: &Request) -> Result<VmmAction, Response> {
+    let (allowed, action): (&'static str, BodyParser) = match req.path.as_str() {
+        "/vm" => ("GET", |_| Ok(VmmAction::Status)),
+        "/vm/pause" => ("PUT", |b| no_body(b).map(|_| VmmAction::Pause)),
+        "/vm/resume" => ("PUT", |b| no_body(b).map(|_| VmmAction::Resume)),
+        "/vm/check" => ("PUT", |b| no_body(b).map(|_| VmmAction::Check)),
+        "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
+        "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
+        "/vm/save" => ("PUT", |b| {
+            parse_body::<SaveBody>(b).map(|s| VmmAction::Save {
+                export_path: s.export_path,
+            })
+        }),
+        other => return Err(Response::error(404, &format!("no such endpoint: {other}"))),
+    };
+    if req.method != allowed {
+        let mut resp = Response::error(405, &format!("{} {}: use {allowed}", req.method, req.path));
+        resp.allow = Some(allowed);
+        return Err(resp);
+    }
+    action(&req.body)
+}
+
+fn no_body(body: &[u8]) -> Result<(), Response> {
+    parse_body::<EmptyBody>(body).map(|_| ())
+}
+
+/// An empty body means defaults; anything else must be a JSON object of the right shape.
+fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))
+}
+
+/// A response plus the fds that travel with it.
+pub struct Reply {
+    pub response: Response,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Reply {
+        Reply {
+            response,
+            fds: Vec::new(),
+        }
+    }
+}
+
+/// Runs `action` on the VMM.
+pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
+    let done = |result: Result<(), VmmError>| match result {
+        Ok(()) => Response::empty(204),
+        Err(e) => error_response(&e),
+    };
+    match action {
+        VmmAction::Status => Response::json(200, &vmm.status()).into(),
+        VmmAction::Pause => done(vmm.pause()).into(),
+        VmmAction::Resume => done(vmm.resume()).into(),
+        VmmAction::Check => done(vmm.request_check()).into(),
+        VmmAction::Save { export_path } => match vmm.save(export_path.as_deref()) {
+            Ok(report) => Response::json(200, &report).into(),
+            Err(e) => error_response(&e).into(),
+        },
+        VmmAction::Handover => match vmm.handover() {
+            Ok((manifest, fds)) => Reply {
+                response: Response::json(200, &manifest),
+                fds,
+            },
+            Err(e) => error_response(&e).into(),
+        },
+        VmmAction::Shutdown => {
+            vmm.request_shutdown();
+            Response::empty(204).into()
+        }
+    }
+}
+
+fn error_response(e: &VmmError) -> Response {
+    let status = match e {
+        VmmError::WrongPhase { .. } | VmmError::NoCurrentState => 409,
+        _ => 500,
+    };
+    Response::error(status, &error_chain(e))
+}
+
+/// `error: cause: cause`, printed once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn routes_map_to_actions() {
+        assert_eq!(route(&req("GET", "/vm", "")), Ok(VmmAction::Status));
+        assert_eq!(route(&req("PUT", "/vm/pause", "")), Ok(VmmAction::Pause));
+        assert_eq!(
+            route(&req("PUT", "/vm/resume", "{}")),
+            Ok(VmmAction::Resume)
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/save", r#"{"export_path": "/tmp/x"}"#)),
+            Ok(VmmAction::Save {
+                export_path: Some("/tmp/x".into())
+            })
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/save", "")),
+            Ok(VmmAction::Save { export_path: None })
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_status() {
+        assert_eq!(route(&req("GET", "/nope", "")).unwrap_err().status, 404);
+        let wrong = route(&req("GET", "/vm/pause", "")).unwrap_err();
+        assert_eq!((wrong.status, wrong.allow), (405, Some("PUT")));
+        assert_eq!(
+            route(&req("PUT", "/vm/save", "{oops")).unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/save", r#"{"exprt": 1}"#))
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/pause", "[1]")).unwrap_err().status,
+            400
+        );
+    }
+}

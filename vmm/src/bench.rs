@@ -1,0 +1,192 @@
+//! `luvmm bench`: figures, never assertions.
+//!
+//! `bench restore` measures, for each guest size, the two halves of the blackout a process
+//! switch costs: pause → state saved (reported by the VMM) and restore started → guest running
+//! again in a new process that received the memfds over the API socket (measured from spawn to
+//! the first status reply that says running). Guest memory is never copied or walked on this
+//! path, so the blackout should not grow with the guest: the flatness ratio (largest blackout
+//! over smallest) should stay near 1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::api::client;
+use crate::cli::{BenchArgs, BenchKind};
+use crate::vmm::{SaveReport, VmPhase, VmStatus};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize)]
+struct SizeResult {
+    memory_mib: u64,
+    pause_to_saved_ms: f64,
+    restore_to_resumed_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct RestoreReport {
+    sizes: Vec<SizeResult>,
+    flatness_ratio: f64,
+}
+
+/// Runs the chosen benchmark and prints its figures.
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    match args.which {
+        BenchKind::Restore {
+            payload,
+            sizes,
+            json,
+        } => {
+            let mut results = Vec::with_capacity(sizes.len());
+            for mib in sizes {
+                results.push(restore_once(&payload, mib)?);
+            }
+            let blackouts: Vec<f64> = results
+                .iter()
+                .map(|r| r.pause_to_saved_ms + r.restore_to_resumed_ms)
+                .collect();
+            let max = blackouts.iter().copied().fold(f64::MIN, f64::max);
+            let min = blackouts.iter().copied().fold(f64::MAX, f64::min);
+            let report = RestoreReport {
+                sizes: results,
+                flatness_ratio: if min > 0.0 { max / min } else { f64::NAN },
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print_table(&report);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_table(report: &RestoreReport) {
+    println!("memory_mib  pause_to_saved_ms  restore_to_resumed_ms  blackout_ms");
+    for r in &report.sizes {
+        println!(
+            "{:>10}  {:>17.2}  {:>21.2}  {:>11.2}",
+            r.memory_mib,
+            r.pause_to_saved_ms,
+            r.restore_to_resumed_ms,
+            r.pause_to_saved_ms + r.restore_to_resumed_ms
+        );
+    }
+    println!(
+        "flatness ratio (largest blackout / smallest): {:.2} (target <= 1.2)",
+        report.flatness_ratio
+    );
+}
+
+/// Kills the child on every exit path.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
+    let dir = std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let serial = dir.join("serial.log");
+    let first_socket = dir.join("first.sock");
+    let second_socket = dir.join("second.sock");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+
+    let first = Reaped(
+        Command::new(&exe)
+            .arg("run")
+            .arg("--payload")
+            .arg(payload)
+            .args(["--memory-mib", &mib.to_string()])
+            .args(["--cmdline", "console=ttyS0 luvmm.fill_pages=256"])
+            .arg("--serial")
+            .arg(&serial)
+            .arg("--api-socket")
+            .arg(&first_socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn luvmm run: {e}"))?,
+    );
+    wait_for(
+        || count_lines(&serial, "LUVMM-BOOT") >= 1,
+        "the guest to boot",
+    )?;
+
+    let save = client::request(&first_socket, "PUT", "/vm/save", None)
+        .map_err(|e| crate::api::error_chain(&e))?;
+    let report: SaveReport =
+        serde_json::from_str(&save.body).map_err(|e| format!("save reply {}: {e}", save.body))?;
+
+    let started = Instant::now();
+    let second = Reaped(
+        Command::new(&exe)
+            .arg("restore")
+            .arg("--from-socket")
+            .arg(&first_socket)
+            .arg("--serial")
+            .arg(&serial)
+            .arg("--api-socket")
+            .arg(&second_socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn luvmm restore: {e}"))?,
+    );
+    wait_for(
+        || {
+            client::request(&second_socket, "GET", "/vm", None)
+                .ok()
+                .and_then(|r| serde_json::from_str::<VmStatus>(&r.body).ok())
+                .is_some_and(|s| s.phase == VmPhase::Running)
+        },
+        "the restored guest to run",
+    )?;
+    let restore_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    // The restored guest must vouch for its memory, or the figure means nothing.
+    wait_for(
+        || count_lines(&serial, "LUVMM-CHECK") >= 1,
+        "the restored guest's check",
+    )?;
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    if !log.contains("LUVMM-CHECK ok") {
+        return Err(format!("restored guest did not check ok:\n{log}"));
+    }
+    let _ = client::request(&second_socket, "PUT", "/vm/shutdown", None);
+    drop(second);
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(SizeResult {
+        memory_mib: mib,
+        pause_to_saved_ms: report.pause_to_saved_ms,
+        restore_to_resumed_ms: restore_ms,
+    })
+}
+
+fn count_lines(path: &PathBuf, prefix: &str) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter(|l| l.starts_with(prefix)).count())
+        .unwrap_or(0)
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while Instant::now() < deadline {
+        if done() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Err(format!(
+        "timed out after {STEP_TIMEOUT:?} waiting for {what}"
+    ))
+}

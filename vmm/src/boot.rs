@@ -1,0 +1,371 @@
+//! Loading a guest ELF and preparing the boot vCPU for one of the two standard entries.
+//!
+//! - 64-bit Linux boot protocol (as Firecracker enters a vmlinux): the VMM writes `boot_params`
+//!   with an e820 map, identity page tables for the first 1 GiB and a flat GDT, and starts the
+//!   vCPU in long mode at the ELF entry with RSI pointing at `boot_params`.
+//! - PVH (as Cloud Hypervisor prefers when the ELF has the note): the VMM writes
+//!   `hvm_start_info` and a memory map and starts the vCPU in 32-bit protected mode, paging off,
+//!   at the note's entry with EBX pointing at the start info.
+
+use std::fs::File;
+use std::path::Path;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use luvmm_resources::config::BootProtocol;
+use luvmm_resources::layout::{
+    MemoryLayout, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, CMDLINE_MAX_SIZE,
+    CMDLINE_START, HIMEM_START, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
+    PVH_MEMMAP_START, ZERO_PAGE_START,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const E820_RAM: u32 = 1;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+
+const X86_CR0_PE: u64 = 0x1;
+const X86_CR0_ET: u64 = 0x10;
+const X86_CR0_PG: u64 = 0x8000_0000;
+const X86_CR4_PAE: u64 = 0x20;
+const EFER_LME: u64 = 0x100;
+const EFER_LMA: u64 = 0x400;
+
+/// GDT for the 64-bit entry: null, 64-bit code, data, TSS.
+const GDT_LONG_MODE: [u64; 4] = [
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+/// GDT for the PVH entry: null, 32-bit code, data, TSS.
+const GDT_PVH: [u64; 4] = [
+    0,
+    gdt_entry(0xc09b, 0, 0xffff_ffff),
+    gdt_entry(0xc093, 0, 0xffff_ffff),
+    gdt_entry(0x008b, 0, 0x67),
+];
+
+/// Why the payload could not be prepared for boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The payload file cannot be opened.
+    #[error("cannot open payload {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// linux-loader refused the ELF.
+    #[error("cannot load payload {path}: {reason}")]
+    Load { path: String, reason: String },
+    /// PVH was asked for but the ELF has no PVH entry note.
+    #[error("payload {path} has no PVH entry note; use boot \"linux64\" or \"auto\"")]
+    NoPvhEntry { path: String },
+    /// The command line is not acceptable to linux-loader.
+    #[error("cmdline: {0}")]
+    Cmdline(String),
+    /// Writing boot structures into guest memory failed.
+    #[error("cannot write {what} into guest memory: {reason}")]
+    Write { what: &'static str, reason: String },
+}
+
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// 64-bit Linux boot protocol at this address.
+    Linux64(u64),
+    /// PVH 32-bit entry at this address.
+    Pvh(u64),
+}
+
+/// Loads the ELF at `path` and writes the boot structures for the chosen protocol.
+pub fn load_payload(
+    memory: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    path: &Path,
+    cmdline: &str,
+    protocol: BootProtocol,
+) -> Result<BootEntry, BootError> {
+    let shown = path.display().to_string();
+    let mut file = File::open(path).map_err(|source| BootError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let loaded =
+        Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            BootError::Load {
+                path: shown.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+    let pvh = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
+        _ => None,
+    };
+    let entry = match (protocol, pvh) {
+        (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry { path: shown }),
+        (BootProtocol::Pvh | BootProtocol::Auto, Some(addr)) => BootEntry::Pvh(addr),
+        (BootProtocol::Linux64 | BootProtocol::Auto, _) => BootEntry::Linux64(loaded.kernel_load.0),
+    };
+
+    let mut line = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    if !cmdline.is_empty() {
+        line.insert_str(cmdline)
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    load_cmdline(memory, GuestAddress(CMDLINE_START), &line).map_err(|e| BootError::Write {
+        what: "command line",
+        reason: e.to_string(),
+    })?;
+    let cmdline_size = cmdline.len() + 1;
+
+    match entry {
+        BootEntry::Linux64(_) => {
+            write_zero_page(memory, layout, cmdline_size)?;
+            write_long_mode_tables(memory)?;
+        }
+        BootEntry::Pvh(_) => {
+            write_start_info(memory, layout)?;
+            write_gdt(memory, &GDT_PVH)?;
+        }
+    }
+    Ok(entry)
+}
+
+fn write_zero_page(
+    memory: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    cmdline_size: usize,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_size as u32;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    let ranges = layout.usable_ranges();
+    for (slot, range) in params.e820_table.iter_mut().zip(&ranges) {
+        *slot = boot_e820_entry {
+            addr: range.gpa,
+            size: range.size,
+            r#type: E820_RAM,
+        };
+    }
+    params.e820_entries = ranges.len().min(params.e820_table.len()) as u8;
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
+        memory,
+    )
+    .map_err(|e| BootError::Write {
+        what: "boot_params",
+        reason: e.to_string(),
+    })
+}
+
+fn write_start_info(memory: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = layout
+        .usable_ranges()
+        .iter()
+        .map(|r| hvm_memmap_table_entry {
+            addr: r.gpa,
+            size: r.size,
+            type_: E820_RAM,
+            reserved: 0,
+        })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, memory).map_err(|e| {
+        BootError::Write {
+            what: "hvm_start_info",
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// Identity-maps the first 1 GiB with 2 MiB pages and writes the long-mode GDT.
+fn write_long_mode_tables(memory: &GuestMemoryMmap) -> Result<(), BootError> {
+    let write = |value: u64, addr: u64| {
+        memory
+            .write_obj(value, GuestAddress(addr))
+            .map_err(|e| BootError::Write {
+                what: "page tables",
+                reason: e.to_string(),
+            })
+    };
+    write(PDPTE_START | 0x03, PML4_START)?;
+    write(PDE_START | 0x03, PDPTE_START)?;
+    for i in 0..512u64 {
+        write((i << 21) | 0x83, PDE_START + i * 8)?;
+    }
+    write_gdt(memory, &GDT_LONG_MODE)
+}
+
+fn write_gdt(memory: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), BootError> {
+    for (i, entry) in gdt.iter().enumerate() {
+        memory
+            .write_obj(*entry, GuestAddress(BOOT_GDT_START + (i as u64) * 8))
+            .map_err(|e| BootError::Write {
+                what: "GDT",
+                reason: e.to_string(),
+            })?;
+    }
+    memory
+        .write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(|e| BootError::Write {
+            what: "IDT",
+            reason: e.to_string(),
+        })
+}
+
+/// General purpose registers at the entry.
+pub fn boot_regs(entry: BootEntry) -> kvm_regs {
+    match entry {
+        BootEntry::Linux64(rip) => kvm_regs {
+            rflags: 0x2,
+            rip,
+            rsp: BOOT_STACK_POINTER,
+            rbp: BOOT_STACK_POINTER,
+            rsi: ZERO_PAGE_START,
+            ..Default::default()
+        },
+        BootEntry::Pvh(rip) => kvm_regs {
+            rflags: 0x2,
+            rip,
+            rbx: PVH_INFO_START,
+            ..Default::default()
+        },
+    }
+}
+
+/// Adjusts the vCPU's special registers (as read from KVM) for the entry.
+pub fn set_boot_sregs(sregs: &mut kvm_sregs, entry: BootEntry) {
+    let gdt: &[u64] = match entry {
+        BootEntry::Linux64(_) => &GDT_LONG_MODE,
+        BootEntry::Pvh(_) => &GDT_PVH,
+    };
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    sregs.idt.base = BOOT_IDT_START;
+    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    let code = segment_from_gdt(gdt[1], 1);
+    let data = segment_from_gdt(gdt[2], 2);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+    match entry {
+        BootEntry::Linux64(_) => {
+            sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+            sregs.cr3 = PML4_START;
+            sregs.cr4 = X86_CR4_PAE;
+            sregs.efer = EFER_LME | EFER_LMA;
+        }
+        BootEntry::Pvh(_) => {
+            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+        }
+    }
+}
+
+/// Packs a GDT descriptor from flags (access byte in bits 0..8, G/DB/L/AVL in 12..16), base and
+/// limit.
+const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((flags as u64 & 0x0000_f0ff) << 40)
+}
+
+/// Unpacks a GDT descriptor into the form KVM takes.
+fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
+    let limit = ((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0xffff);
+    let granular = (entry >> 55) & 1 == 1;
+    kvm_segment {
+        base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
+        limit: if granular {
+            ((limit << 12) | 0xfff) as u32
+        } else {
+            limit as u32
+        },
+        selector: u16::from(table_index) * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present: ((entry >> 47) & 1) as u8,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g: granular as u8,
+        avl: ((entry >> 52) & 1) as u8,
+        padding: 0,
+        unusable: u8::from((entry >> 47) & 1 == 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_mode_code_segment_decodes() {
+        let cs = segment_from_gdt(GDT_LONG_MODE[1], 1);
+        assert_eq!(
+            (cs.selector, cs.type_, cs.l, cs.db, cs.present),
+            (8, 0xb, 1, 0, 1)
+        );
+        assert_eq!(cs.limit, 0xffff_ffff);
+        let ds = segment_from_gdt(GDT_LONG_MODE[2], 2);
+        assert_eq!((ds.type_, ds.db, ds.s), (0x3, 1, 1));
+    }
+
+    #[test]
+    fn pvh_segments_are_flat_32_bit() {
+        let cs = segment_from_gdt(GDT_PVH[1], 1);
+        assert_eq!(
+            (cs.base, cs.limit, cs.db, cs.l, cs.g),
+            (0, 0xffff_ffff, 1, 0, 1)
+        );
+        let tr = segment_from_gdt(GDT_PVH[3], 3);
+        assert_eq!((tr.type_, tr.limit, tr.s), (0xb, 0x67, 0));
+    }
+
+    #[test]
+    fn boot_registers_follow_the_protocol() {
+        let linux = boot_regs(BootEntry::Linux64(0x10_0000));
+        assert_eq!((linux.rip, linux.rsi), (0x10_0000, ZERO_PAGE_START));
+        let pvh = boot_regs(BootEntry::Pvh(0x10_0040));
+        assert_eq!((pvh.rip, pvh.rbx), (0x10_0040, PVH_INFO_START));
+
+        let mut sregs = kvm_sregs::default();
+        set_boot_sregs(&mut sregs, BootEntry::Pvh(0));
+        assert_eq!((sregs.cr0 & X86_CR0_PG, sregs.efer), (0, 0));
+        set_boot_sregs(&mut sregs, BootEntry::Linux64(0));
+        assert_eq!(sregs.cr3, PML4_START);
+        assert_eq!(sregs.efer, EFER_LME | EFER_LMA);
+    }
+}

@@ -1,0 +1,239 @@
+//! The two recipes that make a [`Vmm`]: from a config (fresh boot) and from a saved state on
+//! top of handed-over memfds (restore). Both read top to bottom in the same order:
+//! checks → KVM VM → memory → devices → vCPUs → a paused `Vmm`.
+
+use std::fs::{File, OpenOptions};
+use std::io::LineWriter;
+use std::sync::Arc;
+
+use kvm_ioctls::Kvm;
+use luvmm_devices::guest_control::GuestControl;
+use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
+use luvmm_resources::config::{ConfigError, SerialOutput, VmConfig};
+use luvmm_resources::layout::{
+    GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
+};
+use luvmm_resources::state::{self, DevicesState, StateError, StateMismatch, VmState};
+use vm_device::device_manager::IoManager;
+use vm_device::resources::Resource;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{load_payload, BootError};
+use crate::vmm::{Devices, Vmm};
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
+use crate::vstate::vm::{host_limits, KvmVm, VmError};
+
+/// Building a VM failed; nothing of it is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("saved state refused")]
+    State(#[from] StateError),
+    #[error("saved state does not match the memory handed over")]
+    Mismatch(#[from] StateMismatch),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("cannot open serial output {path}")]
+    SerialOutput {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register {device} on the I/O bus: {reason}")]
+    Bus {
+        device: &'static str,
+        reason: String,
+    },
+}
+
+/// Builds a fresh VM from a config: validated first, then booted paused at the payload entry.
+pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
+    config.validate(&host_limits(kvm))?;
+    let serial_out = open_serial(&config.serial)?;
+
+    let vm = KvmVm::new(kvm)?;
+    let layout = config.memory_layout();
+    let ram = GuestRam::create(&layout)?;
+    vm.register_memory(&ram)?;
+    let entry = load_payload(
+        ram.memory(),
+        &layout,
+        &config.payload,
+        &config.cmdline,
+        config.boot,
+    )?;
+    log::info!("booting {} via {entry:?}", config.payload.display());
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let devices = Devices {
+        serial: Arc::new(SerialDevice::new(
+            serial_irq_clone(&serial_irq)?,
+            serial_out,
+        )),
+        guest_control: Arc::new(GuestControl::new()),
+    };
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+
+    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let ctx = VcpuContext::new(
+        kvm,
+        io_bus(&devices)?,
+        exit_evt.try_clone().map_err(BuildError::EventFd)?,
+    )?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), id, &ctx)?;
+        vcpu.configure_for_boot(kvm, (id == 0).then_some(entry))?;
+        vcpus.push(vcpu);
+    }
+    let handles = start_all(vcpus)?;
+    Ok(Vmm::new(vm, ram, devices, handles, exit_evt))
+}
+
+/// What a restore starts from: the state (as bytes, and the memfd it came in, if any) and the
+/// RAM memfds in layout order.
+pub struct RestoreArgs {
+    pub state_blob: Vec<u8>,
+    pub state_memfd: Option<File>,
+    pub memfds: Vec<File>,
+    pub serial: SerialOutput,
+}
+
+/// Rebuilds a saved VM on top of its own memfds, without copying or touching guest memory.
+/// Everything about the state is checked before the first KVM call; the VM comes back paused
+/// with a guest check already requested.
+pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError> {
+    let saved: VmState = state::decode(&args.state_blob)?;
+    saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
+    let limits = host_limits(kvm);
+    if saved.vcpus.len() > limits.max_vcpus as usize {
+        return Err(ConfigError::TooManyVcpus {
+            count: saved.vcpus.len() as u32,
+            max: limits.max_vcpus,
+        }
+        .into());
+    }
+    let serial_out = open_serial(&args.serial)?;
+
+    let vm = KvmVm::new(kvm)?;
+    let ram = GuestRam::adopt(&saved.memory, args.memfds)?;
+    vm.register_memory(&ram)?;
+    vm.restore_state(&saved.vm)?;
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let devices = restore_devices(&saved.devices, serial_irq_clone(&serial_irq)?, serial_out)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+
+    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let ctx = VcpuContext::new(
+        kvm,
+        io_bus(&devices)?,
+        exit_evt.try_clone().map_err(BuildError::EventFd)?,
+    )?;
+    let mut vcpus = Vec::with_capacity(saved.vcpus.len());
+    for vcpu_state in &saved.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), vcpu_state.id, &ctx)?;
+        vcpu.restore_state(vcpu_state)?;
+        vcpus.push(vcpu);
+    }
+    let handles = start_all(vcpus)?;
+    // The guest reports on its memory as soon as it runs again.
+    devices.guest_control.request_check();
+    let mut vmm = Vmm::new(vm, ram, devices, handles, exit_evt);
+    if let Some(memfd) = args.state_memfd {
+        vmm.set_restored_state(memfd, args.state_blob.len() as u64);
+    }
+    Ok(vmm)
+}
+
+fn restore_devices(
+    state: &DevicesState,
+    serial_irq: EventFd,
+    serial_out: SerialOut,
+) -> Result<Devices, BuildError> {
+    Ok(Devices {
+        serial: Arc::new(SerialDevice::from_state(
+            &state.serial,
+            serial_irq,
+            serial_out,
+        )?),
+        guest_control: Arc::new(GuestControl::from_state(&state.guest_control)),
+    })
+}
+
+fn serial_irq_clone(evt: &EventFd) -> Result<EventFd, BuildError> {
+    evt.try_clone().map_err(BuildError::EventFd)
+}
+
+fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
+    let mut io = IoManager::new();
+    io.register_pio_resources(
+        devices.serial.clone(),
+        &[Resource::PioAddressRange {
+            base: SERIAL_PORT_BASE,
+            size: SERIAL_PORT_SIZE,
+        }],
+    )
+    .map_err(|e| BuildError::Bus {
+        device: "serial",
+        reason: e.to_string(),
+    })?;
+    io.register_pio_resources(
+        devices.guest_control.clone(),
+        &[Resource::PioAddressRange {
+            base: GUEST_CONTROL_PORT,
+            size: GUEST_CONTROL_PORT_SIZE,
+        }],
+    )
+    .map_err(|e| BuildError::Bus {
+        device: "guest-control",
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(io))
+}
+
+fn start_all(vcpus: Vec<Vcpu>) -> Result<Vec<crate::vstate::vcpu::VcpuHandle>, BuildError> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start() {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                for handle in handles {
+                    handle.finish();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(handles)
+}
+
+fn open_serial(output: &SerialOutput) -> Result<SerialOut, BuildError> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Sink => Box::new(std::io::sink()),
+        // Line-buffered, so readers of the file see whole guest lines.
+        SerialOutput::File(path) => Box::new(LineWriter::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialOutput {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        )),
+    })
+}

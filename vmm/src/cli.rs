@@ -1,0 +1,222 @@
+//! The `luvmm` command line: one subcommand per job.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use luvmm_resources::config::{
+    BootProtocol, MemoryRegionConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE,
+};
+use luvmm_resources::layout::MemoryLayout;
+
+/// luvmm: a microVM monitor whose VMs survive a host kernel live update.
+#[derive(Debug, Parser)]
+#[command(name = "luvmm", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a microVM from a config file and/or flags.
+    Run(RunArgs),
+    /// Rebuild a saved microVM in this process from its memfds and state, and resume it.
+    Restore(RestoreArgs),
+    /// Talk to a running luvmm through its API socket.
+    Ctl(CtlArgs),
+    /// Measure luvmm.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// JSON config file; flags below override its fields.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Guest ELF.
+    #[arg(long)]
+    pub payload: Option<PathBuf>,
+    /// RAM in MiB, laid out from GPA 0 around the MMIO hole (one memfd per region).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Boot protocol.
+    #[arg(long, value_enum)]
+    pub boot: Option<BootArg>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Guest serial output: "stdout", "none", or a file path (appended).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Control API socket (created 0600).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BootArg {
+    Auto,
+    Linux64,
+    Pvh,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS).
+    #[arg(long, conflicts_with_all = ["state", "state_fd", "memory_fd"])]
+    pub from_socket: Option<PathBuf>,
+    /// Saved state in a file (from `ctl save --export`).
+    #[arg(long, conflicts_with = "state_fd")]
+    pub state: Option<PathBuf>,
+    /// Saved state in an inherited memfd.
+    #[arg(long)]
+    pub state_fd: Option<RawFd>,
+    /// Inherited RAM memfd, once per region in layout order.
+    #[arg(long)]
+    pub memory_fd: Vec<RawFd>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// API socket of the luvmm to talk to.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlRequest {
+    /// Print the VM's phase, vCPUs and memory layout.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// Pause and save the state into a memfd (and a file with --export).
+    Save {
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
+    /// Ask the guest to verify its memory and print a LUVMM-CHECK line.
+    Check,
+    /// Stop the VMM.
+    Shutdown,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchKind,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchKind {
+    /// Blackout of save + restore in a new process, for several guest sizes.
+    Restore {
+        /// Guest payload ELF.
+        #[arg(long)]
+        payload: PathBuf,
+        /// Guest sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024, 4096])]
+        sizes: Vec<u64>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `--serial`.
+pub fn serial_output(arg: Option<&str>) -> SerialOutput {
+    match arg {
+        None | Some("stdout") => SerialOutput::Stdout,
+        Some("none") => SerialOutput::Sink,
+        Some(path) => SerialOutput::File(PathBuf::from(path)),
+    }
+}
+
+/// Builds the VM config from `--config` and the flags that override it.
+pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => VmConfig::from_json_file(path)?,
+        None => VmConfig {
+            vcpus: 1,
+            memory: memory_regions(64),
+            payload: PathBuf::new(),
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            boot: BootProtocol::Auto,
+            serial: SerialOutput::Stdout,
+            api_socket: None,
+        },
+    };
+    if let Some(payload) = &args.payload {
+        config.payload = payload.clone();
+    }
+    if let Some(mib) = args.memory_mib {
+        config.memory = memory_regions(mib);
+    }
+    if let Some(vcpus) = args.vcpus {
+        config.vcpus = vcpus;
+    }
+    if let Some(cmdline) = &args.cmdline {
+        config.cmdline = cmdline.clone();
+    }
+    if let Some(boot) = args.boot {
+        config.boot = match boot {
+            BootArg::Auto => BootProtocol::Auto,
+            BootArg::Linux64 => BootProtocol::Linux64,
+            BootArg::Pvh => BootProtocol::Pvh,
+        };
+    }
+    if args.common.serial.is_some() {
+        config.serial = serial_output(args.common.serial.as_deref());
+    }
+    if args.common.api_socket.is_some() {
+        config.api_socket = args.common.api_socket.clone();
+    }
+    Ok(config)
+}
+
+fn memory_regions(mib: u64) -> Vec<MemoryRegionConfig> {
+    MemoryLayout::contiguous(mib.saturating_mul(1 << 20))
+        .regions
+        .iter()
+        .map(|r| MemoryRegionConfig {
+            gpa: r.gpa,
+            size: r.size,
+        })
+        .collect()
+}
+
+/// Turns `restore` flags into a restore source, refusing incomplete combinations.
+pub fn restore_source(args: &RestoreArgs) -> Result<crate::restore::RestoreSource, String> {
+    use crate::restore::{RestoreSource, StateSource};
+    if let Some(socket) = &args.from_socket {
+        return Ok(RestoreSource::Socket(socket.clone()));
+    }
+    let state = match (&args.state, args.state_fd) {
+        (Some(path), None) => StateSource::File(path.clone()),
+        (None, Some(fd)) => StateSource::Fd(fd),
+        _ => {
+            return Err(
+                "restore needs --from-socket, or --state/--state-fd with --memory-fd".into(),
+            )
+        }
+    };
+    Ok(RestoreSource::Inherited {
+        state,
+        memory_fds: args.memory_fd.clone(),
+    })
+}

@@ -1,0 +1,13 @@
+//! The luvmm VMM: builds a microVM from a config or from a saved state, runs its vCPUs, and
+//! serves the control API.
+
+pub mod api;
+pub mod bench;
+pub mod boot;
+pub mod builder;
+pub mod cli;
+pub mod logger;
+pub mod restore;
+pub mod runtime;
+pub mod vmm;
+pub mod vstate;

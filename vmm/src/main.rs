@@ -1,0 +1,78 @@
+//! `luvmm`: see `luvmm --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use luvmm_vmm::api::{client, error_chain};
+use luvmm_vmm::cli::{Cli, Command, CtlRequest};
+use luvmm_vmm::{bench, builder, logger, restore, runtime, vstate};
+
+fn main() -> ExitCode {
+    logger::init();
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("luvmm: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<ExitCode, String> {
+    let chain = |e: &dyn std::error::Error| error_chain(e);
+    match command {
+        Command::Run(args) => {
+            let config = luvmm_vmm::cli::vm_config(&args).map_err(|e| chain(&e))?;
+            let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
+            vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
+            let vmm = builder::build_for_boot(&kvm, &config).map_err(|e| chain(&e))?;
+            finish(runtime::run(vmm, config.api_socket.as_deref()))
+        }
+        Command::Restore(args) => {
+            let source = luvmm_vmm::cli::restore_source(&args)?;
+            let serial = luvmm_vmm::cli::serial_output(args.common.serial.as_deref());
+            let inputs = restore::collect(source, serial).map_err(|e| chain(&e))?;
+            let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
+            vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
+            let vmm = builder::build_from_saved(&kvm, inputs).map_err(|e| chain(&e))?;
+            log::info!("restored; resuming");
+            finish(runtime::run(vmm, args.common.api_socket.as_deref()))
+        }
+        Command::Ctl(args) => {
+            let (method, path, body) = match &args.request {
+                CtlRequest::Status => ("GET", "/vm", None),
+                CtlRequest::Pause => ("PUT", "/vm/pause", None),
+                CtlRequest::Resume => ("PUT", "/vm/resume", None),
+                CtlRequest::Check => ("PUT", "/vm/check", None),
+                CtlRequest::Shutdown => ("PUT", "/vm/shutdown", None),
+                CtlRequest::Save { export } => (
+                    "PUT",
+                    "/vm/save",
+                    Some(serde_json::json!({ "export_path": export }).to_string()),
+                ),
+            };
+            let reply = client::request(&args.socket, method, path, body.as_deref())
+                .map_err(|e| chain(&e))?;
+            if !reply.is_success() {
+                return Err(format!(
+                    "{} {}: {} {}",
+                    method, path, reply.status, reply.body
+                ));
+            }
+            if !reply.body.is_empty() {
+                println!("{}", reply.body);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+fn finish(result: Result<runtime::Ending, runtime::RuntimeError>) -> Result<ExitCode, String> {
+    match result {
+        Ok(runtime::Ending::Shutdown) => Ok(ExitCode::SUCCESS),
+        Ok(runtime::Ending::GuestStopped) => Err("the guest stopped on its own".into()),
+        Err(e) => Err(error_chain(&e)),
+    }
+}

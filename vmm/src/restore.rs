@@ -1,0 +1,198 @@
+//! Gathering what a restore starts from: the saved state and the RAM memfds, either handed
+//! over by the running VMM through its API socket or inherited as fds from a holder process.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use luvmm_resources::config::SerialOutput;
+use luvmm_resources::state::{HEADER_LEN, MAX_BODY_LEN};
+
+use crate::api::client::{self, ClientError};
+use crate::builder::RestoreArgs;
+use crate::vmm::HandoverManifest;
+
+/// Where the state and memory come from.
+pub enum RestoreSource {
+    /// Ask the VMM behind this API socket to hand its VM over.
+    Socket(PathBuf),
+    /// Fds this process inherited, plus the state from an fd or a file.
+    Inherited {
+        state: StateSource,
+        memory_fds: Vec<RawFd>,
+    },
+}
+
+/// Where the saved state comes from when fds are inherited.
+pub enum StateSource {
+    Fd(RawFd),
+    File(PathBuf),
+}
+
+/// The inputs of a restore could not be gathered. Nothing has been built yet.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("handover refused by {socket}: {status} {body}")]
+    Refused {
+        socket: PathBuf,
+        status: u16,
+        body: String,
+    },
+    #[error("handover manifest from {socket} does not parse: {reason}")]
+    Manifest { socket: PathBuf, reason: String },
+    #[error("handover from {socket} carried {got} fds, manifest needs {expected}")]
+    FdCount {
+        socket: PathBuf,
+        got: usize,
+        expected: usize,
+    },
+    #[error("fd {fd} is not open in this process")]
+    NotOpen { fd: RawFd },
+    #[error("fd {fd} is given twice")]
+    Duplicate { fd: RawFd },
+    #[error("no memory fds given")]
+    NoMemory,
+    #[error("cannot read the saved state from {from}")]
+    ReadState {
+        from: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("saved state in {from} is {len} bytes, more than the format allows")]
+    StateTooLarge { from: String, len: u64 },
+}
+
+/// Collects the state and memfds for `build_from_saved`.
+pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
+    match source {
+        RestoreSource::Socket(socket) => from_socket(&socket, serial),
+        RestoreSource::Inherited { state, memory_fds } => {
+            if memory_fds.is_empty() {
+                return Err(RestoreError::NoMemory);
+            }
+            let state_fd = match &state {
+                StateSource::Fd(fd) => Some(*fd),
+                StateSource::File(_) => None,
+            };
+            let mut all: Vec<RawFd> = memory_fds.clone();
+            all.extend(state_fd);
+            let files = claim_fds(&all)?;
+            let (memfds, state_memfd) = match state_fd {
+                Some(_) => {
+                    let mut files = files;
+                    let state_file = files.pop();
+                    (files, state_file)
+                }
+                None => (files, None),
+            };
+            let state_blob = match (&state, &state_memfd) {
+                (StateSource::Fd(fd), Some(file)) => read_state(file, None, &format!("fd {fd}"))?,
+                (StateSource::File(path), _) => read_state_file(path)?,
+                (StateSource::Fd(fd), None) => return Err(RestoreError::NotOpen { fd: *fd }),
+            };
+            Ok(RestoreArgs {
+                state_blob,
+                state_memfd,
+                memfds,
+                serial,
+            })
+        }
+    }
+}
+
+fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
+    let reply = client::request(socket, "PUT", "/vm/handover", None)?;
+    if !reply.is_success() {
+        return Err(RestoreError::Refused {
+            socket: socket.to_path_buf(),
+            status: reply.status,
+            body: reply.body,
+        });
+    }
+    let manifest: HandoverManifest =
+        serde_json::from_str(&reply.body).map_err(|e| RestoreError::Manifest {
+            socket: socket.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let expected = 1 + manifest.memory.regions.len();
+    if reply.fds.len() != expected {
+        return Err(RestoreError::FdCount {
+            socket: socket.to_path_buf(),
+            got: reply.fds.len(),
+            expected,
+        });
+    }
+    let mut files = reply.fds.into_iter().map(File::from);
+    // The count was checked above, so the first fd exists.
+    let state_memfd = files.next().ok_or(RestoreError::FdCount {
+        socket: socket.to_path_buf(),
+        got: 0,
+        expected,
+    })?;
+    let state_blob = read_state(
+        &state_memfd,
+        Some(manifest.state_bytes),
+        &format!("handover from {}", socket.display()),
+    )?;
+    Ok(RestoreArgs {
+        state_blob,
+        state_memfd: Some(state_memfd),
+        memfds: files.collect(),
+        serial,
+    })
+}
+
+/// Takes ownership of inherited fds after checking each is open and named once.
+fn claim_fds(fds: &[RawFd]) -> Result<Vec<File>, RestoreError> {
+    for (i, &fd) in fds.iter().enumerate() {
+        if fds[..i].contains(&fd) {
+            return Err(RestoreError::Duplicate { fd });
+        }
+        // SAFETY: F_GETFD only reads the fd's flags; an invalid fd yields EBADF.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(RestoreError::NotOpen { fd });
+        }
+    }
+    Ok(fds
+        .iter()
+        // SAFETY: each fd is open (checked above), distinct, and was passed to this process for
+        // it to own; nothing else in luvmm refers to these numbers.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect())
+}
+
+const MAX_STATE_BYTES: u64 = HEADER_LEN as u64 + MAX_BODY_LEN;
+
+fn read_state(file: &File, len: Option<u64>, from: &str) -> Result<Vec<u8>, RestoreError> {
+    let read_err = |source| RestoreError::ReadState {
+        from: from.to_string(),
+        source,
+    };
+    let len = match len {
+        Some(len) => len,
+        None => file.metadata().map_err(read_err)?.len(),
+    };
+    if len > MAX_STATE_BYTES {
+        return Err(RestoreError::StateTooLarge {
+            from: from.to_string(),
+            len,
+        });
+    }
+    let mut file = file;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let mut blob = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut blob).map_err(read_err)?;
+    Ok(blob)
+}
+
+fn read_state_file(path: &Path) -> Result<Vec<u8>, RestoreError> {
+    let from = path.display().to_string();
+    let file = File::open(path).map_err(|source| RestoreError::ReadState {
+        from: from.clone(),
+        source,
+    })?;
+    read_state(&file, None, &from)
+}

@@ -1,0 +1,86 @@
+//! The VMM's event loop: the API socket and the guest's exit event, on event-manager.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::server::{ApiServer, ApiSocketError};
+use crate::vmm::{VmPhase, Vmm, VmmError};
+
+/// Why the event loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Shutdown was requested through the API.
+    Shutdown,
+    /// The guest stopped on its own (shutdown, triple fault, fatal exit).
+    GuestStopped,
+}
+
+/// The event loop could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Api(#[from] ApiSocketError),
+    #[error("event loop failed: {0:?}")]
+    EventManager(event_manager::Error),
+    #[error("cannot start the guest")]
+    Start(#[source] VmmError),
+    #[error("cannot clone the exit eventfd")]
+    ExitEvent(#[source] std::io::Error),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Watches the eventfd vCPUs write when the guest stops by itself.
+struct GuestExitWatcher {
+    evt: EventFd,
+    vmm: Arc<Mutex<Vmm>>,
+}
+
+impl MutEventSubscriber for GuestExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("cannot watch the guest exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guest_stopped();
+    }
+}
+
+/// Resumes the guest and serves events until a shutdown request or the guest's own stop.
+pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> {
+    let exit_evt = vmm
+        .exit_evt()
+        .try_clone()
+        .map_err(RuntimeError::ExitEvent)?;
+    let vmm = Arc::new(Mutex::new(vmm));
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(RuntimeError::EventManager)?;
+    events.add_subscriber(Arc::new(Mutex::new(GuestExitWatcher {
+        evt: exit_evt,
+        vmm: vmm.clone(),
+    })));
+    if let Some(path) = api_socket {
+        events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
+    }
+    vmm.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .resume()
+        .map_err(RuntimeError::Start)?;
+    loop {
+        events.run().map_err(RuntimeError::EventManager)?;
+        match vmm.lock().unwrap_or_else(|p| p.into_inner()).phase() {
+            VmPhase::ShuttingDown => return Ok(Ending::Shutdown),
+            VmPhase::Stopped => return Ok(Ending::GuestStopped),
+            _ => {}
+        }
+    }
+}

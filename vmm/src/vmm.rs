@@ -1,0 +1,387 @@
+//! The running VMM: its phase machine and the operations the control API drives.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use luvmm_devices::guest_control::GuestControl;
+use luvmm_devices::serial::SerialDevice;
+use luvmm_resources::layout::MemoryLayout;
+use luvmm_resources::state::{self, DevicesState, StateError, VcpuState, VmState};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vm::{KvmVm, VmError};
+
+/// Where the VM is in its life. Every request is checked against it in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPhase {
+    /// vCPUs run.
+    Running,
+    /// vCPUs wait; state can be saved.
+    Paused,
+    /// Memory and state were handed to another process; this one must never run the guest
+    /// again.
+    HandedOver,
+    /// The guest stopped by itself (shutdown or a fatal exit).
+    Stopped,
+    /// A shutdown was requested; the event loop is ending.
+    ShuttingDown,
+}
+
+/// A VMM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The request does not make sense in the current phase.
+    #[error("cannot {request} while the VM is {phase:?}")]
+    WrongPhase {
+        request: &'static str,
+        phase: VmPhase,
+    },
+    /// Handover needs a state saved since the last resume.
+    #[error("no current saved state: save the paused VM first")]
+    NoCurrentState,
+    /// A vCPU did not do what was asked.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A VM-level KVM call failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The state does not encode.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Writing the state memfd failed.
+    #[error("cannot write the state memfd")]
+    StateMemfd(#[source] std::io::Error),
+    /// Exporting the state to a file failed.
+    #[error("cannot export state to {path}")]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU answered with something other than what was asked.
+    #[error("vCPU {id} answered {answer} to {request}")]
+    UnexpectedAnswer {
+        id: u32,
+        request: &'static str,
+        answer: String,
+    },
+}
+
+/// The VM's devices; the buses hold the same `Arc`s.
+pub struct Devices {
+    /// COM1.
+    pub serial: Arc<SerialDevice>,
+    /// The guest-control port.
+    pub guest_control: Arc<GuestControl>,
+}
+
+/// What `save` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SaveReport {
+    /// Encoded state size.
+    pub state_bytes: u64,
+    /// From the pause request (or the start of the save, if already paused) to the state being
+    /// in its memfd (and exported, if asked).
+    pub pause_to_saved_ms: f64,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub phase: VmPhase,
+    pub vcpus: usize,
+    pub memory: MemoryLayout,
+    /// A saved state exists and the VM has not run since.
+    pub state_current: bool,
+}
+
+/// What is handed to the process that takes the VM over: fds in this order, state memfd first,
+/// then one memfd per region, plus this description of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverManifest {
+    /// Layout of the memfds that follow the state memfd.
+    pub memory: MemoryLayout,
+    /// Length of the state in the state memfd.
+    pub state_bytes: u64,
+}
+
+struct SavedState {
+    memfd: File,
+    bytes: u64,
+    /// False once the VM has run after the save.
+    current: bool,
+}
+
+/// A built VM and everything that serves it.
+///
+/// Field order is drop order: the vCPU threads end first, then the VM, then the memory its
+/// memslots point into.
+pub struct Vmm {
+    vcpus: Vec<VcpuHandle>,
+    vm: KvmVm,
+    ram: GuestRam,
+    devices: Devices,
+    phase: VmPhase,
+    saved: Option<SavedState>,
+    exit_evt: EventFd,
+}
+
+impl Vmm {
+    /// Wraps what a builder assembled. The vCPU threads are paused.
+    pub(crate) fn new(
+        vm: KvmVm,
+        ram: GuestRam,
+        devices: Devices,
+        vcpus: Vec<VcpuHandle>,
+        exit_evt: EventFd,
+    ) -> Vmm {
+        Vmm {
+            vcpus,
+            vm,
+            ram,
+            devices,
+            phase: VmPhase::Paused,
+            saved: None,
+            exit_evt,
+        }
+    }
+
+    /// Written by a vCPU thread when the guest stops on its own.
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> VmPhase {
+        self.phase
+    }
+
+    fn refuse(&self, request: &'static str) -> VmmError {
+        VmmError::WrongPhase {
+            request,
+            phase: self.phase,
+        }
+    }
+
+    fn broadcast(&self, event: fn() -> VcpuEvent, request: &'static str) -> Result<(), VmmError> {
+        for vcpu in &self.vcpus {
+            match vcpu.request(event())? {
+                VcpuResponse::Paused | VcpuResponse::Resumed => {}
+                other => {
+                    return Err(VmmError::UnexpectedAnswer {
+                        id: vcpu.id(),
+                        request,
+                        answer: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU. Pausing a paused VM is a no-op.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        match self.phase {
+            VmPhase::Paused => Ok(()),
+            VmPhase::Running => {
+                self.broadcast(|| VcpuEvent::Pause, "pause")?;
+                self.phase = VmPhase::Paused;
+                Ok(())
+            }
+            _ => Err(self.refuse("pause")),
+        }
+    }
+
+    /// Lets every vCPU run. A state saved before this no longer describes the VM.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        match self.phase {
+            VmPhase::Running => Ok(()),
+            VmPhase::Paused => {
+                if let Some(saved) = &mut self.saved {
+                    saved.current = false;
+                }
+                self.broadcast(|| VcpuEvent::Resume, "resume")?;
+                self.phase = VmPhase::Running;
+                Ok(())
+            }
+            _ => Err(self.refuse("resume")),
+        }
+    }
+
+    /// Asks the guest to verify its memory at its next wake-up.
+    pub fn request_check(&self) -> Result<(), VmmError> {
+        match self.phase {
+            VmPhase::Running | VmPhase::Paused => {
+                self.devices.guest_control.request_check();
+                Ok(())
+            }
+            _ => Err(self.refuse("request a guest check")),
+        }
+    }
+
+    /// Pauses (if needed), captures the whole VM state, writes it into a sealed memfd, and
+    /// optionally exports it to `export`. The VM stays paused.
+    pub fn save(&mut self, export: Option<&Path>) -> Result<SaveReport, VmmError> {
+        if !matches!(self.phase, VmPhase::Running | VmPhase::Paused) {
+            return Err(self.refuse("save"));
+        }
+        let started = Instant::now();
+        self.pause()?;
+        let state = self.capture()?;
+        let blob = state::encode(&state)?;
+        let memfd = write_state_memfd(&blob).map_err(VmmError::StateMemfd)?;
+        if let Some(path) = export {
+            export_state(path, &blob).map_err(|source| VmmError::Export {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        self.saved = Some(SavedState {
+            memfd,
+            bytes: blob.len() as u64,
+            current: true,
+        });
+        Ok(SaveReport {
+            state_bytes: blob.len() as u64,
+            pause_to_saved_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn capture(&self) -> Result<VmState, VmmError> {
+        let mut vcpus: Vec<VcpuState> = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            match vcpu.request(VcpuEvent::SaveState)? {
+                VcpuResponse::Saved(state) => vcpus.push(*state),
+                other => {
+                    return Err(VmmError::UnexpectedAnswer {
+                        id: vcpu.id(),
+                        request: "save state",
+                        answer: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(VmState {
+            producer: format!("luvmm {}", env!("CARGO_PKG_VERSION")),
+            memory: self.ram.layout().clone(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            devices: DevicesState {
+                serial: self.devices.serial.save(),
+                guest_control: self.devices.guest_control.save(),
+            },
+        })
+    }
+
+    /// Duplicates the state memfd and the RAM memfds for another process and retires this VM:
+    /// from now on it refuses to run. Needs a paused VM with a current saved state.
+    pub fn handover(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
+        if self.phase != VmPhase::Paused {
+            return Err(self.refuse("hand over"));
+        }
+        let saved = match &self.saved {
+            Some(saved) if saved.current => saved,
+            _ => return Err(VmmError::NoCurrentState),
+        };
+        let mut fds = Vec::with_capacity(1 + self.ram.memfds().len());
+        for file in std::iter::once(&saved.memfd).chain(self.ram.memfds()) {
+            fds.push(
+                file.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(VmmError::StateMemfd)?,
+            );
+        }
+        let manifest = HandoverManifest {
+            memory: self.ram.layout().clone(),
+            state_bytes: saved.bytes,
+        };
+        self.phase = VmPhase::HandedOver;
+        Ok((manifest, fds))
+    }
+
+    /// Marks the VM as adopted from a saved state: the state memfd it came from is current until
+    /// the first resume.
+    pub(crate) fn set_restored_state(&mut self, memfd: File, bytes: u64) {
+        self.saved = Some(SavedState {
+            memfd,
+            bytes,
+            current: true,
+        });
+    }
+
+    /// Current status.
+    pub fn status(&self) -> VmStatus {
+        VmStatus {
+            phase: self.phase,
+            vcpus: self.vcpus.len(),
+            memory: self.ram.layout().clone(),
+            state_current: self.saved.as_ref().is_some_and(|s| s.current),
+        }
+    }
+
+    /// Asks the event loop to end. The guest is paused first so it stops cleanly.
+    pub fn request_shutdown(&mut self) {
+        if self.phase == VmPhase::Running {
+            if let Err(e) = self.pause() {
+                log::warn!("shutdown: pause failed: {e}");
+            }
+        }
+        self.phase = VmPhase::ShuttingDown;
+    }
+
+    /// Records that the guest stopped on its own.
+    pub fn guest_stopped(&mut self) {
+        self.phase = VmPhase::Stopped;
+    }
+
+    /// The guest's devices.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.finish();
+        }
+    }
+}
+
+/// Writes `blob` into a new memfd and seals it, so nobody can change the state once saved.
+fn write_state_memfd(blob: &[u8]) -> std::io::Result<File> {
+    let fd = memfd_create(
+        "luvmm-state",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = File::from(fd);
+    file.write_all(blob)?;
+    fcntl(
+        file.as_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK,
+        ),
+    )?;
+    Ok(file)
+}
+
+/// Writes `blob` to `path` atomically: a temporary file, fsync, rename.
+fn export_state(path: &Path, blob: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = File::create(&tmp)?;
+    file.write_all(blob)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

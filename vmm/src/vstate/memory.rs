@@ -1,0 +1,185 @@
+//! Guest RAM: one memfd per region, mapped `MAP_SHARED` through vm-memory.
+//!
+//! Memfds are what LUO can preserve and what another process can be handed, so guest RAM lives
+//! in nothing else. They are created with `MFD_CLOEXEC | MFD_ALLOW_SEALING` and never with
+//! `MFD_HUGETLB` (LUO's memfd handler refuses hugetlb files).
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+
+use luvmm_resources::layout::MemoryLayout;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+/// Why guest RAM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// `memfd_create` failed.
+    #[error("memory region {index}: memfd_create failed")]
+    Create {
+        index: usize,
+        #[source]
+        source: nix::Error,
+    },
+    /// Sizing the memfd failed.
+    #[error("memory region {index}: cannot size memfd to {size:#x} bytes")]
+    Resize {
+        index: usize,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sealing the memfd's size failed.
+    #[error("memory region {index}: cannot seal memfd size")]
+    Seal {
+        index: usize,
+        #[source]
+        source: nix::Error,
+    },
+    /// An adopted memfd cannot be inspected.
+    #[error("memory region {index}: cannot stat memfd")]
+    Stat {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A region is larger than this host's address space.
+    #[error("memory region {index}: {size:#x} bytes do not fit in the address space")]
+    TooLarge { index: usize, size: u64 },
+    /// vm-memory could not map the regions.
+    #[error("cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// Guest RAM and the memfds behind it; region `i` of the layout is `memfds[i]`.
+pub struct GuestRam {
+    layout: MemoryLayout,
+    memfds: Vec<File>,
+    memory: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates one fresh memfd per region and maps them.
+    pub fn create(layout: &MemoryLayout) -> Result<GuestRam, MemoryError> {
+        let mut memfds = Vec::with_capacity(layout.regions.len());
+        for (index, region) in layout.regions.iter().enumerate() {
+            let name = format!("luvmm-ram{index}");
+            let fd: OwnedFd = memfd_create(
+                name.as_str(),
+                MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+            )
+            .map_err(|source| MemoryError::Create { index, source })?;
+            let file = File::from(fd);
+            file.set_len(region.size)
+                .map_err(|source| MemoryError::Resize {
+                    index,
+                    size: region.size,
+                    source,
+                })?;
+            // Nobody may resize guest RAM under a running guest; this is also what iommufd
+            // preservation will require of file-backed DMA mappings.
+            fcntl(
+                file.as_fd(),
+                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK),
+            )
+            .map_err(|source| MemoryError::Seal { index, source })?;
+            memfds.push(file);
+        }
+        Self::map(layout, memfds)
+    }
+
+    /// Maps memfds handed over by a previous process. The caller has checked their sizes
+    /// against the layout (see `VmState::check_against`); nothing here touches their contents.
+    pub fn adopt(layout: &MemoryLayout, memfds: Vec<File>) -> Result<GuestRam, MemoryError> {
+        Self::map(layout, memfds)
+    }
+
+    fn map(layout: &MemoryLayout, memfds: Vec<File>) -> Result<GuestRam, MemoryError> {
+        let mut ranges = Vec::with_capacity(memfds.len());
+        for (index, (region, file)) in layout.regions.iter().zip(&memfds).enumerate() {
+            let size = usize::try_from(region.size).map_err(|_| MemoryError::TooLarge {
+                index,
+                size: region.size,
+            })?;
+            let file = file
+                .try_clone()
+                .map_err(|source| MemoryError::Stat { index, source })?;
+            ranges.push((
+                GuestAddress(region.gpa),
+                size,
+                Some(FileOffset::new(file, 0)),
+            ));
+        }
+        let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(MemoryError::Map)?;
+        Ok(GuestRam {
+            layout: layout.clone(),
+            memfds,
+            memory,
+        })
+    }
+
+    /// Sizes of the given memfds, for checking a saved layout before adopting them.
+    pub fn memfd_sizes(memfds: &[File]) -> Result<Vec<u64>, MemoryError> {
+        memfds
+            .iter()
+            .enumerate()
+            .map(|(index, f)| {
+                f.metadata()
+                    .map(|m| m.len())
+                    .map_err(|source| MemoryError::Stat { index, source })
+            })
+            .collect()
+    }
+
+    /// The layout this RAM was built for.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The memfds, in layout order.
+    pub fn memfds(&self) -> &[File] {
+        &self.memfds
+    }
+
+    /// The mapped guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn ram_is_memfd_backed_and_shared() {
+        let layout = MemoryLayout::contiguous(4 * MIB);
+        let ram = GuestRam::create(&layout).unwrap();
+        ram.memory()
+            .write_obj(0x1234_5678u32, GuestAddress(0x2000))
+            .unwrap();
+
+        // A second mapping of the same memfd sees the write: the memory is shared, not private.
+        let memfds: Vec<File> = ram
+            .memfds()
+            .iter()
+            .map(|f| f.try_clone().unwrap())
+            .collect();
+        assert_eq!(GuestRam::memfd_sizes(&memfds).unwrap(), vec![4 * MIB]);
+        let again = GuestRam::adopt(&layout, memfds).unwrap();
+        let word: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(word, 0x1234_5678);
+        assert_eq!(again.memory().num_regions(), 1);
+    }
+
+    #[test]
+    fn memfd_size_is_sealed() {
+        let ram = GuestRam::create(&MemoryLayout::contiguous(2 * MIB)).unwrap();
+        assert!(ram.memfds()[0].set_len(4 * MIB).is_err());
+        assert!(ram.memfds()[0].set_len(MIB).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! One module per KVM object: guest memory, the VM, the vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

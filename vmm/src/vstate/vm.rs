@@ -1,0 +1,160 @@
+//! The KVM VM: its fd, the in-kernel interrupt controllers and PIT, memslots, and the VM-wide
+//! state that a save carries.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use luvmm_resources::config::HostLimits;
+use luvmm_resources::layout::KVM_TSS_ADDRESS;
+use luvmm_resources::state::KvmVmState;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::GuestRam;
+
+/// KVM capabilities luvmm cannot run without, with what each is for.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "in-kernel LAPIC, IOAPIC and PIC"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "device interrupts through eventfds"),
+    (Cap::UserMemory, "memslots"),
+    (Cap::SetTssAddr, "the TSS region"),
+    (Cap::Xsave, "FPU and extended state save"),
+    (Cap::Xcrs, "XCR save"),
+    (Cap::VcpuEvents, "pending event save"),
+    (Cap::Debugregs, "debug register save"),
+    (Cap::ImmediateExit, "kicking vCPUs out of KVM_RUN"),
+    (Cap::AdjustClock, "kvmclock save"),
+];
+
+/// A KVM operation on the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability luvmm depends on.
+    #[error("KVM lacks {cap:?}, needed for {why}")]
+    MissingCap { cap: Cap, why: &'static str },
+    /// A VM-level ioctl failed.
+    #[error("{op} failed")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { op, source }
+}
+
+/// Opens `/dev/kvm` and checks every capability luvmm needs.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    for &(cap, why) in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap { cap, why });
+        }
+    }
+    Ok(kvm)
+}
+
+/// What this host's KVM allows, for config validation.
+pub fn host_limits(kvm: &Kvm) -> HostLimits {
+    HostLimits {
+        max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
+    }
+}
+
+/// A KVM VM with its in-kernel irqchip and PIT.
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+impl KvmVm {
+    /// Creates the VM, its TSS region, irqchip and PIT. The same recipe serves a fresh boot and
+    /// a restore; a restore then overwrites the device state with [`KvmVm::restore_state`].
+    pub fn new(kvm: &Kvm) -> Result<KvmVm, VmError> {
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(KvmVm { fd })
+    }
+
+    /// The VM fd, for creating vCPUs.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Registers every RAM region as a memslot, slot `i` for region `i`.
+    pub fn register_memory(&self, ram: &GuestRam) -> Result<(), VmError> {
+        for (slot, region) in ram.memory().iter().enumerate() {
+            let memory_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
+            // the VMM keeps alive for as long as this VM exists (it drops the VM first).
+            unsafe { self.fd.set_user_memory_region(memory_region) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Routes an eventfd to a legacy interrupt line.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Reads the PIC, IOAPIC, PIT and kvmclock. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<KvmVmState, VmError> {
+        let irqchip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            Ok(chip)
+        };
+        Ok(KvmVmState {
+            pic_master: irqchip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes back what [`KvmVm::save_state`] read.
+    pub fn restore_state(&self, state: &KvmVmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(ioctl("KVM_SET_PIT2"))?;
+        // KVM_SET_CLOCK takes only the REALTIME flag; with it, KVM advances the clock by the
+        // host time that passed since the save, so the guest does not see time stand still.
+        let clock = kvm_clock_data {
+            flags: state.clock.flags & KVM_CLOCK_REALTIME,
+            ..state.clock
+        };
+        self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+}
