@@ -179,11 +179,12 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots the payload with `extra` flags and waits for its boot line.
+    /// Boots the payload with `extra` flags, its serial log in `<name>.log`, and waits for its
+    /// boot line.
     pub fn boot(dir: &TestDir, name: &str, extra: &[&str]) -> Vm {
         require_kvm();
         let socket = dir.join(&format!("{name}.sock"));
-        let serial = dir.join("serial.log");
+        let serial = dir.join(&format!("{name}.log"));
         let mut cmd = Command::new(luvmm_bin());
         cmd.arg("run")
             .arg("--payload")

@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::LineWriter;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use luvmm_devices::guest_control::GuestControl;
@@ -19,7 +20,7 @@ use vm_device::resources::Resource;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
-use crate::vmm::{Devices, Vmm};
+use crate::vmm::{Devices, RestoreTimings, Vmm};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
@@ -115,6 +116,8 @@ pub struct RestoreArgs {
 /// Everything about the state is checked before the first KVM call; the VM comes back paused
 /// with a guest check already requested.
 pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError> {
+    let mut lap = Lap::start();
+    let mut timings = RestoreTimings::default();
     let saved: VmState = state::decode(&args.state_blob)?;
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
     let limits = host_limits(kvm);
@@ -126,15 +129,19 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         .into());
     }
     let serial_out = open_serial(&args.serial)?;
+    timings.check_ms = lap.next();
 
     let vm = KvmVm::new(kvm)?;
+    timings.vm_ms = lap.next();
     let ram = GuestRam::adopt(&saved.memory, args.memfds)?;
     vm.register_memory(&ram)?;
+    timings.memory_ms = lap.next();
     vm.restore_state(&saved.vm)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let devices = restore_devices(&saved.devices, serial_irq_clone(&serial_irq)?, serial_out)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    timings.devices_ms = lap.next();
 
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let ctx = VcpuContext::new(
@@ -149,13 +156,28 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         vcpus.push(vcpu);
     }
     let handles = start_all(vcpus)?;
+    timings.vcpus_ms = lap.next();
     // The guest reports on its memory as soon as it runs again.
     devices.guest_control.request_check();
     let mut vmm = Vmm::new(vm, ram, devices, handles, exit_evt);
-    if let Some(memfd) = args.state_memfd {
-        vmm.set_restored_state(memfd, args.state_blob.len() as u64);
-    }
+    vmm.set_restored(args.state_memfd, args.state_blob.len() as u64, timings);
     Ok(vmm)
+}
+
+/// Milliseconds between successive calls, for the restore's phase timings.
+struct Lap(Instant);
+
+impl Lap {
+    fn start() -> Lap {
+        Lap(Instant::now())
+    }
+
+    fn next(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
+    }
 }
 
 fn restore_devices(

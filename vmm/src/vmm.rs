@@ -95,6 +95,21 @@ pub struct SaveReport {
     pub pause_to_saved_ms: f64,
 }
 
+/// Where the time of a restore went, phase by phase, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreTimings {
+    /// Decoding and checking the state against the memfds.
+    pub check_ms: f64,
+    /// Creating the KVM VM, irqchip and PIT.
+    pub vm_ms: f64,
+    /// Mapping the memfds and registering memslots.
+    pub memory_ms: f64,
+    /// VM-wide KVM state and devices.
+    pub devices_ms: f64,
+    /// Creating, restoring and starting the vCPUs.
+    pub vcpus_ms: f64,
+}
+
 /// What `status` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmStatus {
@@ -103,6 +118,8 @@ pub struct VmStatus {
     pub memory: MemoryLayout,
     /// A saved state exists and the VM has not run since.
     pub state_current: bool,
+    /// Set when this VM was restored from a saved state.
+    pub restore_timings: Option<RestoreTimings>,
 }
 
 /// What is handed to the process that takes the VM over: fds in this order, state memfd first,
@@ -133,6 +150,7 @@ pub struct Vmm {
     devices: Devices,
     phase: VmPhase,
     saved: Option<SavedState>,
+    restore_timings: Option<RestoreTimings>,
     exit_evt: EventFd,
 }
 
@@ -152,6 +170,7 @@ impl Vmm {
             devices,
             phase: VmPhase::Paused,
             saved: None,
+            restore_timings: None,
             exit_evt,
         }
     }
@@ -309,14 +328,20 @@ impl Vmm {
         Ok((manifest, fds))
     }
 
-    /// Marks the VM as adopted from a saved state: the state memfd it came from is current until
-    /// the first resume.
-    pub(crate) fn set_restored_state(&mut self, memfd: File, bytes: u64) {
-        self.saved = Some(SavedState {
+    /// Marks the VM as rebuilt from a saved state: the state memfd it came in (if any) is
+    /// current until the first resume.
+    pub(crate) fn set_restored(
+        &mut self,
+        memfd: Option<File>,
+        bytes: u64,
+        timings: RestoreTimings,
+    ) {
+        self.saved = memfd.map(|memfd| SavedState {
             memfd,
             bytes,
             current: true,
         });
+        self.restore_timings = Some(timings);
     }
 
     /// Current status.
@@ -326,6 +351,7 @@ impl Vmm {
             vcpus: self.vcpus.len(),
             memory: self.ram.layout().clone(),
             state_current: self.saved.as_ref().is_some_and(|s| s.current),
+            restore_timings: self.restore_timings.clone(),
         }
     }
 

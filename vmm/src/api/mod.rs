@@ -43,10 +43,6 @@ struct SaveBody {
     export_path: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyBody {}
-
 /// Turns a request body into the action of one endpoint.
 type BodyParser = fn(&[u8]) -> Result<VmmAction, Response>;
 
@@ -74,16 +70,37 @@ pub fn route(req: &Request) -> Result<VmmAction, Response> {
     action(&req.body)
 }
 
+/// Endpoints without parameters take no body, or an empty JSON object.
 fn no_body(body: &[u8]) -> Result<(), Response> {
-    parse_body::<EmptyBody>(body).map(|_| ())
+    match json_object(body)? {
+        Some(fields) if !fields.is_empty() => {
+            Err(Response::error(400, "this endpoint takes no parameters"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// An empty body means defaults; anything else must be a JSON object of the right shape.
 fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Response> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+    match json_object(body)? {
+        None => Ok(T::default()),
+        Some(fields) => serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| Response::error(400, &format!("bad JSON body: {e}"))),
     }
-    serde_json::from_slice(body).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))
+}
+
+/// The body as a JSON object; `None` for an empty body.
+fn json_object(
+    body: &[u8],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(fields)) => Ok(Some(fields)),
+        Ok(_) => Err(Response::error(400, "the body must be a JSON object")),
+        Err(e) => Err(Response::error(400, &format!("bad JSON body: {e}"))),
+    }
 }
 
 /// A response plus the fds that travel with it.

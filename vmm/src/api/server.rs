@@ -1,7 +1,7 @@
 //! The API socket as an event-manager subscriber.
 //!
-//! One client at a time: a second connection while one is open gets `503` at once, and the
-//! VMM keeps serving the first. Each connection carries one request and is closed after the
+//! One client at a time: a connection made while another is open gets `503` once its request
+//! is in, and the VMM keeps serving the first. Each connection carries one request and is closed after the
 //! reply, which may carry fds (`SCM_RIGHTS`) for a handover.
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
@@ -31,17 +31,22 @@ pub enum ApiSocketError {
     },
 }
 
+/// Most connections held at once; more are closed unanswered.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves the control API for one VMM.
 pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
-    client: Option<Client>,
+    clients: Vec<Client>,
     vmm: Arc<Mutex<Vmm>>,
 }
 
 struct Client {
     stream: UnixStream,
     received: Vec<u8>,
+    /// The one client being served; the others get 503 once their request is in.
+    admitted: bool,
 }
 
 impl ApiServer {
@@ -71,7 +76,7 @@ impl ApiServer {
         Ok(ApiServer {
             path: path.to_path_buf(),
             listener,
-            client: None,
+            clients: Vec::new(),
             vmm,
         })
     }
@@ -90,9 +95,8 @@ impl ApiServer {
     }
 
     fn admit(&mut self, stream: UnixStream, ops: &mut EventOps) {
-        if self.client.is_some() {
-            let busy = Response::error(503, "another API client is connected; retry");
-            send_reply(&stream, &busy.into());
+        if self.clients.len() >= MAX_CONNECTIONS {
+            log::warn!("api: {MAX_CONNECTIONS} connections open; closing a new one");
             return;
         }
         if let Err(e) = stream
@@ -102,46 +106,49 @@ impl ApiServer {
             log::warn!("api: cannot watch client: {e}");
             return;
         }
-        self.client = Some(Client {
+        let admitted = !self.clients.iter().any(|c| c.admitted);
+        self.clients.push(Client {
             stream,
             received: Vec::new(),
+            admitted,
         });
     }
 
-    fn serve_client(&mut self, ops: &mut EventOps) {
-        let Some(client) = self.client.as_mut() else {
+    /// Reads what `fd`'s client sent; once its request is complete (or broken), answers it
+    /// and closes the connection.
+    fn serve_client(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(index) = self.clients.iter().position(|c| c.stream.as_raw_fd() == fd) else {
             return;
         };
+        let client = &mut self.clients[index];
         let mut chunk = [0u8; 4096];
-        let outcome = loop {
+        let request = loop {
             match client.stream.read(&mut chunk) {
-                Ok(0) => break Some(None),
+                Ok(0) => break None,
                 Ok(n) => client.received.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
-                Err(_) => break Some(None),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => break None,
             }
             match parse_request(&client.received) {
                 Ok(None) => continue,
-                Ok(Some(req)) => break Some(Some(Ok(req))),
-                Err(e) => break Some(Some(Err(e))),
+                Ok(Some(req)) => break Some(Ok(req)),
+                Err(e) => break Some(Err(e)),
             }
         };
-        let Some(request) = outcome else {
-            return;
-        };
-        if let Some(client) = self.client.take() {
-            let _ = ops.remove(Events::empty(&client.stream));
-            if let Some(request) = request {
-                let reply = match request {
-                    Ok(req) => self.handle(req),
-                    Err(HttpError::TooLarge) => {
-                        Response::error(413, &HttpError::TooLarge.to_string()).into()
-                    }
-                    Err(e) => Response::error(400, &e.to_string()).into(),
-                };
-                send_reply(&client.stream, &reply);
+        let client = self.clients.swap_remove(index);
+        let _ = ops.remove(Events::empty(&client.stream));
+        let reply = match request {
+            None => return,
+            Some(Err(HttpError::TooLarge)) => {
+                Response::error(413, &HttpError::TooLarge.to_string()).into()
             }
-        }
+            Some(Err(e)) => Response::error(400, &e.to_string()).into(),
+            Some(Ok(_)) if !client.admitted => {
+                Response::error(503, "another API client is connected; retry").into()
+            }
+            Some(Ok(req)) => self.handle(req),
+        };
+        send_reply(&client.stream, &reply);
     }
 
     fn handle(&self, req: super::http::Request) -> Reply {
@@ -171,12 +178,8 @@ impl MutEventSubscriber for ApiServer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.listener.as_raw_fd() {
             self.accept_all(ops);
-        } else if self
-            .client
-            .as_ref()
-            .is_some_and(|c| c.stream.as_raw_fd() == events.fd())
-        {
-            self.serve_client(ops);
+        } else {
+            self.serve_client(events.fd(), ops);
         }
     }
 }

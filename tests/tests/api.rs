@@ -1,0 +1,131 @@
+//! The control API: every endpoint, and every way a client can get it wrong, with the VMM
+//! still serving and the guest still running afterwards.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+
+use luvmm_tests::{read_reply, run_luvmm, TestDir, Vm};
+
+#[test]
+fn every_endpoint_answers() {
+    let dir = TestDir::new("api-endpoints");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
+
+    let (status, body) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 200);
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(value["phase"], "running");
+    assert_eq!(value["vcpus"], 1);
+    assert_eq!(value["memory"]["regions"][0]["size"], 64u64 << 20);
+
+    assert_eq!(vm.api("PUT", "/vm/check", "").0, 204);
+    assert_eq!(vm.api("PUT", "/vm/pause", "").0, 204);
+    assert_eq!(vm.api("PUT", "/vm/pause", "").0, 204, "pause is idempotent");
+    assert_eq!(vm.api("PUT", "/vm/resume", "{}").0, 204);
+    // Handover needs a current saved state.
+    assert_eq!(vm.api("PUT", "/vm/handover", "").0, 409);
+    let (status, body) = vm.api("PUT", "/vm/save", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    assert!(vm.check().ok);
+
+    assert_eq!(vm.api("PUT", "/vm/shutdown", "").0, 204);
+    let socket = vm.socket.clone();
+    assert!(vm.wait_exit().success());
+    assert!(!socket.exists(), "socket left behind");
+}
+
+#[test]
+fn bad_requests_get_http_errors_and_the_vmm_keeps_running() {
+    let dir = TestDir::new("api-errors");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let cases: &[(&str, &str, &str, u16)] = &[
+        ("PUT", "/vm/save", "{not json", 400),
+        ("PUT", "/vm/save", r#"{"export_path": 7}"#, 400),
+        ("PUT", "/vm/save", r#"{"unknown": 1}"#, 400),
+        ("PUT", "/vm/pause", "[]", 400),
+        ("GET", "/nowhere", "", 404),
+        ("PUT", "/vm/reboot", "", 404),
+        ("GET", "/vm/pause", "", 405),
+        ("POST", "/vm", "", 405),
+        ("DELETE", "/vm/save", "", 405),
+    ];
+    for &(method, path, body, expected) in cases {
+        let (status, reply) = vm.api(method, path, body);
+        assert_eq!(status, expected, "{method} {path} {body:?}: {reply}");
+        let value: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert!(value["error"].is_string(), "{reply}");
+    }
+
+    // Not HTTP at all.
+    let mut raw = UnixStream::connect(&vm.socket).unwrap();
+    raw.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();
+    assert_eq!(read_reply(&mut raw).0, 400);
+
+    // Too large.
+    let mut big = UnixStream::connect(&vm.socket).unwrap();
+    big.write_all(b"PUT /vm/save HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_reply(&mut big).0, 413);
+
+    assert_eq!(vm.phase(), "running");
+    assert!(vm.check().ok);
+}
+
+#[test]
+fn a_second_client_is_turned_away_while_the_first_is_connected() {
+    let dir = TestDir::new("api-second-client");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let mut first = UnixStream::connect(&vm.socket).unwrap();
+    first.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+
+    let (status, body) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 503, "{body}");
+
+    first.write_all(b"Host: x\r\n\r\n").unwrap();
+    let (status, body) = read_reply(&mut first);
+    assert_eq!(status, 200, "{body}");
+    // And the next client is served again.
+    assert_eq!(vm.phase(), "running");
+}
+
+#[test]
+fn ctl_drives_the_vmm_from_the_command_line() {
+    let dir = TestDir::new("api-ctl");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let socket = vm.socket.to_str().unwrap();
+    for request in ["status", "pause", "resume", "check"] {
+        let (status, stderr) = run_luvmm(&["ctl", "--socket", socket, request]);
+        assert!(status.success(), "ctl {request}: {stderr}");
+    }
+    let (status, stderr) = run_luvmm(&["ctl", "--socket", "/nonexistent.sock", "status"]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot connect to /nonexistent.sock"),
+        "{stderr}"
+    );
+    let (status, _) = run_luvmm(&["ctl", "--socket", socket, "shutdown"]);
+    assert!(status.success());
+    assert!(vm.wait_exit().success());
+}
+
+#[test]
+fn a_socket_path_in_use_is_refused() {
+    let dir = TestDir::new("api-socket-in-use");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let (status, stderr) = run_luvmm(&[
+        "run",
+        "--payload",
+        luvmm_tests::payload().to_str().unwrap(),
+        "--api-socket",
+        vm.socket.to_str().unwrap(),
+        "--serial",
+        "none",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("already exists"), "{stderr}");
+    assert_eq!(vm.phase(), "running");
+}

@@ -1,0 +1,237 @@
+//! Save in one process, kill it, restore in another: the guest's own check must say nothing
+//! was lost and that it kept running rather than rebooting.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use luvmm_tests::{checks, luvmm_bin, Check, TestDir, Vm};
+
+/// Asserts the first check after a restore continues the guest's life from `before`.
+fn assert_continued(before: &Check, after: &Check) {
+    assert!(after.ok, "{}", after.line);
+    assert_eq!(after.seed, before.seed, "the guest rebooted: {after:?}");
+    assert_eq!(after.pages, before.pages);
+    assert_eq!(after.checks, before.checks + 1, "check counter restarted");
+    assert!(
+        after.heartbeat >= before.heartbeat,
+        "heartbeat went back: {before:?} -> {after:?}"
+    );
+}
+
+fn save(vm: &Vm, export: Option<&Path>) {
+    let body = match export {
+        Some(path) => format!(r#"{{"export_path": "{}"}}"#, path.display()),
+        None => String::new(),
+    };
+    let (status, reply) = vm.api("PUT", "/vm/save", &body);
+    assert_eq!(status, 200, "{reply}");
+}
+
+/// Takes the VM's memfds (and state memfd) over the API, as an agent holding them would.
+fn handover(vm: &Vm) -> Vec<OwnedFd> {
+    let reply = luvmm_vmm::api::client::request(&vm.socket, "PUT", "/vm/handover", None)
+        .expect("handover request");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.fds
+}
+
+/// Lets the child inherit `fds` (they arrive close-on-exec).
+fn inherit(cmd: &mut Command, fds: &[&OwnedFd]) {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe, on fds this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &raw {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn restore_in_a_new_process_over_the_api_socket() {
+    let dir = TestDir::new("restore-socket");
+    let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
+    let before = first.check();
+    assert!(before.ok, "{}", before.line);
+    save(&first, None);
+    let seen = checks(&first.serial).len();
+
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &first.serial,
+        &["--from-socket", first.socket.to_str().unwrap()],
+        |_| {},
+    );
+    // The first process gave its VM away: it must refuse to run it again.
+    assert_eq!(first.phase(), "handed_over");
+    assert_eq!(first.api("PUT", "/vm/resume", "").0, 409);
+    first.kill();
+
+    // The restore asks the guest for a check by itself.
+    let after = second.next_check(seen);
+    assert_continued(&before, &after);
+    let later = second.check();
+    assert!(later.ok && later.heartbeat > after.heartbeat, "{later:?}");
+    assert_eq!(second.phase(), "running");
+}
+
+#[test]
+fn restore_from_inherited_memfds_and_state_memfd() {
+    let dir = TestDir::new("restore-fds");
+    let first = Vm::boot(&dir, "first", &["--memory-mib", "32"]);
+    let before = first.check();
+    save(&first, None);
+    let seen = checks(&first.serial).len();
+    let fds = handover(&first);
+    assert_eq!(fds.len(), 2, "state memfd + one RAM memfd");
+    let serial = first.serial.clone();
+    first.kill();
+
+    let state_fd = fds[0].as_raw_fd().to_string();
+    let ram_fd = fds[1].as_raw_fd().to_string();
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &serial,
+        &["--state-fd", &state_fd, "--memory-fd", &ram_fd],
+        |cmd| inherit(cmd, &[&fds[0], &fds[1]]),
+    );
+    drop(fds);
+    let after = second.next_check(seen);
+    assert_continued(&before, &after);
+}
+
+#[test]
+fn restore_from_an_exported_state_file() {
+    let dir = TestDir::new("restore-file");
+    let first = Vm::boot(&dir, "first", &[]);
+    let before = first.check();
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let seen = checks(&first.serial).len();
+    let fds = handover(&first);
+    let serial = first.serial.clone();
+    first.kill();
+
+    let ram_fd = fds[1].as_raw_fd().to_string();
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &serial,
+        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
+        |cmd| inherit(cmd, &[&fds[1]]),
+    );
+    let after = second.next_check(seen);
+    assert_continued(&before, &after);
+}
+
+/// Runs a restore that must fail, returning its stderr.
+fn failed_restore(args: &[&str], fds: &[&OwnedFd]) -> String {
+    let mut cmd = Command::new(luvmm_bin());
+    cmd.arg("restore").args(args).arg("--serial").arg("none");
+    inherit(&mut cmd, fds);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run luvmm restore");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "restore {args:?} succeeded: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "restore {args:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn damaged_or_mismatched_state_is_refused() {
+    let dir = TestDir::new("restore-refused");
+    let first = Vm::boot(&dir, "first", &[]);
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let fds = handover(&first);
+    first.kill();
+    let ram_fd = fds[1].as_raw_fd().to_string();
+    let good = std::fs::read(&export).unwrap();
+
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let mut flipped = good.clone();
+    let last = flipped.len() - 10;
+    flipped[last] ^= 0x20;
+    let mut newer = good.clone();
+    newer[8] = 9;
+    let cases = [
+        (
+            write("truncated", &good[..good.len() / 2]),
+            "state truncated",
+        ),
+        (write("flipped", &flipped), "state corrupted: CRC"),
+        (
+            write("magic", b"NOTSTATE but long enough to hold a header"),
+            "bad magic",
+        ),
+        (write("newer", &newer), "state format 9.0 is not supported"),
+    ];
+    for (path, expected) in &cases {
+        let stderr = failed_restore(&["--state", path, "--memory-fd", &ram_fd], &[&fds[1]]);
+        assert!(
+            stderr.contains(expected),
+            "{path}: expected {expected:?} in {stderr}"
+        );
+    }
+
+    // The right state on a memfd of the wrong size: refused before anything is built.
+    let other = Vm::boot(&dir, "other", &["--memory-mib", "32"]);
+    save(&other, None);
+    let other_fds = handover(&other);
+    other.kill();
+    let small_fd = other_fds[1].as_raw_fd().to_string();
+    let stderr = failed_restore(
+        &[
+            "--state",
+            export.to_str().unwrap(),
+            "--memory-fd",
+            &small_fd,
+        ],
+        &[&other_fds[1]],
+    );
+    assert!(
+        stderr.contains("memory region 0: state says 0x4000000 bytes, memfd has 0x2000000"),
+        "{stderr}"
+    );
+    let stderr = failed_restore(
+        &[
+            "--state",
+            export.to_str().unwrap(),
+            "--memory-fd",
+            &ram_fd,
+            "--memory-fd",
+            &small_fd,
+        ],
+        &[&fds[1], &other_fds[1]],
+    );
+    assert!(
+        stderr.contains("state has 1 memory regions but 2 memfds were given"),
+        "{stderr}"
+    );
+    let stderr = failed_restore(
+        &["--state", export.to_str().unwrap(), "--memory-fd", "999"],
+        &[],
+    );
+    assert!(stderr.contains("fd 999 is not open"), "{stderr}");
+}
