@@ -1,10 +1,14 @@
-//! The VMM's event loop: the API socket and the guest's exit event, on event-manager.
+//! The VMM's event loop on event-manager: the API socket, serial input from stdin, and the
+//! guest's exit event.
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
+
+use luvmm_devices::serial::SerialDevice;
 
 use crate::api::server::{ApiServer, ApiSocketError};
 use crate::vmm::{VmPhase, Vmm, VmmError};
@@ -55,18 +59,50 @@ impl MutEventSubscriber for GuestExitWatcher {
     }
 }
 
+/// Feeds the VMM's standard input to the guest's COM1.
+struct SerialInput {
+    stdin: std::io::Stdin,
+    serial: Arc<SerialDevice>,
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        // epoll refuses regular files and /dev/null; then the guest simply gets no input.
+        if ops.add(Events::new(&self.stdin, EventSet::IN)).is_err() {
+            log::debug!("standard input cannot be polled; the guest's COM1 gets no input");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut chunk = [0u8; 64];
+        match self.stdin.lock().read(&mut chunk) {
+            Ok(n) if n > 0 => {
+                self.serial.enqueue_input(&chunk[..n]);
+            }
+            _ => {
+                let _ = ops.remove(events);
+            }
+        }
+    }
+}
+
 /// Resumes the guest and serves events until a shutdown request or the guest's own stop.
 pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> {
     let exit_evt = vmm
         .exit_evt()
         .try_clone()
         .map_err(RuntimeError::ExitEvent)?;
+    let serial = vmm.devices().serial.clone();
     let vmm = Arc::new(Mutex::new(vmm));
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(RuntimeError::EventManager)?;
     events.add_subscriber(Arc::new(Mutex::new(GuestExitWatcher {
         evt: exit_evt,
         vmm: vmm.clone(),
+    })));
+    events.add_subscriber(Arc::new(Mutex::new(SerialInput {
+        stdin: std::io::stdin(),
+        serial,
     })));
     if let Some(path) = api_socket {
         events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
