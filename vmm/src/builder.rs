@@ -17,6 +17,7 @@ use luvmm_resources::layout::{
 use luvmm_resources::state::{self, DevicesState, StateError, StateMismatch, VmState};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
+use vm_device::DevicePio;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
@@ -200,29 +201,28 @@ fn serial_irq_clone(evt: &EventFd) -> Result<EventFd, BuildError> {
 }
 
 fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
+    let ports: [(&'static str, Arc<dyn DevicePio + Send + Sync>, u16, u16); 2] = [
+        (
+            "serial",
+            devices.serial.clone(),
+            SERIAL_PORT_BASE,
+            SERIAL_PORT_SIZE,
+        ),
+        (
+            "guest-control",
+            devices.guest_control.clone(),
+            GUEST_CONTROL_PORT,
+            GUEST_CONTROL_PORT_SIZE,
+        ),
+    ];
     let mut io = IoManager::new();
-    io.register_pio_resources(
-        devices.serial.clone(),
-        &[Resource::PioAddressRange {
-            base: SERIAL_PORT_BASE,
-            size: SERIAL_PORT_SIZE,
-        }],
-    )
-    .map_err(|e| BuildError::Bus {
-        device: "serial",
-        reason: e.to_string(),
-    })?;
-    io.register_pio_resources(
-        devices.guest_control.clone(),
-        &[Resource::PioAddressRange {
-            base: GUEST_CONTROL_PORT,
-            size: GUEST_CONTROL_PORT_SIZE,
-        }],
-    )
-    .map_err(|e| BuildError::Bus {
-        device: "guest-control",
-        reason: e.to_string(),
-    })?;
+    for (device, handler, base, size) in ports {
+        io.register_pio_resources(handler, &[Resource::PioAddressRange { base, size }])
+            .map_err(|e| BuildError::Bus {
+                device,
+                reason: e.to_string(),
+            })?;
+    }
     Ok(Arc::new(io))
 }
 
