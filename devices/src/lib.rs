@@ -3,3 +3,4 @@
 
 pub mod guest_control;
 pub mod serial;
+pub mod vfio;

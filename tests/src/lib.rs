@@ -2,6 +2,8 @@
 //! processes, read their serial log, talk to their API, and wait on conditions with timeouts
 //! instead of sleeping.
 
+pub mod nested;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,11 @@ impl TestDir {
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create test dir");
         TestDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 
     /// A path inside the directory.

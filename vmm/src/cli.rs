@@ -27,6 +27,12 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Measure luvmm.
     Bench(BenchArgs),
+    /// Report what this host offers for a live update (LUO, KHO, handlers, VFIO).
+    HostCheck {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use luvmm_vmm::api::{client, error_chain};
 use luvmm_vmm::cli::{Cli, Command, CtlRequest};
-use luvmm_vmm::{bench, builder, logger, restore, runtime, vstate};
+use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, vstate};
 
 fn main() -> ExitCode {
     logger::init();
@@ -66,6 +66,16 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::HostCheck { json } => {
+            let report = host_check::run();
+            if json {
+                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

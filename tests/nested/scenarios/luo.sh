@@ -1,0 +1,32 @@
+#!/bin/sh
+# The LUO scenario: the kernel's own LUO selftests first, then luvmm's, across a real kexec.
+stage=$1
+selftest() { # selftest NAME ARGS...: runs a kernel selftest and reports it in one line
+    name=$1; shift
+    if "/selftests/$name" "$@" > "/tmp/$name.log" 2>&1; then
+        echo "LUVMM-L1 selftest $name $* ok"
+    else
+        echo "LUVMM-L1 selftest $name $* FAIL (exit $?)"
+        sed 's/^/LUVMM-L1 log /' "/tmp/$name.log" | tail -20
+    fi
+}
+hostcheck() {
+    echo "LUVMM-L1 hostcheck stage=$stage $(luvmm host-check --json 2>/tmp/hostcheck.err | tr -d '\n')"
+    sed 's/^/LUVMM-L1 log /' /tmp/hostcheck.err
+}
+case "$stage" in
+1)
+    hostcheck
+    selftest liveupdate
+    selftest luo_kexec_simple --stage 1
+    selftest luo_multi_session --stage 1
+    luo-scenario stage1 --kernel /boot/bzImage --initrd /boot/initrd-stage2.cpio.gz
+    ;;
+2)
+    hostcheck
+    selftest luo_kexec_simple --stage 2
+    selftest luo_multi_session --stage 2
+    luo-scenario stage2
+    hostcheck
+    ;;
+esac

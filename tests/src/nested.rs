@@ -1,0 +1,187 @@
+//! The nested bed's driver: builds (or reuses) the L1 kernel and initramfs, boots L1 under QEMU
+//! TCG with an emulated Intel IOMMU and `edu` devices, and collects its `LUVMM-L1` lines with
+//! host timestamps. On any failure it prints the tail of the L1 console.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The kernel, its selftests and the initramfs, ready to boot.
+pub struct Bed {
+    pub kernel_dir: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn nested_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nested")
+}
+
+fn run_script(script: &str, args: &[&Path]) -> String {
+    let out = Command::new("bash")
+        .arg(nested_dir().join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed ({})", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Installs QEMU if needed, gets the kernel from `kernel.sh` (cached after the first build) and
+/// packs `binaries` into the initramfs under `work`.
+pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let status = Command::new("sh")
+            .args([
+                "-c",
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null",
+            ])
+            .status()
+            .expect("run apt-get");
+        assert!(status.success(), "cannot install qemu-system-x86");
+    }
+    let kernel_dir = PathBuf::from(run_script("kernel.sh", &[]));
+    let mut args: Vec<&Path> = vec![work, &kernel_dir];
+    args.extend(binaries.iter().map(PathBuf::as_path));
+    let initrd = PathBuf::from(run_script("initramfs.sh", &args));
+    Bed { kernel_dir, initrd }
+}
+
+/// One line of L1 output and the host time it arrived, in seconds since QEMU started.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: f64,
+    pub text: String,
+}
+
+/// What an L1 run printed.
+pub struct L1Run {
+    pub lines: Vec<Line>,
+    pub timed_out: bool,
+}
+
+impl L1Run {
+    /// `LUVMM-L1` lines without the prefix.
+    pub fn results(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| {
+                l.text
+                    .split_once("LUVMM-L1 ")
+                    .map(|(_, rest)| rest.trim_end())
+            })
+            .collect()
+    }
+
+    /// Host time of the first line containing `needle`.
+    pub fn time_of(&self, needle: &str) -> Option<f64> {
+        self.lines
+            .iter()
+            .find(|l| l.text.contains(needle))
+            .map(|l| l.at)
+    }
+
+    /// The last `n` console lines, for failure reports.
+    pub fn tail(&self, n: usize) -> String {
+        let start = self.lines.len().saturating_sub(n);
+        self.lines[start..]
+            .iter()
+            .map(|l| format!("[{:8.3}] {}", l.at, l.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Boots L1 with `scenario` and `edu_devices` edu devices, and waits for it to power off (or
+/// `timeout`, after which QEMU is killed).
+pub fn run_l1(bed: &Bed, scenario: &str, edu_devices: usize, timeout: Duration) -> L1Run {
+    let append = format!(
+        "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on panic=-1 loglevel=4 luvmm.scenario={scenario}"
+    );
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35,kernel-irqchip=split"])
+        .args(["-accel", "tcg,thread=multi"])
+        .args(["-cpu", "qemu64,+svm,+npt"])
+        .args(["-smp", "1", "-m", "3G"])
+        // The IOMMU comes first, so it is there when the devices are.
+        .args(["-device", "intel-iommu,intremap=on"]);
+    for _ in 0..edu_devices {
+        cmd.args(["-device", "edu"]);
+    }
+    cmd.arg("-kernel")
+        .arg(bed.kernel_dir.join("bzImage"))
+        .arg("-initrd")
+        .arg(&bed.initrd)
+        .args(["-append", &append])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("start qemu-system-x86_64");
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx
+                    .send(Line {
+                        at: started.elapsed().as_secs_f64(),
+                        text,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let deadline = started + timeout;
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let _ = child.wait();
+    L1Run { lines, timed_out }
+}

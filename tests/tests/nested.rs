@@ -1,0 +1,146 @@
+//! The nested bed: a QEMU (TCG) L1 with an emulated Intel IOMMU and an `edu` device, booting a
+//! LUO kernel built from Debian's linux-source-7.2, where a real kexec happens. The kernel's
+//! own LUO selftests must pass before luvmm's results count.
+//!
+//! The first run builds the kernel (about 11 minutes on 2 cores) and caches it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use luvmm_tests::nested::{prepare, run_l1, L1Run};
+use luvmm_tests::{luvmm_bin, TestDir};
+
+fn fail(run: &L1Run, why: &str) -> ! {
+    panic!(
+        "{why}\n--- last L1 console lines (host seconds) ---\n{}",
+        run.tail(80)
+    );
+}
+
+fn hostcheck(run: &L1Run, stage: u32) -> serde_json::Value {
+    let prefix = format!("hostcheck stage={stage} ");
+    let json = run
+        .results()
+        .into_iter()
+        .find_map(|r| r.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| fail(run, &format!("no host-check line in stage {stage}")));
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        fail(
+            run,
+            &format!("stage {stage} host-check is not JSON ({e}): {json}"),
+        )
+    })
+}
+
+#[test]
+fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
+    let work = TestDir::new("nested-luo");
+    let binaries = [
+        luvmm_bin(),
+        PathBuf::from(env!("CARGO_BIN_EXE_luo-scenario")),
+    ];
+    let bed = prepare(work.path(), &binaries);
+    let run = run_l1(&bed, "luo", 1, Duration::from_secs(900));
+    if run.timed_out {
+        fail(&run, "L1 did not power off within the timeout");
+    }
+    let results = run.results();
+    for r in &results {
+        println!("L1: {r}");
+    }
+
+    // The kernel's own suite first: without it, luvmm's results mean nothing.
+    for expected in [
+        "selftest liveupdate  ok",
+        "selftest luo_kexec_simple --stage 1 ok",
+        "selftest luo_multi_session --stage 1 ok",
+        "selftest luo_kexec_simple --stage 2 ok",
+        "selftest luo_multi_session --stage 2 ok",
+    ] {
+        if !results.contains(&expected) {
+            fail(
+                &run,
+                &format!("kernel selftest did not pass: expected {expected:?}"),
+            );
+        }
+    }
+
+    // A real kexec happened, into a kernel that rebuilt the sessions.
+    if !results.iter().any(|r| r.starts_with("boot stage=2")) {
+        fail(&run, "the second kernel never ran the scenario");
+    }
+    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
+    if !failures.is_empty() {
+        fail(&run, &format!("failures: {failures:#?}"));
+    }
+    for stage in [1, 2] {
+        let done = format!("stage {stage} done pass=");
+        match results.iter().find(|r| r.starts_with(&done)) {
+            Some(line) if line.ends_with("fail=0") => {}
+            other => fail(&run, &format!("stage {stage} summary: {other:?}")),
+        }
+    }
+    for name in [
+        "exclusive_open",
+        "duplicate_name",
+        "kernel_refuses_empty_name",
+        "kernel_refuses_unterminated_name",
+        "preserve_dev_null",
+        "same_memfd_twice_one_session",
+        "same_memfd_two_sessions",
+        "retrieve_on_outgoing",
+        "resizable_after_cancel",
+        "verify_luvmm-a_a1",
+        "verify_luvmm-b_b2",
+        "unknown_token_luvmm-a",
+        "finish_luvmm-b",
+        "discarded_after_finish",
+    ] {
+        let expected = format!("test {name} ok");
+        if !results.contains(&expected.as_str()) {
+            fail(&run, &format!("missing {expected:?}"));
+        }
+    }
+
+    // host-check before and after the kexec: LUO up, memfd preservable, VFIO and iommufd not
+    // (Linux 7.2 has no handler for them), the edu device visible through its cdev.
+    for stage in [1, 2] {
+        let report = hostcheck(&run, stage);
+        let lu = &report["liveupdate"];
+        assert_eq!(lu["luo"], "available", "stage {stage}: {report}");
+        assert_eq!(lu["kho_enabled"], true, "stage {stage}: {report}");
+        assert_eq!(lu["cmdline_liveupdate_on"], true, "stage {stage}: {report}");
+        assert_eq!(
+            lu["handlers"]["memfd"], "present",
+            "stage {stage}: {report}"
+        );
+        assert_eq!(
+            lu["handlers"]["iommufd"], "absent",
+            "stage {stage}: {report}"
+        );
+        assert_eq!(
+            lu["handlers"]["vfio_device"], "absent",
+            "stage {stage}: {report}"
+        );
+        assert_eq!(lu["iommufd_present"], true, "stage {stage}: {report}");
+        assert_eq!(lu["vfio_cdev_present"], true, "stage {stage}: {report}");
+        assert!(
+            report["vfio_devices"][0]["cdev"].is_string(),
+            "stage {stage}: {report}"
+        );
+    }
+
+    // Figures, printed (not asserted).
+    for r in results.iter().filter(|r| r.starts_with("figure ")) {
+        println!("nested figure: {}", &r["figure ".len()..]);
+    }
+    if let (Some(kexec), Some(stage2)) = (
+        run.time_of("LUVMM-L1 kexec now"),
+        run.time_of("LUVMM-L1 stage 2 start"),
+    ) {
+        println!(
+            "nested figure: kexec_to_second_stage {:.2} s (host clock)",
+            stage2 - kexec
+        );
+    }
+}
