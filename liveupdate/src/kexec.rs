@@ -104,19 +104,18 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&str>) -> Resu
 /// are not killed, so whoever holds the session fds keeps them to the end. Returns only on
 /// failure (nothing loaded, or a preserved file refused to freeze: sessions stay outgoing).
 pub fn reboot_into_loaded() -> Result<Infallible, KexecError> {
-    // SAFETY: reboot() takes a plain command and no pointers.
-    unsafe { libc::sync() };
-    // SAFETY: as above; on success it does not return.
-    let ret = unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
-    let err = io::Error::last_os_error();
-    debug_assert!(ret < 0);
-    Err(match err.raw_os_error() {
-        Some(libc::EPERM) => KexecError::NotPermitted {
+    nix::unistd::sync();
+    let err = match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC) {
+        Ok(never) => match never {},
+        Err(errno) => errno,
+    };
+    Err(match err {
+        nix::errno::Errno::EPERM => KexecError::NotPermitted {
             op: "reboot(KEXEC)",
         },
-        _ => KexecError::Failed {
+        other => KexecError::Failed {
             op: "reboot(LINUX_REBOOT_CMD_KEXEC)",
-            source: err,
+            source: other.into(),
         },
     })
 }

@@ -2,7 +2,7 @@
 //! unpreserves everything) before the probe returns.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use serde::Serialize;
@@ -149,13 +149,8 @@ fn try_preserve(device: &LiveUpdate, fd: BorrowedFd<'_>) -> HandlerStatus {
 }
 
 fn scratch_memfd() -> std::io::Result<File> {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"luvmm-probe".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created for us and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let file = File::from(memfd_create("luvmm-probe", MFdFlags::MFD_CLOEXEC)?);
     file.set_len(4096)?;
     Ok(file)
 }
