@@ -26,7 +26,8 @@ install -m 0755 "$here/init" "$root/init"
 install -m 0755 "$here"/scenarios/*.sh "$root/luvmm/scenarios/"
 for bin in "$@"; do
     install -m 0755 "$bin" "$root/luvmm/bin/"
-    # Copy the shared libraries (and the loader) the binary needs, at their own paths.
+    # Copy the shared libraries (and the loader) a dynamic binary needs, at their own paths.
+    file -L "$bin" | grep -q 'dynamically linked' || continue
     for lib in $(ldd "$bin" | grep -oE '/[^ ]+'); do
         mkdir -p "$root$(dirname "$lib")"
         cp -L "$lib" "$root$lib"

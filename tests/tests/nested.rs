@@ -144,3 +144,31 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
         );
     }
 }
+
+#[test]
+fn a_luvmm_microvm_runs_and_restores_inside_l1() {
+    let work = TestDir::new("nested-vm");
+    let binaries = [luvmm_bin(), luvmm_tests::payload()];
+    let bed = prepare(work.path(), &binaries);
+    let run = run_l1(&bed, "vm", 1, Duration::from_secs(600));
+    if run.timed_out {
+        fail(&run, "L1 did not power off within the timeout");
+    }
+    let results = run.results();
+    for r in &results {
+        println!("L1: {r}");
+    }
+    for name in ["nested_boot", "nested_check", "nested_restore"] {
+        let expected = format!("test {name} ok");
+        if !results.contains(&expected.as_str()) {
+            fail(&run, &format!("missing {expected:?}"));
+        }
+    }
+    let checks: Vec<&&str> = results
+        .iter()
+        .filter(|r| r.starts_with("serial LUVMM-CHECK"))
+        .collect();
+    if checks.len() != 2 || !checks.iter().all(|c| c.contains("LUVMM-CHECK ok")) {
+        fail(&run, &format!("guest checks: {checks:?}"));
+    }
+}
