@@ -2,5 +2,6 @@
 //! plain data from `luvmm-resources`, and is rebuilt from that state by a separate constructor.
 
 pub mod guest_control;
+pub mod pci;
 pub mod serial;
 pub mod vfio;

@@ -43,6 +43,25 @@ pub const EBDA_START: u64 = 0x9_FC00;
 /// Where the kernel image is loaded: 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 
+/// The PCI 32-bit MMIO window, for BARs: from the hole's start up to the IOAPIC.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the 32-bit MMIO window.
+pub const PCI_MMIO32_END: u64 = 0xFEC0_0000;
+/// The PCI 64-bit MMIO window, far above any RAM luvmm lays out.
+pub const PCI_MMIO64_START: u64 = 1 << 40;
+/// End (exclusive) of the 64-bit MMIO window.
+pub const PCI_MMIO64_END: u64 = (1 << 40) + (64 << 30);
+/// PCI I/O port window.
+pub const PCI_IO_START: u64 = 0x1000;
+/// End (exclusive) of the I/O port window.
+pub const PCI_IO_END: u64 = 0x1_0000;
+/// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC.
+pub const PCI_CONFIG_PORT: u16 = 0xCF8;
+/// Width of the configuration port window.
+pub const PCI_CONFIG_PORT_SIZE: u16 = 8;
+/// First GSI for MSI routes; 0-23 are the IOAPIC pins.
+pub const MSI_GSI_START: u32 = 24;
+
 /// COM1, the guest's console.
 pub const SERIAL_PORT_BASE: u16 = 0x3F8;
 /// COM1 register window.

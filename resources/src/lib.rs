@@ -5,6 +5,7 @@
 //!   that can be serialized and compared, so a restore can prove it rebuilds the same machine.
 //! - [`state`]: the versioned, checksummed container for a paused VM's state and its typed root.
 
+pub mod allocator;
 pub mod config;
 pub mod layout;
 pub mod state;

@@ -1,0 +1,374 @@
+//! A PCI type-0 configuration space: 256 bytes, write masks, BARs and a capability list.
+//!
+//! Writes go through per-bit masks, so read-only fields stay put and the BAR sizing handshake
+//! (write all ones, read back the size mask) needs no special case: a BAR's mask covers only the
+//! address bits its size allows.
+
+/// Standard header registers (byte offsets).
+pub const VENDOR_ID: usize = 0x00;
+pub const COMMAND: usize = 0x04;
+pub const STATUS: usize = 0x06;
+pub const CLASS_REVISION: usize = 0x08;
+pub const HEADER_TYPE: usize = 0x0e;
+pub const BAR0: usize = 0x10;
+pub const CAPABILITIES_POINTER: usize = 0x34;
+pub const INTERRUPT_LINE: usize = 0x3c;
+
+/// Command register bits.
+pub const COMMAND_IO: u16 = 1 << 0;
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+const STATUS_CAPABILITIES: u16 = 1 << 4;
+
+/// Number of BARs of a type-0 header.
+pub const NUM_BARS: usize = 6;
+const FIRST_CAPABILITY: usize = 0x40;
+const CONFIG_SIZE: usize = 256;
+
+/// What a BAR decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BarKind {
+    Io,
+    Mmio32,
+    /// Takes this BAR's register and the next one.
+    Mmio64,
+}
+
+/// A BAR's shape, fixed by the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Bar {
+    pub kind: BarKind,
+    /// Power of two.
+    pub size: u64,
+    pub prefetchable: bool,
+}
+
+/// The configuration space does not accept a BAR or capability.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigSpaceError {
+    #[error("BAR {index}: {reason}")]
+    BadBar { index: usize, reason: &'static str },
+    #[error("no room for a {len}-byte capability")]
+    NoRoom { len: usize },
+}
+
+/// A type-0 configuration space.
+#[derive(Clone, Debug)]
+pub struct ConfigSpace {
+    bytes: [u8; CONFIG_SIZE],
+    writable: [u8; CONFIG_SIZE],
+    bars: [Option<Bar>; NUM_BARS],
+    next_capability: usize,
+    last_capability: Option<usize>,
+}
+
+impl ConfigSpace {
+    /// A header with the given identity; command (I/O, memory, bus master, INTx disable) and
+    /// the interrupt line are writable, the rest read-only.
+    pub fn new(vendor: u16, device: u16, class: u8, subclass: u8, revision: u8) -> ConfigSpace {
+        let mut space = ConfigSpace {
+            bytes: [0; CONFIG_SIZE],
+            writable: [0; CONFIG_SIZE],
+            bars: [None; NUM_BARS],
+            next_capability: FIRST_CAPABILITY,
+            last_capability: None,
+        };
+        space.set_u16(VENDOR_ID, vendor);
+        space.set_u16(VENDOR_ID + 2, device);
+        space.set_u32(
+            CLASS_REVISION,
+            u32::from(class) << 24 | u32::from(subclass) << 16 | u32::from(revision),
+        );
+        let command_mask = COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
+        space.writable[COMMAND..COMMAND + 2].copy_from_slice(&command_mask.to_le_bytes());
+        space.writable[INTERRUPT_LINE] = 0xff;
+        space
+    }
+
+    /// Declares BAR `index`; a 64-bit BAR also takes `index + 1`.
+    pub fn add_bar(&mut self, index: usize, bar: Bar) -> Result<(), ConfigSpaceError> {
+        let bad = |reason| ConfigSpaceError::BadBar { index, reason };
+        let slots = if bar.kind == BarKind::Mmio64 { 2 } else { 1 };
+        if index + slots > NUM_BARS {
+            return Err(bad("past the last BAR"));
+        }
+        if (index..index + slots).any(|i| self.bars[i].is_some() || self.is_upper_half(i)) {
+            return Err(bad("already declared"));
+        }
+        let min = if bar.kind == BarKind::Io { 4 } else { 16 };
+        if !bar.size.is_power_of_two() || bar.size < min {
+            return Err(bad(
+                "size must be a power of two of at least 16 (4 for I/O)",
+            ));
+        }
+        if bar.kind != BarKind::Mmio64 && bar.size > 1 << 31 {
+            return Err(bad("too large for a 32-bit BAR"));
+        }
+        let flags: u32 = match bar.kind {
+            BarKind::Io => 0x1,
+            BarKind::Mmio32 => u32::from(bar.prefetchable) << 3,
+            BarKind::Mmio64 => 0x4 | u32::from(bar.prefetchable) << 3,
+        };
+        let low_flag_bits: u32 = if bar.kind == BarKind::Io { 0x3 } else { 0xf };
+        let mask = !(bar.size - 1);
+        let reg = BAR0 + index * 4;
+        self.set_u32(reg, flags);
+        self.writable[reg..reg + 4]
+            .copy_from_slice(&((mask as u32) & !low_flag_bits).to_le_bytes());
+        if bar.kind == BarKind::Mmio64 {
+            self.writable[reg + 4..reg + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
+        }
+        self.bars[index] = Some(bar);
+        Ok(())
+    }
+
+    fn is_upper_half(&self, index: usize) -> bool {
+        index > 0 && matches!(self.bars[index - 1], Some(b) if b.kind == BarKind::Mmio64)
+    }
+
+    /// Appends a capability (`data` starts after the id and next-pointer bytes); `writable`
+    /// marks the bits of `data` the guest may change. Returns the capability's offset.
+    pub fn add_capability(
+        &mut self,
+        id: u8,
+        data: &[u8],
+        writable: &[u8],
+    ) -> Result<usize, ConfigSpaceError> {
+        let len = (2 + data.len()).next_multiple_of(4);
+        let offset = self.next_capability;
+        if offset + len > CONFIG_SIZE {
+            return Err(ConfigSpaceError::NoRoom { len });
+        }
+        self.bytes[offset] = id;
+        self.bytes[offset + 1] = 0;
+        self.bytes[offset + 2..offset + 2 + data.len()].copy_from_slice(data);
+        for (mask, w) in self.writable[offset + 2..].iter_mut().zip(writable) {
+            *mask = *w;
+        }
+        match self.last_capability {
+            Some(last) => self.bytes[last + 1] = offset as u8,
+            None => {
+                self.bytes[CAPABILITIES_POINTER] = offset as u8;
+                let status = self.u16_at(STATUS) | STATUS_CAPABILITIES;
+                self.set_u16(STATUS, status);
+            }
+        }
+        self.last_capability = Some(offset);
+        self.next_capability = offset + len;
+        Ok(offset)
+    }
+
+    /// Reads the aligned 32-bit register holding byte `offset`.
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        let reg = (offset & !3).min(CONFIG_SIZE - 4);
+        u32::from_le_bytes([
+            self.bytes[reg],
+            self.bytes[reg + 1],
+            self.bytes[reg + 2],
+            self.bytes[reg + 3],
+        ])
+    }
+
+    /// Writes `data` at byte `offset` through the write masks; out-of-range bytes are dropped.
+    pub fn write(&mut self, offset: usize, data: &[u8]) {
+        for (i, &value) in data.iter().enumerate() {
+            let at = offset + i;
+            if at >= CONFIG_SIZE {
+                break;
+            }
+            let mask = self.writable[at];
+            self.bytes[at] = (self.bytes[at] & !mask) | (value & mask);
+        }
+    }
+
+    /// The 16-bit value at `offset`.
+    pub fn u16_at(&self, offset: usize) -> u16 {
+        u16::from_le_bytes([self.bytes[offset], self.bytes[offset + 1]])
+    }
+
+    /// The command register.
+    pub fn command(&self) -> u16 {
+        self.u16_at(COMMAND)
+    }
+
+    /// BAR `index`'s shape, if declared.
+    pub fn bar(&self, index: usize) -> Option<Bar> {
+        self.bars.get(index).copied().flatten()
+    }
+
+    /// The address BAR `index` decodes, once the guest has programmed it (zero means not).
+    pub fn bar_address(&self, index: usize) -> Option<u64> {
+        let bar = self.bar(index)?;
+        let reg = BAR0 + index * 4;
+        let low = u64::from(self.read_u32(reg));
+        let address = match bar.kind {
+            BarKind::Io => low & !0x3,
+            BarKind::Mmio32 => low & !0xf,
+            BarKind::Mmio64 => (u64::from(self.read_u32(reg + 4)) << 32) | (low & !0xf),
+        };
+        (address != 0).then_some(address)
+    }
+
+    /// Places BAR `index` at `address`, as the VMM does before boot or when restoring.
+    pub fn set_bar_address(&mut self, index: usize, address: u64) {
+        if let Some(bar) = self.bar(index) {
+            let reg = BAR0 + index * 4;
+            let flags = self.read_u32(reg) & if bar.kind == BarKind::Io { 0x3 } else { 0xf };
+            self.set_u32(reg, ((address & !(bar.size - 1)) as u32) | flags);
+            if bar.kind == BarKind::Mmio64 {
+                self.set_u32(reg + 4, (address >> 32) as u32);
+            }
+        }
+    }
+
+    /// Sets bytes without masks (device-side state such as a capability's read-only fields).
+    pub fn set_raw(&mut self, offset: usize, data: &[u8]) {
+        let end = (offset + data.len()).min(CONFIG_SIZE);
+        self.bytes[offset..end].copy_from_slice(&data[..end - offset]);
+    }
+
+    /// All 256 bytes, for the saved state.
+    pub fn bytes(&self) -> &[u8; CONFIG_SIZE] {
+        &self.bytes
+    }
+
+    fn set_u16(&mut self, offset: usize, value: u16) {
+        self.bytes[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn set_u32(&mut self, offset: usize, value: u32) {
+        self.bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> ConfigSpace {
+        ConfigSpace::new(0x1234, 0x11e8, 0x00, 0xff, 0x10)
+    }
+
+    #[test]
+    fn identity_is_read_only() {
+        let mut s = space();
+        assert_eq!(s.read_u32(VENDOR_ID), 0x11e8_1234);
+        s.write(VENDOR_ID, &[0xff; 4]);
+        assert_eq!(s.read_u32(VENDOR_ID), 0x11e8_1234);
+        assert_eq!(s.read_u32(CLASS_REVISION), 0x00ff_0010);
+    }
+
+    #[test]
+    fn command_keeps_only_its_writable_bits() {
+        let mut s = space();
+        s.write(COMMAND, &0xffffu16.to_le_bytes());
+        assert_eq!(
+            s.command(),
+            COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE
+        );
+    }
+
+    #[test]
+    fn bar_sizing_handshake() {
+        let mut s = space();
+        s.add_bar(
+            0,
+            Bar {
+                kind: BarKind::Mmio32,
+                size: 1 << 20,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        s.write(BAR0, &[0xff; 4]);
+        assert_eq!(s.read_u32(BAR0), 0xfff0_0000);
+        s.write(BAR0, &0xc010_0000u32.to_le_bytes());
+        assert_eq!(s.bar_address(0), Some(0xc010_0000));
+        // Low bits below the size are not writable.
+        s.write(BAR0, &0xc010_1234u32.to_le_bytes());
+        assert_eq!(s.bar_address(0), Some(0xc010_0000));
+    }
+
+    #[test]
+    fn io_bar_keeps_its_flag() {
+        let mut s = space();
+        s.add_bar(
+            1,
+            Bar {
+                kind: BarKind::Io,
+                size: 0x20,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        s.write(BAR0 + 4, &[0xff; 4]);
+        assert_eq!(s.read_u32(BAR0 + 4), 0xffff_ffe1);
+    }
+
+    #[test]
+    fn bar_64_bit_spans_two_registers() {
+        let mut s = space();
+        s.add_bar(
+            2,
+            Bar {
+                kind: BarKind::Mmio64,
+                size: 1 << 33,
+                prefetchable: true,
+            },
+        )
+        .unwrap();
+        s.write(BAR0 + 8, &[0xff; 4]);
+        s.write(BAR0 + 12, &[0xff; 4]);
+        assert_eq!(s.read_u32(BAR0 + 8), 0x0000_000c);
+        assert_eq!(s.read_u32(BAR0 + 12), 0xffff_fffe);
+        s.set_bar_address(2, 0x100_0000_0000);
+        assert_eq!(s.bar_address(2), Some(0x100_0000_0000));
+        assert!(matches!(
+            s.add_bar(
+                3,
+                Bar {
+                    kind: BarKind::Mmio32,
+                    size: 16,
+                    prefetchable: false
+                }
+            ),
+            Err(ConfigSpaceError::BadBar { index: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_bars_are_refused() {
+        let mut s = space();
+        let bar = |kind, size| Bar {
+            kind,
+            size,
+            prefetchable: false,
+        };
+        assert!(s.add_bar(6, bar(BarKind::Mmio32, 16)).is_err());
+        assert!(s.add_bar(5, bar(BarKind::Mmio64, 16)).is_err());
+        assert!(s.add_bar(0, bar(BarKind::Mmio32, 24)).is_err());
+        assert!(s.add_bar(0, bar(BarKind::Mmio32, 1 << 32)).is_err());
+        s.add_bar(0, bar(BarKind::Mmio32, 16)).unwrap();
+        assert!(s.add_bar(0, bar(BarKind::Mmio32, 16)).is_err());
+    }
+
+    #[test]
+    fn capabilities_form_a_chain() {
+        let mut s = space();
+        let first = s.add_capability(0x05, &[0u8; 12], &[0xff; 12]).unwrap();
+        let second = s.add_capability(0x11, &[0u8; 10], &[0; 10]).unwrap();
+        assert_eq!(first, 0x40);
+        assert_eq!(second, 0x50);
+        assert_eq!(s.read_u32(CAPABILITIES_POINTER) & 0xff, 0x40);
+        assert_ne!(s.u16_at(STATUS) & STATUS_CAPABILITIES, 0);
+        assert_eq!(s.read_u32(first) & 0xffff, 0x5005);
+        assert_eq!(s.read_u32(second) & 0xffff, 0x0011);
+        // Writable capability bytes take writes; read-only ones do not.
+        s.write(first + 4, &0xfee0_0000u32.to_le_bytes());
+        assert_eq!(s.read_u32(first + 4), 0xfee0_0000);
+        s.write(second + 4, &[0xff; 4]);
+        assert_eq!(s.read_u32(second + 4), 0);
+    }
+}
