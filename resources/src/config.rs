@@ -71,6 +71,9 @@ pub struct VmConfig {
     /// Unix socket for the control API; none means no API.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// Host PCI functions to pass through, by BDF (`0000:00:03.0`).
+    #[serde(default)]
+    pub vfio: Vec<String>,
 }
 
 fn default_cmdline() -> String {
@@ -132,6 +135,12 @@ pub enum ConfigError {
     /// The command line is too long for the boot protocol area.
     #[error("cmdline: {len} bytes, at most {} allowed", CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong { len: usize },
+    /// A passthrough device's BDF is not `DDDD:BB:DD.F`.
+    #[error("vfio[{index}]: {bdf:?} is not a PCI address like 0000:00:03.0")]
+    BadBdf { index: usize, bdf: String },
+    /// The same device is listed twice.
+    #[error("vfio[{index}]: {bdf} is listed twice")]
+    DuplicateBdf { index: usize, bdf: String },
     /// The API socket's directory does not exist.
     #[error("api_socket: directory of {path} does not exist")]
     ApiSocketDir { path: PathBuf },
@@ -167,6 +176,20 @@ impl VmConfig {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.cmdline.len(),
             });
+        }
+        for (index, bdf) in self.vfio.iter().enumerate() {
+            if !is_bdf(bdf) {
+                return Err(ConfigError::BadBdf {
+                    index,
+                    bdf: bdf.clone(),
+                });
+            }
+            if self.vfio[..index].contains(bdf) {
+                return Err(ConfigError::DuplicateBdf {
+                    index,
+                    bdf: bdf.clone(),
+                });
+            }
         }
         if let Some(path) = &self.api_socket {
             let dir = match path.parent() {
@@ -253,6 +276,31 @@ impl VmConfig {
     }
 }
 
+/// `DDDD:BB:DD.F` in lowercase hex, device < 32, function < 8.
+fn is_bdf(bdf: &str) -> bool {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let Some((domain, rest)) = bdf.split_once(':') else {
+        return false;
+    };
+    let Some((bus, rest)) = rest.split_once(':') else {
+        return false;
+    };
+    let Some((device, function)) = rest.split_once('.') else {
+        return false;
+    };
+    hex(domain, 4)
+        && hex(bus, 2)
+        && hex(device, 2)
+        && u8::from_str_radix(device, 16).is_ok_and(|d| d < 32)
+        && function.len() == 1
+        && function.as_bytes()[0].is_ascii_digit()
+        && function.as_bytes()[0] < b'8'
+}
+
 fn to_region(r: &MemoryRegionConfig) -> GuestRegion {
     GuestRegion {
         gpa: r.gpa,
@@ -284,6 +332,7 @@ mod tests {
             boot: BootProtocol::Auto,
             serial: SerialOutput::Stdout,
             api_socket: None,
+            vfio: Vec::new(),
         }
     }
 
@@ -414,6 +463,42 @@ mod tests {
         assert!(matches!(
             socket.validate(&LIMITS),
             Err(ConfigError::ApiSocketDir { .. })
+        ));
+    }
+
+    #[test]
+    fn passthrough_addresses_are_checked() {
+        let ok = VmConfig {
+            vfio: vec!["0000:00:03.0".into(), "0000:00:04.0".into()],
+            ..config()
+        };
+        assert_eq!(ok.validate(&LIMITS), Ok(()));
+        for bad in [
+            "00:03.0",
+            "0000:00:03",
+            "0000:00:20.0",
+            "0000:00:03.8",
+            "0000:0g:03.0",
+        ] {
+            let cfg = VmConfig {
+                vfio: vec![bad.into()],
+                ..config()
+            };
+            assert!(
+                matches!(
+                    cfg.validate(&LIMITS),
+                    Err(ConfigError::BadBdf { index: 0, .. })
+                ),
+                "{bad}"
+            );
+        }
+        let twice = VmConfig {
+            vfio: vec!["0000:00:03.0".into(), "0000:00:03.0".into()],
+            ..config()
+        };
+        assert!(matches!(
+            twice.validate(&LIMITS),
+            Err(ConfigError::DuplicateBdf { index: 1, .. })
         ));
     }
 

@@ -10,12 +10,21 @@
  * "luvmm.fill_pages=N" from the command line, writes one seeded 64-bit word into each of N
  * 4 KiB pages from 2 MiB up, and prints
  *     LUVMM-BOOT proto=<linux64|pvh> ram_mib=R fill_pages=N seed=0x...
+ * With "luvmm.dma_outside=1" it then also has each device DMA to an IOVA outside guest RAM,
+ * which the IOMMU must block, and prints "LUVMM-DEV dma_outside sent bdf=...". After the scan
+ * it prints "LUVMM-DEV scan done devices=N".
  * It then sleeps in HLT between x2APIC timer ticks (10 Hz) that bump a heartbeat counter.
  * After each wake-up it reads the luvmm guest-control port; bit 0 set means "check now", and
  * it re-reads every filled page and prints one of
  *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C
  *     LUVMM-CHECK LOST first_bad_gpa=0x... expected=0x... found=0x...
  * Any CPU exception prints LUVMM-FAULT vector=V rip=0x... and halts for good.
+ *
+ * Before sleeping it scans PCI bus 0 for QEMU edu devices; for each it sizes and places BAR 0,
+ * enables memory decoding and bus mastering, checks the liveness register, enables MSI, copies
+ * 2048 bytes RAM -> device -> RAM by DMA, waits for the completion interrupt, and prints
+ *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msi dma_gpa=0x... dma_word=0x...
+ *     LUVMM-DEV FAIL bdf=00:SS.0 reason=...
  */
 
     .set SERIAL,              0x3f8
@@ -26,6 +35,8 @@
     .set DEFAULT_FILL_PAGES,  1024
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
+    .set DEV_VECTOR,          0x41
+    .set DMA_OUTSIDE_IOVA,    0x0f000000    /* 240 MiB: below edu's 28-bit mask, above guest RAM */
     .set TICK_COUNT,          100000000     /* 100 ms: KVM's APIC timer counts at 1 GHz */
     .set PVH_MAGIC,           0x336ec578
     .set ERRCODE_VECTORS,     0x60227d00    /* 8, 10-14, 17, 21, 29, 30 push an error code */
@@ -45,20 +56,8 @@ pvh_entry:
     cli
     movl %ebx, boot_info
     movl $2, protocol
-    movl $pdpt, %eax
-    orl $3, %eax
-    movl %eax, pml4
-    movl $pd, %eax
-    orl $3, %eax
-    movl %eax, pdpt
-    xorl %ecx, %ecx
-1:  movl %ecx, %eax
-    shll $21, %eax
-    orl $0x83, %eax                 /* present, writable, 2 MiB page */
-    movl %eax, pd(,%ecx,8)
-    incl %ecx
-    cmpl $512, %ecx
-    jb 1b
+    movl $stack_top, %esp           /* PVH leaves the stack pointer undefined */
+    call build_page_tables
     movl %cr4, %eax
     orl $0x20, %eax                 /* PAE */
     movl %eax, %cr4
@@ -73,6 +72,34 @@ pvh_entry:
     movl %eax, %cr0
     lgdt gdt_ptr
     ljmp $0x08, $common64
+
+/* Identity map of the first 4 GiB with 2 MiB pages; the top GiB (PCI MMIO, APIC) uncached.
+ * The PVH entry's 32-bit version; build_page_tables_64 is the same for the Linux entry. */
+build_page_tables:
+    movl $pdpt, %eax
+    orl $3, %eax
+    movl %eax, pml4
+    xorl %ecx, %ecx
+1:  movl %ecx, %eax
+    shll $12, %eax
+    addl $pd, %eax
+    orl $3, %eax
+    movl %eax, pdpt(,%ecx,8)
+    incl %ecx
+    cmpl $4, %ecx
+    jb 1b
+    xorl %ecx, %ecx
+2:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax                 /* present, writable, 2 MiB page */
+    cmpl $1536, %ecx
+    jb 3f
+    orl $0x18, %eax                 /* PWT | PCD above 3 GiB */
+3:  movl %eax, pd(,%ecx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jb 2b
+    ret
 
 /* ---------------------------------------------------------------- common 64-bit path */
     .code64
@@ -89,7 +116,12 @@ common64:
     leaq 1f(%rip), %rax
     pushq %rax
     lretq
-1:  call setup_idt
+1:  cmpl $1, protocol(%rip)
+    jne 2f
+    call build_page_tables_64
+    leaq pml4(%rip), %rax
+    movq %rax, %cr3
+2:  call setup_idt
     lidt idt_ptr(%rip)
     call read_boot_info
     call parse_cmdline
@@ -105,6 +137,11 @@ common64:
     call print_boot_line
     call start_timer
     sti
+    call pci_devices
+    leaq str_scan_done(%rip), %rsi
+    call puts
+    call put_dec
+    call newline
 main_loop:
     hlt
     movw $CONTROL_PORT, %dx
@@ -113,6 +150,33 @@ main_loop:
     jz main_loop
     call run_check
     jmp main_loop
+
+build_page_tables_64:
+    leaq pdpt(%rip), %rax
+    orq $3, %rax
+    movq %rax, pml4(%rip)
+    leaq pdpt(%rip), %rdi
+    leaq pd(%rip), %rax
+    orq $3, %rax
+    movl $4, %ecx
+1:  movq %rax, (%rdi)
+    addq $8, %rdi
+    addq $4096, %rax
+    decl %ecx
+    jnz 1b
+    leaq pd(%rip), %rdi
+    xorl %ecx, %ecx
+2:  movq %rcx, %rax
+    shlq $21, %rax
+    orq $0x83, %rax
+    cmpl $1536, %ecx
+    jb 3f
+    orq $0x18, %rax
+3:  movq %rax, (%rdi,%rcx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jb 2b
+    ret
 
 /* ---------------------------------------------------------------- boot information */
 read_boot_info:
@@ -156,19 +220,31 @@ read_boot_info:
     ret
 
 parse_cmdline:
+    leaq str_fill_key(%rip), %rdi
+    call cmdline_value
+    jc 1f
+    movq %rax, fill_pages(%rip)
+1:  leaq str_dma_outside_key(%rip), %rdi
+    call cmdline_value
+    jc 2f
+    movq %rax, dma_outside(%rip)
+2:  ret
+
+/* cmdline_value: rdi = "key=" -> rax = its decimal value, CF clear; CF set if absent */
+cmdline_value:
     movq cmdline_ptr(%rip), %rsi
     testq %rsi, %rsi
     jz 9f
 1:  cmpb $0, (%rsi)
     je 9f
-    leaq str_fill_key(%rip), %rdi
+    movq %rdi, %r8
     movq %rsi, %rbx
-2:  movb (%rdi), %al
+2:  movb (%r8), %al
     testb %al, %al
     jz 3f
     cmpb (%rbx), %al
     jne 4f
-    incq %rdi
+    incq %r8
     incq %rbx
     jmp 2b
 4:  incq %rsi
@@ -182,8 +258,10 @@ parse_cmdline:
     addq %rcx, %rax
     incq %rbx
     jmp 5b
-6:  movq %rax, fill_pages(%rip)
-9:  ret
+6:  clc
+    ret
+9:  stc
+    ret
 
 /* fill_pages = min(fill_pages, pages between FILL_BASE and min(low_end, 1 GiB)) */
 clamp_fill_pages:
@@ -289,6 +367,302 @@ print_boot_line:
     call put_hex
     jmp newline
 
+/* ---------------------------------------------------------------- PCI and the edu device */
+/* pci_address: edi = slot, esi = register -> selects it on port 0xcf8; clobbers eax, edx */
+pci_address:
+    movl %edi, %eax
+    shll $11, %eax
+    orl %esi, %eax
+    orl $0x80000000, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    ret
+
+/* pci_read32: edi = slot, esi = register -> eax; clobbers edx */
+pci_read32:
+    call pci_address
+    movw $0xcfc, %dx
+    inl %dx, %eax
+    ret
+
+/* pci_write32: edi = slot, esi = register, ecx = value; clobbers eax, edx */
+pci_write32:
+    call pci_address
+    movl %ecx, %eax
+    movw $0xcfc, %dx
+    outl %eax, %dx
+    ret
+
+/* Scans bus 0 for QEMU edu devices (1234:11e8) and tests each. */
+pci_devices:
+    pushq %rbx
+    pushq %r12
+    xorl %r12d, %r12d
+    movl $1, %ebx
+1:  movl %ebx, %edi
+    xorl %esi, %esi
+    call pci_read32
+    cmpl $0x11e81234, %eax
+    jne 2f
+    movl %ebx, %edi
+    movl %r12d, %esi
+    call edu_test
+    incl %r12d
+2:  incl %ebx
+    cmpl $32, %ebx
+    jb 1b
+    movl %r12d, %eax                /* devices found */
+    popq %r12
+    popq %rbx
+    ret
+
+/* wait_ticks: waits in hlt until (%rdi) is non-zero or 50 timer ticks pass; eax = 1 if set */
+wait_flag:
+    movq heartbeat(%rip), %rsi
+    addq $50, %rsi
+1:  cmpl $0, (%rdi)
+    jne 2f
+    cmpq %rsi, heartbeat(%rip)
+    jae 3f
+    hlt
+    jmp 1b
+2:  movl $1, %eax
+    ret
+3:  xorl %eax, %eax
+    ret
+
+/* edu_idle: waits until the DMA command register's busy bit clears (r12 = BAR); eax = 1 if so */
+edu_idle:
+    movq heartbeat(%rip), %rsi
+    addq $50, %rsi
+1:  testl $1, 0x98(%r12)
+    jz 2f
+    cmpq %rsi, heartbeat(%rip)
+    jae 3f
+    hlt
+    jmp 1b
+2:  movl $1, %eax
+    ret
+3:  xorl %eax, %eax
+    ret
+
+/* edu_test: edi = slot, esi = device index. Sizes and places BAR 0, enables memory and bus
+ * mastering, checks the ID and liveness registers, enables MSI, copies 2048 bytes
+ * RAM -> device -> RAM by DMA, waits for the device's interrupt, and compares. */
+edu_test:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movl %edi, %ebx
+    movl %esi, %r15d
+    movl %ebx, %edi                 /* BAR sizing handshake */
+    movl $0x10, %esi
+    call pci_read32
+    movl %eax, %r12d
+    movl $0xffffffff, %ecx
+    call pci_write32
+    call pci_read32
+    andl $0xfffffff0, %eax
+    negl %eax
+    movl %eax, %r13d                /* size */
+    movl %r12d, %ecx                /* keep the VMM's placement, or pick one */
+    andl $0xfffffff0, %ecx
+    jnz 1f
+    movl %r15d, %ecx
+    shll $24, %ecx
+    addl $0xc0000000, %ecx
+1:  movl %ecx, %r12d
+    call pci_write32
+    movl $0x04, %esi                /* command: memory space and bus master */
+    call pci_read32
+    andl $0xffff, %eax
+    orl $0x6, %eax
+    movl %eax, %ecx
+    call pci_write32
+    movq %r12, dev_bar(%rip)
+    movl 0x00(%r12), %eax           /* identification: 0x010000ed */
+    cmpb $0xed, %al
+    jne edu_fail_id
+    movl $0x12345678, 0x04(%r12)    /* liveness: reads back inverted */
+    movl 0x04(%r12), %eax
+    cmpl $0xedcba987, %eax
+    jne edu_fail_live
+    call edu_enable_msi
+    movl %eax, %r14d                /* 1 if MSI is on */
+    movl %r15d, %edi                /* buffers: A = 0x1c0000 + index * 64 KiB, B = A + 32 KiB */
+    shll $16, %edi
+    addl $0x1c0000, %edi
+    movq %rdi, dma_src(%rip)
+    leaq 0x8000(%rdi), %rax
+    movq %rax, dma_dst(%rip)
+    movq seed(%rip), %r10
+    xorq %r15, %r10
+    movabsq $0x9e3779b97f4a7c15, %r11
+    xorl %ecx, %ecx
+2:  movq %rcx, %rax
+    imulq %r11, %rax
+    xorq %r10, %rax
+    movq %rax, (%rdi,%rcx,8)
+    movq $0, 0x8000(%rdi,%rcx,8)
+    incl %ecx
+    cmpl $256, %ecx
+    jb 2b
+    movl %edi, 0x80(%r12)           /* DMA RAM(A) -> device buffer */
+    movl $0x40000, 0x88(%r12)
+    movl $2048, 0x90(%r12)
+    movl $1, 0x98(%r12)
+    call edu_idle
+    testl %eax, %eax
+    jz edu_fail_dma
+    movl $0, dev_irq(%rip)
+    movl $0x40000, 0x80(%r12)       /* DMA device buffer -> RAM(B), interrupt when done */
+    movq dma_dst(%rip), %rax
+    movl %eax, 0x88(%r12)
+    movl $2048, 0x90(%r12)
+    movl $7, 0x98(%r12)
+    call edu_idle
+    testl %eax, %eax
+    jz edu_fail_dma
+    leaq dev_irq(%rip), %rdi
+    call wait_flag
+    movl %eax, %r13d                /* 1 if the interrupt came */
+    movq dma_src(%rip), %rsi
+    movq dma_dst(%rip), %rdi
+    movl $256, %ecx
+    repe cmpsq
+    jne edu_fail_data
+    leaq str_dev_ok(%rip), %rsi
+    call puts
+    call put_bdf
+    leaq str_dma_ok(%rip), %rsi
+    call puts
+    leaq str_irq_none(%rip), %rsi
+    testl %r13d, %r13d
+    jz 3f
+    leaq str_irq_msi(%rip), %rsi
+3:  call puts
+    leaq str_dma_gpa(%rip), %rsi
+    call puts
+    movq dma_dst(%rip), %rax
+    call put_hex
+    leaq str_dma_word(%rip), %rsi
+    call puts
+    movq dma_dst(%rip), %rax
+    movq (%rax), %rax
+    call put_hex
+    call newline
+    cmpq $0, dma_outside(%rip)
+    je edu_done
+    movl $0x40000, 0x80(%r12)       /* DMA into an IOVA no guest RAM backs: the IOMMU must block it */
+    movl $DMA_OUTSIDE_IOVA, 0x88(%r12)
+    movl $2048, 0x90(%r12)
+    movl $3, 0x98(%r12)
+    call edu_idle
+    leaq str_dma_outside(%rip), %rsi
+    call puts
+    call put_bdf
+    call newline
+    jmp edu_done
+edu_fail_id:
+    leaq str_fail_id(%rip), %rsi
+    jmp edu_fail
+edu_fail_live:
+    leaq str_fail_live(%rip), %rsi
+    jmp edu_fail
+edu_fail_dma:
+    leaq str_fail_dma(%rip), %rsi
+    jmp edu_fail
+edu_fail_data:
+    leaq str_fail_data(%rip), %rsi
+edu_fail:
+    movq %rsi, %r13
+    leaq str_dev_fail(%rip), %rsi
+    call puts
+    call put_bdf
+    movq %r13, %rsi
+    call puts
+    call newline
+edu_done:
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* edu_enable_msi: ebx = slot. Finds the MSI capability, programs vector DEV_VECTOR to APIC 0
+ * and enables it; eax = 1 if found. */
+edu_enable_msi:
+    movl %ebx, %edi
+    movl $0x34, %esi
+    call pci_read32
+    andl $0xfc, %eax
+1:  testl %eax, %eax
+    jz 4f
+    movl %eax, %r13d                /* capability offset */
+    movl %eax, %esi
+    call pci_read32
+    cmpb $0x05, %al
+    je 2f
+    shrl $8, %eax
+    andl $0xfc, %eax
+    jmp 1b
+2:  movl %eax, %r14d                /* id, next, control */
+    leal 4(%r13), %esi
+    movl $0xfee00000, %ecx
+    call pci_write32
+    leal 8(%r13), %esi              /* data at +8, or +12 after a high address word */
+    testl $0x800000, %r14d
+    jz 3f
+    xorl %ecx, %ecx
+    call pci_write32
+    leal 12(%r13), %esi
+3:  movl $DEV_VECTOR, %ecx
+    call pci_write32
+    movl %r13d, %esi
+    movl %r14d, %ecx
+    orl $0x10000, %ecx              /* control: MSI enable */
+    call pci_write32
+    movl $1, %eax
+    ret
+4:  xorl %eax, %eax
+    ret
+
+/* put_bdf: prints "bdf=00:SS.0" for slot ebx */
+put_bdf:
+    leaq str_bdf(%rip), %rsi
+    call puts
+    movl %ebx, %eax
+    shrl $4, %eax
+    leaq hex_digits(%rip), %rsi
+    movb (%rsi,%rax), %al
+    call putc
+    movl %ebx, %eax
+    andl $0xf, %eax
+    movb (%rsi,%rax), %al
+    call putc
+    leaq str_fn0(%rip), %rsi
+    jmp puts
+
+isr_dev:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    movq dev_bar(%rip), %rcx
+    movl 0x24(%rcx), %eax           /* interrupt status */
+    movl %eax, 0x64(%rcx)           /* acknowledge */
+    incl dev_irq(%rip)
+    movl $0x80b, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
 /* ---------------------------------------------------------------- interrupts */
 start_timer:
     movl $0x1b, %ecx                /* IA32_APIC_BASE: enable, x2APIC mode */
@@ -327,6 +701,9 @@ setup_idt:
     jb 1b
     leaq idt+TIMER_VECTOR*16(%rip), %rdi
     leaq isr_timer(%rip), %rsi
+    call write_gate
+    leaq idt+DEV_VECTOR*16(%rip), %rdi
+    leaq isr_dev(%rip), %rsi
     call write_gate
     leaq idt+SPURIOUS_VECTOR*16(%rip), %rdi
     leaq isr_spurious(%rip), %rsi
@@ -502,7 +879,23 @@ str_fault:      .asciz "LUVMM-FAULT vector="
 str_rip:        .asciz " rip="
 str_bad_pvh:    .asciz "LUVMM-FAULT bad hvm_start_info magic\n"
 str_fill_key:   .asciz "luvmm.fill_pages="
+str_dma_outside_key: .asciz "luvmm.dma_outside="
+str_scan_done:  .asciz "LUVMM-DEV scan done devices="
+str_dma_outside: .asciz "LUVMM-DEV dma_outside sent "
 str_0x:         .asciz "0x"
+str_dev_ok:     .asciz "LUVMM-DEV ok "
+str_dev_fail:   .asciz "LUVMM-DEV FAIL "
+str_bdf:        .asciz "bdf=00:"
+str_fn0:        .asciz ".0"
+str_dma_ok:     .asciz " dma=ok"
+str_irq_msi:    .asciz " irq=msi"
+str_irq_none:   .asciz " irq=none"
+str_dma_gpa:    .asciz " dma_gpa="
+str_dma_word:   .asciz " dma_word="
+str_fail_id:    .asciz " reason=id"
+str_fail_live:  .asciz " reason=liveness"
+str_fail_dma:   .asciz " reason=dma-timeout"
+str_fail_data:  .asciz " reason=dma-data"
 hex_digits:     .ascii "0123456789abcdef"
 
     .section .note.Xen, "a"
@@ -529,12 +922,13 @@ idt_ptr:
     .quad idt
     .balign 8
 fill_pages:     .quad DEFAULT_FILL_PAGES
+dma_outside:    .quad 0
 
     .section .bss
     .balign 4096
 pml4:           .skip 4096
 pdpt:           .skip 4096
-pd:             .skip 4096
+pd:             .skip 16384
 idt:            .skip 4096
 stack:          .skip 16384
 stack_top:
@@ -547,5 +941,9 @@ cmdline_ptr:    .skip 8
 seed:           .skip 8
 heartbeat:      .skip 8
 checks:         .skip 8
+dev_bar:        .skip 8
+dma_src:        .skip 8
+dma_dst:        .skip 8
+dev_irq:        .skip 8
 numbuf:         .skip 31
 numbuf_end:     .skip 1

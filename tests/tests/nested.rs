@@ -172,3 +172,68 @@ fn a_luvmm_microvm_runs_and_restores_inside_l1() {
         fail(&run, &format!("guest checks: {checks:?}"));
     }
 }
+
+/// Runs the `vfio` scenario with `edu_devices` devices and checks its lines.
+fn vfio_scenario(name: &str, edu_devices: usize) {
+    let work = TestDir::new(name);
+    let binaries = [luvmm_bin(), luvmm_tests::payload()];
+    let bed = prepare(work.path(), &binaries);
+    let run = run_l1(&bed, "vfio", edu_devices, Duration::from_secs(900));
+    if run.timed_out {
+        fail(&run, "L1 did not power off within the timeout");
+    }
+    let results = run.results();
+    for r in &results {
+        println!("L1: {r}");
+    }
+    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
+    if !failures.is_empty() {
+        fail(&run, &format!("failures: {failures:#?}"));
+    }
+    let devices: Vec<&&str> = results
+        .iter()
+        .filter(|r| r.starts_with("serial LUVMM-DEV ok"))
+        .collect();
+    if devices.len() != edu_devices
+        || !devices
+            .iter()
+            .all(|d| d.contains("dma=ok") && d.contains("irq=msi"))
+    {
+        fail(&run, &format!("device lines: {devices:#?}"));
+    }
+    for expected in [
+        "test bad_missing_bdf ok",
+        "test bad_not_vfio_pci ok",
+        "test bad_no_iommufd ok",
+        "test bad_busy ok",
+        "test iommu_blocked_outside_dma ok",
+        "test save_refused_with_vfio ok",
+    ] {
+        if !results.contains(&expected) {
+            fail(&run, &format!("missing {expected:?}"));
+        }
+    }
+    let memfd_checks = results
+        .iter()
+        .filter(|r| r.starts_with("test memfd_holds_dma_") && r.ends_with(" ok"))
+        .count();
+    if memfd_checks != edu_devices {
+        fail(
+            &run,
+            &format!("{memfd_checks} memfd checks for {edu_devices} devices"),
+        );
+    }
+    for r in results.iter().filter(|r| r.contains("passthrough 0000")) {
+        println!("nested figure: {r}");
+    }
+}
+
+#[test]
+fn a_guest_drives_a_passed_through_edu_device() {
+    vfio_scenario("nested-vfio-one", 1);
+}
+
+#[test]
+fn two_edu_devices_in_one_microvm() {
+    vfio_scenario("nested-vfio-two", 2);
+}

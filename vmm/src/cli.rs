@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Boot protocol.
     #[arg(long, value_enum)]
     pub boot: Option<BootArg>,
+    /// Pass this host PCI function (bound to vfio-pci) through; repeatable.
+    #[arg(long)]
+    pub vfio: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -165,8 +168,12 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
             boot: BootProtocol::Auto,
             serial: SerialOutput::Stdout,
             api_socket: None,
+            vfio: Vec::new(),
         },
     };
+    if !args.vfio.is_empty() {
+        config.vfio = args.vfio.clone();
+    }
     if let Some(payload) = &args.payload {
         config.payload = payload.clone();
     }

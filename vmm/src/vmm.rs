@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use luvmm_devices::guest_control::GuestControl;
+use luvmm_devices::pci::bus::PciBus;
 use luvmm_devices::serial::SerialDevice;
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{self, DevicesState, StateError, VcpuState, VmState};
@@ -46,6 +47,9 @@ pub enum VmmError {
         request: &'static str,
         phase: VmPhase,
     },
+    /// A device's state cannot be saved yet; saving is refused rather than lossy.
+    #[error("cannot save: VFIO passthrough devices {bdfs:?} have no saved state yet")]
+    NotSaveable { bdfs: Vec<String> },
     /// Handover needs a state saved since the last resume.
     #[error("no current saved state: save the paused VM first")]
     NoCurrentState,
@@ -83,6 +87,10 @@ pub struct Devices {
     pub serial: Arc<SerialDevice>,
     /// The guest-control port.
     pub guest_control: Arc<GuestControl>,
+    /// PCI bus 0.
+    pub pci: Arc<PciBus>,
+    /// BDFs of the passthrough devices on it.
+    pub passthrough: Vec<String>,
 }
 
 /// What `save` did.
@@ -253,6 +261,11 @@ impl Vmm {
     pub fn save(&mut self, export: Option<&Path>) -> Result<SaveReport, VmmError> {
         if !matches!(self.phase, VmPhase::Running | VmPhase::Paused) {
             return Err(self.refuse("save"));
+        }
+        if !self.devices.passthrough.is_empty() {
+            return Err(VmmError::NotSaveable {
+                bdfs: self.devices.passthrough.clone(),
+            });
         }
         let started = Instant::now();
         self.pause()?;

@@ -87,6 +87,45 @@ impl ConfigSpace {
         space
     }
 
+    /// A shadow of a real device's configuration space: its identity, status and capability
+    /// chain as read, BARs cleared (the caller declares them), and the usual writable bits.
+    pub fn from_device(raw: &[u8; CONFIG_SIZE]) -> ConfigSpace {
+        let mut space = ConfigSpace::new(0, 0, 0, 0, 0);
+        space.bytes = *raw;
+        space.bytes[BAR0..BAR0 + 4 * NUM_BARS].fill(0);
+        // The expansion ROM is not passed through.
+        space.bytes[0x30..0x34].fill(0);
+        space.set_u16(COMMAND, 0);
+        space.next_capability = CONFIG_SIZE;
+        space
+    }
+
+    /// The offset of the first capability with `id`, following the chain from 0x34.
+    pub fn find_capability(&self, id: u8) -> Option<usize> {
+        if self.u16_at(STATUS) & STATUS_CAPABILITIES == 0 {
+            return None;
+        }
+        let mut offset = usize::from(self.bytes[CAPABILITIES_POINTER] & !3);
+        // A chain has at most 48 entries in 256 bytes; a longer one loops.
+        for _ in 0..48 {
+            if offset < FIRST_CAPABILITY || offset + 2 > CONFIG_SIZE {
+                return None;
+            }
+            if self.bytes[offset] == id {
+                return Some(offset);
+            }
+            offset = usize::from(self.bytes[offset + 1] & !3);
+        }
+        None
+    }
+
+    /// Makes the bits set in `mask` writable from `offset` on.
+    pub fn make_writable(&mut self, offset: usize, mask: &[u8]) {
+        for (w, m) in self.writable[offset..].iter_mut().zip(mask) {
+            *w |= m;
+        }
+    }
+
     /// Declares BAR `index`; a 64-bit BAR also takes `index + 1`.
     pub fn add_bar(&mut self, index: usize, bar: Bar) -> Result<(), ConfigSpaceError> {
         let bad = |reason| ConfigSpaceError::BadBar { index, reason };
@@ -352,6 +391,38 @@ mod tests {
         assert!(s.add_bar(0, bar(BarKind::Mmio32, 1 << 32)).is_err());
         s.add_bar(0, bar(BarKind::Mmio32, 16)).unwrap();
         assert!(s.add_bar(0, bar(BarKind::Mmio32, 16)).is_err());
+    }
+
+    #[test]
+    fn a_device_shadow_keeps_identity_and_capabilities_and_clears_bars() {
+        let mut real = space();
+        real.add_capability(0x05, &[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])
+            .unwrap();
+        real.add_capability(0x10, &[0u8; 6], &[]).unwrap();
+        let mut raw = *real.bytes();
+        raw[BAR0..BAR0 + 4].copy_from_slice(&0xfebf_0000u32.to_le_bytes());
+        let shadow = ConfigSpace::from_device(&raw);
+        assert_eq!(shadow.read_u32(VENDOR_ID), 0x11e8_1234);
+        assert_eq!(shadow.read_u32(BAR0), 0);
+        assert_eq!(shadow.find_capability(0x05), Some(0x40));
+        assert_eq!(shadow.find_capability(0x10), Some(0x50));
+        assert_eq!(shadow.find_capability(0x11), None);
+
+        // MSI: control enable, address and data become writable.
+        let mut shadow = shadow;
+        shadow.make_writable(0x42, &[1, 0]);
+        shadow.write(0x42, &[0xff, 0xff]);
+        assert_eq!(shadow.u16_at(0x42), 0x0081);
+    }
+
+    #[test]
+    fn a_looping_capability_chain_ends() {
+        let mut raw = *space().bytes();
+        raw[STATUS] |= STATUS_CAPABILITIES as u8;
+        raw[CAPABILITIES_POINTER] = 0x40;
+        raw[0x40] = 0x09;
+        raw[0x41] = 0x40;
+        assert_eq!(ConfigSpace::from_device(&raw).find_capability(0x05), None);
     }
 
     #[test]

@@ -5,6 +5,8 @@ use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use luvmm_resources::config::HostLimits;
 use luvmm_resources::layout::KVM_TSS_ADDRESS;
@@ -71,7 +73,7 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
 
 /// A KVM VM with its in-kernel irqchip and PIT.
 pub struct KvmVm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
 }
 
 impl KvmVm {
@@ -87,12 +89,17 @@ impl KvmVm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(KvmVm { fd })
+        Ok(KvmVm { fd: Arc::new(fd) })
     }
 
     /// The VM fd, for creating vCPUs.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// A shared handle to the VM fd, for what routes interrupts while the VM runs.
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// Registers every RAM region as a memslot, slot `i` for region `i`.

@@ -1,0 +1,343 @@
+//! A vfio-pci function passed through to the guest, over a VFIO cdev bound to iommufd.
+//!
+//! - Guest RAM is mapped into the device's IOAS with `IOMMU_IOAS_MAP_FILE` (memfd + offset,
+//!   IOVA == GPA), never by user address: that is what LUO preservation and a process switch
+//!   need.
+//! - The guest sees a shadow configuration space: the device's own identity and capability
+//!   chain, with BARs placed by the VMM and guest-programmable, the command register forwarded,
+//!   and the MSI capability emulated: enabling it routes a KVM GSI to an eventfd that VFIO
+//!   signals.
+//! - BAR accesses are trapped and forwarded to the VFIO region.
+//!
+//! Nothing here resets the device, and dropping the device only detaches it from its IOAS
+//! (vfio-ioctls' `Drop`, which needs it attached: it always is here).
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use iommufd_ioctls::IommuFd;
+use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_REGIONS};
+use vfio_ioctls::{VfioDevice, VfioIommufd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::pci::bus::PciDevice;
+use crate::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, NUM_BARS};
+
+const MSI_CAPABILITY_ID: u8 = 0x05;
+
+const MSI_CONTROL_ENABLE: u16 = 1 << 0;
+const MSI_CONTROL_64BIT: u16 = 1 << 7;
+
+/// Where the VMM routes a device's MSI: KVM GSI routes and irqfds, behind a trait so devices
+/// know nothing of KVM.
+pub trait MsiRouter: Send + Sync {
+    /// A GSI no one else uses.
+    fn allocate_gsi(&self) -> Result<u32, String>;
+    /// Routes `gsi` to the MSI message (address, data).
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String>;
+    /// Makes a write to `evt` raise `gsi`.
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String>;
+}
+
+/// A device could not be passed through. Each variant names the BDF.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error("{bdf}: no such PCI device")]
+    NoDevice { bdf: String },
+    #[error("{bdf}: bound to {driver}, not vfio-pci")]
+    WrongDriver { bdf: String, driver: String },
+    #[error("{bdf}: /dev/iommu is missing: the kernel has no iommufd (CONFIG_IOMMUFD)")]
+    NoIommufd { bdf: String },
+    #[error("{bdf}: no VFIO cdev (CONFIG_VFIO_DEVICE_CDEV missing)")]
+    NoCdev { bdf: String },
+    #[error("{bdf}: the VFIO device is in use by another process (its cdev is already bound)")]
+    Busy { bdf: String },
+    #[error("{bdf}: {op}")]
+    Vfio {
+        bdf: String,
+        op: &'static str,
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    #[error("{bdf}: {op}")]
+    Iommufd {
+        bdf: String,
+        op: &'static str,
+        #[source]
+        source: iommufd_ioctls::IommufdError,
+    },
+    #[error("{bdf}: BAR {index}: {reason}")]
+    Bar {
+        bdf: String,
+        index: usize,
+        reason: String,
+    },
+}
+
+/// The emulated MSI capability and the route behind it.
+struct Msi {
+    offset: usize,
+    is_64bit: bool,
+    gsi: u32,
+    trigger: EventFd,
+    enabled: bool,
+}
+
+/// A passed-through PCI function.
+pub struct VfioPciDevice {
+    bdf: String,
+    device: VfioDevice,
+    ops: Arc<VfioIommufd>,
+    config: ConfigSpace,
+    msi: Option<Msi>,
+    router: Arc<dyn MsiRouter>,
+}
+
+impl VfioPciDevice {
+    /// Opens `bdf`'s cdev, binds it to a new iommufd and attaches it to a new IOAS. Checks
+    /// what can be checked first, so each way this fails has its own error.
+    pub fn open(bdf: &str, router: Arc<dyn MsiRouter>) -> Result<VfioPciDevice, PassthroughError> {
+        let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
+        let name = || bdf.to_string();
+        if !sysfs.exists() {
+            return Err(PassthroughError::NoDevice { bdf: name() });
+        }
+        let driver = std::fs::read_link(sysfs.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "no driver".to_string());
+        if driver != "vfio-pci" {
+            return Err(PassthroughError::WrongDriver {
+                bdf: name(),
+                driver,
+            });
+        }
+        if !Path::new("/dev/iommu").exists() {
+            return Err(PassthroughError::NoIommufd { bdf: name() });
+        }
+        if !sysfs.join("vfio-dev").exists() {
+            return Err(PassthroughError::NoCdev { bdf: name() });
+        }
+        let iommufd = IommuFd::new().map_err(|source| PassthroughError::Iommufd {
+            bdf: name(),
+            op: "open /dev/iommu",
+            source,
+        })?;
+        let ops = Arc::new(
+            VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|source| {
+                PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "allocate an IOAS",
+                    source,
+                }
+            })?,
+        );
+        let cdev = VfioDevice::open_cdev(&sysfs).map_err(|source| match &source {
+            vfio_ioctls::VfioError::OpenDeviceCdev(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy =>
+            {
+                PassthroughError::Busy { bdf: name() }
+            }
+            _ => PassthroughError::Vfio {
+                bdf: name(),
+                op: "open the VFIO cdev",
+                source,
+            },
+        })?;
+        let device = VfioDevice::new_from_fd(cdev, ops.clone(), true).map_err(|source| {
+            match &source {
+                // The cdev path admits one bound open file per device: a second bind while
+                // another process has the device open fails with EINVAL.
+                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EINVAL => {
+                    PassthroughError::Busy { bdf: name() }
+                }
+                _ => PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "bind to iommufd and attach to the IOAS",
+                    source,
+                },
+            }
+        })?;
+        let mut raw = [0u8; 256];
+        device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
+        let mut config = ConfigSpace::from_device(&raw);
+        for index in 0..NUM_BARS {
+            if let Some(bar) = bar_shape(&device, &raw, index) {
+                config
+                    .add_bar(index, bar)
+                    .map_err(|e| PassthroughError::Bar {
+                        bdf: name(),
+                        index,
+                        reason: e.to_string(),
+                    })?;
+            }
+        }
+        let msi = match config.find_capability(MSI_CAPABILITY_ID) {
+            Some(offset) => {
+                let control = config.u16_at(offset + 2);
+                let is_64bit = control & MSI_CONTROL_64BIT != 0;
+                // Control (enable bit), address and data are the guest's to program.
+                let data_end = if is_64bit { 14 } else { 10 };
+                config.make_writable(offset + 2, &MSI_CONTROL_ENABLE.to_le_bytes());
+                config.make_writable(offset + 4, &vec![0xff; data_end - 4]);
+                let gsi = router
+                    .allocate_gsi()
+                    .map_err(|reason| PassthroughError::Bar {
+                        bdf: name(),
+                        index: 0,
+                        reason,
+                    })?;
+                let trigger = EventFd::new(EFD_NONBLOCK).map_err(|e| PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "create the MSI eventfd",
+                    source: vfio_ioctls::VfioError::OpenDeviceCdev(e),
+                })?;
+                Some(Msi {
+                    offset,
+                    is_64bit,
+                    gsi,
+                    trigger,
+                    enabled: false,
+                })
+            }
+            None => None,
+        };
+        Ok(VfioPciDevice {
+            bdf: bdf.to_string(),
+            device,
+            ops,
+            config,
+            msi,
+            router,
+        })
+    }
+
+    /// Maps `[gpa, gpa + len)` of guest RAM, backed by `memfd` from `offset`, at IOVA == GPA.
+    pub fn map_guest_memory(
+        &self,
+        memfd: &impl AsRawFd,
+        offset: u64,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), PassthroughError> {
+        self.ops
+            .ioas()
+            .map_file(memfd.as_raw_fd(), offset, len, gpa, true)
+            .map_err(|source| PassthroughError::Iommufd {
+                bdf: self.bdf.clone(),
+                op: "IOMMU_IOAS_MAP_FILE",
+                source,
+            })
+    }
+
+    /// Places BAR `index` at `address` before the guest runs.
+    pub fn place_bar(&mut self, index: usize, address: u64) {
+        self.config.set_bar_address(index, address);
+    }
+
+    /// The BDF on the host.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    /// Applies a write to the emulated MSI capability: on enable, route the GSI to the
+    /// guest's message and have VFIO signal its eventfd; on disable, stop VFIO's MSI.
+    fn update_msi(&mut self) {
+        let Some(msi) = self.msi.as_mut() else { return };
+        let control = self.config.u16_at(msi.offset + 2);
+        let enable = control & MSI_CONTROL_ENABLE != 0;
+        let low = u64::from(self.config.read_u32(msi.offset + 4));
+        let (address, data_at) = if msi.is_64bit {
+            (
+                low | u64::from(self.config.read_u32(msi.offset + 8)) << 32,
+                msi.offset + 12,
+            )
+        } else {
+            (low, msi.offset + 8)
+        };
+        let data = u32::from(self.config.u16_at(data_at));
+        if enable {
+            let routed = self
+                .router
+                .set_msi_route(msi.gsi, address, data)
+                .and_then(|_| {
+                    if msi.enabled {
+                        return Ok(());
+                    }
+                    self.router.register_irqfd(&msi.trigger, msi.gsi)?;
+                    self.device
+                        .enable_msi(vec![&msi.trigger])
+                        .map_err(|e| e.to_string())
+                });
+            match routed {
+                Ok(()) => msi.enabled = true,
+                Err(e) => log::error!("{}: cannot enable MSI: {e}", self.bdf),
+            }
+        } else if msi.enabled {
+            if let Err(e) = self.device.disable_msi() {
+                log::error!("{}: cannot disable MSI: {e}", self.bdf);
+            }
+            msi.enabled = false;
+        }
+    }
+}
+
+/// The shape of BAR `index` from its VFIO region and the device's BAR register.
+fn bar_shape(device: &VfioDevice, raw: &[u8; 256], index: usize) -> Option<Bar> {
+    if index as u32 >= VFIO_PCI_NUM_REGIONS {
+        return None;
+    }
+    let size = device.get_region_size(index as u32);
+    if size == 0 {
+        return None;
+    }
+    let reg = 0x10 + index * 4;
+    let low = u32::from_le_bytes([raw[reg], raw[reg + 1], raw[reg + 2], raw[reg + 3]]);
+    let kind = if low & 0x1 != 0 {
+        BarKind::Io
+    } else if (low >> 1) & 0x3 == 0x2 {
+        BarKind::Mmio64
+    } else {
+        BarKind::Mmio32
+    };
+    Some(Bar {
+        kind,
+        size: size.next_power_of_two(),
+        prefetchable: kind != BarKind::Io && low & 0x8 != 0,
+    })
+}
+
+impl PciDevice for VfioPciDevice {
+    fn config_read(&mut self, offset: usize) -> u32 {
+        self.config.read_u32(offset)
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let end = offset + data.len();
+        if offset < COMMAND + 2 && end > COMMAND {
+            // The device decodes and masters only as the guest says.
+            let command = self.config.command().to_le_bytes();
+            self.device
+                .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command, COMMAND as u64);
+        }
+        if let Some(msi) = &self.msi {
+            if offset < msi.offset + 16 && end > msi.offset {
+                self.update_msi();
+            }
+        }
+    }
+
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.device.region_read(bar as u32, data, offset);
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.device.region_write(bar as u32, data, offset);
+    }
+}

@@ -1,0 +1,80 @@
+#!/bin/sh
+# luvmm microVMs inside L1 drive the edu device(s) passed through with VFIO cdev + iommufd.
+# Bad input is refused with a clear error first; then one VM gets every edu device, its guest
+# reports DMA and MSI on LUVMM-DEV lines, the bytes the device wrote are read back from the
+# VM's RAM memfd through /proc, and a DMA outside guest RAM must fault in the IOMMU.
+cd /tmp
+payload=/luvmm/bin/payload.elf
+bdfs=""
+for dev in /sys/bus/pci/drivers/vfio-pci/0000:*; do
+    [ -e "$dev" ] && bdfs="$bdfs ${dev##*/}"
+done
+first=$(echo $bdfs | cut -d' ' -f1)
+
+refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTED
+    name=$1; expected=$2; shift 2
+    if luvmm run --payload $payload --memory-mib 16 --serial none --api-socket bad.sock "$@" \
+        > bad.out 2>&1; then
+        echo "LUVMM-L1 test bad_$name FAIL accepted"
+    elif ! grep -q "$expected" bad.out; then
+        echo "LUVMM-L1 test bad_$name FAIL $(tr '\n' ' ' < bad.out)"
+    elif [ -e bad.sock ]; then
+        echo "LUVMM-L1 test bad_$name FAIL left its API socket behind"
+    else
+        echo "LUVMM-L1 test bad_$name ok"
+    fi
+}
+refused missing_bdf "0000:00:1e.0: no such PCI device" --vfio 0000:00:1e.0
+refused not_vfio_pci "0000:00:00.0: bound to no driver, not vfio-pci" --vfio 0000:00:00.0
+mv /dev/iommu /dev/iommu.hidden
+refused no_iommufd "/dev/iommu is missing" --vfio "$first"
+mv /dev/iommu.hidden /dev/iommu
+
+args=""
+for b in $bdfs; do args="$args --vfio $b"; done
+luvmm run --payload $payload --memory-mib 64 $args --serial serial.log --api-socket a.sock \
+    --cmdline "console=ttyS0 luvmm.fill_pages=256 luvmm.dma_outside=1" 2>run.err &
+vmm=$!
+i=0
+while ! grep -q "LUVMM-DEV scan done" serial.log 2>/dev/null; do
+    i=$((i + 1))
+    if [ $i -gt 1200 ] || ! kill -0 $vmm 2>/dev/null; then
+        echo "LUVMM-L1 test vfio_scan FAIL the guest never finished its PCI scan"
+        break
+    fi
+    sleep 0.1
+done
+sed 's/^/LUVMM-L1 serial /' serial.log
+
+# The bytes the guest says the device wrote, read from the RAM memfd outside the guest.
+ram=""
+for fd in /proc/$vmm/fd/*; do
+    case "$(readlink "$fd")" in *luvmm-ram0*) ram=$fd ;; esac
+done
+grep '^LUVMM-DEV ok' serial.log | while read -r _ _ bdf _ _ gpa word; do
+    gpa=${gpa#dma_gpa=}
+    word=${word#dma_word=0x}
+    got=$(od -A n -t x8 -j $((gpa)) -N 8 "$ram" | tr -d ' ')
+    if [ "$got" = "$word" ]; then
+        echo "LUVMM-L1 test memfd_holds_dma_${bdf#bdf=} ok"
+    else
+        echo "LUVMM-L1 test memfd_holds_dma_${bdf#bdf=} FAIL memfd has $got, guest saw $word"
+    fi
+done
+if dmesg | grep -q "DMAR: \[DMA Write.*fault addr 0xf000000"; then
+    echo "LUVMM-L1 test iommu_blocked_outside_dma ok"
+else
+    echo "LUVMM-L1 test iommu_blocked_outside_dma FAIL no DMAR fault for 0xf000000"
+    dmesg | grep DMAR | tail -5 | sed 's/^/LUVMM-L1 log /'
+fi
+refused busy "in use by another process" --vfio "$first"
+if luvmm ctl --socket a.sock save > save.out 2>&1; then
+    echo "LUVMM-L1 test save_refused_with_vfio FAIL saved"
+elif grep -q "409.*VFIO passthrough devices" save.out; then
+    echo "LUVMM-L1 test save_refused_with_vfio ok"
+else
+    echo "LUVMM-L1 test save_refused_with_vfio FAIL $(cat save.out)"
+fi
+luvmm ctl --socket a.sock shutdown >/dev/null 2>&1
+wait $vmm
+sed 's/^/LUVMM-L1 log /' run.err

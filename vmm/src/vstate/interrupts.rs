@@ -1,0 +1,106 @@
+//! KVM GSI routing for MSI. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
+//! it: the IOAPIC and PIC pins that KVM routes by default, plus one entry per MSI route.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use luvmm_devices::vfio::MsiRouter;
+use luvmm_resources::layout::MSI_GSI_START;
+use vmm_sys_util::eventfd::EventFd;
+
+const IOAPIC_PINS: u32 = 24;
+/// KVM_CAP_IRQ_ROUTING's usual table size; GSIs beyond it are refused.
+const MAX_GSI: u32 = 4096;
+
+/// MSI routes of one VM.
+pub struct KvmMsiRouter {
+    vm: Arc<VmFd>,
+    routes: Mutex<Routes>,
+}
+
+struct Routes {
+    next_gsi: u32,
+    msi: BTreeMap<u32, (u64, u32)>,
+}
+
+impl KvmMsiRouter {
+    /// A router with no MSI routes yet.
+    pub fn new(vm: Arc<VmFd>) -> KvmMsiRouter {
+        KvmMsiRouter {
+            vm,
+            routes: Mutex::new(Routes {
+                next_gsi: MSI_GSI_START,
+                msi: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn apply(&self, routes: &Routes) -> Result<(), String> {
+        let mut entries = Vec::with_capacity(40 + routes.msi.len());
+        for pin in 0..IOAPIC_PINS {
+            entries.push(irqchip_entry(pin, KVM_IRQCHIP_IOAPIC, pin));
+        }
+        for pin in (0..16).filter(|&p| p != 2) {
+            let chip = if pin < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip_entry(pin, chip, pin % 8));
+        }
+        for (&gsi, &(address, data)) in &routes.msi {
+            let mut entry = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            entry.u.msi.address_lo = address as u32;
+            entry.u.msi.address_hi = (address >> 32) as u32;
+            entry.u.msi.data = data;
+            entries.push(entry);
+        }
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|e| format!("{e:?}"))?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| format!("KVM_SET_GSI_ROUTING: {e}"))
+    }
+}
+
+fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    entry.u.irqchip.irqchip = chip;
+    entry.u.irqchip.pin = pin;
+    entry
+}
+
+impl MsiRouter for KvmMsiRouter {
+    fn allocate_gsi(&self) -> Result<u32, String> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if routes.next_gsi >= MAX_GSI {
+            return Err(format!("no GSI left below {MAX_GSI}"));
+        }
+        routes.next_gsi += 1;
+        Ok(routes.next_gsi - 1)
+    }
+
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.msi.insert(gsi, (address, data));
+        self.apply(&routes)
+    }
+
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String> {
+        self.vm
+            .register_irqfd(evt, gsi)
+            .map_err(|e| format!("KVM_IRQFD for GSI {gsi}: {e}"))
+    }
+}
