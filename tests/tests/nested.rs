@@ -207,7 +207,8 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
         "test bad_no_iommufd ok",
         "test bad_busy ok",
         "test iommu_blocked_outside_dma ok",
-        "test save_refused_with_vfio ok",
+        "test save_captures_vfio_state ok",
+        "test handover_refused_with_vfio ok",
     ] {
         if !results.contains(&expected) {
             fail(&run, &format!("missing {expected:?}"));

@@ -62,6 +62,8 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Passthrough(#[from] PassthroughError),
+    #[error("the state holds VFIO passthrough devices {bdfs:?}; restoring them needs the devices preserved across the switch, which luvmm cannot do yet")]
+    PassthroughRestore { bdfs: Vec<String> },
     #[error("cannot place a BAR")]
     Bar(#[from] AllocError),
     #[error(transparent)]
@@ -92,7 +94,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     log::info!("booting {} via {entry:?}", config.payload.display());
 
     let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.shared_fd()));
-    let pci = attach_passthrough(&config.vfio, &ram, &router)?;
+    let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, &router)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let devices = Devices {
@@ -102,7 +104,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
         )),
         guest_control: Arc::new(GuestControl::new()),
         pci: Arc::new(pci),
-        passthrough: config.vfio.clone(),
+        passthrough,
     };
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
 
@@ -138,6 +140,16 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut lap = Lap::start();
     let mut timings = RestoreTimings::default();
     let saved: VmState = state::decode(&args.state_blob)?;
+    if !saved.devices.passthrough.is_empty() {
+        return Err(BuildError::PassthroughRestore {
+            bdfs: saved
+                .devices
+                .passthrough
+                .iter()
+                .map(|p| p.bdf.clone())
+                .collect(),
+        });
+    }
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
     let limits = host_limits(kvm);
     if saved.vcpus.len() > limits.max_vcpus as usize {
@@ -223,11 +235,14 @@ fn serial_irq_clone(evt: &EventFd) -> Result<EventFd, BuildError> {
 
 /// Opens every passthrough device, maps guest RAM into its IOAS (IOVA == GPA, by memfd), and
 /// places its BARs. Anything opened so far is released if one fails.
+type Passthrough = Vec<(u8, Arc<Mutex<VfioPciDevice>>)>;
+
 fn attach_passthrough(
     bdfs: &[String],
     ram: &GuestRam,
     router: &Arc<dyn MsiRouter>,
-) -> Result<PciBus, BuildError> {
+) -> Result<(PciBus, Passthrough), BuildError> {
+    let mut attached = Vec::with_capacity(bdfs.len());
     let mut bus = PciBus::new();
     let mut mmio32 = AddressAllocator::new("PCI 32-bit MMIO", PCI_MMIO32_START, PCI_MMIO32_END);
     let mut mmio64 = AddressAllocator::new("PCI 64-bit MMIO", PCI_MMIO64_START, PCI_MMIO64_END);
@@ -236,8 +251,8 @@ fn attach_passthrough(
         let started = Instant::now();
         let mut device = VfioPciDevice::open(bdf, router.clone())?;
         let opened = started.elapsed();
-        for (region, memfd) in ram.layout().regions.iter().zip(ram.memfds()) {
-            device.map_guest_memory(memfd, 0, region.gpa, region.size)?;
+        for (index, (region, memfd)) in ram.layout().regions.iter().zip(ram.memfds()).enumerate() {
+            device.map_guest_memory(memfd, index, 0, region.gpa, region.size)?;
         }
         let mapped = started.elapsed() - opened;
         for index in 0..NUM_BARS {
@@ -257,9 +272,11 @@ fn attach_passthrough(
             ram.layout().total_bytes() >> 20,
             mapped.as_secs_f64() * 1e3
         );
-        bus.add(Arc::new(Mutex::new(device)))?;
+        let device = Arc::new(Mutex::new(device));
+        let slot = bus.add(device.clone())?;
+        attached.push((slot, device));
     }
-    Ok(bus)
+    Ok((bus, attached))
 }
 
 fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {

@@ -4,12 +4,13 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::PciBus;
 use luvmm_devices::serial::SerialDevice;
+use luvmm_devices::vfio::VfioPciDevice;
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{self, DevicesState, StateError, VcpuState, VmState};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -47,9 +48,12 @@ pub enum VmmError {
         request: &'static str,
         phase: VmPhase,
     },
-    /// A device's state cannot be saved yet; saving is refused rather than lossy.
-    #[error("cannot save: VFIO passthrough devices {bdfs:?} have no saved state yet")]
-    NotSaveable { bdfs: Vec<String> },
+    /// Passthrough devices cannot move to another process yet (that needs them preserved,
+    /// through LUO or fd passing); the handover is refused rather than lossy.
+    #[error(
+        "cannot hand over: VFIO passthrough devices {bdfs:?} cannot move to another process yet"
+    )]
+    NotMovable { bdfs: Vec<String> },
     /// Handover needs a state saved since the last resume.
     #[error("no current saved state: save the paused VM first")]
     NoCurrentState,
@@ -89,8 +93,22 @@ pub struct Devices {
     pub guest_control: Arc<GuestControl>,
     /// PCI bus 0.
     pub pci: Arc<PciBus>,
-    /// BDFs of the passthrough devices on it.
-    pub passthrough: Vec<String>,
+    /// The passthrough devices on it, with their guest slots.
+    pub passthrough: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
+}
+
+impl Devices {
+    fn passthrough_bdfs(&self) -> Vec<String> {
+        self.passthrough
+            .iter()
+            .map(|(_, d)| {
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bdf()
+                    .to_string()
+            })
+            .collect()
+    }
 }
 
 /// What `save` did.
@@ -262,11 +280,6 @@ impl Vmm {
         if !matches!(self.phase, VmPhase::Running | VmPhase::Paused) {
             return Err(self.refuse("save"));
         }
-        if !self.devices.passthrough.is_empty() {
-            return Err(VmmError::NotSaveable {
-                bdfs: self.devices.passthrough.clone(),
-            });
-        }
         let started = Instant::now();
         self.pause()?;
         let state = self.capture()?;
@@ -311,6 +324,12 @@ impl Vmm {
             devices: DevicesState {
                 serial: self.devices.serial.save(),
                 guest_control: self.devices.guest_control.save(),
+                passthrough: self
+                    .devices
+                    .passthrough
+                    .iter()
+                    .map(|(slot, d)| d.lock().unwrap_or_else(|p| p.into_inner()).save(*slot))
+                    .collect(),
             },
         })
     }
@@ -320,6 +339,11 @@ impl Vmm {
     pub fn handover(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
         if self.phase != VmPhase::Paused {
             return Err(self.refuse("hand over"));
+        }
+        if !self.devices.passthrough.is_empty() {
+            return Err(VmmError::NotMovable {
+                bdfs: self.devices.passthrough_bdfs(),
+            });
         }
         let saved = match &self.saved {
             Some(saved) if saved.current => saved,

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_ioctls::IommuFd;
+use luvmm_resources::state::{DmaMapping, MsiState, PassthroughState, VfioBackend};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_REGIONS};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -87,6 +88,7 @@ struct Msi {
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     bdf: String,
+    mappings: Vec<DmaMapping>,
     device: VfioDevice,
     ops: Arc<VfioIommufd>,
     config: ConfigSpace,
@@ -205,6 +207,7 @@ impl VfioPciDevice {
         };
         Ok(VfioPciDevice {
             bdf: bdf.to_string(),
+            mappings: Vec::new(),
             device,
             ops,
             config,
@@ -213,10 +216,12 @@ impl VfioPciDevice {
         })
     }
 
-    /// Maps `[gpa, gpa + len)` of guest RAM, backed by `memfd` from `offset`, at IOVA == GPA.
+    /// Maps `[gpa, gpa + len)` of guest RAM, backed by RAM memfd number `memfd_index` from
+    /// `offset`, at IOVA == GPA.
     pub fn map_guest_memory(
-        &self,
+        &mut self,
         memfd: &impl AsRawFd,
+        memfd_index: usize,
         offset: u64,
         gpa: u64,
         len: u64,
@@ -228,7 +233,30 @@ impl VfioPciDevice {
                 bdf: self.bdf.clone(),
                 op: "IOMMU_IOAS_MAP_FILE",
                 source,
-            })
+            })?;
+        self.mappings.push(DmaMapping {
+            iova: gpa,
+            memfd_index,
+            offset,
+            len,
+        });
+        Ok(())
+    }
+
+    /// What a restore needs: identity, backend, IOAS mappings and the guest-visible config.
+    pub fn save(&self, guest_slot: u8) -> PassthroughState {
+        PassthroughState {
+            bdf: self.bdf.clone(),
+            guest_slot,
+            backend: VfioBackend::IommufdCdev,
+            mappings: self.mappings.clone(),
+            config: self.config.bytes().to_vec(),
+            msi: self.msi.as_ref().map(|m| MsiState {
+                offset: m.offset,
+                enabled: m.enabled,
+                gsi: m.gsi,
+            }),
+        }
     }
 
     /// Places BAR `index` at `address` before the guest runs.

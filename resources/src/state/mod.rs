@@ -19,7 +19,8 @@
 mod vm;
 
 pub use vm::{
-    DevicesState, GuestControlState, KvmVmState, SerialRegisters, StateMismatch, VcpuState, VmState,
+    DevicesState, DmaMapping, GuestControlState, KvmVmState, MsiState, PassthroughState,
+    SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
 };
 
 use crc::{Crc, CRC_64_ECMA_182};
@@ -30,7 +31,7 @@ pub const STATE_MAGIC: [u8; 8] = *b"LUVMMSTA";
 /// Incompatible format changes bump this.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Backward-compatible additions bump this.
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted: a real state is tens of KiB per vCPU, so anything near this is damage.

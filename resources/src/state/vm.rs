@@ -92,7 +92,7 @@ pub struct GuestControlState {
     pub check_pending: bool,
 }
 
-/// State of the emulated devices.
+/// State of the devices.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DevicesState {
     /// COM1.
@@ -100,6 +100,50 @@ pub struct DevicesState {
     /// The guest-control port.
     #[serde(default)]
     pub guest_control: GuestControlState,
+    /// Passed-through PCI functions, in guest slot order.
+    #[serde(default)]
+    pub passthrough: Vec<PassthroughState>,
+}
+
+/// How a passthrough device was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VfioBackend {
+    /// `/dev/vfio/devices/vfioN` bound to an iommufd, DMA through an IOAS.
+    IommufdCdev,
+}
+
+/// One IOAS mapping: guest RAM region `memfd_index` from `offset`, `len` bytes at `iova`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaMapping {
+    pub iova: u64,
+    pub memfd_index: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The emulated MSI capability: where it is and the route behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsiState {
+    /// Capability offset in configuration space.
+    pub offset: usize,
+    pub enabled: bool,
+    pub gsi: u32,
+}
+
+/// What a passthrough device needs to be put back as the guest left it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassthroughState {
+    /// Host PCI address.
+    pub bdf: String,
+    /// Guest slot on bus 0.
+    pub guest_slot: u8,
+    pub backend: VfioBackend,
+    pub mappings: Vec<DmaMapping>,
+    /// The guest-visible configuration space (BARs as the guest programmed them, command,
+    /// MSI capability contents), 256 bytes.
+    pub config: Vec<u8>,
+    pub msi: Option<MsiState>,
 }
 
 /// A decoded state that does not fit what it is being restored onto.
@@ -232,6 +276,23 @@ mod tests {
                 guest_control: GuestControlState {
                     check_pending: true,
                 },
+                passthrough: vec![PassthroughState {
+                    bdf: "0000:00:03.0".into(),
+                    guest_slot: 1,
+                    backend: VfioBackend::IommufdCdev,
+                    mappings: vec![DmaMapping {
+                        iova: 0,
+                        memfd_index: 0,
+                        offset: 0,
+                        len: 64 * MIB,
+                    }],
+                    config: vec![0x34; 256],
+                    msi: Some(MsiState {
+                        offset: 0x40,
+                        enabled: true,
+                        gsi: 24,
+                    }),
+                }],
             },
         }
     }

@@ -68,12 +68,22 @@ else
     dmesg | grep DMAR | tail -5 | sed 's/^/LUVMM-L1 log /'
 fi
 refused busy "in use by another process" --vfio "$first"
-if luvmm ctl --socket a.sock save > save.out 2>&1; then
-    echo "LUVMM-L1 test save_refused_with_vfio FAIL saved"
-elif grep -q "409.*VFIO passthrough devices" save.out; then
-    echo "LUVMM-L1 test save_refused_with_vfio ok"
+# The saved state carries each device: BDF, backend, IOAS mappings, config space, MSI.
+if luvmm ctl --socket a.sock save --export state.bin > save.out 2>&1 \
+    && grep -q "\"bdf\":\"$first\",\"guest_slot\":1,\"backend\":\"iommufd_cdev\",\"mappings\":\[{\"iova\":0,\"memfd_index\":0,\"offset\":0,\"len\":67108864}\]" state.bin \
+    && grep -q '"msi":{"offset":[0-9]*,"enabled":true' state.bin; then
+    echo "LUVMM-L1 test save_captures_vfio_state ok"
 else
-    echo "LUVMM-L1 test save_refused_with_vfio FAIL $(cat save.out)"
+    echo "LUVMM-L1 test save_captures_vfio_state FAIL $(cat save.out)"
+fi
+# Moving the VM to another process would lose the device: refused, and the VM keeps going.
+if luvmm ctl --socket a.sock resume >/dev/null 2>&1 && luvmm ctl --socket a.sock save >/dev/null \
+    && ! luvmm restore --from-socket a.sock --serial none > handover.out 2>&1 \
+    && grep -q "409.*cannot hand over" handover.out \
+    && luvmm ctl --socket a.sock resume >/dev/null; then
+    echo "LUVMM-L1 test handover_refused_with_vfio ok"
+else
+    echo "LUVMM-L1 test handover_refused_with_vfio FAIL $(cat handover.out)"
 fi
 luvmm ctl --socket a.sock shutdown >/dev/null 2>&1
 wait $vmm

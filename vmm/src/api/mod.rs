@@ -149,9 +149,7 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
 
 fn error_response(e: &VmmError) -> Response {
     let status = match e {
-        VmmError::WrongPhase { .. } | VmmError::NoCurrentState | VmmError::NotSaveable { .. } => {
-            409
-        }
+        VmmError::WrongPhase { .. } | VmmError::NoCurrentState | VmmError::NotMovable { .. } => 409,
         _ => 500,
     };
     Response::error(status, &error_chain(e))
