@@ -174,7 +174,7 @@ fn damaged_or_mismatched_state_is_refused() {
     let last = flipped.len() - 10;
     flipped[last] ^= 0x20;
     let mut newer = good.clone();
-    newer[8] = 9;
+    newer[8..12].copy_from_slice(&[9, 0, 0, 0]);
     let cases = [
         (
             write("truncated", &good[..good.len() / 2]),
