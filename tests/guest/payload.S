@@ -10,7 +10,8 @@
  * "luvmm.fill_pages=N" from the command line, writes one seeded 64-bit word into each of N
  * 4 KiB pages from 2 MiB up, and prints
  *     LUVMM-BOOT proto=<linux64|pvh> ram_mib=R fill_pages=N seed=0x...
- * With "luvmm.dma_outside=1" it then also has each device DMA to an IOVA outside guest RAM,
+ * With "luvmm.intx=1" it leaves MSI off and routes the function's INTx line through the IOAPIC
+ * instead (irq=intx). With "luvmm.dma_outside=1" it then also has each device DMA to an IOVA outside guest RAM,
  * which the IOMMU must block, and prints "LUVMM-DEV dma_outside sent bdf=...". After the scan
  * it prints "LUVMM-DEV scan done devices=N".
  * It then sleeps in HLT between x2APIC timer ticks (10 Hz) that bump a heartbeat counter.
@@ -228,7 +229,11 @@ parse_cmdline:
     call cmdline_value
     jc 2f
     movq %rax, dma_outside(%rip)
-2:  ret
+2:  leaq str_intx_key(%rip), %rdi
+    call cmdline_value
+    jc 3f
+    movq %rax, use_intx(%rip)
+3:  ret
 
 /* cmdline_value: rdi = "key=" -> rax = its decimal value, CF clear; CF set if absent */
 cmdline_value:
@@ -489,8 +494,12 @@ edu_test:
     movl 0x04(%r12), %eax
     cmpl $0xedcba987, %eax
     jne edu_fail_live
+    cmpq $0, use_intx(%rip)
+    jne 4f
     call edu_enable_msi
-    movl %eax, %r14d                /* 1 if MSI is on */
+    jmp 5f
+4:  call edu_route_intx
+5:
     movl %r15d, %edi                /* buffers: A = 0x1c0000 + index * 64 KiB, B = A + 32 KiB */
     shll $16, %edi
     addl $0x1c0000, %edi
@@ -542,6 +551,9 @@ edu_test:
     testl %r13d, %r13d
     jz 3f
     leaq str_irq_msi(%rip), %rsi
+    cmpq $0, use_intx(%rip)
+    je 3f
+    leaq str_irq_intx(%rip), %rsi
 3:  call puts
     leaq str_dma_gpa(%rip), %rsi
     call puts
@@ -628,6 +640,22 @@ edu_enable_msi:
     movl $1, %eax
     ret
 4:  xorl %eax, %eax
+    ret
+
+/* edu_route_intx: ebx = slot. Routes the function's INTx line (config 0x3c) through the IOAPIC
+ * to DEV_VECTOR, level-triggered, active high, to APIC 0. */
+edu_route_intx:
+    movl %ebx, %edi
+    movl $0x3c, %esi
+    call pci_read32
+    andl $0xff, %eax                /* the line the VMM wired */
+    leal 0x10(,%rax,2), %ecx        /* redirection entry: registers 0x10 + 2n, 0x11 + 2n */
+    movl $0xfec00000, %edx
+    movl %ecx, (%rdx)               /* IOREGSEL: low half */
+    movl $(DEV_VECTOR | 0x8000), 0x10(%rdx)
+    incl %ecx
+    movl %ecx, (%rdx)               /* high half: destination APIC 0 */
+    movl $0, 0x10(%rdx)
     ret
 
 /* put_bdf: prints "bdf=00:SS.0" for slot ebx */
@@ -880,6 +908,7 @@ str_rip:        .asciz " rip="
 str_bad_pvh:    .asciz "LUVMM-FAULT bad hvm_start_info magic\n"
 str_fill_key:   .asciz "luvmm.fill_pages="
 str_dma_outside_key: .asciz "luvmm.dma_outside="
+str_intx_key:   .asciz "luvmm.intx="
 str_scan_done:  .asciz "LUVMM-DEV scan done devices="
 str_dma_outside: .asciz "LUVMM-DEV dma_outside sent "
 str_0x:         .asciz "0x"
@@ -890,6 +919,7 @@ str_fn0:        .asciz ".0"
 str_dma_ok:     .asciz " dma=ok"
 str_irq_msi:    .asciz " irq=msi"
 str_irq_none:   .asciz " irq=none"
+str_irq_intx:   .asciz " irq=intx"
 str_dma_gpa:    .asciz " dma_gpa="
 str_dma_word:   .asciz " dma_word="
 str_fail_id:    .asciz " reason=id"
@@ -923,6 +953,7 @@ idt_ptr:
     .balign 8
 fill_pages:     .quad DEFAULT_FILL_PAGES
 dma_outside:    .quad 0
+use_intx:       .quad 0
 
     .section .bss
     .balign 4096

@@ -12,7 +12,7 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{BusFull, PciBus, PciConfigIo, PciDevice, PciMmioWindow};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
-use luvmm_devices::vfio::{MsiRouter, PassthroughError, VfioPciDevice};
+use luvmm_devices::vfio::{IrqRouter, PassthroughError, VfioPciDevice};
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{ConfigError, SerialOutput, VmConfig};
 use luvmm_resources::layout::{
@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
 use crate::vmm::{Devices, RestoreTimings, Vmm};
-use crate::vstate::interrupts::KvmMsiRouter;
+use crate::vstate::interrupts::KvmIrqRouter;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
@@ -93,7 +93,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     )?;
     log::info!("booting {} via {entry:?}", config.payload.display());
 
-    let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.shared_fd()));
+    let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
     let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, &router)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -240,7 +240,7 @@ type Passthrough = Vec<(u8, Arc<Mutex<VfioPciDevice>>)>;
 fn attach_passthrough(
     bdfs: &[String],
     ram: &GuestRam,
-    router: &Arc<dyn MsiRouter>,
+    router: &Arc<dyn IrqRouter>,
 ) -> Result<(PciBus, Passthrough), BuildError> {
     let mut attached = Vec::with_capacity(bdfs.len());
     let mut bus = PciBus::new();

@@ -4,4 +4,4 @@ pub mod host;
 pub mod passthrough;
 
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
-pub use passthrough::{MsiRouter, PassthroughError, VfioPciDevice};
+pub use passthrough::{IrqRouter, PassthroughError, VfioPciDevice};

@@ -6,7 +6,8 @@
 //! - The guest sees a shadow configuration space: the device's own identity and capability
 //!   chain, with BARs placed by the VMM and guest-programmable, the command register forwarded,
 //!   and the MSI capability emulated: enabling it routes a KVM GSI to an eventfd that VFIO
-//!   signals.
+//!   signals. INTx goes to an IOAPIC line through an irqfd with a resample eventfd, so the
+//!   guest's EOI unmasks it in VFIO.
 //! - BAR accesses are trapped and forwarded to the VFIO region.
 //!
 //! Nothing here resets the device, and dropping the device only detaches it from its IOAS
@@ -18,27 +19,47 @@ use std::sync::Arc;
 
 use iommufd_ioctls::IommuFd;
 use luvmm_resources::state::{DmaMapping, MsiState, PassthroughState, VfioBackend};
-use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_REGIONS};
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
+};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::bus::PciDevice;
-use crate::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, NUM_BARS};
+use crate::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, INTERRUPT_LINE, NUM_BARS};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
 
 const MSI_CONTROL_ENABLE: u16 = 1 << 0;
 const MSI_CONTROL_64BIT: u16 = 1 << 7;
 
-/// Where the VMM routes a device's MSI: KVM GSI routes and irqfds, behind a trait so devices
-/// know nothing of KVM.
-pub trait MsiRouter: Send + Sync {
-    /// A GSI no one else uses.
+/// Where the VMM routes a device's interrupts: KVM GSI routes and irqfds, behind a trait so
+/// devices know nothing of KVM.
+pub trait IrqRouter: Send + Sync {
+    /// A GSI for MSI no one else uses.
     fn allocate_gsi(&self) -> Result<u32, String>;
+    /// An IOAPIC pin for INTx no one else uses.
+    fn allocate_intx_line(&self) -> Result<u32, String>;
     /// Routes `gsi` to the MSI message (address, data).
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String>;
     /// Makes a write to `evt` raise `gsi`.
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String>;
+    /// Makes a write to `trigger` assert level-triggered `gsi`; when the guest acknowledges it,
+    /// KVM writes `resample` (which VFIO takes as "unmask").
+    fn register_resample_irqfd(
+        &self,
+        trigger: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), String>;
+}
+
+/// INTx: a level-triggered line with a resample eventfd, on while MSI is off.
+struct Intx {
+    line: u32,
+    trigger: EventFd,
+    resample: EventFd,
+    enabled: bool,
 }
 
 /// A device could not be passed through. Each variant names the BDF.
@@ -68,6 +89,8 @@ pub enum PassthroughError {
         #[source]
         source: iommufd_ioctls::IommufdError,
     },
+    #[error("{bdf}: interrupts: {reason}")]
+    Interrupt { bdf: String, reason: String },
     #[error("{bdf}: BAR {index}: {reason}")]
     Bar {
         bdf: String,
@@ -93,13 +116,14 @@ pub struct VfioPciDevice {
     ops: Arc<VfioIommufd>,
     config: ConfigSpace,
     msi: Option<Msi>,
-    router: Arc<dyn MsiRouter>,
+    intx: Option<Intx>,
+    router: Arc<dyn IrqRouter>,
 }
 
 impl VfioPciDevice {
     /// Opens `bdf`'s cdev, binds it to a new iommufd and attaches it to a new IOAS. Checks
     /// what can be checked first, so each way this fails has its own error.
-    pub fn open(bdf: &str, router: Arc<dyn MsiRouter>) -> Result<VfioPciDevice, PassthroughError> {
+    pub fn open(bdf: &str, router: Arc<dyn IrqRouter>) -> Result<VfioPciDevice, PassthroughError> {
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
         let name = || bdf.to_string();
         if !sysfs.exists() {
@@ -185,9 +209,8 @@ impl VfioPciDevice {
                 config.make_writable(offset + 4, &vec![0xff; data_end - 4]);
                 let gsi = router
                     .allocate_gsi()
-                    .map_err(|reason| PassthroughError::Bar {
+                    .map_err(|reason| PassthroughError::Interrupt {
                         bdf: name(),
-                        index: 0,
                         reason,
                     })?;
                 let trigger = EventFd::new(EFD_NONBLOCK).map_err(|e| PassthroughError::Vfio {
@@ -205,6 +228,7 @@ impl VfioPciDevice {
             }
             None => None,
         };
+        let intx = Self::wire_intx(bdf, &device, &mut config, router.as_ref())?;
         Ok(VfioPciDevice {
             bdf: bdf.to_string(),
             mappings: Vec::new(),
@@ -212,8 +236,76 @@ impl VfioPciDevice {
             ops,
             config,
             msi,
+            intx,
             router,
         })
+    }
+
+    /// Gives the function an IOAPIC line, tells the guest through the interrupt line register,
+    /// and connects VFIO's INTx to KVM with a resample eventfd. INTx stays on until the guest
+    /// enables MSI.
+    fn wire_intx(
+        bdf: &str,
+        device: &VfioDevice,
+        config: &mut ConfigSpace,
+        router: &dyn IrqRouter,
+    ) -> Result<Option<Intx>, PassthroughError> {
+        let has_intx = device
+            .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+            .is_some_and(|irq| irq.count > 0);
+        if !has_intx || config.u16_at(INTERRUPT_LINE) >> 8 == 0 {
+            return Ok(None);
+        }
+        let fail = |reason: String| PassthroughError::Interrupt {
+            bdf: bdf.to_string(),
+            reason,
+        };
+        let line = router.allocate_intx_line().map_err(fail)?;
+        config.set_raw(INTERRUPT_LINE, &[line as u8]);
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| fail(e.to_string()));
+        let (trigger, resample) = (new_evt()?, new_evt()?);
+        router
+            .register_resample_irqfd(&trigger, &resample, line)
+            .map_err(fail)?;
+        device
+            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&trigger])
+            .and_then(|_| device.set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&resample]))
+            .map_err(|e| fail(format!("VFIO INTx: {e}")))?;
+        Ok(Some(Intx {
+            line,
+            trigger,
+            resample,
+            enabled: true,
+        }))
+    }
+
+    /// Turns VFIO's INTx off before MSI (VFIO runs one interrupt type at a time) and back on
+    /// after it.
+    fn set_intx(&mut self, on: bool) {
+        let Some(intx) = self.intx.as_mut() else {
+            return;
+        };
+        if intx.enabled == on {
+            return;
+        }
+        let result = if on {
+            self.device
+                .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&intx.trigger])
+                .and_then(|_| {
+                    self.device
+                        .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&intx.resample])
+                })
+        } else {
+            self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
+        };
+        match result {
+            Ok(()) => intx.enabled = on,
+            Err(e) => log::error!(
+                "{}: cannot turn INTx on line {} {on}: {e}",
+                self.bdf,
+                intx.line
+            ),
+        }
     }
 
     /// Maps `[gpa, gpa + len)` of guest RAM, backed by RAM memfd number `memfd_index` from
@@ -285,6 +377,10 @@ impl VfioPciDevice {
             (low, msi.offset + 8)
         };
         let data = u32::from(self.config.u16_at(data_at));
+        if enable && !msi.enabled {
+            self.set_intx(false);
+        }
+        let Some(msi) = self.msi.as_mut() else { return };
         if enable {
             let routed = self
                 .router
@@ -307,6 +403,7 @@ impl VfioPciDevice {
                 log::error!("{}: cannot disable MSI: {e}", self.bdf);
             }
             msi.enabled = false;
+            self.set_intx(true);
         }
     }
 }

@@ -88,3 +88,21 @@ fi
 luvmm ctl --socket a.sock shutdown >/dev/null 2>&1
 wait $vmm
 sed 's/^/LUVMM-L1 log /' run.err
+
+# The same devices again, the guest using INTx (IOAPIC line, resample eventfd) instead of MSI.
+luvmm run --payload $payload --memory-mib 64 $args --serial intx.log --api-socket b.sock \
+    --cmdline "console=ttyS0 luvmm.fill_pages=64 luvmm.intx=1" 2>intx.err &
+vmm=$!
+i=0
+while ! grep -q "LUVMM-DEV scan done" intx.log 2>/dev/null; do
+    i=$((i + 1))
+    if [ $i -gt 1200 ] || ! kill -0 $vmm 2>/dev/null; then
+        echo "LUVMM-L1 test intx_scan FAIL the guest never finished its PCI scan"
+        break
+    fi
+    sleep 0.1
+done
+sed 's/^/LUVMM-L1 serial /' intx.log
+luvmm ctl --socket b.sock shutdown >/dev/null 2>&1
+wait $vmm
+sed 's/^/LUVMM-L1 log /' intx.err

@@ -1,4 +1,4 @@
-//! KVM GSI routing for MSI. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
+//! KVM interrupt routing for passthrough devices: INTx lines and MSI GSI routes. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
 //! it: the IOAPIC and PIC pins that KVM routes by default, plus one entry per MSI route.
 
 use std::collections::BTreeMap;
@@ -9,32 +9,36 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
-use luvmm_devices::vfio::MsiRouter;
+use luvmm_devices::vfio::IrqRouter;
 use luvmm_resources::layout::MSI_GSI_START;
 use vmm_sys_util::eventfd::EventFd;
 
 const IOAPIC_PINS: u32 = 24;
+/// IOAPIC pins for PCI INTx: 16-23, above the ISA lines.
+const INTX_LINE_START: u32 = 16;
 /// KVM_CAP_IRQ_ROUTING's usual table size; GSIs beyond it are refused.
 const MAX_GSI: u32 = 4096;
 
 /// MSI routes of one VM.
-pub struct KvmMsiRouter {
+pub struct KvmIrqRouter {
     vm: Arc<VmFd>,
     routes: Mutex<Routes>,
 }
 
 struct Routes {
     next_gsi: u32,
+    next_intx_line: u32,
     msi: BTreeMap<u32, (u64, u32)>,
 }
 
-impl KvmMsiRouter {
+impl KvmIrqRouter {
     /// A router with no MSI routes yet.
-    pub fn new(vm: Arc<VmFd>) -> KvmMsiRouter {
-        KvmMsiRouter {
+    pub fn new(vm: Arc<VmFd>) -> KvmIrqRouter {
+        KvmIrqRouter {
             vm,
             routes: Mutex::new(Routes {
                 next_gsi: MSI_GSI_START,
+                next_intx_line: INTX_LINE_START,
                 msi: BTreeMap::new(),
             }),
         }
@@ -82,7 +86,7 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     entry
 }
 
-impl MsiRouter for KvmMsiRouter {
+impl IrqRouter for KvmIrqRouter {
     fn allocate_gsi(&self) -> Result<u32, String> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if routes.next_gsi >= MAX_GSI {
@@ -90,6 +94,26 @@ impl MsiRouter for KvmMsiRouter {
         }
         routes.next_gsi += 1;
         Ok(routes.next_gsi - 1)
+    }
+
+    fn allocate_intx_line(&self) -> Result<u32, String> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if routes.next_intx_line >= IOAPIC_PINS {
+            return Err("all IOAPIC pins for INTx are taken".into());
+        }
+        routes.next_intx_line += 1;
+        Ok(routes.next_intx_line - 1)
+    }
+
+    fn register_resample_irqfd(
+        &self,
+        trigger: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), String> {
+        self.vm
+            .register_irqfd_with_resample(trigger, resample, gsi)
+            .map_err(|e| format!("KVM_IRQFD with resample for GSI {gsi}: {e}"))
     }
 
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String> {
