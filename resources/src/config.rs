@@ -74,6 +74,20 @@ pub struct VmConfig {
     /// Host PCI functions to pass through, by BDF (`0000:00:03.0`).
     #[serde(default)]
     pub vfio: Vec<String>,
+    /// Whether passthrough BARs are mapped into the guest (no exits) or trapped.
+    #[serde(default)]
+    pub vfio_bars: BarMode,
+}
+
+/// How passthrough BARs reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BarMode {
+    /// Mapped as memslots where VFIO allows mmap; trapped otherwise.
+    #[default]
+    Direct,
+    /// Every access exits to the VMM.
+    Trapped,
 }
 
 fn default_cmdline() -> String {
@@ -333,6 +347,7 @@ mod tests {
             serial: SerialOutput::Stdout,
             api_socket: None,
             vfio: Vec::new(),
+            vfio_bars: BarMode::Direct,
         }
     }
 

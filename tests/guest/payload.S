@@ -37,6 +37,7 @@
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
     .set DEV_VECTOR,          0x41
+    .set MMIO_READS,          1000
     .set DMA_OUTSIDE_IOVA,    0x0f000000    /* 240 MiB: below edu's 28-bit mask, above guest RAM */
     .set TICK_COUNT,          100000000     /* 100 ms: KVM's APIC timer counts at 1 GHz */
     .set PVH_MAGIC,           0x336ec578
@@ -494,6 +495,7 @@ edu_test:
     movl 0x04(%r12), %eax
     cmpl $0xedcba987, %eax
     jne edu_fail_live
+    call edu_time_mmio
     cmpq $0, use_intx(%rip)
     jne 4f
     call edu_enable_msi
@@ -640,6 +642,42 @@ edu_enable_msi:
     movl $1, %eax
     ret
 4:  xorl %eax, %eax
+    ret
+
+/* edu_time_mmio: r12 = BAR. Times MMIO_READS reads of the ID register with rdtsc and prints
+ * "LUVMM-DEV mmio bdf=00:SS.0 reads=N cycles_per_read=C": a trapped BAR exits every time,
+ * a directly mapped one never does. */
+edu_time_mmio:
+    pushq %r13
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq %rax, %r13
+    movl $MMIO_READS, %ecx
+1:  movl 0x00(%r12), %eax
+    decl %ecx
+    jnz 1b
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    subq %r13, %rax
+    xorl %edx, %edx
+    movl $MMIO_READS, %ecx
+    divq %rcx
+    movq %rax, %r13
+    leaq str_mmio(%rip), %rsi
+    call puts
+    call put_bdf
+    leaq str_mmio_reads(%rip), %rsi
+    call puts
+    movl $MMIO_READS, %eax
+    call put_dec
+    leaq str_mmio_cycles(%rip), %rsi
+    call puts
+    movq %r13, %rax
+    call put_dec
+    call newline
+    popq %r13
     ret
 
 /* edu_route_intx: ebx = slot. Routes the function's INTx line (config 0x3c) through the IOAPIC
@@ -920,6 +958,9 @@ str_dma_ok:     .asciz " dma=ok"
 str_irq_msi:    .asciz " irq=msi"
 str_irq_none:   .asciz " irq=none"
 str_irq_intx:   .asciz " irq=intx"
+str_mmio:       .asciz "LUVMM-DEV mmio "
+str_mmio_reads: .asciz " reads="
+str_mmio_cycles: .asciz " cycles_per_read="
 str_dma_gpa:    .asciz " dma_gpa="
 str_dma_word:   .asciz " dma_word="
 str_fail_id:    .asciz " reason=id"

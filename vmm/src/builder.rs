@@ -12,9 +12,11 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{BusFull, PciBus, PciConfigIo, PciDevice, PciMmioWindow};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
-use luvmm_devices::vfio::{IrqRouter, PassthroughError, VfioPciDevice};
+use luvmm_devices::vfio::{
+    BarAccess, GuestMapper, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
+};
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
-use luvmm_resources::config::{ConfigError, SerialOutput, VmConfig};
+use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
 use luvmm_resources::layout::{
     GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
     PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
@@ -28,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
 use crate::vmm::{Devices, RestoreTimings, Vmm};
-use crate::vstate::interrupts::KvmIrqRouter;
+use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
@@ -94,7 +96,20 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     log::info!("booting {} via {entry:?}", config.payload.display());
 
     let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
-    let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, &router)?;
+    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
+        vm.shared_fd(),
+        layout.regions.len() as u32,
+    ));
+    let bar_access = match config.vfio_bars {
+        BarMode::Direct => BarAccess::Direct,
+        BarMode::Trapped => BarAccess::Trapped,
+    };
+    let args = || PassthroughArgs {
+        router: router.clone(),
+        mapper: mapper.clone(),
+        bar_access,
+    };
+    let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, args)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let devices = Devices {
@@ -240,7 +255,7 @@ type Passthrough = Vec<(u8, Arc<Mutex<VfioPciDevice>>)>;
 fn attach_passthrough(
     bdfs: &[String],
     ram: &GuestRam,
-    router: &Arc<dyn IrqRouter>,
+    args: impl Fn() -> PassthroughArgs,
 ) -> Result<(PciBus, Passthrough), BuildError> {
     let mut attached = Vec::with_capacity(bdfs.len());
     let mut bus = PciBus::new();
@@ -249,7 +264,7 @@ fn attach_passthrough(
     let mut io = AddressAllocator::new("PCI I/O", PCI_IO_START, PCI_IO_END);
     for bdf in bdfs {
         let started = Instant::now();
-        let mut device = VfioPciDevice::open(bdf, router.clone())?;
+        let mut device = VfioPciDevice::open(bdf, args())?;
         let opened = started.elapsed();
         for (index, (region, memfd)) in ram.layout().regions.iter().zip(ram.memfds()).enumerate() {
             device.map_guest_memory(memfd, index, 0, region.gpa, region.size)?;

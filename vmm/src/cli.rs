@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use luvmm_resources::config::{
-    BootProtocol, MemoryRegionConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE,
+    BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE,
 };
 use luvmm_resources::layout::MemoryLayout;
 
@@ -58,6 +58,9 @@ pub struct RunArgs {
     /// Pass this host PCI function (bound to vfio-pci) through; repeatable.
     #[arg(long)]
     pub vfio: Vec<String>,
+    /// Trap every passthrough BAR access instead of mapping BARs into the guest.
+    #[arg(long)]
+    pub vfio_trap_bars: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -169,8 +172,12 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
             serial: SerialOutput::Stdout,
             api_socket: None,
             vfio: Vec::new(),
+            vfio_bars: BarMode::Direct,
         },
     };
+    if args.vfio_trap_bars {
+        config.vfio_bars = BarMode::Trapped;
+    }
     if !args.vfio.is_empty() {
         config.vfio = args.vfio.clone();
     }

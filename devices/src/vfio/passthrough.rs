@@ -8,12 +8,15 @@
 //!   and the MSI capability emulated: enabling it routes a KVM GSI to an eventfd that VFIO
 //!   signals. INTx goes to an IOAPIC line through an irqfd with a resample eventfd, so the
 //!   guest's EOI unmasks it in VFIO.
-//! - BAR accesses are trapped and forwarded to the VFIO region.
+//! - BARs VFIO lets us mmap are mapped into the guest as KVM memslots wherever the guest
+//!   places them (no exits); the others, and every BAR with `BarAccess::Trapped`, exit and are
+//!   forwarded to the VFIO region. (A device with MSI-X would need its table trapped; MSI-X is
+//!   not emulated yet.)
 //!
 //! Nothing here resets the device, and dropping the device only detaches it from its IOAS
 //! (vfio-ioctls' `Drop`, which needs it attached: it always is here).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,14 +24,19 @@ use iommufd_ioctls::IommuFd;
 use luvmm_resources::state::{DmaMapping, MsiState, PassthroughState, VfioBackend};
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::bus::PciDevice;
-use crate::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, INTERRUPT_LINE, NUM_BARS};
+use crate::pci::config::{
+    Bar, BarKind, ConfigSpace, BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, NUM_BARS,
+};
+use crate::vfio::bar_map::{DirectBar, GuestMapper};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
+const MSIX_CAPABILITY_ID: u8 = 0x11;
 
 const MSI_CONTROL_ENABLE: u16 = 1 << 0;
 const MSI_CONTROL_64BIT: u16 = 1 << 7;
@@ -118,12 +126,35 @@ pub struct VfioPciDevice {
     msi: Option<Msi>,
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
+    direct_bars: Vec<DirectBar>,
+    mapper: Arc<dyn GuestMapper>,
+}
+
+/// How BARs reach the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarAccess {
+    /// mmap the region and map it as a KVM memslot where VFIO allows mmap.
+    Direct,
+    /// Every access exits and is forwarded to the VFIO region.
+    Trapped,
+}
+
+/// Live handles a passthrough device is opened with.
+pub struct PassthroughArgs {
+    pub router: Arc<dyn IrqRouter>,
+    pub mapper: Arc<dyn GuestMapper>,
+    pub bar_access: BarAccess,
 }
 
 impl VfioPciDevice {
     /// Opens `bdf`'s cdev, binds it to a new iommufd and attaches it to a new IOAS. Checks
     /// what can be checked first, so each way this fails has its own error.
-    pub fn open(bdf: &str, router: Arc<dyn IrqRouter>) -> Result<VfioPciDevice, PassthroughError> {
+    pub fn open(bdf: &str, args: PassthroughArgs) -> Result<VfioPciDevice, PassthroughError> {
+        let PassthroughArgs {
+            router,
+            mapper,
+            bar_access,
+        } = args;
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
         let name = || bdf.to_string();
         if !sysfs.exists() {
@@ -229,6 +260,35 @@ impl VfioPciDevice {
             None => None,
         };
         let intx = Self::wire_intx(bdf, &device, &mut config, router.as_ref())?;
+        let mut direct_bars = Vec::new();
+        // The BAR holding an MSI-X table stays trapped: the guest must never write the real one.
+        let msix_bar = config
+            .find_capability(MSIX_CAPABILITY_ID)
+            .map(|offset| (config.read_u32(offset + 4) & 0x7) as usize);
+        if bar_access == BarAccess::Direct {
+            for index in 0..NUM_BARS {
+                let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
+                    && msix_bar != Some(index)
+                    && device.get_region_flags(index as u32) & VFIO_REGION_INFO_FLAG_MMAP != 0;
+                if !mappable {
+                    continue;
+                }
+                // SAFETY: the fd belongs to `device`, alive for this call.
+                let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+                let region = DirectBar::new(
+                    index,
+                    fd,
+                    device.get_region_offset(index as u32),
+                    device.get_region_size(index as u32),
+                )
+                .map_err(|reason| PassthroughError::Bar {
+                    bdf: name(),
+                    index,
+                    reason,
+                })?;
+                direct_bars.push(region);
+            }
+        }
         Ok(VfioPciDevice {
             bdf: bdf.to_string(),
             mappings: Vec::new(),
@@ -238,7 +298,36 @@ impl VfioPciDevice {
             msi,
             intx,
             router,
+            direct_bars,
+            mapper,
         })
+    }
+
+    /// Maps each direct BAR where the guest placed it, while memory decoding is on; unmaps it
+    /// otherwise. A placement KVM refuses (over RAM, say) falls back to trapping.
+    fn update_direct_bars(&mut self) {
+        let decoding = self.config.command() & COMMAND_MEMORY != 0;
+        for bar in &mut self.direct_bars {
+            let size = self.config.bar(bar.index).map_or(0, |b| b.size);
+            let gpa = self
+                .config
+                .bar_address(bar.index)
+                .filter(|&a| decoding && a.checked_add(size).is_some());
+            let was_mapped = bar.is_mapped();
+            match bar.place(self.mapper.as_ref(), gpa) {
+                Ok(()) if bar.is_mapped() && !was_mapped => log::info!(
+                    "{}: BAR {} mapped into the guest at {:#x}: accesses do not exit",
+                    self.bdf,
+                    bar.index,
+                    gpa.unwrap_or_default()
+                ),
+                Ok(()) => {}
+                Err(e) => {
+                    log::warn!("{}: BAR {} stays trapped: {e}", self.bdf, bar.index);
+                    let _ = bar.place(self.mapper.as_ref(), None);
+                }
+            }
+        }
     }
 
     /// Gives the function an IOAPIC line, tells the guest through the interrupt line register,
@@ -441,6 +530,9 @@ impl PciDevice for VfioPciDevice {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         let end = offset + data.len();
+        if offset < BAR0 + 4 * NUM_BARS && end > COMMAND {
+            self.update_direct_bars();
+        }
         if offset < COMMAND + 2 && end > COMMAND {
             // The device decodes and masters only as the guest says.
             let command = self.config.command().to_le_bytes();

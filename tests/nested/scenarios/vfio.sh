@@ -89,8 +89,9 @@ luvmm ctl --socket a.sock shutdown >/dev/null 2>&1
 wait $vmm
 sed 's/^/LUVMM-L1 log /' run.err
 
-# The same devices again, the guest using INTx (IOAPIC line, resample eventfd) instead of MSI.
-luvmm run --payload $payload --memory-mib 64 $args --serial intx.log --api-socket b.sock \
+# The same devices again, the guest using INTx (IOAPIC line, resample eventfd) instead of MSI,
+# and every BAR access trapped rather than mapped.
+luvmm run --payload $payload --memory-mib 64 $args --vfio-trap-bars --serial intx.log --api-socket b.sock \
     --cmdline "console=ttyS0 luvmm.fill_pages=64 luvmm.intx=1" 2>intx.err &
 vmm=$!
 i=0

@@ -1,15 +1,17 @@
-//! KVM interrupt routing for passthrough devices: INTx lines and MSI GSI routes. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
+//! What passthrough devices ask of KVM while the guest runs: interrupt routing (INTx lines and
+//! MSI GSI routes) and memslots for direct-mapped BARs. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
 //! it: the IOAPIC and PIC pins that KVM routes by default, plus one entry per MSI route.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
-use luvmm_devices::vfio::IrqRouter;
+use luvmm_devices::vfio::{GuestMapper, IrqRouter};
 use luvmm_resources::layout::MSI_GSI_START;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -126,5 +128,57 @@ impl IrqRouter for KvmIrqRouter {
         self.vm
             .register_irqfd(evt, gsi)
             .map_err(|e| format!("KVM_IRQFD for GSI {gsi}: {e}"))
+    }
+}
+
+/// KVM memslots for direct-mapped BARs, numbered after the RAM slots.
+pub struct KvmGuestMapper {
+    vm: Arc<VmFd>,
+    /// Slot numbers in use.
+    slots: Mutex<Vec<u32>>,
+    first_slot: u32,
+}
+
+impl KvmGuestMapper {
+    /// A mapper whose slots start after the `ram_slots` RAM memslots.
+    pub fn new(vm: Arc<VmFd>, ram_slots: u32) -> KvmGuestMapper {
+        KvmGuestMapper {
+            vm,
+            slots: Mutex::new(Vec::new()),
+            first_slot: ram_slots,
+        }
+    }
+
+    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), String> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: `host` is a live mapping of `size` bytes owned by the device that asked for
+        // it, which unmaps the slot (size 0) before it drops the mapping.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {e}"))
+    }
+}
+
+impl GuestMapper for KvmGuestMapper {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (self.first_slot..)
+            .find(|s| !slots.contains(s))
+            .ok_or("no memslot left")?;
+        self.set(slot, gpa, size, host)?;
+        slots.push(slot);
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) -> Result<(), String> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        self.set(slot, 0, 0, 0)?;
+        slots.retain(|&s| s != slot);
+        Ok(())
     }
 }
