@@ -236,10 +236,11 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
     {
         fail(&run, "no BAR was mapped into the guest");
     }
-    for r in results
-        .iter()
-        .filter(|r| r.contains("passthrough 0000") || r.starts_with("serial LUVMM-DEV mmio"))
-    {
+    for r in results.iter().filter(|r| {
+        r.contains("passthrough 0000")
+            || r.starts_with("serial LUVMM-DEV mmio")
+            || r.starts_with("figure ")
+    }) {
         println!("nested figure: {r}");
     }
 }

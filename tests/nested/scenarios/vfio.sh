@@ -107,3 +107,18 @@ sed 's/^/LUVMM-L1 serial /' intx.log
 luvmm ctl --socket b.sock shutdown >/dev/null 2>&1
 wait $vmm
 sed 's/^/LUVMM-L1 log /' intx.err
+
+# Figures: device setup and IOAS map time against guest memory size.
+for mib in 16 128 512; do
+    luvmm run --payload $payload --memory-mib $mib --vfio "$first" --serial none \
+        --api-socket size.sock 2>size.err &
+    vmm=$!
+    i=0
+    while ! grep -q "mapped in" size.err 2>/dev/null && [ $i -lt 600 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    echo "LUVMM-L1 figure setup_${mib}mib $(grep -o 'opened.*' size.err)"
+    luvmm ctl --socket size.sock shutdown >/dev/null 2>&1
+    wait $vmm
+done
