@@ -77,6 +77,22 @@ pub struct VmConfig {
     /// Whether passthrough BARs are mapped into the guest (no exits) or trapped.
     #[serde(default)]
     pub vfio_bars: BarMode,
+    /// The IOMMU path for passthrough devices.
+    #[serde(default)]
+    pub vfio_backend: VfioBackendChoice,
+}
+
+/// The IOMMU path for passthrough devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VfioBackendChoice {
+    /// iommufd + VFIO cdev when the kernel has them, the legacy container otherwise.
+    #[default]
+    Auto,
+    /// iommufd + VFIO cdev, or refuse to start.
+    Iommufd,
+    /// The legacy VFIO group/container path.
+    Legacy,
 }
 
 /// How passthrough BARs reach the guest.
@@ -348,6 +364,7 @@ mod tests {
             api_socket: None,
             vfio: Vec::new(),
             vfio_bars: BarMode::Direct,
+            vfio_backend: VfioBackendChoice::Auto,
         }
     }
 

@@ -203,6 +203,7 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
         "test bad_missing_bdf ok",
         "test bad_not_vfio_pci ok",
         "test bad_no_iommufd ok",
+        "test legacy_fallback ok",
         "test bad_busy ok",
         "test iommu_blocked_outside_dma ok",
         "test save_captures_vfio_state ok",
@@ -222,6 +223,14 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
             &format!("{memfd_checks} memfd checks for {edu_devices} devices"),
         );
     }
+    let legacy = results
+        .iter()
+        .find_map(|r| r.strip_prefix("hostcheck-legacy "))
+        .unwrap_or_else(|| fail(&run, "no host-check without iommufd"));
+    let legacy: serde_json::Value = serde_json::from_str(legacy)
+        .unwrap_or_else(|e| fail(&run, &format!("host-check JSON: {e}")));
+    assert_eq!(legacy["vfio_backend"], "legacy_container", "{legacy}");
+
     // Direct-mapped BARs (first run) must not exit; trapped ones (second run) do.
     let mmio: Vec<&&str> = results
         .iter()

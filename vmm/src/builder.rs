@@ -13,10 +13,11 @@ use luvmm_devices::pci::bus::{BusFull, PciBus, PciConfigIo, PciDevice, PciMmioWi
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{
-    BarAccess, GuestMapper, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
+    BackendChoice, BarAccess, GuestMapper, IrqRouter, PassthroughArgs, PassthroughError,
+    VfioPciDevice,
 };
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
-use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
+use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VfioBackendChoice, VmConfig};
 use luvmm_resources::layout::{
     GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
     PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
@@ -26,6 +27,7 @@ use luvmm_resources::state::{self, DevicesState, StateError, StateMismatch, VmSt
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
 use vm_device::DevicePio;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
@@ -104,10 +106,16 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
         BarMode::Direct => BarAccess::Direct,
         BarMode::Trapped => BarAccess::Trapped,
     };
+    let backend = match config.vfio_backend {
+        VfioBackendChoice::Auto => BackendChoice::Auto,
+        VfioBackendChoice::Iommufd => BackendChoice::Iommufd,
+        VfioBackendChoice::Legacy => BackendChoice::Legacy,
+    };
     let args = || PassthroughArgs {
         router: router.clone(),
         mapper: mapper.clone(),
         bar_access,
+        backend,
     };
     let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, args)?;
 
@@ -266,8 +274,19 @@ fn attach_passthrough(
         let started = Instant::now();
         let mut device = VfioPciDevice::open(bdf, args())?;
         let opened = started.elapsed();
-        for (index, (region, memfd)) in ram.layout().regions.iter().zip(ram.memfds()).enumerate() {
-            device.map_guest_memory(memfd, index, 0, region.gpa, region.size)?;
+        for (index, (mapping, memfd)) in ram.memory().iter().zip(ram.memfds()).enumerate() {
+            // SAFETY: the mapping belongs to `ram`, which the VMM keeps for as long as the
+            // device exists (devices are dropped before guest memory).
+            unsafe {
+                device.map_guest_memory(
+                    memfd,
+                    index,
+                    0,
+                    mapping.start_addr().0,
+                    mapping.len(),
+                    mapping.as_ptr(),
+                )?;
+            }
         }
         let mapped = started.elapsed() - opened;
         for index in 0..NUM_BARS {

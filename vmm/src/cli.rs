@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use luvmm_resources::config::{
-    BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE,
+    BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
+    DEFAULT_CMDLINE,
 };
 use luvmm_resources::layout::MemoryLayout;
 
@@ -61,6 +62,9 @@ pub struct RunArgs {
     /// Trap every passthrough BAR access instead of mapping BARs into the guest.
     #[arg(long)]
     pub vfio_trap_bars: bool,
+    /// IOMMU path for passthrough devices: auto (iommufd if present), iommufd, legacy.
+    #[arg(long, value_enum)]
+    pub vfio_backend: Option<VfioBackendArg>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -73,6 +77,13 @@ pub struct CommonArgs {
     /// Control API socket (created 0600).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum VfioBackendArg {
+    Auto,
+    Iommufd,
+    Legacy,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -173,8 +184,16 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
             api_socket: None,
             vfio: Vec::new(),
             vfio_bars: BarMode::Direct,
+            vfio_backend: VfioBackendChoice::Auto,
         },
     };
+    if let Some(backend) = args.vfio_backend {
+        config.vfio_backend = match backend {
+            VfioBackendArg::Auto => VfioBackendChoice::Auto,
+            VfioBackendArg::Iommufd => VfioBackendChoice::Iommufd,
+            VfioBackendArg::Legacy => VfioBackendChoice::Legacy,
+        };
+    }
     if args.vfio_trap_bars {
         config.vfio_bars = BarMode::Trapped;
     }

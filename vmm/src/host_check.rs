@@ -10,9 +10,34 @@ use crate::api::error_chain;
 #[derive(Debug, Serialize)]
 pub struct HostReport {
     pub liveupdate: HostCapabilities,
+    /// The VFIO path `--vfio-backend auto` takes here.
+    pub vfio_backend: VfioPath,
     pub vfio_devices: Vec<HostVfioDevice>,
     /// Why no VFIO device could be bound for the handler probe, if one was tried.
     pub vfio_probe_error: Option<String>,
+}
+
+/// The VFIO path passthrough devices take on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VfioPath {
+    /// `/dev/iommu` and VFIO cdevs: what live update needs.
+    Iommufd,
+    /// Only `/dev/vfio/vfio`: groups in a type1 container, DMA by address; nothing of it can be
+    /// preserved through LUO.
+    LegacyContainer,
+    /// No VFIO at all.
+    None,
+}
+
+fn vfio_path() -> VfioPath {
+    if std::path::Path::new("/dev/iommu").exists() {
+        VfioPath::Iommufd
+    } else if std::path::Path::new("/dev/vfio/vfio").exists() {
+        VfioPath::LegacyContainer
+    } else {
+        VfioPath::None
+    }
 }
 
 /// Probes the host. The first vfio-pci device with a cdev is bound to an iommufd and offered to
@@ -37,6 +62,7 @@ pub fn run() -> HostReport {
     let liveupdate = probe(candidate);
     HostReport {
         liveupdate,
+        vfio_backend: vfio_path(),
         vfio_devices,
         vfio_probe_error,
     }
@@ -46,6 +72,15 @@ impl HostReport {
     /// One fact per line.
     pub fn to_text(&self) -> String {
         let mut text = self.liveupdate.to_text();
+        text.push_str(&format!(
+            "VFIO path:                {}\n",
+            match self.vfio_backend {
+                VfioPath::Iommufd => "iommufd + VFIO cdev",
+                VfioPath::LegacyContainer =>
+                    "legacy group/container only (no iommufd: cannot be preserved)",
+                VfioPath::None => "none",
+            }
+        ));
         if self.vfio_devices.is_empty() {
             text.push_str("vfio-pci devices:         none\n");
         }

@@ -167,13 +167,13 @@ struct SavedState {
 
 /// A built VM and everything that serves it.
 ///
-/// Field order is drop order: the vCPU threads end first, then the VM, then the memory its
-/// memslots point into.
+/// Field order is drop order: the vCPU threads end first, then the devices (whose DMA maps
+/// guest memory), then the VM, then the memory its memslots point into.
 pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
+    devices: Devices,
     vm: KvmVm,
     ram: GuestRam,
-    devices: Devices,
     phase: VmPhase,
     saved: Option<SavedState>,
     restore_timings: Option<RestoreTimings>,

@@ -6,4 +6,6 @@ pub mod passthrough;
 
 pub use bar_map::GuestMapper;
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
-pub use passthrough::{BarAccess, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice};
+pub use passthrough::{
+    BackendChoice, BarAccess, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
+};

@@ -26,7 +26,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
     VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_ioctls::{VfioDevice, VfioIommufd};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::bus::PciDevice;
@@ -81,8 +81,10 @@ pub enum PassthroughError {
     NoIommufd { bdf: String },
     #[error("{bdf}: no VFIO cdev (CONFIG_VFIO_DEVICE_CDEV missing)")]
     NoCdev { bdf: String },
-    #[error("{bdf}: the VFIO device is in use by another process (its cdev is already bound)")]
+    #[error("{bdf}: the VFIO device is in use by another process")]
     Busy { bdf: String },
+    #[error("{bdf}: its IOMMU group is not viable: bind every device of the group to vfio-pci (or unbind it)")]
+    GroupNotViable { bdf: String },
     #[error("{bdf}: {op}")]
     Vfio {
         bdf: String,
@@ -116,12 +118,32 @@ struct Msi {
     enabled: bool,
 }
 
+/// The IOMMU path a device was opened through.
+enum Backend {
+    /// VFIO cdev bound to an iommufd; DMA mapped by file (memfd + offset).
+    Iommufd(Arc<VfioIommufd>),
+    /// VFIO group in a type1 container; DMA mapped by user address (what stock Debian
+    /// kernels offer, without iommufd). Such mappings cannot be preserved through LUO.
+    Legacy(Arc<VfioContainer>),
+}
+
+/// Which path to open devices through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// iommufd when `/dev/iommu` and the device's cdev exist, the legacy container otherwise.
+    Auto,
+    /// iommufd or fail.
+    Iommufd,
+    /// The legacy group/container path.
+    Legacy,
+}
+
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     bdf: String,
     mappings: Vec<DmaMapping>,
     device: VfioDevice,
-    ops: Arc<VfioIommufd>,
+    backend: Backend,
     config: ConfigSpace,
     msi: Option<Msi>,
     intx: Option<Intx>,
@@ -144,6 +166,7 @@ pub struct PassthroughArgs {
     pub router: Arc<dyn IrqRouter>,
     pub mapper: Arc<dyn GuestMapper>,
     pub bar_access: BarAccess,
+    pub backend: BackendChoice,
 }
 
 impl VfioPciDevice {
@@ -154,6 +177,7 @@ impl VfioPciDevice {
             router,
             mapper,
             bar_access,
+            backend,
         } = args;
         let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
         let name = || bdf.to_string();
@@ -170,52 +194,29 @@ impl VfioPciDevice {
                 driver,
             });
         }
-        if !Path::new("/dev/iommu").exists() {
-            return Err(PassthroughError::NoIommufd { bdf: name() });
-        }
-        if !sysfs.join("vfio-dev").exists() {
-            return Err(PassthroughError::NoCdev { bdf: name() });
-        }
-        let iommufd = IommuFd::new().map_err(|source| PassthroughError::Iommufd {
-            bdf: name(),
-            op: "open /dev/iommu",
-            source,
-        })?;
-        let ops = Arc::new(
-            VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|source| {
-                PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "allocate an IOAS",
-                    source,
-                }
-            })?,
-        );
-        let cdev = VfioDevice::open_cdev(&sysfs).map_err(|source| match &source {
-            vfio_ioctls::VfioError::OpenDeviceCdev(e)
-                if e.kind() == std::io::ErrorKind::ResourceBusy =>
-            {
-                PassthroughError::Busy { bdf: name() }
+        let iommufd_ready = Path::new("/dev/iommu").exists() && sysfs.join("vfio-dev").exists();
+        let (device, backend) = match backend {
+            BackendChoice::Iommufd | BackendChoice::Auto if iommufd_ready => {
+                Self::open_iommufd(bdf, &sysfs)?
             }
-            _ => PassthroughError::Vfio {
-                bdf: name(),
-                op: "open the VFIO cdev",
-                source,
-            },
-        })?;
-        let device = VfioDevice::new_from_fd(cdev, ops.clone(), true).map_err(|source| {
-            match &source {
-                // The cdev path admits one bound open file per device: a second bind while
-                // another process has the device open fails with EINVAL.
-                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EINVAL => {
-                    PassthroughError::Busy { bdf: name() }
-                }
-                _ => PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "bind to iommufd and attach to the IOAS",
-                    source,
-                },
+            BackendChoice::Iommufd => {
+                return Err(if Path::new("/dev/iommu").exists() {
+                    PassthroughError::NoCdev { bdf: name() }
+                } else {
+                    PassthroughError::NoIommufd { bdf: name() }
+                })
             }
-        })?;
+            BackendChoice::Auto | BackendChoice::Legacy => {
+                if backend == BackendChoice::Auto {
+                    log::warn!(
+                        "{bdf}: no iommufd or VFIO cdev on this kernel: using the legacy VFIO \
+                         group/container path (DMA mapped by address; cannot be preserved \
+                         through a live update)"
+                    );
+                }
+                Self::open_legacy(bdf, &sysfs)?
+            }
+        };
         let mut raw = [0u8; 256];
         device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
         let mut config = ConfigSpace::from_device(&raw);
@@ -293,7 +294,7 @@ impl VfioPciDevice {
             bdf: bdf.to_string(),
             mappings: Vec::new(),
             device,
-            ops,
+            backend,
             config,
             msi,
             intx,
@@ -301,6 +302,82 @@ impl VfioPciDevice {
             direct_bars,
             mapper,
         })
+    }
+
+    /// Opens the cdev, binds it to a new iommufd and attaches it to a new IOAS.
+    fn open_iommufd(bdf: &str, sysfs: &Path) -> Result<(VfioDevice, Backend), PassthroughError> {
+        let name = || bdf.to_string();
+        let iommufd = IommuFd::new().map_err(|source| PassthroughError::Iommufd {
+            bdf: name(),
+            op: "open /dev/iommu",
+            source,
+        })?;
+        let ops = Arc::new(
+            VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|source| {
+                PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "allocate an IOAS",
+                    source,
+                }
+            })?,
+        );
+        let cdev = VfioDevice::open_cdev(sysfs).map_err(|source| match &source {
+            vfio_ioctls::VfioError::OpenDeviceCdev(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy =>
+            {
+                PassthroughError::Busy { bdf: name() }
+            }
+            _ => PassthroughError::Vfio {
+                bdf: name(),
+                op: "open the VFIO cdev",
+                source,
+            },
+        })?;
+        let device = VfioDevice::new_from_fd(cdev, ops.clone(), true).map_err(|source| {
+            match &source {
+                // The cdev path admits one bound open file per device: a second bind while
+                // another process has the device open fails with EINVAL.
+                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EINVAL => {
+                    PassthroughError::Busy { bdf: name() }
+                }
+                _ => PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "bind to iommufd and attach to the IOAS",
+                    source,
+                },
+            }
+        })?;
+        Ok((device, Backend::Iommufd(ops)))
+    }
+
+    /// Opens the device through its IOMMU group in a new type1 container.
+    fn open_legacy(bdf: &str, sysfs: &Path) -> Result<(VfioDevice, Backend), PassthroughError> {
+        let name = || bdf.to_string();
+        let container =
+            Arc::new(
+                VfioContainer::new(None).map_err(|source| PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "open the VFIO container /dev/vfio/vfio",
+                    source,
+                })?,
+            );
+        let device =
+            VfioDevice::new(sysfs, container.clone(), false).map_err(|source| match &source {
+                vfio_ioctls::VfioError::GroupViable => {
+                    PassthroughError::GroupNotViable { bdf: name() }
+                }
+                vfio_ioctls::VfioError::OpenGroup(e, _)
+                    if e.kind() == std::io::ErrorKind::ResourceBusy =>
+                {
+                    PassthroughError::Busy { bdf: name() }
+                }
+                _ => PassthroughError::Vfio {
+                    bdf: name(),
+                    op: "open through the VFIO group and container",
+                    source,
+                },
+            })?;
+        Ok((device, Backend::Legacy(container)))
     }
 
     /// Maps each direct BAR where the guest placed it, while memory decoding is on; unmaps it
@@ -397,24 +474,41 @@ impl VfioPciDevice {
         }
     }
 
-    /// Maps `[gpa, gpa + len)` of guest RAM, backed by RAM memfd number `memfd_index` from
-    /// `offset`, at IOVA == GPA.
-    pub fn map_guest_memory(
+    /// Maps `[gpa, gpa + len)` of guest RAM at IOVA == GPA: by file (RAM memfd number
+    /// `memfd_index` from `offset`) through iommufd, or by its address in this process (`host`)
+    /// through the legacy container.
+    ///
+    /// # Safety
+    ///
+    /// `host` must be a mapping of `len` bytes of that memfd that outlives the device.
+    pub unsafe fn map_guest_memory(
         &mut self,
         memfd: &impl AsRawFd,
         memfd_index: usize,
         offset: u64,
         gpa: u64,
         len: u64,
+        host: *mut u8,
     ) -> Result<(), PassthroughError> {
-        self.ops
-            .ioas()
-            .map_file(memfd.as_raw_fd(), offset, len, gpa, true)
-            .map_err(|source| PassthroughError::Iommufd {
+        match &self.backend {
+            Backend::Iommufd(ops) => ops
+                .ioas()
+                .map_file(memfd.as_raw_fd(), offset, len, gpa, true)
+                .map_err(|source| PassthroughError::Iommufd {
+                    bdf: self.bdf.clone(),
+                    op: "IOMMU_IOAS_MAP_FILE",
+                    source,
+                })?,
+            // SAFETY: the caller guarantees `host` maps `len` bytes for the device's lifetime.
+            Backend::Legacy(container) => unsafe {
+                container.vfio_dma_map(gpa, len as usize, host)
+            }
+            .map_err(|source| PassthroughError::Vfio {
                 bdf: self.bdf.clone(),
-                op: "IOMMU_IOAS_MAP_FILE",
+                op: "VFIO_IOMMU_MAP_DMA",
                 source,
-            })?;
+            })?,
+        }
         self.mappings.push(DmaMapping {
             iova: gpa,
             memfd_index,
@@ -429,7 +523,10 @@ impl VfioPciDevice {
         PassthroughState {
             bdf: self.bdf.clone(),
             guest_slot,
-            backend: VfioBackend::IommufdCdev,
+            backend: match self.backend {
+                Backend::Iommufd(_) => VfioBackend::IommufdCdev,
+                Backend::Legacy(_) => VfioBackend::LegacyContainer,
+            },
             mappings: self.mappings.clone(),
             config: self.config.bytes().to_vec(),
             msi: self.msi.as_ref().map(|m| MsiState {

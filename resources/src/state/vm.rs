@@ -111,6 +111,8 @@ pub struct DevicesState {
 pub enum VfioBackend {
     /// `/dev/vfio/devices/vfioN` bound to an iommufd, DMA through an IOAS.
     IommufdCdev,
+    /// An IOMMU group in a legacy type1 container, DMA mapped by address.
+    LegacyContainer,
 }
 
 /// One IOAS mapping: guest RAM region `memfd_index` from `offset`, `len` bytes at `iova`.

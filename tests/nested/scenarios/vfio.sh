@@ -27,7 +27,25 @@ refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTE
 refused missing_bdf "0000:00:1e.0: no such PCI device" --vfio 0000:00:1e.0
 refused not_vfio_pci "0000:00:00.0: bound to no driver, not vfio-pci" --vfio 0000:00:00.0
 mv /dev/iommu /dev/iommu.hidden
-refused no_iommufd "/dev/iommu is missing" --vfio "$first"
+refused no_iommufd "/dev/iommu is missing" --vfio "$first" --vfio-backend iommufd
+echo "LUVMM-L1 hostcheck-legacy $(luvmm host-check --json 2>/dev/null)"
+# Without iommufd, auto falls back to the legacy group/container path, visibly.
+luvmm run --payload $payload --memory-mib 64 --vfio "$first" --serial legacy.log \
+    --api-socket c.sock 2>legacy.err &
+vmm=$!
+i=0
+while ! grep -q "LUVMM-DEV scan done" legacy.log 2>/dev/null && [ $i -lt 1200 ] && kill -0 $vmm 2>/dev/null; do
+    i=$((i + 1))
+    sleep 0.1
+done
+sed 's/^/LUVMM-L1 legacy /' legacy.log
+if grep -q "LUVMM-DEV ok.*dma=ok irq=msi" legacy.log && grep -q "legacy VFIO group/container" legacy.err; then
+    echo "LUVMM-L1 test legacy_fallback ok"
+else
+    echo "LUVMM-L1 test legacy_fallback FAIL $(tr '\n' ' ' < legacy.err)"
+fi
+luvmm ctl --socket c.sock shutdown >/dev/null 2>&1
+wait $vmm
 mv /dev/iommu.hidden /dev/iommu
 
 args=""
