@@ -10,8 +10,8 @@
 //!   guest's EOI unmasks it in VFIO.
 //! - BARs VFIO lets us mmap are mapped into the guest as KVM memslots wherever the guest
 //!   places them (no exits); the others, and every BAR with `BarAccess::Trapped`, exit and are
-//!   forwarded to the VFIO region. (A device with MSI-X would need its table trapped; MSI-X is
-//!   not emulated yet.)
+//!   forwarded to the VFIO region. The BAR holding an MSI-X table is always trapped: the
+//!   guest's table is emulated here, and enabling MSI-X routes one GSI per vector.
 //!
 //! Nothing here resets the device, and dropping the device only detaches it from its IOAS
 //! (vfio-ioctls' `Drop`, which needs it attached: it always is here).
@@ -21,7 +21,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_ioctls::IommuFd;
-use luvmm_resources::state::{DmaMapping, MsiState, PassthroughState, VfioBackend};
+use luvmm_resources::state::{
+    DmaMapping, IntxState, MsiState, MsixState, PassthroughState, VfioBackend,
+};
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
     VFIO_REGION_INFO_FLAG_MMAP,
@@ -33,10 +35,12 @@ use crate::pci::bus::PciDevice;
 use crate::pci::config::{
     Bar, BarKind, ConfigSpace, BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, NUM_BARS,
 };
+use crate::pci::msix::{
+    MsixLayout, MsixTable, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK,
+};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
-const MSIX_CAPABILITY_ID: u8 = 0x11;
 
 const MSI_CONTROL_ENABLE: u16 = 1 << 0;
 const MSI_CONTROL_64BIT: u16 = 1 << 7;
@@ -60,6 +64,16 @@ pub trait IrqRouter: Send + Sync {
         resample: &EventFd,
         gsi: u32,
     ) -> Result<(), String>;
+}
+
+/// The emulated MSI-X capability, the guest's table, and one GSI + eventfd per vector once
+/// the guest enables it.
+struct Msix {
+    offset: usize,
+    layout: MsixLayout,
+    table: MsixTable,
+    vectors: Vec<(u32, EventFd)>,
+    enabled: bool,
 }
 
 /// INTx: a level-triggered line with a resample eventfd, on while MSI is off.
@@ -146,6 +160,7 @@ pub struct VfioPciDevice {
     backend: Backend,
     config: ConfigSpace,
     msi: Option<Msi>,
+    msix: Option<Msix>,
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
     direct_bars: Vec<DirectBar>,
@@ -260,6 +275,27 @@ impl VfioPciDevice {
             }
             None => None,
         };
+        let msix = config.find_capability(MSIX_CAPABILITY_ID).map(|offset| {
+            let control = config.u16_at(offset + 2);
+            let layout = MsixLayout::decode(
+                control,
+                config.read_u32(offset + 4),
+                config.read_u32(offset + 8),
+            );
+            // Starts disabled; enable and function mask are the guest's to set.
+            config.set_raw(offset + 2, &(control & 0x7ff).to_le_bytes());
+            config.make_writable(
+                offset + 2,
+                &(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes(),
+            );
+            Msix {
+                offset,
+                layout,
+                table: MsixTable::new(layout.vectors),
+                vectors: Vec::new(),
+                enabled: false,
+            }
+        });
         let intx = Self::wire_intx(bdf, &device, &mut config, router.as_ref())?;
         let mut direct_bars = Vec::new();
         // The BAR holding an MSI-X table stays trapped: the guest must never write the real one.
@@ -297,6 +333,7 @@ impl VfioPciDevice {
             backend,
             config,
             msi,
+            msix,
             intx,
             router,
             direct_bars,
@@ -534,6 +571,16 @@ impl VfioPciDevice {
                 enabled: m.enabled,
                 gsi: m.gsi,
             }),
+            msix: self.msix.as_ref().map(|m| MsixState {
+                offset: m.offset,
+                enabled: m.enabled,
+                table: m.table.words(),
+                gsis: m.vectors.iter().map(|(gsi, _)| *gsi).collect(),
+            }),
+            intx: self.intx.as_ref().map(|i| IntxState {
+                line: i.line,
+                enabled: i.enabled,
+            }),
         }
     }
 
@@ -545,6 +592,42 @@ impl VfioPciDevice {
     /// The BDF on the host.
     pub fn bdf(&self) -> &str {
         &self.bdf
+    }
+
+    /// Applies the guest's MSI-X enable bit: on enable, give each vector a GSI and an eventfd,
+    /// route them to the table's messages and hand the eventfds to VFIO; on disable, stop
+    /// VFIO's MSI-X and bring INTx back.
+    fn update_msix(&mut self) {
+        let Some(msix) = self.msix.as_ref() else {
+            return;
+        };
+        let enable = self.config.u16_at(msix.offset + 2) & MSIX_ENABLE != 0;
+        if enable == msix.enabled {
+            return;
+        }
+        if enable {
+            self.set_intx(false);
+        }
+        let Some(msix) = self.msix.as_mut() else {
+            return;
+        };
+        let router = self.router.as_ref();
+        let result = if enable {
+            enable_msix(&self.device, router, msix)
+        } else {
+            self.device.disable_msix().map_err(|e| e.to_string())
+        };
+        match result {
+            Ok(()) => msix.enabled = enable,
+            Err(e) => log::error!(
+                "{}: MSI-X {}: {e}",
+                self.bdf,
+                if enable { "on" } else { "off" }
+            ),
+        }
+        if !enable {
+            self.set_intx(true);
+        }
     }
 
     /// Applies a write to the emulated MSI capability: on enable, route the GSI to the
@@ -594,6 +677,24 @@ impl VfioPciDevice {
     }
 }
 
+/// Routes every MSI-X vector and hands their eventfds to VFIO.
+fn enable_msix(device: &VfioDevice, router: &dyn IrqRouter, msix: &mut Msix) -> Result<(), String> {
+    while msix.vectors.len() < msix.table.len() {
+        let gsi = router.allocate_gsi()?;
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        router.register_irqfd(&evt, gsi)?;
+        msix.vectors.push((gsi, evt));
+    }
+    for (index, (gsi, _)) in msix.vectors.iter().enumerate() {
+        if let Some(entry) = msix.table.entry(index) {
+            router.set_msi_route(*gsi, entry.address, entry.data)?;
+        }
+    }
+    device
+        .enable_msix(msix.vectors.iter().map(|(_, evt)| evt).collect())
+        .map_err(|e| e.to_string())
+}
+
 /// The shape of BAR `index` from its VFIO region and the device's BAR register.
 fn bar_shape(device: &VfioDevice, raw: &[u8; 256], index: usize) -> Option<Bar> {
     if index as u32 >= VFIO_PCI_NUM_REGIONS {
@@ -641,6 +742,11 @@ impl PciDevice for VfioPciDevice {
                 self.update_msi();
             }
         }
+        if let Some(msix) = &self.msix {
+            if offset < msix.offset + 4 && end > msix.offset + 2 {
+                self.update_msix();
+            }
+        }
     }
 
     fn config(&self) -> &ConfigSpace {
@@ -648,10 +754,30 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some(msix) = &self.msix {
+            if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
+                msix.table.read(at, data);
+                return;
+            }
+        }
         self.device.region_read(bar as u32, data, offset);
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some(msix) = self.msix.as_mut() {
+            if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
+                // A vector reprogrammed while MSI-X is on gets its new route at once.
+                let vector = msix.table.write(at, data).filter(|_| msix.enabled);
+                if let (Some(v), Some(entry)) = (vector, vector.and_then(|v| msix.table.entry(v))) {
+                    if let Some((gsi, _)) = msix.vectors.get(v) {
+                        if let Err(e) = self.router.set_msi_route(*gsi, entry.address, entry.data) {
+                            log::error!("{}: MSI-X vector {v}: {e}", self.bdf);
+                        }
+                    }
+                }
+                return;
+            }
+        }
         self.device.region_write(bar as u32, data, offset);
     }
 }

@@ -19,8 +19,8 @@
 mod vm;
 
 pub use vm::{
-    DevicesState, DmaMapping, GuestControlState, KvmVmState, MsiState, PassthroughState,
-    SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
+    DevicesState, DmaMapping, GuestControlState, IntxState, KvmVmState, MsiState, MsixState,
+    PassthroughState, SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
 };
 
 use crc::{Crc, CRC_64_ECMA_182};

@@ -133,6 +133,25 @@ pub struct MsiState {
     pub gsi: u32,
 }
 
+/// The emulated MSI-X capability and the guest's vector table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// Capability offset in configuration space.
+    pub offset: usize,
+    pub enabled: bool,
+    /// Four dwords per vector: address low, address high, data, vector control.
+    pub table: Vec<u32>,
+    /// GSI of each vector, once enabled.
+    pub gsis: Vec<u32>,
+}
+
+/// The INTx line the device was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntxState {
+    pub line: u32,
+    pub enabled: bool,
+}
+
 /// What a passthrough device needs to be put back as the guest left it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassthroughState {
@@ -146,6 +165,10 @@ pub struct PassthroughState {
     /// MSI capability contents), 256 bytes.
     pub config: Vec<u8>,
     pub msi: Option<MsiState>,
+    #[serde(default)]
+    pub msix: Option<MsixState>,
+    #[serde(default)]
+    pub intx: Option<IntxState>,
 }
 
 /// A decoded state that does not fit what it is being restored onto.
@@ -293,6 +316,11 @@ mod tests {
                         offset: 0x40,
                         enabled: true,
                         gsi: 24,
+                    }),
+                    msix: None,
+                    intx: Some(IntxState {
+                        line: 16,
+                        enabled: false,
                     }),
                 }],
             },
