@@ -17,6 +17,20 @@ fn fail(run: &L1Run, why: &str) -> ! {
     );
 }
 
+/// Boots L1 with `scenario`, luvmm and `extra` in its initramfs, and prints its result lines.
+fn boot_scenario(name: &str, scenario: &str, edu_devices: usize, extra: PathBuf) -> L1Run {
+    let work = TestDir::new(name);
+    let bed = prepare(work.path(), &[luvmm_bin(), extra]);
+    let run = run_l1(&bed, scenario, edu_devices, Duration::from_secs(900));
+    if run.timed_out {
+        fail(&run, "L1 did not power off within the timeout");
+    }
+    for r in run.results() {
+        println!("L1: {r}");
+    }
+    run
+}
+
 fn hostcheck(run: &L1Run, stage: u32) -> serde_json::Value {
     let prefix = format!("hostcheck stage={stage} ");
     let json = run
@@ -34,20 +48,13 @@ fn hostcheck(run: &L1Run, stage: u32) -> serde_json::Value {
 
 #[test]
 fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
-    let work = TestDir::new("nested-luo");
-    let binaries = [
-        luvmm_bin(),
+    let run = boot_scenario(
+        "nested-luo",
+        "luo",
+        1,
         PathBuf::from(env!("CARGO_BIN_EXE_luo-scenario")),
-    ];
-    let bed = prepare(work.path(), &binaries);
-    let run = run_l1(&bed, "luo", 1, Duration::from_secs(900));
-    if run.timed_out {
-        fail(&run, "L1 did not power off within the timeout");
-    }
+    );
     let results = run.results();
-    for r in &results {
-        println!("L1: {r}");
-    }
 
     // The kernel's own suite first: without it, luvmm's results mean nothing.
     for expected in [
@@ -147,17 +154,8 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
 
 #[test]
 fn a_luvmm_microvm_runs_and_restores_inside_l1() {
-    let work = TestDir::new("nested-vm");
-    let binaries = [luvmm_bin(), luvmm_tests::payload()];
-    let bed = prepare(work.path(), &binaries);
-    let run = run_l1(&bed, "vm", 1, Duration::from_secs(600));
-    if run.timed_out {
-        fail(&run, "L1 did not power off within the timeout");
-    }
+    let run = boot_scenario("nested-vm", "vm", 1, luvmm_tests::payload());
     let results = run.results();
-    for r in &results {
-        println!("L1: {r}");
-    }
     for name in ["nested_boot", "nested_check", "nested_restore"] {
         let expected = format!("test {name} ok");
         if !results.contains(&expected.as_str()) {
@@ -175,17 +173,8 @@ fn a_luvmm_microvm_runs_and_restores_inside_l1() {
 
 /// Runs the `vfio` scenario with `edu_devices` devices and checks its lines.
 fn vfio_scenario(name: &str, edu_devices: usize) {
-    let work = TestDir::new(name);
-    let binaries = [luvmm_bin(), luvmm_tests::payload()];
-    let bed = prepare(work.path(), &binaries);
-    let run = run_l1(&bed, "vfio", edu_devices, Duration::from_secs(900));
-    if run.timed_out {
-        fail(&run, "L1 did not power off within the timeout");
-    }
+    let run = boot_scenario(name, "vfio", edu_devices, luvmm_tests::payload());
     let results = run.results();
-    for r in &results {
-        println!("L1: {r}");
-    }
     let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
     if !failures.is_empty() {
         fail(&run, &format!("failures: {failures:#?}"));

@@ -11,6 +11,18 @@ for dev in /sys/bus/pci/drivers/vfio-pci/0000:*; do
 done
 first=$(echo $bdfs | cut -d' ' -f1)
 
+wait_scan() { # wait_scan LOG PID NAME: waits for the guest's PCI scan to end
+    i=0
+    while ! grep -q "LUVMM-DEV scan done" "$1" 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt 1200 ] || ! kill -0 "$2" 2>/dev/null; then
+            echo "LUVMM-L1 test $3 FAIL the guest never finished its PCI scan"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
 refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTED
     name=$1; expected=$2; shift 2
     if luvmm run --payload $payload --memory-mib 16 --serial none --api-socket bad.sock "$@" \
@@ -33,11 +45,7 @@ echo "LUVMM-L1 hostcheck-legacy $(luvmm host-check --json 2>/dev/null)"
 luvmm run --payload $payload --memory-mib 64 --vfio "$first" --serial legacy.log \
     --api-socket c.sock 2>legacy.err &
 vmm=$!
-i=0
-while ! grep -q "LUVMM-DEV scan done" legacy.log 2>/dev/null && [ $i -lt 1200 ] && kill -0 $vmm 2>/dev/null; do
-    i=$((i + 1))
-    sleep 0.1
-done
+wait_scan legacy.log $vmm legacy_scan
 sed 's/^/LUVMM-L1 legacy /' legacy.log
 if grep -q "LUVMM-DEV ok.*dma=ok irq=msi" legacy.log && grep -q "legacy VFIO group/container" legacy.err; then
     echo "LUVMM-L1 test legacy_fallback ok"
@@ -53,15 +61,7 @@ for b in $bdfs; do args="$args --vfio $b"; done
 luvmm run --payload $payload --memory-mib 64 $args --serial serial.log --api-socket a.sock \
     --cmdline "console=ttyS0 luvmm.fill_pages=256 luvmm.dma_outside=1" 2>run.err &
 vmm=$!
-i=0
-while ! grep -q "LUVMM-DEV scan done" serial.log 2>/dev/null; do
-    i=$((i + 1))
-    if [ $i -gt 1200 ] || ! kill -0 $vmm 2>/dev/null; then
-        echo "LUVMM-L1 test vfio_scan FAIL the guest never finished its PCI scan"
-        break
-    fi
-    sleep 0.1
-done
+wait_scan serial.log $vmm vfio_scan
 sed 's/^/LUVMM-L1 serial /' serial.log
 
 # The bytes the guest says the device wrote, read from the RAM memfd outside the guest.
@@ -112,15 +112,7 @@ sed 's/^/LUVMM-L1 log /' run.err
 luvmm run --payload $payload --memory-mib 64 $args --vfio-trap-bars --serial intx.log --api-socket b.sock \
     --cmdline "console=ttyS0 luvmm.fill_pages=64 luvmm.intx=1" 2>intx.err &
 vmm=$!
-i=0
-while ! grep -q "LUVMM-DEV scan done" intx.log 2>/dev/null; do
-    i=$((i + 1))
-    if [ $i -gt 1200 ] || ! kill -0 $vmm 2>/dev/null; then
-        echo "LUVMM-L1 test intx_scan FAIL the guest never finished its PCI scan"
-        break
-    fi
-    sleep 0.1
-done
+wait_scan intx.log $vmm intx_scan
 sed 's/^/LUVMM-L1 serial /' intx.log
 luvmm ctl --socket b.sock shutdown >/dev/null 2>&1
 wait $vmm
