@@ -372,20 +372,6 @@ impl IncomingSession {
         })
     }
 
-    /// Preserving is for outgoing sessions only; on an incoming one the kernel says EINVAL.
-    pub fn preserve(&self, file: BorrowedFd<'_>, token: Token) -> Result<(), LuoError> {
-        OutgoingSession {
-            fd: self.fd.try_clone().map_err(|e| LuoError::Ioctl {
-                session: self.name.to_string(),
-                op: "dup",
-                meaning: e.to_string(),
-                source: e,
-            })?,
-            name: self.name.clone(),
-        }
-        .preserve(file, token)
-    }
-
     /// The session's name as the kernel reports it.
     pub fn kernel_name(&self) -> Result<String, LuoError> {
         session_name(&self.fd, &self.name)
