@@ -193,43 +193,57 @@ impl LiveUpdate {
 
     /// Creates an outgoing session.
     pub fn create_session(&self, name: &SessionName) -> Result<OutgoingSession, LuoError> {
-        let mut arg = SessionArg::new(name.as_str().as_bytes());
-        luo_ioctl(&self.file, LIVEUPDATE_IOCTL_CREATE_SESSION(), &mut arg).map_err(|errno| {
-            match errno {
-                libc::EEXIST => LuoError::SessionExists {
-                    name: name.to_string(),
-                },
-                libc::EINVAL => LuoError::InvalidName {
-                    name: name.to_string(),
+        let fd = self.session_ioctl(
+            LIVEUPDATE_IOCTL_CREATE_SESSION(),
+            name,
+            "CREATE_SESSION",
+            |errno, name| match errno {
+                libc::EEXIST => Some(LuoError::SessionExists { name }),
+                libc::EINVAL => Some(LuoError::InvalidName {
+                    name,
                     reason: "refused by the kernel",
-                },
-                _ => ioctl_error(name, "CREATE_SESSION", errno),
-            }
-        })?;
+                }),
+                _ => None,
+            },
+        )?;
         Ok(OutgoingSession {
-            fd: owned(arg.fd),
+            fd,
             name: name.clone(),
         })
     }
 
     /// Retrieves a session the previous kernel handed over. One-shot per boot.
     pub fn retrieve_session(&self, name: &SessionName) -> Result<IncomingSession, LuoError> {
-        let mut arg = SessionArg::new(name.as_str().as_bytes());
-        luo_ioctl(&self.file, LIVEUPDATE_IOCTL_RETRIEVE_SESSION(), &mut arg).map_err(|errno| {
-            match errno {
-                libc::ENOENT => LuoError::SessionNotFound {
-                    name: name.to_string(),
-                },
-                libc::EINVAL => LuoError::SessionAlreadyRetrieved {
-                    name: name.to_string(),
-                },
-                _ => ioctl_error(name, "RETRIEVE_SESSION", errno),
-            }
-        })?;
+        let fd = self.session_ioctl(
+            LIVEUPDATE_IOCTL_RETRIEVE_SESSION(),
+            name,
+            "RETRIEVE_SESSION",
+            |errno, name| match errno {
+                libc::ENOENT => Some(LuoError::SessionNotFound { name }),
+                libc::EINVAL => Some(LuoError::SessionAlreadyRetrieved { name }),
+                _ => None,
+            },
+        )?;
         Ok(IncomingSession {
-            fd: owned(arg.fd),
+            fd,
             name: name.clone(),
         })
+    }
+
+    /// Runs a device ioctl that takes a session name and returns a session fd; `specific`
+    /// turns the errnos this ioctl defines into their typed errors.
+    fn session_ioctl(
+        &self,
+        request: libc::c_ulong,
+        name: &SessionName,
+        op: &'static str,
+        specific: fn(i32, String) -> Option<LuoError>,
+    ) -> Result<OwnedFd, LuoError> {
+        let mut arg = SessionArg::new(name.as_str().as_bytes());
+        luo_ioctl(&self.file, request, &mut arg).map_err(|errno| {
+            specific(errno, name.to_string()).unwrap_or_else(|| ioctl_error(name, op, errno))
+        })?;
+        Ok(owned(arg.fd))
     }
 }
 

@@ -422,13 +422,17 @@ pci_devices:
     popq %rbx
     ret
 
-/* wait_ticks: waits in hlt until (%rdi) is non-zero or 50 timer ticks pass; eax = 1 if set */
-wait_flag:
-    movq heartbeat(%rip), %rsi
-    addq $50, %rsi
-1:  cmpl $0, (%rdi)
-    jne 2f
-    cmpq %rsi, heartbeat(%rip)
+/* wait_bits: waits in hlt until ((%rdi) & esi) is non-zero (edx = 1) or zero (edx = 0), or
+ * 50 timer ticks pass; eax = 1 if the condition was met */
+wait_bits:
+    movq heartbeat(%rip), %r8
+    addq $50, %r8
+1:  xorl %eax, %eax
+    testl %esi, (%rdi)
+    setnz %al
+    cmpl %edx, %eax
+    je 2f
+    cmpq %r8, heartbeat(%rip)
     jae 3f
     hlt
     jmp 1b
@@ -439,18 +443,10 @@ wait_flag:
 
 /* edu_idle: waits until the DMA command register's busy bit clears (r12 = BAR); eax = 1 if so */
 edu_idle:
-    movq heartbeat(%rip), %rsi
-    addq $50, %rsi
-1:  testl $1, 0x98(%r12)
-    jz 2f
-    cmpq %rsi, heartbeat(%rip)
-    jae 3f
-    hlt
-    jmp 1b
-2:  movl $1, %eax
-    ret
-3:  xorl %eax, %eax
-    ret
+    leaq 0x98(%r12), %rdi
+    movl $1, %esi
+    xorl %edx, %edx
+    jmp wait_bits
 
 /* edu_test: edi = slot, esi = device index. Sizes and places BAR 0, enables memory and bus
  * mastering, checks the ID and liveness registers, enables MSI, copies 2048 bytes
@@ -537,7 +533,9 @@ edu_test:
     testl %eax, %eax
     jz edu_fail_dma
     leaq dev_irq(%rip), %rdi
-    call wait_flag
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    call wait_bits
     movl %eax, %r13d                /* 1 if the interrupt came */
     movq dma_src(%rip), %rsi
     movq dma_dst(%rip), %rdi
