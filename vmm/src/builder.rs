@@ -342,15 +342,22 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
                 reason: e.to_string(),
             })?;
     }
+    // Both windows go to the bus, which finds the BAR: trapped 64-bit BARs live above 4 GiB.
     io.register_mmio_resources(
         Arc::new(PciMmioWindow::new(devices.pci.clone())),
-        &[Resource::MmioAddressRange {
-            base: PCI_MMIO32_START,
-            size: PCI_MMIO32_END - PCI_MMIO32_START,
-        }],
+        &[
+            Resource::MmioAddressRange {
+                base: PCI_MMIO32_START,
+                size: PCI_MMIO32_END - PCI_MMIO32_START,
+            },
+            Resource::MmioAddressRange {
+                base: PCI_MMIO64_START,
+                size: PCI_MMIO64_END - PCI_MMIO64_START,
+            },
+        ],
     )
     .map_err(|e| BuildError::Bus {
-        device: "PCI MMIO window",
+        device: "PCI MMIO windows",
         reason: e.to_string(),
     })?;
     Ok(Arc::new(io))

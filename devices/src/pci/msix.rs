@@ -38,6 +38,23 @@ impl MsixLayout {
         (bar == self.table_bar && offset >= self.table_offset && offset + len as u64 <= end)
             .then(|| offset - self.table_offset)
     }
+
+    /// The pending-bit array's offset inside its BAR if `[offset, offset + len)` of BAR `bar`
+    /// is in it. The array has one bit per vector, in whole qwords.
+    pub fn pba_offset_of(&self, bar: usize, offset: u64, len: usize) -> Option<u64> {
+        let end = self.pba_offset + u64::from(self.vectors).div_ceil(64) * 8;
+        (bar == self.pba_bar && offset >= self.pba_offset && offset + len as u64 <= end)
+            .then(|| offset - self.pba_offset)
+    }
+}
+
+/// Fills `data`, read at byte `offset` of the pending-bit array, with one bit per vector:
+/// set where `pending(vector)` says a message is held back by a mask.
+pub fn read_pba(offset: u64, data: &mut [u8], pending: impl Fn(usize) -> bool) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let first = (offset as usize + i) * 8;
+        *byte = (0..8).fold(0, |bits, b| bits | (u8::from(pending(first + b)) << b));
+    }
 }
 
 /// One vector: the message the guest programmed and its mask bit.
@@ -197,5 +214,20 @@ mod tests {
         assert_eq!(layout.table_offset_of(2, 0x203c, 4), Some(0x3c));
         assert_eq!(layout.table_offset_of(2, 0x2040, 4), None);
         assert_eq!(layout.table_offset_of(0, 0x2010, 4), None);
+        assert_eq!(layout.pba_offset_of(2, 0x3000, 8), Some(0));
+        assert_eq!(layout.pba_offset_of(2, 0x3004, 4), Some(4));
+        assert_eq!(layout.pba_offset_of(2, 0x3008, 4), None);
+        assert_eq!(layout.pba_offset_of(2, 0x2ffc, 4), None);
+    }
+
+    #[test]
+    fn the_pba_has_one_bit_per_pending_vector() {
+        let pending = |v: usize| v == 0 || v == 9 || v == 70;
+        let mut qword = [0u8; 8];
+        read_pba(0, &mut qword, pending);
+        assert_eq!(u64::from_le_bytes(qword), 1 | 1 << 9);
+        let mut word = [0u8; 4];
+        read_pba(8, &mut word, pending);
+        assert_eq!(u32::from_le_bytes(word), 1 << 6);
     }
 }

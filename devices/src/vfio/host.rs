@@ -52,6 +52,30 @@ fn describe(bdf: &str, sysfs: &Path) -> HostVfioDevice {
     }
 }
 
+/// The other functions in `bdf`'s IOMMU group that a host driver holds, as "BDF (driver)".
+/// While there is one, the kernel lets nobody else own the group's DMA: a VFIO user's open
+/// fails (iommufd with EPERM, the legacy group as not viable). Drivers that leave DMA to
+/// their user (vfio-pci and its variants, PCIe port services) do not count.
+pub fn group_blockers(bdf: &str) -> Vec<String> {
+    let group = Path::new("/sys/bus/pci/devices")
+        .join(bdf)
+        .join("iommu_group/devices");
+    let mut blockers: Vec<String> = std::fs::read_dir(group)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|member| {
+            let other = member.file_name().into_string().ok()?;
+            let driver = std::fs::read_link(member.path().join("driver")).ok()?;
+            let driver = driver.file_name()?.to_string_lossy().into_owned();
+            let leaves_dma = driver.contains("vfio") || driver == "pcieport";
+            (other != bdf && !leaves_dma).then(|| format!("{other} ({driver})"))
+        })
+        .collect();
+    blockers.sort();
+    blockers
+}
+
 /// Why a device could not be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioBindError {

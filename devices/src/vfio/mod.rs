@@ -2,10 +2,10 @@
 
 pub mod bar_map;
 pub mod host;
+pub mod irq;
 pub mod passthrough;
 
 pub use bar_map::GuestMapper;
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
-pub use passthrough::{
-    BackendChoice, BarAccess, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
-};
+pub use irq::IrqRouter;
+pub use passthrough::{BackendChoice, BarAccess, PassthroughArgs, PassthroughError, VfioPciDevice};

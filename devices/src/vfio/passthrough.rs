@@ -10,8 +10,9 @@
 //!   guest's EOI unmasks it in VFIO.
 //! - BARs VFIO lets us mmap are mapped into the guest as KVM memslots wherever the guest
 //!   places them (no exits); the others, and every BAR with `BarAccess::Trapped`, exit and are
-//!   forwarded to the VFIO region. The BAR holding an MSI-X table is always trapped: the
-//!   guest's table is emulated here, and enabling MSI-X routes one GSI per vector.
+//!   forwarded to the VFIO region. The BARs holding the MSI-X table and pending bits are always
+//!   trapped: the guest's table and masks are emulated (`irq::MsixRouting`), and enabling MSI-X
+//!   routes one GSI per vector.
 //!
 //! Nothing here resets the device, and dropping the device only detaches it from its IOAS
 //! (vfio-ioctls' `Drop`, which needs it attached: it always is here).
@@ -35,46 +36,15 @@ use crate::pci::bus::PciDevice;
 use crate::pci::config::{
     Bar, BarKind, ConfigSpace, BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, NUM_BARS,
 };
-use crate::pci::msix::{
-    MsixLayout, MsixTable, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK,
-};
+use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
+use crate::vfio::host::group_blockers;
+use crate::vfio::irq::{IrqRouter, MsixRouting};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
 
 const MSI_CONTROL_ENABLE: u16 = 1 << 0;
 const MSI_CONTROL_64BIT: u16 = 1 << 7;
-
-/// Where the VMM routes a device's interrupts: KVM GSI routes and irqfds, behind a trait so
-/// devices know nothing of KVM.
-pub trait IrqRouter: Send + Sync {
-    /// A GSI for MSI no one else uses.
-    fn allocate_gsi(&self) -> Result<u32, String>;
-    /// An IOAPIC pin for INTx no one else uses.
-    fn allocate_intx_line(&self) -> Result<u32, String>;
-    /// Routes `gsi` to the MSI message (address, data).
-    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String>;
-    /// Makes a write to `evt` raise `gsi`.
-    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String>;
-    /// Makes a write to `trigger` assert level-triggered `gsi`; when the guest acknowledges it,
-    /// KVM writes `resample` (which VFIO takes as "unmask").
-    fn register_resample_irqfd(
-        &self,
-        trigger: &EventFd,
-        resample: &EventFd,
-        gsi: u32,
-    ) -> Result<(), String>;
-}
-
-/// The emulated MSI-X capability, the guest's table, and one GSI + eventfd per vector once
-/// the guest enables it.
-struct Msix {
-    offset: usize,
-    layout: MsixLayout,
-    table: MsixTable,
-    vectors: Vec<(u32, EventFd)>,
-    enabled: bool,
-}
 
 /// INTx: a level-triggered line with a resample eventfd, on while MSI is off.
 struct Intx {
@@ -97,8 +67,8 @@ pub enum PassthroughError {
     NoCdev { bdf: String },
     #[error("{bdf}: the VFIO device is in use by another process")]
     Busy { bdf: String },
-    #[error("{bdf}: its IOMMU group is not viable: bind every device of the group to vfio-pci (or unbind it)")]
-    GroupNotViable { bdf: String },
+    #[error("{bdf}: its IOMMU group is not viable: {why}")]
+    GroupNotViable { bdf: String, why: String },
     #[error("{bdf}: {op}")]
     Vfio {
         bdf: String,
@@ -160,7 +130,7 @@ pub struct VfioPciDevice {
     backend: Backend,
     config: ConfigSpace,
     msi: Option<Msi>,
-    msix: Option<Msix>,
+    msix: Option<MsixRouting>,
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
     direct_bars: Vec<DirectBar>,
@@ -207,6 +177,17 @@ impl VfioPciDevice {
             return Err(PassthroughError::WrongDriver {
                 bdf: name(),
                 driver,
+            });
+        }
+        let blockers = group_blockers(bdf);
+        if !blockers.is_empty() {
+            return Err(PassthroughError::GroupNotViable {
+                bdf: name(),
+                why: format!(
+                    "{} bound to a host driver; bind every device of the group to vfio-pci, \
+                     or unbind it",
+                    blockers.join(", ")
+                ),
             });
         }
         let iommufd_ready = Path::new("/dev/iommu").exists() && sysfs.join("vfio-dev").exists();
@@ -288,24 +269,19 @@ impl VfioPciDevice {
                 offset + 2,
                 &(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes(),
             );
-            Msix {
-                offset,
-                layout,
-                table: MsixTable::new(layout.vectors),
-                vectors: Vec::new(),
-                enabled: false,
-            }
+            MsixRouting::new(offset, layout)
         });
         let intx = Self::wire_intx(bdf, &device, &mut config, router.as_ref())?;
         let mut direct_bars = Vec::new();
-        // The BAR holding an MSI-X table stays trapped: the guest must never write the real one.
-        let msix_bar = config
-            .find_capability(MSIX_CAPABILITY_ID)
-            .map(|offset| (config.read_u32(offset + 4) & 0x7) as usize);
+        // The BARs holding the MSI-X table and pending bits stay trapped: the guest must never
+        // write the real table, and the pending bits are the emulated masks'.
+        let msix_bars = msix.as_ref().map_or([None, None], |m| {
+            [Some(m.layout.table_bar), Some(m.layout.pba_bar)]
+        });
         if bar_access == BarAccess::Direct {
             for index in 0..NUM_BARS {
                 let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
-                    && msix_bar != Some(index)
+                    && !msix_bars.contains(&Some(index))
                     && device.get_region_flags(index as u32) & VFIO_REGION_INFO_FLAG_MMAP != 0;
                 if !mappable {
                     continue;
@@ -377,6 +353,13 @@ impl VfioPciDevice {
                 vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EINVAL => {
                     PassthroughError::Busy { bdf: name() }
                 }
+                // The group's DMA belongs to a host driver (or another owner).
+                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EPERM => {
+                    PassthroughError::GroupNotViable {
+                        bdf: name(),
+                        why: "the kernel refused DMA ownership (EPERM)".to_string(),
+                    }
+                }
                 _ => PassthroughError::Vfio {
                     bdf: name(),
                     op: "bind to iommufd and attach to the IOAS",
@@ -400,9 +383,10 @@ impl VfioPciDevice {
             );
         let device =
             VfioDevice::new(sysfs, container.clone(), false).map_err(|source| match &source {
-                vfio_ioctls::VfioError::GroupViable => {
-                    PassthroughError::GroupNotViable { bdf: name() }
-                }
+                vfio_ioctls::VfioError::GroupViable => PassthroughError::GroupNotViable {
+                    bdf: name(),
+                    why: "VFIO says so".to_string(),
+                },
                 vfio_ioctls::VfioError::OpenGroup(e, _)
                     if e.kind() == std::io::ErrorKind::ResourceBusy =>
                 {
@@ -573,9 +557,9 @@ impl VfioPciDevice {
             }),
             msix: self.msix.as_ref().map(|m| MsixState {
                 offset: m.offset,
-                enabled: m.enabled,
+                enabled: m.enabled(),
                 table: m.table.words(),
-                gsis: m.vectors.iter().map(|(gsi, _)| *gsi).collect(),
+                gsis: m.gsis(),
             }),
             intx: self.intx.as_ref().map(|i| IntxState {
                 line: i.line,
@@ -594,38 +578,40 @@ impl VfioPciDevice {
         &self.bdf
     }
 
-    /// Applies the guest's MSI-X enable bit: on enable, give each vector a GSI and an eventfd,
-    /// route them to the table's messages and hand the eventfds to VFIO; on disable, stop
-    /// VFIO's MSI-X and bring INTx back.
+    /// Applies the guest's MSI-X enable and function-mask bits: on enable, give each vector
+    /// a GSI and an eventfd and hand the eventfds to VFIO; on disable, stop VFIO's MSI-X and
+    /// bring INTx back. Vectors reach the guest only while unmasked.
     fn update_msix(&mut self) {
         let Some(msix) = self.msix.as_ref() else {
             return;
         };
-        let enable = self.config.u16_at(msix.offset + 2) & MSIX_ENABLE != 0;
-        if enable == msix.enabled {
-            return;
-        }
-        if enable {
+        let control = self.config.u16_at(msix.offset + 2);
+        let enable = control & MSIX_ENABLE != 0;
+        let function_masked = control & MSIX_FUNCTION_MASK != 0;
+        let was_enabled = msix.enabled();
+        if enable && !was_enabled {
             self.set_intx(false);
         }
         let Some(msix) = self.msix.as_mut() else {
             return;
         };
         let router = self.router.as_ref();
-        let result = if enable {
-            enable_msix(&self.device, router, msix)
-        } else {
-            self.device.disable_msix().map_err(|e| e.to_string())
+        let vfio = match (enable, was_enabled) {
+            (true, false) => msix
+                .triggers(router)
+                .and_then(|evts| self.device.enable_msix(evts).map_err(|e| e.to_string())),
+            (false, true) => self.device.disable_msix().map_err(|e| e.to_string()),
+            _ => Ok(()),
         };
-        match result {
-            Ok(()) => msix.enabled = enable,
-            Err(e) => log::error!(
+        let result = vfio.and_then(|()| msix.set_control(enable, function_masked, router));
+        if let Err(e) = result {
+            log::error!(
                 "{}: MSI-X {}: {e}",
                 self.bdf,
                 if enable { "on" } else { "off" }
-            ),
+            );
         }
-        if !enable {
+        if !enable && was_enabled {
             self.set_intx(true);
         }
     }
@@ -675,24 +661,6 @@ impl VfioPciDevice {
             self.set_intx(true);
         }
     }
-}
-
-/// Routes every MSI-X vector and hands their eventfds to VFIO.
-fn enable_msix(device: &VfioDevice, router: &dyn IrqRouter, msix: &mut Msix) -> Result<(), String> {
-    while msix.vectors.len() < msix.table.len() {
-        let gsi = router.allocate_gsi()?;
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        router.register_irqfd(&evt, gsi)?;
-        msix.vectors.push((gsi, evt));
-    }
-    for (index, (gsi, _)) in msix.vectors.iter().enumerate() {
-        if let Some(entry) = msix.table.entry(index) {
-            router.set_msi_route(*gsi, entry.address, entry.data)?;
-        }
-    }
-    device
-        .enable_msix(msix.vectors.iter().map(|(_, evt)| evt).collect())
-        .map_err(|e| e.to_string())
 }
 
 /// The shape of BAR `index` from its VFIO region and the device's BAR register.
@@ -759,6 +727,10 @@ impl PciDevice for VfioPciDevice {
                 msix.table.read(at, data);
                 return;
             }
+            if let Some(at) = msix.layout.pba_offset_of(bar, offset, data.len()) {
+                read_pba(at, data, |vector| msix.pending(vector));
+                return;
+            }
         }
         self.device.region_read(bar as u32, data, offset);
     }
@@ -766,16 +738,13 @@ impl PciDevice for VfioPciDevice {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if let Some(msix) = self.msix.as_mut() {
             if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
-                // A vector reprogrammed while MSI-X is on gets its new route at once.
-                let vector = msix.table.write(at, data).filter(|_| msix.enabled);
-                if let (Some(v), Some(entry)) = (vector, vector.and_then(|v| msix.table.entry(v))) {
-                    if let Some((gsi, _)) = msix.vectors.get(v) {
-                        if let Err(e) = self.router.set_msi_route(*gsi, entry.address, entry.data) {
-                            log::error!("{}: MSI-X vector {v}: {e}", self.bdf);
-                        }
-                    }
+                if let Err(e) = msix.write_table(at, data, self.router.as_ref()) {
+                    log::error!("{}: MSI-X table write at {at:#x}: {e}", self.bdf);
                 }
                 return;
+            }
+            if msix.layout.pba_offset_of(bar, offset, data.len()).is_some() {
+                return; // The pending-bit array is read-only.
             }
         }
         self.device.region_write(bar as u32, data, offset);

@@ -129,6 +129,12 @@ impl IrqRouter for KvmIrqRouter {
             .register_irqfd(evt, gsi)
             .map_err(|e| format!("KVM_IRQFD for GSI {gsi}: {e}"))
     }
+
+    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String> {
+        self.vm
+            .unregister_irqfd(evt, gsi)
+            .map_err(|e| format!("KVM_IRQFD deassign for GSI {gsi}: {e}"))
+    }
 }
 
 /// KVM memslots for direct-mapped BARs, numbered after the RAM slots.
