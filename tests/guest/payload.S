@@ -26,6 +26,13 @@
  * 2048 bytes RAM -> device -> RAM by DMA, waits for the completion interrupt, and prints
  *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msi dma_gpa=0x... dma_word=0x...
  *     LUVMM-DEV FAIL bdf=00:SS.0 reason=...
+ * For each QEMU NVMe controller (1b36:0010) it places BAR 0 below 4 GiB, programs MSI-X
+ * vector 0 (masked) and enables MSI-X, brings the controller up with an admin queue pair and
+ * sends IDENTIFY CONTROLLER. The completion must not interrupt while the vector is masked but
+ * show in the pending-bit array; unmasking must deliver it. It then checks the completion and
+ * the identify data the device wrote (vendor 1b36, serial "luvm...") and prints
+ *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msix dma_gpa=0x... dma_word=0x...
+ * NVMe always uses MSI-X, with or without "luvmm.intx=1".
  */
 
     .set SERIAL,              0x3f8
@@ -37,6 +44,12 @@
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
     .set DEV_VECTOR,          0x41
+    .set NVME_VECTOR,         0x42
+    .set NVME_BAR,            0xf0000000    /* in the VMM's 32-bit PCI window, above its BARs */
+    .set NVME_ASQ,            0x1b0000      /* admin submission queue, 8 entries */
+    .set NVME_ACQ,            0x1b1000      /* admin completion queue, 8 entries */
+    .set NVME_IDENTIFY,       0x1b2000      /* IDENTIFY CONTROLLER data */
+    .set NVME_SERIAL_WORD,    0x6d76756c    /* "luvm", the start of the bed's serial number */
     .set MMIO_READS,          1000
     .set DMA_OUTSIDE_IOVA,    0x0f000000    /* 240 MiB: below edu's 28-bit mask, above guest RAM */
     .set TICK_COUNT,          100000000     /* 100 ms: KVM's APIC timer counts at 1 GHz */
@@ -337,17 +350,14 @@ run_check:
     jmp newline
 2:  movq %rax, %rbx
     leaq str_check_lost(%rip), %rsi
-    call puts
     movq %rdi, %rax
-    call put_hex
+    call put_key_hex
     leaq str_expected(%rip), %rsi
-    call puts
     movq %rbx, %rax
-    call put_hex
+    call put_key_hex
     leaq str_found(%rip), %rsi
-    call puts
     movq (%rdi), %rax
-    call put_hex
+    call put_key_hex
     jmp newline
 
 print_boot_line:
@@ -399,7 +409,38 @@ pci_write32:
     outl %eax, %dx
     ret
 
-/* Scans bus 0 for QEMU edu devices (1234:11e8) and tests each. */
+/* pci_enable_memory_and_master: edi = slot. Sets the command register's memory space and bus
+ * master bits; clobbers eax, ecx, edx, esi */
+pci_enable_memory_and_master:
+    movl $0x04, %esi
+    call pci_read32
+    andl $0xffff, %eax
+    orl $0x6, %eax
+    movl %eax, %ecx
+    jmp pci_write32
+
+/* pci_find_cap: edi = slot, esi = capability id -> eax = its offset, 0 if absent;
+ * clobbers ecx, edx, r8 */
+pci_find_cap:
+    movl %esi, %r8d
+    movl $0x34, %esi
+    call pci_read32
+    andl $0xfc, %eax
+1:  testl %eax, %eax
+    jz 2f
+    movl %eax, %ecx
+    movl %eax, %esi
+    call pci_read32
+    cmpb %r8b, %al
+    je 3f
+    shrl $8, %eax
+    andl $0xfc, %eax
+    jmp 1b
+3:  movl %ecx, %eax
+2:  ret
+
+/* Scans bus 0 for QEMU edu devices (1234:11e8) and NVMe controllers (1b36:0010) and tests
+ * each. */
 pci_devices:
     pushq %rbx
     pushq %r12
@@ -408,7 +449,13 @@ pci_devices:
 1:  movl %ebx, %edi
     xorl %esi, %esi
     call pci_read32
-    cmpl $0x11e81234, %eax
+    cmpl $0x00101b36, %eax
+    jne 3f
+    movl %ebx, %edi
+    call nvme_test
+    incl %r12d
+    jmp 2f
+3:  cmpl $0x11e81234, %eax
     jne 2f
     movl %ebx, %edi
     movl %r12d, %esi
@@ -477,12 +524,7 @@ edu_test:
     addl $0xc0000000, %ecx
 1:  movl %ecx, %r12d
     call pci_write32
-    movl $0x04, %esi                /* command: memory space and bus master */
-    call pci_read32
-    andl $0xffff, %eax
-    orl $0x6, %eax
-    movl %eax, %ecx
-    call pci_write32
+    call pci_enable_memory_and_master
     movq %r12, dev_bar(%rip)
     movl 0x00(%r12), %eax           /* identification: 0x010000ed */
     cmpb $0xed, %al
@@ -542,11 +584,6 @@ edu_test:
     movl $256, %ecx
     repe cmpsq
     jne edu_fail_data
-    leaq str_dev_ok(%rip), %rsi
-    call puts
-    call put_bdf
-    leaq str_dma_ok(%rip), %rsi
-    call puts
     leaq str_irq_none(%rip), %rsi
     testl %r13d, %r13d
     jz 3f
@@ -554,19 +591,10 @@ edu_test:
     cmpq $0, use_intx(%rip)
     je 3f
     leaq str_irq_intx(%rip), %rsi
-3:  call puts
-    leaq str_dma_gpa(%rip), %rsi
-    call puts
-    movq dma_dst(%rip), %rax
-    call put_hex
-    leaq str_dma_word(%rip), %rsi
-    call puts
-    movq dma_dst(%rip), %rax
-    movq (%rax), %rax
-    call put_hex
-    call newline
+3:  movq dma_dst(%rip), %rdi
+    call put_dev_ok
     cmpq $0, dma_outside(%rip)
-    je edu_done
+    je dev_done
     movl $0x40000, 0x80(%r12)       /* DMA into an IOVA no guest RAM backs: the IOMMU must block it */
     movl $DMA_OUTSIDE_IOVA, 0x88(%r12)
     movl $2048, 0x90(%r12)
@@ -576,19 +604,20 @@ edu_test:
     call puts
     call put_bdf
     call newline
-    jmp edu_done
+    jmp dev_done
 edu_fail_id:
     leaq str_fail_id(%rip), %rsi
-    jmp edu_fail
+    jmp dev_fail
 edu_fail_live:
     leaq str_fail_live(%rip), %rsi
-    jmp edu_fail
+    jmp dev_fail
 edu_fail_dma:
     leaq str_fail_dma(%rip), %rsi
-    jmp edu_fail
+    jmp dev_fail
 edu_fail_data:
     leaq str_fail_data(%rip), %rsi
-edu_fail:
+/* dev_fail: rsi = reason; prints the FAIL line and returns from edu_test or nvme_test */
+dev_fail:
     movq %rsi, %r13
     leaq str_dev_fail(%rip), %rsi
     call puts
@@ -596,7 +625,7 @@ edu_fail:
     movq %r13, %rsi
     call puts
     call newline
-edu_done:
+dev_done:
     popq %r15
     popq %r14
     popq %r13
@@ -608,20 +637,14 @@ edu_done:
  * and enables it; eax = 1 if found. */
 edu_enable_msi:
     movl %ebx, %edi
-    movl $0x34, %esi
-    call pci_read32
-    andl $0xfc, %eax
-1:  testl %eax, %eax
+    movl $0x05, %esi
+    call pci_find_cap
+    testl %eax, %eax
     jz 4f
     movl %eax, %r13d                /* capability offset */
     movl %eax, %esi
     call pci_read32
-    cmpb $0x05, %al
-    je 2f
-    shrl $8, %eax
-    andl $0xfc, %eax
-    jmp 1b
-2:  movl %eax, %r14d                /* id, next, control */
+    movl %eax, %r14d                /* id, next, control */
     leal 4(%r13), %esi
     movl $0xfee00000, %ecx
     call pci_write32
@@ -694,6 +717,161 @@ edu_route_intx:
     movl $0, 0x10(%rdx)
     ret
 
+/* nvme_test: edi = slot. Places BAR 0 (64-bit) at NVME_BAR, enables memory and bus
+ * mastering, programs MSI-X vector 0 masked, enables the controller with an admin queue pair
+ * and sends IDENTIFY CONTROLLER; the completion must be held by the mask (pending, no
+ * interrupt) and delivered on unmask. Then it checks the completion and the identify data. */
+nvme_test:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movl %edi, %ebx
+    movl $0x10, %esi                /* BAR 0 low, then high: below 4 GiB, in the identity map */
+    movl $NVME_BAR, %ecx
+    call pci_write32
+    movl $0x14, %esi
+    xorl %ecx, %ecx
+    call pci_write32
+    call pci_enable_memory_and_master
+    movl $NVME_BAR, %r12d
+    movl $0x11, %esi
+    call pci_find_cap
+    testl %eax, %eax
+    jz nvme_fail_msix
+    movl %eax, %r13d                /* MSI-X capability */
+    leal 4(%r13), %esi              /* table: BAR 0 only */
+    call pci_read32
+    testl $7, %eax
+    jnz nvme_fail_msix
+    leaq (%r12,%rax), %r14          /* vector 0's entry */
+    leal 8(%r13), %esi              /* pending bits: BAR 0 only */
+    call pci_read32
+    testl $7, %eax
+    jnz nvme_fail_msix
+    leaq (%r12,%rax), %r15
+    movl $0xfee00000, (%r14)        /* vector 0: APIC 0, NVME_VECTOR, masked for now */
+    movl $0, 4(%r14)
+    movl $NVME_VECTOR, 8(%r14)
+    movl $1, 12(%r14)
+    movl %r13d, %esi
+    call pci_read32
+    orl $0x80000000, %eax           /* message control: MSI-X enable */
+    movl %eax, %ecx
+    call pci_write32
+    movl $0, 0x14(%r12)             /* CC: disabled, then wait for CSTS.RDY to clear */
+    leaq 0x1c(%r12), %rdi
+    movl $1, %esi
+    xorl %edx, %edx
+    call wait_bits
+    testl %eax, %eax
+    jz nvme_fail_ready
+    movl $NVME_ASQ, %edi            /* empty queues and identify buffer */
+    movl $(3 * 512), %ecx
+    xorl %eax, %eax
+    rep stosq
+    movl $0x00070007, 0x24(%r12)    /* AQA: 8 entries each */
+    movl $NVME_ASQ, 0x28(%r12)
+    movl $0, 0x2c(%r12)
+    movl $NVME_ACQ, 0x30(%r12)
+    movl $0, 0x34(%r12)
+    movl $0x00460001, 0x14(%r12)    /* CC: 16-byte CQEs, 64-byte SQEs, 4 KiB pages, enable */
+    leaq 0x1c(%r12), %rdi
+    movl $1, %esi
+    movl $1, %edx
+    call wait_bits
+    testl %eax, %eax
+    jz nvme_fail_ready
+    movl $NVME_ASQ, %edi            /* IDENTIFY (opcode 6), command id 1, CNS 1: controller */
+    movl $0x00010006, (%rdi)
+    movq $NVME_IDENTIFY, 24(%rdi)
+    movl $1, 40(%rdi)
+    movl $0, nvme_irq(%rip)
+    movl $1, 0x1000(%r12)           /* SQ 0 tail doorbell */
+    movl $(NVME_ACQ + 12), %edi     /* the completion's phase tag */
+    movl $0x10000, %esi
+    movl $1, %edx
+    call wait_bits
+    testl %eax, %eax
+    jz nvme_fail_cmd
+    movl $3, %edi                   /* masked: the message waits, pending, for 300 ms */
+    call sleep_ticks
+    cmpl $0, nvme_irq(%rip)
+    jne nvme_fail_mask
+    testl $1, (%r15)
+    jz nvme_fail_pending
+    movl $0, 12(%r14)               /* unmask: the held message arrives now */
+    leaq nvme_irq(%rip), %rdi
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    call wait_bits
+    testl %eax, %eax
+    jz nvme_fail_irq
+    movl $1, 0x1004(%r12)           /* CQ 0 head doorbell */
+    cmpl $0x00010001, NVME_ACQ+12   /* command id 1, phase 1, status 0 */
+    jne nvme_fail_status
+    cmpw $0x1b36, NVME_IDENTIFY     /* PCI vendor id */
+    jne nvme_fail_identify
+    cmpl $NVME_SERIAL_WORD, NVME_IDENTIFY+4
+    jne nvme_fail_identify
+    leaq str_irq_msix(%rip), %rsi
+    movl $NVME_IDENTIFY, %edi
+    call put_dev_ok
+    jmp dev_done
+nvme_fail_msix:
+    leaq str_fail_msix(%rip), %rsi
+    jmp dev_fail
+nvme_fail_ready:
+    leaq str_fail_ready(%rip), %rsi
+    jmp dev_fail
+nvme_fail_cmd:
+    leaq str_fail_cmd(%rip), %rsi
+    jmp dev_fail
+nvme_fail_mask:
+    leaq str_fail_mask(%rip), %rsi
+    jmp dev_fail
+nvme_fail_pending:
+    leaq str_fail_pending(%rip), %rsi
+    jmp dev_fail
+nvme_fail_irq:
+    leaq str_fail_irq(%rip), %rsi
+    jmp dev_fail
+nvme_fail_status:
+    leaq str_fail_status(%rip), %rsi
+    jmp dev_fail
+nvme_fail_identify:
+    leaq str_fail_identify(%rip), %rsi
+    jmp dev_fail
+
+/* sleep_ticks: edi = timer ticks to sleep in hlt; clobbers r8 */
+sleep_ticks:
+    movq heartbeat(%rip), %r8
+    addq %rdi, %r8
+1:  hlt
+    cmpq %r8, heartbeat(%rip)
+    jb 1b
+    ret
+
+/* put_dev_ok: ebx = slot, rsi = " irq=..." string, rdi = the page the device wrote. Prints
+ * "LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=... dma_gpa=0x... dma_word=0x..." */
+put_dev_ok:
+    pushq %rsi
+    leaq str_dev_ok(%rip), %rsi
+    call puts
+    call put_bdf
+    leaq str_dma_ok(%rip), %rsi
+    call puts
+    popq %rsi
+    call puts
+    leaq str_dma_gpa(%rip), %rsi
+    movq %rdi, %rax
+    call put_key_hex
+    leaq str_dma_word(%rip), %rsi
+    movq (%rdi), %rax
+    call put_key_hex
+    jmp newline
+
 /* put_bdf: prints "bdf=00:SS.0" for slot ebx */
 put_bdf:
     leaq str_bdf(%rip), %rsi
@@ -718,14 +896,14 @@ isr_dev:
     movl 0x24(%rcx), %eax           /* interrupt status */
     movl %eax, 0x64(%rcx)           /* acknowledge */
     incl dev_irq(%rip)
-    movl $0x80b, %ecx
-    xorl %eax, %eax
-    xorl %edx, %edx
-    wrmsr
-    popq %rdx
-    popq %rcx
-    popq %rax
-    iretq
+    jmp eoi_iret
+
+isr_nvme:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    incl nvme_irq(%rip)
+    jmp eoi_iret
 
 /* ---------------------------------------------------------------- interrupts */
 start_timer:
@@ -769,6 +947,9 @@ setup_idt:
     leaq idt+DEV_VECTOR*16(%rip), %rdi
     leaq isr_dev(%rip), %rsi
     call write_gate
+    leaq idt+NVME_VECTOR*16(%rip), %rdi
+    leaq isr_nvme(%rip), %rsi
+    call write_gate
     leaq idt+SPURIOUS_VECTOR*16(%rip), %rdi
     leaq isr_spurious(%rip), %rsi
     jmp write_gate
@@ -791,6 +972,8 @@ isr_timer:
     pushq %rcx
     pushq %rdx
     incq heartbeat(%rip)
+/* eoi_iret: the end of every handler that pushed rax, rcx, rdx: x2APIC EOI, then return */
+eoi_iret:
     movl $0x80b, %ecx               /* x2APIC EOI */
     xorl %eax, %eax
     xorl %edx, %edx
@@ -901,6 +1084,9 @@ put_dec:
     popq %rax
     ret
 
+/* put_key_hex: the string at rsi, then rax in hex; preserves every register */
+put_key_hex:
+    call puts
 /* put_hex: rax as 0x + 16 hex digits; preserves every register */
 put_hex:
     pushq %rax
@@ -956,6 +1142,7 @@ str_dma_ok:     .asciz " dma=ok"
 str_irq_msi:    .asciz " irq=msi"
 str_irq_none:   .asciz " irq=none"
 str_irq_intx:   .asciz " irq=intx"
+str_irq_msix:   .asciz " irq=msix"
 str_mmio:       .asciz "LUVMM-DEV mmio "
 str_mmio_reads: .asciz " reads="
 str_mmio_cycles: .asciz " cycles_per_read="
@@ -965,6 +1152,14 @@ str_fail_id:    .asciz " reason=id"
 str_fail_live:  .asciz " reason=liveness"
 str_fail_dma:   .asciz " reason=dma-timeout"
 str_fail_data:  .asciz " reason=dma-data"
+str_fail_msix:  .asciz " reason=no-msix-in-bar0"
+str_fail_ready: .asciz " reason=controller-not-ready"
+str_fail_cmd:   .asciz " reason=command-timeout"
+str_fail_mask:  .asciz " reason=masked-vector-interrupted"
+str_fail_pending: .asciz " reason=masked-vector-not-pending"
+str_fail_irq:   .asciz " reason=no-interrupt-after-unmask"
+str_fail_status: .asciz " reason=completion-status"
+str_fail_identify: .asciz " reason=identify-data"
 hex_digits:     .ascii "0123456789abcdef"
 
     .section .note.Xen, "a"
@@ -1015,5 +1210,6 @@ dev_bar:        .skip 8
 dma_src:        .skip 8
 dma_dst:        .skip 8
 dev_irq:        .skip 8
+nvme_irq:       .skip 8
 numbuf:         .skip 31
 numbuf_end:     .skip 1

@@ -1,6 +1,7 @@
 //! The nested bed's driver: builds (or reuses) the L1 kernel and initramfs, boots L1 under QEMU
-//! TCG with an emulated Intel IOMMU and `edu` devices, and collects its `LUVMM-L1` lines with
-//! host timestamps. On any failure it prints the tail of the L1 console.
+//! TCG with an emulated Intel IOMMU and the PCI devices a test asks for (`edu`, NVMe, ...), and
+//! collects its `LUVMM-L1` lines with host timestamps. On any failure it prints the tail of
+//! the L1 console.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -106,9 +107,12 @@ impl L1Run {
     }
 }
 
-/// Boots L1 with `scenario` and `edu_devices` edu devices, and waits for it to power off (or
-/// `timeout`, after which QEMU is killed).
-pub fn run_l1(bed: &Bed, scenario: &str, edu_devices: usize, timeout: Duration) -> L1Run {
+/// One `edu` device, for scenarios that need just one.
+pub const ONE_EDU: &[&str] = &["edu"];
+
+/// Boots L1 with `scenario` and `devices` (each a QEMU `-device` value, in order), and waits
+/// for it to power off (or `timeout`, after which QEMU is killed).
+pub fn run_l1(bed: &Bed, scenario: &str, devices: &[&str], timeout: Duration) -> L1Run {
     let append = format!(
         "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on panic=-1 loglevel=4 luvmm.scenario={scenario}"
     );
@@ -121,8 +125,8 @@ pub fn run_l1(bed: &Bed, scenario: &str, edu_devices: usize, timeout: Duration) 
         .args(["-smp", "1", "-m", "3G"])
         // The IOMMU comes first, so it is there when the devices are.
         .args(["-device", "intel-iommu,intremap=on"]);
-    for _ in 0..edu_devices {
-        cmd.args(["-device", "edu"]);
+    for device in devices {
+        cmd.args(["-device", device]);
     }
     cmd.arg("-kernel")
         .arg(bed.kernel_dir.join("bzImage"))

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use luvmm_tests::nested::{prepare, run_l1, L1Run};
+use luvmm_tests::nested::{prepare, run_l1, L1Run, ONE_EDU};
 use luvmm_tests::{luvmm_bin, TestDir};
 
 fn fail(run: &L1Run, why: &str) -> ! {
@@ -17,11 +17,12 @@ fn fail(run: &L1Run, why: &str) -> ! {
     );
 }
 
-/// Boots L1 with `scenario`, luvmm and `extra` in its initramfs, and prints its result lines.
-fn boot_scenario(name: &str, scenario: &str, edu_devices: usize, extra: PathBuf) -> L1Run {
+/// Boots L1 with `scenario`, `devices` (QEMU `-device` values), and luvmm and `extra` in its
+/// initramfs, and prints its result lines.
+fn boot_scenario(name: &str, scenario: &str, devices: &[&str], extra: PathBuf) -> L1Run {
     let work = TestDir::new(name);
     let bed = prepare(work.path(), &[luvmm_bin(), extra]);
-    let run = run_l1(&bed, scenario, edu_devices, Duration::from_secs(900));
+    let run = run_l1(&bed, scenario, devices, Duration::from_secs(900));
     if run.timed_out {
         fail(&run, "L1 did not power off within the timeout");
     }
@@ -51,7 +52,7 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
     let run = boot_scenario(
         "nested-luo",
         "luo",
-        1,
+        ONE_EDU,
         PathBuf::from(env!("CARGO_BIN_EXE_luo-scenario")),
     );
     let results = run.results();
@@ -154,7 +155,7 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
 
 #[test]
 fn a_luvmm_microvm_runs_and_restores_inside_l1() {
-    let run = boot_scenario("nested-vm", "vm", 1, luvmm_tests::payload());
+    let run = boot_scenario("nested-vm", "vm", ONE_EDU, luvmm_tests::payload());
     let results = run.results();
     for name in ["nested_boot", "nested_check", "nested_restore"] {
         let expected = format!("test {name} ok");
@@ -171,24 +172,41 @@ fn a_luvmm_microvm_runs_and_restores_inside_l1() {
     }
 }
 
-/// Runs the `vfio` scenario with `edu_devices` devices and checks its lines.
-fn vfio_scenario(name: &str, edu_devices: usize) {
-    let run = boot_scenario(name, "vfio", edu_devices, luvmm_tests::payload());
+/// What a `vfio` scenario's L1 holds.
+struct VfioBed {
+    /// QEMU `-device` values.
+    devices: &'static [&'static str],
+    /// edu devices on bus 0, passed through (DMA, MSI and INTx).
+    edu: usize,
+    /// NVMe controllers, passed through (MSI-X).
+    nvme: usize,
+    /// Whether an edu device shares its IOMMU group with a device a host driver holds.
+    shared_group: bool,
+}
+
+/// Runs the `vfio` scenario on `bed` and checks its lines.
+fn vfio_scenario(name: &str, bed: VfioBed) {
+    let run = boot_scenario(name, "vfio", bed.devices, luvmm_tests::payload());
     let results = run.results();
     let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
     if !failures.is_empty() {
         fail(&run, &format!("failures: {failures:#?}"));
     }
-    for irq in ["irq=msi", "irq=intx"] {
+    // Per device kind and run: edu with MSI then INTx, NVMe with MSI-X in both runs.
+    for (irq, expected) in [
+        ("irq=msi ", bed.edu),
+        ("irq=intx ", bed.edu),
+        ("irq=msix ", 2 * bed.nvme),
+    ] {
         let devices: Vec<&&str> = results
             .iter()
             .filter(|r| r.starts_with("serial LUVMM-DEV ok") && r.contains(irq))
             .collect();
-        if devices.len() != edu_devices || !devices.iter().all(|d| d.contains("dma=ok")) {
+        if devices.len() != expected || !devices.iter().all(|d| d.contains("dma=ok")) {
             fail(&run, &format!("{irq} device lines: {devices:#?}"));
         }
     }
-    for expected in [
+    let mut expected = vec![
         "test bad_missing_bdf ok",
         "test bad_not_vfio_pci ok",
         "test bad_no_iommufd ok",
@@ -197,7 +215,14 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
         "test iommu_blocked_outside_dma ok",
         "test save_captures_vfio_state ok",
         "test handover_refused_with_vfio ok",
-    ] {
+    ];
+    if bed.nvme > 0 {
+        expected.push("test save_captures_msix ok");
+    }
+    if bed.shared_group {
+        expected.push("test bad_group_not_viable ok");
+    }
+    for expected in expected {
         if !results.contains(&expected) {
             fail(&run, &format!("missing {expected:?}"));
         }
@@ -206,10 +231,13 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
         .iter()
         .filter(|r| r.starts_with("test memfd_holds_dma_") && r.ends_with(" ok"))
         .count();
-    if memfd_checks != edu_devices {
+    if memfd_checks != bed.edu + bed.nvme {
         fail(
             &run,
-            &format!("{memfd_checks} memfd checks for {edu_devices} devices"),
+            &format!(
+                "{memfd_checks} memfd checks for {} devices",
+                bed.edu + bed.nvme
+            ),
         );
     }
     let legacy = results
@@ -225,7 +253,7 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
         .iter()
         .filter(|r| r.starts_with("serial LUVMM-DEV mmio"))
         .collect();
-    if mmio.len() != 2 * edu_devices {
+    if mmio.len() != 2 * bed.edu {
         fail(&run, &format!("mmio timing lines: {mmio:#?}"));
     }
     if !results
@@ -243,12 +271,36 @@ fn vfio_scenario(name: &str, edu_devices: usize) {
     }
 }
 
+/// One edu device and an NVMe controller in one microVM, and an edu device behind a bridge
+/// whose IOMMU group a virtio device (bound to virtio-pci in L1) makes not viable.
 #[test]
-fn a_guest_drives_a_passed_through_edu_device() {
-    vfio_scenario("nested-vfio-one", 1);
+fn a_guest_drives_passed_through_edu_and_nvme_devices() {
+    vfio_scenario(
+        "nested-vfio-one",
+        VfioBed {
+            devices: &[
+                "edu",
+                "nvme,serial=luvmm-nvme,msix_qsize=4",
+                "pci-bridge,id=shared,chassis_nr=1",
+                "edu,bus=shared,addr=1",
+                "virtio-rng-pci,bus=shared,addr=2",
+            ],
+            edu: 1,
+            nvme: 1,
+            shared_group: true,
+        },
+    );
 }
 
 #[test]
 fn two_edu_devices_in_one_microvm() {
-    vfio_scenario("nested-vfio-two", 2);
+    vfio_scenario(
+        "nested-vfio-two",
+        VfioBed {
+            devices: &["edu", "edu"],
+            edu: 2,
+            nvme: 0,
+            shared_group: false,
+        },
+    );
 }

@@ -1,13 +1,21 @@
 #!/bin/sh
-# luvmm microVMs inside L1 drive the edu device(s) passed through with VFIO cdev + iommufd.
-# Bad input is refused with a clear error first; then one VM gets every edu device, its guest
-# reports DMA and MSI on LUVMM-DEV lines, the bytes the device wrote are read back from the
-# VM's RAM memfd through /proc, and a DMA outside guest RAM must fault in the IOMMU.
+# luvmm microVMs inside L1 drive the devices passed through with VFIO cdev + iommufd: edu
+# devices (DMA, MSI or INTx) and, when the bed has one, an NVMe controller (MSI-X).
+# Bad input is refused with a clear error first; then one VM gets every device on bus 0, its
+# guest reports DMA and interrupts on LUVMM-DEV lines, the bytes each device wrote are read
+# back from the VM's RAM memfd through /proc, and a DMA outside guest RAM must fault in the
+# IOMMU. A vfio-pci device behind a bridge shares its IOMMU group with a device a host driver
+# holds (the bed puts it there): passing it through must be refused.
 cd /tmp
 payload=/luvmm/bin/payload.elf
 bdfs=""
+shared=""
 for dev in /sys/bus/pci/drivers/vfio-pci/0000:*; do
-    [ -e "$dev" ] && bdfs="$bdfs ${dev##*/}"
+    [ -e "$dev" ] || continue
+    case "${dev##*/}" in
+        0000:00:*) bdfs="$bdfs ${dev##*/}" ;;
+        *) shared="$shared ${dev##*/}" ;;
+    esac
 done
 first=$(echo $bdfs | cut -d' ' -f1)
 
@@ -38,6 +46,11 @@ refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTE
 }
 refused missing_bdf "0000:00:1e.0: no such PCI device" --vfio 0000:00:1e.0
 refused not_vfio_pci "0000:00:00.0: bound to no driver, not vfio-pci" --vfio 0000:00:00.0
+for b in $shared; do
+    echo "LUVMM-L1 log group of $b: $(ls /sys/bus/pci/devices/$b/iommu_group/devices | tr '\n' ' ')"
+    refused group_not_viable "$b: its IOMMU group is not viable: .* (virtio-pci) bound to a host driver" \
+        --vfio "$b"
+done
 mv /dev/iommu /dev/iommu.hidden
 refused no_iommufd "/dev/iommu is missing" --vfio "$first" --vfio-backend iommufd
 echo "LUVMM-L1 hostcheck-legacy $(luvmm host-check --json 2>/dev/null)"
@@ -93,6 +106,15 @@ if luvmm ctl --socket a.sock save --export state.bin > save.out 2>&1 \
     echo "LUVMM-L1 test save_captures_vfio_state ok"
 else
     echo "LUVMM-L1 test save_captures_vfio_state FAIL $(cat save.out)"
+fi
+if grep -q '"msix":{' state.bin; then
+    # The NVMe's MSI-X: enabled, its table as the guest left it (vector 0 unmasked, to
+    # APIC 0 with vector 0x42), one GSI per vector.
+    if grep -q '"msix":{"offset":[0-9]*,"enabled":true,"table":\[4276092928,0,66,0,' state.bin; then
+        echo "LUVMM-L1 test save_captures_msix ok"
+    else
+        echo "LUVMM-L1 test save_captures_msix FAIL $(grep -o '"msix":{[^}]*}' state.bin)"
+    fi
 fi
 # Moving the VM to another process would lose the device: refused, and the VM keeps going.
 if luvmm ctl --socket a.sock resume >/dev/null 2>&1 && luvmm ctl --socket a.sock save >/dev/null \
