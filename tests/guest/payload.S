@@ -29,7 +29,7 @@
  * For each QEMU NVMe controller (1b36:0010) it places BAR 0 below 4 GiB, programs MSI-X
  * vector 0 (masked) and enables MSI-X, brings the controller up with an admin queue pair and
  * sends IDENTIFY CONTROLLER. The completion must not interrupt while the vector is masked but
- * show in the pending-bit array; unmasking must deliver it. It then checks the completion and
+ * show in the pending-bit array; unmasking must deliver it, and leave nothing pending. It then checks the completion and
  * the identify data the device wrote (vendor 1b36, serial "luvm...") and prints
  *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msix dma_gpa=0x... dma_word=0x...
  * NVMe always uses MSI-X, with or without "luvmm.intx=1".
@@ -808,6 +808,10 @@ nvme_test:
     call wait_bits
     testl %eax, %eax
     jz nvme_fail_irq
+    movl $1, 12(%r14)               /* masked again: the delivered message is not pending */
+    testl $1, (%r15)
+    jnz nvme_fail_stale
+    movl $0, 12(%r14)
     movl $1, 0x1004(%r12)           /* CQ 0 head doorbell */
     cmpl $0x00010001, NVME_ACQ+12   /* command id 1, phase 1, status 0 */
     jne nvme_fail_status
@@ -836,6 +840,9 @@ nvme_fail_pending:
     jmp dev_fail
 nvme_fail_irq:
     leaq str_fail_irq(%rip), %rsi
+    jmp dev_fail
+nvme_fail_stale:
+    leaq str_fail_stale(%rip), %rsi
     jmp dev_fail
 nvme_fail_status:
     leaq str_fail_status(%rip), %rsi
@@ -1158,6 +1165,7 @@ str_fail_cmd:   .asciz " reason=command-timeout"
 str_fail_mask:  .asciz " reason=masked-vector-interrupted"
 str_fail_pending: .asciz " reason=masked-vector-not-pending"
 str_fail_irq:   .asciz " reason=no-interrupt-after-unmask"
+str_fail_stale: .asciz " reason=delivered-message-still-pending"
 str_fail_status: .asciz " reason=completion-status"
 str_fail_identify: .asciz " reason=identify-data"
 hex_digits:     .ascii "0123456789abcdef"

@@ -5,7 +5,8 @@
 //! programs the real table, unmasked). The guest's masks are honoured here: a vector's eventfd
 //! is attached to its GSI only while the vector and the function are unmasked. While masked,
 //! a signal stays in the eventfd, the pending-bit array reports it, and attaching the irqfd on
-//! unmask delivers it (KVM polls the eventfd when an irqfd is assigned).
+//! unmask delivers it (KVM polls the eventfd when an irqfd is assigned). Detaching clears the
+//! count (KVM reads it when the irqfd goes), so a delivered message never shows as pending.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
