@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use luvmm_devices::guest_control::GuestControl;
-use luvmm_devices::pci::bus::{BusFull, PciBus, PciConfigIo, PciDevice, PciMmioWindow};
+use luvmm_devices::pci::bus::{BusFull, PciBarWindow, PciBus, PciConfigIo, PciDevice};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{
@@ -342,9 +342,10 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
                 reason: e.to_string(),
             })?;
     }
-    // Both windows go to the bus, which finds the BAR: trapped 64-bit BARs live above 4 GiB.
+    // Every BAR window goes to the bus, which finds the BAR: trapped 64-bit BARs live above
+    // 4 GiB, I/O BARs in the port window.
     io.register_mmio_resources(
-        Arc::new(PciMmioWindow::new(devices.pci.clone())),
+        Arc::new(PciBarWindow::new(devices.pci.clone())),
         &[
             Resource::MmioAddressRange {
                 base: PCI_MMIO32_START,
@@ -358,6 +359,17 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
     )
     .map_err(|e| BuildError::Bus {
         device: "PCI MMIO windows",
+        reason: e.to_string(),
+    })?;
+    io.register_pio_resources(
+        Arc::new(PciBarWindow::new(devices.pci.clone())),
+        &[Resource::PioAddressRange {
+            base: PCI_IO_START as u16,
+            size: (PCI_IO_END - PCI_IO_START) as u16,
+        }],
+    )
+    .map_err(|e| BuildError::Bus {
+        device: "PCI I/O window",
         reason: e.to_string(),
     })?;
     Ok(Arc::new(io))

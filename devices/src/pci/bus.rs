@@ -1,5 +1,5 @@
 //! PCI bus 0: configuration mechanism #1 on ports 0xCF8/0xCFC, a host bridge in slot 0, and
-//! one MMIO window whose accesses go to the device whose BAR decodes the address.
+//! BAR windows (MMIO and I/O) whose accesses go to the device whose BAR decodes the address.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -197,21 +197,21 @@ fn copy_out(value: u32, offset: usize, data: &mut [u8]) {
     }
 }
 
-/// The MMIO window BARs are placed in; accesses reach the device that decodes them.
-pub struct PciMmioWindow {
+/// The windows BARs are placed in (32-bit and 64-bit MMIO, I/O ports): an access reaches the
+/// device whose enabled BAR decodes its address.
+pub struct PciBarWindow {
     bus: Arc<PciBus>,
 }
 
-impl PciMmioWindow {
-    /// Routes the window's accesses for `bus`.
-    pub fn new(bus: Arc<PciBus>) -> PciMmioWindow {
-        PciMmioWindow { bus }
+impl PciBarWindow {
+    /// Routes the windows' accesses for `bus`.
+    pub fn new(bus: Arc<PciBus>) -> PciBarWindow {
+        PciBarWindow { bus }
     }
-}
 
-impl DeviceMmio for PciMmioWindow {
-    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        match self.bus.decode(base.0 + offset, false) {
+    /// Reads at bus `address`; all ones where no BAR decodes it, as on real hardware.
+    fn read(&self, address: u64, io: bool, data: &mut [u8]) {
+        match self.bus.decode(address, io) {
             Some((slot, bar, at)) => {
                 if let Some(mut device) = self.bus.device(slot) {
                     device.bar_read(bar, at, data);
@@ -221,12 +221,33 @@ impl DeviceMmio for PciMmioWindow {
         }
     }
 
-    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        if let Some((slot, bar, at)) = self.bus.decode(base.0 + offset, false) {
+    /// Writes at bus `address`; dropped where no BAR decodes it.
+    fn write(&self, address: u64, io: bool, data: &[u8]) {
+        if let Some((slot, bar, at)) = self.bus.decode(address, io) {
             if let Some(mut device) = self.bus.device(slot) {
                 device.bar_write(bar, at, data);
             }
         }
+    }
+}
+
+impl DeviceMmio for PciBarWindow {
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.read(base.0 + offset, false, data);
+    }
+
+    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.write(base.0 + offset, false, data);
+    }
+}
+
+impl DevicePio for PciBarWindow {
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        self.read(u64::from(base.0) + u64::from(offset), true, data);
+    }
+
+    fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        self.write(u64::from(base.0) + u64::from(offset), true, data);
     }
 }
 
@@ -274,12 +295,17 @@ mod tests {
     }
 
     fn setup() -> (Arc<PciBus>, PciConfigIo) {
+        setup_with(BarKind::Mmio32)
+    }
+
+    /// The bus with `Scratch` in slot 1, its 16-byte BAR 0 of `kind`.
+    fn setup_with(kind: BarKind) -> (Arc<PciBus>, PciConfigIo) {
         let mut config = ConfigSpace::new(0x1234, 0x11e8, 0, 0xff, 0);
         config
             .add_bar(
                 0,
                 Bar {
-                    kind: BarKind::Mmio32,
+                    kind,
                     size: 16,
                     prefetchable: false,
                 },
@@ -323,7 +349,7 @@ mod tests {
     #[test]
     fn mmio_reaches_a_bar_only_once_decoding_is_on() {
         let (bus, io) = setup();
-        let window = PciMmioWindow::new(bus);
+        let window = PciBarWindow::new(bus);
         select(&io, 1, BAR0 as u32);
         io.pio_write(PioAddress(0xcf8), 4, &0xc000_0000u32.to_le_bytes());
         let mut word = [0u8; 4];
@@ -341,5 +367,26 @@ mod tests {
         assert_eq!(word, [1, 2, 3, 4]);
         window.mmio_read(MmioAddress(0xc000_0000), 16, &mut word);
         assert_eq!(word, [0xff; 4], "past the BAR");
+        window.pio_read(PioAddress(0xc000), 4, &mut word);
+        assert_eq!(word, [0xff; 4], "a memory BAR does not decode I/O");
+    }
+
+    #[test]
+    fn io_ports_reach_an_io_bar_once_io_decoding_is_on() {
+        let (bus, io) = setup_with(BarKind::Io);
+        let window = PciBarWindow::new(bus);
+        select(&io, 1, BAR0 as u32);
+        io.pio_write(PioAddress(0xcf8), 4, &0x1000u32.to_le_bytes());
+        let mut word = [0u8; 4];
+        window.pio_read(PioAddress(0x1000), 4, &mut word);
+        assert_eq!(word, [0xff; 4], "I/O decoding is still off");
+
+        select(&io, 1, COMMAND as u32);
+        io.pio_write(PioAddress(0xcf8), 4, &u32::from(COMMAND_IO).to_le_bytes());
+        window.pio_write(PioAddress(0x1000), 8, &[5, 6, 7, 8]);
+        window.pio_read(PioAddress(0x1000), 8, &mut word);
+        assert_eq!(word, [5, 6, 7, 8]);
+        window.mmio_read(MmioAddress(0x1000), 8, &mut word);
+        assert_eq!(word, [0xff; 4], "an I/O BAR does not decode memory");
     }
 }
