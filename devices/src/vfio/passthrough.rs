@@ -385,7 +385,8 @@ impl VfioPciDevice {
             VfioDevice::new(sysfs, container.clone(), false).map_err(|source| match &source {
                 vfio_ioctls::VfioError::GroupViable => PassthroughError::GroupNotViable {
                     bdf: name(),
-                    why: "VFIO says so".to_string(),
+                    why: "VFIO reports the group not viable (a device in it has a host driver)"
+                        .to_string(),
                 },
                 vfio_ioctls::VfioError::OpenGroup(e, _)
                     if e.kind() == std::io::ErrorKind::ResourceBusy =>
