@@ -344,8 +344,9 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
     }
     // Every BAR window goes to the bus, which finds the BAR: trapped 64-bit BARs live above
     // 4 GiB, I/O BARs in the port window.
+    let bar_window = Arc::new(PciBarWindow::new(devices.pci.clone()));
     io.register_mmio_resources(
-        Arc::new(PciBarWindow::new(devices.pci.clone())),
+        bar_window.clone(),
         &[
             Resource::MmioAddressRange {
                 base: PCI_MMIO32_START,
@@ -362,7 +363,7 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
         reason: e.to_string(),
     })?;
     io.register_pio_resources(
-        Arc::new(PciBarWindow::new(devices.pci.clone())),
+        bar_window,
         &[Resource::PioAddressRange {
             base: PCI_IO_START as u16,
             size: (PCI_IO_END - PCI_IO_START) as u16,

@@ -9,6 +9,17 @@ use vfio_ioctls::{VfioDevice, VfioIommufd};
 
 const VFIO_PCI_DRIVER: &str = "/sys/bus/pci/drivers/vfio-pci";
 
+/// `bdf`'s directory in sysfs.
+pub fn sysfs_dir(bdf: &str) -> PathBuf {
+    Path::new("/sys/bus/pci/devices").join(bdf)
+}
+
+/// The driver bound to the device at sysfs `dir`, if any.
+pub fn bound_driver(dir: &Path) -> Option<String> {
+    let link = std::fs::read_link(dir.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
 /// A PCI function bound to vfio-pci on this host.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HostVfioDevice {
@@ -57,17 +68,14 @@ fn describe(bdf: &str, sysfs: &Path) -> HostVfioDevice {
 /// fails (iommufd with EPERM, the legacy group as not viable). Drivers that leave DMA to
 /// their user (vfio-pci and its variants, PCIe port services) do not count.
 pub fn group_blockers(bdf: &str) -> Vec<String> {
-    let group = Path::new("/sys/bus/pci/devices")
-        .join(bdf)
-        .join("iommu_group/devices");
+    let group = sysfs_dir(bdf).join("iommu_group/devices");
     let mut blockers: Vec<String> = std::fs::read_dir(group)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|member| {
             let other = member.file_name().into_string().ok()?;
-            let driver = std::fs::read_link(member.path().join("driver")).ok()?;
-            let driver = driver.file_name()?.to_string_lossy().into_owned();
+            let driver = bound_driver(&member.path())?;
             let leaves_dma = driver.contains("vfio") || driver == "pcieport";
             (other != bdf && !leaves_dma).then(|| format!("{other} ({driver})"))
         })
@@ -118,8 +126,7 @@ impl BoundCdev {
             source,
         };
         let ops = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(vfio_err)?;
-        let sysfs = Path::new("/sys/bus/pci/devices").join(&device.bdf);
-        let cdev = VfioDevice::open_cdev(&sysfs).map_err(vfio_err)?;
+        let cdev = VfioDevice::open_cdev(&sysfs_dir(&device.bdf)).map_err(vfio_err)?;
         // Attached, so that VfioDevice's Drop (which detaches and unwraps) succeeds.
         let device = VfioDevice::new_from_fd(cdev, Arc::new(ops), true).map_err(vfio_err)?;
         Ok(BoundCdev { bdf, device })

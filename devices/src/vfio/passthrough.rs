@@ -38,7 +38,7 @@ use crate::pci::config::{
 };
 use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
-use crate::vfio::host::group_blockers;
+use crate::vfio::host::{bound_driver, group_blockers, sysfs_dir};
 use crate::vfio::irq::{IrqRouter, MsixRouting};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
@@ -164,15 +164,12 @@ impl VfioPciDevice {
             bar_access,
             backend,
         } = args;
-        let sysfs = Path::new("/sys/bus/pci/devices").join(bdf);
+        let sysfs = sysfs_dir(bdf);
         let name = || bdf.to_string();
         if !sysfs.exists() {
             return Err(PassthroughError::NoDevice { bdf: name() });
         }
-        let driver = std::fs::read_link(sysfs.join("driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "no driver".to_string());
+        let driver = bound_driver(&sysfs).unwrap_or_else(|| "no driver".to_string());
         if driver != "vfio-pci" {
             return Err(PassthroughError::WrongDriver {
                 bdf: name(),
