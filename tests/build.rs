@@ -17,7 +17,7 @@ fn main() {
         .expect("cannot run bash for tests/guest/build.sh");
     assert!(
         status.success(),
-        "tests/guest/build.sh failed: the payload needs binutils (as, ld)"
+        "tests/guest/build.sh failed: the payload needs binutils (as, ld): run bash tests/setup.sh"
     );
     println!(
         "cargo:rustc-env=LUVMM_PAYLOAD={}",

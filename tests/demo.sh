@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The luvmm demo: boot the test payload, save it, kill the VMM, restore it in a new process,
-# and show the guest's own verdict. Run from a fresh clone: bash tests/demo.sh
+# and show the guest's own verdict. Run from a fresh clone: bash tests/demo.sh (it runs the
+# setup step for what it needs: binutils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "demo: cargo (Rust) is needed" >&2; exit 1; }
-if ! command -v as >/dev/null || ! command -v ld >/dev/null; then
-    echo "demo: installing binutils for the guest payload"
-    apt-get update -qq && apt-get install -y -qq binutils >/dev/null
-fi
+bash tests/setup.sh demo
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "demo: /dev/kvm is missing or not accessible" >&2; exit 1; }
 
 cargo build --release -q -p luvmm-vmm --bin luvmm

@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The luvmm test command: installs what the tests need, then runs every test in the workspace.
-# Tests that need /dev/kvm fail loudly without it; none is skipped.
+# The luvmm test command: the setup step (installs, serially, whatever is missing), then every
+# test in the workspace, the nested bed included. Tests that need /dev/kvm fail loudly without
+# it; none is skipped, and none installs anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v as >/dev/null || ! command -v ld >/dev/null; then
-    echo "run.sh: installing binutils for the guest payload"
-    apt-get update -qq && apt-get install -y -qq binutils >/dev/null
-fi
+bash tests/setup.sh all
 cargo test --workspace

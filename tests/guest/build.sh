@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: build.sh OUTDIR}
 mkdir -p "$out"
 for tool in as ld; do
-    command -v "$tool" >/dev/null || { echo "build.sh: '$tool' not found: install binutils" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "build.sh: '$tool' not found: run bash tests/setup.sh" >&2; exit 1; }
 done
 as --64 -o "$out/payload.o" "$here/payload.S"
 ld -m elf_x86_64 -static -nostdlib --no-warn-rwx-segments -T "$here/payload.ld" -o "$out/payload.elf.tmp" "$out/payload.o" 2>/dev/null \

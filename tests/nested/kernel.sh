@@ -14,18 +14,8 @@ cache=${LUVMM_CACHE:-$HOME/.cache/luvmm}
 jobs=${JOBS:-$(nproc)}
 log() { echo "kernel.sh: $*" >&2; }
 
-need_pkgs=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils patch
-           debian-archive-keyring rsync)
-missing=()
-for p in "${need_pkgs[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
+# The build tools come from the project's setup step; nothing is installed here.
+bash "$here/../setup.sh" --check all
 # Private apt configuration for sid, from the system's own mirror.
 apt_dir=$cache/apt-sid
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"

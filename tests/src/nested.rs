@@ -34,23 +34,20 @@ fn run_script(script: &str, args: &[&Path]) -> String {
         .to_string()
 }
 
-/// Installs QEMU if needed, gets the kernel from `kernel.sh` (cached after the first build) and
-/// packs `binaries` into the initramfs under `work`.
+/// Checks that the setup step installed the bed's tools (QEMU, the kernel build), gets the
+/// kernel from `kernel.sh` (cached after the first build) and packs `binaries` into the
+/// initramfs under `work`.
 pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
+    let check = Command::new("bash")
+        .arg(nested_dir().join("../setup.sh"))
+        .args(["--check", "all"])
         .output()
-        .is_err()
-    {
-        let status = Command::new("sh")
-            .args([
-                "-c",
-                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null",
-            ])
-            .status()
-            .expect("run apt-get");
-        assert!(status.success(), "cannot install qemu-system-x86");
-    }
+        .unwrap_or_else(|e| panic!("cannot run tests/setup.sh --check: {e}"));
+    assert!(
+        check.status.success(),
+        "the nested bed's tools are not installed: {}",
+        String::from_utf8_lossy(&check.stderr).trim()
+    );
     // One kernel per test process, built or found once even when tests run in parallel.
     static KERNEL: OnceLock<PathBuf> = OnceLock::new();
     let kernel_dir = KERNEL

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The project's one setup step: installs, serially and once, every Debian package and rustup
+# component luvmm's demo, CI and tests need. Nothing else installs anything: the tests and the
+# scripts they run call `setup.sh --check` and fail naming this command when a tool is missing.
+#
+#   setup.sh [demo|all]           install what the demo (or everything) needs; default: all
+#   setup.sh --check [demo|all]   install nothing; list what is missing and exit 1 if anything is
+#
+# Installing needs root (or sudo) and Debian's archive; with everything present it only checks.
+set -euo pipefail
+
+check_only=0
+if [ "${1:-}" = --check ]; then check_only=1; shift; fi
+profile=${1:-all}
+
+# The demo: the guest payload is assembled and linked with binutils (as, ld).
+demo_pkgs=(binutils)
+# The tests add the nested bed: QEMU for L1; the L1 kernel's build (make, gcc, bc, bison, flex,
+# libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests); cpio,
+# gzip and a static busybox for its initramfs; Debian's keyring and dpkg-deb to fetch and unpack
+# linux-source-7.2 from sid.
+all_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
+          rsync cpio gzip xz-utils patch busybox-static file debian-archive-keyring dpkg)
+# `.ci/run` checks formatting and lints.
+rust_components=(rustfmt clippy)
+
+case "$profile" in
+    demo) pkgs=("${demo_pkgs[@]}"); components=() ;;
+    all) pkgs=("${all_pkgs[@]}"); components=("${rust_components[@]}") ;;
+    *) echo "usage: setup.sh [--check] [demo|all]" >&2; exit 2 ;;
+esac
+
+missing_pkgs=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing_pkgs+=("$p")
+done
+missing_components=()
+if [ ${#components[@]} -gt 0 ]; then
+    command -v rustup >/dev/null || { echo "setup.sh: rustup not found (Rust is needed)" >&2; exit 1; }
+    installed=$(rustup component list --installed)
+    for c in "${components[@]}"; do
+        grep -q "^$c-" <<<"$installed" || missing_components+=("$c")
+    done
+fi
+command -v cargo >/dev/null || { echo "setup.sh: cargo not found (Rust is needed)" >&2; exit 1; }
+
+if [ $check_only = 1 ]; then
+    if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_components[@]} -gt 0 ]; then
+        echo "missing: ${missing_pkgs[*]} ${missing_components[*]}; run: bash tests/setup.sh${1:+ $profile}" >&2
+        exit 1
+    fi
+    exit 0
+fi
+
+if [ ${#missing_pkgs[@]} -gt 0 ]; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    echo "setup.sh: installing ${missing_pkgs[*]}"
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        "${missing_pkgs[@]}" >/dev/null
+fi
+if [ ${#missing_components[@]} -gt 0 ]; then
+    echo "setup.sh: adding rustup components ${missing_components[*]}"
+    rustup component add "${missing_components[@]}"
+fi
+echo "setup.sh: $profile ready"
