@@ -26,7 +26,8 @@ pub enum BootProtocol {
     Pvh,
 }
 
-/// Where the guest's COM1 output goes.
+/// Where the guest's COM1 output goes. In JSON `"stdout"`, `"none"` or `{"file": PATH}`; on
+/// the command line `stdout`, `none` or a path (see `SerialOutput::from_flag`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialOutput {
@@ -36,7 +37,23 @@ pub enum SerialOutput {
     /// Appended to a file, created if missing.
     File(PathBuf),
     /// Discarded.
-    Sink,
+    #[serde(rename = "none")]
+    Discard,
+}
+
+impl SerialOutput {
+    /// Reads `--serial`: the config's words, or a file path. A path must contain a `/`, so a
+    /// mistyped word (`sink`, `stdot`) is refused instead of becoming a file of that name.
+    pub fn from_flag(value: &str) -> Result<SerialOutput, String> {
+        match value {
+            "stdout" => Ok(SerialOutput::Stdout),
+            "none" => Ok(SerialOutput::Discard),
+            path if path.contains('/') => Ok(SerialOutput::File(PathBuf::from(path))),
+            other => Err(format!(
+                "{other:?} is not stdout, none or a path (write a file in this directory as ./{other})"
+            )),
+        }
+    }
 }
 
 /// One RAM region as the user writes it.
@@ -159,6 +176,9 @@ pub enum ConfigError {
     /// No region starts at GPA 0 with room for the boot structures and a kernel at 1 MiB.
     #[error("memory: a region must start at gpa 0 and extend past {HIMEM_START:#x} (boot structures and the payload live there)")]
     NoLowMemory,
+    /// No payload was named.
+    #[error("payload: no guest payload given (--payload FILE, or \"payload\" in the config file)")]
+    NoPayload,
     /// The payload file is missing or not a regular file.
     #[error("payload: {path}: {reason}")]
     Payload { path: PathBuf, reason: String },
@@ -287,6 +307,9 @@ impl VmConfig {
     }
 
     fn validate_payload(&self) -> Result<(), ConfigError> {
+        if self.payload.as_os_str().is_empty() {
+            return Err(ConfigError::NoPayload);
+        }
         let reason = match std::fs::metadata(&self.payload) {
             Ok(meta) if meta.is_file() => return Ok(()),
             Ok(_) => "not a regular file".to_string(),
@@ -476,6 +499,36 @@ mod tests {
             dir.validate(&LIMITS),
             Err(ConfigError::Payload { .. })
         ));
+        let none = VmConfig {
+            payload: PathBuf::new(),
+            ..config()
+        };
+        assert_eq!(none.validate(&LIMITS), Err(ConfigError::NoPayload));
+        assert!(ConfigError::NoPayload.to_string().contains("--payload"));
+    }
+
+    #[test]
+    fn serial_words_mean_the_same_in_json_and_on_the_command_line() {
+        for (word, output) in [
+            ("stdout", SerialOutput::Stdout),
+            ("none", SerialOutput::Discard),
+        ] {
+            assert_eq!(SerialOutput::from_flag(word), Ok(output.clone()));
+            let json = format!("\"{word}\"");
+            assert_eq!(serde_json::from_str::<SerialOutput>(&json).unwrap(), output);
+            assert_eq!(serde_json::to_string(&output).unwrap(), json);
+        }
+        assert_eq!(
+            SerialOutput::from_flag("/tmp/s.log"),
+            Ok(SerialOutput::File("/tmp/s.log".into()))
+        );
+        assert_eq!(
+            SerialOutput::from_flag("./sink"),
+            Ok(SerialOutput::File("./sink".into()))
+        );
+        let typo = SerialOutput::from_flag("sink").unwrap_err();
+        assert!(typo.contains("./sink"), "{typo}");
+        assert!(serde_json::from_str::<SerialOutput>("\"sink\"").is_err());
     }
 
     #[test]

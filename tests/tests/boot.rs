@@ -90,7 +90,20 @@ fn bad_configurations_are_refused_with_the_field_named() {
         &["run", "--payload", "/nonexistent/payload.elf"],
         "payload: /nonexistent/payload.elf",
     );
-    refused(&["run"], "payload: ");
+    refused(&["run"], "payload: no guest payload given (--payload FILE");
+    // One vocabulary: a mistyped serial word is refused, not taken for a file name.
+    refused(
+        &["run", "--payload", payload, "--serial", "sink"],
+        "\"sink\" is not stdout, none or a path",
+    );
+    refused(
+        &["run", "--payload", payload, "--boot", "bios"],
+        "unknown variant `bios`, expected one of `auto`, `linux64`, `pvh`",
+    );
+    refused(
+        &["run", "--payload", payload, "--vfio-backend", "vfio"],
+        "expected one of `auto`, `iommufd`, `legacy`",
+    );
 
     let dir = TestDir::new("boot-bad-config");
     let write = |name: &str, text: String| {

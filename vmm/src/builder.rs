@@ -13,11 +13,10 @@ use luvmm_devices::pci::bus::{BusFull, PciBarWindow, PciBus, PciConfigIo, PciDev
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{
-    BackendChoice, BarAccess, GuestMapper, IrqRouter, PassthroughArgs, PassthroughError,
-    VfioPciDevice,
+    GuestMapper, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
 };
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
-use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VfioBackendChoice, VmConfig};
+use luvmm_resources::config::{ConfigError, SerialOutput, VmConfig};
 use luvmm_resources::layout::{
     GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
     PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
@@ -102,20 +101,11 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
         vm.shared_fd(),
         layout.regions.len() as u32,
     ));
-    let bar_access = match config.vfio_bars {
-        BarMode::Direct => BarAccess::Direct,
-        BarMode::Trapped => BarAccess::Trapped,
-    };
-    let backend = match config.vfio_backend {
-        VfioBackendChoice::Auto => BackendChoice::Auto,
-        VfioBackendChoice::Iommufd => BackendChoice::Iommufd,
-        VfioBackendChoice::Legacy => BackendChoice::Legacy,
-    };
     let args = || PassthroughArgs {
         router: router.clone(),
         mapper: mapper.clone(),
-        bar_access,
-        backend,
+        bar_access: config.vfio_bars,
+        backend: config.vfio_backend,
     };
     let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, args)?;
 
@@ -395,7 +385,7 @@ fn start_all(vcpus: Vec<Vcpu>) -> Result<Vec<crate::vstate::vcpu::VcpuHandle>, B
 fn open_serial(output: &SerialOutput) -> Result<SerialOut, BuildError> {
     Ok(match output {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::Sink => Box::new(std::io::sink()),
+        SerialOutput::Discard => Box::new(std::io::sink()),
         // Line-buffered, so readers of the file see whole guest lines.
         SerialOutput::File(path) => Box::new(LineWriter::new(
             OpenOptions::new()

@@ -3,12 +3,13 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use luvmm_resources::config::{
     BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
     DEFAULT_CMDLINE,
 };
 use luvmm_resources::layout::MemoryLayout;
+use serde::de::DeserializeOwned;
 
 /// luvmm: a microVM monitor whose VMs survive a host kernel live update.
 #[derive(Debug, Parser)]
@@ -29,6 +30,10 @@ pub enum Command {
     /// Measure luvmm.
     Bench(BenchArgs),
     /// Report what this host offers for a live update (LUO, KHO, handlers, VFIO).
+    ///
+    /// Exit status: 0 ready (guest memory and every vfio-pci device can be preserved), 3 nothing
+    /// can be preserved (no LUO, KHO, liveupdate=on or memfd handler), 4 memory only (the
+    /// vfio-pci devices cannot be preserved), 1 error, 2 usage.
     HostCheck {
         /// One JSON object instead of text.
         #[arg(long)]
@@ -53,9 +58,9 @@ pub struct RunArgs {
     /// Guest command line.
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Boot protocol.
-    #[arg(long, value_enum)]
-    pub boot: Option<BootArg>,
+    /// Boot protocol: auto, linux64 or pvh.
+    #[arg(long, value_parser = config_word::<BootProtocol>)]
+    pub boot: Option<BootProtocol>,
     /// Pass this host PCI function (bound to vfio-pci) through; repeatable.
     #[arg(long)]
     pub vfio: Vec<String>,
@@ -63,34 +68,26 @@ pub struct RunArgs {
     #[arg(long)]
     pub vfio_trap_bars: bool,
     /// IOMMU path for passthrough devices: auto (iommufd if present), iommufd, legacy.
-    #[arg(long, value_enum)]
-    pub vfio_backend: Option<VfioBackendArg>,
+    #[arg(long, value_parser = config_word::<VfioBackendChoice>)]
+    pub vfio_backend: Option<VfioBackendChoice>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Guest serial output: "stdout", "none", or a file path (appended).
-    #[arg(long)]
-    pub serial: Option<String>,
+    /// Guest serial output: stdout, none, or a file path containing a '/' (appended).
+    #[arg(long, value_parser = SerialOutput::from_flag)]
+    pub serial: Option<SerialOutput>,
     /// Control API socket (created 0600).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum VfioBackendArg {
-    Auto,
-    Iommufd,
-    Legacy,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum BootArg {
-    Auto,
-    Linux64,
-    Pvh,
+/// Parses a flag's value with the config file's own words (the serde names), so a word means
+/// the same on the command line and in JSON.
+fn config_word<T: DeserializeOwned>(word: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(word.to_string())).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -161,15 +158,6 @@ pub enum BenchKind {
     },
 }
 
-/// Parses `--serial`.
-pub fn serial_output(arg: Option<&str>) -> SerialOutput {
-    match arg {
-        None | Some("stdout") => SerialOutput::Stdout,
-        Some("none") => SerialOutput::Sink,
-        Some(path) => SerialOutput::File(PathBuf::from(path)),
-    }
-}
-
 /// Builds the VM config from `--config` and the flags that override it.
 pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::ConfigError> {
     let mut config = match &args.config {
@@ -188,11 +176,7 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
         },
     };
     if let Some(backend) = args.vfio_backend {
-        config.vfio_backend = match backend {
-            VfioBackendArg::Auto => VfioBackendChoice::Auto,
-            VfioBackendArg::Iommufd => VfioBackendChoice::Iommufd,
-            VfioBackendArg::Legacy => VfioBackendChoice::Legacy,
-        };
+        config.vfio_backend = backend;
     }
     if args.vfio_trap_bars {
         config.vfio_bars = BarMode::Trapped;
@@ -213,14 +197,10 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
         config.cmdline = cmdline.clone();
     }
     if let Some(boot) = args.boot {
-        config.boot = match boot {
-            BootArg::Auto => BootProtocol::Auto,
-            BootArg::Linux64 => BootProtocol::Linux64,
-            BootArg::Pvh => BootProtocol::Pvh,
-        };
+        config.boot = boot;
     }
-    if args.common.serial.is_some() {
-        config.serial = serial_output(args.common.serial.as_deref());
+    if let Some(serial) = &args.common.serial {
+        config.serial = serial.clone();
     }
     if args.common.api_socket.is_some() {
         config.api_socket = args.common.api_socket.clone();

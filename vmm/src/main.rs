@@ -31,7 +31,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         }
         Command::Restore(args) => {
             let source = luvmm_vmm::cli::restore_source(&args)?;
-            let serial = luvmm_vmm::cli::serial_output(args.common.serial.as_deref());
+            let serial = args.common.serial.clone().unwrap_or_default();
             let inputs = restore::collect(source, serial).map_err(|e| chain(&e))?;
             let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
             vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
@@ -74,7 +74,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             } else {
                 print!("{}", report.to_text());
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(ExitCode::from(report.verdict.exit_code()))
         }
     }
 }

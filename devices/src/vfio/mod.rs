@@ -8,4 +8,4 @@ pub mod passthrough;
 pub use bar_map::GuestMapper;
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
 pub use irq::IrqRouter;
-pub use passthrough::{BackendChoice, BarAccess, PassthroughArgs, PassthroughError, VfioPciDevice};
+pub use passthrough::{PassthroughArgs, PassthroughError, VfioPciDevice};

@@ -9,7 +9,7 @@
 //!   signals. INTx goes to an IOAPIC line through an irqfd with a resample eventfd, so the
 //!   guest's EOI unmasks it in VFIO.
 //! - BARs VFIO lets us mmap are mapped into the guest as KVM memslots wherever the guest
-//!   places them (no exits); the others, and every BAR with `BarAccess::Trapped`, exit and are
+//!   places them (no exits); the others, and every BAR with `BarMode::Trapped`, exit and are
 //!   forwarded to the VFIO region. The BARs holding the MSI-X table and pending bits are always
 //!   trapped: the guest's table and masks are emulated (`irq::MsixRouting`), and enabling MSI-X
 //!   routes one GSI per vector.
@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_ioctls::IommuFd;
+use luvmm_resources::config::{BarMode, VfioBackendChoice};
 use luvmm_resources::state::{
     DmaMapping, IntxState, MsiState, MsixState, PassthroughState, VfioBackend,
 };
@@ -111,17 +112,6 @@ enum Backend {
     Legacy(Arc<VfioContainer>),
 }
 
-/// Which path to open devices through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendChoice {
-    /// iommufd when `/dev/iommu` and the device's cdev exist, the legacy container otherwise.
-    Auto,
-    /// iommufd or fail.
-    Iommufd,
-    /// The legacy group/container path.
-    Legacy,
-}
-
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     bdf: String,
@@ -137,21 +127,12 @@ pub struct VfioPciDevice {
     mapper: Arc<dyn GuestMapper>,
 }
 
-/// How BARs reach the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BarAccess {
-    /// mmap the region and map it as a KVM memslot where VFIO allows mmap.
-    Direct,
-    /// Every access exits and is forwarded to the VFIO region.
-    Trapped,
-}
-
 /// Live handles a passthrough device is opened with.
 pub struct PassthroughArgs {
     pub router: Arc<dyn IrqRouter>,
     pub mapper: Arc<dyn GuestMapper>,
-    pub bar_access: BarAccess,
-    pub backend: BackendChoice,
+    pub bar_access: BarMode,
+    pub backend: VfioBackendChoice,
 }
 
 impl VfioPciDevice {
@@ -189,18 +170,18 @@ impl VfioPciDevice {
         }
         let iommufd_ready = Path::new("/dev/iommu").exists() && sysfs.join("vfio-dev").exists();
         let (device, backend) = match backend {
-            BackendChoice::Iommufd | BackendChoice::Auto if iommufd_ready => {
+            VfioBackendChoice::Iommufd | VfioBackendChoice::Auto if iommufd_ready => {
                 Self::open_iommufd(bdf, &sysfs)?
             }
-            BackendChoice::Iommufd => {
+            VfioBackendChoice::Iommufd => {
                 return Err(if Path::new("/dev/iommu").exists() {
                     PassthroughError::NoCdev { bdf: name() }
                 } else {
                     PassthroughError::NoIommufd { bdf: name() }
                 })
             }
-            BackendChoice::Auto | BackendChoice::Legacy => {
-                if backend == BackendChoice::Auto {
+            VfioBackendChoice::Auto | VfioBackendChoice::Legacy => {
+                if backend == VfioBackendChoice::Auto {
                     log::warn!(
                         "{bdf}: no iommufd or VFIO cdev on this kernel: using the legacy VFIO \
                          group/container path (DMA mapped by address; cannot be preserved \
@@ -275,7 +256,7 @@ impl VfioPciDevice {
         let msix_bars = msix.as_ref().map_or([None, None], |m| {
             [Some(m.layout.table_bar), Some(m.layout.pba_bar)]
         });
-        if bar_access == BarAccess::Direct {
+        if bar_access == BarMode::Direct {
             for index in 0..NUM_BARS {
                 let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
                     && !msix_bars.contains(&Some(index))
