@@ -32,19 +32,25 @@ fn boot_scenario(name: &str, scenario: &str, devices: &[&str], extra: PathBuf) -
     run
 }
 
-fn hostcheck(run: &L1Run, stage: u32) -> serde_json::Value {
-    let prefix = format!("hostcheck stage={stage} ");
-    let json = run
+/// The exit code and JSON report of `luvmm host-check --json` in `stage`.
+fn hostcheck(run: &L1Run, stage: u32) -> (i32, serde_json::Value) {
+    let prefix = format!("hostcheck stage={stage} exit=");
+    let line = run
         .results()
         .into_iter()
         .find_map(|r| r.strip_prefix(prefix.as_str()))
         .unwrap_or_else(|| fail(run, &format!("no host-check line in stage {stage}")));
-    serde_json::from_str(json).unwrap_or_else(|e| {
+    let (code, json) = line.split_once(' ').unwrap_or((line, ""));
+    let code = code
+        .parse()
+        .unwrap_or_else(|_| fail(run, &format!("stage {stage} host-check exit: {line}")));
+    let report = serde_json::from_str(json).unwrap_or_else(|e| {
         fail(
             run,
             &format!("stage {stage} host-check is not JSON ({e}): {json}"),
         )
-    })
+    });
+    (code, report)
 }
 
 #[test]
@@ -113,7 +119,10 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
     // host-check before and after the kexec: LUO up, memfd preservable, VFIO and iommufd not
     // (Linux 7.2 has no handler for them), the edu device visible through its cdev.
     for stage in [1, 2] {
-        let report = hostcheck(&run, stage);
+        let (code, report) = hostcheck(&run, stage);
+        // Memory can be preserved, the edu device cannot: exit 4, as documented.
+        assert_eq!(report["verdict"], "memory_only", "stage {stage}: {report}");
+        assert_eq!(code, 4, "stage {stage}: host-check exit code");
         let lu = &report["liveupdate"];
         assert_eq!(lu["luo"], "available", "stage {stage}: {report}");
         assert_eq!(lu["kho_enabled"], true, "stage {stage}: {report}");
@@ -247,6 +256,7 @@ fn vfio_scenario(name: &str, bed: VfioBed) {
     let legacy: serde_json::Value = serde_json::from_str(legacy)
         .unwrap_or_else(|e| fail(&run, &format!("host-check JSON: {e}")));
     assert_eq!(legacy["vfio_backend"], "legacy_container", "{legacy}");
+    assert_eq!(legacy["verdict"], "memory_only", "{legacy}");
 
     // Direct-mapped BARs (first run) must not exit; trapped ones (second run) do.
     let mmio: Vec<&&str> = results

@@ -1,7 +1,7 @@
 //! `luvmm host-check`: what this host offers for a live update, as text or JSON.
 
 use luvmm_devices::vfio::{host_vfio_devices, BoundCdev, HostVfioDevice};
-use luvmm_liveupdate::probe::{probe, Candidate, HostCapabilities};
+use luvmm_liveupdate::probe::{probe, Candidate, HandlerStatus, HostCapabilities, LuoStatus};
 use serde::Serialize;
 
 use crate::api::error_chain;
@@ -15,6 +15,77 @@ pub struct HostReport {
     pub vfio_devices: Vec<HostVfioDevice>,
     /// Why no VFIO device could be bound for the handler probe, if one was tried.
     pub vfio_probe_error: Option<String>,
+    /// What all of the above allows.
+    pub verdict: Verdict,
+    /// Why the verdict is not `ready`, one reason each.
+    pub blockers: Vec<String>,
+}
+
+/// What a live update on this host would keep; `host-check` exits with its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Guest memory and every vfio-pci device here can be preserved.
+    Ready,
+    /// Guest memory can be preserved; the passthrough devices here cannot.
+    MemoryOnly,
+    /// Nothing can be preserved: LUO, KHO or the memfd handler is missing.
+    Unavailable,
+}
+
+impl Verdict {
+    /// The exit code of `luvmm host-check` (1 is left for errors, 2 for usage).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Ready => 0,
+            Verdict::Unavailable => 3,
+            Verdict::MemoryOnly => 4,
+        }
+    }
+}
+
+/// Weighs what was found: memory needs LUO, KHO, `liveupdate=on` and the memfd handler; a
+/// vfio-pci device needs the iommufd path and the VFIO and iommufd handlers.
+fn verdict(
+    caps: &HostCapabilities,
+    path: VfioPath,
+    devices: &[HostVfioDevice],
+) -> (Verdict, Vec<String>) {
+    let mut memory = Vec::new();
+    if caps.luo != LuoStatus::Available {
+        memory.push(format!("/dev/liveupdate is {:?}", caps.luo));
+    }
+    if !caps.kho_enabled {
+        memory.push("KHO is not enabled".to_string());
+    }
+    if !caps.cmdline_liveupdate_on {
+        memory.push("the kernel command line lacks liveupdate=on".to_string());
+    }
+    if caps.handlers.memfd != HandlerStatus::Present {
+        memory.push(format!("memfd handler: {:?}", caps.handlers.memfd));
+    }
+    if !memory.is_empty() {
+        return (Verdict::Unavailable, memory);
+    }
+    let mut devices_blocked = Vec::new();
+    if !devices.is_empty() {
+        if path != VfioPath::Iommufd {
+            devices_blocked.push(format!("VFIO path is {path:?}, not iommufd"));
+        }
+        for (what, status) in [
+            ("VFIO device", &caps.handlers.vfio_device),
+            ("iommufd", &caps.handlers.iommufd),
+        ] {
+            if *status != HandlerStatus::Present {
+                devices_blocked.push(format!("{what} handler: {status:?}"));
+            }
+        }
+    }
+    if devices_blocked.is_empty() {
+        (Verdict::Ready, devices_blocked)
+    } else {
+        (Verdict::MemoryOnly, devices_blocked)
+    }
 }
 
 /// The VFIO path passthrough devices take on this host.
@@ -60,11 +131,15 @@ pub fn run() -> HostReport {
         None => (None, None),
     };
     let liveupdate = probe(candidate);
+    let vfio_backend = vfio_path();
+    let (verdict, blockers) = verdict(&liveupdate, vfio_backend, &vfio_devices);
     HostReport {
         liveupdate,
-        vfio_backend: vfio_path(),
+        vfio_backend,
         vfio_devices,
         vfio_probe_error,
+        verdict,
+        blockers,
     }
 }
 
@@ -98,6 +173,77 @@ impl HostReport {
         if let Some(e) = &self.vfio_probe_error {
             text.push_str(&format!("VFIO probe:               {e}\n"));
         }
+        text.push_str(&format!(
+            "verdict:                  {}\n",
+            match self.verdict {
+                Verdict::Ready => "ready: guest memory and passthrough devices can be preserved",
+                Verdict::MemoryOnly => "memory only: passthrough devices cannot be preserved",
+                Verdict::Unavailable => "unavailable: nothing can be preserved",
+            }
+        ));
+        for blocker in &self.blockers {
+            text.push_str(&format!("blocker:                  {blocker}\n"));
+        }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luvmm_liveupdate::probe::Handlers;
+
+    fn caps(memfd: HandlerStatus, vfio: HandlerStatus) -> HostCapabilities {
+        HostCapabilities {
+            luo: LuoStatus::Available,
+            kho_enabled: true,
+            cmdline_liveupdate_on: true,
+            cmdline_kho_on: true,
+            iommufd_present: true,
+            vfio_cdev_present: true,
+            handlers: Handlers {
+                memfd,
+                iommufd: vfio.clone(),
+                vfio_device: vfio,
+            },
+        }
+    }
+
+    fn edu() -> Vec<HostVfioDevice> {
+        vec![HostVfioDevice {
+            bdf: "0000:00:03.0".into(),
+            cdev: Some("/dev/vfio/devices/vfio0".into()),
+            iommu_group: Some(3),
+        }]
+    }
+
+    #[test]
+    fn the_verdict_and_its_exit_code_follow_what_can_be_preserved() {
+        use HandlerStatus::{Absent, Present};
+        let ready = verdict(&caps(Present, Present), VfioPath::Iommufd, &edu());
+        assert_eq!(ready, (Verdict::Ready, vec![]));
+        assert_eq!(Verdict::Ready.exit_code(), 0);
+
+        // Linux 7.2: memfds only.
+        let (v, why) = verdict(&caps(Present, Absent), VfioPath::Iommufd, &edu());
+        assert_eq!(v, Verdict::MemoryOnly);
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert_eq!(v.exit_code(), 4);
+        // Without devices there is nothing else to preserve.
+        assert_eq!(
+            verdict(&caps(Present, Absent), VfioPath::Iommufd, &[]).0,
+            Verdict::Ready
+        );
+        // The legacy container cannot be preserved even with handlers.
+        let (v, why) = verdict(&caps(Present, Present), VfioPath::LegacyContainer, &edu());
+        assert_eq!(v, Verdict::MemoryOnly);
+        assert!(why[0].contains("LegacyContainer"), "{why:?}");
+
+        let mut off = caps(Present, Present);
+        off.luo = LuoStatus::NotEnabled;
+        off.cmdline_liveupdate_on = false;
+        let (v, why) = verdict(&off, VfioPath::Iommufd, &edu());
+        assert_eq!((v, why.len()), (Verdict::Unavailable, 2), "{why:?}");
+        assert_eq!(v.exit_code(), 3);
     }
 }
