@@ -157,6 +157,10 @@ pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String)
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    // A VMM that never answers fails the test instead of hanging it.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("set a read timeout");
     stream.write_all(request.as_bytes()).expect("send request");
     read_reply(&mut stream)
 }

@@ -76,20 +76,69 @@ fn bad_requests_get_http_errors_and_the_vmm_keeps_running() {
 }
 
 #[test]
-fn a_second_client_is_turned_away_while_the_first_is_connected() {
-    let dir = TestDir::new("api-second-client");
+fn clients_are_served_one_at_a_time_in_order() {
+    let dir = TestDir::new("api-one-at-a-time");
     let vm = Vm::boot(&dir, "vm", &[]);
     let mut first = UnixStream::connect(&vm.socket).unwrap();
     first.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
 
-    let (status, body) = vm.api("GET", "/vm", "");
-    assert_eq!(status, 503, "{body}");
+    // The second client waits for its turn instead of being turned away.
+    let socket = vm.socket.clone();
+    let second = std::thread::spawn(move || luvmm_tests::api(&socket, "GET", "/vm", ""));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !second.is_finished(),
+        "the second client was answered first"
+    );
 
     first.write_all(b"Host: x\r\n\r\n").unwrap();
     let (status, body) = read_reply(&mut first);
     assert_eq!(status, 200, "{body}");
-    // And the next client is served again.
+    let (status, body) = second.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // A client that connects and leaves without a word does not hold anyone up.
+    drop(UnixStream::connect(&vm.socket).unwrap());
     assert_eq!(vm.phase(), "running");
+}
+
+#[test]
+fn an_idle_client_times_out_and_the_next_one_is_served() {
+    let dir = TestDir::new("api-idle-client");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let mut idle = UnixStream::connect(&vm.socket).unwrap();
+    idle.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+    // Queued behind the idle client, then served once its read timeout ends its turn.
+    let (status, body) = vm.api("GET", "/vm", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = read_reply(&mut idle);
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("no complete request"), "{body}");
+    assert!(vm.check().ok);
+}
+
+#[test]
+fn the_ctl_client_gives_up_on_a_silent_vmm() {
+    let dir = TestDir::new("api-ctl-timeout");
+    let socket = dir.join("silent.sock");
+    // Accepts and reads, never answers.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let holder = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let (status, stderr) = run_luvmm(&[
+        "ctl",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "status",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("no reply from"), "{stderr}");
+    assert!(stderr.contains("within 1s"), "{stderr}");
+    drop(holder.join().unwrap());
+    let (status, stderr) = run_luvmm(&["ctl", "--socket", "x", "--timeout", "0", "status"]);
+    assert!(!status.success());
+    assert!(stderr.contains("is not a number of seconds"), "{stderr}");
 }
 
 #[test]

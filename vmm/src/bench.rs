@@ -142,8 +142,14 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
         "the guest to boot",
     )?;
 
-    let save = client::request(&first_socket, "PUT", "/vm/save", None)
-        .map_err(|e| crate::api::error_chain(&e))?;
+    let save = client::request(
+        &first_socket,
+        "PUT",
+        "/vm/save",
+        None,
+        client::DEFAULT_TIMEOUT,
+    )
+    .map_err(|e| crate::api::error_chain(&e))?;
     let report: SaveReport =
         serde_json::from_str(&save.body).map_err(|e| format!("save reply {}: {e}", save.body))?;
 
@@ -164,7 +170,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
     let mut running: Option<VmStatus> = None;
     wait_for(
         || {
-            running = client::request(&second_socket, "GET", "/vm", None)
+            running = client::request(&second_socket, "GET", "/vm", None, client::DEFAULT_TIMEOUT)
                 .ok()
                 .and_then(|r| serde_json::from_str::<VmStatus>(&r.body).ok())
                 .filter(|s| s.phase == VmPhase::Running);
@@ -186,7 +192,13 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
     if !log.contains("LUVMM-CHECK ok") {
         return Err(format!("restored guest did not check ok:\n{log}"));
     }
-    let _ = client::request(&second_socket, "PUT", "/vm/shutdown", None);
+    let _ = client::request(
+        &second_socket,
+        "PUT",
+        "/vm/shutdown",
+        None,
+        client::DEFAULT_TIMEOUT,
+    );
     drop(second);
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);

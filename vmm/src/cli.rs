@@ -84,6 +84,13 @@ pub struct CommonArgs {
     pub api_socket: Option<PathBuf>,
 }
 
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!("{text:?} is not a number of seconds in (0, 86400]")),
+    }
+}
+
 /// Parses a flag's value with the config file's own words (the serde names), so a word means
 /// the same on the command line and in JSON.
 fn config_word<T: DeserializeOwned>(word: &str) -> Result<T, String> {
@@ -113,6 +120,9 @@ pub struct CtlArgs {
     /// API socket of the luvmm to talk to.
     #[arg(long)]
     pub socket: PathBuf,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    pub timeout: f64,
     #[command(subcommand)]
     pub request: CtlRequest,
 }

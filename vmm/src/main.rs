@@ -52,8 +52,14 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     Some(serde_json::json!({ "export_path": export }).to_string()),
                 ),
             };
-            let reply = client::request(&args.socket, method, path, body.as_deref())
-                .map_err(|e| chain(&e))?;
+            let reply = client::request(
+                &args.socket,
+                method,
+                path,
+                body.as_deref(),
+                std::time::Duration::from_secs_f64(args.timeout),
+            )
+            .map_err(|e| chain(&e))?;
             if !reply.is_success() {
                 return Err(format!(
                     "{} {}: {} {}",

@@ -104,7 +104,7 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
 }
 
 fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
-    let reply = client::request(socket, "PUT", "/vm/handover", None)?;
+    let reply = client::request(socket, "PUT", "/vm/handover", None, client::DEFAULT_TIMEOUT)?;
     if !reply.is_success() {
         return Err(RestoreError::Refused {
             socket: socket.to_path_buf(),

@@ -5,6 +5,7 @@ use std::io::{IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
@@ -12,6 +13,10 @@ use super::http::{parse_response, request_bytes, HttpError};
 
 /// Most fds a reply may carry: a state memfd plus RAM memfds.
 const MAX_FDS: usize = 64;
+
+/// How long a client waits for its reply by default: the VMM serves one client at a time and
+/// gives each at most `server::READ_TIMEOUT` to send its request, so a few queued clients fit.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Talking to a VMM failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no reply from {path} within {timeout:?}")]
+    Timeout { path: PathBuf, timeout: Duration },
     #[error("bad reply from {path}")]
     Http {
         path: PathBuf,
@@ -51,21 +58,33 @@ impl ApiReply {
     }
 }
 
-/// Sends one request to the API socket at `socket` and reads the whole reply.
+/// Sends one request to the API socket at `socket` and reads the whole reply, giving up after
+/// `timeout` without one.
 pub fn request(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
+    timeout: Duration,
 ) -> Result<ApiReply, ClientError> {
-    let io_err = |source| ClientError::Io {
-        path: socket.to_path_buf(),
-        source,
+    let io_err = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout {
+            path: socket.to_path_buf(),
+            timeout,
+        },
+        _ => ClientError::Io {
+            path: socket.to_path_buf(),
+            source,
+        },
     };
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: socket.to_path_buf(),
         source,
     })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .map_err(io_err)?;
     stream
         .write_all(&request_bytes(method, path, body))
         .map_err(io_err)?;

@@ -11,7 +11,8 @@
 //! | PUT    | `/vm/shutdown` |                               | 204                            |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad body), 404 (unknown path), 405 (wrong method),
-//! 409 (wrong phase), 413 (too large), 503 (another client is connected) or 500.
+//! 408 (no complete request within the read timeout), 409 (wrong phase), 413 (too large), 503
+//! (too many clients queued) or 500.
 
 pub mod client;
 pub mod http;

@@ -1,18 +1,24 @@
 //! The API socket as an event-manager subscriber.
 //!
-//! One client at a time: a connection made while another is open gets `503` once its request
-//! is in, and the VMM keeps serving the first. Each connection carries one request and is closed after the
+//! Clients are served one at a time, in the order they connected: the first one's request is
+//! read and answered while the others wait, unread, in a queue. A client has `READ_TIMEOUT` from
+//! its turn to send its whole request, so one that connects and says nothing delays the next
+//! by that much, never for ever. Each connection carries one request and is closed after the
 //! reply, which may carry fds (`SCM_RIGHTS`) for a handover.
 
+use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use super::http::{parse_request, HttpError, Response};
 use super::{dispatch, route, Reply};
@@ -29,24 +35,32 @@ pub enum ApiSocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the API read timer")]
+    Timer(#[source] std::io::Error),
 }
 
-/// Most connections held at once; more are closed unanswered.
-const MAX_CONNECTIONS: usize = 16;
+/// How long the client being served has to send its whole request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most connections queued at once, the one being served included; more get 503 at once.
+const MAX_QUEUED: usize = 16;
 
 /// Serves the control API for one VMM.
 pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
-    clients: Vec<Client>,
+    /// Connections in arrival order; the front one is being served.
+    queue: VecDeque<Client>,
+    /// Fires at the front client's deadline.
+    timer: TimerFd,
     vmm: Arc<Mutex<Vmm>>,
 }
 
 struct Client {
     stream: UnixStream,
     received: Vec<u8>,
-    /// The one client being served; the others get 503 once their request is in.
-    admitted: bool,
+    /// When the client must have sent its request; set when its turn comes.
+    deadline: Option<Instant>,
 }
 
 impl ApiServer {
@@ -73,10 +87,17 @@ impl ApiServer {
             let _ = std::fs::remove_file(&tmp);
             return Err(bind_err(e));
         }
+        // Non-blocking, so a read after the deadline was reset returns at once.
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| ApiSocketError::Timer(e.into()))?;
         Ok(ApiServer {
             path: path.to_path_buf(),
             listener,
-            clients: Vec::new(),
+            queue: VecDeque::new(),
+            timer,
             vmm,
         })
     }
@@ -84,7 +105,7 @@ impl ApiServer {
     fn accept_all(&mut self, ops: &mut EventOps) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream, ops),
+                Ok((stream, _)) => self.enqueue(stream, ops),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
                     log::warn!("api: accept failed: {e}");
@@ -94,33 +115,71 @@ impl ApiServer {
         }
     }
 
-    fn admit(&mut self, stream: UnixStream, ops: &mut EventOps) {
-        if self.clients.len() >= MAX_CONNECTIONS {
-            log::warn!("api: {MAX_CONNECTIONS} connections open; closing a new one");
+    fn enqueue(&mut self, stream: UnixStream, ops: &mut EventOps) {
+        if self.queue.len() >= MAX_QUEUED {
+            log::warn!("api: {MAX_QUEUED} connections queued; turning a new one away");
+            send_reply(
+                &stream,
+                &Response::error(503, "too many API clients waiting; retry").into(),
+            );
             return;
         }
-        if let Err(e) = stream
-            .set_nonblocking(true)
-            .and_then(|_| ops.add(Events::new(&stream, EventSet::IN)).map_err(to_io))
-        {
-            log::warn!("api: cannot watch client: {e}");
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::warn!("api: cannot set up client: {e}");
             return;
         }
-        let admitted = !self.clients.iter().any(|c| c.admitted);
-        self.clients.push(Client {
+        self.queue.push_back(Client {
             stream,
             received: Vec::new(),
-            admitted,
+            deadline: None,
         });
+        if self.queue.len() == 1 {
+            self.start_front(ops);
+        }
     }
 
-    /// Reads what `fd`'s client sent; once its request is complete (or broken), answers it
-    /// and closes the connection.
-    fn serve_client(&mut self, fd: RawFd, ops: &mut EventOps) {
-        let Some(index) = self.clients.iter().position(|c| c.stream.as_raw_fd() == fd) else {
+    /// Gives the front client its turn: watch it, and start its read deadline. A client that
+    /// cannot be watched is dropped and the next one gets its turn.
+    fn start_front(&mut self, ops: &mut EventOps) {
+        while let Some(client) = self.queue.front_mut() {
+            let watched = ops.add(Events::new(&client.stream, EventSet::IN));
+            let armed = self.timer.set(
+                Expiration::OneShot(TimeSpec::from_duration(READ_TIMEOUT)),
+                TimerSetTimeFlags::empty(),
+            );
+            match (watched, armed) {
+                (Ok(()), Ok(())) => {
+                    client.deadline = Some(Instant::now() + READ_TIMEOUT);
+                    return;
+                }
+                (watched, armed) => {
+                    log::warn!("api: cannot serve a client: {watched:?} {armed:?}");
+                    let _ = ops.remove(Events::empty(&client.stream));
+                    self.queue.pop_front();
+                }
+            }
+        }
+        if let Err(e) = self.timer.unset() {
+            log::warn!("api: cannot disarm the read timer: {e}");
+        }
+    }
+
+    /// Ends the front client's turn with `reply` (none if it went away) and starts the next.
+    fn finish_front(&mut self, reply: Option<Reply>, ops: &mut EventOps) {
+        if let Some(client) = self.queue.pop_front() {
+            let _ = ops.remove(Events::empty(&client.stream));
+            if let Some(reply) = reply {
+                send_reply(&client.stream, &reply);
+            }
+        }
+        self.start_front(ops);
+    }
+
+    /// Reads what the front client sent; once its request is complete (or broken), answers it.
+    fn serve_front(&mut self, ops: &mut EventOps) {
+        let Some(client) = self.queue.front_mut() else {
             return;
         };
-        let client = &mut self.clients[index];
         let mut chunk = [0u8; 4096];
         let request = loop {
             match client.stream.read(&mut chunk) {
@@ -135,20 +194,33 @@ impl ApiServer {
                 Err(e) => break Some(Err(e)),
             }
         };
-        let client = self.clients.swap_remove(index);
-        let _ = ops.remove(Events::empty(&client.stream));
         let reply = match request {
-            None => return,
+            None => None,
             Some(Err(HttpError::TooLarge)) => {
-                Response::error(413, &HttpError::TooLarge.to_string()).into()
+                Some(Response::error(413, &HttpError::TooLarge.to_string()).into())
             }
-            Some(Err(e)) => Response::error(400, &e.to_string()).into(),
-            Some(Ok(_)) if !client.admitted => {
-                Response::error(503, "another API client is connected; retry").into()
-            }
-            Some(Ok(req)) => self.handle(req),
+            Some(Err(e)) => Some(Response::error(400, &e.to_string()).into()),
+            Some(Ok(req)) => Some(self.handle(req)),
         };
-        send_reply(&client.stream, &reply);
+        self.finish_front(reply, ops);
+    }
+
+    /// The read timer fired: a front client past its deadline gets 408 and loses its turn.
+    fn check_deadline(&mut self, ops: &mut EventOps) {
+        // The count is not needed; reading it only clears the readiness.
+        let _ = self.timer.wait();
+        let expired = self
+            .queue
+            .front()
+            .and_then(|c| c.deadline)
+            .is_some_and(|d| Instant::now() >= d);
+        if expired {
+            log::warn!(
+                "api: a client sent no complete request within {READ_TIMEOUT:?}; serving the next"
+            );
+            let timeout = format!("no complete request within {READ_TIMEOUT:?}");
+            self.finish_front(Some(Response::error(408, &timeout).into()), ops);
+        }
     }
 
     fn handle(&self, req: super::http::Request) -> Reply {
@@ -170,22 +242,27 @@ impl Drop for ApiServer {
 
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("api: cannot watch the listening socket: {e:?}");
+        for fd in [self.listener.as_raw_fd(), self.timer.as_fd().as_raw_fd()] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
+                log::error!("api: cannot watch fd {fd}: {e:?}");
+            }
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.listener.as_raw_fd() {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
             self.accept_all(ops);
-        } else {
-            self.serve_client(events.fd(), ops);
+        } else if fd == self.timer.as_fd().as_raw_fd() {
+            self.check_deadline(ops);
+        } else if self
+            .queue
+            .front()
+            .is_some_and(|c| c.stream.as_raw_fd() == fd)
+        {
+            self.serve_front(ops);
         }
     }
-}
-
-fn to_io(e: event_manager::Error) -> std::io::Error {
-    std::io::Error::other(format!("{e:?}"))
 }
 
 /// Writes the reply; fds go with the first bytes. A client that went away is only logged.
