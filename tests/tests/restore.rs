@@ -15,8 +15,8 @@ fn assert_continued(before: &Check, after: &Check) {
     assert_eq!(after.pages, before.pages);
     assert_eq!(after.checks, before.checks + 1, "check counter restarted");
     assert!(
-        after.heartbeat >= before.heartbeat,
-        "heartbeat went back: {before:?} -> {after:?}"
+        after.heartbeat > before.heartbeat,
+        "heartbeat did not go on: {before:?} -> {after:?}"
     );
 }
 
@@ -31,8 +31,14 @@ fn save(vm: &Vm, export: Option<&Path>) {
 
 /// Takes the VM's memfds (and state memfd) over the API, as an agent holding them would.
 fn handover(vm: &Vm) -> Vec<OwnedFd> {
-    let reply = luvmm_vmm::api::client::request(&vm.socket, "PUT", "/vm/handover", None)
-        .expect("handover request");
+    let reply = luvmm_vmm::api::client::request(
+        &vm.socket,
+        "PUT",
+        "/vm/handover",
+        None,
+        luvmm_vmm::api::client::DEFAULT_TIMEOUT,
+    )
+    .expect("handover request");
     assert_eq!(reply.status, 200, "{}", reply.body);
     reply.fds
 }
@@ -81,6 +87,32 @@ fn restore_in_a_new_process_over_the_api_socket() {
     let later = second.check();
     assert!(later.ok && later.heartbeat > after.heartbeat, "{later:?}");
     assert_eq!(second.phase(), "running");
+}
+
+#[test]
+fn a_handover_whose_target_dies_is_taken_back_by_resume() {
+    let dir = TestDir::new("restore-target-dies");
+    let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
+    let before = first.check();
+    save(&first, None);
+    assert_eq!(first.api("PUT", "/vm/handover/complete", "").0, 409);
+    // This test is the target: it receives the fds and dies (drops them) without confirming.
+    drop(handover(&first));
+    assert_eq!(first.phase(), "handing_over");
+    let (status, stderr) =
+        luvmm_tests::run_luvmm(&["ctl", "--socket", first.socket.to_str().unwrap(), "resume"]);
+    assert!(status.success(), "ctl resume: {stderr}");
+    assert_eq!(first.phase(), "running");
+    let after = first.check();
+    assert!(after.ok, "{}", after.line);
+    assert_eq!(after.seed, before.seed, "the guest rebooted");
+    assert!(
+        after.heartbeat > before.heartbeat,
+        "{before:?} -> {after:?}"
+    );
+    // Resumed, the old state is stale: a late target can neither take it nor confirm.
+    assert_eq!(first.api("PUT", "/vm/handover", "").0, 409);
+    assert_eq!(first.api("PUT", "/vm/handover/complete", "").0, 409);
 }
 
 #[test]

@@ -36,6 +36,9 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
             vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
             let vmm = builder::build_from_saved(&kvm, inputs).map_err(|e| chain(&e))?;
+            if let Some(socket) = &args.from_socket {
+                restore::complete_handover(socket).map_err(|e| chain(&e))?;
+            }
             log::info!("restored; resuming");
             finish(runtime::run(vmm, args.common.api_socket.as_deref()))
         }

@@ -41,6 +41,12 @@ pub enum RestoreError {
         status: u16,
         body: String,
     },
+    #[error("{socket} did not release the VM ({status} {body}); it keeps it, this process does not run it")]
+    NotReleased {
+        socket: PathBuf,
+        status: u16,
+        body: String,
+    },
     #[error("handover manifest from {socket} does not parse: {reason}")]
     Manifest { socket: PathBuf, reason: String },
     #[error("handover from {socket} carried {got} fds, manifest needs {expected}")]
@@ -143,6 +149,26 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
         memfds: files.collect(),
         serial,
     })
+}
+
+/// Tells the VMM behind `socket` that this process rebuilt its VM and takes it over. Until
+/// then that VMM can still resume it; after this it refuses to.
+pub fn complete_handover(socket: &Path) -> Result<(), RestoreError> {
+    let reply = client::request(
+        socket,
+        "PUT",
+        "/vm/handover/complete",
+        None,
+        client::DEFAULT_TIMEOUT,
+    )?;
+    if !reply.is_success() {
+        return Err(RestoreError::NotReleased {
+            socket: socket.to_path_buf(),
+            status: reply.status,
+            body: reply.body,
+        });
+    }
+    Ok(())
 }
 
 /// Takes ownership of inherited fds after checking each is open and named once.

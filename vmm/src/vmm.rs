@@ -30,8 +30,10 @@ pub enum VmPhase {
     Running,
     /// vCPUs wait; state can be saved.
     Paused,
-    /// Memory and state were handed to another process; this one must never run the guest
-    /// again.
+    /// Paused, with memory and state sent to another process that has not yet confirmed it
+    /// took the VM: a resume here takes it back (the target died, or gave up).
+    HandingOver,
+    /// The other process confirmed it took the VM; this one must never run the guest again.
     HandedOver,
     /// The guest stopped by itself (shutdown or a fatal exit).
     Stopped,
@@ -237,7 +239,7 @@ impl Vmm {
     /// Stops every vCPU. Pausing a paused VM is a no-op.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         match self.phase {
-            VmPhase::Paused => Ok(()),
+            VmPhase::Paused | VmPhase::HandingOver => Ok(()),
             VmPhase::Running => {
                 self.broadcast(|| VcpuEvent::Pause, "pause")?;
                 self.phase = VmPhase::Paused;
@@ -247,11 +249,15 @@ impl Vmm {
         }
     }
 
-    /// Lets every vCPU run. A state saved before this no longer describes the VM.
+    /// Lets every vCPU run. A state saved before this no longer describes the VM, so a
+    /// handover not yet confirmed is called off: its target can no longer confirm.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         match self.phase {
             VmPhase::Running => Ok(()),
-            VmPhase::Paused => {
+            VmPhase::Paused | VmPhase::HandingOver => {
+                if self.phase == VmPhase::HandingOver {
+                    log::warn!("resuming a VM whose handover was never confirmed");
+                }
                 if let Some(saved) = &mut self.saved {
                     saved.current = false;
                 }
@@ -266,7 +272,7 @@ impl Vmm {
     /// Asks the guest to verify its memory at its next wake-up.
     pub fn request_check(&self) -> Result<(), VmmError> {
         match self.phase {
-            VmPhase::Running | VmPhase::Paused => {
+            VmPhase::Running | VmPhase::Paused | VmPhase::HandingOver => {
                 self.devices.guest_control.request_check();
                 Ok(())
             }
@@ -334,10 +340,12 @@ impl Vmm {
         })
     }
 
-    /// Duplicates the state memfd and the RAM memfds for another process and retires this VM:
-    /// from now on it refuses to run. Needs a paused VM with a current saved state.
+    /// Duplicates the state memfd and the RAM memfds for another process. The VM stays
+    /// paused and resumable until that process confirms (`complete_handover`), so a target
+    /// that dies on the way strands nothing; a second target may ask again. Needs a paused VM
+    /// with a current saved state.
     pub fn handover(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
-        if self.phase != VmPhase::Paused {
+        if !matches!(self.phase, VmPhase::Paused | VmPhase::HandingOver) {
             return Err(self.refuse("hand over"));
         }
         if !self.devices.passthrough.is_empty() {
@@ -361,8 +369,18 @@ impl Vmm {
             memory: self.ram.layout().clone(),
             state_bytes: saved.bytes,
         };
-        self.phase = VmPhase::HandedOver;
+        self.phase = VmPhase::HandingOver;
         Ok((manifest, fds))
+    }
+
+    /// The target rebuilt the VM and is about to run it: from now on this process refuses to.
+    /// The target confirms before its vCPUs start, so the two never run the guest at once.
+    pub fn complete_handover(&mut self) -> Result<(), VmmError> {
+        if self.phase != VmPhase::HandingOver {
+            return Err(self.refuse("complete a handover"));
+        }
+        self.phase = VmPhase::HandedOver;
+        Ok(())
     }
 
     /// Marks the VM as rebuilt from a saved state: the state memfd it came in (if any) is

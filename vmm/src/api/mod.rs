@@ -8,6 +8,7 @@
 //! | PUT    | `/vm/save`     | `{"export_path": "FILE"}`?    | 200 `{state_bytes, pause_to_saved_ms}` |
 //! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
 //! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
+//! | PUT    | `/vm/handover/complete` |                      | 204 (the target took the VM)   |
 //! | PUT    | `/vm/shutdown` |                               | 204                            |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad body), 404 (unknown path), 405 (wrong method),
@@ -35,6 +36,7 @@ pub enum VmmAction {
     Save { export_path: Option<PathBuf> },
     Check,
     Handover,
+    CompleteHandover,
     Shutdown,
 }
 
@@ -55,6 +57,7 @@ pub fn route(req: &Request) -> Result<VmmAction, Response> {
         "/vm/resume" => ("PUT", |b| no_body(b).map(|_| VmmAction::Resume)),
         "/vm/check" => ("PUT", |b| no_body(b).map(|_| VmmAction::Check)),
         "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
+        "/vm/handover/complete" => ("PUT", |b| no_body(b).map(|_| VmmAction::CompleteHandover)),
         "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
         "/vm/save" => ("PUT", |b| {
             parse_body::<SaveBody>(b).map(|s| VmmAction::Save {
@@ -141,6 +144,7 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             },
             Err(e) => error_response(&e).into(),
         },
+        VmmAction::CompleteHandover => done(vmm.complete_handover()).into(),
         VmmAction::Shutdown => {
             vmm.request_shutdown();
             Response::empty(204).into()
@@ -197,6 +201,10 @@ mod tests {
         assert_eq!(
             route(&req("PUT", "/vm/save", "")),
             Ok(VmmAction::Save { export_path: None })
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/handover/complete", "")),
+            Ok(VmmAction::CompleteHandover)
         );
     }
 
