@@ -22,7 +22,8 @@
  * Any CPU exception prints LUVMM-FAULT vector=V rip=0x... and halts for good.
  *
  * Before sleeping it scans PCI bus 0 for QEMU edu devices; for each it sizes and places BAR 0,
- * enables memory decoding and bus mastering, checks the liveness register, enables MSI, copies
+ * enables memory decoding and bus mastering, checks the liveness register, enables MSI (and
+ * disables and enables it once more, so a re-enable is exercised), copies
  * 2048 bytes RAM -> device -> RAM by DMA, waits for the completion interrupt, and prints
  *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msi dma_gpa=0x... dma_word=0x...
  *     LUVMM-DEV FAIL bdf=00:SS.0 reason=...
@@ -496,7 +497,7 @@ edu_idle:
     jmp wait_bits
 
 /* edu_test: edi = slot, esi = device index. Sizes and places BAR 0, enables memory and bus
- * mastering, checks the ID and liveness registers, enables MSI, copies 2048 bytes
+ * mastering, checks the ID and liveness registers, enables MSI (on, off, on), copies 2048 bytes
  * RAM -> device -> RAM by DMA, waits for the device's interrupt, and compares. */
 edu_test:
     pushq %rbx
@@ -634,7 +635,7 @@ dev_done:
     ret
 
 /* edu_enable_msi: ebx = slot. Finds the MSI capability, programs vector DEV_VECTOR to APIC 0
- * and enables it; eax = 1 if found. */
+ * and enables it, disables it and enables it again; eax = 1 if found. */
 edu_enable_msi:
     movl %ebx, %edi
     movl $0x05, %esi
@@ -659,6 +660,14 @@ edu_enable_msi:
     movl %r13d, %esi
     movl %r14d, %ecx
     orl $0x10000, %ecx              /* control: MSI enable */
+    call pci_write32
+    movl %r13d, %esi                /* disable and enable again, as a driver reloading does: */
+    movl %r14d, %ecx                /* the DMA interrupt that follows must still arrive */
+    andl $0xfffeffff, %ecx
+    call pci_write32
+    movl %r13d, %esi
+    movl %r14d, %ecx
+    orl $0x10000, %ecx
     call pci_write32
     movl $1, %eax
     ret

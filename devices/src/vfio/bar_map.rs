@@ -4,6 +4,7 @@
 use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
@@ -16,11 +17,13 @@ pub trait GuestMapper: Send + Sync {
     fn unmap(&self, slot: u32) -> Result<(), String>;
 }
 
-/// One BAR's region, mmapped from the VFIO device fd.
+/// One BAR's region, mmapped from the VFIO device fd. It owns its memslot too, so that it can
+/// delete the memslot before it unmaps the memory the memslot points into.
 pub struct DirectBar {
     pub index: usize,
     host: NonNull<libc::c_void>,
     size: u64,
+    mapper: Arc<dyn GuestMapper>,
     /// The memslot and guest address it is mapped at now, if any.
     mapped: Option<(u32, u64)>,
 }
@@ -35,6 +38,7 @@ impl DirectBar {
         device: BorrowedFd<'_>,
         offset: u64,
         size: u64,
+        mapper: Arc<dyn GuestMapper>,
     ) -> Result<DirectBar, String> {
         let len = NonZeroUsize::new(size as usize).ok_or("empty region")?;
         let offset = i64::try_from(offset).map_err(|_| "region offset too large")?;
@@ -55,20 +59,21 @@ impl DirectBar {
             index,
             host,
             size,
+            mapper,
             mapped: None,
         })
     }
 
     /// Puts the BAR at `gpa` in the guest (or nowhere, for `None`), moving it if needed.
-    pub fn place(&mut self, mapper: &dyn GuestMapper, gpa: Option<u64>) -> Result<(), String> {
+    pub fn place(&mut self, gpa: Option<u64>) -> Result<(), String> {
         if self.mapped.map(|(_, at)| at) == gpa {
             return Ok(());
         }
         if let Some((slot, _)) = self.mapped.take() {
-            mapper.unmap(slot)?;
+            self.mapper.unmap(slot)?;
         }
         if let Some(gpa) = gpa {
-            let slot = mapper.map(gpa, self.size, self.host.as_ptr() as u64)?;
+            let slot = self.mapper.map(gpa, self.size, self.host.as_ptr() as u64)?;
             self.mapped = Some((slot, gpa));
         }
         Ok(())
@@ -82,10 +87,68 @@ impl DirectBar {
 
 impl Drop for DirectBar {
     fn drop(&mut self) {
-        // SAFETY: `host` is the start of the `size`-byte mapping made in `new`, used by no one
-        // else once the memslot is gone (the VM is torn down before its devices).
+        if let Some((slot, _)) = self.mapped.take() {
+            if let Err(e) = self.mapper.unmap(slot) {
+                // The memslot would point at freed memory: keep the mapping (leak it) instead.
+                log::error!("BAR {}: cannot delete memslot {slot}: {e}", self.index);
+                return;
+            }
+        }
+        // SAFETY: `host` is the start of the `size`-byte mapping made in `new`, and no memslot
+        // points into it any more (deleted just above, or never made), so nothing else uses it.
         if let Err(e) = unsafe { munmap(self.host, self.size as usize) } {
             log::warn!("munmap of BAR {}: {e}", self.index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::sync::Mutex;
+
+    /// Records map/unmap calls; on unmap it reads the mapping's first byte, which faults if
+    /// the memory behind the slot was already unmapped.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+        host: Mutex<Option<u64>>,
+    }
+
+    impl GuestMapper for Recorder {
+        fn map(&self, gpa: u64, _size: u64, host: u64) -> Result<u32, String> {
+            *self.host.lock().unwrap() = Some(host);
+            self.calls.lock().unwrap().push(format!("map {gpa:#x}"));
+            Ok(7)
+        }
+        fn unmap(&self, slot: u32) -> Result<(), String> {
+            let host = self.host.lock().unwrap().expect("mapped");
+            // SAFETY: the test's point: `host` must still be mapped when its slot goes.
+            let byte = unsafe { std::ptr::read_volatile(host as *const u8) };
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("unmap {slot} byte={byte}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_memslot_goes_before_the_memory_behind_it() {
+        let memfd = nix::sys::memfd::memfd_create("bar", nix::sys::memfd::MFdFlags::empty())
+            .expect("memfd");
+        nix::unistd::ftruncate(&memfd, 4096).expect("size");
+        nix::sys::uio::pwrite(&memfd, &[0x5a], 0).expect("write");
+        let recorder = Arc::new(Recorder::default());
+        let mut bar = DirectBar::new(0, memfd.as_fd(), 0, 4096, recorder.clone()).unwrap();
+        bar.place(Some(0xc000_0000)).unwrap();
+        bar.place(Some(0xc000_0000)).unwrap();
+        assert!(bar.is_mapped());
+        drop(bar);
+        assert_eq!(
+            *recorder.calls.lock().unwrap(),
+            ["map 0xc0000000", "unmap 7 byte=90"]
+        );
     }
 }

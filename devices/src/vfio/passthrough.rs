@@ -124,7 +124,6 @@ pub struct VfioPciDevice {
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
     direct_bars: Vec<DirectBar>,
-    mapper: Arc<dyn GuestMapper>,
 }
 
 /// Live handles a passthrough device is opened with.
@@ -271,6 +270,7 @@ impl VfioPciDevice {
                     fd,
                     device.get_region_offset(index as u32),
                     device.get_region_size(index as u32),
+                    mapper.clone(),
                 )
                 .map_err(|reason| PassthroughError::Bar {
                     bdf: name(),
@@ -291,7 +291,6 @@ impl VfioPciDevice {
             intx,
             router,
             direct_bars,
-            mapper,
         })
     }
 
@@ -391,7 +390,7 @@ impl VfioPciDevice {
                 .bar_address(bar.index)
                 .filter(|&a| decoding && a.checked_add(size).is_some());
             let was_mapped = bar.is_mapped();
-            match bar.place(self.mapper.as_ref(), gpa) {
+            match bar.place(gpa) {
                 Ok(()) if bar.is_mapped() && !was_mapped => log::info!(
                     "{}: BAR {} mapped into the guest at {:#x}: accesses do not exit",
                     self.bdf,
@@ -401,7 +400,7 @@ impl VfioPciDevice {
                 Ok(()) => {}
                 Err(e) => {
                     log::warn!("{}: BAR {} stays trapped: {e}", self.bdf, bar.index);
-                    let _ = bar.place(self.mapper.as_ref(), None);
+                    let _ = bar.place(None);
                 }
             }
         }
@@ -624,9 +623,11 @@ impl VfioPciDevice {
                         return Ok(());
                     }
                     self.router.register_irqfd(&msi.trigger, msi.gsi)?;
-                    self.device
-                        .enable_msi(vec![&msi.trigger])
-                        .map_err(|e| e.to_string())
+                    self.device.enable_msi(vec![&msi.trigger]).map_err(|e| {
+                        // Leave nothing attached, so the guest's next enable can try again.
+                        let _ = self.router.unregister_irqfd(&msi.trigger, msi.gsi);
+                        e.to_string()
+                    })
                 });
             match routed {
                 Ok(()) => msi.enabled = true,
@@ -635,6 +636,10 @@ impl VfioPciDevice {
         } else if msi.enabled {
             if let Err(e) = self.device.disable_msi() {
                 log::error!("{}: cannot disable MSI: {e}", self.bdf);
+            }
+            // KVM takes one irqfd per eventfd: the next enable registers it again.
+            if let Err(e) = self.router.unregister_irqfd(&msi.trigger, msi.gsi) {
+                log::error!("{}: cannot detach the MSI irqfd: {e}", self.bdf);
             }
             msi.enabled = false;
             self.set_intx(true);

@@ -163,8 +163,8 @@ impl KvmGuestMapper {
             userspace_addr: host,
             flags: 0,
         };
-        // SAFETY: `host` is a live mapping of `size` bytes owned by the device that asked for
-        // it, which unmaps the slot (size 0) before it drops the mapping.
+        // SAFETY: `host` is a live mapping of `size` bytes owned by the `DirectBar` that asked
+        // for it, whose Drop deletes the slot (size 0, through `unmap`) before it munmaps.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {e}"))
     }
