@@ -267,3 +267,56 @@ fn damaged_or_mismatched_state_is_refused() {
     );
     assert!(stderr.contains("fd 999 is not open"), "{stderr}");
 }
+
+/// Rewrites the exported state at `path` with `change` applied, as a state from another host
+/// would be.
+fn rewrite_state(path: &Path, change: impl FnOnce(&mut luvmm_resources::state::VmState)) {
+    use luvmm_resources::state::{decode, encode, VmState};
+    let mut state: VmState = decode(&std::fs::read(path).unwrap()).expect("decode the export");
+    change(&mut state);
+    std::fs::write(path, encode(&state).unwrap()).unwrap();
+}
+
+#[test]
+fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
+    let dir = TestDir::new("restore-tsc");
+    let first = Vm::boot(&dir, "first", &[]);
+    let before = first.check();
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let fds = handover(&first);
+    let serial = first.serial.clone();
+    first.kill();
+    let host_khz = {
+        use luvmm_resources::state::{decode, VmState};
+        let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
+        state.vcpus[0].tsc_khz.expect("KVM reports a TSC rate")
+    };
+    let ram_fd = fds[1].as_raw_fd().to_string();
+
+    // A rate this host cannot give a vCPU: refused by name, before anything runs.
+    let slow = dir.join("slow.bin");
+    std::fs::copy(&export, &slow).unwrap();
+    rewrite_state(&slow, |s| s.vcpus[0].tsc_khz = Some(1));
+    let stderr = failed_restore(
+        &["--state", slow.to_str().unwrap(), "--memory-fd", &ram_fd],
+        &[&fds[1]],
+    );
+    assert!(
+        stderr.contains(&format!(
+            "the state's TSC runs at 1 kHz, this host runs vCPUs at {host_khz} kHz"
+        )),
+        "{stderr}"
+    );
+
+    // The saved rate itself restores, and the guest goes on.
+    let seen = checks(&serial).len();
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &serial,
+        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
+        |cmd| inherit(cmd, &[&fds[1]]),
+    );
+    assert_continued(&before, &second.next_check(seen));
+}

@@ -13,8 +13,9 @@
 //! | 32     | n    | body: JSON                                   |
 //!
 //! The body is JSON so that a newer luvmm can read what an older one wrote across a kernel
-//! update: fields added later carry `#[serde(default)]` and bump the minor version; anything
-//! incompatible bumps the major version, which older readers refuse.
+//! update: fields added later carry `#[serde(default)]` and bump the minor version, and a reader
+//! ignores fields it does not know, so it reads any minor of its major; anything incompatible
+//! bumps the major version, which older readers refuse.
 
 mod vm;
 
@@ -31,7 +32,7 @@ pub const STATE_MAGIC: [u8; 8] = *b"LUVMMSTA";
 /// Incompatible format changes bump this.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Backward-compatible additions bump this.
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted: a real state is tens of KiB per vCPU, so anything near this is damage.
@@ -52,7 +53,9 @@ pub enum StateError {
     #[error("not a luvmm state: bad magic {found:02x?}")]
     BadMagic { found: [u8; 8] },
     /// Written by a format this luvmm cannot read.
-    #[error("state format {major}.{minor} is not supported (this luvmm reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR})")]
+    #[error(
+        "state format {major}.{minor} is not supported (this luvmm reads format {FORMAT_MAJOR}.x)"
+    )]
     UnsupportedVersion { major: u16, minor: u16 },
     /// The reserved header field is not zero.
     #[error("state header reserved field is {value:#x}, expected 0")]
@@ -106,7 +109,8 @@ fn checked_body(blob: &[u8]) -> Result<&[u8], StateError> {
     }
     let major = u16::from_le_bytes(field(header, 8));
     let minor = u16::from_le_bytes(field(header, 10));
-    if major != FORMAT_MAJOR || minor > FORMAT_MINOR {
+    // A newer minor only adds fields, which this reader ignores: only a major differs.
+    if major != FORMAT_MAJOR {
         return Err(StateError::UnsupportedVersion { major, minor });
     }
     let reserved = u32::from_le_bytes(field(header, 12));
@@ -222,16 +226,22 @@ mod tests {
     }
 
     #[test]
-    fn future_versions_are_refused() {
-        let mut newer_minor = blob();
+    fn a_newer_minor_is_read_and_a_newer_major_refused() {
+        // A newer minor with a field this reader does not know.
+        #[derive(Serialize)]
+        struct Newer {
+            name: String,
+            words: Vec<u64>,
+            added_later: Vec<u8>,
+        }
+        let mut newer_minor = encode(&Newer {
+            name: "vm-0".into(),
+            words: (0..64).collect(),
+            added_later: vec![1, 2],
+        })
+        .unwrap();
         newer_minor[10..12].copy_from_slice(&(FORMAT_MINOR + 1).to_le_bytes());
-        assert_eq!(
-            decode::<Sample>(&newer_minor).unwrap_err(),
-            StateError::UnsupportedVersion {
-                major: FORMAT_MAJOR,
-                minor: FORMAT_MINOR + 1
-            }
-        );
+        assert_eq!(decode::<Sample>(&newer_minor).unwrap(), sample());
         let mut newer_major = blob();
         newer_major[8..10].copy_from_slice(&(FORMAT_MAJOR + 1).to_le_bytes());
         assert!(matches!(

@@ -68,6 +68,10 @@ pub struct VcpuState {
     pub debug_regs: kvm_debugregs,
     /// TSC frequency in kHz, when KVM reports one.
     pub tsc_khz: Option<u32>,
+    /// MSRs on KVM's save list that this vCPU refused to read, by name: their values are not
+    /// in `msrs` and the restored vCPU keeps KVM's defaults for them (format 1.2).
+    #[serde(default)]
+    pub unreadable_msrs: Vec<String>,
 }
 
 /// COM1 registers: the fields of vm-superio's `SerialState`, kept here as serde data.
@@ -274,6 +278,7 @@ mod tests {
             mp_state: kvm_mp_state::default(),
             debug_regs: kvm_debugregs::default(),
             tsc_khz: Some(2_000_000),
+            unreadable_msrs: vec!["MSR_IA32_TSX_CTRL (0x122)".into()],
         }
     }
 

@@ -37,6 +37,73 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 
 const APIC_LVT0: usize = 0x350;
+/// Names of the MSRs KVM lists for saving, for reports; others are shown by index.
+const MSR_NAMES: &[(u32, &str)] = &[
+    (0x10, "MSR_IA32_TSC"),
+    (0x3a, "MSR_IA32_FEAT_CTL"),
+    (0x3b, "MSR_IA32_TSC_ADJUST"),
+    (0x48, "MSR_IA32_SPEC_CTRL"),
+    (0x8b, "MSR_IA32_UCODE_REV"),
+    (0x10a, "MSR_IA32_ARCH_CAPABILITIES"),
+    (0x122, "MSR_IA32_TSX_CTRL"),
+    (0x140, "MSR_MISC_FEATURES_ENABLES"),
+    (0x174, "MSR_IA32_SYSENTER_CS"),
+    (0x175, "MSR_IA32_SYSENTER_ESP"),
+    (0x176, "MSR_IA32_SYSENTER_EIP"),
+    (0x179, "MSR_IA32_MCG_CAP"),
+    (0x17a, "MSR_IA32_MCG_STATUS"),
+    (0x17b, "MSR_IA32_MCG_CTL"),
+    (0x1a0, "MSR_IA32_MISC_ENABLE"),
+    (0x1d9, "MSR_IA32_DEBUGCTL"),
+    (0x277, "MSR_IA32_CR_PAT"),
+    (0x4d0, "MSR_IA32_MCG_EXT_CTL"),
+    (0x6e0, "MSR_IA32_TSC_DEADLINE"),
+    (0x9e, "MSR_IA32_SMBASE"),
+    (0x34, "MSR_SMI_COUNT"),
+    (0xce, "MSR_PLATFORM_INFO"),
+    (0xda0, "MSR_IA32_XSS"),
+    (0x1c4, "MSR_IA32_PKRS"),
+    (0x6a0, "MSR_IA32_U_CET"),
+    (0x6a2, "MSR_IA32_S_CET"),
+    (0x6a4, "MSR_IA32_PL0_SSP"),
+    (0x6a5, "MSR_IA32_PL1_SSP"),
+    (0x6a6, "MSR_IA32_PL2_SSP"),
+    (0x6a7, "MSR_IA32_PL3_SSP"),
+    (0x6a8, "MSR_IA32_INT_SSP_TAB"),
+    (0x560, "MSR_IA32_RTIT_OUTPUT_BASE"),
+    (0x570, "MSR_IA32_RTIT_CTL"),
+    (0xc000_0080, "MSR_EFER"),
+    (0xc000_0081, "MSR_STAR"),
+    (0xc000_0082, "MSR_LSTAR"),
+    (0xc000_0083, "MSR_CSTAR"),
+    (0xc000_0084, "MSR_SYSCALL_MASK"),
+    (0xc000_0100, "MSR_FS_BASE"),
+    (0xc000_0101, "MSR_GS_BASE"),
+    (0xc000_0102, "MSR_KERNEL_GS_BASE"),
+    (0xc000_0103, "MSR_TSC_AUX"),
+    (0xc001_011f, "MSR_AMD64_VIRT_SPEC_CTRL"),
+    (0xc001_0117, "MSR_VM_HSAVE_PA"),
+    (0xc001_0114, "MSR_VM_CR"),
+    (0x4b56_4d00, "MSR_KVM_WALL_CLOCK_NEW"),
+    (0x4b56_4d01, "MSR_KVM_SYSTEM_TIME_NEW"),
+    (0x4b56_4d02, "MSR_KVM_ASYNC_PF_EN"),
+    (0x4b56_4d03, "MSR_KVM_STEAL_TIME"),
+    (0x4b56_4d04, "MSR_KVM_PV_EOI_EN"),
+    (0x4b56_4d05, "MSR_KVM_POLL_CONTROL"),
+    (0x4b56_4d06, "MSR_KVM_ASYNC_PF_INT"),
+    (0x4b56_4d07, "MSR_KVM_ASYNC_PF_ACK"),
+    (0x11, "MSR_KVM_WALL_CLOCK"),
+    (0x12, "MSR_KVM_SYSTEM_TIME"),
+];
+
+/// `MSR_IA32_TSX_CTRL (0x122)`, or just the index for an MSR without a known name.
+fn msr_name(index: u32) -> String {
+    match MSR_NAMES.iter().find(|(i, _)| *i == index) {
+        Some((_, name)) => format!("{name} ({index:#x})"),
+        None => format!("MSR {index:#x}"),
+    }
+}
+
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
@@ -49,6 +116,15 @@ pub enum VcpuError {
     Ioctl {
         id: u32,
         op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The saved TSC rate cannot be given to this vCPU.
+    #[error("vCPU {id}: the state's TSC runs at {saved} kHz, this host runs vCPUs at {host} kHz and KVM cannot scale to the saved rate (KVM_SET_TSC_KHZ)")]
+    TscRate {
+        id: u32,
+        saved: u32,
+        host: u32,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -297,7 +373,15 @@ impl Vcpu {
             .get_debug_regs()
             .map_err(self.ioctl("KVM_GET_DEBUGREGS"))?;
         let lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
-        let msrs = self.read_msrs()?;
+        let (msrs, unreadable) = self.read_msrs()?;
+        let unreadable_msrs: Vec<String> = unreadable.into_iter().map(msr_name).collect();
+        if !unreadable_msrs.is_empty() {
+            log::warn!(
+                "vCPU {}: KVM refused to read {}; they are left out of the state",
+                self.id,
+                unreadable_msrs.join(", ")
+            );
+        }
         let vcpu_events = self
             .fd
             .get_vcpu_events()
@@ -319,6 +403,7 @@ impl Vcpu {
             mp_state,
             debug_regs,
             tsc_khz: self.fd.get_tsc_khz().ok(),
+            unreadable_msrs,
         })
     }
 
@@ -332,10 +417,20 @@ impl Vcpu {
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.ioctl("KVM_SET_CPUID2"))?;
-        if let (Some(saved), Ok(now)) = (state.tsc_khz, self.fd.get_tsc_khz()) {
-            if saved != now {
-                log::warn!(
-                    "vCPU {}: TSC was {saved} kHz, is {now} kHz here; the guest's TSC rate changes",
+        // The guest calibrated its clocks against the saved rate: it keeps it, or the
+        // restore stops here, before the vCPU has any other state.
+        if let (Some(saved), Ok(host)) = (state.tsc_khz, self.fd.get_tsc_khz()) {
+            if saved != host {
+                self.fd
+                    .set_tsc_khz(saved)
+                    .map_err(|source| VcpuError::TscRate {
+                        id: self.id,
+                        saved,
+                        host,
+                        source,
+                    })?;
+                log::info!(
+                    "vCPU {}: TSC scaled from {host} kHz to the saved {saved} kHz",
                     self.id
                 );
             }
@@ -366,9 +461,10 @@ impl Vcpu {
             .map_err(self.ioctl("KVM_SET_VCPU_EVENTS"))
     }
 
-    /// Reads every listed MSR, leaving out the ones this vCPU refuses to report.
-    fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+    /// Reads every listed MSR; returns the values and the indices this vCPU refused to read.
+    fn read_msrs(&self) -> Result<(Vec<kvm_msr_entry>, Vec<u32>), VcpuError> {
         let mut saved = Vec::with_capacity(self.msr_indices.len());
+        let mut refused = Vec::new();
         let mut pending: &[u32] = &self.msr_indices;
         while !pending.is_empty() {
             let entries: Vec<kvm_msr_entry> = pending
@@ -387,10 +483,11 @@ impl Vcpu {
                 .get_msrs(&mut msrs)
                 .map_err(self.ioctl("KVM_GET_MSRS"))?;
             saved.extend_from_slice(&msrs.as_slice()[..read]);
-            // KVM stops at the first MSR it cannot read; skip it and go on after it.
+            // KVM stops at the first MSR it cannot read; note it and go on after it.
+            refused.extend(pending.get(read).copied());
             pending = pending.get(read + 1..).unwrap_or(&[]);
         }
-        Ok(saved)
+        Ok((saved, refused))
     }
 
     fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
@@ -594,5 +691,17 @@ impl VcpuHandle {
                 log::error!("vCPU {}: thread panicked", self.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod msr_tests {
+    use super::*;
+
+    #[test]
+    fn refused_msrs_are_named_when_known_and_shown_by_index_otherwise() {
+        assert_eq!(msr_name(0x122), "MSR_IA32_TSX_CTRL (0x122)");
+        assert_eq!(msr_name(0x4b56_4d03), "MSR_KVM_STEAL_TIME (0x4b564d03)");
+        assert_eq!(msr_name(0x1234_5678), "MSR 0x12345678");
     }
 }
