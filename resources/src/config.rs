@@ -11,7 +11,7 @@ use crate::layout::{
 };
 
 /// Command line given to the guest when the config names none.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 luvmm.fill_pages=1024";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
 /// How the vCPU enters the guest ELF.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,12 +4,19 @@
  * Entry points:
  *   linux64_entry  64-bit Linux boot protocol (ELF e_entry): long mode, RSI = boot_params.
  *   pvh_entry      PVH (XEN_ELFNOTE_PHYS32_ENTRY note): 32-bit protected mode, paging off,
- *                  EBX = hvm_start_info. It builds its own identity map of the first 1 GiB.
+ *                  EBX = hvm_start_info.
+ * Either way it then maps the first MAP_LIMIT (64 GiB) of physical memory, identity, itself.
  *
- * After boot it reads the RAM size from the e820 map or the PVH memory map, reads
- * "luvmm.fill_pages=N" from the command line, writes one seeded 64-bit word into each of N
- * 4 KiB pages from 2 MiB up, and prints
- *     LUVMM-BOOT proto=<linux64|pvh> ram_mib=R fill_pages=N seed=0x...
+ * After boot it reads the RAM ranges from the e820 map or the PVH memory map and writes one
+ * seeded 64-bit word into every 4 KiB page of every range, from 2 MiB up (below is the
+ * payload itself); "luvmm.fill_pages=N" on the command line covers only the first N pages,
+ * in address order, for speed. It prints
+ *     LUVMM-BOOT proto=<linux64|pvh> ram_mib=R fill_pages=N seed=0x... cover=0xA:P,0xB:Q
+ * where cover lists each range's first address and how many of its pages are covered.
+ * It then starts every other vCPU (INIT, SIPI, SIPI to all but itself): each runs its own
+ * x2APIC timer and heartbeat and halts between ticks. Once no new vCPU has come up for
+ * AP_QUIET_TICKS ticks it prints
+ *     LUVMM-SMP vcpus=N
  * With "luvmm.intx=1" it leaves MSI off and routes the function's INTx line through the IOAPIC
  * instead (irq=intx). With "luvmm.dma_outside=1" it then also has each device DMA to an IOVA outside guest RAM,
  * which the IOMMU must block, and prints "LUVMM-DEV dma_outside sent bdf=...". After the scan
@@ -17,7 +24,7 @@
  * It then sleeps in HLT between x2APIC timer ticks (10 Hz) that bump a heartbeat counter.
  * After each wake-up it reads the luvmm guest-control port; bit 0 set means "check now", and
  * it re-reads every filled page and prints one of
- *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C
+ *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C vcpus=N heartbeats=H0,H1,...
  *     LUVMM-CHECK LOST first_bad_gpa=0x... expected=0x... found=0x...
  * Any CPU exception prints LUVMM-FAULT vector=V rip=0x... and halts for good.
  *
@@ -40,8 +47,12 @@
     .set SERIAL_LSR,          0x3fd
     .set CONTROL_PORT,        0x600
     .set FILL_BASE,           0x200000
-    .set IDENTITY_LIMIT,      0x40000000
-    .set DEFAULT_FILL_PAGES,  1024
+    .set MAP_GIB,             64            /* identity-mapped GiB: one page directory each */
+    .set MAP_LIMIT,           MAP_GIB << 30
+    .set MAX_RANGES,          16            /* RAM ranges the pattern covers */
+    .set MAX_CPUS,            8             /* vCPUs with a stack and a heartbeat */
+    .set TRAMPOLINE,          0x10000       /* real-mode AP entry: SIPI vector 0x10 */
+    .set AP_QUIET_TICKS,      5
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
     .set DEV_VECTOR,          0x41
@@ -132,12 +143,10 @@ common64:
     leaq 1f(%rip), %rax
     pushq %rax
     lretq
-1:  cmpl $1, protocol(%rip)
-    jne 2f
-    call build_page_tables_64
+1:  call build_page_tables_64
     leaq pml4(%rip), %rax
     movq %rax, %cr3
-2:  call setup_idt
+    call setup_idt
     lidt idt_ptr(%rip)
     call read_boot_info
     call parse_cmdline
@@ -149,10 +158,12 @@ common64:
     xorq %rdx, %rax
     orq $1, %rax
     movq %rax, seed(%rip)
-    call fill_pattern
+    xorl %esi, %esi
+    call walk_pages
     call print_boot_line
     call start_timer
     sti
+    call start_aps
     call pci_devices
     leaq str_scan_done(%rip), %rsi
     call puts
@@ -167,6 +178,8 @@ main_loop:
     call run_check
     jmp main_loop
 
+/* Identity map of the first MAP_LIMIT with 2 MiB pages, the GiB below 4 GiB (PCI MMIO,
+ * APIC) uncached; written in place over the PVH entry's 4 GiB map, which it extends. */
 build_page_tables_64:
     leaq pdpt(%rip), %rax
     orq $3, %rax
@@ -174,7 +187,7 @@ build_page_tables_64:
     leaq pdpt(%rip), %rdi
     leaq pd(%rip), %rax
     orq $3, %rax
-    movl $4, %ecx
+    movl $MAP_GIB, %ecx
 1:  movq %rax, (%rdi)
     addq $8, %rdi
     addq $4096, %rax
@@ -187,10 +200,12 @@ build_page_tables_64:
     orq $0x83, %rax
     cmpl $1536, %ecx
     jb 3f
+    cmpl $2048, %ecx
+    jae 3f
     orq $0x18, %rax
 3:  movq %rax, (%rdi,%rcx,8)
     incl %ecx
-    cmpl $2048, %ecx
+    cmpl $(MAP_GIB * 512), %ecx
     jb 2b
     ret
 
@@ -216,19 +231,35 @@ read_boot_info:
     movq 40(%rbx), %rsi             /* memmap_paddr */
     movl $24, %r8d
 2:  xorl %r9d, %r9d
+    leaq ram_ranges(%rip), %rdi
     testl %ecx, %ecx
     jz 6f
 4:  cmpl $1, 16(%rsi)               /* usable RAM */
     jne 5f
     movq 8(%rsi), %rax
     addq %rax, %r9
-    movq (%rsi), %rdx
-    cmpq $FILL_BASE, %rdx
-    ja 5f
+    movq (%rsi), %rdx               /* [max(base, FILL_BASE), min(end, MAP_LIMIT)), in pages */
     addq %rdx, %rax
-    cmpq $FILL_BASE, %rax
-    jbe 5f
-    movq %rax, low_end(%rip)        /* end of the usable range that holds FILL_BASE */
+    movq $FILL_BASE, %r10
+    cmpq %r10, %rdx
+    cmovbq %r10, %rdx
+    movabsq $MAP_LIMIT, %r10
+    cmpq %r10, %rax
+    cmovaq %r10, %rax
+    addq $4095, %rdx
+    andq $-4096, %rdx
+    andq $-4096, %rax
+    cmpq %rax, %rdx
+    jae 5f
+    cmpl $MAX_RANGES, ram_range_count(%rip)
+    jae 5f
+    movq %rdx, (%rdi)
+    movq %rax, 8(%rdi)
+    addq $16, %rdi
+    incl ram_range_count(%rip)
+    subq %rdx, %rax
+    shrq $12, %rax
+    addq %rax, ram_pages(%rip)
 5:  addq %r8, %rsi
     decl %ecx
     jnz 4b
@@ -283,56 +314,57 @@ cmdline_value:
 9:  stc
     ret
 
-/* fill_pages = min(fill_pages, pages between FILL_BASE and min(low_end, 1 GiB)) */
+/* fill_pages = min(fill_pages, every page of the RAM ranges) */
 clamp_fill_pages:
-    movq low_end(%rip), %rax
-    movq $IDENTITY_LIMIT, %rdx
-    cmpq %rdx, %rax
-    cmovaq %rdx, %rax
-    subq $FILL_BASE, %rax
-    jae 1f
-    xorl %eax, %eax
-1:  shrq $12, %rax
+    movq ram_pages(%rip), %rax
     cmpq fill_pages(%rip), %rax
-    jae 2f
+    jae 1f
     movq %rax, fill_pages(%rip)
-2:  ret
+1:  ret
 
 /* ---------------------------------------------------------------- the pattern */
-/* word at page address A = seed ^ (A * golden) */
-fill_pattern:
+/* walk_pages: esi = 0 writes the pattern, 1 compares it. Visits the first fill_pages pages of
+ * the RAM ranges in address order; the word at page address A is seed ^ (A * golden).
+ * Returns rdi = the first page that differs (0 if none) and rax = its expected word. */
+walk_pages:
     movq fill_pages(%rip), %rcx
     movq seed(%rip), %r10
     movabsq $0x9e3779b97f4a7c15, %r11
-    movq $FILL_BASE, %rdi
+    leaq ram_ranges(%rip), %r8
+    movl ram_range_count(%rip), %r9d
+1:  testl %r9d, %r9d
+    jz 5f
+    movq (%r8), %rdi
+    movq 8(%r8), %rdx
+2:  cmpq %rdx, %rdi
+    jae 4f
     testq %rcx, %rcx
-    jz 2f
-1:  movq %rdi, %rax
+    jz 5f
+    movq %rdi, %rax
     imulq %r11, %rax
     xorq %r10, %rax
+    testl %esi, %esi
+    jnz 3f
     movq %rax, (%rdi)
-    addq $4096, %rdi
+    jmp 6f
+3:  cmpq %rax, (%rdi)
+    jne 7f
+6:  addq $4096, %rdi
     decq %rcx
-    jnz 1b
-2:  ret
+    jmp 2b
+4:  addq $16, %r8
+    decl %r9d
+    jmp 1b
+5:  xorl %edi, %edi
+7:  ret
 
 run_check:
     incq checks(%rip)
-    movq fill_pages(%rip), %rcx
-    movq seed(%rip), %r10
-    movabsq $0x9e3779b97f4a7c15, %r11
-    movq $FILL_BASE, %rdi
-    testq %rcx, %rcx
-    jz 3f
-1:  movq %rdi, %rax
-    imulq %r11, %rax
-    xorq %r10, %rax
-    cmpq %rax, (%rdi)
-    jne 2f
-    addq $4096, %rdi
-    decq %rcx
-    jnz 1b
-3:  leaq str_check_ok(%rip), %rsi
+    movl $1, %esi
+    call walk_pages
+    testq %rdi, %rdi
+    jnz 2f
+    leaq str_check_ok(%rip), %rsi
     call puts
     movq fill_pages(%rip), %rax
     call put_dec
@@ -348,7 +380,19 @@ run_check:
     call puts
     movq checks(%rip), %rax
     call put_dec
-    jmp newline
+    call put_vcpus
+    leaq str_heartbeats(%rip), %rsi
+    call puts
+    xorl %ebx, %ebx
+    leaq heartbeats(%rip), %rcx
+1:  movq (%rcx,%rbx,8), %rax
+    call put_dec
+    incl %ebx
+    cmpl vcpus_up(%rip), %ebx
+    jae newline
+    movb $',', %al
+    call putc
+    jmp 1b
 2:  movq %rax, %rbx
     leaq str_check_lost(%rip), %rsi
     movq %rdi, %rax
@@ -382,7 +426,151 @@ print_boot_line:
     call puts
     movq seed(%rip), %rax
     call put_hex
+    leaq str_cover(%rip), %rsi      /* each range: its start and how many pages are covered */
+    call puts
+    movq fill_pages(%rip), %rcx
+    leaq ram_ranges(%rip), %r8
+    movl ram_range_count(%rip), %r9d
+1:  testl %r9d, %r9d
+    jz newline
+    movq (%r8), %rax
+    call put_hex
+    movb $':', %al
+    call putc
+    movq 8(%r8), %rax
+    subq (%r8), %rax
+    shrq $12, %rax
+    cmpq %rcx, %rax
+    cmovaq %rcx, %rax
+    subq %rax, %rcx
+    call put_dec
+    addq $16, %r8
+    decl %r9d
+    jz newline
+    movb $',', %al
+    call putc
+    jmp 1b
+
+/* put_vcpus: prints " vcpus=N" */
+put_vcpus:
+    leaq str_vcpus(%rip), %rsi
+    call puts
+    movl vcpus_up(%rip), %eax
+    jmp put_dec
+
+/* ---------------------------------------------------------------- the other vCPUs */
+/* start_aps: copies the real-mode trampoline to TRAMPOLINE, sends INIT, SIPI, SIPI to every
+ * other vCPU, and waits in hlt until none has come up for AP_QUIET_TICKS ticks. Needs the
+ * timer running and interrupts on. */
+start_aps:
+    movl $1, vcpus_up(%rip)
+    leaq ap_trampoline(%rip), %rsi
+    movl $TRAMPOLINE, %edi
+    movl $(ap_trampoline_end - ap_trampoline), %ecx
+    rep movsb
+    movl $0x830, %ecx               /* x2APIC ICR, to all but self: */
+    xorl %edx, %edx
+    movl $0x000c4500, %eax          /* INIT, level assert */
+    wrmsr
+    movl $(0x000c4600 | (TRAMPOLINE >> 12)), %eax  /* STARTUP, twice as the MP spec says */
+    wrmsr
+    wrmsr
+    movq heartbeat(%rip), %r9       /* tick at which the count last changed */
+    movl vcpus_up(%rip), %r10d
+1:  hlt
+    movl vcpus_up(%rip), %eax
+    cmpl %eax, %r10d
+    je 2f
+    movl %eax, %r10d
+    movq heartbeat(%rip), %r9
+2:  movq heartbeat(%rip), %rax
+    subq %r9, %rax
+    cmpq $AP_QUIET_TICKS, %rax
+    jb 1b
+    leaq str_smp(%rip), %rsi
+    call puts
+    call put_vcpus
     jmp newline
+
+/* The AP entry, copied to TRAMPOLINE: real mode at CS = TRAMPOLINE >> 4, to protected mode
+ * with its own GDT, then long mode on the BSP's page tables, then ap_entry64. */
+    .code16
+ap_trampoline:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl ap_gdt_ptr - ap_trampoline
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $0x08, $(TRAMPOLINE + ap_protected - ap_trampoline)
+    .code32
+ap_protected:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movl %cr4, %eax
+    orl $0x20, %eax                 /* PAE */
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx          /* EFER.LME */
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000000, %eax           /* PG */
+    movl %eax, %cr0
+    ljmp $0x18, $ap_entry64
+    .balign 8
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff        /* 0x08: 32-bit code */
+    .quad 0x00cf92000000ffff        /* 0x10: flat data */
+    .quad 0x00af9a000000ffff        /* 0x18: 64-bit code */
+ap_gdt_end:
+ap_gdt_ptr:
+    .word ap_gdt_end - ap_gdt - 1
+    .long TRAMPOLINE + ap_gdt - ap_trampoline
+ap_trampoline_end:
+    .code64
+
+/* ap_entry64: in long mode, on no stack yet. Takes the stack of its x2APIC id, starts its
+ * timer, counts itself up, and halts between ticks for good. */
+ap_entry64:
+    lgdt gdt_ptr(%rip)
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movl $0x1b, %ecx                /* x2APIC on, to read the id */
+    rdmsr
+    orl $0xc00, %eax
+    wrmsr
+    movl $0x802, %ecx               /* x2APIC ID */
+    rdmsr
+    cmpl $MAX_CPUS, %eax
+    jae ap_park
+    shlq $12, %rax                  /* stack: the top of ap_stacks[id] */
+    leaq ap_stacks+4096(%rip), %rsp
+    addq %rax, %rsp
+    pushq $0x08
+    leaq 1f(%rip), %rax
+    pushq %rax
+    lretq
+1:  lidt idt_ptr(%rip)
+    call start_timer
+    lock incl vcpus_up(%rip)
+    sti
+2:  hlt
+    jmp 2b
+ap_park:
+    cli
+    hlt
+    jmp ap_park
 
 /* ---------------------------------------------------------------- PCI and the edu device */
 /* pci_address: edi = slot, esi = register -> selects it on port 0xcf8; clobbers eax, edx */
@@ -983,11 +1171,17 @@ write_gate:
     movl $0, 12(%rdi)
     ret
 
+/* Each vCPU's tick bumps its own heartbeat, found by its x2APIC id. */
 isr_timer:
     pushq %rax
     pushq %rcx
     pushq %rdx
-    incq heartbeat(%rip)
+    movl $0x802, %ecx               /* x2APIC ID */
+    rdmsr
+    cmpl $MAX_CPUS, %eax
+    jae eoi_iret
+    leaq heartbeats(%rip), %rdx
+    lock incq (%rdx,%rax,8)
 /* eoi_iret: the end of every handler that pushed rax, rcx, rdx: x2APIC EOI, then return */
 eoi_iret:
     movl $0x80b, %ecx               /* x2APIC EOI */
@@ -1138,6 +1332,10 @@ str_seed:       .asciz " seed="
 str_check_ok:   .asciz "LUVMM-CHECK ok pages="
 str_heartbeat:  .asciz " heartbeat="
 str_checks:     .asciz " checks="
+str_vcpus:      .asciz " vcpus="
+str_heartbeats: .asciz " heartbeats="
+str_cover:      .asciz " cover="
+str_smp:        .asciz "LUVMM-SMP"
 str_check_lost: .asciz "LUVMM-CHECK LOST first_bad_gpa="
 str_expected:   .asciz " expected="
 str_found:      .asciz " found="
@@ -1202,7 +1400,7 @@ idt_ptr:
     .word 4095
     .quad idt
     .balign 8
-fill_pages:     .quad DEFAULT_FILL_PAGES
+fill_pages:     .quad -1                /* every page, unless the command line says fewer */
 dma_outside:    .quad 0
 use_intx:       .quad 0
 
@@ -1210,18 +1408,23 @@ use_intx:       .quad 0
     .balign 4096
 pml4:           .skip 4096
 pdpt:           .skip 4096
-pd:             .skip 16384
+pd:             .skip MAP_GIB * 4096
 idt:            .skip 4096
 stack:          .skip 16384
 stack_top:
+ap_stacks:      .skip MAX_CPUS * 4096    /* [id]: vCPU id's stack, 0 unused (the BSP has stack) */
+ram_ranges:     .skip MAX_RANGES * 16    /* [start, end) of each covered RAM range */
 boot_info:      .skip 8
 protocol:       .skip 4
     .balign 8
 ram_bytes:      .skip 8
-low_end:        .skip 8
+ram_pages:      .skip 8
+ram_range_count: .skip 4
+vcpus_up:       .skip 4
 cmdline_ptr:    .skip 8
 seed:           .skip 8
-heartbeat:      .skip 8
+heartbeat:                              /* the BSP's: heartbeats[0] */
+heartbeats:     .skip MAX_CPUS * 8
 checks:         .skip 8
 dev_bar:        .skip 8
 dma_src:        .skip 8

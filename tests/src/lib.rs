@@ -105,6 +105,10 @@ pub struct Check {
     pub heartbeat: u64,
     pub seed: String,
     pub checks: u64,
+    /// Each vCPU's heartbeat, by vCPU id.
+    pub heartbeats: Vec<u64>,
+    /// `first_bad_gpa` of a `LOST` line.
+    pub first_bad_gpa: Option<u64>,
     pub line: String,
 }
 
@@ -114,7 +118,8 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
-fn parse_check(line: &str) -> Check {
+/// Parses one `LUVMM-CHECK` line.
+pub fn parse_check(line: &str) -> Check {
     let num = |key| field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0);
     Check {
         ok: line.starts_with("LUVMM-CHECK ok"),
@@ -122,6 +127,11 @@ fn parse_check(line: &str) -> Check {
         heartbeat: num("heartbeat"),
         seed: field(line, "seed").unwrap_or_default().to_string(),
         checks: num("checks"),
+        heartbeats: field(line, "heartbeats")
+            .map(|v| v.split(',').filter_map(|h| h.parse().ok()).collect())
+            .unwrap_or_default(),
+        first_bad_gpa: field(line, "first_bad_gpa")
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()),
         line: line.to_string(),
     }
 }

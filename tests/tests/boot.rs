@@ -14,9 +14,37 @@ fn boots_through_the_64_bit_linux_protocol() {
     assert_eq!(field(&line, "proto"), Some("linux64"), "{line}");
     // 64 MiB less the legacy hole between the EBDA and 1 MiB, from the e820 map.
     assert_eq!(field(&line, "ram_mib"), Some("63"), "{line}");
+    // By default every page from 2 MiB (below is the payload) to the end of RAM.
+    let pages = (64 - 2) << 8;
+    assert_eq!(field(&line, "fill_pages"), Some("15872"), "{line}");
+    assert_eq!(
+        field(&line, "cover"),
+        Some("0x0000000000200000:15872"),
+        "{line}"
+    );
     let check = vm.check();
     assert!(check.ok, "{}", check.line);
-    assert_eq!(check.pages, 1024);
+    assert_eq!(check.pages, pages);
+    vm.kill();
+
+    // The command line may lower it, for speed.
+    let vm = Vm::boot(
+        &dir,
+        "fewer",
+        &[
+            "--boot",
+            "linux64",
+            "--cmdline",
+            "console=ttyS0 luvmm.fill_pages=300",
+        ],
+    );
+    let line = boot_line(&vm);
+    assert_eq!(
+        field(&line, "cover"),
+        Some("0x0000000000200000:300"),
+        "{line}"
+    );
+    assert_eq!(vm.check().pages, 300);
 }
 
 #[test]
@@ -40,8 +68,7 @@ fn config_file_with_two_regions_and_two_vcpus_boots() {
         format!(
             r#"{{"vcpus": 2,
                 "memory": [{{"gpa": 0, "size": 67108864}}, {{"gpa": 4294967296, "size": 33554432}}],
-                "payload": "{}",
-                "cmdline": "console=ttyS0 luvmm.fill_pages=300"}}"#,
+                "payload": "{}"}}"#,
             luvmm_tests::payload().display()
         ),
     )
@@ -50,13 +77,35 @@ fn config_file_with_two_regions_and_two_vcpus_boots() {
     let line = boot_line(&vm);
     // The guest sums both regions from its memory map: 63 MiB low + 32 MiB high.
     assert_eq!(field(&line, "ram_mib"), Some("95"), "{line}");
-    assert_eq!(field(&line, "fill_pages"), Some("300"), "{line}");
+    // Both regions are covered, above 4 GiB too.
+    assert_eq!(
+        field(&line, "cover"),
+        Some("0x0000000000200000:15872,0x0000000100000000:8192"),
+        "{line}"
+    );
+    // The second vCPU was started by the guest and keeps its own heartbeat.
+    let smp = luvmm_tests::wait_until("the guest's LUVMM-SMP line", || {
+        lines_with(&vm.serial, "LUVMM-SMP").pop()
+    });
+    assert_eq!(field(&smp, "vcpus"), Some("2"), "{smp}");
     let (status, body) = vm.api("GET", "/vm", "");
     assert_eq!(status, 200);
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["vcpus"], 2);
     assert_eq!(status["memory"]["regions"].as_array().unwrap().len(), 2);
-    assert_eq!(vm.check().pages, 300);
+    let first = vm.check();
+    assert!(first.ok, "{}", first.line);
+    assert_eq!(first.pages, 15872 + 8192);
+    let later = luvmm_tests::wait_until("two more ticks on every vCPU", || {
+        let check = vm.check();
+        check
+            .heartbeats
+            .iter()
+            .zip(&first.heartbeats)
+            .all(|(now, then)| *now >= then + 2)
+            .then_some(check)
+    });
+    assert_eq!(later.heartbeats.len(), 2, "{}", later.line);
 }
 
 fn refused(args: &[&str], expected: &str) {

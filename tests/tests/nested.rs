@@ -172,12 +172,35 @@ fn a_luvmm_microvm_runs_and_restores_inside_l1() {
             fail(&run, &format!("missing {expected:?}"));
         }
     }
-    let checks: Vec<&&str> = results
+    let checks: Vec<luvmm_tests::Check> = results
         .iter()
-        .filter(|r| r.starts_with("serial LUVMM-CHECK"))
+        .filter_map(|r| r.strip_prefix("serial "))
+        .filter(|r| r.starts_with("LUVMM-CHECK"))
+        .map(luvmm_tests::parse_check)
         .collect();
-    if checks.len() != 2 || !checks.iter().all(|c| c.contains("LUVMM-CHECK ok")) {
-        fail(&run, &format!("guest checks: {checks:?}"));
+    // The same comparison as the host's restore tests: no reboot, one more check, and both
+    // vCPUs' heartbeats went on.
+    let continued = match checks.as_slice() {
+        [before, after] => {
+            before.ok
+                && after.ok
+                && after.seed == before.seed
+                && after.checks == before.checks + 1
+                && before.heartbeats.len() == 2
+                && after.heartbeats.len() == 2
+                && after
+                    .heartbeats
+                    .iter()
+                    .zip(&before.heartbeats)
+                    .all(|(a, b)| a > b)
+        }
+        _ => false,
+    };
+    if !continued {
+        fail(
+            &run,
+            &format!("guest checks across the restore: {checks:#?}"),
+        );
     }
 }
 

@@ -14,10 +14,14 @@ fn assert_continued(before: &Check, after: &Check) {
     assert_eq!(after.seed, before.seed, "the guest rebooted: {after:?}");
     assert_eq!(after.pages, before.pages);
     assert_eq!(after.checks, before.checks + 1, "check counter restarted");
-    assert!(
-        after.heartbeat > before.heartbeat,
-        "heartbeat did not go on: {before:?} -> {after:?}"
-    );
+    // Every vCPU ran on: application processors too, each on its own timer.
+    assert_eq!(after.heartbeats.len(), before.heartbeats.len(), "{after:?}");
+    for (id, (b, a)) in before.heartbeats.iter().zip(&after.heartbeats).enumerate() {
+        assert!(
+            a > b,
+            "vCPU {id}'s heartbeat did not go on: {before:?} -> {after:?}"
+        );
+    }
 }
 
 fn save(vm: &Vm, export: Option<&Path>) {
@@ -319,4 +323,106 @@ fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
         |cmd| inherit(cmd, &[&fds[1]]),
     );
     assert_continued(&before, &second.next_check(seen));
+}
+
+/// A new memfd holding a copy of `from`.
+fn copy_memfd(from: &OwnedFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and returns a new fd or -1.
+    let raw = unsafe { libc::memfd_create(c"luvmm-test-copy".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` was just created and nothing else owns it.
+    let copy = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut src = std::fs::File::from(from.try_clone().unwrap());
+    let mut dst = std::fs::File::from(copy.try_clone().unwrap());
+    std::io::copy(&mut src, &mut dst).expect("copy the RAM memfd");
+    copy
+}
+
+#[test]
+fn a_word_changed_far_from_the_start_is_reported_lost() {
+    let dir = TestDir::new("restore-lost-word");
+    let first = Vm::boot(&dir, "first", &[]);
+    assert!(first.check().ok);
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let fds = handover(&first);
+    let serial = first.serial.clone();
+    first.kill();
+
+    // One word of the page at 48 MiB, of 64, changes while the VM is "in flight".
+    let damaged = copy_memfd(&fds[1]);
+    let bad_gpa: u64 = 48 << 20;
+    let file = std::fs::File::from(damaged.try_clone().unwrap());
+    let mut word = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut word, bad_gpa).unwrap();
+    word[3] ^= 0x10;
+    std::os::unix::fs::FileExt::write_all_at(&file, &word, bad_gpa).unwrap();
+
+    let seen = checks(&serial).len();
+    let ram_fd = damaged.as_raw_fd().to_string();
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &serial,
+        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
+        |cmd| inherit(cmd, &[&damaged]),
+    );
+    let after = second.next_check(seen);
+    assert!(!after.ok, "a changed word went unnoticed: {}", after.line);
+    assert_eq!(after.first_bad_gpa, Some(bad_gpa), "{}", after.line);
+}
+
+#[test]
+fn swapped_regions_are_reported_lost() {
+    let dir = TestDir::new("restore-lost-swap");
+    let config = dir.join("vm.json");
+    // Two equal regions besides the one that holds the payload: one below 4 GiB, one above.
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"vcpus": 1,
+                "memory": [{{"gpa": 0, "size": 67108864}}, {{"gpa": 1073741824, "size": 16777216}},
+                           {{"gpa": 4294967296, "size": 16777216}}],
+                "payload": "{}"}}"#,
+            luvmm_tests::payload().display()
+        ),
+    )
+    .unwrap();
+    let first = Vm::boot(&dir, "first", &["--config", config.to_str().unwrap()]);
+    let before = first.check();
+    assert!(before.ok, "{}", before.line);
+    assert_eq!(before.pages, 15872 + 4096 + 4096);
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let fds = handover(&first);
+    assert_eq!(fds.len(), 4, "state memfd + three RAM memfds");
+    let serial = first.serial.clone();
+    first.kill();
+
+    let seen = checks(&serial).len();
+    let [r0, r1, r2] = [1, 2, 3].map(|i| fds[i].as_raw_fd().to_string());
+    let second = Vm::restore(
+        &dir,
+        "second",
+        &serial,
+        &[
+            "--state",
+            export.to_str().unwrap(),
+            "--memory-fd",
+            &r0,
+            "--memory-fd",
+            &r2,
+            "--memory-fd",
+            &r1,
+        ],
+        |cmd| inherit(cmd, &[&fds[1], &fds[2], &fds[3]]),
+    );
+    let after = second.next_check(seen);
+    assert!(!after.ok, "swapped regions went unnoticed: {}", after.line);
+    assert_eq!(after.first_bad_gpa, Some(1 << 30), "{}", after.line);
 }

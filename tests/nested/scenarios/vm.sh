@@ -10,7 +10,7 @@ wait_line() { # wait_line FILE PATTERN COUNT
     done
 }
 cd /tmp
-luvmm run --payload /luvmm/bin/payload.elf --memory-mib 64 --serial serial.log --api-socket a.sock 2>run.err &
+luvmm run --payload /luvmm/bin/payload.elf --memory-mib 64 --vcpus 2 --serial serial.log --api-socket a.sock 2>run.err &
 first=$!
 wait_line serial.log LUVMM-BOOT 1 && echo "LUVMM-L1 test nested_boot ok"
 luvmm ctl --socket a.sock check >/dev/null
