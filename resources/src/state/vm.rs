@@ -197,7 +197,29 @@ pub enum StateMismatch {
         in_state: u64,
         given: u64,
     },
+    /// A DMA mapping names a memfd the state does not have, or reaches past its end.
+    #[error("passthrough {bdf}: DMA mapping {mapping} (memfd {memfd_index}, offset {offset:#x}, {len:#x} bytes) is not inside guest RAM")]
+    DmaOutsideRam {
+        bdf: String,
+        mapping: usize,
+        memfd_index: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// A device's configuration space is not 256 bytes.
+    #[error("passthrough {bdf}: configuration space is {len} bytes, not {PCI_CONFIG_SPACE_LEN}")]
+    ConfigSpaceLength { bdf: String, len: usize },
+    /// Two devices claim one guest slot, or one host device appears twice.
+    #[error("passthrough {bdf}: {what} {value} is used twice")]
+    Duplicate {
+        bdf: String,
+        what: &'static str,
+        value: String,
+    },
 }
+
+/// A type-0 configuration space as the state keeps it.
+pub const PCI_CONFIG_SPACE_LEN: usize = 256;
 
 impl VmState {
     /// Checks the state against itself and against the sizes of the memfds it will be
@@ -235,6 +257,52 @@ impl VmState {
                     index,
                     in_state: region.size,
                     given,
+                });
+            }
+        }
+        self.check_passthrough()
+    }
+
+    /// Each passthrough entry must fit the layout: mappings inside a region's memfd, a whole
+    /// configuration space, and no slot or host device twice.
+    fn check_passthrough(&self) -> Result<(), StateMismatch> {
+        let regions = &self.memory.regions;
+        let devices = &self.devices.passthrough;
+        for (index, device) in devices.iter().enumerate() {
+            let bdf = || device.bdf.clone();
+            for (mapping, m) in device.mappings.iter().enumerate() {
+                let inside = regions.get(m.memfd_index).is_some_and(|r| {
+                    m.len > 0 && m.offset.checked_add(m.len).is_some_and(|end| end <= r.size)
+                });
+                if !inside {
+                    return Err(StateMismatch::DmaOutsideRam {
+                        bdf: bdf(),
+                        mapping,
+                        memfd_index: m.memfd_index,
+                        offset: m.offset,
+                        len: m.len,
+                    });
+                }
+            }
+            if device.config.len() != PCI_CONFIG_SPACE_LEN {
+                return Err(StateMismatch::ConfigSpaceLength {
+                    bdf: bdf(),
+                    len: device.config.len(),
+                });
+            }
+            let earlier = &devices[..index];
+            if earlier.iter().any(|d| d.guest_slot == device.guest_slot) {
+                return Err(StateMismatch::Duplicate {
+                    bdf: bdf(),
+                    what: "guest slot",
+                    value: device.guest_slot.to_string(),
+                });
+            }
+            if earlier.iter().any(|d| d.bdf == device.bdf) {
+                return Err(StateMismatch::Duplicate {
+                    bdf: bdf(),
+                    what: "host device",
+                    value: device.bdf.clone(),
                 });
             }
         }
@@ -395,6 +463,75 @@ mod tests {
         assert_eq!(
             in_hole.check_against(&[64 * MIB, MIB]),
             Err(StateMismatch::BadLayout { index: 1 })
+        );
+    }
+
+    #[test]
+    fn passthrough_entries_must_fit_the_layout() {
+        let with = |change: fn(&mut VmState)| {
+            let mut s = state();
+            change(&mut s);
+            s.check_against(&[64 * MIB])
+        };
+        let outside = |memfd_index, offset, len| StateMismatch::DmaOutsideRam {
+            bdf: "0000:00:03.0".into(),
+            mapping: 0,
+            memfd_index,
+            offset,
+            len,
+        };
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].mappings[0].memfd_index = 1),
+            Err(outside(1, 0, 64 * MIB))
+        );
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].mappings[0].offset = 4096),
+            Err(outside(0, 4096, 64 * MIB))
+        );
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].mappings[0].offset = u64::MAX),
+            Err(outside(0, u64::MAX, 64 * MIB))
+        );
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].mappings[0].len = 0),
+            Err(outside(0, 0, 0))
+        );
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].config.truncate(64)),
+            Err(StateMismatch::ConfigSpaceLength {
+                bdf: "0000:00:03.0".into(),
+                len: 64
+            })
+        );
+        let twice = |change: fn(&mut PassthroughState)| {
+            let mut s = state();
+            let mut other = s.devices.passthrough[0].clone();
+            change(&mut other);
+            s.devices.passthrough.push(other);
+            s.check_against(&[64 * MIB])
+        };
+        assert_eq!(
+            twice(|d| d.bdf = "0000:00:04.0".into()),
+            Err(StateMismatch::Duplicate {
+                bdf: "0000:00:04.0".into(),
+                what: "guest slot",
+                value: "1".into()
+            })
+        );
+        assert_eq!(
+            twice(|d| d.guest_slot = 2),
+            Err(StateMismatch::Duplicate {
+                bdf: "0000:00:03.0".into(),
+                what: "host device",
+                value: "0000:00:03.0".into()
+            })
+        );
+        assert_eq!(
+            twice(|d| {
+                d.guest_slot = 2;
+                d.bdf = "0000:00:04.0".into();
+            }),
+            Ok(())
         );
     }
 }
