@@ -325,8 +325,8 @@ fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
     assert_continued(&before, &second.next_check(seen));
 }
 
-/// A new memfd holding a copy of `from`.
-fn copy_memfd(from: &OwnedFd) -> OwnedFd {
+/// A new, empty memfd.
+fn new_memfd() -> OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: memfd_create takes a NUL-terminated name and returns a new fd or -1.
     let raw = unsafe { libc::memfd_create(c"luvmm-test-copy".as_ptr(), libc::MFD_CLOEXEC) };
@@ -336,7 +336,12 @@ fn copy_memfd(from: &OwnedFd) -> OwnedFd {
         std::io::Error::last_os_error()
     );
     // SAFETY: `raw` was just created and nothing else owns it.
-    let copy = unsafe { OwnedFd::from_raw_fd(raw) };
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// A new memfd holding a copy of `from`.
+fn copy_memfd(from: &OwnedFd) -> OwnedFd {
+    let copy = new_memfd();
     let mut src = std::fs::File::from(from.try_clone().unwrap());
     let mut dst = std::fs::File::from(copy.try_clone().unwrap());
     std::io::copy(&mut src, &mut dst).expect("copy the RAM memfd");
@@ -425,4 +430,60 @@ fn swapped_regions_are_reported_lost() {
     let after = second.next_check(seen);
     assert!(!after.ok, "swapped regions went unnoticed: {}", after.line);
     assert_eq!(after.first_bad_gpa, Some(1 << 30), "{}", after.line);
+}
+
+/// The golden states in `tests/golden/`, written by earlier luvmm versions (see capture.sh).
+fn golden_formats() -> Vec<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .expect("tests/golden")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("state.bin").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn golden_states_of_earlier_formats_still_restore() {
+    let formats = golden_formats();
+    assert!(!formats.is_empty(), "no golden state in tests/golden");
+    for golden in formats {
+        let dir = TestDir::new("restore-golden");
+        let gunzip = Command::new("gzip")
+            .arg("-dc")
+            .arg(golden.join("ram0.gz"))
+            .output()
+            .expect("gzip (installed by tests/setup.sh)");
+        assert!(gunzip.status.success(), "gzip -dc {}", golden.display());
+        let ram = copy_memfd_from(&gunzip.stdout);
+        let before = luvmm_tests::parse_check(
+            std::fs::read_to_string(golden.join("check"))
+                .unwrap()
+                .trim_end(),
+        );
+        let serial = dir.join("serial.log");
+        let ram_fd = ram.as_raw_fd().to_string();
+        let state = golden.join("state.bin");
+        let vm = Vm::restore(
+            &dir,
+            "golden",
+            &serial,
+            &["--state", state.to_str().unwrap(), "--memory-fd", &ram_fd],
+            |cmd| inherit(cmd, &[&ram]),
+        );
+        let after = vm.next_check(0);
+        println!("{}: {}", golden.display(), after.line);
+        assert_continued(&before, &after);
+    }
+}
+
+/// A new memfd holding `bytes`.
+fn copy_memfd_from(bytes: &[u8]) -> OwnedFd {
+    use std::io::Write;
+    let fd = new_memfd();
+    std::fs::File::from(fd.try_clone().unwrap())
+        .write_all(bytes)
+        .unwrap();
+    fd
 }
