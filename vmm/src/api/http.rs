@@ -37,7 +37,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
         Err(e) => return Err(HttpError::Malformed(e.to_string())),
     };
     let body_len = content_length(req.headers)?;
-    if head_len + body_len > MAX_REQUEST_BYTES {
+    // Any Content-Length parses, up to usize::MAX: the sum must not wrap.
+    if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
         return Err(HttpError::TooLarge);
     }
     if buf.len() < head_len + body_len {
@@ -193,6 +194,10 @@ mod tests {
             MAX_REQUEST_BYTES
         );
         assert_eq!(parse_request(huge.as_bytes()), Err(HttpError::TooLarge));
+        assert_eq!(
+            parse_request(b"PUT /vm HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n"),
+            Err(HttpError::TooLarge)
+        );
         assert!(matches!(
             parse_request(b"PUT /vm HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
             Err(HttpError::Malformed(_))
