@@ -21,8 +21,9 @@ demo_pkgs=(binutils)
 # linux-source-7.2 from sid.
 all_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
           rsync cpio gzip xz-utils patch busybox-static file debian-archive-keyring dpkg)
-# `.ci/run` checks formatting and lints.
+# `.ci/run` checks formatting and lints, and fuzzes with cargo-fuzz (from crates.io).
 rust_components=(rustfmt clippy)
+cargo_fuzz_version=0.13.2
 
 case "$profile" in
     demo) pkgs=("${demo_pkgs[@]}"); components=() ;;
@@ -43,10 +44,14 @@ if [ ${#components[@]} -gt 0 ]; then
     done
 fi
 command -v cargo >/dev/null || { echo "setup.sh: cargo not found (Rust is needed)" >&2; exit 1; }
+missing_tools=()
+if [ "$profile" = all ] && ! cargo fuzz --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then
+    missing_tools+=("cargo-fuzz@$cargo_fuzz_version")
+fi
 
 if [ $check_only = 1 ]; then
-    if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_components[@]} -gt 0 ]; then
-        echo "missing: ${missing_pkgs[*]} ${missing_components[*]}; run: bash tests/setup.sh${1:+ $profile}" >&2
+    if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_components[@]} -gt 0 ] || [ ${#missing_tools[@]} -gt 0 ]; then
+        echo "missing: ${missing_pkgs[*]} ${missing_components[*]} ${missing_tools[*]}; run: bash tests/setup.sh${1:+ $profile}" >&2
         exit 1
     fi
     exit 0
@@ -63,5 +68,9 @@ fi
 if [ ${#missing_components[@]} -gt 0 ]; then
     echo "setup.sh: adding rustup components ${missing_components[*]}"
     rustup component add "${missing_components[@]}"
+fi
+if [ ${#missing_tools[@]} -gt 0 ]; then
+    echo "setup.sh: installing cargo-fuzz $cargo_fuzz_version from crates.io"
+    cargo install --locked --quiet cargo-fuzz --version "$cargo_fuzz_version"
 fi
 echo "setup.sh: $profile ready"

@@ -79,15 +79,21 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StateError> {
     let body = serde_json::to_vec(value).map_err(|e| StateError::Encode {
         reason: e.to_string(),
     })?;
+    Ok(wrap_body(&body))
+}
+
+/// Puts `body` behind a current-version header with its length and CRC: what `encode` does
+/// after serializing, for tools (and fuzzers) that hold a body already.
+pub fn wrap_body(body: &[u8]) -> Vec<u8> {
     let mut blob = Vec::with_capacity(HEADER_LEN + body.len());
     blob.extend_from_slice(&STATE_MAGIC);
     blob.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
     blob.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
     blob.extend_from_slice(&0u32.to_le_bytes());
     blob.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    blob.extend_from_slice(&CRC64.checksum(&body).to_le_bytes());
-    blob.extend_from_slice(&body);
-    Ok(blob)
+    blob.extend_from_slice(&CRC64.checksum(body).to_le_bytes());
+    blob.extend_from_slice(body);
+    blob
 }
 
 /// Checks the header, length and checksum of `blob`, then decodes its body.

@@ -1,0 +1,12 @@
+//! A JSON config file from the operator: parsing and validating it must name a bad field, not
+//! panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use luvmm_resources::config::{HostLimits, VmConfig};
+
+fuzz_target!(|text: &[u8]| {
+    if let Ok(config) = serde_json::from_slice::<VmConfig>(text) {
+        let _ = config.validate(&HostLimits { max_vcpus: 255 });
+    }
+});
