@@ -55,7 +55,7 @@ mv /dev/iommu /dev/iommu.hidden
 refused no_iommufd "/dev/iommu is missing" --vfio "$first" --vfio-backend iommufd
 echo "LUVMM-L1 hostcheck-legacy $(luvmm host-check --json 2>/dev/null)"
 # Without iommufd, auto falls back to the legacy group/container path, visibly.
-luvmm run --payload $payload --memory-mib 64 --vfio "$first" --serial legacy.log \
+luvmm run --payload $payload --memory-mib 64 --vfio "$first" --serial ./legacy.log \
     --api-socket c.sock 2>legacy.err &
 vmm=$!
 wait_scan legacy.log $vmm legacy_scan
@@ -71,7 +71,7 @@ mv /dev/iommu.hidden /dev/iommu
 
 args=""
 for b in $bdfs; do args="$args --vfio $b"; done
-luvmm run --payload $payload --memory-mib 64 $args --serial serial.log --api-socket a.sock \
+luvmm run --payload $payload --memory-mib 64 $args --serial ./serial.log --api-socket a.sock \
     --cmdline "console=ttyS0 luvmm.fill_pages=256 luvmm.dma_outside=1" 2>run.err &
 vmm=$!
 wait_scan serial.log $vmm vfio_scan
@@ -131,7 +131,7 @@ sed 's/^/LUVMM-L1 log /' run.err
 
 # The same devices again, the guest using INTx (IOAPIC line, resample eventfd) instead of MSI,
 # and every BAR access trapped rather than mapped.
-luvmm run --payload $payload --memory-mib 64 $args --vfio-trap-bars --serial intx.log --api-socket b.sock \
+luvmm run --payload $payload --memory-mib 64 $args --vfio-trap-bars --serial ./intx.log --api-socket b.sock \
     --cmdline "console=ttyS0 luvmm.fill_pages=64 luvmm.intx=1" 2>intx.err &
 vmm=$!
 wait_scan intx.log $vmm intx_scan

@@ -10,13 +10,13 @@ wait_line() { # wait_line FILE PATTERN COUNT
     done
 }
 cd /tmp
-luvmm run --payload /luvmm/bin/payload.elf --memory-mib 64 --vcpus 2 --serial serial.log --api-socket a.sock 2>run.err &
+luvmm run --payload /luvmm/bin/payload.elf --memory-mib 64 --vcpus 2 --serial ./serial.log --api-socket a.sock 2>run.err &
 first=$!
 wait_line serial.log LUVMM-BOOT 1 && echo "LUVMM-L1 test nested_boot ok"
 luvmm ctl --socket a.sock check >/dev/null
 wait_line serial.log LUVMM-CHECK 1 && echo "LUVMM-L1 test nested_check ok"
 luvmm ctl --socket a.sock save >/dev/null
-luvmm restore --from-socket a.sock --serial serial.log --api-socket b.sock 2>restore.err &
+luvmm restore --from-socket a.sock --serial ./serial.log --api-socket b.sock 2>restore.err &
 wait_line serial.log LUVMM-CHECK 2 && echo "LUVMM-L1 test nested_restore ok"
 kill -9 $first
 luvmm ctl --socket b.sock shutdown >/dev/null
