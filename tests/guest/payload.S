@@ -68,6 +68,16 @@
     .set PVH_MAGIC,           0x336ec578
     .set ERRCODE_VECTORS,     0x60227d00    /* 8, 10-14, 17, 21, 29, 30 push an error code */
 
+/* Flat data segment 0x10 of either GDT in every data segment register; no stack needed. */
+    .macro load_data_segments
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    .endm
+
 /* ---------------------------------------------------------------- entry points */
     .section .text.boot, "ax"
     .code64
@@ -132,12 +142,7 @@ build_page_tables:
     .code64
 common64:
     lgdt gdt_ptr(%rip)
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     leaq stack_top(%rip), %rsp
     pushq $0x08
     leaq 1f(%rip), %rax
@@ -540,12 +545,7 @@ ap_trampoline_end:
  * timer, counts itself up, and halts between ticks for good. */
 ap_entry64:
     lgdt gdt_ptr(%rip)
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     movl $0x1b, %ecx                /* x2APIC on, to read the id */
     rdmsr
     orl $0xc00, %eax

@@ -47,6 +47,33 @@ fn handover(vm: &Vm) -> Vec<OwnedFd> {
     reply.fds
 }
 
+/// What a restore from inherited fds starts from: a VM that was booted, checked, saved (and
+/// exported to `state.bin`), whose memfds this test took over before killing its process.
+struct Saved {
+    before: Check,
+    export: std::path::PathBuf,
+    /// The state memfd, then one memfd per RAM region.
+    fds: Vec<OwnedFd>,
+    serial: std::path::PathBuf,
+}
+
+fn boot_save_and_kill(dir: &TestDir, extra: &[&str]) -> Saved {
+    let first = Vm::boot(dir, "first", extra);
+    let before = first.check();
+    assert!(before.ok, "{}", before.line);
+    let export = dir.join("state.bin");
+    save(&first, Some(&export));
+    let fds = handover(&first);
+    let serial = first.serial.clone();
+    first.kill();
+    Saved {
+        before,
+        export,
+        fds,
+        serial,
+    }
+}
+
 /// Lets the child inherit `fds` (they arrive close-on-exec).
 fn inherit(cmd: &mut Command, fds: &[&OwnedFd]) {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -148,15 +175,13 @@ fn restore_from_inherited_memfds_and_state_memfd() {
 #[test]
 fn restore_from_an_exported_state_file() {
     let dir = TestDir::new("restore-file");
-    let first = Vm::boot(&dir, "first", &[]);
-    let before = first.check();
-    let export = dir.join("state.bin");
-    save(&first, Some(&export));
-    let seen = checks(&first.serial).len();
-    let fds = handover(&first);
-    let serial = first.serial.clone();
-    first.kill();
-
+    let Saved {
+        before,
+        export,
+        fds,
+        serial,
+    } = boot_save_and_kill(&dir, &[]);
+    let seen = checks(&serial).len();
     let ram_fd = fds[1].as_raw_fd().to_string();
     let second = Vm::restore(
         &dir,
@@ -193,11 +218,7 @@ fn failed_restore(args: &[&str], fds: &[&OwnedFd]) -> String {
 #[test]
 fn damaged_or_mismatched_state_is_refused() {
     let dir = TestDir::new("restore-refused");
-    let first = Vm::boot(&dir, "first", &[]);
-    let export = dir.join("state.bin");
-    save(&first, Some(&export));
-    let fds = handover(&first);
-    first.kill();
+    let Saved { export, fds, .. } = boot_save_and_kill(&dir, &[]);
     let ram_fd = fds[1].as_raw_fd().to_string();
     let good = std::fs::read(&export).unwrap();
 
@@ -284,13 +305,12 @@ fn rewrite_state(path: &Path, change: impl FnOnce(&mut luvmm_resources::state::V
 #[test]
 fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
     let dir = TestDir::new("restore-tsc");
-    let first = Vm::boot(&dir, "first", &[]);
-    let before = first.check();
-    let export = dir.join("state.bin");
-    save(&first, Some(&export));
-    let fds = handover(&first);
-    let serial = first.serial.clone();
-    first.kill();
+    let Saved {
+        before,
+        export,
+        fds,
+        serial,
+    } = boot_save_and_kill(&dir, &[]);
     let host_khz = {
         use luvmm_resources::state::{decode, VmState};
         let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
@@ -351,13 +371,12 @@ fn copy_memfd(from: &OwnedFd) -> OwnedFd {
 #[test]
 fn a_word_changed_far_from_the_start_is_reported_lost() {
     let dir = TestDir::new("restore-lost-word");
-    let first = Vm::boot(&dir, "first", &[]);
-    assert!(first.check().ok);
-    let export = dir.join("state.bin");
-    save(&first, Some(&export));
-    let fds = handover(&first);
-    let serial = first.serial.clone();
-    first.kill();
+    let Saved {
+        export,
+        fds,
+        serial,
+        ..
+    } = boot_save_and_kill(&dir, &[]);
 
     // One word of the page at 48 MiB, of 64, changes while the VM is "in flight".
     let damaged = copy_memfd(&fds[1]);
@@ -398,16 +417,14 @@ fn swapped_regions_are_reported_lost() {
         ),
     )
     .unwrap();
-    let first = Vm::boot(&dir, "first", &["--config", config.to_str().unwrap()]);
-    let before = first.check();
-    assert!(before.ok, "{}", before.line);
+    let Saved {
+        before,
+        export,
+        fds,
+        serial,
+    } = boot_save_and_kill(&dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(before.pages, 15872 + 4096 + 4096);
-    let export = dir.join("state.bin");
-    save(&first, Some(&export));
-    let fds = handover(&first);
     assert_eq!(fds.len(), 4, "state memfd + three RAM memfds");
-    let serial = first.serial.clone();
-    first.kill();
 
     let seen = checks(&serial).len();
     let [r0, r1, r2] = [1, 2, 3].map(|i| fds[i].as_raw_fd().to_string());
