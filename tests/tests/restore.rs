@@ -74,6 +74,18 @@ fn boot_save_and_kill(dir: &TestDir, extra: &[&str]) -> Saved {
     }
 }
 
+/// Restores the state in file `state` onto the single RAM memfd `ram`, as `name`.
+fn restore_onto(dir: &TestDir, name: &str, serial: &Path, state: &Path, ram: &OwnedFd) -> Vm {
+    let ram_fd = ram.as_raw_fd().to_string();
+    Vm::restore(
+        dir,
+        name,
+        serial,
+        &["--state", state.to_str().unwrap(), "--memory-fd", &ram_fd],
+        |cmd| inherit(cmd, &[ram]),
+    )
+}
+
 /// Lets the child inherit `fds` (they arrive close-on-exec).
 fn inherit(cmd: &mut Command, fds: &[&OwnedFd]) {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -182,14 +194,7 @@ fn restore_from_an_exported_state_file() {
         serial,
     } = boot_save_and_kill(&dir, &[]);
     let seen = checks(&serial).len();
-    let ram_fd = fds[1].as_raw_fd().to_string();
-    let second = Vm::restore(
-        &dir,
-        "second",
-        &serial,
-        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
-        |cmd| inherit(cmd, &[&fds[1]]),
-    );
+    let second = restore_onto(&dir, "second", &serial, &export, &fds[1]);
     let after = second.next_check(seen);
     assert_continued(&before, &after);
 }
@@ -335,13 +340,7 @@ fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
 
     // The saved rate itself restores, and the guest goes on.
     let seen = checks(&serial).len();
-    let second = Vm::restore(
-        &dir,
-        "second",
-        &serial,
-        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
-        |cmd| inherit(cmd, &[&fds[1]]),
-    );
+    let second = restore_onto(&dir, "second", &serial, &export, &fds[1]);
     assert_continued(&before, &second.next_check(seen));
 }
 
@@ -388,14 +387,7 @@ fn a_word_changed_far_from_the_start_is_reported_lost() {
     std::os::unix::fs::FileExt::write_all_at(&file, &word, bad_gpa).unwrap();
 
     let seen = checks(&serial).len();
-    let ram_fd = damaged.as_raw_fd().to_string();
-    let second = Vm::restore(
-        &dir,
-        "second",
-        &serial,
-        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
-        |cmd| inherit(cmd, &[&damaged]),
-    );
+    let second = restore_onto(&dir, "second", &serial, &export, &damaged);
     let after = second.next_check(seen);
     assert!(!after.ok, "a changed word went unnoticed: {}", after.line);
     assert_eq!(after.first_bad_gpa, Some(bad_gpa), "{}", after.line);
@@ -480,15 +472,8 @@ fn golden_states_of_earlier_formats_still_restore() {
                 .trim_end(),
         );
         let serial = dir.join("serial.log");
-        let ram_fd = ram.as_raw_fd().to_string();
         let state = golden.join("state.bin");
-        let vm = Vm::restore(
-            &dir,
-            "golden",
-            &serial,
-            &["--state", state.to_str().unwrap(), "--memory-fd", &ram_fd],
-            |cmd| inherit(cmd, &[&ram]),
-        );
+        let vm = restore_onto(&dir, "golden", &serial, &state, &ram);
         let after = vm.next_check(0);
         println!("{}: {}", golden.display(), after.line);
         assert_continued(&before, &after);
