@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
+use crate::vfio::irq::HypervisorError;
+
 /// Maps host memory into guest physical memory: KVM memslots, behind a trait so devices know
 /// nothing of KVM.
 pub trait GuestMapper: Send + Sync {
     /// Maps `size` bytes at host address `host` to guest `gpa`; returns a handle for unmap.
-    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String>;
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, HypervisorError>;
     /// Removes what `map` returned `slot` for.
-    fn unmap(&self, slot: u32) -> Result<(), String>;
+    fn unmap(&self, slot: u32) -> Result<(), HypervisorError>;
 }
 
 /// One BAR's region, mmapped from the VFIO device fd. It owns its memslot too, so that it can
@@ -65,7 +67,7 @@ impl DirectBar {
     }
 
     /// Puts the BAR at `gpa` in the guest (or nowhere, for `None`), moving it if needed.
-    pub fn place(&mut self, gpa: Option<u64>) -> Result<(), String> {
+    pub fn place(&mut self, gpa: Option<u64>) -> Result<(), HypervisorError> {
         if self.mapped.map(|(_, at)| at) == gpa {
             return Ok(());
         }
@@ -117,12 +119,12 @@ mod tests {
     }
 
     impl GuestMapper for Recorder {
-        fn map(&self, gpa: u64, _size: u64, host: u64) -> Result<u32, String> {
+        fn map(&self, gpa: u64, _size: u64, host: u64) -> Result<u32, HypervisorError> {
             *self.host.lock().unwrap() = Some(host);
             self.calls.lock().unwrap().push(format!("map {gpa:#x}"));
             Ok(7)
         }
-        fn unmap(&self, slot: u32) -> Result<(), String> {
+        fn unmap(&self, slot: u32) -> Result<(), HypervisorError> {
             let host = self.host.lock().unwrap().expect("mapped");
             // SAFETY: the test's point: `host` must still be mapped when its slot goes.
             let byte = unsafe { std::ptr::read_volatile(host as *const u8) };

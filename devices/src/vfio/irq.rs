@@ -15,19 +15,34 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::msix::{MsixLayout, MsixTable};
 
+/// What the VMM could not do for a device through `IrqRouter` or `GuestMapper`. Each message
+/// carries its OS error, so a device's log line needs nothing more.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// A KVM ioctl failed; `op` names it and what it was for.
+    #[error("{op}: {errno}")]
+    Ioctl { op: String, errno: std::io::Error },
+    /// A fixed pool is used up.
+    #[error("no {what} left")]
+    Exhausted { what: &'static str },
+    /// An interrupt eventfd could not be created.
+    #[error("cannot create an interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
 /// Where the VMM routes a device's interrupts: KVM GSI routes and irqfds, behind a trait so
 /// devices know nothing of KVM.
 pub trait IrqRouter: Send + Sync {
     /// A GSI for MSI no one else uses.
-    fn allocate_gsi(&self) -> Result<u32, String>;
+    fn allocate_gsi(&self) -> Result<u32, HypervisorError>;
     /// An IOAPIC pin for INTx no one else uses.
-    fn allocate_intx_line(&self) -> Result<u32, String>;
+    fn allocate_intx_line(&self) -> Result<u32, HypervisorError>;
     /// Routes `gsi` to the MSI message (address, data).
-    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String>;
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError>;
     /// Makes a write to `evt` raise `gsi`.
-    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String>;
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError>;
     /// Undoes `register_irqfd`: writes to `evt` stay in it.
-    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String>;
+    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError>;
     /// Makes a write to `trigger` assert level-triggered `gsi`; when the guest acknowledges it,
     /// KVM writes `resample` (which VFIO takes as "unmask").
     fn register_resample_irqfd(
@@ -35,7 +50,7 @@ pub trait IrqRouter: Send + Sync {
         trigger: &EventFd,
         resample: &EventFd,
         gsi: u32,
-    ) -> Result<(), String>;
+    ) -> Result<(), HypervisorError>;
 }
 
 /// One MSI-X vector: its GSI, the eventfd VFIO signals, and whether that eventfd is attached.
@@ -82,11 +97,11 @@ impl MsixRouting {
 
     /// Gives every vector a GSI and an eventfd, once; returns the eventfds in vector order,
     /// for VFIO.
-    pub fn triggers(&mut self, router: &dyn IrqRouter) -> Result<Vec<&EventFd>, String> {
+    pub fn triggers(&mut self, router: &dyn IrqRouter) -> Result<Vec<&EventFd>, HypervisorError> {
         while self.vectors.len() < self.table.len() {
             self.vectors.push(MsixVector {
                 gsi: router.allocate_gsi()?,
-                trigger: EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?,
+                trigger: EventFd::new(EFD_NONBLOCK).map_err(HypervisorError::EventFd)?,
                 delivering: false,
             });
         }
@@ -100,7 +115,7 @@ impl MsixRouting {
         enabled: bool,
         function_masked: bool,
         router: &dyn IrqRouter,
-    ) -> Result<(), String> {
+    ) -> Result<(), HypervisorError> {
         self.enabled = enabled;
         self.function_masked = function_masked;
         (0..self.vectors.len()).try_for_each(|v| self.sync_vector(v, router))
@@ -112,7 +127,7 @@ impl MsixRouting {
         offset: u64,
         data: &[u8],
         router: &dyn IrqRouter,
-    ) -> Result<(), String> {
+    ) -> Result<(), HypervisorError> {
         match self.table.write(offset, data) {
             Some(vector) if vector < self.vectors.len() => self.sync_vector(vector, router),
             _ => Ok(()),
@@ -136,7 +151,7 @@ impl MsixRouting {
 
     /// Attaches vector `index`'s eventfd to its GSI, routed to the table's message, when MSI-X
     /// is on and neither the function nor the vector is masked; detaches it otherwise.
-    fn sync_vector(&mut self, index: usize, router: &dyn IrqRouter) -> Result<(), String> {
+    fn sync_vector(&mut self, index: usize, router: &dyn IrqRouter) -> Result<(), HypervisorError> {
         let (Some(vector), Some(entry)) = (self.vectors.get_mut(index), self.table.entry(index))
         else {
             return Ok(());
@@ -172,28 +187,28 @@ mod tests {
         fn take(&self) -> Vec<String> {
             std::mem::take(&mut *self.log.lock().unwrap())
         }
-        fn push(&self, what: String) -> Result<(), String> {
+        fn push(&self, what: String) -> Result<(), HypervisorError> {
             self.log.lock().unwrap().push(what);
             Ok(())
         }
     }
 
     impl IrqRouter for FakeRouter {
-        fn allocate_gsi(&self) -> Result<u32, String> {
+        fn allocate_gsi(&self) -> Result<u32, HypervisorError> {
             let mut next = self.next_gsi.lock().unwrap();
             *next += 1;
             Ok(23 + *next)
         }
-        fn allocate_intx_line(&self) -> Result<u32, String> {
-            Err("no INTx here".into())
+        fn allocate_intx_line(&self) -> Result<u32, HypervisorError> {
+            Err(HypervisorError::Exhausted { what: "INTx line" })
         }
-        fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String> {
+        fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError> {
             self.push(format!("route {gsi} {address:#x} {data:#x}"))
         }
-        fn register_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), String> {
+        fn register_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
             self.push(format!("attach {gsi}"))
         }
-        fn unregister_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), String> {
+        fn unregister_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
             self.push(format!("detach {gsi}"))
         }
         fn register_resample_irqfd(
@@ -201,8 +216,8 @@ mod tests {
             _trigger: &EventFd,
             _resample: &EventFd,
             _gsi: u32,
-        ) -> Result<(), String> {
-            Err("no INTx here".into())
+        ) -> Result<(), HypervisorError> {
+            Err(HypervisorError::Exhausted { what: "INTx line" })
         }
     }
 

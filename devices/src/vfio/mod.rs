@@ -7,5 +7,5 @@ pub mod passthrough;
 
 pub use bar_map::GuestMapper;
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
-pub use irq::IrqRouter;
+pub use irq::{HypervisorError, IrqRouter};
 pub use passthrough::{PassthroughArgs, PassthroughError, VfioPciDevice};

@@ -40,7 +40,7 @@ use crate::pci::config::{
 use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
 use crate::vfio::host::{bound_driver, group_blockers, sysfs_dir};
-use crate::vfio::irq::{IrqRouter, MsixRouting};
+use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
 
@@ -84,8 +84,12 @@ pub enum PassthroughError {
         #[source]
         source: iommufd_ioctls::IommufdError,
     },
-    #[error("{bdf}: interrupts: {reason}")]
-    Interrupt { bdf: String, reason: String },
+    #[error("{bdf}: interrupts")]
+    Interrupt {
+        bdf: String,
+        #[source]
+        source: HypervisorError,
+    },
     #[error("{bdf}: BAR {index}: {reason}")]
     Bar {
         bdf: String,
@@ -212,17 +216,13 @@ impl VfioPciDevice {
                 let data_end = if is_64bit { 14 } else { 10 };
                 config.make_writable(offset + 2, &MSI_CONTROL_ENABLE.to_le_bytes());
                 config.make_writable(offset + 4, &vec![0xff; data_end - 4]);
-                let gsi = router
-                    .allocate_gsi()
-                    .map_err(|reason| PassthroughError::Interrupt {
-                        bdf: name(),
-                        reason,
-                    })?;
-                let trigger = EventFd::new(EFD_NONBLOCK).map_err(|e| PassthroughError::Vfio {
+                let interrupt = |source| PassthroughError::Interrupt {
                     bdf: name(),
-                    op: "create the MSI eventfd",
-                    source: vfio_ioctls::VfioError::OpenDeviceCdev(e),
-                })?;
+                    source,
+                };
+                let gsi = router.allocate_gsi().map_err(interrupt)?;
+                let trigger = EventFd::new(EFD_NONBLOCK)
+                    .map_err(|e| interrupt(HypervisorError::EventFd(e)))?;
                 Some(Msi {
                     offset,
                     is_64bit,
@@ -399,7 +399,7 @@ impl VfioPciDevice {
                 ),
                 Ok(()) => {}
                 Err(e) => {
-                    log::warn!("{}: BAR {} stays trapped: {e}", self.bdf, bar.index);
+                    log::warn!("{}: BAR {} stays trapped: {}", self.bdf, bar.index, e);
                     let _ = bar.place(None);
                 }
             }
@@ -421,13 +421,13 @@ impl VfioPciDevice {
         if !has_intx || config.u16_at(INTERRUPT_LINE) >> 8 == 0 {
             return Ok(None);
         }
-        let fail = |reason: String| PassthroughError::Interrupt {
+        let fail = |source| PassthroughError::Interrupt {
             bdf: bdf.to_string(),
-            reason,
+            source,
         };
         let line = router.allocate_intx_line().map_err(fail)?;
         config.set_raw(INTERRUPT_LINE, &[line as u8]);
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| fail(e.to_string()));
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| fail(HypervisorError::EventFd(e)));
         let (trigger, resample) = (new_evt()?, new_evt()?);
         router
             .register_resample_irqfd(&trigger, &resample, line)
@@ -435,7 +435,11 @@ impl VfioPciDevice {
         device
             .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&trigger])
             .and_then(|_| device.set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&resample]))
-            .map_err(|e| fail(format!("VFIO INTx: {e}")))?;
+            .map_err(|source| PassthroughError::Vfio {
+                bdf: bdf.to_string(),
+                op: "turn INTx on",
+                source,
+            })?;
         Ok(Some(Intx {
             line,
             trigger,
@@ -574,20 +578,22 @@ impl VfioPciDevice {
             return;
         };
         let router = self.router.as_ref();
+        let turn = if enable { "on" } else { "off" };
         let vfio = match (enable, was_enabled) {
-            (true, false) => msix
-                .triggers(router)
-                .and_then(|evts| self.device.enable_msix(evts).map_err(|e| e.to_string())),
+            (true, false) => match msix.triggers(router) {
+                Ok(evts) => self.device.enable_msix(evts).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             (false, true) => self.device.disable_msix().map_err(|e| e.to_string()),
             _ => Ok(()),
         };
-        let result = vfio.and_then(|()| msix.set_control(enable, function_masked, router));
-        if let Err(e) = result {
-            log::error!(
-                "{}: MSI-X {}: {e}",
-                self.bdf,
-                if enable { "on" } else { "off" }
-            );
+        match vfio {
+            Err(e) => log::error!("{}: MSI-X {turn}: {e}", self.bdf),
+            Ok(()) => {
+                if let Err(e) = msix.set_control(enable, function_masked, router) {
+                    log::error!("{}: MSI-X {turn}: {}", self.bdf, e);
+                }
+            }
         }
         if !enable && was_enabled {
             self.set_intx(true);
@@ -622,7 +628,13 @@ impl VfioPciDevice {
                     if msi.enabled {
                         return Ok(());
                     }
-                    self.router.register_irqfd(&msi.trigger, msi.gsi)?;
+                    self.router.register_irqfd(&msi.trigger, msi.gsi)
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    if msi.enabled {
+                        return Ok(());
+                    }
                     self.device.enable_msi(vec![&msi.trigger]).map_err(|e| {
                         // Leave nothing attached, so the guest's next enable can try again.
                         let _ = self.router.unregister_irqfd(&msi.trigger, msi.gsi);
@@ -639,7 +651,7 @@ impl VfioPciDevice {
             }
             // KVM takes one irqfd per eventfd: the next enable registers it again.
             if let Err(e) = self.router.unregister_irqfd(&msi.trigger, msi.gsi) {
-                log::error!("{}: cannot detach the MSI irqfd: {e}", self.bdf);
+                log::error!("{}: cannot detach the MSI irqfd: {}", self.bdf, e);
             }
             msi.enabled = false;
             self.set_intx(true);
@@ -723,7 +735,7 @@ impl PciDevice for VfioPciDevice {
         if let Some(msix) = self.msix.as_mut() {
             if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
                 if let Err(e) = msix.write_table(at, data, self.router.as_ref()) {
-                    log::error!("{}: MSI-X table write at {at:#x}: {e}", self.bdf);
+                    log::error!("{}: MSI-X table write at {at:#x}: {}", self.bdf, e);
                 }
                 return;
             }

@@ -11,7 +11,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
-use luvmm_devices::vfio::{GuestMapper, IrqRouter};
+use luvmm_devices::vfio::{GuestMapper, HypervisorError, IrqRouter};
 use luvmm_resources::layout::MSI_GSI_START;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,7 +46,7 @@ impl KvmIrqRouter {
         }
     }
 
-    fn apply(&self, routes: &Routes) -> Result<(), String> {
+    fn apply(&self, routes: &Routes) -> Result<(), HypervisorError> {
         let mut entries = Vec::with_capacity(40 + routes.msi.len());
         for pin in 0..IOAPIC_PINS {
             entries.push(irqchip_entry(pin, KVM_IRQCHIP_IOAPIC, pin));
@@ -70,10 +70,21 @@ impl KvmIrqRouter {
             entry.u.msi.data = data;
             entries.push(entry);
         }
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|e| format!("{e:?}"))?;
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|_| HypervisorError::Exhausted {
+                what: "GSI routing table entry",
+            })?;
         self.vm
             .set_gsi_routing(&table)
-            .map_err(|e| format!("KVM_SET_GSI_ROUTING: {e}"))
+            .map_err(ioctl("KVM_SET_GSI_ROUTING".into()))
+    }
+}
+
+/// Wraps a failed KVM ioctl, named by `op`.
+fn ioctl(op: String) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
+    move |e| HypervisorError::Ioctl {
+        op,
+        errno: std::io::Error::from_raw_os_error(e.errno()),
     }
 }
 
@@ -89,19 +100,23 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 }
 
 impl IrqRouter for KvmIrqRouter {
-    fn allocate_gsi(&self) -> Result<u32, String> {
+    fn allocate_gsi(&self) -> Result<u32, HypervisorError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if routes.next_gsi >= MAX_GSI {
-            return Err(format!("no GSI left below {MAX_GSI}"));
+            return Err(HypervisorError::Exhausted {
+                what: "GSI for MSI",
+            });
         }
         routes.next_gsi += 1;
         Ok(routes.next_gsi - 1)
     }
 
-    fn allocate_intx_line(&self) -> Result<u32, String> {
+    fn allocate_intx_line(&self) -> Result<u32, HypervisorError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if routes.next_intx_line >= IOAPIC_PINS {
-            return Err("all IOAPIC pins for INTx are taken".into());
+            return Err(HypervisorError::Exhausted {
+                what: "IOAPIC pin for INTx",
+            });
         }
         routes.next_intx_line += 1;
         Ok(routes.next_intx_line - 1)
@@ -112,28 +127,28 @@ impl IrqRouter for KvmIrqRouter {
         trigger: &EventFd,
         resample: &EventFd,
         gsi: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), HypervisorError> {
         self.vm
             .register_irqfd_with_resample(trigger, resample, gsi)
-            .map_err(|e| format!("KVM_IRQFD with resample for GSI {gsi}: {e}"))
+            .map_err(ioctl(format!("KVM_IRQFD with resample for GSI {gsi}")))
     }
 
-    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), String> {
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         routes.msi.insert(gsi, (address, data));
         self.apply(&routes)
     }
 
-    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String> {
+    fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
         self.vm
             .register_irqfd(evt, gsi)
-            .map_err(|e| format!("KVM_IRQFD for GSI {gsi}: {e}"))
+            .map_err(ioctl(format!("KVM_IRQFD for GSI {gsi}")))
     }
 
-    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), String> {
+    fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
         self.vm
             .unregister_irqfd(evt, gsi)
-            .map_err(|e| format!("KVM_IRQFD deassign for GSI {gsi}: {e}"))
+            .map_err(ioctl(format!("KVM_IRQFD deassign for GSI {gsi}")))
     }
 }
 
@@ -155,7 +170,7 @@ impl KvmGuestMapper {
         }
     }
 
-    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), String> {
+    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), HypervisorError> {
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
@@ -165,23 +180,24 @@ impl KvmGuestMapper {
         };
         // SAFETY: `host` is a live mapping of `size` bytes owned by the `DirectBar` that asked
         // for it, whose Drop deletes the slot (size 0, through `unmap`) before it munmaps.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {e}"))
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(ioctl(format!(
+            "KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}"
+        )))
     }
 }
 
 impl GuestMapper for KvmGuestMapper {
-    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, HypervisorError> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let slot = (self.first_slot..)
             .find(|s| !slots.contains(s))
-            .ok_or("no memslot left")?;
+            .ok_or(HypervisorError::Exhausted { what: "memslot" })?;
         self.set(slot, gpa, size, host)?;
         slots.push(slot);
         Ok(slot)
     }
 
-    fn unmap(&self, slot: u32) -> Result<(), String> {
+    fn unmap(&self, slot: u32) -> Result<(), HypervisorError> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         self.set(slot, 0, 0, 0)?;
         slots.retain(|&s| s != slot);
