@@ -297,6 +297,11 @@ fn damaged_or_mismatched_state_is_refused() {
         &[],
     );
     assert!(stderr.contains("fd 999 is not open"), "{stderr}");
+    // Incomplete flag sets are refused before anything is read.
+    let stderr = failed_restore(&["--state", export.to_str().unwrap()], &[]);
+    assert!(stderr.contains("--memory-fd"), "{stderr}");
+    let stderr = failed_restore(&[], &[]);
+    assert!(stderr.contains("--from-socket"), "{stderr}");
 }
 
 /// Rewrites the exported state at `path` with `change` applied, as a state from another host

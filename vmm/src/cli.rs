@@ -98,15 +98,16 @@ fn config_word<T: DeserializeOwned>(word: &str) -> Result<T, String> {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from_socket", "state", "state_fd"])))]
 pub struct RestoreArgs {
     /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS).
     #[arg(long, conflicts_with_all = ["state", "state_fd", "memory_fd"])]
     pub from_socket: Option<PathBuf>,
     /// Saved state in a file (from `ctl save --export`).
-    #[arg(long, conflicts_with = "state_fd")]
+    #[arg(long, conflicts_with = "state_fd", requires = "memory_fd")]
     pub state: Option<PathBuf>,
     /// Saved state in an inherited memfd.
-    #[arg(long)]
+    #[arg(long, requires = "memory_fd")]
     pub state_fd: Option<RawFd>,
     /// Inherited RAM memfd, once per region in layout order.
     #[arg(long)]
@@ -229,20 +230,19 @@ fn memory_regions(mib: u64) -> Vec<MemoryRegionConfig> {
         .collect()
 }
 
-/// Turns `restore` flags into a restore source, refusing incomplete combinations.
-pub fn restore_source(args: &RestoreArgs) -> Result<crate::restore::RestoreSource, String> {
-    use crate::restore::{RestoreSource, StateSource};
+/// Turns `restore` flags into a restore source. clap has already refused incomplete
+/// combinations; the last arm is for callers that build `RestoreArgs` themselves.
+pub fn restore_source(
+    args: &RestoreArgs,
+) -> Result<crate::restore::RestoreSource, crate::restore::RestoreError> {
+    use crate::restore::{RestoreError, RestoreSource, StateSource};
     if let Some(socket) = &args.from_socket {
         return Ok(RestoreSource::Socket(socket.clone()));
     }
     let state = match (&args.state, args.state_fd) {
         (Some(path), None) => StateSource::File(path.clone()),
         (None, Some(fd)) => StateSource::Fd(fd),
-        _ => {
-            return Err(
-                "restore needs --from-socket, or --state/--state-fd with --memory-fd".into(),
-            )
-        }
+        _ => return Err(RestoreError::NoSource),
     };
     Ok(RestoreSource::Inherited {
         state,

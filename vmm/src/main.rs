@@ -30,7 +30,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             finish(runtime::run(vmm, config.api_socket.as_deref()))
         }
         Command::Restore(args) => {
-            let source = luvmm_vmm::cli::restore_source(&args)?;
+            let source = luvmm_vmm::cli::restore_source(&args).map_err(|e| chain(&e))?;
             let serial = args.common.serial.clone().unwrap_or_default();
             let inputs = restore::collect(source, serial).map_err(|e| chain(&e))?;
             let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;

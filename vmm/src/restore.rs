@@ -61,6 +61,8 @@ pub enum RestoreError {
     Duplicate { fd: RawFd },
     #[error("no memory fds given")]
     NoMemory,
+    #[error("restore needs --from-socket, or one of --state and --state-fd with --memory-fd")]
+    NoSource,
     #[error("cannot read the saved state from {from}")]
     ReadState {
         from: String,
