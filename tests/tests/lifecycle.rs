@@ -57,3 +57,43 @@ fn save_pauses_and_exports_a_state_file() {
     assert!(status.contains(r#""state_current":false"#), "{status}");
     assert!(vm.check().ok);
 }
+
+#[test]
+fn the_restore_benchmark_reports_figures_and_names_a_failure() {
+    luvmm_tests::require_kvm();
+    let payload = luvmm_tests::payload();
+    let out = std::process::Command::new(luvmm_tests::luvmm_bin())
+        .args(["bench", "restore", "--sizes", "16", "--json", "--payload"])
+        .arg(&payload)
+        .output()
+        .expect("run luvmm bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["sizes"][0]["memory_mib"], 16, "{report}");
+    assert!(
+        report["sizes"][0]["restore_to_resumed_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(report["flatness_ratio"], 1.0, "{report}");
+
+    let (status, stderr) = luvmm_tests::run_luvmm(&[
+        "bench",
+        "restore",
+        "--sizes",
+        "16",
+        "--payload",
+        "/nonexistent/payload.elf",
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("exited (exit status: 1) before its guest booted"),
+        "{stderr}"
+    );
+}

@@ -13,11 +13,40 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::api::client;
+use crate::api::client::{self, ClientError};
 use crate::cli::{BenchArgs, BenchKind};
 use crate::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A benchmark could not produce its figures.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the save reply does not parse: {body}")]
+    SaveReply { body: String },
+    #[error("timed out after {STEP_TIMEOUT:?} waiting for {what}")]
+    Timeout { what: &'static str },
+    #[error("luvmm run exited ({status}) before its guest booted; its error is above")]
+    Exited { status: std::process::ExitStatus },
+    #[error("the restored VMM reports no restore timings")]
+    NoTimings,
+    #[error("the restored guest did not check ok:\n{log}")]
+    NotOk { log: String },
+    #[error("cannot encode the report")]
+    Encode(#[source] serde_json::Error),
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> BenchError {
+    move |source| BenchError::Io { what, source }
+}
 
 /// Runs per size; the median is reported, so one slow process start does not decide.
 const ROUNDS: usize = 3;
@@ -38,7 +67,7 @@ struct RestoreReport {
 }
 
 /// Runs the chosen benchmark and prints its figures.
-pub fn run(args: BenchArgs) -> Result<(), String> {
+pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         BenchKind::Restore {
             payload,
@@ -64,7 +93,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                    serde_json::to_string(&report).map_err(BenchError::Encode)?
                 );
             } else {
                 print_table(&report);
@@ -114,15 +143,15 @@ impl Drop for Reaped {
     }
 }
 
-fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
+fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
     let dir = std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let serial = dir.join("serial.log");
     let first_socket = dir.join("first.sock");
     let second_socket = dir.join("second.sock");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(io("find this executable".into()))?;
 
-    let first = Reaped(
+    let mut first = Reaped(
         Command::new(&exe)
             .arg("run")
             .arg("--payload")
@@ -135,12 +164,19 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
             .arg(&first_socket)
             .stdin(Stdio::null())
             .spawn()
-            .map_err(|e| format!("spawn luvmm run: {e}"))?,
+            .map_err(io("spawn luvmm run".into()))?,
     );
+    let mut exited = None;
     wait_for(
-        || count_lines(&serial, "LUVMM-BOOT") >= 1,
+        || {
+            exited = first.0.try_wait().ok().flatten();
+            exited.is_some() || count_lines(&serial, "LUVMM-BOOT") >= 1
+        },
         "the guest to boot",
     )?;
+    if let Some(status) = exited {
+        return Err(BenchError::Exited { status });
+    }
 
     let save = client::request(
         &first_socket,
@@ -148,10 +184,9 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
         "/vm/save",
         None,
         client::DEFAULT_TIMEOUT,
-    )
-    .map_err(|e| crate::api::error_chain(&e))?;
+    )?;
     let report: SaveReport =
-        serde_json::from_str(&save.body).map_err(|e| format!("save reply {}: {e}", save.body))?;
+        serde_json::from_str(&save.body).map_err(|_| BenchError::SaveReply { body: save.body })?;
 
     let started = Instant::now();
     let second = Reaped(
@@ -165,7 +200,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
             .arg(&second_socket)
             .stdin(Stdio::null())
             .spawn()
-            .map_err(|e| format!("spawn luvmm restore: {e}"))?,
+            .map_err(io("spawn luvmm restore".into()))?,
     );
     let mut running: Option<VmStatus> = None;
     wait_for(
@@ -181,7 +216,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
     let restore_ms = started.elapsed().as_secs_f64() * 1e3;
     let restore_phases = running
         .and_then(|s| s.restore_timings)
-        .ok_or("the restored VMM reports no restore timings")?;
+        .ok_or(BenchError::NoTimings)?;
 
     // The restored guest must vouch for its memory, or the figure means nothing.
     wait_for(
@@ -190,7 +225,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, String> {
     )?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     if !log.contains("LUVMM-CHECK ok") {
-        return Err(format!("restored guest did not check ok:\n{log}"));
+        return Err(BenchError::NotOk { log });
     }
     let _ = client::request(
         &second_socket,
@@ -217,7 +252,7 @@ fn count_lines(path: &PathBuf, prefix: &str) -> usize {
     complete.lines().filter(|l| l.starts_with(prefix)).count()
 }
 
-fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<(), String> {
+fn wait_for(mut done: impl FnMut() -> bool, what: &'static str) -> Result<(), BenchError> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while Instant::now() < deadline {
         if done() {
@@ -225,7 +260,5 @@ fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    Err(format!(
-        "timed out after {STEP_TIMEOUT:?} waiting for {what}"
-    ))
+    Err(BenchError::Timeout { what })
 }

@@ -74,7 +74,9 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => bench::run(args).map(|_| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(args)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(|e| chain(&e)),
         Command::HostCheck { json } => {
             let report = host_check::run();
             if json {
