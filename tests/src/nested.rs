@@ -110,8 +110,11 @@ pub const ONE_EDU: &[&str] = &["edu"];
 /// Boots L1 with `scenario` and `devices` (each a QEMU `-device` value, in order), and waits
 /// for it to power off (or `timeout`, after which QEMU is killed).
 pub fn run_l1(bed: &Bed, scenario: &str, devices: &[&str], timeout: Duration) -> L1Run {
+    // no_timer_check: on a loaded host a TCG vCPU can miss the timer ticks Linux counts while
+    // it checks the IO-APIC timer during boot, and with interrupt remapping on that check
+    // panics ("timer doesn't work through Interrupt-remapped IO-APIC") instead of falling back.
     let append = format!(
-        "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on panic=-1 loglevel=4 luvmm.scenario={scenario}"
+        "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4 luvmm.scenario={scenario}"
     );
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,kernel-irqchip=split"])
