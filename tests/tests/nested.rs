@@ -220,8 +220,17 @@ struct VfioBed {
 
 /// Runs the `vfio` scenario on `bed` and checks its lines.
 fn vfio_scenario(name: &str, bed: VfioBed) {
-    let run = boot_scenario(name, "vfio", bed.devices, &[luvmm_tests::payload()]);
+    let run = boot_scenario(
+        name,
+        "vfio",
+        bed.devices,
+        &[
+            luvmm_tests::payload(),
+            PathBuf::from(env!("CARGO_BIN_EXE_vfio-open-watch")),
+        ],
+    );
     let results = run.results();
+    check_open_watcher(&run);
     let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
     if !failures.is_empty() {
         fail(&run, &format!("failures: {failures:#?}"));
@@ -315,6 +324,69 @@ fn vfio_scenario(name: &str, bed: VfioBed) {
             || r.starts_with("figure ")
     }) {
         println!("nested figure: {r}");
+    }
+}
+
+/// The opens `vfio-open-watch` recorded in step `step`: (node, comm) pairs, after checking
+/// the step itself succeeded.
+fn watched_opens<'a>(run: &'a L1Run, step: &str) -> Vec<(&'a str, &'a str)> {
+    let prefix = format!("watch {step} LUVMM-OPEN ");
+    let lines: Vec<&str> = run
+        .results()
+        .into_iter()
+        .filter_map(|r| r.strip_prefix(prefix.as_str()))
+        .collect();
+    match lines.last() {
+        Some(done) if done.starts_with("done ") && done.ends_with(" status=0") => {}
+        other => fail(
+            run,
+            &format!("watch {step}: no successful summary: {other:?}"),
+        ),
+    }
+    lines
+        .iter()
+        .filter(|l| !l.starts_with("done "))
+        .filter_map(|l| {
+            Some((
+                luvmm_tests::field(l, "node")?,
+                luvmm_tests::field(l, "comm")?,
+            ))
+        })
+        .collect()
+}
+
+/// The watcher sees opens by any process (a shell's open of /dev/iommu), tells the VFIO nodes
+/// apart, and sees exactly what luvmm opens on each path: the device's cdev and /dev/iommu on
+/// iommufd, its group and the container on the legacy path.
+fn check_open_watcher(run: &L1Run) {
+    let count = |opens: &[(&str, &str)], node: &str| {
+        opens
+            .iter()
+            .filter(|(n, c)| *n == node && *c == "luvmm")
+            .count()
+    };
+    let control = watched_opens(run, "control");
+    if !control.contains(&("iommufd", "sh")) {
+        fail(
+            run,
+            &format!("the watcher missed a shell opening /dev/iommu: {control:?}"),
+        );
+    }
+    let iommufd = watched_opens(run, "iommufd");
+    let legacy = watched_opens(run, "legacy");
+    let seen = (
+        count(&iommufd, "vfio_cdev"),
+        count(&iommufd, "iommufd") >= 1,
+        count(&iommufd, "vfio_group"),
+        count(&legacy, "vfio_group") >= 1,
+        count(&legacy, "vfio_container") >= 1,
+        count(&legacy, "vfio_cdev"),
+    );
+    if seen != (1, true, 0, true, true, 0) {
+        fail(
+            run,
+            &format!("opens seen: iommufd run {iommufd:?}, legacy run {legacy:?}"),
+        );
     }
 }
 

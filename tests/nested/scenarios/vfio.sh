@@ -44,6 +44,25 @@ refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTE
         echo "LUVMM-L1 test bad_$name ok"
     fi
 }
+watched() { # watched NAME ARGS...: a 16 MiB VM with ARGS, up until its PCI scan ends, while
+    # vfio-open-watch records every VFIO and iommufd open; prints its lines as "watch NAME"
+    name=$1; shift
+    vfio-open-watch -- sh -c '
+        luvmm run --payload "$0" --memory-mib 16 --serial ./watch.log --api-socket w.sock "$@" \
+            2>/dev/null &
+        vmm=$!; i=0
+        while ! grep -q "LUVMM-DEV scan done" watch.log 2>/dev/null && [ $i -lt 1200 ]; do
+            sleep 0.1; i=$((i + 1))
+        done
+        luvmm ctl --socket w.sock shutdown >/dev/null; wait $vmm' "$payload" "$@" > "watch-$name.out"
+    sed "s/^/LUVMM-L1 watch $name /" "watch-$name.out"
+    rm -f watch.log
+}
+# The watcher's control: an open of /dev/iommu by a shell; then a VM on VFIO cdev + iommufd.
+vfio-open-watch -- sh -c 'true < /dev/iommu' > watch-control.out
+sed "s/^/LUVMM-L1 watch control /" watch-control.out
+watched iommufd --vfio "$first"
+
 refused missing_bdf "0000:00:1e.0: no such PCI device" --vfio 0000:00:1e.0
 refused not_vfio_pci "0000:00:00.0: bound to no driver, not vfio-pci" --vfio 0000:00:00.0
 for b in $shared; do
@@ -54,6 +73,7 @@ done
 mv /dev/iommu /dev/iommu.hidden
 refused no_iommufd "/dev/iommu is missing" --vfio "$first" --vfio-backend iommufd
 echo "LUVMM-L1 hostcheck-legacy $(luvmm host-check --json 2>/dev/null)"
+watched legacy --vfio "$first"
 # Without iommufd, auto falls back to the legacy group/container path, visibly.
 luvmm run --payload $payload --memory-mib 64 --vfio "$first" --serial ./legacy.log \
     --api-socket c.sock 2>legacy.err &
