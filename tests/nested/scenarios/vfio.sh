@@ -31,6 +31,14 @@ wait_scan() { # wait_scan LOG PID NAME: waits for the guest's PCI scan to end
     done
 }
 
+stop_vm() { # stop_vm SOCKET PID: asks the VMM to shut down; kills it if it is not gone in 10 s
+    luvmm ctl --socket "$1" shutdown >/dev/null 2>&1
+    i=0
+    while kill -0 "$2" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -9 "$2" 2>/dev/null
+    wait "$2" 2>/dev/null
+}
+
 refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTED
     name=$1; expected=$2; shift 2
     if luvmm run --payload $payload --memory-mib 16 --serial none --api-socket bad.sock "$@" \
@@ -49,18 +57,24 @@ watched() { # watched NAME ARGS...: a 16 MiB VM with ARGS, up until its PCI scan
     name=$1; shift
     vfio-open-watch -- sh -c '
         luvmm run --payload "$0" --memory-mib 16 --serial ./watch.log --api-socket w.sock "$@" \
-            2>/dev/null &
+            2>watch.err &
         vmm=$!; i=0
         while ! grep -q "LUVMM-DEV scan done" watch.log 2>/dev/null && [ $i -lt 1200 ]; do
             sleep 0.1; i=$((i + 1))
         done
-        luvmm ctl --socket w.sock shutdown >/dev/null; wait $vmm' "$payload" "$@" > "watch-$name.out"
+        luvmm ctl --socket w.sock shutdown >/dev/null 2>&1
+        i=0
+        while kill -0 $vmm 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+        kill -9 $vmm 2>/dev/null; wait $vmm; true' "$payload" "$@" \
+        > "watch-$name.out" 2> "watch-$name.err"
     sed "s/^/LUVMM-L1 watch $name /" "watch-$name.out"
-    rm -f watch.log
+    sed "s/^/LUVMM-L1 log watch $name: /" "watch-$name.err" watch.err
+    rm -f watch.log watch.err
 }
 # The watcher's control: an open of /dev/iommu by a shell; then a VM on VFIO cdev + iommufd.
-vfio-open-watch -- sh -c 'true < /dev/iommu' > watch-control.out
+vfio-open-watch -- sh -c 'true < /dev/iommu' > watch-control.out 2> watch-control.err
 sed "s/^/LUVMM-L1 watch control /" watch-control.out
+sed "s/^/LUVMM-L1 log watch control: /" watch-control.err
 watched iommufd --vfio "$first"
 
 refused missing_bdf "0000:00:1e.0: no such PCI device" --vfio 0000:00:1e.0
@@ -85,8 +99,7 @@ if grep -q "LUVMM-DEV ok.*dma=ok irq=msi" legacy.log && grep -q "legacy VFIO gro
 else
     echo "LUVMM-L1 test legacy_fallback FAIL $(tr '\n' ' ' < legacy.err)"
 fi
-luvmm ctl --socket c.sock shutdown >/dev/null 2>&1
-wait $vmm
+stop_vm c.sock $vmm
 mv /dev/iommu.hidden /dev/iommu
 
 args=""
@@ -145,8 +158,7 @@ if luvmm ctl --socket a.sock resume >/dev/null 2>&1 && luvmm ctl --socket a.sock
 else
     echo "LUVMM-L1 test handover_refused_with_vfio FAIL $(cat handover.out)"
 fi
-luvmm ctl --socket a.sock shutdown >/dev/null 2>&1
-wait $vmm
+stop_vm a.sock $vmm
 sed 's/^/LUVMM-L1 log /' run.err
 
 # The same devices again, the guest using INTx (IOAPIC line, resample eventfd) instead of MSI,
@@ -156,8 +168,7 @@ luvmm run --payload $payload --memory-mib 64 $args --vfio-trap-bars --serial ./i
 vmm=$!
 wait_scan intx.log $vmm intx_scan
 sed 's/^/LUVMM-L1 serial /' intx.log
-luvmm ctl --socket b.sock shutdown >/dev/null 2>&1
-wait $vmm
+stop_vm b.sock $vmm
 sed 's/^/LUVMM-L1 log /' intx.err
 
 # Figures: device setup and IOAS map time against guest memory size.
@@ -171,6 +182,5 @@ for mib in 16 128 512; do
         sleep 0.1
     done
     echo "LUVMM-L1 figure setup_${mib}mib $(grep -o 'opened.*' size.err)"
-    luvmm ctl --socket size.sock shutdown >/dev/null 2>&1
-    wait $vmm
+    stop_vm size.sock $vmm
 done
