@@ -173,6 +173,9 @@ sed 's/^/LUVMM-L1 log /' intx.err
 
 # Figures: device setup and IOAS map time against guest memory size.
 for mib in 16 128 512; do
+    # Removed first: the shell truncates size.err in the background child, so the wait below
+    # could otherwise still read the previous VM's line.
+    rm -f size.err
     luvmm run --payload $payload --memory-mib $mib --vfio "$first" --serial none \
         --api-socket size.sock 2>size.err &
     vmm=$!
