@@ -76,14 +76,15 @@ impl KvmIrqRouter {
             })?;
         self.vm
             .set_gsi_routing(&table)
-            .map_err(ioctl("KVM_SET_GSI_ROUTING".into()))
+            .map_err(ioctl(|| "KVM_SET_GSI_ROUTING".into()))
     }
 }
 
-/// Wraps a failed KVM ioctl, named by `op`.
-fn ioctl(op: String) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
+/// A failed KVM ioctl; `op` is only built when the call failed (irqfds are attached and
+/// detached on every MSI-X mask change).
+fn ioctl(op: impl FnOnce() -> String) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
     move |e| HypervisorError::Ioctl {
-        op,
+        op: op(),
         errno: std::io::Error::from_raw_os_error(e.errno()),
     }
 }
@@ -130,7 +131,7 @@ impl IrqRouter for KvmIrqRouter {
     ) -> Result<(), HypervisorError> {
         self.vm
             .register_irqfd_with_resample(trigger, resample, gsi)
-            .map_err(ioctl(format!("KVM_IRQFD with resample for GSI {gsi}")))
+            .map_err(ioctl(|| format!("KVM_IRQFD with resample for GSI {gsi}")))
     }
 
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError> {
@@ -142,13 +143,13 @@ impl IrqRouter for KvmIrqRouter {
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
         self.vm
             .register_irqfd(evt, gsi)
-            .map_err(ioctl(format!("KVM_IRQFD for GSI {gsi}")))
+            .map_err(ioctl(|| format!("KVM_IRQFD for GSI {gsi}")))
     }
 
     fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
         self.vm
             .unregister_irqfd(evt, gsi)
-            .map_err(ioctl(format!("KVM_IRQFD deassign for GSI {gsi}")))
+            .map_err(ioctl(|| format!("KVM_IRQFD deassign for GSI {gsi}")))
     }
 }
 
@@ -180,9 +181,9 @@ impl KvmGuestMapper {
         };
         // SAFETY: `host` is a live mapping of `size` bytes owned by the `DirectBar` that asked
         // for it, whose Drop deletes the slot (size 0, through `unmap`) before it munmaps.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(ioctl(format!(
-            "KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}"
-        )))
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(ioctl(|| {
+            format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}")
+        }))
     }
 }
 
