@@ -399,7 +399,7 @@ impl VfioPciDevice {
                 ),
                 Ok(()) => {}
                 Err(e) => {
-                    log::warn!("{}: BAR {} stays trapped: {}", self.bdf, bar.index, e);
+                    log::warn!("{}: BAR {} stays trapped: {e}", self.bdf, bar.index);
                     let _ = bar.place(None);
                 }
             }
@@ -578,22 +578,24 @@ impl VfioPciDevice {
             return;
         };
         let router = self.router.as_ref();
-        let turn = if enable { "on" } else { "off" };
         let vfio = match (enable, was_enabled) {
-            (true, false) => match msix.triggers(router) {
-                Ok(evts) => self.device.enable_msix(evts).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+            (true, false) => msix
+                .triggers(router)
+                .map_err(|e| e.to_string())
+                .and_then(|evts| self.device.enable_msix(evts).map_err(|e| e.to_string())),
             (false, true) => self.device.disable_msix().map_err(|e| e.to_string()),
             _ => Ok(()),
         };
-        match vfio {
-            Err(e) => log::error!("{}: MSI-X {turn}: {e}", self.bdf),
-            Ok(()) => {
-                if let Err(e) = msix.set_control(enable, function_masked, router) {
-                    log::error!("{}: MSI-X {turn}: {}", self.bdf, e);
-                }
-            }
+        let result = vfio.and_then(|()| {
+            msix.set_control(enable, function_masked, router)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = result {
+            log::error!(
+                "{}: MSI-X {}: {e}",
+                self.bdf,
+                if enable { "on" } else { "off" }
+            );
         }
         if !enable && was_enabled {
             self.set_intx(true);
@@ -624,17 +626,14 @@ impl VfioPciDevice {
             let routed = self
                 .router
                 .set_msi_route(msi.gsi, address, data)
-                .and_then(|_| {
-                    if msi.enabled {
-                        return Ok(());
-                    }
-                    self.router.register_irqfd(&msi.trigger, msi.gsi)
-                })
                 .map_err(|e| e.to_string())
                 .and_then(|_| {
                     if msi.enabled {
                         return Ok(());
                     }
+                    self.router
+                        .register_irqfd(&msi.trigger, msi.gsi)
+                        .map_err(|e| e.to_string())?;
                     self.device.enable_msi(vec![&msi.trigger]).map_err(|e| {
                         // Leave nothing attached, so the guest's next enable can try again.
                         let _ = self.router.unregister_irqfd(&msi.trigger, msi.gsi);
@@ -651,7 +650,7 @@ impl VfioPciDevice {
             }
             // KVM takes one irqfd per eventfd: the next enable registers it again.
             if let Err(e) = self.router.unregister_irqfd(&msi.trigger, msi.gsi) {
-                log::error!("{}: cannot detach the MSI irqfd: {}", self.bdf, e);
+                log::error!("{}: cannot detach the MSI irqfd: {e}", self.bdf);
             }
             msi.enabled = false;
             self.set_intx(true);
@@ -735,7 +734,7 @@ impl PciDevice for VfioPciDevice {
         if let Some(msix) = self.msix.as_mut() {
             if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
                 if let Err(e) = msix.write_table(at, data, self.router.as_ref()) {
-                    log::error!("{}: MSI-X table write at {at:#x}: {}", self.bdf, e);
+                    log::error!("{}: MSI-X table write at {at:#x}: {e}", self.bdf);
                 }
                 return;
             }
