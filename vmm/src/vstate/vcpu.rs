@@ -34,12 +34,10 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MISC_ENABLE_FAST_STRING: u64 = 1;
 
-const APIC_LVT0: usize = 0x350;
 /// Names of the MSRs KVM lists for saving, for reports; others are shown by index.
 const MSR_NAMES: &[(u32, &str)] = &[
-    (0x10, "MSR_IA32_TSC"),
+    (MSR_IA32_TSC, "MSR_IA32_TSC"),
     (0x3a, "MSR_IA32_FEAT_CTL"),
     (0x3b, "MSR_IA32_TSC_ADJUST"),
     (0x48, "MSR_IA32_SPEC_CTRL"),
@@ -47,13 +45,13 @@ const MSR_NAMES: &[(u32, &str)] = &[
     (0x10a, "MSR_IA32_ARCH_CAPABILITIES"),
     (0x122, "MSR_IA32_TSX_CTRL"),
     (0x140, "MSR_MISC_FEATURES_ENABLES"),
-    (0x174, "MSR_IA32_SYSENTER_CS"),
-    (0x175, "MSR_IA32_SYSENTER_ESP"),
-    (0x176, "MSR_IA32_SYSENTER_EIP"),
+    (MSR_IA32_SYSENTER_CS, "MSR_IA32_SYSENTER_CS"),
+    (MSR_IA32_SYSENTER_ESP, "MSR_IA32_SYSENTER_ESP"),
+    (MSR_IA32_SYSENTER_EIP, "MSR_IA32_SYSENTER_EIP"),
     (0x179, "MSR_IA32_MCG_CAP"),
     (0x17a, "MSR_IA32_MCG_STATUS"),
     (0x17b, "MSR_IA32_MCG_CTL"),
-    (0x1a0, "MSR_IA32_MISC_ENABLE"),
+    (MSR_IA32_MISC_ENABLE, "MSR_IA32_MISC_ENABLE"),
     (0x1d9, "MSR_IA32_DEBUGCTL"),
     (0x277, "MSR_IA32_CR_PAT"),
     (0x4d0, "MSR_IA32_MCG_EXT_CTL"),
@@ -73,13 +71,13 @@ const MSR_NAMES: &[(u32, &str)] = &[
     (0x560, "MSR_IA32_RTIT_OUTPUT_BASE"),
     (0x570, "MSR_IA32_RTIT_CTL"),
     (0xc000_0080, "MSR_EFER"),
-    (0xc000_0081, "MSR_STAR"),
-    (0xc000_0082, "MSR_LSTAR"),
-    (0xc000_0083, "MSR_CSTAR"),
-    (0xc000_0084, "MSR_SYSCALL_MASK"),
+    (MSR_STAR, "MSR_STAR"),
+    (MSR_LSTAR, "MSR_LSTAR"),
+    (MSR_CSTAR, "MSR_CSTAR"),
+    (MSR_SYSCALL_MASK, "MSR_SYSCALL_MASK"),
     (0xc000_0100, "MSR_FS_BASE"),
     (0xc000_0101, "MSR_GS_BASE"),
-    (0xc000_0102, "MSR_KERNEL_GS_BASE"),
+    (MSR_KERNEL_GS_BASE, "MSR_KERNEL_GS_BASE"),
     (0xc000_0103, "MSR_TSC_AUX"),
     (0xc001_011f, "MSR_AMD64_VIRT_SPEC_CTRL"),
     (0xc001_0117, "MSR_VM_HSAVE_PA"),
@@ -104,6 +102,9 @@ fn msr_name(index: u32) -> String {
     }
 }
 
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+
+const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
