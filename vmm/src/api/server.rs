@@ -51,16 +51,16 @@ pub struct ApiServer {
     listener: UnixListener,
     /// Connections in arrival order; the front one is being served.
     queue: VecDeque<Client>,
-    /// Fires at the front client's deadline.
+    /// Fires at `deadline`.
     timer: TimerFd,
+    /// When the front client must have sent its whole request.
+    deadline: Option<Instant>,
     vmm: Arc<Mutex<Vmm>>,
 }
 
 struct Client {
     stream: UnixStream,
     received: Vec<u8>,
-    /// When the client must have sent its request; set when its turn comes.
-    deadline: Option<Instant>,
 }
 
 impl ApiServer {
@@ -98,6 +98,7 @@ impl ApiServer {
             listener,
             queue: VecDeque::new(),
             timer,
+            deadline: None,
             vmm,
         })
     }
@@ -131,7 +132,6 @@ impl ApiServer {
         self.queue.push_back(Client {
             stream,
             received: Vec::new(),
-            deadline: None,
         });
         if self.queue.len() == 1 {
             self.start_front(ops);
@@ -141,7 +141,8 @@ impl ApiServer {
     /// Gives the front client its turn: watch it, and start its read deadline. A client that
     /// cannot be watched is dropped and the next one gets its turn.
     fn start_front(&mut self, ops: &mut EventOps) {
-        while let Some(client) = self.queue.front_mut() {
+        self.deadline = None;
+        while let Some(client) = self.queue.front() {
             let watched = ops.add(Events::new(&client.stream, EventSet::IN));
             let armed = self.timer.set(
                 Expiration::OneShot(TimeSpec::from_duration(READ_TIMEOUT)),
@@ -149,7 +150,7 @@ impl ApiServer {
             );
             match (watched, armed) {
                 (Ok(()), Ok(())) => {
-                    client.deadline = Some(Instant::now() + READ_TIMEOUT);
+                    self.deadline = Some(Instant::now() + READ_TIMEOUT);
                     return;
                 }
                 (watched, armed) => {
@@ -209,11 +210,7 @@ impl ApiServer {
     fn check_deadline(&mut self, ops: &mut EventOps) {
         // The count is not needed; reading it only clears the readiness.
         let _ = self.timer.wait();
-        let expired = self
-            .queue
-            .front()
-            .and_then(|c| c.deadline)
-            .is_some_and(|d| Instant::now() >= d);
+        let expired = self.deadline.is_some_and(|d| Instant::now() >= d);
         if expired {
             log::warn!(
                 "api: a client sent no complete request within {READ_TIMEOUT:?}; serving the next"
