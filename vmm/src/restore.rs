@@ -35,15 +35,10 @@ pub enum StateSource {
 pub enum RestoreError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("handover refused by {socket}: {status} {body}")]
+    #[error("{socket} refused PUT {request}: {status} {body}")]
     Refused {
         socket: PathBuf,
-        status: u16,
-        body: String,
-    },
-    #[error("{socket} did not release the VM ({status} {body}); it keeps it, this process does not run it")]
-    NotReleased {
-        socket: PathBuf,
+        request: &'static str,
         status: u16,
         body: String,
     },
@@ -111,15 +106,22 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
     }
 }
 
-fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
-    let reply = client::request(socket, "PUT", "/vm/handover", None, client::DEFAULT_TIMEOUT)?;
+/// `PUT request` to the VMM behind `socket`; anything but a 2xx is an error.
+fn put(socket: &Path, request: &'static str) -> Result<client::ApiReply, RestoreError> {
+    let reply = client::request(socket, "PUT", request, None, client::DEFAULT_TIMEOUT)?;
     if !reply.is_success() {
         return Err(RestoreError::Refused {
             socket: socket.to_path_buf(),
+            request,
             status: reply.status,
             body: reply.body,
         });
     }
+    Ok(reply)
+}
+
+fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
+    let reply = put(socket, "/vm/handover")?;
     let manifest: HandoverManifest =
         serde_json::from_str(&reply.body).map_err(|e| RestoreError::Manifest {
             socket: socket.to_path_buf(),
@@ -154,23 +156,10 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
 }
 
 /// Tells the VMM behind `socket` that this process rebuilt its VM and takes it over. Until
-/// then that VMM can still resume it; after this it refuses to.
+/// then that VMM can still resume it; after this it refuses to. If it refuses now (it was
+/// resumed meanwhile), it keeps the VM and this process must not run it.
 pub fn complete_handover(socket: &Path) -> Result<(), RestoreError> {
-    let reply = client::request(
-        socket,
-        "PUT",
-        "/vm/handover/complete",
-        None,
-        client::DEFAULT_TIMEOUT,
-    )?;
-    if !reply.is_success() {
-        return Err(RestoreError::NotReleased {
-            socket: socket.to_path_buf(),
-            status: reply.status,
-            body: reply.body,
-        });
-    }
-    Ok(())
+    put(socket, "/vm/handover/complete").map(drop)
 }
 
 /// Takes ownership of inherited fds after checking each is open and named once.
