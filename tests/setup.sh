@@ -3,8 +3,9 @@
 # component luvmm's demo, CI and tests need. Nothing else installs anything: the tests and the
 # scripts they run call `setup.sh --check` and fail naming this command when a tool is missing.
 #
-#   setup.sh [demo|all]           install what the demo (or everything) needs; default: all
-#   setup.sh --check [demo|all]   install nothing; list what is missing and exit 1 if anything is
+#   setup.sh [demo|bed|all]           install what the demo, the nested bed's scripts, or
+#                                     everything (CI included) needs; default: all
+#   setup.sh --check [demo|bed|all]   install nothing; list what is missing, exit 1 if anything is
 #
 # Installing needs root (or sudo) and Debian's archive; with everything present it only checks.
 set -euo pipefail
@@ -15,11 +16,11 @@ profile=${1:-all}
 
 # The demo: the guest payload is assembled and linked with binutils (as, ld).
 demo_pkgs=(binutils)
-# The tests add the nested bed: QEMU for L1; the L1 kernel's build (make, gcc, bc, bison, flex,
+# The nested bed adds: QEMU for L1; the L1 kernel's build (make, gcc, bc, bison, flex,
 # libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests); cpio,
 # gzip and a static busybox for its initramfs; Debian's keyring and dpkg-deb to fetch and unpack
 # linux-source-7.2 from sid.
-all_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
+bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
           rsync cpio gzip xz-utils patch busybox-static file debian-archive-keyring dpkg)
 # `.ci/run` checks formatting and lints, and fuzzes with cargo-fuzz (from crates.io).
 rust_components=(rustfmt clippy)
@@ -27,8 +28,9 @@ cargo_fuzz_version=0.13.2
 
 case "$profile" in
     demo) pkgs=("${demo_pkgs[@]}"); components=() ;;
-    all) pkgs=("${all_pkgs[@]}"); components=("${rust_components[@]}") ;;
-    *) echo "usage: setup.sh [--check] [demo|all]" >&2; exit 2 ;;
+    bed) pkgs=("${bed_pkgs[@]}"); components=() ;;
+    all) pkgs=("${bed_pkgs[@]}"); components=("${rust_components[@]}") ;;
+    *) echo "usage: setup.sh [--check] [demo|bed|all]" >&2; exit 2 ;;
 esac
 
 missing_pkgs=()

@@ -11,10 +11,8 @@ out=${1:?usage: initramfs.sh OUTDIR KERNEL_DIR BINARY...}
 kernel_dir=${2:?usage: initramfs.sh OUTDIR KERNEL_DIR BINARY...}
 shift 2
 # busybox-static, cpio and file come from the project's setup step; nothing is installed here.
-bash "$here/../setup.sh" --check all
+bash "$here/../setup.sh" --check bed
 busybox=/bin/busybox
-file -L "$busybox" | grep -q 'statically linked' \
-    || { echo "initramfs.sh: $busybox is not static (package busybox-static; run: bash tests/setup.sh)" >&2; exit 1; }
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,boot,luvmm/bin,luvmm/scenarios,selftests,lib64,usr/lib}

@@ -15,7 +15,7 @@ jobs=${JOBS:-$(nproc)}
 log() { echo "kernel.sh: $*" >&2; }
 
 # The build tools come from the project's setup step; nothing is installed here.
-bash "$here/../setup.sh" --check all
+bash "$here/../setup.sh" --check bed
 # Private apt configuration for sid, from the system's own mirror.
 apt_dir=$cache/apt-sid
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"

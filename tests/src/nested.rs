@@ -34,20 +34,10 @@ fn run_script(script: &str, args: &[&Path]) -> String {
         .to_string()
 }
 
-/// Checks that the setup step installed the bed's tools (QEMU, the kernel build), gets the
-/// kernel from `kernel.sh` (cached after the first build) and packs `binaries` into the
-/// initramfs under `work`.
+/// Gets the kernel from `kernel.sh` (cached after the first build) and packs `binaries` into
+/// the initramfs under `work`. Both scripts first check that the setup step installed the
+/// bed's tools (QEMU, the kernel build, busybox) and fail naming it if not.
 pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
-    let check = Command::new("bash")
-        .arg(nested_dir().join("../setup.sh"))
-        .args(["--check", "all"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run tests/setup.sh --check: {e}"));
-    assert!(
-        check.status.success(),
-        "the nested bed's tools are not installed: {}",
-        String::from_utf8_lossy(&check.stderr).trim()
-    );
     // One kernel per test process, built or found once even when tests run in parallel.
     static KERNEL: OnceLock<PathBuf> = OnceLock::new();
     let kernel_dir = KERNEL
