@@ -22,6 +22,7 @@ for applet in $("$busybox" --list); do
 done
 install -m 0755 "$here/init" "$root/init"
 install -m 0755 "$here"/scenarios/*.sh "$root/luvmm/scenarios/"
+install -m 0644 "$here/steps.sh" "$root/luvmm/steps.sh"
 for bin in "$@"; do
     install -m 0755 "$bin" "$root/luvmm/bin/"
     # Copy the shared libraries (and the loader) a dynamic binary needs, at their own paths.

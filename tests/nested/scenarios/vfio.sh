@@ -19,25 +19,8 @@ for dev in /sys/bus/pci/drivers/vfio-pci/0000:*; do
 done
 first=$(echo $bdfs | cut -d' ' -f1)
 
-wait_scan() { # wait_scan LOG PID NAME: waits for the guest's PCI scan to end
-    i=0
-    while ! grep -q "LUVMM-DEV scan done" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        if [ $i -gt 1200 ] || ! kill -0 "$2" 2>/dev/null; then
-            echo "LUVMM-L1 test $3 FAIL the guest never finished its PCI scan"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
-
-stop_vm() { # stop_vm SOCKET PID: asks the VMM to shut down; kills it if it is not gone in 10 s
-    luvmm ctl --socket "$1" shutdown >/dev/null 2>&1
-    i=0
-    while kill -0 "$2" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    kill -9 "$2" 2>/dev/null
-    wait "$2" 2>/dev/null
-}
+# wait_scan and stop_vm, shared with the watched steps' own shells.
+. /luvmm/steps.sh
 
 refused() { # refused NAME EXPECTED ARGS...: luvmm run must fail, saying EXPECTED
     name=$1; expected=$2; shift 2
@@ -56,16 +39,12 @@ watched() { # watched NAME ARGS...: a 16 MiB VM with ARGS, up until its PCI scan
     # vfio-open-watch records every VFIO and iommufd open; prints its lines as "watch NAME"
     name=$1; shift
     vfio-open-watch -- sh -c '
+        . /luvmm/steps.sh
         luvmm run --payload "$0" --memory-mib 16 --serial ./watch.log --api-socket w.sock "$@" \
             2>watch.err &
-        vmm=$!; i=0
-        while ! grep -q "LUVMM-DEV scan done" watch.log 2>/dev/null && [ $i -lt 1200 ]; do
-            sleep 0.1; i=$((i + 1))
-        done
-        luvmm ctl --socket w.sock shutdown >/dev/null 2>&1
-        i=0
-        while kill -0 $vmm 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-        kill -9 $vmm 2>/dev/null; wait $vmm; true' "$payload" "$@" \
+        vmm=$!
+        wait_scan watch.log $vmm watch_scan
+        stop_vm w.sock $vmm; true' "$payload" "$@" \
         > "watch-$name.out" 2> "watch-$name.err"
     sed "s/^/LUVMM-L1 watch $name /" "watch-$name.out"
     sed "s/^/LUVMM-L1 log watch $name: /" "watch-$name.err" watch.err
