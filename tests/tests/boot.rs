@@ -123,36 +123,43 @@ fn bad_configurations_are_refused_with_the_field_named() {
     luvmm_tests::require_kvm();
     let payload = luvmm_tests::payload();
     let payload = payload.to_str().unwrap();
-    refused(
-        &["run", "--payload", payload, "--vcpus", "0"],
-        "vcpus: must be at least 1",
-    );
-    refused(
-        &["run", "--payload", payload, "--vcpus", "100000"],
-        "exceeds this host's KVM limit",
-    );
-    refused(
-        &["run", "--payload", payload, "--memory-mib", "0"],
-        "memory[0].size: must not be 0",
-    );
-    refused(
-        &["run", "--payload", "/nonexistent/payload.elf"],
-        "payload: /nonexistent/payload.elf",
-    );
-    refused(&["run"], "payload: no guest payload given (--payload FILE");
-    // One vocabulary: a mistyped serial word is refused, not taken for a file name.
-    refused(
-        &["run", "--payload", payload, "--serial", "sink"],
-        "\"sink\" is not stdout, none or a path",
-    );
-    refused(
-        &["run", "--payload", payload, "--boot", "bios"],
-        "unknown variant `bios`, expected one of `auto`, `linux64`, `pvh`",
-    );
-    refused(
-        &["run", "--payload", payload, "--vfio-backend", "vfio"],
-        "expected one of `auto`, `iommufd`, `legacy`",
-    );
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--payload", payload, "--vcpus", "0"],
+            "vcpus: must be at least 1",
+        ),
+        (
+            &["--payload", payload, "--vcpus", "100000"],
+            "exceeds this host's KVM limit",
+        ),
+        (
+            &["--payload", payload, "--memory-mib", "0"],
+            "memory[0].size: must not be 0",
+        ),
+        (
+            &["--payload", "/nonexistent/payload.elf"],
+            "payload: /nonexistent/payload.elf",
+        ),
+        (&[], "payload: no guest payload given (--payload FILE"),
+        // One vocabulary: a mistyped serial word is refused, not taken for a file name.
+        (
+            &["--payload", payload, "--serial", "sink"],
+            "\"sink\" is not stdout, none or a path",
+        ),
+        (
+            &["--payload", payload, "--boot", "bios"],
+            "unknown variant `bios`, expected one of `auto`, `linux64`, `pvh`",
+        ),
+        (
+            &["--payload", payload, "--vfio-backend", "vfio"],
+            "expected one of `auto`, `iommufd`, `legacy`",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut run = vec!["run"];
+        run.extend_from_slice(args);
+        refused(&run, expected);
+    }
 
     let dir = TestDir::new("boot-bad-config");
     let write = |name: &str, text: String| {

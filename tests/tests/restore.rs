@@ -51,17 +51,14 @@ fn handover(vm: &Vm) -> Vec<OwnedFd> {
     reply.fds
 }
 
-/// What a restore from inherited fds starts from: a VM that was booted, checked, saved (and
-/// exported to `state.bin`), whose memfds this test took over before killing its process.
-struct Saved {
-    before: Check,
-    export: std::path::PathBuf,
-    /// The state memfd, then one memfd per RAM region.
-    fds: Vec<OwnedFd>,
-    serial: std::path::PathBuf,
-}
-
-fn boot_save_and_kill(dir: &TestDir, extra: &[&str]) -> Saved {
+/// What a restore from inherited fds starts from: a VM booted with `extra`, checked, saved
+/// (and exported to `state.bin`), whose memfds this test took over before killing its process.
+/// Returns the check before the save, the export, the fds (state memfd, then one memfd per
+/// RAM region) and the serial log.
+fn boot_save_and_kill(
+    dir: &TestDir,
+    extra: &[&str],
+) -> (Check, std::path::PathBuf, Vec<OwnedFd>, std::path::PathBuf) {
     let first = Vm::boot(dir, "first", extra);
     let before = first.check();
     assert!(before.ok, "{}", before.line);
@@ -70,12 +67,7 @@ fn boot_save_and_kill(dir: &TestDir, extra: &[&str]) -> Saved {
     let fds = handover(&first);
     let serial = first.serial.clone();
     first.kill();
-    Saved {
-        before,
-        export,
-        fds,
-        serial,
-    }
+    (before, export, fds, serial)
 }
 
 /// Restores the state in file `state` onto the single RAM memfd `ram`, as `name`.
@@ -188,12 +180,7 @@ fn restore_from_inherited_memfds_and_state_memfd() {
 #[test]
 fn restore_from_an_exported_state_file() {
     let dir = TestDir::new("restore-file");
-    let Saved {
-        before,
-        export,
-        fds,
-        serial,
-    } = boot_save_and_kill(&dir, &[]);
+    let (before, export, fds, serial) = boot_save_and_kill(&dir, &[]);
     let seen = checks(&serial).len();
     let second = restore_onto(&dir, "second", &serial, &export, &fds[1]);
     let after = second.next_check(seen);
@@ -224,7 +211,7 @@ fn failed_restore(args: &[&str], fds: &[&OwnedFd]) -> String {
 #[test]
 fn damaged_or_mismatched_state_is_refused() {
     let dir = TestDir::new("restore-refused");
-    let Saved { export, fds, .. } = boot_save_and_kill(&dir, &[]);
+    let (_, export, fds, _) = boot_save_and_kill(&dir, &[]);
     let ram_fd = fds[1].as_raw_fd().to_string();
     let good = std::fs::read(&export).unwrap();
 
@@ -316,12 +303,7 @@ fn rewrite_state(path: &Path, change: impl FnOnce(&mut luvmm_resources::state::V
 #[test]
 fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
     let dir = TestDir::new("restore-tsc");
-    let Saved {
-        before,
-        export,
-        fds,
-        serial,
-    } = boot_save_and_kill(&dir, &[]);
+    let (before, export, fds, serial) = boot_save_and_kill(&dir, &[]);
     let host_khz = {
         use luvmm_resources::state::{decode, VmState};
         let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
@@ -376,12 +358,7 @@ fn copy_memfd(from: &OwnedFd) -> OwnedFd {
 #[test]
 fn a_word_changed_far_from_the_start_is_reported_lost() {
     let dir = TestDir::new("restore-lost-word");
-    let Saved {
-        export,
-        fds,
-        serial,
-        ..
-    } = boot_save_and_kill(&dir, &[]);
+    let (_, export, fds, serial) = boot_save_and_kill(&dir, &[]);
 
     // One word of the page at 48 MiB, of 64, changes while the VM is "in flight".
     let damaged = copy_memfd(&fds[1]);
@@ -415,12 +392,8 @@ fn swapped_regions_are_reported_lost() {
         ),
     )
     .unwrap();
-    let Saved {
-        before,
-        export,
-        fds,
-        serial,
-    } = boot_save_and_kill(&dir, &["--config", config.to_str().unwrap()]);
+    let (before, export, fds, serial) =
+        boot_save_and_kill(&dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(before.pages, 15872 + 4096 + 4096);
     assert_eq!(fds.len(), 4, "state memfd + three RAM memfds");
 
