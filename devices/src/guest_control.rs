@@ -1,46 +1,94 @@
-//! The luvmm guest-control port: how the VMM asks a guest to check itself.
+//! The luvmm guest-control port: how the VMM asks a guest to check itself, and how a guest asks
+//! to be paused at a moment it chooses.
 //!
-//! The guest reads a 32-bit word from the port after each wake-up. Bit 0 set means "a check
-//! was requested"; reading clears it. The request survives a save/restore, so a check asked for
-//! before a pause is answered after the resume, and the restore path asks for one itself.
+//! The guest reads a 32-bit word from the port after each wake-up: one bit per pending
+//! `GuestRequest`; reading clears them. Requests survive a save/restore, so one asked for
+//! before a pause is answered after the resume, and the restore path asks for a check itself.
+//! A guest that writes `PAUSE_ME` to the port is paused by the VMM's event loop right after:
+//! a test guest uses it to leave device interrupts in flight across a pause or a handover.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use luvmm_resources::state::GuestControlState;
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
+use vmm_sys_util::eventfd::EventFd;
 
-/// Bit 0 of the port word: run the memory check now.
-pub const CHECK_REQUESTED: u32 = 1;
+/// What the VMM can ask of the guest, one bit each in the port word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestRequest {
+    /// Re-read every filled page and print a LUVMM-CHECK line.
+    Check,
+    /// Drive every passthrough device again (a DMA and its interrupt each, a new command on
+    /// an NVMe controller's existing admin queue) and print LUVMM-ROUND lines.
+    Devices,
+    /// Leave interrupts in flight (an edu DMA whose completion interrupt comes later, an
+    /// NVMe completion held by a masked MSI-X vector), then ask to be paused.
+    IrqInFlight,
+    /// Check that what `IrqInFlight` left arrived (or is still pending) and print
+    /// LUVMM-INFLIGHT lines.
+    IrqLanded,
+}
+
+impl GuestRequest {
+    /// The request's bit in the port word.
+    pub fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+/// Written by the guest: pause me now.
+pub const PAUSE_ME: u32 = 1;
 
 /// The guest-control port device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GuestControl {
-    check_pending: AtomicBool,
+    pending: AtomicU32,
+    /// Signalled when the guest asks to be paused.
+    pause_evt: EventFd,
 }
 
 impl GuestControl {
-    /// A port with nothing pending.
-    pub fn new() -> GuestControl {
-        GuestControl::default()
+    /// A port with nothing pending; `pause_evt` is signalled when the guest asks to be paused.
+    pub fn new(pause_evt: EventFd) -> GuestControl {
+        GuestControl {
+            pending: AtomicU32::new(0),
+            pause_evt,
+        }
     }
 
     /// Rebuilds the port from its saved state.
-    pub fn from_state(state: &GuestControlState) -> GuestControl {
+    pub fn from_state(state: &GuestControlState, pause_evt: EventFd) -> GuestControl {
+        let check = if state.check_pending {
+            GuestRequest::Check.bit()
+        } else {
+            0
+        };
         GuestControl {
-            check_pending: AtomicBool::new(state.check_pending),
+            pending: AtomicU32::new(state.requests | check),
+            pause_evt,
         }
     }
 
     /// Asks the guest to verify its memory at its next wake-up.
     pub fn request_check(&self) {
-        self.check_pending.store(true, Ordering::SeqCst);
+        self.request(GuestRequest::Check);
+    }
+
+    /// Asks the guest for `request` at its next wake-up.
+    pub fn request(&self, request: GuestRequest) {
+        self.pending.fetch_or(request.bit(), Ordering::SeqCst);
     }
 
     /// The state to save.
     pub fn save(&self) -> GuestControlState {
+        let pending = self.pending.load(Ordering::SeqCst);
+        let check = GuestRequest::Check.bit();
         GuestControlState {
-            check_pending: self.check_pending.load(Ordering::SeqCst),
+            check_pending: pending & check != 0,
+            requests: pending & !check,
         }
     }
 }
@@ -48,19 +96,26 @@ impl GuestControl {
 impl DevicePio for GuestControl {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
-        if offset == 0 && self.check_pending.swap(false, Ordering::SeqCst) {
-            let word = CHECK_REQUESTED.to_le_bytes();
+        if offset == 0 {
+            let word = self.pending.swap(0, Ordering::SeqCst).to_le_bytes();
             let n = data.len().min(word.len());
             data[..n].copy_from_slice(&word[..n]);
         }
     }
 
-    fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if offset == 0 && data.first().is_some_and(|&b| u32::from(b) == PAUSE_ME) {
+            if let Err(e) = self.pause_evt.write(1) {
+                log::error!("guest-control: cannot signal the guest's pause request: {e}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn read(dev: &GuestControl) -> u32 {
         let mut word = [0u8; 4];
@@ -68,20 +123,39 @@ mod tests {
         u32::from_le_bytes(word)
     }
 
-    #[test]
-    fn a_request_is_read_once() {
-        let dev = GuestControl::new();
-        assert_eq!(read(&dev), 0);
-        dev.request_check();
-        assert_eq!(read(&dev), CHECK_REQUESTED);
-        assert_eq!(read(&dev), 0);
+    fn port() -> GuestControl {
+        GuestControl::new(EventFd::new(EFD_NONBLOCK).unwrap())
     }
 
     #[test]
-    fn a_pending_request_survives_save_and_restore() {
-        let dev = GuestControl::new();
+    fn requests_are_read_once() {
+        let dev = port();
+        assert_eq!(read(&dev), 0);
         dev.request_check();
-        let back = GuestControl::from_state(&dev.save());
-        assert_eq!(read(&back), CHECK_REQUESTED);
+        dev.request(GuestRequest::Devices);
+        assert_eq!(read(&dev), 0b11);
+        assert_eq!(read(&dev), 0);
+        dev.request(GuestRequest::IrqLanded);
+        assert_eq!(read(&dev), 0b1000);
+    }
+
+    #[test]
+    fn pending_requests_survive_save_and_restore() {
+        let dev = port();
+        dev.request_check();
+        dev.request(GuestRequest::IrqInFlight);
+        let saved = dev.save();
+        assert!(saved.check_pending);
+        let back = GuestControl::from_state(&saved, EventFd::new(EFD_NONBLOCK).unwrap());
+        assert_eq!(read(&back), 0b101);
+    }
+
+    #[test]
+    fn a_guest_write_asks_for_a_pause() {
+        let dev = port();
+        dev.pio_write(PioAddress(0x600), 0, &[2]);
+        assert!(dev.pause_evt.read().is_err(), "only PAUSE_ME asks");
+        dev.pio_write(PioAddress(0x600), 0, &PAUSE_ME.to_le_bytes());
+        assert_eq!(dev.pause_evt.read().unwrap(), 1);
     }
 }

@@ -41,6 +41,22 @@
  * the identify data the device wrote (vendor 1b36, serial "luvm...") and prints
  *     LUVMM-DEV ok bdf=00:SS.0 dma=ok irq=msix dma_gpa=0x... dma_word=0x...
  * NVMe always uses MSI-X, with or without "luvmm.intx=1".
+ *
+ * The guest-control port word has one bit per request: 1 check (above), 2 devices, 4
+ * irq_in_flight, 8 irq_landed. "devices" drives every device found at boot again, as it was
+ * left: a new DMA round trip with its interrupt through each edu device, and a new IDENTIFY at
+ * the tail of the NVMe admin queue set up at boot (no re-initialisation), completed by MSI-X:
+ *     LUVMM-ROUND ok n=R bdf=00:SS.0 dma=ok irq=msi
+ *     LUVMM-ROUND ok n=R bdf=00:SS.0 nvme=ok irq=msix sq_slot=K
+ *     LUVMM-ROUND done n=R devices=D         (or LUVMM-ROUND FAIL ... reason=...)
+ * "irq_in_flight" masks NVMe vector 0 and sends a command (its completion must then be
+ * pending), prints "LUVMM-INFLIGHT armed nvme_held=N edu_in_flight=M", starts an edu DMA with
+ * its completion interrupt (edu completes ~100 ms later) and at once writes 1 to the port: the
+ * VMM pauses the guest, so that interrupt is raised while it is paused (or moving).
+ * "irq_landed" then requires the edu DMA done with its interrupt delivered, and the NVMe
+ * message still pending and delivered on unmask:
+ *     LUVMM-INFLIGHT ok bdf=00:SS.0 edu dma=ok irq=msi
+ *     LUVMM-INFLIGHT ok bdf=00:SS.0 nvme pending=kept irq=msix
  */
 
     .set SERIAL,              0x3f8
@@ -63,6 +79,7 @@
     .set NVME_IDENTIFY,       0x1b2000      /* IDENTIFY CONTROLLER data */
     .set NVME_SERIAL_WORD,    0x6d76756c    /* "luvm", the start of the bed's serial number */
     .set MMIO_READS,          1000
+    .set MAX_EDU,             4             /* edu devices remembered for rounds */
     .set DMA_OUTSIDE_IOVA,    0x0f000000    /* 240 MiB: below edu's 28-bit mask, above guest RAM */
     .set TICK_COUNT,          100000000     /* 100 ms: KVM's APIC timer counts at 1 GHz */
     .set PVH_MAGIC,           0x336ec578
@@ -178,9 +195,19 @@ main_loop:
     hlt
     movw $CONTROL_PORT, %dx
     inl %dx, %eax
-    testl $1, %eax
-    jz main_loop
+    movl %eax, requests(%rip)
+    testl $1, %eax                  /* check */
+    jz 1f
     call run_check
+1:  testl $2, requests(%rip)        /* devices */
+    jz 2f
+    call devices_round
+2:  testl $4, requests(%rip)        /* irq_in_flight */
+    jz 3f
+    call irq_in_flight
+3:  testl $8, requests(%rip)        /* irq_landed */
+    jz main_loop
+    call irq_landed
     jmp main_loop
 
 /* Identity map of the first MAP_LIMIT with 2 MiB pages, the GiB below 4 GiB (PCI MMIO,
@@ -715,6 +742,15 @@ edu_test:
     call pci_write32
     call pci_enable_memory_and_master
     movq %r12, dev_bar(%rip)
+    movl edu_count(%rip), %eax      /* remembered for later rounds */
+    cmpl $MAX_EDU, %eax
+    jae 6f
+    leaq edu_bars(%rip), %rcx
+    movq %r12, (%rcx,%rax,8)
+    leaq edu_slots(%rip), %rcx
+    movl %ebx, (%rcx,%rax,4)
+    incl edu_count(%rip)
+6:
     movl 0x00(%r12), %eax           /* identification: 0x010000ed */
     cmpb $0xed, %al
     jne edu_fail_id
@@ -728,59 +764,15 @@ edu_test:
     call edu_enable_msi
     jmp 5f
 4:  call edu_route_intx
-5:
-    movl %r15d, %edi                /* buffers: A = 0x1c0000 + index * 64 KiB, B = A + 32 KiB */
-    shll $16, %edi
-    addl $0x1c0000, %edi
-    movq %rdi, dma_src(%rip)
-    leaq 0x8000(%rdi), %rax
-    movq %rax, dma_dst(%rip)
-    movq seed(%rip), %r10
-    xorq %r15, %r10
-    movabsq $0x9e3779b97f4a7c15, %r11
-    xorl %ecx, %ecx
-2:  movq %rcx, %rax
-    imulq %r11, %rax
-    xorq %r10, %rax
-    movq %rax, (%rdi,%rcx,8)
-    movq $0, 0x8000(%rdi,%rcx,8)
-    incl %ecx
-    cmpl $256, %ecx
-    jb 2b
-    movl %edi, 0x80(%r12)           /* DMA RAM(A) -> device buffer */
-    movl $0x40000, 0x88(%r12)
-    movl $2048, 0x90(%r12)
-    movl $1, 0x98(%r12)
-    call edu_idle
+5:  call edu_dma_start              /* a copy RAM -> device -> RAM, with its interrupt */
     testl %eax, %eax
     jz edu_fail_dma
-    movl $0, dev_irq(%rip)
-    movl $0x40000, 0x80(%r12)       /* DMA device buffer -> RAM(B), interrupt when done */
-    movq dma_dst(%rip), %rax
-    movl %eax, 0x88(%r12)
-    movl $2048, 0x90(%r12)
-    movl $7, 0x98(%r12)
-    call edu_idle
-    testl %eax, %eax
-    jz edu_fail_dma
-    leaq dev_irq(%rip), %rdi
-    movl $0xffffffff, %esi
-    movl $1, %edx
-    call wait_bits
-    movl %eax, %r13d                /* 1 if the interrupt came */
-    movq dma_src(%rip), %rsi
+    call edu_wait_done
+    testq %rax, %rax
+    movq %rax, %rsi
+    jnz dev_fail
+    call edu_irq_word
     movq dma_dst(%rip), %rdi
-    movl $256, %ecx
-    repe cmpsq
-    jne edu_fail_data
-    leaq str_irq_none(%rip), %rsi
-    testl %r13d, %r13d
-    jz 3f
-    leaq str_irq_msi(%rip), %rsi
-    cmpq $0, use_intx(%rip)
-    je 3f
-    leaq str_irq_intx(%rip), %rsi
-3:  movq dma_dst(%rip), %rdi
     call put_dev_ok
     cmpq $0, dma_outside(%rip)
     je dev_done
@@ -802,9 +794,6 @@ edu_fail_live:
     jmp dev_fail
 edu_fail_dma:
     leaq str_fail_dma(%rip), %rsi
-    jmp dev_fail
-edu_fail_data:
-    leaq str_fail_data(%rip), %rsi
 /* dev_fail: rsi = reason; prints the FAIL line and returns from edu_test or nvme_test */
 dev_fail:
     movq %rsi, %r13
@@ -1016,6 +1005,14 @@ nvme_test:
     jne nvme_fail_identify
     cmpl $NVME_SERIAL_WORD, NVME_IDENTIFY+4
     jne nvme_fail_identify
+    movq %r12, nvme_bar(%rip)       /* remembered, with its queues' positions, for rounds */
+    movl %ebx, nvme_slot(%rip)
+    movq %r14, nvme_vec0(%rip)
+    movq %r15, nvme_pba(%rip)
+    movl $1, nvme_sq_tail(%rip)
+    movl $1, nvme_cq_head(%rip)
+    movl $1, nvme_phase(%rip)
+    movl $2, nvme_cid(%rip)
     leaq str_irq_msix(%rip), %rsi
     movl $NVME_IDENTIFY, %edi
     call put_dev_ok
@@ -1047,6 +1044,399 @@ nvme_fail_status:
 nvme_fail_identify:
     leaq str_fail_identify(%rip), %rsi
     jmp dev_fail
+
+/* ---------------------------------------------------------------- device rounds */
+/* Requested through the guest-control port after boot: the devices found at boot are driven
+ * again as they were left, nothing re-initialised. */
+
+/* devices_round: one DMA round trip with its interrupt through every edu device, and one new
+ * command on the NVMe controller's admin queue; prints a LUVMM-ROUND line per device and
+ * "LUVMM-ROUND done n=R devices=D". */
+devices_round:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r15
+    incq rounds(%rip)
+    xorl %r13d, %r13d
+1:  cmpl edu_count(%rip), %r13d
+    jae 2f
+    leaq edu_bars(%rip), %rax
+    movq (%rax,%r13,8), %r12
+    leaq edu_slots(%rip), %rax
+    movl (%rax,%r13,4), %ebx
+    movl %r13d, %r15d
+    call edu_round
+    incl %r13d
+    jmp 1b
+2:  cmpq $0, nvme_bar(%rip)
+    je 3f
+    call nvme_round
+    incl %r13d
+3:  leaq str_round_done(%rip), %rsi
+    call puts
+    movq rounds(%rip), %rax
+    call put_dec
+    leaq str_devices(%rip), %rsi
+    call puts
+    movl %r13d, %eax
+    call put_dec
+    call newline
+    popq %r15
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
+
+/* round_head: rsi = "LUVMM-ROUND ok n=" or "LUVMM-ROUND FAIL n="; prints it, the round and
+ * " bdf=00:SS.0" for slot ebx */
+round_head:
+    call puts
+    movq rounds(%rip), %rax
+    call put_dec
+    movb $' ', %al
+    call putc
+    jmp put_bdf
+
+/* edu_dma_start: r12 = BAR, r15d = buffer index. Fills buffer A (0x1c0000 + index * 64 KiB)
+ * with a pattern of the seed, the index and the round, clears buffer B (A + 32 KiB), copies
+ * A to the device and waits for it, then starts the copy back to B with a completion
+ * interrupt and returns at once (edu completes a DMA from a timer, about 100 ms later).
+ * eax = 1 if the first copy finished. */
+edu_dma_start:
+    movl %r15d, %edi
+    shll $16, %edi
+    addl $0x1c0000, %edi
+    movq %rdi, dma_src(%rip)
+    leaq 0x8000(%rdi), %rax
+    movq %rax, dma_dst(%rip)
+    movq seed(%rip), %r10
+    xorq %r15, %r10
+    movq rounds(%rip), %rax
+    shlq $32, %rax
+    xorq %rax, %r10
+    movabsq $0x9e3779b97f4a7c15, %r11
+    xorl %ecx, %ecx
+1:  movq %rcx, %rax
+    imulq %r11, %rax
+    xorq %r10, %rax
+    movq %rax, (%rdi,%rcx,8)
+    movq $0, 0x8000(%rdi,%rcx,8)
+    incl %ecx
+    cmpl $256, %ecx
+    jb 1b
+    movq %r12, dev_bar(%rip)
+    movl %edi, 0x80(%r12)           /* RAM(A) -> device buffer */
+    movl $0x40000, 0x88(%r12)
+    movl $2048, 0x90(%r12)
+    movl $1, 0x98(%r12)
+    call edu_idle
+    testl %eax, %eax
+    jz 2f
+    movl $0, dev_irq(%rip)
+    movl $0x40000, 0x80(%r12)       /* device buffer -> RAM(B), interrupt when done */
+    movq dma_dst(%rip), %rax
+    movl %eax, 0x88(%r12)
+    movl $2048, 0x90(%r12)
+    movl $7, 0x98(%r12)
+    movl $1, %eax
+2:  ret
+
+/* edu_dma_same: ZF set if buffer B holds what buffer A holds */
+edu_dma_same:
+    movq dma_src(%rip), %rsi
+    movq dma_dst(%rip), %rdi
+    movl $256, %ecx
+    repe cmpsq
+    ret
+
+/* edu_irq_word: r13d = 1 if the interrupt came -> rsi = " irq=msi", " irq=intx" or " irq=none" */
+edu_irq_word:
+    leaq str_irq_none(%rip), %rsi
+    testl %r13d, %r13d
+    jz 1f
+    leaq str_irq_msi(%rip), %rsi
+    cmpq $0, use_intx(%rip)
+    je 1f
+    leaq str_irq_intx(%rip), %rsi
+1:  ret
+
+/* edu_wait_done: r12 = BAR. Waits for the copy edu_dma_start began and its interrupt, and
+ * compares. rax = 0 (r13d = 1 if the interrupt came) or the reason string. */
+edu_wait_done:
+    call edu_idle
+    testl %eax, %eax
+    leaq str_fail_dma(%rip), %rax
+    jz 1f
+    leaq dev_irq(%rip), %rdi
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    call wait_bits
+    movl %eax, %r13d
+    call edu_dma_same
+    leaq str_fail_data(%rip), %rax
+    jne 1f
+    xorl %eax, %eax
+1:  ret
+
+/* edu_round: ebx = slot, r12 = BAR, r15d = buffer index. A DMA round trip with its interrupt. */
+edu_round:
+    pushq %r13
+    call edu_dma_start
+    testl %eax, %eax
+    leaq str_fail_dma(%rip), %rax
+    jz 8f
+    call edu_wait_done
+    testq %rax, %rax
+    jnz 8f
+    leaq str_round_ok(%rip), %rsi
+    call round_head
+    leaq str_dma_ok(%rip), %rsi
+    call puts
+    call edu_irq_word
+    call puts
+    call newline
+    popq %r13
+    ret
+8:  movq %rax, %r13
+    leaq str_round_fail(%rip), %rsi
+    call round_head
+    movq %r13, %rsi
+    call puts
+    call newline
+    popq %r13
+    ret
+
+/* nvme_command: r12 = the NVMe BAR. Sends IDENTIFY CONTROLLER, with the next command id, at
+ * the tail of the admin submission queue set up at boot (no controller re-initialisation),
+ * waits for its completion, checks it and the identify data the controller wrote again, and
+ * consumes it (CQ head doorbell). rax = 0, or the reason string. */
+nvme_command:
+    pushq %rbx
+    movq $0, NVME_IDENTIFY          /* the controller must write it again */
+    movl nvme_sq_tail(%rip), %ecx
+    movl %ecx, nvme_last_slot(%rip)
+    movl %ecx, %edi
+    shll $6, %edi
+    addl $NVME_ASQ, %edi
+    movq %rdi, %rbx
+    movl $8, %ecx
+    xorl %eax, %eax
+    rep stosq                       /* the 64-byte entry, cleared */
+    movl nvme_cid(%rip), %eax
+    shll $16, %eax
+    orl $6, %eax                    /* IDENTIFY, this command id */
+    movl %eax, (%rbx)
+    movq $NVME_IDENTIFY, 24(%rbx)
+    movl $1, 40(%rbx)               /* CNS 1: controller */
+    movl nvme_sq_tail(%rip), %ecx
+    incl %ecx
+    andl $7, %ecx
+    movl %ecx, nvme_sq_tail(%rip)
+    movl %ecx, 0x1000(%r12)         /* SQ 0 tail doorbell */
+    movl nvme_cq_head(%rip), %edi
+    shll $4, %edi
+    addl $(NVME_ACQ + 12), %edi     /* the completion's status and phase */
+    movq %rdi, %rbx
+    movl $0x10000, %esi
+    movl nvme_phase(%rip), %edx
+    call wait_bits
+    testl %eax, %eax
+    leaq str_fail_cmd(%rip), %rax
+    jz 9f
+    movl nvme_phase(%rip), %eax
+    shll $16, %eax
+    orl nvme_cid(%rip), %eax        /* status 0, the phase, this command id */
+    cmpl %eax, (%rbx)
+    leaq str_fail_status(%rip), %rax
+    jne 9f
+    incl nvme_cid(%rip)
+    movl nvme_cq_head(%rip), %ecx
+    incl %ecx
+    andl $7, %ecx
+    jnz 1f
+    xorl $1, nvme_phase(%rip)       /* the queue wrapped: the phase tag flips */
+1:  movl %ecx, nvme_cq_head(%rip)
+    movl %ecx, 0x1004(%r12)         /* CQ 0 head doorbell */
+    cmpw $0x1b36, NVME_IDENTIFY
+    leaq str_fail_identify(%rip), %rax
+    jne 9f
+    xorl %eax, %eax
+9:  popq %rbx
+    ret
+
+/* nvme_round: one command on the admin queue, its completion by MSI-X vector 0 */
+nvme_round:
+    pushq %rbx
+    pushq %r12
+    movq nvme_bar(%rip), %r12
+    movl nvme_slot(%rip), %ebx
+    movl $0, nvme_irq(%rip)
+    call nvme_command
+    testq %rax, %rax
+    jnz 8f
+    leaq nvme_irq(%rip), %rdi
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    call wait_bits
+    testl %eax, %eax
+    leaq str_fail_irq(%rip), %rax
+    jz 8f
+    leaq str_round_ok(%rip), %rsi
+    call round_head
+    leaq str_nvme_ok(%rip), %rsi
+    call puts
+    movl nvme_last_slot(%rip), %eax
+    call put_dec
+    call newline
+    jmp 9f
+8:  movq %rax, %r12
+    leaq str_round_fail(%rip), %rsi
+    call round_head
+    movq %r12, %rsi
+    call puts
+    call newline
+9:  popq %r12
+    popq %rbx
+    ret
+
+/* irq_in_flight: leaves interrupts in flight and asks to be paused. The NVMe controller gets a
+ * command whose completion message is held by masked vector 0 (pending, no interrupt); the
+ * first edu device starts a DMA whose completion interrupt comes about 100 ms later. Prints
+ * "LUVMM-INFLIGHT armed ..." before the edu DMA, then writes the guest-control port at once. */
+irq_in_flight:
+    pushq %rbx
+    pushq %r12
+    pushq %r14
+    pushq %r15
+    cmpq $0, nvme_bar(%rip)
+    je 1f
+    movq nvme_bar(%rip), %r12
+    movl nvme_slot(%rip), %ebx
+    movq nvme_vec0(%rip), %r14
+    movq nvme_pba(%rip), %r15
+    movl $1, 12(%r14)               /* vector 0 masked: its message must wait */
+    movl $0, nvme_irq(%rip)
+    call nvme_command
+    testq %rax, %rax
+    jnz 8f
+    testl $1, (%r15)
+    leaq str_fail_pending(%rip), %rax
+    jz 8f
+    cmpl $0, nvme_irq(%rip)
+    leaq str_fail_mask(%rip), %rax
+    jne 8f
+    movl $1, nvme_held(%rip)
+1:  leaq str_inflight_armed(%rip), %rsi
+    call puts
+    movl nvme_held(%rip), %eax
+    call put_dec
+    leaq str_inflight_edu(%rip), %rsi
+    call puts
+    movl edu_count(%rip), %eax
+    testl %eax, %eax
+    setnz %al
+    movzbl %al, %eax
+    call put_dec
+    call newline
+    cmpl $0, edu_count(%rip)
+    je 2f
+    movq edu_bars(%rip), %r12
+    movl edu_slots(%rip), %ebx
+    xorl %r15d, %r15d
+    call edu_dma_start
+    testl %eax, %eax
+    leaq str_fail_dma(%rip), %rax
+    jz 8f
+    movl $1, edu_in_flight(%rip)
+2:  movw $CONTROL_PORT, %dx         /* pause me, now */
+    movl $1, %eax
+    outl %eax, %dx
+    jmp 9f
+8:  movq %rax, %r12
+    leaq str_inflight_fail(%rip), %rsi
+    call puts
+    call put_bdf
+    movq %r12, %rsi
+    call puts
+    call newline
+9:  popq %r15
+    popq %r14
+    popq %r12
+    popq %rbx
+    ret
+
+/* irq_landed: what irq_in_flight left: the edu DMA must be done with its interrupt delivered,
+ * and the NVMe completion still pending behind the mask, delivered on unmask. Prints
+ * "LUVMM-INFLIGHT ok bdf=... edu dma=ok irq=msi" and "LUVMM-INFLIGHT ok bdf=... nvme
+ * pending=kept irq=msix", or FAIL lines with a reason. */
+irq_landed:
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    cmpl $0, edu_in_flight(%rip)
+    je 1f
+    movl $0, edu_in_flight(%rip)
+    movq edu_bars(%rip), %r12
+    movl edu_slots(%rip), %ebx
+    call edu_wait_done
+    testq %rax, %rax
+    jnz 8f
+    leaq str_inflight_ok(%rip), %rsi
+    call puts
+    call put_bdf
+    leaq str_inflight_edu_ok(%rip), %rsi
+    call puts
+    call edu_irq_word
+    call puts
+    call newline
+1:  cmpl $0, nvme_held(%rip)
+    je 9f
+    movl $0, nvme_held(%rip)
+    movq nvme_bar(%rip), %r12
+    movl nvme_slot(%rip), %ebx
+    movq nvme_vec0(%rip), %r14
+    movq nvme_pba(%rip), %r15
+    cmpl $0, nvme_irq(%rip)
+    leaq str_fail_mask(%rip), %rax
+    jne 8f
+    testl $1, (%r15)
+    leaq str_fail_pending(%rip), %rax
+    jz 8f
+    movl $0, 12(%r14)               /* unmask: the held message arrives now */
+    leaq nvme_irq(%rip), %rdi
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    call wait_bits
+    testl %eax, %eax
+    leaq str_fail_irq(%rip), %rax
+    jz 8f
+    testl $1, (%r15)
+    leaq str_fail_stale(%rip), %rax
+    jnz 8f
+    leaq str_inflight_ok(%rip), %rsi
+    call puts
+    call put_bdf
+    leaq str_inflight_nvme_ok(%rip), %rsi
+    call puts
+    call newline
+    jmp 9f
+8:  movq %rax, %r12
+    leaq str_inflight_fail(%rip), %rsi
+    call puts
+    call put_bdf
+    movq %r12, %rsi
+    call puts
+    call newline
+    jmp 1b
+9:  popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    ret
 
 /* sleep_ticks: edi = timer ticks to sleep in hlt; clobbers r8 */
 sleep_ticks:
@@ -1375,6 +1765,17 @@ str_fail_irq:   .asciz " reason=no-interrupt-after-unmask"
 str_fail_stale: .asciz " reason=delivered-message-still-pending"
 str_fail_status: .asciz " reason=completion-status"
 str_fail_identify: .asciz " reason=identify-data"
+str_round_ok:   .asciz "LUVMM-ROUND ok n="
+str_round_fail: .asciz "LUVMM-ROUND FAIL n="
+str_round_done: .asciz "LUVMM-ROUND done n="
+str_devices:    .asciz " devices="
+str_nvme_ok:    .asciz " nvme=ok irq=msix sq_slot="
+str_inflight_armed: .asciz "LUVMM-INFLIGHT armed nvme_held="
+str_inflight_edu: .asciz " edu_in_flight="
+str_inflight_ok: .asciz "LUVMM-INFLIGHT ok "
+str_inflight_fail: .asciz "LUVMM-INFLIGHT FAIL "
+str_inflight_edu_ok: .asciz " edu dma=ok"
+str_inflight_nvme_ok: .asciz " nvme pending=kept irq=msix"
 hex_digits:     .ascii "0123456789abcdef"
 
     .section .note.Xen, "a"
@@ -1431,5 +1832,21 @@ dma_src:        .skip 8
 dma_dst:        .skip 8
 dev_irq:        .skip 8
 nvme_irq:       .skip 8
+requests:       .skip 8
+rounds:         .skip 8
+edu_bars:       .skip MAX_EDU * 8
+edu_slots:      .skip MAX_EDU * 4
+edu_count:      .skip 4
+edu_in_flight:  .skip 4
+nvme_bar:       .skip 8
+nvme_vec0:      .skip 8
+nvme_pba:       .skip 8
+nvme_slot:      .skip 4
+nvme_sq_tail:   .skip 4
+nvme_cq_head:   .skip 4
+nvme_phase:     .skip 4
+nvme_cid:       .skip 4
+nvme_last_slot: .skip 4
+nvme_held:      .skip 4
 numbuf:         .skip 31
 numbuf_end:     .skip 1

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use luvmm_tests::{checks, TestDir, Vm};
+use luvmm_tests::{checks, lines_with, TestDir, Vm};
 
 #[test]
 fn pause_holds_the_guest_and_resume_lets_it_go_on() {
@@ -96,4 +96,34 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
         stderr.contains("exited (exit status: 1) before its guest booted"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_guest_request_reaches_the_guest_and_a_guest_can_ask_to_be_paused() {
+    let dir = TestDir::new("guest-request");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    assert!(vm.check().ok);
+    // No device here: the round finds none, and says so.
+    let body = r#"{"request": "devices"}"#;
+    assert_eq!(vm.api("PUT", "/vm/guest-request", body).0, 204);
+    let done = luvmm_tests::wait_until("the guest's device round", || {
+        lines_with(&vm.serial, "LUVMM-ROUND done").pop()
+    });
+    assert_eq!(done, "LUVMM-ROUND done n=1 devices=0");
+    // The guest leaves nothing in flight here, but still asks to be paused: the VMM obliges.
+    let body = r#"{"request": "irq_in_flight"}"#;
+    assert_eq!(vm.api("PUT", "/vm/guest-request", body).0, 204);
+    luvmm_tests::wait_until("the guest's pause request", || {
+        (vm.phase() == "paused").then_some(())
+    });
+    assert_eq!(
+        lines_with(&vm.serial, "LUVMM-INFLIGHT"),
+        ["LUVMM-INFLIGHT armed nvme_held=0 edu_in_flight=0"]
+    );
+    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    assert!(vm.check().ok);
+    let (status, body) = vm.api("PUT", "/vm/guest-request", r#"{"request": "reboot"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown variant `reboot`"), "{body}");
+    assert_eq!(vm.api("PUT", "/vm/guest-request", "").0, 400);
 }

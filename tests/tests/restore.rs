@@ -126,6 +126,11 @@ fn restore_in_a_new_process_over_the_api_socket() {
     let later = second.check();
     assert!(later.ok && later.heartbeat > after.heartbeat, "{later:?}");
     assert_eq!(second.phase(), "running");
+    // The target measures the guest's blackout from the source's pause.
+    let (_, status) = second.api("GET", "/vm", "");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let blackout = status["restore_timings"]["blackout_ms"].as_f64();
+    assert!(blackout.is_some_and(|ms| ms > 0.0), "{status}");
 }
 
 #[test]
@@ -467,4 +472,45 @@ fn copy_memfd_from(bytes: &[u8]) -> OwnedFd {
         .write_all(bytes)
         .unwrap();
     fd
+}
+
+#[test]
+fn a_state_with_passthrough_devices_needs_their_fds() {
+    use luvmm_resources::config::BarMode;
+    use luvmm_resources::state::{IommuState, PassthroughState, VfioBackend};
+    let dir = TestDir::new("restore-devices");
+    let (_, export, fds, _) = boot_save_and_kill(&dir, &[]);
+    let ram_fd = fds[1].as_raw_fd().to_string();
+    let device = |backend| PassthroughState {
+        bdf: "0000:00:02.0".into(),
+        guest_slot: 1,
+        backend,
+        mappings: Vec::new(),
+        config: vec![0; 256],
+        msi: None,
+        msix: None,
+        intx: None,
+        hwpt_id: Some(2),
+        bar_access: BarMode::Direct,
+    };
+    rewrite_state(&export, |s| {
+        s.devices.passthrough = vec![device(VfioBackend::IommufdCdev)];
+        s.devices.iommu = Some(IommuState {
+            ioas_id: 1,
+            hwpts: vec![2],
+            mappings: Vec::new(),
+        });
+    });
+    // The devices would have to be opened again: refused before any KVM object exists.
+    let stderr = failed_restore(
+        &["--state", export.to_str().unwrap(), "--memory-fd", &ram_fd],
+        &[&fds[1]],
+    );
+    assert!(
+        stderr.contains(
+            "the state holds passthrough devices [\"0000:00:02.0\"]; they can only come with \
+             their fds, through a handover (--from-socket)"
+        ),
+        "{stderr}"
+    );
 }

@@ -4,33 +4,33 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::LineWriter;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use kvm_ioctls::Kvm;
 use luvmm_devices::guest_control::GuestControl;
-use luvmm_devices::pci::bus::{BusFull, PciBarWindow, PciBus, PciConfigIo, PciDevice};
-use luvmm_devices::pci::config::{BarKind, NUM_BARS};
+use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
-use luvmm_devices::vfio::{
-    GuestMapper, IrqRouter, PassthroughArgs, PassthroughError, VfioPciDevice,
-};
-use luvmm_resources::allocator::{AddressAllocator, AllocError};
-use luvmm_resources::config::{ConfigError, SerialOutput, VmConfig};
+use luvmm_devices::vfio::{GuestMapper, IrqRouter};
+use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
+use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
     GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
     PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
 };
-use luvmm_resources::state::{self, DevicesState, StateError, StateMismatch, VmState};
+use luvmm_resources::state::{self, StateError, StateMismatch, VmState};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
 use vm_device::DevicePio;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{load_payload, BootError};
-use crate::vmm::{Devices, RestoreTimings, Vmm};
+use crate::passthrough::{
+    DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, Passthrough,
+};
+use crate::vmm::{Devices, RestoreTimings, VmEvents, Vmm};
 use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
@@ -63,14 +63,8 @@ pub enum BuildError {
     },
     #[error("cannot create eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error(transparent)]
-    Passthrough(#[from] PassthroughError),
-    #[error("the state holds VFIO passthrough devices {bdfs:?}; restoring them needs the devices preserved across the switch, which luvmm cannot do yet")]
-    PassthroughRestore { bdfs: Vec<String> },
-    #[error("cannot place a BAR")]
-    Bar(#[from] AllocError),
-    #[error(transparent)]
-    PciBus(#[from] BusFull),
+    #[error("passthrough devices")]
+    Devices(#[from] DeviceSetupError),
     #[error("cannot register {device} on the I/O bus: {reason}")]
     Bus {
         device: &'static str,
@@ -96,36 +90,42 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     )?;
     log::info!("booting {} via {entry:?}", config.payload.display());
 
-    let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
-    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
-        vm.shared_fd(),
-        layout.regions.len() as u32,
-    ));
-    let args = || PassthroughArgs {
-        router: router.clone(),
-        mapper: mapper.clone(),
-        bar_access: config.vfio_bars,
-        backend: config.vfio_backend,
+    let mut pci = PciBus::new();
+    let passthrough = if config.vfio.is_empty() {
+        Passthrough::default()
+    } else {
+        let (router, mapper) = device_routes(&vm, &layout);
+        let args = DeviceArgs {
+            router: &router,
+            mapper: &mapper,
+            bar_access: config.vfio_bars,
+            kvm_vfio: vm.create_vfio_device()?,
+        };
+        Passthrough::open(&config.vfio, config.vfio_backend, &ram, &args, &mut pci)?
     };
-    let (pci, passthrough) = attach_passthrough(&config.vfio, &ram, args)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let events = VmEvents::new().map_err(BuildError::EventFd)?;
     let devices = Devices {
         serial: Arc::new(SerialDevice::new(
             serial_irq_clone(&serial_irq)?,
             serial_out,
         )),
-        guest_control: Arc::new(GuestControl::new()),
+        guest_control: Arc::new(GuestControl::new(
+            events
+                .guest_pause
+                .try_clone()
+                .map_err(BuildError::EventFd)?,
+        )),
         pci: Arc::new(pci),
         passthrough,
     };
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
 
-    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let ctx = VcpuContext::new(
         kvm,
         io_bus(&devices)?,
-        exit_evt.try_clone().map_err(BuildError::EventFd)?,
+        events.exit.try_clone().map_err(BuildError::EventFd)?,
     )?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
@@ -134,7 +134,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus.push(vcpu);
     }
     let handles = start_all(vcpus)?;
-    Ok(Vmm::new(vm, ram, devices, handles, exit_evt))
+    Ok(Vmm::new(vm, ram, devices, handles, events))
 }
 
 /// What a restore starts from: the state (as bytes, and the memfd it came in, if any) and the
@@ -143,6 +143,12 @@ pub struct RestoreArgs {
     pub state_blob: Vec<u8>,
     pub state_memfd: Option<File>,
     pub memfds: Vec<File>,
+    /// The passthrough devices' fds, when a handover brought them, and what the handover's
+    /// manifest says of them.
+    pub devices: Option<HandedDevices>,
+    pub device_manifest: Vec<HandedDeviceManifest>,
+    /// When the handing-over process paused the VM, if it said.
+    pub source_paused_at: Option<SystemTime>,
     pub serial: SerialOutput,
 }
 
@@ -153,17 +159,8 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut lap = Lap::start();
     let mut timings = RestoreTimings::default();
     let saved: VmState = state::decode(&args.state_blob)?;
-    if !saved.devices.passthrough.is_empty() {
-        return Err(BuildError::PassthroughRestore {
-            bdfs: saved
-                .devices
-                .passthrough
-                .iter()
-                .map(|p| p.bdf.clone())
-                .collect(),
-        });
-    }
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
+    Passthrough::check_handed(&saved.devices, &args.device_manifest, args.devices.as_ref())?;
     let limits = host_limits(kvm);
     if saved.vcpus.len() > limits.max_vcpus as usize {
         return Err(ConfigError::TooManyVcpus {
@@ -183,15 +180,44 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     vm.restore_state(&saved.vm)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    let devices = restore_devices(&saved.devices, serial_irq_clone(&serial_irq)?, serial_out)?;
+    let events = VmEvents::new().map_err(BuildError::EventFd)?;
+    let mut pci = PciBus::new();
+    let passthrough = match args.devices {
+        None => Passthrough::default(),
+        Some(handed) => {
+            let (router, mapper) = device_routes(&vm, &saved.memory);
+            let device_args = DeviceArgs {
+                router: &router,
+                mapper: &mapper,
+                bar_access: BarMode::Direct,
+                kvm_vfio: vm.create_vfio_device()?,
+            };
+            Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?
+        }
+    };
+    let devices = Devices {
+        serial: Arc::new(SerialDevice::from_state(
+            &saved.devices.serial,
+            serial_irq_clone(&serial_irq)?,
+            serial_out,
+        )?),
+        guest_control: Arc::new(GuestControl::from_state(
+            &saved.devices.guest_control,
+            events
+                .guest_pause
+                .try_clone()
+                .map_err(BuildError::EventFd)?,
+        )),
+        pci: Arc::new(pci),
+        passthrough,
+    };
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     timings.devices_ms = lap.next();
 
-    let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let ctx = VcpuContext::new(
         kvm,
         io_bus(&devices)?,
-        exit_evt.try_clone().map_err(BuildError::EventFd)?,
+        events.exit.try_clone().map_err(BuildError::EventFd)?,
     )?;
     let mut vcpus = Vec::with_capacity(saved.vcpus.len());
     for vcpu_state in &saved.vcpus {
@@ -203,8 +229,13 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     timings.vcpus_ms = lap.next();
     // The guest reports on its memory as soon as it runs again.
     devices.guest_control.request_check();
-    let mut vmm = Vmm::new(vm, ram, devices, handles, exit_evt);
-    vmm.set_restored(args.state_memfd, args.state_blob.len() as u64, timings);
+    let mut vmm = Vmm::new(vm, ram, devices, handles, events);
+    vmm.set_restored(
+        args.state_memfd,
+        args.state_blob.len() as u64,
+        timings,
+        args.source_paused_at,
+    );
     Ok(vmm)
 }
 
@@ -224,83 +255,18 @@ impl Lap {
     }
 }
 
-fn restore_devices(
-    state: &DevicesState,
-    serial_irq: EventFd,
-    serial_out: SerialOut,
-) -> Result<Devices, BuildError> {
-    Ok(Devices {
-        serial: Arc::new(SerialDevice::from_state(
-            &state.serial,
-            serial_irq,
-            serial_out,
-        )?),
-        guest_control: Arc::new(GuestControl::from_state(&state.guest_control)),
-        // A saved VM never has passthrough devices: saving one is refused.
-        pci: Arc::new(PciBus::new()),
-        passthrough: Vec::new(),
-    })
-}
-
 fn serial_irq_clone(evt: &EventFd) -> Result<EventFd, BuildError> {
     evt.try_clone().map_err(BuildError::EventFd)
 }
 
-/// Opens every passthrough device, maps guest RAM into its IOAS (IOVA == GPA, by memfd), and
-/// places its BARs. Anything opened so far is released if one fails.
-type Passthrough = Vec<(u8, Arc<Mutex<VfioPciDevice>>)>;
-
-fn attach_passthrough(
-    bdfs: &[String],
-    ram: &GuestRam,
-    args: impl Fn() -> PassthroughArgs,
-) -> Result<(PciBus, Passthrough), BuildError> {
-    let mut attached = Vec::with_capacity(bdfs.len());
-    let mut bus = PciBus::new();
-    let mut mmio32 = AddressAllocator::new("PCI 32-bit MMIO", PCI_MMIO32_START, PCI_MMIO32_END);
-    let mut mmio64 = AddressAllocator::new("PCI 64-bit MMIO", PCI_MMIO64_START, PCI_MMIO64_END);
-    let mut io = AddressAllocator::new("PCI I/O", PCI_IO_START, PCI_IO_END);
-    for bdf in bdfs {
-        let started = Instant::now();
-        let mut device = VfioPciDevice::open(bdf, args())?;
-        let opened = started.elapsed();
-        for (index, (mapping, memfd)) in ram.memory().iter().zip(ram.memfds()).enumerate() {
-            // SAFETY: the mapping belongs to `ram`, which the VMM keeps for as long as the
-            // device exists (devices are dropped before guest memory).
-            unsafe {
-                device.map_guest_memory(
-                    memfd,
-                    index,
-                    0,
-                    mapping.start_addr().0,
-                    mapping.len(),
-                    mapping.as_ptr(),
-                )?;
-            }
-        }
-        let mapped = started.elapsed() - opened;
-        for index in 0..NUM_BARS {
-            let Some(bar) = PciDevice::config(&device).bar(index) else {
-                continue;
-            };
-            let window = match bar.kind {
-                BarKind::Mmio32 => &mut mmio32,
-                BarKind::Mmio64 => &mut mmio64,
-                BarKind::Io => &mut io,
-            };
-            device.place_bar(index, window.allocate(bar.size)?);
-        }
-        log::info!(
-            "passthrough {bdf}: opened, bound and attached in {:.1} ms, {} MiB mapped in {:.1} ms",
-            opened.as_secs_f64() * 1e3,
-            ram.layout().total_bytes() >> 20,
-            mapped.as_secs_f64() * 1e3
-        );
-        let device = Arc::new(Mutex::new(device));
-        let slot = bus.add(device.clone())?;
-        attached.push((slot, device));
-    }
-    Ok((bus, attached))
+/// The router and memslot mapper passthrough devices use in this VM.
+fn device_routes(vm: &KvmVm, layout: &MemoryLayout) -> (Arc<dyn IrqRouter>, Arc<dyn GuestMapper>) {
+    let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
+    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
+        vm.shared_fd(),
+        layout.regions.len() as u32,
+    ));
+    (router, mapper)
 }
 
 fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {

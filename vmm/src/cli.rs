@@ -4,6 +4,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use luvmm_devices::guest_control::GuestRequest;
 use luvmm_resources::config::{
     BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
     DEFAULT_CMDLINE,
@@ -143,6 +144,13 @@ pub enum CtlRequest {
     },
     /// Ask the guest to verify its memory and print a LUVMM-CHECK line.
     Check,
+    /// Ask the guest (luvmm's test payload) for something through the guest-control port:
+    /// check, devices (drive every passthrough device again), irq_in_flight (leave device
+    /// interrupts in flight, then ask to be paused), irq_landed (check they arrived).
+    Guest {
+        #[arg(value_parser = config_word::<GuestRequest>)]
+        request: GuestRequest,
+    },
     /// Stop the VMM.
     Shutdown,
 }

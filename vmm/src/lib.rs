@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cli;
 pub mod host_check;
 pub mod logger;
+pub mod passthrough;
 pub mod restore;
 pub mod runtime;
 pub mod vmm;

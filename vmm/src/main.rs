@@ -48,6 +48,11 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 CtlRequest::Pause => ("PUT", "/vm/pause", None),
                 CtlRequest::Resume => ("PUT", "/vm/resume", None),
                 CtlRequest::Check => ("PUT", "/vm/check", None),
+                CtlRequest::Guest { request } => (
+                    "PUT",
+                    "/vm/guest-request",
+                    Some(serde_json::json!({ "request": request }).to_string()),
+                ),
                 CtlRequest::Shutdown => ("PUT", "/vm/shutdown", None),
                 CtlRequest::Save { export } => (
                     "PUT",

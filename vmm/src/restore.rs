@@ -5,12 +5,14 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
 use luvmm_resources::config::SerialOutput;
 use luvmm_resources::state::{HEADER_LEN, MAX_BODY_LEN};
 
 use crate::api::client::{self, ClientError};
 use crate::builder::RestoreArgs;
+use crate::passthrough::{HandedDevice, HandedDevices};
 use crate::vmm::HandoverManifest;
 
 /// Where the state and memory come from.
@@ -100,6 +102,9 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
                 state_blob,
                 state_memfd,
                 memfds,
+                devices: None,
+                device_manifest: Vec::new(),
+                source_paused_at: None,
                 serial,
             })
         }
@@ -127,7 +132,14 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
             socket: socket.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let expected = 1 + manifest.memory.regions.len();
+    let regions = manifest.memory.regions.len();
+    let device_fds: usize = manifest
+        .passthrough
+        .iter()
+        .map(|d| 1 + d.interrupt_fds)
+        .sum();
+    let iommufd = usize::from(!manifest.passthrough.is_empty());
+    let expected = 1 + regions + iommufd + device_fds;
     if reply.fds.len() != expected {
         return Err(RestoreError::FdCount {
             socket: socket.to_path_buf(),
@@ -135,13 +147,34 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
             expected,
         });
     }
-    let mut files = reply.fds.into_iter().map(File::from);
-    // The count was checked above, so the first fd exists.
-    let state_memfd = files.next().ok_or(RestoreError::FdCount {
-        socket: socket.to_path_buf(),
-        got: 0,
-        expected,
-    })?;
+    // The count was checked above: every `next` below finds its fd.
+    let mut fds = reply.fds.into_iter();
+    let mut next = || {
+        fds.next().ok_or_else(|| RestoreError::FdCount {
+            socket: socket.to_path_buf(),
+            got: 0,
+            expected,
+        })
+    };
+    let state_memfd = File::from(next()?);
+    let memfds = (0..regions)
+        .map(|_| next().map(File::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let devices = if manifest.passthrough.is_empty() {
+        None
+    } else {
+        let iommufd = File::from(next()?);
+        let mut devices = Vec::with_capacity(manifest.passthrough.len());
+        for device in &manifest.passthrough {
+            devices.push(HandedDevice {
+                fd: File::from(next()?),
+                interrupts: (0..device.interrupt_fds)
+                    .map(|_| next())
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        Some(HandedDevices { iommufd, devices })
+    };
     let state_blob = read_state(
         &state_memfd,
         Some(manifest.state_bytes),
@@ -150,7 +183,12 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
     Ok(RestoreArgs {
         state_blob,
         state_memfd: Some(state_memfd),
-        memfds: files.collect(),
+        memfds,
+        devices,
+        device_manifest: manifest.passthrough,
+        source_paused_at: manifest
+            .paused_at_unix_ns
+            .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
         serial,
     })
 }

@@ -31,8 +31,8 @@ pub enum RuntimeError {
     EventManager(event_manager::Error),
     #[error("cannot start the guest")]
     Start(#[source] VmmError),
-    #[error("cannot clone the exit eventfd")]
-    ExitEvent(#[source] std::io::Error),
+    #[error("cannot clone the VM's eventfds")]
+    Events(#[source] std::io::Error),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -56,6 +56,32 @@ impl MutEventSubscriber for GuestExitWatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .guest_stopped();
+    }
+}
+
+/// Pauses the VM when the guest asks (guest-control port).
+struct GuestPauseWatcher {
+    evt: EventFd,
+    vmm: Arc<Mutex<Vmm>>,
+}
+
+impl MutEventSubscriber for GuestPauseWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("cannot watch the guest's pause requests: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+        if vmm.phase() != VmPhase::Running {
+            return;
+        }
+        match vmm.pause() {
+            Ok(()) => log::info!("paused: the guest asked to be"),
+            Err(e) => log::error!("the guest asked to be paused, but the pause failed: {e}"),
+        }
     }
 }
 
@@ -88,16 +114,19 @@ impl MutEventSubscriber for SerialInput {
 
 /// Resumes the guest and serves events until a shutdown request or the guest's own stop.
 pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> {
-    let exit_evt = vmm
-        .exit_evt()
-        .try_clone()
-        .map_err(RuntimeError::ExitEvent)?;
+    let clone = |evt: &EventFd| evt.try_clone().map_err(RuntimeError::Events);
+    let exit_evt = clone(&vmm.events().exit)?;
+    let pause_evt = clone(&vmm.events().guest_pause)?;
     let serial = vmm.devices().serial.clone();
     let vmm = Arc::new(Mutex::new(vmm));
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(RuntimeError::EventManager)?;
     events.add_subscriber(Arc::new(Mutex::new(GuestExitWatcher {
         evt: exit_evt,
+        vmm: vmm.clone(),
+    })));
+    events.add_subscriber(Arc::new(Mutex::new(GuestPauseWatcher {
+        evt: pause_evt,
         vmm: vmm.clone(),
     })));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput {

@@ -4,20 +4,20 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use luvmm_devices::guest_control::GuestControl;
+use luvmm_devices::guest_control::{GuestControl, GuestRequest};
 use luvmm_devices::pci::bus::PciBus;
 use luvmm_devices::serial::SerialDevice;
-use luvmm_devices::vfio::VfioPciDevice;
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{self, DevicesState, StateError, VcpuState, VmState};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::passthrough::{HandedDeviceManifest, Passthrough};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::{KvmVm, VmError};
@@ -50,10 +50,12 @@ pub enum VmmError {
         request: &'static str,
         phase: VmPhase,
     },
-    /// Passthrough devices cannot move to another process yet (that needs them preserved,
-    /// through LUO or fd passing); the handover is refused rather than lossy.
+    /// Devices on the legacy VFIO container cannot move: their DMA mappings are by this
+    /// process's addresses. The handover is refused rather than lossy.
     #[error(
-        "cannot hand over: VFIO passthrough devices {bdfs:?} cannot move to another process yet"
+        "cannot hand over: passthrough devices {bdfs:?} are on the legacy VFIO container, \
+         whose DMA mappings are by this process's addresses; use iommufd (VFIO cdev) to move \
+         a VM with devices"
     )]
     NotMovable { bdfs: Vec<String> },
     /// Handover needs a state saved since the last resume.
@@ -68,6 +70,9 @@ pub enum VmmError {
     /// The state does not encode.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Duplicating a device's fds for a handover failed.
+    #[error("cannot duplicate the passthrough devices' fds")]
+    DeviceFds(#[source] std::io::Error),
     /// Writing the state memfd failed.
     #[error("cannot write the state memfd")]
     StateMemfd(#[source] std::io::Error),
@@ -95,22 +100,8 @@ pub struct Devices {
     pub guest_control: Arc<GuestControl>,
     /// PCI bus 0.
     pub pci: Arc<PciBus>,
-    /// The passthrough devices on it, with their guest slots.
-    pub passthrough: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
-}
-
-impl Devices {
-    fn passthrough_bdfs(&self) -> Vec<String> {
-        self.passthrough
-            .iter()
-            .map(|(_, d)| {
-                d.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bdf()
-                    .to_string()
-            })
-            .collect()
-    }
+    /// The passthrough devices on it and their IOMMU context.
+    pub passthrough: Passthrough,
 }
 
 /// What `save` did.
@@ -136,6 +127,9 @@ pub struct RestoreTimings {
     pub devices_ms: f64,
     /// Creating, restoring and starting the vCPUs.
     pub vcpus_ms: f64,
+    /// From the pause in the process that handed the VM over to the first resume here (both
+    /// read the same wall clock): the guest's blackout. Set once this VM ran.
+    pub blackout_ms: Option<f64>,
 }
 
 /// What `status` reports.
@@ -151,13 +145,38 @@ pub struct VmStatus {
 }
 
 /// What is handed to the process that takes the VM over: fds in this order, state memfd first,
-/// then one memfd per region, plus this description of them.
+/// then one memfd per region, then (with passthrough devices) the iommufd and per device its
+/// cdev and interrupt eventfds; plus this description of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverManifest {
     /// Layout of the memfds that follow the state memfd.
     pub memory: MemoryLayout,
     /// Length of the state in the state memfd.
     pub state_bytes: u64,
+    /// The passthrough devices whose fds follow, in the state's order.
+    #[serde(default)]
+    pub passthrough: Vec<HandedDeviceManifest>,
+    /// When the source paused the VM (ns since the Unix epoch), for the target's blackout.
+    #[serde(default)]
+    pub paused_at_unix_ns: Option<u64>,
+}
+
+/// The eventfds the event loop watches for the VM.
+pub struct VmEvents {
+    /// Written by a vCPU thread when the guest stops on its own.
+    pub exit: EventFd,
+    /// Written when the guest asks to be paused (guest-control port).
+    pub guest_pause: EventFd,
+}
+
+impl VmEvents {
+    /// Two new non-blocking eventfds.
+    pub fn new() -> std::io::Result<VmEvents> {
+        Ok(VmEvents {
+            exit: EventFd::new(EFD_NONBLOCK)?,
+            guest_pause: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
 }
 
 struct SavedState {
@@ -179,7 +198,10 @@ pub struct Vmm {
     phase: VmPhase,
     saved: Option<SavedState>,
     restore_timings: Option<RestoreTimings>,
-    exit_evt: EventFd,
+    /// When the vCPUs last stopped (this process's pause, or the source's for a VM handed
+    /// over), until the resume that ends that blackout.
+    paused_at: Option<SystemTime>,
+    events: VmEvents,
 }
 
 impl Vmm {
@@ -189,7 +211,7 @@ impl Vmm {
         ram: GuestRam,
         devices: Devices,
         vcpus: Vec<VcpuHandle>,
-        exit_evt: EventFd,
+        events: VmEvents,
     ) -> Vmm {
         Vmm {
             vcpus,
@@ -199,13 +221,14 @@ impl Vmm {
             phase: VmPhase::Paused,
             saved: None,
             restore_timings: None,
-            exit_evt,
+            paused_at: None,
+            events,
         }
     }
 
-    /// Written by a vCPU thread when the guest stops on its own.
-    pub fn exit_evt(&self) -> &EventFd {
-        &self.exit_evt
+    /// The eventfds the event loop watches.
+    pub fn events(&self) -> &VmEvents {
+        &self.events
     }
 
     /// The current phase.
@@ -242,6 +265,10 @@ impl Vmm {
             VmPhase::Paused | VmPhase::HandingOver => Ok(()),
             VmPhase::Running => {
                 self.broadcast(|| VcpuEvent::Pause, "pause")?;
+                // Device interrupts raised from now on wait in their eventfds, out of the
+                // saved state's way, for whichever VM attaches them next.
+                self.devices.passthrough.hold_interrupts(true);
+                self.paused_at = Some(SystemTime::now());
                 self.phase = VmPhase::Paused;
                 Ok(())
             }
@@ -261,7 +288,14 @@ impl Vmm {
                 if let Some(saved) = &mut self.saved {
                     saved.current = false;
                 }
+                self.devices.passthrough.hold_interrupts(false);
                 self.broadcast(|| VcpuEvent::Resume, "resume")?;
+                let blackout = self.paused_at.take().and_then(|at| at.elapsed().ok());
+                if let (Some(timings), Some(blackout)) = (&mut self.restore_timings, blackout) {
+                    if timings.blackout_ms.is_none() {
+                        timings.blackout_ms = Some(blackout.as_secs_f64() * 1e3);
+                    }
+                }
                 self.phase = VmPhase::Running;
                 Ok(())
             }
@@ -269,14 +303,14 @@ impl Vmm {
         }
     }
 
-    /// Asks the guest to verify its memory at its next wake-up.
-    pub fn request_check(&self) -> Result<(), VmmError> {
+    /// Asks the guest for `request` at its next wake-up (`Check`: verify its memory).
+    pub fn request(&self, request: GuestRequest) -> Result<(), VmmError> {
         match self.phase {
             VmPhase::Running | VmPhase::Paused | VmPhase::HandingOver => {
-                self.devices.guest_control.request_check();
+                self.devices.guest_control.request(request);
                 Ok(())
             }
-            _ => Err(self.refuse("request a guest check")),
+            _ => Err(self.refuse("send the guest a request")),
         }
     }
 
@@ -322,6 +356,7 @@ impl Vmm {
                 }
             }
         }
+        let (passthrough, iommu) = self.devices.passthrough.save();
         Ok(VmState {
             producer: format!("luvmm {}", env!("CARGO_PKG_VERSION")),
             memory: self.ram.layout().clone(),
@@ -330,28 +365,23 @@ impl Vmm {
             devices: DevicesState {
                 serial: self.devices.serial.save(),
                 guest_control: self.devices.guest_control.save(),
-                passthrough: self
-                    .devices
-                    .passthrough
-                    .iter()
-                    .map(|(slot, d)| d.lock().unwrap_or_else(|p| p.into_inner()).save(*slot))
-                    .collect(),
+                passthrough,
+                iommu,
             },
         })
     }
 
-    /// Duplicates the state memfd and the RAM memfds for another process. The VM stays
-    /// paused and resumable until that process confirms (`complete_handover`), so a target
-    /// that dies on the way strands nothing; a second target may ask again. Needs a paused VM
-    /// with a current saved state.
+    /// Duplicates the state memfd, the RAM memfds and the passthrough devices' fds for another
+    /// process. The VM stays paused and resumable until that process confirms
+    /// (`complete_handover`), so a target that dies on the way strands nothing; a second
+    /// target may ask again. Needs a paused VM with a current saved state.
     pub fn handover(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
         if !matches!(self.phase, VmPhase::Paused | VmPhase::HandingOver) {
             return Err(self.refuse("hand over"));
         }
-        if !self.devices.passthrough.is_empty() {
-            return Err(VmmError::NotMovable {
-                bdfs: self.devices.passthrough_bdfs(),
-            });
+        let legacy = self.devices.passthrough.legacy_bdfs();
+        if !legacy.is_empty() {
+            return Err(VmmError::NotMovable { bdfs: legacy });
         }
         let saved = match &self.saved {
             Some(saved) if saved.current => saved,
@@ -365,9 +395,20 @@ impl Vmm {
                     .map_err(VmmError::StateMemfd)?,
             );
         }
+        let (passthrough, device_fds) = self
+            .devices
+            .passthrough
+            .handover_fds()
+            .map_err(VmmError::DeviceFds)?;
+        fds.extend(device_fds);
         let manifest = HandoverManifest {
             memory: self.ram.layout().clone(),
             state_bytes: saved.bytes,
+            passthrough,
+            paused_at_unix_ns: self
+                .paused_at
+                .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+                .map(|since| since.as_nanos() as u64),
         };
         self.phase = VmPhase::HandingOver;
         Ok((manifest, fds))
@@ -390,7 +431,9 @@ impl Vmm {
         memfd: Option<File>,
         bytes: u64,
         timings: RestoreTimings,
+        source_paused_at: Option<SystemTime>,
     ) {
+        self.paused_at = source_paused_at;
         self.saved = memfd.map(|memfd| SavedState {
             memfd,
             bytes,

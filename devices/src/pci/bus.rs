@@ -67,10 +67,14 @@ pub struct PciBus {
     slots: Vec<Option<SharedPciDevice>>,
 }
 
-/// The bus is full.
+/// A device found no place on the bus.
 #[derive(Debug, thiserror::Error)]
-#[error("PCI bus 0 has no free slot")]
-pub struct BusFull;
+pub enum SlotError {
+    #[error("PCI bus 0 has no free slot")]
+    Full,
+    #[error("PCI bus 0 slot {0} is taken or does not exist")]
+    Taken(u8),
+}
 
 const SLOTS: usize = 32;
 
@@ -82,9 +86,25 @@ impl PciBus {
         PciBus { slots }
     }
 
-    /// Puts `device` in the first free slot and returns the slot number.
-    pub fn add(&mut self, device: SharedPciDevice) -> Result<u8, BusFull> {
-        let slot = self.slots.iter().position(Option::is_none).ok_or(BusFull)?;
+    /// Puts `device` in slot `wanted` (a restore keeps the slots the guest saw), or in the
+    /// first free one; returns the slot number.
+    pub fn add(&mut self, device: SharedPciDevice, wanted: Option<u8>) -> Result<u8, SlotError> {
+        let slot = match wanted {
+            Some(slot)
+                if self
+                    .slots
+                    .get(usize::from(slot))
+                    .is_some_and(Option::is_none) =>
+            {
+                usize::from(slot)
+            }
+            Some(slot) => return Err(SlotError::Taken(slot)),
+            None => self
+                .slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(SlotError::Full)?,
+        };
         self.slots[slot] = Some(device);
         Ok(slot as u8)
     }
@@ -313,15 +333,38 @@ mod tests {
             .unwrap();
         let mut bus = PciBus::new();
         let slot = bus
-            .add(Arc::new(Mutex::new(Scratch {
-                config,
-                memory: [0; 16],
-            })))
+            .add(
+                Arc::new(Mutex::new(Scratch {
+                    config,
+                    memory: [0; 16],
+                })),
+                None,
+            )
             .unwrap();
         assert_eq!(slot, 1);
         let bus = Arc::new(bus);
         let io = PciConfigIo::new(bus.clone());
         (bus, io)
+    }
+
+    #[test]
+    fn a_restored_device_gets_its_saved_slot_or_an_error() {
+        let mut bus = PciBus::new();
+        let device = || -> SharedPciDevice { Arc::new(Mutex::new(HostBridge::new())) };
+        assert_eq!(bus.add(device(), Some(5)).unwrap(), 5);
+        assert!(matches!(
+            bus.add(device(), Some(5)),
+            Err(SlotError::Taken(5))
+        ));
+        assert!(matches!(
+            bus.add(device(), Some(0)),
+            Err(SlotError::Taken(0))
+        ));
+        assert!(matches!(
+            bus.add(device(), Some(32)),
+            Err(SlotError::Taken(32))
+        ));
+        assert_eq!(bus.add(device(), None).unwrap(), 1);
     }
 
     #[test]

@@ -80,6 +80,16 @@ impl MsixTable {
         }
     }
 
+    /// A table of `vectors` entries holding the saved `words` (four per vector); entries the
+    /// words do not cover stay masked, as after reset.
+    pub fn from_words(vectors: u16, words: &[u32]) -> MsixTable {
+        let mut table = MsixTable::new(vectors);
+        for (entry, saved) in table.words.iter_mut().zip(words.chunks_exact(4)) {
+            entry.copy_from_slice(saved);
+        }
+        table
+    }
+
     /// Reads `data.len()` bytes (4 or 8, dword aligned) at `offset` in the table.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         for (i, chunk) in data.chunks_mut(4).enumerate() {

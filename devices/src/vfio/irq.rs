@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use luvmm_resources::state::MsixState;
+
 use crate::pci::msix::{MsixLayout, MsixTable};
 
 /// What the VMM could not do for a device through `IrqRouter` or `GuestMapper`. Each message
@@ -28,15 +30,19 @@ pub enum HypervisorError {
     /// An interrupt eventfd could not be created.
     #[error("cannot create an interrupt eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A restore asked for a number the guest already saw, and something else holds it.
+    #[error("{what} {number} is already taken")]
+    Taken { what: &'static str, number: u32 },
 }
 
 /// Where the VMM routes a device's interrupts: KVM GSI routes and irqfds, behind a trait so
 /// devices know nothing of KVM.
 pub trait IrqRouter: Send + Sync {
-    /// A GSI for MSI no one else uses.
-    fn allocate_gsi(&self) -> Result<u32, HypervisorError>;
-    /// An IOAPIC pin for INTx no one else uses.
-    fn allocate_intx_line(&self) -> Result<u32, HypervisorError>;
+    /// A GSI for MSI no one else uses: any free one, or `saved` itself (a restore keeps
+    /// the numbers the guest saw, so nothing it programmed changes meaning).
+    fn allocate_gsi(&self, saved: Option<u32>) -> Result<u32, HypervisorError>;
+    /// An IOAPIC pin for INTx no one else uses: any free one, or `saved` itself.
+    fn allocate_intx_line(&self, saved: Option<u32>) -> Result<u32, HypervisorError>;
     /// Routes `gsi` to the MSI message (address, data).
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError>;
     /// Makes a write to `evt` raise `gsi`.
@@ -70,6 +76,9 @@ pub struct MsixRouting {
     vectors: Vec<MsixVector>,
     enabled: bool,
     function_masked: bool,
+    /// While set, no vector is attached: messages wait in their eventfds (the VM is paused
+    /// and may be moving to another process).
+    held: bool,
 }
 
 impl MsixRouting {
@@ -82,7 +91,55 @@ impl MsixRouting {
             vectors: Vec::new(),
             enabled: false,
             function_masked: false,
+            held: false,
         }
+    }
+
+    /// The capability as saved: the guest's table, its vectors on the GSIs it had and on
+    /// `triggers` (the eventfds VFIO signals, handed over or new), and its control bits. It
+    /// comes back held: `hold(false)` attaches the vectors the guest left unmasked, and a
+    /// message that waited in an eventfd during the switch is delivered then.
+    pub fn restore(
+        offset: usize,
+        layout: MsixLayout,
+        saved: &MsixState,
+        function_masked: bool,
+        triggers: Vec<EventFd>,
+        router: &dyn IrqRouter,
+    ) -> Result<MsixRouting, HypervisorError> {
+        let mut msix = MsixRouting::new(offset, layout);
+        msix.held = true;
+        msix.table = MsixTable::from_words(layout.vectors, &saved.table);
+        for (&gsi, trigger) in saved.gsis.iter().zip(triggers) {
+            msix.vectors.push(MsixVector {
+                gsi: router.allocate_gsi(Some(gsi))?,
+                trigger,
+                delivering: false,
+            });
+        }
+        msix.set_control(saved.enabled, function_masked, router)?;
+        Ok(msix)
+    }
+
+    /// The eventfds of the vectors as they are, in vector order, for VFIO.
+    pub fn triggers_now(&self) -> Vec<&EventFd> {
+        self.vectors.iter().map(|v| &v.trigger).collect()
+    }
+
+    /// The eventfds VFIO signals, in vector order (empty until first enabled).
+    pub fn trigger_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.vectors
+            .iter()
+            // SAFETY: each eventfd is owned by `self.vectors`, which outlives the borrow.
+            .map(|v| unsafe { BorrowedFd::borrow_raw(v.trigger.as_raw_fd()) })
+            .collect()
+    }
+
+    /// Detaches every vector (`true`) so that messages wait in their eventfds, or attaches
+    /// again those the guest's masks let through (`false`).
+    pub fn hold(&mut self, held: bool, router: &dyn IrqRouter) -> Result<(), HypervisorError> {
+        self.held = held;
+        (0..self.vectors.len()).try_for_each(|v| self.sync_vector(v, router))
     }
 
     /// Whether the guest has MSI-X on.
@@ -100,7 +157,7 @@ impl MsixRouting {
     pub fn triggers(&mut self, router: &dyn IrqRouter) -> Result<Vec<&EventFd>, HypervisorError> {
         while self.vectors.len() < self.table.len() {
             self.vectors.push(MsixVector {
-                gsi: router.allocate_gsi()?,
+                gsi: router.allocate_gsi(None)?,
                 trigger: EventFd::new(EFD_NONBLOCK).map_err(HypervisorError::EventFd)?,
                 delivering: false,
             });
@@ -134,6 +191,12 @@ impl MsixRouting {
         }
     }
 
+    /// Vector `index`'s eventfd, for tests that play the device.
+    #[cfg(test)]
+    pub fn vectors_trigger(&self, index: usize) -> &EventFd {
+        &self.vectors[index].trigger
+    }
+
     /// Whether vector `index` has a message held back by a mask.
     pub fn pending(&self, index: usize) -> bool {
         let Some(vector) = self.vectors.get(index) else {
@@ -156,7 +219,7 @@ impl MsixRouting {
         else {
             return Ok(());
         };
-        let deliver = self.enabled && !self.function_masked && !entry.masked;
+        let deliver = self.enabled && !self.function_masked && !entry.masked && !self.held;
         if deliver {
             router.set_msi_route(vector.gsi, entry.address, entry.data)?;
             if !vector.delivering {
@@ -174,52 +237,7 @@ impl MsixRouting {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// Records what was asked of it.
-    #[derive(Default)]
-    struct FakeRouter {
-        next_gsi: Mutex<u32>,
-        log: Mutex<Vec<String>>,
-    }
-
-    impl FakeRouter {
-        fn take(&self) -> Vec<String> {
-            std::mem::take(&mut *self.log.lock().unwrap())
-        }
-        fn push(&self, what: String) -> Result<(), HypervisorError> {
-            self.log.lock().unwrap().push(what);
-            Ok(())
-        }
-    }
-
-    impl IrqRouter for FakeRouter {
-        fn allocate_gsi(&self) -> Result<u32, HypervisorError> {
-            let mut next = self.next_gsi.lock().unwrap();
-            *next += 1;
-            Ok(23 + *next)
-        }
-        fn allocate_intx_line(&self) -> Result<u32, HypervisorError> {
-            Err(HypervisorError::Exhausted { what: "INTx line" })
-        }
-        fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError> {
-            self.push(format!("route {gsi} {address:#x} {data:#x}"))
-        }
-        fn register_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
-            self.push(format!("attach {gsi}"))
-        }
-        fn unregister_irqfd(&self, _evt: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
-            self.push(format!("detach {gsi}"))
-        }
-        fn register_resample_irqfd(
-            &self,
-            _trigger: &EventFd,
-            _resample: &EventFd,
-            _gsi: u32,
-        ) -> Result<(), HypervisorError> {
-            Err(HypervisorError::Exhausted { what: "INTx line" })
-        }
-    }
+    use crate::vfio::testing::FakeRouter;
 
     /// Two vectors, enabled with `function_masked`, vector 0 programmed (masked or not).
     fn enabled(router: &FakeRouter, vector0_masked: bool, function_masked: bool) -> MsixRouting {

@@ -1,8 +1,8 @@
-//! A vfio-pci function passed through to the guest, over a VFIO cdev bound to iommufd.
+//! A vfio-pci function passed through to the guest: the device model over a `VfioFunction`.
 //!
-//! - Guest RAM is mapped into the device's IOAS with `IOMMU_IOAS_MAP_FILE` (memfd + offset,
+//! - Guest RAM is mapped into the VM's IOAS with `IOMMU_IOAS_MAP_FILE` (memfd + offset,
 //!   IOVA == GPA), never by user address: that is what LUO preservation and a process switch
-//!   need.
+//!   need (`iommu::IommuContext`). The legacy container maps by address instead.
 //! - The guest sees a shadow configuration space: the device's own identity and capability
 //!   chain, with BARs placed by the VMM and guest-programmable, the command register forwarded,
 //!   and the MSI capability emulated: enabling it routes a KVM GSI to an eventfd that VFIO
@@ -13,24 +13,30 @@
 //!   forwarded to the VFIO region. The BARs holding the MSI-X table and pending bits are always
 //!   trapped: the guest's table and masks are emulated (`irq::MsixRouting`), and enabling MSI-X
 //!   routes one GSI per vector.
+//! - A device is built fresh (from the host function's own config space) or restored from its
+//!   saved state: the guest's config space, the same GSIs and INTx line, the MSI-X table, the
+//!   BARs at the same addresses. When its interrupt eventfds are handed over too, VFIO still
+//!   signals them and nothing is asked of VFIO at all; otherwise the saved interrupt setup is
+//!   armed again on new eventfds.
+//! - While the VM is paused the device's irqfds are detached (`hold_interrupts`): an interrupt
+//!   raised then waits in its eventfd and is delivered by whichever KVM VM attaches it next,
+//!   this one on resume or the one in the process the VM moved to.
 //!
-//! Nothing here resets the device, and dropping the device only detaches it from its IOAS
-//! (vfio-ioctls' `Drop`, which needs it attached: it always is here).
+//! Nothing here resets the device.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
-use iommufd_ioctls::IommuFd;
-use luvmm_resources::config::{BarMode, VfioBackendChoice};
+use luvmm_resources::config::BarMode;
 use luvmm_resources::state::{
     DmaMapping, IntxState, MsiState, MsixState, PassthroughState, VfioBackend,
 };
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
-    VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd};
+use vfio_ioctls::VfioContainer;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::bus::PciDevice;
@@ -39,7 +45,8 @@ use crate::pci::config::{
 };
 use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
-use crate::vfio::host::{bound_driver, group_blockers, sysfs_dir};
+use crate::vfio::function::VfioFunction;
+use crate::vfio::iommu::IommuError;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
@@ -77,12 +84,11 @@ pub enum PassthroughError {
         #[source]
         source: vfio_ioctls::VfioError,
     },
-    #[error("{bdf}: {op}")]
-    Iommufd {
+    #[error("{bdf}: IOMMU context")]
+    Iommu {
         bdf: String,
-        op: &'static str,
         #[source]
-        source: iommufd_ioctls::IommufdError,
+        source: IommuError,
     },
     #[error("{bdf}: interrupts")]
     Interrupt {
@@ -96,6 +102,21 @@ pub enum PassthroughError {
         index: usize,
         reason: String,
     },
+    #[error(
+        "{bdf}: the saved state is of device {saved:08x} (device, vendor), this one is {found:08x}"
+    )]
+    NotTheSavedDevice { bdf: String, saved: u32, found: u32 },
+    #[error("{bdf}: the saved {capability} capability does not match the device's")]
+    CapabilityMismatch {
+        bdf: String,
+        capability: &'static str,
+    },
+    #[error("{bdf}: the saved state needs {expected} interrupt eventfds, {got} were handed over")]
+    InterruptFds {
+        bdf: String,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// The emulated MSI capability and the route behind it.
@@ -107,98 +128,151 @@ struct Msi {
     enabled: bool,
 }
 
-/// The IOMMU path a device was opened through.
-enum Backend {
-    /// VFIO cdev bound to an iommufd; DMA mapped by file (memfd + offset).
-    Iommufd(Arc<VfioIommufd>),
-    /// VFIO group in a type1 container; DMA mapped by user address (what stock Debian
-    /// kernels offer, without iommufd). Such mappings cannot be preserved through LUO.
+/// How the device reaches guest RAM.
+pub enum DeviceIommu {
+    /// Bound to the VM's iommufd and attached to this HWPT over its IOAS.
+    Iommufd { hwpt_id: u32 },
+    /// A VFIO group in its own type1 container, DMA mapped by user address (what stock Debian
+    /// kernels offer without iommufd). Such mappings belong to this process: the device can
+    /// neither move to another process nor be preserved through LUO.
     Legacy(Arc<VfioContainer>),
+}
+
+/// A host function ready to be passed through: opened by BDF or adopted from an fd.
+pub struct HostDevice {
+    pub bdf: String,
+    pub function: Box<dyn VfioFunction>,
+    pub iommu: DeviceIommu,
+}
+
+/// The interrupt eventfds VFIO signals for a device, as handed from one process to the
+/// next: with them, VFIO's interrupt setup carries on untouched.
+#[derive(Default)]
+pub struct InterruptFds {
+    pub msi: Option<EventFd>,
+    pub msix: Vec<EventFd>,
+    /// Trigger and resample.
+    pub intx: Option<(EventFd, EventFd)>,
+}
+
+impl InterruptFds {
+    /// How many eventfds a device saved as `saved` hands over, in the order `from_fds` reads
+    /// them: MSI, the MSI-X vectors, INTx trigger and resample.
+    pub fn count(saved: &PassthroughState) -> usize {
+        usize::from(saved.msi.is_some())
+            + saved.msix.as_ref().map_or(0, |m| m.gsis.len())
+            + 2 * usize::from(saved.intx.is_some())
+    }
+
+    /// How many of the eventfds hold a signal nobody has taken yet: interrupts the device
+    /// raised while its VM was paused or on its way here, delivered once attached.
+    pub fn waiting(&self) -> usize {
+        let all = self.msi.iter().chain(&self.msix);
+        let all = all.chain(self.intx.as_ref().map(|(trigger, _)| trigger));
+        all.filter(|evt| {
+            let mut fds = [PollFd::new(borrow(evt), PollFlags::POLLIN)];
+            // A zero timeout only looks: the count stays for the irqfd.
+            poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
+        })
+        .count()
+    }
+
+    /// Takes `count(saved)` fds from `fds`, in order.
+    pub fn from_fds(
+        saved: &PassthroughState,
+        fds: &mut impl Iterator<Item = std::os::fd::OwnedFd>,
+    ) -> Result<InterruptFds, PassthroughError> {
+        let expected = InterruptFds::count(saved);
+        let taken: Vec<EventFd> = fds
+            .take(expected)
+            // SAFETY: each fd is owned (an `OwnedFd` given up here) and is an eventfd: the
+            // handover sends only eventfds in these places, and a wrong kind of fd only makes
+            // later eventfd reads and KVM_IRQFD fail.
+            .map(|fd| unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+            .collect();
+        if taken.len() != expected {
+            return Err(PassthroughError::InterruptFds {
+                bdf: saved.bdf.clone(),
+                expected,
+                got: taken.len(),
+            });
+        }
+        let mut taken = taken.into_iter();
+        let msi = saved.msi.and_then(|_| taken.next());
+        let msix = taken
+            .by_ref()
+            .take(saved.msix.as_ref().map_or(0, |m| m.gsis.len()))
+            .collect();
+        let intx = saved
+            .intx
+            .and_then(|_| Some((taken.next()?, taken.next()?)));
+        Ok(InterruptFds { msi, msix, intx })
+    }
+}
+
+/// What a restored device is rebuilt from.
+pub struct Restore<'a> {
+    pub saved: &'a PassthroughState,
+    /// The eventfds VFIO signals, when the device was handed over; `None` when VFIO's
+    /// interrupts are off (after a kexec, or a device opened anew) and must be armed again.
+    pub handed_over: Option<InterruptFds>,
 }
 
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     bdf: String,
     mappings: Vec<DmaMapping>,
-    device: VfioDevice,
-    backend: Backend,
+    function: Box<dyn VfioFunction>,
+    iommu: DeviceIommu,
     config: ConfigSpace,
     msi: Option<Msi>,
     msix: Option<MsixRouting>,
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
+    bar_access: BarMode,
     direct_bars: Vec<DirectBar>,
+    /// The irqfds are detached: interrupts wait in their eventfds. A device starts so, and
+    /// the VMM attaches them when the VM first runs (`hold_interrupts(false)`): KVM takes a
+    /// waiting signal as soon as an irqfd is attached, and vCPUs not yet restored would lose
+    /// it.
+    held: bool,
 }
 
-/// Live handles a passthrough device is opened with.
+/// What the VMM provides a passthrough device with.
 pub struct PassthroughArgs {
     pub router: Arc<dyn IrqRouter>,
     pub mapper: Arc<dyn GuestMapper>,
     pub bar_access: BarMode,
-    pub backend: VfioBackendChoice,
 }
 
 impl VfioPciDevice {
-    /// Opens `bdf`'s cdev, binds it to a new iommufd and attaches it to a new IOAS. Checks
-    /// what can be checked first, so each way this fails has its own error.
-    pub fn open(bdf: &str, args: PassthroughArgs) -> Result<VfioPciDevice, PassthroughError> {
+    /// Builds the guest's view of `host`: fresh, or as `restore` saved it. Its interrupts are
+    /// held until `hold_interrupts(false)`.
+    pub fn new(
+        host: HostDevice,
+        args: PassthroughArgs,
+        restore: Option<Restore<'_>>,
+    ) -> Result<VfioPciDevice, PassthroughError> {
+        let HostDevice {
+            bdf,
+            function,
+            iommu,
+        } = host;
         let PassthroughArgs {
             router,
             mapper,
-            bar_access,
-            backend,
+            mut bar_access,
         } = args;
-        let sysfs = sysfs_dir(bdf);
-        let name = || bdf.to_string();
-        if !sysfs.exists() {
-            return Err(PassthroughError::NoDevice { bdf: name() });
-        }
-        let driver = bound_driver(&sysfs).unwrap_or_else(|| "no driver".to_string());
-        if driver != "vfio-pci" {
-            return Err(PassthroughError::WrongDriver {
-                bdf: name(),
-                driver,
-            });
-        }
-        let blockers = group_blockers(bdf);
-        if !blockers.is_empty() {
-            return Err(PassthroughError::GroupNotViable {
-                bdf: name(),
-                why: format!(
-                    "{} bound to a host driver; bind every device of the group to vfio-pci, \
-                     or unbind it",
-                    blockers.join(", ")
-                ),
-            });
-        }
-        let iommufd_ready = Path::new("/dev/iommu").exists() && sysfs.join("vfio-dev").exists();
-        let (device, backend) = match backend {
-            VfioBackendChoice::Iommufd | VfioBackendChoice::Auto if iommufd_ready => {
-                Self::open_iommufd(bdf, &sysfs)?
-            }
-            VfioBackendChoice::Iommufd => {
-                return Err(if Path::new("/dev/iommu").exists() {
-                    PassthroughError::NoCdev { bdf: name() }
-                } else {
-                    PassthroughError::NoIommufd { bdf: name() }
-                })
-            }
-            VfioBackendChoice::Auto | VfioBackendChoice::Legacy => {
-                if backend == VfioBackendChoice::Auto {
-                    log::warn!(
-                        "{bdf}: no iommufd or VFIO cdev on this kernel: using the legacy VFIO \
-                         group/container path (DMA mapped by address; cannot be preserved \
-                         through a live update)"
-                    );
-                }
-                Self::open_legacy(bdf, &sysfs)?
-            }
+        let name = || bdf.clone();
+        let interrupt = |source| PassthroughError::Interrupt {
+            bdf: name(),
+            source,
         };
         let mut raw = [0u8; 256];
-        device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
+        function.read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
         let mut config = ConfigSpace::from_device(&raw);
         for index in 0..NUM_BARS {
-            if let Some(bar) = bar_shape(&device, &raw, index) {
+            if let Some(bar) = bar_shape(function.as_ref(), &raw, index) {
                 config
                     .add_bar(index, bar)
                     .map_err(|e| PassthroughError::Bar {
@@ -208,32 +282,15 @@ impl VfioPciDevice {
                     })?;
             }
         }
-        let msi = match config.find_capability(MSI_CAPABILITY_ID) {
-            Some(offset) => {
-                let control = config.u16_at(offset + 2);
-                let is_64bit = control & MSI_CONTROL_64BIT != 0;
-                // Control (enable bit), address and data are the guest's to program.
-                let data_end = if is_64bit { 14 } else { 10 };
-                config.make_writable(offset + 2, &MSI_CONTROL_ENABLE.to_le_bytes());
-                config.make_writable(offset + 4, &vec![0xff; data_end - 4]);
-                let interrupt = |source| PassthroughError::Interrupt {
-                    bdf: name(),
-                    source,
-                };
-                let gsi = router.allocate_gsi().map_err(interrupt)?;
-                let trigger = EventFd::new(EFD_NONBLOCK)
-                    .map_err(|e| interrupt(HypervisorError::EventFd(e)))?;
-                Some(Msi {
-                    offset,
-                    is_64bit,
-                    gsi,
-                    trigger,
-                    enabled: false,
-                })
-            }
-            None => None,
-        };
-        let msix = config.find_capability(MSIX_CAPABILITY_ID).map(|offset| {
+        let msi_offset = config.find_capability(MSI_CAPABILITY_ID);
+        if let Some(offset) = msi_offset {
+            let is_64bit = config.u16_at(offset + 2) & MSI_CONTROL_64BIT != 0;
+            // Control (enable bit), address and data are the guest's to program.
+            let data_end = if is_64bit { 14 } else { 10 };
+            config.make_writable(offset + 2, &MSI_CONTROL_ENABLE.to_le_bytes());
+            config.make_writable(offset + 4, &vec![0xff; data_end - 4]);
+        }
+        let msix_found = config.find_capability(MSIX_CAPABILITY_ID).map(|offset| {
             let control = config.u16_at(offset + 2);
             let layout = MsixLayout::decode(
                 control,
@@ -246,137 +303,279 @@ impl VfioPciDevice {
                 offset + 2,
                 &(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes(),
             );
-            MsixRouting::new(offset, layout)
+            (offset, layout)
         });
-        let intx = Self::wire_intx(bdf, &device, &mut config, router.as_ref())?;
-        let mut direct_bars = Vec::new();
-        // The BARs holding the MSI-X table and pending bits stay trapped: the guest must never
-        // write the real table, and the pending bits are the emulated masks'.
-        let msix_bars = msix.as_ref().map_or([None, None], |m| {
-            [Some(m.layout.table_bar), Some(m.layout.pba_bar)]
-        });
-        if bar_access == BarMode::Direct {
-            for index in 0..NUM_BARS {
-                let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
-                    && !msix_bars.contains(&Some(index))
-                    && device.get_region_flags(index as u32) & VFIO_REGION_INFO_FLAG_MMAP != 0;
-                if !mappable {
-                    continue;
-                }
-                // SAFETY: the fd belongs to `device`, alive for this call.
-                let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
-                let region = DirectBar::new(
-                    index,
-                    fd,
-                    device.get_region_offset(index as u32),
-                    device.get_region_size(index as u32),
-                    mapper.clone(),
-                )
-                .map_err(|reason| PassthroughError::Bar {
-                    bdf: name(),
-                    index,
-                    reason,
-                })?;
-                direct_bars.push(region);
-            }
+        let has_intx = function.irq_count(VFIO_PCI_INTX_IRQ_INDEX) > 0
+            && config.u16_at(INTERRUPT_LINE) >> 8 != 0;
+
+        let (saved, mut handed) = match restore {
+            Some(Restore { saved, handed_over }) => (Some(saved), handed_over),
+            None => (None, None),
+        };
+        if let Some(saved) = saved {
+            bar_access = saved.bar_access;
+            check_saved(&bdf, &raw, saved, msi_offset, msix_found, has_intx)?;
+            // The guest's view: BARs where it put them, command, capability contents.
+            config.set_raw(0, &saved.config);
         }
-        Ok(VfioPciDevice {
-            bdf: bdf.to_string(),
-            mappings: Vec::new(),
-            device,
-            backend,
+        let vfio_armed = handed.is_some();
+        let handed = handed.get_or_insert_with(InterruptFds::default);
+        let new_evt =
+            || EventFd::new(EFD_NONBLOCK).map_err(|e| interrupt(HypervisorError::EventFd(e)));
+
+        let msi = match msi_offset {
+            Some(offset) => {
+                let saved_msi = saved.and_then(|s| s.msi);
+                Some(Msi {
+                    offset,
+                    is_64bit: config.u16_at(offset + 2) & MSI_CONTROL_64BIT != 0,
+                    gsi: router
+                        .allocate_gsi(saved_msi.map(|m| m.gsi))
+                        .map_err(interrupt)?,
+                    trigger: match handed.msi.take() {
+                        Some(evt) => evt,
+                        None => new_evt()?,
+                    },
+                    enabled: false,
+                })
+            }
+            None => None,
+        };
+        let msix = match (msix_found, saved.and_then(|s| s.msix.as_ref())) {
+            (Some((offset, layout)), Some(saved_msix)) => {
+                let mut triggers = std::mem::take(&mut handed.msix);
+                while triggers.len() < saved_msix.gsis.len() {
+                    triggers.push(new_evt()?);
+                }
+                let function_masked = config.u16_at(offset + 2) & MSIX_FUNCTION_MASK != 0;
+                let routing = MsixRouting::restore(
+                    offset,
+                    layout,
+                    saved_msix,
+                    function_masked,
+                    triggers,
+                    router.as_ref(),
+                )
+                .map_err(interrupt)?;
+                Some(routing)
+            }
+            (Some((offset, layout)), None) => {
+                let mut routing = MsixRouting::new(offset, layout);
+                // No vector yet, so nothing to detach: held like the rest of the device.
+                routing.hold(true, router.as_ref()).map_err(interrupt)?;
+                Some(routing)
+            }
+            (None, _) => None,
+        };
+        let intx = if has_intx {
+            let saved_intx = saved.and_then(|s| s.intx);
+            let line = router
+                .allocate_intx_line(saved_intx.map(|i| i.line))
+                .map_err(interrupt)?;
+            if saved_intx.is_none() {
+                config.set_raw(INTERRUPT_LINE, &[line as u8]);
+            }
+            let (trigger, resample) = match handed.intx.take() {
+                Some(pair) => pair,
+                None => (new_evt()?, new_evt()?),
+            };
+            Some(Intx {
+                line,
+                trigger,
+                resample,
+                enabled: false,
+            })
+        } else {
+            None
+        };
+
+        let direct_bars = if bar_access == BarMode::Direct {
+            direct_bars(&bdf, function.as_ref(), &config, msix.as_ref(), &mapper)?
+        } else {
+            Vec::new()
+        };
+        let mut device = VfioPciDevice {
+            bdf,
+            mappings: saved.map(|s| s.mappings.clone()).unwrap_or_default(),
+            function,
+            iommu,
             config,
             msi,
             msix,
             intx,
             router,
+            bar_access,
             direct_bars,
-        })
+            held: true,
+        };
+        match saved {
+            None => device.set_intx(true),
+            Some(saved) => device.resume_saved(saved, vfio_armed),
+        }
+        device.update_direct_bars();
+        Ok(device)
     }
 
-    /// Opens the cdev, binds it to a new iommufd and attaches it to a new IOAS.
-    fn open_iommufd(bdf: &str, sysfs: &Path) -> Result<(VfioDevice, Backend), PassthroughError> {
-        let name = || bdf.to_string();
-        let iommufd = IommuFd::new().map_err(|source| PassthroughError::Iommufd {
-            bdf: name(),
-            op: "open /dev/iommu",
-            source,
-        })?;
-        let ops = Arc::new(
-            VfioIommufd::new(Arc::new(iommufd), None, None).map_err(|source| {
-                PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "allocate an IOAS",
-                    source,
+    /// Puts the saved interrupt setup back: the MSI route and its irqfd, and VFIO's side
+    /// unless it is still armed (`vfio_armed`: the eventfds were handed over). MSI-X was
+    /// routed by `MsixRouting::restore`; here VFIO is told of its eventfds when needed.
+    fn resume_saved(&mut self, saved: &PassthroughState, vfio_armed: bool) {
+        if !vfio_armed {
+            // A function opened anew (or after a kexec) decodes and masters only as the guest
+            // had it.
+            let command = self.config.command().to_le_bytes();
+            self.function
+                .write(VFIO_PCI_CONFIG_REGION_INDEX, &command, COMMAND as u64);
+        }
+        if saved.msi.is_some_and(|m| m.enabled) {
+            self.enable_msi(!vfio_armed);
+        }
+        if let Some(msix) = &self.msix {
+            if msix.enabled() && !vfio_armed {
+                let triggers = msix.triggers_now();
+                if let Err(e) = self.function.enable_irq(VFIO_PCI_MSIX_IRQ_INDEX, &triggers) {
+                    log::error!("{}: cannot arm MSI-X again: {e}", self.bdf);
                 }
-            })?,
-        );
-        let cdev = VfioDevice::open_cdev(sysfs).map_err(|source| match &source {
-            vfio_ioctls::VfioError::OpenDeviceCdev(e)
-                if e.kind() == std::io::ErrorKind::ResourceBusy =>
-            {
-                PassthroughError::Busy { bdf: name() }
             }
-            _ => PassthroughError::Vfio {
-                bdf: name(),
-                op: "open the VFIO cdev",
-                source,
-            },
-        })?;
-        let device = VfioDevice::new_from_fd(cdev, ops.clone(), true).map_err(|source| {
-            match &source {
-                // The cdev path admits one bound open file per device: a second bind while
-                // another process has the device open fails with EINVAL.
-                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EINVAL => {
-                    PassthroughError::Busy { bdf: name() }
-                }
-                // The group's DMA belongs to a host driver (or another owner).
-                vfio_ioctls::VfioError::VfioDeviceBindIommufd(e) if e.errno() == libc::EPERM => {
-                    PassthroughError::GroupNotViable {
-                        bdf: name(),
-                        why: "the kernel refused DMA ownership (EPERM)".to_string(),
-                    }
-                }
-                _ => PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "bind to iommufd and attach to the IOAS",
-                    source,
-                },
+        }
+        if let Some(intx) = self.intx.as_mut() {
+            intx.enabled = saved.intx.is_some_and(|i| i.enabled);
+            if intx.enabled && !vfio_armed {
+                intx.enabled = false;
+                self.set_intx(true);
             }
-        })?;
-        Ok((device, Backend::Iommufd(ops)))
+        }
     }
 
-    /// Opens the device through its IOMMU group in a new type1 container.
-    fn open_legacy(bdf: &str, sysfs: &Path) -> Result<(VfioDevice, Backend), PassthroughError> {
-        let name = || bdf.to_string();
-        let container =
-            Arc::new(
-                VfioContainer::new(None).map_err(|source| PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "open the VFIO container /dev/vfio/vfio",
-                    source,
-                })?,
+    /// The eventfds to hand to another process with the device fd, in `InterruptFds` order.
+    pub fn interrupt_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
+        fds.extend(self.msi.as_ref().map(|m| borrow(&m.trigger)));
+        if let Some(msix) = &self.msix {
+            fds.extend(msix.trigger_fds());
+        }
+        if let Some(intx) = &self.intx {
+            fds.push(borrow(&intx.trigger));
+            fds.push(borrow(&intx.resample));
+        }
+        fds
+    }
+
+    /// The device fd and what it is attached to, for another process; `None` for a legacy
+    /// device, whose DMA mappings are by this process's addresses.
+    pub fn device_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self.iommu {
+            DeviceIommu::Iommufd { .. } => Some(self.function.fd()),
+            DeviceIommu::Legacy(_) => None,
+        }
+    }
+
+    /// Detaches every irqfd (`true`), so interrupts wait in their eventfds while the VM is
+    /// paused, or attaches them again (`false`). Errors are logged: the guest would miss
+    /// interrupts, but nothing else can be done about a refused KVM call here.
+    pub fn hold_interrupts(&mut self, held: bool) {
+        if self.held == held {
+            return;
+        }
+        self.held = held;
+        let router = self.router.as_ref();
+        let mut failures = Vec::new();
+        if let Some(msi) = self.msi.as_ref().filter(|m| m.enabled) {
+            let result = if held {
+                router.unregister_irqfd(&msi.trigger, msi.gsi)
+            } else {
+                router.register_irqfd(&msi.trigger, msi.gsi)
+            };
+            failures.extend(result.err());
+        }
+        if let Some(msix) = self.msix.as_mut() {
+            failures.extend(msix.hold(held, router).err());
+        }
+        if let Some(intx) = &self.intx {
+            let result = if held {
+                router.unregister_irqfd(&intx.trigger, intx.line)
+            } else {
+                router.register_resample_irqfd(&intx.trigger, &intx.resample, intx.line)
+            };
+            failures.extend(result.err());
+        }
+        for e in failures {
+            log::error!(
+                "{}: cannot {} an irqfd: {e}",
+                self.bdf,
+                if held { "detach" } else { "attach" }
             );
-        let device =
-            VfioDevice::new(sysfs, container.clone(), false).map_err(|source| match &source {
-                vfio_ioctls::VfioError::GroupViable => PassthroughError::GroupNotViable {
-                    bdf: name(),
-                    why: "VFIO reports the group not viable (a device in it has a host driver)"
-                        .to_string(),
-                },
-                vfio_ioctls::VfioError::OpenGroup(e, _)
-                    if e.kind() == std::io::ErrorKind::ResourceBusy =>
-                {
-                    PassthroughError::Busy { bdf: name() }
-                }
-                _ => PassthroughError::Vfio {
-                    bdf: name(),
-                    op: "open through the VFIO group and container",
+        }
+    }
+
+    /// Maps `[gpa, gpa + len)` of guest RAM at IOVA == GPA through the legacy container, by
+    /// its address in this process (`host`). iommufd devices share the VM's IOAS, mapped
+    /// once by file (`IommuContext::map_file`); this only records it for them.
+    ///
+    /// # Safety
+    ///
+    /// `host` must be a mapping of `len` bytes of that memfd that outlives the device.
+    pub unsafe fn map_guest_memory(
+        &mut self,
+        mapping: DmaMapping,
+        host: *mut u8,
+    ) -> Result<(), PassthroughError> {
+        if let DeviceIommu::Legacy(container) = &self.iommu {
+            // SAFETY: the caller guarantees `host` maps `len` bytes for the device's lifetime.
+            unsafe { container.vfio_dma_map(mapping.iova, mapping.len as usize, host) }.map_err(
+                |source| PassthroughError::Vfio {
+                    bdf: self.bdf.clone(),
+                    op: "VFIO_IOMMU_MAP_DMA",
                     source,
                 },
-            })?;
-        Ok((device, Backend::Legacy(container)))
+            )?;
+        }
+        self.mappings.push(mapping);
+        Ok(())
+    }
+
+    /// What a restore needs: identity, backend, IOAS mappings and the guest-visible config.
+    pub fn save(&self, guest_slot: u8) -> PassthroughState {
+        PassthroughState {
+            bdf: self.bdf.clone(),
+            guest_slot,
+            backend: match self.iommu {
+                DeviceIommu::Iommufd { .. } => VfioBackend::IommufdCdev,
+                DeviceIommu::Legacy(_) => VfioBackend::LegacyContainer,
+            },
+            mappings: self.mappings.clone(),
+            config: self.config.bytes().to_vec(),
+            msi: self.msi.as_ref().map(|m| MsiState {
+                offset: m.offset,
+                enabled: m.enabled,
+                gsi: m.gsi,
+            }),
+            msix: self.msix.as_ref().map(|m| MsixState {
+                offset: m.offset,
+                enabled: m.enabled(),
+                table: m.table.words(),
+                gsis: m.gsis(),
+            }),
+            intx: self.intx.as_ref().map(|i| IntxState {
+                line: i.line,
+                enabled: i.enabled,
+            }),
+            hwpt_id: match self.iommu {
+                DeviceIommu::Iommufd { hwpt_id } => Some(hwpt_id),
+                DeviceIommu::Legacy(_) => None,
+            },
+            bar_access: self.bar_access,
+        }
+    }
+
+    /// Places BAR `index` at `address` before the guest runs.
+    pub fn place_bar(&mut self, index: usize, address: u64) {
+        self.config.set_bar_address(index, address);
+    }
+
+    /// The BDF on the host.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
     }
 
     /// Maps each direct BAR where the guest placed it, while memory decoding is on; unmaps it
@@ -406,48 +605,6 @@ impl VfioPciDevice {
         }
     }
 
-    /// Gives the function an IOAPIC line, tells the guest through the interrupt line register,
-    /// and connects VFIO's INTx to KVM with a resample eventfd. INTx stays on until the guest
-    /// enables MSI.
-    fn wire_intx(
-        bdf: &str,
-        device: &VfioDevice,
-        config: &mut ConfigSpace,
-        router: &dyn IrqRouter,
-    ) -> Result<Option<Intx>, PassthroughError> {
-        let has_intx = device
-            .get_irq_info(VFIO_PCI_INTX_IRQ_INDEX)
-            .is_some_and(|irq| irq.count > 0);
-        if !has_intx || config.u16_at(INTERRUPT_LINE) >> 8 == 0 {
-            return Ok(None);
-        }
-        let fail = |source| PassthroughError::Interrupt {
-            bdf: bdf.to_string(),
-            source,
-        };
-        let line = router.allocate_intx_line().map_err(fail)?;
-        config.set_raw(INTERRUPT_LINE, &[line as u8]);
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| fail(HypervisorError::EventFd(e)));
-        let (trigger, resample) = (new_evt()?, new_evt()?);
-        router
-            .register_resample_irqfd(&trigger, &resample, line)
-            .map_err(fail)?;
-        device
-            .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&trigger])
-            .and_then(|_| device.set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&resample]))
-            .map_err(|source| PassthroughError::Vfio {
-                bdf: bdf.to_string(),
-                op: "turn INTx on",
-                source,
-            })?;
-        Ok(Some(Intx {
-            line,
-            trigger,
-            resample,
-            enabled: true,
-        }))
-    }
-
     /// Turns VFIO's INTx off before MSI (VFIO runs one interrupt type at a time) and back on
     /// after it.
     fn set_intx(&mut self, on: bool) {
@@ -458,14 +615,11 @@ impl VfioPciDevice {
             return;
         }
         let result = if on {
-            self.device
-                .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&intx.trigger])
-                .and_then(|_| {
-                    self.device
-                        .set_irq_resample_fd(VFIO_PCI_INTX_IRQ_INDEX, vec![&intx.resample])
-                })
+            self.function
+                .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, &[&intx.trigger])
+                .and_then(|_| self.function.set_intx_resample(&intx.resample))
         } else {
-            self.device.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
+            self.function.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
         };
         match result {
             Ok(()) => intx.enabled = on,
@@ -475,89 +629,6 @@ impl VfioPciDevice {
                 intx.line
             ),
         }
-    }
-
-    /// Maps `[gpa, gpa + len)` of guest RAM at IOVA == GPA: by file (RAM memfd number
-    /// `memfd_index` from `offset`) through iommufd, or by its address in this process (`host`)
-    /// through the legacy container.
-    ///
-    /// # Safety
-    ///
-    /// `host` must be a mapping of `len` bytes of that memfd that outlives the device.
-    pub unsafe fn map_guest_memory(
-        &mut self,
-        memfd: &impl AsRawFd,
-        memfd_index: usize,
-        offset: u64,
-        gpa: u64,
-        len: u64,
-        host: *mut u8,
-    ) -> Result<(), PassthroughError> {
-        match &self.backend {
-            Backend::Iommufd(ops) => ops
-                .ioas()
-                .map_file(memfd.as_raw_fd(), offset, len, gpa, true)
-                .map_err(|source| PassthroughError::Iommufd {
-                    bdf: self.bdf.clone(),
-                    op: "IOMMU_IOAS_MAP_FILE",
-                    source,
-                })?,
-            // SAFETY: the caller guarantees `host` maps `len` bytes for the device's lifetime.
-            Backend::Legacy(container) => unsafe {
-                container.vfio_dma_map(gpa, len as usize, host)
-            }
-            .map_err(|source| PassthroughError::Vfio {
-                bdf: self.bdf.clone(),
-                op: "VFIO_IOMMU_MAP_DMA",
-                source,
-            })?,
-        }
-        self.mappings.push(DmaMapping {
-            iova: gpa,
-            memfd_index,
-            offset,
-            len,
-        });
-        Ok(())
-    }
-
-    /// What a restore needs: identity, backend, IOAS mappings and the guest-visible config.
-    pub fn save(&self, guest_slot: u8) -> PassthroughState {
-        PassthroughState {
-            bdf: self.bdf.clone(),
-            guest_slot,
-            backend: match self.backend {
-                Backend::Iommufd(_) => VfioBackend::IommufdCdev,
-                Backend::Legacy(_) => VfioBackend::LegacyContainer,
-            },
-            mappings: self.mappings.clone(),
-            config: self.config.bytes().to_vec(),
-            msi: self.msi.as_ref().map(|m| MsiState {
-                offset: m.offset,
-                enabled: m.enabled,
-                gsi: m.gsi,
-            }),
-            msix: self.msix.as_ref().map(|m| MsixState {
-                offset: m.offset,
-                enabled: m.enabled(),
-                table: m.table.words(),
-                gsis: m.gsis(),
-            }),
-            intx: self.intx.as_ref().map(|i| IntxState {
-                line: i.line,
-                enabled: i.enabled,
-            }),
-        }
-    }
-
-    /// Places BAR `index` at `address` before the guest runs.
-    pub fn place_bar(&mut self, index: usize, address: u64) {
-        self.config.set_bar_address(index, address);
-    }
-
-    /// The BDF on the host.
-    pub fn bdf(&self) -> &str {
-        &self.bdf
     }
 
     /// Applies the guest's MSI-X enable and function-mask bits: on enable, give each vector
@@ -582,8 +653,15 @@ impl VfioPciDevice {
             (true, false) => msix
                 .triggers(router)
                 .map_err(|e| e.to_string())
-                .and_then(|evts| self.device.enable_msix(evts).map_err(|e| e.to_string())),
-            (false, true) => self.device.disable_msix().map_err(|e| e.to_string()),
+                .and_then(|evts| {
+                    self.function
+                        .enable_irq(VFIO_PCI_MSIX_IRQ_INDEX, &evts)
+                        .map_err(|e| e.to_string())
+                }),
+            (false, true) => self
+                .function
+                .disable_irq(VFIO_PCI_MSIX_IRQ_INDEX)
+                .map_err(|e| e.to_string()),
             _ => Ok(()),
         };
         let result = vfio.and_then(|()| {
@@ -602,12 +680,8 @@ impl VfioPciDevice {
         }
     }
 
-    /// Applies a write to the emulated MSI capability: on enable, route the GSI to the
-    /// guest's message and have VFIO signal its eventfd; on disable, stop VFIO's MSI.
-    fn update_msi(&mut self) {
-        let Some(msi) = self.msi.as_mut() else { return };
-        let control = self.config.u16_at(msi.offset + 2);
-        let enable = control & MSI_CONTROL_ENABLE != 0;
+    /// The guest's MSI message (address, data) from the emulated capability.
+    fn msi_message(&self, msi: &Msi) -> (u64, u32) {
         let low = u64::from(self.config.read_u32(msi.offset + 4));
         let (address, data_at) = if msi.is_64bit {
             (
@@ -617,40 +691,64 @@ impl VfioPciDevice {
         } else {
             (low, msi.offset + 8)
         };
-        let data = u32::from(self.config.u16_at(data_at));
-        if enable && !msi.enabled {
+        (address, u32::from(self.config.u16_at(data_at)))
+    }
+
+    /// Routes the MSI GSI to the guest's message and, the first time, attaches its irqfd
+    /// and (when `arm_vfio`) has VFIO signal its eventfd.
+    fn enable_msi(&mut self, arm_vfio: bool) {
+        let Some(msi) = self.msi.as_ref() else { return };
+        let (address, data) = self.msi_message(msi);
+        if !msi.enabled {
             self.set_intx(false);
         }
         let Some(msi) = self.msi.as_mut() else { return };
-        if enable {
-            let routed = self
-                .router
-                .set_msi_route(msi.gsi, address, data)
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    if msi.enabled {
-                        return Ok(());
-                    }
+        let routed = self
+            .router
+            .set_msi_route(msi.gsi, address, data)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                if msi.enabled {
+                    return Ok(());
+                }
+                if !self.held {
                     self.router
                         .register_irqfd(&msi.trigger, msi.gsi)
                         .map_err(|e| e.to_string())?;
-                    self.device.enable_msi(vec![&msi.trigger]).map_err(|e| {
+                }
+                if !arm_vfio {
+                    return Ok(());
+                }
+                self.function
+                    .enable_irq(VFIO_PCI_MSI_IRQ_INDEX, &[&msi.trigger])
+                    .map_err(|e| {
                         // Leave nothing attached, so the guest's next enable can try again.
                         let _ = self.router.unregister_irqfd(&msi.trigger, msi.gsi);
                         e.to_string()
                     })
-                });
-            match routed {
-                Ok(()) => msi.enabled = true,
-                Err(e) => log::error!("{}: cannot enable MSI: {e}", self.bdf),
-            }
+            });
+        match routed {
+            Ok(()) => msi.enabled = true,
+            Err(e) => log::error!("{}: cannot enable MSI: {e}", self.bdf),
+        }
+    }
+
+    /// Applies a write to the emulated MSI capability: on enable, route the GSI to the
+    /// guest's message and have VFIO signal its eventfd; on disable, stop VFIO's MSI.
+    fn update_msi(&mut self) {
+        let Some(msi) = self.msi.as_mut() else { return };
+        let enable = self.config.u16_at(msi.offset + 2) & MSI_CONTROL_ENABLE != 0;
+        if enable {
+            self.enable_msi(true);
         } else if msi.enabled {
-            if let Err(e) = self.device.disable_msi() {
+            if let Err(e) = self.function.disable_irq(VFIO_PCI_MSI_IRQ_INDEX) {
                 log::error!("{}: cannot disable MSI: {e}", self.bdf);
             }
             // KVM takes one irqfd per eventfd: the next enable registers it again.
-            if let Err(e) = self.router.unregister_irqfd(&msi.trigger, msi.gsi) {
-                log::error!("{}: cannot detach the MSI irqfd: {e}", self.bdf);
+            if !self.held {
+                if let Err(e) = self.router.unregister_irqfd(&msi.trigger, msi.gsi) {
+                    log::error!("{}: cannot detach the MSI irqfd: {e}", self.bdf);
+                }
             }
             msi.enabled = false;
             self.set_intx(true);
@@ -658,12 +756,97 @@ impl VfioPciDevice {
     }
 }
 
+/// `evt`'s fd, borrowed for as long as `evt`.
+fn borrow(evt: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the fd is owned by `evt`, which outlives the returned borrow.
+    unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
+}
+
+/// A saved device must be this function, with the same capabilities where the state says.
+fn check_saved(
+    bdf: &str,
+    raw: &[u8; 256],
+    saved: &PassthroughState,
+    msi_offset: Option<usize>,
+    msix_found: Option<(usize, MsixLayout)>,
+    has_intx: bool,
+) -> Result<(), PassthroughError> {
+    let id = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if saved.config.len() != raw.len() || id(&saved.config) != id(raw) {
+        return Err(PassthroughError::NotTheSavedDevice {
+            bdf: bdf.to_string(),
+            saved: saved.config.get(..4).map_or(0, id),
+            found: id(raw),
+        });
+    }
+    let mismatch = |capability| {
+        Err(PassthroughError::CapabilityMismatch {
+            bdf: bdf.to_string(),
+            capability,
+        })
+    };
+    if saved.msi.map(|m| m.offset) != saved.msi.and(msi_offset) {
+        return mismatch("MSI");
+    }
+    if let Some(m) = &saved.msix {
+        let fits = msix_found.is_some_and(|(offset, layout)| {
+            offset == m.offset && m.table.len() == 4 * usize::from(layout.vectors)
+        });
+        if !fits {
+            return mismatch("MSI-X");
+        }
+    }
+    if saved.intx.is_some() && !has_intx {
+        return mismatch("INTx");
+    }
+    Ok(())
+}
+
+/// The BARs to map into the guest: memory BARs VFIO lets us mmap, except those holding the
+/// MSI-X table and pending bits (the guest must never write the real table, and the pending
+/// bits are the emulated masks').
+fn direct_bars(
+    bdf: &str,
+    function: &dyn VfioFunction,
+    config: &ConfigSpace,
+    msix: Option<&MsixRouting>,
+    mapper: &Arc<dyn GuestMapper>,
+) -> Result<Vec<DirectBar>, PassthroughError> {
+    let msix_bars = msix.map_or([None, None], |m| {
+        [Some(m.layout.table_bar), Some(m.layout.pba_bar)]
+    });
+    let mut bars = Vec::new();
+    for index in 0..NUM_BARS {
+        let region = function.region(index as u32);
+        let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
+            && !msix_bars.contains(&Some(index))
+            && region.mmap;
+        if !mappable {
+            continue;
+        }
+        let bar = DirectBar::new(
+            index,
+            function.fd(),
+            region.offset,
+            region.size,
+            mapper.clone(),
+        )
+        .map_err(|reason| PassthroughError::Bar {
+            bdf: bdf.to_string(),
+            index,
+            reason,
+        })?;
+        bars.push(bar);
+    }
+    Ok(bars)
+}
+
 /// The shape of BAR `index` from its VFIO region and the device's BAR register.
-fn bar_shape(device: &VfioDevice, raw: &[u8; 256], index: usize) -> Option<Bar> {
+fn bar_shape(function: &dyn VfioFunction, raw: &[u8; 256], index: usize) -> Option<Bar> {
     if index as u32 >= VFIO_PCI_NUM_REGIONS {
         return None;
     }
-    let size = device.get_region_size(index as u32);
+    let size = function.region(index as u32).size;
     if size == 0 {
         return None;
     }
@@ -697,8 +880,8 @@ impl PciDevice for VfioPciDevice {
         if offset < COMMAND + 2 && end > COMMAND {
             // The device decodes and masters only as the guest says.
             let command = self.config.command().to_le_bytes();
-            self.device
-                .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command, COMMAND as u64);
+            self.function
+                .write(VFIO_PCI_CONFIG_REGION_INDEX, &command, COMMAND as u64);
         }
         if let Some(msi) = &self.msi {
             if offset < msi.offset + 16 && end > msi.offset {
@@ -727,7 +910,7 @@ impl PciDevice for VfioPciDevice {
                 return;
             }
         }
-        self.device.region_read(bar as u32, data, offset);
+        self.function.read(bar as u32, data, offset);
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
@@ -742,6 +925,259 @@ impl PciDevice for VfioPciDevice {
                 return; // The pending-bit array is read-only.
             }
         }
-        self.device.region_write(bar as u32, data, offset);
+        self.function.write(bar as u32, data, offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::testing::{CallLog, FakeFunction, FakeRouter};
+    use std::os::fd::OwnedFd;
+
+    const EDU: u32 = 0x11e8_1234;
+
+    struct Mapper;
+
+    impl GuestMapper for Mapper {
+        fn map(&self, _gpa: u64, _size: u64, _host: u64) -> Result<u32, HypervisorError> {
+            Err(HypervisorError::Exhausted { what: "memslot" })
+        }
+        fn unmap(&self, _slot: u32) -> Result<(), HypervisorError> {
+            Ok(())
+        }
+    }
+
+    /// A device over a fake function; returns it with the function's and router's logs.
+    fn build(
+        id: u32,
+        restore: Option<Restore<'_>>,
+    ) -> Result<(VfioPciDevice, CallLog, Arc<FakeRouter>), PassthroughError> {
+        let function = FakeFunction::new(id);
+        let vfio = function.log.clone();
+        let router = Arc::new(FakeRouter::default());
+        let host = HostDevice {
+            bdf: "0000:00:04.0".into(),
+            function: Box::new(function),
+            iommu: DeviceIommu::Iommufd { hwpt_id: 2 },
+        };
+        let args = PassthroughArgs {
+            router: router.clone(),
+            mapper: Arc::new(Mapper),
+            bar_access: BarMode::Trapped,
+        };
+        let device = VfioPciDevice::new(host, args, restore)?;
+        Ok((device, vfio, router))
+    }
+
+    /// A fresh device whose VM runs: its interrupts released, the logs cleared.
+    fn running() -> VfioPciDevice {
+        let (mut device, vfio, router) = build(EDU, None).unwrap();
+        device.hold_interrupts(false);
+        vfio.take();
+        router.take();
+        device
+    }
+
+    fn write32(device: &mut VfioPciDevice, offset: usize, value: u32) {
+        device.config_write(offset, &value.to_le_bytes());
+    }
+
+    /// The guest places BAR 0, turns memory and bus mastering on and programs MSI to
+    /// 0xfee00000/0x41; with `msix`, it then programs both MSI-X vectors (vector 1 masked)
+    /// and turns MSI-X on instead of MSI.
+    fn program(device: &mut VfioPciDevice, msix: bool) {
+        write32(device, 0x10, 0xc000_0000);
+        device.config_write(COMMAND, &0x6u16.to_le_bytes());
+        write32(device, 0x44, 0xfee0_0000);
+        write32(device, 0x48, 0);
+        write32(device, 0x4c, 0x41);
+        if !msix {
+            device.config_write(0x42, &0x81u16.to_le_bytes());
+            return;
+        }
+        for (vector, masked) in [(0u64, 0u32), (1, 1)] {
+            let entry = 0x2000 + 16 * vector;
+            for (at, word) in [
+                (0, 0xfee0_0000u32),
+                (4, 0),
+                (8, 0x50 + vector as u32),
+                (12, masked),
+            ] {
+                device.bar_write(0, entry + at, &word.to_le_bytes());
+            }
+        }
+        device.config_write(0x52, &MSIX_ENABLE.to_le_bytes());
+    }
+
+    fn config_dwords(device: &mut VfioPciDevice) -> Vec<u32> {
+        (0..256)
+            .step_by(4)
+            .map(|at| device.config_read(at))
+            .collect()
+    }
+
+    fn bar_dwords(device: &mut VfioPciDevice, from: u64, count: u64) -> Vec<u32> {
+        (0..count)
+            .map(|i| {
+                let mut word = [0u8; 4];
+                device.bar_read(0, from + 4 * i, &mut word);
+                u32::from_le_bytes(word)
+            })
+            .collect()
+    }
+
+    /// What a handover sends of the device's eventfds, as the target gets them.
+    fn hand_over(device: &VfioPciDevice, saved: &PassthroughState) -> InterruptFds {
+        let fds: Vec<OwnedFd> = device
+            .interrupt_fds()
+            .into_iter()
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect();
+        InterruptFds::from_fds(saved, &mut fds.into_iter()).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_device_turns_intx_on_and_takes_new_numbers() {
+        let (mut device, vfio, router) = build(EDU, None).unwrap();
+        assert_eq!(vfio.take(), ["enable irq 0 x1", "intx resample"]);
+        // Nothing reaches KVM before the VM runs.
+        assert_eq!(router.take(), Vec::<String>::new());
+        device.hold_interrupts(false);
+        assert_eq!(router.take(), ["attach line 16"]);
+        let saved = device.save(4);
+        assert_eq!(saved.msi.map(|m| m.gsi), Some(24));
+        assert_eq!(saved.intx.map(|i| (i.line, i.enabled)), Some((16, true)));
+        assert_eq!(saved.config[0x3c], 16, "the guest is told its INTx line");
+        assert_eq!(saved.hwpt_id, Some(2));
+    }
+
+    #[test]
+    fn a_handed_over_device_comes_back_as_saved_without_asking_vfio() {
+        let mut device = running();
+        program(&mut device, false);
+        let saved = device.save(4);
+        let before = config_dwords(&mut device);
+        let restore = Restore {
+            saved: &saved,
+            handed_over: Some(hand_over(&device, &saved)),
+        };
+        let (mut restored, vfio, router) = build(EDU, Some(restore)).unwrap();
+        assert_eq!(config_dwords(&mut restored), before);
+        assert_eq!(restored.save(4), saved);
+        // The saved numbers and the MSI route; no irqfd until the VM runs (a signal waiting in
+        // an eventfd would be taken before the vCPUs exist); nothing of VFIO.
+        assert_eq!(
+            router.take(),
+            ["claim 24", "claim line 16", "route 24 0xfee00000 0x41"]
+        );
+        restored.hold_interrupts(false);
+        assert_eq!(router.take(), ["attach 24", "attach line 16"]);
+        assert_eq!(vfio.take(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_device_opened_anew_is_armed_again_from_its_state() {
+        let mut device = running();
+        program(&mut device, false);
+        let saved = device.save(4);
+        let restore = Restore {
+            saved: &saved,
+            handed_over: None,
+        };
+        let (mut restored, vfio, _) = build(EDU, Some(restore)).unwrap();
+        assert_eq!(restored.save(4), saved);
+        // A new fd has no interrupt on: MSI is armed as saved, INTx (off when saved) is not.
+        assert_eq!(
+            vfio.take(),
+            ["write region 7 at 0x4: [06, 00]", "enable irq 1 x1"]
+        );
+        assert_eq!(restored.config_read(0x10), 0xc000_0000);
+    }
+
+    #[test]
+    fn msix_table_and_pending_bits_survive_a_handover() {
+        let mut device = running();
+        program(&mut device, true);
+        // Vector 1 is masked: a message for it waits, and shows in the pending bits.
+        device
+            .msix
+            .as_ref()
+            .unwrap()
+            .vectors_trigger(1)
+            .write(1)
+            .unwrap();
+        assert_eq!(bar_dwords(&mut device, 0x3000, 1), [0b10]);
+        let saved = device.save(4);
+        let msix = saved.msix.as_ref().unwrap();
+        assert!(msix.enabled);
+        assert_eq!(msix.gsis, [25, 26]);
+        let table = bar_dwords(&mut device, 0x2000, 8);
+        let restore = Restore {
+            saved: &saved,
+            handed_over: Some(hand_over(&device, &saved)),
+        };
+        assert_eq!(
+            restore.handed_over.as_ref().map(InterruptFds::waiting),
+            Some(1)
+        );
+        let (mut restored, vfio, router) = build(EDU, Some(restore)).unwrap();
+        assert_eq!(bar_dwords(&mut restored, 0x2000, 8), table);
+        assert_eq!(bar_dwords(&mut restored, 0x3000, 1), [0b10]);
+        assert_eq!(restored.save(4), saved);
+        assert_eq!(
+            router.take(),
+            ["claim 24", "claim 25", "claim 26", "claim line 16"]
+        );
+        restored.hold_interrupts(false);
+        // Only the unmasked vector is attached; the pending one waits for its unmask.
+        assert_eq!(
+            router.take(),
+            ["route 25 0xfee00000 0x50", "attach 25", "attach line 16"]
+        );
+        assert_eq!(vfio.take(), Vec::<String>::new());
+        restored.bar_write(0, 0x2000 + 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(router.take(), ["route 26 0xfee00000 0x51", "attach 26"]);
+    }
+
+    #[test]
+    fn paused_devices_hold_their_interrupts_in_the_eventfds() {
+        let (mut device, _, router) = build(EDU, None).unwrap();
+        device.hold_interrupts(false);
+        program(&mut device, false);
+        router.take();
+        device.hold_interrupts(true);
+        assert_eq!(router.take(), ["detach 24", "detach 16"]);
+        device.hold_interrupts(true);
+        assert!(router.take().is_empty());
+        device.hold_interrupts(false);
+        assert_eq!(router.take(), ["attach 24", "attach line 16"]);
+    }
+
+    #[test]
+    fn a_state_of_another_device_or_short_of_eventfds_is_refused() {
+        let (device, _, _) = build(EDU, None).unwrap();
+        let saved = device.save(4);
+        let restore = Restore {
+            saved: &saved,
+            handed_over: None,
+        };
+        assert!(matches!(
+            build(0x0010_1b36, Some(restore)),
+            Err(PassthroughError::NotTheSavedDevice {
+                saved: EDU,
+                found: 0x0010_1b36,
+                ..
+            })
+        ));
+        let one: Vec<OwnedFd> = vec![device.interrupt_fds()[0].try_clone_to_owned().unwrap()];
+        assert!(matches!(
+            InterruptFds::from_fds(&saved, &mut one.into_iter()),
+            Err(PassthroughError::InterruptFds {
+                expected: 3,
+                got: 1,
+                ..
+            })
+        ));
     }
 }

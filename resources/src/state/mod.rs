@@ -20,8 +20,8 @@
 mod vm;
 
 pub use vm::{
-    DevicesState, DmaMapping, GuestControlState, IntxState, KvmVmState, MsiState, MsixState,
-    PassthroughState, SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
+    DevicesState, DmaMapping, GuestControlState, IntxState, IommuState, KvmVmState, MsiState,
+    MsixState, PassthroughState, SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
 };
 
 use crc::{Crc, CRC_64_ECMA_182};
@@ -32,7 +32,7 @@ pub const STATE_MAGIC: [u8; 8] = *b"LUVMMSTA";
 /// Incompatible format changes bump this.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Backward-compatible additions bump this.
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted: a real state is tens of KiB per vCPU, so anything near this is damage.

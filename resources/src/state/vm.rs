@@ -9,6 +9,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::config::BarMode;
 use crate::layout::{MemoryLayout, MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// Everything needed to rebuild a paused VM on top of its own memfds.
@@ -89,11 +90,14 @@ pub struct SerialRegisters {
     pub in_buffer: Vec<u8>,
 }
 
-/// The guest-control port: whether a check request is still waiting for the guest.
+/// The guest-control port: the requests still waiting for the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestControlState {
     /// A check was requested and the guest has not read it yet.
     pub check_pending: bool,
+    /// The other requests waiting, one bit each (the port word without the check bit).
+    #[serde(default)]
+    pub requests: u32,
 }
 
 /// State of the devices.
@@ -107,6 +111,18 @@ pub struct DevicesState {
     /// Passed-through PCI functions, in guest slot order.
     #[serde(default)]
     pub passthrough: Vec<PassthroughState>,
+    /// The VM's IOMMU context, shared by its iommufd devices.
+    #[serde(default)]
+    pub iommu: Option<IommuState>,
+}
+
+/// The one iommufd IOAS a VM's devices share: its id in the iommufd, the HWPTs over it that
+/// devices are attached to, and what is mapped in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuState {
+    pub ioas_id: u32,
+    pub hwpts: Vec<u32>,
+    pub mappings: Vec<DmaMapping>,
 }
 
 /// How a passthrough device was opened.
@@ -173,10 +189,16 @@ pub struct PassthroughState {
     pub msix: Option<MsixState>,
     #[serde(default)]
     pub intx: Option<IntxState>,
+    /// The HWPT an iommufd device is attached to.
+    #[serde(default)]
+    pub hwpt_id: Option<u32>,
+    /// Whether its BARs were mapped into the guest or trapped.
+    #[serde(default)]
+    pub bar_access: BarMode,
 }
 
 /// A decoded state that does not fit what it is being restored onto.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateMismatch {
     /// The state holds no vCPU.
     #[error("state has no vCPUs")]
@@ -209,7 +231,10 @@ pub enum StateMismatch {
     /// A device's configuration space is not 256 bytes.
     #[error("passthrough {bdf}: configuration space is {len} bytes, not {PCI_CONFIG_SPACE_LEN}")]
     ConfigSpaceLength { bdf: String, len: usize },
-    /// Two devices claim one guest slot, or one host device appears twice.
+    /// An iommufd device is not attached to a HWPT of the VM's IOMMU context.
+    #[error("passthrough {bdf}: no HWPT of the VM's IOAS holds it")]
+    NoHwpt { bdf: String },
+    /// Two devices claim one guest slot, GSI or INTx line, or one host device appears twice.
     #[error("passthrough {bdf}: {what} {value} is used twice")]
     Duplicate {
         bdf: String,
@@ -305,6 +330,36 @@ impl VmState {
                     value: device.bdf.clone(),
                 });
             }
+            if device.backend == VfioBackend::IommufdCdev {
+                let attached = self.devices.iommu.as_ref().is_some_and(|iommu| {
+                    device
+                        .hwpt_id
+                        .is_some_and(|hwpt| iommu.hwpts.contains(&hwpt))
+                });
+                if !attached {
+                    return Err(StateMismatch::NoHwpt { bdf: bdf() });
+                }
+            }
+        }
+        // The guest programmed these numbers: each must mean one thing.
+        let mut seen: Vec<(&'static str, u32)> = Vec::new();
+        for device in devices {
+            let msi = device.msi.iter().map(|m| ("GSI", m.gsi));
+            let msix = device
+                .msix
+                .iter()
+                .flat_map(|m| m.gsis.iter().map(|&g| ("GSI", g)));
+            let intx = device.intx.iter().map(|i| ("INTx line", i.line));
+            for (what, number) in msi.chain(msix).chain(intx) {
+                if seen.contains(&(what, number)) {
+                    return Err(StateMismatch::Duplicate {
+                        bdf: device.bdf.clone(),
+                        what,
+                        value: number.to_string(),
+                    });
+                }
+                seen.push((what, number));
+            }
         }
         Ok(())
     }
@@ -373,6 +428,7 @@ mod tests {
                 },
                 guest_control: GuestControlState {
                     check_pending: true,
+                    requests: 0b10,
                 },
                 passthrough: vec![PassthroughState {
                     bdf: "0000:00:03.0".into(),
@@ -395,7 +451,19 @@ mod tests {
                         line: 16,
                         enabled: false,
                     }),
+                    hwpt_id: Some(3),
+                    bar_access: BarMode::Trapped,
                 }],
+                iommu: Some(IommuState {
+                    ioas_id: 1,
+                    hwpts: vec![3],
+                    mappings: vec![DmaMapping {
+                        iova: 0,
+                        memfd_index: 0,
+                        offset: 0,
+                        len: 64 * MIB,
+                    }],
+                }),
             },
         }
     }
@@ -526,10 +594,59 @@ mod tests {
                 value: "0000:00:03.0".into()
             })
         );
+        fn elsewhere(d: &mut PassthroughState) {
+            d.guest_slot = 2;
+            d.bdf = "0000:00:04.0".into();
+            d.intx = None;
+            d.msi = Some(MsiState {
+                offset: 0x40,
+                enabled: false,
+                gsi: 25,
+            });
+        }
+        assert_eq!(twice(elsewhere), Ok(()));
+        let duplicate = |what: &'static str, value: &str| {
+            Err(StateMismatch::Duplicate {
+                bdf: "0000:00:04.0".into(),
+                what,
+                value: value.into(),
+            })
+        };
         assert_eq!(
             twice(|d| {
-                d.guest_slot = 2;
-                d.bdf = "0000:00:04.0".into();
+                elsewhere(d);
+                d.msi = None;
+                d.msix = Some(MsixState {
+                    offset: 0x50,
+                    enabled: true,
+                    table: Vec::new(),
+                    gsis: vec![26, 24],
+                });
+            }),
+            duplicate("GSI", "24")
+        );
+        assert_eq!(
+            twice(|d| {
+                elsewhere(d);
+                d.intx = Some(IntxState {
+                    line: 16,
+                    enabled: true,
+                });
+            }),
+            duplicate("INTx line", "16")
+        );
+        let nowhere = StateMismatch::NoHwpt {
+            bdf: "0000:00:03.0".into(),
+        };
+        assert_eq!(with(|s| s.devices.iommu = None), Err(nowhere.clone()));
+        assert_eq!(
+            with(|s| s.devices.passthrough[0].hwpt_id = Some(9)),
+            Err(nowhere)
+        );
+        assert_eq!(
+            with(|s| {
+                s.devices.iommu = None;
+                s.devices.passthrough[0].backend = VfioBackend::LegacyContainer;
             }),
             Ok(())
         );

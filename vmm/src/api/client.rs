@@ -11,7 +11,8 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 use super::http::{parse_response, request_bytes, HttpError};
 
-/// Most fds a reply may carry: a state memfd plus RAM memfds.
+/// Most fds a reply may carry: a state memfd, RAM memfds, and the iommufd plus each passthrough
+/// device's cdev and interrupt eventfds.
 const MAX_FDS: usize = 64;
 
 /// How long a client waits for its reply by default: the VMM serves one client at a time and

@@ -7,6 +7,7 @@
 //! | PUT    | `/vm/resume`   |                               | 204                            |
 //! | PUT    | `/vm/save`     | `{"export_path": "FILE"}`?    | 200 `{state_bytes, pause_to_saved_ms}` |
 //! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
+//! | PUT    | `/vm/guest-request` | `{"request": "devices"}` (`check`, `devices`, `irq_in_flight`, `irq_landed`) | 204 |
 //! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
 //! | PUT    | `/vm/handover/complete` |                      | 204 (the target took the VM)   |
 //! | PUT    | `/vm/shutdown` |                               | 204                            |
@@ -24,6 +25,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use luvmm_devices::guest_control::GuestRequest;
+
 use crate::vmm::{Vmm, VmmError};
 use http::{Request, Response};
 
@@ -35,9 +38,16 @@ pub enum VmmAction {
     Resume,
     Save { export_path: Option<PathBuf> },
     Check,
+    GuestRequest(GuestRequest),
     Handover,
     CompleteHandover,
     Shutdown,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestRequestBody {
+    request: GuestRequest,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +66,9 @@ pub fn route(req: &Request) -> Result<VmmAction, Response> {
         "/vm/pause" => ("PUT", |b| no_body(b).map(|_| VmmAction::Pause)),
         "/vm/resume" => ("PUT", |b| no_body(b).map(|_| VmmAction::Resume)),
         "/vm/check" => ("PUT", |b| no_body(b).map(|_| VmmAction::Check)),
+        "/vm/guest-request" => ("PUT", |b| {
+            required_body::<GuestRequestBody>(b).map(|r| VmmAction::GuestRequest(r.request))
+        }),
         "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
         "/vm/handover/complete" => ("PUT", |b| no_body(b).map(|_| VmmAction::CompleteHandover)),
         "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
@@ -88,6 +101,15 @@ fn no_body(body: &[u8]) -> Result<(), Response> {
 fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Response> {
     match json_object(body)? {
         None => Ok(T::default()),
+        Some(fields) => serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| Response::error(400, &format!("bad JSON body: {e}"))),
+    }
+}
+
+/// A body that must be there, as a JSON object of the right shape.
+fn required_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
+    match json_object(body)? {
+        None => Err(Response::error(400, "this endpoint needs a JSON body")),
         Some(fields) => serde_json::from_value(serde_json::Value::Object(fields))
             .map_err(|e| Response::error(400, &format!("bad JSON body: {e}"))),
     }
@@ -132,7 +154,8 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
         VmmAction::Status => Response::json(200, &vmm.status()).into(),
         VmmAction::Pause => done(vmm.pause()).into(),
         VmmAction::Resume => done(vmm.resume()).into(),
-        VmmAction::Check => done(vmm.request_check()).into(),
+        VmmAction::Check => done(vmm.request(GuestRequest::Check)).into(),
+        VmmAction::GuestRequest(request) => done(vmm.request(request)).into(),
         VmmAction::Save { export_path } => match vmm.save(export_path.as_deref()) {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),

@@ -2,7 +2,7 @@
 //! MSI GSI routes) and memslots for direct-mapped BARs. `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps
 //! it: the IOAPIC and PIC pins that KVM routes by default, plus one entry per MSI route.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -28,9 +28,32 @@ pub struct KvmIrqRouter {
 }
 
 struct Routes {
-    next_gsi: u32,
-    next_intx_line: u32,
+    /// MSI GSIs handed out.
+    gsis: BTreeSet<u32>,
+    /// IOAPIC pins handed out for INTx.
+    intx_lines: BTreeSet<u32>,
     msi: BTreeMap<u32, (u64, u32)>,
+}
+
+/// Takes `saved` from `range` if it is in it and free, or else the lowest free number.
+fn claim(
+    taken: &mut BTreeSet<u32>,
+    range: std::ops::Range<u32>,
+    saved: Option<u32>,
+    what: &'static str,
+) -> Result<u32, HypervisorError> {
+    let number = match saved {
+        Some(number) if !range.contains(&number) || taken.contains(&number) => {
+            return Err(HypervisorError::Taken { what, number })
+        }
+        Some(number) => number,
+        None => range
+            .clone()
+            .find(|n| !taken.contains(n))
+            .ok_or(HypervisorError::Exhausted { what })?,
+    };
+    taken.insert(number);
+    Ok(number)
 }
 
 impl KvmIrqRouter {
@@ -39,8 +62,8 @@ impl KvmIrqRouter {
         KvmIrqRouter {
             vm,
             routes: Mutex::new(Routes {
-                next_gsi: MSI_GSI_START,
-                next_intx_line: INTX_LINE_START,
+                gsis: BTreeSet::new(),
+                intx_lines: BTreeSet::new(),
                 msi: BTreeMap::new(),
             }),
         }
@@ -101,26 +124,24 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 }
 
 impl IrqRouter for KvmIrqRouter {
-    fn allocate_gsi(&self) -> Result<u32, HypervisorError> {
+    fn allocate_gsi(&self, saved: Option<u32>) -> Result<u32, HypervisorError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if routes.next_gsi >= MAX_GSI {
-            return Err(HypervisorError::Exhausted {
-                what: "GSI for MSI",
-            });
-        }
-        routes.next_gsi += 1;
-        Ok(routes.next_gsi - 1)
+        claim(
+            &mut routes.gsis,
+            MSI_GSI_START..MAX_GSI,
+            saved,
+            "GSI for MSI",
+        )
     }
 
-    fn allocate_intx_line(&self) -> Result<u32, HypervisorError> {
+    fn allocate_intx_line(&self, saved: Option<u32>) -> Result<u32, HypervisorError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if routes.next_intx_line >= IOAPIC_PINS {
-            return Err(HypervisorError::Exhausted {
-                what: "IOAPIC pin for INTx",
-            });
-        }
-        routes.next_intx_line += 1;
-        Ok(routes.next_intx_line - 1)
+        claim(
+            &mut routes.intx_lines,
+            INTX_LINE_START..IOAPIC_PINS,
+            saved,
+            "IOAPIC pin for INTx",
+        )
     }
 
     fn register_resample_irqfd(
@@ -203,5 +224,31 @@ impl GuestMapper for KvmGuestMapper {
         self.set(slot, 0, 0, 0)?;
         slots.retain(|&s| s != slot);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_claims_the_numbers_the_guest_saw() {
+        let mut taken = BTreeSet::new();
+        assert_eq!(claim(&mut taken, 24..28, Some(26), "GSI").ok(), Some(26));
+        assert_eq!(claim(&mut taken, 24..28, None, "GSI").ok(), Some(24));
+        assert_eq!(claim(&mut taken, 24..28, None, "GSI").ok(), Some(25));
+        // The next free one skips what a restore claimed.
+        assert_eq!(claim(&mut taken, 24..28, None, "GSI").ok(), Some(27));
+        assert!(matches!(
+            claim(&mut taken, 24..28, None, "GSI"),
+            Err(HypervisorError::Exhausted { what: "GSI" })
+        ));
+        let mut taken = BTreeSet::from([25]);
+        for wanted in [25, 23, 28] {
+            assert!(matches!(
+                claim(&mut taken, 24..28, Some(wanted), "GSI"),
+                Err(HypervisorError::Taken { number, .. }) if number == wanted
+            ));
+        }
     }
 }

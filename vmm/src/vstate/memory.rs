@@ -77,11 +77,14 @@ impl GuestRam {
                     size: region.size,
                     source,
                 })?;
-            // Nobody may resize guest RAM under a running guest; this is also what iommufd
-            // preservation will require of file-backed DMA mappings.
+            // Nobody may resize guest RAM under a running guest, nor change its seals: the
+            // three seals the proposed iommufd preservation requires of a file mapped with
+            // IOMMU_IOAS_MAP_FILE.
             fcntl(
                 file.as_fd(),
-                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK),
+                FcntlArg::F_ADD_SEALS(
+                    SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL,
+                ),
             )
             .map_err(|source| MemoryError::Seal { index, source })?;
             memfds.push(file);
@@ -181,5 +184,14 @@ mod tests {
         let ram = GuestRam::create(&MemoryLayout::contiguous(2 * MIB)).unwrap();
         assert!(ram.memfds()[0].set_len(4 * MIB).is_err());
         assert!(ram.memfds()[0].set_len(MIB).is_err());
+        let seals = fcntl(ram.memfds()[0].as_fd(), FcntlArg::F_GET_SEALS).unwrap();
+        let wanted = SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+        assert_eq!(SealFlag::from_bits_truncate(seals), wanted);
+        // Sealed against more seals too: nobody can freeze the guest's RAM.
+        assert!(fcntl(
+            ram.memfds()[0].as_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)
+        )
+        .is_err());
     }
 }

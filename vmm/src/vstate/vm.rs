@@ -2,12 +2,14 @@
 //! state that a save carries.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_irqchip,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use luvmm_devices::vfio::VfioDeviceFd;
 use luvmm_resources::config::HostLimits;
 use luvmm_resources::layout::KVM_TSS_ADDRESS;
 use luvmm_resources::state::KvmVmState;
@@ -118,6 +120,21 @@ impl KvmVm {
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
+    }
+
+    /// The KVM VFIO pseudo-device, which KVM uses to know the VFIO files a VM's devices come
+    /// from (for DMA coherency, among others); passthrough devices are added to it.
+    pub fn create_vfio_device(&self) -> Result<Arc<VfioDeviceFd>, VmError> {
+        let mut create = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let fd = self
+            .fd
+            .create_device(&mut create)
+            .map_err(ioctl("KVM_CREATE_DEVICE (KVM_DEV_TYPE_VFIO)"))?;
+        Ok(Arc::new(VfioDeviceFd::new_from_kvm(fd)))
     }
 
     /// Routes an eventfd to a legacy interrupt line.

@@ -1,0 +1,457 @@
+//! The VM's passthrough devices as a whole: opened by BDF for a boot, or adopted from the fds a
+//! handover brought; the one IOMMU context they share; and the fds that move them on.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
+use luvmm_devices::pci::config::{BarKind, NUM_BARS};
+use luvmm_devices::vfio::{
+    adopt_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError, IrqRouter,
+    PassthroughArgs, PassthroughError, Restore, VfioDeviceFd, VfioPciDevice,
+};
+use luvmm_resources::allocator::{AddressAllocator, AllocError};
+use luvmm_resources::config::{BarMode, VfioBackendChoice};
+use luvmm_resources::layout::{
+    PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START,
+};
+use luvmm_resources::state::{DevicesState, DmaMapping, IommuState, PassthroughState, VfioBackend};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vstate::memory::GuestRam;
+
+/// Passthrough devices could not be set up; whatever was opened is closed again.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughError),
+    #[error("IOMMU context")]
+    Iommu(#[from] IommuError),
+    #[error("cannot place a BAR")]
+    Bar(#[from] AllocError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("the handover does not match the saved state: {why}")]
+    HandoverMismatch { why: String },
+    #[error(
+        "the state holds passthrough devices {bdfs:?}; they can only come with their fds, \
+         through a handover (--from-socket)"
+    )]
+    NoDeviceFds { bdfs: Vec<String> },
+    #[error(
+        "{bdf}: saved on the legacy VFIO container, whose DMA mappings belong to the process \
+         that made them; it cannot be restored elsewhere"
+    )]
+    Legacy { bdf: String },
+}
+
+/// A device's fds as they travel in a handover: its cdev and its interrupt eventfds.
+pub struct HandedDevice {
+    pub fd: File,
+    pub interrupts: Vec<OwnedFd>,
+}
+
+/// Everything the passthrough devices of a VM bring along in a handover.
+pub struct HandedDevices {
+    pub iommufd: File,
+    /// In the saved state's device order.
+    pub devices: Vec<HandedDevice>,
+}
+
+/// What the handover manifest says of one device, so the target can check the fds it got
+/// against the state before using any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedDeviceManifest {
+    pub bdf: String,
+    /// Interrupt eventfds after the device fd.
+    pub interrupt_fds: usize,
+}
+
+/// The VM's passthrough devices and the IOMMU context they share.
+///
+/// Field order is drop order: the devices close their fds before the iommufd is closed.
+#[derive(Default)]
+pub struct Passthrough {
+    /// Each device with its guest slot.
+    pub devices: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
+    iommu: Option<IommuContext>,
+}
+
+fn lock(device: &Mutex<VfioPciDevice>) -> MutexGuard<'_, VfioPciDevice> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the VMM gives every passthrough device.
+pub struct DeviceArgs<'a> {
+    pub router: &'a Arc<dyn IrqRouter>,
+    pub mapper: &'a Arc<dyn GuestMapper>,
+    /// For new devices; a restored one keeps its saved mode.
+    pub bar_access: BarMode,
+    /// The VM's KVM VFIO pseudo-device.
+    pub kvm_vfio: Arc<VfioDeviceFd>,
+}
+
+impl DeviceArgs<'_> {
+    fn for_device(&self) -> PassthroughArgs {
+        PassthroughArgs {
+            router: self.router.clone(),
+            mapper: self.mapper.clone(),
+            bar_access: self.bar_access,
+        }
+    }
+}
+
+impl Passthrough {
+    /// Opens every device by BDF, maps guest RAM for them (IOVA == GPA: once by file into the
+    /// shared IOAS, or per legacy container by address), places their BARs and puts them on
+    /// `bus`.
+    pub fn open(
+        bdfs: &[String],
+        backend: VfioBackendChoice,
+        ram: &GuestRam,
+        args: &DeviceArgs<'_>,
+        bus: &mut PciBus,
+    ) -> Result<Passthrough, DeviceSetupError> {
+        let mut passthrough = Passthrough::default();
+        let mut hosts = Vec::with_capacity(bdfs.len());
+        for bdf in bdfs {
+            let started = Instant::now();
+            hosts.push(open_by_bdf(
+                bdf,
+                backend,
+                &mut passthrough.iommu,
+                Some(&args.kvm_vfio),
+            )?);
+            log::info!(
+                "passthrough {bdf}: opened, bound and attached in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let regions: Vec<(DmaMapping, *mut u8, &File)> = ram
+            .memory()
+            .iter()
+            .zip(ram.memfds())
+            .enumerate()
+            .map(|(index, (region, memfd))| {
+                let mapping = DmaMapping {
+                    iova: region.start_addr().0,
+                    memfd_index: index,
+                    offset: 0,
+                    len: region.len(),
+                };
+                (mapping, region.as_ptr(), memfd)
+            })
+            .collect();
+        if let Some(iommu) = passthrough.iommu.as_mut() {
+            let started = Instant::now();
+            for (m, _, memfd) in &regions {
+                iommu.map_file(memfd.as_fd(), m.memfd_index, m.offset, m.iova, m.len)?;
+            }
+            log::info!(
+                "IOAS: {} MiB of guest RAM mapped by file in {:.1} ms, once for every iommufd \
+                 device",
+                ram.layout().total_bytes() >> 20,
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let mut windows = BarWindows::new();
+        for host in hosts {
+            let mut device = VfioPciDevice::new(host, args.for_device(), None)?;
+            for &(mapping, host, _) in &regions {
+                // SAFETY: the mapping belongs to `ram`, which the VMM keeps for as long as the
+                // device exists (devices are dropped before guest memory).
+                unsafe { device.map_guest_memory(mapping, host)? };
+            }
+            windows.place(&mut device)?;
+            let device = Arc::new(Mutex::new(device));
+            let slot = bus.add(device.clone(), None)?;
+            passthrough.devices.push((slot, device));
+        }
+        Ok(passthrough)
+    }
+
+    /// Checks, before anything is built, that the fds a handover brought (or their absence)
+    /// fit the saved devices: the state's devices in its order, each with as many interrupt
+    /// eventfds as its saved setup uses, none on the legacy container.
+    pub fn check_handed(
+        saved: &DevicesState,
+        manifest: &[HandedDeviceManifest],
+        handed: Option<&HandedDevices>,
+    ) -> Result<(), DeviceSetupError> {
+        match handed {
+            None if saved.passthrough.is_empty() => Ok(()),
+            None => Err(DeviceSetupError::NoDeviceFds {
+                bdfs: saved.passthrough.iter().map(|p| p.bdf.clone()).collect(),
+            }),
+            Some(handed) => {
+                if let Some(legacy) = saved
+                    .passthrough
+                    .iter()
+                    .find(|p| p.backend == VfioBackend::LegacyContainer)
+                {
+                    return Err(DeviceSetupError::Legacy {
+                        bdf: legacy.bdf.clone(),
+                    });
+                }
+                check_handover(&saved.passthrough, manifest, handed)
+            }
+        }
+    }
+
+    /// Adopts the devices a handover brought, as `saved` describes them: the same IOAS and
+    /// mappings, the same slots, BARs, GSIs and INTx lines, the interrupt eventfds VFIO still
+    /// signals. Nothing is opened, reset or mapped again. `check_handed` has passed.
+    pub fn adopt(
+        saved: &DevicesState,
+        handed: HandedDevices,
+        args: &DeviceArgs<'_>,
+        bus: &mut PciBus,
+    ) -> Result<Passthrough, DeviceSetupError> {
+        let mut passthrough = Passthrough::default();
+        let iommu_state = saved
+            .iommu
+            .as_ref()
+            .ok_or_else(|| mismatch("the state names no IOMMU context".to_string()))?;
+        let iommu = passthrough.iommu.insert(IommuContext::adopt(
+            handed.iommufd,
+            iommu_state,
+            Some(args.kvm_vfio.clone()),
+        )?);
+        for (state, fds) in saved.passthrough.iter().zip(handed.devices) {
+            let started = Instant::now();
+            let hwpt_id = state
+                .hwpt_id
+                .ok_or_else(|| mismatch(format!("{}: the state names no HWPT", state.bdf)))?;
+            let host = adopt_cdev(&state.bdf, fds.fd, hwpt_id, iommu)?;
+            let interrupts = InterruptFds::from_fds(state, &mut fds.interrupts.into_iter())?;
+            let waiting = interrupts.waiting();
+            let restore = Restore {
+                saved: state,
+                handed_over: Some(interrupts),
+            };
+            // Its interrupts wait in their eventfds until the VM runs (`hold_interrupts`).
+            let device = VfioPciDevice::new(host, args.for_device(), Some(restore))?;
+            let device = Arc::new(Mutex::new(device));
+            bus.add(device.clone(), Some(state.guest_slot))?;
+            passthrough.devices.push((state.guest_slot, device));
+            log::info!(
+                "passthrough {}: adopted in {:.1} ms (slot {}, HWPT {hwpt_id}; nothing reopened \
+                 or reset); interrupts waiting in its eventfds: {waiting}",
+                state.bdf,
+                started.elapsed().as_secs_f64() * 1e3,
+                state.guest_slot
+            );
+        }
+        Ok(passthrough)
+    }
+
+    /// Host devices on the legacy container, which cannot move to another process.
+    pub fn legacy_bdfs(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|(_, d)| {
+                let device = lock(d);
+                device
+                    .device_fd()
+                    .is_none()
+                    .then(|| device.bdf().to_string())
+            })
+            .collect()
+    }
+
+    /// Detaches (`true`) or attaches again every device's irqfds.
+    pub fn hold_interrupts(&self, held: bool) {
+        for (_, device) in &self.devices {
+            lock(device).hold_interrupts(held);
+        }
+    }
+
+    /// Each device's state, and the IOMMU context's.
+    pub fn save(&self) -> (Vec<PassthroughState>, Option<IommuState>) {
+        let devices = self
+            .devices
+            .iter()
+            .map(|(slot, d)| lock(d).save(*slot))
+            .collect();
+        (devices, self.iommu.as_ref().map(IommuContext::save))
+    }
+
+    /// Duplicates what a handover sends: the iommufd, then per device its cdev and its
+    /// interrupt eventfds; with the manifest of them. Nothing if there are no devices.
+    pub fn handover_fds(&self) -> std::io::Result<(Vec<HandedDeviceManifest>, Vec<OwnedFd>)> {
+        let mut manifest = Vec::with_capacity(self.devices.len());
+        let mut fds = Vec::new();
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
+        if let Some(iommu) = &self.iommu {
+            fds.push(dup(iommu.iommufd())?);
+        }
+        for (_, device) in &self.devices {
+            let device = lock(device);
+            let Some(fd) = device.device_fd() else {
+                continue; // Refused before this (`legacy_bdfs`).
+            };
+            fds.push(dup(fd)?);
+            let interrupts = device.interrupt_fds();
+            manifest.push(HandedDeviceManifest {
+                bdf: device.bdf().to_string(),
+                interrupt_fds: interrupts.len(),
+            });
+            for fd in interrupts {
+                fds.push(dup(fd)?);
+            }
+        }
+        Ok((manifest, fds))
+    }
+
+    /// Whether the VM has no passthrough device.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+}
+
+fn mismatch(why: String) -> DeviceSetupError {
+    DeviceSetupError::HandoverMismatch { why }
+}
+
+/// The manifest and the fds must describe the state's devices, in its order, with as many
+/// interrupt eventfds as each one's saved interrupt setup uses.
+fn check_handover(
+    saved: &[PassthroughState],
+    manifest: &[HandedDeviceManifest],
+    handed: &HandedDevices,
+) -> Result<(), DeviceSetupError> {
+    let saved_bdfs: Vec<&str> = saved.iter().map(|p| p.bdf.as_str()).collect();
+    let handed_bdfs: Vec<&str> = manifest.iter().map(|m| m.bdf.as_str()).collect();
+    if saved_bdfs != handed_bdfs {
+        return Err(mismatch(format!(
+            "the state holds devices {saved_bdfs:?}, the fds are of {handed_bdfs:?}"
+        )));
+    }
+    if handed.devices.len() != saved.len() {
+        return Err(mismatch(format!(
+            "{} devices in the state, fds for {}",
+            saved.len(),
+            handed.devices.len()
+        )));
+    }
+    for ((state, entry), fds) in saved.iter().zip(manifest).zip(&handed.devices) {
+        let needed = InterruptFds::count(state);
+        if entry.interrupt_fds != needed || fds.interrupts.len() != needed {
+            return Err(mismatch(format!(
+                "{}: its saved interrupts use {needed} eventfds, {} were handed over",
+                state.bdf,
+                fds.interrupts.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The PCI windows BARs are placed in, in order.
+struct BarWindows {
+    mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
+    io: AddressAllocator,
+}
+
+impl BarWindows {
+    fn new() -> BarWindows {
+        BarWindows {
+            mmio32: AddressAllocator::new("PCI 32-bit MMIO", PCI_MMIO32_START, PCI_MMIO32_END),
+            mmio64: AddressAllocator::new("PCI 64-bit MMIO", PCI_MMIO64_START, PCI_MMIO64_END),
+            io: AddressAllocator::new("PCI I/O", PCI_IO_START, PCI_IO_END),
+        }
+    }
+
+    fn place(&mut self, device: &mut VfioPciDevice) -> Result<(), AllocError> {
+        for index in 0..NUM_BARS {
+            let Some(bar) = PciDevice::config(device).bar(index) else {
+                continue;
+            };
+            let window = match bar.kind {
+                BarKind::Mmio32 => &mut self.mmio32,
+                BarKind::Mmio64 => &mut self.mmio64,
+                BarKind::Io => &mut self.io,
+            };
+            device.place_bar(index, window.allocate(bar.size)?);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luvmm_resources::state::{IntxState, MsiState, MsixState};
+
+    fn device(bdf: &str) -> PassthroughState {
+        PassthroughState {
+            bdf: bdf.into(),
+            guest_slot: 1,
+            backend: VfioBackend::IommufdCdev,
+            mappings: Vec::new(),
+            config: vec![0; 256],
+            msi: Some(MsiState {
+                offset: 0x40,
+                enabled: true,
+                gsi: 24,
+            }),
+            msix: Some(MsixState {
+                offset: 0x50,
+                enabled: true,
+                table: vec![0; 8],
+                gsis: vec![25, 26],
+            }),
+            intx: Some(IntxState {
+                line: 16,
+                enabled: false,
+            }),
+            hwpt_id: Some(2),
+            bar_access: BarMode::Direct,
+        }
+    }
+
+    fn handed(counts: &[usize]) -> HandedDevices {
+        let file = || File::open("/dev/null").unwrap();
+        let fd = || OwnedFd::from(file());
+        HandedDevices {
+            iommufd: file(),
+            devices: counts
+                .iter()
+                .map(|&n| HandedDevice {
+                    fd: file(),
+                    interrupts: (0..n).map(|_| fd()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn entry(bdf: &str, interrupt_fds: usize) -> HandedDeviceManifest {
+        HandedDeviceManifest {
+            bdf: bdf.into(),
+            interrupt_fds,
+        }
+    }
+
+    #[test]
+    fn a_handover_must_match_the_state_device_by_device() {
+        let saved = [device("0000:00:02.0"), device("0000:00:03.0")];
+        // MSI, two MSI-X vectors, INTx trigger and resample.
+        assert_eq!(InterruptFds::count(&saved[0]), 5);
+        let manifest = [entry("0000:00:02.0", 5), entry("0000:00:03.0", 5)];
+        assert!(check_handover(&saved, &manifest, &handed(&[5, 5])).is_ok());
+        let why = |result: Result<(), DeviceSetupError>| match result {
+            Err(DeviceSetupError::HandoverMismatch { why }) => why,
+            other => panic!("{other:?}"),
+        };
+        let swapped = [entry("0000:00:03.0", 5), entry("0000:00:02.0", 5)];
+        assert!(why(check_handover(&saved, &swapped, &handed(&[5, 5])))
+            .contains("the fds are of [\"0000:00:03.0\", \"0000:00:02.0\"]"));
+        assert!(why(check_handover(&saved, &manifest, &handed(&[5]))).contains("fds for 1"));
+        assert!(why(check_handover(&saved, &manifest, &handed(&[5, 4])))
+            .contains("0000:00:03.0: its saved interrupts use 5 eventfds, 4 were handed over"));
+    }
+}
