@@ -6,9 +6,11 @@
 //!   it; dropping it unpreserves them) and after it (retrieve files, then finish).
 //! - [`kexec`]: loading the next kernel with `kexec_file_load` and jumping into it.
 //! - [`probe`]: what this kernel can preserve, found by trying, never leaving anything behind.
+//! - [`agent`]: the one process that holds `/dev/liveupdate` for every VMM on the host.
 //!
 //! The crate knows nothing of VMs: callers hand it fds and tokens.
 
+pub mod agent;
 pub mod kexec;
 pub mod probe;
 mod session;

@@ -395,6 +395,16 @@ impl IncomingSession {
     pub fn name(&self) -> &SessionName {
         &self.name
     }
+
+    /// Gives up the wrapper and returns the session fd, to hand it to another process.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Rebuilds the wrapper around a session fd retrieved elsewhere (by the agent).
+    pub fn from_fd(fd: OwnedFd, name: SessionName) -> IncomingSession {
+        IncomingSession { fd, name }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! processes, read their serial log, talk to their API, and wait on conditions with timeouts
 //! instead of sleeping.
 
+pub mod l1;
 pub mod nested;
 
 use std::io::{Read, Write};

@@ -478,3 +478,46 @@ fn vfio_handover_moves_devices_to_a_new_process() {
         println!("nested figure: {r}");
     }
 }
+
+/// The live-update agent holds the sessions across a real kexec, even for a VMM that died
+/// after saying it was ready, and the next kernel's agent hands each out once from the ledger
+/// it preserved.
+#[test]
+fn the_agent_carries_sessions_and_its_ledger_across_a_real_kexec() {
+    let run = boot_scenario(
+        "nested-agent",
+        "agent",
+        &[],
+        &[PathBuf::from(env!("CARGO_BIN_EXE_agent-scenario"))],
+    );
+    let results = run.results();
+    if !results.iter().any(|r| r.starts_with("boot stage=2")) {
+        fail(&run, "the second kernel never ran the scenario");
+    }
+    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
+    if !failures.is_empty() {
+        fail(&run, &format!("failures: {failures:#?}"));
+    }
+    for name in [
+        "start",
+        "subscribe",
+        "second_subscribe_refused",
+        "bad_vm_id_refused",
+        "release",
+        "update_waits_for_every_vm",
+        "preserve",
+        "ready",
+        "status_before",
+        "ledger_crossed_the_kexec",
+        "claim",
+        "memfd_intact",
+        "finish",
+        "second_claim_refused",
+        "unknown_vm_refused",
+        "no_agent",
+    ] {
+        if !results.contains(&format!("test agent_{name} ok").as_str()) {
+            fail(&run, &format!("agent_{name} did not report ok"));
+        }
+    }
+}

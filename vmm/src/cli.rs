@@ -30,6 +30,8 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Measure luvmm.
     Bench(BenchArgs),
+    /// The live-update agent: the one holder of /dev/liveupdate for every VMM on the host.
+    Agent(AgentArgs),
     /// Report what this host offers for a live update (LUO, KHO, handlers, VFIO).
     ///
     /// Exit status: 0 ready (guest memory and every vfio-pci device can be preserved), 3 nothing
@@ -115,6 +117,27 @@ pub struct RestoreArgs {
     pub memory_fd: Vec<RawFd>,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/luvmm/agent.sock";
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The agent's socket (created 0600).
+    #[arg(long, global = true, default_value = DEFAULT_AGENT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub action: AgentAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentAction {
+    /// Open /dev/liveupdate, take over the previous kernel's ledger if there is one, and serve
+    /// VMMs until the kexec.
+    Serve,
+    /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
+    Status,
 }
 
 #[derive(Debug, Args)]

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use luvmm_liveupdate::agent::{Agent, AgentClient};
 use luvmm_vmm::api::{client, error_chain};
-use luvmm_vmm::cli::{Cli, Command, CtlRequest};
+use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest};
 use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, vstate};
 
 fn main() -> ExitCode {
@@ -79,6 +80,21 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => match args.action {
+            AgentAction::Serve => {
+                let agent = Agent::start().map_err(|e| chain(&e))?;
+                agent.serve(&args.socket).map_err(|e| chain(&e))?;
+                Ok(ExitCode::SUCCESS)
+            }
+            AgentAction::Status => {
+                let ledger = AgentClient::new(&args.socket)
+                    .status()
+                    .map_err(|e| chain(&e))?;
+                let text = serde_json::to_string(&ledger).map_err(|e| e.to_string())?;
+                println!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Bench(args) => bench::run(args)
             .map(|_| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use luvmm_liveupdate::uapi::{SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
 use luvmm_liveupdate::{kexec, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
+use luvmm_tests::l1::{line, Report};
 
 /// Sessions carried across the kexec and the memfds in them: (session, token, MiB).
 const CARRIED: &[(&str, Token, u64)] = &[
@@ -29,32 +30,6 @@ const CARRIED: &[(&str, Token, u64)] = &[
 ];
 /// Preserved in `luvmm-b` but deliberately never retrieved: FINISH discards it.
 const DISCARDED: (&str, Token, u64) = ("luvmm-b", 0xbd, 1);
-
-struct Report {
-    pass: u32,
-    fail: u32,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, result: Result<(), String>) {
-        match result {
-            Ok(()) => {
-                self.pass += 1;
-                line(&format!("test {name} ok"));
-            }
-            Err(why) => {
-                self.fail += 1;
-                line(&format!("test {name} FAIL {why}"));
-            }
-        }
-    }
-}
-
-fn line(text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "LUVMM-L1 {text}");
-    let _ = out.flush();
-}
 
 fn name(s: &str) -> SessionName {
     SessionName::new(s).expect("scenario names are valid")
@@ -320,7 +295,7 @@ fn hold_in_child(sessions: Vec<OutgoingSession>) -> Result<(), String> {
 }
 
 fn stage1(kernel: PathBuf, initrd: PathBuf) -> i32 {
-    let mut report = Report { pass: 0, fail: 0 };
+    let mut report = Report::new("");
     if let Err(e) = without_kexec(&mut report) {
         report.check("setup_without_kexec", Err(e.to_string()));
     }
@@ -328,7 +303,7 @@ fn stage1(kernel: PathBuf, initrd: PathBuf) -> i32 {
         Ok(d) => d,
         Err(e) => {
             report.check("open", Err(e.to_string()));
-            return finish(1, &report);
+            return report.done(1);
         }
     };
     if let Err(e) = preserve_figures(&device, &[16, 64, 256, 1024]) {
@@ -338,28 +313,28 @@ fn stage1(kernel: PathBuf, initrd: PathBuf) -> i32 {
         Ok(s) => s,
         Err(e) => {
             report.check("prepare_carried", Err(e));
-            return finish(1, &report);
+            return report.done(1);
         }
     };
     report.check("prepare_carried", Ok(()));
     drop(device);
     if let Err(e) = hold_in_child(sessions) {
         report.check("hold_sessions", Err(e));
-        return finish(1, &report);
+        return report.done(1);
     }
     let cmdline = match kexec::current_cmdline() {
         Ok(c) => format!("{c} luvmm.stage=2"),
         Err(e) => {
             report.check("cmdline", Err(e.to_string()));
-            return finish(1, &report);
+            return report.done(1);
         }
     };
     if let Err(e) = kexec::load(&kernel, Some(&initrd), Some(&cmdline)) {
         report.check("kexec_load", Err(e.to_string()));
-        return finish(1, &report);
+        return report.done(1);
     }
     report.check("kexec_load", Ok(()));
-    finish(1, &report);
+    report.done(1);
     line("kexec now");
     match kexec::reboot_into_loaded() {
         Err(e) => {
@@ -371,13 +346,13 @@ fn stage1(kernel: PathBuf, initrd: PathBuf) -> i32 {
 }
 
 fn stage2() -> i32 {
-    let mut report = Report { pass: 0, fail: 0 };
+    let mut report = Report::new("");
     line("stage 2 start");
     let device = match LiveUpdate::open() {
         Ok(d) => d,
         Err(e) => {
             report.check("open_after_kexec", Err(e.to_string()));
-            return finish(2, &report);
+            return report.done(2);
         }
     };
     // The other order: session b before a, and each session's tokens backwards.
@@ -451,15 +426,7 @@ fn stage2() -> i32 {
             ),
         );
     }
-    finish(2, &report)
-}
-
-fn finish(stage: u32, report: &Report) -> i32 {
-    line(&format!(
-        "stage {stage} done pass={} fail={}",
-        report.pass, report.fail
-    ));
-    i32::from(report.fail > 0)
+    report.done(2)
 }
 
 fn main() {

@@ -1,0 +1,150 @@
+//! What a VMM (or an operator's tool) calls to talk to the agent.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::agent::ledger::Ledger;
+use crate::agent::wire::{recv_line, send_line, Reply, Request};
+use crate::{IncomingSession, OutgoingSession, SessionName};
+
+/// How long a client waits for the agent's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error("no luvmm agent is listening on {socket} (start one with `luvmm agent serve`)")]
+    NotRunning { socket: PathBuf },
+    #[error("talking to the agent on {socket}")]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent refused {op}: {message}")]
+    Refused { op: &'static str, message: String },
+    #[error("the agent's reply to {op} does not parse: {reason}")]
+    BadReply { op: &'static str, reason: String },
+}
+
+/// The agent behind a socket.
+pub struct AgentClient {
+    socket: PathBuf,
+}
+
+impl AgentClient {
+    pub fn new(socket: &Path) -> AgentClient {
+        AgentClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn call(
+        &self,
+        op: &'static str,
+        request: &Request,
+    ) -> Result<(Reply, Vec<OwnedFd>), AgentClientError> {
+        let io = |source| AgentClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                AgentClientError::NotRunning {
+                    socket: self.socket.clone(),
+                }
+            }
+            _ => io(e),
+        })?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        send_line(&stream, request, &[]).map_err(io)?;
+        let (line, fds) = recv_line(&stream).map_err(io)?;
+        let reply: Reply =
+            serde_json::from_slice(&line).map_err(|e| AgentClientError::BadReply {
+                op,
+                reason: e.to_string(),
+            })?;
+        if !reply.ok {
+            return Err(AgentClientError::Refused {
+                op,
+                message: reply.error.unwrap_or_default(),
+            });
+        }
+        Ok((reply, fds))
+    }
+
+    /// The session fd a reply must carry, with its name.
+    fn session_fd(
+        op: &'static str,
+        reply: Reply,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(OwnedFd, SessionName), AgentClientError> {
+        let bad = |reason: &str| AgentClientError::BadReply {
+            op,
+            reason: reason.to_string(),
+        };
+        let name = reply.session.ok_or_else(|| bad("no session name"))?;
+        let name = SessionName::new(&name).map_err(|e| bad(&e.to_string()))?;
+        let mut fds = fds.into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(fd), None) => Ok((fd, name)),
+            _ => Err(bad("not exactly one session fd")),
+        }
+    }
+
+    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec).
+    pub fn subscribe(&self, vm: &str) -> Result<OutgoingSession, AgentClientError> {
+        let op = "subscribe";
+        let (reply, fds) = self.call(op, &Request::Subscribe { vm: vm.into() })?;
+        let (fd, name) = Self::session_fd(op, reply, fds)?;
+        Ok(OutgoingSession::from_fd(fd, name))
+    }
+
+    /// Tells the agent VM `vm` has preserved everything and is paused.
+    pub fn ready(&self, vm: &str) -> Result<(), AgentClientError> {
+        self.call("ready", &Request::Ready { vm: vm.into() })
+            .map(drop)
+    }
+
+    /// Calls VM `vm`'s update off: the agent closes its copy of the session.
+    pub fn release(&self, vm: &str) -> Result<(), AgentClientError> {
+        self.call("release", &Request::Release { vm: vm.into() })
+            .map(drop)
+    }
+
+    /// The agent's ledger.
+    pub fn status(&self) -> Result<Ledger, AgentClientError> {
+        let op = "status";
+        let (reply, _) = self.call(op, &Request::Status {})?;
+        reply.ledger.ok_or_else(|| AgentClientError::BadReply {
+            op,
+            reason: "no ledger".into(),
+        })
+    }
+
+    /// Asks for the kexec into `kernel`: refused unless every VM is ready. On success the
+    /// host is on its way into the next kernel.
+    pub fn update(
+        &self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: Option<&str>,
+    ) -> Result<(), AgentClientError> {
+        let request = Request::Update {
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.map(Path::to_path_buf),
+            cmdline: cmdline.map(str::to_string),
+        };
+        self.call("update", &request).map(drop)
+    }
+
+    /// After the kexec: VM `vm`'s incoming session, handed out once.
+    pub fn claim(&self, vm: &str) -> Result<IncomingSession, AgentClientError> {
+        let op = "claim";
+        let (reply, fds) = self.call(op, &Request::Claim { vm: vm.into() })?;
+        let (fd, name) = Self::session_fd(op, reply, fds)?;
+        Ok(IncomingSession::from_fd(fd, name))
+    }
+}

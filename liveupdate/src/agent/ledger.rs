@@ -1,0 +1,295 @@
+//! The agent's bookkeeping: which VM holds which session, where each is in the update, and
+//! when each phase began. It is what the agent started by the next kernel must know, so it
+//! travels across the kexec in a memfd of the agent's own session. The transitions are pure
+//! logic, unit-tested here; `server` does the LUO calls around them.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::SessionName;
+
+/// The agent's own session, holding the ledger across the kexec. VM sessions are
+/// `luvmm-<vm id>`, and VM ids have no dot, so it can never be one of them.
+pub const AGENT_SESSION: &str = "luvmm.agent";
+/// The ledger's token in the agent's session.
+pub const LEDGER_TOKEN: u64 = 1;
+/// Longest VM id: `luvmm-` plus the id must fit LUO's 63-byte names with room to spare.
+pub const MAX_VM_ID: usize = 32;
+
+/// Where a VM is in the update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPhase {
+    /// It has its session and is preserving into it.
+    Subscribed,
+    /// Everything is preserved and it is paused: the kexec may go.
+    Ready,
+    /// After the kexec: its session waits to be claimed.
+    Incoming,
+    /// Its session was handed to the VMM restoring it (once: a retrieve is one-shot).
+    Claimed,
+}
+
+/// One VM in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub vm: String,
+    pub session: String,
+    pub phase: VmPhase,
+    /// When each phase began, in ms since the Unix epoch (the wall clock survives the kexec).
+    pub times_ms: BTreeMap<String, u64>,
+}
+
+/// Everything the agent keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub vms: Vec<VmRecord>,
+    /// Kexecs this ledger went through.
+    pub updates: u32,
+    /// Agent-wide events (`update_requested`, `kexec`, `agent_started`), ms since the epoch.
+    pub times_ms: BTreeMap<String, u64>,
+}
+
+/// A request the ledger refuses; each says why in the operator's terms.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("invalid VM id {vm:?}: 1 to {MAX_VM_ID} characters of A-Z, a-z, 0-9, '_' and '-'")]
+    BadVmId { vm: String },
+    #[error("session {session} is already handed out (VM {vm:?} subscribed before)")]
+    AlreadySubscribed { vm: String, session: String },
+    #[error("no VM {vm:?} is known to the agent")]
+    UnknownVm { vm: String },
+    #[error("session {session} was already claimed in this boot: a session is handed out once")]
+    AlreadyClaimed { session: String },
+    #[error("VM {vm:?} is {phase:?}: {what} needs it {needs}")]
+    WrongPhase {
+        vm: String,
+        phase: VmPhase,
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("no VM subscribed: there is nothing to update")]
+    NoVms,
+    #[error("VMs {vms:?} are not ready: every subscribed VM must be ready before the kexec")]
+    NotReady { vms: Vec<String> },
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Ledger {
+    fn find(&mut self, vm: &str) -> Result<&mut VmRecord, LedgerError> {
+        self.vms
+            .iter_mut()
+            .find(|r| r.vm == vm)
+            .ok_or_else(|| LedgerError::UnknownVm { vm: vm.to_string() })
+    }
+
+    /// A new VM: its session's name, refused if it has one already.
+    pub fn subscribe(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
+        let session = session_of(vm)?;
+        if let Some(existing) = self.vms.iter().find(|r| r.vm == vm) {
+            return Err(LedgerError::AlreadySubscribed {
+                vm: vm.to_string(),
+                session: existing.session.clone(),
+            });
+        }
+        self.vms.push(VmRecord {
+            vm: vm.to_string(),
+            session: session.to_string(),
+            phase: VmPhase::Subscribed,
+            times_ms: BTreeMap::from([("subscribed".to_string(), at_ms)]),
+        });
+        Ok(session)
+    }
+
+    /// The VM has preserved everything and is paused.
+    pub fn ready(&mut self, vm: &str, at_ms: u64) -> Result<(), LedgerError> {
+        let record = self.find(vm)?;
+        match record.phase {
+            VmPhase::Subscribed | VmPhase::Ready => {
+                record.phase = VmPhase::Ready;
+                record.times_ms.insert("ready".into(), at_ms);
+                Ok(())
+            }
+            phase => Err(LedgerError::WrongPhase {
+                vm: vm.to_string(),
+                phase,
+                what: "ready",
+                needs: "subscribed",
+            }),
+        }
+    }
+
+    /// The VM calls its update off (or is done with it): it leaves the ledger.
+    pub fn release(&mut self, vm: &str) -> Result<VmRecord, LedgerError> {
+        let index = self
+            .vms
+            .iter()
+            .position(|r| r.vm == vm)
+            .ok_or_else(|| LedgerError::UnknownVm { vm: vm.to_string() })?;
+        Ok(self.vms.remove(index))
+    }
+
+    /// The kexec may go only when every subscribed VM is ready.
+    pub fn check_update(&self) -> Result<(), LedgerError> {
+        if self.vms.is_empty() {
+            return Err(LedgerError::NoVms);
+        }
+        let waiting: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|r| r.phase != VmPhase::Ready)
+            .map(|r| r.vm.clone())
+            .collect();
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(LedgerError::NotReady { vms: waiting })
+        }
+    }
+
+    /// The ledger as the next kernel's agent takes it: every ready VM's session is now
+    /// incoming (a VM that was not ready has no session left: LUO dropped it).
+    pub fn after_kexec(mut self, at_ms: u64) -> Ledger {
+        self.vms.retain(|r| r.phase == VmPhase::Ready);
+        for record in &mut self.vms {
+            record.phase = VmPhase::Incoming;
+        }
+        self.updates += 1;
+        self.times_ms.insert("agent_started".into(), at_ms);
+        self
+    }
+
+    /// Hands a VM's incoming session out, once.
+    pub fn claim(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
+        let record = self.find(vm)?;
+        match record.phase {
+            VmPhase::Incoming => {
+                record.phase = VmPhase::Claimed;
+                record.times_ms.insert("claimed".into(), at_ms);
+                session_of(vm)
+            }
+            VmPhase::Claimed => Err(LedgerError::AlreadyClaimed {
+                session: record.session.clone(),
+            }),
+            phase => Err(LedgerError::WrongPhase {
+                vm: vm.to_string(),
+                phase,
+                what: "claim",
+                needs: "incoming (after a kexec)",
+            }),
+        }
+    }
+
+    /// Puts a claim back when the session could not be handed out after all.
+    pub fn unclaim(&mut self, vm: &str) {
+        if let Ok(record) = self.find(vm) {
+            record.phase = VmPhase::Incoming;
+            record.times_ms.remove("claimed");
+        }
+    }
+}
+
+/// The session a VM id gets: `luvmm-<vm id>`.
+pub fn session_of(vm: &str) -> Result<SessionName, LedgerError> {
+    let valid = (1..=MAX_VM_ID).contains(&vm.len())
+        && vm
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let bad = || LedgerError::BadVmId { vm: vm.to_string() };
+    if !valid {
+        return Err(bad());
+    }
+    SessionName::new(&format!("luvmm-{vm}")).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_handed_out_once_before_and_once_after_the_kexec() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.subscribe("vm1", 10).unwrap().as_str(), "luvmm-vm1");
+        assert_eq!(
+            ledger.subscribe("vm1", 11),
+            Err(LedgerError::AlreadySubscribed {
+                vm: "vm1".into(),
+                session: "luvmm-vm1".into()
+            })
+        );
+        ledger.subscribe("vm2", 12).unwrap();
+        assert_eq!(
+            ledger.check_update(),
+            Err(LedgerError::NotReady {
+                vms: vec!["vm1".into(), "vm2".into()]
+            })
+        );
+        ledger.ready("vm1", 20).unwrap();
+        ledger.ready("vm2", 21).unwrap();
+        assert_eq!(ledger.check_update(), Ok(()));
+
+        let mut next = ledger.after_kexec(100);
+        assert_eq!(next.updates, 1);
+        assert!(next.vms.iter().all(|r| r.phase == VmPhase::Incoming));
+        assert_eq!(next.claim("vm1", 110).unwrap().as_str(), "luvmm-vm1");
+        assert_eq!(
+            next.claim("vm1", 111),
+            Err(LedgerError::AlreadyClaimed {
+                session: "luvmm-vm1".into()
+            })
+        );
+        assert_eq!(
+            next.claim("vm3", 112),
+            Err(LedgerError::UnknownVm { vm: "vm3".into() })
+        );
+        // A claim whose retrieve failed can be put back and tried again.
+        next.unclaim("vm1");
+        assert!(next.claim("vm1", 113).is_ok());
+        let times = &next.vms[0].times_ms;
+        assert_eq!(
+            (times["subscribed"], times["ready"], times["claimed"]),
+            (10, 20, 113)
+        );
+    }
+
+    #[test]
+    fn vms_not_ready_lose_their_session_at_the_kexec() {
+        let mut ledger = Ledger::default();
+        assert_eq!(ledger.check_update(), Err(LedgerError::NoVms));
+        ledger.subscribe("ready", 1).unwrap();
+        ledger.subscribe("late", 2).unwrap();
+        ledger.ready("ready", 3).unwrap();
+        let next = ledger.after_kexec(4);
+        assert_eq!(next.vms.len(), 1);
+        assert_eq!(next.vms[0].vm, "ready");
+        // Before the kexec, a claim is refused: the session is still outgoing.
+        let mut before = Ledger::default();
+        before.subscribe("vm", 1).unwrap();
+        assert!(matches!(
+            before.claim("vm", 2),
+            Err(LedgerError::WrongPhase { what: "claim", .. })
+        ));
+        assert!(before.release("vm").is_ok());
+        assert!(before.vms.is_empty());
+    }
+
+    #[test]
+    fn vm_ids_make_valid_session_names_and_never_the_agents() {
+        for bad in ["", "a.b", "agent session", &"x".repeat(33), "vm/1"] {
+            assert_eq!(
+                session_of(bad).map(|s| s.to_string()),
+                Err(LedgerError::BadVmId { vm: bad.into() })
+            );
+        }
+        assert_eq!(session_of(&"x".repeat(32)).unwrap().as_str().len(), 38);
+        assert_ne!(session_of("agent").unwrap().as_str(), AGENT_SESSION);
+    }
+}

@@ -1,0 +1,19 @@
+//! The live-update agent: `/dev/liveupdate` admits one opener and an outgoing session dies with
+//! its last fd, so one long-lived process owns LUO for every VMM on the host, as the luod
+//! design does. It speaks newline-delimited JSON on a 0600 Unix socket, with session fds passed
+//! by `SCM_RIGHTS`.
+//!
+//! - [`ledger`]: which VM holds which session and when each phase began; it crosses the kexec
+//!   in a memfd of the agent's own session, so the next kernel's agent knows what to hand back.
+//! - [`wire`]: the requests and replies.
+//! - [`server`]: the agent itself.
+//! - [`client`]: what a VMM calls.
+
+pub mod client;
+pub mod ledger;
+pub mod server;
+pub mod wire;
+
+pub use client::{AgentClient, AgentClientError};
+pub use ledger::{Ledger, LedgerError, VmPhase, VmRecord};
+pub use server::{Agent, AgentError};

@@ -1,0 +1,318 @@
+//! The agent process: the one opener of `/dev/liveupdate`. It creates one session per VM and
+//! keeps its own copy of each until the kexec (an outgoing session dies with its last fd, and
+//! a VMM may die), loads the next kernel and kexecs once every VM is ready, and after the kexec
+//! hands each VM's incoming session to the VMM that restores it, once. Clients are served one
+//! at a time; each request is short.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
+use crate::agent::wire::{recv_line, send_line, Reply, Request};
+use crate::kexec::{self, KexecError};
+use crate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
+
+/// How long a client has to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent could not start or went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Luo(#[from] LuoError),
+    #[error("agent socket {path} already exists (another agent, or a stale file to remove)")]
+    SocketExists { path: PathBuf },
+    #[error("cannot create the agent socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the previous kernel's agent ledger does not read back")]
+    LedgerRead(#[source] std::io::Error),
+    #[error("cannot keep the ledger in a memfd")]
+    LedgerWrite(#[source] std::io::Error),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Kexec(#[from] KexecError),
+}
+
+/// What a request leads to after its reply is sent.
+enum After {
+    Nothing,
+    /// The next kernel is loaded and the ledger preserved: jump.
+    Kexec(OutgoingSession),
+}
+
+/// The agent's state: LUO, the ledger, and its copy of every VM's outgoing session.
+pub struct Agent {
+    luo: LiveUpdate,
+    ledger: Ledger,
+    outgoing: BTreeMap<String, OutgoingSession>,
+}
+
+impl Agent {
+    /// Opens `/dev/liveupdate` and takes the ledger the previous kernel's agent preserved, if
+    /// any (its session is retrieved and finished at once), else starts an empty one.
+    pub fn start() -> Result<Agent, AgentError> {
+        let luo = LiveUpdate::open()?;
+        let name = SessionName::new(AGENT_SESSION)?;
+        let ledger = match luo.retrieve_session(&name) {
+            Ok(session) => {
+                let memfd = File::from(session.retrieve(LEDGER_TOKEN)?);
+                let ledger = read_ledger(&memfd).map_err(AgentError::LedgerRead)?;
+                session.finish()?;
+                let ledger = ledger.after_kexec(now_ms());
+                log::info!(
+                    "agent: took the ledger over from the previous kernel: {} VM session(s) to \
+                     hand out",
+                    ledger.vms.len()
+                );
+                ledger
+            }
+            Err(LuoError::SessionNotFound { .. }) => {
+                let mut ledger = Ledger::default();
+                ledger.times_ms.insert("agent_started".into(), now_ms());
+                ledger
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Agent {
+            luo,
+            ledger,
+            outgoing: BTreeMap::new(),
+        })
+    }
+
+    /// Serves clients on `socket` (created 0600) until the kexec.
+    pub fn serve(mut self, socket: &Path) -> Result<(), AgentError> {
+        let listener = bind_private(socket)?;
+        log::info!("agent: serving {}", socket.display());
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    log::warn!("agent: accept: {e}");
+                    continue;
+                }
+            };
+            let (reply, fd, after) = self.serve_one(&stream);
+            let fds: Vec<&OwnedFd> = fd.iter().collect();
+            if let Err(e) = send_line(&stream, &reply, &fds) {
+                log::warn!("agent: cannot send the reply: {e}");
+            }
+            if let After::Kexec(agent_session) = after {
+                drop(stream);
+                let _ = std::fs::remove_file(socket);
+                match kexec::reboot_into_loaded() {
+                    Ok(never) => match never {},
+                    Err(e) => {
+                        // The VMs' sessions are intact; only the ledger's copy goes.
+                        log::error!("agent: the kexec failed: {e}; the update is off");
+                        agent_session.cancel();
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Option<OwnedFd>, After) {
+        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+        let request = match recv_line(stream) {
+            Ok((line, _)) => {
+                serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+            }
+            Err(e) => Err(format!("cannot read the request: {e}")),
+        };
+        let request = match request {
+            Ok(request) => request,
+            Err(message) => return (Reply::error(message), None, After::Nothing),
+        };
+        match self.handle(request) {
+            Ok((reply, fd, after)) => (reply, fd, after),
+            Err(e) => (Reply::error(chain(&e)), None, After::Nothing),
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Result<(Reply, Option<OwnedFd>, After), AgentError> {
+        let now = now_ms();
+        match request {
+            Request::Subscribe { vm } => {
+                let name = self.ledger.subscribe(&vm, now)?;
+                let session = match self.luo.create_session(&name) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = self.ledger.release(&vm);
+                        return Err(e.into());
+                    }
+                };
+                let fd = session
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(AgentError::LedgerWrite)?;
+                log::info!("agent: VM {vm} subscribed: session {name}");
+                self.outgoing.insert(vm, session);
+                Ok((with_session(&name), Some(fd), After::Nothing))
+            }
+            Request::Ready { vm } => {
+                self.ledger.ready(&vm, now)?;
+                log::info!("agent: VM {vm} is ready");
+                Ok((Reply::ok(), None, After::Nothing))
+            }
+            Request::Release { vm } => {
+                self.ledger.release(&vm)?;
+                // The kernel unpreserves once the VMM's copy is closed too.
+                self.outgoing.remove(&vm);
+                log::info!("agent: VM {vm} released its session");
+                Ok((Reply::ok(), None, After::Nothing))
+            }
+            Request::Status {} => Ok((
+                Reply {
+                    ledger: Some(self.ledger.clone()),
+                    ..Reply::ok()
+                },
+                None,
+                After::Nothing,
+            )),
+            Request::Update {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                self.ledger.check_update()?;
+                let cmdline = match cmdline {
+                    Some(cmdline) => cmdline,
+                    None => kexec::current_cmdline()?,
+                };
+                kexec::load(&kernel, initrd.as_deref(), Some(&cmdline))?;
+                self.ledger.times_ms.insert("kexec".into(), now_ms());
+                let memfd = write_ledger(&self.ledger).map_err(AgentError::LedgerWrite)?;
+                let session = self.luo.create_session(&SessionName::new(AGENT_SESSION)?)?;
+                session.preserve(memfd.as_fd(), LEDGER_TOKEN)?;
+                log::info!(
+                    "agent: {} VM(s) ready, {} loaded: kexec",
+                    self.ledger.vms.len(),
+                    kernel.display()
+                );
+                Ok((Reply::ok(), None, After::Kexec(session)))
+            }
+            Request::Claim { vm } => {
+                let name = self.ledger.claim(&vm, now)?;
+                match self.luo.retrieve_session(&name) {
+                    Ok(session) => {
+                        log::info!("agent: VM {vm} claimed its session {name}");
+                        Ok((with_session(&name), Some(session.into_fd()), After::Nothing))
+                    }
+                    Err(e) => {
+                        self.ledger.unclaim(&vm);
+                        Err(e.into())
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn with_session(name: &SessionName) -> Reply {
+    Reply {
+        session: Some(name.to_string()),
+        ..Reply::ok()
+    }
+}
+
+/// `e` and its sources, in one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// The ledger as JSON in a new memfd, sealed against resizing (it is preserved as it is).
+fn write_ledger(ledger: &Ledger) -> std::io::Result<File> {
+    let fd = memfd_create(
+        "luvmm-agent-ledger",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = File::from(fd);
+    file.write_all(&serde_json::to_vec(ledger).map_err(std::io::Error::other)?)?;
+    fcntl(
+        file.as_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK),
+    )?;
+    Ok(file)
+}
+
+fn read_ledger(file: &File) -> std::io::Result<Ledger> {
+    let mut file = file;
+    let len = file.metadata()?.len();
+    if len > 1 << 20 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("ledger of {len} bytes"),
+        ));
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Binds `path` with mode 0600: under a temporary name first, restricted, then renamed, so
+/// the socket is never reachable by others.
+fn bind_private(path: &Path) -> Result<UnixListener, AgentError> {
+    if path.exists() {
+        return Err(AgentError::SocketExists {
+            path: path.to_path_buf(),
+        });
+    }
+    let socket_err = |source| AgentError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(socket_err)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(socket_err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    std::fs::rename(&tmp, path).map_err(socket_err)?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_reads_back_from_its_memfd() {
+        let mut ledger = Ledger::default();
+        ledger.subscribe("vm1", 5).unwrap();
+        ledger.ready("vm1", 6).unwrap();
+        let memfd = write_ledger(&ledger).unwrap();
+        assert_eq!(read_ledger(&memfd).unwrap(), ledger);
+        let mut garbage = File::from(memfd_create("bad", MFdFlags::MFD_CLOEXEC).unwrap());
+        garbage.write_all(b"{not json").unwrap();
+        assert!(read_ledger(&garbage).is_err());
+    }
+}

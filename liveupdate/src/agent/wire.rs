@@ -1,0 +1,171 @@
+//! The agent's wire format: one JSON request per line from the client, one JSON reply line
+//! back, with the fds a reply carries (a session) attached by `SCM_RIGHTS` to its bytes.
+
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::ledger::Ledger;
+
+/// Longest line either side accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What a client asks of the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// A new VM: create its session; the reply carries the session fd.
+    Subscribe { vm: String },
+    /// The VM has preserved everything and is paused.
+    Ready { vm: String },
+    /// The VM calls its update off: the agent closes its copy of the session.
+    Release { vm: String },
+    /// The ledger.
+    Status {},
+    /// Load the next kernel and kexec into it, once every VM is ready.
+    Update {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        /// The next kernel's command line; the current one if absent.
+        cmdline: Option<String>,
+    },
+    /// After the kexec: hand the VM's incoming session over (once); the reply carries it.
+    Claim { vm: String },
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The session an attached fd is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<Ledger>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply {
+            ok: true,
+            ..Reply::default()
+        }
+    }
+
+    pub fn error(message: String) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(message),
+            ..Reply::default()
+        }
+    }
+}
+
+/// Sends `value` as one line, with `fds` attached.
+pub fn send_line<T: Serialize>(
+    stream: &UnixStream,
+    value: &T,
+    fds: &[&OwnedFd],
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(&raw)]
+    };
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )?;
+    (&*stream).write_all(&bytes[sent..])
+}
+
+/// Receives one line and the fds that came with it.
+pub fn recv_line(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: the kernel just installed these fds in this process for us; nothing
+                // else owns them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        let n = msg.bytes;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // One request or reply per connection turn: everything up to the newline.
+        line.extend_from_slice(&chunk[..n]);
+        if let Some(end) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(end);
+            return Ok((line, fds));
+        }
+        if line.len() > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line longer than 64 KiB",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_cross_a_socket_with_their_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let request = Request::Subscribe { vm: "vm1".into() };
+        send_line(&a, &request, &[]).unwrap();
+        let (line, fds) = recv_line(&b).unwrap();
+        assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), request);
+        assert!(fds.is_empty());
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let reply = Reply {
+            session: Some("luvmm-vm1".into()),
+            ..Reply::ok()
+        };
+        send_line(&b, &reply, &[&file]).unwrap();
+        let (line, fds) = recv_line(&a).unwrap();
+        assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), reply);
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn unknown_operations_and_fields_are_refused() {
+        for bad in [
+            r#"{"op":"reboot"}"#,
+            r#"{"op":"subscribe"}"#,
+            r#"{"op":"status","force":true}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+}
