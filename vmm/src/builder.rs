@@ -12,6 +12,7 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{GuestMapper, IrqRouter};
+use luvmm_liveupdate::{IncomingSession, LuoError};
 use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
@@ -65,6 +66,10 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error("passthrough devices")]
     Devices(#[from] DeviceSetupError),
+    #[error("the state holds passthrough devices but nothing to restore them from")]
+    NoDevices,
+    #[error("cannot finish the LUO session")]
+    Finish(#[from] LuoError),
     #[error("cannot register {device} on the I/O bus: {reason}")]
     Bus {
         device: &'static str,
@@ -149,6 +154,10 @@ pub struct RestoreArgs {
     pub device_manifest: Vec<HandedDeviceManifest>,
     /// When the handing-over process paused the VM, if it said.
     pub source_paused_at: Option<SystemTime>,
+    /// After a host live update: the VM's LUO session, its state and RAM memfds retrieved;
+    /// devices are retrieved (or opened again) here, and the session is finished once the
+    /// VM is rebuilt.
+    pub session: Option<IncomingSession>,
     pub serial: SerialOutput,
 }
 
@@ -160,7 +169,9 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut timings = RestoreTimings::default();
     let saved: VmState = state::decode(&args.state_blob)?;
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
-    Passthrough::check_handed(&saved.devices, &args.device_manifest, args.devices.as_ref())?;
+    if args.session.is_none() {
+        Passthrough::check_handed(&saved.devices, &args.device_manifest, args.devices.as_ref())?;
+    }
     let limits = host_limits(kvm);
     if saved.vcpus.len() > limits.max_vcpus as usize {
         return Err(ConfigError::TooManyVcpus {
@@ -182,17 +193,30 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let events = VmEvents::new().map_err(BuildError::EventFd)?;
     let mut pci = PciBus::new();
-    let passthrough = match args.devices {
-        None => Passthrough::default(),
-        Some(handed) => {
-            let (router, mapper) = device_routes(&vm, &saved.memory);
-            let device_args = DeviceArgs {
-                router: &router,
-                mapper: &mapper,
-                bar_access: BarMode::Direct,
-                kvm_vfio: vm.create_vfio_device()?,
-            };
-            Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?
+    let passthrough = if args.devices.is_none() && saved.devices.passthrough.is_empty() {
+        Passthrough::default()
+    } else {
+        let (router, mapper) = device_routes(&vm, &saved.memory);
+        let device_args = DeviceArgs {
+            router: &router,
+            mapper: &mapper,
+            bar_access: BarMode::Direct,
+            kvm_vfio: vm.create_vfio_device()?,
+        };
+        match (args.devices, &args.session, &saved.update) {
+            (Some(handed), _, _) => {
+                Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?
+            }
+            (None, Some(session), Some(update)) => Passthrough::reopen(
+                &saved.devices,
+                &update.device_tokens,
+                session,
+                &ram,
+                &device_args,
+                &mut pci,
+            )?,
+            // `check_handed` or the session's own checks refused this before.
+            (None, _, _) => return Err(BuildError::NoDevices),
         }
     };
     let devices = Devices {
@@ -227,6 +251,12 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     }
     let handles = start_all(vcpus)?;
     timings.vcpus_ms = lap.next();
+    if let Some(session) = &args.session {
+        // Everything is retrieved and rebuilt: the kernel may let go of the session.
+        session.finish()?;
+        timings.finish_ms = Some(lap.next());
+        log::info!("session {} finished", session.name());
+    }
     // The guest reports on its memory as soon as it runs again.
     devices.guest_control.request_check();
     let mut vmm = Vmm::new(vm, ram, devices, handles, events);

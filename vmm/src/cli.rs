@@ -101,8 +101,15 @@ fn config_word<T: DeserializeOwned>(word: &str) -> Result<T, String> {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["from_socket", "state", "state_fd"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from_socket", "state", "state_fd", "session"])))]
 pub struct RestoreArgs {
+    /// After a host live update: claim VM ID's session (luvmm-ID) from the agent and restore
+    /// from what it holds.
+    #[arg(long, value_name = "VM_ID", conflicts_with_all = ["state", "state_fd", "memory_fd", "from_socket"])]
+    pub session: Option<String>,
+    /// The agent's socket, with --session.
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
     /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS).
     #[arg(long, conflicts_with_all = ["state", "state_fd", "memory_fd"])]
     pub from_socket: Option<PathBuf>,
@@ -138,6 +145,16 @@ pub enum AgentAction {
     Serve,
     /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
     Status,
+    /// Kexec the host into KERNEL once every subscribed VM is ready (refused otherwise).
+    Update {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Words appended to this kernel's command line for the next one.
+        #[arg(long)]
+        append: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +193,28 @@ pub enum CtlRequest {
     },
     /// Stop the VMM.
     Shutdown,
+    /// The host live update, from this VM's side.
+    #[command(subcommand)]
+    Update(UpdateRequest),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpdateRequest {
+    /// Preserve the VM into its LUO session through the agent (RAM while it runs, then pause,
+    /// devices, state) and tell the agent it is ready; it stays paused until the kexec.
+    Prepare {
+        /// The VM's id: its session is luvmm-<id>.
+        #[arg(long)]
+        vm_id: String,
+        /// The agent's socket.
+        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+        /// Refuse, and call the update off, if a passthrough device cannot be preserved.
+        #[arg(long)]
+        require_preserved_devices: bool,
+    },
+    /// Call a prepared update off: the session is released and the guest resumes in place.
+    Cancel,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +308,12 @@ pub fn restore_source(
     use crate::restore::{RestoreError, RestoreSource, StateSource};
     if let Some(socket) = &args.from_socket {
         return Ok(RestoreSource::Socket(socket.clone()));
+    }
+    if let Some(vm_id) = &args.session {
+        return Ok(RestoreSource::Session {
+            vm_id: vm_id.clone(),
+            agent_socket: args.agent_socket.clone(),
+        });
     }
     let state = match (&args.state, args.state_fd) {
         (Some(path), None) => StateSource::File(path.clone()),

@@ -11,5 +11,6 @@ pub mod logger;
 pub mod passthrough;
 pub mod restore;
 pub mod runtime;
+pub mod update;
 pub mod vmm;
 pub mod vstate;

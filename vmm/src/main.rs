@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use luvmm_liveupdate::agent::{Agent, AgentClient};
 use luvmm_vmm::api::{client, error_chain};
-use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest};
+use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest, UpdateRequest};
 use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, vstate};
 
 fn main() -> ExitCode {
@@ -55,6 +55,23 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     Some(serde_json::json!({ "request": request }).to_string()),
                 ),
                 CtlRequest::Shutdown => ("PUT", "/vm/shutdown", None),
+                CtlRequest::Update(UpdateRequest::Prepare {
+                    vm_id,
+                    agent_socket,
+                    require_preserved_devices,
+                }) => (
+                    "PUT",
+                    "/vm/update/prepare",
+                    Some(
+                        serde_json::json!({
+                            "vm_id": vm_id,
+                            "agent_socket": agent_socket,
+                            "require_preserved_devices": require_preserved_devices,
+                        })
+                        .to_string(),
+                    ),
+                ),
+                CtlRequest::Update(UpdateRequest::Cancel) => ("PUT", "/vm/update/cancel", None),
                 CtlRequest::Save { export } => (
                     "PUT",
                     "/vm/save",
@@ -84,6 +101,25 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             AgentAction::Serve => {
                 let agent = Agent::start().map_err(|e| chain(&e))?;
                 agent.serve(&args.socket).map_err(|e| chain(&e))?;
+                Ok(ExitCode::SUCCESS)
+            }
+            AgentAction::Update {
+                kernel,
+                initrd,
+                append,
+            } => {
+                let cmdline = match append {
+                    Some(words) => {
+                        let current =
+                            luvmm_liveupdate::kexec::current_cmdline().map_err(|e| chain(&e))?;
+                        Some(format!("{current} {words}"))
+                    }
+                    None => None,
+                };
+                AgentClient::new(&args.socket)
+                    .update(&kernel, initrd.as_deref(), cmdline.as_deref())
+                    .map_err(|e| chain(&e))?;
+                println!("the agent is kexecing into {}", kernel.display());
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Status => {

@@ -9,9 +9,10 @@ use std::time::Instant;
 use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::vfio::{
-    adopt_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError, IrqRouter,
-    PassthroughArgs, PassthroughError, Restore, VfioDeviceFd, VfioPciDevice,
+    adopt_cdev, bind_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError,
+    IrqRouter, PassthroughArgs, PassthroughError, Restore, VfioDeviceFd, VfioPciDevice,
 };
+use luvmm_liveupdate::{IncomingSession, LuoError};
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{BarMode, VfioBackendChoice};
 use luvmm_resources::layout::{
@@ -34,6 +35,12 @@ pub enum DeviceSetupError {
     Bar(#[from] AllocError),
     #[error(transparent)]
     Slot(#[from] SlotError),
+    #[error("{bdf}: cannot retrieve it from the LUO session")]
+    Retrieve {
+        bdf: String,
+        #[source]
+        source: LuoError,
+    },
     #[error("the handover does not match the saved state: {why}")]
     HandoverMismatch { why: String },
     #[error(
@@ -130,21 +137,7 @@ impl Passthrough {
                 started.elapsed().as_secs_f64() * 1e3
             );
         }
-        let regions: Vec<(DmaMapping, *mut u8, &File)> = ram
-            .memory()
-            .iter()
-            .zip(ram.memfds())
-            .enumerate()
-            .map(|(index, (region, memfd))| {
-                let mapping = DmaMapping {
-                    iova: region.start_addr().0,
-                    memfd_index: index,
-                    offset: 0,
-                    len: region.len(),
-                };
-                (mapping, region.as_ptr(), memfd)
-            })
-            .collect();
+        let regions = ram_mappings(ram);
         if let Some(iommu) = passthrough.iommu.as_mut() {
             let started = Instant::now();
             for (m, _, memfd) in &regions {
@@ -248,6 +241,83 @@ impl Passthrough {
         Ok(passthrough)
     }
 
+    /// After a kexec: each saved device from its LUO session when the old kernel preserved it
+    /// (`tokens[i]`), else opened again by BDF, bound to the VM's new iommufd and attached to
+    /// a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each device
+    /// restored from its saved state with its interrupts armed anew, and sent one interrupt
+    /// (the one in flight, if any, did not survive the kexec).
+    pub fn reopen(
+        saved: &DevicesState,
+        tokens: &[Option<u64>],
+        session: &IncomingSession,
+        ram: &GuestRam,
+        args: &DeviceArgs<'_>,
+        bus: &mut PciBus,
+    ) -> Result<Passthrough, DeviceSetupError> {
+        let mut passthrough = Passthrough::default();
+        let mut hosts = Vec::with_capacity(saved.passthrough.len());
+        for (state, token) in saved.passthrough.iter().zip(tokens) {
+            let started = Instant::now();
+            let host = match token {
+                Some(token) => {
+                    let cdev =
+                        session
+                            .retrieve(*token)
+                            .map_err(|source| DeviceSetupError::Retrieve {
+                                bdf: state.bdf.clone(),
+                                source,
+                            })?;
+                    bind_cdev(
+                        &state.bdf,
+                        File::from(cdev),
+                        &mut passthrough.iommu,
+                        Some(&args.kvm_vfio),
+                    )?
+                }
+                None => open_by_bdf(
+                    &state.bdf,
+                    VfioBackendChoice::Iommufd,
+                    &mut passthrough.iommu,
+                    Some(&args.kvm_vfio),
+                )?,
+            };
+            log::info!(
+                "passthrough {}: {} and bound in {:.1} ms",
+                state.bdf,
+                if token.is_some() {
+                    "retrieved from its LUO session"
+                } else {
+                    "not preserved by the old kernel: opened again"
+                },
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            hosts.push((state, host));
+        }
+        let regions = ram_mappings(ram);
+        if let Some(iommu) = passthrough.iommu.as_mut() {
+            for (m, _, memfd) in &regions {
+                iommu.map_file(memfd.as_fd(), m.memfd_index, m.offset, m.iova, m.len)?;
+            }
+        }
+        for (state, host) in hosts {
+            let restore = Restore {
+                saved: state,
+                handed_over: None,
+            };
+            let mut device = VfioPciDevice::new(host, args.for_device(), Some(restore))?;
+            device.forget_mappings();
+            for &(mapping, host, _) in &regions {
+                // SAFETY: as in `open`: `ram` outlives the devices.
+                unsafe { device.map_guest_memory(mapping, host)? };
+            }
+            device.inject_interrupt();
+            let device = Arc::new(Mutex::new(device));
+            bus.add(device.clone(), Some(state.guest_slot))?;
+            passthrough.devices.push((state.guest_slot, device));
+        }
+        Ok(passthrough)
+    }
+
     /// Host devices on the legacy container, which cannot move to another process.
     pub fn legacy_bdfs(&self) -> Vec<String> {
         self.devices
@@ -310,6 +380,24 @@ impl Passthrough {
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
+}
+
+/// Each RAM region as a DMA mapping at IOVA == GPA, with its host address and memfd.
+fn ram_mappings(ram: &GuestRam) -> Vec<(DmaMapping, *mut u8, &File)> {
+    ram.memory()
+        .iter()
+        .zip(ram.memfds())
+        .enumerate()
+        .map(|(index, (region, memfd))| {
+            let mapping = DmaMapping {
+                iova: region.start_addr().0,
+                memfd_index: index,
+                offset: 0,
+                len: region.len(),
+            };
+            (mapping, region.as_ptr(), memfd)
+        })
+        .collect()
 }
 
 fn mismatch(why: String) -> DeviceSetupError {

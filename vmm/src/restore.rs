@@ -19,6 +19,11 @@ use crate::vmm::HandoverManifest;
 pub enum RestoreSource {
     /// Ask the VMM behind this API socket to hand its VM over.
     Socket(PathBuf),
+    /// After a host live update: VM `vm_id`'s session, claimed from the agent.
+    Session {
+        vm_id: String,
+        agent_socket: PathBuf,
+    },
     /// Fds this process inherited, plus the state from an fd or a file.
     Inherited {
         state: StateSource,
@@ -68,12 +73,27 @@ pub enum RestoreError {
     },
     #[error("saved state in {from} is {len} bytes, more than the format allows")]
     StateTooLarge { from: String, len: u64 },
+    #[error("session {session}: {what}")]
+    Session {
+        session: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "session {session}: the saved state is refused before anything else is retrieved: {why}"
+    )]
+    SessionState { session: String, why: String },
 }
 
 /// Collects the state and memfds for `build_from_saved`.
 pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
     match source {
         RestoreSource::Socket(socket) => from_socket(&socket, serial),
+        RestoreSource::Session {
+            vm_id,
+            agent_socket,
+        } => crate::update::retrieve::from_session(&vm_id, &agent_socket, serial),
         RestoreSource::Inherited { state, memory_fds } => {
             if memory_fds.is_empty() {
                 return Err(RestoreError::NoMemory);
@@ -105,6 +125,7 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
                 devices: None,
                 device_manifest: Vec::new(),
                 source_paused_at: None,
+                session: None,
                 serial,
             })
         }
@@ -189,6 +210,7 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
         source_paused_at: manifest
             .paused_at_unix_ns
             .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
+        session: None,
         serial,
     })
 }
@@ -221,7 +243,11 @@ fn claim_fds(fds: &[RawFd]) -> Result<Vec<File>, RestoreError> {
 
 const MAX_STATE_BYTES: u64 = HEADER_LEN as u64 + MAX_BODY_LEN;
 
-fn read_state(file: &File, len: Option<u64>, from: &str) -> Result<Vec<u8>, RestoreError> {
+pub(crate) fn read_state(
+    file: &File,
+    len: Option<u64>,
+    from: &str,
+) -> Result<Vec<u8>, RestoreError> {
     let read_err = |source| RestoreError::ReadState {
         from: from.to_string(),
         source,

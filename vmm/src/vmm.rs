@@ -11,13 +11,15 @@ use luvmm_devices::guest_control::{GuestControl, GuestRequest};
 use luvmm_devices::pci::bus::PciBus;
 use luvmm_devices::serial::SerialDevice;
 use luvmm_resources::layout::MemoryLayout;
-use luvmm_resources::state::{self, DevicesState, StateError, VcpuState, VmState};
+use luvmm_resources::state::{self, DevicesState, StateError, UpdateRecord, VcpuState, VmState};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::passthrough::{HandedDeviceManifest, Passthrough};
+use crate::update::prepare::PreparedUpdate;
+use crate::update::UpdateError;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::{KvmVm, VmError};
@@ -35,6 +37,9 @@ pub enum VmPhase {
     HandingOver,
     /// The other process confirmed it took the VM; this one must never run the guest again.
     HandedOver,
+    /// Paused with RAM, devices and state in its LUO session, waiting for the kexec; a
+    /// cancel resumes it in place.
+    Preserved,
     /// The guest stopped by itself (shutdown or a fatal exit).
     Stopped,
     /// A shutdown was requested; the event loop is ending.
@@ -70,6 +75,9 @@ pub enum VmmError {
     /// The state does not encode.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A live-update step failed (and the update was called off).
+    #[error(transparent)]
+    Update(#[from] UpdateError),
     /// Duplicating a device's fds for a handover failed.
     #[error("cannot duplicate the passthrough devices' fds")]
     DeviceFds(#[source] std::io::Error),
@@ -127,6 +135,9 @@ pub struct RestoreTimings {
     pub devices_ms: f64,
     /// Creating, restoring and starting the vCPUs.
     pub vcpus_ms: f64,
+    /// After a live update: FINISH of the LUO session.
+    #[serde(default)]
+    pub finish_ms: Option<f64>,
     /// From the pause in the process that handed the VM over to the first resume here (both
     /// read the same wall clock): the guest's blackout. Set once this VM ran.
     pub blackout_ms: Option<f64>,
@@ -198,6 +209,8 @@ pub struct Vmm {
     phase: VmPhase,
     saved: Option<SavedState>,
     restore_timings: Option<RestoreTimings>,
+    /// A prepared live update, until the kexec or a cancel.
+    update: Option<PreparedUpdate>,
     /// When the vCPUs last stopped (this process's pause, or the source's for a VM handed
     /// over), until the resume that ends that blackout.
     paused_at: Option<SystemTime>,
@@ -221,6 +234,7 @@ impl Vmm {
             phase: VmPhase::Paused,
             saved: None,
             restore_timings: None,
+            update: None,
             paused_at: None,
             events,
         }
@@ -236,7 +250,7 @@ impl Vmm {
         self.phase
     }
 
-    fn refuse(&self, request: &'static str) -> VmmError {
+    pub(crate) fn refuse(&self, request: &'static str) -> VmmError {
         VmmError::WrongPhase {
             request,
             phase: self.phase,
@@ -262,7 +276,7 @@ impl Vmm {
     /// Stops every vCPU. Pausing a paused VM is a no-op.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         match self.phase {
-            VmPhase::Paused | VmPhase::HandingOver => Ok(()),
+            VmPhase::Paused | VmPhase::HandingOver | VmPhase::Preserved => Ok(()),
             VmPhase::Running => {
                 self.broadcast(|| VcpuEvent::Pause, "pause")?;
                 // Device interrupts raised from now on wait in their eventfds, out of the
@@ -362,6 +376,7 @@ impl Vmm {
             memory: self.ram.layout().clone(),
             vm: self.vm.save_state()?,
             vcpus,
+            update: None,
             devices: DevicesState {
                 serial: self.devices.serial.save(),
                 guest_control: self.devices.guest_control.save(),
@@ -440,6 +455,38 @@ impl Vmm {
             current: true,
         });
         self.restore_timings = Some(timings);
+    }
+
+    pub(crate) fn set_phase(&mut self, phase: VmPhase) {
+        self.phase = phase;
+    }
+
+    pub(crate) fn set_update(&mut self, update: PreparedUpdate) {
+        self.update = Some(update);
+    }
+
+    pub(crate) fn take_update(&mut self) -> Option<PreparedUpdate> {
+        self.update.take()
+    }
+
+    pub(crate) fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Captures the paused VM with `update` recorded in it, into a new sealed memfd (kept as
+    /// the current saved state too); returns the memfd for the session.
+    pub(crate) fn save_for_update(&mut self, update: UpdateRecord) -> Result<File, VmmError> {
+        let mut state = self.capture()?;
+        state.update = Some(update);
+        let blob = state::encode(&state)?;
+        let memfd = write_state_memfd(&blob).map_err(VmmError::StateMemfd)?;
+        let copy = memfd.try_clone().map_err(VmmError::StateMemfd)?;
+        self.saved = Some(SavedState {
+            memfd: copy,
+            bytes: blob.len() as u64,
+            current: true,
+        });
+        Ok(memfd)
     }
 
     /// Current status.

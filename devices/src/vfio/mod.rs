@@ -14,7 +14,7 @@ pub use bar_map::GuestMapper;
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
 pub use iommu::{IommuContext, IommuError};
 pub use irq::{HypervisorError, IrqRouter};
-pub use open::{adopt_cdev, open_by_bdf};
+pub use open::{adopt_cdev, bind_cdev, open_by_bdf};
 pub use passthrough::{
     HostDevice, InterruptFds, PassthroughArgs, PassthroughError, Restore, VfioPciDevice,
 };

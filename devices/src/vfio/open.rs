@@ -105,6 +105,29 @@ fn open_cdev(
     iommu: &mut Option<IommuContext>,
     kvm_vfio: Option<&Arc<VfioDeviceFd>>,
 ) -> Result<HostDevice, PassthroughError> {
+    let cdev = VfioDevice::open_cdev(sysfs).map_err(|source| match &source {
+        VfioError::OpenDeviceCdev(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+            PassthroughError::Busy {
+                bdf: bdf.to_string(),
+            }
+        }
+        _ => PassthroughError::Vfio {
+            bdf: bdf.to_string(),
+            op: "open the VFIO cdev",
+            source,
+        },
+    })?;
+    bind_cdev(bdf, cdev, iommu, kvm_vfio)
+}
+
+/// Binds a cdev that is open but bound to nothing (opened here, or retrieved from LUO after a
+/// kexec) to the VM's iommufd (created on first use) and attaches it to a HWPT over its IOAS.
+pub fn bind_cdev(
+    bdf: &str,
+    cdev: File,
+    iommu: &mut Option<IommuContext>,
+    kvm_vfio: Option<&Arc<VfioDeviceFd>>,
+) -> Result<HostDevice, PassthroughError> {
     let name = || bdf.to_string();
     let context = match iommu {
         Some(context) => context,
@@ -113,16 +136,6 @@ fn open_cdev(
             iommu.insert(IommuContext::new(handle).map_err(iommu_error(bdf))?)
         }
     };
-    let cdev = VfioDevice::open_cdev(sysfs).map_err(|source| match &source {
-        VfioError::OpenDeviceCdev(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
-            PassthroughError::Busy { bdf: name() }
-        }
-        _ => PassthroughError::Vfio {
-            bdf: name(),
-            op: "open the VFIO cdev",
-            source,
-        },
-    })?;
     let device = context.bind(cdev).map_err(|source| match &source {
         // The cdev path admits one bound open file per device: a second bind while another
         // process has the device open fails with EINVAL.

@@ -50,6 +50,7 @@ use crate::vfio::iommu::IommuError;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
 
 const MSI_CAPABILITY_ID: u8 = 0x05;
+const PM_CAPABILITY_ID: u8 = 0x01;
 
 const MSI_CONTROL_ENABLE: u16 = 1 << 0;
 const MSI_CONTROL_64BIT: u16 = 1 << 7;
@@ -231,6 +232,8 @@ pub struct VfioPciDevice {
     router: Arc<dyn IrqRouter>,
     bar_access: BarMode,
     direct_bars: Vec<DirectBar>,
+    /// VFIO's interrupts are off for a live update (`quiesce_interrupts`).
+    quiesced: bool,
     /// The irqfds are detached: interrupts wait in their eventfds. A device starts so, and
     /// the VMM attaches them when the VM first runs (`hold_interrupts(false)`): KVM takes a
     /// waiting signal as soon as an irqfd is attached, and vCPUs not yet restored would lose
@@ -406,6 +409,7 @@ impl VfioPciDevice {
             router,
             bar_access,
             direct_bars,
+            quiesced: false,
             held: true,
         };
         match saved {
@@ -508,6 +512,74 @@ impl VfioPciDevice {
         }
     }
 
+    /// Turns off every interrupt VFIO signals for the device (`off`), or puts back what the
+    /// guest has enabled (`!off`). A device preserved through LUO must have none enabled when
+    /// the kernel freezes it; a cancelled update turns them on again. The guest-visible state
+    /// (enables, routes, table) is untouched either way.
+    pub fn quiesce_interrupts(&mut self, off: bool) -> Result<(), PassthroughError> {
+        if self.quiesced == off {
+            return Ok(());
+        }
+        let vfio = |op: &'static str| {
+            let bdf = self.bdf.clone();
+            move |source| PassthroughError::Vfio { bdf, op, source }
+        };
+        if let Some(msi) = self.msi.as_ref().filter(|m| m.enabled) {
+            if off {
+                self.function.disable_irq(VFIO_PCI_MSI_IRQ_INDEX)
+            } else {
+                self.function
+                    .enable_irq(VFIO_PCI_MSI_IRQ_INDEX, &[&msi.trigger])
+            }
+            .map_err(vfio("MSI on or off for the update"))?;
+        }
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
+            if off {
+                self.function.disable_irq(VFIO_PCI_MSIX_IRQ_INDEX)
+            } else {
+                self.function
+                    .enable_irq(VFIO_PCI_MSIX_IRQ_INDEX, &msix.triggers_now())
+            }
+            .map_err(vfio("MSI-X on or off for the update"))?;
+        }
+        if let Some(intx) = self.intx.as_ref().filter(|i| i.enabled) {
+            if off {
+                self.function.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)
+            } else {
+                self.function
+                    .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, &[&intx.trigger])
+                    .and_then(|_| self.function.set_intx_resample(&intx.resample))
+            }
+            .map_err(vfio("INTx on or off for the update"))?;
+        }
+        self.quiesced = off;
+        Ok(())
+    }
+
+    /// Signals the device's first enabled MSI or MSI-X vector once, as if the device had: a
+    /// kexec loses whatever interrupt was in flight, and a driver handles a spurious one
+    /// (INTx is level-triggered and left alone). Returns whether one was sent.
+    pub fn inject_interrupt(&self) -> bool {
+        let trigger = match (&self.msi, &self.msix) {
+            (Some(msi), _) if msi.enabled => Some(&msi.trigger),
+            (_, Some(msix)) if msix.enabled() => msix.triggers_now().first().copied(),
+            _ => None,
+        };
+        trigger.is_some_and(|evt| evt.write(1).is_ok())
+    }
+
+    /// Whether the function is in D0 (full power), by its power-management capability; a
+    /// function without one is always in D0.
+    pub fn in_d0(&self) -> bool {
+        let Some(pm) = self.config.find_capability(PM_CAPABILITY_ID) else {
+            return true;
+        };
+        let mut pmcsr = [0u8; 2];
+        self.function
+            .read(VFIO_PCI_CONFIG_REGION_INDEX, &mut pmcsr, (pm + 4) as u64);
+        u16::from_le_bytes(pmcsr) & 0x3 == 0
+    }
+
     /// Maps `[gpa, gpa + len)` of guest RAM at IOVA == GPA through the legacy container, by
     /// its address in this process (`host`). iommufd devices share the VM's IOAS, mapped
     /// once by file (`IommuContext::map_file`); this only records it for them.
@@ -532,6 +604,11 @@ impl VfioPciDevice {
         }
         self.mappings.push(mapping);
         Ok(())
+    }
+
+    /// Drops the saved mappings of a device restored into a new IOAS, which records its own.
+    pub fn forget_mappings(&mut self) {
+        self.mappings.clear();
     }
 
     /// What a restore needs: identity, backend, IOAS mappings and the guest-visible config.
@@ -1138,6 +1215,21 @@ mod tests {
         assert_eq!(vfio.take(), Vec::<String>::new());
         restored.bar_write(0, 0x2000 + 16 + 12, &0u32.to_le_bytes());
         assert_eq!(router.take(), ["route 26 0xfee00000 0x51", "attach 26"]);
+    }
+
+    #[test]
+    fn an_update_turns_vfio_interrupts_off_and_a_cancel_back_on() {
+        let (mut device, vfio, _) = build(EDU, None).unwrap();
+        device.hold_interrupts(false);
+        program(&mut device, false);
+        vfio.take();
+        device.quiesce_interrupts(true).unwrap();
+        assert_eq!(vfio.take(), ["disable irq 1"]);
+        device.quiesce_interrupts(false).unwrap();
+        assert_eq!(vfio.take(), ["enable irq 1 x1"]);
+        // The guest's view did not change.
+        assert!(device.save(4).msi.is_some_and(|m| m.enabled));
+        assert!(device.in_d0());
     }
 
     #[test]

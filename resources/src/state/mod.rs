@@ -21,7 +21,8 @@ mod vm;
 
 pub use vm::{
     DevicesState, DmaMapping, GuestControlState, IntxState, IommuState, KvmVmState, MsiState,
-    MsixState, PassthroughState, SerialRegisters, StateMismatch, VcpuState, VfioBackend, VmState,
+    MsixState, PassthroughState, SerialRegisters, StateMismatch, UpdateRecord, VcpuState,
+    VfioBackend, VmState, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 
 use crc::{Crc, CRC_64_ECMA_182};

@@ -25,6 +25,28 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     /// Emulated devices.
     pub devices: DevicesState,
+    /// Set when the state was saved for a host live update: what is in the LUO session.
+    #[serde(default)]
+    pub update: Option<UpdateRecord>,
+}
+
+/// LUO tokens in a VM's session: the state memfd, then one per RAM memfd, then one per
+/// passthrough device (which only a kernel with a VFIO handler preserves).
+pub const STATE_TOKEN: u64 = 0x5;
+/// RAM memfd `i` is preserved under `RAM_TOKEN_BASE + i`.
+pub const RAM_TOKEN_BASE: u64 = 0x100;
+/// Passthrough device `i` (state order) under `DEVICE_TOKEN_BASE + i`.
+pub const DEVICE_TOKEN_BASE: u64 = 0x200;
+
+/// What a VM saved for a live update put in its LUO session, and when each phase began.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateRecord {
+    pub vm_id: String,
+    /// Per passthrough device, in state order: its token if the kernel preserved it, `None`
+    /// if it had no handler for it (then the device is opened again after the kexec).
+    pub device_tokens: Vec<Option<u64>>,
+    /// Wall-clock ms since the Unix epoch at which each phase began.
+    pub times_ms: std::collections::BTreeMap<String, u64>,
 }
 
 /// VM-wide KVM state: the in-kernel interrupt controllers, the PIT and kvmclock.
@@ -465,6 +487,11 @@ mod tests {
                     }],
                 }),
             },
+            update: Some(UpdateRecord {
+                vm_id: "vm1".into(),
+                device_tokens: vec![None],
+                times_ms: [("paused".to_string(), 7)].into(),
+            }),
         }
     }
 
@@ -476,6 +503,7 @@ mod tests {
         assert_eq!(back.vcpus.len(), 2);
         assert_eq!(back.vcpus[1].regs.rip, 0x10_0001);
         assert_eq!(back.vcpus[0].xsave.region[7], 0xdead_beef);
+        assert_eq!(back.update, original.update);
         assert_eq!(back.vcpus[0].cpuid[0].eax, 0x806f0);
         assert_eq!(back.vcpus[0].msrs[0].data, 12345);
         assert_eq!(back.vcpus[0].tsc_khz, Some(2_000_000));

@@ -8,6 +8,8 @@
 //! | PUT    | `/vm/save`     | `{"export_path": "FILE"}`?    | 200 `{state_bytes, pause_to_saved_ms}` |
 //! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
 //! | PUT    | `/vm/guest-request` | `{"request": "devices"}` (`check`, `devices`, `irq_in_flight`, `irq_landed`) | 204 |
+//! | PUT    | `/vm/update/prepare` | `{"vm_id", "agent_socket", "require_preserved_devices"?}` | 200 prepare report (VM `preserved`) |
+//! | PUT    | `/vm/update/cancel` |                          | 204 (session released, VM resumed) |
 //! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
 //! | PUT    | `/vm/handover/complete` |                      | 204 (the target took the VM)   |
 //! | PUT    | `/vm/shutdown` |                               | 204                            |
@@ -27,6 +29,7 @@ use serde::Deserialize;
 
 use luvmm_devices::guest_control::GuestRequest;
 
+use crate::update::prepare::PrepareOptions;
 use crate::vmm::{Vmm, VmmError};
 use http::{Request, Response};
 
@@ -39,9 +42,21 @@ pub enum VmmAction {
     Save { export_path: Option<PathBuf> },
     Check,
     GuestRequest(GuestRequest),
+    PrepareUpdate(PrepareBody),
+    CancelUpdate,
     Handover,
     CompleteHandover,
     Shutdown,
+}
+
+/// What `PUT /vm/update/prepare` takes.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareBody {
+    pub vm_id: String,
+    pub agent_socket: PathBuf,
+    #[serde(default)]
+    pub require_preserved_devices: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +84,10 @@ pub fn route(req: &Request) -> Result<VmmAction, Response> {
         "/vm/guest-request" => ("PUT", |b| {
             required_body::<GuestRequestBody>(b).map(|r| VmmAction::GuestRequest(r.request))
         }),
+        "/vm/update/prepare" => ("PUT", |b| {
+            required_body::<PrepareBody>(b).map(VmmAction::PrepareUpdate)
+        }),
+        "/vm/update/cancel" => ("PUT", |b| no_body(b).map(|_| VmmAction::CancelUpdate)),
         "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
         "/vm/handover/complete" => ("PUT", |b| no_body(b).map(|_| VmmAction::CompleteHandover)),
         "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
@@ -156,6 +175,18 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
         VmmAction::Resume => done(vmm.resume()).into(),
         VmmAction::Check => done(vmm.request(GuestRequest::Check)).into(),
         VmmAction::GuestRequest(request) => done(vmm.request(request)).into(),
+        VmmAction::PrepareUpdate(body) => {
+            let options = PrepareOptions {
+                vm_id: &body.vm_id,
+                agent_socket: &body.agent_socket,
+                require_preserved_devices: body.require_preserved_devices,
+            };
+            match vmm.prepare_update(&options) {
+                Ok(report) => Response::json(200, &report).into(),
+                Err(e) => error_response(&e).into(),
+            }
+        }
+        VmmAction::CancelUpdate => done(vmm.cancel_update()).into(),
         VmmAction::Save { export_path } => match vmm.save(export_path.as_deref()) {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),

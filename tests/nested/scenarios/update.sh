@@ -1,0 +1,116 @@
+#!/bin/sh
+# A host live update of a microVM with two edu devices, across a real kexec.
+#   stage 1: the agent starts; the guest fills its RAM and drives its devices; an update is
+#            prepared and cancelled (the guest goes on in place), prepared again, and the agent
+#            kexecs.
+#   stage 2: the next kernel's agent takes its ledger over; luvmm restores the VM from its
+#            session under vfio-open-watch (Linux 7.2 preserves no VFIO device: both are opened
+#            again), the guest's own check must find its RAM intact, and its devices must do a
+#            new DMA with its interrupt; the session cannot be claimed twice.
+stage=$1
+cd /tmp
+. /luvmm/steps.sh
+payload=/luvmm/bin/payload.elf
+agent_sock=/tmp/agent.sock
+bdfs=""
+for dev in /sys/bus/pci/drivers/vfio-pci/0000:00:*; do
+    [ -e "$dev" ] && bdfs="$bdfs ${dev##*/}"
+done
+count=$(echo $bdfs | wc -w)
+result() { # result NAME EXIT-CODE DETAIL
+    if [ "$2" = 0 ]; then echo "LUVMM-L1 test update_$1 ok"; else echo "LUVMM-L1 test update_$1 FAIL $3"; fi
+}
+phase() { luvmm ctl --socket "$1" status 2>/dev/null | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p'; }
+wait_line() { # wait_line LOG PATTERN [COUNT]
+    i=0
+    while [ "$(grep -c "$2" "$1" 2>/dev/null)" -lt "${3:-1}" ]; do
+        i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
+    done
+}
+round() { # round SOCKET LOG N
+    luvmm ctl --socket "$1" guest devices >/dev/null
+    wait_line "$2" "LUVMM-ROUND done n=$3 "
+    ok=$(grep -c "LUVMM-ROUND ok n=$3 .* dma=ok irq=msi" "$2")
+    result "round_$3" $([ "$ok" = "$count" ]; echo $?) "$(grep "LUVMM-ROUND .*n=$3 " "$2" | tr '\n' ' ')"
+}
+whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished its last line
+    i=0
+    while [ "$(tail -c1 "$1" | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+}
+last_check() { # last_check LOG NTH: prints the guest's NTH memory check line, once whole
+    wait_line "$1" "LUVMM-CHECK" "$2"
+    whole_lines "$1"
+    echo "LUVMM-L1 update check $(grep LUVMM-CHECK "$1" | tail -1)"
+}
+check() { # check SOCKET LOG NTH: asks the guest for its memory check
+    luvmm ctl --socket "$1" check >/dev/null
+    last_check "$2" "$3"
+}
+
+luvmm agent serve --socket $agent_sock 2>agent.err &
+i=0
+while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+
+case "$stage" in
+1)
+    args=""
+    for b in $bdfs; do args="$args --vfio $b"; done
+    luvmm run --payload $payload --memory-mib 64 $args --serial ./a.log --api-socket a.sock \
+        --cmdline "console=ttyS0 luvmm.fill_pages=512" 2>a.err &
+    vmm=$!
+    wait_scan a.log $vmm update_scan
+    round a.sock a.log 1
+    check a.sock a.log 1
+    # Prepared, then called off: the guest goes on where it was.
+    luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep1.json 2>&1
+    echo "LUVMM-L1 update prepare1 $(cat prep1.json)"
+    result prepared $([ "$(phase a.sock)" = preserved ] && grep -q '"preserved":false' prep1.json; echo $?) \
+        "phase $(phase a.sock): $(cat prep1.json)"
+    result agent_ready $(luvmm agent status --socket $agent_sock | grep -q '"phase":"ready"'; echo $?) \
+        "$(luvmm agent status --socket $agent_sock)"
+    luvmm ctl --socket a.sock update cancel > cancel.out 2>&1
+    result cancelled $([ "$(phase a.sock)" = running ] \
+        && luvmm agent status --socket $agent_sock | grep -q '"vms":\[\]'; echo $?) \
+        "phase $(phase a.sock): $(cat cancel.out)"
+    round a.sock a.log 2
+    check a.sock a.log 2
+    # A VM id the agent will not take: refused, and the guest runs on.
+    luvmm ctl --socket a.sock update prepare --vm-id "bad.id" --agent-socket $agent_sock > bad.out 2>&1
+    result bad_vm_id_refused $(grep -q "invalid VM id" bad.out && [ "$(phase a.sock)" = running ]; echo $?) \
+        "$(cat bad.out)"
+    # For real this time.
+    luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep2.json 2>&1
+    echo "LUVMM-L1 update prepare2 $(cat prep2.json)"
+    sed 's/^/LUVMM-L1 log a: /' a.err
+    echo "LUVMM-L1 update kexec now"
+    luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
+        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 > kexec.out 2>&1
+    sleep 60
+    echo "LUVMM-L1 test update_kexec FAIL still here: $(cat kexec.out)"
+    ;;
+2)
+    vfio-open-watch -- sh -c '
+        luvmm restore --session vm1 --agent-socket "$0" --serial ./b.log --api-socket b.sock \
+            2>b.err &
+        echo $! > b.pid
+        i=0
+        while ! luvmm ctl --socket b.sock status 2>/dev/null | grep -q "\"phase\":\"running\""; do
+            i=$((i + 1)); [ $i -gt 300 ] && exit 1; sleep 0.1
+        done' $agent_sock > watch.out 2> watch.err
+    sed "s/^/LUVMM-L1 watch restore /" watch.out
+    sed 's/^/LUVMM-L1 log b: /' b.err
+    vmm=$(cat b.pid)
+    last_check b.log 1
+    round b.sock b.log 3
+    check b.sock b.log 2
+    result finished $(luvmm ctl --socket b.sock status | grep -q '"finish_ms":[0-9]'; echo $?) \
+        "$(luvmm ctl --socket b.sock status)"
+    luvmm restore --session vm1 --agent-socket $agent_sock --serial none > again.out 2>&1
+    result second_restore_refused $(grep -q "already claimed" again.out; echo $?) "$(cat again.out)"
+    echo "LUVMM-L1 update status $(luvmm ctl --socket b.sock status)"
+    stop_vm b.sock $vmm
+    ;;
+esac
+sed 's/^/LUVMM-L1 log agent: /' agent.err

@@ -1,0 +1,28 @@
+//! The host live update, one file per phase: `prepare` (before the kexec: preserve into the
+//! VM's LUO session, or call it off) and `retrieve` (after it: take the session back from the
+//! agent, state first).
+
+pub mod prepare;
+pub mod retrieve;
+
+use luvmm_devices::vfio::PassthroughError;
+use luvmm_liveupdate::agent::AgentClientError;
+use luvmm_liveupdate::LuoError;
+
+/// A live-update step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Agent(#[from] AgentClientError),
+    #[error(transparent)]
+    Luo(#[from] LuoError),
+    #[error(transparent)]
+    Device(#[from] PassthroughError),
+    #[error("{bdf}: not in D0; a device is preserved only at full power")]
+    NotInD0 { bdf: String },
+    #[error(
+        "{bdf}: this kernel cannot preserve it (no LUO handler for VFIO devices), and \
+         --require-preserved-devices was given"
+    )]
+    DeviceNotPreserved { bdf: String },
+}

@@ -1,0 +1,121 @@
+//! After the kexec: take the VM's session back from the agent and retrieve its files, the
+//! **state memfd first**. A retrieve is one-shot and a failed one is permanent, so everything
+//! the state says is checked (format, checksum, layout, this VM's id, every passthrough device
+//! present and bound to vfio-pci) before any RAM memfd or device is retrieved. Devices are
+//! retrieved later, by the builder (`Passthrough::reopen`), and those the old kernel could
+//! not preserve are opened again the normal way.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
+use luvmm_liveupdate::agent::AgentClient;
+use luvmm_resources::config::SerialOutput;
+use luvmm_resources::state::{self, VmState, RAM_TOKEN_BASE, STATE_TOKEN};
+
+use crate::builder::RestoreArgs;
+use crate::restore::{read_state, RestoreError};
+
+/// Claims `vm_id`'s session from the agent behind `agent_socket` and gathers the restore's
+/// inputs from it.
+pub fn from_session(
+    vm_id: &str,
+    agent_socket: &Path,
+    serial: SerialOutput,
+) -> Result<RestoreArgs, RestoreError> {
+    let session =
+        AgentClient::new(agent_socket)
+            .claim(vm_id)
+            .map_err(|e| RestoreError::Session {
+                session: format!("luvmm-{vm_id}"),
+                what: "cannot claim it from the agent",
+                source: Box::new(e),
+            })?;
+    let name = session.name().to_string();
+    let failed = |what: &'static str| {
+        let name = name.clone();
+        move |e: luvmm_liveupdate::LuoError| RestoreError::Session {
+            session: name,
+            what,
+            source: Box::new(e),
+        }
+    };
+    let state_memfd = File::from(
+        session
+            .retrieve(STATE_TOKEN)
+            .map_err(failed("cannot retrieve the state memfd"))?,
+    );
+    let state_blob = read_state(&state_memfd, None, &format!("session {name}"))?;
+    let saved = check_state(&name, vm_id, &state_blob)?;
+    let source_paused_at = saved
+        .update
+        .as_ref()
+        .and_then(|u| u.times_ms.get("pause"))
+        .map(|&ms| UNIX_EPOCH + Duration::from_millis(ms));
+    let memfds = (0..saved.memory.regions.len())
+        .map(|index| {
+            session
+                .retrieve(RAM_TOKEN_BASE + index as u64)
+                .map(File::from)
+                .map_err(failed("cannot retrieve a RAM memfd"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RestoreArgs {
+        state_blob,
+        state_memfd: Some(state_memfd),
+        memfds,
+        devices: None,
+        device_manifest: Vec::new(),
+        source_paused_at,
+        session: Some(session),
+        serial,
+    })
+}
+
+/// Everything that can be known from the state alone, before anything else is retrieved.
+fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, RestoreError> {
+    let refuse = |why: String| RestoreError::SessionState {
+        session: session.to_string(),
+        why,
+    };
+    let saved: VmState = state::decode(blob).map_err(|e| refuse(e.to_string()))?;
+    let Some(update) = &saved.update else {
+        return Err(refuse("it was not saved for a live update".into()));
+    };
+    if update.vm_id != vm_id {
+        return Err(refuse(format!(
+            "it is VM {:?}'s, not {vm_id:?}'s",
+            update.vm_id
+        )));
+    }
+    if update.device_tokens.len() != saved.devices.passthrough.len() {
+        return Err(refuse(format!(
+            "{} device tokens for {} devices",
+            update.device_tokens.len(),
+            saved.devices.passthrough.len()
+        )));
+    }
+    // The layout against itself: the memfds' real sizes are checked once retrieved.
+    let sizes: Vec<u64> = saved.memory.regions.iter().map(|r| r.size).collect();
+    saved
+        .check_against(&sizes)
+        .map_err(|e| refuse(e.to_string()))?;
+    for device in &saved.devices.passthrough {
+        let sysfs = sysfs_dir(&device.bdf);
+        if !sysfs.exists() {
+            return Err(refuse(format!("{}: no such PCI device here", device.bdf)));
+        }
+        match bound_driver(&sysfs) {
+            Some(driver) if driver == "vfio-pci" => {}
+            other => {
+                return Err(refuse(format!(
+                    "{}: bound to {}, not vfio-pci",
+                    device.bdf,
+                    other.as_deref().unwrap_or("no driver")
+                )))
+            }
+        }
+    }
+    Ok(saved)
+}
