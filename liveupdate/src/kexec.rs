@@ -100,6 +100,39 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&str>) -> Resu
     })
 }
 
+/// `KEXEC_FILE_UNLOAD`.
+const KEXEC_FILE_UNLOAD: libc::c_ulong = 0x1;
+
+/// Unloads whatever kernel `load` loaded (a pre-flight loads the next kernel to prove it
+/// loads, then takes it back out).
+pub fn unload() -> Result<(), KexecError> {
+    // SAFETY: with KEXEC_FILE_UNLOAD the kernel reads none of the other arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            -1,
+            -1,
+            0usize,
+            std::ptr::null::<libc::c_char>(),
+            KEXEC_FILE_UNLOAD,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    Err(match err.raw_os_error() {
+        Some(libc::EPERM) => KexecError::NotPermitted {
+            op: "kexec_file_load (unload)",
+        },
+        Some(libc::ENOSYS) => KexecError::NoKexecFile,
+        _ => KexecError::Failed {
+            op: "kexec_file_load (unload)",
+            source: err,
+        },
+    })
+}
+
 /// Jumps into the loaded kernel. LUO serializes every outgoing session on the way; processes
 /// are not killed, so whoever holds the session fds keeps them to the end. Returns only on
 /// failure (nothing loaded, or a preserved file refused to freeze: sessions stay outgoing).

@@ -26,7 +26,7 @@ pub enum LuoStatus {
 }
 
 /// Whether a LUO file handler for one kind of file exists.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HandlerStatus {
     /// PRESERVE_FD of such a file succeeded (and was undone).
@@ -132,8 +132,9 @@ fn probe_handlers(device: &LiveUpdate, vfio_device: Option<Candidate<'_>>) -> Ha
     }
 }
 
-/// Preserves `fd` in a fresh scratch session, then closes the session, which unpreserves it.
-fn try_preserve(device: &LiveUpdate, fd: BorrowedFd<'_>) -> HandlerStatus {
+/// Whether this kernel has a LUO handler for `fd`'s kind of file: preserves it in a fresh
+/// scratch session, then closes the session, which unpreserves it.
+pub fn try_preserve(device: &LiveUpdate, fd: BorrowedFd<'_>) -> HandlerStatus {
     let name = format!("luvmm-probe-{}", std::process::id());
     let session = match SessionName::new(&name).and_then(|n| device.create_session(&n)) {
         Ok(session) => session,
@@ -148,7 +149,8 @@ fn try_preserve(device: &LiveUpdate, fd: BorrowedFd<'_>) -> HandlerStatus {
     status
 }
 
-fn scratch_memfd() -> std::io::Result<File> {
+/// A small memfd to offer the memfd handler.
+pub fn scratch_memfd() -> std::io::Result<File> {
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let file = File::from(memfd_create("luvmm-probe", MFdFlags::MFD_CLOEXEC)?);
     file.set_len(4096)?;

@@ -178,3 +178,39 @@ fn a_socket_path_in_use_is_refused() {
     assert!(stderr.contains("already exists"), "{stderr}");
     assert_eq!(vm.phase(), "running");
 }
+
+#[test]
+fn the_update_preflight_names_every_blocker_and_exits_3() {
+    let dir = TestDir::new("preflight");
+    let agent = dir.join("agent.sock");
+    let out = std::process::Command::new(luvmm_tests::luvmm_bin())
+        .args([
+            "update",
+            "check",
+            "--kernel",
+            "/nonexistent/bzImage",
+            "--json",
+        ])
+        .arg("--agent-socket")
+        .arg(&agent)
+        .output()
+        .expect("run luvmm update check");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let blockers: Vec<&str> = report["blockers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
+    for expected in [
+        "no luvmm agent is listening on",
+        "does not load: cannot open kernel /nonexistent/bzImage",
+        "may not have the LUO file handlers this kernel has",
+    ] {
+        assert!(
+            blockers.iter().any(|b| b.contains(expected)),
+            "{expected:?} not in {blockers:#?}"
+        );
+    }
+}

@@ -546,6 +546,9 @@ fn a_vm_with_devices_survives_a_host_live_update() {
     }
     for name in [
         "round_1",
+        "preflight_blocks_an_unknown_kernel",
+        "preflight_passes_a_known_good_kernel",
+        "preflight_blocks_a_kernel_that_does_not_load",
         "prepared",
         "agent_ready",
         "cancelled",
@@ -554,6 +557,8 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         "round_3",
         "finished",
         "second_restore_refused",
+        "vm2_prepared",
+        "unknown_session_refused",
     ] {
         if !results.contains(&format!("test update_{name} ok").as_str()) {
             fail(&run, &format!("update_{name} did not report ok"));
@@ -561,15 +566,20 @@ fn a_vm_with_devices_survives_a_host_live_update() {
     }
     // The guest's own checks, in order across the kexec: the same boot (seed), every page
     // intact, every heartbeat going on.
-    let checks: Vec<luvmm_tests::Check> = results
+    let all: Vec<luvmm_tests::Check> = results
         .iter()
         .filter_map(|r| r.strip_prefix("update check "))
         .map(luvmm_tests::parse_check)
         .collect();
-    if checks.len() != 4 || !checks.iter().all(|c| c.ok) {
-        fail(&run, &format!("guest checks: {checks:#?}"));
+    // vm1: two checks before the kexec, two after; vm2 (its own seed): one before, one after.
+    let (vm2, checks): (Vec<_>, Vec<_>) = all
+        .iter()
+        .cloned()
+        .partition(|c| all.first().is_some_and(|first| c.seed != first.seed));
+    if checks.len() != 4 || vm2.len() != 2 || !all.iter().all(|c| c.ok) {
+        fail(&run, &format!("guest checks: {all:#?}"));
     }
-    for pair in checks.windows(2) {
+    for pair in checks.windows(2).chain(vm2.windows(2)) {
         let (before, after) = (&pair[0], &pair[1]);
         let went_on = after.seed == before.seed
             && after.checks > before.checks

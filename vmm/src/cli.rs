@@ -32,6 +32,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// The live-update agent: the one holder of /dev/liveupdate for every VMM on the host.
     Agent(AgentArgs),
+    /// The host live update, host-wide.
+    #[command(subcommand)]
+    Update(UpdateCommand),
     /// Report what this host offers for a live update (LUO, KHO, handlers, VFIO).
     ///
     /// Exit status: 0 ready (guest memory and every vfio-pci device can be preserved), 3 nothing
@@ -154,6 +157,21 @@ pub enum AgentAction {
         /// Words appended to this kernel's command line for the next one.
         #[arg(long)]
         append: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpdateCommand {
+    /// The pre-flight: blockers and warnings for an update into KERNEL, before anything is
+    /// touched.
+    ///
+    /// Exit status: 0 the update may go, 3 it is blocked, 1 error, 2 usage.
+    Check {
+        #[command(flatten)]
+        args: crate::update::check::CheckArgs,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 

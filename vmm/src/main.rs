@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use luvmm_liveupdate::agent::{Agent, AgentClient};
 use luvmm_vmm::api::{client, error_chain};
-use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest, UpdateRequest};
-use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, vstate};
+use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
+use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, update, vstate};
 
 fn main() -> ExitCode {
     logger::init();
@@ -131,6 +131,16 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Update(UpdateCommand::Check { args, json }) => {
+            let report = update::check::run(&args);
+            if json {
+                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::from(report.exit_code()))
+        }
         Command::Bench(args) => bench::run(args)
             .map(|_| ExitCode::SUCCESS)
             .map_err(|e| chain(&e)),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::agent::ledger::Ledger;
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
+use crate::probe::HandlerStatus;
 use crate::{IncomingSession, OutgoingSession, SessionName};
 
 /// How long a client waits for the agent's reply.
@@ -46,6 +47,15 @@ impl AgentClient {
         op: &'static str,
         request: &Request,
     ) -> Result<(Reply, Vec<OwnedFd>), AgentClientError> {
+        self.call_with(op, request, &[])
+    }
+
+    fn call_with(
+        &self,
+        op: &'static str,
+        request: &Request,
+        fds: &[&OwnedFd],
+    ) -> Result<(Reply, Vec<OwnedFd>), AgentClientError> {
         let io = |source| AgentClientError::Io {
             socket: self.socket.clone(),
             source,
@@ -59,7 +69,7 @@ impl AgentClient {
             _ => io(e),
         })?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
-        send_line(&stream, request, &[]).map_err(io)?;
+        send_line(&stream, request, fds).map_err(io)?;
         let (line, fds) = recv_line(&stream).map_err(io)?;
         let reply: Reply =
             serde_json::from_slice(&line).map_err(|e| AgentClientError::BadReply {
@@ -138,6 +148,20 @@ impl AgentClient {
             cmdline: cmdline.map(str::to_string),
         };
         self.call("update", &request).map(drop)
+    }
+
+    /// Whether this kernel can preserve a memfd and each of `fds`: the memfd handler's status,
+    /// then one per fd. Nothing stays preserved.
+    pub fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {
+        let op = "probe";
+        let (reply, _) = self.call_with(op, &Request::Probe {}, fds)?;
+        match reply.handlers {
+            Some(handlers) if handlers.len() == fds.len() + 1 => Ok(handlers),
+            other => Err(AgentClientError::BadReply {
+                op,
+                reason: format!("{other:?}"),
+            }),
+        }
     }
 
     /// After the kexec: VM `vm`'s incoming session, handed out once.

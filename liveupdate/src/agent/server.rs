@@ -19,6 +19,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
 use crate::kexec::{self, KexecError};
+use crate::probe::{self, HandlerStatus};
 use crate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 
 /// How long a client has to send its request.
@@ -131,24 +132,29 @@ impl Agent {
     fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Option<OwnedFd>, After) {
         let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
         let request = match recv_line(stream) {
-            Ok((line, _)) => {
-                serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}"))
-            }
+            Ok((line, fds)) => serde_json::from_slice::<Request>(&line)
+                .map(|request| (request, fds))
+                .map_err(|e| format!("bad request: {e}")),
             Err(e) => Err(format!("cannot read the request: {e}")),
         };
-        let request = match request {
+        let (request, fds) = match request {
             Ok(request) => request,
             Err(message) => return (Reply::error(message), None, After::Nothing),
         };
-        match self.handle(request) {
+        match self.handle(request, &fds) {
             Ok((reply, fd, after)) => (reply, fd, after),
             Err(e) => (Reply::error(chain(&e)), None, After::Nothing),
         }
     }
 
-    fn handle(&mut self, request: Request) -> Result<(Reply, Option<OwnedFd>, After), AgentError> {
+    fn handle(
+        &mut self,
+        request: Request,
+        fds: &[OwnedFd],
+    ) -> Result<(Reply, Option<OwnedFd>, After), AgentError> {
         let now = now_ms();
         match request {
+            Request::Probe {} => Ok((self.probe(fds), None, After::Nothing)),
             Request::Subscribe { vm } => {
                 let name = self.ledger.subscribe(&vm, now)?;
                 let session = match self.luo.create_session(&name) {
@@ -221,6 +227,25 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Agent {
+    /// Tries the memfd handler and each of `fds` in scratch sessions.
+    fn probe(&self, fds: &[OwnedFd]) -> Reply {
+        let memfd = match probe::scratch_memfd() {
+            Ok(file) => probe::try_preserve(&self.luo, file.as_fd()),
+            Err(e) => HandlerStatus::Unknown(format!("memfd_create: {e}")),
+        };
+        let mut handlers = vec![memfd];
+        handlers.extend(
+            fds.iter()
+                .map(|fd| probe::try_preserve(&self.luo, fd.as_fd())),
+        );
+        Reply {
+            handlers: Some(handlers),
+            ..Reply::ok()
         }
     }
 }

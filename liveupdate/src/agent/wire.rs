@@ -10,6 +10,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use serde::{Deserialize, Serialize};
 
 use crate::agent::ledger::Ledger;
+use crate::probe::HandlerStatus;
 
 /// Longest line either side accepts.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -35,6 +36,9 @@ pub enum Request {
     },
     /// After the kexec: hand the VM's incoming session over (once); the reply carries it.
     Claim { vm: String },
+    /// Which of the attached fds (and a memfd of the agent's) this kernel can preserve; each
+    /// is tried in a scratch session that is closed at once.
+    Probe {},
 }
 
 /// The agent's answer.
@@ -48,6 +52,9 @@ pub struct Reply {
     pub session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger: Option<Ledger>,
+    /// For `probe`: the memfd handler, then one entry per attached fd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handlers: Option<Vec<HandlerStatus>>,
 }
 
 impl Reply {

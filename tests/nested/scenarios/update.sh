@@ -23,7 +23,7 @@ result() { # result NAME EXIT-CODE DETAIL
 phase() { luvmm ctl --socket "$1" status 2>/dev/null | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p'; }
 wait_line() { # wait_line LOG PATTERN [COUNT]
     i=0
-    while [ "$(grep -c "$2" "$1" 2>/dev/null)" -lt "${3:-1}" ]; do
+    while n=$(grep -c "$2" "$1" 2>/dev/null); [ "${n:-0}" -lt "${3:-1}" ]; do
         i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
     done
 }
@@ -35,7 +35,7 @@ round() { # round SOCKET LOG N
 }
 whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished its last line
     i=0
-    while [ "$(tail -c1 "$1" | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do
+    while [ "$(tail -c1 "$1" 2>/dev/null | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do
         sleep 0.1; i=$((i + 1))
     done
 }
@@ -63,6 +63,28 @@ case "$stage" in
     wait_scan a.log $vmm update_scan
     round a.sock a.log 1
     check a.sock a.log 1
+    # The pre-flight: this kernel cannot preserve the devices (warnings), and nobody has said
+    # the next kernel carries the same handlers (a blocker until the operator does).
+    next="--kernel /boot/bzImage --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2"
+    luvmm update check $next --agent-socket $agent_sock --vm a.sock --json > check1.json
+    code1=$?
+    luvmm update check $next --agent-socket $agent_sock --vm a.sock --known-good-kernel \
+        --json > check2.json
+    code2=$?
+    luvmm update check --kernel /nonexistent --agent-socket $agent_sock --known-good-kernel \
+        > check3.out
+    code3=$?
+    echo "LUVMM-L1 update check1 exit=$code1 $(cat check1.json)"
+    echo "LUVMM-L1 update check2 exit=$code2 $(cat check2.json)"
+    result preflight_blocks_an_unknown_kernel \
+        $([ $code1 = 3 ] && grep -q 'may not have the LUO file handlers' check1.json; echo $?) \
+        "exit $code1: $(cat check1.json)"
+    result preflight_passes_a_known_good_kernel \
+        $([ $code2 = 0 ] && [ "$(grep -o '"handler":"absent"' check2.json | wc -l)" = "$count" ]; echo $?) \
+        "exit $code2: $(cat check2.json)"
+    result preflight_blocks_a_kernel_that_does_not_load \
+        $([ $code3 = 3 ] && grep -q "does not load: cannot open kernel /nonexistent" check3.out; echo $?) \
+        "exit $code3: $(cat check3.out)"
     # Prepared, then called off: the guest goes on where it was.
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep1.json 2>&1
     echo "LUVMM-L1 update prepare1 $(cat prep1.json)"
@@ -80,6 +102,16 @@ case "$stage" in
     luvmm ctl --socket a.sock update prepare --vm-id "bad.id" --agent-socket $agent_sock > bad.out 2>&1
     result bad_vm_id_refused $(grep -q "invalid VM id" bad.out && [ "$(phase a.sock)" = running ]; echo $?) \
         "$(cat bad.out)"
+    # A second VM, without devices, whose VMM is killed once it is ready: the agent's copy of
+    # its session carries it through the kexec.
+    luvmm run --payload $payload --memory-mib 32 --serial ./v2.log --api-socket v2.sock \
+        --cmdline "console=ttyS0 luvmm.fill_pages=256" 2>v2.err &
+    vm2=$!
+    wait_scan v2.log $vm2 update_scan_vm2
+    check v2.sock v2.log 1
+    luvmm ctl --socket v2.sock update prepare --vm-id vm2 --agent-socket $agent_sock > prep-vm2.json 2>&1
+    result vm2_prepared $([ "$(phase v2.sock)" = preserved ]; echo $?) "$(cat prep-vm2.json)"
+    kill -9 $vm2
     # For real this time.
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep2.json 2>&1
     echo "LUVMM-L1 update prepare2 $(cat prep2.json)"
@@ -109,6 +141,16 @@ case "$stage" in
         "$(luvmm ctl --socket b.sock status)"
     luvmm restore --session vm1 --agent-socket $agent_sock --serial none > again.out 2>&1
     result second_restore_refused $(grep -q "already claimed" again.out; echo $?) "$(cat again.out)"
+    # The VM whose VMM was killed after it was ready comes back too.
+    luvmm restore --session vm2 --agent-socket $agent_sock --serial ./v2.log --api-socket v2.sock \
+        2>v2.err &
+    vm2=$!
+    last_check v2.log 1
+    sed 's/^/LUVMM-L1 log v2: /' v2.err
+    luvmm restore --session vm9 --agent-socket $agent_sock --serial none > unknown.out 2>&1
+    result unknown_session_refused $(grep -q 'no VM "vm9" is known to the agent' unknown.out; echo $?) \
+        "$(cat unknown.out)"
+    stop_vm v2.sock $vm2
     echo "LUVMM-L1 update status $(luvmm ctl --socket b.sock status)"
     stop_vm b.sock $vmm
     ;;

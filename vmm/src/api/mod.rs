@@ -9,6 +9,7 @@
 //! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
 //! | PUT    | `/vm/guest-request` | `{"request": "devices"}` (`check`, `devices`, `irq_in_flight`, `irq_landed`) | 204 |
 //! | PUT    | `/vm/update/prepare` | `{"vm_id", "agent_socket", "require_preserved_devices"?}` | 200 prepare report (VM `preserved`) |
+//! | PUT    | `/vm/update/check` | `{"agent_socket"}`       | 200 this VM's pre-flight (devices, blockers, warnings) |
 //! | PUT    | `/vm/update/cancel` |                          | 204 (session released, VM resumed) |
 //! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
 //! | PUT    | `/vm/handover/complete` |                      | 204 (the target took the VM)   |
@@ -43,10 +44,18 @@ pub enum VmmAction {
     Check,
     GuestRequest(GuestRequest),
     PrepareUpdate(PrepareBody),
+    CheckUpdate(CheckBody),
     CancelUpdate,
     Handover,
     CompleteHandover,
     Shutdown,
+}
+
+/// What `PUT /vm/update/check` takes.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    pub agent_socket: PathBuf,
 }
 
 /// What `PUT /vm/update/prepare` takes.
@@ -88,6 +97,9 @@ pub fn route(req: &Request) -> Result<VmmAction, Response> {
             required_body::<PrepareBody>(b).map(VmmAction::PrepareUpdate)
         }),
         "/vm/update/cancel" => ("PUT", |b| no_body(b).map(|_| VmmAction::CancelUpdate)),
+        "/vm/update/check" => ("PUT", |b| {
+            required_body::<CheckBody>(b).map(VmmAction::CheckUpdate)
+        }),
         "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
         "/vm/handover/complete" => ("PUT", |b| no_body(b).map(|_| VmmAction::CompleteHandover)),
         "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
@@ -187,6 +199,10 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             }
         }
         VmmAction::CancelUpdate => done(vmm.cancel_update()).into(),
+        VmmAction::CheckUpdate(body) => match vmm.check_update(&body.agent_socket) {
+            Ok(check) => Response::json(200, &check).into(),
+            Err(e) => error_response(&e).into(),
+        },
         VmmAction::Save { export_path } => match vmm.save(export_path.as_deref()) {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),

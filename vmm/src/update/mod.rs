@@ -1,7 +1,8 @@
-//! The host live update, one file per phase: `prepare` (before the kexec: preserve into the
-//! VM's LUO session, or call it off) and `retrieve` (after it: take the session back from the
-//! agent, state first).
+//! The host live update, one file per phase: `check` (the pre-flight), `prepare` (before the
+//! kexec: preserve into the VM's LUO session, or call it off) and `retrieve` (after it: take
+//! the session back from the agent, state first).
 
+pub mod check;
 pub mod prepare;
 pub mod retrieve;
 

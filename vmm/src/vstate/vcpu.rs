@@ -707,8 +707,10 @@ impl VcpuHandle {
 }
 
 /// How far a restored vCPU's TSC may run from the saved rate when KVM cannot scale it: a host
-/// kernel's own recalibration across a kexec (seen: 722 ppm under TCG), not another machine.
-const TSC_DRIFT_PPM: u64 = 1000;
+/// kernel's own recalibration across a kexec (seen: 111 to 1709 ppm in the bed under TCG),
+/// not another machine. 1 %, the window in which Linux itself takes a refined calibration
+/// for the same clock.
+const TSC_DRIFT_PPM: u64 = 10_000;
 
 /// `host`'s distance from `saved`, in parts per million of `saved`.
 fn tsc_drift_ppm(saved: u32, host: u32) -> u64 {
@@ -733,9 +735,10 @@ mod tsc_tests {
 
     #[test]
     fn a_recalibrated_host_tsc_is_within_the_drift_a_restore_accepts() {
-        // The bed's two kernels under TCG: 722 ppm apart.
+        // The bed's two kernels under TCG: 722 and 1709 ppm apart in two runs.
         assert_eq!(tsc_drift_ppm(2_591_112, 2_592_984), 722);
-        assert!(tsc_drift_ppm(2_591_112, 2_592_984) <= TSC_DRIFT_PPM);
+        assert_eq!(tsc_drift_ppm(2_591_672, 2_596_101), 1708);
+        assert!(tsc_drift_ppm(2_591_672, 2_596_101) <= TSC_DRIFT_PPM);
         // Another machine, or the 1 kHz a test asks for: refused.
         assert!(tsc_drift_ppm(2_000_000, 2_600_000) > TSC_DRIFT_PPM);
         assert!(tsc_drift_ppm(1, 2_600_000) > TSC_DRIFT_PPM);

@@ -1,0 +1,276 @@
+//! The pre-flight (`luvmm update check`): everything that can be known before the point of no
+//! return, as blockers (the update would lose something: refuse) and warnings (it goes on, but
+//! the operator should know).
+//!
+//! - LUO is there and held by the luvmm agent, not by someone else;
+//! - the memfd handler exists (probed through the agent, in a scratch session);
+//! - every VM's devices: on iommufd (the legacy container cannot be preserved), in D0, and
+//!   whether this kernel can preserve each (probed through the agent with the VM's own fds;
+//!   one it cannot is opened again after the kexec, and its own state is lost);
+//! - the next kernel and initrd load (loaded, then unloaded) and its command line carries
+//!   `liveupdate=on`;
+//! - whether the next kernel has the same file handlers cannot be known from here: a next
+//!   kernel without one makes `/dev/liveupdate` fail with `EIO` and loses every session, so
+//!   this is a blocker unless the operator says the kernel is known good.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::probe::HandlerStatus;
+use luvmm_liveupdate::{kexec, LiveUpdate, LuoError};
+use serde::{Deserialize, Serialize};
+
+use crate::api::client;
+use crate::update::UpdateError;
+use crate::vmm::{Vmm, VmmError};
+
+/// One VM's part of the pre-flight, as its VMM reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VmCheck {
+    pub devices: Vec<DeviceCheck>,
+    pub blockers: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// One passthrough device in the pre-flight.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceCheck {
+    pub bdf: String,
+    /// On VFIO cdev + iommufd (what can be preserved).
+    pub iommufd: bool,
+    pub in_d0: bool,
+    /// This kernel's LUO handler for it.
+    pub handler: HandlerStatus,
+}
+
+impl Vmm {
+    /// This VM's devices against what the agent's kernel can preserve.
+    pub fn check_update(&self, agent_socket: &Path) -> Result<VmCheck, VmmError> {
+        let mut check = VmCheck::default();
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut probed = Vec::new();
+        for (_, device) in &self.devices().passthrough.devices {
+            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            let bdf = device.bdf().to_string();
+            let in_d0 = device.in_d0();
+            if !in_d0 {
+                check.blockers.push(format!(
+                    "{bdf}: not in D0; a device is preserved only at full power"
+                ));
+            }
+            match device.device_fd() {
+                Some(fd) => {
+                    fds.push(fd.try_clone_to_owned().map_err(VmmError::DeviceFds)?);
+                    probed.push((bdf, in_d0));
+                }
+                None => {
+                    check.blockers.push(format!(
+                        "{bdf}: on the legacy VFIO container, which cannot be preserved (use \
+                         iommufd and the VFIO cdev)"
+                    ));
+                    check.devices.push(DeviceCheck {
+                        bdf,
+                        iommufd: false,
+                        in_d0,
+                        handler: HandlerStatus::Absent,
+                    });
+                }
+            }
+        }
+        let agent = AgentClient::new(agent_socket);
+        let borrowed: Vec<&OwnedFd> = fds.iter().collect();
+        let handlers = agent.probe(&borrowed).map_err(UpdateError::Agent)?;
+        for ((bdf, in_d0), handler) in probed.into_iter().zip(handlers.into_iter().skip(1)) {
+            if handler != HandlerStatus::Present {
+                check.warnings.push(format!(
+                    "{bdf}: this kernel cannot preserve it ({handler:?}): it will be opened \
+                     again after the kexec, and its own state (queues, registers) is lost"
+                ));
+            }
+            check.devices.push(DeviceCheck {
+                bdf,
+                iommufd: true,
+                in_d0,
+                handler,
+            });
+        }
+        Ok(check)
+    }
+}
+
+/// What the operator asks to check (`luvmm update check` flags).
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The next kernel's image.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The next kernel's initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The next kernel's whole command line (default: this kernel's).
+    #[arg(long, conflicts_with = "append")]
+    pub cmdline: Option<String>,
+    /// Words appended to this kernel's command line for the next one.
+    #[arg(long)]
+    pub append: Option<String>,
+    /// The agent's socket.
+    #[arg(long, default_value = crate::cli::DEFAULT_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// A VMM's API socket whose VM goes through the update; repeatable.
+    #[arg(long = "vm")]
+    pub vms: Vec<PathBuf>,
+    /// The next kernel is known to carry the LUO file handlers this one has.
+    #[arg(long)]
+    pub known_good_kernel: bool,
+}
+
+/// The pre-flight's verdict.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Empty when the update may go.
+    pub blockers: Vec<String>,
+    pub warnings: Vec<String>,
+    /// The next kernel's command line as it would be used.
+    pub next_cmdline: String,
+    /// Each VM, by API socket.
+    pub vms: Vec<(PathBuf, VmCheck)>,
+}
+
+impl CheckReport {
+    /// Exit status: 0 the update may go, 3 it would lose something.
+    pub fn exit_code(&self) -> u8 {
+        if self.blockers.is_empty() {
+            0
+        } else {
+            3
+        }
+    }
+
+    /// The report for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut text = String::new();
+        for b in &self.blockers {
+            text.push_str(&format!("blocker: {b}\n"));
+        }
+        for w in &self.warnings {
+            text.push_str(&format!("warning: {w}\n"));
+        }
+        text.push_str(if self.blockers.is_empty() {
+            "verdict: the update may go\n"
+        } else {
+            "verdict: blocked\n"
+        });
+        text
+    }
+}
+
+/// Runs the pre-flight.
+pub fn run(args: &CheckArgs) -> CheckReport {
+    let mut report = CheckReport::default();
+    let agent = AgentClient::new(&args.agent_socket);
+    match agent.status() {
+        Ok(_) => match agent.probe(&[]) {
+            Ok(handlers) if handlers.first() == Some(&HandlerStatus::Present) => {}
+            Ok(handlers) => report.blockers.push(format!(
+                "this kernel has no LUO handler for memfds ({:?}): guest RAM cannot be preserved",
+                handlers.first()
+            )),
+            Err(e) => report
+                .blockers
+                .push(format!("the agent's probe failed: {e}")),
+        },
+        Err(e) => {
+            let luo = match LiveUpdate::open() {
+                Ok(_) => "LUO is free".to_string(),
+                Err(LuoError::Busy) => "and /dev/liveupdate is held by another process".into(),
+                Err(other) => other.to_string(),
+            };
+            report.blockers.push(format!("{e}; {luo}"));
+        }
+    }
+    let cmdline = match (&args.cmdline, &args.append) {
+        (Some(line), _) => Ok(line.clone()),
+        (None, append) => kexec::current_cmdline().map(|current| match append {
+            Some(words) => format!("{current} {words}"),
+            None => current,
+        }),
+    };
+    match cmdline {
+        Ok(line) => {
+            if !line.split_whitespace().any(|w| w == "liveupdate=on") {
+                report.blockers.push(format!(
+                    "the next kernel's command line lacks liveupdate=on: {line}"
+                ));
+            }
+            match kexec::load(&args.kernel, args.initrd.as_deref(), Some(&line)) {
+                Ok(()) => {
+                    if let Err(e) = kexec::unload() {
+                        report
+                            .warnings
+                            .push(format!("the next kernel loaded but did not unload: {e}"));
+                    }
+                }
+                Err(e) => report.blockers.push(format!(
+                    "the next kernel does not load: {}",
+                    crate::api::error_chain(&e)
+                )),
+            }
+            report.next_cmdline = line;
+        }
+        Err(e) => report
+            .blockers
+            .push(format!("cannot read this kernel's command line: {e}")),
+    }
+    let handlers = format!(
+        "{} may not have the LUO file handlers this kernel has; a next kernel without one makes \
+         /dev/liveupdate fail with EIO and loses every session",
+        args.kernel.display()
+    );
+    if args.known_good_kernel {
+        report
+            .warnings
+            .push(format!("{handlers} (the operator says it is known good)"));
+    } else {
+        report.blockers.push(format!(
+            "{handlers}: pass --known-good-kernel once it is known to carry them"
+        ));
+    }
+    for socket in &args.vms {
+        let body = serde_json::json!({ "agent_socket": args.agent_socket }).to_string();
+        let checked = client::request(
+            socket,
+            "PUT",
+            "/vm/update/check",
+            Some(&body),
+            client::DEFAULT_TIMEOUT,
+        );
+        match checked {
+            Ok(reply) if reply.is_success() => match serde_json::from_str::<VmCheck>(&reply.body) {
+                Ok(vm) => {
+                    let name = socket.display();
+                    report
+                        .blockers
+                        .extend(vm.blockers.iter().map(|b| format!("VM {name}: {b}")));
+                    report
+                        .warnings
+                        .extend(vm.warnings.iter().map(|w| format!("VM {name}: {w}")));
+                    report.vms.push((socket.clone(), vm));
+                }
+                Err(e) => report
+                    .blockers
+                    .push(format!("VM {}: unreadable check: {e}", socket.display())),
+            },
+            Ok(reply) => report.blockers.push(format!(
+                "VM {}: {} {}",
+                socket.display(),
+                reply.status,
+                reply.body
+            )),
+            Err(e) => report
+                .blockers
+                .push(format!("VM {}: {e}", socket.display())),
+        }
+    }
+    report
+}
