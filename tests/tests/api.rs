@@ -214,3 +214,37 @@ fn the_update_preflight_names_every_blocker_and_exits_3() {
         );
     }
 }
+
+#[test]
+fn a_restore_from_a_session_needs_the_agent() {
+    let dir = TestDir::new("session-no-agent");
+    let agent = dir.join("agent.sock");
+    let (status, stderr) = run_luvmm(&[
+        "restore",
+        "--session",
+        "vm1",
+        "--agent-socket",
+        agent.to_str().unwrap(),
+        "--serial",
+        "none",
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains(
+            "session luvmm-vm1: cannot claim it from the agent: no luvmm agent is listening on"
+        ),
+        "{stderr}"
+    );
+    // A prepare needs it too, and leaves the guest running.
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let body = format!(
+        r#"{{"vm_id": "vm1", "agent_socket": "{}"}}"#,
+        agent.display()
+    );
+    let (code, reply) = vm.api("PUT", "/vm/update/prepare", &body);
+    assert_eq!(code, 500, "{reply}");
+    assert!(reply.contains("no luvmm agent is listening"), "{reply}");
+    assert_eq!(vm.phase(), "running");
+    assert!(vm.check().ok);
+    assert_eq!(vm.api("PUT", "/vm/update/cancel", "").0, 409);
+}

@@ -114,14 +114,14 @@ impl Agent {
             }
             if let After::Kexec(agent_session) = after {
                 drop(stream);
-                let _ = std::fs::remove_file(socket);
                 match kexec::reboot_into_loaded() {
                     Ok(never) => match never {},
                     Err(e) => {
-                        // The VMs' sessions are intact; only the ledger's copy goes.
-                        log::error!("agent: the kexec failed: {e}; the update is off");
+                        // The VMs' sessions are intact and the agent goes on serving (their
+                        // VMMs can cancel); only the ledger's session goes.
+                        log::error!("agent: the kexec failed: {e}; the update did not happen");
                         agent_session.cancel();
-                        return Err(e.into());
+                        self.ledger.times_ms.insert("kexec_failed".into(), now_ms());
                     }
                 }
             }
