@@ -514,3 +514,28 @@ fn a_state_with_passthrough_devices_needs_their_fds() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_tsc_rate_no_vcpu_here_can_run_at_is_found_before_a_restore_takes_anything() {
+    use luvmm_vmm::vstate::vcpu::{check_tsc_rate, VcpuError};
+    let dir = TestDir::new("restore-tsc-check");
+    let (_, export, _, _) = boot_save_and_kill(&dir, &[]);
+    let host_khz = {
+        use luvmm_resources::state::{decode, VmState};
+        let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
+        state.vcpus[0].tsc_khz.expect("KVM reports a TSC rate")
+    };
+    let kvm = luvmm_vmm::vstate::vm::open_kvm().unwrap();
+    assert!(check_tsc_rate(&kvm, host_khz).is_ok());
+    // A kernel's recalibration after a kexec: within 1 %.
+    assert!(check_tsc_rate(&kvm, host_khz + host_khz / 200).is_ok());
+    // Another machine's clock. This host's KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL),
+    // so no vCPU here runs at half the rate: refused, naming both rates.
+    match check_tsc_rate(&kvm, host_khz / 2) {
+        Err(VcpuError::TscOutOfReach { saved, host, ppm }) => {
+            assert_eq!((saved, host), (host_khz / 2, host_khz));
+            assert!(ppm >= 1_000_000, "{ppm}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,7 +1,8 @@
 //! After the kexec: take the VM's session back from the agent and retrieve its files, the
 //! **state memfd first**. A retrieve is one-shot and a failed one is permanent, so everything
-//! the state says is checked (format, checksum, layout, this VM's id, every passthrough device
-//! present and bound to vfio-pci) before any RAM memfd or device is retrieved. Devices are
+//! the state says is checked (format, checksum, layout, this VM's id, this host's KVM: vCPU
+//! count and TSC rate, every passthrough device present and bound to vfio-pci) before any RAM
+//! memfd or device is retrieved. Devices are
 //! retrieved later, by the builder (`Passthrough::reopen`), and those the old kernel could
 //! not preserve are opened again the normal way.
 
@@ -16,6 +17,8 @@ use luvmm_resources::state::{self, VmState, RAM_TOKEN_BASE, STATE_TOKEN};
 
 use crate::builder::RestoreArgs;
 use crate::restore::{read_state, RestoreError};
+use crate::vstate::vcpu::check_tsc_rate;
+use crate::vstate::vm::{host_limits, open_kvm};
 
 /// Claims `vm_id`'s session from the agent behind `agent_socket` and gathers the restore's
 /// inputs from it.
@@ -101,6 +104,18 @@ fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, Resto
     saved
         .check_against(&sizes)
         .map_err(|e| refuse(e.to_string()))?;
+    // This host's KVM: enough vCPUs, and a TSC the vCPUs can run at.
+    let kvm = open_kvm().map_err(|e| refuse(e.to_string()))?;
+    let max_vcpus = host_limits(&kvm).max_vcpus as usize;
+    if saved.vcpus.len() > max_vcpus {
+        return Err(refuse(format!(
+            "{} vCPUs, and this host's KVM allows {max_vcpus}",
+            saved.vcpus.len()
+        )));
+    }
+    if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
+        check_tsc_rate(&kvm, saved_khz).map_err(|e| refuse(e.to_string()))?;
+    }
     for device in &saved.devices.passthrough {
         let sysfs = sysfs_dir(&device.bdf);
         if !sysfs.exists() {

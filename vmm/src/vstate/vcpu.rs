@@ -129,6 +129,9 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Found before a restore took anything: no vCPU here can run at the saved TSC rate.
+    #[error("the state's TSC runs at {saved} kHz; this host runs vCPUs at {host} kHz ({ppm} ppm off) and KVM cannot scale them")]
+    TscOutOfReach { saved: u32, host: u32, ppm: u64 },
     /// KVM accepted only part of an MSR list.
     #[error("vCPU {id}: KVM_SET_MSRS stopped at MSR {index:#x}")]
     MsrRejected { id: u32, index: u32 },
@@ -703,6 +706,28 @@ impl VcpuHandle {
                 log::error!("vCPU {}: thread panicked", self.id);
             }
         }
+    }
+}
+
+/// Whether a vCPU of this host can run at the saved TSC rate `saved` kHz: KVM scales it
+/// (`KVM_CAP_TSC_CONTROL`), or this host's own rate is within the drift a restore accepts.
+/// Asked of a scratch VM, so a restore after a kexec can refuse before it retrieves anything.
+pub fn check_tsc_rate(kvm: &Kvm, saved: u32) -> Result<(), VcpuError> {
+    let scratch = |op: &'static str| move |source| VcpuError::Ioctl { id: 0, op, source };
+    let vm = kvm
+        .create_vm()
+        .map_err(scratch("KVM_CREATE_VM (scratch)"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(scratch("KVM_CREATE_VCPU (scratch)"))?;
+    let host = vcpu
+        .get_tsc_khz()
+        .map_err(scratch("KVM_GET_TSC_KHZ (scratch)"))?;
+    let ppm = tsc_drift_ppm(saved, host);
+    if ppm <= TSC_DRIFT_PPM || kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+        Ok(())
+    } else {
+        Err(VcpuError::TscOutOfReach { saved, host, ppm })
     }
 }
 
