@@ -534,6 +534,7 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         &[
             luvmm_tests::payload(),
             PathBuf::from(env!("CARGO_BIN_EXE_vfio-open-watch")),
+            PathBuf::from(env!("CARGO_BIN_EXE_agent-scenario")),
         ],
     );
     let results = run.results();
@@ -559,6 +560,7 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         "second_restore_refused",
         "vm2_prepared",
         "unknown_session_refused",
+        "deadline_calls_everyone_off",
     ] {
         if !results.contains(&format!("test update_{name} ok").as_str()) {
             fail(&run, &format!("update_{name} did not report ok"));
@@ -571,12 +573,12 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         .filter_map(|r| r.strip_prefix("update check "))
         .map(luvmm_tests::parse_check)
         .collect();
-    // vm1: two checks before the kexec, two after; vm2 (its own seed): one before, one after.
+    // vm1: three checks before the kexec, two after; vm2 (its own seed): one before, one after.
     let (vm2, checks): (Vec<_>, Vec<_>) = all
         .iter()
         .cloned()
         .partition(|c| all.first().is_some_and(|first| c.seed != first.seed));
-    if checks.len() != 4 || vm2.len() != 2 || !all.iter().all(|c| c.ok) {
+    if checks.len() != 5 || vm2.len() != 2 || !all.iter().all(|c| c.ok) {
         fail(&run, &format!("guest checks: {all:#?}"));
     }
     for pair in checks.windows(2).chain(vm2.windows(2)) {

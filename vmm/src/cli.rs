@@ -157,6 +157,10 @@ pub enum AgentAction {
         /// Words appended to this kernel's command line for the next one.
         #[arg(long)]
         append: Option<String>,
+        /// Wait up to this many seconds for every VM to be ready, then call the update off for
+        /// everyone (each VM resumes in place); without it, refuse at once if one is not.
+        #[arg(long, value_name = "SECONDS")]
+        deadline: Option<u64>,
     },
 }
 

@@ -107,6 +107,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 kernel,
                 initrd,
                 append,
+                deadline,
             } => {
                 let cmdline = match append {
                     Some(words) => {
@@ -117,9 +118,21 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                     None => None,
                 };
                 AgentClient::new(&args.socket)
-                    .update(&kernel, initrd.as_deref(), cmdline.as_deref())
+                    .update(
+                        &kernel,
+                        initrd.as_deref(),
+                        cmdline.as_deref(),
+                        deadline.map(std::time::Duration::from_secs),
+                    )
                     .map_err(|e| chain(&e))?;
-                println!("the agent is kexecing into {}", kernel.display());
+                match deadline {
+                    None => println!("the agent is kexecing into {}", kernel.display()),
+                    Some(s) => println!(
+                        "the agent kexecs into {} once every VM is ready, or calls the update \
+                         off in {s} s",
+                        kernel.display()
+                    ),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Status => {

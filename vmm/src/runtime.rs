@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// How often a prepared VM asks the agent whether its update still goes on.
+const UPDATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 use luvmm_devices::serial::SerialDevice;
 
@@ -85,6 +89,28 @@ impl MutEventSubscriber for GuestPauseWatcher {
     }
 }
 
+/// While a live update is prepared, asks the agent every second whether it still goes on.
+struct UpdateWatcher {
+    timer: TimerFd,
+    vmm: Arc<Mutex<Vmm>>,
+}
+
+impl MutEventSubscriber for UpdateWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::error!("cannot watch the live update's progress: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .follow_agent();
+    }
+}
+
 /// Feeds the VMM's standard input to the guest's COM1.
 struct SerialInput {
     stdin: std::io::Stdin,
@@ -127,6 +153,14 @@ pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> 
     })));
     events.add_subscriber(Arc::new(Mutex::new(GuestPauseWatcher {
         evt: pause_evt,
+        vmm: vmm.clone(),
+    })));
+    let mut timer = TimerFd::new().map_err(|e| RuntimeError::Events(e.into()))?;
+    timer
+        .reset(UPDATE_POLL, Some(UPDATE_POLL))
+        .map_err(|e| RuntimeError::Events(e.into()))?;
+    events.add_subscriber(Arc::new(Mutex::new(UpdateWatcher {
+        timer,
         vmm: vmm.clone(),
     })));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput {

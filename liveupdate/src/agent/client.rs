@@ -134,18 +134,22 @@ impl AgentClient {
         })
     }
 
-    /// Asks for the kexec into `kernel`: refused unless every VM is ready. On success the
-    /// host is on its way into the next kernel.
+    /// Asks for the kexec into `kernel`: at once, refused unless every VM is ready; or, with
+    /// `deadline`, as soon as every VM is ready within it, after which the agent calls the
+    /// update off for everyone. On success without a deadline the host is on its way into
+    /// the next kernel.
     pub fn update(
         &self,
         kernel: &Path,
         initrd: Option<&Path>,
         cmdline: Option<&str>,
+        deadline: Option<Duration>,
     ) -> Result<(), AgentClientError> {
         let request = Request::Update {
             kernel: kernel.to_path_buf(),
             initrd: initrd.map(Path::to_path_buf),
             cmdline: cmdline.map(str::to_string),
+            deadline_s: deadline.map(|d| d.as_secs().max(1)),
         };
         self.call("update", &request).map(drop)
     }

@@ -30,6 +30,9 @@ pub enum VmPhase {
     Incoming,
     /// Its session was handed to the VMM restoring it (once: a retrieve is one-shot).
     Claimed,
+    /// The agent called the update off (a VM was not ready by the deadline): its copy of the
+    /// session is gone, and the VMM resumes the guest in place.
+    Cancelled,
 }
 
 /// One VM in the ledger.
@@ -94,6 +97,9 @@ impl Ledger {
     /// A new VM: its session's name, refused if it has one already.
     pub fn subscribe(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
         let session = session_of(vm)?;
+        // A VM whose update was called off may try again.
+        self.vms
+            .retain(|r| !(r.vm == vm && r.phase == VmPhase::Cancelled));
         if let Some(existing) = self.vms.iter().find(|r| r.vm == vm) {
             return Err(LedgerError::AlreadySubscribed {
                 vm: vm.to_string(),
@@ -145,14 +151,40 @@ impl Ledger {
         let waiting: Vec<String> = self
             .vms
             .iter()
-            .filter(|r| r.phase != VmPhase::Ready)
+            .filter(|r| !matches!(r.phase, VmPhase::Ready | VmPhase::Cancelled))
             .map(|r| r.vm.clone())
             .collect();
+        if self.vms.iter().all(|r| r.phase == VmPhase::Cancelled) {
+            return Err(LedgerError::NoVms);
+        }
         if waiting.is_empty() {
             Ok(())
         } else {
             Err(LedgerError::NotReady { vms: waiting })
         }
+    }
+
+    /// Calls everyone's update off: every VM not yet past the kexec is `Cancelled`; returns
+    /// their ids.
+    pub fn cancel_all(&mut self, at_ms: u64) -> Vec<String> {
+        let mut cancelled = Vec::new();
+        for record in &mut self.vms {
+            if matches!(record.phase, VmPhase::Subscribed | VmPhase::Ready) {
+                record.phase = VmPhase::Cancelled;
+                record.times_ms.insert("cancelled".into(), at_ms);
+                cancelled.push(record.vm.clone());
+            }
+        }
+        cancelled
+    }
+
+    /// The VMs an update still waits for.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|r| r.phase == VmPhase::Subscribed)
+            .map(|r| r.vm.clone())
+            .collect()
     }
 
     /// The ledger as the next kernel's agent takes it: every ready VM's session is now
@@ -279,6 +311,25 @@ mod tests {
         ));
         assert!(before.release("vm").is_ok());
         assert!(before.vms.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_calls_everyone_off_and_they_may_subscribe_again() {
+        let mut ledger = Ledger::default();
+        ledger.subscribe("ready", 1).unwrap();
+        ledger.subscribe("slow", 2).unwrap();
+        ledger.ready("ready", 3).unwrap();
+        assert_eq!(ledger.not_ready(), ["slow"]);
+        assert_eq!(ledger.cancel_all(4), ["ready", "slow"]);
+        assert!(ledger.vms.iter().all(|r| r.phase == VmPhase::Cancelled));
+        assert_eq!(ledger.check_update(), Err(LedgerError::NoVms));
+        assert!(ledger.subscribe("ready", 5).is_ok());
+        assert_eq!(ledger.vms.len(), 2);
+        // A cancelled VM does not cross the kexec.
+        ledger.ready("ready", 6).unwrap();
+        assert_eq!(ledger.check_update(), Ok(()));
+        let next = ledger.after_kexec(7);
+        assert_eq!(next.vms.len(), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -55,11 +55,20 @@ enum After {
     Kexec(OutgoingSession),
 }
 
+/// An update waiting for every VM to be ready.
+struct PendingUpdate {
+    deadline: Instant,
+}
+
+/// How often an idle agent looks at a pending update.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+
 /// The agent's state: LUO, the ledger, and its copy of every VM's outgoing session.
 pub struct Agent {
     luo: LiveUpdate,
     ledger: Ledger,
     outgoing: BTreeMap<String, OutgoingSession>,
+    pending: Option<PendingUpdate>,
 }
 
 impl Agent {
@@ -92,41 +101,100 @@ impl Agent {
             luo,
             ledger,
             outgoing: BTreeMap::new(),
+            pending: None,
         })
     }
 
     /// Serves clients on `socket` (created 0600) until the kexec.
     pub fn serve(mut self, socket: &Path) -> Result<(), AgentError> {
         let listener = bind_private(socket)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| AgentError::Socket {
+                path: socket.to_path_buf(),
+                source,
+            })?;
         log::info!("agent: serving {}", socket.display());
-        for stream in listener.incoming() {
-            let stream = match stream {
-                Ok(stream) => stream,
-                Err(e) => {
-                    log::warn!("agent: accept: {e}");
-                    continue;
-                }
-            };
-            let (reply, fd, after) = self.serve_one(&stream);
-            let fds: Vec<&OwnedFd> = fd.iter().collect();
-            if let Err(e) = send_line(&stream, &reply, &fds) {
-                log::warn!("agent: cannot send the reply: {e}");
-            }
-            if let After::Kexec(agent_session) = after {
-                drop(stream);
-                match kexec::reboot_into_loaded() {
-                    Ok(never) => match never {},
-                    Err(e) => {
-                        // The VMs' sessions are intact and the agent goes on serving (their
-                        // VMMs can cancel); only the ledger's session goes.
-                        log::error!("agent: the kexec failed: {e}; the update did not happen");
-                        agent_session.cancel();
-                        self.ledger.times_ms.insert("kexec_failed".into(), now_ms());
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let (reply, fd, after) = self.serve_one(&stream);
+                    let fds: Vec<&OwnedFd> = fd.iter().collect();
+                    if let Err(e) = send_line(&stream, &reply, &fds) {
+                        log::warn!("agent: cannot send the reply: {e}");
+                    }
+                    drop(stream);
+                    if let After::Kexec(agent_session) = after {
+                        self.kexec(agent_session);
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.watch_pending();
+                    std::thread::sleep(IDLE_TICK);
+                }
+                Err(e) => log::warn!("agent: accept: {e}"),
             }
         }
-        Ok(())
+    }
+
+    /// A pending update goes once every VM is ready, or is called off for everyone at its
+    /// deadline.
+    fn watch_pending(&mut self) {
+        let Some(pending) = &self.pending else {
+            return;
+        };
+        if self.ledger.check_update().is_ok() {
+            self.pending = None;
+            match self.preserve_ledger() {
+                Ok(agent_session) => self.kexec(agent_session),
+                Err(e) => {
+                    log::error!("agent: cannot preserve the ledger: {e}; the update is off");
+                    self.call_everyone_off();
+                }
+            }
+        } else if Instant::now() >= pending.deadline {
+            log::warn!(
+                "agent: VMs {:?} were not ready by the deadline: the update is off for everyone",
+                self.ledger.not_ready()
+            );
+            self.pending = None;
+            self.call_everyone_off();
+        }
+    }
+
+    /// Drops the agent's copy of every session not past the kexec and unloads the next
+    /// kernel; each VMM sees its VM `cancelled` and resumes it in place.
+    fn call_everyone_off(&mut self) {
+        for vm in self.ledger.cancel_all(now_ms()) {
+            self.outgoing.remove(&vm);
+        }
+        if let Err(e) = kexec::unload() {
+            log::warn!("agent: cannot unload the next kernel: {e}");
+        }
+    }
+
+    /// The ledger, in a memfd of the agent's own session, for the next kernel's agent.
+    fn preserve_ledger(&mut self) -> Result<OutgoingSession, AgentError> {
+        self.ledger.times_ms.insert("kexec".into(), now_ms());
+        let memfd = write_ledger(&self.ledger).map_err(AgentError::LedgerWrite)?;
+        let session = self.luo.create_session(&SessionName::new(AGENT_SESSION)?)?;
+        session.preserve(memfd.as_fd(), LEDGER_TOKEN)?;
+        Ok(session)
+    }
+
+    /// Jumps into the loaded kernel. If that fails the VMs' sessions stay intact and the agent
+    /// goes on serving (their VMMs can cancel); only the ledger's session goes.
+    fn kexec(&mut self, agent_session: OutgoingSession) {
+        log::info!("agent: {} VM(s) ready: kexec", self.ledger.vms.len());
+        match kexec::reboot_into_loaded() {
+            Ok(never) => match never {},
+            Err(e) => {
+                log::error!("agent: the kexec failed: {e}; the update did not happen");
+                agent_session.cancel();
+                self.ledger.times_ms.insert("kexec_failed".into(), now_ms());
+            }
+        }
     }
 
     fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Option<OwnedFd>, After) {
@@ -196,23 +264,35 @@ impl Agent {
                 kernel,
                 initrd,
                 cmdline,
+                deadline_s,
             } => {
-                self.ledger.check_update()?;
+                match deadline_s {
+                    None => self.ledger.check_update()?,
+                    Some(_) if self.ledger.not_ready().is_empty() => self.ledger.check_update()?,
+                    Some(_) => {}
+                }
                 let cmdline = match cmdline {
                     Some(cmdline) => cmdline,
                     None => kexec::current_cmdline()?,
                 };
                 kexec::load(&kernel, initrd.as_deref(), Some(&cmdline))?;
-                self.ledger.times_ms.insert("kexec".into(), now_ms());
-                let memfd = write_ledger(&self.ledger).map_err(AgentError::LedgerWrite)?;
-                let session = self.luo.create_session(&SessionName::new(AGENT_SESSION)?)?;
-                session.preserve(memfd.as_fd(), LEDGER_TOKEN)?;
-                log::info!(
-                    "agent: {} VM(s) ready, {} loaded: kexec",
-                    self.ledger.vms.len(),
-                    kernel.display()
-                );
-                Ok((Reply::ok(), None, After::Kexec(session)))
+                log::info!("agent: {} loaded", kernel.display());
+                match deadline_s {
+                    None => {
+                        let session = self.preserve_ledger()?;
+                        Ok((Reply::ok(), None, After::Kexec(session)))
+                    }
+                    Some(seconds) => {
+                        log::info!(
+                            "agent: waiting up to {seconds} s for VMs {:?}",
+                            self.ledger.not_ready()
+                        );
+                        self.pending = Some(PendingUpdate {
+                            deadline: Instant::now() + Duration::from_secs(seconds),
+                        });
+                        Ok((Reply::ok(), None, After::Nothing))
+                    }
+                }
             }
             Request::Claim { vm } => {
                 let name = self.ledger.claim(&vm, now)?;

@@ -27,12 +27,15 @@ pub enum Request {
     Release { vm: String },
     /// The ledger.
     Status {},
-    /// Load the next kernel and kexec into it, once every VM is ready.
+    /// Load the next kernel and kexec into it once every VM is ready: at once (refused if one
+    /// is not), or within `deadline_s` seconds, after which everyone's update is called off.
     Update {
         kernel: PathBuf,
         initrd: Option<PathBuf>,
         /// The next kernel's command line; the current one if absent.
         cmdline: Option<String>,
+        #[serde(default)]
+        deadline_s: Option<u64>,
     },
     /// After the kexec: hand the VM's incoming session over (once); the reply carries it.
     Claim { vm: String },

@@ -102,6 +102,24 @@ case "$stage" in
     luvmm ctl --socket a.sock update prepare --vm-id "bad.id" --agent-socket $agent_sock > bad.out 2>&1
     result bad_vm_id_refused $(grep -q "invalid VM id" bad.out && [ "$(phase a.sock)" = running ]; echo $?) \
         "$(cat bad.out)"
+    # The agent's deadline: a VMM that subscribes and never gets ready calls the update off
+    # for everyone, and vm1's luvmm, which follows the agent, resumes its guest in place.
+    agent-scenario hold --socket $agent_sock --vm slow --seconds 60 > hold.out 2>&1 &
+    holder=$!
+    wait_line hold.out "holding luvmm-slow"
+    luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep-d.json 2>&1
+    luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
+        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 --deadline 3 > deadline.out 2>&1
+    i=0
+    while [ "$(phase a.sock)" != running ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+    status=$(luvmm agent status --socket $agent_sock)
+    # vm1 resumed and released its session; the holder's is left cancelled.
+    result deadline_calls_everyone_off $([ "$(phase a.sock)" = running ] \
+        && ! echo "$status" | grep -q '"vm":"vm1"' \
+        && echo "$status" | grep -q '"vm":"slow","session":"luvmm-slow","phase":"cancelled"'; echo $?) \
+        "phase $(phase a.sock); $(cat deadline.out); $status"
+    kill $holder 2>/dev/null
+    check a.sock a.log 3
     # A second VM, without devices, whose VMM is killed once it is ready: the agent's copy of
     # its session carries it through the kexec.
     luvmm run --payload $payload --memory-mib 32 --serial ./v2.log --api-socket v2.sock \

@@ -105,7 +105,7 @@ fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
     report.check(
         "update_waits_for_every_vm",
         refused(
-            agent.update(kernel, Some(initrd), None),
+            agent.update(kernel, Some(initrd), None, None),
             "[\"vm1\"] are not ready",
         ),
     );
@@ -134,7 +134,7 @@ fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
     };
     let code = report.done(1);
     line("kexec now");
-    if let Err(e) = agent.update(kernel, Some(initrd), Some(&cmdline)) {
+    if let Err(e) = agent.update(kernel, Some(initrd), Some(&cmdline), None) {
         line(&format!("test agent_update FAIL {e}"));
         return 1;
     }
@@ -201,6 +201,34 @@ fn stage2(socket: &Path) -> i32 {
     report.done(2)
 }
 
+/// `agent-scenario hold --socket S --vm ID --seconds N`: a VMM that subscribes and never gets
+/// ready (it holds the session N seconds, then exits).
+fn hold(socket: &Path, args: &[String]) -> i32 {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let (Some(vm), Some(seconds)) = (
+        value("--vm"),
+        value("--seconds").and_then(|s| s.parse().ok()),
+    ) else {
+        eprintln!("usage: agent-scenario hold --socket S --vm ID --seconds N");
+        return 2;
+    };
+    match AgentClient::new(socket).subscribe(vm) {
+        Ok(session) => {
+            println!("holding {}", session.name());
+            std::thread::sleep(std::time::Duration::from_secs(seconds));
+            0
+        }
+        Err(e) => {
+            eprintln!("agent-scenario hold: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |flag: &str| {
@@ -219,9 +247,11 @@ fn main() {
             stage1(&socket, &kernel, &initrd)
         }
         (Some("stage2"), Some(socket), _, _) => stage2(&socket),
+        (Some("hold"), Some(socket), _, _) => hold(&socket, &args),
         _ => {
             eprintln!(
-                "usage: agent-scenario stage1 --socket S --kernel K --initrd I | stage2 --socket S"
+                "usage: agent-scenario stage1 --socket S --kernel K --initrd I | stage2 --socket S \
+                 | hold --socket S --vm ID --seconds N"
             );
             2
         }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use luvmm_liveupdate::agent::ledger::now_ms;
-use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::agent::{AgentClient, VmPhase as AgentPhase};
 use luvmm_liveupdate::{LuoError, OutgoingSession};
 use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN};
 use serde::{Deserialize, Serialize};
@@ -204,6 +204,34 @@ impl Vmm {
                 }
                 Err(self.refuse("cancel an update"))
             }
+        }
+    }
+
+    /// While `Preserved`: if the agent called this VM's update off (a VM was not ready by its
+    /// deadline), or no longer knows it, the guest resumes in place. An agent that does not
+    /// answer is asked again next time.
+    pub fn follow_agent(&mut self) {
+        if self.phase() != VmPhase::Preserved {
+            return;
+        }
+        let Some(prepared) = self.take_update() else {
+            return;
+        };
+        let called_off = match AgentClient::new(&prepared.agent_socket).status() {
+            Ok(ledger) => !ledger
+                .vms
+                .iter()
+                .any(|r| r.vm == prepared.vm_id && r.phase != AgentPhase::Cancelled),
+            Err(e) => {
+                log::debug!("update: the agent does not answer yet: {e}");
+                false
+            }
+        };
+        if called_off {
+            log::warn!("the agent called the update off; the guest resumes in place");
+            self.call_off(prepared, true);
+        } else {
+            self.set_update(prepared);
         }
     }
 
