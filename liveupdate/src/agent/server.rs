@@ -183,16 +183,17 @@ impl Agent {
         Ok(session)
     }
 
-    /// Jumps into the loaded kernel. If that fails the VMs' sessions stay intact and the agent
-    /// goes on serving (their VMMs can cancel); only the ledger's session goes.
+    /// Jumps into the loaded kernel. If that fails the update is off for everyone (each VMM
+    /// resumes its guest in place) and the agent goes on serving.
     fn kexec(&mut self, agent_session: OutgoingSession) {
         log::info!("agent: {} VM(s) ready: kexec", self.ledger.vms.len());
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},
             Err(e) => {
-                log::error!("agent: the kexec failed: {e}; the update did not happen");
+                log::error!("agent: the kexec failed: {e}; the update is off for everyone");
                 agent_session.cancel();
                 self.ledger.times_ms.insert("kexec_failed".into(), now_ms());
+                self.call_everyone_off();
             }
         }
     }
@@ -275,7 +276,12 @@ impl Agent {
                     Some(cmdline) => cmdline,
                     None => kexec::current_cmdline()?,
                 };
-                kexec::load(&kernel, initrd.as_deref(), Some(&cmdline))?;
+                if let Err(e) = kexec::load(&kernel, initrd.as_deref(), Some(&cmdline)) {
+                    // The update cannot happen: every prepared VM resumes in place.
+                    log::error!("agent: {e}; the update is off for everyone");
+                    self.call_everyone_off();
+                    return Err(e.into());
+                }
                 log::info!("agent: {} loaded", kernel.display());
                 match deadline_s {
                     None => {

@@ -120,6 +120,16 @@ case "$stage" in
         "phase $(phase a.sock); $(cat deadline.out); $status"
     kill $holder 2>/dev/null
     check a.sock a.log 3
+    # A next kernel that does not load: the update is off, and vm1 resumes by itself.
+    luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep-k.json 2>&1
+    luvmm agent update --socket $agent_sock --kernel /nonexistent > noload.out 2>&1
+    noload=$?
+    i=0
+    while [ "$(phase a.sock)" != running ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+    result kernel_that_does_not_load_calls_it_off \
+        $([ $noload != 0 ] && grep -q "cannot open kernel /nonexistent" noload.out \
+            && [ "$(phase a.sock)" = running ]; echo $?) \
+        "exit $noload: $(cat noload.out); phase $(phase a.sock)"
     # A second VM, without devices, whose VMM is killed once it is ready: the agent's copy of
     # its session carries it through the kexec.
     luvmm run --payload $payload --memory-mib 32 --serial ./v2.log --api-socket v2.sock \
