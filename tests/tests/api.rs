@@ -231,7 +231,7 @@ fn a_restore_from_a_session_needs_the_agent() {
     assert!(!status.success());
     assert!(
         stderr.contains(
-            "session luvmm-vm1: cannot claim it from the agent: no luvmm agent is listening on"
+            "session luvmm-vm1: cannot ask the agent about it: no luvmm agent is listening on"
         ),
         "{stderr}"
     );

@@ -562,6 +562,7 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         "unknown_session_refused",
         "deadline_calls_everyone_off",
         "kernel_that_does_not_load_calls_it_off",
+        "device_missing_refused_before_any_retrieve",
     ] {
         if !results.contains(&format!("test update_{name} ok").as_str()) {
             fail(&run, &format!("update_{name} did not report ok"));

@@ -112,10 +112,14 @@ impl AgentClient {
         Ok(OutgoingSession::from_fd(fd, name))
     }
 
-    /// Tells the agent VM `vm` has preserved everything and is paused.
-    pub fn ready(&self, vm: &str) -> Result<(), AgentClientError> {
-        self.call("ready", &Request::Ready { vm: vm.into() })
-            .map(drop)
+    /// Tells the agent VM `vm` has preserved everything and is paused, and which host
+    /// devices it needs after the kexec.
+    pub fn ready(&self, vm: &str, devices: &[String]) -> Result<(), AgentClientError> {
+        let request = Request::Ready {
+            vm: vm.into(),
+            devices: devices.to_vec(),
+        };
+        self.call("ready", &request).map(drop)
     }
 
     /// Calls VM `vm`'s update off: the agent closes its copy of the session.

@@ -43,6 +43,10 @@ pub struct VmRecord {
     pub phase: VmPhase,
     /// When each phase began, in ms since the Unix epoch (the wall clock survives the kexec).
     pub times_ms: BTreeMap<String, u64>,
+    /// The host devices (PCI BDFs) the VM needs after the kexec, so a restore can check they
+    /// are there before it takes anything from the session.
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// Everything the agent keeps.
@@ -111,16 +115,18 @@ impl Ledger {
             session: session.to_string(),
             phase: VmPhase::Subscribed,
             times_ms: BTreeMap::from([("subscribed".to_string(), at_ms)]),
+            devices: Vec::new(),
         });
         Ok(session)
     }
 
-    /// The VM has preserved everything and is paused.
-    pub fn ready(&mut self, vm: &str, at_ms: u64) -> Result<(), LedgerError> {
+    /// The VM has preserved everything and is paused; after the kexec it needs `devices`.
+    pub fn ready(&mut self, vm: &str, at_ms: u64, devices: &[String]) -> Result<(), LedgerError> {
         let record = self.find(vm)?;
         match record.phase {
             VmPhase::Subscribed | VmPhase::Ready => {
                 record.phase = VmPhase::Ready;
+                record.devices = devices.to_vec();
                 record.times_ms.insert("ready".into(), at_ms);
                 Ok(())
             }
@@ -264,8 +270,8 @@ mod tests {
                 vms: vec!["vm1".into(), "vm2".into()]
             })
         );
-        ledger.ready("vm1", 20).unwrap();
-        ledger.ready("vm2", 21).unwrap();
+        ledger.ready("vm1", 20, &["0000:00:03.0".into()]).unwrap();
+        ledger.ready("vm2", 21, &[]).unwrap();
         assert_eq!(ledger.check_update(), Ok(()));
 
         let mut next = ledger.after_kexec(100);
@@ -285,6 +291,7 @@ mod tests {
         // A claim whose retrieve failed can be put back and tried again.
         next.unclaim("vm1");
         assert!(next.claim("vm1", 113).is_ok());
+        assert_eq!(next.vms[0].devices, ["0000:00:03.0"]);
         let times = &next.vms[0].times_ms;
         assert_eq!(
             (times["subscribed"], times["ready"], times["claimed"]),
@@ -298,7 +305,7 @@ mod tests {
         assert_eq!(ledger.check_update(), Err(LedgerError::NoVms));
         ledger.subscribe("ready", 1).unwrap();
         ledger.subscribe("late", 2).unwrap();
-        ledger.ready("ready", 3).unwrap();
+        ledger.ready("ready", 3, &[]).unwrap();
         let next = ledger.after_kexec(4);
         assert_eq!(next.vms.len(), 1);
         assert_eq!(next.vms[0].vm, "ready");
@@ -318,7 +325,7 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.subscribe("ready", 1).unwrap();
         ledger.subscribe("slow", 2).unwrap();
-        ledger.ready("ready", 3).unwrap();
+        ledger.ready("ready", 3, &[]).unwrap();
         assert_eq!(ledger.not_ready(), ["slow"]);
         assert_eq!(ledger.cancel_all(4), ["ready", "slow"]);
         assert!(ledger.vms.iter().all(|r| r.phase == VmPhase::Cancelled));
@@ -326,7 +333,7 @@ mod tests {
         assert!(ledger.subscribe("ready", 5).is_ok());
         assert_eq!(ledger.vms.len(), 2);
         // A cancelled VM does not cross the kexec.
-        ledger.ready("ready", 6).unwrap();
+        ledger.ready("ready", 6, &[]).unwrap();
         assert_eq!(ledger.check_update(), Ok(()));
         let next = ledger.after_kexec(7);
         assert_eq!(next.vms.len(), 1);

@@ -241,8 +241,8 @@ impl Agent {
                 self.outgoing.insert(vm, session);
                 Ok((with_session(&name), Some(fd), After::Nothing))
             }
-            Request::Ready { vm } => {
-                self.ledger.ready(&vm, now)?;
+            Request::Ready { vm, devices } => {
+                self.ledger.ready(&vm, now, &devices)?;
                 log::info!("agent: VM {vm} is ready");
                 Ok((Reply::ok(), None, After::Nothing))
             }
@@ -419,7 +419,7 @@ mod tests {
     fn the_ledger_reads_back_from_its_memfd() {
         let mut ledger = Ledger::default();
         ledger.subscribe("vm1", 5).unwrap();
-        ledger.ready("vm1", 6).unwrap();
+        ledger.ready("vm1", 6, &[]).unwrap();
         let memfd = write_ledger(&ledger).unwrap();
         assert_eq!(read_ledger(&memfd).unwrap(), ledger);
         let mut garbage = File::from(memfd_create("bad", MFdFlags::MFD_CLOEXEC).unwrap());

@@ -21,8 +21,12 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub enum Request {
     /// A new VM: create its session; the reply carries the session fd.
     Subscribe { vm: String },
-    /// The VM has preserved everything and is paused.
-    Ready { vm: String },
+    /// The VM has preserved everything and is paused; after the kexec it needs `devices`.
+    Ready {
+        vm: String,
+        #[serde(default)]
+        devices: Vec<String>,
+    },
     /// The VM calls its update off: the agent closes its copy of the session.
     Release { vm: String },
     /// The ledger.

@@ -151,6 +151,16 @@ case "$stage" in
     echo "LUVMM-L1 test update_kexec FAIL still here: $(cat kexec.out)"
     ;;
 2)
+    # A device the VM needs is not bound to vfio-pci: refused before anything leaves the
+    # session, so the restore can be tried again once it is.
+    gone=$(echo $bdfs | cut -d' ' -f2)
+    echo "$gone" > /sys/bus/pci/drivers/vfio-pci/unbind
+    luvmm restore --session vm1 --agent-socket $agent_sock --serial none > unbound.out 2>&1
+    unbound=$?
+    echo "$gone" > /sys/bus/pci/drivers_probe
+    result device_missing_refused_before_any_retrieve \
+        $([ $unbound != 0 ] && grep -q "$gone: bound to no driver, not vfio-pci (nothing was taken from the session" unbound.out \
+            && [ -e /sys/bus/pci/drivers/vfio-pci/$gone ]; echo $?) "exit $unbound: $(cat unbound.out)"
     vfio-open-watch -- sh -c '
         luvmm restore --session vm1 --agent-socket "$0" --serial ./b.log --api-socket b.sock \
             2>b.err &

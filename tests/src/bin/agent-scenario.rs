@@ -115,7 +115,7 @@ fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
             .map_err(|e| e.to_string())
     });
     report.check("preserve", preserved);
-    report.check("ready", agent.ready("vm1").map_err(|e| e.to_string()));
+    report.check("ready", agent.ready("vm1", &[]).map_err(|e| e.to_string()));
     report.check(
         "status_before",
         match agent.status() {

@@ -179,7 +179,10 @@ impl Vmm {
             .preserve(state_memfd.as_fd(), STATE_TOKEN)
             .map_err(UpdateError::Luo)?;
         record(&mut phases, "preserve_state");
-        agent.ready(&prepared.vm_id).map_err(UpdateError::Agent)?;
+        let bdfs: Vec<String> = devices.iter().map(|d| d.bdf.clone()).collect();
+        agent
+            .ready(&prepared.vm_id, &bdfs)
+            .map_err(UpdateError::Agent)?;
         record(&mut phases, "ready");
         Ok(PrepareReport {
             vm_id: prepared.vm_id.clone(),

@@ -27,14 +27,28 @@ pub fn from_session(
     agent_socket: &Path,
     serial: SerialOutput,
 ) -> Result<RestoreArgs, RestoreError> {
-    let session =
-        AgentClient::new(agent_socket)
-            .claim(vm_id)
-            .map_err(|e| RestoreError::Session {
-                session: format!("luvmm-{vm_id}"),
-                what: "cannot claim it from the agent",
-                source: Box::new(e),
-            })?;
+    let agent = AgentClient::new(agent_socket);
+    let claim_failed = |what: &'static str| {
+        move |e| RestoreError::Session {
+            session: format!("luvmm-{vm_id}"),
+            what,
+            source: Box::new(e),
+        }
+    };
+    // Nothing is taken from the session yet: what the agent knows of the VM's devices is
+    // checked first, so a missing device refuses the restore while it can still be retried.
+    let ledger = agent
+        .status()
+        .map_err(claim_failed("cannot ask the agent about it"))?;
+    if let Some(record) = ledger.vms.iter().find(|r| r.vm == vm_id) {
+        check_devices(&record.devices).map_err(|why| RestoreError::SessionState {
+            session: record.session.clone(),
+            why: format!("{why} (nothing was taken from the session: fix it and retry)"),
+        })?;
+    }
+    let session = agent
+        .claim(vm_id)
+        .map_err(claim_failed("cannot claim it from the agent"))?;
     let name = session.name().to_string();
     let failed = |what: &'static str| {
         let name = name.clone();
@@ -116,21 +130,32 @@ fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, Resto
     if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
         check_tsc_rate(&kvm, saved_khz).map_err(|e| refuse(e.to_string()))?;
     }
-    for device in &saved.devices.passthrough {
-        let sysfs = sysfs_dir(&device.bdf);
+    let bdfs: Vec<String> = saved
+        .devices
+        .passthrough
+        .iter()
+        .map(|d| d.bdf.clone())
+        .collect();
+    check_devices(&bdfs).map_err(refuse)?;
+    Ok(saved)
+}
+
+/// Every device is present and bound to vfio-pci.
+fn check_devices(bdfs: &[String]) -> Result<(), String> {
+    for bdf in bdfs {
+        let sysfs = sysfs_dir(bdf);
         if !sysfs.exists() {
-            return Err(refuse(format!("{}: no such PCI device here", device.bdf)));
+            return Err(format!("{bdf}: no such PCI device here"));
         }
         match bound_driver(&sysfs) {
             Some(driver) if driver == "vfio-pci" => {}
             other => {
-                return Err(refuse(format!(
-                    "{}: bound to {}, not vfio-pci",
-                    device.bdf,
+                return Err(format!(
+                    "{bdf}: bound to {}, not vfio-pci",
                     other.as_deref().unwrap_or("no driver")
-                )))
+                ))
             }
         }
     }
-    Ok(saved)
+    Ok(())
 }
