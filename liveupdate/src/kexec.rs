@@ -84,20 +84,7 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&str>) -> Resu
             flags,
         )
     };
-    if ret == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    Err(match err.raw_os_error() {
-        Some(libc::EPERM) => KexecError::NotPermitted {
-            op: "kexec_file_load",
-        },
-        Some(libc::ENOSYS) => KexecError::NoKexecFile,
-        _ => KexecError::Failed {
-            op: "kexec_file_load",
-            source: err,
-        },
-    })
+    file_load_result(ret, "kexec_file_load")
 }
 
 /// `KEXEC_FILE_UNLOAD`.
@@ -117,19 +104,19 @@ pub fn unload() -> Result<(), KexecError> {
             KEXEC_FILE_UNLOAD,
         )
     };
+    file_load_result(ret, "kexec_file_load (unload)")
+}
+
+/// `kexec_file_load`'s return value `ret` as a result, its errno typed.
+fn file_load_result(ret: libc::c_long, op: &'static str) -> Result<(), KexecError> {
     if ret == 0 {
         return Ok(());
     }
     let err = io::Error::last_os_error();
     Err(match err.raw_os_error() {
-        Some(libc::EPERM) => KexecError::NotPermitted {
-            op: "kexec_file_load (unload)",
-        },
+        Some(libc::EPERM) => KexecError::NotPermitted { op },
         Some(libc::ENOSYS) => KexecError::NoKexecFile,
-        _ => KexecError::Failed {
-            op: "kexec_file_load (unload)",
-            source: err,
-        },
+        _ => KexecError::Failed { op, source: err },
     })
 }
 

@@ -20,7 +20,7 @@ use luvmm_resources::layout::{
     PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
 };
-use luvmm_resources::state::{self, StateError, StateMismatch, VmState};
+use luvmm_resources::state::{StateMismatch, VmState};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
 use vm_device::DevicePio;
@@ -42,8 +42,6 @@ use crate::vstate::vm::{host_limits, KvmVm, VmError};
 pub enum BuildError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
-    #[error("saved state refused")]
-    State(#[from] StateError),
     #[error("saved state does not match the memory handed over")]
     Mismatch(#[from] StateMismatch),
     #[error(transparent)]
@@ -145,7 +143,10 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
 /// What a restore starts from: the state (as bytes, and the memfd it came in, if any) and the
 /// RAM memfds in layout order.
 pub struct RestoreArgs {
-    pub state_blob: Vec<u8>,
+    /// The saved state, decoded and checked against itself.
+    pub state: VmState,
+    /// Its encoded length in the state memfd.
+    pub state_bytes: u64,
     pub state_memfd: Option<File>,
     pub memfds: Vec<File>,
     /// The passthrough devices' fds, when a handover brought them, and what the handover's
@@ -167,7 +168,7 @@ pub struct RestoreArgs {
 pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError> {
     let mut lap = Lap::start();
     let mut timings = RestoreTimings::default();
-    let saved: VmState = state::decode(&args.state_blob)?;
+    let saved = args.state;
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
     if args.session.is_none() {
         Passthrough::check_handed(&saved.devices, &args.device_manifest, args.devices.as_ref())?;
@@ -262,7 +263,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut vmm = Vmm::new(vm, ram, devices, handles, events);
     vmm.set_restored(
         args.state_memfd,
-        args.state_blob.len() as u64,
+        args.state_bytes,
         timings,
         args.source_paused_at,
     );

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use luvmm_resources::config::SerialOutput;
-use luvmm_resources::state::{HEADER_LEN, MAX_BODY_LEN};
+use luvmm_resources::state::{self, StateError, HEADER_LEN, MAX_BODY_LEN};
 
 use crate::api::client::{self, ClientError};
 use crate::builder::RestoreArgs;
@@ -40,6 +40,8 @@ pub enum StateSource {
 /// The inputs of a restore could not be gathered. Nothing has been built yet.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    #[error("saved state refused")]
+    State(#[from] StateError),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{socket} refused PUT {request}: {status} {body}")]
@@ -113,13 +115,14 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
                 }
                 None => (files, None),
             };
-            let state_blob = match (&state, &state_memfd) {
+            let blob = match (&state, &state_memfd) {
                 (StateSource::Fd(fd), Some(file)) => read_state(file, None, &format!("fd {fd}"))?,
                 (StateSource::File(path), _) => read_state_file(path)?,
                 (StateSource::Fd(fd), None) => return Err(RestoreError::NotOpen { fd: *fd }),
             };
             Ok(RestoreArgs {
-                state_blob,
+                state: state::decode(&blob)?,
+                state_bytes: blob.len() as u64,
                 state_memfd,
                 memfds,
                 devices: None,
@@ -196,13 +199,14 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
         }
         Some(HandedDevices { iommufd, devices })
     };
-    let state_blob = read_state(
+    let blob = read_state(
         &state_memfd,
         Some(manifest.state_bytes),
         &format!("handover from {}", socket.display()),
     )?;
     Ok(RestoreArgs {
-        state_blob,
+        state: state::decode(&blob)?,
+        state_bytes: blob.len() as u64,
         state_memfd: Some(state_memfd),
         memfds,
         devices,

@@ -1,7 +1,8 @@
-//! The VMM's event loop on event-manager: the API socket, serial input from stdin, and the
-//! guest's exit event.
+//! The VMM's event loop on event-manager: the API socket, serial input from stdin, the guest's
+//! exit and pause requests, and a prepared live update's check on the agent.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -41,73 +42,69 @@ pub enum RuntimeError {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Watches the eventfd vCPUs write when the guest stops by itself.
-struct GuestExitWatcher {
-    evt: EventFd,
-    vmm: Arc<Mutex<Vmm>>,
+/// What wakes a `VmWatcher`: an eventfd someone writes, or a periodic timer.
+enum Wakeup {
+    Event(EventFd),
+    Timer(TimerFd),
 }
 
-impl MutEventSubscriber for GuestExitWatcher {
+impl Wakeup {
+    /// Consumes the wake-up, so the fd is quiet until the next one.
+    fn drain(&mut self) {
+        match self {
+            Wakeup::Event(evt) => {
+                let _ = evt.read();
+            }
+            Wakeup::Timer(timer) => {
+                let _ = timer.wait();
+            }
+        }
+    }
+}
+
+impl AsRawFd for Wakeup {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Wakeup::Event(evt) => evt.as_raw_fd(),
+            Wakeup::Timer(timer) => timer.as_raw_fd(),
+        }
+    }
+}
+
+/// Runs `on_wakeup` on the VM each time `wakeup` fires: the guest stopped by itself (the
+/// vCPUs' exit eventfd), the guest asked to be paused (guest-control port), or the second
+/// passed after which a prepared live update asks the agent whether it still goes on.
+struct VmWatcher {
+    wakeup: Wakeup,
+    what: &'static str,
+    vmm: Arc<Mutex<Vmm>>,
+    on_wakeup: VmAction,
+}
+
+impl MutEventSubscriber for VmWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the guest exit event: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.wakeup, EventSet::IN)) {
+            log::error!("cannot watch {}: {e:?}", self.what);
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.evt.read();
-        self.vmm
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .guest_stopped();
+        self.wakeup.drain();
+        (self.on_wakeup)(&mut self.vmm.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
-/// Pauses the VM when the guest asks (guest-control port).
-struct GuestPauseWatcher {
-    evt: EventFd,
-    vmm: Arc<Mutex<Vmm>>,
-}
+/// What a `VmWatcher` does to the VM when it wakes.
+type VmAction = fn(&mut Vmm);
 
-impl MutEventSubscriber for GuestPauseWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the guest's pause requests: {e:?}");
-        }
+/// The guest asked to be paused: it is, if it runs.
+fn pause_for_the_guest(vmm: &mut Vmm) {
+    if vmm.phase() != VmPhase::Running {
+        return;
     }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.evt.read();
-        let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
-        if vmm.phase() != VmPhase::Running {
-            return;
-        }
-        match vmm.pause() {
-            Ok(()) => log::info!("paused: the guest asked to be"),
-            Err(e) => log::error!("the guest asked to be paused, but the pause failed: {e}"),
-        }
-    }
-}
-
-/// While a live update is prepared, asks the agent every second whether it still goes on.
-struct UpdateWatcher {
-    timer: TimerFd,
-    vmm: Arc<Mutex<Vmm>>,
-}
-
-impl MutEventSubscriber for UpdateWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
-            log::error!("cannot watch the live update's progress: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.timer.wait();
-        self.vmm
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .follow_agent();
+    match vmm.pause() {
+        Ok(()) => log::info!("paused: the guest asked to be"),
+        Err(e) => log::error!("the guest asked to be paused, but the pause failed: {e}"),
     }
 }
 
@@ -147,22 +144,35 @@ pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> 
     let vmm = Arc::new(Mutex::new(vmm));
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(RuntimeError::EventManager)?;
-    events.add_subscriber(Arc::new(Mutex::new(GuestExitWatcher {
-        evt: exit_evt,
-        vmm: vmm.clone(),
-    })));
-    events.add_subscriber(Arc::new(Mutex::new(GuestPauseWatcher {
-        evt: pause_evt,
-        vmm: vmm.clone(),
-    })));
     let mut timer = TimerFd::new().map_err(|e| RuntimeError::Events(e.into()))?;
     timer
         .reset(UPDATE_POLL, Some(UPDATE_POLL))
         .map_err(|e| RuntimeError::Events(e.into()))?;
-    events.add_subscriber(Arc::new(Mutex::new(UpdateWatcher {
-        timer,
-        vmm: vmm.clone(),
-    })));
+    let watchers: [(Wakeup, &'static str, VmAction); 3] = [
+        (
+            Wakeup::Event(exit_evt),
+            "the guest exit event",
+            Vmm::guest_stopped,
+        ),
+        (
+            Wakeup::Event(pause_evt),
+            "the guest's pause requests",
+            pause_for_the_guest,
+        ),
+        (
+            Wakeup::Timer(timer),
+            "the live update's progress",
+            Vmm::follow_agent,
+        ),
+    ];
+    for (wakeup, what, on_wakeup) in watchers {
+        events.add_subscriber(Arc::new(Mutex::new(VmWatcher {
+            wakeup,
+            what,
+            vmm: vmm.clone(),
+            on_wakeup,
+        })));
+    }
     events.add_subscriber(Arc::new(Mutex::new(SerialInput {
         stdin: std::io::stdin(),
         serial,

@@ -125,7 +125,7 @@ pub struct SaveReport {
 /// Where the time of a restore went, phase by phase, in milliseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RestoreTimings {
-    /// Decoding and checking the state against the memfds.
+    /// Checking the state (decoded while the inputs were gathered) against the memfds and host.
     pub check_ms: f64,
     /// Creating the KVM VM, irqchip and PIT.
     pub vm_ms: f64,

@@ -63,8 +63,8 @@ pub fn from_session(
             .retrieve(STATE_TOKEN)
             .map_err(failed("cannot retrieve the state memfd"))?,
     );
-    let state_blob = read_state(&state_memfd, None, &format!("session {name}"))?;
-    let saved = check_state(&name, vm_id, &state_blob)?;
+    let blob = read_state(&state_memfd, None, &format!("session {name}"))?;
+    let saved = check_state(&name, vm_id, &blob)?;
     let source_paused_at = saved
         .update
         .as_ref()
@@ -79,7 +79,8 @@ pub fn from_session(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RestoreArgs {
-        state_blob,
+        state_bytes: blob.len() as u64,
+        state: saved,
         state_memfd: Some(state_memfd),
         memfds,
         devices: None,
