@@ -704,6 +704,13 @@ wait_bits:
 3:  xorl %eax, %eax
     ret
 
+/* wait_count: rdi = an interrupt counter. Waits until it is non-zero, or 50 timer ticks pass;
+ * eax = 1 if it became non-zero */
+wait_count:
+    movl $0xffffffff, %esi
+    movl $1, %edx
+    jmp wait_bits
+
 /* edu_idle: waits until the DMA command register's busy bit clears (r12 = BAR); eax = 1 if so */
 edu_idle:
     leaq 0x98(%r12), %rdi
@@ -796,13 +803,9 @@ edu_fail_dma:
     leaq str_fail_dma(%rip), %rsi
 /* dev_fail: rsi = reason; prints the FAIL line and returns from edu_test or nvme_test */
 dev_fail:
-    movq %rsi, %r13
+    movq %rsi, %rax
     leaq str_dev_fail(%rip), %rsi
-    call puts
-    call put_bdf
-    movq %r13, %rsi
-    call puts
-    call newline
+    call put_fail
 dev_done:
     popq %r15
     popq %r14
@@ -983,21 +986,10 @@ nvme_test:
     jz nvme_fail_cmd
     movl $3, %edi                   /* masked: the message waits, pending, for 300 ms */
     call sleep_ticks
-    cmpl $0, nvme_irq(%rip)
-    jne nvme_fail_mask
-    testl $1, (%r15)
-    jz nvme_fail_pending
-    movl $0, 12(%r14)               /* unmask: the held message arrives now */
-    leaq nvme_irq(%rip), %rdi
-    movl $0xffffffff, %esi
-    movl $1, %edx
-    call wait_bits
-    testl %eax, %eax
-    jz nvme_fail_irq
-    movl $1, 12(%r14)               /* masked again: the delivered message is not pending */
-    testl $1, (%r15)
-    jnz nvme_fail_stale
-    movl $0, 12(%r14)
+    call nvme_release_held
+    testq %rax, %rax
+    movq %rax, %rsi
+    jnz dev_fail
     movl $1, 0x1004(%r12)           /* CQ 0 head doorbell */
     cmpl $0x00010001, NVME_ACQ+12   /* command id 1, phase 1, status 0 */
     jne nvme_fail_status
@@ -1025,18 +1017,6 @@ nvme_fail_ready:
     jmp dev_fail
 nvme_fail_cmd:
     leaq str_fail_cmd(%rip), %rsi
-    jmp dev_fail
-nvme_fail_mask:
-    leaq str_fail_mask(%rip), %rsi
-    jmp dev_fail
-nvme_fail_pending:
-    leaq str_fail_pending(%rip), %rsi
-    jmp dev_fail
-nvme_fail_irq:
-    leaq str_fail_irq(%rip), %rsi
-    jmp dev_fail
-nvme_fail_stale:
-    leaq str_fail_stale(%rip), %rsi
     jmp dev_fail
 nvme_fail_status:
     leaq str_fail_status(%rip), %rsi
@@ -1169,9 +1149,7 @@ edu_wait_done:
     leaq str_fail_dma(%rip), %rax
     jz 1f
     leaq dev_irq(%rip), %rdi
-    movl $0xffffffff, %esi
-    movl $1, %edx
-    call wait_bits
+    call wait_count
     movl %eax, %r13d
     call edu_dma_same
     leaq str_fail_data(%rip), %rax
@@ -1276,9 +1254,7 @@ nvme_round:
     testq %rax, %rax
     jnz 8f
     leaq nvme_irq(%rip), %rdi
-    movl $0xffffffff, %esi
-    movl $1, %edx
-    call wait_bits
+    call wait_count
     testl %eax, %eax
     leaq str_fail_irq(%rip), %rax
     jz 8f
@@ -1353,13 +1329,8 @@ irq_in_flight:
     movl $1, %eax
     outl %eax, %dx
     jmp 9f
-8:  movq %rax, %r12
-    leaq str_inflight_fail(%rip), %rsi
-    call puts
-    call put_bdf
-    movq %r12, %rsi
-    call puts
-    call newline
+8:  leaq str_inflight_fail(%rip), %rsi
+    call put_fail
 9:  popq %r15
     popq %r14
     popq %r12
@@ -1399,22 +1370,8 @@ irq_landed:
     movl nvme_slot(%rip), %ebx
     movq nvme_vec0(%rip), %r14
     movq nvme_pba(%rip), %r15
-    cmpl $0, nvme_irq(%rip)
-    leaq str_fail_mask(%rip), %rax
-    jne 8f
-    testl $1, (%r15)
-    leaq str_fail_pending(%rip), %rax
-    jz 8f
-    movl $0, 12(%r14)               /* unmask: the held message arrives now */
-    leaq nvme_irq(%rip), %rdi
-    movl $0xffffffff, %esi
-    movl $1, %edx
-    call wait_bits
-    testl %eax, %eax
-    leaq str_fail_irq(%rip), %rax
-    jz 8f
-    testl $1, (%r15)
-    leaq str_fail_stale(%rip), %rax
+    call nvme_release_held
+    testq %rax, %rax
     jnz 8f
     leaq str_inflight_ok(%rip), %rsi
     call puts
@@ -1423,13 +1380,8 @@ irq_landed:
     call puts
     call newline
     jmp 9f
-8:  movq %rax, %r12
-    leaq str_inflight_fail(%rip), %rsi
-    call puts
-    call put_bdf
-    movq %r12, %rsi
-    call puts
-    call newline
+8:  leaq str_inflight_fail(%rip), %rsi
+    call put_fail
     jmp 1b
 9:  popq %r15
     popq %r14
@@ -1437,6 +1389,41 @@ irq_landed:
     popq %r12
     popq %rbx
     ret
+
+/* nvme_release_held: r14 = vector 0's table entry (masked), r15 = the pending-bit array. The
+ * completion message held by the mask must not have interrupted and must be pending;
+ * unmasking must deliver it, after which (masked again) nothing is pending. Leaves vector 0
+ * unmasked. rax = 0, or the reason string. */
+nvme_release_held:
+    cmpl $0, nvme_irq(%rip)
+    leaq str_fail_mask(%rip), %rax
+    jne 1f
+    testl $1, (%r15)
+    leaq str_fail_pending(%rip), %rax
+    jz 1f
+    movl $0, 12(%r14)               /* unmask: the held message arrives now */
+    leaq nvme_irq(%rip), %rdi
+    call wait_count
+    testl %eax, %eax
+    leaq str_fail_irq(%rip), %rax
+    jz 1f
+    movl $1, 12(%r14)               /* masked again: the delivered message is not pending */
+    testl $1, (%r15)
+    leaq str_fail_stale(%rip), %rax
+    jnz 1f
+    movl $0, 12(%r14)
+    xorl %eax, %eax
+1:  ret
+
+/* put_fail: rsi = the line's start, rax = the reason; prints start, "bdf=00:SS.0" of slot
+ * ebx, reason, newline */
+put_fail:
+    pushq %rax
+    call puts
+    call put_bdf
+    popq %rsi
+    call puts
+    jmp newline
 
 /* sleep_ticks: edi = timer ticks to sleep in hlt; clobbers r8 */
 sleep_ticks:

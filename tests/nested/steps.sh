@@ -19,3 +19,32 @@ stop_vm() { # stop_vm SOCKET PID: asks the VMM to shut down; kills it if it is n
     kill -9 "$2" 2>/dev/null
     wait "$2" 2>/dev/null
 }
+
+result() { # result NAME EXIT-CODE DETAIL: one test line, ok when EXIT-CODE is 0
+    if [ "$2" = 0 ]; then echo "LUVMM-L1 test $1 ok"; else echo "LUVMM-L1 test $1 FAIL $3"; fi
+}
+
+phase() { # phase SOCKET: the VM's phase, as its luvmm reports it
+    luvmm ctl --socket "$1" status 2>/dev/null | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p'
+}
+
+wait_phase() { # wait_phase SOCKET PHASE: up to 30 s
+    i=0
+    while [ "$(phase "$1")" != "$2" ]; do
+        i=$((i + 1)); [ $i -gt 300 ] && return 1; sleep 0.1
+    done
+}
+
+wait_line() { # wait_line LOG PATTERN [COUNT]: up to 60 s for COUNT lines matching PATTERN
+    i=0
+    while n=$(grep -c "$2" "$1" 2>/dev/null); [ "${n:-0}" -lt "${3:-1}" ]; do
+        i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
+    done
+}
+
+whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished its last line
+    i=0
+    while [ "$(tail -c1 "$1" 2>/dev/null | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+}

@@ -10,6 +10,14 @@ pub fn line(text: &str) {
     let _ = out.flush();
 }
 
+/// The value after `flag` in a test program's arguments (`--flag VALUE`).
+pub fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
 /// Counts results and prints each as `test <prefix><name> ok` or `... FAIL why`.
 pub struct Report {
     prefix: &'static str,

@@ -34,6 +34,32 @@ fn boot_scenario(name: &str, scenario: &str, devices: &[&str], extra: &[PathBuf]
     run
 }
 
+/// Fails unless the second kernel of the kexec ran the scenario.
+fn require_second_kernel(run: &L1Run) {
+    if !run.results().iter().any(|r| r.starts_with("boot stage=2")) {
+        fail(run, "the second kernel never ran the scenario");
+    }
+}
+
+/// Fails on any result line that says FAIL.
+fn require_no_failure(run: &L1Run) {
+    let results = run.results();
+    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
+    if !failures.is_empty() {
+        fail(run, &format!("failures: {failures:#?}"));
+    }
+}
+
+/// Fails unless each of `names` reported `test <prefix><name> ok`.
+fn require_ok(run: &L1Run, prefix: &str, names: &[&str]) {
+    let results = run.results();
+    for name in names {
+        if !results.contains(&format!("test {prefix}{name} ok").as_str()) {
+            fail(run, &format!("{prefix}{name} did not report ok"));
+        }
+    }
+}
+
 /// The exit code and JSON report of `luvmm host-check --json` in `stage`.
 fn hostcheck(run: &L1Run, stage: u32) -> (i32, serde_json::Value) {
     let prefix = format!("hostcheck stage={stage} exit=");
@@ -82,13 +108,8 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
     }
 
     // A real kexec happened, into a kernel that rebuilt the sessions.
-    if !results.iter().any(|r| r.starts_with("boot stage=2")) {
-        fail(&run, "the second kernel never ran the scenario");
-    }
-    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
-    if !failures.is_empty() {
-        fail(&run, &format!("failures: {failures:#?}"));
-    }
+    require_second_kernel(&run);
+    require_no_failure(&run);
     for stage in [1, 2] {
         let done = format!("stage {stage} done pass=");
         match results.iter().find(|r| r.starts_with(&done)) {
@@ -231,10 +252,7 @@ fn vfio_scenario(name: &str, bed: VfioBed) {
     );
     let results = run.results();
     check_open_watcher(&run);
-    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
-    if !failures.is_empty() {
-        fail(&run, &format!("failures: {failures:#?}"));
-    }
+    require_no_failure(&run);
     // Per device kind and run: edu with MSI then INTx, NVMe with MSI-X in both runs.
     for (irq, expected) in [
         ("irq=msi ", bed.edu),
@@ -456,15 +474,8 @@ fn vfio_handover_moves_devices_to_a_new_process() {
         ],
     );
     let results = run.results();
-    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
-    if !failures.is_empty() {
-        fail(&run, &format!("failures: {failures:#?}"));
-    }
-    for test in HANDOVER_TESTS {
-        if !results.contains(&format!("test {test} ok").as_str()) {
-            fail(&run, &format!("{test} did not report ok"));
-        }
-    }
+    require_no_failure(&run);
+    require_ok(&run, "", HANDOVER_TESTS);
     for step in ["handover_b", "handover_c"] {
         let opens = watched_opens(&run, step);
         if !opens.is_empty() {
@@ -490,36 +501,30 @@ fn the_agent_carries_sessions_and_its_ledger_across_a_real_kexec() {
         &[],
         &[PathBuf::from(env!("CARGO_BIN_EXE_agent-scenario"))],
     );
-    let results = run.results();
-    if !results.iter().any(|r| r.starts_with("boot stage=2")) {
-        fail(&run, "the second kernel never ran the scenario");
-    }
-    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
-    if !failures.is_empty() {
-        fail(&run, &format!("failures: {failures:#?}"));
-    }
-    for name in [
-        "start",
-        "subscribe",
-        "second_subscribe_refused",
-        "bad_vm_id_refused",
-        "release",
-        "update_waits_for_every_vm",
-        "preserve",
-        "ready",
-        "status_before",
-        "ledger_crossed_the_kexec",
-        "claim",
-        "memfd_intact",
-        "finish",
-        "second_claim_refused",
-        "unknown_vm_refused",
-        "no_agent",
-    ] {
-        if !results.contains(&format!("test agent_{name} ok").as_str()) {
-            fail(&run, &format!("agent_{name} did not report ok"));
-        }
-    }
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    require_ok(
+        &run,
+        "agent_",
+        &[
+            "start",
+            "subscribe",
+            "second_subscribe_refused",
+            "bad_vm_id_refused",
+            "release",
+            "update_waits_for_every_vm",
+            "preserve",
+            "ready",
+            "status_before",
+            "ledger_crossed_the_kexec",
+            "claim",
+            "memfd_intact",
+            "finish",
+            "second_claim_refused",
+            "unknown_vm_refused",
+            "no_agent",
+        ],
+    );
 }
 
 /// A host live update with a real kexec: the VM's RAM and state come back through its LUO
@@ -538,36 +543,31 @@ fn a_vm_with_devices_survives_a_host_live_update() {
         ],
     );
     let results = run.results();
-    if !results.iter().any(|r| r.starts_with("boot stage=2")) {
-        fail(&run, "the second kernel never ran the scenario");
-    }
-    let failures: Vec<&&str> = results.iter().filter(|r| r.contains(" FAIL")).collect();
-    if !failures.is_empty() {
-        fail(&run, &format!("failures: {failures:#?}"));
-    }
-    for name in [
-        "round_1",
-        "preflight_blocks_an_unknown_kernel",
-        "preflight_passes_a_known_good_kernel",
-        "preflight_blocks_a_kernel_that_does_not_load",
-        "prepared",
-        "agent_ready",
-        "cancelled",
-        "round_2",
-        "bad_vm_id_refused",
-        "round_3",
-        "finished",
-        "second_restore_refused",
-        "vm2_prepared",
-        "unknown_session_refused",
-        "deadline_calls_everyone_off",
-        "kernel_that_does_not_load_calls_it_off",
-        "device_missing_refused_before_any_retrieve",
-    ] {
-        if !results.contains(&format!("test update_{name} ok").as_str()) {
-            fail(&run, &format!("update_{name} did not report ok"));
-        }
-    }
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    require_ok(
+        &run,
+        "update_",
+        &[
+            "round_1",
+            "preflight_blocks_an_unknown_kernel",
+            "preflight_passes_a_known_good_kernel",
+            "preflight_blocks_a_kernel_that_does_not_load",
+            "prepared",
+            "agent_ready",
+            "cancelled",
+            "round_2",
+            "bad_vm_id_refused",
+            "round_3",
+            "finished",
+            "second_restore_refused",
+            "vm2_prepared",
+            "unknown_session_refused",
+            "deadline_calls_everyone_off",
+            "kernel_that_does_not_load_calls_it_off",
+            "device_missing_refused_before_any_retrieve",
+        ],
+    );
     // The guest's own checks, in order across the kexec: the same boot (seed), every page
     // intact, every heartbeat going on.
     let all: Vec<luvmm_tests::Check> = results

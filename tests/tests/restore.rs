@@ -296,6 +296,13 @@ fn damaged_or_mismatched_state_is_refused() {
     assert!(stderr.contains("--from-socket"), "{stderr}");
 }
 
+/// The TSC rate the state exported at `path` saved: this host's, since it was made here.
+fn saved_tsc_khz(path: &Path) -> u32 {
+    use luvmm_resources::state::{decode, VmState};
+    let state: VmState = decode(&std::fs::read(path).unwrap()).unwrap();
+    state.vcpus[0].tsc_khz.expect("KVM reports a TSC rate")
+}
+
 /// Rewrites the exported state at `path` with `change` applied, as a state from another host
 /// would be.
 fn rewrite_state(path: &Path, change: impl FnOnce(&mut luvmm_resources::state::VmState)) {
@@ -309,11 +316,7 @@ fn rewrite_state(path: &Path, change: impl FnOnce(&mut luvmm_resources::state::V
 fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
     let dir = TestDir::new("restore-tsc");
     let (before, export, fds, serial) = boot_save_and_kill(&dir, &[]);
-    let host_khz = {
-        use luvmm_resources::state::{decode, VmState};
-        let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
-        state.vcpus[0].tsc_khz.expect("KVM reports a TSC rate")
-    };
+    let host_khz = saved_tsc_khz(&export);
     let ram_fd = fds[1].as_raw_fd().to_string();
 
     // A rate this host cannot give a vCPU: refused by name, before anything runs.
@@ -520,11 +523,7 @@ fn a_tsc_rate_no_vcpu_here_can_run_at_is_found_before_a_restore_takes_anything()
     use luvmm_vmm::vstate::vcpu::{check_tsc_rate, VcpuError};
     let dir = TestDir::new("restore-tsc-check");
     let (_, export, _, _) = boot_save_and_kill(&dir, &[]);
-    let host_khz = {
-        use luvmm_resources::state::{decode, VmState};
-        let state: VmState = decode(&std::fs::read(&export).unwrap()).unwrap();
-        state.vcpus[0].tsc_khz.expect("KVM reports a TSC rate")
-    };
+    let host_khz = saved_tsc_khz(&export);
     let kvm = luvmm_vmm::vstate::vm::open_kvm().unwrap();
     assert!(check_tsc_rate(&kvm, host_khz).is_ok());
     // A kernel's recalibration after a kexec: within 1 %.

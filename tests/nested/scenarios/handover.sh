@@ -24,22 +24,6 @@ count=$(echo $bdfs | wc -w)
 vfio_args() { for b in "$@"; do printf -- '--vfio %s ' "$b"; done; }
 echo "LUVMM-L1 log handover devices:$bdfs"
 
-result() { # result NAME CONDITION-EXIT-CODE DETAIL
-    if [ "$2" = 0 ]; then echo "LUVMM-L1 test $1 ok"; else echo "LUVMM-L1 test $1 FAIL $3"; fi
-}
-phase() { luvmm ctl --socket "$1" status 2>/dev/null | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p'; }
-wait_phase() { # wait_phase SOCKET PHASE: up to 30 s
-    i=0
-    while [ "$(phase "$1")" != "$2" ]; do
-        i=$((i + 1)); [ $i -gt 300 ] && return 1; sleep 0.1
-    done
-}
-wait_line() { # wait_line LOG PATTERN [COUNT]: up to 60 s for COUNT lines matching PATTERN
-    i=0
-    while [ "$(grep -c "$2" "$1" 2>/dev/null)" -lt "${3:-1}" ]; do
-        i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
-    done
-}
 round() { # round SOCKET LOG N: the guest drives every device; all must be ok
     luvmm ctl --socket "$1" guest devices >/dev/null
     if ! wait_line "$2" "LUVMM-ROUND done n=$3 devices=$count"; then

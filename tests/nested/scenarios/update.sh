@@ -17,27 +17,11 @@ for dev in /sys/bus/pci/drivers/vfio-pci/0000:00:*; do
     [ -e "$dev" ] && bdfs="$bdfs ${dev##*/}"
 done
 count=$(echo $bdfs | wc -w)
-result() { # result NAME EXIT-CODE DETAIL
-    if [ "$2" = 0 ]; then echo "LUVMM-L1 test update_$1 ok"; else echo "LUVMM-L1 test update_$1 FAIL $3"; fi
-}
-phase() { luvmm ctl --socket "$1" status 2>/dev/null | sed -n 's/.*"phase":"\([a-z_]*\)".*/\1/p'; }
-wait_line() { # wait_line LOG PATTERN [COUNT]
-    i=0
-    while n=$(grep -c "$2" "$1" 2>/dev/null); [ "${n:-0}" -lt "${3:-1}" ]; do
-        i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
-    done
-}
 round() { # round SOCKET LOG N
     luvmm ctl --socket "$1" guest devices >/dev/null
     wait_line "$2" "LUVMM-ROUND done n=$3 "
     ok=$(grep -c "LUVMM-ROUND ok n=$3 .* dma=ok irq=msi" "$2")
-    result "round_$3" $([ "$ok" = "$count" ]; echo $?) "$(grep "LUVMM-ROUND .*n=$3 " "$2" | tr '\n' ' ')"
-}
-whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished its last line
-    i=0
-    while [ "$(tail -c1 "$1" 2>/dev/null | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do
-        sleep 0.1; i=$((i + 1))
-    done
+    result "update_round_$3" $([ "$ok" = "$count" ]; echo $?) "$(grep "LUVMM-ROUND .*n=$3 " "$2" | tr '\n' ' ')"
 }
 last_check() { # last_check LOG NTH: prints the guest's NTH memory check line, once whole
     wait_line "$1" "LUVMM-CHECK" "$2"
@@ -76,31 +60,31 @@ case "$stage" in
     code3=$?
     echo "LUVMM-L1 update check1 exit=$code1 $(cat check1.json)"
     echo "LUVMM-L1 update check2 exit=$code2 $(cat check2.json)"
-    result preflight_blocks_an_unknown_kernel \
+    result update_preflight_blocks_an_unknown_kernel \
         $([ $code1 = 3 ] && grep -q 'may not have the LUO file handlers' check1.json; echo $?) \
         "exit $code1: $(cat check1.json)"
-    result preflight_passes_a_known_good_kernel \
+    result update_preflight_passes_a_known_good_kernel \
         $([ $code2 = 0 ] && [ "$(grep -o '"handler":"absent"' check2.json | wc -l)" = "$count" ]; echo $?) \
         "exit $code2: $(cat check2.json)"
-    result preflight_blocks_a_kernel_that_does_not_load \
+    result update_preflight_blocks_a_kernel_that_does_not_load \
         $([ $code3 = 3 ] && grep -q "does not load: cannot open kernel /nonexistent" check3.out; echo $?) \
         "exit $code3: $(cat check3.out)"
     # Prepared, then called off: the guest goes on where it was.
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep1.json 2>&1
     echo "LUVMM-L1 update prepare1 $(cat prep1.json)"
-    result prepared $([ "$(phase a.sock)" = preserved ] && grep -q '"preserved":false' prep1.json; echo $?) \
+    result update_prepared $([ "$(phase a.sock)" = preserved ] && grep -q '"preserved":false' prep1.json; echo $?) \
         "phase $(phase a.sock): $(cat prep1.json)"
-    result agent_ready $(luvmm agent status --socket $agent_sock | grep -q '"phase":"ready"'; echo $?) \
+    result update_agent_ready $(luvmm agent status --socket $agent_sock | grep -q '"phase":"ready"'; echo $?) \
         "$(luvmm agent status --socket $agent_sock)"
     luvmm ctl --socket a.sock update cancel > cancel.out 2>&1
-    result cancelled $([ "$(phase a.sock)" = running ] \
+    result update_cancelled $([ "$(phase a.sock)" = running ] \
         && luvmm agent status --socket $agent_sock | grep -q '"vms":\[\]'; echo $?) \
         "phase $(phase a.sock): $(cat cancel.out)"
     round a.sock a.log 2
     check a.sock a.log 2
     # A VM id the agent will not take: refused, and the guest runs on.
     luvmm ctl --socket a.sock update prepare --vm-id "bad.id" --agent-socket $agent_sock > bad.out 2>&1
-    result bad_vm_id_refused $(grep -q "invalid VM id" bad.out && [ "$(phase a.sock)" = running ]; echo $?) \
+    result update_bad_vm_id_refused $(grep -q "invalid VM id" bad.out && [ "$(phase a.sock)" = running ]; echo $?) \
         "$(cat bad.out)"
     # The agent's deadline: a VMM that subscribes and never gets ready calls the update off
     # for everyone, and vm1's luvmm, which follows the agent, resumes its guest in place.
@@ -110,11 +94,10 @@ case "$stage" in
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep-d.json 2>&1
     luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
         --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 --deadline 3 > deadline.out 2>&1
-    i=0
-    while [ "$(phase a.sock)" != running ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+    wait_phase a.sock running
     status=$(luvmm agent status --socket $agent_sock)
     # vm1 resumed and released its session; the holder's is left cancelled.
-    result deadline_calls_everyone_off $([ "$(phase a.sock)" = running ] \
+    result update_deadline_calls_everyone_off $([ "$(phase a.sock)" = running ] \
         && ! echo "$status" | grep -q '"vm":"vm1"' \
         && echo "$status" | grep -q '"vm":"slow","session":"luvmm-slow","phase":"cancelled"'; echo $?) \
         "phase $(phase a.sock); $(cat deadline.out); $status"
@@ -124,9 +107,8 @@ case "$stage" in
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep-k.json 2>&1
     luvmm agent update --socket $agent_sock --kernel /nonexistent > noload.out 2>&1
     noload=$?
-    i=0
-    while [ "$(phase a.sock)" != running ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
-    result kernel_that_does_not_load_calls_it_off \
+    wait_phase a.sock running
+    result update_kernel_that_does_not_load_calls_it_off \
         $([ $noload != 0 ] && grep -q "cannot open kernel /nonexistent" noload.out \
             && [ "$(phase a.sock)" = running ]; echo $?) \
         "exit $noload: $(cat noload.out); phase $(phase a.sock)"
@@ -138,7 +120,7 @@ case "$stage" in
     wait_scan v2.log $vm2 update_scan_vm2
     check v2.sock v2.log 1
     luvmm ctl --socket v2.sock update prepare --vm-id vm2 --agent-socket $agent_sock > prep-vm2.json 2>&1
-    result vm2_prepared $([ "$(phase v2.sock)" = preserved ]; echo $?) "$(cat prep-vm2.json)"
+    result update_vm2_prepared $([ "$(phase v2.sock)" = preserved ]; echo $?) "$(cat prep-vm2.json)"
     kill -9 $vm2
     # For real this time.
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep2.json 2>&1
@@ -158,7 +140,7 @@ case "$stage" in
     luvmm restore --session vm1 --agent-socket $agent_sock --serial none > unbound.out 2>&1
     unbound=$?
     echo "$gone" > /sys/bus/pci/drivers_probe
-    result device_missing_refused_before_any_retrieve \
+    result update_device_missing_refused_before_any_retrieve \
         $([ $unbound != 0 ] && grep -q "$gone: bound to no driver, not vfio-pci (nothing was taken from the session" unbound.out \
             && [ -e /sys/bus/pci/drivers/vfio-pci/$gone ]; echo $?) "exit $unbound: $(cat unbound.out)"
     vfio-open-watch -- sh -c '
@@ -175,10 +157,10 @@ case "$stage" in
     last_check b.log 1
     round b.sock b.log 3
     check b.sock b.log 2
-    result finished $(luvmm ctl --socket b.sock status | grep -q '"finish_ms":[0-9]'; echo $?) \
+    result update_finished $(luvmm ctl --socket b.sock status | grep -q '"finish_ms":[0-9]'; echo $?) \
         "$(luvmm ctl --socket b.sock status)"
     luvmm restore --session vm1 --agent-socket $agent_sock --serial none > again.out 2>&1
-    result second_restore_refused $(grep -q "already claimed" again.out; echo $?) "$(cat again.out)"
+    result update_second_restore_refused $(grep -q "already claimed" again.out; echo $?) "$(cat again.out)"
     # The VM whose VMM was killed after it was ready comes back too.
     luvmm restore --session vm2 --agent-socket $agent_sock --serial ./v2.log --api-socket v2.sock \
         2>v2.err &
@@ -186,7 +168,7 @@ case "$stage" in
     last_check v2.log 1
     sed 's/^/LUVMM-L1 log v2: /' v2.err
     luvmm restore --session vm9 --agent-socket $agent_sock --serial none > unknown.out 2>&1
-    result unknown_session_refused $(grep -q 'no VM "vm9" is known to the agent' unknown.out; echo $?) \
+    result update_unknown_session_refused $(grep -q 'no VM "vm9" is known to the agent' unknown.out; echo $?) \
         "$(cat unknown.out)"
     stop_vm v2.sock $vm2
     echo "LUVMM-L1 update status $(luvmm ctl --socket b.sock status)"

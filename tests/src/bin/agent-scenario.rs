@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use luvmm_liveupdate::agent::{AgentClient, Ledger, VmPhase};
 use luvmm_liveupdate::kexec;
-use luvmm_tests::l1::{line, Report};
+use luvmm_tests::l1::{flag, line, Report};
 
 const TOKEN: u64 = 7;
 const MIB: usize = 1 << 20;
@@ -204,11 +204,7 @@ fn stage2(socket: &Path) -> i32 {
 /// `agent-scenario hold --socket S --vm ID --seconds N`: a VMM that subscribes and never gets
 /// ready (it holds the session N seconds, then exits).
 fn hold(socket: &Path, args: &[String]) -> i32 {
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-    };
+    let value = |name: &str| flag(args, name);
     let (Some(vm), Some(seconds)) = (
         value("--vm"),
         value("--seconds").and_then(|s| s.parse().ok()),
@@ -231,12 +227,7 @@ fn hold(socket: &Path, args: &[String]) -> i32 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map(PathBuf::from)
-    };
+    let value = |name: &str| flag(&args, name).map(PathBuf::from);
     let code = match (
         args.first().map(String::as_str),
         value("--socket"),

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use luvmm_liveupdate::uapi::{SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
 use luvmm_liveupdate::{kexec, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
-use luvmm_tests::l1::{line, Report};
+use luvmm_tests::l1::{flag, line, Report};
 
 /// Sessions carried across the kexec and the memfds in them: (session, token, MiB).
 const CARRIED: &[(&str, Token, u64)] = &[
@@ -431,12 +431,7 @@ fn stage2() -> i32 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map(PathBuf::from)
-    };
+    let value = |name: &str| flag(&args, name).map(PathBuf::from);
     let code = match args.first().map(String::as_str) {
         Some("stage1") => match (value("--kernel"), value("--initrd")) {
             (Some(kernel), Some(initrd)) => stage1(kernel, initrd),
