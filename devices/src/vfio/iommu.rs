@@ -96,7 +96,9 @@ impl IommuContext {
     }
 
     /// Maps `len` bytes of RAM memfd number `memfd_index` from `offset` at IOVA `iova`, by
-    /// file. The memfd must be sealed against growing, shrinking and further seals.
+    /// file. The memfd must be sealed against growing, shrinking and further seals. The
+    /// ioctl is built here rather than through iommufd-ioctls' `IommufdIoas::map_file`, which
+    /// maps only into the IOAS that wrapper allocated: an adopted context's IOAS is not it.
     pub fn map_file(
         &mut self,
         memfd: BorrowedFd<'_>,
