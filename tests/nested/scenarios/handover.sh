@@ -66,6 +66,7 @@ result vfio_handover_nvme_kept_its_queues $([ "$nvme_slot" = 2 ]; echo $?) \
     "round 2's NVMe command went to slot '$nvme_slot', not 2"
 luvmm ctl --socket b.sock check >/dev/null
 wait_line b.log "LUVMM-CHECK"
+whole_lines b.log
 result vfio_handover_memory_intact $(grep "LUVMM-CHECK" b.log | tail -1 | grep -q "LUVMM-CHECK ok"; echo $?) \
     "$(grep LUVMM-CHECK b.log | tail -1)"
 sed 's/^/LUVMM-L1 log b: /' b.err
@@ -121,6 +122,7 @@ result vfio_handover_state_without_device_fds_refused \
 luvmm ctl --socket c.sock resume >/dev/null
 luvmm ctl --socket c.sock check >/dev/null
 wait_line c.log "LUVMM-CHECK" 2
+whole_lines c.log
 result vfio_handover_guest_runs_after_failures \
     $(grep "LUVMM-CHECK" c.log | tail -1 | grep -q "LUVMM-CHECK ok"; echo $?) \
     "$(grep LUVMM-CHECK c.log | tail -1)"
@@ -138,6 +140,7 @@ legacy_refused=$?
 luvmm ctl --socket l.sock resume >/dev/null
 luvmm ctl --socket l.sock check >/dev/null
 wait_line legacy.log "LUVMM-CHECK"
+whole_lines legacy.log
 result vfio_handover_legacy_refused \
     $([ $legacy_refused != 0 ] && grep -q "409.*legacy VFIO container" legacy.out \
         && grep -q "LUVMM-CHECK ok" legacy.log; echo $?) "$(cat legacy.out)"
