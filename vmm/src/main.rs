@@ -40,6 +40,9 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             if let Some(socket) = &args.from_socket {
                 restore::complete_handover(socket).map_err(|e| chain(&e))?;
             }
+            if let Some(vm_id) = &args.session {
+                update::retrieve::report_finished(&args.agent_socket, vm_id);
+            }
             log::info!("restored; resuming");
             finish(runtime::run(vmm, args.common.api_socket.as_deref()))
         }

@@ -128,6 +128,13 @@ impl AgentClient {
             .map(drop)
     }
 
+    /// Tells the agent VM `vm` is restored and its session finished, so that it may take
+    /// part in the next update.
+    pub fn finished(&self, vm: &str) -> Result<(), AgentClientError> {
+        self.call("finished", &Request::Finished { vm: vm.into() })
+            .map(drop)
+    }
+
     /// The agent's ledger.
     pub fn status(&self) -> Result<Ledger, AgentClientError> {
         let op = "status";

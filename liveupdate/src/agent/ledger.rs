@@ -30,6 +30,9 @@ pub enum VmPhase {
     Incoming,
     /// Its session was handed to the VMM restoring it (once: a retrieve is one-shot).
     Claimed,
+    /// Its VMM restored it and finished the session: this update is over for it, and it may
+    /// subscribe for the next one.
+    Finished,
     /// The agent called the update off (a VM was not ready by the deadline): its copy of the
     /// session is gone, and the VMM resumes the guest in place.
     Cancelled,
@@ -101,9 +104,9 @@ impl Ledger {
     /// A new VM: its session's name, refused if it has one already.
     pub fn subscribe(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
         let session = session_of(vm)?;
-        // A VM whose update was called off may try again.
+        // A VM whose update was called off, or is over, may go again.
         self.vms
-            .retain(|r| !(r.vm == vm && r.phase == VmPhase::Cancelled));
+            .retain(|r| !(r.vm == vm && matches!(r.phase, VmPhase::Cancelled | VmPhase::Finished)));
         if let Some(existing) = self.vms.iter().find(|r| r.vm == vm) {
             return Err(LedgerError::AlreadySubscribed {
                 vm: vm.to_string(),
@@ -149,20 +152,37 @@ impl Ledger {
         Ok(self.vms.remove(index))
     }
 
-    /// The kexec may go only when every subscribed VM is ready.
+    /// The VMM restored VM `vm` and finished its session.
+    pub fn finished(&mut self, vm: &str, at_ms: u64) -> Result<(), LedgerError> {
+        let record = self.find(vm)?;
+        match record.phase {
+            VmPhase::Claimed => {
+                record.phase = VmPhase::Finished;
+                record.times_ms.insert("finished".into(), at_ms);
+                Ok(())
+            }
+            phase => Err(LedgerError::WrongPhase {
+                vm: vm.to_string(),
+                phase,
+                what: "finish",
+                needs: "claimed",
+            }),
+        }
+    }
+
+    /// The kexec may go only when every subscribed VM is ready (VMs whose last update was
+    /// called off or is over take no part).
     pub fn check_update(&self) -> Result<(), LedgerError> {
-        if self.vms.is_empty() {
+        let out_of_it = |r: &VmRecord| matches!(r.phase, VmPhase::Cancelled | VmPhase::Finished);
+        if self.vms.iter().all(out_of_it) {
             return Err(LedgerError::NoVms);
         }
         let waiting: Vec<String> = self
             .vms
             .iter()
-            .filter(|r| !matches!(r.phase, VmPhase::Ready | VmPhase::Cancelled))
+            .filter(|r| !(r.phase == VmPhase::Ready || out_of_it(r)))
             .map(|r| r.vm.clone())
             .collect();
-        if self.vms.iter().all(|r| r.phase == VmPhase::Cancelled) {
-            return Err(LedgerError::NoVms);
-        }
         if waiting.is_empty() {
             Ok(())
         } else {
@@ -214,7 +234,7 @@ impl Ledger {
                 record.times_ms.insert("claimed".into(), at_ms);
                 session_of(vm)
             }
-            VmPhase::Claimed => Err(LedgerError::AlreadyClaimed {
+            VmPhase::Claimed | VmPhase::Finished => Err(LedgerError::AlreadyClaimed {
                 session: record.session.clone(),
             }),
             phase => Err(LedgerError::WrongPhase {
@@ -297,6 +317,44 @@ mod tests {
             (times["subscribed"], times["ready"], times["claimed"]),
             (10, 20, 113)
         );
+    }
+
+    #[test]
+    fn a_finished_vm_takes_part_in_the_next_update_and_is_never_claimed_twice() {
+        let mut ledger = Ledger::default();
+        ledger.subscribe("vm1", 1).unwrap();
+        ledger.subscribe("vm2", 2).unwrap();
+        ledger.ready("vm1", 3, &[]).unwrap();
+        ledger.ready("vm2", 4, &[]).unwrap();
+        let mut next = ledger.after_kexec(10);
+        assert!(matches!(
+            next.finished("vm1", 11),
+            Err(LedgerError::WrongPhase { what: "finish", .. })
+        ));
+        next.claim("vm1", 12).unwrap();
+        next.claim("vm2", 12).unwrap();
+        next.finished("vm1", 13).unwrap();
+        next.finished("vm2", 13).unwrap();
+        assert_eq!(
+            next.claim("vm1", 14),
+            Err(LedgerError::AlreadyClaimed {
+                session: "luvmm-vm1".into()
+            })
+        );
+        // Finished VMs take no part until they subscribe again.
+        assert_eq!(next.check_update(), Err(LedgerError::NoVms));
+        assert_eq!(next.subscribe("vm1", 20).unwrap().as_str(), "luvmm-vm1");
+        assert_eq!(
+            next.check_update(),
+            Err(LedgerError::NotReady {
+                vms: vec!["vm1".into()]
+            })
+        );
+        next.ready("vm1", 21, &[]).unwrap();
+        assert_eq!(next.check_update(), Ok(()));
+        let third = next.after_kexec(30);
+        assert_eq!(third.updates, 2);
+        assert_eq!(third.vms.len(), 1, "vm2 was not in this update: {third:?}");
     }
 
     #[test]

@@ -253,6 +253,11 @@ impl Agent {
                 log::info!("agent: VM {vm} released its session");
                 Ok((Reply::ok(), None, After::Nothing))
             }
+            Request::Finished { vm } => {
+                self.ledger.finished(&vm, now)?;
+                log::info!("agent: VM {vm} is restored and its session finished");
+                Ok((Reply::ok(), None, After::Nothing))
+            }
             Request::Status {} => Ok((
                 Reply {
                     ledger: Some(self.ledger.clone()),

@@ -43,6 +43,8 @@ pub enum Request {
     },
     /// After the kexec: hand the VM's incoming session over (once); the reply carries it.
     Claim { vm: String },
+    /// The VM is restored and its session finished.
+    Finished { vm: String },
     /// Which of the attached fds (and a memfd of the agent's) this kernel can preserve; each
     /// is tried in a scratch session that is closed at once.
     Probe {},

@@ -91,6 +91,14 @@ pub fn from_session(
     })
 }
 
+/// Tells the agent the VM is restored and its session finished. The guest runs whatever the
+/// agent says: a failure here only keeps the VM out of the next update until it is mended.
+pub fn report_finished(agent_socket: &Path, vm_id: &str) {
+    if let Err(e) = AgentClient::new(agent_socket).finished(vm_id) {
+        log::warn!("the agent did not take VM {vm_id}'s finish: {e}; it cannot prepare again");
+    }
+}
+
 /// Everything that can be known from the state alone, before anything else is retrieved.
 fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, RestoreError> {
     let refuse = |why: String| RestoreError::SessionState {
