@@ -1,13 +1,13 @@
 //! The nested bed's driver: builds (or reuses) the L1 kernel and initramfs, boots L1 under QEMU
-//! TCG with an emulated Intel IOMMU and the PCI devices a test asks for (`edu`, NVMe, ...), and
-//! collects its `LUVMM-L1` lines with host timestamps. On any failure it prints the tail of
-//! the L1 console.
+//! TCG with an emulated Intel IOMMU and the PCI devices a test asks for (`edu`, NVMe, ...)
+//! through luvmm's own bed driver, and reads its `LUVMM-L1` lines with host timestamps.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use luvmm_vmm::drill::bed::L1Spec;
 
 /// The kernel, its selftests and the initramfs, ready to boot.
 pub struct Bed {
@@ -49,22 +49,18 @@ pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
     Bed { kernel_dir, initrd }
 }
 
-/// One line of L1 output and the host time it arrived, in seconds since QEMU started.
-#[derive(Debug, Clone)]
-pub struct Line {
-    pub at: f64,
-    pub text: String,
-}
+pub use luvmm_vmm::drill::bed::{L1Run, Line};
 
-/// What an L1 run printed.
-pub struct L1Run {
-    pub lines: Vec<Line>,
-    pub timed_out: bool,
-}
-
-impl L1Run {
+/// What the bed's scenarios print.
+pub trait Results {
     /// `LUVMM-L1` lines without the prefix.
-    pub fn results(&self) -> Vec<&str> {
+    fn results(&self) -> Vec<&str>;
+    /// Host time of the first line containing `needle`.
+    fn time_of(&self, needle: &str) -> Option<f64>;
+}
+
+impl Results for L1Run {
+    fn results(&self) -> Vec<&str> {
         self.lines
             .iter()
             .filter_map(|l| {
@@ -75,116 +71,38 @@ impl L1Run {
             .collect()
     }
 
-    /// Host time of the first line containing `needle`.
-    pub fn time_of(&self, needle: &str) -> Option<f64> {
+    fn time_of(&self, needle: &str) -> Option<f64> {
         self.lines
             .iter()
             .find(|l| l.text.contains(needle))
             .map(|l| l.at)
-    }
-
-    /// The last `n` console lines, for failure reports.
-    pub fn tail(&self, n: usize) -> String {
-        let start = self.lines.len().saturating_sub(n);
-        self.lines[start..]
-            .iter()
-            .map(|l| format!("[{:8.3}] {}", l.at, l.text))
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 }
 
 /// One `edu` device, for scenarios that need just one.
 pub const ONE_EDU: &[&str] = &["edu"];
 
-/// Boots L1 with `scenario` and `devices` (each a QEMU `-device` value, in order), and waits
-/// for it to power off (or `timeout`, after which QEMU is killed).
+/// Boots L1 (with luvmm's own bed driver, as `luvmm drill` does) with `scenario` and
+/// `devices` (each a QEMU `-device` value, in order), and waits for it to power off (or
+/// `timeout`, after which QEMU is killed).
 pub fn run_l1(bed: &Bed, scenario: &str, devices: &[&str], timeout: Duration) -> L1Run {
-    // no_timer_check: on a loaded host a TCG vCPU can miss the timer ticks Linux counts while
-    // it checks the IO-APIC timer during boot, and with interrupt remapping on that check
-    // panics ("timer doesn't work through Interrupt-remapped IO-APIC") instead of falling back.
-    let append = format!(
-        "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4 luvmm.scenario={scenario}"
-    );
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35,kernel-irqchip=split"])
-        .args(["-accel", "tcg,thread=multi"])
-        // `max` under TCG: SVM with NPT for nested KVM, and XSAVE, which luvmm's vCPU state
-        // needs (plain qemu64 has none, so L1's KVM lacks KVM_CAP_XCRS).
-        .args(["-cpu", "max"])
-        .args(["-smp", "1", "-m", "3G"])
-        // The IOMMU comes first, so it is there when the devices are.
-        .args(["-device", "intel-iommu,intremap=on"]);
-    for device in devices {
-        cmd.args(["-device", device]);
-    }
-    cmd.arg("-kernel")
-        .arg(bed.kernel_dir.join("bzImage"))
-        .arg("-initrd")
-        .arg(&bed.initrd)
-        .args(["-append", &append])
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let append = format!("luvmm.scenario={scenario}");
+    let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+    let kernel = bed.kernel_dir.join("bzImage");
+    let spec = L1Spec {
+        kernel: &kernel,
+        initrd: &bed.initrd,
+        append: &append,
+        devices: &devices,
+        memory_mib: 3072,
+    };
     // One L1 at a time: TCG is CPU-bound and the machine has two cores.
+    let _turn = one_l1_at_a_time();
+    luvmm_vmm::drill::bed::run_l1(&spec, timeout, |_| {}).expect("boot L1 under QEMU")
+}
+
+/// Held while an L1 runs, by the scenario tests and the drill tests alike.
+pub fn one_l1_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("start qemu-system-x86_64");
-    let (tx, rx) = mpsc::channel();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for text in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx
-                    .send(Line {
-                        at: started.elapsed().as_secs_f64(),
-                        text,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let deadline = started + timeout;
-    let mut lines = Vec::new();
-    let mut timed_out = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                let _ = child.kill();
-                break;
-            }
-        }
-    }
-    let _ = child.wait();
-    L1Run { lines, timed_out }
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use luvmm_tests::nested::{prepare, run_l1, L1Run, ONE_EDU};
+use luvmm_tests::nested::{prepare, run_l1, L1Run, Results, ONE_EDU};
 use luvmm_tests::{luvmm_bin, TestDir};
 
 fn fail(run: &L1Run, why: &str) -> ! {
@@ -405,6 +405,28 @@ fn check_open_watcher(run: &L1Run) {
             &format!("opens seen: iommufd run {iommufd:?}, legacy run {legacy:?}"),
         );
     }
+    // Per device (inotify on its own nodes): the one device of each run, opened once.
+    for step in ["iommufd", "legacy"] {
+        let opened = device_opens(run, step);
+        if opened.iter().filter(|(_, n)| *n > 0).count() != 1
+            || !opened.iter().any(|(_, n)| *n == 1)
+        {
+            fail(run, &format!("watch {step}: per-device opens {opened:?}"));
+        }
+    }
+}
+
+/// The per-device open counts `vfio-open-watch` printed in step `step`.
+fn device_opens<'a>(run: &'a L1Run, step: &str) -> Vec<(&'a str, u32)> {
+    let prefix = format!("watch {step} LUVMM-OPEN device=");
+    run.results()
+        .into_iter()
+        .filter_map(|r| r.strip_prefix(prefix.as_str()))
+        .filter_map(|l| {
+            let (bdf, rest) = l.split_once(' ')?;
+            Some((bdf, luvmm_tests::field(rest, "opens")?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// One edu device and an NVMe controller in one microVM, and an edu device behind a bridge

@@ -35,6 +35,17 @@ pub enum Command {
     /// The host live update, host-wide.
     #[command(subcommand)]
     Update(UpdateCommand),
+    /// Rehearse a host live update in the nested bed: boot an L1 host, run microVMs with
+    /// passthrough devices in it, update its kernel for real and judge by the guests' checks.
+    ///
+    /// Exit status: 0 every guest kept everything and every device works, 1 otherwise.
+    Drill(crate::drill::DrillArgs),
+    /// The drill's half inside L1 (run by the bed's /init).
+    #[command(hide = true)]
+    DrillL1 {
+        #[arg(long)]
+        stage: u32,
+    },
     /// Report what this host offers for a live update (LUO, KHO, handlers, VFIO).
     ///
     /// Exit status: 0 ready (guest memory and every vfio-pci device can be preserved), 3 nothing

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod cli;
+pub mod drill;
 pub mod host_check;
 pub mod logger;
 pub mod passthrough;

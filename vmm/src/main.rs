@@ -6,7 +6,7 @@ use clap::Parser;
 use luvmm_liveupdate::agent::{Agent, AgentClient};
 use luvmm_vmm::api::{client, error_chain};
 use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
-use luvmm_vmm::{bench, builder, host_check, logger, restore, runtime, update, vstate};
+use luvmm_vmm::{bench, builder, drill, host_check, logger, restore, runtime, update, vstate};
 
 fn main() -> ExitCode {
     logger::init();
@@ -156,6 +156,18 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 print!("{}", report.to_text());
             }
             Ok(ExitCode::from(report.exit_code()))
+        }
+        Command::Drill(args) => {
+            let report = drill::run(&args).map_err(|e| chain(&e))?;
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::DrillL1 { stage } => {
+            drill::rehearsal::run(stage);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args)
             .map(|_| ExitCode::SUCCESS)

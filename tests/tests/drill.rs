@@ -1,0 +1,225 @@
+//! `luvmm drill` in the nested bed, as an operator runs it: its JSON report is checked against
+//! the guests' own lines it carries, and its exit status must follow `ok`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use luvmm_tests::nested::{one_l1_at_a_time, prepare};
+use luvmm_tests::{luvmm_bin, payload, TestDir};
+use serde_json::Value;
+
+/// Runs `luvmm drill` with `flags` on the bed's kernel; returns its exit status, its report
+/// and its SVG timeline.
+fn drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
+    let work = TestDir::new(name);
+    let bed = prepare(work.path(), &[luvmm_bin()]);
+    let svg = work.join("timeline.svg");
+    let _turn = one_l1_at_a_time();
+    let out = Command::new(luvmm_bin())
+        .arg("drill")
+        .arg("--kernel")
+        .arg(bed.kernel_dir.join("bzImage"))
+        // The base image without /boot: the drill adds luvmm, the payload and the next kernel.
+        .arg("--initrd")
+        .arg(work.join("initrd-stage2.cpio.gz"))
+        .arg("--payload")
+        .arg(payload())
+        .arg("--json")
+        .arg("--svg")
+        .arg(&svg)
+        .arg("--work-dir")
+        .arg(work.join("drill"))
+        .args(flags)
+        .output()
+        .expect("run luvmm drill");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {stdout}\n{stderr}\n{}",
+            console(&work.join("drill"))
+        )
+    });
+    let svg = std::fs::read_to_string(&svg).unwrap_or_default();
+    (out.status.code().unwrap_or(-1), report, svg)
+}
+
+fn console(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
+}
+
+fn rounds<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
+    report["rounds"]
+        .as_array()
+        .map(|r| r.iter().filter(|r| r["kind"] == kind).collect())
+        .unwrap_or_default()
+}
+
+/// The fields of a guest check line, re-read here rather than trusted from the verdict.
+fn check_fields(line: &Value) -> (String, u64, Vec<u64>) {
+    let line = line.as_str().unwrap_or_default();
+    let check = luvmm_tests::parse_check(line);
+    assert!(check.ok, "not an ok check: {line}");
+    (check.seed, check.checks, check.heartbeats)
+}
+
+/// Every VM of a round: its guest's own check says it went on (same boot, a later check,
+/// every vCPU's heartbeat further on), and each device did a DMA round trip with its MSI.
+fn require_guests_went_on(report: &Value, round: &Value, vms: usize, devices: usize) {
+    let list = round["vms"].as_array().expect("vms");
+    assert_eq!(list.len(), vms, "{round}");
+    for vm in list {
+        assert_eq!(vm["guest_check"], "ok", "{report}");
+        let (seed0, checks0, beats0) = check_fields(&vm["check_before"]);
+        let (seed1, checks1, beats1) = check_fields(&vm["check_after"]);
+        assert_eq!(seed0, seed1, "{vm}");
+        assert!(checks1 > checks0, "{vm}");
+        assert_eq!(beats0.len(), 2, "{vm}");
+        assert!(beats1.iter().zip(&beats0).all(|(a, b)| a > b), "{vm}");
+        let devs = vm["devices"].as_array().expect("devices");
+        assert_eq!(devs.len(), devices, "{vm}");
+        for dev in devs {
+            let line = dev["round_line"].as_str().unwrap_or_default();
+            assert!(
+                line.starts_with("LUVMM-ROUND ok ") && line.ends_with(" dma=ok irq=msi"),
+                "{vm}"
+            );
+        }
+    }
+}
+
+/// One VM with two edu devices on stock 7.2 (no VFIO handler): the update goes through, both
+/// devices are opened again after the kexec (once each, as the watcher sees), and the guest
+/// finds every page of its RAM intact.
+#[test]
+fn a_drill_reopens_devices_without_the_vfio_handler_and_the_guest_keeps_everything() {
+    let (code, report, svg) = drill("drill-one", &["--devices", "2", "--vfio-handler", "off"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+    assert_eq!(report["kernel"], "7.2.13", "{report}");
+    assert_eq!(report["next_kernel"], "7.2.13", "{report}");
+    let updates = rounds(&report, "update");
+    assert_eq!(updates.len(), 1, "{report}");
+    let round = updates[0];
+    require_guests_went_on(&report, round, 1, 2);
+    assert!(
+        round["kexec_boot_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{round}"
+    );
+    let vm = &round["vms"][0];
+    for dev in vm["devices"].as_array().expect("devices") {
+        assert_eq!(dev["preserved"], false, "{vm}");
+        assert_eq!(dev["normal_opens"], 1, "{vm}");
+    }
+    // The kernel's own count: two cdev opens, one /dev/iommu, by the restoring luvmm.
+    let opens = vm["opens"]["opens"].as_array().expect("opens");
+    let count = |node: &str| opens.iter().filter(|o| o["node"] == node).count();
+    assert_eq!((count("vfio_cdev"), count("iommufd")), (2, 1), "{vm}");
+    assert_eq!(count("vfio_group") + count("vfio_container"), 0, "{vm}");
+    for phase in [
+        "preserve_ram",
+        "pause",
+        "save_state",
+        "preserve_state",
+        "restore_devices",
+        "finish",
+        "blackout",
+    ] {
+        assert!(vm["phases_ms"][phase].as_f64().is_some(), "{phase}: {vm}");
+    }
+    for row in [
+        "<title>host kexec: ",
+        "<title>vm1 paused: ",
+        "<title>vm1 restore: ",
+    ] {
+        assert!(svg.contains(row), "{row} not in {svg}");
+    }
+}
+
+/// Two VMs: a prepared update called off first (each guest goes on in place), then two
+/// updates back to back, the second from the kernel the first one booted.
+#[test]
+fn a_drill_of_two_vms_cancels_first_then_updates_twice() {
+    let (code, report, _) = drill(
+        "drill-two",
+        &[
+            "--vms",
+            "2",
+            "--devices",
+            "1",
+            "--cancel-first",
+            "--rounds",
+            "2",
+        ],
+    );
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+    let cancels = rounds(&report, "cancel");
+    assert_eq!(cancels.len(), 1, "{report}");
+    require_guests_went_on(&report, cancels[0], 2, 1);
+    let updates = rounds(&report, "update");
+    assert_eq!(updates.len(), 2, "{report}");
+    for round in &updates {
+        require_guests_went_on(&report, round, 2, 1);
+    }
+    // The second round's guests are the first round's, one check further.
+    let pairs = updates[0]["vms"].as_array().into_iter().flatten();
+    for (one, two) in pairs.zip(updates[1]["vms"].as_array().into_iter().flatten()) {
+        let first = check_fields(&one["check_after"]);
+        let second = check_fields(&two["check_before"]);
+        assert_eq!(first.0, second.0, "{report}");
+        assert!(second.1 > first.1, "{report}");
+    }
+}
+
+/// `--vfio-handler on` on a kernel without the handler: the prepare refuses (the devices
+/// cannot be preserved), the update is called off for every VM, each guest goes on in place,
+/// and the drill fails saying why, with no kexec.
+#[test]
+fn a_drill_that_requires_the_vfio_handler_fails_on_stock_7_2_and_loses_no_guest() {
+    let (code, report, _) = drill(
+        "drill-handler",
+        &["--vms", "2", "--devices", "1", "--vfio-handler", "on"],
+    );
+    assert_eq!((code, &report["ok"]), (1, &Value::Bool(false)), "{report}");
+    let failures = report["failures"].to_string();
+    assert!(
+        failures.contains("this kernel cannot preserve it (no LUO handler for VFIO devices)"),
+        "{failures}"
+    );
+    assert_eq!(report["next_kernel"], "", "no kexec: {report}");
+    let called_off = rounds(&report, "cancel");
+    assert_eq!(called_off.len(), 1, "{report}");
+    require_guests_went_on(&report, called_off[0], 2, 1);
+}
+
+/// Plans the bed cannot hold are refused before anything boots.
+#[test]
+fn a_drill_plan_outside_the_bed_is_refused_by_name() {
+    let out = Command::new(luvmm_bin())
+        .args([
+            "drill",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--payload",
+            "/p",
+        ])
+        .args(["--vms", "9"])
+        .output()
+        .expect("run luvmm drill");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--vms must be 1 to 8, not 9"), "{stderr}");
+    let missing: PathBuf = ["/nonexistent", "bzImage"].iter().collect();
+    let out = Command::new(luvmm_bin())
+        .arg("drill")
+        .arg("--kernel")
+        .arg(&missing)
+        .args(["--initrd", "/nonexistent/i", "--payload", "/nonexistent/p"])
+        .output()
+        .expect("run luvmm drill");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot read /nonexistent/i"), "{stderr}");
+}

@@ -1,0 +1,271 @@
+//! The nested bed from the host's side: an L1 host under QEMU with an emulated Intel IOMMU
+//! and the PCI devices asked for, its initramfs, and its console lines stamped with the
+//! host's clock.
+//!
+//! The initramfs is the bed's base image (busybox, the bed's `/init` and the shared libraries
+//! luvmm needs, from `tests/nested/initramfs.sh`) with newc archives appended, which the
+//! kernel unpacks over it in order: this luvmm, the payload, the plan, and the next kernel
+//! with its own initramfs for the kexec.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Setting up or running L1 failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BedError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is {size} bytes; a newc archive member holds at most 4 GiB")]
+    TooBig { path: PathBuf, size: usize },
+    #[error("cannot start qemu-system-x86_64 (the bed's setup installs it)")]
+    Qemu(#[source] std::io::Error),
+}
+
+/// A file to put into L1's initramfs.
+pub struct InitrdFile<'a> {
+    /// Absolute path in L1.
+    pub path: &'a str,
+    pub mode: u32,
+    pub data: &'a [u8],
+}
+
+/// Reads a file for the initramfs.
+pub fn read(path: &Path) -> Result<Vec<u8>, BedError> {
+    std::fs::read(path).map_err(|source| BedError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `base` with a newc archive of `files` (and the directories they need) appended.
+pub fn extend_initrd(base: &[u8], files: &[InitrdFile<'_>]) -> Result<Vec<u8>, BedError> {
+    let mut out = base.to_vec();
+    // The kernel looks for the next archive's magic at a 4-byte boundary.
+    out.resize(out.len().next_multiple_of(4), 0);
+    let mut dirs: Vec<String> = Vec::new();
+    for file in files {
+        let mut dir = Path::new(file.path.trim_start_matches('/'));
+        let mut parents = Vec::new();
+        while let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            parents.push(parent.to_string_lossy().into_owned());
+            dir = parent;
+        }
+        for parent in parents.into_iter().rev() {
+            if !dirs.contains(&parent) {
+                dirs.push(parent);
+            }
+        }
+    }
+    let io = |source| BedError::Write {
+        path: PathBuf::from("(initramfs)"),
+        source,
+    };
+    for dir in &dirs {
+        let writer = cpio::newc::Builder::new(dir)
+            .mode(0o040_755)
+            .nlink(2)
+            .write(&mut out, 0);
+        writer.finish().map_err(io)?;
+    }
+    for file in files {
+        let size = u32::try_from(file.data.len()).map_err(|_| BedError::TooBig {
+            path: PathBuf::from(file.path),
+            size: file.data.len(),
+        })?;
+        let mut writer = cpio::newc::Builder::new(file.path.trim_start_matches('/'))
+            .mode(0o100_000 | file.mode)
+            .nlink(1)
+            .write(&mut out, size);
+        writer.write_all(file.data).map_err(io)?;
+        writer.finish().map_err(io)?;
+    }
+    cpio::newc::trailer(&mut out).map_err(io)?;
+    Ok(out)
+}
+
+/// Writes `data` to `path`.
+pub fn write(path: &Path, data: &[u8]) -> Result<(), BedError> {
+    std::fs::write(path, data).map_err(|source| BedError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What to boot as L1.
+pub struct L1Spec<'a> {
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    /// Kernel command line words after the bed's own.
+    pub append: &'a str,
+    /// QEMU `-device` values, in order (after the IOMMU).
+    pub devices: &'a [String],
+    pub memory_mib: u64,
+}
+
+/// One console line of L1 and the host time it arrived, in seconds since QEMU started.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub at: f64,
+    pub text: String,
+}
+
+/// How an L1 run ended.
+pub struct L1Run {
+    pub lines: Vec<Line>,
+    pub timed_out: bool,
+}
+
+/// The bed's own command line words: the IOMMU with interrupt remapping, LUO and KHO on.
+pub const BED_CMDLINE: &str =
+    "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4";
+
+/// Boots L1 and hands each console line to `on_line` as it arrives, until L1 powers off (or
+/// `timeout`, after which QEMU is killed).
+pub fn run_l1(
+    spec: &L1Spec<'_>,
+    timeout: Duration,
+    mut on_line: impl FnMut(&Line),
+) -> Result<L1Run, BedError> {
+    // no_timer_check: on a loaded host a TCG vCPU can miss the timer ticks Linux counts while
+    // it checks the IO-APIC timer during boot, and with interrupt remapping on that check
+    // panics ("timer doesn't work through Interrupt-remapped IO-APIC") instead of falling back.
+    let append = format!("{BED_CMDLINE} {}", spec.append);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35,kernel-irqchip=split"])
+        .args(["-accel", "tcg,thread=multi"])
+        // `max` under TCG: SVM with NPT for nested KVM, and XSAVE, which luvmm's vCPU state
+        // needs (plain qemu64 has none, so L1's KVM lacks KVM_CAP_XCRS).
+        .args(["-cpu", "max"])
+        .args(["-smp", "1", "-m", &format!("{}M", spec.memory_mib)])
+        // The IOMMU comes first, so it is there when the devices are.
+        .args(["-device", "intel-iommu,intremap=on"]);
+    for device in spec.devices {
+        cmd.args(["-device", device]);
+    }
+    cmd.arg("-kernel")
+        .arg(spec.kernel)
+        .arg("-initrd")
+        .arg(spec.initrd)
+        .args(["-append", &append])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-no-reboot")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(BedError::Qemu)?;
+    let (tx, rx) = mpsc::channel();
+    let streams = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                let line = Line {
+                    at: started.elapsed().as_secs_f64(),
+                    text,
+                };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let deadline = started + timeout;
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                on_line(&line);
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let _ = child.wait();
+    Ok(L1Run { lines, timed_out })
+}
+
+impl L1Run {
+    /// The last `n` console lines, for failure reports.
+    pub fn tail(&self, n: usize) -> String {
+        let start = self.lines.len().saturating_sub(n);
+        self.lines[start..]
+            .iter()
+            .map(|l| format!("[{:8.3}] {}", l.at, l.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_files_form_a_newc_archive_after_the_base() {
+        let base = b"base!".to_vec();
+        let image = extend_initrd(
+            &base,
+            &[InitrdFile {
+                path: "/luvmm/bin/x",
+                mode: 0o755,
+                data: b"hello",
+            }],
+        )
+        .expect("archive");
+        assert_eq!(&image[..5], b"base!");
+        let mut archive = &image[8..];
+        let mut names = Vec::new();
+        loop {
+            let mut entry = cpio::NewcReader::new(archive).expect("entry");
+            if entry.entry().is_trailer() {
+                break;
+            }
+            names.push((entry.entry().name().to_string(), entry.entry().mode()));
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).expect("data");
+            if entry.entry().name() == "luvmm/bin/x" {
+                assert_eq!(data, b"hello");
+            }
+            archive = entry.finish().expect("next");
+        }
+        assert_eq!(
+            names,
+            [
+                ("luvmm".to_string(), 0o040_755),
+                ("luvmm/bin".to_string(), 0o040_755),
+                ("luvmm/bin/x".to_string(), 0o100_755),
+            ]
+        );
+    }
+}

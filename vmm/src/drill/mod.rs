@@ -1,0 +1,416 @@
+//! `luvmm drill`: rehearses a host live update in the nested bed and judges it by the guests'
+//! own evidence.
+//!
+//! The host half (this module, `bed.rs`, `report.rs`) boots an L1 host under QEMU with the
+//! `edu` devices the plan needs, passes the plan in L1's initramfs, follows L1's console
+//! through every kexec and builds the report. The L1 half (`rehearsal.rs`, run as
+//! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore under the
+//! open watcher (`watch.rs`), each guest's checks (`guest.rs`).
+
+pub mod bed;
+pub mod event;
+pub mod guest;
+pub mod rehearsal;
+pub mod report;
+pub mod watch;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use bed::{BedError, InitrdFile, L1Spec};
+use report::{Collector, DrillReport};
+
+/// The plan, in L1.
+pub const L1_PLAN: &str = "/luvmm/drill.json";
+/// The guest payload, in L1.
+pub const L1_PAYLOAD: &str = "/luvmm/bin/payload.elf";
+/// The kernel every kexec goes into, in L1.
+pub const L1_NEXT_KERNEL: &str = "/boot/next-bzImage";
+/// L1's initramfs without `/boot`, in L1: with the next kernel and itself added, it is the
+/// next kernel's initramfs, which L1 builds before each kexec (`rehearsal.rs`).
+pub const L1_STAGED_INITRD: &str = "/boot/staged-initrd";
+
+/// Most VMs, devices per VM and rounds a drill takes (the bed has one L1 vCPU under TCG).
+const MAX_VMS: u32 = 8;
+const MAX_DEVICES: u32 = 4;
+const MAX_ROUNDS: u32 = 10;
+/// Guest memory per VM, MiB.
+const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1024;
+
+/// Whether the bed's kernels run their VFIO live-update handler (the project's kernel patch):
+/// `on` preserves every device and requires it, `off` is stock 7.2 (every device opened again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VfioHandler {
+    On,
+    Off,
+}
+
+impl VfioHandler {
+    /// The kernel parameter that picks it, on every kernel of the chain.
+    fn kernel_param(self) -> &'static str {
+        match self {
+            VfioHandler::On => "vfio_pci.luvmm_lu=reset",
+            VfioHandler::Off => "vfio_pci.luvmm_lu=off",
+        }
+    }
+}
+
+/// What a drill runs, as L1 reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub vms: u32,
+    pub memory_mib: u64,
+    /// `edu` devices per VM.
+    pub devices: u32,
+    pub rounds: u32,
+    pub cancel_first: bool,
+    pub vfio_handler: VfioHandler,
+}
+
+impl Plan {
+    pub(crate) fn load(path: &Path) -> Result<Plan, rehearsal::StepError> {
+        let text = std::fs::read(path).map_err(|source| rehearsal::StepError::Plan {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| rehearsal::StepError::PlanFormat {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Refuses plans the bed cannot hold, naming the limit.
+    fn validate(&self) -> Result<(), DrillError> {
+        let bad = |what: String| Err(DrillError::Plan(what));
+        if !(1..=MAX_VMS).contains(&self.vms) {
+            return bad(format!("--vms must be 1 to {MAX_VMS}, not {}", self.vms));
+        }
+        if self.devices > MAX_DEVICES {
+            return bad(format!(
+                "--devices must be 0 to {MAX_DEVICES}, not {}",
+                self.devices
+            ));
+        }
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return bad(format!(
+                "--rounds must be 1 to {MAX_ROUNDS}, not {}",
+                self.rounds
+            ));
+        }
+        if !MEMORY_MIB.contains(&self.memory_mib) {
+            return bad(format!(
+                "--memory-mib must be {} to {}, not {}",
+                MEMORY_MIB.start(),
+                MEMORY_MIB.end(),
+                self.memory_mib
+            ));
+        }
+        Ok(())
+    }
+
+    /// L1's memory: its own 2 GiB, and twice the guests' (their memfds and what LUO keeps).
+    fn l1_memory_mib(&self) -> u64 {
+        (2048 + 2 * u64::from(self.vms) * self.memory_mib).max(3072)
+    }
+}
+
+/// The drill could not run (a drill that ran and found a loss is a report, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    #[error("{0}")]
+    Plan(String),
+    #[error(transparent)]
+    Bed(#[from] BedError),
+    #[error("cannot create the work directory {path}")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find this luvmm executable")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot write the report")]
+    Json(#[source] serde_json::Error),
+}
+
+/// What the operator asked for.
+#[derive(Debug, clap::Args)]
+pub struct DrillArgs {
+    /// L1's kernel (the bed's is what tests/nested/kernel.sh builds).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The kernel each round kexecs into (default: --kernel): a pair to test before rollout.
+    #[arg(long)]
+    pub next_kernel: Option<PathBuf>,
+    /// L1's base initramfs: busybox, the bed's /init and the shared libraries luvmm needs
+    /// (tests/nested/initramfs.sh writes one as initrd-stage2.cpio.gz).
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// The guest payload ELF (tests/guest/build.sh).
+    #[arg(long)]
+    pub payload: PathBuf,
+    /// MicroVMs on the host.
+    #[arg(long, default_value_t = 1)]
+    pub vms: u32,
+    /// Guest memory of each, MiB (every page is filled and checked by its guest).
+    #[arg(long, default_value_t = 64)]
+    pub memory_mib: u64,
+    /// `edu` devices passed through to each VM.
+    #[arg(long, default_value_t = 1)]
+    pub devices: u32,
+    /// Updates back to back.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// Prepare, call the update off and check every guest, then update.
+    #[arg(long)]
+    pub cancel_first: bool,
+    /// The bed kernels' VFIO live-update handler.
+    #[arg(long, value_enum, default_value_t = VfioHandler::Off)]
+    pub vfio_handler: VfioHandler,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write an SVG timeline of the phases per VM here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Give up on L1 after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Keep L1's images and console log here (default: a temporary directory, removed after
+    /// a passing drill).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl DrillArgs {
+    fn plan(&self) -> Plan {
+        Plan {
+            vms: self.vms,
+            memory_mib: self.memory_mib,
+            devices: self.devices,
+            rounds: self.rounds,
+            cancel_first: self.cancel_first,
+            vfio_handler: self.vfio_handler,
+        }
+    }
+}
+
+/// Runs a drill and returns its report (printed already, as a table or JSON).
+pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
+    let plan = args.plan();
+    plan.validate()?;
+    let (work, temporary) = match &args.work_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("luvmm-drill-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&work).map_err(|source| DrillError::WorkDir {
+        path: work.clone(),
+        source,
+    })?;
+    let initrd = work.join("initrd");
+    write_initrd(args, &plan, &initrd)?;
+    let devices: Vec<String> = (0..plan.vms * plan.devices)
+        .map(|_| "edu".to_string())
+        .collect();
+    let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_param());
+    let spec = L1Spec {
+        kernel: &args.kernel,
+        initrd: &initrd,
+        append: &append,
+        devices: &devices,
+        memory_mib: plan.l1_memory_mib(),
+    };
+    let mut collector = Collector::new(plan.clone());
+    let mut progress = Progress::new();
+    let console_path = work.join("console.log");
+    let mut console = std::fs::File::create(&console_path).ok();
+    let run = bed::run_l1(&spec, Duration::from_secs(args.timeout), |line| {
+        if let Some(file) = console.as_mut() {
+            let _ = writeln!(file, "[{:9.3}] {}", line.at, line.text);
+        }
+        if let Some(text) = collector.feed(line) {
+            progress.show(&text);
+        }
+    })?;
+    progress.end();
+    let report = collector.finish(&run, &console_path);
+    if args.json {
+        let text = serde_json::to_string(&report).map_err(DrillError::Json)?;
+        println!("{text}");
+    } else {
+        print!("{}", report.to_table());
+    }
+    if let Some(svg) = &args.svg {
+        bed::write(svg, report.to_svg().as_bytes())?;
+    }
+    if report.ok && temporary {
+        let _ = std::fs::remove_dir_all(&work);
+    } else if !report.ok {
+        eprintln!(
+            "drill: L1's images and console log are in {}",
+            work.display()
+        );
+    }
+    Ok(report)
+}
+
+/// The image L1 boots: the base with luvmm, the payload, the plan and the scenario hook
+/// ("staged"), then the next kernel and the staged image itself, from which L1 builds the
+/// next kernel's initramfs (this same image) before each kexec.
+fn write_initrd(args: &DrillArgs, plan: &Plan, out: &Path) -> Result<(), DrillError> {
+    let base = bed::read(&args.initrd)?;
+    let exe = std::env::current_exe().map_err(DrillError::Exe)?;
+    let luvmm = bed::read(&exe)?;
+    let payload = bed::read(&args.payload)?;
+    let next_kernel = bed::read(args.next_kernel.as_deref().unwrap_or(&args.kernel))?;
+    let plan_json = serde_json::to_vec(plan).map_err(DrillError::Json)?;
+    // The bed's /init runs /luvmm/scenarios/<luvmm.scenario>.sh with the stage.
+    let hook = b"#!/bin/sh\nexec /luvmm/bin/luvmm drill-l1 --stage \"$1\"\n";
+    let staged = bed::extend_initrd(
+        &base,
+        &[
+            InitrdFile {
+                path: "/luvmm/bin/luvmm",
+                mode: 0o755,
+                data: &luvmm,
+            },
+            InitrdFile {
+                path: L1_PAYLOAD,
+                mode: 0o644,
+                data: &payload,
+            },
+            InitrdFile {
+                path: L1_PLAN,
+                mode: 0o644,
+                data: &plan_json,
+            },
+            InitrdFile {
+                path: "/luvmm/scenarios/drill.sh",
+                mode: 0o755,
+                data: hook,
+            },
+        ],
+    )?;
+    Ok(bed::write(out, &with_boot(&staged, &next_kernel)?)?)
+}
+
+/// `staged` with `/boot` added: the next kernel and `staged` itself.
+pub(crate) fn with_boot(staged: &[u8], next_kernel: &[u8]) -> Result<Vec<u8>, BedError> {
+    bed::extend_initrd(
+        staged,
+        &[
+            InitrdFile {
+                path: L1_NEXT_KERNEL,
+                mode: 0o644,
+                data: next_kernel,
+            },
+            InitrdFile {
+                path: L1_STAGED_INITRD,
+                mode: 0o644,
+                data: staged,
+            },
+        ],
+    )
+}
+
+/// The live progress line: rewritten in place on a terminal, one line per step otherwise.
+struct Progress {
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&mut self, text: &str) {
+        let mut err = std::io::stderr();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[K{text}");
+        } else {
+            let _ = writeln!(err, "{text}");
+        }
+        let _ = err.flush();
+    }
+
+    fn end(&mut self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            vms: 2,
+            memory_mib: 64,
+            devices: 2,
+            rounds: 1,
+            cancel_first: false,
+            vfio_handler: VfioHandler::Off,
+        }
+    }
+
+    #[test]
+    fn plans_outside_the_bed_are_refused_by_name() {
+        assert!(plan().validate().is_ok());
+        for (bad, flag) in [
+            (Plan { vms: 0, ..plan() }, "--vms"),
+            (Plan { vms: 9, ..plan() }, "--vms"),
+            (
+                Plan {
+                    devices: 5,
+                    ..plan()
+                },
+                "--devices",
+            ),
+            (
+                Plan {
+                    rounds: 0,
+                    ..plan()
+                },
+                "--rounds",
+            ),
+            (
+                Plan {
+                    memory_mib: 8,
+                    ..plan()
+                },
+                "--memory-mib",
+            ),
+            (
+                Plan {
+                    memory_mib: 4096,
+                    ..plan()
+                },
+                "--memory-mib",
+            ),
+        ] {
+            let e = bad.validate().expect_err("refused").to_string();
+            assert!(e.starts_with(flag), "{e}");
+        }
+        assert_eq!(plan().l1_memory_mib(), 3072);
+        assert_eq!(
+            Plan {
+                vms: 2,
+                memory_mib: 1024,
+                ..plan()
+            }
+            .l1_memory_mib(),
+            6144
+        );
+    }
+}

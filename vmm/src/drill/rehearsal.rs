@@ -1,0 +1,391 @@
+//! The drill's L1 half (`luvmm drill-l1 --stage N`), run by the bed's `/init` in every kernel
+//! of the chain: it is the operator of the host under update.
+//!
+//! Stage 1 starts the agent and boots the VMs (each guest fills all its RAM and drives its
+//! devices); with `--cancel-first` it prepares them, calls the update off and has them check
+//! themselves. Every stage N ≤ rounds then runs the pre-flight, prepares every VM and asks the
+//! agent for the kexec into the next kernel with stage N+1 on its command line. Every stage
+//! N > 1 first restores each VM from its session under the open watcher and has its guest
+//! check itself and drive its devices again. It reports facts as [`Event`]s on the console;
+//! the host half judges them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
+use luvmm_liveupdate::kexec;
+
+use super::bed::{self, BedError};
+use super::event::{Event, HOST_ROW};
+use super::guest::{luvmm, Guest, GuestCheck, GuestError};
+use super::watch::{OpenWatch, WatchError};
+use super::{with_boot, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD};
+use crate::api::error_chain;
+use crate::update::check::{self, CheckArgs};
+
+/// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
+const WORK: &str = "/tmp/drill";
+
+/// How long to wait for the kexec after the agent took the update.
+const KEXEC_WAIT: Duration = Duration::from_secs(120);
+
+/// A step of the L1 half failed; the drill reports it and stops updating.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("cannot read the drill's plan {path}")]
+    Plan {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the drill's plan {path} is not valid")]
+    PlanFormat {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("the agent did not come up: {0}")]
+    Agent(String),
+    #[error("the plan needs {needed} edu devices bound to vfio-pci, L1 has {found}")]
+    Devices { needed: usize, found: usize },
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("open watcher")]
+    Watch(#[from] WatchError),
+    #[error("agent")]
+    AgentCall(#[from] AgentClientError),
+    #[error("the pre-flight blocks the update: {0}")]
+    Blocked(String),
+    #[error("the next kernel's initramfs")]
+    Initrd(#[from] BedError),
+    #[error("the agent took the update but no kexec came within {KEXEC_WAIT:?}")]
+    NoKexec,
+}
+
+/// Runs stage `stage` of the plan in `/luvmm/drill.json`. Returns after the last stage, or
+/// after a failure (which it has reported); a stage that kexecs does not return.
+pub fn run(stage: u32) {
+    emit(&Event::Stage {
+        stage,
+        kernel: kernel_release(),
+    });
+    let round = stage;
+    if let Err(e) = stage_steps(stage) {
+        emit(&Event::Failure {
+            round,
+            vm: None,
+            what: error_chain(&e),
+        });
+    }
+}
+
+fn stage_steps(stage: u32) -> Result<(), StepError> {
+    let plan = Plan::load(Path::new(L1_PLAN))?;
+    let work = Path::new(WORK);
+    std::fs::create_dir_all(work)
+        .map_err(|e| StepError::Io(format!("create {}", work.display()), e))?;
+    emit(&phase(HOST_ROW, "agent"));
+    let agent_socket = work.join("agent.sock");
+    let _agent = Agent::start(work, &agent_socket)?;
+    emit(&phase(HOST_ROW, "running"));
+    let bdfs = vfio_devices()?;
+    let per_vm = plan.devices as usize;
+    let needed = plan.vms as usize * per_vm;
+    if bdfs.len() < needed {
+        return Err(StepError::Devices {
+            needed,
+            found: bdfs.len(),
+        });
+    }
+    let mut guests = Vec::new();
+    if stage == 1 {
+        for index in 0..plan.vms as usize {
+            let vm = vm_id(index);
+            emit(&phase(&vm, "boot"));
+            let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
+            let guest = Guest::boot(work, &vm, Path::new(L1_PAYLOAD), plan.memory_mib, devices)?;
+            emit(&phase(&vm, "dma"));
+            guest.device_round()?;
+            guests.push((guest, devices.to_vec()));
+        }
+        if plan.cancel_first {
+            cancel_round(&plan, &guests, &agent_socket)?;
+        }
+    } else {
+        let round = stage - 1;
+        for index in 0..plan.vms as usize {
+            let vm = vm_id(index);
+            let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
+            let guest = restore(round, &vm, &devices, work, &agent_socket)?;
+            guests.push((guest, devices));
+        }
+    }
+    if stage <= plan.rounds {
+        update(stage, &plan, &guests, &agent_socket)?;
+    }
+    for (guest, _) in &guests {
+        emit(&phase(&guest.vm, "done"));
+    }
+    emit(&phase(HOST_ROW, "done"));
+    emit(&Event::Done);
+    Ok(())
+}
+
+/// `--cancel-first`: prepare, call off, and let each guest show it went on in place.
+fn cancel_round(
+    plan: &Plan,
+    guests: &[(Guest, Vec<String>)],
+    agent_socket: &Path,
+) -> Result<(), StepError> {
+    let mut before = Vec::new();
+    for (guest, _) in guests {
+        before.push(guest.check()?);
+        emit(&phase(&guest.vm, "prepare"));
+        guest.prepare(agent_socket, plan.vfio_handler == VfioHandler::On)?;
+        emit(&phase(&guest.vm, "paused"));
+    }
+    for (guest, _) in guests {
+        emit(&phase(&guest.vm, "cancel"));
+        guest.cancel()?;
+    }
+    went_on(1, guests, before)
+}
+
+/// After an update was called off: each guest must run on in place, check itself and drive
+/// its devices again.
+fn went_on(
+    round: u32,
+    guests: &[(Guest, Vec<String>)],
+    before: Vec<GuestCheck>,
+) -> Result<(), StepError> {
+    for ((guest, devices), check_before) in guests.iter().zip(before) {
+        emit(&phase(&guest.vm, "check"));
+        guest.wait_running()?;
+        let check_after = guest.check()?;
+        let device_rounds = guest.device_round()?;
+        emit(&Event::Cancelled {
+            round,
+            vm: guest.vm.clone(),
+            devices: devices.clone(),
+            check_before: check_before.line,
+            check_after: check_after.line,
+            device_rounds,
+        });
+        emit(&phase(&guest.vm, "running"));
+    }
+    Ok(())
+}
+
+/// Round `round`'s first half: pre-flight, prepare every VM, kexec.
+fn update(
+    round: u32,
+    plan: &Plan,
+    guests: &[(Guest, Vec<String>)],
+    agent_socket: &Path,
+) -> Result<(), StepError> {
+    let cmdline = next_cmdline(round + 1)?;
+    emit(&phase(HOST_ROW, "preflight"));
+    let next_initrd = Path::new(WORK).join("next-initrd");
+    let staged = bed::read(Path::new(L1_STAGED_INITRD))?;
+    let next_kernel = bed::read(Path::new(L1_NEXT_KERNEL))?;
+    bed::write(&next_initrd, &with_boot(&staged, &next_kernel)?)?;
+    drop((staged, next_kernel));
+    let report = check::run(&CheckArgs {
+        kernel: PathBuf::from(L1_NEXT_KERNEL),
+        initrd: Some(next_initrd.clone()),
+        cmdline: Some(cmdline.clone()),
+        append: None,
+        agent_socket: agent_socket.to_path_buf(),
+        vms: guests.iter().map(|(g, _)| g.socket.clone()).collect(),
+        // The drill is how an operator finds out whether the pair is good: it runs the
+        // update and lets the guests judge.
+        known_good_kernel: true,
+    });
+    emit(&Event::Preflight {
+        round,
+        report: report.clone(),
+    });
+    if !report.blockers.is_empty() {
+        return Err(StepError::Blocked(report.blockers.join("; ")));
+    }
+    let mut before = Vec::new();
+    for (guest, _) in guests {
+        before.push(guest.check()?);
+    }
+    let mut prepared: Vec<&Guest> = Vec::new();
+    for ((guest, _), check_before) in guests.iter().zip(&before) {
+        emit(&phase(&guest.vm, "prepare"));
+        match guest.prepare(agent_socket, plan.vfio_handler == VfioHandler::On) {
+            Ok(report) => {
+                emit(&phase(&guest.vm, "paused"));
+                emit(&Event::Prepared {
+                    round,
+                    vm: guest.vm.clone(),
+                    check_before: check_before.line.clone(),
+                    report,
+                });
+                prepared.push(guest);
+            }
+            Err(e) => {
+                // One VM failed (and its luvmm called its own prepare off): the update is off
+                // for every VM, and each guest must show it went on in place.
+                for other in &prepared {
+                    other.cancel()?;
+                }
+                went_on(round, guests, before)?;
+                return Err(e.into());
+            }
+        }
+    }
+    emit(&phase(HOST_ROW, "kexec"));
+    AgentClient::new(agent_socket).update(
+        Path::new(L1_NEXT_KERNEL),
+        Some(&next_initrd),
+        Some(&cmdline),
+        None,
+    )?;
+    // The guests stay as they are (dropping one would shut its VMM down) until the kexec.
+    std::thread::sleep(KEXEC_WAIT);
+    Err(StepError::NoKexec)
+}
+
+/// Round `round`'s second half for one VM: restore it from its session while the open
+/// watcher runs, then its guest's own evidence.
+fn restore(
+    round: u32,
+    vm: &str,
+    devices: &[String],
+    work: &Path,
+    agent_socket: &Path,
+) -> Result<Guest, StepError> {
+    emit(&phase(vm, "restore"));
+    let watch = OpenWatch::start(devices)?;
+    let restored = Guest::restore(work, vm, agent_socket);
+    let opens = watch.finish()?;
+    let guest = restored?;
+    emit(&phase(vm, "check"));
+    let timings = guest.status()?.restore_timings.unwrap_or_default();
+    let check_after = guest.check()?;
+    let device_rounds = guest.device_round()?;
+    emit(&Event::Restored {
+        round,
+        vm: vm.to_string(),
+        check_after: check_after.line,
+        device_rounds,
+        timings,
+        opens,
+    });
+    emit(&phase(vm, "running"));
+    Ok(guest)
+}
+
+/// The agent, run as its own process as on a real host; killed when the stage ends without
+/// a kexec.
+struct Agent(Child);
+
+impl Agent {
+    fn start(work: &Path, socket: &Path) -> Result<Agent, StepError> {
+        let log = work.join("agent.err");
+        let err = std::fs::File::create(&log)
+            .map_err(|e| StepError::Io(format!("create {}", log.display()), e))?;
+        let mut child = luvmm()
+            .args(["agent", "serve", "--socket"])
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| StepError::Io("start luvmm agent".into(), e))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while AgentClient::new(socket).status().is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(StepError::Agent(format!("exited ({status}): {log}")));
+            }
+            if Instant::now() > deadline {
+                return Err(StepError::Agent("no answer within 30 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Agent(child))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// This kernel's command line with the stage set to `stage`.
+fn next_cmdline(stage: u32) -> Result<String, StepError> {
+    let current = kexec::current_cmdline()
+        .map_err(|e| StepError::Io("read /proc/cmdline".into(), std::io::Error::other(e)))?;
+    Ok(with_stage(&current, stage))
+}
+
+fn with_stage(cmdline: &str, stage: u32) -> String {
+    let mut words: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|w| !w.starts_with("luvmm.stage="))
+        .map(str::to_string)
+        .collect();
+    words.push(format!("luvmm.stage={stage}"));
+    words.join(" ")
+}
+
+/// The PCI functions bound to vfio-pci, in BDF order: the bed binds every edu device.
+fn vfio_devices() -> Result<Vec<String>, StepError> {
+    let dir = "/sys/bus/pci/drivers/vfio-pci";
+    let mut bdfs: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| StepError::Io(format!("list {dir}"), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("0000:"))
+        .collect();
+    bdfs.sort();
+    Ok(bdfs)
+}
+
+fn vm_id(index: usize) -> String {
+    format!("vm{}", index + 1)
+}
+
+fn phase(row: &str, phase: &str) -> Event {
+    Event::Phase {
+        row: row.to_string(),
+        phase: phase.to_string(),
+    }
+}
+
+/// Prints `event` on the console, where the host half reads it.
+fn emit(event: &Event) {
+    println!("{}", event.to_line());
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_stage_replaces_the_stage_word() {
+        assert_eq!(
+            with_stage("console=ttyS0 luvmm.stage=1 liveupdate=on", 2),
+            "console=ttyS0 liveupdate=on luvmm.stage=2"
+        );
+        assert_eq!(
+            with_stage("console=ttyS0", 2),
+            "console=ttyS0 luvmm.stage=2"
+        );
+    }
+}
