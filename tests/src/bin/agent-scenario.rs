@@ -3,7 +3,8 @@
 //! `agent-scenario stage1 --socket S --kernel K --initrd I`: subscribes VMs, checks the
 //! refusals, preserves a seeded memfd in VM `vm1`'s session, says it is ready, **closes its
 //! own copy of the session** (a VMM killed after it is ready: the agent's copy must carry the
-//! update), and asks the agent for the kexec into `K` with `luvmm.stage=2`.
+//! update), readies VM `vmbad` with a RAM memfd and a garbage state memfd, and asks the agent
+//! for the kexec into `K` with `luvmm.stage=2`.
 //! `agent-scenario stage2 --socket S`: the next kernel's agent must know `vm1` from the ledger
 //! it preserved; the session is claimed (once), the memfd retrieved and checked byte for
 //! byte, and the session finished. Every result is one line:
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use luvmm_liveupdate::agent::{AgentClient, Ledger, VmPhase};
 use luvmm_liveupdate::kexec;
+use luvmm_resources::state::{RAM_TOKEN_BASE, STATE_TOKEN};
 use luvmm_tests::l1::{flag, line, Report};
 
 const TOKEN: u64 = 7;
@@ -53,6 +55,24 @@ fn verify(file: &mut File) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// VM `vmbad`, ready with a RAM memfd and a state memfd that is not a luvmm state: after the
+/// kexec `luvmm restore --session vmbad` must refuse it having retrieved nothing but the
+/// state (agent.sh counts the kernel's memfd retrieves).
+fn corrupt_vm(agent: &AgentClient) -> Result<luvmm_liveupdate::OutgoingSession, String> {
+    let session = agent.subscribe("vmbad").map_err(|e| e.to_string())?;
+    let fd = nix::sys::memfd::memfd_create("state", nix::sys::memfd::MFdFlags::empty())
+        .map_err(|e| e.to_string())?;
+    let mut state = File::from(fd);
+    state.write_all(&[0xa5; 4096]).map_err(|e| e.to_string())?;
+    let ram = seeded_memfd().map_err(|e| e.to_string())?;
+    session
+        .preserve(state.as_fd(), STATE_TOKEN)
+        .and_then(|_| session.preserve(ram.as_fd(), RAM_TOKEN_BASE))
+        .map_err(|e| e.to_string())?;
+    agent.ready("vmbad", &[]).map_err(|e| e.to_string())?;
+    Ok(session)
 }
 
 /// `result` must be an error whose message holds `needle`.
@@ -116,15 +136,29 @@ fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
     });
     report.check("preserve", preserved);
     report.check("ready", agent.ready("vm1", &[]).map_err(|e| e.to_string()));
+    let corrupt = corrupt_vm(&agent);
+    report.check(
+        "corrupt_vm_ready",
+        corrupt.as_ref().map(drop).map_err(|e| e.clone()),
+    );
     report.check(
         "status_before",
         match agent.status() {
-            Ok(ledger) if vm_phases(&ledger) == [("vm1".to_string(), VmPhase::Ready)] => Ok(()),
+            Ok(ledger)
+                if vm_phases(&ledger)
+                    == [
+                        ("vm1".to_string(), VmPhase::Ready),
+                        ("vmbad".to_string(), VmPhase::Ready),
+                    ] =>
+            {
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         },
     );
-    // The VMM dies after saying it is ready: its copy of the session closes with it.
+    // The VMMs die after saying they are ready: their copies of the sessions close with them.
     drop(session);
+    drop(corrupt);
     let cmdline = match kexec::current_cmdline() {
         Ok(c) => format!("{c} luvmm.stage=2"),
         Err(e) => {
@@ -155,7 +189,14 @@ fn stage2(socket: &Path) -> i32 {
     report.check(
         "ledger_crossed_the_kexec",
         match &ledger {
-            Ok(l) if l.updates == 1 && vm_phases(l) == [("vm1".into(), VmPhase::Incoming)] => {
+            Ok(l)
+                if l.updates == 1
+                    && vm_phases(l)
+                        == [
+                            ("vm1".into(), VmPhase::Incoming),
+                            ("vmbad".into(), VmPhase::Incoming),
+                        ] =>
+            {
                 let vm = &l.vms[0].times_ms;
                 let agent_times = &l.times_ms;
                 match (
