@@ -97,6 +97,10 @@ pub struct VmConfig {
     /// The IOMMU path for passthrough devices.
     #[serde(default)]
     pub vfio_backend: VfioBackendChoice,
+    /// Ask for transparent huge pages on guest RAM (`MADV_HUGEPAGE`; the host's shmem THP
+    /// must be `advise` or `always`): fewer, larger folios for LUO to preserve and retrieve.
+    #[serde(default)]
+    pub memory_thp: bool,
 }
 
 /// The IOMMU path for passthrough devices.
@@ -388,6 +392,7 @@ mod tests {
             vfio: Vec::new(),
             vfio_bars: BarMode::Direct,
             vfio_backend: VfioBackendChoice::Auto,
+            memory_thp: false,
         }
     }
 

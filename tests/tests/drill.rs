@@ -192,6 +192,25 @@ fn a_drill_that_requires_the_vfio_handler_fails_on_stock_7_2_and_loses_no_guest(
     require_guests_went_on(&report, called_off[0], 2, 1);
 }
 
+/// `--thp`: guest RAM in transparent huge pages (shmem THP on `advise`, `MADV_HUGEPAGE`, RAM
+/// populated by luvmm), and LUO brings the large folios back across the kexec: L1's own
+/// `ShmemHugePages` holds all of guest RAM before the prepare and after the restore.
+#[test]
+fn a_drill_with_thp_keeps_guest_ram_in_huge_pages_across_the_kexec() {
+    let (code, report, _) = drill("drill-thp", &["--memory-mib", "64", "--thp"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+    let round = rounds(&report, "update")[0];
+    require_guests_went_on(&report, round, 1, 1);
+    let vm = &round["vms"][0];
+    for key in ["shmem_huge_kib_before", "shmem_huge_kib_after"] {
+        let kib = vm[key].as_u64().unwrap_or(0);
+        assert!(
+            kib >= 64 * 1024,
+            "{key}: {kib} KiB of 64 MiB in huge pages: {vm}"
+        );
+    }
+}
+
 /// Plans the bed cannot hold are refused before anything boots.
 #[test]
 fn a_drill_plan_outside_the_bed_is_refused_by_name() {

@@ -82,7 +82,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
 
     let vm = KvmVm::new(kvm)?;
     let layout = config.memory_layout();
-    let ram = GuestRam::create(&layout)?;
+    let ram = GuestRam::create(&layout, config.memory_thp)?;
     vm.register_memory(&ram)?;
     let entry = load_payload(
         ram.memory(),
@@ -160,6 +160,11 @@ pub struct RestoreArgs {
     /// VM is rebuilt.
     pub session: Option<IncomingSession>,
     pub serial: SerialOutput,
+    /// How long gathering these took (taking the fds, or claiming and retrieving the
+    /// session's state and RAM), for the restore's timings.
+    pub gather_ms: f64,
+    /// Within it, after a live update: retrieving the RAM memfds from the session.
+    pub retrieve_ram_ms: Option<f64>,
 }
 
 /// Rebuilds a saved VM on top of its own memfds, without copying or touching guest memory.
@@ -167,7 +172,11 @@ pub struct RestoreArgs {
 /// with a guest check already requested.
 pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError> {
     let mut lap = Lap::start();
-    let mut timings = RestoreTimings::default();
+    let mut timings = RestoreTimings {
+        gather_ms: args.gather_ms,
+        retrieve_ram_ms: args.retrieve_ram_ms,
+        ..RestoreTimings::default()
+    };
     let saved = args.state;
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
     if args.session.is_none() {
@@ -186,7 +195,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
 
     let vm = KvmVm::new(kvm)?;
     timings.vm_ms = lap.next();
-    let ram = GuestRam::adopt(&saved.memory, args.memfds)?;
+    let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
     vm.register_memory(&ram)?;
     timings.memory_ms = lap.next();
     vm.restore_state(&saved.vm)?;
@@ -208,14 +217,18 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
             (Some(handed), _, _) => {
                 Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?
             }
-            (None, Some(session), Some(update)) => Passthrough::reopen(
-                &saved.devices,
-                &update.device_tokens,
-                session,
-                &ram,
-                &device_args,
-                &mut pci,
-            )?,
+            (None, Some(session), Some(update)) => {
+                let (passthrough, ioas_map) = Passthrough::reopen(
+                    &saved.devices,
+                    &update.device_tokens,
+                    session,
+                    &ram,
+                    &device_args,
+                    &mut pci,
+                )?;
+                timings.ioas_map_ms = Some(ioas_map.as_secs_f64() * 1e3);
+                passthrough
+            }
             // `check_handed` or the session's own checks refused this before.
             (None, _, _) => return Err(BuildError::NoDevices),
         }

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// IOMMU path for passthrough devices: auto (iommufd if present), iommufd, legacy.
     #[arg(long, value_parser = config_word::<VfioBackendChoice>)]
     pub vfio_backend: Option<VfioBackendChoice>,
+    /// Ask for transparent huge pages on guest RAM (MADV_HUGEPAGE; needs the host's shmem
+    /// THP on `advise` or `always`).
+    #[arg(long)]
+    pub thp: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -270,6 +274,9 @@ pub enum BenchKind {
         #[arg(long)]
         json: bool,
     },
+    /// The phases of a host live update for several guest sizes and device counts: one drill
+    /// in the nested bed each.
+    Update(crate::bench::update::UpdateBenchArgs),
 }
 
 /// Builds the VM config from `--config` and the flags that override it.
@@ -287,8 +294,12 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
             vfio: Vec::new(),
             vfio_bars: BarMode::Direct,
             vfio_backend: VfioBackendChoice::Auto,
+            memory_thp: false,
         },
     };
+    if args.thp {
+        config.memory_thp = true;
+    }
     if let Some(backend) = args.vfio_backend {
         config.vfio_backend = backend;
     }

@@ -159,6 +159,12 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         }
         Command::Drill(args) => {
             let report = drill::run(&args).map_err(|e| chain(&e))?;
+            if args.json {
+                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_table());
+            }
             Ok(if report.ok {
                 ExitCode::SUCCESS
             } else {

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
@@ -245,7 +245,8 @@ impl Passthrough {
     /// (`tokens[i]`), else opened again by BDF, bound to the VM's new iommufd and attached to
     /// a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each device
     /// restored from its saved state with its interrupts armed anew, and sent one interrupt
-    /// (the one in flight, if any, did not survive the kexec).
+    /// (the one in flight, if any, did not survive the kexec). Also returns how long the IOAS
+    /// mapping took.
     pub fn reopen(
         saved: &DevicesState,
         tokens: &[Option<u64>],
@@ -253,7 +254,7 @@ impl Passthrough {
         ram: &GuestRam,
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
-    ) -> Result<Passthrough, DeviceSetupError> {
+    ) -> Result<(Passthrough, Duration), DeviceSetupError> {
         let mut passthrough = Passthrough::default();
         let mut hosts = Vec::with_capacity(saved.passthrough.len());
         for (state, token) in saved.passthrough.iter().zip(tokens) {
@@ -294,11 +295,13 @@ impl Passthrough {
             hosts.push((state, host));
         }
         let regions = ram_mappings(ram);
+        let mapping = Instant::now();
         if let Some(iommu) = passthrough.iommu.as_mut() {
             for (m, _, memfd) in &regions {
                 iommu.map_file(memfd.as_fd(), m.memfd_index, m.offset, m.iova, m.len)?;
             }
         }
+        let ioas_map = mapping.elapsed();
         for (state, host) in hosts {
             let restore = Restore {
                 saved: state,
@@ -315,7 +318,7 @@ impl Passthrough {
             bus.add(device.clone(), Some(state.guest_slot))?;
             passthrough.devices.push((state.guest_slot, device));
         }
-        Ok(passthrough)
+        Ok((passthrough, ioas_map))
     }
 
     /// Host devices on the legacy container, which cannot move to another process.

@@ -90,6 +90,13 @@ pub enum RestoreError {
 
 /// Collects the state and memfds for `build_from_saved`.
 pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
+    let started = std::time::Instant::now();
+    let mut args = gather(source, serial)?;
+    args.gather_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(args)
+}
+
+fn gather(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
     match source {
         RestoreSource::Socket(socket) => from_socket(&socket, serial),
         RestoreSource::Session {
@@ -130,6 +137,8 @@ pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArg
                 source_paused_at: None,
                 session: None,
                 serial,
+                gather_ms: 0.0,
+                retrieve_ram_ms: None,
             })
         }
     }
@@ -216,6 +225,8 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
             .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
         session: None,
         serial,
+        gather_ms: 0.0,
+        retrieve_ram_ms: None,
     })
 }
 

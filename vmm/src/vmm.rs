@@ -125,6 +125,14 @@ pub struct SaveReport {
 /// Where the time of a restore went, phase by phase, in milliseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RestoreTimings {
+    /// Gathering the inputs before the build: taking the handed fds, or claiming the session
+    /// from the agent and retrieving and checking its state and RAM memfds.
+    #[serde(default)]
+    pub gather_ms: f64,
+    /// After a live update, within `gather_ms`: retrieving the RAM memfds, which the kernel
+    /// rebuilds folio by folio.
+    #[serde(default)]
+    pub retrieve_ram_ms: Option<f64>,
     /// Checking the state (decoded while the inputs were gathered) against the memfds and host.
     pub check_ms: f64,
     /// Creating the KVM VM, irqchip and PIT.
@@ -133,6 +141,9 @@ pub struct RestoreTimings {
     pub memory_ms: f64,
     /// VM-wide KVM state and devices.
     pub devices_ms: f64,
+    /// After a live update, within `devices_ms`: mapping guest RAM into the new IOAS.
+    #[serde(default)]
+    pub ioas_map_ms: Option<f64>,
     /// Creating, restoring and starting the vCPUs.
     pub vcpus_ms: f64,
     /// After a live update: FINISH of the LUO session.
@@ -377,6 +388,7 @@ impl Vmm {
             vm: self.vm.save_state()?,
             vcpus,
             update: None,
+            memory_thp: self.ram.thp(),
             devices: DevicesState {
                 serial: self.devices.serial.save(),
                 guest_control: self.devices.guest_control.save(),

@@ -28,6 +28,9 @@ pub struct VmState {
     /// Set when the state was saved for a host live update: what is in the LUO session.
     #[serde(default)]
     pub update: Option<UpdateRecord>,
+    /// Guest RAM asked for transparent huge pages (format 1.4); a restore asks again.
+    #[serde(default)]
+    pub memory_thp: bool,
 }
 
 /// LUO tokens in a VM's session: the state memfd, then one per RAM memfd, then one per
@@ -487,6 +490,7 @@ mod tests {
                     }],
                 }),
             },
+            memory_thp: false,
             update: Some(UpdateRecord {
                 vm_id: "vm1".into(),
                 device_tokens: vec![None],

@@ -1,5 +1,3 @@
-//! `luvmm bench`: figures, never assertions.
-//!
 //! `bench restore` measures, for each guest size, the two halves of the blackout a process
 //! switch costs: pause → state saved (reported by the VMM) and restore started → guest running
 //! again in a new process that received the memfds over the API socket (measured from spawn to
@@ -13,40 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::api::client::{self, ClientError};
-use crate::cli::{BenchArgs, BenchKind};
+use super::{flatness, io, BenchError, STEP_TIMEOUT};
+use crate::api::client;
 use crate::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
-
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A benchmark could not produce its figures.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("the save reply does not parse: {body}")]
-    SaveReply { body: String },
-    #[error("timed out after {STEP_TIMEOUT:?} waiting for {what}")]
-    Timeout { what: &'static str },
-    #[error("luvmm run exited ({status}) before its guest booted; its error is above")]
-    Exited { status: std::process::ExitStatus },
-    #[error("the restored VMM reports no restore timings")]
-    NoTimings,
-    #[error("the restored guest did not check ok:\n{log}")]
-    NotOk { log: String },
-    #[error("cannot encode the report")]
-    Encode(#[source] serde_json::Error),
-}
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> BenchError {
-    move |source| BenchError::Io { what, source }
-}
 
 /// Runs per size; the median is reported, so one slow process start does not decide.
 const ROUNDS: usize = 3;
@@ -66,41 +33,31 @@ struct RestoreReport {
     flatness_ratio: f64,
 }
 
-/// Runs the chosen benchmark and prints its figures.
-pub fn run(args: BenchArgs) -> Result<(), BenchError> {
-    match args.which {
-        BenchKind::Restore {
-            payload,
-            sizes,
-            json,
-        } => {
-            let mut results = Vec::with_capacity(sizes.len());
-            for mib in sizes {
-                let mut rounds = Vec::with_capacity(ROUNDS);
-                for _ in 0..ROUNDS {
-                    rounds.push(restore_once(&payload, mib)?);
-                }
-                rounds.sort_by(|a, b| blackout(a).total_cmp(&blackout(b)));
-                results.push(rounds.swap_remove(ROUNDS / 2));
-            }
-            let blackouts: Vec<f64> = results.iter().map(blackout).collect();
-            let max = blackouts.iter().copied().fold(f64::MIN, f64::max);
-            let min = blackouts.iter().copied().fold(f64::MAX, f64::min);
-            let report = RestoreReport {
-                sizes: results,
-                flatness_ratio: if min > 0.0 { max / min } else { f64::NAN },
-            };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(BenchError::Encode)?
-                );
-            } else {
-                print_table(&report);
-            }
-            Ok(())
+/// Runs `bench restore`: each size `ROUNDS` times, the median reported.
+pub fn run(payload: &Path, sizes: &[u64], json: bool) -> Result<(), BenchError> {
+    let mut results = Vec::with_capacity(sizes.len());
+    for &mib in sizes {
+        let mut rounds = Vec::with_capacity(ROUNDS);
+        for _ in 0..ROUNDS {
+            rounds.push(restore_once(payload, mib)?);
         }
+        rounds.sort_by(|a, b| blackout(a).total_cmp(&blackout(b)));
+        results.push(rounds.swap_remove(ROUNDS / 2));
     }
+    let blackouts: Vec<f64> = results.iter().map(blackout).collect();
+    let report = RestoreReport {
+        sizes: results,
+        flatness_ratio: flatness(&blackouts),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(BenchError::Encode)?
+        );
+    } else {
+        print_table(&report);
+    }
+    Ok(())
 }
 
 fn blackout(r: &SizeResult) -> f64 {

@@ -43,6 +43,8 @@ pub enum Event {
         vm: String,
         check_before: String,
         report: PrepareReport,
+        /// L1's `ShmemHugePages` (KiB) before the prepare: guest RAM in huge folios.
+        shmem_huge_kib: u64,
     },
     /// A VM is restored after the kexec and its guest has checked itself and driven every
     /// device again.
@@ -53,6 +55,8 @@ pub enum Event {
         device_rounds: Vec<String>,
         timings: RestoreTimings,
         opens: Opens,
+        /// L1's `ShmemHugePages` (KiB) once the guest checked itself: what LUO kept huge.
+        shmem_huge_kib: u64,
     },
     /// Something the drill could not do; the drill's verdict is then failed.
     Failure {

@@ -140,17 +140,21 @@ pub struct Guest {
 
 impl Guest {
     /// Boots the test payload with `memory_mib` and the `bdfs` passed through, every RAM page
-    /// filled (the payload's default).
+    /// filled (the payload's default), with transparent huge pages asked for if `thp`.
     pub fn boot(
         dir: &Path,
         vm: &str,
         payload: &Path,
         memory_mib: u64,
         bdfs: &[String],
+        thp: bool,
     ) -> Result<Guest, GuestError> {
         let mut command = luvmm();
+        command.arg("run");
+        if thp {
+            command.arg("--thp");
+        }
         command
-            .arg("run")
             .arg("--payload")
             .arg(payload)
             .args(["--memory-mib", &memory_mib.to_string(), "--vcpus", "2"])
@@ -211,7 +215,7 @@ impl Guest {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(6)..].join(" | ")
+        lines[lines.len().saturating_sub(16)..].join(" | ")
     }
 
     /// Waits until `done` holds, failing if luvmm exits or the step times out.
@@ -239,7 +243,7 @@ impl Guest {
                     what,
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

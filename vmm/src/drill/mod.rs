@@ -69,6 +69,9 @@ pub struct Plan {
     pub rounds: u32,
     pub cancel_first: bool,
     pub vfio_handler: VfioHandler,
+    /// Guest RAM asks for transparent huge pages, and L1's shmem THP is `advise`.
+    #[serde(default)]
+    pub thp: bool,
 }
 
 impl Plan {
@@ -137,9 +140,10 @@ pub enum DrillError {
     Json(#[source] serde_json::Error),
 }
 
-/// What the operator asked for.
-#[derive(Debug, clap::Args)]
-pub struct DrillArgs {
+/// The bed a drill runs on: L1's kernels and their VFIO handler, its base initramfs, its
+/// shmem THP and the guest payload.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BedArgs {
     /// L1's kernel (the bed's is what tests/nested/kernel.sh builds).
     #[arg(long)]
     pub kernel: PathBuf,
@@ -153,6 +157,27 @@ pub struct DrillArgs {
     /// The guest payload ELF (tests/guest/build.sh).
     #[arg(long)]
     pub payload: PathBuf,
+    /// The bed kernels' VFIO live-update handler.
+    #[arg(long, value_enum, default_value_t = VfioHandler::Off)]
+    pub vfio_handler: VfioHandler,
+    /// Transparent huge pages for guest RAM (L1's shmem THP on `advise`, `MADV_HUGEPAGE`):
+    /// the report says how much of it was in huge pages before and after the update.
+    #[arg(long)]
+    pub thp: bool,
+    /// Give up on L1 after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Keep L1's images and console log here (default: a temporary directory, removed after
+    /// a passing drill).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What the operator asked for.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub bed: BedArgs,
     /// MicroVMs on the host.
     #[arg(long, default_value_t = 1)]
     pub vms: u32,
@@ -168,22 +193,12 @@ pub struct DrillArgs {
     /// Prepare, call the update off and check every guest, then update.
     #[arg(long)]
     pub cancel_first: bool,
-    /// The bed kernels' VFIO live-update handler.
-    #[arg(long, value_enum, default_value_t = VfioHandler::Off)]
-    pub vfio_handler: VfioHandler,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
     /// Also write an SVG timeline of the phases per VM here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
-    /// Give up on L1 after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub timeout: u64,
-    /// Keep L1's images and console log here (default: a temporary directory, removed after
-    /// a passing drill).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
 }
 
 impl DrillArgs {
@@ -194,16 +209,17 @@ impl DrillArgs {
             devices: self.devices,
             rounds: self.rounds,
             cancel_first: self.cancel_first,
-            vfio_handler: self.vfio_handler,
+            vfio_handler: self.bed.vfio_handler,
+            thp: self.bed.thp,
         }
     }
 }
 
-/// Runs a drill and returns its report (printed already, as a table or JSON).
+/// Runs a drill and returns its report (its progress went to stderr, its SVG to `--svg`).
 pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     let plan = args.plan();
     plan.validate()?;
-    let (work, temporary) = match &args.work_dir {
+    let (work, temporary) = match &args.bed.work_dir {
         Some(dir) => (dir.clone(), false),
         None => (
             std::env::temp_dir().join(format!("luvmm-drill-{}", std::process::id())),
@@ -215,13 +231,13 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
         source,
     })?;
     let initrd = work.join("initrd");
-    write_initrd(args, &plan, &initrd)?;
+    write_initrd(&args.bed, &plan, &initrd)?;
     let devices: Vec<String> = (0..plan.vms * plan.devices)
         .map(|_| "edu".to_string())
         .collect();
     let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_param());
     let spec = L1Spec {
-        kernel: &args.kernel,
+        kernel: &args.bed.kernel,
         initrd: &initrd,
         append: &append,
         devices: &devices,
@@ -231,7 +247,7 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     let mut progress = Progress::new();
     let console_path = work.join("console.log");
     let mut console = std::fs::File::create(&console_path).ok();
-    let run = bed::run_l1(&spec, Duration::from_secs(args.timeout), |line| {
+    let run = bed::run_l1(&spec, Duration::from_secs(args.bed.timeout), |line| {
         if let Some(file) = console.as_mut() {
             let _ = writeln!(file, "[{:9.3}] {}", line.at, line.text);
         }
@@ -241,12 +257,6 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     })?;
     progress.end();
     let report = collector.finish(&run, &console_path);
-    if args.json {
-        let text = serde_json::to_string(&report).map_err(DrillError::Json)?;
-        println!("{text}");
-    } else {
-        print!("{}", report.to_table());
-    }
     if let Some(svg) = &args.svg {
         bed::write(svg, report.to_svg().as_bytes())?;
     }
@@ -264,7 +274,7 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
 /// The image L1 boots: the base with luvmm, the payload, the plan and the scenario hook
 /// ("staged"), then the next kernel and the staged image itself, from which L1 builds the
 /// next kernel's initramfs (this same image) before each kexec.
-fn write_initrd(args: &DrillArgs, plan: &Plan, out: &Path) -> Result<(), DrillError> {
+fn write_initrd(args: &BedArgs, plan: &Plan, out: &Path) -> Result<(), DrillError> {
     let base = bed::read(&args.initrd)?;
     let exe = std::env::current_exe().map_err(DrillError::Exe)?;
     let luvmm = bed::read(&exe)?;
@@ -361,6 +371,7 @@ mod tests {
             rounds: 1,
             cancel_first: false,
             vfio_handler: VfioHandler::Off,
+            thp: false,
         }
     }
 

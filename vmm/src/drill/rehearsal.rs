@@ -27,6 +27,9 @@ use crate::update::check::{self, CheckArgs};
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
 const WORK: &str = "/tmp/drill";
 
+/// L1's shmem transparent huge page setting.
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
 /// How long to wait for the kexec after the agent took the update.
 const KEXEC_WAIT: Duration = Duration::from_secs(120);
 
@@ -100,13 +103,25 @@ fn stage_steps(stage: u32) -> Result<(), StepError> {
             found: bdfs.len(),
         });
     }
+    if plan.thp {
+        // Per boot: every kernel of the chain starts with shmem THP off.
+        std::fs::write(SHMEM_THP, "advise")
+            .map_err(|e| StepError::Io(format!("write advise to {SHMEM_THP}"), e))?;
+    }
     let mut guests = Vec::new();
     if stage == 1 {
         for index in 0..plan.vms as usize {
             let vm = vm_id(index);
             emit(&phase(&vm, "boot"));
             let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
-            let guest = Guest::boot(work, &vm, Path::new(L1_PAYLOAD), plan.memory_mib, devices)?;
+            let guest = Guest::boot(
+                work,
+                &vm,
+                Path::new(L1_PAYLOAD),
+                plan.memory_mib,
+                devices,
+                plan.thp,
+            )?;
             emit(&phase(&vm, "dma"));
             guest.device_round()?;
             guests.push((guest, devices.to_vec()));
@@ -226,6 +241,7 @@ fn update(
                     vm: guest.vm.clone(),
                     check_before: check_before.line.clone(),
                     report,
+                    shmem_huge_kib: shmem_huge_kib(),
                 });
                 prepared.push(guest);
             }
@@ -261,8 +277,9 @@ fn restore(
     work: &Path,
     agent_socket: &Path,
 ) -> Result<Guest, StepError> {
-    emit(&phase(vm, "restore"));
+    emit(&phase(vm, "watch"));
     let watch = OpenWatch::start(devices)?;
+    emit(&phase(vm, "restore"));
     let restored = Guest::restore(work, vm, agent_socket);
     let opens = watch.finish()?;
     let guest = restored?;
@@ -277,6 +294,7 @@ fn restore(
         device_rounds,
         timings,
         opens,
+        shmem_huge_kib: shmem_huge_kib(),
     });
     emit(&phase(vm, "running"));
     Ok(guest)
@@ -308,7 +326,7 @@ impl Agent {
             if Instant::now() > deadline {
                 return Err(StepError::Agent("no answer within 30 s".into()));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(Agent(child))
     }
@@ -349,6 +367,19 @@ fn vfio_devices() -> Result<Vec<String>, StepError> {
         .collect();
     bdfs.sort();
     Ok(bdfs)
+}
+
+/// `ShmemHugePages` of /proc/meminfo in KiB (0 without THP): shmem, memfds included, held in
+/// PMD-sized folios.
+fn shmem_huge_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("ShmemHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn vm_id(index: usize) -> String {

@@ -57,12 +57,18 @@ pub struct VmResult {
     pub devices: Vec<DeviceResult>,
     /// Milliseconds per phase as luvmm measured them: the prepare's (`preserve_ram`, `pause`,
     /// `quiesce_devices`, `preserve_devices`, `save_state`, `preserve_state`, `ready`) and the
-    /// restore's (`restore_check`, `restore_vm`, `restore_memory`, `restore_devices`,
-    /// `restore_vcpus`, `finish`), and `blackout`: the guest's, from its pause before the
+    /// restore's (`restore_gather`, `restore_check`, `restore_vm`, `restore_memory`, `restore_devices`,
+    /// `restore_vcpus`, `finish`; `ioas_map` is the part of `restore_devices` that maps guest
+    /// RAM into the new IOAS, `retrieve_ram` the part of `restore_gather` that retrieves the
+    /// RAM memfds), and `blackout`: the guest's, from its pause before the
     /// kexec to its resume after it, by L1's wall clock.
     pub phases_ms: BTreeMap<String, f64>,
     /// What the open watcher saw while this VM was restored.
     pub opens: Opens,
+    /// L1's `ShmemHugePages` in KiB (all VMs) before the prepare and after the restore: how
+    /// much guest RAM was in huge folios, and how much of it LUO brought back huge.
+    pub shmem_huge_kib_before: Option<u64>,
+    pub shmem_huge_kib_after: Option<u64>,
 }
 
 /// One passthrough device of a VM in one round.
@@ -81,7 +87,7 @@ pub struct DeviceResult {
 
 /// The prepare's phases while the guest is paused: the VMM's part of the blackout before the
 /// kexec.
-const PAUSED_PHASES: [&str; 6] = [
+pub const PAUSED_PHASES: [&str; 6] = [
     "pause",
     "quiesce_devices",
     "preserve_devices",
@@ -91,7 +97,8 @@ const PAUSED_PHASES: [&str; 6] = [
 ];
 
 /// The restore's phases: the VMM's part of the blackout after the kexec.
-const RESTORE_PHASES: [&str; 6] = [
+const RESTORE_PHASES: [&str; 7] = [
+    "restore_gather",
     "restore_check",
     "restore_vm",
     "restore_memory",
@@ -114,7 +121,7 @@ pub struct Collector {
     plan: Plan,
     kernels: BTreeMap<u32, String>,
     rounds: BTreeMap<(u32, &'static str), RoundReport>,
-    prepared: BTreeMap<(u32, String), (String, PrepareReport)>,
+    prepared: BTreeMap<(u32, String), (String, PrepareReport, u64)>,
     kexec_asked: BTreeMap<u32, f64>,
     open_spans: BTreeMap<String, (String, f64)>,
     timeline: Vec<Span>,
@@ -238,9 +245,11 @@ impl Collector {
                 vm,
                 check_before,
                 report,
+                shmem_huge_kib,
             } => {
                 let text = format!("round {round}: {vm} prepared");
-                self.prepared.insert((round, vm), (check_before, report));
+                self.prepared
+                    .insert((round, vm), (check_before, report, shmem_huge_kib));
                 text
             }
             Event::Restored {
@@ -250,8 +259,10 @@ impl Collector {
                 device_rounds,
                 timings,
                 opens,
+                shmem_huge_kib,
             } => {
-                let Some((check_before, prepare)) = self.prepared.remove(&(round, vm.clone()))
+                let Some((check_before, prepare, huge_before)) =
+                    self.prepared.remove(&(round, vm.clone()))
                 else {
                     self.failures
                         .push(format!("round {round}: {vm} restored but never prepared"));
@@ -259,10 +270,13 @@ impl Collector {
                 };
                 let mut phases_ms = prepare.phases_ms.clone();
                 for (name, ms) in [
+                    ("restore_gather", Some(timings.gather_ms)),
+                    ("retrieve_ram", timings.retrieve_ram_ms),
                     ("restore_check", Some(timings.check_ms)),
                     ("restore_vm", Some(timings.vm_ms)),
                     ("restore_memory", Some(timings.memory_ms)),
                     ("restore_devices", Some(timings.devices_ms)),
+                    ("ioas_map", timings.ioas_map_ms),
                     ("restore_vcpus", Some(timings.vcpus_ms)),
                     ("finish", timings.finish_ms),
                     ("blackout", timings.blackout_ms),
@@ -281,6 +295,8 @@ impl Collector {
                     devices,
                     phases_ms,
                     opens,
+                    shmem_huge_kib_before: Some(huge_before),
+                    shmem_huge_kib_after: Some(shmem_huge_kib),
                 };
                 self.round(round, "update").vms.push(result);
                 format!("round {round}: {vm} restored and checked")
@@ -523,6 +539,22 @@ impl DrillReport {
                 );
             }
         }
+        if self.plan.thp {
+            for vm in self.rounds.iter().flat_map(|r| &r.vms) {
+                if let (Some(before), Some(after)) =
+                    (vm.shmem_huge_kib_before, vm.shmem_huge_kib_after)
+                {
+                    let _ = writeln!(
+                        out,
+                        "THP: L1's shmem in huge pages {} MiB before the prepare, {} MiB after \
+                         {}'s restore",
+                        before / 1024,
+                        after / 1024,
+                        vm.vm
+                    );
+                }
+            }
+        }
         for failure in &self.failures {
             let _ = writeln!(out, "FAILED: {failure}");
         }
@@ -636,6 +668,7 @@ mod tests {
             rounds: 1,
             cancel_first: false,
             vfio_handler: handler,
+            thp: false,
         }
     }
 
@@ -688,7 +721,9 @@ mod tests {
                     }],
                     ram_mib: 64,
                     phases_ms: BTreeMap::from([("preserve_ram".to_string(), 8.0)]),
+                    warnings: Vec::new(),
                 },
+                shmem_huge_kib: 0,
             },
             Event::Phase {
                 row: HOST_ROW.into(),
@@ -707,6 +742,7 @@ mod tests {
                 device_rounds: vec![round_line.into()],
                 timings: RestoreTimings::default(),
                 opens: seen,
+                shmem_huge_kib: 0,
             });
             events.push(Event::Done);
         }

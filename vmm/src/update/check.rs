@@ -28,6 +28,9 @@ use crate::vmm::{Vmm, VmmError};
 /// One VM's part of the pre-flight, as its VMM reports it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VmCheck {
+    /// The agent's kernel's LUO handler for memfds (guest RAM and the state), once probed.
+    #[serde(default)]
+    pub memfd_handler: Option<HandlerStatus>,
     pub devices: Vec<DeviceCheck>,
     pub blockers: Vec<String>,
     pub warnings: Vec<String>,
@@ -81,6 +84,7 @@ impl Vmm {
         let agent = AgentClient::new(agent_socket);
         let borrowed: Vec<&OwnedFd> = fds.iter().collect();
         let handlers = agent.probe(&borrowed).map_err(UpdateError::Agent)?;
+        check.memfd_handler = handlers.first().cloned();
         for ((bdf, in_d0), handler) in probed.into_iter().zip(handlers.into_iter().skip(1)) {
             if handler != HandlerStatus::Present {
                 check.warnings.push(format!(
@@ -96,6 +100,36 @@ impl Vmm {
             });
         }
         Ok(check)
+    }
+}
+
+impl VmCheck {
+    /// What refuses a prepare before anything is touched: the blockers, a kernel that cannot
+    /// preserve memfds, and with `require_preserved_devices` a device it cannot preserve.
+    pub fn refuse_prepare(&self, require_preserved_devices: bool) -> Result<(), UpdateError> {
+        if self.memfd_handler != Some(HandlerStatus::Present) {
+            return Err(UpdateError::Blocked {
+                blockers: format!(
+                    "this kernel has no LUO handler for memfds ({:?}): guest RAM cannot be                      preserved",
+                    self.memfd_handler
+                ),
+            });
+        }
+        if !self.blockers.is_empty() {
+            return Err(UpdateError::Blocked {
+                blockers: self.blockers.join("; "),
+            });
+        }
+        match self
+            .devices
+            .iter()
+            .find(|d| d.handler != HandlerStatus::Present)
+        {
+            Some(device) if require_preserved_devices => Err(UpdateError::DeviceNotPreserved {
+                bdf: device.bdf.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -273,4 +307,53 @@ pub fn run(args: &CheckArgs) -> CheckReport {
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(memfd: Option<HandlerStatus>, device: HandlerStatus) -> VmCheck {
+        VmCheck {
+            memfd_handler: memfd,
+            devices: vec![DeviceCheck {
+                bdf: "0000:00:03.0".into(),
+                iommufd: true,
+                in_d0: true,
+                handler: device,
+            }],
+            blockers: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_prepare_is_refused_before_anything_is_touched() {
+        let present = Some(HandlerStatus::Present);
+        assert!(check(present.clone(), HandlerStatus::Absent)
+            .refuse_prepare(false)
+            .is_ok());
+        assert!(check(present.clone(), HandlerStatus::Present)
+            .refuse_prepare(true)
+            .is_ok());
+        assert!(matches!(
+            check(present.clone(), HandlerStatus::Absent).refuse_prepare(true),
+            Err(UpdateError::DeviceNotPreserved { bdf }) if bdf == "0000:00:03.0"
+        ));
+        let no_memfd = check(Some(HandlerStatus::Absent), HandlerStatus::Present);
+        assert!(no_memfd
+            .refuse_prepare(false)
+            .unwrap_err()
+            .to_string()
+            .contains("no LUO handler for memfds"));
+        let mut legacy = check(present, HandlerStatus::Present);
+        legacy
+            .blockers
+            .push("0000:00:03.0: on the legacy VFIO container".into());
+        assert!(legacy
+            .refuse_prepare(false)
+            .unwrap_err()
+            .to_string()
+            .contains("legacy VFIO container"));
+    }
 }

@@ -26,4 +26,6 @@ pub enum UpdateError {
          --require-preserved-devices was given"
     )]
     DeviceNotPreserved { bdf: String },
+    #[error("the pre-flight refuses the update: {blockers}")]
+    Blocked { blockers: String },
 }

@@ -1,5 +1,8 @@
 //! Before the kexec: put everything the VM needs into its LUO session, or call it off.
 //!
+//! 0. The VM's part of the pre-flight (`check.rs`): the memfd handler, every device on
+//!    iommufd and in D0, and with `require_preserved_devices` a handler for each. A refusal
+//!    here has touched nothing.
 //! 1. Subscribe to the agent (it creates session `luvmm-<vm id>` and keeps a copy).
 //! 2. Preserve every RAM memfd **while the guest runs**: PRESERVE_FD pins and fills every
 //!    page (about 4 ms/MiB in the bed), which must not be in the blackout.
@@ -48,6 +51,9 @@ pub struct PrepareReport {
     /// Milliseconds per phase: `preserve_ram` (guest running), then the blackout's
     /// `pause`, `quiesce_devices`, `preserve_devices`, `save_state`, `preserve_state`, `ready`.
     pub phases_ms: BTreeMap<String, f64>,
+    /// The pre-flight's warnings (a device this kernel cannot preserve, say).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One passthrough device in a prepare.
@@ -76,6 +82,8 @@ impl Vmm {
         if !matches!(self.phase(), VmPhase::Running | VmPhase::Paused) {
             return Err(self.refuse("prepare an update"));
         }
+        let preflight = self.check_update(options.agent_socket)?;
+        preflight.refuse_prepare(options.require_preserved_devices)?;
         let agent = AgentClient::new(options.agent_socket);
         let session = agent.subscribe(options.vm_id).map_err(UpdateError::Agent)?;
         let prepared = PreparedUpdate {
@@ -85,7 +93,8 @@ impl Vmm {
         };
         let was_running = self.phase() == VmPhase::Running;
         match self.preserve_all(&prepared, options, &agent) {
-            Ok(report) => {
+            Ok(mut report) => {
+                report.warnings = preflight.warnings;
                 self.set_update(prepared);
                 self.set_phase(VmPhase::Preserved);
                 log::info!(
@@ -190,6 +199,7 @@ impl Vmm {
             devices,
             ram_mib: self.ram().layout().total_bytes() >> 20,
             phases_ms: phases,
+            warnings: Vec::new(),
         })
     }
 

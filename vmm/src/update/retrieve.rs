@@ -70,6 +70,7 @@ pub fn from_session(
         .as_ref()
         .and_then(|u| u.times_ms.get("pause"))
         .map(|&ms| UNIX_EPOCH + Duration::from_millis(ms));
+    let retrieving = std::time::Instant::now();
     let memfds = (0..saved.memory.regions.len())
         .map(|index| {
             session
@@ -78,6 +79,8 @@ pub fn from_session(
                 .map_err(failed("cannot retrieve a RAM memfd"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The kernel rebuilds each memfd folio by folio here: this grows with the guest.
+    let retrieve_ram_ms = retrieving.elapsed().as_secs_f64() * 1e3;
     Ok(RestoreArgs {
         state_bytes: blob.len() as u64,
         state: saved,
@@ -88,6 +91,8 @@ pub fn from_session(
         source_paused_at,
         session: Some(session),
         serial,
+        gather_ms: 0.0,
+        retrieve_ram_ms: Some(retrieve_ram_ms),
     })
 }
 

@@ -10,7 +10,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use luvmm_resources::layout::MemoryLayout;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use std::ptr::NonNull;
+
+use nix::sys::mman::{madvise, MmapAdvise};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -50,18 +56,40 @@ pub enum MemoryError {
     /// vm-memory could not map the regions.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// `madvise` was refused (a kernel without THP, or too little memory to fill RAM).
+    #[error("memory region {index}: madvise for transparent huge pages failed")]
+    Advise {
+        index: usize,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// `madvise` on one whole mapped region: `MADV_HUGEPAGE` (shmem then backs later faults with
+/// PMD-sized folios where the host's shmem THP setting allows) or `MADV_POPULATE_WRITE`.
+fn advise(region: &GuestRegionMmap, advice: MmapAdvise) -> Result<(), nix::Error> {
+    let Some(start) = NonNull::new(region.as_ptr().cast::<std::ffi::c_void>()) else {
+        return Ok(());
+    };
+    // SAFETY: `start` and `len` describe exactly one live shared mapping that `region` owns;
+    // both advices only change how its pages are backed (or fault them in), never what they
+    // hold.
+    unsafe { madvise(start, region.len() as usize, advice) }
 }
 
 /// Guest RAM and the memfds behind it; region `i` of the layout is `memfds[i]`.
 pub struct GuestRam {
     layout: MemoryLayout,
+    /// Transparent huge pages were asked for.
+    thp: bool,
     memfds: Vec<File>,
     memory: GuestMemoryMmap,
 }
 
 impl GuestRam {
-    /// Creates one fresh memfd per region and maps them.
-    pub fn create(layout: &MemoryLayout) -> Result<GuestRam, MemoryError> {
+    /// Creates one fresh memfd per region and maps them (asking for transparent huge pages
+    /// with `thp`).
+    pub fn create(layout: &MemoryLayout, thp: bool) -> Result<GuestRam, MemoryError> {
         let mut memfds = Vec::with_capacity(layout.regions.len());
         for (index, region) in layout.regions.iter().enumerate() {
             let name = format!("luvmm-ram{index}");
@@ -89,16 +117,30 @@ impl GuestRam {
             .map_err(|source| MemoryError::Seal { index, source })?;
             memfds.push(file);
         }
-        Self::map(layout, memfds)
+        let ram = Self::map(layout, memfds, thp)?;
+        if thp {
+            // Fill guest RAM now, through this process's own faults: shmem allocates huge
+            // folios for those, while KVM's faults on behalf of the guest were seen to take
+            // small pages (the nested bed). PRESERVE_FD fills every page anyway.
+            for (index, region) in ram.memory.iter().enumerate() {
+                advise(region, MmapAdvise::MADV_POPULATE_WRITE)
+                    .map_err(|source| MemoryError::Advise { index, source })?;
+            }
+        }
+        Ok(ram)
     }
 
     /// Maps memfds handed over by a previous process. The caller has checked their sizes
     /// against the layout (see `VmState::check_against`); nothing here touches their contents.
-    pub fn adopt(layout: &MemoryLayout, memfds: Vec<File>) -> Result<GuestRam, MemoryError> {
-        Self::map(layout, memfds)
+    pub fn adopt(
+        layout: &MemoryLayout,
+        memfds: Vec<File>,
+        thp: bool,
+    ) -> Result<GuestRam, MemoryError> {
+        Self::map(layout, memfds, thp)
     }
 
-    fn map(layout: &MemoryLayout, memfds: Vec<File>) -> Result<GuestRam, MemoryError> {
+    fn map(layout: &MemoryLayout, memfds: Vec<File>, thp: bool) -> Result<GuestRam, MemoryError> {
         let mut ranges = Vec::with_capacity(memfds.len());
         for (index, (region, file)) in layout.regions.iter().zip(&memfds).enumerate() {
             let size = usize::try_from(region.size).map_err(|_| MemoryError::TooLarge {
@@ -115,8 +157,15 @@ impl GuestRam {
             ));
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(MemoryError::Map)?;
+        if thp {
+            for (index, region) in memory.iter().enumerate() {
+                advise(region, MmapAdvise::MADV_HUGEPAGE)
+                    .map_err(|source| MemoryError::Advise { index, source })?;
+            }
+        }
         Ok(GuestRam {
             layout: layout.clone(),
+            thp,
             memfds,
             memory,
         })
@@ -140,6 +189,11 @@ impl GuestRam {
         &self.layout
     }
 
+    /// Whether transparent huge pages were asked for.
+    pub fn thp(&self) -> bool {
+        self.thp
+    }
+
     /// The memfds, in layout order.
     pub fn memfds(&self) -> &[File] {
         &self.memfds
@@ -161,7 +215,7 @@ mod tests {
     #[test]
     fn ram_is_memfd_backed_and_shared() {
         let layout = MemoryLayout::contiguous(4 * MIB);
-        let ram = GuestRam::create(&layout).unwrap();
+        let ram = GuestRam::create(&layout, false).unwrap();
         ram.memory()
             .write_obj(0x1234_5678u32, GuestAddress(0x2000))
             .unwrap();
@@ -173,15 +227,50 @@ mod tests {
             .map(|f| f.try_clone().unwrap())
             .collect();
         assert_eq!(GuestRam::memfd_sizes(&memfds).unwrap(), vec![4 * MIB]);
-        let again = GuestRam::adopt(&layout, memfds).unwrap();
+        let again = GuestRam::adopt(&layout, memfds, false).unwrap();
         let word: u32 = again.memory().read_obj(GuestAddress(0x2000)).unwrap();
         assert_eq!(word, 0x1234_5678);
         assert_eq!(again.memory().num_regions(), 1);
     }
 
+    /// The VMA flags (`VmFlags:` in /proc/self/smaps) of the mapping starting at `start`.
+    fn vm_flags(start: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{start:x}-");
+        let entry = smaps
+            .split_inclusive('\n')
+            .skip_while(|l| !l.starts_with(&head))
+            .take_while(|l| !l.starts_with("VmFlags:"))
+            .count();
+        smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&head))
+            .nth(entry)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn thp_advises_huge_pages_on_every_region_and_is_kept() {
+        let layout = MemoryLayout::contiguous(4 * MIB);
+        let ram = GuestRam::create(&layout, true).unwrap();
+        assert!(ram.thp());
+        for region in ram.memory().iter() {
+            let flags = vm_flags(region.as_ptr() as usize);
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        }
+        let plain = GuestRam::create(&layout, false).unwrap();
+        let region = plain.memory().iter().next().unwrap();
+        let flags = vm_flags(region.as_ptr() as usize);
+        assert!(
+            flags.starts_with("VmFlags:") && !flags.contains(" hg"),
+            "{flags}"
+        );
+    }
+
     #[test]
     fn memfd_size_is_sealed() {
-        let ram = GuestRam::create(&MemoryLayout::contiguous(2 * MIB)).unwrap();
+        let ram = GuestRam::create(&MemoryLayout::contiguous(2 * MIB), false).unwrap();
         assert!(ram.memfds()[0].set_len(4 * MIB).is_err());
         assert!(ram.memfds()[0].set_len(MIB).is_err());
         let seals = fcntl(ram.memfds()[0].as_fd(), FcntlArg::F_GET_SEALS).unwrap();
