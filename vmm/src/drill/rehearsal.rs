@@ -75,8 +75,9 @@ pub fn run(stage: u32) {
         stage,
         kernel: kernel_release(),
     });
-    let round = stage;
-    if let Err(e) = stage_steps(stage) {
+    // Stage N restores round N-1 and prepares round N: a failure names the round it is in.
+    let mut round = stage;
+    if let Err(e) = stage_steps(stage, &mut round) {
         emit(&Event::Failure {
             round,
             vm: None,
@@ -85,7 +86,7 @@ pub fn run(stage: u32) {
     }
 }
 
-fn stage_steps(stage: u32) -> Result<(), StepError> {
+fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     let plan = Plan::load(Path::new(L1_PLAN))?;
     let work = Path::new(WORK);
     std::fs::create_dir_all(work)
@@ -130,13 +131,14 @@ fn stage_steps(stage: u32) -> Result<(), StepError> {
             cancel_round(&plan, &guests, &agent_socket)?;
         }
     } else {
-        let round = stage - 1;
+        *round = stage - 1;
         for index in 0..plan.vms as usize {
             let vm = vm_id(index);
             let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
-            let guest = restore(round, &vm, &devices, work, &agent_socket)?;
+            let guest = restore(*round, &vm, &devices, work, &agent_socket)?;
             guests.push((guest, devices));
         }
+        *round = stage;
     }
     if stage <= plan.rounds {
         update(stage, &plan, &guests, &agent_socket)?;
