@@ -109,10 +109,7 @@ impl VmCheck {
     pub fn refuse_prepare(&self, require_preserved_devices: bool) -> Result<(), UpdateError> {
         if self.memfd_handler != Some(HandlerStatus::Present) {
             return Err(UpdateError::Blocked {
-                blockers: format!(
-                    "this kernel has no LUO handler for memfds ({:?}): guest RAM cannot be                      preserved",
-                    self.memfd_handler
-                ),
+                blockers: no_memfd_handler(self.memfd_handler.as_ref()),
             });
         }
         if !self.blockers.is_empty() {
@@ -199,6 +196,11 @@ impl CheckReport {
     }
 }
 
+/// The blocker for a kernel whose memfd handler probed as `found`.
+fn no_memfd_handler(found: Option<&HandlerStatus>) -> String {
+    format!("this kernel has no LUO handler for memfds ({found:?}): guest RAM cannot be preserved")
+}
+
 /// Runs the pre-flight.
 pub fn run(args: &CheckArgs) -> CheckReport {
     let mut report = CheckReport::default();
@@ -206,10 +208,7 @@ pub fn run(args: &CheckArgs) -> CheckReport {
     match agent.status() {
         Ok(_) => match agent.probe(&[]) {
             Ok(handlers) if handlers.first() == Some(&HandlerStatus::Present) => {}
-            Ok(handlers) => report.blockers.push(format!(
-                "this kernel has no LUO handler for memfds ({:?}): guest RAM cannot be preserved",
-                handlers.first()
-            )),
+            Ok(handlers) => report.blockers.push(no_memfd_handler(handlers.first())),
             Err(e) => report
                 .blockers
                 .push(format!("the agent's probe failed: {e}")),
