@@ -14,7 +14,7 @@
 
 use std::process::{Command, ExitCode};
 
-use luvmm_vmm::drill::watch::{OpenWatch, Opens};
+use luvmm_vmm::drill::watch::{vfio_pci_devices, OpenWatch, Opens};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,13 +48,7 @@ fn main() -> ExitCode {
 
 /// Arms the watch on every vfio-pci device, runs `command`, and returns what it saw.
 fn watch(command: &[String]) -> Result<(Opens, i32), String> {
-    let mut bdfs: Vec<String> = std::fs::read_dir("/sys/bus/pci/drivers/vfio-pci")
-        .map_err(|e| format!("cannot list vfio-pci's devices: {e}"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("0000:"))
-        .collect();
-    bdfs.sort();
+    let bdfs = vfio_pci_devices().map_err(|e| format!("cannot list vfio-pci's devices: {e}"))?;
     let watch = OpenWatch::start(&bdfs).map_err(|e| e.to_string())?;
     let status = Command::new(&command[0])
         .args(&command[1..])

@@ -19,7 +19,7 @@ use luvmm_liveupdate::kexec;
 use super::bed::{self, BedError};
 use super::event::{Event, HOST_ROW};
 use super::guest::{luvmm, Guest, GuestCheck, GuestError};
-use super::watch::{OpenWatch, WatchError};
+use super::watch::{vfio_pci_devices, OpenWatch, WatchError, VFIO_PCI};
 use super::{with_boot, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD};
 use crate::api::error_chain;
 use crate::update::check::{self, CheckArgs};
@@ -95,7 +95,8 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     let agent_socket = work.join("agent.sock");
     let _agent = Agent::start(work, &agent_socket)?;
     emit(&phase(HOST_ROW, "running"));
-    let bdfs = vfio_devices()?;
+    // The bed binds every edu device to vfio-pci.
+    let bdfs = vfio_pci_devices().map_err(|e| StepError::Io(format!("list {VFIO_PCI}"), e))?;
     let per_vm = plan.devices as usize;
     let needed = plan.vms as usize * per_vm;
     if bdfs.len() < needed {
@@ -356,19 +357,6 @@ fn with_stage(cmdline: &str, stage: u32) -> String {
         .collect();
     words.push(format!("luvmm.stage={stage}"));
     words.join(" ")
-}
-
-/// The PCI functions bound to vfio-pci, in BDF order: the bed binds every edu device.
-fn vfio_devices() -> Result<Vec<String>, StepError> {
-    let dir = "/sys/bus/pci/drivers/vfio-pci";
-    let mut bdfs: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| StepError::Io(format!("list {dir}"), e))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("0000:"))
-        .collect();
-    bdfs.sort();
-    Ok(bdfs)
 }
 
 /// `ShmemHugePages` of /proc/meminfo in KiB (0 without THP): shmem, memfds included, held in

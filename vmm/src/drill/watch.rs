@@ -208,6 +208,20 @@ impl Drop for OpenWatch {
     }
 }
 
+/// The PCI functions bound to vfio-pci, in BDF order: what can be watched.
+pub fn vfio_pci_devices() -> std::io::Result<Vec<String>> {
+    let mut bdfs: Vec<String> = std::fs::read_dir(VFIO_PCI)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("0000:"))
+        .collect();
+    bdfs.sort();
+    Ok(bdfs)
+}
+
+/// vfio-pci's sysfs directory, which lists the functions bound to it.
+pub const VFIO_PCI: &str = "/sys/bus/pci/drivers/vfio-pci";
+
 /// The device's cdev (`/dev/vfio/devices/vfioN`) and group node (`/dev/vfio/G`), where they
 /// exist: a device bound to vfio-pci has both.
 fn device_nodes(bdf: &str) -> Result<Vec<PathBuf>, WatchError> {
