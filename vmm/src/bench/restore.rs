@@ -5,7 +5,7 @@
 //! path, so the blackout should not grow with the guest: the flatness ratio (largest blackout
 //! over smallest) should stay near 1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::{flatness, io, BenchError, STEP_TIMEOUT};
 use crate::api::client;
+use crate::drill::guest::serial_lines;
 use crate::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
 
 /// Runs per size; the median is reported, so one slow process start does not decide.
@@ -127,7 +128,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
     wait_for(
         || {
             exited = first.0.try_wait().ok().flatten();
-            exited.is_some() || count_lines(&serial, "LUVMM-BOOT") >= 1
+            exited.is_some() || !serial_lines(&serial, "LUVMM-BOOT").is_empty()
         },
         "the guest to boot",
     )?;
@@ -177,7 +178,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
 
     // The restored guest must vouch for its memory, or the figure means nothing.
     wait_for(
-        || count_lines(&serial, "LUVMM-CHECK") >= 1,
+        || !serial_lines(&serial, "LUVMM-CHECK").is_empty(),
         "the restored guest's check",
     )?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -200,13 +201,6 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
         restore_to_resumed_ms: restore_ms,
         restore_phases,
     })
-}
-
-/// Complete (newline-terminated) lines of the serial log starting with `prefix`.
-fn count_lines(path: &PathBuf, prefix: &str) -> usize {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete.lines().filter(|l| l.starts_with(prefix)).count()
 }
 
 fn wait_for(mut done: impl FnMut() -> bool, what: &'static str) -> Result<(), BenchError> {

@@ -128,6 +128,18 @@ pub fn round_works(line: &str) -> bool {
     line.starts_with("LUVMM-ROUND ok ") && line.contains(" dma=ok irq=msi")
 }
 
+/// Whole (newline-ended: the guest may be mid-line) lines of a serial log that start with
+/// `prefix`.
+pub fn serial_lines(serial: &Path, prefix: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
 /// One VM's luvmm process and files.
 pub struct Guest {
     pub vm: String,
@@ -249,13 +261,7 @@ impl Guest {
 
     /// Whole (newline-ended) serial lines starting with `prefix`.
     pub fn lines(&self, prefix: &str) -> Vec<String> {
-        let text = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
-        whole
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .map(str::to_string)
-            .collect()
+        serial_lines(&self.serial, prefix)
     }
 
     fn wait_line(&self, prefix: &str, count: usize, what: &'static str) -> Result<(), GuestError> {
