@@ -28,7 +28,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
             vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
             let vmm = builder::build_for_boot(&kvm, &config).map_err(|e| chain(&e))?;
-            finish(runtime::run(vmm, config.api_socket.as_deref()))
+            finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
         }
         Command::Restore(args) => {
             let source = luvmm_vmm::cli::restore_source(&args).map_err(|e| chain(&e))?;
@@ -40,11 +40,18 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             if let Some(socket) = &args.from_socket {
                 restore::complete_handover(socket).map_err(|e| chain(&e))?;
             }
-            if let Some(vm_id) = &args.session {
-                update::retrieve::report_finished(&args.agent_socket, vm_id);
-            }
             log::info!("restored; resuming");
-            finish(runtime::run(vmm, args.common.api_socket.as_deref()))
+            // After a live update the agent learns the VM is done once its guest runs again.
+            let tell_agent = || {
+                if let Some(vm_id) = &args.session {
+                    update::retrieve::report_finished(&args.agent_socket, vm_id);
+                }
+            };
+            finish(runtime::run(
+                vmm,
+                args.common.api_socket.as_deref(),
+                tell_agent,
+            ))
         }
         Command::Ctl(args) => {
             let (method, path, body) = match &args.request {

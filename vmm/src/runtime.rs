@@ -135,8 +135,13 @@ impl MutEventSubscriber for SerialInput {
     }
 }
 
-/// Resumes the guest and serves events until a shutdown request or the guest's own stop.
-pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> {
+/// Resumes the guest, then runs `once_running` (work that must not lengthen the guest's
+/// blackout), and serves events until a shutdown request or the guest's own stop.
+pub fn run(
+    vmm: Vmm,
+    api_socket: Option<&Path>,
+    once_running: impl FnOnce(),
+) -> Result<Ending, RuntimeError> {
     let clone = |evt: &EventFd| evt.try_clone().map_err(RuntimeError::Events);
     let exit_evt = clone(&vmm.events().exit)?;
     let pause_evt = clone(&vmm.events().guest_pause)?;
@@ -184,6 +189,7 @@ pub fn run(vmm: Vmm, api_socket: Option<&Path>) -> Result<Ending, RuntimeError> 
         .unwrap_or_else(|p| p.into_inner())
         .resume()
         .map_err(RuntimeError::Start)?;
+    once_running();
     loop {
         events.run().map_err(RuntimeError::EventManager)?;
         match vmm.lock().unwrap_or_else(|p| p.into_inner()).phase() {
