@@ -49,6 +49,12 @@ pub fn current_cmdline() -> Result<String, KexecError> {
         .map_err(|e| KexecError::Cmdline(format!("/proc/cmdline: {e}")))
 }
 
+/// The running kernel's command line with `words` appended: the next kernel's, for an
+/// operator's `--append`.
+pub fn current_cmdline_with(words: &str) -> Result<String, KexecError> {
+    current_cmdline().map(|current| format!("{current} {words}"))
+}
+
 /// Loads `kernel` (and `initrd`) as the next kernel with `cmdline`, or the current command line
 /// when `None`.
 pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&str>) -> Result<(), KexecError> {

@@ -119,14 +119,10 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 append,
                 deadline,
             } => {
-                let cmdline = match append {
-                    Some(words) => {
-                        let current =
-                            luvmm_liveupdate::kexec::current_cmdline().map_err(|e| chain(&e))?;
-                        Some(format!("{current} {words}"))
-                    }
-                    None => None,
-                };
+                let cmdline = append
+                    .map(|words| luvmm_liveupdate::kexec::current_cmdline_with(&words))
+                    .transpose()
+                    .map_err(|e| chain(&e))?;
                 AgentClient::new(&args.socket)
                     .update(
                         &kernel,

@@ -224,10 +224,8 @@ pub fn run(args: &CheckArgs) -> CheckReport {
     }
     let cmdline = match (&args.cmdline, &args.append) {
         (Some(line), _) => Ok(line.clone()),
-        (None, append) => kexec::current_cmdline().map(|current| match append {
-            Some(words) => format!("{current} {words}"),
-            None => current,
-        }),
+        (None, Some(words)) => kexec::current_cmdline_with(words),
+        (None, None) => kexec::current_cmdline(),
     };
     match cmdline {
         Ok(line) => {
