@@ -17,11 +17,11 @@ profile=${1:-all}
 # The demo: the guest payload is assembled and linked with binutils (as, ld).
 demo_pkgs=(binutils)
 # The nested bed adds: QEMU for L1; the L1 kernel's build (make, gcc, bc, bison, flex,
-# libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests); cpio,
-# gzip and a static busybox for its initramfs; Debian's keyring and dpkg-deb to fetch and unpack
-# linux-source-7.2 from sid.
+# libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests, perl
+# for checkpatch of the project's patches); cpio, gzip and a static busybox for its initramfs;
+# Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid.
 bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
-          rsync cpio gzip xz-utils patch busybox-static file debian-archive-keyring dpkg)
+          rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg)
 # `.ci/run` checks formatting and lints, and fuzzes with cargo-fuzz (from crates.io).
 rust_components=(rustfmt clippy)
 cargo_fuzz_version=0.13.2

@@ -55,7 +55,13 @@ pub struct HostCapabilities {
     pub iommufd_present: bool,
     pub vfio_cdev_present: bool,
     pub handlers: Handlers,
+    /// The mode luvmm's own VFIO handler (the nested bed's kernel patch) was booted with:
+    /// `off`, `reset` or `keep`; `None` on kernels without it.
+    pub vfio_handler_mode: Option<String>,
 }
+
+/// Where luvmm's bed kernel shows its VFIO handler's mode.
+const VFIO_HANDLER_MODE: &str = "/sys/module/vfio_pci/parameters/luvmm_lu";
 
 /// A file offered to the probe to try preserving, e.g. a VFIO cdev fd the caller has bound to
 /// an iommufd (an unbound one is refused even where the handler exists).
@@ -106,6 +112,9 @@ pub fn probe(vfio_device: Option<Candidate<'_>>) -> HostCapabilities {
         iommufd_present,
         vfio_cdev_present,
         handlers,
+        vfio_handler_mode: std::fs::read_to_string(VFIO_HANDLER_MODE)
+            .ok()
+            .map(|m| m.trim().to_string()),
     }
 }
 
@@ -184,7 +193,7 @@ impl HostCapabilities {
              VFIO cdev devices:        {}\n\
              memfd handler:            {}\n\
              iommufd handler:          {}\n\
-             VFIO device handler:      {}\n",
+             VFIO device handler:      {}{}\n",
             yes(self.kho_enabled),
             yes(self.cmdline_liveupdate_on),
             yes(self.cmdline_kho_on),
@@ -193,6 +202,10 @@ impl HostCapabilities {
             handler(&self.handlers.memfd),
             handler(&self.handlers.iommufd),
             handler(&self.handlers.vfio_device),
+            match &self.vfio_handler_mode {
+                Some(mode) => format!(" (luvmm's bed handler, mode {mode})"),
+                None => String::new(),
+            },
         )
     }
 }

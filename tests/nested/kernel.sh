@@ -66,6 +66,9 @@ if [ ! -f "$build/.prepared" ]; then
     rm -rf "$build"
     cp -a "$src" "$build"
     for p in $(ls "$here"/patches/*.patch 2>/dev/null); do
+        # The project's kernel patches are held to the kernel's own style.
+        perl "$src/scripts/checkpatch.pl" --strict --no-tree --quiet "$p" >&2 ||
+            { log "$(basename "$p") is not checkpatch --strict clean"; exit 1; }
         log "applying $(basename "$p")"
         patch -d "$build" -p1 -s < "$p"
     done

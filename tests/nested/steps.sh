@@ -48,3 +48,18 @@ whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished it
         sleep 0.1; i=$((i + 1))
     done
 }
+
+selftest() { # selftest NAME ARGS...: runs a kernel selftest and reports it in one line
+    name=$1; shift
+    "/selftests/$name" "$@" > "/tmp/$name.log" 2>&1
+    code=$?
+    # A skipped test passes nothing: kselftest exits 4 for a skip, and a harness test that
+    # skips one case still exits 0, so its TAP output is read too.
+    skips=$(grep -cE '# SKIP|skip:[1-9]' "/tmp/$name.log")
+    if [ "$code" = 0 ] && [ "$skips" = 0 ]; then
+        echo "LUVMM-L1 selftest $name $* ok"
+    else
+        echo "LUVMM-L1 selftest $name $* FAIL (exit $code, $skips skip lines)"
+        sed 's/^/LUVMM-L1 log /' "/tmp/$name.log" | tail -20
+    fi
+}

@@ -4,6 +4,7 @@
 
 pub mod l1;
 pub mod nested;
+pub mod vfio_raw;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

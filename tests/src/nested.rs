@@ -82,11 +82,17 @@ impl Results for L1Run {
 /// One `edu` device, for scenarios that need just one.
 pub const ONE_EDU: &[&str] = &["edu"];
 
-/// Boots L1 (with luvmm's own bed driver, as `luvmm drill` does) with `scenario` and
-/// `devices` (each a QEMU `-device` value, in order), and waits for it to power off (or
-/// `timeout`, after which QEMU is killed).
-pub fn run_l1(bed: &Bed, scenario: &str, devices: &[&str], timeout: Duration) -> L1Run {
-    let append = format!("luvmm.scenario={scenario}");
+/// Boots L1 (with luvmm's own bed driver, as `luvmm drill` does) with `scenario`, `append`
+/// added to the kernel command line, and `devices` (each a QEMU `-device` value, in order),
+/// and waits for it to power off (or `timeout`, after which QEMU is killed).
+pub fn run_l1(
+    bed: &Bed,
+    scenario: &str,
+    append: &str,
+    devices: &[&str],
+    timeout: Duration,
+) -> L1Run {
+    let append = format!("luvmm.scenario={scenario} {append}");
     let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
     let kernel = bed.kernel_dir.join("bzImage");
     let spec = L1Spec {

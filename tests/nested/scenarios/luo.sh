@@ -1,20 +1,8 @@
 #!/bin/sh
 # The LUO scenario: the kernel's own LUO selftests first, then luvmm's, across a real kexec.
 stage=$1
-selftest() { # selftest NAME ARGS...: runs a kernel selftest and reports it in one line
-    name=$1; shift
-    "/selftests/$name" "$@" > "/tmp/$name.log" 2>&1
-    code=$?
-    # A skipped test passes nothing: kselftest exits 4 for a skip, and a harness test that
-    # skips one case still exits 0, so its TAP output is read too.
-    skips=$(grep -cE '# SKIP|skip:[1-9]' "/tmp/$name.log")
-    if [ "$code" = 0 ] && [ "$skips" = 0 ]; then
-        echo "LUVMM-L1 selftest $name $* ok"
-    else
-        echo "LUVMM-L1 selftest $name $* FAIL (exit $code, $skips skip lines)"
-        sed 's/^/LUVMM-L1 log /' "/tmp/$name.log" | tail -20
-    fi
-}
+# selftest, shared with the vfio-lu scenario.
+. /luvmm/steps.sh
 hostcheck() {
     luvmm host-check --json >/tmp/hostcheck.json 2>/tmp/hostcheck.err
     code=$?

@@ -1,0 +1,734 @@
+//! The kernel half's own tests: luvmm's VFIO live-update handler in the bed's kernel
+//! (`tests/nested/patches/`), run inside L1 with two `edu` functions and a QEMU NVMe
+//! controller bound to vfio-pci. Every case prints `LUVMM-L1 test vfio_lu_NAME ok` or
+//! `... FAIL why`, so each can be picked out alone.
+//!
+//! One L1 boot runs a chain of real kexecs; each stage runs in the kernel the previous one
+//! loaded, with the handler mode that kernel was given (`vfio_pci.luvmm_lu`):
+//! - `stage1` (`reset`): every preserve case without a kexec, the unbind refusal, the freeze
+//!   refusal; then an `edu` and the NVMe controller (enabled, its admin queue in a preserved
+//!   memfd) are preserved and the host kexecs into stage 2, in `keep`.
+//! - `stage2` (`keep`): what a `reset` freeze left. Normal opens refused, FINISH refused before
+//!   the retrieve, the retrieved file unusable until bound; bound, attached and mapped at the
+//!   same IOVA from the retrieved memfd, the `edu` does DMA and raises MSI; the NVMe controller
+//!   is disabled; FINISH; normal opens work again. Then the same preparation, frozen in `keep`,
+//!   and a kexec into stage 3 (`reset`).
+//! - `stage3`: what a `keep` freeze left: the same checks, but the NVMe controller is still
+//!   enabled with its admin queue registers unchanged, and a command on the old queue
+//!   completes. Then one `edu` is preserved and the host kexecs into stage 4, handler off.
+//! - `stage4` (`off`): `/dev/liveupdate` fails with `EIO`, since a session holds a file no
+//!   handler of this kernel knows: what a pre-flight must prevent.
+//!
+//! `edu` has no reset method, so only the NVMe controller (which has FLR) tells the modes
+//! apart.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use luvmm_liveupdate::kexec::{self, KexecError};
+use luvmm_liveupdate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
+use luvmm_tests::l1::{flag, line, Report};
+use luvmm_tests::vfio_raw::{self, bind, open_bound, open_cdev, Device, Group, Iommu};
+use luvmm_vmm::drill::bed::{self, InitrdFile};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the DMA memfd sits in every IOAS: below `edu`'s 28-bit DMA mask.
+const IOVA: u64 = 0x10_0000;
+const DMA_BYTES: u64 = 2 << 20;
+/// The memfd's layout: `edu` source and destination, NVMe admin SQ, CQ, identify buffer.
+const EDU_SRC: u64 = 0;
+const EDU_DST: u64 = 0x1000;
+const NVME_ASQ: u64 = 0x2000;
+const NVME_ACQ: u64 = 0x3000;
+const NVME_ID: u64 = 0x4000;
+/// Admin queue depth, and the admin queue attributes it gives.
+const NVME_QDEPTH: u32 = 8;
+const NVME_AQA: u32 = (NVME_QDEPTH - 1) << 16 | (NVME_QDEPTH - 1);
+/// The session carried across each kexec, and its tokens.
+const SESSION: &str = "vfio-lu";
+const TOKEN_MEMFD: u64 = 1;
+const TOKEN_EDU: u64 = 2;
+const TOKEN_NVME: u64 = 3;
+
+/// `edu` registers (QEMU's `hw/misc/edu.c` interface).
+const EDU_IRQ_STATUS: u64 = 0x24;
+const EDU_IRQ_ACK: u64 = 0x64;
+const EDU_DMA_SRC: u64 = 0x80;
+const EDU_DMA_DST: u64 = 0x88;
+const EDU_DMA_COUNT: u64 = 0x90;
+const EDU_DMA_CMD: u64 = 0x98;
+const EDU_BUFFER: u32 = 0x40000;
+/// Bytes per DMA: half the device's 4 KiB buffer (QEMU aborts on a transfer that ends at its
+/// last byte).
+const EDU_BYTES: usize = 2048;
+/// DMA command bits: start, to RAM, interrupt when done.
+const EDU_CMD_START: u32 = 1;
+const EDU_CMD_TO_RAM: u32 = 2;
+const EDU_CMD_IRQ: u32 = 4;
+
+/// NVMe controller registers.
+const NVME_CAP: u64 = 0x0;
+const NVME_CC: u64 = 0x14;
+const NVME_CSTS: u64 = 0x1c;
+const NVME_AQA_REG: u64 = 0x24;
+const NVME_ASQ_REG: u64 = 0x28;
+const NVME_ACQ_REG: u64 = 0x30;
+/// CC: enable, 64-byte SQ entries, 16-byte CQ entries.
+const NVME_CC_ENABLE: u32 = 1 | 6 << 16 | 4 << 20;
+
+struct Bed {
+    edu: Vec<String>,
+    nvme: Option<String>,
+}
+
+impl Bed {
+    fn find() -> Bed {
+        let mut edu = Vec::new();
+        let mut nvme = None;
+        let mut bdfs: Vec<String> = std::fs::read_dir("/sys/bus/pci/drivers/vfio-pci")
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("0000:"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bdfs.sort();
+        for bdf in bdfs {
+            let id = |f: &str| {
+                std::fs::read_to_string(vfio_raw::sysfs(&bdf).join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            match (id("vendor").as_str(), id("device").as_str()) {
+                ("0x1234", "0x11e8") => edu.push(bdf),
+                ("0x1b36", "0x0010") => nvme = Some(bdf),
+                _ => {}
+            }
+        }
+        Bed { edu, nvme }
+    }
+}
+
+fn name(s: &str) -> SessionName {
+    SessionName::new(s).expect("the test's session names are valid")
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// `result` must be the error `errno`.
+fn expect_errno<T>(what: &str, result: io::Result<T>, errno: i32) -> Result<(), String> {
+    match result {
+        Ok(_) => Err(format!("{what}: succeeded, expected errno {errno}")),
+        Err(e) if errno_of(&e) == errno => Ok(()),
+        Err(e) => Err(format!("{what}: {e}, expected errno {errno}")),
+    }
+}
+
+fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn luo_err(what: &str) -> impl Fn(LuoError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// The kernel's own log holds `needle`.
+fn kernel_logged(needle: &str) -> Result<(), String> {
+    let out = std::process::Command::new("dmesg")
+        .output()
+        .map_err(io_err("dmesg"))?;
+    if String::from_utf8_lossy(&out.stdout).contains(needle) {
+        Ok(())
+    } else {
+        Err(format!("the kernel never logged {needle:?}"))
+    }
+}
+
+fn memfd(label: &str) -> Result<File, String> {
+    let cname = std::ffi::CString::new(label).map_err(|e| e.to_string())?;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(DMA_BYTES).map_err(io_err("ftruncate"))?;
+    Ok(file)
+}
+
+fn pattern(seed: u64) -> Vec<u8> {
+    (0..EDU_BYTES as u64 / 8)
+        .flat_map(|i| (i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes())
+        .collect()
+}
+
+fn poll_until(what: &str, mut done: impl FnMut() -> io::Result<bool>) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if done().map_err(io_err(what))? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(format!("{what}: timed out"))
+}
+
+/// One `edu` DMA round trip through the IOMMU: RAM to the device's buffer and back to another
+/// page of RAM, the second with an interrupt, which must arrive as MSI on `msi`.
+fn edu_round_trip(edu: &Device, ram: &File, msi: &EventFd, seed: u64) -> Result<(), String> {
+    let sent = pattern(seed);
+    ram.write_all_at(&sent, EDU_SRC).map_err(io_err("fill"))?;
+    ram.write_all_at(&[0u8; EDU_BYTES], EDU_DST)
+        .map_err(io_err("clear"))?;
+    let dma = |src: u64, dst: u64, cmd: u32| -> Result<(), String> {
+        edu.write32(EDU_DMA_SRC, src as u32)
+            .and_then(|_| edu.write32(EDU_DMA_DST, dst as u32))
+            .and_then(|_| edu.write32(EDU_DMA_COUNT, EDU_BYTES as u32))
+            .and_then(|_| edu.write32(EDU_DMA_CMD, cmd))
+            .map_err(io_err("program the DMA"))?;
+        poll_until("DMA", || Ok(edu.read32(EDU_DMA_CMD)? & EDU_CMD_START == 0))
+    };
+    dma(IOVA + EDU_SRC, u64::from(EDU_BUFFER), EDU_CMD_START)?;
+    dma(
+        u64::from(EDU_BUFFER),
+        IOVA + EDU_DST,
+        EDU_CMD_START | EDU_CMD_TO_RAM | EDU_CMD_IRQ,
+    )?;
+    let interrupted = vfio_raw::wait_event(msi, 5000);
+    let status = edu.read32(EDU_IRQ_STATUS).map_err(io_err("IRQ status"))?;
+    edu.write32(EDU_IRQ_ACK, status)
+        .map_err(io_err("IRQ ack"))?;
+    let mut back = vec![0u8; EDU_BYTES];
+    ram.read_exact_at(&mut back, EDU_DST)
+        .map_err(io_err("read back"))?;
+    if back != sent {
+        return Err("the bytes DMA'd back differ from those sent".into());
+    }
+    if !interrupted {
+        return Err(format!("no MSI within 5 s (edu IRQ status {status:#x})"));
+    }
+    Ok(())
+}
+
+/// Disables, programs the admin queue at the memfd's IOVAs, and enables the controller.
+fn nvme_enable(nvme: &Device) -> Result<(), String> {
+    nvme.write32(NVME_CC, 0).map_err(io_err("CC"))?;
+    poll_until("CSTS.RDY=0", || Ok(nvme.read32(NVME_CSTS)? & 1 == 0))?;
+    nvme.write32(NVME_AQA_REG, NVME_AQA)
+        .and_then(|_| nvme.write64(NVME_ASQ_REG, IOVA + NVME_ASQ))
+        .and_then(|_| nvme.write64(NVME_ACQ_REG, IOVA + NVME_ACQ))
+        .and_then(|_| nvme.write32(NVME_CC, NVME_CC_ENABLE))
+        .map_err(io_err("program the admin queue"))?;
+    poll_until("CSTS.RDY=1", || Ok(nvme.read32(NVME_CSTS)? & 1 == 1))
+}
+
+/// Identify Controller in admin SQ slot `slot`; its completion must come in CQ slot `slot`
+/// with phase 1 and success, and the data must carry QEMU's PCI vendor id.
+fn nvme_identify(nvme: &Device, ram: &File, slot: u32) -> Result<(), String> {
+    let cid = slot + 1;
+    let mut entry = [0u8; 64];
+    entry[0..4].copy_from_slice(&(0x06 | cid << 16).to_le_bytes());
+    entry[24..32].copy_from_slice(&(IOVA + NVME_ID).to_le_bytes());
+    entry[40..44].copy_from_slice(&1u32.to_le_bytes());
+    ram.write_all_at(&[0u8; 4096], NVME_ID)
+        .map_err(io_err("clear"))?;
+    ram.write_all_at(&entry, NVME_ASQ + u64::from(slot) * 64)
+        .map_err(io_err("SQ entry"))?;
+    let stride = 4u64 << ((nvme.read64(NVME_CAP).map_err(io_err("CAP"))? >> 32) & 0xf);
+    nvme.write32(0x1000, slot + 1)
+        .map_err(io_err("SQ doorbell"))?;
+    let completion = NVME_ACQ + u64::from(slot) * 16;
+    let mut dw3 = 0u32;
+    poll_until("the completion", || {
+        let mut b = [0u8; 4];
+        ram.read_exact_at(&mut b, completion + 12)?;
+        dw3 = u32::from_le_bytes(b);
+        Ok(dw3 & 1 << 16 != 0)
+    })?;
+    nvme.write32(0x1000 + stride, slot + 1)
+        .map_err(io_err("CQ doorbell"))?;
+    if dw3 & 0xffff != cid || dw3 >> 17 != 0 {
+        return Err(format!("completion dw3 {dw3:#x} for command {cid}"));
+    }
+    let mut vid = [0u8; 2];
+    ram.read_exact_at(&mut vid, NVME_ID)
+        .map_err(io_err("identify data"))?;
+    if u16::from_le_bytes(vid) != 0x1b36 {
+        return Err(format!(
+            "identify data: vendor {:#x}",
+            u16::from_le_bytes(vid)
+        ));
+    }
+    Ok(())
+}
+
+/// The NVMe registers that tell a reset controller from a kept one.
+#[derive(Debug, PartialEq)]
+struct NvmeRegs {
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+}
+
+fn nvme_regs(nvme: &Device) -> io::Result<NvmeRegs> {
+    Ok(NvmeRegs {
+        cc: nvme.read32(NVME_CC)?,
+        csts: nvme.read32(NVME_CSTS)?,
+        aqa: nvme.read32(NVME_AQA_REG)?,
+        asq: nvme.read64(NVME_ASQ_REG)?,
+        acq: nvme.read64(NVME_ACQ_REG)?,
+    })
+}
+
+/// The next kernel's initramfs: the bed's stage image with `/boot` (the kernel and the stage
+/// image itself) added again, so that every kernel of the chain can kexec once more.
+fn next_initrd(kernel: &Path, stage_image: &Path) -> Result<PathBuf, String> {
+    let base = bed::read(stage_image).map_err(|e| e.to_string())?;
+    let kernel_image = bed::read(kernel).map_err(|e| e.to_string())?;
+    let files = [
+        InitrdFile {
+            path: "/boot/bzImage",
+            mode: 0o644,
+            data: &kernel_image,
+        },
+        InitrdFile {
+            path: "/boot/initrd-stage2.cpio.gz",
+            mode: 0o644,
+            data: &base,
+        },
+    ];
+    let next = PathBuf::from("/tmp/vfio-lu-next-initrd");
+    bed::extend_initrd(&base, &files)
+        .and_then(|image| bed::write(&next, &image))
+        .map_err(|e| e.to_string())?;
+    Ok(next)
+}
+
+fn kexec_into(kernel: &Path, stage_image: &Path, words: &str) -> Result<(), String> {
+    let cmdline = kexec::current_cmdline_with(words).map_err(|e| e.to_string())?;
+    let initrd = next_initrd(kernel, stage_image)?;
+    kexec::load(kernel, Some(&initrd), Some(&cmdline)).map_err(|e| format!("load: {e}"))?;
+    line(&format!("kexec {words}"));
+    match kexec::reboot_into_loaded() {
+        Ok(never) => match never {},
+        Err(e) => Err(format!("reboot: {e}")),
+    }
+}
+
+/// PRESERVE_FD of `fd` must find no handler (`ENOENT`).
+fn not_preservable(
+    session: &OutgoingSession,
+    what: &str,
+    fd: BorrowedFd<'_>,
+    token: u64,
+) -> Result<(), String> {
+    match session.preserve(fd, token) {
+        Err(LuoError::NotPreservable { .. }) => Ok(()),
+        other => Err(format!("{what}: {other:?}, expected ENOENT")),
+    }
+}
+
+/// Every preserve case without a kexec, the unbind refusal, and unpreserve on close.
+fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), String> {
+    // The group path first: a group-opened device cannot be bound as a cdev meanwhile.
+    let session = luo
+        .create_session(&name("vfio-lu-checks"))
+        .map_err(luo_err("create"))?;
+    let group = Group::open(a).map_err(io_err("group"))?;
+    report.check(
+        "preserve_group_enoent",
+        not_preservable(&session, "group fd", group.group.as_fd(), 10),
+    );
+    report.check(
+        "preserve_container_enoent",
+        not_preservable(&session, "container fd", group.container.as_fd(), 11),
+    );
+    match group.device(a) {
+        Ok(device) => report.check(
+            "preserve_group_device_enoent",
+            not_preservable(&session, "group-obtained device fd", device.as_fd(), 12),
+        ),
+        Err(e) => report.check(
+            "preserve_group_device_enoent",
+            Err(format!("GET_DEVICE_FD: {e}")),
+        ),
+    }
+    drop(group);
+
+    let unbound = open_cdev(a).map_err(io_err("cdev"))?;
+    report.check(
+        "preserve_unbound_enoent",
+        not_preservable(&session, "unbound cdev", unbound.as_fd(), 13),
+    );
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    bind(&unbound, &iommu).map_err(io_err("bind"))?;
+    let bound = unbound;
+    report.check(
+        "preserve_bound",
+        session
+            .preserve(bound.as_fd(), 14)
+            .map_err(luo_err("bound cdev"))
+            .and_then(|_| kernel_logged("luvmm-lu: will be preserved across the next live update")),
+    );
+    report.check(
+        "preserve_twice_ebusy",
+        match session.preserve(bound.as_fd(), 15) {
+            Err(LuoError::AlreadyPreserved { .. }) => Ok(()),
+            other => Err(format!("second preserve: {other:?}, expected EBUSY")),
+        },
+    );
+
+    let unbind = |bdf: &str| std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", bdf);
+    report.check(
+        "unbind_refused_while_preserved",
+        expect_errno("unbind", unbind(a), libc::EBUSY).and_then(|_| {
+            if vfio_raw::sysfs(a).join("driver").exists() {
+                Ok(())
+            } else {
+                Err("unbound anyway".into())
+            }
+        }),
+    );
+    session.cancel();
+    report.check(
+        "unpreserved_on_close",
+        kernel_logged("luvmm-lu: no longer preserved").and_then(|_| {
+            let again = luo
+                .create_session(&name("vfio-lu-again"))
+                .map_err(luo_err("create"))?;
+            again
+                .preserve(bound.as_fd(), 16)
+                .map_err(luo_err("preserve after the close"))?;
+            again.cancel();
+            Ok(())
+        }),
+    );
+    drop(bound);
+    report.check(
+        "unbind_after_close",
+        unbind(a)
+            .map_err(io_err("unbind"))
+            .and_then(|_| std::fs::write("/sys/bus/pci/drivers_probe", a).map_err(io_err("probe")))
+            .and_then(|_| {
+                let driver = std::fs::read_link(vfio_raw::sysfs(a).join("driver"))
+                    .map_err(io_err("driver"))?;
+                if driver.ends_with("vfio-pci") {
+                    Ok(())
+                } else {
+                    Err(format!("bound to {} again", driver.display()))
+                }
+            }),
+    );
+    Ok(())
+}
+
+/// `reboot()` fails while a preserved device still has MSI on; in `reset` mode the device
+/// frozen before it (freeze runs in preservation order) is left giving EIO.
+fn freeze_refusal(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    (a, b): (&str, &str),
+    (kernel, initrd): (&Path, &Path),
+) -> Result<(), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let healthy = open_bound(a, &iommu).map_err(io_err("open a"))?;
+    let noisy = open_bound(b, &iommu).map_err(io_err("open b"))?;
+    let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
+    noisy.set_msi(Some(&msi)).map_err(io_err("MSI on"))?;
+    let session = luo
+        .create_session(&name("vfio-lu-freeze"))
+        .map_err(luo_err("create"))?;
+    session
+        .preserve(healthy.fd(), 1)
+        .and_then(|_| session.preserve(noisy.fd(), 2))
+        .map_err(luo_err("preserve"))?;
+    let cmdline =
+        kexec::current_cmdline_with("luvmm.stage=unexpected").map_err(|e| e.to_string())?;
+    kexec::load(kernel, Some(initrd), Some(&cmdline)).map_err(|e| format!("load: {e}"))?;
+    let refused = match kexec::reboot_into_loaded() {
+        Ok(never) => match never {},
+        Err(KexecError::Failed { source, .. }) if errno_of(&source) == libc::EINVAL => Ok(()),
+        Err(e) => Err(format!("reboot: {e}, expected EINVAL")),
+    };
+    report.check(
+        "freeze_refused_with_msi",
+        refused.and_then(|_| kernel_logged("luvmm-lu: cannot freeze: a VFIO interrupt is enabled")),
+    );
+    report.check(
+        "frozen_device_gives_eio",
+        expect_errno("GET_INFO", vfio_raw::info(&healthy.file), libc::EIO)
+            .and_then(|_| expect_errno("BAR read", healthy.read32(0), libc::EIO)),
+    );
+    report.check(
+        "unfrozen_device_works",
+        vfio_raw::info(&noisy.file)
+            .map(|_| ())
+            .map_err(io_err("GET_INFO of the device whose freeze failed")),
+    );
+    noisy.set_msi(None).map_err(io_err("MSI off"))?;
+    session.cancel();
+    kexec::unload().map_err(|e| e.to_string())?;
+    // The frozen file still closes: release is never gated.
+    drop(healthy);
+    drop(noisy);
+    report.check(
+        "reopen_after_failed_kexec",
+        open_bound(a, &Iommu::new().map_err(io_err("iommufd"))?)
+            .and_then(|d| vfio_raw::info(&d.file))
+            .map(|_| ())
+            .map_err(io_err("open the reset device again")),
+    );
+    Ok(())
+}
+
+/// Brings an `edu` and the NVMe controller up (DMA and MSI through the `edu`, an admin command
+/// on the NVMe), quiesces their interrupts, preserves the DMA memfd and both in `SESSION`,
+/// and kexecs with `words` added to the command line. Returns only on failure.
+fn prepare_and_kexec(
+    luo: &LiveUpdate,
+    edu: &str,
+    nvme: &str,
+    seed: u64,
+    (kernel, initrd, words): (&Path, &Path, &str),
+) -> Result<(), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let ram = memfd("vfio-lu-dma")?;
+    iommu
+        .map_file(ram.as_fd(), IOVA, DMA_BYTES)
+        .map_err(io_err("MAP_FILE"))?;
+    let e = open_bound(edu, &iommu).map_err(io_err("open edu"))?;
+    e.enable_dma().map_err(io_err("edu COMMAND"))?;
+    let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
+    e.set_msi(Some(&msi)).map_err(io_err("edu MSI"))?;
+    edu_round_trip(&e, &ram, &msi, seed)?;
+    e.set_msi(None).map_err(io_err("edu MSI off"))?;
+    let n = open_bound(nvme, &iommu).map_err(io_err("open NVMe"))?;
+    n.enable_dma().map_err(io_err("NVMe COMMAND"))?;
+    nvme_enable(&n)?;
+    nvme_identify(&n, &ram, 0)?;
+    let regs = nvme_regs(&n).map_err(io_err("NVMe registers"))?;
+    line(&format!("nvme before kexec {regs:?}"));
+    let session = luo
+        .create_session(&name(SESSION))
+        .map_err(luo_err("create"))?;
+    session
+        .preserve(ram.as_fd(), TOKEN_MEMFD)
+        .and_then(|_| session.preserve(e.fd(), TOKEN_EDU))
+        .and_then(|_| session.preserve(n.fd(), TOKEN_NVME))
+        .map_err(luo_err("preserve"))?;
+    kexec_into(kernel, initrd, words)
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Frozen {
+    Reset,
+    Keep,
+}
+
+/// What the previous kernel's freeze left, and the session's whole way back.
+fn after_kexec(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    bed: (&str, &str),
+    frozen: Frozen,
+) -> Result<(), String> {
+    let (edu, nvme) = bed;
+    report.check(
+        "cdev_open_ebusy",
+        expect_errno("edu cdev", open_cdev(edu), libc::EBUSY)
+            .and_then(|_| expect_errno("NVMe cdev", open_cdev(nvme), libc::EBUSY)),
+    );
+    report.check(
+        "group_get_device_fd_ebusy",
+        Group::open(edu)
+            .map_err(io_err("group"))
+            .and_then(|g| expect_errno("GET_DEVICE_FD", g.device(edu), libc::EBUSY)),
+    );
+    let session = luo
+        .retrieve_session(&name(SESSION))
+        .map_err(luo_err("retrieve the session"))?;
+    report.check(
+        "finish_before_retrieve_ebusy",
+        match session.finish() {
+            Err(LuoError::FinishBusy { .. }) => Ok(()),
+            other => Err(format!("FINISH: {other:?}, expected EBUSY")),
+        },
+    );
+    let ram = File::from(session.retrieve(TOKEN_MEMFD).map_err(luo_err("memfd"))?);
+    let edu_file = File::from(session.retrieve(TOKEN_EDU).map_err(luo_err("edu"))?);
+    report.check(
+        "ioctl_before_bind_einval",
+        expect_errno("GET_INFO", vfio_raw::info(&edu_file), libc::EINVAL),
+    );
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let bound = vfio_raw::bind(&edu_file, &iommu)
+        .and_then(|_| vfio_raw::attach(&edu_file, &iommu))
+        .and_then(|_| iommu.map_file(ram.as_fd(), IOVA, DMA_BYTES))
+        .and_then(|_| Device::new(edu_file));
+    report.check(
+        "bind_attach_map_file",
+        bound.as_ref().map(|_| ()).map_err(|e| format!("{e}")),
+    );
+    let edu_dev = bound.map_err(io_err("edu"))?;
+    report.check("edu_dma_and_msi", {
+        let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
+        edu_dev.enable_dma().map_err(io_err("COMMAND"))?;
+        edu_dev.set_msi(Some(&msi)).map_err(io_err("MSI"))?;
+        let done = edu_round_trip(&edu_dev, &ram, &msi, 0x5eed);
+        edu_dev.set_msi(None).map_err(io_err("MSI off"))?;
+        done
+    });
+
+    let nvme_file = File::from(session.retrieve(TOKEN_NVME).map_err(luo_err("NVMe"))?);
+    let nvme_dev = vfio_raw::bind(&nvme_file, &iommu)
+        .and_then(|_| vfio_raw::attach(&nvme_file, &iommu))
+        .and_then(|_| Device::new(nvme_file))
+        .map_err(io_err("NVMe"))?;
+    let regs = nvme_regs(&nvme_dev).map_err(io_err("NVMe registers"))?;
+    line(&format!("nvme after kexec ({frozen:?}) {regs:?}"));
+    match frozen {
+        Frozen::Reset => report.check(
+            "reset_mode_nvme_disabled",
+            if regs.cc & 1 == 0 && regs.csts & 1 == 0 {
+                Ok(())
+            } else {
+                Err(format!("still enabled: {regs:?}"))
+            },
+        ),
+        Frozen::Keep => {
+            let kept = NvmeRegs {
+                cc: NVME_CC_ENABLE,
+                csts: regs.csts,
+                aqa: NVME_AQA,
+                asq: IOVA + NVME_ASQ,
+                acq: IOVA + NVME_ACQ,
+            };
+            report.check(
+                "keep_mode_nvme_enabled",
+                if regs == kept && regs.csts & 1 == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("{regs:?}, expected {kept:?} and ready"))
+                },
+            );
+            report.check(
+                "keep_mode_bus_master_kept",
+                match nvme_dev.command() {
+                    Ok(c) if c & 0x4 != 0 => Ok(()),
+                    other => Err(format!("COMMAND {other:?}")),
+                },
+            );
+            report.check(
+                "keep_mode_old_admin_queue",
+                nvme_identify(&nvme_dev, &ram, 1),
+            );
+        }
+    }
+    report.check(
+        "finish",
+        session
+            .finish()
+            .map_err(luo_err("FINISH"))
+            .and_then(|_| kernel_logged("luvmm-lu: finished its live update")),
+    );
+    drop(edu_dev);
+    drop(nvme_dev);
+    drop(session);
+    report.check(
+        "normal_open_after_finish",
+        Iommu::new()
+            .and_then(|iommu| open_bound(edu, &iommu))
+            .and_then(|d| vfio_raw::info(&d.file))
+            .map(|_| ())
+            .map_err(io_err("open the edu the normal way")),
+    );
+    Ok(())
+}
+
+fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> {
+    let bed = Bed::find();
+    let (Some(a), Some(b), Some(nvme)) = (bed.edu.first(), bed.edu.get(1), bed.nvme.as_deref())
+    else {
+        return Err(format!(
+            "the bed needs two edu and one NVMe on vfio-pci: {:?} {:?}",
+            bed.edu, bed.nvme
+        ));
+    };
+    let image = || -> Result<(&Path, &Path), String> {
+        let kernel = flag(args, "--kernel").ok_or("--kernel is needed")?;
+        let initrd = flag(args, "--initrd").ok_or("--initrd is needed")?;
+        Ok((Path::new(kernel), Path::new(initrd)))
+    };
+    if stage == "stage4" {
+        report.check(
+            "next_kernel_without_handler_eio",
+            match LiveUpdate::open() {
+                Err(LuoError::Deserialize) => Ok(()),
+                other => Err(format!(
+                    "open /dev/liveupdate: {:?}, expected EIO",
+                    other.map(|_| ())
+                )),
+            },
+        );
+        return Ok(());
+    }
+    let luo = LiveUpdate::open().map_err(luo_err("/dev/liveupdate"))?;
+    let (kernel, initrd) = image()?;
+    match stage {
+        "stage1" => {
+            without_kexec(report, &luo, a)?;
+            freeze_refusal(report, &luo, (a, b), (kernel, initrd))?;
+            prepare_and_kexec(
+                &luo,
+                a,
+                nvme,
+                1,
+                (kernel, initrd, "vfio_pci.luvmm_lu=keep luvmm.stage=2"),
+            )
+        }
+        "stage2" => {
+            after_kexec(report, &luo, (a, nvme), Frozen::Reset)?;
+            prepare_and_kexec(
+                &luo,
+                a,
+                nvme,
+                2,
+                (kernel, initrd, "vfio_pci.luvmm_lu=reset luvmm.stage=3"),
+            )
+        }
+        "stage3" => {
+            after_kexec(report, &luo, (a, nvme), Frozen::Keep)?;
+            // A session with a VFIO file, into a kernel whose handler is off.
+            let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+            let e = open_bound(a, &iommu).map_err(io_err("open edu"))?;
+            let session = luo
+                .create_session(&name("vfio-lu-lost"))
+                .map_err(luo_err("create"))?;
+            session.preserve(e.fd(), 1).map_err(luo_err("preserve"))?;
+            kexec_into(kernel, initrd, "vfio_pci.luvmm_lu=off luvmm.stage=4")
+        }
+        other => Err(format!("unknown stage {other}")),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let stage = args.first().cloned().unwrap_or_default();
+    let number = stage.trim_start_matches("stage").parse().unwrap_or(0);
+    let mut report = Report::new("vfio_lu_");
+    if let Err(why) = run(&stage, &args, &mut report) {
+        report.check(&format!("stage{number}"), Err(why));
+    }
+    std::process::exit(report.done(number));
+}
