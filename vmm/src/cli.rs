@@ -192,6 +192,17 @@ pub enum UpdateCommand {
         #[arg(long)]
         json: bool,
     },
+    /// After the kexec, for a VM that will not be restored: finish VM ID's session without
+    /// restoring it, so that the devices it preserved can be opened again (until then the
+    /// kernel refuses every normal open of them with EBUSY). Guest RAM is dropped.
+    Release {
+        /// The VM's id: its session is luvmm-<id>.
+        #[arg(long, value_name = "VM_ID")]
+        session: String,
+        /// The agent's socket.
+        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

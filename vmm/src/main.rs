@@ -160,6 +160,16 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::from(report.exit_code()))
         }
+        Command::Update(UpdateCommand::Release {
+            session,
+            agent_socket,
+        }) => {
+            let report =
+                update::release::release(&session, &agent_socket).map_err(|e| chain(&e))?;
+            let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Drill(args) => {
             let report = drill::run(&args).map_err(|e| chain(&e))?;
             if args.json {

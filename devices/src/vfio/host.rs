@@ -1,6 +1,7 @@
 //! VFIO devices of the host: finding the ones bound to vfio-pci, and binding one to an iommufd
-//! so a probe can ask LUO whether it could preserve it.
+//! so a probe can ask LUO whether it could preserve it (or so a session holding it can finish).
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,7 +105,8 @@ pub enum VfioBindError {
 }
 
 /// A VFIO cdev bound to a fresh iommufd and attached to an IOAS, as a VMM would hold it.
-/// Dropping it detaches and closes it; it is for probing, not for running a guest.
+/// Dropping it detaches and closes it; it is for probing and releasing, not for running a
+/// guest.
 pub struct BoundCdev {
     pub bdf: String,
     device: VfioDevice,
@@ -117,6 +119,18 @@ impl BoundCdev {
         if device.cdev.is_none() {
             return Err(VfioBindError::NoCdev { bdf });
         }
+        let cdev = VfioDevice::open_cdev(&sysfs_dir(&device.bdf)).map_err(|source| {
+            VfioBindError::Vfio {
+                bdf: bdf.clone(),
+                source,
+            }
+        })?;
+        Self::adopt(bdf, cdev)
+    }
+
+    /// Binds `cdev`, an open VFIO device file bound to nothing (a fresh cdev open, or a file
+    /// retrieved from a LUO session), to a new iommufd and attaches it to a new IOAS.
+    pub fn adopt(bdf: String, cdev: File) -> Result<BoundCdev, VfioBindError> {
         let iommufd = IommuFd::new().map_err(|source| VfioBindError::Iommufd {
             bdf: bdf.clone(),
             source,
@@ -126,7 +140,6 @@ impl BoundCdev {
             source,
         };
         let ops = VfioIommufd::new(Arc::new(iommufd), None, None).map_err(vfio_err)?;
-        let cdev = VfioDevice::open_cdev(&sysfs_dir(&device.bdf)).map_err(vfio_err)?;
         // Attached, so that VfioDevice's Drop (which detaches and unwraps) succeeds.
         let device = VfioDevice::new_from_fd(cdev, Arc::new(ops), true).map_err(vfio_err)?;
         Ok(BoundCdev { bdf, device })

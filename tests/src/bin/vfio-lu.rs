@@ -20,7 +20,8 @@
 //!   handler of this kernel knows: what a pre-flight must prevent.
 //!
 //! `edu` has no reset method, so only the NVMe controller (which has FLR) tells the modes
-//! apart.
+//! apart. `vfio-lu open BDF` prints what a normal open of a function's cdev gives, for the
+//! bed's shell scenarios.
 
 use std::fs::File;
 use std::io;
@@ -725,6 +726,15 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let stage = args.first().cloned().unwrap_or_default();
+    // `vfio-lu open BDF`: what a normal open of the function's cdev gives, for scenarios.
+    if stage == "open" {
+        let bdf = args.get(1).map(String::as_str).unwrap_or_default();
+        match open_cdev(bdf) {
+            Ok(_) => println!("open {bdf} ok"),
+            Err(e) => println!("open {bdf} errno={}", errno_of(&e)),
+        }
+        return;
+    }
     let number = stage.trim_start_matches("stage").parse().unwrap_or(0);
     let mut report = Report::new("vfio_lu_");
     if let Err(why) = run(&stage, &args, &mut report) {

@@ -1,9 +1,11 @@
 //! The host live update, one file per phase: `check` (the pre-flight), `prepare` (before the
-//! kexec: preserve into the VM's LUO session, or call it off) and `retrieve` (after it: take
-//! the session back from the agent, state first).
+//! kexec: preserve into the VM's LUO session, or call it off), `retrieve` (after it: take
+//! the session back from the agent, state first) and `release` (after it, for a VM not
+//! restored: finish its session so that its devices can be opened again).
 
 pub mod check;
 pub mod prepare;
+pub mod release;
 pub mod retrieve;
 
 use luvmm_devices::vfio::PassthroughError;
@@ -28,4 +30,8 @@ pub enum UpdateError {
     DeviceNotPreserved { bdf: String },
     #[error("the pre-flight refuses the update: {blockers}")]
     Blocked { blockers: String },
+    #[error("session {session}: its state cannot be used to release it: {why}")]
+    ReleaseState { session: String, why: String },
+    #[error("{bdf}: cannot bind the retrieved device to finish its session: {why}")]
+    ReleaseDevice { bdf: String, why: String },
 }

@@ -1,0 +1,37 @@
+#!/bin/sh
+# `luvmm update release` with the bed's VFIO handler on: stage 1 prepares a VM with one edu
+# device through the agent (the device is preserved) and the agent kexecs; stage 2 finds the
+# device incoming (the kernel refuses its normal open with EBUSY), releases the VM's session
+# without restoring it, and then opens the device the normal way.
+stage=$1
+cd /tmp
+. /luvmm/steps.sh
+agent_sock=/tmp/agent.sock
+bdf=$(ls -d /sys/bus/pci/drivers/vfio-pci/0000:00:* | head -1)
+bdf=${bdf##*/}
+luvmm agent serve --socket $agent_sock 2>agent.err &
+i=0
+while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+case "$stage" in
+1)
+    luvmm run --payload /luvmm/bin/payload.elf --memory-mib 16 --vfio "$bdf" --serial ./r.log \
+        --api-socket r.sock 2>r.err &
+    wait_scan r.log $! release_scan
+    luvmm ctl --socket r.sock update prepare --vm-id r1 --agent-socket $agent_sock \
+        --require-preserved-devices > prep.json 2>&1
+    echo "LUVMM-L1 release prepare $(tr -d '\n' < prep.json)"
+    luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
+        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 > kexec.out 2>&1
+    sleep 60
+    echo "LUVMM-L1 test release_kexec FAIL still here: $(cat kexec.out)"
+    ;;
+2)
+    echo "LUVMM-L1 release before $(vfio-lu open "$bdf")"
+    luvmm update release --session r1 --agent-socket $agent_sock > release.json 2> release.err
+    echo "LUVMM-L1 release exit=$? $(cat release.json)"
+    sed 's/^/LUVMM-L1 log release: /' release.err
+    echo "LUVMM-L1 release after $(vfio-lu open "$bdf")"
+    dmesg | grep "luvmm-lu" | sed 's/^/LUVMM-L1 log /'
+    ;;
+esac
+kill %1 2>/dev/null
