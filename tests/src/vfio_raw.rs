@@ -247,6 +247,33 @@ impl Device {
         Ok(u16::from_le_bytes(b))
     }
 
+    fn config_read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.config + offset)
+    }
+
+    /// Puts the function in D3hot (`true`) or back in D0 through its PM capability's control
+    /// register, which vfio-pci carries out.
+    pub fn set_d3hot(&self, d3hot: bool) -> io::Result<()> {
+        let mut b = [0u8; 1];
+        self.config_read(0x34, &mut b)?;
+        let mut cap = u64::from(b[0]);
+        while cap != 0 {
+            let mut header = [0u8; 2];
+            self.config_read(cap, &mut header)?;
+            if header[0] == 0x01 {
+                let mut control = [0u8; 2];
+                self.config_read(cap + 4, &mut control)?;
+                let state = u16::from(d3hot) * 3;
+                let value = (u16::from_le_bytes(control) & !3) | state;
+                return self
+                    .file
+                    .write_all_at(&value.to_le_bytes(), self.config + cap + 4);
+            }
+            cap = u64::from(header[1]);
+        }
+        Err(io::Error::other("no PCI power-management capability"))
+    }
+
     /// Turns on memory decoding and Bus Master, which DMA needs.
     pub fn enable_dma(&self) -> io::Result<()> {
         let command = self.command()? | 0x6;

@@ -708,6 +708,7 @@ fn vfio_lu_handler_across_a_chain_of_kexecs() {
         "unpreserved_on_close",
         "unbind_after_close",
         "freeze_refused_with_msi",
+        "freeze_refused_out_of_d0",
         "frozen_device_gives_eio",
         "unfrozen_device_works",
         "reopen_after_failed_kexec",

@@ -434,6 +434,19 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
     Ok(())
 }
 
+/// Loads the next kernel and asks for the kexec, which a preserved file's freeze must refuse
+/// (`EINVAL`); should it go through anyway, the next kernel boots into a stage that fails.
+fn reboot_refused(kernel: &Path, initrd: &Path) -> Result<Result<(), String>, String> {
+    let cmdline =
+        kexec::current_cmdline_with("luvmm.stage=unexpected").map_err(|e| e.to_string())?;
+    kexec::load(kernel, Some(initrd), Some(&cmdline)).map_err(|e| format!("load: {e}"))?;
+    Ok(match kexec::reboot_into_loaded() {
+        Ok(never) => match never {},
+        Err(KexecError::Failed { source, .. }) if errno_of(&source) == libc::EINVAL => Ok(()),
+        Err(e) => Err(format!("reboot: {e}, expected EINVAL")),
+    })
+}
+
 /// `reboot()` fails while a preserved device still has MSI on; in `reset` mode the device
 /// frozen before it (freeze runs in preservation order) is left giving EIO.
 fn freeze_refusal(
@@ -454,14 +467,7 @@ fn freeze_refusal(
         .preserve(healthy.fd(), 1)
         .and_then(|_| session.preserve(noisy.fd(), 2))
         .map_err(luo_err("preserve"))?;
-    let cmdline =
-        kexec::current_cmdline_with("luvmm.stage=unexpected").map_err(|e| e.to_string())?;
-    kexec::load(kernel, Some(initrd), Some(&cmdline)).map_err(|e| format!("load: {e}"))?;
-    let refused = match kexec::reboot_into_loaded() {
-        Ok(never) => match never {},
-        Err(KexecError::Failed { source, .. }) if errno_of(&source) == libc::EINVAL => Ok(()),
-        Err(e) => Err(format!("reboot: {e}, expected EINVAL")),
-    };
+    let refused = reboot_refused(kernel, initrd)?;
     report.check(
         "freeze_refused_with_msi",
         refused.and_then(|_| kernel_logged("luvmm-lu: cannot freeze: a VFIO interrupt is enabled")),
@@ -490,6 +496,32 @@ fn freeze_refusal(
             .map(|_| ())
             .map_err(io_err("open the reset device again")),
     );
+    Ok(())
+}
+
+/// `reboot()` fails while a preserved device is out of D0 (here the NVMe controller, put in
+/// D3hot through its PM capability); back in D0 and unpreserved, it works.
+fn freeze_refusal_d3(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    nvme: &str,
+    (kernel, initrd): (&Path, &Path),
+) -> Result<(), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let n = open_bound(nvme, &iommu).map_err(io_err("open NVMe"))?;
+    n.set_d3hot(true).map_err(io_err("D3hot"))?;
+    let session = luo
+        .create_session(&name("vfio-lu-d3"))
+        .map_err(luo_err("create"))?;
+    session.preserve(n.fd(), 1).map_err(luo_err("preserve"))?;
+    let refused = reboot_refused(kernel, initrd)?;
+    report.check(
+        "freeze_refused_out_of_d0",
+        refused.and_then(|_| kernel_logged("luvmm-lu: cannot freeze: not in D0")),
+    );
+    session.cancel();
+    kexec::unload().map_err(|e| e.to_string())?;
+    n.set_d3hot(false).map_err(io_err("D0"))?;
     Ok(())
 }
 
@@ -690,6 +722,7 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
         "stage1" => {
             without_kexec(report, &luo, a)?;
             freeze_refusal(report, &luo, (a, b), (kernel, initrd))?;
+            freeze_refusal_d3(report, &luo, nvme, (kernel, initrd))?;
             prepare_and_kexec(
                 &luo,
                 a,
