@@ -63,3 +63,10 @@ selftest() { # selftest NAME ARGS...: runs a kernel selftest and reports it in o
         sed 's/^/LUVMM-L1 log /' "/tmp/$name.log" | tail -20
     fi
 }
+
+hostcheck() { # luvmm host-check --json as one line: hostcheck stage=$stage exit=CODE JSON
+    luvmm host-check --json >/tmp/hostcheck.json 2>/tmp/hostcheck.err
+    code=$?
+    echo "LUVMM-L1 hostcheck stage=$stage exit=$code $(tr -d '\n' </tmp/hostcheck.json)"
+    sed 's/^/LUVMM-L1 log /' /tmp/hostcheck.err
+}

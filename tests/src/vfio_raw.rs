@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use iommufd_bindings::iommufd::{iommu_ioas_alloc, iommu_ioas_map_file};
 use iommufd_ioctls::IommuFd;
+use luvmm_devices::vfio::{host_vfio_devices, HostVfioDevice};
 use vfio_bindings::bindings::vfio::{
     vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, vfio_device_info, vfio_region_info,
     VFIO_TYPE1v2_IOMMU, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
@@ -40,29 +41,27 @@ fn check(ret: i32) -> io::Result<i32> {
     }
 }
 
-/// `sysfs` directory of a PCI function.
-pub fn sysfs(bdf: &str) -> PathBuf {
-    Path::new("/sys/bus/pci/devices").join(bdf)
+/// What the project's own device listing says of `bdf` (it must be bound to vfio-pci).
+fn host_device(bdf: &str) -> io::Result<HostVfioDevice> {
+    host_vfio_devices()
+        .into_iter()
+        .find(|d| d.bdf == bdf)
+        .ok_or_else(|| io::Error::other(format!("{bdf}: not bound to vfio-pci")))
 }
 
 /// `/dev/vfio/devices/vfioN` of a function bound to vfio-pci.
 pub fn cdev_path(bdf: &str) -> io::Result<PathBuf> {
-    let dir = sysfs(bdf).join("vfio-dev");
-    let name = std::fs::read_dir(&dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("vfio"))
-        .ok_or_else(|| io::Error::other(format!("{}: no vfio cdev", dir.display())))?;
-    Ok(Path::new("/dev/vfio/devices").join(name))
+    host_device(bdf)?
+        .cdev
+        .ok_or_else(|| io::Error::other(format!("{bdf}: no vfio cdev")))
 }
 
 /// `/dev/vfio/N`, the group of a function.
 pub fn group_path(bdf: &str) -> io::Result<PathBuf> {
-    let link = std::fs::read_link(sysfs(bdf).join("iommu_group"))?;
-    let id = link
-        .file_name()
-        .ok_or_else(|| io::Error::other("no IOMMU group"))?;
-    Ok(Path::new("/dev/vfio").join(id))
+    let group = host_device(bdf)?
+        .iommu_group
+        .ok_or_else(|| io::Error::other(format!("{bdf}: no IOMMU group")))?;
+    Ok(PathBuf::from(format!("/dev/vfio/{group}")))
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {

@@ -1,14 +1,8 @@
 #!/bin/sh
 # The LUO scenario: the kernel's own LUO selftests first, then luvmm's, across a real kexec.
 stage=$1
-# selftest, shared with the vfio-lu scenario.
+# selftest and hostcheck, shared with the vfio-lu scenario.
 . /luvmm/steps.sh
-hostcheck() {
-    luvmm host-check --json >/tmp/hostcheck.json 2>/tmp/hostcheck.err
-    code=$?
-    echo "LUVMM-L1 hostcheck stage=$stage exit=$code $(tr -d '\n' </tmp/hostcheck.json)"
-    sed 's/^/LUVMM-L1 log /' /tmp/hostcheck.err
-}
 case "$stage" in
 1)
     hostcheck

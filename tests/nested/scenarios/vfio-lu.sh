@@ -8,10 +8,6 @@ echo "LUVMM-L1 handler mode=$(cat /sys/module/vfio_pci/parameters/luvmm_lu 2>/de
 for dev in /sys/bus/pci/drivers/vfio-pci/0000:*; do
     echo "LUVMM-L1 reset_method ${dev##*/} $(cat "$dev/reset_method" 2>/dev/null || echo none)"
 done
-hostcheck() { # what luvmm's host-check finds by probing, as one JSON line
-    luvmm host-check --json >/tmp/hostcheck.json 2>/dev/null
-    echo "LUVMM-L1 hostcheck stage=$stage exit=$? $(tr -d '\n' </tmp/hostcheck.json)"
-}
 case "$stage" in
 1)
     hostcheck

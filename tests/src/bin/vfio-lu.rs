@@ -30,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use luvmm_devices::vfio::host::sysfs_dir;
 use luvmm_liveupdate::kexec::{self, KexecError};
 use luvmm_liveupdate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 use luvmm_tests::l1::{flag, line, Report};
@@ -101,7 +102,7 @@ impl Bed {
         bdfs.sort();
         for bdf in bdfs {
             let id = |f: &str| {
-                std::fs::read_to_string(vfio_raw::sysfs(&bdf).join(f))
+                std::fs::read_to_string(sysfs_dir(&bdf).join(f))
                     .unwrap_or_default()
                     .trim()
                     .to_string()
@@ -394,7 +395,7 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
     report.check(
         "unbind_refused_while_preserved",
         expect_errno("unbind", unbind(a), libc::EBUSY).and_then(|_| {
-            if vfio_raw::sysfs(a).join("driver").exists() {
+            if sysfs_dir(a).join("driver").exists() {
                 Ok(())
             } else {
                 Err("unbound anyway".into())
@@ -422,8 +423,8 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
             .map_err(io_err("unbind"))
             .and_then(|_| std::fs::write("/sys/bus/pci/drivers_probe", a).map_err(io_err("probe")))
             .and_then(|_| {
-                let driver = std::fs::read_link(vfio_raw::sysfs(a).join("driver"))
-                    .map_err(io_err("driver"))?;
+                let driver =
+                    std::fs::read_link(sysfs_dir(a).join("driver")).map_err(io_err("driver"))?;
                 if driver.ends_with("vfio-pci") {
                     Ok(())
                 } else {

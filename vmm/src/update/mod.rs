@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod release;
 pub mod retrieve;
 
-use luvmm_devices::vfio::PassthroughError;
+use luvmm_devices::vfio::{PassthroughError, VfioBindError};
 use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::LuoError;
 
@@ -32,6 +32,6 @@ pub enum UpdateError {
     Blocked { blockers: String },
     #[error("session {session}: its state cannot be used to release it: {why}")]
     ReleaseState { session: String, why: String },
-    #[error("{bdf}: cannot bind the retrieved device to finish its session: {why}")]
-    ReleaseDevice { bdf: String, why: String },
+    #[error("cannot bind a retrieved device to finish its session")]
+    ReleaseDevice(#[source] VfioBindError),
 }

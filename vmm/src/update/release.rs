@@ -18,6 +18,7 @@ use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 
 use crate::restore::read_state;
+use crate::update::retrieve::update_record;
 use crate::update::UpdateError;
 
 /// What a release gave back.
@@ -44,36 +45,20 @@ pub fn release(vm_id: &str, agent_socket: &Path) -> Result<ReleaseReport, Update
     let blob = read_state(&state_memfd, None, &format!("session {name}"))
         .map_err(|e| bad_state(e.to_string()))?;
     let saved: VmState = state::decode(&blob).map_err(|e| bad_state(e.to_string()))?;
-    let tokens = saved
-        .update
-        .as_ref()
-        .map(|u| u.device_tokens.clone())
-        .ok_or_else(|| bad_state("it was not saved for a live update".into()))?;
-    if tokens.len() != saved.devices.passthrough.len() {
-        return Err(bad_state(format!(
-            "{} device tokens for {} devices",
-            tokens.len(),
-            saved.devices.passthrough.len()
-        )));
-    }
+    let tokens = &update_record(&saved).map_err(bad_state)?.device_tokens;
     let mut held = Vec::new();
     let mut report = ReleaseReport {
         session: name.clone(),
         devices: Vec::new(),
         not_preserved: Vec::new(),
     };
-    for (device, token) in saved.devices.passthrough.iter().zip(&tokens) {
+    for (device, token) in saved.devices.passthrough.iter().zip(tokens) {
         let Some(token) = token else {
             report.not_preserved.push(device.bdf.clone());
             continue;
         };
         let cdev = File::from(session.retrieve(*token)?);
-        held.push(BoundCdev::adopt(device.bdf.clone(), cdev).map_err(|e| {
-            UpdateError::ReleaseDevice {
-                bdf: device.bdf.clone(),
-                why: e.to_string(),
-            }
-        })?);
+        held.push(BoundCdev::adopt(device.bdf.clone(), cdev).map_err(UpdateError::ReleaseDevice)?);
         report.devices.push(device.bdf.clone());
     }
     session.finish()?;

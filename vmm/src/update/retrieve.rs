@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
 use luvmm_liveupdate::agent::AgentClient;
 use luvmm_resources::config::SerialOutput;
-use luvmm_resources::state::{self, VmState, RAM_TOKEN_BASE, STATE_TOKEN};
+use luvmm_resources::state::{self, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN};
 
 use crate::builder::RestoreArgs;
 use crate::restore::{read_state, RestoreError};
@@ -104,6 +104,22 @@ pub fn report_finished(agent_socket: &Path, vm_id: &str) {
     }
 }
 
+/// The live-update record of a state saved by a prepare, with one device token (or `None`,
+/// not preserved) per passthrough device.
+pub(crate) fn update_record(saved: &VmState) -> Result<&UpdateRecord, String> {
+    let Some(update) = &saved.update else {
+        return Err("it was not saved for a live update".into());
+    };
+    if update.device_tokens.len() != saved.devices.passthrough.len() {
+        return Err(format!(
+            "{} device tokens for {} devices",
+            update.device_tokens.len(),
+            saved.devices.passthrough.len()
+        ));
+    }
+    Ok(update)
+}
+
 /// Everything that can be known from the state alone, before anything else is retrieved.
 fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, RestoreError> {
     let refuse = |why: String| RestoreError::SessionState {
@@ -111,20 +127,11 @@ fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, Resto
         why,
     };
     let saved: VmState = state::decode(blob).map_err(|e| refuse(e.to_string()))?;
-    let Some(update) = &saved.update else {
-        return Err(refuse("it was not saved for a live update".into()));
-    };
+    let update = update_record(&saved).map_err(refuse)?;
     if update.vm_id != vm_id {
         return Err(refuse(format!(
             "it is VM {:?}'s, not {vm_id:?}'s",
             update.vm_id
-        )));
-    }
-    if update.device_tokens.len() != saved.devices.passthrough.len() {
-        return Err(refuse(format!(
-            "{} device tokens for {} devices",
-            update.device_tokens.len(),
-            saved.devices.passthrough.len()
         )));
     }
     // The layout against itself: the memfds' real sizes are checked once retrieved.
