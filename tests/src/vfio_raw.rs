@@ -13,9 +13,9 @@ use iommufd_bindings::iommufd::{iommu_ioas_alloc, iommu_ioas_map_file};
 use iommufd_ioctls::IommuFd;
 use luvmm_devices::vfio::{host_vfio_devices, HostVfioDevice};
 use vfio_bindings::bindings::vfio::{
-    vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, vfio_device_info, vfio_region_info,
-    VFIO_TYPE1v2_IOMMU, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    vfio_device_attach_iommufd_pt, vfio_device_info, vfio_region_info, VFIO_TYPE1v2_IOMMU,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
@@ -157,14 +157,45 @@ impl Iommu {
     }
 }
 
+/// `struct vfio_device_bind_iommufd` of the 7.2 uAPI: vfio-bindings 0.7 predates its
+/// `token_uuid_ptr`, which a VF whose PF is on vfio-pci needs.
+#[repr(C)]
+#[derive(Default)]
+struct BindIommufd {
+    argsz: u32,
+    flags: u32,
+    iommufd: i32,
+    out_devid: u32,
+    token_uuid_ptr: u64,
+}
+
+/// `VFIO_DEVICE_BIND_FLAG_TOKEN`: `token_uuid_ptr` points at the SR-IOV VF token.
+const BIND_FLAG_TOKEN: u32 = 1;
+
 /// `VFIO_DEVICE_BIND_IOMMUFD`; returns the iommufd device id.
 pub fn bind(device: &File, iommu: &Iommu) -> io::Result<u32> {
-    let mut bind = vfio_device_bind_iommufd {
-        argsz: std::mem::size_of::<vfio_device_bind_iommufd>() as u32,
+    bind_with(device, iommu, None)
+}
+
+/// `VFIO_DEVICE_BIND_IOMMUFD` with an SR-IOV VF token: on a PF without VFs in use it sets
+/// the token, on a VF it must match its PF's.
+pub fn bind_with_vf_token(device: &File, iommu: &Iommu, token: &[u8; 16]) -> io::Result<u32> {
+    bind_with(device, iommu, Some(token))
+}
+
+fn bind_with(device: &File, iommu: &Iommu, token: Option<&[u8; 16]>) -> io::Result<u32> {
+    let mut bind = BindIommufd {
+        argsz: std::mem::size_of::<BindIommufd>() as u32,
         iommufd: iommu.raw(),
         ..Default::default()
     };
-    // SAFETY: BIND_IOMMUFD reads and writes a vfio_device_bind_iommufd whose argsz says so.
+    if let Some(token) = token {
+        bind.flags = BIND_FLAG_TOKEN;
+        bind.token_uuid_ptr = token.as_ptr() as u64;
+    }
+    // SAFETY: BIND_IOMMUFD reads and writes a vfio_device_bind_iommufd whose argsz says so,
+    // and reads 16 bytes at token_uuid_ptr only with the flag set, from `token`, which
+    // outlives the call.
     check(unsafe { ioctl_with_mut_ref(device, VFIO_DEVICE_BIND_IOMMUFD(), &mut bind) })?;
     Ok(bind.out_devid)
 }

@@ -654,7 +654,9 @@ fn vfio_lu_oks(run: &L1Run, name: &str) -> usize {
 
 /// The kernel half: luvmm's VFIO live-update handler in the bed's kernel, across a chain of
 /// three real kexecs in one L1 (frozen in `reset`, then in `keep`, then into a kernel with
-/// the handler off). Two `edu` functions (no reset method) and an NVMe controller (FLR).
+/// the handler off). Two `edu` functions (no reset method), an NVMe controller (FLR), and a
+/// second NVMe controller with SR-IOV (its VF must be refused; after the second kexec it is
+/// left on no driver, so its retrieve fails).
 #[test]
 fn vfio_lu_handler_across_a_chain_of_kexecs() {
     let run = boot_scenario_appending(
@@ -662,7 +664,15 @@ fn vfio_lu_handler_across_a_chain_of_kexecs() {
         "vfio-lu",
         // keep needs the device left in D0 between boot and the bind.
         "vfio_pci.luvmm_lu=reset vfio_pci.disable_idle_d3=1",
-        &["edu", "edu", "nvme,serial=luvmm-nvme"],
+        &[
+            "edu",
+            "edu",
+            "nvme,serial=luvmm-nvme",
+            // QEMU's SR-IOV NVMe needs a subsystem and flexible queue and interrupt resources.
+            "nvme-subsys,id=luvmm-subsys",
+            "nvme,serial=luvmm-sriov,subsys=luvmm-subsys,sriov_max_vfs=1,\
+             sriov_vq_flexible=2,sriov_vi_flexible=1",
+        ],
         &[PathBuf::from(env!("CARGO_BIN_EXE_vfio-lu"))],
     );
     require_no_failure(&run);
@@ -707,6 +717,7 @@ fn vfio_lu_handler_across_a_chain_of_kexecs() {
         "unbind_refused_while_preserved",
         "unpreserved_on_close",
         "unbind_after_close",
+        "preserve_vf_enoent",
         "freeze_refused_with_msi",
         "freeze_refused_out_of_d0",
         "frozen_device_gives_eio",
@@ -717,6 +728,10 @@ fn vfio_lu_handler_across_a_chain_of_kexecs() {
         "keep_mode_nvme_enabled",
         "keep_mode_bus_master_kept",
         "keep_mode_old_admin_queue",
+        "retrieve_unbound_enodev",
+        "failed_retrieve_stays_failed",
+        "failed_retrieve_still_incoming",
+        "finish_after_failed_retrieve_ebusy",
     ] {
         if vfio_lu_oks(&run, name) != 1 {
             fail(&run, &format!("vfio_lu_{name}: expected one ok"));

@@ -1,21 +1,23 @@
 //! The kernel half's own tests: luvmm's VFIO live-update handler in the bed's kernel
 //! (`tests/nested/patches/`), run inside L1 with two `edu` functions and a QEMU NVMe
-//! controller bound to vfio-pci. Every case prints `LUVMM-L1 test vfio_lu_NAME ok` or
+//! controller bound to vfio-pci, and a second NVMe controller with SR-IOV. Every case prints `LUVMM-L1 test vfio_lu_NAME ok` or
 //! `... FAIL why`, so each can be picked out alone.
 //!
 //! One L1 boot runs a chain of real kexecs; each stage runs in the kernel the previous one
 //! loaded, with the handler mode that kernel was given (`vfio_pci.luvmm_lu`):
-//! - `stage1` (`reset`): every preserve case without a kexec, the unbind refusal, the freeze
-//!   refusal; then an `edu` and the NVMe controller (enabled, its admin queue in a preserved
+//! - `stage1` (`reset`): every preserve case without a kexec (a VF of the SR-IOV controller
+//!   among them), the unbind refusal, the freeze refusal; then an `edu` and the NVMe controller (enabled, its admin queue in a preserved
 //!   memfd) are preserved and the host kexecs into stage 2, in `keep`.
 //! - `stage2` (`keep`): what a `reset` freeze left. Normal opens refused, FINISH refused before
 //!   the retrieve, the retrieved file unusable until bound; bound, attached and mapped at the
 //!   same IOVA from the retrieved memfd, the `edu` does DMA and raises MSI; the NVMe controller
 //!   is disabled; FINISH; normal opens work again. Then the same preparation, frozen in `keep`,
-//!   and a kexec into stage 3 (`reset`).
+//!   with the SR-IOV controller in a second session, and a kexec into stage 3 (`reset`), whose
+//!   init leaves that controller on no driver.
 //! - `stage3`: what a `keep` freeze left: the same checks, but the NVMe controller is still
 //!   enabled with its admin queue registers unchanged, and a command on the old queue
-//!   completes. Then one `edu` is preserved and the host kexecs into stage 4, handler off.
+//!   completes. The SR-IOV controller's retrieve fails with `ENODEV`, and again once vfio-pci
+//!   is bound. Then one `edu` is preserved and the host kexecs into stage 4, handler off.
 //! - `stage4` (`off`): `/dev/liveupdate` fails with `EIO`, since a session holds a file no
 //!   handler of this kernel knows: what a pre-flight must prevent.
 //!
@@ -55,6 +57,7 @@ const SESSION: &str = "vfio-lu";
 const TOKEN_MEMFD: u64 = 1;
 const TOKEN_EDU: u64 = 2;
 const TOKEN_NVME: u64 = 3;
+const TOKEN_SPARE: u64 = 4;
 
 /// `edu` registers (QEMU's `hw/misc/edu.c` interface).
 const EDU_IRQ_STATUS: u64 = 0x24;
@@ -85,35 +88,48 @@ const NVME_CC_ENABLE: u32 = 1 | 6 << 16 | 4 << 20;
 struct Bed {
     edu: Vec<String>,
     nvme: Option<String>,
+    /// An NVMe PF with SR-IOV (QEMU's `sriov_max_vfs`), on vfio-pci or on no driver: the
+    /// VF refusal's PF, and the device a retrieve finds unbound.
+    sriov_pf: Option<String>,
 }
 
 impl Bed {
     fn find() -> Bed {
-        let mut edu = Vec::new();
-        let mut nvme = None;
-        let mut bdfs: Vec<String> = std::fs::read_dir("/sys/bus/pci/drivers/vfio-pci")
+        let mut bed = Bed {
+            edu: Vec::new(),
+            nvme: None,
+            sriov_pf: None,
+        };
+        let mut bdfs: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
             .map(|dir| {
                 dir.filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("0000:"))
                     .collect()
             })
             .unwrap_or_default();
         bdfs.sort();
         for bdf in bdfs {
+            let dir = sysfs_dir(&bdf);
             let id = |f: &str| {
-                std::fs::read_to_string(sysfs_dir(&bdf).join(f))
+                std::fs::read_to_string(dir.join(f))
                     .unwrap_or_default()
                     .trim()
                     .to_string()
             };
+            let on_vfio_pci = std::fs::read_link(dir.join("driver"))
+                .is_ok_and(|driver| driver.ends_with("vfio-pci"));
+            let sriov = id("sriov_totalvfs").parse::<u32>().is_ok_and(|n| n > 0);
+            if dir.join("physfn").exists() {
+                continue;
+            }
             match (id("vendor").as_str(), id("device").as_str()) {
-                ("0x1234", "0x11e8") => edu.push(bdf),
-                ("0x1b36", "0x0010") => nvme = Some(bdf),
+                ("0x1234", "0x11e8") if on_vfio_pci => bed.edu.push(bdf),
+                ("0x1b36", "0x0010") if sriov => bed.sriov_pf = Some(bdf),
+                ("0x1b36", "0x0010") if on_vfio_pci => bed.nvme = Some(bdf),
                 _ => {}
             }
         }
-        Bed { edu, nvme }
+        bed
     }
 }
 
@@ -435,6 +451,117 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
     Ok(())
 }
 
+/// The SR-IOV VF token the PF sets and its VF shows; any value does, both sides are ours.
+const VF_TOKEN: [u8; 16] = *b"luvmm-vfio-lu-vf";
+
+/// A VF is refused (`ENOENT`) though bound and attached like any accepted device, while its
+/// PF, in the same session, is accepted. The VF is created and removed here.
+fn vf_refusal(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(), String> {
+    std::fs::write("/sys/module/vfio_pci/parameters/enable_sriov", "1")
+        .map_err(io_err("vfio_pci enable_sriov"))?;
+    let numvfs = sysfs_dir(pf).join("sriov_numvfs");
+    std::fs::write(&numvfs, "1").map_err(io_err("sriov_numvfs=1"))?;
+    let refused = vf_preserve_refused(luo, pf);
+    let removed = std::fs::write(&numvfs, "0").map_err(io_err("sriov_numvfs=0"));
+    report.check("preserve_vf_enoent", refused.and(removed));
+    Ok(())
+}
+
+fn vf_preserve_refused(luo: &LiveUpdate, pf: &str) -> Result<(), String> {
+    let vf = std::fs::read_link(sysfs_dir(pf).join("virtfn0")).map_err(io_err("virtfn0"))?;
+    let vf = vf
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("virtfn0 names no function")?
+        .to_string();
+    // vfio-pci hands the VFs of its PFs to itself.
+    let driver = std::fs::read_link(sysfs_dir(&vf).join("driver")).map_err(io_err("VF driver"))?;
+    if !driver.ends_with("vfio-pci") {
+        return Err(format!("VF {vf} is on {}", driver.display()));
+    }
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let pf_file = open_cdev(pf).map_err(io_err("PF cdev"))?;
+    vfio_raw::bind_with_vf_token(&pf_file, &iommu, &VF_TOKEN).map_err(io_err("bind the PF"))?;
+    let vf_file = open_cdev(&vf).map_err(io_err("VF cdev"))?;
+    vfio_raw::bind_with_vf_token(&vf_file, &iommu, &VF_TOKEN)
+        .and_then(|_| vfio_raw::attach(&vf_file, &iommu))
+        .map_err(io_err("bind and attach the VF"))?;
+    let session = luo
+        .create_session(&name("vfio-lu-vf"))
+        .map_err(luo_err("create"))?;
+    session
+        .preserve(pf_file.as_fd(), 1)
+        .map_err(luo_err("preserve the PF"))?;
+    not_preservable(&session, &format!("VF {vf}"), vf_file.as_fd(), 2)?;
+    session.cancel();
+    Ok(())
+}
+
+/// The session that holds the SR-IOV PF across the second kexec, which the next kernel's
+/// init leaves on no driver (`luvmm.nobind=`).
+const SPARE_SESSION: &str = "vfio-lu-unbound";
+
+/// Preserves `pf` (bound, idle) in [`SPARE_SESSION`]; the session must stay open until the
+/// kexec.
+fn preserve_spare(luo: &LiveUpdate, pf: &str) -> Result<(OutgoingSession, File, Iommu), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let file = open_cdev(pf).map_err(io_err("cdev"))?;
+    bind(&file, &iommu).map_err(io_err("bind"))?;
+    let session = luo
+        .create_session(&name(SPARE_SESSION))
+        .map_err(luo_err("create"))?;
+    session
+        .preserve(file.as_fd(), TOKEN_SPARE)
+        .map_err(luo_err("preserve"))?;
+    Ok((session, file, iommu))
+}
+
+/// A retrieve of a device that no vfio-pci is bound to fails with `ENODEV`, and keeps failing
+/// once vfio-pci is bound (LUO's rule): the device stays incoming and FINISH stays refused.
+fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(), String> {
+    let session = luo
+        .retrieve_session(&name(SPARE_SESSION))
+        .map_err(luo_err("retrieve the session"))?;
+    let enodev = |what: &str| match session.retrieve(TOKEN_SPARE) {
+        Err(LuoError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
+            Ok(())
+        }
+        other => Err(format!("{what}: {:?}, expected ENODEV", other.map(|_| ()))),
+    };
+    let driver = sysfs_dir(pf).join("driver");
+    report.check(
+        "retrieve_unbound_enodev",
+        if driver.exists() {
+            Err(format!("{pf} has a driver"))
+        } else {
+            enodev("retrieve with no driver")
+                .and_then(|_| kernel_logged("luvmm-lu: cannot retrieve: not bound to vfio-pci"))
+        },
+    );
+    std::fs::write(sysfs_dir(pf).join("driver_override"), "vfio-pci")
+        .and_then(|_| std::fs::write("/sys/bus/pci/drivers_probe", pf))
+        .map_err(io_err("bind vfio-pci"))?;
+    report.check(
+        "failed_retrieve_stays_failed",
+        match std::fs::read_link(&driver) {
+            Ok(d) if d.ends_with("vfio-pci") => enodev("retrieve once on vfio-pci"),
+            other => Err(format!("vfio-pci did not bind: {other:?}")),
+        },
+    );
+    report.check(
+        "failed_retrieve_still_incoming",
+        expect_errno("cdev open", open_cdev(pf), libc::EBUSY),
+    );
+    report.check(
+        "finish_after_failed_retrieve_ebusy",
+        match session.finish() {
+            Err(LuoError::FinishBusy { .. }) => Ok(()),
+            other => Err(format!("FINISH: {other:?}, expected EBUSY")),
+        },
+    );
+    Ok(())
+}
+
 /// Loads the next kernel and asks for the kexec, which a preserved file's freeze must refuse
 /// (`EINVAL`); should it go through anyway, the next kernel boots into a stage that fails.
 fn reboot_refused(kernel: &Path, initrd: &Path) -> Result<Result<(), String>, String> {
@@ -692,11 +819,15 @@ fn after_kexec(
 
 fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> {
     let bed = Bed::find();
-    let (Some(a), Some(b), Some(nvme)) = (bed.edu.first(), bed.edu.get(1), bed.nvme.as_deref())
-    else {
+    let (Some(a), Some(b), Some(nvme), Some(sriov_pf)) = (
+        bed.edu.first(),
+        bed.edu.get(1),
+        bed.nvme.as_deref(),
+        bed.sriov_pf.as_deref(),
+    ) else {
         return Err(format!(
-            "the bed needs two edu and one NVMe on vfio-pci: {:?} {:?}",
-            bed.edu, bed.nvme
+            "the bed needs two edu and one NVMe on vfio-pci, and an SR-IOV NVMe: {:?} {:?} {:?}",
+            bed.edu, bed.nvme, bed.sriov_pf
         ));
     };
     let image = || -> Result<(&Path, &Path), String> {
@@ -722,6 +853,7 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
     match stage {
         "stage1" => {
             without_kexec(report, &luo, a)?;
+            vf_refusal(report, &luo, sriov_pf)?;
             freeze_refusal(report, &luo, (a, b), (kernel, initrd))?;
             freeze_refusal_d3(report, &luo, nvme, (kernel, initrd))?;
             prepare_and_kexec(
@@ -734,16 +866,13 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
         }
         "stage2" => {
             after_kexec(report, &luo, (a, nvme), Frozen::Reset)?;
-            prepare_and_kexec(
-                &luo,
-                a,
-                nvme,
-                2,
-                (kernel, initrd, "vfio_pci.luvmm_lu=reset luvmm.stage=3"),
-            )
+            let _spare = preserve_spare(&luo, sriov_pf)?;
+            let words = format!("vfio_pci.luvmm_lu=reset luvmm.stage=3 luvmm.nobind={sriov_pf}");
+            prepare_and_kexec(&luo, a, nvme, 2, (kernel, initrd, &words))
         }
         "stage3" => {
             after_kexec(report, &luo, (a, nvme), Frozen::Keep)?;
+            unbound_retrieve(report, &luo, sriov_pf)?;
             // A session with a VFIO file, into a kernel whose handler is off.
             let iommu = Iommu::new().map_err(io_err("iommufd"))?;
             let e = open_bound(a, &iommu).map_err(io_err("open edu"))?;
