@@ -116,20 +116,31 @@ impl Bed {
                     .trim()
                     .to_string()
             };
-            let on_vfio_pci = std::fs::read_link(dir.join("driver"))
-                .is_ok_and(|driver| driver.ends_with("vfio-pci"));
-            let sriov = id("sriov_totalvfs").parse::<u32>().is_ok_and(|n| n > 0);
+            // VFs come and go with the VF refusal; they are none of the bed's devices.
             if dir.join("physfn").exists() {
                 continue;
             }
+            let bound = on_vfio_pci(&bdf).is_ok();
+            let sriov = id("sriov_totalvfs").parse::<u32>().is_ok_and(|n| n > 0);
             match (id("vendor").as_str(), id("device").as_str()) {
-                ("0x1234", "0x11e8") if on_vfio_pci => bed.edu.push(bdf),
+                ("0x1234", "0x11e8") if bound => bed.edu.push(bdf),
                 ("0x1b36", "0x0010") if sriov => bed.sriov_pf = Some(bdf),
-                ("0x1b36", "0x0010") if on_vfio_pci => bed.nvme = Some(bdf),
+                ("0x1b36", "0x0010") if bound => bed.nvme = Some(bdf),
                 _ => {}
             }
         }
         bed
+    }
+}
+
+/// Ok when vfio-pci drives `bdf`; otherwise the driver it is on, or why there is none.
+fn on_vfio_pci(bdf: &str) -> Result<(), String> {
+    let driver = std::fs::read_link(sysfs_dir(bdf).join("driver"))
+        .map_err(|e| format!("{bdf} has no driver: {e}"))?;
+    if driver.ends_with("vfio-pci") {
+        Ok(())
+    } else {
+        Err(format!("{bdf} is on {}", driver.display()))
     }
 }
 
@@ -438,15 +449,7 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
         unbind(a)
             .map_err(io_err("unbind"))
             .and_then(|_| std::fs::write("/sys/bus/pci/drivers_probe", a).map_err(io_err("probe")))
-            .and_then(|_| {
-                let driver =
-                    std::fs::read_link(sysfs_dir(a).join("driver")).map_err(io_err("driver"))?;
-                if driver.ends_with("vfio-pci") {
-                    Ok(())
-                } else {
-                    Err(format!("bound to {} again", driver.display()))
-                }
-            }),
+            .and_then(|_| on_vfio_pci(a)),
     );
     Ok(())
 }
@@ -475,10 +478,7 @@ fn vf_preserve_refused(luo: &LiveUpdate, pf: &str) -> Result<(), String> {
         .ok_or("virtfn0 names no function")?
         .to_string();
     // vfio-pci hands the VFs of its PFs to itself.
-    let driver = std::fs::read_link(sysfs_dir(&vf).join("driver")).map_err(io_err("VF driver"))?;
-    if !driver.ends_with("vfio-pci") {
-        return Err(format!("VF {vf} is on {}", driver.display()));
-    }
+    on_vfio_pci(&vf)?;
     let iommu = Iommu::new().map_err(io_err("iommufd"))?;
     let pf_file = open_cdev(pf).map_err(io_err("PF cdev"))?;
     vfio_raw::bind_with_vf_token(&pf_file, &iommu, &VF_TOKEN).map_err(io_err("bind the PF"))?;
@@ -503,17 +503,16 @@ const SPARE_SESSION: &str = "vfio-lu-unbound";
 
 /// Preserves `pf` (bound, idle) in [`SPARE_SESSION`]; the session must stay open until the
 /// kexec.
-fn preserve_spare(luo: &LiveUpdate, pf: &str) -> Result<(OutgoingSession, File, Iommu), String> {
+fn preserve_spare(luo: &LiveUpdate, pf: &str) -> Result<(OutgoingSession, Device, Iommu), String> {
     let iommu = Iommu::new().map_err(io_err("iommufd"))?;
-    let file = open_cdev(pf).map_err(io_err("cdev"))?;
-    bind(&file, &iommu).map_err(io_err("bind"))?;
+    let device = open_bound(pf, &iommu).map_err(io_err("open"))?;
     let session = luo
         .create_session(&name(SPARE_SESSION))
         .map_err(luo_err("create"))?;
     session
-        .preserve(file.as_fd(), TOKEN_SPARE)
+        .preserve(device.fd(), TOKEN_SPARE)
         .map_err(luo_err("preserve"))?;
-    Ok((session, file, iommu))
+    Ok((session, device, iommu))
 }
 
 /// A retrieve of a device that no vfio-pci is bound to fails with `ENODEV`, and keeps failing
@@ -543,10 +542,7 @@ fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(
         .map_err(io_err("bind vfio-pci"))?;
     report.check(
         "failed_retrieve_stays_failed",
-        match std::fs::read_link(&driver) {
-            Ok(d) if d.ends_with("vfio-pci") => enodev("retrieve once on vfio-pci"),
-            other => Err(format!("vfio-pci did not bind: {other:?}")),
-        },
+        on_vfio_pci(pf).and_then(|_| enodev("retrieve once on vfio-pci")),
     );
     report.check(
         "failed_retrieve_still_incoming",
