@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vstate::memory::GuestRam;
+use crate::vstate::vm::{remove_vfio_file, VmError};
 
 /// Passthrough devices could not be set up; whatever was opened is closed again.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,12 @@ pub enum DeviceSetupError {
          that made them; it cannot be restored elsewhere"
     )]
     Legacy { bdf: String },
+    #[error("{bdf}: cannot take its file off the KVM VFIO device")]
+    KvmVfio {
+        bdf: String,
+        #[source]
+        source: VmError,
+    },
 }
 
 /// A device's fds as they travel in a handover: its cdev and its interrupt eventfds.
@@ -85,6 +92,8 @@ pub struct Passthrough {
     /// Each device with its guest slot.
     pub devices: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
     iommu: Option<IommuContext>,
+    /// The VM's KVM VFIO pseudo-device, which holds a reference to each device's file.
+    kvm_vfio: Option<Arc<VfioDeviceFd>>,
 }
 
 fn lock(device: &Mutex<VfioPciDevice>) -> MutexGuard<'_, VfioPciDevice> {
@@ -122,7 +131,10 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<Passthrough, DeviceSetupError> {
-        let mut passthrough = Passthrough::default();
+        let mut passthrough = Passthrough {
+            kvm_vfio: Some(args.kvm_vfio.clone()),
+            ..Passthrough::default()
+        };
         let mut hosts = Vec::with_capacity(bdfs.len());
         for bdf in bdfs {
             let started = Instant::now();
@@ -203,7 +215,10 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<Passthrough, DeviceSetupError> {
-        let mut passthrough = Passthrough::default();
+        let mut passthrough = Passthrough {
+            kvm_vfio: Some(args.kvm_vfio.clone()),
+            ..Passthrough::default()
+        };
         let iommu_state = saved
             .iommu
             .as_ref()
@@ -255,7 +270,10 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<(Passthrough, Duration), DeviceSetupError> {
-        let mut passthrough = Passthrough::default();
+        let mut passthrough = Passthrough {
+            kvm_vfio: Some(args.kvm_vfio.clone()),
+            ..Passthrough::default()
+        };
         let mut hosts = Vec::with_capacity(saved.passthrough.len());
         for (state, token) in saved.passthrough.iter().zip(tokens) {
             let started = Instant::now();
@@ -321,6 +339,35 @@ impl Passthrough {
         Ok((passthrough, ioas_map))
     }
 
+    /// After a live update whose kexec failed once the kernel had frozen some devices: each
+    /// device the freeze reset (its file gives EIO for good) is let go (taken off the KVM VFIO
+    /// device, its BARs unmapped, its file closed) and opened again by BDF into the VM's
+    /// IOMMU context, whose IOAS still maps guest RAM, under the guest's unchanged view of it.
+    /// Returns each device found reset, with how its replacement went; one that cannot be
+    /// opened again stays unplugged (the guest reads all-ones from it).
+    pub fn replace_reset_devices(&mut self) -> Vec<(String, Result<(), DeviceSetupError>)> {
+        let Some(kvm_vfio) = &self.kvm_vfio else {
+            return Vec::new();
+        };
+        let mut replaced = Vec::new();
+        for (_, device) in &self.devices {
+            let mut device = lock(device);
+            if device.lost_to_reset() {
+                let bdf = device.bdf().to_string();
+                let started = Instant::now();
+                let result = replace(&mut device, &mut self.iommu, kvm_vfio);
+                if result.is_ok() {
+                    log::info!(
+                        "passthrough {bdf}: opened again in {:.1} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                replaced.push((bdf, result));
+            }
+        }
+        replaced
+    }
+
     /// Host devices on the legacy container, which cannot move to another process.
     pub fn legacy_bdfs(&self) -> Vec<String> {
         self.devices
@@ -383,6 +430,26 @@ impl Passthrough {
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
+}
+
+/// `replace_reset_devices` for one device.
+fn replace(
+    device: &mut VfioPciDevice,
+    iommu: &mut Option<IommuContext>,
+    kvm_vfio: &Arc<VfioDeviceFd>,
+) -> Result<(), DeviceSetupError> {
+    let bdf = device.bdf().to_string();
+    if let Some(fd) = device.device_fd() {
+        remove_vfio_file(kvm_vfio, fd).map_err(|source| DeviceSetupError::KvmVfio {
+            bdf: bdf.clone(),
+            source,
+        })?;
+    }
+    // Closed before the new open: the cdev path admits one open file per device.
+    drop(device.release_function());
+    let host = open_by_bdf(&bdf, VfioBackendChoice::Iommufd, iommu, Some(kvm_vfio))?;
+    device.adopt_function(host)?;
+    Ok(())
 }
 
 /// Each RAM region as a DMA mapping at IOVA == GPA, with its host address and memfd.

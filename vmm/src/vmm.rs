@@ -531,6 +531,11 @@ impl Vmm {
     pub fn devices(&self) -> &Devices {
         &self.devices
     }
+
+    /// The passthrough devices, to replace one whose function was lost.
+    pub(crate) fn passthrough_mut(&mut self) -> &mut Passthrough {
+        &mut self.devices.passthrough
+    }
 }
 
 impl Drop for Vmm {

@@ -11,7 +11,7 @@
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
+use vfio_bindings::bindings::vfio::{VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP};
 use vfio_ioctls::{VfioDevice, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,8 +42,53 @@ pub trait VfioFunction: Send {
     fn set_intx_resample(&self, resample: &EventFd) -> Result<(), VfioError>;
     /// Stops the interrupts at IRQ index `index`.
     fn disable_irq(&self, index: u32) -> Result<(), VfioError>;
+    /// Reads the function's vendor and device ID through its file, saying why the kernel
+    /// refused: `EIO` once a live-update freeze has reset the function under this file.
+    fn probe(&self) -> std::io::Result<()>;
     /// The device fd: for mmapping BARs and for handing the device to another process.
-    fn fd(&self) -> BorrowedFd<'_>;
+    /// `None` once the function is let go (`Unplugged`).
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
+}
+
+/// Stands in for a host function luvmm has let go of to open it again: the guest reads
+/// all-ones from it, as from a PCI function that is gone, and nothing reaches hardware. A
+/// device whose function cannot be opened again stays so.
+pub struct Unplugged;
+
+impl VfioFunction for Unplugged {
+    fn region(&self, _index: u32) -> RegionInfo {
+        RegionInfo::default()
+    }
+
+    fn irq_count(&self, _index: u32) -> u32 {
+        0
+    }
+
+    fn read(&self, _index: u32, data: &mut [u8], _offset: u64) {
+        data.fill(0xff);
+    }
+
+    fn write(&self, _index: u32, _data: &[u8], _offset: u64) {}
+
+    fn enable_irq(&self, _index: u32, _triggers: &[&EventFd]) -> Result<(), VfioError> {
+        Err(VfioError::VfioDeviceEnableIrq)
+    }
+
+    fn set_intx_resample(&self, _resample: &EventFd) -> Result<(), VfioError> {
+        Err(VfioError::VfioDeviceSetIrqResampleFd)
+    }
+
+    fn disable_irq(&self, _index: u32) -> Result<(), VfioError> {
+        Ok(())
+    }
+
+    fn probe(&self) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::ENODEV))
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// How a host function was opened, which decides how it is closed.
@@ -81,6 +126,11 @@ impl HostFunction {
     /// The vfio-ioctls device, for what only it does (attaching to a HWPT).
     pub fn device(&self) -> &VfioDevice {
         &self.device
+    }
+
+    fn borrowed_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd belongs to `self.device`, which outlives the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
     }
 }
 
@@ -141,8 +191,15 @@ impl VfioFunction for HostFunction {
         self.device.disable_irq(index)
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the fd belongs to `self.device`, which outlives the returned borrow.
-        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
+    fn probe(&self) -> std::io::Result<()> {
+        let config = self.region(VFIO_PCI_CONFIG_REGION_INDEX);
+        let offset = i64::try_from(config.offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        nix::sys::uio::pread(self.borrowed_fd(), &mut [0u8; 4], offset)?;
+        Ok(())
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.borrowed_fd())
     }
 }

@@ -45,7 +45,7 @@ use crate::pci::config::{
 };
 use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::bar_map::{DirectBar, GuestMapper};
-use crate::vfio::function::VfioFunction;
+use crate::vfio::function::{Unplugged, VfioFunction};
 use crate::vfio::iommu::IommuError;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
 
@@ -230,6 +230,8 @@ pub struct VfioPciDevice {
     msix: Option<MsixRouting>,
     intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
+    /// Maps direct BARs into the guest; kept to map them again from a reopened function.
+    mapper: Arc<dyn GuestMapper>,
     bar_access: BarMode,
     direct_bars: Vec<DirectBar>,
     /// VFIO's interrupts are off for a live update (`quiesce_interrupts`).
@@ -407,6 +409,7 @@ impl VfioPciDevice {
             msix,
             intx,
             router,
+            mapper,
             bar_access,
             direct_bars,
             quiesced: false,
@@ -469,7 +472,7 @@ impl VfioPciDevice {
     /// device, whose DMA mappings are by this process's addresses.
     pub fn device_fd(&self) -> Option<BorrowedFd<'_>> {
         match self.iommu {
-            DeviceIommu::Iommufd { .. } => Some(self.function.fd()),
+            DeviceIommu::Iommufd { .. } => self.function.fd(),
             DeviceIommu::Legacy(_) => None,
         }
     }
@@ -578,6 +581,72 @@ impl VfioPciDevice {
         self.function
             .read(VFIO_PCI_CONFIG_REGION_INDEX, &mut pmcsr, (pm + 4) as u64);
         u16::from_le_bytes(pmcsr) & 0x3 == 0
+    }
+
+    /// Whether the kernel reset the function under this device's file: a live-update freeze
+    /// in reset mode does, and if the kexec then fails the file gives `EIO` for good. Such a
+    /// device works again only opened anew (`release_function`, then `adopt_function`).
+    pub fn lost_to_reset(&self) -> bool {
+        matches!(self.function.probe(), Err(e) if e.raw_os_error() == Some(libc::EIO))
+    }
+
+    /// Lets go of the host function so that its file can be closed and the function opened
+    /// again; its BARs leave the guest and this process first (their mmaps hold the file
+    /// open). Until `adopt_function` the guest's view stays as it was and the BARs read
+    /// all-ones.
+    pub fn release_function(&mut self) -> Box<dyn VfioFunction> {
+        self.direct_bars.clear();
+        std::mem::replace(&mut self.function, Box::new(Unplugged))
+    }
+
+    /// Puts `host`, this device's function opened anew, under the guest's view of it, which
+    /// is kept whole (config space, BARs where the guest put them, MSI and MSI-X routes and
+    /// eventfds, INTx line): the function decodes and masters as the guest had it, VFIO
+    /// signals the same eventfds for what the guest enabled, and one interrupt stands in for
+    /// any the reset lost. A function that is not the same as before is refused and the
+    /// device stays unplugged.
+    pub fn adopt_function(&mut self, host: HostDevice) -> Result<(), PassthroughError> {
+        let mut raw = [0u8; 256];
+        host.function
+            .read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
+        let id = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let (saved, found) = (id(self.config.bytes()), id(&raw));
+        if saved != found {
+            return Err(PassthroughError::NotTheSavedDevice {
+                bdf: self.bdf.clone(),
+                saved,
+                found,
+            });
+        }
+        for index in 0..NUM_BARS {
+            if self.config.bar(index) != bar_shape(host.function.as_ref(), &raw, index) {
+                return Err(PassthroughError::Bar {
+                    bdf: self.bdf.clone(),
+                    index,
+                    reason: "its size or type is not what it was".to_string(),
+                });
+            }
+        }
+        self.function = host.function;
+        self.iommu = host.iommu;
+        if self.bar_access == BarMode::Direct {
+            self.direct_bars = direct_bars(
+                &self.bdf,
+                self.function.as_ref(),
+                &self.config,
+                self.msix.as_ref(),
+                &self.mapper,
+            )?;
+        }
+        self.update_direct_bars();
+        let command = self.config.command().to_le_bytes();
+        self.function
+            .write(VFIO_PCI_CONFIG_REGION_INDEX, &command, COMMAND as u64);
+        // A new file has no VFIO interrupt on: arm what the guest has enabled.
+        self.quiesced = true;
+        self.quiesce_interrupts(false)?;
+        self.inject_interrupt();
+        Ok(())
     }
 
     /// Maps `[gpa, gpa + len)` of guest RAM at IOVA == GPA through the legacy container, by
@@ -898,21 +967,16 @@ fn direct_bars(
         let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
             && !msix_bars.contains(&Some(index))
             && region.mmap;
-        if !mappable {
+        let Some(fd) = function.fd().filter(|_| mappable) else {
             continue;
-        }
-        let bar = DirectBar::new(
-            index,
-            function.fd(),
-            region.offset,
-            region.size,
-            mapper.clone(),
-        )
-        .map_err(|reason| PassthroughError::Bar {
-            bdf: bdf.to_string(),
-            index,
-            reason,
-        })?;
+        };
+        let bar = DirectBar::new(index, fd, region.offset, region.size, mapper.clone()).map_err(
+            |reason| PassthroughError::Bar {
+                bdf: bdf.to_string(),
+                index,
+                reason,
+            },
+        )?;
         bars.push(bar);
     }
     Ok(bars)
@@ -1011,6 +1075,7 @@ mod tests {
     use super::*;
     use crate::vfio::testing::{CallLog, FakeFunction, FakeRouter};
     use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     const EDU: u32 = 0x11e8_1234;
 
@@ -1030,14 +1095,8 @@ mod tests {
         id: u32,
         restore: Option<Restore<'_>>,
     ) -> Result<(VfioPciDevice, CallLog, Arc<FakeRouter>), PassthroughError> {
-        let function = FakeFunction::new(id);
-        let vfio = function.log.clone();
+        let (host, vfio, _) = fake_host(id, 2);
         let router = Arc::new(FakeRouter::default());
-        let host = HostDevice {
-            bdf: "0000:00:04.0".into(),
-            function: Box::new(function),
-            iommu: DeviceIommu::Iommufd { hwpt_id: 2 },
-        };
         let args = PassthroughArgs {
             router: router.clone(),
             mapper: Arc::new(Mapper),
@@ -1045,6 +1104,20 @@ mod tests {
         };
         let device = VfioPciDevice::new(host, args, restore)?;
         Ok((device, vfio, router))
+    }
+
+    /// A fake function of vendor:device `id` attached to HWPT `hwpt_id`, with its call log
+    /// and the switch that makes its file give EIO.
+    fn fake_host(id: u32, hwpt_id: u32) -> (HostDevice, CallLog, Arc<AtomicBool>) {
+        let function = FakeFunction::new(id);
+        let log = function.log.clone();
+        let reset = function.reset_under_its_file.clone();
+        let host = HostDevice {
+            bdf: "0000:00:04.0".into(),
+            function: Box::new(function),
+            iommu: DeviceIommu::Iommufd { hwpt_id },
+        };
+        (host, log, reset)
     }
 
     /// A fresh device whose VM runs: its interrupts released, the logs cleared.
@@ -1271,5 +1344,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_function_reset_under_its_file_is_replaced_under_the_same_guest_view() {
+        let (host, _, reset) = fake_host(EDU, 2);
+        let router = Arc::new(FakeRouter::default());
+        let args = PassthroughArgs {
+            router: router.clone(),
+            mapper: Arc::new(Mapper),
+            bar_access: BarMode::Trapped,
+        };
+        let mut device = VfioPciDevice::new(host, args, None).unwrap();
+        device.hold_interrupts(false);
+        program(&mut device, false);
+        device.quiesce_interrupts(true).unwrap();
+        assert!(!device.lost_to_reset());
+        reset.store(true, Ordering::Relaxed);
+        assert!(device.lost_to_reset());
+        let before = device.save(4);
+        router.take();
+
+        drop(device.release_function());
+        // Unplugged: the guest's view stays, the hardware reads all-ones, nothing is handed on.
+        assert_eq!(device.config_read(0x10), 0xc000_0000);
+        assert_eq!(bar_dwords(&mut device, 0, 1), [0xffff_ffff]);
+        assert!(device.device_fd().is_none());
+        assert!(!device.lost_to_reset());
+
+        let (other, _, _) = fake_host(0x0010_1b36, 3);
+        assert!(matches!(
+            device.adopt_function(other),
+            Err(PassthroughError::NotTheSavedDevice {
+                found: 0x0010_1b36,
+                ..
+            })
+        ));
+        let (again, vfio, _) = fake_host(EDU, 3);
+        device.adopt_function(again).unwrap();
+        // Decoding and mastering as the guest had them, MSI armed on the same eventfd, and one
+        // interrupt in it for whatever the reset lost; no route or number changed.
+        assert_eq!(
+            vfio.take(),
+            ["write region 7 at 0x4: [06, 00]", "enable irq 1 x1"]
+        );
+        assert!(router.take().is_empty());
+        assert_eq!(device.msi.as_ref().unwrap().trigger.read().unwrap(), 1);
+        let after = device.save(4);
+        assert_eq!(after.hwpt_id, Some(3));
+        assert_eq!(
+            PassthroughState {
+                hwpt_id: Some(2),
+                ..after
+            },
+            before
+        );
+        // Interrupts are on: a cancel's re-arm has nothing left to do.
+        device.quiesce_interrupts(false).unwrap();
+        assert!(vfio.take().is_empty());
     }
 }

@@ -2,6 +2,7 @@
 //! VFIO function), recording what was asked of them, for the device model's unit tests.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vfio_ioctls::VfioError;
@@ -88,6 +89,8 @@ impl IrqRouter for FakeRouter {
 pub struct FakeFunction {
     pub config: Mutex<[u8; 256]>,
     pub log: CallLog,
+    /// Its file gives EIO, as after a live-update freeze in reset mode.
+    pub reset_under_its_file: Arc<AtomicBool>,
     /// Stands in for the device fd.
     fd: EventFd,
 }
@@ -113,6 +116,7 @@ impl FakeFunction {
         FakeFunction {
             config: Mutex::new(config),
             log: CallLog::default(),
+            reset_under_its_file: Arc::default(),
             fd: EventFd::new(0).unwrap(),
         }
     }
@@ -167,8 +171,14 @@ impl VfioFunction for FakeFunction {
         self.log.push(format!("disable irq {index}"));
         Ok(())
     }
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn probe(&self) -> std::io::Result<()> {
+        if self.reset_under_its_file.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
         // SAFETY: the eventfd is owned by `self`, which outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+        Some(unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) })
     }
 }

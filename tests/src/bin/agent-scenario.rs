@@ -7,7 +7,8 @@
 //! for the kexec into `K` with `luvmm.stage=2`.
 //! `agent-scenario stage2 --socket S`: the next kernel's agent must know `vm1` from the ledger
 //! it preserved; the session is claimed (once), the memfd retrieved and checked byte for
-//! byte, and the session finished. Every result is one line:
+//! byte, and the session finished. `hold` and `noisy` play a VMM that never gets ready, and
+//! one whose device's freeze refuses the kexec (see each). Every result is one line:
 //!
 //!     LUVMM-L1 test agent_NAME ok | FAIL why
 //!     LUVMM-L1 stage N done pass=P fail=F
@@ -21,6 +22,8 @@ use luvmm_liveupdate::agent::{AgentClient, Ledger, VmPhase};
 use luvmm_liveupdate::kexec;
 use luvmm_resources::state::{RAM_TOKEN_BASE, STATE_TOKEN};
 use luvmm_tests::l1::{flag, line, Report};
+use luvmm_tests::vfio_raw::{open_bound, Iommu};
+use vmm_sys_util::eventfd::EventFd;
 
 const TOKEN: u64 = 7;
 const MIB: usize = 1 << 20;
@@ -266,6 +269,49 @@ fn hold(socket: &Path, args: &[String]) -> i32 {
     }
 }
 
+/// VM `--vm` subscribes, preserves device `--vfio` (bound to an iommufd, with MSI on) in its
+/// session and says it is ready, then holds it all for `--seconds`: at the kexec that device's
+/// freeze fails, so `reboot()` fails after the kernel froze every VM that subscribed earlier.
+fn noisy(socket: &Path, args: &[String]) -> i32 {
+    let value = |name: &str| flag(args, name);
+    let (Some(vm), Some(bdf), Some(seconds)) = (
+        value("--vm"),
+        value("--vfio"),
+        value("--seconds").and_then(|s| s.parse().ok()),
+    ) else {
+        eprintln!("usage: agent-scenario noisy --socket S --vm ID --vfio BDF --seconds N");
+        return 2;
+    };
+    let agent = AgentClient::new(socket);
+    let held = (|| {
+        let session = agent.subscribe(vm).map_err(|e| e.to_string())?;
+        let iommu = Iommu::new().map_err(|e| format!("iommufd: {e}"))?;
+        let device = open_bound(bdf, &iommu).map_err(|e| format!("open {bdf}: {e}"))?;
+        let msi = EventFd::new(0).map_err(|e| format!("eventfd: {e}"))?;
+        device
+            .set_msi(Some(&msi))
+            .map_err(|e| format!("MSI on: {e}"))?;
+        session
+            .preserve(device.fd(), TOKEN)
+            .map_err(|e| format!("preserve {bdf}: {e}"))?;
+        agent
+            .ready(vm, &[bdf.to_string()])
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((session, device, msi, iommu))
+    })();
+    match held {
+        Ok(held) => {
+            println!("ready {} with {bdf} and its MSI on", held.0.name());
+            std::thread::sleep(std::time::Duration::from_secs(seconds));
+            0
+        }
+        Err(e) => {
+            eprintln!("agent-scenario noisy: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |name: &str| flag(&args, name).map(PathBuf::from);
@@ -280,10 +326,12 @@ fn main() {
         }
         (Some("stage2"), Some(socket), _, _) => stage2(&socket),
         (Some("hold"), Some(socket), _, _) => hold(&socket, &args),
+        (Some("noisy"), Some(socket), _, _) => noisy(&socket, &args),
         _ => {
             eprintln!(
                 "usage: agent-scenario stage1 --socket S --kernel K --initrd I | stage2 --socket S \
-                 | hold --socket S --vm ID --seconds N"
+                 | hold --socket S --vm ID --seconds N \
+                 | noisy --socket S --vm ID --vfio BDF --seconds N"
             );
             2
         }

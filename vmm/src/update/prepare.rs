@@ -17,7 +17,9 @@
 //!
 //! Any failure calls the update off: the agent releases its copy, this process closes its
 //! own (the kernel unpreserves everything once both are gone), interrupts are turned back on
-//! and the guest resumes where it was.
+//! and the guest resumes where it was. When the failure is the kexec itself, after the kernel
+//! froze (and in its reset mode, reset) some devices, each of those gives EIO from then on:
+//! it is closed and opened again under the guest's view of it before the guest resumes.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -30,6 +32,7 @@ use luvmm_liveupdate::{LuoError, OutgoingSession};
 use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN};
 use serde::{Deserialize, Serialize};
 
+use crate::api::error_chain;
 use crate::update::UpdateError;
 use crate::vmm::{VmPhase, Vmm, VmmError};
 
@@ -255,6 +258,21 @@ impl Vmm {
             log::error!("cancel: the agent did not release the session: {e}");
         }
         prepared.session.cancel();
+        // With the session gone, no one else holds a device's file: one the failed kexec's
+        // freeze reset can be closed and opened again.
+        for (bdf, replaced) in self.passthrough_mut().replace_reset_devices() {
+            match replaced {
+                Ok(()) => log::warn!(
+                    "cancel: {bdf}: the kernel reset it for the kexec that failed; opened again \
+                     under the guest's unchanged view of it"
+                ),
+                Err(e) => log::error!(
+                    "cancel: {bdf}: reset for the kexec that failed, and it cannot be opened \
+                     again (the guest finds it gone): {}",
+                    error_chain(&e)
+                ),
+            }
+        }
         for (_, device) in &self.devices().passthrough.devices {
             let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = device.quiesce_interrupts(false) {

@@ -2,10 +2,12 @@
 //! state that a save carries.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_irqchip,
-    kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME,
+    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -49,10 +51,34 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// vfio-ioctls would not duplicate its KVM VFIO device fd (it says no more).
+    #[error("cannot duplicate the KVM VFIO device fd")]
+    VfioDeviceDup,
 }
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { op, source }
+}
+
+/// Takes VFIO file `file` off the KVM VFIO pseudo-device. KVM holds a reference to each file
+/// added to it, so a device's file is released (and the device can be opened again) only once
+/// it is off as well as closed.
+pub fn remove_vfio_file(kvm_vfio: &VfioDeviceFd, file: BorrowedFd<'_>) -> Result<(), VmError> {
+    let device = kvm_vfio
+        .try_clone()
+        .and_then(VfioDeviceFd::to_kvm)
+        .map_err(|_| VmError::VfioDeviceDup)?;
+    let fd: i32 = file.as_raw_fd();
+    let attr = kvm_device_attr {
+        flags: 0,
+        group: KVM_DEV_VFIO_FILE,
+        attr: u64::from(KVM_DEV_VFIO_FILE_DEL),
+        // KVM reads the fd, an int, from here during the call.
+        addr: &fd as *const i32 as u64,
+    };
+    device
+        .set_device_attr(&attr)
+        .map_err(ioctl("KVM_SET_DEVICE_ATTR (KVM_DEV_VFIO_FILE_DEL)"))
 }
 
 /// Opens `/dev/kvm` and checks every capability luvmm needs.
