@@ -121,6 +121,14 @@ impl DeviceArgs<'_> {
 }
 
 impl Passthrough {
+    /// No device yet, on the VM's KVM VFIO device.
+    fn empty(args: &DeviceArgs<'_>) -> Passthrough {
+        Passthrough {
+            kvm_vfio: Some(args.kvm_vfio.clone()),
+            ..Passthrough::default()
+        }
+    }
+
     /// Opens every device by BDF, maps guest RAM for them (IOVA == GPA: once by file into the
     /// shared IOAS, or per legacy container by address), places their BARs and puts them on
     /// `bus`.
@@ -131,10 +139,7 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<Passthrough, DeviceSetupError> {
-        let mut passthrough = Passthrough {
-            kvm_vfio: Some(args.kvm_vfio.clone()),
-            ..Passthrough::default()
-        };
+        let mut passthrough = Passthrough::empty(args);
         let mut hosts = Vec::with_capacity(bdfs.len());
         for bdf in bdfs {
             let started = Instant::now();
@@ -215,10 +220,7 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<Passthrough, DeviceSetupError> {
-        let mut passthrough = Passthrough {
-            kvm_vfio: Some(args.kvm_vfio.clone()),
-            ..Passthrough::default()
-        };
+        let mut passthrough = Passthrough::empty(args);
         let iommu_state = saved
             .iommu
             .as_ref()
@@ -270,10 +272,7 @@ impl Passthrough {
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<(Passthrough, Duration), DeviceSetupError> {
-        let mut passthrough = Passthrough {
-            kvm_vfio: Some(args.kvm_vfio.clone()),
-            ..Passthrough::default()
-        };
+        let mut passthrough = Passthrough::empty(args);
         let mut hosts = Vec::with_capacity(saved.passthrough.len());
         for (state, token) in saved.passthrough.iter().zip(tokens) {
             let started = Instant::now();

@@ -609,8 +609,7 @@ impl VfioPciDevice {
         let mut raw = [0u8; 256];
         host.function
             .read(VFIO_PCI_CONFIG_REGION_INDEX, &mut raw, 0);
-        let id = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let (saved, found) = (id(self.config.bytes()), id(&raw));
+        let (saved, found) = (vendor_device(self.config.bytes()), vendor_device(&raw));
         if saved != found {
             return Err(PassthroughError::NotTheSavedDevice {
                 bdf: self.bdf.clone(),
@@ -908,6 +907,14 @@ fn borrow(evt: &EventFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(evt.as_raw_fd()) }
 }
 
+/// Vendor and device ID (config dword 0); 0 from a config too short to hold them.
+fn vendor_device(config: &[u8]) -> u32 {
+    config
+        .get(..4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
 /// A saved device must be this function, with the same capabilities where the state says.
 fn check_saved(
     bdf: &str,
@@ -917,12 +924,12 @@ fn check_saved(
     msix_found: Option<(usize, MsixLayout)>,
     has_intx: bool,
 ) -> Result<(), PassthroughError> {
-    let id = |bytes: &[u8]| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    if saved.config.len() != raw.len() || id(&saved.config) != id(raw) {
+    let (saved_id, found) = (vendor_device(&saved.config), vendor_device(raw));
+    if saved.config.len() != raw.len() || saved_id != found {
         return Err(PassthroughError::NotTheSavedDevice {
             bdf: bdf.to_string(),
-            saved: saved.config.get(..4).map_or(0, id),
-            found: id(raw),
+            saved: saved_id,
+            found,
         });
     }
     let mismatch = |capability| {
@@ -1096,6 +1103,15 @@ mod tests {
         restore: Option<Restore<'_>>,
     ) -> Result<(VfioPciDevice, CallLog, Arc<FakeRouter>), PassthroughError> {
         let (host, vfio, _) = fake_host(id, 2);
+        let (device, router) = build_on(host, restore)?;
+        Ok((device, vfio, router))
+    }
+
+    /// A device over `host`, with trapped BARs; returns it with the router's log.
+    fn build_on(
+        host: HostDevice,
+        restore: Option<Restore<'_>>,
+    ) -> Result<(VfioPciDevice, Arc<FakeRouter>), PassthroughError> {
         let router = Arc::new(FakeRouter::default());
         let args = PassthroughArgs {
             router: router.clone(),
@@ -1103,7 +1119,7 @@ mod tests {
             bar_access: BarMode::Trapped,
         };
         let device = VfioPciDevice::new(host, args, restore)?;
-        Ok((device, vfio, router))
+        Ok((device, router))
     }
 
     /// A fake function of vendor:device `id` attached to HWPT `hwpt_id`, with its call log
@@ -1349,13 +1365,7 @@ mod tests {
     #[test]
     fn a_function_reset_under_its_file_is_replaced_under_the_same_guest_view() {
         let (host, _, reset) = fake_host(EDU, 2);
-        let router = Arc::new(FakeRouter::default());
-        let args = PassthroughArgs {
-            router: router.clone(),
-            mapper: Arc::new(Mapper),
-            bar_access: BarMode::Trapped,
-        };
-        let mut device = VfioPciDevice::new(host, args, None).unwrap();
+        let (mut device, router) = build_on(host, None).unwrap();
         device.hold_interrupts(false);
         program(&mut device, false);
         device.quiesce_interrupts(true).unwrap();
