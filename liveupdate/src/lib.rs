@@ -7,12 +7,17 @@
 //! - [`kexec`]: loading the next kernel with `kexec_file_load` and jumping into it.
 //! - [`probe`]: what this kernel can preserve, found by trying, never leaving anything behind.
 //! - [`agent`]: the one process that holds `/dev/liveupdate` for every VMM on the host.
+//! - [`seams`]: what a VMM calls (its sessions and the agent) as traits, and, with the `fake`
+//!   feature, [`fake`]: an in-memory host behind them for update-flow tests.
 //!
 //! The crate knows nothing of VMs: callers hand it fds and tokens.
 
 pub mod agent;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod kexec;
 pub mod probe;
+pub mod seams;
 mod session;
 pub mod uapi;
 

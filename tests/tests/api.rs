@@ -197,22 +197,20 @@ fn the_update_preflight_names_every_blocker_and_exits_3() {
         .expect("run luvmm update check");
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    let blockers: Vec<&str> = report["blockers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|b| b.as_str())
-        .collect();
-    for expected in [
-        "no luvmm agent is listening on",
-        "does not load: cannot open kernel /nonexistent/bzImage",
-        "may not have the LUO file handlers this kernel has",
-    ] {
-        assert!(
-            blockers.iter().any(|b| b.contains(expected)),
-            "{expected:?} not in {blockers:#?}"
-        );
-    }
+    let blockers = report["blockers"].as_array().expect("a list of blockers");
+    let by_kind = |kind: &str| {
+        blockers
+            .iter()
+            .find(|b| b["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind:?} blocker in {blockers:#?}"))
+    };
+    let reason = |kind: &str| by_kind(kind)["reason"].as_str().unwrap_or("").to_string();
+    assert!(reason("no_agent").contains("no luvmm agent is listening on"));
+    assert!(reason("kernel_load").contains("cannot open kernel /nonexistent/bzImage"));
+    assert_eq!(
+        by_kind("unknown_handlers")["kernel"],
+        "/nonexistent/bzImage"
+    );
 }
 
 #[test]

@@ -12,7 +12,6 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{GuestMapper, IrqRouter};
-use luvmm_liveupdate::{IncomingSession, LuoError};
 use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
@@ -66,8 +65,6 @@ pub enum BuildError {
     Devices(#[from] DeviceSetupError),
     #[error("the state holds passthrough devices but nothing to restore them from")]
     NoDevices,
-    #[error("cannot finish the LUO session")]
-    Finish(#[from] LuoError),
     #[error("cannot register {device} on the I/O bus: {reason}")]
     Bus {
         device: &'static str,
@@ -140,8 +137,8 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     Ok(Vmm::new(vm, ram, devices, handles, events))
 }
 
-/// What a restore starts from: the state (as bytes, and the memfd it came in, if any) and the
-/// RAM memfds in layout order.
+/// What a restore starts from: the state (as bytes, and the memfd it came in, if any), the
+/// RAM memfds in layout order, and where the VM comes from.
 pub struct RestoreArgs {
     /// The saved state, decoded and checked against itself.
     pub state: VmState,
@@ -149,22 +146,41 @@ pub struct RestoreArgs {
     pub state_bytes: u64,
     pub state_memfd: Option<File>,
     pub memfds: Vec<File>,
-    /// The passthrough devices' fds, when a handover brought them, and what the handover's
-    /// manifest says of them.
-    pub devices: Option<HandedDevices>,
-    pub device_manifest: Vec<HandedDeviceManifest>,
-    /// When the handing-over process paused the VM, if it said.
-    pub source_paused_at: Option<SystemTime>,
-    /// After a host live update: the VM's LUO session, its state and RAM memfds retrieved;
-    /// devices are retrieved (or opened again) here, and the session is finished once the
-    /// VM is rebuilt.
-    pub session: Option<IncomingSession>,
+    pub origin: Origin,
     pub serial: SerialOutput,
     /// How long gathering these took (taking the fds, or claiming and retrieving the
     /// session's state and RAM), for the restore's timings.
     pub gather_ms: f64,
-    /// Within it, after a live update: retrieving the RAM memfds from the session.
-    pub retrieve_ram_ms: Option<f64>,
+}
+
+/// Where a restored VM comes from, with what each origin brings for its devices.
+pub enum Origin {
+    /// A state file or inherited fds: no passthrough device can come this way.
+    Saved,
+    /// A running VMM handed it over: its devices' fds, when it had devices, and what its
+    /// manifest says of them; and when it paused the guest.
+    Handover {
+        devices: Option<HandedDevices>,
+        manifest: Vec<HandedDeviceManifest>,
+        paused_at: Option<SystemTime>,
+    },
+    /// A host live update: per saved device, its cdev as the old kernel preserved it
+    /// (retrieved from the session) or `None` (opened again by BDF); when the old VMM paused
+    /// the guest; and how long retrieving the RAM took.
+    LiveUpdate {
+        devices: Vec<Option<File>>,
+        paused_at: Option<SystemTime>,
+        retrieve_ram_ms: f64,
+    },
+}
+
+impl Origin {
+    fn paused_at(&self) -> Option<SystemTime> {
+        match self {
+            Origin::Saved => None,
+            Origin::Handover { paused_at, .. } | Origin::LiveUpdate { paused_at, .. } => *paused_at,
+        }
+    }
 }
 
 /// Rebuilds a saved VM on top of its own memfds, without copying or touching guest memory.
@@ -174,13 +190,26 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut lap = Lap::start();
     let mut timings = RestoreTimings {
         gather_ms: args.gather_ms,
-        retrieve_ram_ms: args.retrieve_ram_ms,
         ..RestoreTimings::default()
     };
     let saved = args.state;
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
-    if args.session.is_none() {
-        Passthrough::check_handed(&saved.devices, &args.device_manifest, args.devices.as_ref())?;
+    let source_paused_at = args.origin.paused_at();
+    match &args.origin {
+        Origin::Saved => Passthrough::check_handed(&saved.devices, &[], None)?,
+        Origin::Handover {
+            devices, manifest, ..
+        } => Passthrough::check_handed(&saved.devices, manifest, devices.as_ref())?,
+        Origin::LiveUpdate {
+            devices,
+            retrieve_ram_ms,
+            ..
+        } => {
+            if devices.len() != saved.devices.passthrough.len() {
+                return Err(BuildError::NoDevices);
+            }
+            timings.retrieve_ram_ms = Some(*retrieve_ram_ms);
+        }
     }
     let limits = host_limits(kvm);
     if saved.vcpus.len() > limits.max_vcpus as usize {
@@ -203,7 +232,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let events = VmEvents::new().map_err(BuildError::EventFd)?;
     let mut pci = PciBus::new();
-    let passthrough = if args.devices.is_none() && saved.devices.passthrough.is_empty() {
+    let passthrough = if saved.devices.passthrough.is_empty() {
         Passthrough::default()
     } else {
         let (router, mapper) = device_routes(&vm, &saved.memory);
@@ -213,24 +242,21 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
             bar_access: BarMode::Direct,
             kvm_vfio: vm.create_vfio_device()?,
         };
-        match (args.devices, &args.session, &saved.update) {
-            (Some(handed), _, _) => {
-                Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?
-            }
-            (None, Some(session), Some(update)) => {
-                let (passthrough, ioas_map) = Passthrough::reopen(
-                    &saved.devices,
-                    &update.device_tokens,
-                    session,
-                    &ram,
-                    &device_args,
-                    &mut pci,
-                )?;
+        match args.origin {
+            Origin::Handover {
+                devices: Some(handed),
+                ..
+            } => Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?,
+            Origin::LiveUpdate { devices, .. } => {
+                let (passthrough, ioas_map) =
+                    Passthrough::reopen(&saved.devices, devices, &ram, &device_args, &mut pci)?;
                 timings.ioas_map_ms = Some(ioas_map.as_secs_f64() * 1e3);
                 passthrough
             }
-            // `check_handed` or the session's own checks refused this before.
-            (None, _, _) => return Err(BuildError::NoDevices),
+            // `check_handed` refused this before.
+            Origin::Saved | Origin::Handover { devices: None, .. } => {
+                return Err(BuildError::NoDevices)
+            }
         }
     };
     let devices = Devices {
@@ -265,12 +291,6 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     }
     let handles = start_all(vcpus)?;
     timings.vcpus_ms = lap.next();
-    if let Some(session) = &args.session {
-        // Everything is retrieved and rebuilt: the kernel may let go of the session.
-        session.finish()?;
-        timings.finish_ms = Some(lap.next());
-        log::info!("session {} finished", session.name());
-    }
     // The guest reports on its memory as soon as it runs again.
     devices.guest_control.request_check();
     let mut vmm = Vmm::new(vm, ram, devices, handles, events);
@@ -278,7 +298,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         args.state_memfd,
         args.state_bytes,
         timings,
-        args.source_paused_at,
+        source_paused_at,
     );
     Ok(vmm)
 }

@@ -33,10 +33,16 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         Command::Restore(args) => {
             let source = luvmm_vmm::cli::restore_source(&args).map_err(|e| chain(&e))?;
             let serial = args.common.serial.clone().unwrap_or_default();
-            let inputs = restore::collect(source, serial).map_err(|e| chain(&e))?;
+            let (inputs, session) = restore::collect(source, serial).map_err(|e| chain(&e))?;
             let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
             vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
-            let vmm = builder::build_from_saved(&kvm, inputs).map_err(|e| chain(&e))?;
+            let mut vmm = builder::build_from_saved(&kvm, inputs).map_err(|e| chain(&e))?;
+            if let Some(session) = session {
+                // Everything is retrieved and rebuilt: the kernel may let go of the session.
+                let finish_ms =
+                    update::finish::finish_session(session.as_ref()).map_err(|e| chain(&e))?;
+                vmm.record_finish(finish_ms);
+            }
             if let Some(socket) = &args.from_socket {
                 restore::complete_handover(socket).map_err(|e| chain(&e))?;
             }
@@ -44,7 +50,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             // After a live update the agent learns the VM is done once its guest runs again.
             let tell_agent = || {
                 if let Some(vm_id) = &args.session {
-                    update::retrieve::report_finished(&args.agent_socket, vm_id);
+                    update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
                 }
             };
             finish(runtime::run(
@@ -164,8 +170,8 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             session,
             agent_socket,
         }) => {
-            let report =
-                update::release::release(&session, &agent_socket).map_err(|e| chain(&e))?;
+            let report = update::release::release(&session, &AgentClient::new(&agent_socket))
+                .map_err(|e| chain(&e))?;
             let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)

@@ -12,7 +12,6 @@ use luvmm_devices::vfio::{
     adopt_cdev, bind_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError,
     IrqRouter, PassthroughArgs, PassthroughError, Restore, VfioDeviceFd, VfioPciDevice,
 };
-use luvmm_liveupdate::{IncomingSession, LuoError};
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{BarMode, VfioBackendChoice};
 use luvmm_resources::layout::{
@@ -36,12 +35,6 @@ pub enum DeviceSetupError {
     Bar(#[from] AllocError),
     #[error(transparent)]
     Slot(#[from] SlotError),
-    #[error("{bdf}: cannot retrieve it from the LUO session")]
-    Retrieve {
-        bdf: String,
-        #[source]
-        source: LuoError,
-    },
     #[error("the handover does not match the saved state: {why}")]
     HandoverMismatch { why: String },
     #[error(
@@ -258,40 +251,31 @@ impl Passthrough {
         Ok(passthrough)
     }
 
-    /// After a kexec: each saved device from its LUO session when the old kernel preserved it
-    /// (`tokens[i]`), else opened again by BDF, bound to the VM's new iommufd and attached to
-    /// a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each device
-    /// restored from its saved state with its interrupts armed anew, and sent one interrupt
-    /// (the one in flight, if any, did not survive the kexec). Also returns how long the IOAS
-    /// mapping took.
+    /// After a kexec: each saved device from the cdev its LUO session gave back
+    /// (`retrieved[i]`), else opened again by BDF, bound to the VM's new iommufd and attached
+    /// to a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each
+    /// device restored from its saved state with its interrupts armed anew, and sent one
+    /// interrupt (the one in flight, if any, did not survive the kexec). Also returns how long
+    /// the IOAS mapping took.
     pub fn reopen(
         saved: &DevicesState,
-        tokens: &[Option<u64>],
-        session: &IncomingSession,
+        retrieved: Vec<Option<File>>,
         ram: &GuestRam,
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<(Passthrough, Duration), DeviceSetupError> {
         let mut passthrough = Passthrough::empty(args);
         let mut hosts = Vec::with_capacity(saved.passthrough.len());
-        for (state, token) in saved.passthrough.iter().zip(tokens) {
+        for (state, cdev) in saved.passthrough.iter().zip(retrieved) {
             let started = Instant::now();
-            let host = match token {
-                Some(token) => {
-                    let cdev =
-                        session
-                            .retrieve(*token)
-                            .map_err(|source| DeviceSetupError::Retrieve {
-                                bdf: state.bdf.clone(),
-                                source,
-                            })?;
-                    bind_cdev(
-                        &state.bdf,
-                        File::from(cdev),
-                        &mut passthrough.iommu,
-                        Some(&args.kvm_vfio),
-                    )?
-                }
+            let preserved = cdev.is_some();
+            let host = match cdev {
+                Some(cdev) => bind_cdev(
+                    &state.bdf,
+                    cdev,
+                    &mut passthrough.iommu,
+                    Some(&args.kvm_vfio),
+                )?,
                 None => open_by_bdf(
                     &state.bdf,
                     VfioBackendChoice::Iommufd,
@@ -302,7 +286,7 @@ impl Passthrough {
             log::info!(
                 "passthrough {}: {} and bound in {:.1} ms",
                 state.bdf,
-                if token.is_some() {
+                if preserved {
                     "retrieved from its LUO session"
                 } else {
                     "not preserved by the old kernel: opened again"
@@ -429,6 +413,81 @@ impl Passthrough {
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
+
+    /// Each device as a live update sees it, in slot order: its BDF, whether it is at full
+    /// power, and a duplicate of its file (none on the legacy container).
+    pub fn update_view(&self) -> std::io::Result<Vec<DeviceFile>> {
+        self.devices
+            .iter()
+            .map(|(_, device)| {
+                let device = lock(device);
+                Ok(DeviceFile {
+                    bdf: device.bdf().to_string(),
+                    in_d0: device.in_d0(),
+                    fd: device
+                        .device_fd()
+                        .map(|fd| fd.try_clone_to_owned())
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Before a live update's freeze: every device must be in D0, and has its VFIO
+    /// interrupts turned off (a preserved device must have none enabled when the kernel
+    /// freezes it). Stops at the first that cannot.
+    pub fn quiesce_all(&self) -> Result<(), QuiesceError> {
+        for (_, device) in &self.devices {
+            let mut device = lock(device);
+            if !device.in_d0() {
+                return Err(QuiesceError::NotInD0 {
+                    bdf: device.bdf().to_string(),
+                });
+            }
+            device
+                .quiesce_interrupts(true)
+                .map_err(|source| QuiesceError::Interrupts {
+                    bdf: device.bdf().to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// When a live update is called off: every device's VFIO interrupts on again. Returns
+    /// the devices that refused, with why.
+    pub fn rearm_all(&self) -> Vec<(String, PassthroughError)> {
+        let mut refused = Vec::new();
+        for (_, device) in &self.devices {
+            let mut device = lock(device);
+            if let Err(e) = device.quiesce_interrupts(false) {
+                refused.push((device.bdf().to_string(), e));
+            }
+        }
+        refused
+    }
+}
+
+/// A passthrough device as the live update sees it.
+pub struct DeviceFile {
+    pub bdf: String,
+    /// At full power: a device is preserved only in D0.
+    pub in_d0: bool,
+    /// Its VFIO cdev, duplicated; `None` on the legacy container, which cannot be preserved.
+    pub fd: Option<OwnedFd>,
+}
+
+/// A device's VFIO interrupts could not be turned off for a live update.
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    #[error("{bdf}: not in D0; a device is preserved only at full power")]
+    NotInD0 { bdf: String },
+    #[error("{bdf}: cannot turn its VFIO interrupts off")]
+    Interrupts {
+        bdf: String,
+        #[source]
+        source: PassthroughError,
+    },
 }
 
 /// `replace_reset_devices` for one device.

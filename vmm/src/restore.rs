@@ -1,18 +1,22 @@
-//! Gathering what a restore starts from: the saved state and the RAM memfds, either handed
-//! over by the running VMM through its API socket or inherited as fds from a holder process.
+//! Gathering what a restore starts from: the saved state and the RAM memfds, handed over by
+//! the running VMM through its API socket, inherited as fds from a holder process, or, after
+//! a host live update, retrieved from the VM's LUO session (`update::retrieve`).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::seams::RetrieveSession;
 
 use luvmm_resources::config::SerialOutput;
-use luvmm_resources::state::{self, StateError, HEADER_LEN, MAX_BODY_LEN};
+use luvmm_resources::state::{self, StateError};
 
 use crate::api::client::{self, ClientError};
-use crate::builder::RestoreArgs;
+use crate::builder::{Origin, RestoreArgs};
 use crate::passthrough::{HandedDevice, HandedDevices};
+use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::vmm::HandoverManifest;
 
 /// Where the state and memory come from.
@@ -67,81 +71,83 @@ pub enum RestoreError {
     NoMemory,
     #[error("restore needs --from-socket, or one of --state and --state-fd with --memory-fd")]
     NoSource,
-    #[error("cannot read the saved state from {from}")]
+    #[error("the saved state from {from}")]
     ReadState {
         from: String,
         #[source]
-        source: std::io::Error,
+        source: state::ReadError,
     },
-    #[error("saved state in {from} is {len} bytes, more than the format allows")]
-    StateTooLarge { from: String, len: u64 },
-    #[error("session {session}: {what}")]
-    Session {
-        session: String,
-        what: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error(
-        "session {session}: the saved state is refused before anything else is retrieved: {why}"
-    )]
-    SessionState { session: String, why: String },
+    #[error(transparent)]
+    Session(#[from] RetrieveError),
 }
 
-/// Collects the state and memfds for `build_from_saved`.
-pub fn collect(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
-    let started = std::time::Instant::now();
-    let mut args = gather(source, serial)?;
-    args.gather_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok(args)
-}
-
-fn gather(source: RestoreSource, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
-    match source {
-        RestoreSource::Socket(socket) => from_socket(&socket, serial),
+/// Collects the state and memfds for `build_from_saved`; after a live update, also the
+/// session they came from, to finish once the VM is rebuilt.
+pub fn collect(
+    source: RestoreSource,
+    serial: SerialOutput,
+) -> Result<(RestoreArgs, Option<Box<dyn RetrieveSession>>), RestoreError> {
+    let started = Instant::now();
+    let (mut args, session) = match source {
+        RestoreSource::Socket(socket) => (from_socket(&socket, serial)?, None),
         RestoreSource::Session {
             vm_id,
             agent_socket,
-        } => crate::update::retrieve::from_session(&vm_id, &agent_socket, serial),
-        RestoreSource::Inherited { state, memory_fds } => {
-            if memory_fds.is_empty() {
-                return Err(RestoreError::NoMemory);
-            }
-            let state_fd = match &state {
-                StateSource::Fd(fd) => Some(*fd),
-                StateSource::File(_) => None,
-            };
-            let mut all: Vec<RawFd> = memory_fds.clone();
-            all.extend(state_fd);
-            let files = claim_fds(&all)?;
-            let (memfds, state_memfd) = match state_fd {
-                Some(_) => {
-                    let mut files = files;
-                    let state_file = files.pop();
-                    (files, state_file)
-                }
-                None => (files, None),
-            };
-            let blob = match (&state, &state_memfd) {
-                (StateSource::Fd(fd), Some(file)) => read_state(file, None, &format!("fd {fd}"))?,
-                (StateSource::File(path), _) => read_state_file(path)?,
-                (StateSource::Fd(fd), None) => return Err(RestoreError::NotOpen { fd: *fd }),
-            };
-            Ok(RestoreArgs {
-                state: state::decode(&blob)?,
-                state_bytes: blob.len() as u64,
-                state_memfd,
-                memfds,
-                devices: None,
-                device_manifest: Vec::new(),
-                source_paused_at: None,
-                session: None,
+        } => {
+            let retrieved = retrieve(&vm_id, &AgentClient::new(&agent_socket))?;
+            let args = RestoreArgs {
+                state: retrieved.state,
+                state_bytes: retrieved.state_bytes,
+                state_memfd: Some(retrieved.state_memfd),
+                memfds: retrieved.memfds,
+                origin: Origin::LiveUpdate {
+                    devices: retrieved.devices,
+                    paused_at: retrieved.source_paused_at,
+                    retrieve_ram_ms: retrieved.retrieve_ram_ms,
+                },
                 serial,
                 gather_ms: 0.0,
-                retrieve_ram_ms: None,
-            })
+            };
+            (args, Some(retrieved.session))
         }
+        RestoreSource::Inherited { state, memory_fds } => {
+            (from_inherited(state, memory_fds, serial)?, None)
+        }
+    };
+    args.gather_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok((args, session))
+}
+
+fn from_inherited(
+    state: StateSource,
+    memory_fds: Vec<RawFd>,
+    serial: SerialOutput,
+) -> Result<RestoreArgs, RestoreError> {
+    if memory_fds.is_empty() {
+        return Err(RestoreError::NoMemory);
     }
+    let state_fd = match &state {
+        StateSource::Fd(fd) => Some(*fd),
+        StateSource::File(_) => None,
+    };
+    let mut all: Vec<RawFd> = memory_fds.clone();
+    all.extend(state_fd);
+    let mut memfds = claim_fds(&all)?;
+    let state_memfd = state_fd.and_then(|_| memfds.pop());
+    let blob = match (&state, &state_memfd) {
+        (StateSource::Fd(fd), Some(file)) => read_state(file, None, &format!("fd {fd}"))?,
+        (StateSource::File(path), _) => read_state_file(path)?,
+        (StateSource::Fd(fd), None) => return Err(RestoreError::NotOpen { fd: *fd }),
+    };
+    Ok(RestoreArgs {
+        state: state::decode(&blob)?,
+        state_bytes: blob.len() as u64,
+        state_memfd,
+        memfds,
+        origin: Origin::Saved,
+        serial,
+        gather_ms: 0.0,
+    })
 }
 
 /// `PUT request` to the VMM behind `socket`; anything but a 2xx is an error.
@@ -218,15 +224,15 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
         state_bytes: blob.len() as u64,
         state_memfd: Some(state_memfd),
         memfds,
-        devices,
-        device_manifest: manifest.passthrough,
-        source_paused_at: manifest
-            .paused_at_unix_ns
-            .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
-        session: None,
+        origin: Origin::Handover {
+            devices,
+            manifest: manifest.passthrough,
+            paused_at: manifest
+                .paused_at_unix_ns
+                .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
+        },
         serial,
         gather_ms: 0.0,
-        retrieve_ram_ms: None,
     })
 }
 
@@ -256,39 +262,20 @@ fn claim_fds(fds: &[RawFd]) -> Result<Vec<File>, RestoreError> {
         .collect())
 }
 
-const MAX_STATE_BYTES: u64 = HEADER_LEN as u64 + MAX_BODY_LEN;
-
-pub(crate) fn read_state(
-    file: &File,
-    len: Option<u64>,
-    from: &str,
-) -> Result<Vec<u8>, RestoreError> {
-    let read_err = |source| RestoreError::ReadState {
+/// Reads a state blob from `file` (its first `len` bytes, or all of it); `from` names where it
+/// came from, for the error.
+fn read_state(file: &File, len: Option<u64>, from: &str) -> Result<Vec<u8>, RestoreError> {
+    state::read_blob(file, len).map_err(|source| RestoreError::ReadState {
         from: from.to_string(),
         source,
-    };
-    let len = match len {
-        Some(len) => len,
-        None => file.metadata().map_err(read_err)?.len(),
-    };
-    if len > MAX_STATE_BYTES {
-        return Err(RestoreError::StateTooLarge {
-            from: from.to_string(),
-            len,
-        });
-    }
-    let mut file = file;
-    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    let mut blob = Vec::with_capacity(len as usize);
-    file.take(len).read_to_end(&mut blob).map_err(read_err)?;
-    Ok(blob)
+    })
 }
 
 fn read_state_file(path: &Path) -> Result<Vec<u8>, RestoreError> {
     let from = path.display().to_string();
-    let file = File::open(path).map_err(|source| RestoreError::ReadState {
+    let file = File::open(path).map_err(|e| RestoreError::ReadState {
         from: from.clone(),
-        source,
+        source: state::ReadError::Io(e),
     })?;
     read_state(&file, None, &from)
 }

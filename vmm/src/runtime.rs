@@ -164,11 +164,9 @@ pub fn run(
             "the guest's pause requests",
             pause_for_the_guest,
         ),
-        (
-            Wakeup::Timer(timer),
-            "the live update's progress",
-            Vmm::follow_agent,
-        ),
+        (Wakeup::Timer(timer), "the live update's progress", |vmm| {
+            crate::update::cancel::follow_agent(vmm)
+        }),
     ];
     for (wakeup, what, on_wakeup) in watchers {
         events.add_subscriber(Arc::new(Mutex::new(VmWatcher {

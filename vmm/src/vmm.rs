@@ -17,9 +17,9 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
+
 use crate::passthrough::{HandedDeviceManifest, Passthrough};
-use crate::update::prepare::PreparedUpdate;
-use crate::update::UpdateError;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::{KvmVm, VmError};
@@ -75,9 +75,6 @@ pub enum VmmError {
     /// The state does not encode.
     #[error(transparent)]
     State(#[from] StateError),
-    /// A live-update step failed (and the update was called off).
-    #[error(transparent)]
-    Update(#[from] UpdateError),
     /// Duplicating a device's fds for a handover failed.
     #[error("cannot duplicate the passthrough devices' fds")]
     DeviceFds(#[source] std::io::Error),
@@ -199,6 +196,15 @@ impl VmEvents {
             guest_pause: EventFd::new(EFD_NONBLOCK)?,
         })
     }
+}
+
+/// A prepared live update, held until the kexec or a cancel.
+pub struct PreparedUpdate {
+    pub vm_id: String,
+    /// The agent that holds the other copy of the session.
+    pub agent: Box<dyn UpdateAgent>,
+    /// This process's copy of the session: closing it (and the agent's) unpreserves all.
+    pub session: Box<dyn PreserveSession>,
 }
 
 struct SavedState {
@@ -473,12 +479,16 @@ impl Vmm {
         self.phase = phase;
     }
 
-    pub(crate) fn set_update(&mut self, update: PreparedUpdate) {
-        self.update = Some(update);
+    /// The prepared live update it holds, if any.
+    pub(crate) fn prepared(&mut self) -> &mut Option<PreparedUpdate> {
+        &mut self.update
     }
 
-    pub(crate) fn take_update(&mut self) -> Option<PreparedUpdate> {
-        self.update.take()
+    /// After a live update: how long the session's FINISH took, for the restore's timings.
+    pub fn record_finish(&mut self, finish_ms: f64) {
+        if let Some(timings) = &mut self.restore_timings {
+            timings.finish_ms = Some(finish_ms);
+        }
     }
 
     pub(crate) fn ram(&self) -> &GuestRam {

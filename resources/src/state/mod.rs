@@ -25,6 +25,9 @@ pub use vm::{
     VfioBackend, VmState, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
 use crc::{Crc, CRC_64_ECMA_182};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -73,6 +76,34 @@ pub enum StateError {
     /// Encoding failed (a serializer bug; plain data always encodes).
     #[error("state does not encode: {reason}")]
     Encode { reason: String },
+}
+
+/// A state blob could not be read from its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read it")]
+    Io(#[source] std::io::Error),
+    #[error("it is {len} bytes, more than the format allows")]
+    TooLarge { len: u64 },
+}
+
+/// Reads a state blob from the start of `file`: `len` bytes, or the whole file, never more
+/// than a header and the largest body the format accepts.
+pub fn read_blob(file: &File, len: Option<u64>) -> Result<Vec<u8>, ReadError> {
+    let len = match len {
+        Some(len) => len,
+        None => file.metadata().map_err(ReadError::Io)?.len(),
+    };
+    if len > HEADER_LEN as u64 + MAX_BODY_LEN {
+        return Err(ReadError::TooLarge { len });
+    }
+    let mut file = file;
+    file.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+    let mut blob = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(len)
+        .read_to_end(&mut blob)
+        .map_err(ReadError::Io)?;
+    Ok(blob)
 }
 
 /// Encodes `value` as a complete state blob with the current format version.

@@ -141,7 +141,7 @@ case "$stage" in
     unbound=$?
     echo "$gone" > /sys/bus/pci/drivers_probe
     result update_device_missing_refused_before_any_retrieve \
-        $([ $unbound != 0 ] && grep -q "$gone: bound to no driver, not vfio-pci (nothing was taken from the session" unbound.out \
+        $([ $unbound != 0 ] && grep -q "nothing was taken from the session (fix it and retry): $gone: bound to no driver, not vfio-pci" unbound.out \
             && [ -e /sys/bus/pci/drivers/vfio-pci/$gone ]; echo $?) "exit $unbound: $(cat unbound.out)"
     vfio-open-watch -- sh -c '
         luvmm restore --session vm1 --agent-socket "$0" --serial ./b.log --api-socket b.sock \

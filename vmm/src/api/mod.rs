@@ -31,8 +31,10 @@ use serde::Deserialize;
 use luvmm_devices::guest_control::GuestRequest;
 
 use crate::update::prepare::PrepareOptions;
+use crate::update::{self, UpdateError};
 use crate::vmm::{Vmm, VmmError};
 use http::{Request, Response};
+use luvmm_liveupdate::agent::AgentClient;
 
 /// One operation the API can ask of the VMM.
 #[derive(Debug, PartialEq, Eq)]
@@ -190,19 +192,21 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
         VmmAction::PrepareUpdate(body) => {
             let options = PrepareOptions {
                 vm_id: &body.vm_id,
-                agent_socket: &body.agent_socket,
                 require_preserved_devices: body.require_preserved_devices,
             };
-            match vmm.prepare_update(&options) {
+            let agent = Box::new(AgentClient::new(&body.agent_socket));
+            match update::prepare::prepare(vmm, agent, &options) {
                 Ok(report) => Response::json(200, &report).into(),
-                Err(e) => error_response(&e).into(),
+                Err(e) => update_error_response(&e).into(),
             }
         }
-        VmmAction::CancelUpdate => done(vmm.cancel_update()).into(),
-        VmmAction::CheckUpdate(body) => match vmm.check_update(&body.agent_socket) {
-            Ok(check) => Response::json(200, &check).into(),
-            Err(e) => error_response(&e).into(),
-        },
+        VmmAction::CancelUpdate => done(update::cancel::cancel(vmm)).into(),
+        VmmAction::CheckUpdate(body) => {
+            match update::check::check_vm(vmm, &AgentClient::new(&body.agent_socket)) {
+                Ok(check) => Response::json(200, &check).into(),
+                Err(e) => update_error_response(&e).into(),
+            }
+        }
         VmmAction::Save { export_path } => match vmm.save(export_path.as_deref()) {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),
@@ -219,6 +223,14 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             vmm.request_shutdown();
             Response::empty(204).into()
         }
+    }
+}
+
+/// A live update's error: the VM's own errors keep their status; any other is the host's.
+fn update_error_response(e: &UpdateError) -> Response {
+    match e {
+        UpdateError::Vm(e) => error_response(e),
+        _ => Response::error(500, &error_chain(e)),
     }
 }
 

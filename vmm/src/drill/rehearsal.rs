@@ -227,7 +227,9 @@ fn update(
         report: report.clone(),
     });
     if !report.blockers.is_empty() {
-        return Err(StepError::Blocked(report.blockers.join("; ")));
+        return Err(StepError::Blocked(crate::update::check::Blocker::join(
+            &report.blockers,
+        )));
     }
     let mut before = Vec::new();
     for (guest, _) in guests {

@@ -211,7 +211,7 @@ impl Collector {
                 if !report.blockers.is_empty() {
                     self.failures.push(format!(
                         "round {round}: the pre-flight blocks the update: {}",
-                        report.blockers.join("; ")
+                        crate::update::check::Blocker::join(&report.blockers)
                     ));
                 }
                 self.round(round, "update").preflight = Some(report);

@@ -14,16 +14,67 @@
 //!   this is a blocker unless the operator says the kernel is known good.
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use luvmm_liveupdate::agent::AgentClient;
 use luvmm_liveupdate::probe::HandlerStatus;
+use luvmm_liveupdate::seams::UpdateAgent;
 use luvmm_liveupdate::{kexec, LiveUpdate, LuoError};
 use serde::{Deserialize, Serialize};
 
 use crate::api::client;
+use crate::logger::error_chain;
+use crate::update::vm::UpdateVm;
 use crate::update::UpdateError;
-use crate::vmm::{Vmm, VmmError};
+
+/// What stops an update: it would lose something. Matched by variant in code; in JSON each
+/// has a stable `kind`; for an operator, its message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Blocker {
+    #[error("{bdf}: not in D0; a device is preserved only at full power")]
+    NotInD0 { bdf: String },
+    #[error(
+        "{bdf}: on the legacy VFIO container, which cannot be preserved (use iommufd and the \
+         VFIO cdev)"
+    )]
+    LegacyContainer { bdf: String },
+    #[error(
+        "this kernel has no LUO handler for memfds ({found:?}): guest RAM cannot be preserved"
+    )]
+    NoMemfdHandler { found: Option<HandlerStatus> },
+    #[error("{reason}; {luo}")]
+    NoAgent { reason: String, luo: String },
+    #[error("the agent's probe failed: {reason}")]
+    AgentProbe { reason: String },
+    #[error("the next kernel's command line lacks liveupdate=on: {cmdline}")]
+    NoLiveUpdateOn { cmdline: String },
+    #[error("the next kernel does not load: {reason}")]
+    KernelLoad { reason: String },
+    #[error("cannot read this kernel's command line: {reason}")]
+    Cmdline { reason: String },
+    #[error(
+        "{kernel} may not have the LUO file handlers this kernel has; a next kernel without one \
+         makes /dev/liveupdate fail with EIO and loses every session: pass \
+         --known-good-kernel once it is known to carry them"
+    )]
+    UnknownHandlers { kernel: PathBuf },
+    #[error("VM {vm}: {blocker}")]
+    Vm { vm: PathBuf, blocker: Box<Blocker> },
+    #[error("VM {vm}: {reason}")]
+    VmUnreachable { vm: PathBuf, reason: String },
+}
+
+impl Blocker {
+    /// The blockers' messages, `; `-separated.
+    pub fn join(blockers: &[Blocker]) -> String {
+        blockers
+            .iter()
+            .map(Blocker::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
 
 /// One VM's part of the pre-flight, as its VMM reports it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -32,7 +83,7 @@ pub struct VmCheck {
     #[serde(default)]
     pub memfd_handler: Option<HandlerStatus>,
     pub devices: Vec<DeviceCheck>,
-    pub blockers: Vec<String>,
+    pub blockers: Vec<Blocker>,
     pub warnings: Vec<String>,
 }
 
@@ -47,60 +98,52 @@ pub struct DeviceCheck {
     pub handler: HandlerStatus,
 }
 
-impl Vmm {
-    /// This VM's devices against what the agent's kernel can preserve.
-    pub fn check_update(&self, agent_socket: &Path) -> Result<VmCheck, VmmError> {
-        let mut check = VmCheck::default();
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        let mut probed = Vec::new();
-        for (_, device) in &self.devices().passthrough.devices {
-            let device = device.lock().unwrap_or_else(|p| p.into_inner());
-            let bdf = device.bdf().to_string();
-            let in_d0 = device.in_d0();
-            if !in_d0 {
-                check.blockers.push(format!(
-                    "{bdf}: not in D0; a device is preserved only at full power"
-                ));
+/// This VM's devices against what the agent's kernel can preserve.
+pub fn check_vm(vm: &impl UpdateVm, agent: &dyn UpdateAgent) -> Result<VmCheck, UpdateError> {
+    let mut check = VmCheck::default();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut probed = Vec::new();
+    for device in vm.device_files().map_err(UpdateError::DeviceFds)? {
+        let bdf = device.bdf;
+        if !device.in_d0 {
+            check.blockers.push(Blocker::NotInD0 { bdf: bdf.clone() });
+        }
+        match device.fd {
+            Some(fd) => {
+                fds.push(fd);
+                probed.push((bdf, device.in_d0));
             }
-            match device.device_fd() {
-                Some(fd) => {
-                    fds.push(fd.try_clone_to_owned().map_err(VmmError::DeviceFds)?);
-                    probed.push((bdf, in_d0));
-                }
-                None => {
-                    check.blockers.push(format!(
-                        "{bdf}: on the legacy VFIO container, which cannot be preserved (use \
-                         iommufd and the VFIO cdev)"
-                    ));
-                    check.devices.push(DeviceCheck {
-                        bdf,
-                        iommufd: false,
-                        in_d0,
-                        handler: HandlerStatus::Absent,
-                    });
-                }
+            None => {
+                check
+                    .blockers
+                    .push(Blocker::LegacyContainer { bdf: bdf.clone() });
+                check.devices.push(DeviceCheck {
+                    bdf,
+                    iommufd: false,
+                    in_d0: device.in_d0,
+                    handler: HandlerStatus::Absent,
+                });
             }
         }
-        let agent = AgentClient::new(agent_socket);
-        let borrowed: Vec<&OwnedFd> = fds.iter().collect();
-        let handlers = agent.probe(&borrowed).map_err(UpdateError::Agent)?;
-        check.memfd_handler = handlers.first().cloned();
-        for ((bdf, in_d0), handler) in probed.into_iter().zip(handlers.into_iter().skip(1)) {
-            if handler != HandlerStatus::Present {
-                check.warnings.push(format!(
-                    "{bdf}: this kernel cannot preserve it ({handler:?}): it will be opened \
-                     again after the kexec, and its own state (queues, registers) is lost"
-                ));
-            }
-            check.devices.push(DeviceCheck {
-                bdf,
-                iommufd: true,
-                in_d0,
-                handler,
-            });
-        }
-        Ok(check)
     }
+    let borrowed: Vec<&OwnedFd> = fds.iter().collect();
+    let handlers = agent.probe(&borrowed)?;
+    check.memfd_handler = handlers.first().cloned();
+    for ((bdf, in_d0), handler) in probed.into_iter().zip(handlers.into_iter().skip(1)) {
+        if handler != HandlerStatus::Present {
+            check.warnings.push(format!(
+                "{bdf}: this kernel cannot preserve it ({handler:?}): it will be opened \
+                 again after the kexec, and its own state (queues, registers) is lost"
+            ));
+        }
+        check.devices.push(DeviceCheck {
+            bdf,
+            iommufd: true,
+            in_d0,
+            handler,
+        });
+    }
+    Ok(check)
 }
 
 impl VmCheck {
@@ -109,12 +152,14 @@ impl VmCheck {
     pub fn refuse_prepare(&self, require_preserved_devices: bool) -> Result<(), UpdateError> {
         if self.memfd_handler != Some(HandlerStatus::Present) {
             return Err(UpdateError::Blocked {
-                blockers: no_memfd_handler(self.memfd_handler.as_ref()),
+                blockers: vec![Blocker::NoMemfdHandler {
+                    found: self.memfd_handler.clone(),
+                }],
             });
         }
         if !self.blockers.is_empty() {
             return Err(UpdateError::Blocked {
-                blockers: self.blockers.join("; "),
+                blockers: self.blockers.clone(),
             });
         }
         match self
@@ -160,7 +205,7 @@ pub struct CheckArgs {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Empty when the update may go.
-    pub blockers: Vec<String>,
+    pub blockers: Vec<Blocker>,
     pub warnings: Vec<String>,
     /// The next kernel's command line as it would be used.
     pub next_cmdline: String,
@@ -196,11 +241,6 @@ impl CheckReport {
     }
 }
 
-/// The blocker for a kernel whose memfd handler probed as `found`.
-fn no_memfd_handler(found: Option<&HandlerStatus>) -> String {
-    format!("this kernel has no LUO handler for memfds ({found:?}): guest RAM cannot be preserved")
-}
-
 /// Runs the pre-flight.
 pub fn run(args: &CheckArgs) -> CheckReport {
     let mut report = CheckReport::default();
@@ -208,10 +248,12 @@ pub fn run(args: &CheckArgs) -> CheckReport {
     match agent.status() {
         Ok(_) => match agent.probe(&[]) {
             Ok(handlers) if handlers.first() == Some(&HandlerStatus::Present) => {}
-            Ok(handlers) => report.blockers.push(no_memfd_handler(handlers.first())),
-            Err(e) => report
-                .blockers
-                .push(format!("the agent's probe failed: {e}")),
+            Ok(handlers) => report.blockers.push(Blocker::NoMemfdHandler {
+                found: handlers.first().cloned(),
+            }),
+            Err(e) => report.blockers.push(Blocker::AgentProbe {
+                reason: e.to_string(),
+            }),
         },
         Err(e) => {
             let luo = match LiveUpdate::open() {
@@ -219,7 +261,10 @@ pub fn run(args: &CheckArgs) -> CheckReport {
                 Err(LuoError::Busy) => "and /dev/liveupdate is held by another process".into(),
                 Err(other) => other.to_string(),
             };
-            report.blockers.push(format!("{e}; {luo}"));
+            report.blockers.push(Blocker::NoAgent {
+                reason: e.to_string(),
+                luo,
+            });
         }
     }
     let cmdline = match (&args.cmdline, &args.append) {
@@ -230,9 +275,9 @@ pub fn run(args: &CheckArgs) -> CheckReport {
     match cmdline {
         Ok(line) => {
             if !line.split_whitespace().any(|w| w == "liveupdate=on") {
-                report.blockers.push(format!(
-                    "the next kernel's command line lacks liveupdate=on: {line}"
-                ));
+                report.blockers.push(Blocker::NoLiveUpdateOn {
+                    cmdline: line.clone(),
+                });
             }
             match kexec::load(&args.kernel, args.initrd.as_deref(), Some(&line)) {
                 Ok(()) => {
@@ -242,30 +287,27 @@ pub fn run(args: &CheckArgs) -> CheckReport {
                             .push(format!("the next kernel loaded but did not unload: {e}"));
                     }
                 }
-                Err(e) => report.blockers.push(format!(
-                    "the next kernel does not load: {}",
-                    crate::api::error_chain(&e)
-                )),
+                Err(e) => report.blockers.push(Blocker::KernelLoad {
+                    reason: error_chain(&e),
+                }),
             }
             report.next_cmdline = line;
         }
-        Err(e) => report
-            .blockers
-            .push(format!("cannot read this kernel's command line: {e}")),
+        Err(e) => report.blockers.push(Blocker::Cmdline {
+            reason: error_chain(&e),
+        }),
     }
-    let handlers = format!(
-        "{} may not have the LUO file handlers this kernel has; a next kernel without one makes \
-         /dev/liveupdate fail with EIO and loses every session",
-        args.kernel.display()
-    );
     if args.known_good_kernel {
-        report
-            .warnings
-            .push(format!("{handlers} (the operator says it is known good)"));
-    } else {
-        report.blockers.push(format!(
-            "{handlers}: pass --known-good-kernel once it is known to carry them"
+        report.warnings.push(format!(
+            "{} may not have the LUO file handlers this kernel has; a next kernel without one \
+             makes /dev/liveupdate fail with EIO and loses every session (the operator says \
+             it is known good)",
+            args.kernel.display()
         ));
+    } else {
+        report.blockers.push(Blocker::UnknownHandlers {
+            kernel: args.kernel.clone(),
+        });
     }
     for socket in &args.vms {
         let body = serde_json::json!({ "agent_socket": args.agent_socket }).to_string();
@@ -279,28 +321,31 @@ pub fn run(args: &CheckArgs) -> CheckReport {
         match checked {
             Ok(reply) if reply.is_success() => match serde_json::from_str::<VmCheck>(&reply.body) {
                 Ok(vm) => {
-                    let name = socket.display();
                     report
                         .blockers
-                        .extend(vm.blockers.iter().map(|b| format!("VM {name}: {b}")));
+                        .extend(vm.blockers.iter().map(|b| Blocker::Vm {
+                            vm: socket.clone(),
+                            blocker: Box::new(b.clone()),
+                        }));
+                    let name = socket.display();
                     report
                         .warnings
                         .extend(vm.warnings.iter().map(|w| format!("VM {name}: {w}")));
                     report.vms.push((socket.clone(), vm));
                 }
-                Err(e) => report
-                    .blockers
-                    .push(format!("VM {}: unreadable check: {e}", socket.display())),
+                Err(e) => report.blockers.push(Blocker::VmUnreachable {
+                    vm: socket.clone(),
+                    reason: format!("unreadable check: {e}"),
+                }),
             },
-            Ok(reply) => report.blockers.push(format!(
-                "VM {}: {} {}",
-                socket.display(),
-                reply.status,
-                reply.body
-            )),
-            Err(e) => report
-                .blockers
-                .push(format!("VM {}: {e}", socket.display())),
+            Ok(reply) => report.blockers.push(Blocker::VmUnreachable {
+                vm: socket.clone(),
+                reason: format!("{} {}", reply.status, reply.body),
+            }),
+            Err(e) => report.blockers.push(Blocker::VmUnreachable {
+                vm: socket.clone(),
+                reason: error_chain(&e),
+            }),
         }
     }
     report
@@ -344,13 +389,13 @@ mod tests {
             .to_string()
             .contains("no LUO handler for memfds"));
         let mut legacy = check(present, HandlerStatus::Present);
-        legacy
-            .blockers
-            .push("0000:00:03.0: on the legacy VFIO container".into());
-        assert!(legacy
-            .refuse_prepare(false)
-            .unwrap_err()
-            .to_string()
-            .contains("legacy VFIO container"));
+        let blocker = Blocker::LegacyContainer {
+            bdf: "0000:00:03.0".into(),
+        };
+        legacy.blockers.push(blocker.clone());
+        assert!(matches!(
+            legacy.refuse_prepare(false),
+            Err(UpdateError::Blocked { blockers }) if blockers == [blocker]
+        ));
     }
 }

@@ -1,37 +1,63 @@
-//! The host live update, one file per phase: `check` (the pre-flight), `prepare` (before the
-//! kexec: preserve into the VM's LUO session, or call it off), `retrieve` (after it: take
-//! the session back from the agent, state first) and `release` (after it, for a VM not
-//! restored: finish its session so that its devices can be opened again).
+//! The host live update, one file per phase.
+//!
+//! Before the kexec, in the running VMM:
+//! - [`check`]: the pre-flight, its [`check::Blocker`]s and warnings;
+//! - [`prepare`]: preserve RAM while the guest runs, pause, preserve devices and state;
+//! - [`cancel`]: call a prepared update off (asked, or by the agent), the guest resumed.
+//!
+//! After it, in a new VMM (`luvmm restore --session`):
+//! - [`retrieve`]: claim the session, the state first and checked, then RAM and devices;
+//! - rebuild: [`crate::builder::build_from_saved`] with [`crate::builder::Origin::LiveUpdate`],
+//!   which gets the devices already retrieved and knows nothing of LUO;
+//! - [`finish`]: FINISH the session, and tell the agent once the guest runs again;
+//! - resume: [`crate::runtime::run`].
+//!
+//! Or, for a VM not restored here, [`release`]: finish its session so its devices can be
+//! opened again.
+//!
+//! Every phase talks to LUO and the agent through [`luvmm_liveupdate::seams`], and to the VM
+//! through [`vm::UpdateVm`], so the flow is unit-tested against fakes.
 
+pub mod cancel;
 pub mod check;
+pub mod finish;
 pub mod prepare;
 pub mod release;
 pub mod retrieve;
+#[cfg(test)]
+mod tests;
+pub mod vm;
 
-use luvmm_devices::vfio::{PassthroughError, VfioBindError};
+use luvmm_devices::vfio::PassthroughError;
 use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::LuoError;
 
-/// A live-update step failed.
+use crate::passthrough::QuiesceError;
+use crate::vmm::VmmError;
+
+/// A step before the kexec failed (and the update was called off).
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
+    #[error(transparent)]
+    Vm(#[from] VmmError),
     #[error(transparent)]
     Agent(#[from] AgentClientError),
     #[error(transparent)]
     Luo(#[from] LuoError),
     #[error(transparent)]
     Device(#[from] PassthroughError),
-    #[error("{bdf}: not in D0; a device is preserved only at full power")]
-    NotInD0 { bdf: String },
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
+    #[error("cannot duplicate the passthrough devices' fds")]
+    DeviceFds(#[source] std::io::Error),
     #[error(
         "{bdf}: this kernel cannot preserve it (no LUO handler for VFIO devices), and \
          --require-preserved-devices was given"
     )]
     DeviceNotPreserved { bdf: String },
-    #[error("the pre-flight refuses the update: {blockers}")]
-    Blocked { blockers: String },
-    #[error("session {session}: its state cannot be used to release it: {why}")]
-    ReleaseState { session: String, why: String },
-    #[error("cannot bind a retrieved device to finish its session")]
-    ReleaseDevice(#[source] VfioBindError),
+    #[error(
+        "the pre-flight refuses the update: {}",
+        check::Blocker::join(blockers)
+    )]
+    Blocked { blockers: Vec<check::Blocker> },
 }

@@ -10,16 +10,42 @@
 //! then reset by vfio-pci as after any last close). Guest RAM is never retrieved.
 
 use std::fs::File;
-use std::path::Path;
 
 use luvmm_devices::vfio::host::BoundCdev;
-use luvmm_liveupdate::agent::AgentClient;
+use luvmm_devices::vfio::VfioBindError;
+use luvmm_liveupdate::agent::AgentClientError;
+use luvmm_liveupdate::seams::UpdateAgent;
+use luvmm_liveupdate::LuoError;
 use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 
-use crate::restore::read_state;
-use crate::update::retrieve::update_record;
-use crate::update::UpdateError;
+use crate::update::retrieve::{update_record, StateRefused};
+
+/// A release failed; what was retrieved so far is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("cannot claim VM {vm_id}'s session from the agent")]
+    Claim {
+        vm_id: String,
+        #[source]
+        source: AgentClientError,
+    },
+    #[error("session {session}: {what}")]
+    Luo {
+        session: String,
+        what: &'static str,
+        #[source]
+        source: LuoError,
+    },
+    #[error("session {session}: its state cannot be used to release it")]
+    State {
+        session: String,
+        #[source]
+        source: StateRefused,
+    },
+    #[error("cannot bind a retrieved device to finish its session")]
+    Device(#[source] VfioBindError),
+}
 
 /// What a release gave back.
 #[derive(Debug, Serialize)]
@@ -31,20 +57,33 @@ pub struct ReleaseReport {
     pub not_preserved: Vec<String>,
 }
 
-/// Claims `vm_id`'s session from the agent behind `agent_socket` and finishes it without
-/// restoring the VM.
-pub fn release(vm_id: &str, agent_socket: &Path) -> Result<ReleaseReport, UpdateError> {
-    let agent = AgentClient::new(agent_socket);
-    let session = agent.claim(vm_id)?;
+/// Claims `vm_id`'s session from `agent` and finishes it without restoring the VM.
+pub fn release(vm_id: &str, agent: &dyn UpdateAgent) -> Result<ReleaseReport, ReleaseError> {
+    let session = agent.claim(vm_id).map_err(|source| ReleaseError::Claim {
+        vm_id: vm_id.to_string(),
+        source,
+    })?;
     let name = session.name().to_string();
-    let bad_state = |why: String| UpdateError::ReleaseState {
-        session: name.clone(),
-        why,
+    let luo = |what| {
+        let session = name.clone();
+        move |source| ReleaseError::Luo {
+            session,
+            what,
+            source,
+        }
     };
-    let state_memfd = File::from(session.retrieve(STATE_TOKEN)?);
-    let blob = read_state(&state_memfd, None, &format!("session {name}"))
-        .map_err(|e| bad_state(e.to_string()))?;
-    let saved: VmState = state::decode(&blob).map_err(|e| bad_state(e.to_string()))?;
+    let bad_state = |source| ReleaseError::State {
+        session: name.clone(),
+        source,
+    };
+    let state_memfd = File::from(
+        session
+            .retrieve(STATE_TOKEN)
+            .map_err(luo("cannot retrieve the state memfd"))?,
+    );
+    let blob =
+        state::read_blob(&state_memfd, None).map_err(|e| bad_state(StateRefused::Read(e)))?;
+    let saved: VmState = state::decode(&blob).map_err(|e| bad_state(StateRefused::Decode(e)))?;
     let tokens = &update_record(&saved).map_err(bad_state)?.device_tokens;
     let mut held = Vec::new();
     let mut report = ReleaseReport {
@@ -57,11 +96,15 @@ pub fn release(vm_id: &str, agent_socket: &Path) -> Result<ReleaseReport, Update
             report.not_preserved.push(device.bdf.clone());
             continue;
         };
-        let cdev = File::from(session.retrieve(*token)?);
-        held.push(BoundCdev::adopt(device.bdf.clone(), cdev).map_err(UpdateError::ReleaseDevice)?);
+        let cdev = File::from(
+            session
+                .retrieve(*token)
+                .map_err(luo("cannot retrieve a passthrough device"))?,
+        );
+        held.push(BoundCdev::adopt(device.bdf.clone(), cdev).map_err(ReleaseError::Device)?);
         report.devices.push(device.bdf.clone());
     }
-    session.finish()?;
+    session.finish().map_err(luo("FINISH failed"))?;
     log::info!(
         "session {name} finished without a restore; released {} device(s): {}",
         report.devices.len(),

@@ -1,155 +1,220 @@
-//! After the kexec: take the VM's session back from the agent and retrieve its files, the
-//! **state memfd first**. A retrieve is one-shot and a failed one is permanent, so everything
-//! the state says is checked (format, checksum, layout, this VM's id, this host's KVM: vCPU
-//! count and TSC rate, every passthrough device present and bound to vfio-pci) before any RAM
-//! memfd or device is retrieved. Devices are
-//! retrieved later, by the builder (`Passthrough::reopen`), and those the old kernel could
-//! not preserve are opened again the normal way.
+//! After the kexec, first phase: take the VM's session back from the agent and retrieve its
+//! files, the **state memfd first**. A retrieve is one-shot and a failed one is permanent, so
+//! everything the state says is checked (format, checksum, layout, this VM's id, this host's
+//! KVM: vCPU count and TSC rate, every passthrough device present and bound to vfio-pci)
+//! before any RAM memfd or device is retrieved. Then the RAM memfds, then each device the old
+//! kernel preserved (one it could not is opened again the normal way by the rebuild).
 
 use std::fs::File;
-use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
-use luvmm_liveupdate::agent::AgentClient;
-use luvmm_resources::config::SerialOutput;
-use luvmm_resources::state::{self, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN};
+use luvmm_liveupdate::agent::AgentClientError;
+use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
+use luvmm_liveupdate::{LuoError, Token};
+use luvmm_resources::state::{
+    self, ReadError, StateError, StateMismatch, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN,
+};
 
-use crate::builder::RestoreArgs;
-use crate::restore::{read_state, RestoreError};
-use crate::vstate::vcpu::check_tsc_rate;
-use crate::vstate::vm::{host_limits, open_kvm};
+use crate::vstate::vcpu::{check_tsc_rate, VcpuError};
+use crate::vstate::vm::{host_limits, open_kvm, VmError};
 
-/// Claims `vm_id`'s session from the agent behind `agent_socket` and gathers the restore's
-/// inputs from it.
-pub fn from_session(
-    vm_id: &str,
-    agent_socket: &Path,
-    serial: SerialOutput,
-) -> Result<RestoreArgs, RestoreError> {
-    let agent = AgentClient::new(agent_socket);
-    let claim_failed = |what: &'static str| {
-        move |e| RestoreError::Session {
-            session: format!("luvmm-{vm_id}"),
+/// Everything a session gave back, for the rebuild.
+pub struct Retrieved {
+    /// The saved state, decoded and checked, and the memfd it came in.
+    pub state: VmState,
+    pub state_bytes: u64,
+    pub state_memfd: File,
+    /// The RAM memfds, in layout order.
+    pub memfds: Vec<File>,
+    /// Per saved device, in state order: its cdev as the old kernel preserved it, or `None`
+    /// (not preserved: opened again by BDF).
+    pub devices: Vec<Option<File>>,
+    /// When the old VMM paused the guest, by the wall clock (which survives the kexec).
+    pub source_paused_at: Option<SystemTime>,
+    /// How long retrieving the RAM memfds took: the kernel rebuilds each folio by folio.
+    pub retrieve_ram_ms: f64,
+    /// The session, to finish once the VM is rebuilt.
+    pub session: Box<dyn RetrieveSession>,
+}
+
+/// The session could not be retrieved.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrieveError {
+    #[error("session of VM {vm_id}: {what}")]
+    Agent {
+        vm_id: String,
+        what: &'static str,
+        #[source]
+        source: AgentClientError,
+    },
+    #[error(
+        "session luvmm-{vm_id}: a device it needs is not usable here; nothing was taken from \
+         the session (fix it and retry)"
+    )]
+    DevicesBeforeClaim {
+        vm_id: String,
+        #[source]
+        source: HostDeviceError,
+    },
+    #[error("session {session}: {what}")]
+    Luo {
+        session: String,
+        what: &'static str,
+        #[source]
+        source: LuoError,
+    },
+    #[error("session {session}: the saved state is refused before anything else is retrieved")]
+    State {
+        session: String,
+        #[source]
+        source: StateRefused,
+    },
+}
+
+/// Why a saved state cannot be restored here.
+#[derive(Debug, thiserror::Error)]
+pub enum StateRefused {
+    #[error("cannot read it")]
+    Read(#[source] ReadError),
+    #[error("it does not decode")]
+    Decode(#[source] StateError),
+    #[error("it was not saved for a live update")]
+    NotForUpdate,
+    #[error("{tokens} device tokens for {devices} devices")]
+    TokenCount { tokens: usize, devices: usize },
+    #[error("it is VM {saved:?}'s, not {wanted:?}'s")]
+    OtherVm { saved: String, wanted: String },
+    #[error("its memory layout does not hold")]
+    Layout(#[source] StateMismatch),
+    #[error("this host's KVM cannot be opened")]
+    Kvm(#[source] VmError),
+    #[error("{saved} vCPUs, and this host's KVM allows {max}")]
+    TooManyVcpus { saved: usize, max: usize },
+    #[error("its TSC rate cannot be kept here")]
+    Tsc(#[source] VcpuError),
+    #[error(transparent)]
+    Device(#[from] HostDeviceError),
+}
+
+/// A passthrough device is not usable on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostDeviceError {
+    #[error("{bdf}: no such PCI device here")]
+    Missing { bdf: String },
+    #[error("{bdf}: bound to {}, not vfio-pci", driver.as_deref().unwrap_or("no driver"))]
+    NotOnVfioPci { bdf: String, driver: Option<String> },
+}
+
+/// Claims `vm_id`'s session from `agent` and retrieves everything in it (see the module doc).
+pub fn retrieve(vm_id: &str, agent: &dyn UpdateAgent) -> Result<Retrieved, RetrieveError> {
+    let asking = |what| {
+        move |source| RetrieveError::Agent {
+            vm_id: vm_id.to_string(),
             what,
-            source: Box::new(e),
+            source,
         }
     };
     // Nothing is taken from the session yet: what the agent knows of the VM's devices is
     // checked first, so a missing device refuses the restore while it can still be retried.
     let ledger = agent
         .status()
-        .map_err(claim_failed("cannot ask the agent about it"))?;
+        .map_err(asking("cannot ask the agent about it"))?;
     if let Some(record) = ledger.vms.iter().find(|r| r.vm == vm_id) {
-        check_devices(&record.devices).map_err(|why| RestoreError::SessionState {
-            session: record.session.clone(),
-            why: format!("{why} (nothing was taken from the session: fix it and retry)"),
+        check_devices(&record.devices).map_err(|source| RetrieveError::DevicesBeforeClaim {
+            vm_id: vm_id.to_string(),
+            source,
         })?;
     }
     let session = agent
         .claim(vm_id)
-        .map_err(claim_failed("cannot claim it from the agent"))?;
+        .map_err(asking("cannot claim it from the agent"))?;
     let name = session.name().to_string();
-    let failed = |what: &'static str| {
-        let name = name.clone();
-        move |e: luvmm_liveupdate::LuoError| RestoreError::Session {
-            session: name,
-            what,
-            source: Box::new(e),
-        }
-    };
-    let state_memfd = File::from(
+    let take = |token: Token, what: &'static str| {
         session
-            .retrieve(STATE_TOKEN)
-            .map_err(failed("cannot retrieve the state memfd"))?,
-    );
-    let blob = read_state(&state_memfd, None, &format!("session {name}"))?;
-    let saved = check_state(&name, vm_id, &blob)?;
-    let source_paused_at = saved
-        .update
-        .as_ref()
-        .and_then(|u| u.times_ms.get("pause"))
+            .retrieve(token)
+            .map(File::from)
+            .map_err(|source| RetrieveError::Luo {
+                session: name.clone(),
+                what,
+                source,
+            })
+    };
+    let state_memfd = take(STATE_TOKEN, "cannot retrieve the state memfd")?;
+    let refused = |source| RetrieveError::State {
+        session: name.clone(),
+        source,
+    };
+    let blob = state::read_blob(&state_memfd, None).map_err(|e| refused(StateRefused::Read(e)))?;
+    let saved = check_state(vm_id, &blob).map_err(refused)?;
+    let update = update_record(&saved).map_err(refused)?;
+    let source_paused_at = update
+        .times_ms
+        .get("pause")
         .map(|&ms| UNIX_EPOCH + Duration::from_millis(ms));
-    let retrieving = std::time::Instant::now();
+    let device_tokens = update.device_tokens.clone();
+    let retrieving = Instant::now();
     let memfds = (0..saved.memory.regions.len())
-        .map(|index| {
-            session
-                .retrieve(RAM_TOKEN_BASE + index as u64)
-                .map(File::from)
-                .map_err(failed("cannot retrieve a RAM memfd"))
+        .map(|index| take(RAM_TOKEN_BASE + index as u64, "cannot retrieve a RAM memfd"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let retrieve_ram_ms = retrieving.elapsed().as_secs_f64() * 1e3;
+    let devices = device_tokens
+        .iter()
+        .map(|token| {
+            token
+                .map(|token| take(token, "cannot retrieve a passthrough device"))
+                .transpose()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // The kernel rebuilds each memfd folio by folio here: this grows with the guest.
-    let retrieve_ram_ms = retrieving.elapsed().as_secs_f64() * 1e3;
-    Ok(RestoreArgs {
+    Ok(Retrieved {
         state_bytes: blob.len() as u64,
         state: saved,
-        state_memfd: Some(state_memfd),
+        state_memfd,
         memfds,
-        devices: None,
-        device_manifest: Vec::new(),
+        devices,
         source_paused_at,
-        session: Some(session),
-        serial,
-        gather_ms: 0.0,
-        retrieve_ram_ms: Some(retrieve_ram_ms),
+        retrieve_ram_ms,
+        session,
     })
-}
-
-/// Tells the agent the VM is restored and its session finished. The guest runs whatever the
-/// agent says: a failure here only keeps the VM out of the next update until it is mended.
-pub fn report_finished(agent_socket: &Path, vm_id: &str) {
-    if let Err(e) = AgentClient::new(agent_socket).finished(vm_id) {
-        log::warn!("the agent did not take VM {vm_id}'s finish: {e}; it cannot prepare again");
-    }
 }
 
 /// The live-update record of a state saved by a prepare, with one device token (or `None`,
 /// not preserved) per passthrough device.
-pub(crate) fn update_record(saved: &VmState) -> Result<&UpdateRecord, String> {
-    let Some(update) = &saved.update else {
-        return Err("it was not saved for a live update".into());
-    };
+pub(crate) fn update_record(saved: &VmState) -> Result<&UpdateRecord, StateRefused> {
+    let update = saved.update.as_ref().ok_or(StateRefused::NotForUpdate)?;
     if update.device_tokens.len() != saved.devices.passthrough.len() {
-        return Err(format!(
-            "{} device tokens for {} devices",
-            update.device_tokens.len(),
-            saved.devices.passthrough.len()
-        ));
+        return Err(StateRefused::TokenCount {
+            tokens: update.device_tokens.len(),
+            devices: saved.devices.passthrough.len(),
+        });
     }
     Ok(update)
 }
 
 /// Everything that can be known from the state alone, before anything else is retrieved.
-fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, RestoreError> {
-    let refuse = |why: String| RestoreError::SessionState {
-        session: session.to_string(),
-        why,
-    };
-    let saved: VmState = state::decode(blob).map_err(|e| refuse(e.to_string()))?;
-    let update = update_record(&saved).map_err(refuse)?;
+fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
+    let saved: VmState = state::decode(blob).map_err(StateRefused::Decode)?;
+    let update = update_record(&saved)?;
     if update.vm_id != vm_id {
-        return Err(refuse(format!(
-            "it is VM {:?}'s, not {vm_id:?}'s",
-            update.vm_id
-        )));
+        return Err(StateRefused::OtherVm {
+            saved: update.vm_id.clone(),
+            wanted: vm_id.to_string(),
+        });
     }
     // The layout against itself: the memfds' real sizes are checked once retrieved.
     let sizes: Vec<u64> = saved.memory.regions.iter().map(|r| r.size).collect();
-    saved
-        .check_against(&sizes)
-        .map_err(|e| refuse(e.to_string()))?;
+    saved.check_against(&sizes).map_err(StateRefused::Layout)?;
     // This host's KVM: enough vCPUs, and a TSC the vCPUs can run at.
-    let kvm = open_kvm().map_err(|e| refuse(e.to_string()))?;
-    let max_vcpus = host_limits(&kvm).max_vcpus as usize;
-    if saved.vcpus.len() > max_vcpus {
-        return Err(refuse(format!(
-            "{} vCPUs, and this host's KVM allows {max_vcpus}",
-            saved.vcpus.len()
-        )));
+    let kvm = open_kvm().map_err(StateRefused::Kvm)?;
+    let max = host_limits(&kvm).max_vcpus as usize;
+    if saved.vcpus.len() > max {
+        return Err(StateRefused::TooManyVcpus {
+            saved: saved.vcpus.len(),
+            max,
+        });
     }
     if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
-        check_tsc_rate(&kvm, saved_khz).map_err(|e| refuse(e.to_string()))?;
+        check_tsc_rate(&kvm, saved_khz).map_err(StateRefused::Tsc)?;
     }
     let bdfs: Vec<String> = saved
         .devices
@@ -157,24 +222,24 @@ fn check_state(session: &str, vm_id: &str, blob: &[u8]) -> Result<VmState, Resto
         .iter()
         .map(|d| d.bdf.clone())
         .collect();
-    check_devices(&bdfs).map_err(refuse)?;
+    check_devices(&bdfs)?;
     Ok(saved)
 }
 
 /// Every device is present and bound to vfio-pci.
-fn check_devices(bdfs: &[String]) -> Result<(), String> {
+fn check_devices(bdfs: &[String]) -> Result<(), HostDeviceError> {
     for bdf in bdfs {
         let sysfs = sysfs_dir(bdf);
         if !sysfs.exists() {
-            return Err(format!("{bdf}: no such PCI device here"));
+            return Err(HostDeviceError::Missing { bdf: bdf.clone() });
         }
         match bound_driver(&sysfs) {
             Some(driver) if driver == "vfio-pci" => {}
-            other => {
-                return Err(format!(
-                    "{bdf}: bound to {}, not vfio-pci",
-                    other.as_deref().unwrap_or("no driver")
-                ))
+            driver => {
+                return Err(HostDeviceError::NotOnVfioPci {
+                    bdf: bdf.clone(),
+                    driver,
+                })
             }
         }
     }

@@ -1,0 +1,112 @@
+//! What a VMM calls in a live update, as three small traits: its outgoing session (before the
+//! kexec), its incoming session (after it), and the agent that hands both out. The kernel-backed
+//! types ([`OutgoingSession`], [`IncomingSession`], [`AgentClient`]) implement them; the fakes
+//! in [`crate::fake`] implement them in memory, so an update flow can be unit-tested without
+//! LUO, a kexec or an agent process.
+//!
+//! A session is created by the agent (`subscribe`), which keeps a copy so that the session
+//! outlives the VMM; unpreserving is closing every copy of the session (`cancel` here, and
+//! the agent's `release`), which is LUO's only way to let go of a preserved file.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use crate::agent::{AgentClient, AgentClientError, Ledger};
+use crate::probe::HandlerStatus;
+use crate::{IncomingSession, LuoError, OutgoingSession, SessionName, Token};
+
+/// A session before the kexec, as the VMM preserving into it sees it.
+pub trait PreserveSession: Send {
+    /// The session's name.
+    fn name(&self) -> &SessionName;
+    /// Preserves `file` under `token`.
+    fn preserve(&self, file: BorrowedFd<'_>, token: Token) -> Result<(), LuoError>;
+    /// Closes this process's copy; once the agent's copy is gone too, every file in the
+    /// session is unpreserved.
+    fn cancel(self: Box<Self>);
+}
+
+/// A session after the kexec, as the VMM restoring from it sees it.
+pub trait RetrieveSession: Send {
+    /// The session's name.
+    fn name(&self) -> &SessionName;
+    /// Gets back the file preserved under `token`; a failed retrieve is permanent.
+    fn retrieve(&self, token: Token) -> Result<OwnedFd, LuoError>;
+    /// Hands every retrieved file over to userspace and ends the session.
+    fn finish(&self) -> Result<(), LuoError>;
+}
+
+/// The live-update agent, as a VMM sees it.
+pub trait UpdateAgent: Send + Sync {
+    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec).
+    fn subscribe(&self, vm: &str) -> Result<Box<dyn PreserveSession>, AgentClientError>;
+    /// VM `vm` has preserved everything and is paused; it needs `devices` after the kexec.
+    fn ready(&self, vm: &str, devices: &[String]) -> Result<(), AgentClientError>;
+    /// Calls VM `vm`'s update off: the agent closes its copy of the session.
+    fn release(&self, vm: &str) -> Result<(), AgentClientError>;
+    /// VM `vm` is restored and its session finished.
+    fn finished(&self, vm: &str) -> Result<(), AgentClientError>;
+    /// The agent's ledger.
+    fn status(&self) -> Result<Ledger, AgentClientError>;
+    /// Whether the agent's kernel can preserve a memfd and each of `fds`.
+    fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError>;
+    /// After the kexec: VM `vm`'s incoming session.
+    fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError>;
+}
+
+impl PreserveSession for OutgoingSession {
+    fn name(&self) -> &SessionName {
+        OutgoingSession::name(self)
+    }
+
+    fn preserve(&self, file: BorrowedFd<'_>, token: Token) -> Result<(), LuoError> {
+        OutgoingSession::preserve(self, file, token)
+    }
+
+    fn cancel(self: Box<Self>) {
+        OutgoingSession::cancel(*self);
+    }
+}
+
+impl RetrieveSession for IncomingSession {
+    fn name(&self) -> &SessionName {
+        IncomingSession::name(self)
+    }
+
+    fn retrieve(&self, token: Token) -> Result<OwnedFd, LuoError> {
+        IncomingSession::retrieve(self, token)
+    }
+
+    fn finish(&self) -> Result<(), LuoError> {
+        IncomingSession::finish(self)
+    }
+}
+
+impl UpdateAgent for AgentClient {
+    fn subscribe(&self, vm: &str) -> Result<Box<dyn PreserveSession>, AgentClientError> {
+        Ok(Box::new(AgentClient::subscribe(self, vm)?))
+    }
+
+    fn ready(&self, vm: &str, devices: &[String]) -> Result<(), AgentClientError> {
+        AgentClient::ready(self, vm, devices)
+    }
+
+    fn release(&self, vm: &str) -> Result<(), AgentClientError> {
+        AgentClient::release(self, vm)
+    }
+
+    fn finished(&self, vm: &str) -> Result<(), AgentClientError> {
+        AgentClient::finished(self, vm)
+    }
+
+    fn status(&self) -> Result<Ledger, AgentClientError> {
+        AgentClient::status(self)
+    }
+
+    fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {
+        AgentClient::probe(self, fds)
+    }
+
+    fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError> {
+        Ok(Box::new(AgentClient::claim(self, vm)?))
+    }
+}

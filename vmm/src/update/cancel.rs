@@ -1,0 +1,77 @@
+//! Calling a prepared update off: asked by the operator (`luvmm ctl update cancel`), decided
+//! by the agent (a VM was not ready by the deadline, or the kexec failed), or after a prepare
+//! step failed. The agent releases its copy of the session and this process closes its own
+//! (the kernel unpreserves everything once both are gone), the devices' interrupts come back
+//! and the guest resumes where it was. When the failure is the kexec itself, after the kernel
+//! froze (and in its reset mode, reset) some devices, each of those gives EIO from then on: it
+//! is closed and opened again under the guest's view of it before the guest resumes.
+
+use luvmm_liveupdate::agent::VmPhase as AgentPhase;
+
+use crate::update::vm::UpdateVm;
+use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
+
+/// Calls a prepared update off on the operator's word; the guest resumes.
+pub fn cancel(vm: &mut impl UpdateVm) -> Result<(), VmmError> {
+    if vm.phase() != VmPhase::Preserved {
+        return Err(VmmError::WrongPhase {
+            request: "cancel an update",
+            phase: vm.phase(),
+        });
+    }
+    match vm.prepared().take() {
+        Some(prepared) => {
+            call_off(vm, prepared, true);
+            Ok(())
+        }
+        None => Err(VmmError::WrongPhase {
+            request: "cancel an update",
+            phase: vm.phase(),
+        }),
+    }
+}
+
+/// While `Preserved`: if the agent called this VM's update off, or no longer knows it, the
+/// guest resumes in place. An agent that does not answer is asked again next time.
+pub fn follow_agent(vm: &mut impl UpdateVm) {
+    if vm.phase() != VmPhase::Preserved {
+        return;
+    }
+    let Some(prepared) = vm.prepared().take() else {
+        return;
+    };
+    let called_off = match prepared.agent.status() {
+        Ok(ledger) => !ledger
+            .vms
+            .iter()
+            .any(|r| r.vm == prepared.vm_id && r.phase != AgentPhase::Cancelled),
+        Err(e) => {
+            log::debug!("update: the agent does not answer yet: {e}");
+            false
+        }
+    };
+    if called_off {
+        log::warn!("the agent called the update off; the guest resumes in place");
+        call_off(vm, prepared, true);
+    } else {
+        *vm.prepared() = Some(prepared);
+    }
+}
+
+/// Undoes a prepare, as far as it went, and resumes if `resume` and the guest is paused.
+pub(crate) fn call_off(vm: &mut impl UpdateVm, prepared: PreparedUpdate, resume: bool) {
+    if let Err(e) = prepared.agent.release(&prepared.vm_id) {
+        log::error!("cancel: the agent did not release the session: {e}");
+    }
+    prepared.session.cancel();
+    vm.rearm_devices();
+    if vm.phase() == VmPhase::Preserved {
+        vm.set_phase(VmPhase::Paused);
+    }
+    if resume && vm.phase() == VmPhase::Paused {
+        if let Err(e) = vm.resume() {
+            log::error!("cancel: cannot resume the guest: {e}");
+        }
+    }
+    log::info!("update called off; the guest runs on in place");
+}
