@@ -4,6 +4,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 use luvmm_resources::state::SerialRegisters;
+use luvmm_resources::sync::lock;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
 use vm_superio::serial::{NoEvents, SerialState};
@@ -62,7 +63,7 @@ impl SerialDevice {
     /// Queues bytes typed for the guest, raising the receive interrupt. Returns how many fit in
     /// the FIFO; the rest are dropped, as a real UART would.
     pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
-        match self.lock().enqueue_raw_bytes(bytes) {
+        match lock(&self.uart).enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(e) => {
                 log::warn!("serial: input dropped: {e:?}");
@@ -73,28 +74,20 @@ impl SerialDevice {
 
     /// The registers, for the saved state.
     pub fn save(&self) -> SerialRegisters {
-        from_superio(&self.lock().state())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, SerialOut>> {
-        // A vCPU thread that panicked mid-access leaves plain register values behind; they
-        // are still usable, so a poisoned lock is not an error here.
-        self.uart
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        from_superio(&lock(&self.uart).state())
     }
 }
 
 impl DevicePio for SerialDevice {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         if let (Some(byte), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            *byte = self.lock().read(offset);
+            *byte = lock(&self.uart).read(offset);
         }
     }
 
     fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if let (Some(&byte), Ok(offset)) = (data.first(), u8::try_from(offset)) {
-            if let Err(e) = self.lock().write(offset, byte) {
+            if let Err(e) = lock(&self.uart).write(offset, byte) {
                 log::warn!("serial: write to offset {offset} failed: {e:?}");
             }
         }

@@ -1,6 +1,5 @@
 //! Guest address allocators for PCI resources: BARs in the 32-bit and 64-bit MMIO windows,
-//! and I/O ports. Aligned first-fit over a sorted list of what is taken, so a restore can mark
-//! the saved placements as taken before anything new is placed.
+//! and I/O ports. Aligned first-fit over a sorted list of what is taken.
 
 /// An allocation request that cannot be met.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -11,13 +10,6 @@ pub enum AllocError {
     /// No free range of that size is left.
     #[error("{window}: no room for {size:#x} bytes")]
     Exhausted { window: &'static str, size: u64 },
-    /// A range to reserve is outside the window or overlaps one already taken.
-    #[error("{window}: [{start:#x}, +{size:#x}) is outside the window or already taken")]
-    Taken {
-        window: &'static str,
-        start: u64,
-        size: u64,
-    },
 }
 
 /// Hands out naturally aligned ranges of one window.
@@ -69,24 +61,6 @@ impl AddressAllocator {
         Ok(candidate)
     }
 
-    /// Marks `[start, start + size)` as taken, e.g. a BAR placement restored from a state.
-    pub fn reserve(&mut self, start: u64, size: u64) -> Result<(), AllocError> {
-        let taken = AllocError::Taken {
-            window: self.window,
-            start,
-            size,
-        };
-        let end = start.checked_add(size).ok_or(taken.clone())?;
-        if size == 0 || start < self.start || end > self.end {
-            return Err(taken);
-        }
-        if self.taken.iter().any(|&(s, l)| start < s + l && s < end) {
-            return Err(taken);
-        }
-        self.insert(start, size);
-        Ok(())
-    }
-
     fn insert(&mut self, start: u64, size: u64) {
         let at = self.taken.partition_point(|&(s, _)| s < start);
         self.taken.insert(at, (start, size));
@@ -119,15 +93,5 @@ mod tests {
             a.allocate(0x1800),
             Err(AllocError::BadSize { .. })
         ));
-    }
-
-    #[test]
-    fn reserved_ranges_are_skipped_and_checked() {
-        let mut a = AddressAllocator::new("io", 0x1000, 0x2000);
-        a.reserve(0x1000, 0x100).unwrap();
-        assert_eq!(a.allocate(0x100), Ok(0x1100));
-        assert!(a.reserve(0x1100, 0x10).is_err());
-        assert!(a.reserve(0x1ff0, 0x20).is_err());
-        assert!(a.reserve(0x800, 0x10).is_err());
     }
 }

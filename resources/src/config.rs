@@ -131,6 +131,33 @@ fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
 
+/// Guest RAM when the user gives no size.
+const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
+
+impl Default for VmConfig {
+    /// What `luvmm run` starts from without `--config`: one vCPU, 64 MiB of RAM from address
+    /// 0, and every optional field as a JSON config that leaves it out. No payload: validation
+    /// asks for one.
+    fn default() -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory: vec![MemoryRegionConfig {
+                gpa: 0,
+                size: DEFAULT_MEMORY_BYTES,
+            }],
+            payload: PathBuf::new(),
+            cmdline: default_cmdline(),
+            boot: BootProtocol::default(),
+            serial: SerialOutput::default(),
+            api_socket: None,
+            vfio: Vec::new(),
+            vfio_bars: BarMode::default(),
+            vfio_backend: VfioBackendChoice::default(),
+            memory_thp: false,
+        }
+    }
+}
+
 /// What the host allows, read from KVM before validation.
 #[derive(Clone, Copy, Debug)]
 pub struct HostLimits {
@@ -379,20 +406,8 @@ mod tests {
 
     fn config() -> VmConfig {
         VmConfig {
-            vcpus: 1,
-            memory: vec![MemoryRegionConfig {
-                gpa: 0,
-                size: 64 * MIB,
-            }],
             payload: payload_file(),
-            cmdline: default_cmdline(),
-            boot: BootProtocol::Auto,
-            serial: SerialOutput::Stdout,
-            api_socket: None,
-            vfio: Vec::new(),
-            vfio_bars: BarMode::Direct,
-            vfio_backend: VfioBackendChoice::Auto,
-            memory_thp: false,
+            ..VmConfig::default()
         }
     }
 
@@ -605,6 +620,16 @@ mod tests {
         .unwrap();
         let parsed = VmConfig::from_json_file(&path).unwrap();
         assert_eq!(parsed.vcpus, 2);
+        // What the file leaves out is what `VmConfig::default` says.
+        assert_eq!(
+            parsed,
+            VmConfig {
+                vcpus: 2,
+                payload: "/bin/sh".into(),
+                serial: SerialOutput::File("/tmp/serial.log".into()),
+                ..VmConfig::default()
+            }
+        );
         assert_eq!(parsed.cmdline, DEFAULT_CMDLINE);
         assert_eq!(parsed.boot, BootProtocol::Auto);
         assert_eq!(parsed.serial, SerialOutput::File("/tmp/serial.log".into()));

@@ -70,6 +70,18 @@ pub fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Watches `happened` for `window` and panics with `what` as soon as it holds. For what must
+/// not happen, which no wait on a condition can confirm: a failure shows at once, a pass takes
+/// the whole window.
+pub fn assert_never(what: &str, window: Duration, mut happened: impl FnMut() -> bool) {
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        assert!(!happened(), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!happened(), "{what}");
+}
+
 /// A scratch directory removed when dropped.
 pub struct TestDir(PathBuf);
 

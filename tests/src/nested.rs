@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use luvmm_resources::sync::lock;
 use luvmm_vmm::drill::bed::L1Spec;
 
 /// The kernel, its selftests and the initramfs, ready to boot.
@@ -110,5 +111,5 @@ pub fn run_l1(
 /// Held while an L1 runs, by the scenario tests and the drill tests alike.
 pub fn one_l1_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+    lock(&ONE_AT_A_TIME)
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 
-use luvmm_tests::{read_reply, run_luvmm, TestDir, Vm};
+use luvmm_tests::{read_reply, run_luvmm, TestDir, Vm, TIMEOUT};
 
 #[test]
 fn every_endpoint_answers() {
@@ -80,22 +80,25 @@ fn clients_are_served_one_at_a_time_in_order() {
     let dir = TestDir::new("api-one-at-a-time");
     let vm = Vm::boot(&dir, "vm", &[]);
     let mut first = UnixStream::connect(&vm.socket).unwrap();
-    first.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+    first.write_all(b"PUT /vm/pause HTTP/1.1\r\n").unwrap();
 
-    // The second client waits for its turn instead of being turned away.
-    let socket = vm.socket.clone();
-    let second = std::thread::spawn(move || luvmm_tests::api(&socket, "GET", "/vm", ""));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(
-        !second.is_finished(),
-        "the second client was answered first"
-    );
+    // The second client, whose request is complete, waits for its turn instead of being turned
+    // away or served first: its status shows the pause the first client asked for.
+    let mut second = UnixStream::connect(&vm.socket).unwrap();
+    second.set_read_timeout(Some(TIMEOUT)).unwrap();
+    second.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
 
     first.write_all(b"Host: x\r\n\r\n").unwrap();
     let (status, body) = read_reply(&mut first);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = read_reply(&mut second);
     assert_eq!(status, 200, "{body}");
-    let (status, body) = second.join().unwrap();
-    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        value["phase"], "paused",
+        "the second client was answered first: {body}"
+    );
+    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
 
     // A client that connects and leaves without a word does not hold anyone up.
     drop(UnixStream::connect(&vm.socket).unwrap());

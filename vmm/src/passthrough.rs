@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
@@ -18,6 +18,7 @@ use luvmm_resources::layout::{
     PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START,
 };
 use luvmm_resources::state::{DevicesState, DmaMapping, IommuState, PassthroughState, VfioBackend};
+use luvmm_resources::sync::lock;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -87,10 +88,6 @@ pub struct Passthrough {
     iommu: Option<IommuContext>,
     /// The VM's KVM VFIO pseudo-device, which holds a reference to each device's file.
     kvm_vfio: Option<Arc<VfioDeviceFd>>,
-}
-
-fn lock(device: &Mutex<VfioPciDevice>) -> MutexGuard<'_, VfioPciDevice> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the VMM gives every passthrough device.

@@ -14,6 +14,7 @@ use vmm_sys_util::timerfd::TimerFd;
 const UPDATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 use luvmm_devices::serial::SerialDevice;
+use luvmm_resources::sync::lock;
 
 use crate::api::server::{ApiServer, ApiSocketError};
 use crate::vmm::{VmPhase, Vmm, VmmError};
@@ -90,7 +91,7 @@ impl MutEventSubscriber for VmWatcher {
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         self.wakeup.drain();
-        (self.on_wakeup)(&mut self.vmm.lock().unwrap_or_else(|p| p.into_inner()));
+        (self.on_wakeup)(&mut lock(&self.vmm));
     }
 }
 
@@ -183,14 +184,11 @@ pub fn run(
     if let Some(path) = api_socket {
         events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
     }
-    vmm.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .resume()
-        .map_err(RuntimeError::Start)?;
+    lock(&vmm).resume().map_err(RuntimeError::Start)?;
     once_running();
     loop {
         events.run().map_err(RuntimeError::EventManager)?;
-        match vmm.lock().unwrap_or_else(|p| p.into_inner()).phase() {
+        match lock(&vmm).phase() {
             VmPhase::ShuttingDown => return Ok(Ending::Shutdown),
             VmPhase::Stopped => return Ok(Ending::GuestStopped),
             _ => {}

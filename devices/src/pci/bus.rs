@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use luvmm_resources::sync::lock;
 use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
 use vm_device::{DeviceMmio, DevicePio};
 
@@ -111,14 +112,14 @@ impl PciBus {
 
     fn device(&self, slot: usize) -> Option<MutexGuard<'_, dyn PciDevice + 'static>> {
         let device = self.slots.get(slot)?.as_ref()?;
-        Some(device.lock().unwrap_or_else(|p| p.into_inner()))
+        Some(lock(device))
     }
 
     /// Finds the device and BAR whose decoded range holds `address`, with the offset in it.
     fn decode(&self, address: u64, io: bool) -> Option<(usize, usize, u64)> {
         for (slot, device) in self.slots.iter().enumerate() {
             let Some(device) = device else { continue };
-            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            let device = lock(device);
             let config = device.config();
             let enabled = if io { COMMAND_IO } else { COMMAND_MEMORY };
             if config.command() & enabled == 0 {
@@ -164,7 +165,7 @@ impl PciConfigIo {
     /// The slot and register the address register selects, when enabled and on bus 0,
     /// function 0.
     fn target(&self) -> Option<(usize, usize)> {
-        let address = *self.address.lock().unwrap_or_else(|p| p.into_inner());
+        let address = *lock(&self.address);
         let enabled = address & 0x8000_0000 != 0;
         let bus = (address >> 16) & 0xff;
         let slot = ((address >> 11) & 0x1f) as usize;
@@ -178,7 +179,7 @@ impl DevicePio for PciConfigIo {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         let offset = usize::from(offset);
         if offset < 4 {
-            let address = *self.address.lock().unwrap_or_else(|p| p.into_inner());
+            let address = *lock(&self.address);
             copy_out(address, offset, data);
             return;
         }
@@ -197,7 +198,7 @@ impl DevicePio for PciConfigIo {
         if offset == 0 && data.len() == 4 {
             let mut word = [0u8; 4];
             word.copy_from_slice(data);
-            *self.address.lock().unwrap_or_else(|p| p.into_inner()) = u32::from_le_bytes(word);
+            *lock(&self.address) = u32::from_le_bytes(word);
             return;
         }
         if offset >= 4 {

@@ -45,13 +45,11 @@ pub struct Bar {
     pub prefetchable: bool,
 }
 
-/// The configuration space does not accept a BAR or capability.
+/// The configuration space does not accept a BAR.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigSpaceError {
     #[error("BAR {index}: {reason}")]
     BadBar { index: usize, reason: &'static str },
-    #[error("no room for a {len}-byte capability")]
-    NoRoom { len: usize },
 }
 
 /// A type-0 configuration space.
@@ -60,8 +58,6 @@ pub struct ConfigSpace {
     bytes: [u8; CONFIG_SIZE],
     writable: [u8; CONFIG_SIZE],
     bars: [Option<Bar>; NUM_BARS],
-    next_capability: usize,
-    last_capability: Option<usize>,
 }
 
 impl ConfigSpace {
@@ -72,8 +68,6 @@ impl ConfigSpace {
             bytes: [0; CONFIG_SIZE],
             writable: [0; CONFIG_SIZE],
             bars: [None; NUM_BARS],
-            next_capability: FIRST_CAPABILITY,
-            last_capability: None,
         };
         space.set_u16(VENDOR_ID, vendor);
         space.set_u16(VENDOR_ID + 2, device);
@@ -96,7 +90,6 @@ impl ConfigSpace {
         // The expansion ROM is not passed through.
         space.bytes[0x30..0x34].fill(0);
         space.set_u16(COMMAND, 0);
-        space.next_capability = CONFIG_SIZE;
         space
     }
 
@@ -165,38 +158,6 @@ impl ConfigSpace {
 
     fn is_upper_half(&self, index: usize) -> bool {
         index > 0 && matches!(self.bars[index - 1], Some(b) if b.kind == BarKind::Mmio64)
-    }
-
-    /// Appends a capability (`data` starts after the id and next-pointer bytes); `writable`
-    /// marks the bits of `data` the guest may change. Returns the capability's offset.
-    pub fn add_capability(
-        &mut self,
-        id: u8,
-        data: &[u8],
-        writable: &[u8],
-    ) -> Result<usize, ConfigSpaceError> {
-        let len = (2 + data.len()).next_multiple_of(4);
-        let offset = self.next_capability;
-        if offset + len > CONFIG_SIZE {
-            return Err(ConfigSpaceError::NoRoom { len });
-        }
-        self.bytes[offset] = id;
-        self.bytes[offset + 1] = 0;
-        self.bytes[offset + 2..offset + 2 + data.len()].copy_from_slice(data);
-        for (mask, w) in self.writable[offset + 2..].iter_mut().zip(writable) {
-            *mask = *w;
-        }
-        match self.last_capability {
-            Some(last) => self.bytes[last + 1] = offset as u8,
-            None => {
-                self.bytes[CAPABILITIES_POINTER] = offset as u8;
-                let status = self.u16_at(STATUS) | STATUS_CAPABILITIES;
-                self.set_u16(STATUS, status);
-            }
-        }
-        self.last_capability = Some(offset);
-        self.next_capability = offset + len;
-        Ok(offset)
     }
 
     /// Reads the aligned 32-bit register holding byte `offset`.
@@ -395,11 +356,12 @@ mod tests {
 
     #[test]
     fn a_device_shadow_keeps_identity_and_capabilities_and_clears_bars() {
-        let mut real = space();
-        real.add_capability(0x05, &[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])
-            .unwrap();
-        real.add_capability(0x10, &[0u8; 6], &[]).unwrap();
-        let mut raw = *real.bytes();
+        // MSI at 0x40 (message control 0x0080: 64-bit addresses), then PCI Express at 0x50.
+        let mut raw = *space().bytes();
+        raw[STATUS] |= STATUS_CAPABILITIES as u8;
+        raw[CAPABILITIES_POINTER] = 0x40;
+        raw[0x40..0x43].copy_from_slice(&[0x05, 0x50, 0x80]);
+        raw[0x50] = 0x10;
         raw[BAR0..BAR0 + 4].copy_from_slice(&0xfebf_0000u32.to_le_bytes());
         let shadow = ConfigSpace::from_device(&raw);
         assert_eq!(shadow.read_u32(VENDOR_ID), 0x11e8_1234);
@@ -423,23 +385,5 @@ mod tests {
         raw[0x40] = 0x09;
         raw[0x41] = 0x40;
         assert_eq!(ConfigSpace::from_device(&raw).find_capability(0x05), None);
-    }
-
-    #[test]
-    fn capabilities_form_a_chain() {
-        let mut s = space();
-        let first = s.add_capability(0x05, &[0u8; 12], &[0xff; 12]).unwrap();
-        let second = s.add_capability(0x11, &[0u8; 10], &[0; 10]).unwrap();
-        assert_eq!(first, 0x40);
-        assert_eq!(second, 0x50);
-        assert_eq!(s.read_u32(CAPABILITIES_POINTER) & 0xff, 0x40);
-        assert_ne!(s.u16_at(STATUS) & STATUS_CAPABILITIES, 0);
-        assert_eq!(s.read_u32(first) & 0xffff, 0x5005);
-        assert_eq!(s.read_u32(second) & 0xffff, 0x0011);
-        // Writable capability bytes take writes; read-only ones do not.
-        s.write(first + 4, &0xfee0_0000u32.to_le_bytes());
-        assert_eq!(s.read_u32(first + 4), 0xfee0_0000);
-        s.write(second + 4, &[0xff; 4]);
-        assert_eq!(s.read_u32(second + 4), 0);
     }
 }

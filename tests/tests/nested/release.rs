@@ -1,0 +1,55 @@
+//! The `release` scenario: `luvmm update release` frees a preserved device without a restore.
+
+use std::path::PathBuf;
+
+use luvmm_tests::nested::{Results, ONE_EDU};
+
+use crate::scenario::{boot_scenario_appending, fail, require_no_failure, require_second_kernel};
+
+/// `luvmm update release`: after a kexec, a VM's preserved device is incoming (the kernel
+/// refuses its normal open with EBUSY) until its session finishes; releasing the session
+/// without a restore makes the device usable again. With the bed's VFIO handler on.
+#[test]
+fn vfio_lu_release_frees_a_preserved_device_without_a_restore() {
+    let run = boot_scenario_appending(
+        "nested-release",
+        "release",
+        "vfio_pci.luvmm_lu=reset",
+        ONE_EDU,
+        &[
+            luvmm_tests::payload(),
+            PathBuf::from(env!("CARGO_BIN_EXE_vfio-lu")),
+        ],
+    );
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    let results = run.results();
+    let line = |prefix: &str| {
+        results
+            .iter()
+            .find_map(|r| r.strip_prefix(prefix))
+            .unwrap_or_else(|| fail(&run, &format!("no {prefix:?} line")))
+    };
+    let prepared = line("release prepare ");
+    assert!(prepared.contains("\"preserved\":true"), "{prepared}");
+    let before = line("release before ");
+    assert!(before.ends_with("errno=16"), "before the release: {before}");
+    let released = line("release exit=");
+    let (code, json) = released.split_once(' ').unwrap_or((released, ""));
+    assert_eq!(code, "0", "{released}");
+    let report: serde_json::Value = serde_json::from_str(json).expect("release JSON");
+    assert_eq!(report["session"], "luvmm-r1", "{report}");
+    assert_eq!(
+        report["devices"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    let after = line("release after ");
+    assert!(after.ends_with(" ok"), "after the release: {after}");
+    if !results
+        .iter()
+        .any(|r| r.contains("luvmm-lu: finished its live update"))
+    {
+        fail(&run, "the kernel never logged the device's finish");
+    }
+}
