@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use luvmm_vmm::update::check::CheckReport;
+use luvmm_vmm::update::prepare::PrepareReport;
 use serde::{Deserialize, Serialize};
 
 use super::bed::{L1Run, Line};
@@ -12,8 +14,6 @@ use super::event::{Event, HOST_ROW};
 use super::guest::{round_works, GuestCheck};
 use super::watch::Opens;
 use super::{Plan, VfioHandler};
-use crate::update::check::CheckReport;
-use crate::update::prepare::PrepareReport;
 
 /// The whole drill. `ok` is true only when every guest check passed, every device worked
 /// after every update, and no preserved device was opened the normal way.
@@ -650,8 +650,8 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::drill::watch::Open;
-    use crate::update::prepare::DeviceReport;
-    use crate::vmm::RestoreTimings;
+    use luvmm_vmm::update::prepare::DeviceReport;
+    use luvmm_vmm::vmm::RestoreTimings;
 
     const BEFORE: &str =
         "LUVMM-CHECK ok pages=9 heartbeat=5 seed=0xab checks=1 vcpus=2 heartbeats=5,5";

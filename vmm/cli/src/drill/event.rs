@@ -2,12 +2,12 @@
 //! [`PREFIX`]. The host stamps each line with its own clock when it arrives, which is the one
 //! clock that runs on across the kexec.
 
+use luvmm_vmm::update::check::CheckReport;
+use luvmm_vmm::update::prepare::PrepareReport;
+use luvmm_vmm::vmm::RestoreTimings;
 use serde::{Deserialize, Serialize};
 
 use super::watch::Opens;
-use crate::update::check::CheckReport;
-use crate::update::prepare::PrepareReport;
-use crate::vmm::RestoreTimings;
 
 /// Marks a drill line on the L1 console.
 pub const PREFIX: &str = "LUVMM-DRILL ";

@@ -3,42 +3,94 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use luvmm_liveupdate::agent::{Agent, AgentClient};
-use luvmm_vmm::api::{client, error_chain};
-use luvmm_vmm::cli::{AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
-use luvmm_vmm::{bench, builder, drill, host_check, logger, restore, runtime, update, vstate};
+use luvmm::cli::{self, AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
+use luvmm::{bench, drill};
+use luvmm_liveupdate::agent::{Agent, AgentClient, AgentClientError, AgentError};
+use luvmm_liveupdate::kexec::KexecError;
+use luvmm_resources::config::ConfigError;
+use luvmm_vmm::api::client::{self, ClientError};
+use luvmm_vmm::api::error_chain;
+use luvmm_vmm::builder::BuildError;
+use luvmm_vmm::restore::RestoreError;
+use luvmm_vmm::runtime::RuntimeError;
+use luvmm_vmm::update::UpdateError;
+use luvmm_vmm::vstate::vm::VmError;
+use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
+
+/// Why a command failed. Every exit status other than 1 comes from a report (`update check`,
+/// `host-check`, a failed drill) or from clap (2, usage), never from here.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot build the VM config")]
+    Config(#[from] ConfigError),
+    #[error("cannot use KVM")]
+    Kvm(#[from] VmError),
+    #[error("cannot install the vCPU kick signal")]
+    KickSignal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot build the VM")]
+    Build(#[from] BuildError),
+    #[error("cannot restore the VM")]
+    Restore(#[from] RestoreError),
+    #[error("the VM's event loop failed")]
+    Runtime(#[from] RuntimeError),
+    #[error("the guest stopped on its own")]
+    GuestStopped,
+    #[error("cannot reach the VMM")]
+    Api(#[from] ClientError),
+    /// The VMM answered, and said no.
+    #[error("{method} {path}: {status} {body}")]
+    Refused {
+        method: &'static str,
+        path: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("the agent failed")]
+    Agent(#[from] AgentError),
+    #[error("cannot compose the next kernel's command line")]
+    Cmdline(#[from] KexecError),
+    #[error("the agent request failed")]
+    AgentRequest(#[from] AgentClientError),
+    #[error("cannot release the session")]
+    Release(#[from] UpdateError),
+    #[error("cannot encode the report as JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("the drill could not run")]
+    Drill(#[from] drill::DrillError),
+    #[error("the benchmark could not run")]
+    Bench(#[from] bench::BenchError),
+}
 
 fn main() -> ExitCode {
     logger::init();
     let cli = Cli::parse();
     match execute(cli.command) {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("luvmm: error: {message}");
+        Err(e) => {
+            eprintln!("luvmm: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn execute(command: Command) -> Result<ExitCode, String> {
-    let chain = |e: &dyn std::error::Error| error_chain(e);
+fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
         Command::Run(args) => {
-            let config = luvmm_vmm::cli::vm_config(&args).map_err(|e| chain(&e))?;
-            let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
-            vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
-            let vmm = builder::build_for_boot(&kvm, &config).map_err(|e| chain(&e))?;
+            let config = cli::vm_config(&args)?;
+            let kvm = vstate::vm::open_kvm()?;
+            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+            let vmm = builder::build_for_boot(&kvm, &config)?;
             finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
         }
         Command::Restore(args) => {
-            let source = luvmm_vmm::cli::restore_source(&args).map_err(|e| chain(&e))?;
+            let source = cli::restore_source(&args)?;
             let serial = args.common.serial.clone().unwrap_or_default();
-            let inputs = restore::collect(source, serial).map_err(|e| chain(&e))?;
-            let kvm = vstate::vm::open_kvm().map_err(|e| chain(&e))?;
-            vstate::vcpu::register_kick_signal().map_err(|e| chain(&e))?;
-            let vmm = builder::build_from_saved(&kvm, inputs).map_err(|e| chain(&e))?;
+            let inputs = restore::collect(source, serial)?;
+            let kvm = vstate::vm::open_kvm()?;
+            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+            let vmm = builder::build_from_saved(&kvm, inputs)?;
             if let Some(socket) = &args.from_socket {
-                restore::complete_handover(socket).map_err(|e| chain(&e))?;
+                restore::complete_handover(socket)?;
             }
             log::info!("restored; resuming");
             // After a live update the agent learns the VM is done once its guest runs again.
@@ -94,13 +146,14 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 path,
                 body.as_deref(),
                 std::time::Duration::from_secs_f64(args.timeout),
-            )
-            .map_err(|e| chain(&e))?;
+            )?;
             if !reply.is_success() {
-                return Err(format!(
-                    "{} {}: {} {}",
-                    method, path, reply.status, reply.body
-                ));
+                return Err(CommandError::Refused {
+                    method,
+                    path,
+                    status: reply.status,
+                    body: reply.body,
+                });
             }
             if !reply.body.is_empty() {
                 println!("{}", reply.body);
@@ -109,8 +162,8 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         }
         Command::Agent(args) => match args.action {
             AgentAction::Serve => {
-                let agent = Agent::start().map_err(|e| chain(&e))?;
-                agent.serve(&args.socket).map_err(|e| chain(&e))?;
+                let agent = Agent::start()?;
+                agent.serve(&args.socket)?;
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Update {
@@ -121,16 +174,13 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             } => {
                 let cmdline = append
                     .map(|words| luvmm_liveupdate::kexec::current_cmdline_with(&words))
-                    .transpose()
-                    .map_err(|e| chain(&e))?;
-                AgentClient::new(&args.socket)
-                    .update(
-                        &kernel,
-                        initrd.as_deref(),
-                        cmdline.as_deref(),
-                        deadline.map(std::time::Duration::from_secs),
-                    )
-                    .map_err(|e| chain(&e))?;
+                    .transpose()?;
+                AgentClient::new(&args.socket).update(
+                    &kernel,
+                    initrd.as_deref(),
+                    cmdline.as_deref(),
+                    deadline.map(std::time::Duration::from_secs),
+                )?;
                 match deadline {
                     None => println!("the agent is kexecing into {}", kernel.display()),
                     Some(s) => println!(
@@ -142,10 +192,8 @@ fn execute(command: Command) -> Result<ExitCode, String> {
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Status => {
-                let ledger = AgentClient::new(&args.socket)
-                    .status()
-                    .map_err(|e| chain(&e))?;
-                let text = serde_json::to_string(&ledger).map_err(|e| e.to_string())?;
+                let ledger = AgentClient::new(&args.socket).status()?;
+                let text = serde_json::to_string(&ledger)?;
                 println!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
@@ -153,7 +201,7 @@ fn execute(command: Command) -> Result<ExitCode, String> {
         Command::Update(UpdateCommand::Check { args, json }) => {
             let report = update::check::run(&args);
             if json {
-                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                let text = serde_json::to_string(&report)?;
                 println!("{text}");
             } else {
                 print!("{}", report.to_text());
@@ -164,16 +212,15 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             session,
             agent_socket,
         }) => {
-            let report =
-                update::release::release(&session, &agent_socket).map_err(|e| chain(&e))?;
-            let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+            let report = update::release::release(&session, &agent_socket)?;
+            let text = serde_json::to_string(&report)?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Drill(args) => {
-            let report = drill::run(&args).map_err(|e| chain(&e))?;
+            let report = drill::run(&args)?;
             if args.json {
-                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                let text = serde_json::to_string(&report)?;
                 println!("{text}");
             } else {
                 print!("{}", report.to_table());
@@ -188,13 +235,14 @@ fn execute(command: Command) -> Result<ExitCode, String> {
             drill::rehearsal::run(stage);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => bench::run(args)
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(|e| chain(&e)),
+        Command::Bench(args) => {
+            bench::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::HostCheck { json } => {
             let report = host_check::run();
             if json {
-                let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                let text = serde_json::to_string(&report)?;
                 println!("{text}");
             } else {
                 print!("{}", report.to_text());
@@ -204,10 +252,43 @@ fn execute(command: Command) -> Result<ExitCode, String> {
     }
 }
 
-fn finish(result: Result<runtime::Ending, runtime::RuntimeError>) -> Result<ExitCode, String> {
-    match result {
-        Ok(runtime::Ending::Shutdown) => Ok(ExitCode::SUCCESS),
-        Ok(runtime::Ending::GuestStopped) => Err("the guest stopped on its own".into()),
-        Err(e) => Err(error_chain(&e)),
+fn finish(result: Result<runtime::Ending, RuntimeError>) -> Result<ExitCode, CommandError> {
+    match result? {
+        runtime::Ending::Shutdown => Ok(ExitCode::SUCCESS),
+        runtime::Ending::GuestStopped => Err(CommandError::GuestStopped),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_step_prints_its_context_then_each_cause_once() {
+        let e = CommandError::from(ClientError::Connect {
+            path: PathBuf::from("/run/vm.sock"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        let text = error_chain(&e);
+        assert_eq!(
+            text,
+            "cannot reach the VMM: cannot connect to /run/vm.sock: entity not found"
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_the_request_and_the_reply() {
+        let e = CommandError::Refused {
+            method: "PUT",
+            path: "/vm/pause",
+            status: 409,
+            body: "{\"error\":\"wrong phase\"}".into(),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "PUT /vm/pause: 409 {\"error\":\"wrong phase\"}"
+        );
     }
 }
