@@ -15,7 +15,7 @@ pub const PREFIX: &str = "LUVMM-DRILL ";
 /// The timeline row of the L1 host itself (its boots, the agent, the kexec).
 pub const HOST_ROW: &str = "host";
 
-/// The L1 half reports what it saw; the host half judges it (see `report.rs`).
+/// The L1 half reports what it saw; the host half judges it (see `report/`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
