@@ -12,7 +12,7 @@ command -v cargo >/dev/null || { echo "demo: cargo (Rust) is needed" >&2; exit 1
 bash tests/setup.sh bed
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "demo: /dev/kvm is missing or not accessible" >&2; exit 1; }
 
-cargo build --release -q -p luvmm-vmm --bin luvmm
+cargo build --release -q -p luvmm --bin luvmm
 luvmm=target/release/luvmm
 bash tests/guest/build.sh target/guest
 work=$(mktemp -d)

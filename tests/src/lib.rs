@@ -45,7 +45,7 @@ pub fn luvmm_bin() -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "luvmm-vmm", "--bin", "luvmm"]);
+        build.args(["build", "--quiet", "-p", "luvmm", "--bin", "luvmm"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }

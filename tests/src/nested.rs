@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use luvmm::drill::bed::L1Spec;
 use luvmm_resources::sync::lock;
-use luvmm_vmm::drill::bed::L1Spec;
 
 /// The kernel, its selftests and the initramfs, ready to boot.
 pub struct Bed {
@@ -50,7 +50,7 @@ pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
     Bed { kernel_dir, initrd }
 }
 
-pub use luvmm_vmm::drill::bed::{L1Run, Line};
+pub use luvmm::drill::bed::{L1Run, Line};
 
 /// What the bed's scenarios print.
 pub trait Results {
@@ -105,7 +105,7 @@ pub fn run_l1(
     };
     // One L1 at a time: TCG is CPU-bound and the machine has two cores.
     let _turn = one_l1_at_a_time();
-    luvmm_vmm::drill::bed::run_l1(&spec, timeout, |_| {}).expect("boot L1 under QEMU")
+    luvmm::drill::bed::run_l1(&spec, timeout, |_| {}).expect("boot L1 under QEMU")
 }
 
 /// Held while an L1 runs, by the scenario tests and the drill tests alike.

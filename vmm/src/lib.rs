@@ -2,11 +2,8 @@
 //! serves the control API.
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod builder;
-pub mod cli;
-pub mod drill;
 pub mod host_check;
 pub mod logger;
 pub mod passthrough;

@@ -17,3 +17,7 @@ pub mod wire;
 pub use client::{AgentClient, AgentClientError};
 pub use ledger::{Ledger, LedgerError, VmPhase, VmRecord};
 pub use server::{Agent, AgentError};
+
+/// Where the agent listens unless told otherwise: the agent and every VMM on the host meet
+/// there.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/luvmm/agent.sock";

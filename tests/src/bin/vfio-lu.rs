@@ -32,12 +32,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use luvmm::drill::bed::{self, InitrdFile};
 use luvmm_devices::vfio::host::sysfs_dir;
 use luvmm_liveupdate::kexec::{self, KexecError};
 use luvmm_liveupdate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 use luvmm_tests::l1::{flag, line, Report};
 use luvmm_tests::vfio_raw::{self, bind, open_bound, open_cdev, Device, Group, Iommu};
-use luvmm_vmm::drill::bed::{self, InitrdFile};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the DMA memfd sits in every IOAS: below `edu`'s 28-bit DMA mask.

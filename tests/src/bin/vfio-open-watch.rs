@@ -1,5 +1,5 @@
 //! Records every open of a VFIO device cdev, a VFIO group, the VFIO container and `/dev/iommu`,
-//! by any process, while a command runs (luvmm's own watcher, `luvmm_vmm::drill::watch`, which
+//! by any process, while a command runs (luvmm's own watcher, `luvmm::drill::watch`, which
 //! opens nothing it watches). It also counts, per device bound to vfio-pci, the opens of that
 //! device's own cdev and group node.
 //!
@@ -14,7 +14,7 @@
 
 use std::process::{Command, ExitCode};
 
-use luvmm_vmm::drill::watch::{vfio_pci_devices, OpenWatch, Opens};
+use luvmm::drill::watch::{vfio_pci_devices, OpenWatch, Opens};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -16,7 +16,7 @@
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::agent::{AgentClient, DEFAULT_AGENT_SOCKET};
 use luvmm_liveupdate::probe::HandlerStatus;
 use luvmm_liveupdate::seams::UpdateAgent;
 use luvmm_liveupdate::{kexec, LiveUpdate, LuoError};
@@ -191,7 +191,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub append: Option<String>,
     /// The agent's socket.
-    #[arg(long, default_value = crate::cli::DEFAULT_AGENT_SOCKET)]
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
     /// A VMM's API socket whose VM goes through the update; repeatable.
     #[arg(long = "vm")]

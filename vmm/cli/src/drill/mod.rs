@@ -1,7 +1,7 @@
 //! `luvmm drill`: rehearses a host live update in the nested bed and judges it by the guests'
 //! own evidence.
 //!
-//! The host half (this module, `bed.rs`, `report.rs`) boots an L1 host under QEMU with the
+//! The host half (this module, `bed.rs`, `report/`) boots an L1 host under QEMU with the
 //! `edu` devices the plan needs, passes the plan in L1's initramfs, follows L1's console
 //! through every kexec and builds the report. The L1 half (`rehearsal.rs`, run as
 //! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore under the

@@ -8,7 +8,8 @@ pub mod update;
 
 use std::time::Duration;
 
-use crate::api::client::ClientError;
+use luvmm_vmm::api::client::ClientError;
+
 use crate::cli::{BenchArgs, BenchKind};
 
 /// How long one step of `bench restore` may take.

@@ -2,12 +2,12 @@
 //! [`PREFIX`]. The host stamps each line with its own clock when it arrives, which is the one
 //! clock that runs on across the kexec.
 
+use luvmm_vmm::update::check::CheckReport;
+use luvmm_vmm::update::prepare::PrepareReport;
+use luvmm_vmm::vmm::RestoreTimings;
 use serde::{Deserialize, Serialize};
 
 use super::watch::Opens;
-use crate::update::check::CheckReport;
-use crate::update::prepare::PrepareReport;
-use crate::vmm::RestoreTimings;
 
 /// Marks a drill line on the L1 console.
 pub const PREFIX: &str = "LUVMM-DRILL ";
@@ -15,7 +15,7 @@ pub const PREFIX: &str = "LUVMM-DRILL ";
 /// The timeline row of the L1 host itself (its boots, the agent, the kexec).
 pub const HOST_ROW: &str = "host";
 
-/// The L1 half reports what it saw; the host half judges it (see `report.rs`).
+/// The L1 half reports what it saw; the host half judges it (see `report/`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::api::client::{self, ApiReply, ClientError};
-use crate::update::prepare::PrepareReport;
-use crate::vmm::{VmPhase, VmStatus};
+use luvmm_vmm::api::client::{self, ApiReply, ClientError};
+use luvmm_vmm::update::prepare::PrepareReport;
+use luvmm_vmm::vmm::{VmPhase, VmStatus};
 
 /// How long one guest step (a boot, a check, a device round, a restore) may take in the
 /// nested bed, where the guest runs on nested KVM under TCG.

@@ -9,12 +9,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use luvmm_vmm::api::client;
+use luvmm_vmm::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
 use serde::Serialize;
 
 use super::{flatness, io, BenchError, STEP_TIMEOUT};
-use crate::api::client;
 use crate::drill::guest::serial_lines;
-use crate::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
 
 /// Runs per size; the median is reported, so one slow process start does not decide.
 const ROUNDS: usize = 3;

@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::kexec;
+use luvmm_vmm::api::error_chain;
+use luvmm_vmm::update::check::{self, CheckArgs};
 
 use super::bed::{self, BedError};
 use super::event::{Event, HOST_ROW};
 use super::guest::{luvmm, Guest, GuestCheck, GuestError};
 use super::watch::{vfio_pci_devices, OpenWatch, WatchError, VFIO_PCI};
 use super::{with_boot, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD};
-use crate::api::error_chain;
-use crate::update::check::{self, CheckArgs};
 
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
 const WORK: &str = "/tmp/drill";
@@ -227,7 +227,7 @@ fn update(
         report: report.clone(),
     });
     if !report.blockers.is_empty() {
-        return Err(StepError::Blocked(crate::update::check::Blocker::join(
+        return Err(StepError::Blocked(luvmm_vmm::update::check::Blocker::join(
             &report.blockers,
         )));
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use luvmm_devices::guest_control::GuestRequest;
+use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
     BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
     DEFAULT_CMDLINE,
@@ -144,9 +145,6 @@ pub struct RestoreArgs {
     pub common: CommonArgs,
 }
 
-/// Where the agent listens unless told otherwise.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/luvmm/agent.sock";
-
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The agent's socket (created 0600).
@@ -187,7 +185,7 @@ pub enum UpdateCommand {
     /// Exit status: 0 the update may go, 3 it is blocked, 1 error, 2 usage.
     Check {
         #[command(flatten)]
-        args: crate::update::check::CheckArgs,
+        args: luvmm_vmm::update::check::CheckArgs,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -359,8 +357,8 @@ fn memory_regions(mib: u64) -> Vec<MemoryRegionConfig> {
 /// combinations; the last arm is for callers that build `RestoreArgs` themselves.
 pub fn restore_source(
     args: &RestoreArgs,
-) -> Result<crate::restore::RestoreSource, crate::restore::RestoreError> {
-    use crate::restore::{RestoreError, RestoreSource, StateSource};
+) -> Result<luvmm_vmm::restore::RestoreSource, luvmm_vmm::restore::RestoreError> {
+    use luvmm_vmm::restore::{RestoreError, RestoreSource, StateSource};
     if let Some(socket) = &args.from_socket {
         return Ok(RestoreSource::Socket(socket.clone()));
     }

@@ -1,0 +1,124 @@
+//! One drill's events for the report's unit tests: one VM with one device, one round.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use luvmm_vmm::update::prepare::{DeviceReport, PrepareReport};
+use luvmm_vmm::vmm::RestoreTimings;
+
+use super::{Collector, DrillReport};
+use crate::drill::bed::{L1Run, Line};
+use crate::drill::event::{Event, HOST_ROW};
+use crate::drill::watch::{Open, Opens};
+use crate::drill::{Plan, VfioHandler};
+
+const BEFORE: &str = "LUVMM-CHECK ok pages=9 heartbeat=5 seed=0xab checks=1 vcpus=2 heartbeats=5,5";
+pub(super) const AFTER: &str =
+    "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=2 vcpus=2 heartbeats=9,9";
+pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi";
+const BDF: &str = "0000:00:03.0";
+
+fn plan(handler: VfioHandler) -> Plan {
+    Plan {
+        vms: 1,
+        memory_mib: 64,
+        devices: 1,
+        rounds: 1,
+        cancel_first: false,
+        vfio_handler: handler,
+        thp: false,
+    }
+}
+
+pub(super) fn opens(cdev_opens: u32, attributed: u32) -> Opens {
+    Opens {
+        opens: (0..cdev_opens)
+            .map(|_| Open {
+                node: "vfio_cdev".into(),
+                pid: 90,
+                comm: "luvmm".into(),
+            })
+            .chain([Open {
+                node: "iommufd".into(),
+                pid: 90,
+                comm: "luvmm".into(),
+            }])
+            .collect(),
+        per_device: BTreeMap::from([(BDF.to_string(), attributed)]),
+    }
+}
+
+/// Runs a one-VM, one-device, one-round drill's events through the collector.
+pub(super) fn drill(
+    handler: VfioHandler,
+    preserved: bool,
+    after: &str,
+    round_line: &str,
+    seen: Opens,
+    restored: bool,
+) -> DrillReport {
+    let mut events = vec![
+        Event::Stage {
+            stage: 1,
+            kernel: "7.2.13".into(),
+        },
+        Event::Phase {
+            row: "vm1".into(),
+            phase: "prepare".into(),
+        },
+        Event::Prepared {
+            round: 1,
+            vm: "vm1".into(),
+            check_before: BEFORE.into(),
+            report: PrepareReport {
+                vm_id: "vm1".into(),
+                session: "luvmm-vm1".into(),
+                devices: vec![DeviceReport {
+                    bdf: BDF.into(),
+                    preserved,
+                }],
+                ram_mib: 64,
+                phases_ms: BTreeMap::from([("preserve_ram".to_string(), 8.0)]),
+                warnings: Vec::new(),
+            },
+            shmem_huge_kib: 0,
+        },
+        Event::Phase {
+            row: HOST_ROW.into(),
+            phase: "kexec".into(),
+        },
+        Event::Stage {
+            stage: 2,
+            kernel: "7.2.13".into(),
+        },
+    ];
+    if restored {
+        events.push(Event::Restored {
+            round: 1,
+            vm: "vm1".into(),
+            check_after: after.into(),
+            device_rounds: vec![round_line.into()],
+            timings: RestoreTimings::default(),
+            opens: seen,
+            shmem_huge_kib: 0,
+        });
+        events.push(Event::Done);
+    }
+    let mut collector = Collector::new(plan(handler));
+    for (i, event) in events.iter().enumerate() {
+        collector.feed(&Line {
+            at: i as f64 * 10.0,
+            text: event.to_line(),
+        });
+    }
+    let run = L1Run {
+        lines: Vec::new(),
+        timed_out: false,
+    };
+    collector.finish(&run, Path::new("console.log"))
+}
+
+/// The drill where everything held: the handler off, the device reopened once and working.
+pub(super) fn held() -> DrillReport {
+    drill(VfioHandler::Off, false, AFTER, ROUND, opens(1, 1), true)
+}

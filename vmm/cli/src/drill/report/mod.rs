@@ -1,0 +1,125 @@
+//! The drill's verdict: L1's events, stamped with the host's clock, judged by the guests' own
+//! evidence and the open watcher, as a table, one JSON object and an SVG timeline.
+//!
+//! - [`collect`]: L1's console lines into rounds, VMs, devices and timeline spans.
+//! - [`verdict`]: the guests' checks and every round against the plan and the rules.
+//! - [`table`]: the console table.
+//! - [`svg`]: the timeline.
+
+mod collect;
+#[cfg(test)]
+mod fixtures;
+mod svg;
+mod table;
+mod verdict;
+
+use std::collections::BTreeMap;
+
+use luvmm_vmm::update::check::CheckReport;
+use serde::{Deserialize, Serialize};
+
+use super::watch::Opens;
+use super::Plan;
+
+pub use collect::Collector;
+
+/// The whole drill. `ok` is true only when every guest check passed, every device worked
+/// after every update, and no preserved device was opened the normal way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrillReport {
+    pub ok: bool,
+    pub plan: Plan,
+    /// `uname -r` of the first L1 kernel and of the one each round kexecs into.
+    pub kernel: String,
+    pub next_kernel: String,
+    pub rounds: Vec<RoundReport>,
+    /// Why `ok` is false, when it is.
+    pub failures: Vec<String>,
+    /// Every phase of every row (the L1 host, each VM), in host seconds since QEMU started.
+    pub timeline: Vec<Span>,
+    pub total_s: f64,
+}
+
+/// One round: an update (prepare, kexec, restore), or the cancelled prepare of
+/// `--cancel-first`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// `update` or `cancel`.
+    pub kind: String,
+    /// From the agent's kexec request to the next kernel's drill start, by the host's clock.
+    pub kexec_boot_ms: Option<f64>,
+    pub preflight: Option<CheckReport>,
+    pub vms: Vec<VmResult>,
+}
+
+/// One VM in one round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VmResult {
+    pub vm: String,
+    /// `ok`, or why the guest's own evidence says something was lost: its `LOST` line, or a
+    /// check that did not go on (seed, check counter, heartbeats).
+    pub guest_check: String,
+    pub check_before: String,
+    pub check_after: String,
+    pub devices: Vec<DeviceResult>,
+    /// Milliseconds per phase as luvmm measured them: the prepare's (`preserve_ram`, `pause`,
+    /// `quiesce_devices`, `preserve_devices`, `save_state`, `preserve_state`, `ready`) and the
+    /// restore's (`restore_gather`, `restore_check`, `restore_vm`, `restore_memory`, `restore_devices`,
+    /// `restore_vcpus`, `finish`; `ioas_map` is the part of `restore_devices` that maps guest
+    /// RAM into the new IOAS, `retrieve_ram` the part of `restore_gather` that retrieves the
+    /// RAM memfds), and `blackout`: the guest's, from its pause before the
+    /// kexec to its resume after it, by L1's wall clock.
+    pub phases_ms: BTreeMap<String, f64>,
+    /// What the open watcher saw while this VM was restored.
+    pub opens: Opens,
+    /// L1's `ShmemHugePages` in KiB (all VMs) before the prepare and after the restore: how
+    /// much guest RAM was in huge folios, and how much of it LUO brought back huge.
+    pub shmem_huge_kib_before: Option<u64>,
+    pub shmem_huge_kib_after: Option<u64>,
+}
+
+/// One passthrough device of a VM in one round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeviceResult {
+    pub bdf: String,
+    /// The kernel preserved it: after the kexec it could come only from the session.
+    pub preserved: bool,
+    /// Opens of its cdev or group node the watcher saw during the restore.
+    pub normal_opens: u32,
+    /// The guest's DMA round trip with its interrupt through it worked afterwards.
+    pub works: bool,
+    /// The guest's round line for it.
+    pub round_line: String,
+}
+
+/// The prepare's phases while the guest is paused: the VMM's part of the blackout before the
+/// kexec.
+pub const PAUSED_PHASES: [&str; 6] = [
+    "pause",
+    "quiesce_devices",
+    "preserve_devices",
+    "save_state",
+    "preserve_state",
+    "ready",
+];
+
+/// The restore's phases: the VMM's part of the blackout after the kexec.
+const RESTORE_PHASES: [&str; 7] = [
+    "restore_gather",
+    "restore_check",
+    "restore_vm",
+    "restore_memory",
+    "restore_devices",
+    "restore_vcpus",
+    "finish",
+];
+
+/// One phase of one timeline row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Span {
+    pub row: String,
+    pub phase: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}

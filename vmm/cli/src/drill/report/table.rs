@@ -1,0 +1,117 @@
+//! The console table: one line per VM and round, then the failures.
+
+use std::fmt::Write as _;
+
+use super::{DrillReport, PAUSED_PHASES, RESTORE_PHASES};
+
+impl DrillReport {
+    /// The console table.
+    pub fn to_table(&self) -> String {
+        let p = &self.plan;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "drill: {} VM(s) x {} MiB x {} edu device(s), {} round(s){}, VFIO handler {:?}, \
+             {} -> {}: {} in {:.0} s",
+            p.vms,
+            p.memory_mib,
+            p.devices,
+            p.rounds,
+            if p.cancel_first {
+                " after a cancel"
+            } else {
+                ""
+            },
+            p.vfio_handler,
+            self.kernel,
+            if self.next_kernel.is_empty() {
+                "(no kexec)"
+            } else {
+                &self.next_kernel
+            },
+            if self.ok { "OK" } else { "FAILED" },
+            self.total_s
+        );
+        for round in &self.rounds {
+            let kexec = round
+                .kexec_boot_ms
+                .map(|ms| format!(", kexec + boot {ms:.0} ms"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "round {} ({}){kexec}", round.round, round.kind);
+            let _ = writeln!(
+                out,
+                "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11}  devices",
+                "vm", "guest", "ram_ms", "pause_ms", "rest_ms", "blackout_ms"
+            );
+            for vm in &round.vms {
+                let sum = |keys: &[&str]| {
+                    let total: f64 = keys.iter().filter_map(|k| vm.phases_ms.get(*k)).sum();
+                    if total > 0.0 {
+                        format!("{total:.0}")
+                    } else {
+                        "-".into()
+                    }
+                };
+                let devices: Vec<String> = vm
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} {} opens={} {}",
+                            d.bdf,
+                            match (round.kind.as_str(), d.preserved) {
+                                ("cancel", _) => "kept",
+                                (_, true) => "preserved",
+                                (_, false) => "reopened",
+                            },
+                            d.normal_opens,
+                            if d.works { "works" } else { "BROKEN" }
+                        )
+                    })
+                    .collect();
+                let guest = if vm.guest_check == "ok" { "ok" } else { "LOST" };
+                let _ = writeln!(
+                    out,
+                    "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11}  {}",
+                    vm.vm,
+                    guest,
+                    sum(&["preserve_ram"]),
+                    sum(&PAUSED_PHASES),
+                    sum(&RESTORE_PHASES),
+                    sum(&["blackout"]),
+                    devices.join("; ")
+                );
+            }
+        }
+        if self.plan.thp {
+            for vm in self.rounds.iter().flat_map(|r| &r.vms) {
+                if let (Some(before), Some(after)) =
+                    (vm.shmem_huge_kib_before, vm.shmem_huge_kib_after)
+                {
+                    let _ = writeln!(
+                        out,
+                        "THP: L1's shmem in huge pages {} MiB before the prepare, {} MiB after \
+                         {}'s restore",
+                        before / 1024,
+                        after / 1024,
+                        vm.vm
+                    );
+                }
+            }
+        }
+        for failure in &self.failures {
+            let _ = writeln!(out, "FAILED: {failure}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::held;
+
+    #[test]
+    fn the_table_says_ok() {
+        assert!(held().to_table().contains("OK"));
+    }
+}

@@ -1,0 +1,301 @@
+//! `luvmm`: see `luvmm --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use luvmm::cli::{self, AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
+use luvmm::{bench, drill};
+use luvmm_liveupdate::agent::{Agent, AgentClient, AgentClientError, AgentError};
+use luvmm_liveupdate::kexec::KexecError;
+use luvmm_resources::config::ConfigError;
+use luvmm_vmm::api::client::{self, ClientError};
+use luvmm_vmm::builder::BuildError;
+use luvmm_vmm::logger::error_chain;
+use luvmm_vmm::restore::RestoreError;
+use luvmm_vmm::runtime::RuntimeError;
+use luvmm_vmm::update::finish::FinishError;
+use luvmm_vmm::update::release::ReleaseError;
+use luvmm_vmm::vstate::vm::VmError;
+use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
+
+/// Why a command failed. Every exit status other than 1 comes from a report (`update check`,
+/// `host-check`, a failed drill) or from clap (2, usage), never from here.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot build the VM config")]
+    Config(#[from] ConfigError),
+    #[error("cannot use KVM")]
+    Kvm(#[from] VmError),
+    #[error("cannot install the vCPU kick signal")]
+    KickSignal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot build the VM")]
+    Build(#[from] BuildError),
+    #[error("cannot restore the VM")]
+    Restore(#[from] RestoreError),
+    #[error("the VM's event loop failed")]
+    Runtime(#[from] RuntimeError),
+    #[error("the guest stopped on its own")]
+    GuestStopped,
+    #[error("cannot reach the VMM")]
+    Api(#[from] ClientError),
+    /// The VMM answered, and said no.
+    #[error("{method} {path}: {status} {body}")]
+    Refused {
+        method: &'static str,
+        path: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("the agent failed")]
+    Agent(#[from] AgentError),
+    #[error("cannot compose the next kernel's command line")]
+    Cmdline(#[from] KexecError),
+    #[error("the agent request failed")]
+    AgentRequest(#[from] AgentClientError),
+    #[error("cannot release the session")]
+    Release(#[from] ReleaseError),
+    #[error("cannot finish the session")]
+    Finish(#[from] FinishError),
+    #[error("cannot encode the report as JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("the drill could not run")]
+    Drill(#[from] drill::DrillError),
+    #[error("the benchmark could not run")]
+    Bench(#[from] bench::BenchError),
+}
+
+fn main() -> ExitCode {
+    logger::init();
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("luvmm: error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<ExitCode, CommandError> {
+    match command {
+        Command::Run(args) => {
+            let config = cli::vm_config(&args)?;
+            let kvm = vstate::vm::open_kvm()?;
+            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+            let vmm = builder::build_for_boot(&kvm, &config)?;
+            finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
+        }
+        Command::Restore(args) => {
+            let source = cli::restore_source(&args)?;
+            let serial = args.common.serial.clone().unwrap_or_default();
+            let (inputs, session) = restore::collect(source, serial)?;
+            let kvm = vstate::vm::open_kvm()?;
+            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+            let mut vmm = builder::build_from_saved(&kvm, inputs)?;
+            if let Some(session) = session {
+                // Everything is retrieved and rebuilt: the kernel may let go of the session.
+                vmm.record_finish(update::finish::finish_session(session.as_ref())?);
+            }
+            if let Some(socket) = &args.from_socket {
+                restore::complete_handover(socket)?;
+            }
+            log::info!("restored; resuming");
+            // After a live update the agent learns the VM is done once its guest runs again.
+            let tell_agent = || {
+                if let Some(vm_id) = &args.session {
+                    update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
+                }
+            };
+            finish(runtime::run(
+                vmm,
+                args.common.api_socket.as_deref(),
+                tell_agent,
+            ))
+        }
+        Command::Ctl(args) => {
+            let (method, path, body) = match &args.request {
+                CtlRequest::Status => ("GET", "/vm", None),
+                CtlRequest::Pause => ("PUT", "/vm/pause", None),
+                CtlRequest::Resume => ("PUT", "/vm/resume", None),
+                CtlRequest::Check => ("PUT", "/vm/check", None),
+                CtlRequest::Guest { request } => (
+                    "PUT",
+                    "/vm/guest-request",
+                    Some(serde_json::json!({ "request": request }).to_string()),
+                ),
+                CtlRequest::Shutdown => ("PUT", "/vm/shutdown", None),
+                CtlRequest::Update(UpdateRequest::Prepare {
+                    vm_id,
+                    agent_socket,
+                    require_preserved_devices,
+                }) => (
+                    "PUT",
+                    "/vm/update/prepare",
+                    Some(
+                        serde_json::json!({
+                            "vm_id": vm_id,
+                            "agent_socket": agent_socket,
+                            "require_preserved_devices": require_preserved_devices,
+                        })
+                        .to_string(),
+                    ),
+                ),
+                CtlRequest::Update(UpdateRequest::Cancel) => ("PUT", "/vm/update/cancel", None),
+                CtlRequest::Save { export } => (
+                    "PUT",
+                    "/vm/save",
+                    Some(serde_json::json!({ "export_path": export }).to_string()),
+                ),
+            };
+            let reply = client::request(
+                &args.socket,
+                method,
+                path,
+                body.as_deref(),
+                std::time::Duration::from_secs_f64(args.timeout),
+            )?;
+            if !reply.is_success() {
+                return Err(CommandError::Refused {
+                    method,
+                    path,
+                    status: reply.status,
+                    body: reply.body,
+                });
+            }
+            if !reply.body.is_empty() {
+                println!("{}", reply.body);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => match args.action {
+            AgentAction::Serve => {
+                let agent = Agent::start()?;
+                agent.serve(&args.socket)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            AgentAction::Update {
+                kernel,
+                initrd,
+                append,
+                deadline,
+            } => {
+                let cmdline = append
+                    .map(|words| luvmm_liveupdate::kexec::current_cmdline_with(&words))
+                    .transpose()?;
+                AgentClient::new(&args.socket).update(
+                    &kernel,
+                    initrd.as_deref(),
+                    cmdline.as_deref(),
+                    deadline.map(std::time::Duration::from_secs),
+                )?;
+                match deadline {
+                    None => println!("the agent is kexecing into {}", kernel.display()),
+                    Some(s) => println!(
+                        "the agent kexecs into {} once every VM is ready, or calls the update \
+                         off in {s} s",
+                        kernel.display()
+                    ),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            AgentAction::Status => {
+                let ledger = AgentClient::new(&args.socket).status()?;
+                let text = serde_json::to_string(&ledger)?;
+                println!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Update(UpdateCommand::Check { args, json }) => {
+            let report = update::check::run(&args);
+            if json {
+                let text = serde_json::to_string(&report)?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::from(report.exit_code()))
+        }
+        Command::Update(UpdateCommand::Release {
+            session,
+            agent_socket,
+        }) => {
+            let report = update::release::release(&session, &AgentClient::new(&agent_socket))?;
+            let text = serde_json::to_string(&report)?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drill(args) => {
+            let report = drill::run(&args)?;
+            if args.json {
+                let text = serde_json::to_string(&report)?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::DrillL1 { stage } => {
+            drill::rehearsal::run(stage);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            bench::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HostCheck { json } => {
+            let report = host_check::run();
+            if json {
+                let text = serde_json::to_string(&report)?;
+                println!("{text}");
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::from(report.verdict.exit_code()))
+        }
+    }
+}
+
+fn finish(result: Result<runtime::Ending, RuntimeError>) -> Result<ExitCode, CommandError> {
+    match result? {
+        runtime::Ending::Shutdown => Ok(ExitCode::SUCCESS),
+        runtime::Ending::GuestStopped => Err(CommandError::GuestStopped),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_step_prints_its_context_then_each_cause_once() {
+        let e = CommandError::from(ClientError::Connect {
+            path: PathBuf::from("/run/vm.sock"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        let text = error_chain(&e);
+        assert_eq!(
+            text,
+            "cannot reach the VMM: cannot connect to /run/vm.sock: entity not found"
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_the_request_and_the_reply() {
+        let e = CommandError::Refused {
+            method: "PUT",
+            path: "/vm/pause",
+            status: 409,
+            body: "{\"error\":\"wrong phase\"}".into(),
+        };
+        assert_eq!(
+            error_chain(&e),
+            "PUT /vm/pause: 409 {\"error\":\"wrong phase\"}"
+        );
+    }
+}
