@@ -17,8 +17,8 @@ use luvmm_resources::state::{self, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_
 
 use crate::builder::RestoreArgs;
 use crate::restore::{read_state, RestoreError};
-use crate::vstate::vcpu::check_tsc_rate;
 use crate::vstate::vm::{host_limits, open_kvm};
+use crate::vstate::x86_64::tsc::check_tsc_rate;
 
 /// Claims `vm_id`'s session from the agent behind `agent_socket` and gathers the restore's
 /// inputs from it.
