@@ -18,6 +18,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::exit::{RunError, RunExit};
 use super::x86_64::msr::{msrs_to_save, MsrError};
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
@@ -244,10 +245,18 @@ impl Vcpu {
         let mut state = RunState::Paused;
         loop {
             let event = if state == RunState::Running {
-                if let Err(reason) = self.run_once() {
-                    log::error!("vCPU {}: guest stopped: {reason}", self.id);
-                    state = self.stopped();
-                    continue;
+                match self.run_once() {
+                    Ok(RunExit::Io | RunExit::Halt | RunExit::Kicked) => {}
+                    Ok(stop) => {
+                        log::error!("vCPU {}: guest stopped: {stop}", self.id);
+                        state = self.stopped();
+                        continue;
+                    }
+                    Err(RunError::KvmRun(e)) => {
+                        log::error!("vCPU {}: guest stopped: KVM_RUN failed: {e}", self.id);
+                        state = self.stopped();
+                        continue;
+                    }
                 }
                 match events.try_recv() {
                     Ok(event) => event,
@@ -311,44 +320,47 @@ impl Vcpu {
         RunState::Stopped
     }
 
-    /// One `KVM_RUN` and its exit. `Err` carries why the guest cannot go on.
-    fn run_once(&mut self) -> Result<(), String> {
+    /// One `KVM_RUN`, its port or MMIO access served on the bus. A guest access no device
+    /// claims reads as all ones and writes nowhere, as on a PC bus.
+    fn run_once(&mut self) -> Result<RunExit, RunError> {
         let io = &self.io;
-        match self.fd.run() {
+        let exit = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if io.pio_read(PioAddress(port), data).is_err() {
                     data.fill(0xff);
                 }
-                Ok(())
+                RunExit::Io
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let _ = io.pio_write(PioAddress(port), data);
-                Ok(())
+                RunExit::Io
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if io.mmio_read(MmioAddress(addr), data).is_err() {
                     data.fill(0xff);
                 }
-                Ok(())
+                RunExit::Io
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 let _ = io.mmio_write(MmioAddress(addr), data);
-                Ok(())
+                RunExit::Io
             }
-            Ok(VcpuExit::Hlt) => Ok(()),
-            Ok(VcpuExit::Shutdown) => Err("shutdown (triple fault or reset)".into()),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Err(format!("system event {kind}")),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
-                "entry failed: reason {reason:#x} on host cpu {cpu}"
-            )),
-            Ok(VcpuExit::InternalError) => Err("KVM internal error".into()),
-            Ok(other) => Err(format!("unhandled exit {other:?}")),
+            Ok(VcpuExit::Hlt) => RunExit::Halt,
+            Ok(VcpuExit::Shutdown) => RunExit::Shutdown,
+            Ok(VcpuExit::SystemEvent(kind, _)) => RunExit::SystemEvent { kind },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => RunExit::FailEntry { reason, cpu },
+            Ok(VcpuExit::InternalError) => RunExit::internal_error(self.fd.get_kvm_run()),
+            Ok(_) => RunExit::Unhandled {
+                exit_reason: self.fd.get_kvm_run().exit_reason,
+            },
+            // A kick: the signal handler set immediate_exit, which stays set until cleared.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                Ok(())
+                RunExit::Kicked
             }
-            Err(e) => Err(format!("KVM_RUN failed: {e}")),
-        }
+            Err(e) => return Err(RunError::KvmRun(e)),
+        };
+        Ok(exit)
     }
 }
 
