@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use luvmm_resources::state::VcpuState;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
@@ -19,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::exit::{RunError, RunExit};
+use super::vm::KvmVm;
 use super::x86_64::msr::{msrs_to_save, MsrError};
+use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
 
@@ -154,6 +156,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     io: Arc<IoManager>,
     msrs_to_save: Arc<Vec<u32>>,
+    xsave_area: XsaveArea,
     exit_evt: EventFd,
 }
 
@@ -181,8 +184,9 @@ impl VcpuContext {
 
 impl Vcpu {
     /// Creates vCPU `id` on `vm`.
-    pub fn new(vm: &VmFd, id: u32, ctx: &VcpuContext) -> Result<Vcpu, VcpuError> {
+    pub fn new(vm: &KvmVm, id: u32, ctx: &VcpuContext) -> Result<Vcpu, VcpuError> {
         let fd = vm
+            .fd()
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Create { id, source })?;
         let exit_evt = ctx
@@ -194,6 +198,7 @@ impl Vcpu {
             fd,
             io: ctx.io.clone(),
             msrs_to_save: ctx.msrs_to_save.clone(),
+            xsave_area: vm.xsave_area(),
             exit_evt,
         })
     }
@@ -208,17 +213,21 @@ impl Vcpu {
 
     /// Reads the whole architectural state (see [`state::save_state`]).
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
-        state::save_state(&self.fd, self.id, &self.msrs_to_save).map_err(|source| VcpuError::Save {
-            id: self.id,
-            source,
-        })
+        state::save_state(&self.fd, self.id, &self.msrs_to_save, self.xsave_area).map_err(
+            |source| VcpuError::Save {
+                id: self.id,
+                source,
+            },
+        )
     }
 
     /// Writes back a saved state (see [`state::restore_state`]).
     pub fn restore_state(&self, saved: &VcpuState) -> Result<(), VcpuError> {
-        state::restore_state(&self.fd, saved).map_err(|source| VcpuError::Restore {
-            id: self.id,
-            source,
+        state::restore_state(&self.fd, saved, self.xsave_area).map_err(|source| {
+            VcpuError::Restore {
+                id: self.id,
+                source,
+            }
         })
     }
 

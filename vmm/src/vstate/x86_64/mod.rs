@@ -1,5 +1,6 @@
 //! The x86 architectural state of a vCPU: how a fresh one is set up for boot, how its state is
-//! saved and put back, and the parts of it that need a policy of their own (MSRs, the TSC rate).
+//! saved and put back, and the parts of it that need a policy of their own (MSRs, the TSC rate,
+//! the XSAVE area).
 //!
 //! Everything here works on a `VcpuFd` and knows nothing of the vCPU thread.
 
@@ -7,9 +8,11 @@ pub mod msr;
 pub mod regs;
 pub mod state;
 pub mod tsc;
+pub mod xsave;
 
 use msr::MsrError;
 use tsc::TscError;
+use xsave::XsaveError;
 
 /// Setting up, saving or restoring a vCPU's architectural state failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ pub enum ArchError {
     /// The saved TSC rate cannot be kept.
     #[error(transparent)]
     Tsc(#[from] TscError),
+    /// The XSAVE area could not be read or written.
+    #[error(transparent)]
+    Xsave(#[from] XsaveError),
 }
 
 /// Turns a failed ioctl `op` into an [`ArchError`].

@@ -4,16 +4,22 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuFd;
 use luvmm_resources::state::VcpuState;
 
+use super::xsave::XsaveArea;
 use super::{ioctl, msr, tsc, ArchError};
 
 /// Reads the whole architectural state of vCPU `id`, with the MSRs in `msrs_to_save`. MP
 /// state first: reading it makes KVM settle pending APIC events into the state that follows.
 /// MSRs the vCPU refuses to read are left out, by name, and said.
-pub fn save_state(vcpu: &VcpuFd, id: u32, msrs_to_save: &[u32]) -> Result<VcpuState, ArchError> {
+pub fn save_state(
+    vcpu: &VcpuFd,
+    id: u32,
+    msrs_to_save: &[u32],
+    xsave_area: XsaveArea,
+) -> Result<VcpuState, ArchError> {
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    let xsave = vcpu.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+    let xsave = xsave_area.save(vcpu)?;
     let xcrs = vcpu.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
     let debug_regs = vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
     let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -52,7 +58,11 @@ pub fn save_state(vcpu: &VcpuFd, id: u32, msrs_to_save: &[u32]) -> Result<VcpuSt
 /// it, then the TSC rate (the guest calibrated its clocks against the saved one; a restore
 /// that cannot keep it stops here, before the vCPU has any other state), the LAPIC before
 /// MSRs (TSC deadline), and pending events last.
-pub fn restore_state(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), ArchError> {
+pub fn restore_state(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    xsave_area: XsaveArea,
+) -> Result<(), ArchError> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| ArchError::Cpuid {
         entries: state.cpuid.len(),
     })?;
@@ -63,8 +73,7 @@ pub fn restore_state(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), ArchError> 
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
     vcpu.set_sregs(&state.sregs)
         .map_err(ioctl("KVM_SET_SREGS"))?;
-    // SAFETY: `state.xsave` is a complete 4 KiB kvm_xsave, the size KVM_SET_XSAVE copies.
-    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+    xsave_area.restore(vcpu, &state.xsave)?;
     vcpu.set_xcrs(&state.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debug_regs)
         .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
