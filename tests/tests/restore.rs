@@ -520,7 +520,7 @@ fn a_state_with_passthrough_devices_needs_their_fds() {
 
 #[test]
 fn a_tsc_rate_no_vcpu_here_can_run_at_is_found_before_a_restore_takes_anything() {
-    use luvmm_vmm::vstate::vcpu::{check_tsc_rate, VcpuError};
+    use luvmm_vmm::vstate::x86_64::tsc::{check_tsc_rate, TscError};
     let dir = TestDir::new("restore-tsc-check");
     let (_, export, _, _) = boot_save_and_kill(&dir, &[]);
     let host_khz = saved_tsc_khz(&export);
@@ -531,7 +531,7 @@ fn a_tsc_rate_no_vcpu_here_can_run_at_is_found_before_a_restore_takes_anything()
     // Another machine's clock. This host's KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL),
     // so no vCPU here runs at half the rate: refused, naming both rates.
     match check_tsc_rate(&kvm, host_khz / 2) {
-        Err(VcpuError::TscOutOfReach { saved, host, ppm }) => {
+        Err(TscError::OutOfReach { saved, host, ppm }) => {
             assert_eq!((saved, host), (host_khz / 2, host_khz));
             assert!(ppm >= 1_000_000, "{ppm}");
         }

@@ -129,7 +129,7 @@ pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
     )?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), id, &ctx)?;
+        let vcpu = Vcpu::new(&vm, id, &ctx)?;
         vcpu.configure_for_boot(kvm, (id == 0).then_some(entry))?;
         vcpus.push(vcpu);
     }
@@ -285,7 +285,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     )?;
     let mut vcpus = Vec::with_capacity(saved.vcpus.len());
     for vcpu_state in &saved.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), vcpu_state.id, &ctx)?;
+        let vcpu = Vcpu::new(&vm, vcpu_state.id, &ctx)?;
         vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
     }

@@ -16,8 +16,8 @@ use luvmm_resources::state::{
     self, ReadError, StateError, StateMismatch, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 
-use crate::vstate::vcpu::{check_tsc_rate, VcpuError};
 use crate::vstate::vm::{host_limits, open_kvm, VmError};
+use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
 
 /// Everything a session gave back, for the rebuild.
 pub struct Retrieved {
@@ -92,7 +92,7 @@ pub enum StateRefused {
     #[error("{saved} vCPUs, and this host's KVM allows {max}")]
     TooManyVcpus { saved: usize, max: usize },
     #[error("its TSC rate cannot be kept here")]
-    Tsc(#[source] VcpuError),
+    Tsc(#[source] TscError),
     #[error(transparent)]
     Device(#[from] HostDeviceError),
 }

@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestRam;
+use super::x86_64::xsave::XsaveArea;
 
 /// KVM capabilities luvmm cannot run without, with what each is for.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -102,6 +103,9 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
 /// A KVM VM with its in-kernel irqchip and PIT.
 pub struct KvmVm {
     fd: Arc<VmFd>,
+    /// The size of its vCPUs' XSAVE area, read once the VM exists (`KVM_CAP_XSAVE2` is a VM
+    /// question) and before any vCPU does.
+    xsave_area: XsaveArea,
 }
 
 impl KvmVm {
@@ -117,12 +121,21 @@ impl KvmVm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(KvmVm { fd: Arc::new(fd) })
+        let xsave_area = XsaveArea::of_vm(&fd);
+        Ok(KvmVm {
+            fd: Arc::new(fd),
+            xsave_area,
+        })
     }
 
     /// The VM fd, for creating vCPUs.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The size of its vCPUs' XSAVE area.
+    pub fn xsave_area(&self) -> XsaveArea {
+        self.xsave_area
     }
 
     /// A shared handle to the VM fd, for what routes interrupts while the VM runs.
