@@ -10,7 +10,7 @@ pub mod passthrough;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use bar_map::GuestMapper;
+pub use bar_map::{BarMapError, GuestMapper};
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
 pub use iommu::{IommuContext, IommuError};
 pub use irq::{HypervisorError, IrqRouter};

@@ -41,10 +41,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pci::bus::PciDevice;
 use crate::pci::config::{
-    Bar, BarKind, ConfigSpace, BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE, NUM_BARS,
+    Bar, BarKind, ConfigSpace, ConfigSpaceError, BAR0, COMMAND, COMMAND_MEMORY, INTERRUPT_LINE,
+    NUM_BARS,
 };
 use crate::pci::msix::{read_pba, MsixLayout, MSIX_CAPABILITY_ID, MSIX_ENABLE, MSIX_FUNCTION_MASK};
-use crate::vfio::bar_map::{DirectBar, GuestMapper};
+use crate::vfio::bar_map::{BarMapError, DirectBar, GuestMapper};
 use crate::vfio::function::{Unplugged, VfioFunction};
 use crate::vfio::iommu::IommuError;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
@@ -97,11 +98,19 @@ pub enum PassthroughError {
         #[source]
         source: HypervisorError,
     },
-    #[error("{bdf}: BAR {index}: {reason}")]
-    Bar {
+    #[error("{bdf}: its BARs do not fit a configuration space")]
+    BarLayout {
         bdf: String,
-        index: usize,
-        reason: String,
+        #[source]
+        source: ConfigSpaceError,
+    },
+    #[error("{bdf}: BAR {index}: its size or type is not what it was")]
+    BarChanged { bdf: String, index: usize },
+    #[error("{bdf}: a BAR cannot be mapped for direct access")]
+    DirectBar {
+        bdf: String,
+        #[source]
+        source: BarMapError,
     },
     #[error(
         "{bdf}: the saved state is of device {saved:08x} (device, vendor), this one is {found:08x}"
@@ -280,10 +289,9 @@ impl VfioPciDevice {
             if let Some(bar) = bar_shape(function.as_ref(), &raw, index) {
                 config
                     .add_bar(index, bar)
-                    .map_err(|e| PassthroughError::Bar {
+                    .map_err(|source| PassthroughError::BarLayout {
                         bdf: name(),
-                        index,
-                        reason: e.to_string(),
+                        source,
                     })?;
             }
         }
@@ -619,10 +627,9 @@ impl VfioPciDevice {
         }
         for index in 0..NUM_BARS {
             if self.config.bar(index) != bar_shape(host.function.as_ref(), &raw, index) {
-                return Err(PassthroughError::Bar {
+                return Err(PassthroughError::BarChanged {
                     bdf: self.bdf.clone(),
                     index,
-                    reason: "its size or type is not what it was".to_string(),
                 });
             }
         }
@@ -978,10 +985,9 @@ fn direct_bars(
             continue;
         };
         let bar = DirectBar::new(index, fd, region.offset, region.size, mapper.clone()).map_err(
-            |reason| PassthroughError::Bar {
+            |source| PassthroughError::DirectBar {
                 bdf: bdf.to_string(),
-                index,
-                reason,
+                source,
             },
         )?;
         bars.push(bar);
