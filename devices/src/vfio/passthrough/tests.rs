@@ -1,6 +1,9 @@
+//! The device model over a fake VFIO function and interrupt router (`vfio::testing`).
+
 use super::*;
 use crate::pci::msix::MSIX_ENABLE;
 use crate::vfio::testing::{CallLog, FakeFunction, FakeRouter};
+use luvmm_resources::state::MsiState;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -36,12 +39,7 @@ fn build_on(
     host: HostDevice,
     restore: Restore<'_>,
 ) -> Result<(VfioPciDevice, Arc<FakeRouter>), PassthroughError> {
-    let router = Arc::new(FakeRouter::default());
-    let args = PassthroughArgs {
-        router: router.clone(),
-        mapper: Arc::new(Mapper),
-        bar_access: BarMode::Trapped,
-    };
+    let (args, router) = args();
     let device = match restore {
         None => VfioPciDevice::new(host, args)?,
         Some((saved, handed)) => VfioPciDevice::restore(host, args, saved, handed)?,
@@ -333,4 +331,100 @@ fn a_function_reset_under_its_file_is_replaced_under_the_same_guest_view() {
     // Interrupts are on: a cancel's re-arm has nothing left to do.
     device.quiesce_interrupts(false).unwrap();
     assert!(vfio.take().is_empty());
+}
+
+/// The router and mapper a test device is given, with the router's log.
+fn args() -> (PassthroughArgs, Arc<FakeRouter>) {
+    let router = Arc::new(FakeRouter::default());
+    let args = PassthroughArgs {
+        router: router.clone(),
+        mapper: Arc::new(Mapper),
+        bar_access: BarMode::Trapped,
+    };
+    (args, router)
+}
+
+#[test]
+fn restore_refuses_another_device_before_touching_it() {
+    let (device, _, _) = build(EDU, None).unwrap();
+    let saved = device.save(4);
+    let (host, vfio, _) = fake_host(0x0010_1b36, 2);
+    let (args, router) = args();
+    assert!(matches!(
+        VfioPciDevice::restore(host, args, &saved, None),
+        Err(PassthroughError::NotTheSavedDevice {
+            saved: EDU,
+            found: 0x0010_1b36,
+            ..
+        })
+    ));
+    // Nothing written to the function, no interrupt armed, no GSI or line claimed.
+    assert_eq!(vfio.take(), Vec::<String>::new());
+    assert_eq!(router.take(), Vec::<String>::new());
+}
+
+#[test]
+fn restore_refuses_capabilities_the_function_does_not_have() {
+    let (device, _, _) = build(EDU, None).unwrap();
+    let saved = device.save(4);
+    let moved_msi = PassthroughState {
+        msi: saved.msi.map(|m| MsiState { offset: 0x60, ..m }),
+        ..saved.clone()
+    };
+    let mut longer_table = saved.clone();
+    if let Some(msix) = longer_table.msix.as_mut() {
+        msix.table.extend([0; 4]);
+    }
+    for (state, capability) in [(moved_msi, "MSI"), (longer_table, "MSI-X")] {
+        let (host, vfio, _) = fake_host(EDU, 2);
+        let (args, router) = args();
+        let refused = VfioPciDevice::restore(host, args, &state, None);
+        assert!(
+            matches!(refused, Err(PassthroughError::CapabilityMismatch { capability: c, .. }) if c == capability),
+            "{capability}"
+        );
+        assert_eq!(vfio.take(), Vec::<String>::new());
+        assert_eq!(router.take(), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn new_and_restore_of_the_same_function_give_the_same_guest_view() {
+    let (mut fresh, _, _) = build(EDU, None).unwrap();
+    let saved = fresh.save(4);
+    let (mut restored, vfio, router) = build(EDU, Some((&saved, None))).unwrap();
+    assert_eq!(config_dwords(&mut restored), config_dwords(&mut fresh));
+    assert_eq!(
+        bar_dwords(&mut restored, 0x2000, 8),
+        bar_dwords(&mut fresh, 0x2000, 8)
+    );
+    assert_eq!(restored.save(4), saved);
+    // The fresh device's numbers, claimed again; VFIO's INTx armed again as it was.
+    assert_eq!(router.take(), ["claim 24", "claim line 16"]);
+    assert_eq!(
+        vfio.take(),
+        [
+            "write region 7 at 0x4: [00, 00]",
+            "enable irq 0 x1",
+            "intx resample"
+        ]
+    );
+}
+
+#[test]
+fn msix_turns_intx_off_while_on() {
+    let (mut device, vfio, _) = build(EDU, None).unwrap();
+    device.hold_interrupts(false);
+    vfio.take();
+    program(&mut device, true);
+    let calls = vfio.take();
+    assert_eq!(
+        calls[calls.len() - 2..],
+        ["disable irq 0", "enable irq 2 x2"]
+    );
+    device.config_write(0x52, &0u16.to_le_bytes());
+    assert_eq!(
+        vfio.take(),
+        ["disable irq 2", "enable irq 0 x1", "intx resample"]
+    );
 }
