@@ -18,7 +18,6 @@ use crate::vfio::irq::MsixRouting;
 const CONFIG_LEN: usize = 256;
 
 /// The interrupts the host function offers.
-#[derive(Clone, Copy)]
 pub(super) struct Capabilities {
     /// Offset of the MSI capability.
     pub(super) msi: Option<usize>,
