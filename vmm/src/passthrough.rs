@@ -10,7 +10,7 @@ use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::vfio::{
     adopt_cdev, bind_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError,
-    IrqRouter, PassthroughArgs, PassthroughError, Restore, VfioDeviceFd, VfioPciDevice,
+    IrqRouter, PassthroughArgs, PassthroughError, VfioDeviceFd, VfioPciDevice,
 };
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{BarMode, VfioBackendChoice};
@@ -159,7 +159,7 @@ impl Passthrough {
         }
         let mut windows = BarWindows::new();
         for host in hosts {
-            let mut device = VfioPciDevice::new(host, args.for_device(), None)?;
+            let mut device = VfioPciDevice::new(host, args.for_device())?;
             for &(mapping, host, _) in &regions {
                 // SAFETY: the mapping belongs to `ram`, which the VMM keeps for as long as the
                 // device exists (devices are dropped before guest memory).
@@ -228,12 +228,8 @@ impl Passthrough {
             let host = adopt_cdev(&state.bdf, fds.fd, hwpt_id, iommu)?;
             let interrupts = InterruptFds::from_fds(state, &mut fds.interrupts.into_iter())?;
             let waiting = interrupts.waiting();
-            let restore = Restore {
-                saved: state,
-                handed_over: Some(interrupts),
-            };
             // Its interrupts wait in their eventfds until the VM runs (`hold_interrupts`).
-            let device = VfioPciDevice::new(host, args.for_device(), Some(restore))?;
+            let device = VfioPciDevice::restore(host, args.for_device(), state, Some(interrupts))?;
             let device = Arc::new(Mutex::new(device));
             bus.add(device.clone(), Some(state.guest_slot))?;
             passthrough.devices.push((state.guest_slot, device));
@@ -301,11 +297,7 @@ impl Passthrough {
         }
         let ioas_map = mapping.elapsed();
         for (state, host) in hosts {
-            let restore = Restore {
-                saved: state,
-                handed_over: None,
-            };
-            let mut device = VfioPciDevice::new(host, args.for_device(), Some(restore))?;
+            let mut device = VfioPciDevice::restore(host, args.for_device(), state, None)?;
             device.forget_mappings();
             for &(mapping, host, _) in &regions {
                 // SAFETY: as in `open`: `ram` outlives the devices.

@@ -6,9 +6,26 @@ use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nix::errno::Errno;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::vfio::irq::HypervisorError;
+
+/// A BAR's VFIO region could not be mapped into this process.
+#[derive(Debug, thiserror::Error)]
+pub enum BarMapError {
+    #[error("BAR {index}: VFIO reports an empty region")]
+    EmptyRegion { index: usize },
+    #[error("BAR {index}: region offset {offset:#x} is beyond what mmap takes")]
+    OffsetTooLarge { index: usize, offset: u64 },
+    #[error("BAR {index}: mmap of {size:#x} bytes of the device fd")]
+    Mmap {
+        index: usize,
+        size: u64,
+        #[source]
+        source: Errno,
+    },
+}
 
 /// Maps host memory into guest physical memory: KVM memslots, behind a trait so devices know
 /// nothing of KVM.
@@ -41,9 +58,10 @@ impl DirectBar {
         offset: u64,
         size: u64,
         mapper: Arc<dyn GuestMapper>,
-    ) -> Result<DirectBar, String> {
-        let len = NonZeroUsize::new(size as usize).ok_or("empty region")?;
-        let offset = i64::try_from(offset).map_err(|_| "region offset too large")?;
+    ) -> Result<DirectBar, BarMapError> {
+        let len = NonZeroUsize::new(size as usize).ok_or(BarMapError::EmptyRegion { index })?;
+        let offset =
+            i64::try_from(offset).map_err(|_| BarMapError::OffsetTooLarge { index, offset })?;
         // SAFETY: a fresh shared mapping of the device's own region, at an address the kernel
         // picks; nothing else is overlapped, and it is unmapped only in Drop.
         let host = unsafe {
@@ -56,7 +74,11 @@ impl DirectBar {
                 offset,
             )
         }
-        .map_err(|e| format!("mmap of BAR {index}: {e}"))?;
+        .map_err(|source| BarMapError::Mmap {
+            index,
+            size,
+            source,
+        })?;
         Ok(DirectBar {
             index,
             host,
@@ -152,5 +174,35 @@ mod tests {
             *recorder.calls.lock().unwrap(),
             ["map 0xc0000000", "unmap 7 byte=90"]
         );
+    }
+
+    #[test]
+    fn a_region_that_cannot_be_mapped_says_why() {
+        let mapper = Arc::new(Recorder::default());
+        // An eventfd stands in for a device fd that refuses mmap.
+        let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        // SAFETY: the fd is owned by `evt`, which outlives the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&evt)) };
+        assert!(matches!(
+            DirectBar::new(2, fd, 0, 0, mapper.clone()),
+            Err(BarMapError::EmptyRegion { index: 2 })
+        ));
+        assert!(matches!(
+            DirectBar::new(2, fd, u64::MAX, 4096, mapper.clone()),
+            Err(BarMapError::OffsetTooLarge { index: 2, .. })
+        ));
+        let refused = DirectBar::new(2, fd, 0, 4096, mapper);
+        assert!(matches!(
+            refused,
+            Err(BarMapError::Mmap {
+                index: 2,
+                size: 4096,
+                ..
+            })
+        ));
+        let source = refused
+            .err()
+            .and_then(|e| std::error::Error::source(&e).map(|s| s.to_string()));
+        assert!(source.is_some(), "the errno is kept as the source");
     }
 }
