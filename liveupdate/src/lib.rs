@@ -7,6 +7,8 @@
 //! - [`kexec`]: loading the next kernel with `kexec_file_load` and jumping into it.
 //! - [`probe`]: what this kernel can preserve, found by trying, never leaving anything behind.
 //! - [`agent`]: the one process that holds `/dev/liveupdate` for every VMM on the host.
+//! - [`unix`]: Unix-socket plumbing (owner-only sockets, fds passed with bytes) that the agent
+//!   and the VMM's control API share.
 //!
 //! The crate knows nothing of VMs: callers hand it fds and tokens.
 
@@ -15,5 +17,6 @@ pub mod kexec;
 pub mod probe;
 mod session;
 pub mod uapi;
+pub mod unix;
 
 pub use session::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};

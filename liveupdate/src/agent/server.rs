@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TO
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
 use crate::kexec::{self, KexecError};
 use crate::probe::{self, HandlerStatus};
+use crate::unix::{self, BindError};
 use crate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 
 /// How long a client has to send its request.
@@ -107,7 +107,7 @@ impl Agent {
 
     /// Serves clients on `socket` (created 0600) until the kexec.
     pub fn serve(mut self, socket: &Path) -> Result<(), AgentError> {
-        let listener = bind_private(socket)?;
+        let listener = bind_socket(socket)?;
         listener
             .set_nonblocking(true)
             .map_err(|source| AgentError::Socket {
@@ -391,29 +391,18 @@ fn read_ledger(file: &File) -> std::io::Result<Ledger> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Binds `path` with mode 0600: under a temporary name first, restricted, then renamed, so
-/// the socket is never reachable by others.
-fn bind_private(path: &Path) -> Result<UnixListener, AgentError> {
-    if path.exists() {
-        return Err(AgentError::SocketExists {
-            path: path.to_path_buf(),
-        });
-    }
-    let socket_err = |source| AgentError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Creates the agent's socket, mode 0600, and the directory it lives in.
+fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(socket_err)?;
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(socket_err)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
-    std::fs::rename(&tmp, path).map_err(socket_err)?;
-    Ok(listener)
+    unix::bind_owner_only(path).map_err(|e| match e {
+        BindError::Exists { path } => AgentError::SocketExists { path },
+        BindError::Create { path, source } => AgentError::Socket { path, source },
+    })
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! A client for the control API, used by `luvmm ctl`, `luvmm restore --from-socket` and the
 //! benchmarks.
 
-use std::io::{IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use luvmm_liveupdate::unix::FdReader;
 
 use super::http::{parse_response, request_bytes, HttpError};
 
@@ -89,42 +89,14 @@ pub fn request(
     stream
         .write_all(&request_bytes(method, path, body))
         .map_err(io_err)?;
-    let (bytes, fds) = read_all_with_fds(&stream).map_err(io_err)?;
+    // The server closes the connection after its reply.
+    let mut reader = FdReader::<MAX_FDS>::new(&stream);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).map_err(io_err)?;
+    let fds = reader.into_fds();
     let (status, body) = parse_response(&bytes).map_err(|source| ClientError::Http {
         path: socket.to_path_buf(),
         source,
     })?;
     Ok(ApiReply { status, body, fds })
-}
-
-fn read_all_with_fds(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut bytes = Vec::new();
-    let mut fds = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(received) = c {
-                // SAFETY: the kernel just installed these fds in this process for us; nothing
-                // else owns them.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        let n = msg.bytes;
-        if n == 0 {
-            return Ok((bytes, fds));
-        }
-        bytes.extend_from_slice(&chunk[..n]);
-    }
 }
