@@ -9,6 +9,8 @@
 //! - [`agent`]: the one process that holds `/dev/liveupdate` for every VMM on the host.
 //! - [`seams`]: what a VMM calls (its sessions and the agent) as traits, and, with the `fake`
 //!   feature, [`fake`]: an in-memory host behind them for update-flow tests.
+//! - [`unix`]: Unix-socket plumbing (owner-only sockets, fds passed with bytes) that the agent
+//!   and the VMM's control API share.
 //!
 //! The crate knows nothing of VMs: callers hand it fds and tokens.
 
@@ -20,5 +22,6 @@ pub mod probe;
 pub mod seams;
 mod session;
 pub mod uapi;
+pub mod unix;
 
 pub use session::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};

@@ -13,6 +13,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use luvmm_vmm::api::client::VmmClient;
+use luvmm_vmm::vmm::VmPhase;
+
 /// Generous: guest instructions are slow on emulated KVM, and CI machines are small.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -173,7 +176,8 @@ pub fn checks(serial: &Path) -> Vec<Check> {
         .collect()
 }
 
-/// A raw API exchange: status and body.
+/// A raw API exchange: status and body. For requests the typed client
+/// ([`luvmm_vmm::api::client::VmmClient`]) would not send: malformed ones, odd bodies.
 pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream =
         UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
@@ -274,24 +278,25 @@ impl Vm {
         }
     }
 
-    /// An API exchange with this VM.
+    /// The typed client of this VM's API.
+    pub fn client(&self) -> VmmClient {
+        VmmClient::new(&self.socket)
+    }
+
+    /// A raw API exchange with this VM, for what the typed client would not send.
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         api(&self.socket, method, path, body)
     }
 
-    /// The `phase` field of `GET /vm`.
-    pub fn phase(&self) -> String {
-        let (status, body) = self.api("GET", "/vm", "");
-        assert_eq!(status, 200, "GET /vm: {body}");
-        let value: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-        value["phase"].as_str().unwrap_or_default().to_string()
+    /// The VM's phase.
+    pub fn phase(&self) -> VmPhase {
+        self.client().status().expect("GET /vm").phase
     }
 
     /// Asks the guest for a check and returns the new check line.
     pub fn check(&self) -> Check {
         let before = checks(&self.serial).len();
-        let (status, body) = self.api("PUT", "/vm/check", "");
-        assert_eq!(status, 204, "PUT /vm/check: {body}");
+        self.client().check().expect("PUT /vm/check");
         self.next_check(before)
     }
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 
 use luvmm_tests::{read_reply, run_luvmm, TestDir, Vm, TIMEOUT};
+use luvmm_vmm::vmm::VmPhase;
 
 #[test]
 fn every_endpoint_answers() {
@@ -14,25 +15,29 @@ fn every_endpoint_answers() {
     let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
 
-    let (status, body) = vm.api("GET", "/vm", "");
-    assert_eq!(status, 200);
-    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(value["phase"], "running");
-    assert_eq!(value["vcpus"], 1);
-    assert_eq!(value["memory"]["regions"][0]["size"], 64u64 << 20);
+    // The typed client accepts only each endpoint's own success status (200 with JSON, else
+    // 204), so every `expect` below asserts the status too.
+    let client = vm.client();
+    let status = client.status().expect("GET /vm");
+    assert_eq!(status.phase, VmPhase::Running);
+    assert_eq!(status.vcpus, 1);
+    assert_eq!(status.memory.regions[0].size, 64u64 << 20);
 
-    assert_eq!(vm.api("PUT", "/vm/check", "").0, 204);
-    assert_eq!(vm.api("PUT", "/vm/pause", "").0, 204);
-    assert_eq!(vm.api("PUT", "/vm/pause", "").0, 204, "pause is idempotent");
+    client.check().expect("PUT /vm/check");
+    client.pause().expect("PUT /vm/pause");
+    client.pause().expect("pause is idempotent");
+    // An empty JSON object is no parameters, as no body is.
     assert_eq!(vm.api("PUT", "/vm/resume", "{}").0, 204);
     // Handover needs a current saved state.
-    assert_eq!(vm.api("PUT", "/vm/handover", "").0, 409);
-    let (status, body) = vm.api("PUT", "/vm/save", "");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    let refused = client
+        .handover()
+        .expect_err("a handover without a saved state");
+    assert_eq!(refused.status(), Some(409), "{refused}");
+    client.save(None).expect("PUT /vm/save");
+    client.resume().expect("PUT /vm/resume");
     assert!(vm.check().ok);
 
-    assert_eq!(vm.api("PUT", "/vm/shutdown", "").0, 204);
+    client.shutdown().expect("PUT /vm/shutdown");
     let socket = vm.socket.clone();
     assert!(vm.wait_exit().success());
     assert!(!socket.exists(), "socket left behind");
@@ -71,7 +76,7 @@ fn bad_requests_get_http_errors_and_the_vmm_keeps_running() {
         .unwrap();
     assert_eq!(read_reply(&mut big).0, 413);
 
-    assert_eq!(vm.phase(), "running");
+    assert_eq!(vm.phase(), VmPhase::Running);
     assert!(vm.check().ok);
 }
 
@@ -98,11 +103,11 @@ fn clients_are_served_one_at_a_time_in_order() {
         value["phase"], "paused",
         "the second client was answered first: {body}"
     );
-    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    vm.client().resume().expect("PUT /vm/resume");
 
     // A client that connects and leaves without a word does not hold anyone up.
     drop(UnixStream::connect(&vm.socket).unwrap());
-    assert_eq!(vm.phase(), "running");
+    assert_eq!(vm.phase(), VmPhase::Running);
 }
 
 #[test]
@@ -112,8 +117,7 @@ fn an_idle_client_times_out_and_the_next_one_is_served() {
     let mut idle = UnixStream::connect(&vm.socket).unwrap();
     idle.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
     // Queued behind the idle client, then served once its read timeout ends its turn.
-    let (status, body) = vm.api("GET", "/vm", "");
-    assert_eq!(status, 200, "{body}");
+    vm.client().status().expect("GET /vm behind an idle client");
     let (status, body) = read_reply(&mut idle);
     assert_eq!(status, 408, "{body}");
     assert!(body.contains("no complete request"), "{body}");
@@ -179,7 +183,7 @@ fn a_socket_path_in_use_is_refused() {
     ]);
     assert!(!status.success());
     assert!(stderr.contains("already exists"), "{stderr}");
-    assert_eq!(vm.phase(), "running");
+    assert_eq!(vm.phase(), VmPhase::Running);
 }
 
 #[test]
@@ -238,14 +242,20 @@ fn a_restore_from_a_session_needs_the_agent() {
     );
     // A prepare needs it too, and leaves the guest running.
     let vm = Vm::boot(&dir, "vm", &[]);
-    let body = format!(
-        r#"{{"vm_id": "vm1", "agent_socket": "{}"}}"#,
-        agent.display()
+    let refused = vm
+        .client()
+        .prepare_update("vm1", &agent, false)
+        .expect_err("a prepare without an agent");
+    assert_eq!(refused.status(), Some(500), "{refused}");
+    assert!(
+        refused.to_string().contains("no luvmm agent is listening"),
+        "{refused}"
     );
-    let (code, reply) = vm.api("PUT", "/vm/update/prepare", &body);
-    assert_eq!(code, 500, "{reply}");
-    assert!(reply.contains("no luvmm agent is listening"), "{reply}");
-    assert_eq!(vm.phase(), "running");
+    assert_eq!(vm.phase(), VmPhase::Running);
     assert!(vm.check().ok);
-    assert_eq!(vm.api("PUT", "/vm/update/cancel", "").0, 409);
+    let refused = vm
+        .client()
+        .cancel_update()
+        .expect_err("a cancel without a prepare");
+    assert_eq!(refused.status(), Some(409), "{refused}");
 }

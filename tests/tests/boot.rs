@@ -88,11 +88,9 @@ fn config_file_with_two_regions_and_two_vcpus_boots() {
         lines_with(&vm.serial, "LUVMM-SMP").pop()
     });
     assert_eq!(field(&smp, "vcpus"), Some("2"), "{smp}");
-    let (status, body) = vm.api("GET", "/vm", "");
-    assert_eq!(status, 200);
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(status["vcpus"], 2);
-    assert_eq!(status["memory"]["regions"].as_array().unwrap().len(), 2);
+    let status = vm.client().status().expect("GET /vm");
+    assert_eq!(status.vcpus, 2);
+    assert_eq!(status.memory.regions.len(), 2);
     let first = vm.check();
     assert!(first.ok, "{}", first.line);
     assert_eq!(first.pages, 15872 + 8192);

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use luvmm_devices::guest_control::GuestRequest;
 use luvmm_tests::{assert_never, checks, lines_with, TestDir, Vm};
+use luvmm_vmm::vmm::VmPhase;
 
 #[test]
 fn pause_holds_the_guest_and_resume_lets_it_go_on() {
@@ -13,10 +15,10 @@ fn pause_holds_the_guest_and_resume_lets_it_go_on() {
     let answered_in = asked.elapsed();
     assert!(first.ok, "{}", first.line);
 
-    assert_eq!(vm.api("PUT", "/vm/pause", ""), (204, String::new()));
-    assert_eq!(vm.phase(), "paused");
+    vm.client().pause().expect("PUT /vm/pause");
+    assert_eq!(vm.phase(), VmPhase::Paused);
     // A check asked for while paused must wait for the resume: nothing runs the guest now.
-    assert_eq!(vm.api("PUT", "/vm/check", "").0, 204);
+    vm.client().check().expect("PUT /vm/check");
     // Watched for ten times as long as the running guest took to answer, within 0.7 to 10 s.
     let seen = checks(&vm.serial).len();
     let window = (answered_in * 10).clamp(Duration::from_millis(700), Duration::from_secs(10));
@@ -24,8 +26,8 @@ fn pause_holds_the_guest_and_resume_lets_it_go_on() {
         checks(&vm.serial).len() != seen
     });
 
-    assert_eq!(vm.api("PUT", "/vm/resume", ""), (204, String::new()));
-    assert_eq!(vm.phase(), "running");
+    vm.client().resume().expect("PUT /vm/resume");
+    assert_eq!(vm.phase(), VmPhase::Running);
     let after = vm.next_check(seen);
     assert!(after.ok, "{}", after.line);
     assert!(
@@ -41,25 +43,19 @@ fn save_pauses_and_exports_a_state_file() {
     let dir = TestDir::new("save");
     let vm = Vm::boot(&dir, "vm", &[]);
     let export = dir.join("state.bin");
-    let (status, body) = vm.api(
-        "PUT",
-        "/vm/save",
-        &format!(r#"{{"export_path": "{}"}}"#, export.display()),
+    let report = vm.client().save(Some(&export)).expect("PUT /vm/save");
+    assert!(report.pause_to_saved_ms > 0.0);
+    assert_eq!(
+        std::fs::metadata(&export).unwrap().len(),
+        report.state_bytes
     );
-    assert_eq!(status, 200, "{body}");
-    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let bytes = report["state_bytes"].as_u64().unwrap();
-    assert!(report["pause_to_saved_ms"].as_f64().unwrap() > 0.0);
-    assert_eq!(std::fs::metadata(&export).unwrap().len(), bytes);
     assert_eq!(&std::fs::read(&export).unwrap()[..8], b"LUVMMSTA");
 
-    assert_eq!(vm.phase(), "paused");
-    let (_, status) = vm.api("GET", "/vm", "");
-    assert!(status.contains(r#""state_current":true"#), "{status}");
+    assert_eq!(vm.phase(), VmPhase::Paused);
+    assert!(vm.client().status().unwrap().state_current);
     // Running again makes the saved state stale.
-    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
-    let (_, status) = vm.api("GET", "/vm", "");
-    assert!(status.contains(r#""state_current":false"#), "{status}");
+    vm.client().resume().expect("PUT /vm/resume");
+    assert!(!vm.client().status().unwrap().state_current);
     assert!(vm.check().ok);
 }
 
@@ -109,24 +105,27 @@ fn a_guest_request_reaches_the_guest_and_a_guest_can_ask_to_be_paused() {
     let vm = Vm::boot(&dir, "vm", &[]);
     assert!(vm.check().ok);
     // No device here: the round finds none, and says so.
-    let body = r#"{"request": "devices"}"#;
-    assert_eq!(vm.api("PUT", "/vm/guest-request", body).0, 204);
+    vm.client()
+        .guest_request(GuestRequest::Devices)
+        .expect("PUT /vm/guest-request");
     let done = luvmm_tests::wait_until("the guest's device round", || {
         lines_with(&vm.serial, "LUVMM-ROUND done").pop()
     });
     assert_eq!(done, "LUVMM-ROUND done n=1 devices=0");
     // The guest leaves nothing in flight here, but still asks to be paused: the VMM obliges.
-    let body = r#"{"request": "irq_in_flight"}"#;
-    assert_eq!(vm.api("PUT", "/vm/guest-request", body).0, 204);
+    vm.client()
+        .guest_request(GuestRequest::IrqInFlight)
+        .expect("PUT /vm/guest-request");
     luvmm_tests::wait_until("the guest's pause request", || {
-        (vm.phase() == "paused").then_some(())
+        (vm.phase() == VmPhase::Paused).then_some(())
     });
     assert_eq!(
         lines_with(&vm.serial, "LUVMM-INFLIGHT"),
         ["LUVMM-INFLIGHT armed nvme_held=0 edu_in_flight=0"]
     );
-    assert_eq!(vm.api("PUT", "/vm/resume", "").0, 204);
+    vm.client().resume().expect("PUT /vm/resume");
     assert!(vm.check().ok);
+    // Requests the typed client cannot make.
     let (status, body) = vm.api("PUT", "/vm/guest-request", r#"{"request": "reboot"}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("unknown variant `reboot`"), "{body}");

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use luvmm_tests::{checks, luvmm_bin, Check, TestDir, Vm};
+use luvmm_vmm::api::client::ClientError;
+use luvmm_vmm::vmm::VmPhase;
 
 /// Asserts the first check after a restore continues the guest's life from `before`.
 fn assert_continued(before: &Check, after: &Check) {
@@ -29,26 +31,17 @@ fn assert_every_heartbeat_went_on(before: &Check, after: &Check) {
 }
 
 fn save(vm: &Vm, export: Option<&Path>) {
-    let body = match export {
-        Some(path) => format!(r#"{{"export_path": "{}"}}"#, path.display()),
-        None => String::new(),
-    };
-    let (status, reply) = vm.api("PUT", "/vm/save", &body);
-    assert_eq!(status, 200, "{reply}");
+    vm.client().save(export).expect("PUT /vm/save");
 }
 
 /// Takes the VM's memfds (and state memfd) over the API, as an agent holding them would.
 fn handover(vm: &Vm) -> Vec<OwnedFd> {
-    let reply = luvmm_vmm::api::client::request(
-        &vm.socket,
-        "PUT",
-        "/vm/handover",
-        None,
-        luvmm_vmm::api::client::DEFAULT_TIMEOUT,
-    )
-    .expect("handover request");
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    reply.fds
+    vm.client().handover().expect("PUT /vm/handover").fds
+}
+
+/// The HTTP status with which the VM refused a request.
+fn refusal<T: std::fmt::Debug>(reply: Result<T, ClientError>) -> Option<u16> {
+    reply.expect_err("the VM should refuse").status()
 }
 
 /// What a restore from inherited fds starts from: a VM booted with `extra`, checked, saved
@@ -116,8 +109,8 @@ fn restore_in_a_new_process_over_the_api_socket() {
         |_| {},
     );
     // The first process gave its VM away: it must refuse to run it again.
-    assert_eq!(first.phase(), "handed_over");
-    assert_eq!(first.api("PUT", "/vm/resume", "").0, 409);
+    assert_eq!(first.phase(), VmPhase::HandedOver);
+    assert_eq!(refusal(first.client().resume()), Some(409));
     first.kill();
 
     // The restore asks the guest for a check by itself.
@@ -125,12 +118,11 @@ fn restore_in_a_new_process_over_the_api_socket() {
     assert_continued(&before, &after);
     let later = second.check();
     assert!(later.ok && later.heartbeat > after.heartbeat, "{later:?}");
-    assert_eq!(second.phase(), "running");
+    assert_eq!(second.phase(), VmPhase::Running);
     // The target measures the guest's blackout from the source's pause.
-    let (_, status) = second.api("GET", "/vm", "");
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let blackout = status["restore_timings"]["blackout_ms"].as_f64();
-    assert!(blackout.is_some_and(|ms| ms > 0.0), "{status}");
+    let status = second.client().status().expect("GET /vm");
+    let blackout = status.restore_timings.as_ref().and_then(|t| t.blackout_ms);
+    assert!(blackout.is_some_and(|ms| ms > 0.0), "{status:?}");
 }
 
 #[test]
@@ -139,21 +131,21 @@ fn a_handover_whose_target_dies_is_taken_back_by_resume() {
     let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
     let before = first.check();
     save(&first, None);
-    assert_eq!(first.api("PUT", "/vm/handover/complete", "").0, 409);
+    assert_eq!(refusal(first.client().complete_handover()), Some(409));
     // This test is the target: it receives the fds and dies (drops them) without confirming.
     drop(handover(&first));
-    assert_eq!(first.phase(), "handing_over");
+    assert_eq!(first.phase(), VmPhase::HandingOver);
     let (status, stderr) =
         luvmm_tests::run_luvmm(&["ctl", "--socket", first.socket.to_str().unwrap(), "resume"]);
     assert!(status.success(), "ctl resume: {stderr}");
-    assert_eq!(first.phase(), "running");
+    assert_eq!(first.phase(), VmPhase::Running);
     let after = first.check();
     assert!(after.ok, "{}", after.line);
     assert_eq!(after.seed, before.seed, "the guest rebooted");
     assert_every_heartbeat_went_on(&before, &after);
     // Resumed, the old state is stale: a late target can neither take it nor confirm.
-    assert_eq!(first.api("PUT", "/vm/handover", "").0, 409);
-    assert_eq!(first.api("PUT", "/vm/handover/complete", "").0, 409);
+    assert_eq!(refusal(first.client().handover()), Some(409));
+    assert_eq!(refusal(first.client().complete_handover()), Some(409));
 }
 
 #[test]

@@ -13,11 +13,10 @@ use luvmm_liveupdate::seams::RetrieveSession;
 use luvmm_resources::config::SerialOutput;
 use luvmm_resources::state::{self, StateError};
 
-use crate::api::client::{self, ClientError};
+use crate::api::client::{ClientError, VmmClient};
 use crate::builder::{Origin, RestoreArgs};
 use crate::passthrough::{HandedDevice, HandedDevices};
 use crate::update::retrieve::{retrieve, RetrieveError};
-use crate::vmm::HandoverManifest;
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
@@ -48,15 +47,6 @@ pub enum RestoreError {
     State(#[from] StateError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("{socket} refused PUT {request}: {status} {body}")]
-    Refused {
-        socket: PathBuf,
-        request: &'static str,
-        status: u16,
-        body: String,
-    },
-    #[error("handover manifest from {socket} does not parse: {reason}")]
-    Manifest { socket: PathBuf, reason: String },
     #[error("handover from {socket} carried {got} fds, manifest needs {expected}")]
     FdCount {
         socket: PathBuf,
@@ -150,27 +140,9 @@ fn from_inherited(
     })
 }
 
-/// `PUT request` to the VMM behind `socket`; anything but a 2xx is an error.
-fn put(socket: &Path, request: &'static str) -> Result<client::ApiReply, RestoreError> {
-    let reply = client::request(socket, "PUT", request, None, client::DEFAULT_TIMEOUT)?;
-    if !reply.is_success() {
-        return Err(RestoreError::Refused {
-            socket: socket.to_path_buf(),
-            request,
-            status: reply.status,
-            body: reply.body,
-        });
-    }
-    Ok(reply)
-}
-
 fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
-    let reply = put(socket, "/vm/handover")?;
-    let manifest: HandoverManifest =
-        serde_json::from_str(&reply.body).map_err(|e| RestoreError::Manifest {
-            socket: socket.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let handover = VmmClient::new(socket).handover()?;
+    let manifest = handover.manifest;
     let regions = manifest.memory.regions.len();
     let device_fds: usize = manifest
         .passthrough
@@ -179,15 +151,15 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
         .sum();
     let iommufd = usize::from(!manifest.passthrough.is_empty());
     let expected = 1 + regions + iommufd + device_fds;
-    if reply.fds.len() != expected {
+    if handover.fds.len() != expected {
         return Err(RestoreError::FdCount {
             socket: socket.to_path_buf(),
-            got: reply.fds.len(),
+            got: handover.fds.len(),
             expected,
         });
     }
     // The count was checked above: every `next` below finds its fd.
-    let mut fds = reply.fds.into_iter();
+    let mut fds = handover.fds.into_iter();
     let mut next = || {
         fds.next().ok_or_else(|| RestoreError::FdCount {
             socket: socket.to_path_buf(),
@@ -240,7 +212,7 @@ fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, Resto
 /// then that VMM can still resume it; after this it refuses to. If it refuses now (it was
 /// resumed meanwhile), it keeps the VM and this process must not run it.
 pub fn complete_handover(socket: &Path) -> Result<(), RestoreError> {
-    put(socket, "/vm/handover/complete").map(drop)
+    Ok(VmmClient::new(socket).complete_handover()?)
 }
 
 /// Takes ownership of inherited fds after checking each is open and named once.

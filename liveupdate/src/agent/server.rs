@@ -8,18 +8,20 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
 use crate::kexec::{self, KexecError};
 use crate::probe::{self, HandlerStatus};
+use crate::unix::{self, BindError};
 use crate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 
 /// How long a client has to send its request.
@@ -59,9 +61,6 @@ enum After {
 struct PendingUpdate {
     deadline: Instant,
 }
-
-/// How often an idle agent looks at a pending update.
-const IDLE_TICK: Duration = Duration::from_millis(50);
 
 /// The agent's state: LUO, the ledger, and its copy of every VM's outgoing session.
 pub struct Agent {
@@ -105,9 +104,10 @@ impl Agent {
         })
     }
 
-    /// Serves clients on `socket` (created 0600) until the kexec.
+    /// Serves clients on `socket` (created 0600) until the kexec. The loop sleeps in `poll`
+    /// until a client connects or a pending update's deadline comes.
     pub fn serve(mut self, socket: &Path) -> Result<(), AgentError> {
-        let listener = bind_private(socket)?;
+        let listener = bind_socket(socket)?;
         listener
             .set_nonblocking(true)
             .map_err(|source| AgentError::Socket {
@@ -116,6 +116,13 @@ impl Agent {
             })?;
         log::info!("agent: serving {}", socket.display());
         loop {
+            self.watch_pending();
+            // poll on one fd fails only for want of kernel memory: the agent, which holds every
+            // VM's session, keeps going rather than exit.
+            if let Err(e) = wait_for_client(&listener, self.until_deadline()) {
+                log::warn!("agent: waiting for clients: {e}");
+                continue;
+            }
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);
@@ -129,13 +136,18 @@ impl Agent {
                         self.kexec(agent_session);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.watch_pending();
-                    std::thread::sleep(IDLE_TICK);
-                }
+                // Woken by the deadline, or the client left before its turn.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => log::warn!("agent: accept: {e}"),
             }
         }
+    }
+
+    /// How long until a pending update's deadline; `None` without one.
+    fn until_deadline(&self) -> Option<Duration> {
+        self.pending
+            .as_ref()
+            .map(|p| p.deadline.saturating_duration_since(Instant::now()))
     }
 
     /// A pending update goes once every VM is ready, or is called off for everyone at its
@@ -391,34 +403,55 @@ fn read_ledger(file: &File) -> std::io::Result<Ledger> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Binds `path` with mode 0600: under a temporary name first, restricted, then renamed, so
-/// the socket is never reachable by others.
-fn bind_private(path: &Path) -> Result<UnixListener, AgentError> {
-    if path.exists() {
-        return Err(AgentError::SocketExists {
-            path: path.to_path_buf(),
-        });
-    }
-    let socket_err = |source| AgentError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Creates the agent's socket, mode 0600, and the directory it lives in.
+fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(socket_err)?;
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(socket_err)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
-    std::fs::rename(&tmp, path).map_err(socket_err)?;
-    Ok(listener)
+    unix::bind_owner_only(path).map_err(|e| match e {
+        BindError::Exists { path } => AgentError::SocketExists { path },
+        BindError::Create { path, source } => AgentError::Socket { path, source },
+    })
+}
+
+/// Blocks until `listener` has a client waiting or `timeout` (if any) passes. A timeout is
+/// rounded up to whole milliseconds, so a deadline is never woken for just before it.
+fn wait_for_client(listener: &UnixListener, timeout: Option<Duration>) -> nix::Result<()> {
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wait_ends_on_a_connection_or_at_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("luvmm-agent-wait-{}", std::process::id()));
+        let path = dir.join("agent.sock");
+        let listener = bind_socket(&path).unwrap();
+        let started = Instant::now();
+        wait_for_client(&listener, Some(Duration::from_millis(30))).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        let _client = UnixStream::connect(&path).unwrap();
+        // No deadline: only the connection can end this wait.
+        wait_for_client(&listener, None).unwrap();
+        assert!(listener.accept().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_ledger_reads_back_from_its_memfd() {

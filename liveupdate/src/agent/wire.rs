@@ -1,16 +1,16 @@
 //! The agent's wire format: one JSON request per line from the client, one JSON reply line
 //! back, with the fds a reply carries (a session) attached by `SCM_RIGHTS` to its bytes.
 
-use std::io::{IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::ledger::Ledger;
 use crate::probe::HandlerStatus;
+use crate::unix::{self, FdReader};
 
 /// Longest line either side accepts.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -83,6 +83,9 @@ impl Reply {
     }
 }
 
+/// Most fds one line carries: a session, or the fds a probe asks about.
+const MAX_FDS: usize = 4;
+
 /// Sends `value` as one line, with `fds` attached.
 pub fn send_line<T: Serialize>(
     stream: &UnixStream,
@@ -91,48 +94,16 @@ pub fn send_line<T: Serialize>(
 ) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() {
-        &[]
-    } else {
-        &[ControlMessage::ScmRights(&raw)]
-    };
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&bytes)],
-        cmsgs,
-        MsgFlags::empty(),
-        None,
-    )?;
-    (&*stream).write_all(&bytes[sent..])
+    unix::send_with_fds(stream, &bytes, fds)
 }
 
 /// Receives one line and the fds that came with it.
 pub fn recv_line(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut reader = FdReader::<MAX_FDS>::new(stream);
     let mut line = Vec::new();
-    let mut fds = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(received) = c {
-                // SAFETY: the kernel just installed these fds in this process for us; nothing
-                // else owns them.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        let n = msg.bytes;
+        let n = reader.read(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -140,7 +111,7 @@ pub fn recv_line(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)
         line.extend_from_slice(&chunk[..n]);
         if let Some(end) = line.iter().position(|&b| b == b'\n') {
             line.truncate(end);
-            return Ok((line, fds));
+            return Ok((line, reader.into_fds()));
         }
         if line.len() > MAX_LINE {
             return Err(std::io::Error::new(
@@ -172,6 +143,22 @@ mod tests {
         let (line, fds) = recv_line(&a).unwrap();
         assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), reply);
         assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn a_line_cut_short_or_with_too_many_fds_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        unix::send_with_fds(&a, br#"{"op":"status"}"#, &[&file]).unwrap();
+        drop(a);
+        let err = recv_line(&b).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let fds: Vec<&OwnedFd> = std::iter::repeat_n(&file, MAX_FDS + 1).collect();
+        send_line(&a, &Request::Probe {}, &fds).unwrap();
+        let err = recv_line(&b).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 
     #[test]

@@ -9,37 +9,28 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use luvmm_vmm::api::client;
+use luvmm_vmm::api::client::VmmClient;
+use luvmm_vmm::api::Endpoint;
 
 fn main() -> ExitCode {
     let Some(socket) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: handover-taker SOCKET");
         return ExitCode::from(2);
     };
-    match client::request(
-        &socket,
-        "PUT",
-        "/vm/handover",
-        None,
-        client::DEFAULT_TIMEOUT,
-    ) {
-        Ok(reply) => {
-            let devices = serde_json::from_str::<serde_json::Value>(&reply.body)
-                .ok()
-                .and_then(|m| m["passthrough"].as_array().map(Vec::len))
-                .unwrap_or(0);
+    match VmmClient::new(&socket).handover() {
+        Ok(handover) => {
             println!(
-                "LUVMM-TAKER status={} fds={} devices={devices}",
-                reply.status,
-                reply.fds.len()
+                "LUVMM-TAKER status={} fds={} devices={}",
+                Endpoint::Handover.success_status(),
+                handover.fds.len(),
+                handover.manifest.passthrough.len()
             );
-            if reply.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::SUCCESS
         }
         Err(e) => {
+            if let Some(status) = e.status() {
+                println!("LUVMM-TAKER status={status} fds=0 devices=0");
+            }
             eprintln!("handover-taker: {e}");
             ExitCode::FAILURE
         }

@@ -1,15 +1,23 @@
-//! A client for the control API, used by `luvmm ctl`, `luvmm restore --from-socket` and the
-//! benchmarks.
+//! A client for the control API, used by `luvmm ctl`, `luvmm restore --from-socket`, the
+//! benchmarks and the tests. [`VmmClient`] has one method per endpoint, built from the same
+//! [`Endpoint`] routes and body types the server parses, and returns typed replies.
 
-use std::io::{IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use serde::de::DeserializeOwned;
+
+use luvmm_devices::guest_control::GuestRequest;
+use luvmm_liveupdate::unix::FdReader;
 
 use super::http::{parse_response, request_bytes, HttpError};
+use super::{CheckBody, Endpoint, PrepareBody, VmmAction};
+use crate::update::check::VmCheck;
+use crate::update::prepare::PrepareReport;
+use crate::vmm::{HandoverManifest, SaveReport, VmStatus};
 
 /// Most fds a reply may carry: a state memfd, RAM memfds, and the iommufd plus each passthrough
 /// device's cdev and interrupt eventfds.
@@ -42,6 +50,38 @@ pub enum ClientError {
         #[source]
         source: HttpError,
     },
+    /// The VMM answered with another status than the endpoint's success: an error it
+    /// explains in `message`, the `error` field of its reply.
+    #[error("{path} refused {endpoint}: {status} {message}")]
+    Refused {
+        path: PathBuf,
+        endpoint: Endpoint,
+        status: u16,
+        message: String,
+    },
+    #[error("the reply of {path} to {endpoint} does not parse")]
+    Decode {
+        path: PathBuf,
+        endpoint: Endpoint,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the body of {endpoint}")]
+    Encode {
+        endpoint: Endpoint,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// A reply: status, body, and any fds that came with it.
@@ -59,8 +99,180 @@ impl ApiReply {
     }
 }
 
+/// A VM handed over: its manifest, and the fds in the order the manifest describes.
+#[derive(Debug)]
+pub struct Handover {
+    pub manifest: HandoverManifest,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The control API of the VMM behind one socket.
+#[derive(Clone, Debug)]
+pub struct VmmClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl VmmClient {
+    /// A client that waits [`DEFAULT_TIMEOUT`] for each reply.
+    pub fn new(socket: &Path) -> VmmClient {
+        VmmClient {
+            socket: socket.to_path_buf(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same client, waiting `timeout` for each reply.
+    pub fn with_timeout(self, timeout: Duration) -> VmmClient {
+        VmmClient { timeout, ..self }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The VM's phase, vCPUs, memory layout and restore timings.
+    pub fn status(&self) -> Result<VmStatus, ClientError> {
+        self.call_json(&VmmAction::Status)
+    }
+
+    pub fn pause(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::Pause).map(drop)
+    }
+
+    pub fn resume(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::Resume).map(drop)
+    }
+
+    /// Pauses the VM and saves its state into a memfd, and into `export_path` if given.
+    pub fn save(&self, export_path: Option<&Path>) -> Result<SaveReport, ClientError> {
+        self.call_json(&VmmAction::Save {
+            export_path: export_path.map(Path::to_path_buf),
+        })
+    }
+
+    /// Asks the guest to check its memory (it prints a LUVMM-CHECK line).
+    pub fn check(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::Check).map(drop)
+    }
+
+    pub fn guest_request(&self, request: GuestRequest) -> Result<(), ClientError> {
+        self.call(&VmmAction::GuestRequest(request)).map(drop)
+    }
+
+    /// Prepares the VM's host live update through the agent at `agent_socket`.
+    pub fn prepare_update(
+        &self,
+        vm_id: &str,
+        agent_socket: &Path,
+        require_preserved_devices: bool,
+    ) -> Result<PrepareReport, ClientError> {
+        self.call_json(&VmmAction::PrepareUpdate(PrepareBody {
+            vm_id: vm_id.to_string(),
+            agent_socket: agent_socket.to_path_buf(),
+            require_preserved_devices,
+        }))
+    }
+
+    /// This VM's part of the update pre-flight.
+    pub fn check_update(&self, agent_socket: &Path) -> Result<VmCheck, ClientError> {
+        self.call_json(&VmmAction::CheckUpdate(CheckBody {
+            agent_socket: agent_socket.to_path_buf(),
+        }))
+    }
+
+    /// Calls a prepared update off: the session is released and the VM resumes.
+    pub fn cancel_update(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::CancelUpdate).map(drop)
+    }
+
+    /// Asks for the VM: its saved state and memory (and devices) as fds. The VMM can still
+    /// resume it until [`VmmClient::complete_handover`].
+    pub fn handover(&self) -> Result<Handover, ClientError> {
+        let endpoint = Endpoint::Handover;
+        let reply = self.call(&VmmAction::Handover)?;
+        let manifest = self.decode(endpoint, &reply.body)?;
+        Ok(Handover {
+            manifest,
+            fds: reply.fds,
+        })
+    }
+
+    /// Tells the VMM this process took its VM over; after this it refuses to resume it.
+    pub fn complete_handover(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::CompleteHandover).map(drop)
+    }
+
+    /// Stops the VMM.
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        self.call(&VmmAction::Shutdown).map(drop)
+    }
+
+    /// Sends `action` and returns the reply whatever its status, for callers that show it as
+    /// it came (`luvmm ctl`).
+    pub fn send(&self, action: &VmmAction) -> Result<ApiReply, ClientError> {
+        let endpoint = action.endpoint();
+        let body = action
+            .body()
+            .map_err(|source| ClientError::Encode { endpoint, source })?;
+        request(
+            &self.socket,
+            endpoint.method(),
+            endpoint.path(),
+            body.as_deref(),
+            self.timeout,
+        )
+    }
+
+    /// Sends `action`; anything but its endpoint's success status is an error.
+    fn call(&self, action: &VmmAction) -> Result<ApiReply, ClientError> {
+        let endpoint = action.endpoint();
+        let reply = self.send(action)?;
+        if reply.status != endpoint.success_status() {
+            return Err(ClientError::Refused {
+                path: self.socket.clone(),
+                endpoint,
+                status: reply.status,
+                message: error_message(reply.body),
+            });
+        }
+        Ok(reply)
+    }
+
+    /// Sends `action` and decodes the JSON it answers with.
+    fn call_json<T: DeserializeOwned>(&self, action: &VmmAction) -> Result<T, ClientError> {
+        let reply = self.call(action)?;
+        self.decode(action.endpoint(), &reply.body)
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        body: &str,
+    ) -> Result<T, ClientError> {
+        serde_json::from_str(body).map_err(|source| ClientError::Decode {
+            path: self.socket.clone(),
+            endpoint,
+            source,
+        })
+    }
+}
+
+/// The `error` field of an error reply, or the whole body if it has none.
+fn error_message(body: String) -> String {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    match serde_json::from_str::<ErrorBody>(&body) {
+        Ok(reply) => reply.error,
+        Err(_) => body,
+    }
+}
+
 /// Sends one request to the API socket at `socket` and reads the whole reply, giving up after
-/// `timeout` without one.
+/// `timeout` without one. [`VmmClient`] builds its requests on this; a raw method and path are
+/// for what it cannot express.
 pub fn request(
     socket: &Path,
     method: &str,
@@ -89,7 +301,11 @@ pub fn request(
     stream
         .write_all(&request_bytes(method, path, body))
         .map_err(io_err)?;
-    let (bytes, fds) = read_all_with_fds(&stream).map_err(io_err)?;
+    // The server closes the connection after its reply.
+    let mut reader = FdReader::<MAX_FDS>::new(&stream);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).map_err(io_err)?;
+    let fds = reader.into_fds();
     let (status, body) = parse_response(&bytes).map_err(|source| ClientError::Http {
         path: socket.to_path_buf(),
         source,
@@ -97,34 +313,69 @@ pub fn request(
     Ok(ApiReply { status, body, fds })
 }
 
-fn read_all_with_fds(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut bytes = Vec::new();
-    let mut fds = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(received) = c {
-                // SAFETY: the kernel just installed these fds in this process for us; nothing
-                // else owns them.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::http::{parse_request, Response};
+    use std::os::unix::net::UnixListener;
+
+    /// A one-shot server on a temporary socket that answers with `response`.
+    fn serve_once(name: &str, response: Response) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path = std::env::temp_dir().join(format!("luvmm-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while parse_request(&request).unwrap().is_none() {
+                let n = stream.read(&mut chunk).unwrap();
+                request.extend_from_slice(&chunk[..n]);
             }
-        }
-        let n = msg.bytes;
-        if n == 0 {
-            return Ok((bytes, fds));
-        }
-        bytes.extend_from_slice(&chunk[..n]);
+            stream.write_all(&response.to_bytes()).unwrap();
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn an_error_reply_becomes_a_refusal_with_the_servers_message() {
+        let (path, server) = serve_once("refused", Response::error(409, "VM is paused"));
+        let err = VmmClient::new(&path).resume().unwrap_err();
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(err.status(), Some(409));
+        assert!(
+            matches!(&err, ClientError::Refused { endpoint: Endpoint::Resume, message, .. }
+                if message == "VM is paused"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_success_other_than_the_endpoints_own_is_refused() {
+        let (path, server) = serve_once("wrong-success", Response::empty(204));
+        let err = VmmClient::new(&path).status().unwrap_err();
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(err.status(), Some(204));
+    }
+
+    #[test]
+    fn a_reply_that_does_not_decode_is_a_typed_error() {
+        let body = serde_json::json!({ "phase": "dancing" });
+        let (path, server) = serve_once("undecodable", Response::json(200, &body));
+        let err = VmmClient::new(&path).status().unwrap_err();
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(
+                err,
+                ClientError::Decode {
+                    endpoint: Endpoint::Status,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -18,6 +18,9 @@
 //! Errors are `{"error": "..."}` with 400 (bad body), 404 (unknown path), 405 (wrong method),
 //! 408 (no complete request within the read timeout), 409 (wrong phase), 413 (too large), 503
 //! (too many clients queued) or 500.
+//!
+//! Each endpoint's method and path are written once, in [`Endpoint::route`], and its body
+//! types once too: [`route`] parses requests with them and [`client::VmmClient`] sends them.
 
 pub mod client;
 pub mod http;
@@ -26,7 +29,7 @@ pub mod server;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use luvmm_devices::guest_control::GuestRequest;
 
@@ -53,15 +56,166 @@ pub enum VmmAction {
     Shutdown,
 }
 
+impl VmmAction {
+    /// The endpoint that carries this action.
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            VmmAction::Status => Endpoint::Status,
+            VmmAction::Pause => Endpoint::Pause,
+            VmmAction::Resume => Endpoint::Resume,
+            VmmAction::Save { .. } => Endpoint::Save,
+            VmmAction::Check => Endpoint::Check,
+            VmmAction::GuestRequest(_) => Endpoint::GuestRequest,
+            VmmAction::PrepareUpdate(_) => Endpoint::PrepareUpdate,
+            VmmAction::CheckUpdate(_) => Endpoint::CheckUpdate,
+            VmmAction::CancelUpdate => Endpoint::CancelUpdate,
+            VmmAction::Handover => Endpoint::Handover,
+            VmmAction::CompleteHandover => Endpoint::CompleteHandover,
+            VmmAction::Shutdown => Endpoint::Shutdown,
+        }
+    }
+
+    /// The JSON body that asks for this action, in the shape its endpoint parses; `None` for
+    /// an action without parameters. Fails only on a path that is not UTF-8.
+    pub fn body(&self) -> Result<Option<String>, serde_json::Error> {
+        let body = match self {
+            VmmAction::Save { export_path } => serde_json::to_string(&SaveBody {
+                export_path: export_path.clone(),
+            })?,
+            VmmAction::GuestRequest(request) => {
+                serde_json::to_string(&GuestRequestBody { request: *request })?
+            }
+            VmmAction::PrepareUpdate(body) => serde_json::to_string(body)?,
+            VmmAction::CheckUpdate(body) => serde_json::to_string(body)?,
+            _ => return Ok(None),
+        };
+        Ok(Some(body))
+    }
+}
+
+/// An endpoint of the API. Its method and path are written in [`Endpoint::route`] and nowhere
+/// else: the router finds requests by them and the client sends them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Status,
+    Pause,
+    Resume,
+    Save,
+    Check,
+    GuestRequest,
+    PrepareUpdate,
+    CheckUpdate,
+    CancelUpdate,
+    Handover,
+    CompleteHandover,
+    Shutdown,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 12] = [
+        Endpoint::Status,
+        Endpoint::Pause,
+        Endpoint::Resume,
+        Endpoint::Save,
+        Endpoint::Check,
+        Endpoint::GuestRequest,
+        Endpoint::PrepareUpdate,
+        Endpoint::CheckUpdate,
+        Endpoint::CancelUpdate,
+        Endpoint::Handover,
+        Endpoint::CompleteHandover,
+        Endpoint::Shutdown,
+    ];
+
+    /// The method and path that reach this endpoint.
+    pub fn route(self) -> (&'static str, &'static str) {
+        match self {
+            Endpoint::Status => ("GET", "/vm"),
+            Endpoint::Pause => ("PUT", "/vm/pause"),
+            Endpoint::Resume => ("PUT", "/vm/resume"),
+            Endpoint::Save => ("PUT", "/vm/save"),
+            Endpoint::Check => ("PUT", "/vm/check"),
+            Endpoint::GuestRequest => ("PUT", "/vm/guest-request"),
+            Endpoint::PrepareUpdate => ("PUT", "/vm/update/prepare"),
+            Endpoint::CheckUpdate => ("PUT", "/vm/update/check"),
+            Endpoint::CancelUpdate => ("PUT", "/vm/update/cancel"),
+            Endpoint::Handover => ("PUT", "/vm/handover"),
+            Endpoint::CompleteHandover => ("PUT", "/vm/handover/complete"),
+            Endpoint::Shutdown => ("PUT", "/vm/shutdown"),
+        }
+    }
+
+    pub fn method(self) -> &'static str {
+        self.route().0
+    }
+
+    pub fn path(self) -> &'static str {
+        self.route().1
+    }
+
+    /// The status [`dispatch`] answers a success with: 200 where it sends JSON, else 204.
+    pub fn success_status(self) -> u16 {
+        match self {
+            Endpoint::Status
+            | Endpoint::Save
+            | Endpoint::PrepareUpdate
+            | Endpoint::CheckUpdate
+            | Endpoint::Handover => 200,
+            Endpoint::Pause
+            | Endpoint::Resume
+            | Endpoint::Check
+            | Endpoint::GuestRequest
+            | Endpoint::CancelUpdate
+            | Endpoint::CompleteHandover
+            | Endpoint::Shutdown => 204,
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.path() == path)
+    }
+
+    /// The action a request to this endpoint with `body` asks for.
+    fn parse(self, body: &[u8]) -> Result<VmmAction, Response> {
+        match self {
+            Endpoint::Status => Ok(VmmAction::Status),
+            Endpoint::Pause => no_body(body).map(|_| VmmAction::Pause),
+            Endpoint::Resume => no_body(body).map(|_| VmmAction::Resume),
+            Endpoint::Check => no_body(body).map(|_| VmmAction::Check),
+            Endpoint::GuestRequest => {
+                required_body::<GuestRequestBody>(body).map(|r| VmmAction::GuestRequest(r.request))
+            }
+            Endpoint::PrepareUpdate => {
+                required_body::<PrepareBody>(body).map(VmmAction::PrepareUpdate)
+            }
+            Endpoint::CancelUpdate => no_body(body).map(|_| VmmAction::CancelUpdate),
+            Endpoint::CheckUpdate => required_body::<CheckBody>(body).map(VmmAction::CheckUpdate),
+            Endpoint::Handover => no_body(body).map(|_| VmmAction::Handover),
+            Endpoint::CompleteHandover => no_body(body).map(|_| VmmAction::CompleteHandover),
+            Endpoint::Shutdown => no_body(body).map(|_| VmmAction::Shutdown),
+            Endpoint::Save => parse_body::<SaveBody>(body).map(|s| VmmAction::Save {
+                export_path: s.export_path,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (method, path) = self.route();
+        write!(f, "{method} {path}")
+    }
+}
+
 /// What `PUT /vm/update/check` takes.
-#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody {
     pub agent_socket: PathBuf,
 }
 
 /// What `PUT /vm/update/prepare` takes.
-#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareBody {
     pub vm_id: String,
@@ -70,54 +224,33 @@ pub struct PrepareBody {
     pub require_preserved_devices: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GuestRequestBody {
     request: GuestRequest,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SaveBody {
     export_path: Option<PathBuf>,
 }
 
-/// Turns a request body into the action of one endpoint.
-type BodyParser = fn(&[u8]) -> Result<VmmAction, Response>;
-
 /// Maps a request to an action, or to the error response it deserves.
 pub fn route(req: &Request) -> Result<VmmAction, Response> {
-    let (allowed, action): (&'static str, BodyParser) = match req.path.as_str() {
-        "/vm" => ("GET", |_| Ok(VmmAction::Status)),
-        "/vm/pause" => ("PUT", |b| no_body(b).map(|_| VmmAction::Pause)),
-        "/vm/resume" => ("PUT", |b| no_body(b).map(|_| VmmAction::Resume)),
-        "/vm/check" => ("PUT", |b| no_body(b).map(|_| VmmAction::Check)),
-        "/vm/guest-request" => ("PUT", |b| {
-            required_body::<GuestRequestBody>(b).map(|r| VmmAction::GuestRequest(r.request))
-        }),
-        "/vm/update/prepare" => ("PUT", |b| {
-            required_body::<PrepareBody>(b).map(VmmAction::PrepareUpdate)
-        }),
-        "/vm/update/cancel" => ("PUT", |b| no_body(b).map(|_| VmmAction::CancelUpdate)),
-        "/vm/update/check" => ("PUT", |b| {
-            required_body::<CheckBody>(b).map(VmmAction::CheckUpdate)
-        }),
-        "/vm/handover" => ("PUT", |b| no_body(b).map(|_| VmmAction::Handover)),
-        "/vm/handover/complete" => ("PUT", |b| no_body(b).map(|_| VmmAction::CompleteHandover)),
-        "/vm/shutdown" => ("PUT", |b| no_body(b).map(|_| VmmAction::Shutdown)),
-        "/vm/save" => ("PUT", |b| {
-            parse_body::<SaveBody>(b).map(|s| VmmAction::Save {
-                export_path: s.export_path,
-            })
-        }),
-        other => return Err(Response::error(404, &format!("no such endpoint: {other}"))),
+    let Some(endpoint) = Endpoint::from_path(&req.path) else {
+        return Err(Response::error(
+            404,
+            &format!("no such endpoint: {}", req.path),
+        ));
     };
+    let allowed = endpoint.method();
     if req.method != allowed {
         let mut resp = Response::error(405, &format!("{} {}: use {allowed}", req.method, req.path));
         resp.allow = Some(allowed);
         return Err(resp);
     }
-    action(&req.body)
+    endpoint.parse(&req.body)
 }
 
 /// Endpoints without parameters take no body, or an empty JSON object.
@@ -288,6 +421,57 @@ mod tests {
             route(&req("PUT", "/vm/handover/complete", "")),
             Ok(VmmAction::CompleteHandover)
         );
+    }
+
+    /// Every action, each endpoint at least once.
+    fn one_of_each() -> Vec<VmmAction> {
+        vec![
+            VmmAction::Status,
+            VmmAction::Pause,
+            VmmAction::Resume,
+            VmmAction::Save { export_path: None },
+            VmmAction::Save {
+                export_path: Some("/tmp/state".into()),
+            },
+            VmmAction::Check,
+            VmmAction::GuestRequest(GuestRequest::IrqInFlight),
+            VmmAction::PrepareUpdate(PrepareBody {
+                vm_id: "vm1".into(),
+                agent_socket: "/run/agent.sock".into(),
+                require_preserved_devices: true,
+            }),
+            VmmAction::CheckUpdate(CheckBody {
+                agent_socket: "/run/agent.sock".into(),
+            }),
+            VmmAction::CancelUpdate,
+            VmmAction::Handover,
+            VmmAction::CompleteHandover,
+            VmmAction::Shutdown,
+        ]
+    }
+
+    #[test]
+    fn what_the_client_sends_routes_back_to_the_same_action() {
+        for action in one_of_each() {
+            let endpoint = action.endpoint();
+            let body = action.body().unwrap();
+            let bytes = http::request_bytes(endpoint.method(), endpoint.path(), body.as_deref());
+            let req = http::parse_request(&bytes).unwrap().unwrap();
+            assert_eq!(route(&req), Ok(action), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn every_endpoint_has_its_own_path() {
+        for (i, endpoint) in Endpoint::ALL.iter().enumerate() {
+            assert_eq!(Endpoint::from_path(endpoint.path()), Some(*endpoint));
+            assert!(
+                !Endpoint::ALL[..i].contains(endpoint),
+                "{endpoint} listed twice"
+            );
+        }
+        let used: Vec<Endpoint> = one_of_each().iter().map(VmmAction::endpoint).collect();
+        assert!(Endpoint::ALL.iter().all(|e| used.contains(e)));
     }
 
     #[test]

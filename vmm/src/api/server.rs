@@ -7,16 +7,15 @@
 //! reply, which may carry fds (`SCM_RIGHTS`) for a handover.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use luvmm_liveupdate::unix::{self, BindError};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
@@ -64,28 +63,18 @@ struct Client {
 }
 
 impl ApiServer {
-    /// Creates the socket with mode 0600: it is bound under a temporary name, restricted, then
-    /// renamed into place, so it is never reachable with wider permissions.
+    /// Creates the socket with mode 0600, never reachable with wider permissions.
     pub fn bind(path: &Path, vmm: Arc<Mutex<Vmm>>) -> Result<ApiServer, ApiSocketError> {
-        if path.exists() {
-            return Err(ApiSocketError::Exists {
+        let listener = unix::bind_owner_only(path).map_err(|e| match e {
+            BindError::Exists { path } => ApiSocketError::Exists { path },
+            BindError::Create { path, source } => ApiSocketError::Bind { path, source },
+        })?;
+        if let Err(source) = listener.set_nonblocking(true) {
+            let _ = std::fs::remove_file(path);
+            return Err(ApiSocketError::Bind {
                 path: path.to_path_buf(),
+                source,
             });
-        }
-        let bind_err = |source| ApiSocketError::Bind {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .and_then(|_| listener.set_nonblocking(true));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(bind_err(e));
         }
         // Non-blocking, so a read after the deadline was reset returns at once.
         let timer = TimerFd::new(
@@ -264,28 +253,10 @@ impl MutEventSubscriber for ApiServer {
 
 /// Writes the reply; fds go with the first bytes. A client that went away is only logged.
 fn send_reply(stream: &UnixStream, reply: &Reply) {
-    let bytes = reply.response.to_bytes();
     if let Err(e) = stream.set_nonblocking(false) {
         log::warn!("api: {e}");
     }
-    let result = if reply.fds.is_empty() {
-        (&*stream).write_all(&bytes)
-    } else {
-        send_with_fds(stream, &bytes, &reply.fds)
-    };
-    if let Err(e) = result {
+    if let Err(e) = unix::send_with_fds(stream, &reply.response.to_bytes(), &reply.fds) {
         log::warn!("api: cannot send reply: {e}");
     }
-}
-
-fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &[ControlMessage::ScmRights(&raw)],
-        MsgFlags::empty(),
-        None,
-    )?;
-    (&*stream).write_all(&bytes[sent..])
 }
