@@ -251,3 +251,67 @@ fn read_state_file(path: &Path) -> Result<Vec<u8>, RestoreError> {
     })?;
     read_state(&file, None, &from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+
+    fn raw_memfd(contents: &[u8]) -> RawFd {
+        let fd = nix::sys::memfd::memfd_create("restore-test", nix::sys::memfd::MFdFlags::empty())
+            .expect("memfd");
+        let mut file = File::from(fd);
+        file.write_all(contents).expect("write");
+        file.into_raw_fd()
+    }
+
+    fn inherited(state: StateSource, memory_fds: Vec<RawFd>) -> Result<RestoreArgs, RestoreError> {
+        collect(
+            RestoreSource::Inherited { state, memory_fds },
+            SerialOutput::Discard,
+        )
+        .map(|(args, session)| {
+            assert!(session.is_none(), "inherited fds bring no session");
+            args
+        })
+    }
+
+    #[test]
+    fn inherited_fds_are_checked_before_they_are_owned() {
+        assert!(matches!(
+            inherited(StateSource::Fd(3), Vec::new()),
+            Err(RestoreError::NoMemory)
+        ));
+        let ram = raw_memfd(b"");
+        assert!(matches!(
+            inherited(StateSource::Fd(ram), vec![ram]),
+            Err(RestoreError::Duplicate { fd }) if fd == ram
+        ));
+        assert!(matches!(
+            inherited(StateSource::Fd(-1), vec![ram]),
+            Err(RestoreError::NotOpen { fd: -1 })
+        ));
+        // SAFETY: `ram` was made above and nothing owns it after the refusals.
+        drop(unsafe { File::from_raw_fd(ram) });
+    }
+
+    #[test]
+    fn an_inherited_state_fd_is_read_and_decoded() {
+        let golden = include_bytes!("../../tests/golden/1.2/state.bin");
+        let state = raw_memfd(golden);
+        let ram = raw_memfd(&[0; 4096]);
+        let args = inherited(StateSource::Fd(state), vec![ram]).expect("collect");
+        assert_eq!(args.state_bytes, golden.len() as u64);
+        assert_eq!(args.memfds.len(), 1);
+        assert!(args.state_memfd.is_some());
+        assert!(matches!(args.origin, Origin::Saved));
+
+        let ram = raw_memfd(&[0; 4096]);
+        let garbage = raw_memfd(b"not a state");
+        assert!(matches!(
+            inherited(StateSource::Fd(garbage), vec![ram]),
+            Err(RestoreError::State(_))
+        ));
+    }
+}

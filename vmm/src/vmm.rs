@@ -583,3 +583,6 @@ fn export_state(path: &Path, blob: &[u8]) -> std::io::Result<()> {
     file.sync_all()?;
     std::fs::rename(&tmp, path)
 }
+
+#[cfg(test)]
+mod tests;

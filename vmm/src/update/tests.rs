@@ -19,6 +19,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use super::cancel::{cancel, follow_agent};
 use super::finish::finish_session;
 use super::prepare::{prepare, PrepareOptions};
+use super::release::{release, ReleaseError};
 use super::retrieve::{retrieve, HostDeviceError, RetrieveError, StateRefused};
 use super::vm::UpdateVm;
 use super::UpdateError;
@@ -485,4 +486,31 @@ fn each_blocker_has_a_stable_kind_in_json() {
     assert_eq!(json["bdf"], DEV1);
     let back: super::check::Blocker = serde_json::from_value(json).expect("back");
     assert_eq!(back, blocker);
+}
+
+#[test]
+fn a_release_finishes_the_session_without_taking_the_ram() {
+    let host = after_kexec(|_| {}, &[]);
+    let report = release("vm1", &host.agent()).expect("release");
+    assert_eq!(report.session, SESSION);
+    assert!(report.devices.is_empty() && report.not_preserved.is_empty());
+    assert!(host.finished(SESSION));
+    assert!(
+        !host.take_log().iter().any(|l| l.contains("0x100")),
+        "guest RAM is never retrieved"
+    );
+    assert_eq!(host.ledger().vms[0].phase, AgentPhase::Finished);
+}
+
+#[test]
+fn a_release_refuses_a_state_not_saved_for_an_update() {
+    let host = after_kexec(|s| s.update = None, &[]);
+    match release("vm1", &host.agent()) {
+        Err(ReleaseError::State {
+            source: StateRefused::NotForUpdate,
+            ..
+        }) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(!host.finished(SESSION));
 }

@@ -1,0 +1,139 @@
+//! The builder's restore recipe and the VMM's phase machine, on `/dev/kvm`, from the golden
+//! 1.2 state (two vCPUs, 4 MiB of RAM). The vCPUs are never resumed: the RAM is blank.
+
+use std::fs::File;
+
+use luvmm_resources::config::{BarMode, SerialOutput};
+use luvmm_resources::state::{self, IommuState, PassthroughState, VfioBackend, VmState};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+use crate::builder::{build_from_saved, BuildError, Origin, RestoreArgs};
+use crate::passthrough::DeviceSetupError;
+use crate::vmm::{VmPhase, VmmError};
+use crate::vstate::vcpu::register_kick_signal;
+use crate::vstate::vm::open_kvm;
+
+/// KVM, with the signal that kicks vCPUs out of `KVM_RUN` handled (its default kills).
+fn kvm() -> kvm_ioctls::Kvm {
+    register_kick_signal().expect("the kick signal");
+    open_kvm().expect("this test needs /dev/kvm")
+}
+
+fn golden() -> VmState {
+    let mut saved: VmState =
+        state::decode(include_bytes!("../../../tests/golden/1.2/state.bin")).expect("golden");
+    for vcpu in &mut saved.vcpus {
+        // The TSC rate of the machine the golden state was taken on is not this one's.
+        vcpu.tsc_khz = None;
+    }
+    saved
+}
+
+fn ram(bytes: u64) -> File {
+    let file = File::from(memfd_create("ram0", MFdFlags::MFD_CLOEXEC).expect("memfd"));
+    file.set_len(bytes).expect("size the memfd");
+    file
+}
+
+fn args(state: VmState, ram_bytes: u64, origin: Origin) -> RestoreArgs {
+    RestoreArgs {
+        state,
+        state_bytes: 0,
+        state_memfd: None,
+        memfds: vec![ram(ram_bytes)],
+        origin,
+        serial: SerialOutput::Discard,
+        gather_ms: 0.0,
+    }
+}
+
+fn device(bdf: &str) -> PassthroughState {
+    PassthroughState {
+        bdf: bdf.into(),
+        guest_slot: 1,
+        backend: VfioBackend::IommufdCdev,
+        mappings: Vec::new(),
+        config: vec![0; 256],
+        msi: None,
+        msix: None,
+        intx: None,
+        hwpt_id: Some(2),
+        bar_access: BarMode::Direct,
+    }
+}
+
+#[test]
+fn a_restored_vm_comes_back_paused_and_each_phase_refuses_what_it_must() {
+    let kvm = kvm();
+    let mut vmm = build_from_saved(&kvm, args(golden(), 4 << 20, Origin::Saved)).expect("rebuild");
+    assert_eq!(vmm.phase(), VmPhase::Paused);
+    assert!(vmm.status().restore_timings.is_some());
+    assert!(matches!(
+        vmm.complete_handover(),
+        Err(VmmError::WrongPhase {
+            phase: VmPhase::Paused,
+            ..
+        })
+    ));
+    assert!(
+        matches!(vmm.handover(), Err(VmmError::NoCurrentState)),
+        "a handover needs a state saved since the last resume"
+    );
+    vmm.save(None).expect("save the paused VM");
+    assert!(vmm.status().state_current);
+    let (manifest, fds) = vmm.handover().expect("hand over");
+    assert_eq!(manifest.memory.regions.len(), 1);
+    assert_eq!(fds.len(), 2, "the state memfd and one RAM memfd");
+    assert_eq!(vmm.phase(), VmPhase::HandingOver);
+    vmm.complete_handover().expect("the target took it");
+    assert!(matches!(
+        vmm.resume(),
+        Err(VmmError::WrongPhase {
+            phase: VmPhase::HandedOver,
+            ..
+        })
+    ));
+    assert!(
+        vmm.save(None).is_err(),
+        "a VM handed over is not this process's"
+    );
+}
+
+#[test]
+fn memfds_that_do_not_fit_the_saved_layout_are_refused_before_kvm() {
+    let kvm = kvm();
+    let refused = build_from_saved(&kvm, args(golden(), 2 << 20, Origin::Saved));
+    assert!(matches!(refused, Err(BuildError::Mismatch(_))));
+}
+
+/// The golden state with one passthrough device on iommufd.
+fn with_device() -> VmState {
+    let mut saved = golden();
+    saved.devices.passthrough.push(device("0000:00:03.0"));
+    saved.devices.iommu = Some(IommuState {
+        ioas_id: 1,
+        hwpts: vec![2],
+        mappings: Vec::new(),
+    });
+    saved
+}
+
+#[test]
+fn a_state_with_devices_is_refused_without_what_brings_them() {
+    let kvm = kvm();
+    match build_from_saved(&kvm, args(with_device(), 4 << 20, Origin::Saved)) {
+        Err(BuildError::Devices(DeviceSetupError::NoDeviceFds { bdfs })) => {
+            assert_eq!(bdfs, ["0000:00:03.0"])
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let live_update = Origin::LiveUpdate {
+        devices: Vec::new(),
+        paused_at: None,
+        retrieve_ram_ms: 0.0,
+    };
+    assert!(matches!(
+        build_from_saved(&kvm, args(with_device(), 4 << 20, live_update)),
+        Err(BuildError::NoDevices)
+    ));
+}
