@@ -41,7 +41,7 @@ pub struct Retrieved {
 /// The session could not be retrieved.
 #[derive(Debug, thiserror::Error)]
 pub enum RetrieveError {
-    #[error("session of VM {vm_id}: {what}")]
+    #[error("session luvmm-{vm_id}: {what}")]
     Agent {
         vm_id: String,
         what: &'static str,
