@@ -8,9 +8,9 @@ use luvmm_devices::guest_control::GuestRequest;
 use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
     BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
-    DEFAULT_CMDLINE,
 };
 use luvmm_resources::layout::MemoryLayout;
+use luvmm_vmm::api::{PrepareBody, VmmAction};
 use serde::de::DeserializeOwned;
 
 /// luvmm: a microVM monitor whose VMs survive a host kernel live update.
@@ -244,6 +244,33 @@ pub enum CtlRequest {
     Update(UpdateRequest),
 }
 
+impl CtlRequest {
+    /// The API action this request asks for.
+    pub fn into_action(self) -> VmmAction {
+        match self {
+            CtlRequest::Status => VmmAction::Status,
+            CtlRequest::Pause => VmmAction::Pause,
+            CtlRequest::Resume => VmmAction::Resume,
+            CtlRequest::Save { export } => VmmAction::Save {
+                export_path: export,
+            },
+            CtlRequest::Check => VmmAction::Check,
+            CtlRequest::Guest { request } => VmmAction::GuestRequest(request),
+            CtlRequest::Shutdown => VmmAction::Shutdown,
+            CtlRequest::Update(UpdateRequest::Prepare {
+                vm_id,
+                agent_socket,
+                require_preserved_devices,
+            }) => VmmAction::PrepareUpdate(PrepareBody {
+                vm_id,
+                agent_socket,
+                require_preserved_devices,
+            }),
+            CtlRequest::Update(UpdateRequest::Cancel) => VmmAction::CancelUpdate,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum UpdateRequest {
     /// Preserve the VM into its LUO session through the agent (RAM while it runs, then pause,
@@ -292,19 +319,8 @@ pub enum BenchKind {
 pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::ConfigError> {
     let mut config = match &args.config {
         Some(path) => VmConfig::from_json_file(path)?,
-        None => VmConfig {
-            vcpus: 1,
-            memory: memory_regions(64),
-            payload: PathBuf::new(),
-            cmdline: DEFAULT_CMDLINE.to_string(),
-            boot: BootProtocol::Auto,
-            serial: SerialOutput::Stdout,
-            api_socket: None,
-            vfio: Vec::new(),
-            vfio_bars: BarMode::Direct,
-            vfio_backend: VfioBackendChoice::Auto,
-            memory_thp: false,
-        },
+        // One vCPU and 64 MiB; the flags below override it.
+        None => VmConfig::default(),
     };
     if args.thp {
         config.memory_thp = true;
@@ -377,4 +393,74 @@ pub fn restore_source(
         state,
         memory_fds: args.memory_fd.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctl(words: &[&str]) -> VmmAction {
+        let args = ["luvmm", "ctl", "--socket", "/run/vm.sock"]
+            .iter()
+            .chain(words);
+        match Cli::try_parse_from(args)
+            .expect("a ctl command line")
+            .command
+        {
+            Command::Ctl(args) => args.request.into_action(),
+            other => panic!("not ctl: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_ctl_request_asks_for_its_action_with_its_flags() {
+        assert_eq!(ctl(&["status"]), VmmAction::Status);
+        assert_eq!(ctl(&["update", "cancel"]), VmmAction::CancelUpdate);
+        assert_eq!(ctl(&["save"]), VmmAction::Save { export_path: None });
+        assert_eq!(
+            ctl(&["save", "--export", "/tmp/vm.state"]),
+            VmmAction::Save {
+                export_path: Some(PathBuf::from("/tmp/vm.state"))
+            }
+        );
+        assert_eq!(
+            ctl(&["guest", "irq_in_flight"]),
+            VmmAction::GuestRequest(GuestRequest::IrqInFlight)
+        );
+        assert_eq!(
+            ctl(&[
+                "update",
+                "prepare",
+                "--vm-id",
+                "a",
+                "--require-preserved-devices"
+            ]),
+            VmmAction::PrepareUpdate(PrepareBody {
+                vm_id: "a".into(),
+                agent_socket: PathBuf::from(DEFAULT_AGENT_SOCKET),
+                require_preserved_devices: true,
+            })
+        );
+    }
+
+    #[test]
+    fn run_without_a_config_starts_from_the_default_vm() {
+        let args = ["luvmm", "run", "--payload", "/boot/payload.elf"];
+        let Command::Run(run) = Cli::try_parse_from(args)
+            .expect("a run command line")
+            .command
+        else {
+            panic!("not run");
+        };
+        let config = vm_config(&run).expect("a config");
+        // What `--memory-mib 64` gives, so the flag and its absence agree.
+        assert_eq!(config.memory, memory_regions(64));
+        assert_eq!(
+            config,
+            VmConfig {
+                payload: PathBuf::from("/boot/payload.elf"),
+                ..VmConfig::default()
+            }
+        );
+    }
 }

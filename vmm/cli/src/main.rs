@@ -1,14 +1,16 @@
 //! `luvmm`: see `luvmm --help`.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use luvmm::cli::{self, AgentAction, Cli, Command, CtlRequest, UpdateCommand, UpdateRequest};
+use luvmm::cli::{self, AgentAction, Cli, Command, UpdateCommand};
 use luvmm::{bench, drill};
 use luvmm_liveupdate::agent::{Agent, AgentClient, AgentClientError, AgentError};
 use luvmm_liveupdate::kexec::KexecError;
 use luvmm_resources::config::ConfigError;
-use luvmm_vmm::api::client::{self, ClientError};
+use luvmm_vmm::api::client::{ClientError, VmmClient};
+use luvmm_vmm::api::Endpoint;
 use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::logger::error_chain;
 use luvmm_vmm::restore::RestoreError;
@@ -39,10 +41,9 @@ enum CommandError {
     #[error("cannot reach the VMM")]
     Api(#[from] ClientError),
     /// The VMM answered, and said no.
-    #[error("{method} {path}: {status} {body}")]
+    #[error("{endpoint}: {status} {body}")]
     Refused {
-        method: &'static str,
-        path: &'static str,
+        endpoint: Endpoint,
         status: u16,
         body: String,
     },
@@ -113,51 +114,13 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             ))
         }
         Command::Ctl(args) => {
-            let (method, path, body) = match &args.request {
-                CtlRequest::Status => ("GET", "/vm", None),
-                CtlRequest::Pause => ("PUT", "/vm/pause", None),
-                CtlRequest::Resume => ("PUT", "/vm/resume", None),
-                CtlRequest::Check => ("PUT", "/vm/check", None),
-                CtlRequest::Guest { request } => (
-                    "PUT",
-                    "/vm/guest-request",
-                    Some(serde_json::json!({ "request": request }).to_string()),
-                ),
-                CtlRequest::Shutdown => ("PUT", "/vm/shutdown", None),
-                CtlRequest::Update(UpdateRequest::Prepare {
-                    vm_id,
-                    agent_socket,
-                    require_preserved_devices,
-                }) => (
-                    "PUT",
-                    "/vm/update/prepare",
-                    Some(
-                        serde_json::json!({
-                            "vm_id": vm_id,
-                            "agent_socket": agent_socket,
-                            "require_preserved_devices": require_preserved_devices,
-                        })
-                        .to_string(),
-                    ),
-                ),
-                CtlRequest::Update(UpdateRequest::Cancel) => ("PUT", "/vm/update/cancel", None),
-                CtlRequest::Save { export } => (
-                    "PUT",
-                    "/vm/save",
-                    Some(serde_json::json!({ "export_path": export }).to_string()),
-                ),
-            };
-            let reply = client::request(
-                &args.socket,
-                method,
-                path,
-                body.as_deref(),
-                std::time::Duration::from_secs_f64(args.timeout),
-            )?;
+            let client =
+                VmmClient::new(&args.socket).with_timeout(Duration::from_secs_f64(args.timeout));
+            let action = args.request.into_action();
+            let reply = client.send(&action)?;
             if !reply.is_success() {
                 return Err(CommandError::Refused {
-                    method,
-                    path,
+                    endpoint: action.endpoint(),
                     status: reply.status,
                     body: reply.body,
                 });
@@ -186,7 +149,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                     &kernel,
                     initrd.as_deref(),
                     cmdline.as_deref(),
-                    deadline.map(std::time::Duration::from_secs),
+                    deadline.map(Duration::from_secs),
                 )?;
                 match deadline {
                     None => println!("the agent is kexecing into {}", kernel.display()),
@@ -288,8 +251,7 @@ mod tests {
     #[test]
     fn a_refusal_names_the_request_and_the_reply() {
         let e = CommandError::Refused {
-            method: "PUT",
-            path: "/vm/pause",
+            endpoint: Endpoint::Pause,
             status: 409,
             body: "{\"error\":\"wrong phase\"}".into(),
         };

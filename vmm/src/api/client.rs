@@ -271,9 +271,8 @@ fn error_message(body: String) -> String {
 }
 
 /// Sends one request to the API socket at `socket` and reads the whole reply, giving up after
-/// `timeout` without one. [`VmmClient`] builds its requests on this; a raw method and path are
-/// for what it cannot express.
-pub fn request(
+/// `timeout` without one.
+fn request(
     socket: &Path,
     method: &str,
     path: &str,

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use luvmm_devices::guest_control::GuestRequest;
 
+use crate::logger::error_chain;
 use crate::update::prepare::PrepareOptions;
 use crate::update::{self, UpdateError};
 use crate::vmm::{Vmm, VmmError};
@@ -373,18 +374,6 @@ fn error_response(e: &VmmError) -> Response {
         _ => 500,
     };
     Response::error(status, &error_chain(e))
-}
-
-/// `error: cause: cause`, printed once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use luvmm_liveupdate::seams::UpdateAgent;
 use luvmm_liveupdate::{kexec, LiveUpdate, LuoError};
 use serde::{Deserialize, Serialize};
 
-use crate::api::client;
+use crate::api::client::VmmClient;
 use crate::logger::error_chain;
 use crate::update::vm::UpdateVm;
 use crate::update::UpdateError;
@@ -310,38 +310,20 @@ pub fn run(args: &CheckArgs) -> CheckReport {
         });
     }
     for socket in &args.vms {
-        let body = serde_json::json!({ "agent_socket": args.agent_socket }).to_string();
-        let checked = client::request(
-            socket,
-            "PUT",
-            "/vm/update/check",
-            Some(&body),
-            client::DEFAULT_TIMEOUT,
-        );
-        match checked {
-            Ok(reply) if reply.is_success() => match serde_json::from_str::<VmCheck>(&reply.body) {
-                Ok(vm) => {
-                    report
-                        .blockers
-                        .extend(vm.blockers.iter().map(|b| Blocker::Vm {
-                            vm: socket.clone(),
-                            blocker: Box::new(b.clone()),
-                        }));
-                    let name = socket.display();
-                    report
-                        .warnings
-                        .extend(vm.warnings.iter().map(|w| format!("VM {name}: {w}")));
-                    report.vms.push((socket.clone(), vm));
-                }
-                Err(e) => report.blockers.push(Blocker::VmUnreachable {
-                    vm: socket.clone(),
-                    reason: format!("unreadable check: {e}"),
-                }),
-            },
-            Ok(reply) => report.blockers.push(Blocker::VmUnreachable {
-                vm: socket.clone(),
-                reason: format!("{} {}", reply.status, reply.body),
-            }),
+        match VmmClient::new(socket).check_update(&args.agent_socket) {
+            Ok(vm) => {
+                report
+                    .blockers
+                    .extend(vm.blockers.iter().map(|b| Blocker::Vm {
+                        vm: socket.clone(),
+                        blocker: Box::new(b.clone()),
+                    }));
+                let name = socket.display();
+                report
+                    .warnings
+                    .extend(vm.warnings.iter().map(|w| format!("VM {name}: {w}")));
+                report.vms.push((socket.clone(), vm));
+            }
             Err(e) => report.blockers.push(Blocker::VmUnreachable {
                 vm: socket.clone(),
                 reason: error_chain(&e),

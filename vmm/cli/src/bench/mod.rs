@@ -26,8 +26,6 @@ pub enum BenchError {
     },
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("the save reply does not parse: {body}")]
-    SaveReply { body: String },
     #[error("timed out after {STEP_TIMEOUT:?} waiting for {what}")]
     Timeout { what: &'static str },
     #[error("luvmm run exited ({status}) before its guest booted; its error is above")]

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use luvmm_vmm::api::client;
-use luvmm_vmm::vmm::{RestoreTimings, SaveReport, VmPhase, VmStatus};
+use luvmm_vmm::api::client::VmmClient;
+use luvmm_vmm::vmm::{RestoreTimings, VmPhase, VmStatus};
 use serde::Serialize;
 
 use super::{flatness, io, BenchError, STEP_TIMEOUT};
@@ -136,15 +136,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
         return Err(BenchError::Exited { status });
     }
 
-    let save = client::request(
-        &first_socket,
-        "PUT",
-        "/vm/save",
-        None,
-        client::DEFAULT_TIMEOUT,
-    )?;
-    let report: SaveReport =
-        serde_json::from_str(&save.body).map_err(|_| BenchError::SaveReply { body: save.body })?;
+    let report = VmmClient::new(&first_socket).save(None)?;
 
     let started = Instant::now();
     let second = Reaped(
@@ -160,12 +152,13 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
             .spawn()
             .map_err(io("spawn luvmm restore".into()))?,
     );
+    let restored = VmmClient::new(&second_socket);
     let mut running: Option<VmStatus> = None;
     wait_for(
         || {
-            running = client::request(&second_socket, "GET", "/vm", None, client::DEFAULT_TIMEOUT)
+            running = restored
+                .status()
                 .ok()
-                .and_then(|r| serde_json::from_str::<VmStatus>(&r.body).ok())
                 .filter(|s| s.phase == VmPhase::Running);
             running.is_some()
         },
@@ -185,13 +178,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
     if !log.contains("LUVMM-CHECK ok") {
         return Err(BenchError::NotOk { log });
     }
-    let _ = client::request(
-        &second_socket,
-        "PUT",
-        "/vm/shutdown",
-        None,
-        client::DEFAULT_TIMEOUT,
-    );
+    let _ = restored.shutdown();
     drop(second);
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use luvmm_vmm::api::client::{self, ApiReply, ClientError};
+use luvmm_devices::guest_control::GuestRequest;
+use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::update::prepare::PrepareReport;
 use luvmm_vmm::vmm::{VmPhase, VmStatus};
 
@@ -38,20 +39,22 @@ pub enum GuestError {
         #[source]
         source: ClientError,
     },
-    #[error("{vm}: {method} {path}: {status} {body}")]
-    Refused {
-        vm: String,
-        method: &'static str,
-        path: &'static str,
-        status: u16,
-        body: String,
-    },
-    #[error("{vm}: unexpected reply to {path}: {body}")]
-    Reply {
-        vm: String,
-        path: &'static str,
-        body: String,
-    },
+}
+
+/// What a guest's later check shows it lost, or did not go on with.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Discontinuity {
+    /// The later check found a page that is not what it wrote: its line says which.
+    #[error("{line}")]
+    Lost { line: String },
+    #[error("already lost before: {line}")]
+    LostBefore { line: String },
+    #[error("another boot: seed {before} became {after}")]
+    Rebooted { before: String, after: String },
+    #[error("the check counter went from {before} to {after}")]
+    ChecksStalled { before: u64, after: u64 },
+    #[error("heartbeats did not all go on: {before:?} then {after:?}")]
+    HeartbeatsStalled { before: Vec<u64>, after: Vec<u64> },
 }
 
 /// The payload's `LUVMM-CHECK` line, as far as the drill judges it.
@@ -88,24 +91,28 @@ impl GuestCheck {
     /// Whether this check, taken after `before`, shows a guest that lost nothing and went on:
     /// every page intact, the same boot (seed), a later check and every vCPU's heartbeat
     /// further on. `Err` says what did not hold.
-    pub fn continues(&self, before: &GuestCheck) -> Result<(), String> {
+    pub fn continues(&self, before: &GuestCheck) -> Result<(), Discontinuity> {
         if !self.ok {
-            return Err(self.line.clone());
+            return Err(Discontinuity::Lost {
+                line: self.line.clone(),
+            });
         }
         if !before.ok {
-            return Err(format!("already lost before: {}", before.line));
+            return Err(Discontinuity::LostBefore {
+                line: before.line.clone(),
+            });
         }
         if self.seed != before.seed {
-            return Err(format!(
-                "another boot: seed {} became {}",
-                before.seed, self.seed
-            ));
+            return Err(Discontinuity::Rebooted {
+                before: before.seed.clone(),
+                after: self.seed.clone(),
+            });
         }
         if self.checks <= before.checks {
-            return Err(format!(
-                "the check counter went from {} to {}",
-                before.checks, self.checks
-            ));
+            return Err(Discontinuity::ChecksStalled {
+                before: before.checks,
+                after: self.checks,
+            });
         }
         let went_on = self.heartbeats.len() == before.heartbeats.len()
             && self
@@ -114,10 +121,10 @@ impl GuestCheck {
                 .zip(&before.heartbeats)
                 .all(|(after, before)| after > before);
         if !went_on || self.heartbeats.is_empty() {
-            return Err(format!(
-                "heartbeats did not all go on: {:?} then {:?}",
-                before.heartbeats, self.heartbeats
-            ));
+            return Err(Discontinuity::HeartbeatsStalled {
+                before: before.heartbeats.clone(),
+                after: self.heartbeats.clone(),
+            });
         }
         Ok(())
     }
@@ -268,38 +275,22 @@ impl Guest {
         self.wait(what, || (self.lines(prefix).len() >= count).then_some(()))
     }
 
-    /// Sends one API request; a non-2xx reply is an error.
-    pub fn api(
-        &self,
-        method: &'static str,
-        path: &'static str,
-        body: Option<&str>,
-    ) -> Result<ApiReply, GuestError> {
-        let reply = client::request(&self.socket, method, path, body, client::DEFAULT_TIMEOUT)
-            .map_err(|source| GuestError::Api {
-                vm: self.vm.clone(),
-                source,
-            })?;
-        if !reply.is_success() {
-            return Err(GuestError::Refused {
-                vm: self.vm.clone(),
-                method,
-                path,
-                status: reply.status,
-                body: reply.body,
-            });
+    /// The control API of this VM's luvmm.
+    fn client(&self) -> VmmClient {
+        VmmClient::new(&self.socket)
+    }
+
+    /// Wraps a failed API call with the VM's name.
+    fn api_error(&self) -> impl FnOnce(ClientError) -> GuestError + '_ {
+        |source| GuestError::Api {
+            vm: self.vm.clone(),
+            source,
         }
-        Ok(reply)
     }
 
     /// The VM's status.
     pub fn status(&self) -> Result<VmStatus, GuestError> {
-        let reply = self.api("GET", "/vm", None)?;
-        serde_json::from_str(&reply.body).map_err(|_| GuestError::Reply {
-            vm: self.vm.clone(),
-            path: "/vm",
-            body: reply.body,
-        })
+        self.client().status().map_err(self.api_error())
     }
 
     /// Waits until the VM's phase is `running`.
@@ -312,7 +303,7 @@ impl Guest {
     /// Asks the guest to check its memory and returns its new check line.
     pub fn check(&self) -> Result<GuestCheck, GuestError> {
         let seen = self.lines("LUVMM-CHECK").len();
-        self.api("PUT", "/vm/check", None)?;
+        self.client().check().map_err(self.api_error())?;
         self.wait("the guest's check", || {
             self.lines("LUVMM-CHECK")
                 .get(seen)
@@ -324,7 +315,9 @@ impl Guest {
     /// round lines, in device order.
     pub fn device_round(&self) -> Result<Vec<String>, GuestError> {
         let seen = self.lines("LUVMM-ROUND done").len();
-        self.api("PUT", "/vm/guest-request", Some(r#"{"request":"devices"}"#))?;
+        self.client()
+            .guest_request(GuestRequest::Devices)
+            .map_err(self.api_error())?;
         let done = self.wait("the guest's device round", || {
             self.lines("LUVMM-ROUND done").get(seen).cloned()
         })?;
@@ -346,36 +339,24 @@ impl Guest {
         agent_socket: &Path,
         require_preserved_devices: bool,
     ) -> Result<PrepareReport, GuestError> {
-        let body = serde_json::json!({
-            "vm_id": self.vm,
-            "agent_socket": agent_socket,
-            "require_preserved_devices": require_preserved_devices,
-        })
-        .to_string();
-        let reply = self.api("PUT", "/vm/update/prepare", Some(&body))?;
-        serde_json::from_str(&reply.body).map_err(|_| GuestError::Reply {
-            vm: self.vm.clone(),
-            path: "/vm/update/prepare",
-            body: reply.body,
-        })
+        self.client()
+            .prepare_update(&self.vm, agent_socket, require_preserved_devices)
+            .map_err(self.api_error())
     }
 
     /// Calls the VM's prepared update off and waits until the guest runs again.
     pub fn cancel(&self) -> Result<(), GuestError> {
-        self.api("PUT", "/vm/update/cancel", None)?;
+        self.client().cancel_update().map_err(self.api_error())?;
         self.wait_running().map(|_| ())
     }
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = client::request(
-            &self.socket,
-            "PUT",
-            "/vm/shutdown",
-            None,
-            Duration::from_secs(5),
-        );
+        let _ = self
+            .client()
+            .with_timeout(Duration::from_secs(5))
+            .shutdown();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if matches!(self.child.get_mut().try_wait(), Ok(Some(_))) {
@@ -408,20 +389,52 @@ mod tests {
         let after =
             check("LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=3 vcpus=2 heartbeats=9,8\n");
         assert_eq!(after.continues(&before), Ok(()));
-        let lost = check("LUVMM-CHECK LOST first_bad_gpa=0x3000000 expected=0x1 found=0x0");
+        let lost_line = "LUVMM-CHECK LOST first_bad_gpa=0x3000000 expected=0x1 found=0x0";
+        let lost = check(lost_line);
         assert_eq!(
             lost.continues(&before),
-            Err("LUVMM-CHECK LOST first_bad_gpa=0x3000000 expected=0x1 found=0x0".into())
+            Err(Discontinuity::Lost {
+                line: lost_line.into()
+            })
+        );
+        assert_eq!(
+            after.continues(&lost),
+            Err(Discontinuity::LostBefore {
+                line: lost_line.into()
+            })
         );
         let reboot =
             check("LUVMM-CHECK ok pages=9 heartbeat=1 seed=0xcd checks=3 vcpus=2 heartbeats=9,8");
-        assert!(reboot.continues(&before).unwrap_err().contains("seed"));
+        assert_eq!(
+            reboot.continues(&before),
+            Err(Discontinuity::Rebooted {
+                before: "0xab".into(),
+                after: "0xcd".into()
+            })
+        );
         let stale =
             check("LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=2 vcpus=2 heartbeats=9,8");
-        assert!(stale.continues(&before).unwrap_err().contains("counter"));
+        assert_eq!(
+            stale.continues(&before),
+            Err(Discontinuity::ChecksStalled {
+                before: 2,
+                after: 2
+            })
+        );
         let stuck =
             check("LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=3 vcpus=2 heartbeats=9,7");
-        assert!(stuck.continues(&before).unwrap_err().contains("heartbeats"));
+        assert_eq!(
+            stuck.continues(&before),
+            Err(Discontinuity::HeartbeatsStalled {
+                before: vec![5, 7],
+                after: vec![9, 7]
+            })
+        );
+        // The report shows what was lost in the words it always used.
+        assert_eq!(
+            stuck.continues(&before).unwrap_err().to_string(),
+            "heartbeats did not all go on: [5, 7] then [9, 7]"
+        );
         assert!(GuestCheck::parse("LUVMM-BOOT proto=pvh").is_none());
     }
 

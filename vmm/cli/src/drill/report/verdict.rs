@@ -10,7 +10,7 @@ pub(super) fn judge_guest(before: &str, after: &str) -> String {
     match (GuestCheck::parse(before), GuestCheck::parse(after)) {
         (Some(before), Some(after)) => match after.continues(&before) {
             Ok(()) => "ok".to_string(),
-            Err(why) => why,
+            Err(why) => why.to_string(),
         },
         _ => format!("no readable check lines: {before:?} then {after:?}"),
     }
