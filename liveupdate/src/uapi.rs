@@ -62,10 +62,15 @@ pub struct GetNameArg {
 }
 
 // The kernel's sizes: create 72, retrieve 72, preserve 16, retrieve_fd 16, finish 8, name 72.
-const _: () = assert!(std::mem::size_of::<SessionArg>() == 72);
-const _: () = assert!(std::mem::size_of::<FdArg>() == 16);
-const _: () = assert!(std::mem::size_of::<FinishArg>() == 8);
-const _: () = assert!(std::mem::size_of::<GetNameArg>() == 72);
+// Each argument's `size` field holds its constant, which the asserts tie to the struct.
+const SESSION_ARG_SIZE: u32 = 72;
+const FD_ARG_SIZE: u32 = 16;
+const FINISH_ARG_SIZE: u32 = 8;
+const GET_NAME_ARG_SIZE: u32 = 72;
+const _: () = assert!(std::mem::size_of::<SessionArg>() == SESSION_ARG_SIZE as usize);
+const _: () = assert!(std::mem::size_of::<FdArg>() == FD_ARG_SIZE as usize);
+const _: () = assert!(std::mem::size_of::<FinishArg>() == FINISH_ARG_SIZE as usize);
+const _: () = assert!(std::mem::size_of::<GetNameArg>() == GET_NAME_ARG_SIZE as usize);
 const _: () = assert!(std::mem::offset_of!(FdArg, token) == 8);
 const _: () = assert!(std::mem::offset_of!(SessionArg, name) == 8);
 
@@ -73,7 +78,7 @@ impl SessionArg {
     /// An argument with `size` set and `name` copied in; the caller has validated the name.
     pub fn new(name: &[u8]) -> SessionArg {
         let mut arg = SessionArg {
-            size: std::mem::size_of::<SessionArg>() as u32,
+            size: SESSION_ARG_SIZE,
             fd: -1,
             name: [0; LIVEUPDATE_SESSION_NAME_LENGTH],
         };
@@ -87,7 +92,7 @@ impl FdArg {
     /// An argument with `size` set.
     pub fn new(fd: i32, token: u64) -> FdArg {
         FdArg {
-            size: std::mem::size_of::<FdArg>() as u32,
+            size: FD_ARG_SIZE,
             fd,
             token,
         }
@@ -98,7 +103,7 @@ impl FinishArg {
     /// An argument with `size` set and `reserved` zero.
     pub fn sized() -> FinishArg {
         FinishArg {
-            size: std::mem::size_of::<FinishArg>() as u32,
+            size: FINISH_ARG_SIZE,
             reserved: 0,
         }
     }
@@ -108,7 +113,7 @@ impl GetNameArg {
     /// An argument with `size` set.
     pub fn sized() -> GetNameArg {
         GetNameArg {
-            size: std::mem::size_of::<GetNameArg>() as u32,
+            size: GET_NAME_ARG_SIZE,
             reserved: 0,
             name: [0; LIVEUPDATE_SESSION_NAME_LENGTH],
         }

@@ -32,6 +32,14 @@ ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, VFIO_BASE + 10);
 ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 
+/// `size_of::<T>()` as the `u32` `argsz`/`size` field of a VFIO or iommufd ioctl argument;
+/// the compile-time assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const fn argsz<T>() -> u32 {
+    const { assert!(size_of::<T>() <= u32::MAX as usize) };
+    size_of::<T>() as u32
+}
+
 /// The errno of the last failed call, as an `io::Error`, when `ret` says it failed.
 fn check(ret: i32) -> io::Result<i32> {
     if ret < 0 {
@@ -123,7 +131,7 @@ impl Iommu {
     pub fn new() -> io::Result<Iommu> {
         let fd = IommuFd::new().map_err(io::Error::other)?;
         let mut alloc = iommu_ioas_alloc {
-            size: std::mem::size_of::<iommu_ioas_alloc>() as u32,
+            size: argsz::<iommu_ioas_alloc>(),
             ..Default::default()
         };
         fd.alloc_iommu_ioas(&mut alloc).map_err(io::Error::other)?;
@@ -141,7 +149,7 @@ impl Iommu {
             iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as WRITE,
         };
         let map = iommu_ioas_map_file {
-            size: std::mem::size_of::<iommu_ioas_map_file>() as u32,
+            size: argsz::<iommu_ioas_map_file>(),
             flags: READ | WRITE | FIXED,
             ioas_id: self.ioas,
             fd: memfd.as_raw_fd(),
@@ -185,7 +193,7 @@ pub fn bind_with_vf_token(device: &File, iommu: &Iommu, token: &[u8; 16]) -> io:
 
 fn bind_with(device: &File, iommu: &Iommu, token: Option<&[u8; 16]>) -> io::Result<u32> {
     let mut bind = BindIommufd {
-        argsz: std::mem::size_of::<BindIommufd>() as u32,
+        argsz: argsz::<BindIommufd>(),
         iommufd: iommu.raw(),
         ..Default::default()
     };
@@ -203,7 +211,7 @@ fn bind_with(device: &File, iommu: &Iommu, token: Option<&[u8; 16]>) -> io::Resu
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` to the IOAS.
 pub fn attach(device: &File, iommu: &Iommu) -> io::Result<()> {
     let mut attach = vfio_device_attach_iommufd_pt {
-        argsz: std::mem::size_of::<vfio_device_attach_iommufd_pt>() as u32,
+        argsz: argsz::<vfio_device_attach_iommufd_pt>(),
         pt_id: iommu.ioas,
         ..Default::default()
     };
@@ -215,7 +223,7 @@ pub fn attach(device: &File, iommu: &Iommu) -> io::Result<()> {
 /// `VFIO_DEVICE_GET_INFO`, the simplest proof that a device file is usable.
 pub fn info(device: &File) -> io::Result<u32> {
     let mut info = vfio_device_info {
-        argsz: std::mem::size_of::<vfio_device_info>() as u32,
+        argsz: argsz::<vfio_device_info>(),
         ..Default::default()
     };
     // SAFETY: GET_INFO writes a vfio_device_info whose argsz says how much room it has.
@@ -226,7 +234,7 @@ pub fn info(device: &File) -> io::Result<u32> {
 /// The offset of region `index` (BAR n, or the config space) in the device file.
 pub fn region_offset(device: &File, index: u32) -> io::Result<u64> {
     let mut region = vfio_region_info {
-        argsz: std::mem::size_of::<vfio_region_info>() as u32,
+        argsz: argsz::<vfio_region_info>(),
         index,
         ..Default::default()
     };
@@ -266,7 +274,10 @@ impl Device {
     }
 
     pub fn write64(&self, offset: u64, value: u64) -> io::Result<()> {
-        self.write32(offset, value as u32)?;
+        // The low half goes to the first register, the high half to the next one.
+        #[allow(clippy::cast_possible_truncation)]
+        let low = value as u32;
+        self.write32(offset, low)?;
         self.write32(offset + 4, (value >> 32) as u32)
     }
 
@@ -327,7 +338,7 @@ impl Device {
             None => (VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0),
         };
         let set = IrqSet {
-            argsz: std::mem::size_of::<IrqSet>() as u32,
+            argsz: argsz::<IrqSet>(),
             flags,
             index: VFIO_PCI_MSI_IRQ_INDEX,
             start: 0,

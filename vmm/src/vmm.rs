@@ -441,7 +441,7 @@ impl Vmm {
             paused_at_unix_ns: self
                 .paused_at
                 .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
-                .map(|since| since.as_nanos() as u64),
+                .and_then(|since| u64::try_from(since.as_nanos()).ok()),
         };
         self.phase = VmPhase::HandingOver;
         Ok((manifest, fds))

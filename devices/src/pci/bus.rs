@@ -97,17 +97,19 @@ impl PciBus {
                     .get(usize::from(slot))
                     .is_some_and(Option::is_none) =>
             {
-                usize::from(slot)
+                slot
             }
             Some(slot) => return Err(SlotError::Taken(slot)),
+            // A free slot that a `u8` cannot number could not be addressed: the bus counts as full.
             None => self
                 .slots
                 .iter()
                 .position(Option::is_none)
+                .and_then(|free| u8::try_from(free).ok())
                 .ok_or(SlotError::Full)?,
         };
-        self.slots[slot] = Some(device);
-        Ok(slot as u8)
+        self.slots[usize::from(slot)] = Some(device);
+        Ok(slot)
     }
 
     fn device(&self, slot: usize) -> Option<MutexGuard<'_, dyn PciDevice + 'static>> {
@@ -294,11 +296,11 @@ mod tests {
             &self.config
         }
         fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
-            let o = offset as usize;
+            let o = usize::try_from(offset).unwrap();
             data.copy_from_slice(&self.memory[o..o + data.len()]);
         }
         fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
-            let o = offset as usize;
+            let o = usize::try_from(offset).unwrap();
             self.memory[o..o + data.len()].copy_from_slice(data);
         }
     }
@@ -394,13 +396,13 @@ mod tests {
     fn mmio_reaches_a_bar_only_once_decoding_is_on() {
         let (bus, io) = setup();
         let window = PciBarWindow::new(bus);
-        select(&io, 1, BAR0 as u32);
+        select(&io, 1, u32::try_from(BAR0).unwrap());
         io.pio_write(PioAddress(0xcf8), 4, &0xc000_0000u32.to_le_bytes());
         let mut word = [0u8; 4];
         window.mmio_read(MmioAddress(0xc000_0000), 0, &mut word);
         assert_eq!(word, [0xff; 4], "memory decoding is still off");
 
-        select(&io, 1, COMMAND as u32);
+        select(&io, 1, u32::try_from(COMMAND).unwrap());
         io.pio_write(
             PioAddress(0xcf8),
             4,
@@ -419,13 +421,13 @@ mod tests {
     fn io_ports_reach_an_io_bar_once_io_decoding_is_on() {
         let (bus, io) = setup_with(BarKind::Io);
         let window = PciBarWindow::new(bus);
-        select(&io, 1, BAR0 as u32);
+        select(&io, 1, u32::try_from(BAR0).unwrap());
         io.pio_write(PioAddress(0xcf8), 4, &0x1000u32.to_le_bytes());
         let mut word = [0u8; 4];
         window.pio_read(PioAddress(0x1000), 4, &mut word);
         assert_eq!(word, [0xff; 4], "I/O decoding is still off");
 
-        select(&io, 1, COMMAND as u32);
+        select(&io, 1, u32::try_from(COMMAND).unwrap());
         io.pio_write(PioAddress(0xcf8), 4, &u32::from(COMMAND_IO).to_le_bytes());
         window.pio_write(PioAddress(0x1000), 8, &[5, 6, 7, 8]);
         window.pio_read(PioAddress(0x1000), 8, &mut word);

@@ -148,7 +148,7 @@ impl ConfigSpace {
         let reg = BAR0 + index * 4;
         self.set_u32(reg, flags);
         self.writable[reg..reg + 4]
-            .copy_from_slice(&((mask as u32) & !low_flag_bits).to_le_bytes());
+            .copy_from_slice(&(low_half(mask) & !low_flag_bits).to_le_bytes());
         if bar.kind == BarKind::Mmio64 {
             self.writable[reg + 4..reg + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
         }
@@ -216,7 +216,7 @@ impl ConfigSpace {
         if let Some(bar) = self.bar(index) {
             let reg = BAR0 + index * 4;
             let flags = self.read_u32(reg) & if bar.kind == BarKind::Io { 0x3 } else { 0xf };
-            self.set_u32(reg, ((address & !(bar.size - 1)) as u32) | flags);
+            self.set_u32(reg, low_half(address & !(bar.size - 1)) | flags);
             if bar.kind == BarKind::Mmio64 {
                 self.set_u32(reg + 4, (address >> 32) as u32);
             }
@@ -241,6 +241,13 @@ impl ConfigSpace {
     fn set_u32(&mut self, offset: usize, value: u32) {
         self.bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
     }
+}
+
+/// The low 32 bits of a 64-bit BAR value, for its first register; the high half goes in the
+/// next register of a 64-bit BAR and is dropped by a 32-bit one.
+#[allow(clippy::cast_possible_truncation)] // Keeping only the low half is the point.
+fn low_half(value: u64) -> u32 {
+    value as u32
 }
 
 #[cfg(test)]
@@ -358,7 +365,7 @@ mod tests {
     fn a_device_shadow_keeps_identity_and_capabilities_and_clears_bars() {
         // MSI at 0x40 (message control 0x0080: 64-bit addresses), then PCI Express at 0x50.
         let mut raw = *space().bytes();
-        raw[STATUS] |= STATUS_CAPABILITIES as u8;
+        raw[STATUS] |= u8::try_from(STATUS_CAPABILITIES).unwrap();
         raw[CAPABILITIES_POINTER] = 0x40;
         raw[0x40..0x43].copy_from_slice(&[0x05, 0x50, 0x80]);
         raw[0x50] = 0x10;
@@ -380,7 +387,7 @@ mod tests {
     #[test]
     fn a_looping_capability_chain_ends() {
         let mut raw = *space().bytes();
-        raw[STATUS] |= STATUS_CAPABILITIES as u8;
+        raw[STATUS] |= u8::try_from(STATUS_CAPABILITIES).unwrap();
         raw[CAPABILITIES_POINTER] = 0x40;
         raw[0x40] = 0x09;
         raw[0x41] = 0x40;

@@ -41,18 +41,19 @@ impl MsixLayout {
 
     /// The pending-bit array's offset inside its BAR if `[offset, offset + len)` of BAR `bar`
     /// is in it. The array has one bit per vector, in whole qwords.
-    pub fn pba_offset_of(&self, bar: usize, offset: u64, len: usize) -> Option<u64> {
+    pub fn pba_offset_of(&self, bar: usize, offset: u64, len: usize) -> Option<usize> {
         let end = self.pba_offset + u64::from(self.vectors).div_ceil(64) * 8;
         (bar == self.pba_bar && offset >= self.pba_offset && offset + len as u64 <= end)
             .then(|| offset - self.pba_offset)
+            .and_then(|at| usize::try_from(at).ok())
     }
 }
 
 /// Fills `data`, read at byte `offset` of the pending-bit array, with one bit per vector:
 /// set where `pending(vector)` says a message is held back by a mask.
-pub fn read_pba(offset: u64, data: &mut [u8], pending: impl Fn(usize) -> bool) {
+pub fn read_pba(offset: usize, data: &mut [u8], pending: impl Fn(usize) -> bool) {
     for (i, byte) in data.iter_mut().enumerate() {
-        let first = (offset as usize + i) * 8;
+        let first = (offset + i) * 8;
         *byte = (0..8).fold(0, |bits, b| bits | (u8::from(pending(first + b)) << b));
     }
 }

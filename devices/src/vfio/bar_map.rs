@@ -18,6 +18,8 @@ pub enum BarMapError {
     EmptyRegion { index: usize },
     #[error("BAR {index}: region offset {offset:#x} is beyond what mmap takes")]
     OffsetTooLarge { index: usize, offset: u64 },
+    #[error("BAR {index}: region size {size:#x} is beyond what mmap takes")]
+    SizeTooLarge { index: usize, size: u64 },
     #[error("BAR {index}: mmap of {size:#x} bytes of the device fd")]
     Mmap {
         index: usize,
@@ -42,6 +44,8 @@ pub struct DirectBar {
     pub index: usize,
     host: NonNull<libc::c_void>,
     size: u64,
+    /// `size` as mmap and munmap take it.
+    len: NonZeroUsize,
     mapper: Arc<dyn GuestMapper>,
     /// The memslot and guest address it is mapped at now, if any.
     mapped: Option<(u32, u64)>,
@@ -59,7 +63,8 @@ impl DirectBar {
         size: u64,
         mapper: Arc<dyn GuestMapper>,
     ) -> Result<DirectBar, BarMapError> {
-        let len = NonZeroUsize::new(size as usize).ok_or(BarMapError::EmptyRegion { index })?;
+        let len = usize::try_from(size).map_err(|_| BarMapError::SizeTooLarge { index, size })?;
+        let len = NonZeroUsize::new(len).ok_or(BarMapError::EmptyRegion { index })?;
         let offset =
             i64::try_from(offset).map_err(|_| BarMapError::OffsetTooLarge { index, offset })?;
         // SAFETY: a fresh shared mapping of the device's own region, at an address the kernel
@@ -83,6 +88,7 @@ impl DirectBar {
             index,
             host,
             size,
+            len,
             mapper,
             mapped: None,
         })
@@ -120,7 +126,7 @@ impl Drop for DirectBar {
         }
         // SAFETY: `host` is the start of the `size`-byte mapping made in `new`, and no memslot
         // points into it any more (deleted just above, or never made), so nothing else uses it.
-        if let Err(e) = unsafe { munmap(self.host, self.size as usize) } {
+        if let Err(e) = unsafe { munmap(self.host, self.len.get()) } {
             log::warn!("munmap of BAR {}: {e}", self.index);
         }
     }

@@ -15,10 +15,26 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use iommufd_bindings::iommufd::{iommu_hwpt_alloc, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE};
+use iommufd_bindings::iommufd::{
+    iommu_hwpt_alloc, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE, iommu_ioas_map_file,
+};
 use iommufd_ioctls::{IommuFd, IommufdError};
 use luvmm_resources::state::{DmaMapping, IommuState};
 use vfio_ioctls::{VfioDevice, VfioDeviceFd, VfioError, VfioIommufd};
+
+/// The `size` field of an `IOMMU_IOAS_MAP_FILE` argument; the assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const MAP_FILE_SIZE: u32 = {
+    assert!(size_of::<iommu_ioas_map_file>() <= u32::MAX as usize);
+    size_of::<iommu_ioas_map_file>() as u32
+};
+
+/// The `size` field of an `IOMMU_HWPT_ALLOC` argument; the assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const HWPT_ALLOC_SIZE: u32 = {
+    assert!(size_of::<iommu_hwpt_alloc>() <= u32::MAX as usize);
+    size_of::<iommu_hwpt_alloc>() as u32
+};
 
 /// An IOMMU context operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +123,8 @@ impl IommuContext {
         iova: u64,
         len: u64,
     ) -> Result<(), IommuError> {
-        let map = iommufd_bindings::iommufd::iommu_ioas_map_file {
-            size: std::mem::size_of::<iommufd_bindings::iommufd::iommu_ioas_map_file>() as u32,
+        let map = iommu_ioas_map_file {
+            size: MAP_FILE_SIZE,
             flags: iommufd_bindings::iommufd::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE
                 | iommufd_bindings::iommufd::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE
                 | iommufd_bindings::iommufd::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
@@ -154,7 +170,7 @@ impl IommuContext {
             }
         }
         let mut alloc = iommu_hwpt_alloc {
-            size: std::mem::size_of::<iommu_hwpt_alloc>() as u32,
+            size: HWPT_ALLOC_SIZE,
             dev_id: device.iommufd_dev_id().ok_or(IommuError::NotBound)?,
             pt_id: self.ioas_id,
             data_type: iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,

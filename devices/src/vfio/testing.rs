@@ -148,7 +148,7 @@ impl VfioFunction for FakeFunction {
     fn read(&self, index: u32, data: &mut [u8], offset: u64) {
         if index == CONFIG {
             let config = self.config.lock().unwrap();
-            let at = offset as usize;
+            let at = usize::try_from(offset).unwrap();
             data.copy_from_slice(&config[at..at + data.len()]);
         } else {
             data.fill(0);

@@ -390,14 +390,17 @@ fn write_ledger(ledger: &Ledger) -> std::io::Result<File> {
 fn read_ledger(file: &File) -> std::io::Result<Ledger> {
     let mut file = file;
     let len = file.metadata()?.len();
-    if len > 1 << 20 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("ledger of {len} bytes"),
-        ));
-    }
+    let capacity = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= 1 << 20)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("ledger of {len} bytes"),
+            )
+        })?;
     file.seek(SeekFrom::Start(0))?;
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::with_capacity(capacity);
     file.read_to_end(&mut bytes)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))

@@ -155,13 +155,13 @@ fn checked_body(blob: &[u8]) -> Result<&[u8], StateError> {
     if reserved != 0 {
         return Err(StateError::ReservedNotZero { value: reserved });
     }
-    let body_len = u64::from_le_bytes(field(header, 16));
-    if body_len > MAX_BODY_LEN {
-        return Err(StateError::TooLarge { len: body_len });
-    }
+    let len = u64::from_le_bytes(field(header, 16));
+    let body_len = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_BODY_LEN)
+        .ok_or(StateError::TooLarge { len })?;
     let expected_crc = u64::from_le_bytes(field(header, 24));
-    // body_len <= MAX_BODY_LEN, so it fits in usize.
-    let end = HEADER_LEN + body_len as usize;
+    let end = HEADER_LEN + body_len;
     if blob.len() < end {
         return Err(StateError::Truncated {
             len: blob.len(),

@@ -53,8 +53,13 @@ fn pattern_word(token: Token, offset: u64) -> u64 {
     (offset ^ token.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// `bytes` as a buffer's length, for a file this process holds in memory.
+fn capacity(bytes: u64) -> Result<usize, String> {
+    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes do not fit in memory"))
+}
+
 fn fill(file: &mut File, token: Token, bytes: u64) -> Result<(), String> {
-    let mut buf = Vec::with_capacity(bytes as usize);
+    let mut buf = Vec::with_capacity(capacity(bytes)?);
     for offset in (0..bytes).step_by(8) {
         buf.extend_from_slice(&pattern_word(token, offset).to_le_bytes());
     }
@@ -67,7 +72,7 @@ fn verify(file: &mut File, token: Token, bytes: u64) -> Result<(), String> {
         return Err(format!("token {token:#x}: size {len}, expected {bytes}"));
     }
     file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(bytes as usize);
+    let mut buf = Vec::with_capacity(capacity(bytes)?);
     file.read_to_end(&mut buf).map_err(|e| e.to_string())?;
     for (i, word) in buf.chunks_exact(8).enumerate() {
         let offset = i as u64 * 8;

@@ -218,10 +218,15 @@ fn edu_round_trip(edu: &Device, ram: &File, msi: &EventFd, seed: u64) -> Result<
     ram.write_all_at(&sent, EDU_SRC).map_err(io_err("fill"))?;
     ram.write_all_at(&[0u8; EDU_BYTES], EDU_DST)
         .map_err(io_err("clear"))?;
+    // Only the low halves of the DMA registers are written: every value is below edu's mask.
+    let low = |value: u64| {
+        u32::try_from(value).map_err(|_| format!("{value:#x} is beyond edu's DMA registers"))
+    };
     let dma = |src: u64, dst: u64, cmd: u32| -> Result<(), String> {
-        edu.write32(EDU_DMA_SRC, src as u32)
-            .and_then(|_| edu.write32(EDU_DMA_DST, dst as u32))
-            .and_then(|_| edu.write32(EDU_DMA_COUNT, EDU_BYTES as u32))
+        let (src, dst, count) = (low(src)?, low(dst)?, low(EDU_BYTES as u64)?);
+        edu.write32(EDU_DMA_SRC, src)
+            .and_then(|_| edu.write32(EDU_DMA_DST, dst))
+            .and_then(|_| edu.write32(EDU_DMA_COUNT, count))
             .and_then(|_| edu.write32(EDU_DMA_CMD, cmd))
             .map_err(io_err("program the DMA"))?;
         poll_until("DMA", || Ok(edu.read32(EDU_DMA_CMD)? & EDU_CMD_START == 0))

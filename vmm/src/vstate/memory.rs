@@ -13,10 +13,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::ptr::NonNull;
 
 use nix::sys::mman::{madvise, MmapAdvise};
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +68,10 @@ fn advise(region: &GuestRegionMmap, advice: MmapAdvise) -> Result<(), nix::Error
     let Some(start) = NonNull::new(region.as_ptr().cast::<std::ffi::c_void>()) else {
         return Ok(());
     };
-    // SAFETY: `start` and `len` describe exactly one live shared mapping that `region` owns;
-    // both advices only change how its pages are backed (or fault them in), never what they
-    // hold.
-    unsafe { madvise(start, region.len() as usize, advice) }
+    // SAFETY: `start` and `region.size()` describe exactly one live shared mapping that
+    // `region` owns; both advices only change how its pages are backed (or fault them in),
+    // never what they hold.
+    unsafe { madvise(start, region.size(), advice) }
 }
 
 /// Guest RAM and the memfds behind it; region `i` of the layout is `memfds[i]`.

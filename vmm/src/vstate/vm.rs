@@ -36,6 +36,13 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::AdjustClock, "kvmclock save"),
 ];
 
+/// [`KVM_TSS_ADDRESS`] as `KVM_SET_TSS_ADDR` takes it; the assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const TSS_ADDRESS: usize = {
+    assert!(KVM_TSS_ADDRESS <= usize::MAX as u64);
+    KVM_TSS_ADDRESS as usize
+};
+
 /// A KVM operation on the VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -113,7 +120,7 @@ impl KvmVm {
     /// a restore; a restore then overwrites the device state with [`KvmVm::restore_state`].
     pub fn new(kvm: &Kvm) -> Result<KvmVm, VmError> {
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(TSS_ADDRESS)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
@@ -145,9 +152,9 @@ impl KvmVm {
 
     /// Registers every RAM region as a memslot, slot `i` for region `i`.
     pub fn register_memory(&self, ram: &GuestRam) -> Result<(), VmError> {
-        for (slot, region) in ram.memory().iter().enumerate() {
+        for (slot, region) in (0u32..).zip(ram.memory().iter()) {
             let memory_region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,

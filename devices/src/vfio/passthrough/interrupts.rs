@@ -96,7 +96,11 @@ impl Interrupts {
             let saved_intx = saved.and_then(|s| s.intx);
             let line = router.allocate_intx_line(saved_intx.map(|i| i.line))?;
             if saved_intx.is_none() {
-                config.set_raw(INTERRUPT_LINE, &[line as u8]);
+                // The guest reads the line from an 8-bit register.
+                let register = u8::try_from(line).map_err(|_| HypervisorError::Exhausted {
+                    what: "INTx line that fits the 8-bit Interrupt Line register",
+                })?;
+                config.set_raw(INTERRUPT_LINE, &[register]);
             }
             let (trigger, resample) = match handed.intx.take() {
                 Some(pair) => pair,

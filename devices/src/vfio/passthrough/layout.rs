@@ -151,7 +151,7 @@ pub(super) fn direct_bars(
     });
     let mut bars = Vec::new();
     for index in 0..NUM_BARS {
-        let region = function.region(index as u32);
+        let region = function.region(bar_region(index));
         let mappable = config.bar(index).is_some_and(|b| b.kind != BarKind::Io)
             && !msix_bars.contains(&Some(index))
             && region.mmap;
@@ -192,6 +192,12 @@ fn expose_msix(config: &mut ConfigSpace, offset: usize) -> MsixLayout {
     layout
 }
 
+/// VFIO's region index for BAR `bar` (vfio-pci numbers BAR n's region n). A `bar` beyond
+/// `u32`, which no device has, becomes an index with no region, whose accesses VFIO refuses.
+pub(super) fn bar_region(bar: usize) -> u32 {
+    u32::try_from(bar).unwrap_or(u32::MAX)
+}
+
 /// Vendor and device ID (config dword 0); 0 from a config too short to hold them.
 fn vendor_device(config: &[u8]) -> u32 {
     config
@@ -202,10 +208,10 @@ fn vendor_device(config: &[u8]) -> u32 {
 
 /// The shape of BAR `index` from its VFIO region and the device's BAR register.
 fn bar_shape(function: &dyn VfioFunction, raw: &[u8; CONFIG_LEN], index: usize) -> Option<Bar> {
-    if index as u32 >= VFIO_PCI_NUM_REGIONS {
-        return None;
-    }
-    let size = function.region(index as u32).size;
+    let region = u32::try_from(index)
+        .ok()
+        .filter(|&region| region < VFIO_PCI_NUM_REGIONS)?;
+    let size = function.region(region).size;
     if size == 0 {
         return None;
     }

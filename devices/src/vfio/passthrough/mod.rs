@@ -50,7 +50,7 @@ use crate::vfio::iommu::IommuError;
 use crate::vfio::irq::{HypervisorError, IrqRouter};
 use interrupts::{msix_state, Interrupts};
 use intx::Intx;
-use layout::{check_same_function, direct_bars, HostLayout};
+use layout::{bar_region, check_same_function, direct_bars, HostLayout};
 use msi::Msi;
 
 const PM_CAPABILITY_ID: u8 = 0x01;
@@ -97,6 +97,8 @@ pub enum PassthroughError {
     },
     #[error("{bdf}: BAR {index}: its size or type is not what it was")]
     BarChanged { bdf: String, index: usize },
+    #[error("{bdf}: a DMA mapping of {len:#x} bytes is beyond this process's address space")]
+    MappingTooLarge { bdf: String, len: u64 },
     #[error("{bdf}: a BAR cannot be mapped for direct access")]
     DirectBar {
         bdf: String,
@@ -375,14 +377,19 @@ impl VfioPciDevice {
         host: *mut u8,
     ) -> Result<(), PassthroughError> {
         if let DeviceIommu::Legacy(container) = &self.iommu {
+            let len =
+                usize::try_from(mapping.len).map_err(|_| PassthroughError::MappingTooLarge {
+                    bdf: self.bdf.clone(),
+                    len: mapping.len,
+                })?;
             // SAFETY: the caller guarantees `host` maps `len` bytes for the device's lifetime.
-            unsafe { container.vfio_dma_map(mapping.iova, mapping.len as usize, host) }.map_err(
-                |source| PassthroughError::Vfio {
+            unsafe { container.vfio_dma_map(mapping.iova, len, host) }.map_err(|source| {
+                PassthroughError::Vfio {
                     bdf: self.bdf.clone(),
                     op: "VFIO_IOMMU_MAP_DMA",
                     source,
-                },
-            )?;
+                }
+            })?;
         }
         self.mappings.push(mapping);
         Ok(())
@@ -490,13 +497,13 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if !self.interrupts.msix_bar_read(bar, offset, data) {
-            self.function.read(bar as u32, data, offset);
+            self.function.read(bar_region(bar), data, offset);
         }
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if !self.interrupts.msix_bar_write(bar, offset, data, &self.bdf) {
-            self.function.write(bar as u32, data, offset);
+            self.function.write(bar_region(bar), data, offset);
         }
     }
 }

@@ -87,12 +87,12 @@ fn program(device: &mut VfioPciDevice, msix: bool) {
         device.config_write(0x42, &0x81u16.to_le_bytes());
         return;
     }
-    for (vector, masked) in [(0u64, 0u32), (1, 1)] {
-        let entry = 0x2000 + 16 * vector;
+    for (vector, masked) in [(0u32, 0u32), (1, 1)] {
+        let entry = 0x2000 + 16 * u64::from(vector);
         for (at, word) in [
             (0, 0xfee0_0000u32),
             (4, 0),
-            (8, 0x50 + vector as u32),
+            (8, 0x50 + vector),
             (12, masked),
         ] {
             device.bar_write(0, entry + at, &word.to_le_bytes());
