@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::agent::ledger::session_of;
 use crate::agent::{AgentClientError, Ledger};
-use crate::probe::HandlerStatus;
+use crate::luo::probe::HandlerStatus;
+use crate::luo::{LuoError, SessionName, Token};
 use crate::seams::{PreserveSession, RetrieveSession, UpdateAgent};
-use crate::{LuoError, SessionName, Token};
 
 /// What to make fail. Tokens are the session's tokens; agent operations are named as in
 /// [`UpdateAgent`] (`"subscribe"`, `"ready"`, `"release"`, `"finished"`, `"status"`,

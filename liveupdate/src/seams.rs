@@ -11,8 +11,8 @@
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::agent::{AgentClient, AgentClientError, Ledger};
-use crate::probe::HandlerStatus;
-use crate::{IncomingSession, LuoError, OutgoingSession, SessionName, Token};
+use crate::luo::probe::HandlerStatus;
+use crate::luo::{IncomingSession, LuoError, OutgoingSession, SessionName, Token};
 
 /// A session before the kexec, as the VMM preserving into it sees it.
 pub trait PreserveSession: Send {

@@ -1,7 +1,7 @@
 //! `luvmm host-check`: what this host offers for a live update, as text or JSON.
 
 use luvmm_devices::vfio::{host_vfio_devices, BoundCdev, HostVfioDevice};
-use luvmm_liveupdate::probe::{probe, Candidate, HandlerStatus, HostCapabilities, LuoStatus};
+use luvmm_liveupdate::luo::probe::{probe, Candidate, HandlerStatus, HostCapabilities, LuoStatus};
 use serde::Serialize;
 
 use crate::logger::error_chain;
@@ -191,7 +191,7 @@ impl HostReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use luvmm_liveupdate::probe::Handlers;
+    use luvmm_liveupdate::luo::probe::Handlers;
 
     fn caps(memfd: HandlerStatus, vfio: HandlerStatus) -> HostCapabilities {
         HostCapabilities {

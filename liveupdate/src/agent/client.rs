@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::agent::ledger::Ledger;
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
-use crate::probe::HandlerStatus;
-use crate::{IncomingSession, OutgoingSession, SessionName};
+use crate::luo::probe::HandlerStatus;
+use crate::luo::{IncomingSession, OutgoingSession, SessionName};
 
 /// How long a client waits for the agent's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);

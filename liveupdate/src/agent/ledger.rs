@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::SessionName;
+use crate::luo::SessionName;
 
 /// The agent's own session, holding the ledger across the kexec. VM sessions are
 /// `luvmm-<vm id>`, and VM ids have no dot, so it can never be one of them.

@@ -19,10 +19,10 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
 use crate::agent::wire::{recv_line, send_line, Reply, Request};
-use crate::kexec::{self, KexecError};
-use crate::probe::{self, HandlerStatus};
+use crate::luo::kexec::{self, KexecError};
+use crate::luo::probe::{self, HandlerStatus};
+use crate::luo::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 use crate::unix::{self, BindError};
-use crate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 
 /// How long a client has to send its request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

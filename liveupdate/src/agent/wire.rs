@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::ledger::Ledger;
-use crate::probe::HandlerStatus;
+use crate::luo::probe::HandlerStatus;
 use crate::unix::{self, FdReader};
 
 /// Longest line either side accepts.

@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use luvmm_liveupdate::agent::{AgentClient, Ledger, VmPhase};
-use luvmm_liveupdate::kexec;
+use luvmm_liveupdate::luo::kexec;
 use luvmm_resources::state::{RAM_TOKEN_BASE, STATE_TOKEN};
 use luvmm_tests::l1::{flag, line, Report};
 use luvmm_tests::vfio_raw::{open_bound, Iommu};
@@ -63,7 +63,7 @@ fn verify(file: &mut File) -> Result<(), String> {
 /// VM `vmbad`, ready with a RAM memfd and a state memfd that is not a luvmm state: after the
 /// kexec `luvmm restore --session vmbad` must refuse it having retrieved nothing but the
 /// state (agent.sh counts the kernel's memfd retrieves).
-fn corrupt_vm(agent: &AgentClient) -> Result<luvmm_liveupdate::OutgoingSession, String> {
+fn corrupt_vm(agent: &AgentClient) -> Result<luvmm_liveupdate::luo::OutgoingSession, String> {
     let session = agent.subscribe("vmbad").map_err(|e| e.to_string())?;
     let fd = nix::sys::memfd::memfd_create("state", nix::sys::memfd::MFdFlags::empty())
         .map_err(|e| e.to_string())?;

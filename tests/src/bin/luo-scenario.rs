@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use luvmm_liveupdate::uapi::{SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
-use luvmm_liveupdate::{kexec, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
+use luvmm_liveupdate::luo::uapi::{SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
+use luvmm_liveupdate::luo::{kexec, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
 use luvmm_tests::l1::{flag, line, Report};
 
 /// Sessions carried across the kexec and the memfds in them: (session, token, MiB).

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use luvmm::drill::bed::{self, InitrdFile};
 use luvmm_devices::vfio::host::sysfs_dir;
-use luvmm_liveupdate::kexec::{self, KexecError};
-use luvmm_liveupdate::{LiveUpdate, LuoError, OutgoingSession, SessionName};
+use luvmm_liveupdate::luo::kexec::{self, KexecError};
+use luvmm_liveupdate::luo::{LiveUpdate, LuoError, OutgoingSession, SessionName};
 use luvmm_tests::l1::{flag, line, Report};
 use luvmm_tests::vfio_raw::{self, bind, open_bound, open_cdev, Device, Group, Iommu};
 use vmm_sys_util::eventfd::EventFd;

@@ -7,7 +7,7 @@ use clap::Parser;
 use luvmm::cli::{self, AgentAction, Cli, Command, UpdateCommand};
 use luvmm::{bench, drill};
 use luvmm_liveupdate::agent::{Agent, AgentClient, AgentClientError, AgentError};
-use luvmm_liveupdate::kexec::KexecError;
+use luvmm_liveupdate::luo::kexec::KexecError;
 use luvmm_resources::config::ConfigError;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::api::Endpoint;
@@ -143,7 +143,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                 deadline,
             } => {
                 let cmdline = append
-                    .map(|words| luvmm_liveupdate::kexec::current_cmdline_with(&words))
+                    .map(|words| luvmm_liveupdate::luo::kexec::current_cmdline_with(&words))
                     .transpose()?;
                 AgentClient::new(&args.socket).update(
                     &kernel,

@@ -17,9 +17,9 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use luvmm_liveupdate::agent::{AgentClient, DEFAULT_AGENT_SOCKET};
-use luvmm_liveupdate::probe::HandlerStatus;
+use luvmm_liveupdate::luo::probe::HandlerStatus;
+use luvmm_liveupdate::luo::{kexec, LiveUpdate, LuoError};
 use luvmm_liveupdate::seams::UpdateAgent;
-use luvmm_liveupdate::{kexec, LiveUpdate, LuoError};
 use serde::{Deserialize, Serialize};
 
 use crate::api::client::VmmClient;

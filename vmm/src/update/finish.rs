@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
+use luvmm_liveupdate::luo::LuoError;
 use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
-use luvmm_liveupdate::LuoError;
 
 /// FINISH failed: the session stays, and its devices stay *incoming* until it is finished.
 #[derive(Debug, thiserror::Error)]

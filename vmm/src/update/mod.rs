@@ -30,7 +30,7 @@ pub mod vm;
 
 use luvmm_devices::vfio::PassthroughError;
 use luvmm_liveupdate::agent::AgentClientError;
-use luvmm_liveupdate::LuoError;
+use luvmm_liveupdate::luo::LuoError;
 
 use crate::passthrough::QuiesceError;
 use crate::vmm::VmmError;

@@ -22,8 +22,8 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use luvmm_liveupdate::agent::ledger::now_ms;
+use luvmm_liveupdate::luo::{LuoError, Token};
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
-use luvmm_liveupdate::{LuoError, Token};
 use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN};
 use serde::{Deserialize, Serialize};
 

@@ -14,8 +14,8 @@ use std::fs::File;
 use luvmm_devices::vfio::host::BoundCdev;
 use luvmm_devices::vfio::VfioBindError;
 use luvmm_liveupdate::agent::AgentClientError;
+use luvmm_liveupdate::luo::LuoError;
 use luvmm_liveupdate::seams::UpdateAgent;
-use luvmm_liveupdate::LuoError;
 use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 

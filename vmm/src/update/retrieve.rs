@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
 use luvmm_liveupdate::agent::AgentClientError;
+use luvmm_liveupdate::luo::{LuoError, Token};
 use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
-use luvmm_liveupdate::{LuoError, Token};
 use luvmm_resources::state::{
     self, ReadError, StateError, StateMismatch, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN,
 };

@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
 use luvmm_liveupdate::fake::{FakeHost, Faults};
+use luvmm_liveupdate::luo::Token;
 use luvmm_liveupdate::seams::UpdateAgent;
-use luvmm_liveupdate::Token;
 use luvmm_resources::state::{
     self, UpdateRecord, VmState, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN,
 };
@@ -251,7 +251,7 @@ fn a_device_the_kernel_cannot_preserve_is_marked_or_refused_with_require() {
 fn a_prepare_refused_by_the_preflight_touches_nothing() {
     let host = FakeHost::new();
     host.set_faults(faults(|f| {
-        f.device_handler = Some(luvmm_liveupdate::probe::HandlerStatus::Absent);
+        f.device_handler = Some(luvmm_liveupdate::luo::probe::HandlerStatus::Absent);
     }));
     let mut vm = FakeVm::running();
     let refused = prepare(&mut vm, Box::new(host.agent()), &options(true));

@@ -14,7 +14,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
-use luvmm_liveupdate::kexec;
+use luvmm_liveupdate::luo::kexec;
 use luvmm_vmm::logger::error_chain;
 use luvmm_vmm::update::check::{self, CheckArgs};
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::session::{LiveUpdate, LuoError, SessionName};
+use super::session::{LiveUpdate, LuoError, SessionName};
 
 /// Whether `/dev/liveupdate` can be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

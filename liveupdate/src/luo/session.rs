@@ -8,7 +8,7 @@ use std::path::Path;
 
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
-use crate::uapi::{
+use super::uapi::{
     FdArg, FinishArg, GetNameArg, SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_IOCTL_RETRIEVE_SESSION, LIVEUPDATE_SESSION_FINISH, LIVEUPDATE_SESSION_GET_NAME,
     LIVEUPDATE_SESSION_NAME_LENGTH, LIVEUPDATE_SESSION_PRESERVE_FD, LIVEUPDATE_SESSION_RETRIEVE_FD,
