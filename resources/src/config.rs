@@ -44,6 +44,7 @@ pub enum SerialOutput {
 impl SerialOutput {
     /// Reads `--serial`: the config's words, or a file path. A path must contain a `/`, so a
     /// mistyped word (`sink`, `stdot`) is refused instead of becoming a file of that name.
+    /// The error is a `String` because clap's `value_parser` prints it as the whole reason.
     pub fn from_flag(value: &str) -> Result<SerialOutput, String> {
         match value {
             "stdout" => Ok(SerialOutput::Stdout),

@@ -66,17 +66,35 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// linux-loader refused the ELF.
-    #[error("cannot load payload {path}: {reason}")]
-    Load { path: String, reason: String },
+    #[error("cannot load payload {path}")]
+    Load {
+        path: String,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
     /// PVH was asked for but the ELF has no PVH entry note.
     #[error("payload {path} has no PVH entry note; use boot \"linux64\" or \"auto\"")]
     NoPvhEntry { path: String },
     /// The command line is not acceptable to linux-loader.
-    #[error("cmdline: {0}")]
-    Cmdline(String),
-    /// Writing boot structures into guest memory failed.
-    #[error("cannot write {what} into guest memory: {reason}")]
-    Write { what: &'static str, reason: String },
+    #[error("cmdline")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// linux-loader could not copy the command line into guest memory.
+    #[error("cannot write command line into guest memory")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// linux-loader could not write `boot_params` or `hvm_start_info`.
+    #[error("cannot write {what} into guest memory")]
+    WriteBootParams {
+        what: &'static str,
+        #[source]
+        source: linux_loader::configurator::Error,
+    },
+    /// Writing page tables or descriptor tables into guest memory failed.
+    #[error("cannot write {what} into guest memory")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 /// Where and how the boot vCPU starts.
@@ -102,10 +120,10 @@ pub fn load_payload(
         source,
     })?;
     let loaded =
-        Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+        Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
             BootError::Load {
                 path: shown.clone(),
-                reason: e.to_string(),
+                source,
             }
         })?;
     let pvh = match loaded.pvh_boot_cap {
@@ -118,15 +136,11 @@ pub fn load_payload(
         (BootProtocol::Linux64 | BootProtocol::Auto, _) => BootEntry::Linux64(loaded.kernel_load.0),
     };
 
-    let mut line = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut line = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     if !cmdline.is_empty() {
-        line.insert_str(cmdline)
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        line.insert_str(cmdline).map_err(BootError::Cmdline)?;
     }
-    load_cmdline(memory, GuestAddress(CMDLINE_START), &line).map_err(|e| BootError::Write {
-        what: "command line",
-        reason: e.to_string(),
-    })?;
+    load_cmdline(memory, GuestAddress(CMDLINE_START), &line).map_err(BootError::WriteCmdline)?;
     let cmdline_size = cmdline.len() + 1;
 
     match entry {
@@ -167,9 +181,9 @@ fn write_zero_page(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
         memory,
     )
-    .map_err(|e| BootError::Write {
+    .map_err(|source| BootError::WriteBootParams {
         what: "boot_params",
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -194,10 +208,10 @@ fn write_start_info(memory: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, memory).map_err(|e| {
-        BootError::Write {
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, memory).map_err(|source| {
+        BootError::WriteBootParams {
             what: "hvm_start_info",
-            reason: e.to_string(),
+            source,
         }
     })
 }
@@ -207,9 +221,9 @@ fn write_long_mode_tables(memory: &GuestMemoryMmap) -> Result<(), BootError> {
     let write = |value: u64, addr: u64| {
         memory
             .write_obj(value, GuestAddress(addr))
-            .map_err(|e| BootError::Write {
+            .map_err(|source| BootError::Write {
                 what: "page tables",
-                reason: e.to_string(),
+                source,
             })
     };
     write(PDPTE_START | 0x03, PML4_START)?;
@@ -224,16 +238,16 @@ fn write_gdt(memory: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), BootError> {
     for (i, entry) in gdt.iter().enumerate() {
         memory
             .write_obj(*entry, GuestAddress(BOOT_GDT_START + (i as u64) * 8))
-            .map_err(|e| BootError::Write {
+            .map_err(|source| BootError::Write {
                 what: "GDT",
-                reason: e.to_string(),
+                source,
             })?;
     }
     memory
         .write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|e| BootError::Write {
+        .map_err(|source| BootError::Write {
             what: "IDT",
-            reason: e.to_string(),
+            source,
         })
 }
 
@@ -330,6 +344,34 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logger::error_chain;
+
+    fn small_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x400)]).unwrap()
+    }
+
+    #[test]
+    fn a_payload_that_is_not_elf_keeps_the_loader_error_as_its_source() {
+        let path = std::env::temp_dir().join(format!("luvmm-not-elf-{}", std::process::id()));
+        std::fs::write(&path, b"not an ELF").unwrap();
+        let layout = MemoryLayout::contiguous(0x400);
+        let err = load_payload(&small_memory(), &layout, &path, "", BootProtocol::Auto);
+        std::fs::remove_file(&path).unwrap();
+        let err = err.unwrap_err();
+        assert!(matches!(err, BootError::Load { .. }));
+        let shown = format!("cannot load payload {}", path.display());
+        assert_eq!(err.to_string(), shown);
+        assert!(error_chain(&err).starts_with(&format!("{shown}: Kernel Loader: ")));
+    }
+
+    #[test]
+    fn a_failed_guest_write_keeps_the_memory_error_as_its_source() {
+        let err = write_gdt(&small_memory(), &GDT_PVH).unwrap_err();
+        assert!(matches!(err, BootError::Write { what: "GDT", .. }));
+        assert!(
+            error_chain(&err).starts_with("cannot write GDT into guest memory: Guest memory error")
+        );
+    }
 
     #[test]
     fn long_mode_code_segment_decodes() {

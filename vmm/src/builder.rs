@@ -65,10 +65,11 @@ pub enum BuildError {
     Devices(#[from] DeviceSetupError),
     #[error("the state holds passthrough devices but nothing to restore them from")]
     NoDevices,
-    #[error("cannot register {device} on the I/O bus: {reason}")]
+    #[error("cannot register {device} on the I/O bus")]
     Bus {
         device: &'static str,
-        reason: String,
+        #[source]
+        source: vm_device::device_manager::Error,
     },
 }
 
@@ -357,10 +358,7 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
     let mut io = IoManager::new();
     for (device, handler, base, size) in ports {
         io.register_pio_resources(handler, &[Resource::PioAddressRange { base, size }])
-            .map_err(|e| BuildError::Bus {
-                device,
-                reason: e.to_string(),
-            })?;
+            .map_err(|source| BuildError::Bus { device, source })?;
     }
     // Every BAR window goes to the bus, which finds the BAR: trapped 64-bit BARs live above
     // 4 GiB, I/O BARs in the port window.
@@ -378,9 +376,9 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
             },
         ],
     )
-    .map_err(|e| BuildError::Bus {
+    .map_err(|source| BuildError::Bus {
         device: "PCI MMIO windows",
-        reason: e.to_string(),
+        source,
     })?;
     io.register_pio_resources(
         bar_window,
@@ -389,9 +387,9 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
             size: (PCI_IO_END - PCI_IO_START) as u16,
         }],
     )
-    .map_err(|e| BuildError::Bus {
+    .map_err(|source| BuildError::Bus {
         device: "PCI I/O window",
-        reason: e.to_string(),
+        source,
     })?;
     Ok(Arc::new(io))
 }

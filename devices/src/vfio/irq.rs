@@ -17,19 +17,23 @@ use luvmm_resources::state::MsixState;
 
 use crate::pci::msix::{MsixLayout, MsixTable};
 
-/// What the VMM could not do for a device through `IrqRouter` or `GuestMapper`. Each message
-/// carries its OS error, so a device's log line needs nothing more.
+/// What the VMM could not do for a device through `IrqRouter` or `GuestMapper`. The OS error
+/// is the `source`, so only a chain-walking formatter shows it.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     /// A KVM ioctl failed; `op` names it and what it was for.
-    #[error("{op}: {errno}")]
-    Ioctl { op: String, errno: std::io::Error },
+    #[error("{op}")]
+    Ioctl {
+        op: String,
+        #[source]
+        errno: std::io::Error,
+    },
     /// A fixed pool is used up.
     #[error("no {what} left")]
     Exhausted { what: &'static str },
     /// An interrupt eventfd could not be created.
-    #[error("cannot create an interrupt eventfd: {0}")]
-    EventFd(std::io::Error),
+    #[error("cannot create an interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
     /// A restore asked for a number the guest already saw, and something else holds it.
     #[error("{what} {number} is already taken")]
     Taken { what: &'static str, number: u32 },

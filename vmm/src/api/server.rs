@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use luvmm_liveupdate::unix::{self, BindError};
+use luvmm_resources::sync::lock;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
@@ -215,7 +216,7 @@ impl ApiServer {
             Err(resp) => return resp.into(),
         };
         log::debug!("api: {} {} -> {action:?}", req.method, req.path);
-        let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut vmm = lock(&self.vmm);
         dispatch(&mut vmm, action)
     }
 }

@@ -13,6 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use luvmm_devices::vfio::{GuestMapper, HypervisorError, IrqRouter};
 use luvmm_resources::layout::MSI_GSI_START;
+use luvmm_resources::sync::lock;
 use vmm_sys_util::eventfd::EventFd;
 
 const IOAPIC_PINS: u32 = 24;
@@ -125,7 +126,7 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl IrqRouter for KvmIrqRouter {
     fn allocate_gsi(&self, saved: Option<u32>) -> Result<u32, HypervisorError> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = lock(&self.routes);
         claim(
             &mut routes.gsis,
             MSI_GSI_START..MAX_GSI,
@@ -135,7 +136,7 @@ impl IrqRouter for KvmIrqRouter {
     }
 
     fn allocate_intx_line(&self, saved: Option<u32>) -> Result<u32, HypervisorError> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = lock(&self.routes);
         claim(
             &mut routes.intx_lines,
             INTX_LINE_START..IOAPIC_PINS,
@@ -156,7 +157,7 @@ impl IrqRouter for KvmIrqRouter {
     }
 
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), HypervisorError> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = lock(&self.routes);
         routes.msi.insert(gsi, (address, data));
         self.apply(&routes)
     }
@@ -210,7 +211,7 @@ impl KvmGuestMapper {
 
 impl GuestMapper for KvmGuestMapper {
     fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, HypervisorError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = lock(&self.slots);
         let slot = (self.first_slot..)
             .find(|s| !slots.contains(s))
             .ok_or(HypervisorError::Exhausted { what: "memslot" })?;
@@ -220,7 +221,7 @@ impl GuestMapper for KvmGuestMapper {
     }
 
     fn unmap(&self, slot: u32) -> Result<(), HypervisorError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = lock(&self.slots);
         self.set(slot, 0, 0, 0)?;
         slots.retain(|&s| s != slot);
         Ok(())
