@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::GuestControlState;
 use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
@@ -106,7 +107,10 @@ impl DevicePio for GuestControl {
     fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if offset == 0 && data.first().is_some_and(|&b| u32::from(b) == PAUSE_ME) {
             if let Err(e) = self.pause_evt.write(1) {
-                log::error!("guest-control: cannot signal the guest's pause request: {e}");
+                log::error!(
+                    "guest-control: cannot signal the guest's pause request: {}",
+                    error_chain(&e)
+                );
             }
         }
     }

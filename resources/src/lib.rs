@@ -4,11 +4,13 @@
 //! - [`layout`]: the guest physical layout (memory regions, boot structures, ports) as values
 //!   that can be serialized and compared, so a restore can prove it rebuilds the same machine.
 //! - [`state`]: the versioned, checksummed container for a paused VM's state and its typed root.
+//! - [`errors`]: an error and its causes on one line, for every crate's logs.
 //! - [`sync`]: the poison-tolerant lock, here because every other crate that locks depends on
 //!   this one.
 
 pub mod allocator;
 pub mod config;
+pub mod errors;
 pub mod layout;
 pub mod state;
 pub mod sync;

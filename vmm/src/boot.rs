@@ -141,7 +141,8 @@ pub fn load_payload(
         line.insert_str(cmdline).map_err(BootError::Cmdline)?;
     }
     load_cmdline(memory, GuestAddress(CMDLINE_START), &line).map_err(BootError::WriteCmdline)?;
-    let cmdline_size = cmdline.len() + 1;
+    // `line` refused anything longer than CMDLINE_MAX_SIZE, so this always fits.
+    let cmdline_size = u32::try_from(cmdline.len() + 1).unwrap_or(u32::MAX);
 
     match entry {
         BootEntry::Linux64(_) => {
@@ -156,17 +157,27 @@ pub fn load_payload(
     Ok(entry)
 }
 
+/// The command line's guest address as `boot_params` holds it.
+#[allow(clippy::cast_possible_truncation)] // Exact: the assert checks it at compile time.
+const CMDLINE_PTR: u32 = {
+    assert!(CMDLINE_START <= u32::MAX as u64);
+    CMDLINE_START as u32
+};
+
+/// The IDT's limit: one (empty) 8-byte gate.
+const IDT_LIMIT: u16 = 7;
+
 fn write_zero_page(
     memory: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    cmdline_size: usize,
+    cmdline_size: u32,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_size as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_PTR;
+    params.hdr.cmdline_size = cmdline_size;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     let ranges = layout.usable_ranges();
     for (slot, range) in params.e820_table.iter_mut().zip(&ranges) {
@@ -176,7 +187,9 @@ fn write_zero_page(
             r#type: E820_RAM,
         };
     }
-    params.e820_entries = ranges.len().min(params.e820_table.len()) as u8;
+    // The table has 128 slots, so the count always fits its byte.
+    params.e820_entries =
+        u8::try_from(ranges.len().min(params.e820_table.len())).unwrap_or(u8::MAX);
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
         memory,
@@ -203,7 +216,7 @@ fn write_start_info(memory: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
@@ -278,9 +291,10 @@ pub fn set_boot_sregs(sregs: &mut kvm_sregs, entry: BootEntry) {
         BootEntry::Pvh(_) => &GDT_PVH,
     };
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    // Four descriptors: the limit is 31.
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(gdt) - 1).unwrap_or(u16::MAX);
     sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    sregs.idt.limit = IDT_LIMIT;
     let code = segment_from_gdt(gdt[1], 1);
     let data = segment_from_gdt(gdt[2], 2);
     sregs.cs = code;
@@ -322,11 +336,13 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let granular = (entry >> 55) & 1 == 1;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular {
-            ((limit << 12) | 0xfff) as u32
+        // A descriptor's limit has 20 bits; scaled by 4 KiB it still fits 32.
+        limit: u32::try_from(if granular {
+            (limit << 12) | 0xfff
         } else {
-            limit as u32
-        },
+            limit
+        })
+        .unwrap_or(u32::MAX),
         selector: u16::from(table_index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -344,7 +360,7 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logger::error_chain;
+    use luvmm_resources::errors::error_chain;
 
     fn small_memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x400)]).unwrap()

@@ -215,7 +215,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let limits = host_limits(kvm);
     if saved.vcpus.len() > limits.max_vcpus as usize {
         return Err(ConfigError::TooManyVcpus {
-            count: saved.vcpus.len() as u32,
+            count: u32::try_from(saved.vcpus.len()).unwrap_or(u32::MAX),
             max: limits.max_vcpus,
         }
         .into());
@@ -329,10 +329,22 @@ fn device_routes(vm: &KvmVm, layout: &MemoryLayout) -> (Arc<dyn IrqRouter>, Arc<
     let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
     let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
         vm.shared_fd(),
-        layout.regions.len() as u32,
+        u32::try_from(layout.regions.len()).unwrap_or(u32::MAX),
     ));
     (router, mapper)
 }
+
+/// The PCI I/O window as port numbers.
+#[allow(clippy::cast_possible_truncation)] // Exact: the asserts check it at compile time.
+const PCI_IO_BASE: u16 = {
+    assert!(PCI_IO_START <= u16::MAX as u64);
+    PCI_IO_START as u16
+};
+#[allow(clippy::cast_possible_truncation)] // Exact: the assert checks it at compile time.
+const PCI_IO_SIZE: u16 = {
+    assert!(PCI_IO_END - PCI_IO_START <= u16::MAX as u64);
+    (PCI_IO_END - PCI_IO_START) as u16
+};
 
 fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
     let ports: [(&'static str, Arc<dyn DevicePio + Send + Sync>, u16, u16); 3] = [
@@ -383,8 +395,8 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
     io.register_pio_resources(
         bar_window,
         &[Resource::PioAddressRange {
-            base: PCI_IO_START as u16,
-            size: (PCI_IO_END - PCI_IO_START) as u16,
+            base: PCI_IO_BASE,
+            size: PCI_IO_SIZE,
         }],
     )
     .map_err(|source| BuildError::Bus {

@@ -4,7 +4,7 @@ use luvmm_devices::vfio::{host_vfio_devices, BoundCdev, HostVfioDevice};
 use luvmm_liveupdate::luo::probe::{probe, Candidate, HandlerStatus, HostCapabilities, LuoStatus};
 use serde::Serialize;
 
-use crate::logger::error_chain;
+use luvmm_resources::errors::error_chain;
 
 /// The report: LUO's capabilities and the VFIO devices that could be passed through.
 #[derive(Debug, Serialize)]

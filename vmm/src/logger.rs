@@ -37,15 +37,3 @@ pub fn init() {
         log::set_max_level(level);
     }
 }
-
-/// An error and its causes on one line, `error: cause: cause`, so each is printed once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

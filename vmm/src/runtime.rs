@@ -14,6 +14,7 @@ use vmm_sys_util::timerfd::TimerFd;
 const UPDATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 use luvmm_devices::serial::SerialDevice;
+use luvmm_resources::errors::error_chain;
 use luvmm_resources::sync::lock;
 
 use crate::api::server::{ApiServer, ApiSocketError};
@@ -105,7 +106,10 @@ fn pause_for_the_guest(vmm: &mut Vmm) {
     }
     match vmm.pause() {
         Ok(()) => log::info!("paused: the guest asked to be"),
-        Err(e) => log::error!("the guest asked to be paused, but the pause failed: {e}"),
+        Err(e) => log::error!(
+            "the guest asked to be paused, but the pause failed: {}",
+            error_chain(&e)
+        ),
     }
 }
 

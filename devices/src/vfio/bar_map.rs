@@ -6,6 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use luvmm_resources::errors::error_chain;
 use nix::errno::Errno;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
@@ -120,14 +121,18 @@ impl Drop for DirectBar {
         if let Some((slot, _)) = self.mapped.take() {
             if let Err(e) = self.mapper.unmap(slot) {
                 // The memslot would point at freed memory: keep the mapping (leak it) instead.
-                log::error!("BAR {}: cannot delete memslot {slot}: {e}", self.index);
+                log::error!(
+                    "BAR {}: cannot delete memslot {slot}: {}",
+                    self.index,
+                    error_chain(&e)
+                );
                 return;
             }
         }
         // SAFETY: `host` is the start of the `size`-byte mapping made in `new`, and no memslot
         // points into it any more (deleted just above, or never made), so nothing else uses it.
         if let Err(e) = unsafe { munmap(self.host, self.len.get()) } {
-            log::warn!("munmap of BAR {}: {e}", self.index);
+            log::warn!("munmap of BAR {}: {}", self.index, error_chain(&e));
         }
     }
 }

@@ -33,12 +33,12 @@ use serde::{Deserialize, Serialize};
 
 use luvmm_devices::guest_control::GuestRequest;
 
-use crate::logger::error_chain;
 use crate::update::prepare::PrepareOptions;
 use crate::update::{self, UpdateError};
 use crate::vmm::{Vmm, VmmError};
 use http::{Request, Response};
 use luvmm_liveupdate::agent::AgentClient;
+use luvmm_resources::errors::error_chain;
 
 /// One operation the API can ask of the VMM.
 #[derive(Debug, PartialEq, Eq)]

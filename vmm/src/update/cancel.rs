@@ -7,6 +7,7 @@
 //! is closed and opened again under the guest's view of it before the guest resumes.
 
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
+use luvmm_resources::errors::error_chain;
 
 use crate::update::vm::UpdateVm;
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
@@ -46,7 +47,7 @@ pub fn follow_agent(vm: &mut impl UpdateVm) {
             .iter()
             .any(|r| r.vm == prepared.vm_id && r.phase != AgentPhase::Cancelled),
         Err(e) => {
-            log::debug!("update: the agent does not answer yet: {e}");
+            log::debug!("update: the agent does not answer yet: {}", error_chain(&e));
             false
         }
     };
@@ -61,7 +62,10 @@ pub fn follow_agent(vm: &mut impl UpdateVm) {
 /// Undoes a prepare, as far as it went, and resumes if `resume` and the guest is paused.
 pub(crate) fn call_off(vm: &mut impl UpdateVm, prepared: PreparedUpdate, resume: bool) {
     if let Err(e) = prepared.agent.release(&prepared.vm_id) {
-        log::error!("cancel: the agent did not release the session: {e}");
+        log::error!(
+            "cancel: the agent did not release the session: {}",
+            error_chain(&e)
+        );
     }
     prepared.session.cancel();
     vm.rearm_devices();
@@ -70,7 +74,7 @@ pub(crate) fn call_off(vm: &mut impl UpdateVm, prepared: PreparedUpdate, resume:
     }
     if resume && vm.phase() == VmPhase::Paused {
         if let Err(e) = vm.resume() {
-            log::error!("cancel: cannot resume the guest: {e}");
+            log::error!("cancel: cannot resume the guest: {}", error_chain(&e));
         }
     }
     log::info!("update called off; the guest runs on in place");

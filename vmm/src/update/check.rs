@@ -20,10 +20,10 @@ use luvmm_liveupdate::agent::{AgentClient, DEFAULT_AGENT_SOCKET};
 use luvmm_liveupdate::luo::probe::HandlerStatus;
 use luvmm_liveupdate::luo::{kexec, LiveUpdate, LuoError};
 use luvmm_liveupdate::seams::UpdateAgent;
+use luvmm_resources::errors::error_chain;
 use serde::{Deserialize, Serialize};
 
 use crate::api::client::VmmClient;
-use crate::logger::error_chain;
 use crate::update::vm::UpdateVm;
 use crate::update::UpdateError;
 

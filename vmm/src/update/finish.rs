@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use luvmm_liveupdate::luo::LuoError;
 use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
+use luvmm_resources::errors::error_chain;
 
 /// FINISH failed: the session stays, and its devices stay *incoming* until it is finished.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,9 @@ pub fn finish_session(session: &dyn RetrieveSession) -> Result<f64, FinishError>
 /// the agent says: a failure here only keeps the VM out of the next update until it is mended.
 pub fn report_finished(agent: &dyn UpdateAgent, vm_id: &str) {
     if let Err(e) = agent.finished(vm_id) {
-        log::warn!("the agent did not take VM {vm_id}'s finish: {e}; it cannot prepare again");
+        log::warn!(
+            "the agent did not take VM {vm_id}'s finish: {}; it cannot prepare again",
+            error_chain(&e)
+        );
     }
 }

@@ -24,6 +24,7 @@ use std::time::Instant;
 use luvmm_liveupdate::agent::ledger::now_ms;
 use luvmm_liveupdate::luo::{LuoError, Token};
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
+use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN};
 use serde::{Deserialize, Serialize};
 
@@ -102,7 +103,10 @@ pub fn prepare(
             Ok(report)
         }
         Err(e) => {
-            log::warn!("update preparation failed, calling it off: {e}");
+            log::warn!(
+                "update preparation failed, calling it off: {}",
+                error_chain(&e)
+            );
             call_off(vm, prepared, was_running);
             Err(e)
         }

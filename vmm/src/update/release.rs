@@ -16,6 +16,7 @@ use luvmm_devices::vfio::VfioBindError;
 use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::luo::LuoError;
 use luvmm_liveupdate::seams::UpdateAgent;
+use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 
@@ -115,7 +116,10 @@ pub fn release(vm_id: &str, agent: &dyn UpdateAgent) -> Result<ReleaseReport, Re
     drop(held);
     drop(session);
     if let Err(e) = agent.finished(vm_id) {
-        log::warn!("the agent did not take VM {vm_id}'s release: {e}");
+        log::warn!(
+            "the agent did not take VM {vm_id}'s release: {}",
+            error_chain(&e)
+        );
     }
     Ok(report)
 }

@@ -4,9 +4,9 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 
+use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::UpdateRecord;
 
-use crate::logger::error_chain;
 use crate::passthrough::{DeviceFile, QuiesceError};
 use crate::vmm::{PreparedUpdate, VmPhase, Vmm, VmmError};
 

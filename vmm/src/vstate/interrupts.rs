@@ -89,7 +89,10 @@ impl KvmIrqRouter {
                 type_: KVM_IRQ_ROUTING_MSI,
                 ..Default::default()
             };
-            entry.u.msi.address_lo = address as u32;
+            // The message address split into its halves: truncation is the point.
+            #[allow(clippy::cast_possible_truncation)]
+            let low = address as u32;
+            entry.u.msi.address_lo = low;
             entry.u.msi.address_hi = (address >> 32) as u32;
             entry.u.msi.data = data;
             entries.push(entry);

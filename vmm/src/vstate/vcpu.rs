@@ -24,6 +24,7 @@ use super::x86_64::msr::{msrs_to_save, MsrError};
 use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
+use luvmm_resources::errors::error_chain;
 
 /// How long the VMM waits for a vCPU thread to answer an event.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -262,7 +263,11 @@ impl Vcpu {
                         continue;
                     }
                     Err(RunError::KvmRun(e)) => {
-                        log::error!("vCPU {}: guest stopped: KVM_RUN failed: {e}", self.id);
+                        log::error!(
+                            "vCPU {}: guest stopped: KVM_RUN failed: {}",
+                            self.id,
+                            error_chain(&e)
+                        );
                         state = self.stopped();
                         continue;
                     }
@@ -324,7 +329,7 @@ impl Vcpu {
     /// Tells the VMM the guest stopped on its own; the thread now only waits for `Finish`.
     fn stopped(&self) -> RunState {
         if let Err(e) = self.exit_evt.write(1) {
-            log::error!("vCPU {}: cannot signal exit: {e}", self.id);
+            log::error!("vCPU {}: cannot signal exit: {}", self.id, error_chain(&e));
         }
         RunState::Stopped
     }
@@ -409,7 +414,7 @@ impl VcpuHandle {
     /// Ends the thread and joins it.
     pub fn finish(mut self) {
         if let Err(e) = self.request(VcpuEvent::Finish) {
-            log::warn!("vCPU {}: finish: {e}", self.id);
+            log::warn!("vCPU {}: finish: {}", self.id, error_chain(&e));
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {

@@ -21,6 +21,7 @@ use crate::pci::config::{ConfigSpace, INTERRUPT_LINE};
 use crate::pci::msix::{read_pba, MSIX_ENABLE, MSIX_FUNCTION_MASK};
 use crate::vfio::function::VfioFunction;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
+use luvmm_resources::errors::error_chain;
 
 /// A guest's interrupt setting that KVM or VFIO refused; logged, as the guest cannot be told.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +148,7 @@ impl Interrupts {
         if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
             if !vfio_armed {
                 if let Err(e) = arm_msix(msix, function, true) {
-                    log::error!("{bdf}: cannot arm MSI-X again: {e}");
+                    log::error!("{bdf}: cannot arm MSI-X again: {}", error_chain(&e));
                 }
             }
         }
@@ -195,8 +196,9 @@ impl Interrupts {
         }
         for e in failures {
             log::error!(
-                "{bdf}: cannot {} an irqfd: {e}",
-                if held { "detach" } else { "attach" }
+                "{bdf}: cannot {} an irqfd: {}",
+                if held { "detach" } else { "attach" },
+                error_chain(&e)
             );
         }
     }
@@ -306,7 +308,7 @@ impl Interrupts {
         };
         if let Some(at) = msix.layout.table_offset_of(bar, offset, data.len()) {
             if let Err(e) = msix.write_table(at, data, self.router.as_ref()) {
-                log::error!("{bdf}: MSI-X table write at {at:#x}: {e}");
+                log::error!("{bdf}: MSI-X table write at {at:#x}: {}", error_chain(&e));
             }
             return true;
         }
@@ -323,7 +325,11 @@ impl Interrupts {
         }
         match intx.arm(function, on) {
             Ok(()) => intx.enabled = on,
-            Err(e) => log::error!("{bdf}: cannot turn INTx on line {} {on}: {e}", intx.line),
+            Err(e) => log::error!(
+                "{bdf}: cannot turn INTx on line {} {on}: {}",
+                intx.line,
+                error_chain(&e)
+            ),
         }
     }
 
@@ -341,7 +347,7 @@ impl Interrupts {
         }
         let Some(msi) = self.msi.as_mut() else { return };
         if let Err(e) = msi.enable(config, self.router.as_ref(), function, self.held, arm_vfio) {
-            log::error!("{bdf}: cannot enable MSI: {e}");
+            log::error!("{bdf}: cannot enable MSI: {}", error_chain(&e));
         }
     }
 
@@ -376,7 +382,11 @@ impl Interrupts {
         };
         let router = self.router.as_ref();
         if let Err(e) = switch_msix(msix, enable, function_masked, router, function) {
-            log::error!("{bdf}: MSI-X {}: {e}", if enable { "on" } else { "off" });
+            log::error!(
+                "{bdf}: MSI-X {}: {}",
+                if enable { "on" } else { "off" },
+                error_chain(&e)
+            );
         }
         if !enable && was_enabled {
             self.set_intx(true, function, bdf);

@@ -51,6 +51,7 @@ use crate::vfio::irq::{HypervisorError, IrqRouter};
 use interrupts::{msix_state, Interrupts};
 use intx::Intx;
 use layout::{bar_region, check_same_function, direct_bars, HostLayout};
+use luvmm_resources::errors::error_chain;
 use msi::Msi;
 
 const PM_CAPABILITY_ID: u8 = 0x01;
@@ -460,7 +461,12 @@ impl VfioPciDevice {
                 ),
                 Ok(()) => {}
                 Err(e) => {
-                    log::warn!("{}: BAR {} stays trapped: {e}", self.bdf, bar.index);
+                    log::warn!(
+                        "{}: BAR {} stays trapped: {}",
+                        self.bdf,
+                        bar.index,
+                        error_chain(&e)
+                    );
                     let _ = bar.place(None);
                 }
             }

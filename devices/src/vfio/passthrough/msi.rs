@@ -11,6 +11,7 @@ use super::interrupts::InterruptError;
 use crate::pci::config::ConfigSpace;
 use crate::vfio::function::VfioFunction;
 use crate::vfio::irq::{HypervisorError, IrqRouter};
+use luvmm_resources::errors::error_chain;
 
 pub(super) const MSI_CAPABILITY_ID: u8 = 0x05;
 
@@ -139,11 +140,11 @@ impl Msi {
         bdf: &str,
     ) {
         if let Err(e) = self.arm(function, false) {
-            log::error!("{bdf}: cannot disable MSI: {e}");
+            log::error!("{bdf}: cannot disable MSI: {}", error_chain(&e));
         }
         if !held {
             if let Err(e) = self.attach(router, false) {
-                log::error!("{bdf}: cannot detach the MSI irqfd: {e}");
+                log::error!("{bdf}: cannot detach the MSI irqfd: {}", error_chain(&e));
             }
         }
         self.enabled = false;

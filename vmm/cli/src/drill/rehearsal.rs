@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::luo::kexec;
-use luvmm_vmm::logger::error_chain;
+use luvmm_resources::errors::error_chain;
 use luvmm_vmm::update::check::{self, CheckArgs};
 
 use super::bed::{self, BedError};

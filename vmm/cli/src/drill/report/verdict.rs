@@ -19,7 +19,7 @@ pub(super) fn judge_guest(before: &str, after: &str) -> String {
 /// Every round, VM and device against the plan and the rules.
 pub(super) fn judge_rounds(plan: &Plan, rounds: &[RoundReport], failures: &mut Vec<String>) {
     let updates = rounds.iter().filter(|r| r.kind == "update").count();
-    if updates as u32 != plan.rounds {
+    if u32::try_from(updates).ok() != Some(plan.rounds) {
         failures.push(format!(
             "{updates} update round(s) of {} reported",
             plan.rounds
