@@ -185,7 +185,7 @@ pub enum UpdateCommand {
     /// Exit status: 0 the update may go, 3 it is blocked, 1 error, 2 usage.
     Check {
         #[command(flatten)]
-        args: luvmm_vmm::update::check::CheckArgs,
+        args: crate::preflight::CheckArgs,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,

@@ -169,7 +169,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             }
         },
         Command::Update(UpdateCommand::Check { args, json }) => {
-            let report = update::check::run(&args);
+            let report = luvmm::preflight::run(&args);
             if json {
                 let text = serde_json::to_string(&report)?;
                 println!("{text}");

@@ -1,7 +1,8 @@
 //! The host live update, one file per phase.
 //!
 //! Before the kexec, in the running VMM:
-//! - [`check`]: the pre-flight, its [`check::Blocker`]s and warnings;
+//! - [`check`]: a VM's part of the pre-flight, and the [`check::Blocker`]s (the host's part,
+//!   which asks each VMM for this one, is the `luvmm` binary's `preflight`);
 //! - [`prepare`]: preserve RAM while the guest runs, pause, preserve devices and state;
 //! - [`cancel`]: call a prepared update off (asked, or by the agent), the guest resumed.
 //!

@@ -2,7 +2,7 @@
 //! [`PREFIX`]. The host stamps each line with its own clock when it arrives, which is the one
 //! clock that runs on across the kexec.
 
-use luvmm_vmm::update::check::CheckReport;
+use crate::preflight::CheckReport;
 use luvmm_vmm::update::prepare::PrepareReport;
 use luvmm_vmm::vmm::RestoreTimings;
 use serde::{Deserialize, Serialize};

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::preflight::{self, CheckArgs};
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::luo::kexec;
 use luvmm_resources::errors::error_chain;
-use luvmm_vmm::update::check::{self, CheckArgs};
 
 use super::bed::{self, BedError};
 use super::event::{Event, HOST_ROW};
@@ -211,7 +211,7 @@ fn update(
     let next_kernel = bed::read(Path::new(L1_NEXT_KERNEL))?;
     bed::write(&next_initrd, &with_boot(&staged, &next_kernel)?)?;
     drop((staged, next_kernel));
-    let report = check::run(&CheckArgs {
+    let report = preflight::run(&CheckArgs {
         kernel: PathBuf::from(L1_NEXT_KERNEL),
         initrd: Some(next_initrd.clone()),
         cmdline: Some(cmdline.clone()),

@@ -15,7 +15,7 @@ mod verdict;
 
 use std::collections::BTreeMap;
 
-use luvmm_vmm::update::check::CheckReport;
+use crate::preflight::CheckReport;
 use serde::{Deserialize, Serialize};
 
 use super::watch::Opens;
