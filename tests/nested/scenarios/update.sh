@@ -61,7 +61,7 @@ case "$stage" in
     echo "LUVMM-L1 update check1 exit=$code1 $(cat check1.json)"
     echo "LUVMM-L1 update check2 exit=$code2 $(cat check2.json)"
     result update_preflight_blocks_an_unknown_kernel \
-        $([ $code1 = 3 ] && grep -q 'may not have the LUO file handlers' check1.json; echo $?) \
+        $([ $code1 = 3 ] && grep -q '"kind":"unknown_handlers"' check1.json; echo $?) \
         "exit $code1: $(cat check1.json)"
     result update_preflight_passes_a_known_good_kernel \
         $([ $code2 = 0 ] && [ "$(grep -o '"handler":"absent"' check2.json | wc -l)" = "$count" ]; echo $?) \
