@@ -221,6 +221,40 @@ fn the_update_preflight_names_every_blocker_and_exits_3() {
 }
 
 #[test]
+fn nothing_lost_a_restore_with_an_unusable_output_is_refused_before_the_claim() {
+    let dir = TestDir::new("session-bad-outputs");
+    let agent = dir.join("agent.sock");
+    let bad_serial = dir.join("no/such/dir/a.log");
+    let taken = dir.join("taken.sock");
+    std::fs::write(&taken, b"").unwrap();
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", "--session", "vm1", "--agent-socket"];
+        args.push(agent.to_str().unwrap());
+        args.extend_from_slice(extra);
+        run_luvmm(&args)
+    };
+    // No agent listens: had anything been asked of it, the error would say so.
+    for (extra, expected) in [
+        (
+            ["--serial", bad_serial.to_str().unwrap()],
+            "cannot be opened for writing",
+        ),
+        (
+            ["--api-socket", taken.to_str().unwrap()],
+            "something is there already",
+        ),
+    ] {
+        let (status, stderr) = restore(&extra);
+        assert!(!status.success());
+        assert!(
+            stderr.contains("refused before anything was taken") && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("agent"), "the agent was asked: {stderr}");
+    }
+}
+
+#[test]
 fn a_restore_from_a_session_needs_the_agent() {
     let dir = TestDir::new("session-no-agent");
     let agent = dir.join("agent.sock");

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod builder;
 pub mod host_check;
 pub mod logger;
+pub mod outputs;
 pub mod passthrough;
 pub mod restore;
 pub mod runtime;

@@ -133,6 +133,14 @@ case "$stage" in
     echo "LUVMM-L1 test update_kexec FAIL still here: $(cat kexec.out)"
     ;;
 2)
+    # A serial path that cannot be opened: refused before the claim, so the restore below
+    # still gets the session.
+    luvmm restore --session vm1 --agent-socket $agent_sock --serial /nonexistent/dir/a.log \
+        > badserial.out 2>&1
+    badserial=$?
+    result update_bad_serial_refused_before_the_claim \
+        $([ $badserial != 0 ] && grep -q "refused before anything was taken" badserial.out; echo $?) \
+        "exit $badserial: $(cat badserial.out)"
     # A device the VM needs is not bound to vfio-pci: refused before anything leaves the
     # session, so the restore can be tried again once it is.
     gone=$(echo $bdfs | cut -d' ' -f2)

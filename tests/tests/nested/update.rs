@@ -47,6 +47,7 @@ fn a_vm_with_devices_survives_a_host_live_update() {
             "deadline_calls_everyone_off",
             "kernel_that_does_not_load_calls_it_off",
             "device_missing_refused_before_any_retrieve",
+            "bad_serial_refused_before_the_claim",
         ],
     );
     // The guest's own checks, in order across the kexec: the same boot (seed), every page

@@ -13,6 +13,7 @@ use luvmm_resources::errors::error_chain;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::api::Endpoint;
 use luvmm_vmm::builder::BuildError;
+use luvmm_vmm::outputs::{self, OutputError};
 use luvmm_vmm::restore::RestoreError;
 use luvmm_vmm::runtime::RuntimeError;
 use luvmm_vmm::update::finish::FinishError;
@@ -34,6 +35,8 @@ enum CommandError {
     Build(#[from] BuildError),
     #[error("cannot restore the VM")]
     Restore(#[from] RestoreError),
+    #[error("refused before anything was taken")]
+    Outputs(#[from] OutputError),
     #[error("the VM's event loop failed")]
     Runtime(#[from] RuntimeError),
     #[error("the guest stopped on its own")]
@@ -89,6 +92,8 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
         Command::Restore(args) => {
             let source = cli::restore_source(&args)?;
             let serial = args.common.serial.clone().unwrap_or_default();
+            // A session is claimed once: what this process will write to is checked first.
+            outputs::check_outputs(&serial, args.common.api_socket.as_deref())?;
             let (inputs, session) = restore::collect(source, serial)?;
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;

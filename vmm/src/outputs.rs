@@ -1,0 +1,157 @@
+//! What a VMM will write to, checked before it takes anything it cannot give back: a restore
+//! after a live update claims its session once, so a serial path or an API socket path that
+//! cannot be used must refuse the restore before the claim, not after it.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use luvmm_resources::config::SerialOutput;
+use nix::unistd::{access, AccessFlags};
+
+/// The longest path a Unix socket can be bound at (`sun_path`, less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// An output the VMM would fail to open.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("serial output {path}: cannot be opened for writing")]
+    Serial {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serial output {path}: is a directory")]
+    SerialIsDirectory { path: PathBuf },
+    #[error(
+        "API socket {path}: something is there already (a socket left by a luvmm that died? \
+         remove it)"
+    )]
+    SocketExists { path: PathBuf },
+    #[error("API socket {path}: its directory does not exist")]
+    SocketDirectory { path: PathBuf },
+    #[error("API socket {path}: its directory is not writable")]
+    SocketNotWritable {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(
+        "API socket {path}: {len} bytes with luvmm's temporary suffix, more than {MAX_SOCKET_PATH}"
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+}
+
+/// Checks that the serial output can be opened for appending (creating the file, as the VMM
+/// would) and that an API socket can be bound at `api_socket`.
+pub fn check_outputs(serial: &SerialOutput, api_socket: Option<&Path>) -> Result<(), OutputError> {
+    if let SerialOutput::File(path) = serial {
+        check_serial(path)?;
+    }
+    if let Some(path) = api_socket {
+        check_socket(path)?;
+    }
+    Ok(())
+}
+
+fn check_serial(path: &Path) -> Result<(), OutputError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(OutputError::SerialIsDirectory {
+                path: path.to_path_buf(),
+            })
+        }
+        // Opening a FIFO for writing waits for a reader: leave it to the VMM.
+        Ok(meta) if meta.file_type().is_fifo() => return Ok(()),
+        _ => {}
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(drop)
+        .map_err(|source| OutputError::Serial {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn check_socket(path: &Path) -> Result<(), OutputError> {
+    let owned = || path.to_path_buf();
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(OutputError::SocketExists { path: owned() });
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(OutputError::SocketDirectory { path: owned() });
+    }
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|source| {
+        OutputError::SocketNotWritable {
+            path: owned(),
+            source,
+        }
+    })?;
+    // The socket is bound under `PATH.<pid>.tmp` first, then renamed (`unix::bind_owner_only`).
+    let len = path.as_os_str().len() + format!(".{}.tmp", std::process::id()).len();
+    if len > MAX_SOCKET_PATH {
+        return Err(OutputError::SocketPathTooLong { path: owned(), len });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("luvmm-outputs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn nothing_lost_an_unusable_serial_path_is_named() {
+        let dir = scratch("serial");
+        let missing = SerialOutput::File(dir.join("no/such/dir/serial.log"));
+        assert!(matches!(
+            check_outputs(&missing, None),
+            Err(OutputError::Serial { .. })
+        ));
+        let directory = SerialOutput::File(dir.clone());
+        assert!(matches!(
+            check_outputs(&directory, None),
+            Err(OutputError::SerialIsDirectory { .. })
+        ));
+        let fine = SerialOutput::File(dir.join("serial.log"));
+        check_outputs(&fine, None).expect("a new file in an existing directory");
+        check_outputs(&SerialOutput::Discard, None).expect("nothing to open");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nothing_lost_an_unusable_api_socket_path_is_named() {
+        let dir = scratch("socket");
+        let taken = dir.join("taken.sock");
+        std::fs::write(&taken, b"").expect("a file in the way");
+        let check = |path: &Path| check_outputs(&SerialOutput::Discard, Some(path));
+        assert!(matches!(
+            check(&taken),
+            Err(OutputError::SocketExists { .. })
+        ));
+        assert!(matches!(
+            check(&dir.join("missing/api.sock")),
+            Err(OutputError::SocketDirectory { .. })
+        ));
+        let long = dir.join("x".repeat(MAX_SOCKET_PATH));
+        assert!(matches!(
+            check(&long),
+            Err(OutputError::SocketPathTooLong { .. })
+        ));
+        check(&dir.join("api.sock")).expect("a free path in a writable directory");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
