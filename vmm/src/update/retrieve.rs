@@ -17,6 +17,7 @@ use luvmm_resources::state::{
 };
 
 use crate::vstate::vm::{host_limits, open_kvm, VmError};
+use crate::vstate::x86_64::compat::{check_host_accepts, CpuMismatch};
 use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
 
 /// Everything a session gave back, for the rebuild.
@@ -93,6 +94,8 @@ pub enum StateRefused {
     TooManyVcpus { saved: usize, max: usize },
     #[error("its TSC rate cannot be kept here")]
     Tsc(#[source] TscError),
+    #[error("its vCPUs cannot run on this host's KVM")]
+    Cpu(#[source] CpuMismatch),
     #[error(transparent)]
     Device(#[from] HostDeviceError),
 }
@@ -215,6 +218,10 @@ fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
     }
     if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
         check_tsc_rate(&kvm, saved_khz).map_err(StateRefused::Tsc)?;
+    }
+    // Every vCPU has the same features and MSRs; the first stands for all.
+    if let Some(vcpu) = saved.vcpus.first() {
+        check_host_accepts(&kvm, &vcpu.cpuid, &vcpu.msrs).map_err(StateRefused::Cpu)?;
     }
     let bdfs: Vec<String> = saved
         .devices

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
 use luvmm_liveupdate::fake::{FakeHost, Faults};
 use luvmm_liveupdate::luo::Token;
@@ -25,6 +26,7 @@ use super::vm::UpdateVm;
 use super::UpdateError;
 use crate::passthrough::{DeviceFile, QuiesceError};
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
+use crate::vstate::x86_64::compat::CpuMismatch;
 
 const SESSION: &str = "luvmm-vm1";
 const DEV1: &str = "0000:00:03.0";
@@ -354,9 +356,13 @@ fn a_preserved_vm_follows_the_agent_call_off_and_waits_while_it_does_not_answer(
 fn after_kexec(edit: impl FnOnce(&mut VmState), devices: &[&str]) -> FakeHost {
     let mut saved: VmState =
         state::decode(include_bytes!("../../../tests/golden/1.2/state.bin")).expect("golden");
+    // The golden state was taken on another machine: give it this host's TSC policy, CPUID
+    // and MSRs, as a state saved here would have.
+    let (cpuid, msrs) = this_host_cpu();
     for vcpu in &mut saved.vcpus {
-        // The TSC rate of the machine the golden state was taken on is not this one's.
         vcpu.tsc_khz = None;
+        vcpu.cpuid = cpuid.clone();
+        vcpu.msrs = msrs.clone();
     }
     saved.update = Some(UpdateRecord {
         vm_id: "vm1".into(),
@@ -366,6 +372,25 @@ fn after_kexec(edit: impl FnOnce(&mut VmState), devices: &[&str]) -> FakeHost {
     edit(&mut saved);
     let blob = state::encode(&saved).expect("encode");
     after_kexec_with(&blob, devices)
+}
+
+/// What this host's KVM offers: its CPUID, and its MSRs (each with value 0).
+fn this_host_cpu() -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_entry>) {
+    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .expect("KVM_GET_SUPPORTED_CPUID");
+    let msrs = kvm
+        .get_msr_index_list()
+        .expect("KVM_GET_MSR_INDEX_LIST")
+        .as_slice()
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    (cpuid.as_slice().to_vec(), msrs)
 }
 
 fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
@@ -443,6 +468,38 @@ fn a_state_of_another_vm_is_refused() {
             ..
         })
     ));
+}
+
+#[test]
+fn nothing_lost_a_cpu_feature_this_host_lacks_is_refused_before_any_ram_is_retrieved() {
+    let host = after_kexec(
+        |s| {
+            let leaf1 = s.vcpus[0]
+                .cpuid
+                .iter_mut()
+                .find(|e| e.function == 1)
+                .expect("leaf 1");
+            // The lowest ECX feature bit this host does not offer (OSXSAVE and the hypervisor
+            // bit aside).
+            let lacking = (0..31)
+                .map(|bit| 1u32 << bit)
+                .find(|&bit| leaf1.ecx & bit == 0 && bit != 1 << 27)
+                .expect("a feature this host lacks");
+            leaf1.ecx |= lacking;
+        },
+        &[],
+    );
+    match retrieve("vm1", &host.agent()) {
+        Err(RetrieveError::State {
+            source:
+                StateRefused::Cpu(CpuMismatch::Features {
+                    leaf: 1, register, ..
+                }),
+            ..
+        }) => assert_eq!(register, "ECX"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(host.not_retrieved(SESSION), [RAM_TOKEN_BASE]);
 }
 
 #[test]

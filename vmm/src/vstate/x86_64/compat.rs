@@ -1,0 +1,180 @@
+//! Whether this host's KVM can run a vCPU saved on another kernel (or CPU microcode): every
+//! CPU feature the saved CPUID gives the guest is one KVM offers here, and every MSR saved is
+//! one KVM can set here. Checked after the kexec from the state alone, before any RAM or device
+//! is retrieved, so the refusal names what is missing while nothing else is lost.
+
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use crate::vstate::x86_64::msr::msr_name;
+
+/// Feature registers checked, as (leaf, sub-leaf, register index 0-3 = EAX..EDX, bits not
+/// compared: KVM changes them at run time, or luvmm sets them itself).
+const FEATURE_REGISTERS: [(u32, u32, usize, u32); 7] = [
+    // Leaf 1: ECX (OSXSAVE, bit 27, follows CR4; the hypervisor bit 31 is luvmm's) and EDX
+    // (APIC, bit 9, follows the APIC's enable bit).
+    (0x1, 0, 2, 1 << 27 | 1 << 31),
+    (0x1, 0, 3, 1 << 9),
+    // Leaf 7.0: EBX, ECX (OSPKE, bit 4, follows CR4) and EDX.
+    (0x7, 0, 1, 0),
+    (0x7, 0, 2, 1 << 4),
+    (0x7, 0, 3, 0),
+    // Leaf 0x8000_0001: ECX and EDX.
+    (0x8000_0001, 0, 2, 0),
+    (0x8000_0001, 0, 3, 0),
+];
+
+const REGISTER_NAMES: [&str; 4] = ["EAX", "EBX", "ECX", "EDX"];
+
+/// What this host's KVM does not offer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CpuMismatch {
+    #[error(
+        "CPUID leaf {leaf:#x}.{subleaf} {register}: the guest has feature bits {missing:#x} \
+         that this host's KVM does not offer"
+    )]
+    Features {
+        leaf: u32,
+        subleaf: u32,
+        register: &'static str,
+        missing: u32,
+    },
+    #[error("{msr}: saved, and this host's KVM does not list it")]
+    Msr { msr: String },
+    #[error("cannot ask this host's KVM what it supports: {op}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Checks the saved CPUID and MSRs of one vCPU against this host's KVM.
+pub fn check_host_accepts(
+    kvm: &Kvm,
+    cpuid: &[kvm_cpuid_entry2],
+    msrs: &[kvm_msr_entry],
+) -> Result<(), CpuMismatch> {
+    let query = |op| move |source| CpuMismatch::Query { op, source };
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(query("KVM_GET_SUPPORTED_CPUID"))?;
+    let listed = kvm
+        .get_msr_index_list()
+        .map_err(query("KVM_GET_MSR_INDEX_LIST"))?;
+    check_features(cpuid, supported.as_slice())?;
+    check_msrs(msrs, listed.as_slice())
+}
+
+fn register(entry: &kvm_cpuid_entry2, index: usize) -> u32 {
+    [entry.eax, entry.ebx, entry.ecx, entry.edx][index]
+}
+
+fn find(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && e.index == subleaf)
+}
+
+/// Every feature bit the guest saw is one the host offers (dynamic bits aside).
+fn check_features(
+    saved: &[kvm_cpuid_entry2],
+    supported: &[kvm_cpuid_entry2],
+) -> Result<(), CpuMismatch> {
+    for (leaf, subleaf, index, dynamic) in FEATURE_REGISTERS {
+        let Some(guest) = find(saved, leaf, subleaf) else {
+            continue;
+        };
+        let offered = find(supported, leaf, subleaf).map_or(0, |e| register(e, index));
+        let missing = register(guest, index) & !offered & !dynamic;
+        if missing != 0 {
+            return Err(CpuMismatch::Features {
+                leaf,
+                subleaf,
+                register: REGISTER_NAMES[index],
+                missing,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every saved MSR is one KVM lists here.
+fn check_msrs(saved: &[kvm_msr_entry], listed: &[u32]) -> Result<(), CpuMismatch> {
+    match saved.iter().find(|m| !listed.contains(&m.index)) {
+        Some(m) => Err(CpuMismatch::Msr {
+            msr: msr_name(m.index),
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nothing_lost_a_feature_this_host_lacks_is_named() {
+        let host = [leaf(1, 0b0110, 0), leaf(7, 0, 0)];
+        assert_eq!(check_features(&[leaf(1, 0b0100, 0)], &host), Ok(()));
+        assert_eq!(
+            check_features(&[leaf(1, 0b1100, 0)], &host),
+            Err(CpuMismatch::Features {
+                leaf: 1,
+                subleaf: 0,
+                register: "ECX",
+                missing: 0b1000
+            })
+        );
+        // OSXSAVE follows the guest's CR4: set in the guest, never offered.
+        assert_eq!(check_features(&[leaf(1, 1 << 27, 0)], &host), Ok(()));
+    }
+
+    #[test]
+    fn nothing_lost_an_msr_this_host_lacks_is_named() {
+        let saved = [
+            kvm_msr_entry {
+                index: 0x10,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: 0x122,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(check_msrs(&saved, &[0x10, 0x122]), Ok(()));
+        let refused = check_msrs(&saved, &[0x10]).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "MSR_IA32_TSX_CTRL (0x122): saved, and this host's KVM does not list it"
+        );
+    }
+
+    #[test]
+    fn the_cpu_this_test_runs_on_accepts_what_its_kvm_offers() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let listed = kvm.get_msr_index_list().unwrap();
+        let msrs: Vec<kvm_msr_entry> = listed
+            .as_slice()
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(
+            check_host_accepts(&kvm, supported.as_slice(), &msrs),
+            Ok(())
+        );
+    }
+}
