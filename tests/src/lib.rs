@@ -313,6 +313,12 @@ impl Vm {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.child.id()).expect("a pid fits an i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal luvmm");
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(mut self) -> ExitStatus {
         wait_until("luvmm to exit", || self.child.try_wait().ok().flatten())

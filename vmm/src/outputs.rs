@@ -3,7 +3,9 @@
 //! cannot be used must refuse the restore before the claim, not after it.
 
 use std::fs::OpenOptions;
+use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use luvmm_resources::config::SerialOutput;
@@ -23,11 +25,16 @@ pub enum OutputError {
     },
     #[error("serial output {path}: is a directory")]
     SerialIsDirectory { path: PathBuf },
-    #[error(
-        "API socket {path}: something is there already (a socket left by a luvmm that died? \
-         remove it)"
-    )]
+    #[error("API socket {path}: something that is not a socket is there already")]
     SocketExists { path: PathBuf },
+    #[error("API socket {path}: a process is serving on it already")]
+    SocketInUse { path: PathBuf },
+    #[error("API socket {path}: a stale socket is there and cannot be removed")]
+    StaleSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("API socket {path}: its directory does not exist")]
     SocketDirectory { path: PathBuf },
     #[error("API socket {path}: its directory is not writable")]
@@ -43,7 +50,8 @@ pub enum OutputError {
 }
 
 /// Checks that the serial output can be opened for appending (creating the file, as the VMM
-/// would) and that an API socket can be bound at `api_socket`.
+/// would) and that an API socket can be bound at `api_socket`. A socket left there by a luvmm
+/// that died (nobody accepts on it) is removed; one a live process serves is refused.
 pub fn check_outputs(serial: &SerialOutput, api_socket: Option<&Path>) -> Result<(), OutputError> {
     if let SerialOutput::File(path) = serial {
         check_serial(path)?;
@@ -78,8 +86,29 @@ fn check_serial(path: &Path) -> Result<(), OutputError> {
 
 fn check_socket(path: &Path) -> Result<(), OutputError> {
     let owned = || path.to_path_buf();
-    if std::fs::symlink_metadata(path).is_ok() {
-        return Err(OutputError::SocketExists { path: owned() });
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(OutputError::SocketExists { path: owned() });
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(OutputError::SocketInUse { path: owned() }),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|source| OutputError::StaleSocket {
+                    path: owned(),
+                    source,
+                })?;
+                log::warn!(
+                    "API socket {}: removed a stale socket nobody served",
+                    path.display()
+                );
+            }
+            Err(source) => {
+                return Err(OutputError::StaleSocket {
+                    path: owned(),
+                    source,
+                })
+            }
+        }
     }
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -105,6 +134,7 @@ fn check_socket(path: &Path) -> Result<(), OutputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixListener;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("luvmm-outputs-{}-{name}", std::process::id()));
@@ -142,6 +172,15 @@ mod tests {
             check(&taken),
             Err(OutputError::SocketExists { .. })
         ));
+        let served = dir.join("served.sock");
+        let listener = UnixListener::bind(&served).expect("a live socket");
+        assert!(matches!(
+            check(&served),
+            Err(OutputError::SocketInUse { .. })
+        ));
+        drop(listener);
+        check(&served).expect("a stale socket is removed");
+        assert!(!served.exists());
         assert!(matches!(
             check(&dir.join("missing/api.sock")),
             Err(OutputError::SocketDirectory { .. })

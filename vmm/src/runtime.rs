@@ -6,6 +6,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -113,6 +116,41 @@ fn pause_for_the_guest(vmm: &mut Vmm) {
     }
 }
 
+/// SIGINT and SIGTERM, which end the VMM cleanly (its API socket removed) instead of killing it.
+fn exit_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and in every thread it starts afterwards, so that
+/// they wait for the event loop's signalfd: call it before any vCPU thread exists.
+pub fn block_exit_signals() -> nix::Result<()> {
+    exit_signals().thread_block()
+}
+
+/// Ends the event loop on SIGINT or SIGTERM, as `ctl shutdown` does.
+struct ExitSignals {
+    fd: SignalFd,
+    vmm: Arc<Mutex<Vmm>>,
+}
+
+impl MutEventSubscriber for ExitSignals {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch SIGINT and SIGTERM: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Ok(Some(info)) = self.fd.read_signal() {
+            log::info!("signal {}: shutting down", info.ssi_signo);
+            lock(&self.vmm).request_shutdown();
+        }
+    }
+}
+
 /// Feeds the VMM's standard input to the guest's COM1.
 struct SerialInput {
     stdin: std::io::Stdin,
@@ -181,6 +219,15 @@ pub fn run(
             on_wakeup,
         })));
     }
+    let signals = SignalFd::with_flags(
+        &exit_signals(),
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::Events(e.into()))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitSignals {
+        fd: signals,
+        vmm: vmm.clone(),
+    })));
     events.add_subscriber(Arc::new(Mutex::new(SerialInput {
         stdin: std::io::stdin(),
         serial,

@@ -29,6 +29,8 @@ enum CommandError {
     Config(#[from] ConfigError),
     #[error("cannot use KVM")]
     Kvm(#[from] VmError),
+    #[error("cannot block SIGINT and SIGTERM for the event loop")]
+    Signals(#[source] nix::Error),
     #[error("cannot install the vCPU kick signal")]
     KickSignal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot build the VM")]
@@ -84,6 +86,8 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
         Command::Run(args) => {
             let config = cli::vm_config(&args)?;
+            outputs::check_outputs(&config.serial, config.api_socket.as_deref())?;
+            runtime::block_exit_signals().map_err(CommandError::Signals)?;
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
             let vmm = builder::build_for_boot(&kvm, &config)?;
@@ -94,6 +98,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             let serial = args.common.serial.clone().unwrap_or_default();
             // A session is claimed once: what this process will write to is checked first.
             outputs::check_outputs(&serial, args.common.api_socket.as_deref())?;
+            runtime::block_exit_signals().map_err(CommandError::Signals)?;
             let (inputs, session) = restore::collect(source, serial)?;
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
