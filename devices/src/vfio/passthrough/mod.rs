@@ -192,7 +192,9 @@ impl VfioPciDevice {
     /// nothing of VFIO. `None` means VFIO's interrupts are off (a function opened anew, or
     /// retrieved after a kexec): the function decodes and masters as the guest had it, and
     /// what the guest enabled is armed again on new eventfds. The two origins share every
-    /// step but that one, so they are one constructor rather than two.
+    /// step but that one, so they are one constructor rather than two. An interrupt the
+    /// guest had on that cannot be routed or armed again fails the restore (`Rearm`): the
+    /// device would never interrupt.
     ///
     /// Its interrupts are held until `hold_interrupts(false)`.
     pub fn restore(
@@ -305,7 +307,8 @@ impl VfioPciDevice {
     /// Turns off every interrupt VFIO signals for the device (`off`), or puts back what the
     /// guest has enabled (`!off`). A device preserved through LUO must have none enabled when
     /// the kernel freezes it; a cancelled update turns them on again. The guest-visible state
-    /// (enables, routes, table) is untouched either way.
+    /// (enables, routes, table) is untouched either way. Turning off that fails halfway
+    /// turns back on what it had turned off; whatever cannot be is left for `!off` to retry.
     pub fn quiesce_interrupts(&mut self, off: bool) -> Result<(), PassthroughError> {
         self.interrupts
             .quiesce(off, self.function.as_ref(), &self.bdf)
