@@ -203,7 +203,8 @@ impl Passthrough {
 
     /// Adopts the devices a handover brought, as `saved` describes them: the same IOAS and
     /// mappings, the same slots, BARs, GSIs and INTx lines, the interrupt eventfds VFIO still
-    /// signals. Nothing is opened, reset or mapped again. `check_handed` has passed.
+    /// signals. Nothing is opened, reset or mapped again. `check_handed` has passed. A
+    /// device whose MSI cannot be routed again fails the adoption.
     pub fn adopt(
         saved: &DevicesState,
         handed: HandedDevices,
@@ -248,8 +249,10 @@ impl Passthrough {
     /// (`retrieved[i]`), else opened again by BDF, bound to the VM's new iommufd and attached
     /// to a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each
     /// device restored from its saved state with its interrupts armed anew, and sent one
-    /// interrupt (the one in flight, if any, did not survive the kexec). Also returns how long
-    /// the IOAS mapping took.
+    /// interrupt (the one in flight, if any, did not survive the kexec). A device whose
+    /// interrupts cannot be armed again fails the whole reopen, before the session is
+    /// finished: restored, it would never interrupt. Also returns how long the IOAS mapping
+    /// took.
     pub fn reopen(
         saved: &DevicesState,
         retrieved: Vec<Option<File>>,

@@ -34,6 +34,10 @@ pub trait VfioFunction: Send {
     fn irq_count(&self, index: u32) -> u32;
     /// Reads `data.len()` bytes at `offset` of region `index`.
     fn read(&self, index: u32, data: &mut [u8], offset: u64);
+    /// Reads `data.len()` bytes at `offset` of configuration space, saying why the kernel
+    /// refused: for a check whose answer must not be made up when the read fails (`read`
+    /// leaves `data` as it was then).
+    fn read_config(&self, data: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// Writes `data` at `offset` of region `index`.
     fn write(&self, index: u32, data: &[u8], offset: u64);
     /// Has VFIO signal `triggers` for the interrupts at IRQ index `index`.
@@ -44,7 +48,9 @@ pub trait VfioFunction: Send {
     fn disable_irq(&self, index: u32) -> Result<(), VfioError>;
     /// Reads the function's vendor and device ID through its file, saying why the kernel
     /// refused: `EIO` once a live-update freeze has reset the function under this file.
-    fn probe(&self) -> std::io::Result<()>;
+    fn probe(&self) -> std::io::Result<()> {
+        self.read_config(&mut [0u8; 4], 0)
+    }
     /// The device fd: for mmapping BARs and for handing the device to another process.
     /// `None` once the function is let go (`Unplugged`).
     fn fd(&self) -> Option<BorrowedFd<'_>>;
@@ -68,6 +74,10 @@ impl VfioFunction for Unplugged {
         data.fill(0xff);
     }
 
+    fn read_config(&self, _data: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::ENODEV))
+    }
+
     fn write(&self, _index: u32, _data: &[u8], _offset: u64) {}
 
     fn enable_irq(&self, _index: u32, _triggers: &[&EventFd]) -> Result<(), VfioError> {
@@ -80,10 +90,6 @@ impl VfioFunction for Unplugged {
 
     fn disable_irq(&self, _index: u32) -> Result<(), VfioError> {
         Ok(())
-    }
-
-    fn probe(&self) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::ENODEV))
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -191,11 +197,17 @@ impl VfioFunction for HostFunction {
         self.device.disable_irq(index)
     }
 
-    fn probe(&self) -> std::io::Result<()> {
+    fn read_config(&self, data: &mut [u8], offset: u64) -> std::io::Result<()> {
         let config = self.region(VFIO_PCI_CONFIG_REGION_INDEX);
-        let offset = i64::try_from(config.offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        nix::sys::uio::pread(self.borrowed_fd(), &mut [0u8; 4], offset)?;
+        let at = config
+            .offset
+            .checked_add(offset)
+            .and_then(|at| i64::try_from(at).ok())
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let read = nix::sys::uio::pread(self.borrowed_fd(), data, at)?;
+        if read != data.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         Ok(())
     }
 

@@ -15,6 +15,8 @@ pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
 pub use iommu::{IommuContext, IommuError};
 pub use irq::{HypervisorError, IrqRouter};
 pub use open::{adopt_cdev, bind_cdev, open_by_bdf};
-pub use passthrough::{HostDevice, InterruptFds, PassthroughArgs, PassthroughError, VfioPciDevice};
+pub use passthrough::{
+    HostDevice, InterruptError, InterruptFds, PassthroughArgs, PassthroughError, VfioPciDevice,
+};
 /// The KVM VFIO pseudo-device, as vfio-ioctls holds it.
 pub use vfio_ioctls::VfioDeviceFd;

@@ -84,13 +84,46 @@ impl IrqRouter for FakeRouter {
     }
 }
 
+/// What a test makes a `FakeFunction` refuse, switched after the function is handed to the
+/// device (clones share the switches).
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// IRQ indices (INTx 0, MSI 1, MSI-X 2) whose enable and disable calls fail.
+    irq_set: Arc<Mutex<Vec<u32>>>,
+    /// Configuration reads fail (the infallible `read` then leaves its buffer as it was, as
+    /// vfio-ioctls' `region_read` does).
+    config_reads: Arc<AtomicBool>,
+}
+
+impl Faults {
+    /// Makes VFIO's enable and disable calls at IRQ index `index` fail (`fail`), or not.
+    pub fn irq_set(&self, index: u32, fail: bool) {
+        let mut failing = self.irq_set.lock().unwrap();
+        failing.retain(|&i| i != index);
+        if fail {
+            failing.push(index);
+        }
+    }
+
+    /// Makes configuration reads fail (`fail`), or not.
+    pub fn config_reads(&self, fail: bool) {
+        self.config_reads.store(fail, Ordering::Relaxed);
+    }
+
+    fn irq_set_fails(&self, index: u32) -> bool {
+        self.irq_set.lock().unwrap().contains(&index)
+    }
+}
+
 /// A function with a 16 KiB memory BAR 0 (MSI-X table at 0x2000, pending bits at 0x3000), a
-/// 64-bit MSI capability at 0x40, a two-vector MSI-X capability at 0x50 and INTx pin A.
+/// 64-bit MSI capability at 0x40, a two-vector MSI-X capability at 0x50, a power-management
+/// capability at 0x60 (in D0) and INTx pin A.
 pub struct FakeFunction {
     pub config: Mutex<[u8; 256]>,
     pub log: CallLog,
     /// Its file gives EIO, as after a live-update freeze in reset mode.
     pub reset_under_its_file: Arc<AtomicBool>,
+    pub faults: Faults,
     /// Stands in for the device fd.
     fd: EventFd,
 }
@@ -109,14 +142,16 @@ impl FakeFunction {
         put(0x3d, &[1]); // INTx pin A
         put(0x40, &[0x05, 0x50]);
         put(0x42, &0x0080u16.to_le_bytes()); // MSI: 64-bit
-        put(0x50, &[0x11, 0x00]);
+        put(0x50, &[0x11, 0x60]);
         put(0x52, &1u16.to_le_bytes()); // MSI-X: 2 vectors
         put(0x54, &0x2000u32.to_le_bytes());
         put(0x58, &0x3000u32.to_le_bytes());
+        put(0x60, &[0x01, 0x00]); // power management; PMCSR at 0x64: D0
         FakeFunction {
             config: Mutex::new(config),
             log: CallLog::default(),
             reset_under_its_file: Arc::default(),
+            faults: Faults::default(),
             fd: EventFd::new(0).unwrap(),
         }
     }
@@ -147,18 +182,31 @@ impl VfioFunction for FakeFunction {
     }
     fn read(&self, index: u32, data: &mut [u8], offset: u64) {
         if index == CONFIG {
-            let config = self.config.lock().unwrap();
-            let at = usize::try_from(offset).unwrap();
-            data.copy_from_slice(&config[at..at + data.len()]);
+            // A refused read leaves `data` as it was.
+            let _ = self.read_config(data, offset);
         } else {
             data.fill(0);
         }
+    }
+    fn read_config(&self, data: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.reset_under_its_file.load(Ordering::Relaxed)
+            || self.faults.config_reads.load(Ordering::Relaxed)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        let config = self.config.lock().unwrap();
+        let at = usize::try_from(offset).unwrap();
+        data.copy_from_slice(&config[at..at + data.len()]);
+        Ok(())
     }
     fn write(&self, index: u32, data: &[u8], offset: u64) {
         self.log
             .push(format!("write region {index} at {offset:#x}: {data:02x?}"));
     }
     fn enable_irq(&self, index: u32, triggers: &[&EventFd]) -> Result<(), VfioError> {
+        if self.faults.irq_set_fails(index) {
+            return Err(VfioError::VfioDeviceEnableIrq);
+        }
         self.log
             .push(format!("enable irq {index} x{}", triggers.len()));
         Ok(())
@@ -168,13 +216,10 @@ impl VfioFunction for FakeFunction {
         Ok(())
     }
     fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
-        self.log.push(format!("disable irq {index}"));
-        Ok(())
-    }
-    fn probe(&self) -> std::io::Result<()> {
-        if self.reset_under_its_file.load(Ordering::Relaxed) {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        if self.faults.irq_set_fails(index) {
+            return Err(VfioError::VfioDeviceDisableIrq);
         }
+        self.log.push(format!("disable irq {index}"));
         Ok(())
     }
     fn fd(&self) -> Option<BorrowedFd<'_>> {

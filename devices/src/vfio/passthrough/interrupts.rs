@@ -23,9 +23,10 @@ use crate::vfio::function::VfioFunction;
 use crate::vfio::irq::{HypervisorError, IrqRouter, MsixRouting};
 use luvmm_resources::errors::error_chain;
 
-/// A guest's interrupt setting that KVM or VFIO refused; logged, as the guest cannot be told.
+/// An interrupt setting that KVM or VFIO refused: logged when the guest made it (the guest
+/// cannot be told), returned when a restore puts it back.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum InterruptError {
+pub enum InterruptError {
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
@@ -38,8 +39,9 @@ pub(super) struct Interrupts {
     pub(super) msix: Option<MsixRouting>,
     pub(super) intx: Option<Intx>,
     router: Arc<dyn IrqRouter>,
-    /// VFIO's interrupts are off for a live update (`quiesce`).
-    quiesced: bool,
+    /// The interrupts `quiesce` turned off in VFIO for a live update, and only those: what
+    /// turning them on again must put back, even after a quiesce that stopped halfway.
+    quiesced: Vec<VfioIrq>,
     /// The irqfds are detached: interrupts wait in their eventfds. A device starts so, and
     /// the VMM attaches them when the VM first runs (`hold(false)`): KVM takes a waiting
     /// signal as soon as an irqfd is attached, and vCPUs not yet restored would lose it.
@@ -121,7 +123,7 @@ impl Interrupts {
             msix,
             intx,
             router,
-            quiesced: false,
+            quiesced: Vec::new(),
             held: true,
         })
     }
@@ -134,6 +136,9 @@ impl Interrupts {
     /// Puts the saved interrupt setup back: the MSI route and its irqfd, and VFIO's side
     /// unless it is still armed (`vfio_armed`: the eventfds were handed over). MSI-X was
     /// routed by `build`; here VFIO is told of its eventfds when needed.
+    ///
+    /// Any refusal fails the restore: the guest would get a device that never interrupts,
+    /// and nothing after the restore would notice.
     pub(super) fn resume(
         &mut self,
         saved: &PassthroughState,
@@ -141,24 +146,33 @@ impl Interrupts {
         config: &ConfigSpace,
         function: &dyn VfioFunction,
         bdf: &str,
-    ) {
+    ) -> Result<(), PassthroughError> {
+        let refused = |what: &'static str| {
+            move |source| PassthroughError::Rearm {
+                bdf: bdf.to_string(),
+                what,
+                source,
+            }
+        };
         if saved.msi.is_some_and(|m| m.enabled) {
-            self.enable_msi(!vfio_armed, config, function, bdf);
+            self.enable_msi(!vfio_armed, config, function)
+                .map_err(refused("MSI"))?;
         }
         if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
             if !vfio_armed {
-                if let Err(e) = arm_msix(msix, function, true) {
-                    log::error!("{bdf}: cannot arm MSI-X again: {}", error_chain(&e));
-                }
+                arm_msix(msix, function, true)
+                    .map_err(|e| refused("MSI-X")(InterruptError::Vfio(e)))?;
             }
         }
         if let Some(intx) = self.intx.as_mut() {
             intx.enabled = saved.intx.is_some_and(|i| i.enabled);
             if intx.enabled && !vfio_armed {
                 intx.enabled = false;
-                self.set_intx(true, function, bdf);
+                self.try_set_intx(true, function)
+                    .map_err(|e| refused("INTx")(InterruptError::Vfio(e)))?;
             }
         }
+        Ok(())
     }
 
     /// The eventfds to hand to another process with the device fd, in `InterruptFds` order.
@@ -205,34 +219,38 @@ impl Interrupts {
 
     /// Turns off every interrupt VFIO signals (`off`), or puts back what the guest has
     /// enabled (`!off`). The guest-visible state (enables, routes, table) is untouched.
+    ///
+    /// Turning off is all or nothing: when one refuses, those already off go back on before
+    /// the error is returned (one that cannot stays recorded, for `!off` to try again).
+    /// Turning on tries each, and keeps those that refuse recorded.
     pub(super) fn quiesce(
         &mut self,
         off: bool,
         function: &dyn VfioFunction,
         bdf: &str,
     ) -> Result<(), PassthroughError> {
-        if self.quiesced == off {
-            return Ok(());
-        }
-        let vfio = |op: &'static str| {
-            move |source| PassthroughError::Vfio {
+        let error = |on: bool| {
+            move |(irq, source): (VfioIrq, VfioError)| PassthroughError::Vfio {
                 bdf: bdf.to_string(),
-                op,
+                op: irq.op(on),
                 source,
             }
         };
-        if let Some(msi) = self.msi.as_ref().filter(|m| m.enabled) {
-            msi.arm(function, !off)
-                .map_err(vfio("MSI on or off for the update"))?;
+        if !off {
+            return self.arm_quiesced(function).map_err(error(true));
         }
-        if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled()) {
-            arm_msix(msix, function, !off).map_err(vfio("MSI-X on or off for the update"))?;
+        for irq in VfioIrq::ALL {
+            if !self.guest_enabled(irq) || self.quiesced.contains(&irq) {
+                continue;
+            }
+            if let Err(source) = self.arm(irq, function, false) {
+                if let Err(undo) = self.arm_quiesced(function) {
+                    log::error!("{}", error_chain(&error(true)(undo)));
+                }
+                return Err(error(false)((irq, source)));
+            }
+            self.quiesced.push(irq);
         }
-        if let Some(intx) = self.intx.as_ref().filter(|i| i.enabled) {
-            intx.arm(function, !off)
-                .map_err(vfio("INTx on or off for the update"))?;
-        }
-        self.quiesced = off;
         Ok(())
     }
 
@@ -243,8 +261,45 @@ impl Interrupts {
         function: &dyn VfioFunction,
         bdf: &str,
     ) -> Result<(), PassthroughError> {
-        self.quiesced = true;
+        self.quiesced = VfioIrq::ALL
+            .into_iter()
+            .filter(|&irq| self.guest_enabled(irq))
+            .collect();
         self.quiesce(false, function, bdf)
+    }
+
+    /// Turns on again each interrupt `quiesce` turned off; returns the first that refused
+    /// (those that did stay recorded).
+    fn arm_quiesced(&mut self, function: &dyn VfioFunction) -> Result<(), (VfioIrq, VfioError)> {
+        let mut first_refusal = None;
+        for irq in std::mem::take(&mut self.quiesced) {
+            if let Err(e) = self.arm(irq, function, true) {
+                self.quiesced.push(irq);
+                first_refusal.get_or_insert((irq, e));
+            }
+        }
+        first_refusal.map_or(Ok(()), Err)
+    }
+
+    /// Whether the guest has `irq` on (so VFIO signals it, unless quiesced).
+    fn guest_enabled(&self, irq: VfioIrq) -> bool {
+        match irq {
+            VfioIrq::Msi => self.msi.as_ref().is_some_and(|m| m.enabled),
+            VfioIrq::Msix => self.msix.as_ref().is_some_and(|m| m.enabled()),
+            VfioIrq::Intx => self.intx.as_ref().is_some_and(|i| i.enabled),
+        }
+    }
+
+    /// Has VFIO signal `irq`'s eventfds (`on`), or stop.
+    fn arm(&self, irq: VfioIrq, function: &dyn VfioFunction, on: bool) -> Result<(), VfioError> {
+        match irq {
+            VfioIrq::Msi => self.msi.as_ref().map_or(Ok(()), |m| m.arm(function, on)),
+            VfioIrq::Msix => self
+                .msix
+                .as_ref()
+                .map_or(Ok(()), |m| arm_msix(m, function, on)),
+            VfioIrq::Intx => self.intx.as_ref().map_or(Ok(()), |i| i.arm(function, on)),
+        }
     }
 
     /// Signals the first enabled MSI or MSI-X vector once; returns whether one was sent.
@@ -315,22 +370,28 @@ impl Interrupts {
         msix.layout.pba_offset_of(bar, offset, data.len()).is_some()
     }
 
-    /// Turns VFIO's INTx off before MSI or MSI-X, and back on after.
+    /// Turns VFIO's INTx off before MSI or MSI-X, and back on after; a refusal is logged
+    /// (the guest's config write that asked for it cannot fail).
     fn set_intx(&mut self, on: bool, function: &dyn VfioFunction, bdf: &str) {
-        let Some(intx) = self.intx.as_mut() else {
-            return;
-        };
-        if intx.enabled == on {
-            return;
-        }
-        match intx.arm(function, on) {
-            Ok(()) => intx.enabled = on,
-            Err(e) => log::error!(
-                "{bdf}: cannot turn INTx on line {} {on}: {}",
-                intx.line,
+        if let Err(e) = self.try_set_intx(on, function) {
+            let line = self.intx.as_ref().map_or(0, |i| i.line);
+            log::error!(
+                "{bdf}: cannot turn INTx on line {line} {on}: {}",
                 error_chain(&e)
-            ),
+            );
         }
+    }
+
+    /// `set_intx`, returning the refusal.
+    fn try_set_intx(&mut self, on: bool, function: &dyn VfioFunction) -> Result<(), VfioError> {
+        let Some(intx) = self.intx.as_mut() else {
+            return Ok(());
+        };
+        if intx.enabled != on {
+            intx.arm(function, on)?;
+            intx.enabled = on;
+        }
+        Ok(())
     }
 
     /// Routes MSI to the guest's message; the first time, INTx goes off, the irqfd is
@@ -340,15 +401,14 @@ impl Interrupts {
         arm_vfio: bool,
         config: &ConfigSpace,
         function: &dyn VfioFunction,
-        bdf: &str,
-    ) {
+    ) -> Result<(), InterruptError> {
         if self.msi.as_ref().is_some_and(|msi| !msi.enabled) {
-            self.set_intx(false, function, bdf);
+            self.try_set_intx(false, function)?;
         }
-        let Some(msi) = self.msi.as_mut() else { return };
-        if let Err(e) = msi.enable(config, self.router.as_ref(), function, self.held, arm_vfio) {
-            log::error!("{bdf}: cannot enable MSI: {}", error_chain(&e));
-        }
+        let Some(msi) = self.msi.as_mut() else {
+            return Ok(());
+        };
+        msi.enable(config, self.router.as_ref(), function, self.held, arm_vfio)
     }
 
     /// Applies the guest's MSI enable bit: on, route and arm; off, stop VFIO's MSI and bring
@@ -356,7 +416,9 @@ impl Interrupts {
     fn update_msi(&mut self, config: &ConfigSpace, function: &dyn VfioFunction, bdf: &str) {
         let Some(msi) = self.msi.as_mut() else { return };
         if msi.enable_bit(config) {
-            self.enable_msi(true, config, function, bdf);
+            if let Err(e) = self.enable_msi(true, config, function) {
+                log::error!("{bdf}: cannot enable MSI: {}", error_chain(&e));
+            }
         } else if msi.enabled {
             msi.disable(self.router.as_ref(), function, self.held, bdf);
             self.set_intx(true, function, bdf);
@@ -390,6 +452,30 @@ impl Interrupts {
         }
         if !enable && was_enabled {
             self.set_intx(true, function, bdf);
+        }
+    }
+}
+
+/// One of the interrupt types VFIO signals, as `quiesce` turns them off and on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VfioIrq {
+    Msi,
+    Msix,
+    Intx,
+}
+
+impl VfioIrq {
+    const ALL: [VfioIrq; 3] = [VfioIrq::Msi, VfioIrq::Msix, VfioIrq::Intx];
+
+    /// What `quiesce` was doing to it (turning it `on` again, or off), for an error.
+    fn op(self, on: bool) -> &'static str {
+        match (self, on) {
+            (VfioIrq::Msi, false) => "MSI off for the update",
+            (VfioIrq::Msi, true) => "MSI on again",
+            (VfioIrq::Msix, false) => "MSI-X off for the update",
+            (VfioIrq::Msix, true) => "MSI-X on again",
+            (VfioIrq::Intx, false) => "INTx off for the update",
+            (VfioIrq::Intx, true) => "INTx on again",
         }
     }
 }

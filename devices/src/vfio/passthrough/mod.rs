@@ -41,6 +41,7 @@ use vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 use vfio_ioctls::VfioContainer;
 
 pub use handover::InterruptFds;
+pub use interrupts::InterruptError;
 
 use crate::pci::bus::PciDevice;
 use crate::pci::config::{ConfigSpace, ConfigSpaceError, BAR0, COMMAND, COMMAND_MEMORY, NUM_BARS};
@@ -83,6 +84,13 @@ pub enum PassthroughError {
         bdf: String,
         #[source]
         source: IommuError,
+    },
+    #[error("{bdf}: cannot arm {what} again: the restored device would never interrupt")]
+    Rearm {
+        bdf: String,
+        what: &'static str,
+        #[source]
+        source: InterruptError,
     },
     #[error("{bdf}: interrupts")]
     Interrupt {
@@ -184,7 +192,9 @@ impl VfioPciDevice {
     /// nothing of VFIO. `None` means VFIO's interrupts are off (a function opened anew, or
     /// retrieved after a kexec): the function decodes and masters as the guest had it, and
     /// what the guest enabled is armed again on new eventfds. The two origins share every
-    /// step but that one, so they are one constructor rather than two.
+    /// step but that one, so they are one constructor rather than two. An interrupt the
+    /// guest had on that cannot be routed or armed again fails the restore (`Rearm`): the
+    /// device would never interrupt.
     ///
     /// Its interrupts are held until `hold_interrupts(false)`.
     pub fn restore(
@@ -211,7 +221,7 @@ impl VfioPciDevice {
             &device.config,
             device.function.as_ref(),
             &device.bdf,
-        );
+        )?;
         device.update_direct_bars();
         Ok(device)
     }
@@ -297,7 +307,8 @@ impl VfioPciDevice {
     /// Turns off every interrupt VFIO signals for the device (`off`), or puts back what the
     /// guest has enabled (`!off`). A device preserved through LUO must have none enabled when
     /// the kernel freezes it; a cancelled update turns them on again. The guest-visible state
-    /// (enables, routes, table) is untouched either way.
+    /// (enables, routes, table) is untouched either way. Turning off that fails halfway
+    /// turns back on what it had turned off; whatever cannot be is left for `!off` to retry.
     pub fn quiesce_interrupts(&mut self, off: bool) -> Result<(), PassthroughError> {
         self.interrupts
             .quiesce(off, self.function.as_ref(), &self.bdf)
@@ -311,15 +322,23 @@ impl VfioPciDevice {
     }
 
     /// Whether the function is in D0 (full power), by its power-management capability; a
-    /// function without one is always in D0.
+    /// function without one is always in D0. One whose power state cannot be read is not:
+    /// a preserved device must be known to be in D0.
     pub fn in_d0(&self) -> bool {
         let Some(pm) = self.config.find_capability(PM_CAPABILITY_ID) else {
             return true;
         };
         let mut pmcsr = [0u8; 2];
-        self.function
-            .read(VFIO_PCI_CONFIG_REGION_INDEX, &mut pmcsr, (pm + 4) as u64);
-        u16::from_le_bytes(pmcsr) & 0x3 == 0
+        match self.function.read_config(&mut pmcsr, (pm + 4) as u64) {
+            Ok(()) => u16::from_le_bytes(pmcsr) & 0x3 == 0,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot read its power state, so not taken as in D0: {e}",
+                    self.bdf
+                );
+                false
+            }
+        }
     }
 
     /// Whether the kernel reset the function under this device's file: a live-update freeze

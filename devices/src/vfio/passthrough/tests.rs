@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::pci::msix::MSIX_ENABLE;
-use crate::vfio::testing::{CallLog, FakeFunction, FakeRouter};
+use crate::vfio::testing::{CallLog, FakeFunction, FakeRouter, Faults};
 use luvmm_resources::state::MsiState;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +59,19 @@ fn fake_host(id: u32, hwpt_id: u32) -> (HostDevice, CallLog, Arc<AtomicBool>) {
         iommu: DeviceIommu::Iommufd { hwpt_id },
     };
     (host, log, reset)
+}
+
+/// A fake function of vendor:device `id` as `fake_host` makes it, with the switches that
+/// make it refuse calls.
+fn faulty_host(id: u32) -> (HostDevice, CallLog, Faults) {
+    let function = FakeFunction::new(id);
+    let (log, faults) = (function.log.clone(), function.faults.clone());
+    let host = HostDevice {
+        bdf: "0000:00:04.0".into(),
+        function: Box::new(function),
+        iommu: DeviceIommu::Iommufd { hwpt_id: 2 },
+    };
+    (host, log, faults)
 }
 
 /// A fresh device whose VM runs: its interrupts released, the logs cleared.
@@ -427,4 +440,61 @@ fn msix_turns_intx_off_while_on() {
         vfio.take(),
         ["disable irq 2", "enable irq 0 x1", "intx resample"]
     );
+}
+
+/// IRQ indices, as VFIO numbers them.
+const MSI: u32 = 1;
+const MSIX: u32 = 2;
+
+#[test]
+fn nothing_lost_a_restore_that_cannot_arm_msi_or_msix_again_fails() {
+    for (msix, index, what) in [(false, MSI, "MSI"), (true, MSIX, "MSI-X")] {
+        let mut device = running();
+        program(&mut device, msix);
+        let saved = device.save(4);
+        let (host, _, faults) = faulty_host(EDU);
+        faults.irq_set(index, true);
+        let (args, _) = args();
+        let restored = VfioPciDevice::restore(host, args, &saved, None);
+        assert!(
+            matches!(&restored, Err(PassthroughError::Rearm { what: w, .. }) if *w == what),
+            "{what}: {:?}",
+            restored.err()
+        );
+    }
+}
+
+#[test]
+fn nothing_lost_a_cancel_undoes_a_quiesce_that_stopped_halfway() {
+    let (host, vfio, faults) = faulty_host(EDU);
+    let (mut device, _) = build_on(host, None).unwrap();
+    device.hold_interrupts(false);
+    program(&mut device, true);
+    // The guest has MSI on as well as MSI-X: the quiesce turns MSI off first.
+    device.config_write(0x42, &0x81u16.to_le_bytes());
+    vfio.take();
+    faults.irq_set(MSIX, true);
+    assert!(matches!(
+        device.quiesce_interrupts(true),
+        Err(PassthroughError::Vfio {
+            op: "MSI-X off for the update",
+            ..
+        })
+    ));
+    faults.irq_set(MSIX, false);
+    device.quiesce_interrupts(false).unwrap();
+    // MSI went off and is on again; MSI-X never went off.
+    assert_eq!(vfio.take(), ["disable irq 1", "enable irq 1 x1"]);
+    // Nothing is left recorded as off: a second cancel has nothing to do.
+    device.quiesce_interrupts(false).unwrap();
+    assert!(vfio.take().is_empty());
+}
+
+#[test]
+fn nothing_lost_a_function_whose_power_state_cannot_be_read_is_not_in_d0() {
+    let (host, _, faults) = faulty_host(EDU);
+    let (device, _) = build_on(host, None).unwrap();
+    assert!(device.in_d0());
+    faults.config_reads(true);
+    assert!(!device.in_d0());
 }
