@@ -126,9 +126,10 @@ fn nothing_lost_a_relative_export_lands_in_the_callers_directory() {
         "/vm/save",
         &format!(r#"{{"export_path": "{name}"}}"#),
     );
+    let written = std::fs::remove_file(&misplaced).is_ok();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("relative"), "{body}");
-    let _ = std::fs::remove_file(&misplaced);
+    assert!(!written);
 }
 
 #[test]
@@ -170,7 +171,10 @@ fn nothing_lost_memory_sizes_beyond_the_host_are_refused_with_a_reason() {
     // 1 TiB: more than this host has, refused before anything is mapped.
     let (status, stderr) = run(&["--memory-mib", "1048576"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("1048576 MiB in all is more than this host's"), "{stderr}");
+    assert!(
+        stderr.contains("1048576 MiB in all is more than this host's"),
+        "{stderr}"
+    );
     let (status, stderr) = run(&["--memory-mib", "99999999999999"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("too large"), "{stderr}");
