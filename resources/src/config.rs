@@ -1,10 +1,12 @@
 //! The VM configuration: plain data, read from JSON or built from CLI flags, and validated as a
 //! whole before the VMM creates anything.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::files;
 use crate::layout::{
     GuestRegion, MemoryLayout, CMDLINE_MAX_SIZE, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START,
     PAGE_SIZE,
@@ -159,11 +161,35 @@ impl Default for VmConfig {
     }
 }
 
-/// What the host allows, read from KVM before validation.
+/// What the host allows, read from KVM and the host once before validation.
 #[derive(Clone, Copy, Debug)]
 pub struct HostLimits {
     /// `KVM_CAP_MAX_VCPUS`.
     pub max_vcpus: u32,
+    /// The host's physical memory (`MemTotal`): more guest RAM than this would only end in
+    /// the OOM killer, with no message.
+    pub ram_bytes: u64,
+    /// The host CPU's physical address width: guest RAM above `1 << bits` cannot be mapped.
+    pub phys_addr_bits: u8,
+}
+
+/// Bytes in a MiB, for `--memory-mib`.
+const MIB: u64 = 1 << 20;
+
+/// The RAM regions for `mib` MiB laid out from GPA 0 around the MMIO hole, as `--memory-mib`
+/// asks for them; a size that does not fit in 64 bits is refused, not saturated.
+pub fn memory_from_mib(mib: u64) -> Result<Vec<MemoryRegionConfig>, ConfigError> {
+    let bytes = mib
+        .checked_mul(MIB)
+        .ok_or(ConfigError::MemoryMibTooLarge { mib })?;
+    Ok(MemoryLayout::contiguous(bytes)
+        .regions
+        .iter()
+        .map(|r| MemoryRegionConfig {
+            gpa: r.gpa,
+            size: r.size,
+        })
+        .collect())
 }
 
 /// A configuration that cannot be used; each variant names the offending field.
@@ -194,6 +220,21 @@ pub enum ConfigError {
         field: &'static str,
         value: u64,
     },
+    /// `--memory-mib` times 1 MiB does not fit in 64 bits.
+    #[error("memory: {mib} MiB is too large (more than 2^64 bytes)")]
+    MemoryMibTooLarge { mib: u64 },
+    /// More RAM than the host has.
+    #[error(
+        "memory: {} MiB in all is more than this host's {} MiB of RAM",
+        requested >> 20,
+        host >> 20
+    )]
+    MoreThanHostRam { requested: u64, host: u64 },
+    /// A region ends above what the host CPU can address.
+    #[error(
+        "memory[{index}]: ends at {end:#x}, beyond this host CPU's {bits}-bit physical address space"
+    )]
+    BeyondPhysAddr { index: usize, end: u64, bits: u8 },
     /// `gpa + size` does not fit in 64 bits.
     #[error("memory[{index}]: gpa {gpa:#x} + size {size:#x} overflows")]
     RegionOverflow { index: usize, gpa: u64, size: u64 },
@@ -230,11 +271,15 @@ pub enum ConfigError {
 
 impl VmConfig {
     /// Reads a JSON config file. Unknown fields are refused so that typos do not pass silently.
+    /// Only a regular file is read, so a FIFO cannot hang the VMM.
     pub fn from_json_file(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let mut text = String::new();
+        files::open_regular(path)
+            .and_then(|mut file| file.read_to_string(&mut text))
+            .map_err(|e| ConfigError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -253,6 +298,7 @@ impl VmConfig {
             });
         }
         self.validate_memory()?;
+        self.validate_host_memory(limits)?;
         self.validate_payload()?;
         if self.cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong {
@@ -338,13 +384,43 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Checks the RAM against the host: in total against its memory, each region's end
+    /// against its CPU's address width. Runs after `validate_memory`, so ends do not overflow.
+    fn validate_host_memory(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        let limit = 1u64.checked_shl(u32::from(limits.phys_addr_bits));
+        for (index, region) in self.memory.iter().enumerate() {
+            let end = to_region(region).end();
+            if limit.is_some_and(|limit| end > limit) {
+                return Err(ConfigError::BeyondPhysAddr {
+                    index,
+                    end,
+                    bits: limits.phys_addr_bits,
+                });
+            }
+        }
+        let requested = self
+            .memory
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+            .unwrap_or(u64::MAX);
+        if requested > limits.ram_bytes {
+            return Err(ConfigError::MoreThanHostRam {
+                requested,
+                host: limits.ram_bytes,
+            });
+        }
+        Ok(())
+    }
+
     fn validate_payload(&self) -> Result<(), ConfigError> {
         if self.payload.as_os_str().is_empty() {
             return Err(ConfigError::NoPayload);
         }
         let reason = match std::fs::metadata(&self.payload) {
-            Ok(meta) if meta.is_file() => return Ok(()),
-            Ok(_) => "not a regular file".to_string(),
+            Ok(meta) => match files::require_regular(&meta) {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
             Err(e) => e.to_string(),
         };
         Err(ConfigError::Payload {
@@ -397,8 +473,11 @@ fn to_region(r: &MemoryRegionConfig) -> GuestRegion {
 mod tests {
     use super::*;
 
-    const MIB: u64 = 1 << 20;
-    const LIMITS: HostLimits = HostLimits { max_vcpus: 8 };
+    const LIMITS: HostLimits = HostLimits {
+        max_vcpus: 8,
+        ram_bytes: 16 << 30,
+        phys_addr_bits: 46,
+    };
 
     fn payload_file() -> PathBuf {
         // The test binary itself is a regular file that always exists.
@@ -639,5 +718,64 @@ mod tests {
         let err = VmConfig::from_json_file(&path).unwrap_err();
         assert!(err.to_string().contains("memroy"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nothing_lost_memory_mib_overflow_is_too_large_not_misaligned() {
+        assert_eq!(memory_from_mib(64).unwrap(), VmConfig::default().memory);
+        let err = memory_from_mib(99_999_999_999_999).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::MemoryMibTooLarge {
+                mib: 99_999_999_999_999
+            }
+        );
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn nothing_lost_ram_beyond_the_host_is_refused() {
+        let at_host = with_memory(&[(0, 3 << 30), (MMIO_HOLE_END, 13 << 30)]);
+        assert_eq!(at_host.validate(&LIMITS), Ok(()));
+        let tib = VmConfig {
+            memory: memory_from_mib(1 << 20).unwrap(),
+            ..config()
+        };
+        assert_eq!(
+            tib.validate(&LIMITS),
+            Err(ConfigError::MoreThanHostRam {
+                requested: 1 << 40,
+                host: 16 << 30
+            })
+        );
+        // A small region far up: within the host's RAM, beyond its CPU's addresses.
+        let high = with_memory(&[(0, 64 * MIB), (1 << 50, 64 * MIB)]);
+        let err = high.validate(&LIMITS).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::BeyondPhysAddr {
+                index: 1,
+                end: (1 << 50) + 64 * MIB,
+                bits: 46
+            }
+        );
+        assert!(err.to_string().contains("46-bit"), "{err}");
+        let top = with_memory(&[(0, 64 * MIB), ((1 << 46) - 64 * MIB, 64 * MIB)]);
+        assert_eq!(top.validate(&LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn nothing_lost_a_device_as_config_or_payload_is_refused() {
+        let device = PathBuf::from("/dev/null");
+        let err = VmConfig::from_json_file(&device).unwrap_err();
+        assert!(err.to_string().contains("character device"), "{err}");
+        let payload = VmConfig {
+            payload: device,
+            ..config()
+        };
+        assert!(matches!(
+            payload.validate(&LIMITS),
+            Err(ConfigError::Payload { reason, .. }) if reason.contains("character device")
+        ));
     }
 }

@@ -243,9 +243,10 @@ fn read_state(file: &File, len: Option<u64>, from: &str) -> Result<Vec<u8>, Rest
     })
 }
 
+/// Reads a state file; only a regular file is opened, so a FIFO cannot hang the restore.
 fn read_state_file(path: &Path) -> Result<Vec<u8>, RestoreError> {
     let from = path.display().to_string();
-    let file = File::open(path).map_err(|e| RestoreError::ReadState {
+    let file = luvmm_resources::files::open_regular(path).map_err(|e| RestoreError::ReadState {
         from: from.clone(),
         source: state::ReadError::Io(e),
     })?;

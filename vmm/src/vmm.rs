@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
 
+pub use self::export::ExportError;
 use crate::passthrough::{HandedDeviceManifest, Passthrough};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
@@ -86,7 +87,7 @@ pub enum VmmError {
     Export {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: ExportError,
     },
     /// A vCPU answered with something other than what was asked.
     #[error("vCPU {id} answered {answer} to {request}")]
@@ -351,16 +352,17 @@ impl Vmm {
         if !matches!(self.phase, VmPhase::Running | VmPhase::Paused) {
             return Err(self.refuse("save"));
         }
+        // A destination that will be refused is refused before the guest is paused.
+        if let Some(path) = export {
+            export::check_target(path).map_err(export_failed(path))?;
+        }
         let started = Instant::now();
         self.pause()?;
         let state = self.capture()?;
         let blob = state::encode(&state)?;
         let memfd = write_state_memfd(&blob).map_err(VmmError::StateMemfd)?;
         if let Some(path) = export {
-            export_state(path, &blob).map_err(|source| VmmError::Export {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            export::export_state(path, &blob).map_err(export_failed(path))?;
         }
         self.saved = Some(SavedState {
             memfd,
@@ -573,16 +575,14 @@ fn write_state_memfd(blob: &[u8]) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Writes `blob` to `path` atomically: a temporary file, fsync, rename.
-fn export_state(path: &Path, blob: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = File::create(&tmp)?;
-    file.write_all(blob)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+/// Names the destination of a failed export.
+fn export_failed(path: &Path) -> impl FnOnce(ExportError) -> VmmError + '_ {
+    move |source| VmmError::Export {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
+mod export;
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,10 @@ use luvmm_resources::config::{HostLimits, VmConfig};
 
 fuzz_target!(|text: &[u8]| {
     if let Ok(config) = serde_json::from_slice::<VmConfig>(text) {
-        let _ = config.validate(&HostLimits { max_vcpus: 255 });
+        let _ = config.validate(&HostLimits {
+            max_vcpus: 255,
+            ram_bytes: u64::MAX,
+            phys_addr_bits: 52,
+        });
     }
 });

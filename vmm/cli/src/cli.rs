@@ -7,9 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use luvmm_devices::guest_control::GuestRequest;
 use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
-    BarMode, BootProtocol, MemoryRegionConfig, SerialOutput, VfioBackendChoice, VmConfig,
+    memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
 };
-use luvmm_resources::layout::MemoryLayout;
 use luvmm_vmm::api::{PrepareBody, VmmAction};
 use serde::de::DeserializeOwned;
 
@@ -111,6 +110,12 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
         Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
         _ => Err(format!("{text:?} is not a number of seconds in (0, 86400]")),
     }
+}
+
+/// Makes a path absolute against this process's directory: the VMM that receives it runs
+/// elsewhere, and would otherwise resolve it against its own.
+fn absolute_path(text: &str) -> Result<PathBuf, String> {
+    std::path::absolute(text).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// Parses a flag's value with the config file's own words (the serde names), so a word means
@@ -225,7 +230,8 @@ pub enum CtlRequest {
     Resume,
     /// Pause and save the state into a memfd (and a file with --export).
     Save {
-        #[arg(long)]
+        /// A regular file or a new one; a relative path is taken from this directory.
+        #[arg(long, value_parser = absolute_path)]
         export: Option<PathBuf>,
     },
     /// Ask the guest to verify its memory and print a LUVMM-CHECK line.
@@ -338,7 +344,7 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
         config.payload = payload.clone();
     }
     if let Some(mib) = args.memory_mib {
-        config.memory = memory_regions(mib);
+        config.memory = memory_from_mib(mib)?;
     }
     if let Some(vcpus) = args.vcpus {
         config.vcpus = vcpus;
@@ -356,17 +362,6 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
         config.api_socket = args.common.api_socket.clone();
     }
     Ok(config)
-}
-
-fn memory_regions(mib: u64) -> Vec<MemoryRegionConfig> {
-    MemoryLayout::contiguous(mib.saturating_mul(1 << 20))
-        .regions
-        .iter()
-        .map(|r| MemoryRegionConfig {
-            gpa: r.gpa,
-            size: r.size,
-        })
-        .collect()
 }
 
 /// Turns `restore` flags into a restore source. clap has already refused incomplete
@@ -424,6 +419,13 @@ mod tests {
             }
         );
         assert_eq!(
+            ctl(&["save", "--export", "vm.state"]),
+            VmmAction::Save {
+                export_path: Some(std::env::current_dir().unwrap().join("vm.state"))
+            },
+            "nothing_lost: a relative export is the caller's, not the VMM's"
+        );
+        assert_eq!(
             ctl(&["guest", "irq_in_flight"]),
             VmmAction::GuestRequest(GuestRequest::IrqInFlight)
         );
@@ -454,7 +456,7 @@ mod tests {
         };
         let config = vm_config(&run).expect("a config");
         // What `--memory-mib 64` gives, so the flag and its absence agree.
-        assert_eq!(config.memory, memory_regions(64));
+        assert_eq!(config.memory, memory_from_mib(64).unwrap());
         assert_eq!(
             config,
             VmConfig {

@@ -35,7 +35,7 @@ use luvmm_devices::guest_control::GuestRequest;
 
 use crate::update::prepare::PrepareOptions;
 use crate::update::{self, UpdateError};
-use crate::vmm::{Vmm, VmmError};
+use crate::vmm::{ExportError, Vmm, VmmError};
 use http::{Request, Response};
 use luvmm_liveupdate::agent::AgentClient;
 use luvmm_resources::errors::error_chain;
@@ -371,6 +371,11 @@ fn update_error_response(e: &UpdateError) -> Response {
 fn error_response(e: &VmmError) -> Response {
     let status = match e {
         VmmError::WrongPhase { .. } | VmmError::NoCurrentState | VmmError::NotMovable { .. } => 409,
+        // The caller named a destination the VMM will not write.
+        VmmError::Export {
+            source: ExportError::Relative | ExportError::NotRegular(_),
+            ..
+        } => 400,
         _ => 500,
     };
     Response::error(status, &error_chain(e))

@@ -100,10 +100,12 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-/// What this host's KVM allows, for config validation.
+/// What this host's KVM, memory and CPU allow, for config validation.
 pub fn host_limits(kvm: &Kvm) -> HostLimits {
     HostLimits {
         max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
+        ram_bytes: super::host::ram_bytes().unwrap_or(u64::MAX),
+        phys_addr_bits: super::host::phys_addr_bits(),
     }
 }
 
