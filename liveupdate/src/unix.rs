@@ -1,5 +1,5 @@
 //! Unix-socket plumbing shared by the agent and the VMM's API: a listening socket only its
-//! owner can reach, and bytes that carry fds (`SCM_RIGHTS`) both ways.
+//! owner can reach, bytes that carry fds (`SCM_RIGHTS`) both ways, and room for those fds.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,6 +49,38 @@ pub fn bind_owner_only(path: &Path) -> Result<UnixListener, BindError> {
         return Err(create_err(e));
     }
     Ok(listener)
+}
+
+/// Raises this process's soft limit on open fds to its hard limit, and returns the limit now in
+/// force. The usual soft limit, 1024, is less than a real host needs: the agent keeps a session
+/// fd per VM, and a VM's passthrough devices bring an eventfd per MSI-X vector, twice over
+/// while it is handed over.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given, which lives through the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Linux refuses more than `fs.nr_open` fds whatever the hard limit says.
+    let ceiling = if limit.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        limit.rlim_max
+    };
+    if limit.rlim_cur < ceiling {
+        limit.rlim_cur = ceiling;
+        // SAFETY: setrlimit only reads the struct it is given, which lives through the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Writes all of `bytes` to `stream`, with `fds` attached to the first ones. Linux passes at
@@ -348,6 +380,29 @@ mod tests {
         let many: Vec<&std::fs::File> = std::iter::repeat_n(&file, SCM_MAX_FD + 1).collect();
         let err = send_with_fds(&a, b"x", &many).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn nothing_lost_the_soft_fd_limit_is_raised_to_the_hard_one() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit touch only the struct given, alive through each call.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            // Lowering the soft limit needs no privilege; other tests stay far below 512 fds.
+            limit.rlim_cur = limit.rlim_cur.min(512);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        let raised = raise_fd_limit().unwrap();
+        assert!(raised > 512, "{raised}");
+        // SAFETY: as above.
+        unsafe { assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0) };
+        assert_eq!(limit.rlim_cur, raised);
+        if limit.rlim_max != libc::RLIM_INFINITY {
+            assert_eq!(raised, limit.rlim_max);
+        }
     }
 
     #[test]

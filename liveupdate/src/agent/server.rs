@@ -74,6 +74,11 @@ impl Agent {
     /// Opens `/dev/liveupdate` and takes the ledger the previous kernel's agent preserved, if
     /// any (its session is retrieved and finished at once), else starts an empty one.
     pub fn start() -> Result<Agent, AgentError> {
+        // One fd per VM's session: the usual soft limit would stop the agent short of 1000 VMs.
+        match unix::raise_fd_limit() {
+            Ok(limit) => log::info!("agent: up to {limit} open fds"),
+            Err(e) => log::warn!("agent: cannot raise the open-fd limit: {e}"),
+        }
         let luo = LiveUpdate::open()?;
         let name = SessionName::new(AGENT_SESSION)?;
         let ledger = match luo.retrieve_session(&name) {
