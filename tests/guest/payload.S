@@ -79,7 +79,7 @@
     .set NVME_IDENTIFY,       0x1b2000      /* IDENTIFY CONTROLLER data */
     .set NVME_SERIAL_WORD,    0x6d76756c    /* "luvm", the start of the bed's serial number */
     .set MMIO_READS,          1000
-    .set MAX_EDU,             4             /* edu devices remembered for rounds */
+    .set MAX_EDU,             8             /* edu devices remembered for rounds */
     .set DMA_OUTSIDE_IOVA,    0x0f000000    /* 240 MiB: below edu's 28-bit mask, above guest RAM */
     .set TICK_COUNT,          100000000     /* 100 ms: KVM's APIC timer counts at 1 GHz */
     .set PVH_MAGIC,           0x336ec578
@@ -1078,17 +1078,18 @@ round_head:
     call putc
     jmp put_bdf
 
-/* edu_dma_start: r12 = BAR, r15d = buffer index. Fills buffer A (0x1c0000 + index * 64 KiB)
- * with a pattern of the seed, the index and the round, clears buffer B (A + 32 KiB), copies
- * A to the device and waits for it, then starts the copy back to B with a completion
- * interrupt and returns at once (edu completes a DMA from a timer, about 100 ms later).
+/* edu_dma_start: r12 = BAR, r15d = buffer index. Fills buffer A (0x1c0000 + index * 32 KiB:
+ * MAX_EDU of them end below FILL_BASE) with a pattern of the seed, the index and the round,
+ * clears buffer B (A + 16 KiB), copies A to the device and waits for it, then starts the copy
+ * back to B with a completion interrupt and returns at once (edu completes a DMA from a timer,
+ * about 100 ms later).
  * eax = 1 if the first copy finished. */
 edu_dma_start:
     movl %r15d, %edi
-    shll $16, %edi
+    shll $15, %edi
     addl $0x1c0000, %edi
     movq %rdi, dma_src(%rip)
-    leaq 0x8000(%rdi), %rax
+    leaq 0x4000(%rdi), %rax
     movq %rax, dma_dst(%rip)
     movq seed(%rip), %r10
     xorq %r15, %r10
@@ -1101,7 +1102,7 @@ edu_dma_start:
     imulq %r11, %rax
     xorq %r10, %rax
     movq %rax, (%rdi,%rcx,8)
-    movq $0, 0x8000(%rdi,%rcx,8)
+    movq $0, 0x4000(%rdi,%rcx,8)
     incl %ecx
     cmpl $256, %ecx
     jb 1b

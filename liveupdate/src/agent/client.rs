@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::ledger::Ledger;
-use crate::agent::wire::{recv_line, send_line, Reply, Request};
+use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{IncomingSession, OutgoingSession, SessionName};
 
@@ -70,7 +70,7 @@ impl AgentClient {
         })?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         send_line(&stream, request, fds).map_err(io)?;
-        let (line, fds) = recv_line(&stream).map_err(io)?;
+        let (line, fds) = recv_line(&stream, MAX_REPLY).map_err(io)?;
         let reply: Reply =
             serde_json::from_slice(&line).map_err(|e| AgentClientError::BadReply {
                 op,

@@ -18,7 +18,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
-use crate::agent::wire::{recv_line, send_line, Reply, Request};
+use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY, MAX_REQUEST};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
 use crate::luo::{LiveUpdate, LuoError, OutgoingSession, SessionName};
@@ -74,6 +74,11 @@ impl Agent {
     /// Opens `/dev/liveupdate` and takes the ledger the previous kernel's agent preserved, if
     /// any (its session is retrieved and finished at once), else starts an empty one.
     pub fn start() -> Result<Agent, AgentError> {
+        // One fd per VM's session: the usual soft limit would stop the agent short of 1000 VMs.
+        match unix::raise_fd_limit() {
+            Ok(limit) => log::info!("agent: up to {limit} open fds"),
+            Err(e) => log::warn!("agent: cannot raise the open-fd limit: {e}"),
+        }
         let luo = LiveUpdate::open()?;
         let name = SessionName::new(AGENT_SESSION)?;
         let ledger = match luo.retrieve_session(&name) {
@@ -212,7 +217,7 @@ impl Agent {
 
     fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Option<OwnedFd>, After) {
         let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-        let request = match recv_line(stream) {
+        let request = match recv_line(stream, MAX_REQUEST) {
             Ok((line, fds)) => serde_json::from_slice::<Request>(&line)
                 .map(|request| (request, fds))
                 .map_err(|e| format!("bad request: {e}")),
@@ -373,13 +378,22 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The ledger as JSON in a new memfd, sealed against resizing (it is preserved as it is).
+/// One larger than the next agent reads ([`MAX_REPLY`]) is refused: the update is then off,
+/// rather than every VM's session lost with an agent that cannot start.
 fn write_ledger(ledger: &Ledger) -> std::io::Result<File> {
+    let json = serde_json::to_vec(ledger).map_err(std::io::Error::other)?;
+    if json.len() > MAX_REPLY {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("ledger of {} bytes, over {MAX_REPLY}", json.len()),
+        ));
+    }
     let fd = memfd_create(
         "luvmm-agent-ledger",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )?;
     let mut file = File::from(fd);
-    file.write_all(&serde_json::to_vec(ledger).map_err(std::io::Error::other)?)?;
+    file.write_all(&json)?;
     fcntl(
         file.as_fd(),
         FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK),
@@ -392,7 +406,7 @@ fn read_ledger(file: &File) -> std::io::Result<Ledger> {
     let len = file.metadata()?.len();
     let capacity = usize::try_from(len)
         .ok()
-        .filter(|_| len <= 1 << 20)
+        .filter(|&len| len <= MAX_REPLY)
         .ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -440,6 +454,7 @@ fn wait_for_client(listener: &UnixListener, timeout: Option<Duration>) -> nix::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::ledger::{VmPhase, VmRecord};
 
     #[test]
     fn the_wait_ends_on_a_connection_or_at_the_deadline() {
@@ -466,5 +481,30 @@ mod tests {
         let mut garbage = File::from(memfd_create("bad", MFdFlags::MFD_CLOEXEC).unwrap());
         garbage.write_all(b"{not json").unwrap();
         assert!(read_ledger(&garbage).is_err());
+    }
+
+    #[test]
+    fn nothing_lost_the_ledger_of_5000_vms_crosses_the_kexec() {
+        let mut ledger = Ledger::default();
+        let devices: Vec<String> = (0..8).map(|d| format!("0000:00:{:02x}.0", d + 3)).collect();
+        ledger.vms = (0..5000)
+            .map(|i| VmRecord {
+                vm: format!("vm-{i:04}"),
+                session: format!("luvmm-vm-{i:04}"),
+                phase: VmPhase::Ready,
+                times_ms: BTreeMap::from([("ready".to_string(), 1_700_000_000_000)]),
+                devices: devices.clone(),
+            })
+            .collect();
+        let memfd = write_ledger(&ledger).unwrap();
+        assert_eq!(read_ledger(&memfd).unwrap(), ledger);
+    }
+
+    #[test]
+    fn a_ledger_the_next_agent_would_refuse_is_not_preserved() {
+        let mut ledger = Ledger::default();
+        ledger.times_ms.insert("x".repeat(MAX_REPLY), 0);
+        let err = write_ledger(&ledger).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 }

@@ -12,8 +12,12 @@ use crate::agent::ledger::Ledger;
 use crate::luo::probe::HandlerStatus;
 use crate::unix::{self, FdReader};
 
-/// Longest line either side accepts.
-pub const MAX_LINE: usize = 64 * 1024;
+/// Longest request line the agent reads: a request names a VM, a kernel or a VM's devices.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest reply line a client reads, and so the largest ledger the agent may keep: `status`
+/// sends it whole, and it crosses the kexec in a memfd that the next agent reads under this
+/// bound. A VM's record with 8 devices takes about 300 bytes, so 16 MiB holds some 50 000 VMs.
+pub const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// What a client asks of the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,8 +87,9 @@ impl Reply {
     }
 }
 
-/// Most fds one line carries: a session, or the fds a probe asks about.
-const MAX_FDS: usize = 4;
+/// Most fds one line carries: a session, or the fds a probe asks about, one per passthrough
+/// device of a VM. A VM's devices sit on its one PCI bus, which has 32 slots.
+const MAX_FDS: usize = 32;
 
 /// Sends `value` as one line, with `fds` attached.
 pub fn send_line<T: Serialize>(
@@ -97,27 +102,35 @@ pub fn send_line<T: Serialize>(
     unix::send_with_fds(stream, &bytes, fds)
 }
 
-/// Receives one line and the fds that came with it.
-pub fn recv_line(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+/// Receives one line of at most `max_bytes` and the fds that came with it.
+pub fn recv_line(
+    stream: &UnixStream,
+    max_bytes: usize,
+) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut reader = FdReader::<MAX_FDS>::new(stream);
     let mut line = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = reader.read(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        // One request or reply per connection turn: everything up to the newline.
+        // One request or reply per connection turn: everything up to the newline. Only the new
+        // bytes are searched, so a long line costs its length once.
+        let searched = line.len();
         line.extend_from_slice(&chunk[..n]);
-        if let Some(end) = line.iter().position(|&b| b == b'\n') {
-            line.truncate(end);
-            return Ok((line, reader.into_fds()));
+        let end = line[searched..].iter().position(|&b| b == b'\n');
+        if let Some(end) = end {
+            line.truncate(searched + end);
         }
-        if line.len() > MAX_LINE {
+        if line.len() > max_bytes {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "line longer than 64 KiB",
+                format!("line longer than {max_bytes} bytes"),
             ));
+        }
+        if end.is_some() {
+            return Ok((line, reader.into_fds()));
         }
     }
 }
@@ -131,7 +144,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let request = Request::Subscribe { vm: "vm1".into() };
         send_line(&a, &request, &[]).unwrap();
-        let (line, fds) = recv_line(&b).unwrap();
+        let (line, fds) = recv_line(&b, MAX_REQUEST).unwrap();
         assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), request);
         assert!(fds.is_empty());
         let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
@@ -140,7 +153,7 @@ mod tests {
             ..Reply::ok()
         };
         send_line(&b, &reply, &[&file]).unwrap();
-        let (line, fds) = recv_line(&a).unwrap();
+        let (line, fds) = recv_line(&a, MAX_REPLY).unwrap();
         assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), reply);
         assert_eq!(fds.len(), 1);
     }
@@ -151,13 +164,62 @@ mod tests {
         let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         unix::send_with_fds(&a, br#"{"op":"status"}"#, &[&file]).unwrap();
         drop(a);
-        let err = recv_line(&b).unwrap_err();
+        let err = recv_line(&b, MAX_REQUEST).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
 
         let (a, b) = UnixStream::pair().unwrap();
         let fds: Vec<&OwnedFd> = std::iter::repeat_n(&file, MAX_FDS + 1).collect();
         send_line(&a, &Request::Probe {}, &fds).unwrap();
-        let err = recv_line(&b).unwrap_err();
+        let err = recv_line(&b, MAX_REQUEST).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn nothing_lost_a_probe_of_eight_devices_crosses_one_line() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let devices: Vec<OwnedFd> = (0..8)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect();
+        let fds: Vec<&OwnedFd> = devices.iter().collect();
+        send_line(&a, &Request::Probe {}, &fds).unwrap();
+        let (line, received) = recv_line(&b, MAX_REQUEST).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Request>(&line).unwrap(),
+            Request::Probe {}
+        );
+        assert_eq!(received.len(), 8);
+    }
+
+    #[test]
+    fn nothing_lost_a_status_of_1000_vms_crosses_the_socket() {
+        let mut ledger = Ledger::default();
+        let devices: Vec<String> = (0..8).map(|d| format!("0000:00:{:02x}.0", d + 3)).collect();
+        for i in 0..1000 {
+            let vm = format!("vm-{i:04}");
+            ledger.subscribe(&vm, 1_700_000_000_000).unwrap();
+            ledger.ready(&vm, 1_700_000_000_001, &devices).unwrap();
+        }
+        let reply = Reply {
+            ledger: Some(ledger),
+            ..Reply::ok()
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        // The reply is larger than the socket's buffer: it is sent while it is read.
+        let sent = reply.clone();
+        let sender = std::thread::spawn(move || send_line(&a, &sent, &[]));
+        let (line, fds) = recv_line(&b, MAX_REPLY).unwrap();
+        sender.join().unwrap().unwrap();
+        assert!(fds.is_empty());
+        assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), reply);
+        // The bound `MAX_REPLY` states: 50 000 such VMs fit.
+        assert!(line.len() * 50 < MAX_REPLY, "{} bytes", line.len());
+    }
+
+    #[test]
+    fn a_line_longer_than_its_bound_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_line(&a, &"x".repeat(100), &[]).unwrap();
+        let err = recv_line(&b, 50).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 

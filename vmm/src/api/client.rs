@@ -12,16 +12,23 @@ use serde::de::DeserializeOwned;
 
 use luvmm_devices::guest_control::GuestRequest;
 use luvmm_liveupdate::unix::FdReader;
+use luvmm_resources::layout::MSI_GSI_START;
 
 use super::http::{parse_response, request_bytes, HttpError};
 use super::{CheckBody, Endpoint, PrepareBody, VmmAction};
 use crate::update::check::VmCheck;
 use crate::update::prepare::PrepareReport;
 use crate::vmm::{HandoverManifest, SaveReport, VmStatus};
+use crate::vstate::interrupts::MAX_GSI;
 
-/// Most fds a reply may carry: a state memfd, RAM memfds, and the iommufd plus each passthrough
-/// device's cdev and interrupt eventfds.
-const MAX_FDS: usize = 64;
+/// Most fds a reply may carry: those of a handover. Besides a few memfds (the state, the RAM
+/// below and above the 32-bit hole) and the iommufd, each passthrough device brings its cdev and
+/// two INTx eventfds, one per slot of the guest's PCI bus at most, and one eventfd per MSI or
+/// MSI-X vector; every vector has its own GSI, of which a VM has `MAX_GSI - MSI_GSI_START`.
+/// Eight devices with 64 MSI-X vectors each take 540.
+const MAX_FDS: usize = 8 + GUEST_PCI_SLOTS * 3 + (MAX_GSI - MSI_GSI_START) as usize;
+/// Slots of the guest's one PCI bus.
+const GUEST_PCI_SLOTS: usize = 32;
 
 /// How long a client waits for its reply by default: the VMM serves one client at a time and
 /// gives each at most `server::READ_TIMEOUT` to send its request, so a few queued clients fit.
@@ -334,6 +341,34 @@ mod tests {
             stream.write_all(&response.to_bytes()).unwrap();
         });
         (path, server)
+    }
+
+    #[test]
+    fn nothing_lost_a_handover_of_8_devices_with_msix_brings_every_fd() {
+        // State, two RAM memfds and the iommufd; per device its cdev, 32 MSI-X vectors and
+        // INTx: more than one message carries (253), and than the old limit (64).
+        const FDS: usize = 4 + 8 * (1 + 32 + 2);
+        let path = std::env::temp_dir().join(format!("luvmm-client-fds-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while parse_request(&request).unwrap().is_none() {
+                let n = stream.read(&mut chunk).unwrap();
+                request.extend_from_slice(&chunk[..n]);
+            }
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let fds: Vec<&std::fs::File> = std::iter::repeat_n(&null, FDS).collect();
+            let reply = Response::json(200, &serde_json::json!({})).to_bytes();
+            luvmm_liveupdate::unix::send_with_fds(&stream, &reply, &fds).unwrap();
+        });
+        let reply = VmmClient::new(&path).send(&VmmAction::Handover).unwrap();
+        server.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(reply.is_success(), "{reply:?}");
+        assert_eq!(reply.fds.len(), FDS);
     }
 
     #[test]

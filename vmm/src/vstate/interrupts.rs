@@ -20,7 +20,7 @@ const IOAPIC_PINS: u32 = 24;
 /// IOAPIC pins for PCI INTx: 16-23, above the ISA lines.
 const INTX_LINE_START: u32 = 16;
 /// KVM_CAP_IRQ_ROUTING's usual table size; GSIs beyond it are refused.
-const MAX_GSI: u32 = 4096;
+pub(crate) const MAX_GSI: u32 = 4096;
 
 /// MSI routes of one VM.
 pub struct KvmIrqRouter {

@@ -33,10 +33,15 @@ pub const L1_NEXT_KERNEL: &str = "/boot/next-bzImage";
 /// next kernel's initramfs, which L1 builds before each kexec (`rehearsal.rs`).
 pub const L1_STAGED_INITRD: &str = "/boot/staged-initrd";
 
-/// Most VMs, devices per VM and rounds a drill takes (the bed has one L1 vCPU under TCG).
+/// Most VMs, devices per VM and rounds a drill takes (the bed has one L1 vCPU under TCG). The
+/// guest payload drives up to 8 edu devices.
 const MAX_VMS: u32 = 8;
-const MAX_DEVICES: u32 = 4;
+const MAX_DEVICES: u32 = 8;
 const MAX_ROUNDS: u32 = 10;
+/// Most edu devices in L1: each needs its own slot on the q35 root bus (a bridge or a second
+/// function would put devices in one IOMMU group, which only one VM can take), and of its 32
+/// slots QEMU's host bridge, VGA, NIC and ICH9 functions hold 4.
+const MAX_BED_DEVICES: u32 = 28;
 /// Guest memory per VM, MiB.
 const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1024;
 
@@ -96,6 +101,15 @@ impl Plan {
             return bad(format!(
                 "--devices must be 0 to {MAX_DEVICES}, not {}",
                 self.devices
+            ));
+        }
+        if self.vms * self.devices > MAX_BED_DEVICES {
+            return bad(format!(
+                "--devices {} for {} VMs is {} edu devices, more than the {MAX_BED_DEVICES} \
+                 free slots of L1's PCI bus",
+                self.devices,
+                self.vms,
+                self.vms * self.devices
             ));
         }
         if !(1..=MAX_ROUNDS).contains(&self.rounds) {
@@ -378,12 +392,28 @@ mod tests {
     #[test]
     fn plans_outside_the_bed_are_refused_by_name() {
         assert!(plan().validate().is_ok());
+        for (vms, devices) in [(1, 8), (3, 8), (7, 4)] {
+            let plan = Plan {
+                vms,
+                devices,
+                ..plan()
+            };
+            assert!(plan.validate().is_ok(), "{vms} VMs x {devices}");
+        }
         for (bad, flag) in [
             (Plan { vms: 0, ..plan() }, "--vms"),
             (Plan { vms: 9, ..plan() }, "--vms"),
             (
                 Plan {
-                    devices: 5,
+                    devices: 9,
+                    ..plan()
+                },
+                "--devices",
+            ),
+            (
+                Plan {
+                    vms: 4,
+                    devices: 8,
                     ..plan()
                 },
                 "--devices",
