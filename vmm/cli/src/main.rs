@@ -73,6 +73,10 @@ enum CommandError {
 fn main() -> ExitCode {
     logger::init();
     let cli = Cli::parse();
+    // A VM's devices bring an eventfd per MSI-X vector, twice over while it is handed over.
+    if let Err(e) = luvmm_liveupdate::unix::raise_fd_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) => {
