@@ -182,7 +182,10 @@ fn a_socket_path_in_use_is_refused() {
         "none",
     ]);
     assert!(!status.success());
-    assert!(stderr.contains("already exists"), "{stderr}");
+    assert!(
+        stderr.contains("a process is serving on it already"),
+        "{stderr}"
+    );
     assert_eq!(vm.phase(), VmPhase::Running);
 }
 
@@ -241,7 +244,7 @@ fn nothing_lost_a_restore_with_an_unusable_output_is_refused_before_the_claim() 
         ),
         (
             ["--api-socket", taken.to_str().unwrap()],
-            "something is there already",
+            "something that is not a socket is there already",
         ),
     ] {
         let (status, stderr) = restore(&extra);
