@@ -408,4 +408,12 @@ mod tests {
         assert_eq!(session_of(&"x".repeat(32)).unwrap().as_str().len(), 38);
         assert_ne!(session_of("agent").unwrap().as_str(), AGENT_SESSION);
     }
+
+    #[test]
+    fn nothing_lost_no_vm_takes_the_probes_scratch_session() {
+        let probe = crate::luo::probe::scratch_session_name();
+        // The VM id that would give a session of the same name, were the separator a dash.
+        let vm = &probe["luvmm.".len()..];
+        assert_ne!(session_of(vm).map(|s| s.to_string()), Ok(probe.clone()));
+    }
 }

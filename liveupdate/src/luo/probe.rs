@@ -141,10 +141,16 @@ fn probe_handlers(device: &LiveUpdate, vfio_device: Option<Candidate<'_>>) -> Ha
     }
 }
 
+/// The scratch session's name: with a dot, which no VM's session (`luvmm-<vm id>`, ids without
+/// dots) ever has, so a VM can never hold the name and block every probe.
+pub fn scratch_session_name() -> String {
+    format!("luvmm.probe-{}", std::process::id())
+}
+
 /// Whether this kernel has a LUO handler for `fd`'s kind of file: preserves it in a fresh
 /// scratch session, then closes the session, which unpreserves it.
 pub fn try_preserve(device: &LiveUpdate, fd: BorrowedFd<'_>) -> HandlerStatus {
-    let name = format!("luvmm-probe-{}", std::process::id());
+    let name = scratch_session_name();
     let session = match SessionName::new(&name).and_then(|n| device.create_session(&n)) {
         Ok(session) => session,
         Err(e) => return HandlerStatus::Unknown(e.to_string()),

@@ -234,7 +234,7 @@ fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
 }
 
 /// Every device is present and bound to vfio-pci.
-fn check_devices(bdfs: &[String]) -> Result<(), HostDeviceError> {
+pub(crate) fn check_devices(bdfs: &[String]) -> Result<(), HostDeviceError> {
     for bdf in bdfs {
         let sysfs = sysfs_dir(bdf);
         if !sysfs.exists() {

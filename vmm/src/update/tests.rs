@@ -571,3 +571,18 @@ fn a_release_refuses_a_state_not_saved_for_an_update() {
     }
     assert!(!host.finished(SESSION));
 }
+
+#[test]
+fn nothing_lost_a_release_whose_device_is_missing_is_refused_before_the_claim() {
+    let missing = "0000:7e:1f.7";
+    let host = after_kexec(|_| {}, &[missing]);
+    match release("vm1", &host.agent()) {
+        Err(ReleaseError::DevicesBeforeClaim {
+            source: HostDeviceError::Missing { bdf },
+            ..
+        }) => assert_eq!(bdf, missing),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(host.take_log(), ["agent status"], "nothing was claimed");
+    assert_eq!(host.ledger().vms[0].phase, AgentPhase::Incoming);
+}
