@@ -4,7 +4,7 @@
 //! hands each VM's incoming session to the VMM that restores it, once. Clients are served one
 //! at a time; each request is short.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,7 +17,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
-use crate::agent::ledger::{now_ms, Ledger, LedgerError, AGENT_SESSION, LEDGER_TOKEN};
+use crate::agent::ledger::{now_ms, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN};
 use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY, MAX_REQUEST};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
@@ -60,6 +60,36 @@ enum After {
 /// An update waiting for every VM to be ready.
 struct PendingUpdate {
     deadline: Instant,
+    /// The VMs taking part when it was asked: if one of them leaves (its update released or
+    /// cancelled, its guest resumed), a kexec would take the host from under that running
+    /// guest, so the update is off for everyone.
+    vms: BTreeSet<String>,
+}
+
+impl PendingUpdate {
+    fn new(deadline: Instant, ledger: &Ledger) -> PendingUpdate {
+        PendingUpdate {
+            deadline,
+            vms: ledger
+                .vms
+                .iter()
+                .filter(|r| matches!(r.phase, VmPhase::Subscribed | VmPhase::Ready))
+                .map(|r| r.vm.clone())
+                .collect(),
+        }
+    }
+
+    /// A VM that took part when the update was asked and no longer does.
+    fn left<'a>(&'a self, ledger: &Ledger) -> Option<&'a str> {
+        self.vms
+            .iter()
+            .find(|vm| {
+                !ledger.vms.iter().any(|r| {
+                    &r.vm == *vm && matches!(r.phase, VmPhase::Subscribed | VmPhase::Ready)
+                })
+            })
+            .map(String::as_str)
+    }
 }
 
 /// The agent's state: LUO, the ledger, and its copy of every VM's outgoing session.
@@ -161,7 +191,11 @@ impl Agent {
         let Some(pending) = &self.pending else {
             return;
         };
-        if self.ledger.check_update().is_ok() {
+        if let Some(vm) = pending.left(&self.ledger) {
+            log::warn!("agent: VM {vm} left the pending update: the update is off for everyone");
+            self.pending = None;
+            self.call_everyone_off();
+        } else if self.ledger.check_update().is_ok() {
             self.pending = None;
             match self.preserve_ledger() {
                 Ok(agent_session) => self.kexec(agent_session),
@@ -315,9 +349,10 @@ impl Agent {
                             "agent: waiting up to {seconds} s for VMs {:?}",
                             self.ledger.not_ready()
                         );
-                        self.pending = Some(PendingUpdate {
-                            deadline: Instant::now() + Duration::from_secs(seconds),
-                        });
+                        self.pending = Some(PendingUpdate::new(
+                            Instant::now() + Duration::from_secs(seconds),
+                            &self.ledger,
+                        ));
                         Ok((Reply::ok(), None, After::Nothing))
                     }
                 }
@@ -454,6 +489,29 @@ fn wait_for_client(listener: &UnixListener, timeout: Option<Duration>) -> nix::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_lost_two_vms_ready_one_released_and_the_update_must_not_go() {
+        let mut ledger = Ledger::default();
+        for vm in ["vm1", "vm2"] {
+            ledger.subscribe(vm, 0).unwrap();
+        }
+        ledger.ready("vm1", 1, &[]).unwrap();
+        let pending = PendingUpdate::new(Instant::now(), &ledger);
+        assert_eq!(pending.left(&ledger), None, "both take part");
+        ledger.ready("vm2", 2, &[]).unwrap();
+        ledger.release("vm2").unwrap();
+        assert!(
+            ledger.check_update().is_ok(),
+            "the ledger alone would let the kexec go"
+        );
+        assert_eq!(
+            pending.left(&ledger),
+            Some("vm2"),
+            "the pending update must not"
+        );
+    }
+
     use crate::agent::ledger::{VmPhase, VmRecord};
 
     #[test]
