@@ -323,10 +323,14 @@ fn request(
 mod tests {
     use super::*;
     use crate::api::http::{parse_request, Response};
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
 
-    /// A one-shot server on a temporary socket that answers with `response`.
-    fn serve_once(name: &str, response: Response) -> (PathBuf, std::thread::JoinHandle<()>) {
+    /// A one-shot server on a temporary socket that reads one request and answers with
+    /// `respond`.
+    fn serve_with(
+        name: &str,
+        respond: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
         let path = std::env::temp_dir().join(format!("luvmm-client-{name}-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
@@ -338,9 +342,16 @@ mod tests {
                 let n = stream.read(&mut chunk).unwrap();
                 request.extend_from_slice(&chunk[..n]);
             }
-            stream.write_all(&response.to_bytes()).unwrap();
+            respond(&mut stream);
         });
         (path, server)
+    }
+
+    /// A one-shot server that answers with `response`.
+    fn serve_once(name: &str, response: Response) -> (PathBuf, std::thread::JoinHandle<()>) {
+        serve_with(name, move |stream| {
+            stream.write_all(&response.to_bytes()).unwrap()
+        })
     }
 
     #[test]
@@ -348,21 +359,11 @@ mod tests {
         // State, two RAM memfds and the iommufd; per device its cdev, 32 MSI-X vectors and
         // INTx: more than one message carries (253), and than the old limit (64).
         const FDS: usize = 4 + 8 * (1 + 32 + 2);
-        let path = std::env::temp_dir().join(format!("luvmm-client-fds-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while parse_request(&request).unwrap().is_none() {
-                let n = stream.read(&mut chunk).unwrap();
-                request.extend_from_slice(&chunk[..n]);
-            }
+        let (path, server) = serve_with("fds", |stream| {
             let null = std::fs::File::open("/dev/null").unwrap();
             let fds: Vec<&std::fs::File> = std::iter::repeat_n(&null, FDS).collect();
             let reply = Response::json(200, &serde_json::json!({})).to_bytes();
-            luvmm_liveupdate::unix::send_with_fds(&stream, &reply, &fds).unwrap();
+            luvmm_liveupdate::unix::send_with_fds(stream, &reply, &fds).unwrap();
         });
         let reply = VmmClient::new(&path).send(&VmmAction::Handover).unwrap();
         server.join().unwrap();

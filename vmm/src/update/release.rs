@@ -13,39 +13,19 @@ use std::fs::File;
 
 use luvmm_devices::vfio::host::BoundCdev;
 use luvmm_devices::vfio::VfioBindError;
-use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::luo::LuoError;
 use luvmm_liveupdate::seams::UpdateAgent;
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 
-use crate::update::retrieve::{check_devices, update_record, HostDeviceError, StateRefused};
+use crate::update::retrieve::{claim, update_record, ClaimError, StateRefused};
 
 /// A release failed; what was retrieved so far is closed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("cannot ask the agent about VM {vm_id}")]
-    Status {
-        vm_id: String,
-        #[source]
-        source: AgentClientError,
-    },
-    #[error(
-        "session luvmm-{vm_id}: a device it needs is not usable here; nothing was taken from \
-         the session (fix it and retry)"
-    )]
-    DevicesBeforeClaim {
-        vm_id: String,
-        #[source]
-        source: HostDeviceError,
-    },
-    #[error("cannot claim VM {vm_id}'s session from the agent")]
-    Claim {
-        vm_id: String,
-        #[source]
-        source: AgentClientError,
-    },
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
     #[error("session {session}: {what}")]
     Luo {
         session: String,
@@ -75,22 +55,8 @@ pub struct ReleaseReport {
 
 /// Claims `vm_id`'s session from `agent` and finishes it without restoring the VM.
 pub fn release(vm_id: &str, agent: &dyn UpdateAgent) -> Result<ReleaseReport, ReleaseError> {
-    // As a restore does: the devices the agent knows the VM needs are checked while nothing
-    // is taken from the session, so a release refused here can be retried.
-    let ledger = agent.status().map_err(|source| ReleaseError::Status {
-        vm_id: vm_id.to_string(),
-        source,
-    })?;
-    if let Some(record) = ledger.vms.iter().find(|r| r.vm == vm_id) {
-        check_devices(&record.devices).map_err(|source| ReleaseError::DevicesBeforeClaim {
-            vm_id: vm_id.to_string(),
-            source,
-        })?;
-    }
-    let session = agent.claim(vm_id).map_err(|source| ReleaseError::Claim {
-        vm_id: vm_id.to_string(),
-        source,
-    })?;
+    // As a restore does, so a release refused before the claim can be retried.
+    let session = claim(vm_id, agent)?;
     let name = session.name().to_string();
     let luo = |what| {
         let session = name.clone();

@@ -42,6 +42,26 @@ pub struct Retrieved {
 /// The session could not be retrieved.
 #[derive(Debug, thiserror::Error)]
 pub enum RetrieveError {
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error("session {session}: {what}")]
+    Luo {
+        session: String,
+        what: &'static str,
+        #[source]
+        source: LuoError,
+    },
+    #[error("session {session}: the saved state is refused before anything else is retrieved")]
+    State {
+        session: String,
+        #[source]
+        source: StateRefused,
+    },
+}
+
+/// The session could not be claimed; nothing was taken from it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
     #[error("session luvmm-{vm_id}: {what}")]
     Agent {
         vm_id: String,
@@ -57,19 +77,6 @@ pub enum RetrieveError {
         vm_id: String,
         #[source]
         source: HostDeviceError,
-    },
-    #[error("session {session}: {what}")]
-    Luo {
-        session: String,
-        what: &'static str,
-        #[source]
-        source: LuoError,
-    },
-    #[error("session {session}: the saved state is refused before anything else is retrieved")]
-    State {
-        session: String,
-        #[source]
-        source: StateRefused,
     },
 }
 
@@ -111,27 +118,7 @@ pub enum HostDeviceError {
 
 /// Claims `vm_id`'s session from `agent` and retrieves everything in it (see the module doc).
 pub fn retrieve(vm_id: &str, agent: &dyn UpdateAgent) -> Result<Retrieved, RetrieveError> {
-    let asking = |what| {
-        move |source| RetrieveError::Agent {
-            vm_id: vm_id.to_string(),
-            what,
-            source,
-        }
-    };
-    // Nothing is taken from the session yet: what the agent knows of the VM's devices is
-    // checked first, so a missing device refuses the restore while it can still be retried.
-    let ledger = agent
-        .status()
-        .map_err(asking("cannot ask the agent about it"))?;
-    if let Some(record) = ledger.vms.iter().find(|r| r.vm == vm_id) {
-        check_devices(&record.devices).map_err(|source| RetrieveError::DevicesBeforeClaim {
-            vm_id: vm_id.to_string(),
-            source,
-        })?;
-    }
-    let session = agent
-        .claim(vm_id)
-        .map_err(asking("cannot claim it from the agent"))?;
+    let session = claim(vm_id, agent)?;
     let name = session.name().to_string();
     let take = |token: Token, what: &'static str| {
         session
@@ -179,6 +166,33 @@ pub fn retrieve(vm_id: &str, agent: &dyn UpdateAgent) -> Result<Retrieved, Retri
         retrieve_ram_ms,
         session,
     })
+}
+
+/// Claims `vm_id`'s session from `agent` once what the agent knows of the VM's devices is
+/// checked: a missing device refuses a restore (or a release) while it can still be retried.
+pub(crate) fn claim(
+    vm_id: &str,
+    agent: &dyn UpdateAgent,
+) -> Result<Box<dyn RetrieveSession>, ClaimError> {
+    let asking = |what| {
+        move |source| ClaimError::Agent {
+            vm_id: vm_id.to_string(),
+            what,
+            source,
+        }
+    };
+    let ledger = agent
+        .status()
+        .map_err(asking("cannot ask the agent about it"))?;
+    if let Some(record) = ledger.vms.iter().find(|r| r.vm == vm_id) {
+        check_devices(&record.devices).map_err(|source| ClaimError::DevicesBeforeClaim {
+            vm_id: vm_id.to_string(),
+            source,
+        })?;
+    }
+    agent
+        .claim(vm_id)
+        .map_err(asking("cannot claim it from the agent"))
 }
 
 /// The live-update record of a state saved by a prepare, with one device token (or `None`,
@@ -234,7 +248,7 @@ fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
 }
 
 /// Every device is present and bound to vfio-pci.
-pub(crate) fn check_devices(bdfs: &[String]) -> Result<(), HostDeviceError> {
+fn check_devices(bdfs: &[String]) -> Result<(), HostDeviceError> {
     for bdf in bdfs {
         let sysfs = sysfs_dir(bdf);
         if !sysfs.exists() {

@@ -21,7 +21,7 @@ use super::cancel::{cancel, follow_agent};
 use super::finish::finish_session;
 use super::prepare::{prepare, PrepareOptions};
 use super::release::{release, ReleaseError};
-use super::retrieve::{retrieve, HostDeviceError, RetrieveError, StateRefused};
+use super::retrieve::{retrieve, ClaimError, HostDeviceError, RetrieveError, StateRefused};
 use super::vm::UpdateVm;
 use super::UpdateError;
 use crate::passthrough::{DeviceFile, QuiesceError};
@@ -507,10 +507,10 @@ fn a_missing_device_refuses_the_restore_before_the_claim() {
     let missing = "0000:7e:1f.7";
     let host = after_kexec(|_| {}, &[missing]);
     match retrieve("vm1", &host.agent()) {
-        Err(RetrieveError::DevicesBeforeClaim {
+        Err(RetrieveError::Claim(ClaimError::DevicesBeforeClaim {
             source: HostDeviceError::Missing { bdf },
             ..
-        }) => assert_eq!(bdf, missing),
+        })) => assert_eq!(bdf, missing),
         other => panic!("{:?}", other.map(|_| ())),
     }
     assert_eq!(host.take_log(), ["agent status"], "nothing was claimed");
@@ -577,10 +577,10 @@ fn nothing_lost_a_release_whose_device_is_missing_is_refused_before_the_claim() 
     let missing = "0000:7e:1f.7";
     let host = after_kexec(|_| {}, &[missing]);
     match release("vm1", &host.agent()) {
-        Err(ReleaseError::DevicesBeforeClaim {
+        Err(ReleaseError::Claim(ClaimError::DevicesBeforeClaim {
             source: HostDeviceError::Missing { bdf },
             ..
-        }) => assert_eq!(bdf, missing),
+        })) => assert_eq!(bdf, missing),
         other => panic!("{:?}", other.map(|_| ())),
     }
     assert_eq!(host.take_log(), ["agent status"], "nothing was claimed");
