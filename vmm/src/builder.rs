@@ -2,8 +2,7 @@
 //! top of handed-over memfds (restore). Both read top to bottom in the same order:
 //! checks → KVM VM → memory → devices → vCPUs → a paused `Vmm`.
 
-use std::fs::{File, OpenOptions};
-use std::io::LineWriter;
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -12,7 +11,7 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{GuestMapper, IrqRouter};
-use luvmm_resources::config::{BarMode, ConfigError, SerialOutput, VmConfig};
+use luvmm_resources::config::{BarMode, ConfigError, VmConfig};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
     GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
@@ -53,12 +52,6 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Serial(#[from] SerialError),
-    #[error("cannot open serial output {path}")]
-    SerialOutput {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("cannot create eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("passthrough devices")]
@@ -74,9 +67,13 @@ pub enum BuildError {
 }
 
 /// Builds a fresh VM from a config: validated first, then booted paused at the payload entry.
-pub fn build_for_boot(kvm: &Kvm, config: &VmConfig) -> Result<Vmm, BuildError> {
+/// The guest's COM1 writes to `serial_out`, which the caller opened (`outputs::open_outputs`).
+pub fn build_for_boot(
+    kvm: &Kvm,
+    config: &VmConfig,
+    serial_out: SerialOut,
+) -> Result<Vmm, BuildError> {
     config.validate(&host_limits(kvm))?;
-    let serial_out = open_serial(&config.serial)?;
 
     let vm = KvmVm::new(kvm)?;
     let layout = config.memory_layout();
@@ -148,7 +145,8 @@ pub struct RestoreArgs {
     pub state_memfd: Option<File>,
     pub memfds: Vec<File>,
     pub origin: Origin,
-    pub serial: SerialOutput,
+    /// Where the guest's COM1 goes, opened before anything was taken.
+    pub serial: SerialOut,
     /// How long gathering these took (taking the fds, or claiming and retrieving the
     /// session's state and RAM), for the restore's timings.
     pub gather_ms: f64,
@@ -220,7 +218,6 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         }
         .into());
     }
-    let serial_out = open_serial(&args.serial)?;
     timings.check_ms = lap.next();
 
     let vm = KvmVm::new(kvm)?;
@@ -264,7 +261,7 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         serial: Arc::new(SerialDevice::from_state(
             &saved.devices.serial,
             serial_irq_clone(&serial_irq)?,
-            serial_out,
+            args.serial,
         )?),
         guest_control: Arc::new(GuestControl::from_state(
             &saved.devices.guest_control,
@@ -420,22 +417,4 @@ fn start_all(vcpus: Vec<Vcpu>) -> Result<Vec<crate::vstate::vcpu::VcpuHandle>, B
         }
     }
     Ok(handles)
-}
-
-fn open_serial(output: &SerialOutput) -> Result<SerialOut, BuildError> {
-    Ok(match output {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::Discard => Box::new(std::io::sink()),
-        // Line-buffered, so readers of the file see whole guest lines.
-        SerialOutput::File(path) => Box::new(LineWriter::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialOutput {
-                    path: path.display().to_string(),
-                    source,
-                })?,
-        )),
-    })
 }

@@ -1,13 +1,14 @@
-//! What a VMM will write to, checked before it takes anything it cannot give back: a restore
-//! after a live update claims its session once, so a serial path or an API socket path that
-//! cannot be used must refuse the restore before the claim, not after it.
+//! What a VMM writes to, opened or checked before it takes anything it cannot give back: a
+//! restore after a live update claims its session once, so a serial path or an API socket path
+//! that cannot be used must refuse the restore before the claim, not after it.
 
 use std::fs::OpenOptions;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, LineWriter};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use luvmm_devices::serial::SerialOut;
 use luvmm_resources::config::SerialOutput;
 use nix::unistd::{access, AccessFlags};
 
@@ -49,39 +50,41 @@ pub enum OutputError {
     SocketPathTooLong { path: PathBuf, len: usize },
 }
 
-/// Checks that the serial output can be opened for appending (creating the file, as the VMM
-/// would) and that an API socket can be bound at `api_socket`. A socket left there by a luvmm
-/// that died (nobody accepts on it) is removed; one a live process serves is refused.
-pub fn check_outputs(serial: &SerialOutput, api_socket: Option<&Path>) -> Result<(), OutputError> {
-    if let SerialOutput::File(path) = serial {
-        check_serial(path)?;
-    }
+/// Opens the serial output (a file is created if missing and appended to) and checks that an
+/// API socket can be bound at `api_socket`. A socket left there by a luvmm that died (nobody
+/// accepts on it) is removed; one a live process serves is refused.
+pub fn open_outputs(
+    serial: &SerialOutput,
+    api_socket: Option<&Path>,
+) -> Result<SerialOut, OutputError> {
+    let serial = open_serial(serial)?;
     if let Some(path) = api_socket {
         check_socket(path)?;
     }
-    Ok(())
+    Ok(serial)
 }
 
-fn check_serial(path: &Path) -> Result<(), OutputError> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {
-            return Err(OutputError::SerialIsDirectory {
-                path: path.to_path_buf(),
-            })
+/// Opens where the guest's COM1 goes.
+pub fn open_serial(output: &SerialOutput) -> Result<SerialOut, OutputError> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Discard => Box::new(std::io::sink()),
+        SerialOutput::File(path) => {
+            if std::fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
+                return Err(OutputError::SerialIsDirectory { path: path.clone() });
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| OutputError::Serial {
+                    path: path.clone(),
+                    source,
+                })?;
+            // Line-buffered, so readers of the file see whole guest lines.
+            Box::new(LineWriter::new(file))
         }
-        // Opening a FIFO for writing waits for a reader: leave it to the VMM.
-        Ok(meta) if meta.file_type().is_fifo() => return Ok(()),
-        _ => {}
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map(drop)
-        .map_err(|source| OutputError::Serial {
-            path: path.to_path_buf(),
-            source,
-        })
+    })
 }
 
 fn check_socket(path: &Path) -> Result<(), OutputError> {
@@ -148,17 +151,17 @@ mod tests {
         let dir = scratch("serial");
         let missing = SerialOutput::File(dir.join("no/such/dir/serial.log"));
         assert!(matches!(
-            check_outputs(&missing, None),
+            open_outputs(&missing, None),
             Err(OutputError::Serial { .. })
         ));
         let directory = SerialOutput::File(dir.clone());
         assert!(matches!(
-            check_outputs(&directory, None),
+            open_outputs(&directory, None),
             Err(OutputError::SerialIsDirectory { .. })
         ));
         let fine = SerialOutput::File(dir.join("serial.log"));
-        check_outputs(&fine, None).expect("a new file in an existing directory");
-        check_outputs(&SerialOutput::Discard, None).expect("nothing to open");
+        open_outputs(&fine, None).expect("a new file in an existing directory");
+        open_outputs(&SerialOutput::Discard, None).expect("nothing to open");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -167,7 +170,7 @@ mod tests {
         let dir = scratch("socket");
         let taken = dir.join("taken.sock");
         std::fs::write(&taken, b"").expect("a file in the way");
-        let check = |path: &Path| check_outputs(&SerialOutput::Discard, Some(path));
+        let check = |path: &Path| open_outputs(&SerialOutput::Discard, Some(path)).map(drop);
         assert!(matches!(
             check(&taken),
             Err(OutputError::SocketExists { .. })

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use luvmm_liveupdate::agent::AgentClient;
 use luvmm_liveupdate::seams::RetrieveSession;
 
-use luvmm_resources::config::SerialOutput;
+use kvm_ioctls::Kvm;
+use luvmm_devices::serial::SerialOut;
 use luvmm_resources::state::{self, StateError};
 
 use crate::api::client::{ClientError, VmmClient};
@@ -72,10 +73,12 @@ pub enum RestoreError {
 }
 
 /// Collects the state and memfds for `build_from_saved`; after a live update, also the
-/// session they came from, to finish once the VM is rebuilt.
+/// session they came from, to finish once the VM is rebuilt (its state checked against `kvm`,
+/// the KVM the VM will be rebuilt on).
 pub fn collect(
     source: RestoreSource,
-    serial: SerialOutput,
+    serial: SerialOut,
+    kvm: &Kvm,
 ) -> Result<(RestoreArgs, Option<Box<dyn RetrieveSession>>), RestoreError> {
     let started = Instant::now();
     let (mut args, session) = match source {
@@ -84,7 +87,7 @@ pub fn collect(
             vm_id,
             agent_socket,
         } => {
-            let retrieved = retrieve(&vm_id, &AgentClient::new(&agent_socket))?;
+            let retrieved = retrieve(&vm_id, &AgentClient::new(&agent_socket), kvm)?;
             let args = RestoreArgs {
                 state: retrieved.state,
                 state_bytes: retrieved.state_bytes,
@@ -111,7 +114,7 @@ pub fn collect(
 fn from_inherited(
     state: StateSource,
     memory_fds: Vec<RawFd>,
-    serial: SerialOutput,
+    serial: SerialOut,
 ) -> Result<RestoreArgs, RestoreError> {
     if memory_fds.is_empty() {
         return Err(RestoreError::NoMemory);
@@ -140,7 +143,7 @@ fn from_inherited(
     })
 }
 
-fn from_socket(socket: &Path, serial: SerialOutput) -> Result<RestoreArgs, RestoreError> {
+fn from_socket(socket: &Path, serial: SerialOut) -> Result<RestoreArgs, RestoreError> {
     let handover = VmmClient::new(socket).handover()?;
     let manifest = handover.manifest;
     let regions = manifest.memory.regions.len();
@@ -268,9 +271,11 @@ mod tests {
     }
 
     fn inherited(state: StateSource, memory_fds: Vec<RawFd>) -> Result<RestoreArgs, RestoreError> {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
         collect(
             RestoreSource::Inherited { state, memory_fds },
-            SerialOutput::Discard,
+            Box::new(std::io::sink()),
+            &kvm,
         )
         .map(|(args, session)| {
             assert!(session.is_none(), "inherited fds bring no session");

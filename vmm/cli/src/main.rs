@@ -90,21 +90,21 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
         Command::Run(args) => {
             let config = cli::vm_config(&args)?;
-            outputs::check_outputs(&config.serial, config.api_socket.as_deref())?;
+            let serial = outputs::open_outputs(&config.serial, config.api_socket.as_deref())?;
             runtime::block_exit_signals().map_err(CommandError::Signals)?;
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-            let vmm = builder::build_for_boot(&kvm, &config)?;
+            let vmm = builder::build_for_boot(&kvm, &config, serial)?;
             finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
         }
         Command::Restore(args) => {
             let source = cli::restore_source(&args)?;
             let serial = args.common.serial.clone().unwrap_or_default();
-            // A session is claimed once: what this process will write to is checked first.
-            outputs::check_outputs(&serial, args.common.api_socket.as_deref())?;
+            // A session is claimed once: what this process will write to is opened first.
+            let serial = outputs::open_outputs(&serial, args.common.api_socket.as_deref())?;
             runtime::block_exit_signals().map_err(CommandError::Signals)?;
-            let (inputs, session) = restore::collect(source, serial)?;
             let kvm = vstate::vm::open_kvm()?;
+            let (inputs, session) = restore::collect(source, serial, &kvm)?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
             let mut vmm = builder::build_from_saved(&kvm, inputs)?;
             if let Some(session) = session {

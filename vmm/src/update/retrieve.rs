@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kvm_ioctls::Kvm;
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
 use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::luo::{LuoError, Token};
@@ -16,7 +17,7 @@ use luvmm_resources::state::{
     self, ReadError, StateError, StateMismatch, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 
-use crate::vstate::vm::{host_limits, open_kvm, VmError};
+use crate::vstate::vm::host_limits;
 use crate::vstate::x86_64::compat::{check_host_accepts, CpuMismatch};
 use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
 
@@ -95,8 +96,6 @@ pub enum StateRefused {
     OtherVm { saved: String, wanted: String },
     #[error("its memory layout does not hold")]
     Layout(#[source] StateMismatch),
-    #[error("this host's KVM cannot be opened")]
-    Kvm(#[source] VmError),
     #[error("{saved} vCPUs, and this host's KVM allows {max}")]
     TooManyVcpus { saved: usize, max: usize },
     #[error("its TSC rate cannot be kept here")]
@@ -117,7 +116,12 @@ pub enum HostDeviceError {
 }
 
 /// Claims `vm_id`'s session from `agent` and retrieves everything in it (see the module doc).
-pub fn retrieve(vm_id: &str, agent: &dyn UpdateAgent) -> Result<Retrieved, RetrieveError> {
+/// The state is checked against `kvm`, the KVM the VM will be rebuilt on.
+pub fn retrieve(
+    vm_id: &str,
+    agent: &dyn UpdateAgent,
+    kvm: &Kvm,
+) -> Result<Retrieved, RetrieveError> {
     let session = claim(vm_id, agent)?;
     let name = session.name().to_string();
     let take = |token: Token, what: &'static str| {
@@ -136,7 +140,7 @@ pub fn retrieve(vm_id: &str, agent: &dyn UpdateAgent) -> Result<Retrieved, Retri
         source,
     };
     let blob = state::read_blob(&state_memfd, None).map_err(|e| refused(StateRefused::Read(e)))?;
-    let saved = check_state(vm_id, &blob).map_err(refused)?;
+    let saved = check_state(vm_id, &blob, kvm).map_err(refused)?;
     let update = update_record(&saved).map_err(refused)?;
     let source_paused_at = update
         .times_ms
@@ -209,7 +213,7 @@ pub(crate) fn update_record(saved: &VmState) -> Result<&UpdateRecord, StateRefus
 }
 
 /// Everything that can be known from the state alone, before anything else is retrieved.
-fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
+fn check_state(vm_id: &str, blob: &[u8], kvm: &Kvm) -> Result<VmState, StateRefused> {
     let saved: VmState = state::decode(blob).map_err(StateRefused::Decode)?;
     let update = update_record(&saved)?;
     if update.vm_id != vm_id {
@@ -222,8 +226,7 @@ fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
     let sizes: Vec<u64> = saved.memory.regions.iter().map(|r| r.size).collect();
     saved.check_against(&sizes).map_err(StateRefused::Layout)?;
     // This host's KVM: enough vCPUs, and a TSC the vCPUs can run at.
-    let kvm = open_kvm().map_err(StateRefused::Kvm)?;
-    let max = host_limits(&kvm).max_vcpus as usize;
+    let max = host_limits(kvm).max_vcpus as usize;
     if saved.vcpus.len() > max {
         return Err(StateRefused::TooManyVcpus {
             saved: saved.vcpus.len(),
@@ -231,11 +234,11 @@ fn check_state(vm_id: &str, blob: &[u8]) -> Result<VmState, StateRefused> {
         });
     }
     if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
-        check_tsc_rate(&kvm, saved_khz).map_err(StateRefused::Tsc)?;
+        check_tsc_rate(kvm, saved_khz).map_err(StateRefused::Tsc)?;
     }
     // Every vCPU has the same features and MSRs; the first stands for all.
     if let Some(vcpu) = saved.vcpus.first() {
-        check_host_accepts(&kvm, &vcpu.cpuid, &vcpu.msrs).map_err(StateRefused::Cpu)?;
+        check_host_accepts(kvm, &vcpu.cpuid, &vcpu.msrs).map_err(StateRefused::Cpu)?;
     }
     let bdfs: Vec<String> = saved
         .devices

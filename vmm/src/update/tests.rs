@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
 use luvmm_liveupdate::fake::{FakeHost, Faults};
 use luvmm_liveupdate::luo::Token;
@@ -26,7 +25,7 @@ use super::vm::UpdateVm;
 use super::UpdateError;
 use crate::passthrough::{DeviceFile, QuiesceError};
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
-use crate::vstate::x86_64::compat::CpuMismatch;
+use crate::vstate::x86_64::compat::{this_host_cpu, CpuMismatch};
 
 const SESSION: &str = "luvmm-vm1";
 const DEV1: &str = "0000:00:03.0";
@@ -358,7 +357,7 @@ fn after_kexec(edit: impl FnOnce(&mut VmState), devices: &[&str]) -> FakeHost {
         state::decode(include_bytes!("../../../tests/golden/1.2/state.bin")).expect("golden");
     // The golden state was taken on another machine: give it this host's TSC policy, CPUID
     // and MSRs, as a state saved here would have.
-    let (cpuid, msrs) = this_host_cpu();
+    let (cpuid, msrs) = this_host_cpu(&kvm());
     for vcpu in &mut saved.vcpus {
         vcpu.tsc_khz = None;
         vcpu.cpuid = cpuid.clone();
@@ -374,23 +373,9 @@ fn after_kexec(edit: impl FnOnce(&mut VmState), devices: &[&str]) -> FakeHost {
     after_kexec_with(&blob, devices)
 }
 
-/// What this host's KVM offers: its CPUID, and its MSRs (each with value 0).
-fn this_host_cpu() -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_entry>) {
-    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .expect("KVM_GET_SUPPORTED_CPUID");
-    let msrs = kvm
-        .get_msr_index_list()
-        .expect("KVM_GET_MSR_INDEX_LIST")
-        .as_slice()
-        .iter()
-        .map(|&index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    (cpuid.as_slice().to_vec(), msrs)
+/// This host's KVM, which the retrieve checks the state against.
+fn kvm() -> kvm_ioctls::Kvm {
+    kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm")
 }
 
 fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
@@ -412,7 +397,7 @@ fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
 #[test]
 fn a_retrieve_takes_the_state_first_then_ram() {
     let host = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &host.agent()).expect("retrieve");
+    let retrieved = retrieve("vm1", &host.agent(), &kvm()).expect("retrieve");
     assert_eq!(
         host.take_log(),
         [
@@ -436,12 +421,12 @@ fn a_retrieve_takes_the_state_first_then_ram() {
 #[test]
 fn a_corrupt_state_is_refused_before_any_ram_is_retrieved() {
     let good = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &good.agent()).expect("the good state");
+    let retrieved = retrieve("vm1", &good.agent(), &kvm()).expect("the good state");
     let mut blob = state::encode(&retrieved.state).expect("encode");
     let last = blob.len() - 2;
     blob[last] ^= 0x01;
     let host = after_kexec_with(&blob, &[]);
-    match retrieve("vm1", &host.agent()) {
+    match retrieve("vm1", &host.agent(), &kvm()) {
         Err(RetrieveError::State {
             source: StateRefused::Decode(_),
             ..
@@ -462,7 +447,7 @@ fn a_state_of_another_vm_is_refused() {
         &[],
     );
     assert!(matches!(
-        retrieve("vm1", &host.agent()),
+        retrieve("vm1", &host.agent(), &kvm()),
         Err(RetrieveError::State {
             source: StateRefused::OtherVm { .. },
             ..
@@ -489,7 +474,7 @@ fn nothing_lost_a_cpu_feature_this_host_lacks_is_refused_before_any_ram_is_retri
         },
         &[],
     );
-    match retrieve("vm1", &host.agent()) {
+    match retrieve("vm1", &host.agent(), &kvm()) {
         Err(RetrieveError::State {
             source:
                 StateRefused::Cpu(CpuMismatch::Features {
@@ -506,7 +491,7 @@ fn nothing_lost_a_cpu_feature_this_host_lacks_is_refused_before_any_ram_is_retri
 fn a_missing_device_refuses_the_restore_before_the_claim() {
     let missing = "0000:7e:1f.7";
     let host = after_kexec(|_| {}, &[missing]);
-    match retrieve("vm1", &host.agent()) {
+    match retrieve("vm1", &host.agent(), &kvm()) {
         Err(RetrieveError::Claim(ClaimError::DevicesBeforeClaim {
             source: HostDeviceError::Missing { bdf },
             ..
@@ -523,12 +508,12 @@ fn a_failed_ram_retrieve_or_finish_is_reported() {
     host.set_faults(faults(|f| {
         f.retrieve_fails.insert(RAM_TOKEN_BASE);
     }));
-    match retrieve("vm1", &host.agent()) {
+    match retrieve("vm1", &host.agent(), &kvm()) {
         Err(RetrieveError::Luo { what, .. }) => assert_eq!(what, "cannot retrieve a RAM memfd"),
         other => panic!("{:?}", other.map(|_| ())),
     }
     let host = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &host.agent()).expect("retrieve");
+    let retrieved = retrieve("vm1", &host.agent(), &kvm()).expect("retrieve");
     host.set_faults(faults(|f| f.finish_busy = true));
     let refused = finish_session(retrieved.session.as_ref()).expect_err("FINISH is busy");
     assert!(refused.to_string().contains(SESSION));

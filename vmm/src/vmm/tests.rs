@@ -3,7 +3,7 @@
 
 use std::fs::File;
 
-use luvmm_resources::config::{BarMode, SerialOutput};
+use luvmm_resources::config::BarMode;
 use luvmm_resources::state::{self, IommuState, PassthroughState, VfioBackend, VmState};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
@@ -42,7 +42,7 @@ fn args(state: VmState, ram_bytes: u64, origin: Origin) -> RestoreArgs {
         state_memfd: None,
         memfds: vec![ram(ram_bytes)],
         origin,
-        serial: SerialOutput::Discard,
+        serial: Box::new(std::io::sink()),
         gather_ms: 0.0,
     }
 }

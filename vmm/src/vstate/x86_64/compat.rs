@@ -109,6 +109,26 @@ fn check_msrs(saved: &[kvm_msr_entry], listed: &[u32]) -> Result<(), CpuMismatch
     }
 }
 
+/// What `kvm` offers, as a vCPU saved on this host would hold it: its CPUID, and its MSRs
+/// (each with value 0).
+#[cfg(test)]
+pub(crate) fn this_host_cpu(kvm: &Kvm) -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_entry>) {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .expect("KVM_GET_SUPPORTED_CPUID");
+    let msrs = kvm
+        .get_msr_index_list()
+        .expect("KVM_GET_MSR_INDEX_LIST")
+        .as_slice()
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    (cpuid.as_slice().to_vec(), msrs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,19 +182,7 @@ mod tests {
     #[test]
     fn the_cpu_this_test_runs_on_accepts_what_its_kvm_offers() {
         let kvm = Kvm::new().expect("this test needs /dev/kvm");
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let listed = kvm.get_msr_index_list().unwrap();
-        let msrs: Vec<kvm_msr_entry> = listed
-            .as_slice()
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        assert_eq!(
-            check_host_accepts(&kvm, supported.as_slice(), &msrs),
-            Ok(())
-        );
+        let (cpuid, msrs) = this_host_cpu(&kvm);
+        assert_eq!(check_host_accepts(&kvm, &cpuid, &msrs), Ok(()));
     }
 }
