@@ -3,8 +3,9 @@
 //!
 //! It keeps LUO's rules that an update flow depends on: a file stays preserved while any copy
 //! of its session is open (the VMM's and the agent's); a kexec carries the sessions the agent
-//! still holds for ready VMs; a retrieve is one-shot and a failed one stays failed; the agent
-//! hands an incoming session out once. Preserved files are kept as duplicated fds, so a memfd
+//! still holds for ready VMs; a failed retrieve stays failed, and a token retrieved again gives
+//! the same file; the agent keeps its copy of an incoming session, and hands it out again once
+//! its claimant is gone (its session copy dropped) or said it failed. Preserved files are kept as duplicated fds, so a memfd
 //! comes back after the "kexec" with its contents.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +13,7 @@ use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::agent::ledger::session_of;
+use crate::agent::ledger::{session_of, Claimant};
 use crate::agent::{AgentClientError, Ledger};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{LuoError, SessionName, Token};
@@ -45,10 +46,11 @@ struct Outgoing {
     agent_copy: bool,
 }
 
-/// One incoming session: each token's file until it is retrieved (`None` after).
+/// One incoming session: each token's file (the same file for every retrieve of it).
 #[derive(Default)]
 struct Incoming {
-    files: BTreeMap<Token, Option<OwnedFd>>,
+    files: BTreeMap<Token, OwnedFd>,
+    retrieved: BTreeSet<Token>,
     failed: BTreeSet<Token>,
     finished: bool,
 }
@@ -60,6 +62,10 @@ struct Host {
     incoming: BTreeMap<String, Incoming>,
     faults: Faults,
     log: Vec<String>,
+    /// Claims handed out so far (each claim is a "process" with this number as its pid), and
+    /// those whose session copy is still open.
+    claims: u32,
+    live_claims: BTreeSet<u32>,
 }
 
 /// The fake host: clone it freely, every clone is the same host.
@@ -108,15 +114,10 @@ impl FakeHost {
         let outgoing = std::mem::take(&mut host.outgoing);
         for (name, session) in outgoing {
             if session.agent_copy && ready.contains(&name) {
-                let files = session
-                    .files
-                    .into_iter()
-                    .map(|(t, f)| (t, Some(f)))
-                    .collect();
                 host.incoming.insert(
                     name,
                     Incoming {
-                        files,
+                        files: session.files,
                         ..Incoming::default()
                     },
                 );
@@ -149,9 +150,9 @@ impl FakeHost {
             .get(session)
             .map(|s| {
                 s.files
-                    .iter()
-                    .filter(|(_, f)| f.is_some())
-                    .map(|(t, _)| *t)
+                    .keys()
+                    .filter(|t| !s.retrieved.contains(t))
+                    .copied()
                     .collect()
             })
             .unwrap_or_default()
@@ -265,12 +266,34 @@ impl UpdateAgent for FakeAgent {
         Ok(handlers)
     }
 
+    fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError> {
+        let mut host = self.0.agent_call("failed", vm)?;
+        let claimant = host
+            .ledger
+            .vms
+            .iter()
+            .find(|r| r.vm == vm)
+            .and_then(|r| r.claimant)
+            .ok_or_else(|| refused("failed", "not claimed"))?;
+        host.ledger
+            .failed(vm, reason, 0, claimant)
+            .map_err(|e| refused("failed", e))
+    }
+
     fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError> {
         let mut host = self.0.agent_call("claim", vm)?;
-        host.ledger.claim(vm, 0).map_err(|e| refused("claim", e))?;
+        let pid = host.claims + 1;
+        let live = host.live_claims.clone();
+        let alive = move |c: &Claimant| live.contains(&c.pid);
+        host.ledger
+            .claim(vm, 0, Claimant { pid, started: 0 }, &alive)
+            .map_err(|e| refused("claim", e))?;
+        host.claims = pid;
+        host.live_claims.insert(pid);
         Ok(Box::new(FakeIncoming {
             host: self.0.clone(),
             name: name_of(vm)?,
+            claim: pid,
         }))
     }
 }
@@ -337,6 +360,14 @@ impl Drop for FakeOutgoing {
 struct FakeIncoming {
     host: FakeHost,
     name: SessionName,
+    claim: u32,
+}
+
+impl Drop for FakeIncoming {
+    /// The claimant's copy of the session closes (its process exits); the agent's stays.
+    fn drop(&mut self) {
+        self.host.host().live_claims.remove(&self.claim);
+    }
 }
 
 impl RetrieveSession for FakeIncoming {
@@ -352,11 +383,18 @@ impl RetrieveSession for FakeIncoming {
         let incoming = host.incoming.entry(session.clone()).or_default();
         if fails || incoming.failed.contains(&token) {
             incoming.failed.insert(token);
-            incoming.files.insert(token, None);
+            incoming.files.remove(&token);
             return Err(ioctl_error(session, "RETRIEVE_FD", libc::EIO));
         }
-        match incoming.files.get_mut(&token).and_then(Option::take) {
-            Some(file) => Ok(file),
+        incoming.retrieved.insert(token);
+        match incoming.files.get(&token).map(OwnedFd::try_clone) {
+            Some(Ok(file)) => Ok(file),
+            Some(Err(e)) => Err(LuoError::Ioctl {
+                session,
+                op: "RETRIEVE_FD",
+                meaning: "cannot duplicate the file".into(),
+                source: e,
+            }),
             None => Err(LuoError::TokenNotFound { session, token }),
         }
     }
@@ -404,7 +442,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_session_crosses_the_kexec_and_is_retrieved_once() {
+    fn a_ready_session_crosses_the_kexec_and_a_failed_restore_can_be_retried() {
         let host = FakeHost::new();
         let agent = host.agent();
         let session = agent.subscribe("vm1").unwrap();
@@ -413,17 +451,25 @@ mod tests {
         agent.ready("vm1", &[]).unwrap();
         drop(session);
         host.kexec();
+        let read = |incoming: &dyn RetrieveSession| {
+            let mut back = std::fs::File::from(incoming.retrieve(7).unwrap());
+            let mut contents = String::new();
+            back.rewind().unwrap();
+            back.read_to_string(&mut contents).unwrap();
+            contents
+        };
         let incoming = agent.claim("vm1").unwrap();
-        let mut back = std::fs::File::from(incoming.retrieve(7).unwrap());
-        let mut contents = String::new();
-        back.rewind().unwrap();
-        back.read_to_string(&mut contents).unwrap();
-        assert_eq!(contents, "guest ram");
-        assert!(matches!(
-            incoming.retrieve(7),
-            Err(LuoError::TokenNotFound { .. })
-        ));
-        assert!(agent.claim("vm1").is_err(), "a session is handed out once");
+        assert_eq!(read(incoming.as_ref()), "guest ram");
+        assert!(agent.claim("vm1").is_err(), "its claimant still holds it");
+        // The claimant exits: the next claim gets the session, and the same file again.
+        drop(incoming);
+        let incoming = agent.claim("vm1").unwrap();
+        assert_eq!(read(incoming.as_ref()), "guest ram");
+        agent.failed("vm1", "a test").unwrap();
+        let incoming = agent.claim("vm1").unwrap();
+        incoming.finish().unwrap();
+        agent.finished("vm1").unwrap();
+        assert!(agent.claim("vm1").is_err(), "a finished session is gone");
     }
 
     #[test]

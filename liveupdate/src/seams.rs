@@ -45,11 +45,15 @@ pub trait UpdateAgent: Send + Sync {
     fn release(&self, vm: &str) -> Result<(), AgentClientError>;
     /// VM `vm` is restored and its session finished.
     fn finished(&self, vm: &str) -> Result<(), AgentClientError>;
+    /// The restore holding VM `vm`'s claim failed, for `reason`: the agent keeps the session
+    /// for the next restore.
+    fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError>;
     /// The agent's ledger.
     fn status(&self) -> Result<Ledger, AgentClientError>;
     /// Whether the agent's kernel can preserve a memfd and each of `fds`.
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError>;
-    /// After the kexec: VM `vm`'s incoming session.
+    /// After the kexec: VM `vm`'s incoming session (a copy: the agent keeps its own until the
+    /// VM is finished).
     fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError>;
 }
 
@@ -96,6 +100,10 @@ impl UpdateAgent for AgentClient {
 
     fn finished(&self, vm: &str) -> Result<(), AgentClientError> {
         AgentClient::finished(self, vm)
+    }
+
+    fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError> {
+        AgentClient::failed(self, vm, reason)
     }
 
     fn status(&self) -> Result<Ledger, AgentClientError> {

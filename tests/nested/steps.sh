@@ -20,6 +20,15 @@ stop_vm() { # stop_vm SOCKET PID: asks the VMM to shut down; kills it if it is n
     wait "$2" 2>/dev/null
 }
 
+kill_when_stopped() { # kill_when_stopped PID: once PID stopped itself (a test fault), SIGKILL
+    i=0
+    while ! grep -q '^State:.*stopped' /proc/$1/status 2>/dev/null && [ $i -lt 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    kill -9 $1
+    wait $1 2>/dev/null
+}
+
 result() { # result NAME EXIT-CODE DETAIL: one test line, ok when EXIT-CODE is 0
     if [ "$2" = 0 ]; then echo "LUVMM-L1 test $1 ok"; else echo "LUVMM-L1 test $1 FAIL $3"; fi
 }

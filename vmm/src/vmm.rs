@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
 
 pub use self::export::ExportError;
+use crate::faults::{self, Fault};
 use crate::passthrough::{HandedDeviceManifest, Passthrough};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
@@ -502,6 +503,9 @@ impl Vmm {
     pub(crate) fn save_for_update(&mut self, update: UpdateRecord) -> Result<File, VmmError> {
         let mut state = self.capture()?;
         state.update = Some(update);
+        if faults::armed(Fault::SaveUnknownMsr) {
+            faults::add_unknown_msr(&mut state);
+        }
         let blob = state::encode(&state)?;
         let memfd = write_state_memfd(&blob).map_err(VmmError::StateMemfd)?;
         let copy = memfd.try_clone().map_err(VmmError::StateMemfd)?;

@@ -135,6 +135,16 @@ impl AgentClient {
             .map(drop)
     }
 
+    /// Tells the agent the restore that claimed VM `vm` (this process) failed, for `reason`:
+    /// the agent keeps the session for the next restore, and its ledger says why.
+    pub fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError> {
+        let request = Request::Failed {
+            vm: vm.into(),
+            reason: reason.into(),
+        };
+        self.call("failed", &request).map(drop)
+    }
+
     /// The agent's ledger.
     pub fn status(&self) -> Result<Ledger, AgentClientError> {
         let op = "status";

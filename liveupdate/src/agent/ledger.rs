@@ -28,8 +28,13 @@ pub enum VmPhase {
     Ready,
     /// After the kexec: its session waits to be claimed.
     Incoming,
-    /// Its session was handed to the VMM restoring it (once: a retrieve is one-shot).
+    /// Its session was handed to the VMM restoring it; the agent keeps its own copy until the
+    /// VM is finished, so a restore that fails can be tried again.
     Claimed,
+    /// The restore that claimed it failed or exited before it finished: the session, still
+    /// held by the agent, goes to the next claim (whatever the failed restore retrieved is
+    /// retrieved again: LUO gives the same file to every retrieve of a token).
+    Failed,
     /// Its VMM restored it and finished the session: this update is over for it, and it may
     /// subscribe for the next one.
     Finished,
@@ -50,6 +55,23 @@ pub struct VmRecord {
     /// are there before it takes anything from the session.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// The restore process holding the session's claim, while it is `Claimed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimant: Option<Claimant>,
+    /// Why its last restore failed, while it is `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// How many times its session was claimed in this boot.
+    #[serde(default)]
+    pub claims: u32,
+}
+
+/// A process that claimed a session, told apart from a later one given the same pid by its
+/// start time (in clock ticks after boot, as `/proc/PID/stat` has it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claimant {
+    pub pid: u32,
+    pub started: u64,
 }
 
 /// Everything the agent keeps.
@@ -71,8 +93,14 @@ pub enum LedgerError {
     AlreadySubscribed { vm: String, session: String },
     #[error("no VM {vm:?} is known to the agent")]
     UnknownVm { vm: String },
-    #[error("session {session} was already claimed in this boot: a session is handed out once")]
-    AlreadyClaimed { session: String },
+    #[error("session {session} is claimed by a restore still running (pid {pid})")]
+    ClaimedBy { session: String, pid: u32 },
+    #[error(
+        "session {session} was restored and finished in this boot: there is nothing left to claim"
+    )]
+    AlreadyFinished { session: String },
+    #[error("VM {vm:?}: only the restore holding its claim may report it failed")]
+    NotClaimant { vm: String },
     #[error("VM {vm:?} is {phase:?}: {what} needs it {needs}")]
     WrongPhase {
         vm: String,
@@ -119,6 +147,9 @@ impl Ledger {
             phase: VmPhase::Subscribed,
             times_ms: BTreeMap::from([("subscribed".to_string(), at_ms)]),
             devices: Vec::new(),
+            claimant: None,
+            failure: None,
+            claims: 0,
         });
         Ok(session)
     }
@@ -158,6 +189,7 @@ impl Ledger {
         match record.phase {
             VmPhase::Claimed => {
                 record.phase = VmPhase::Finished;
+                record.claimant = None;
                 record.times_ms.insert("finished".into(), at_ms);
                 Ok(())
             }
@@ -225,16 +257,32 @@ impl Ledger {
         self
     }
 
-    /// Hands a VM's incoming session out, once.
-    pub fn claim(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
+    /// Hands a VM's incoming session to `claimant`: a session never claimed, one whose last
+    /// restore failed, or one whose claimant is no longer `alive` (killed, say). A claimant
+    /// still running keeps its claim.
+    pub fn claim(
+        &mut self,
+        vm: &str,
+        at_ms: u64,
+        claimant: Claimant,
+        alive: &dyn Fn(&Claimant) -> bool,
+    ) -> Result<SessionName, LedgerError> {
+        self.reap(vm, at_ms, alive);
         let record = self.find(vm)?;
         match record.phase {
-            VmPhase::Incoming => {
+            VmPhase::Incoming | VmPhase::Failed => {
                 record.phase = VmPhase::Claimed;
+                record.claimant = Some(claimant);
+                record.failure = None;
+                record.claims += 1;
                 record.times_ms.insert("claimed".into(), at_ms);
                 session_of(vm)
             }
-            VmPhase::Claimed | VmPhase::Finished => Err(LedgerError::AlreadyClaimed {
+            VmPhase::Claimed => Err(LedgerError::ClaimedBy {
+                session: record.session.clone(),
+                pid: record.claimant.map_or(0, |c| c.pid),
+            }),
+            VmPhase::Finished => Err(LedgerError::AlreadyFinished {
                 session: record.session.clone(),
             }),
             phase => Err(LedgerError::WrongPhase {
@@ -246,12 +294,64 @@ impl Ledger {
         }
     }
 
+    /// The restore holding VM `vm`'s claim failed, for `reason`: the next claim gets the
+    /// session. Only `from`, the claimant, may say so.
+    pub fn failed(
+        &mut self,
+        vm: &str,
+        reason: &str,
+        at_ms: u64,
+        from: Claimant,
+    ) -> Result<(), LedgerError> {
+        let record = self.find(vm)?;
+        if record.phase != VmPhase::Claimed || record.claimant != Some(from) {
+            return Err(LedgerError::NotClaimant { vm: vm.to_string() });
+        }
+        record.phase = VmPhase::Failed;
+        record.claimant = None;
+        record.failure = Some(reason.to_string());
+        record.times_ms.insert("failed".into(), at_ms);
+        Ok(())
+    }
+
+    /// Every claim (of VM `vm`, or of all with `"*"`) whose claimant is no longer `alive` is
+    /// `Failed`: the process exited before it finished.
+    pub fn reap(&mut self, vm: &str, at_ms: u64, alive: &dyn Fn(&Claimant) -> bool) {
+        for record in &mut self.vms {
+            if record.phase != VmPhase::Claimed || (vm != "*" && record.vm != vm) {
+                continue;
+            }
+            if let Some(gone) = record.claimant.filter(|c| !alive(c)) {
+                record.phase = VmPhase::Failed;
+                record.claimant = None;
+                record.failure = Some(format!(
+                    "its restore (pid {}) exited before it finished",
+                    gone.pid
+                ));
+                record.times_ms.insert("failed".into(), at_ms);
+            }
+        }
+    }
+
     /// Puts a claim back when the session could not be handed out after all.
     pub fn unclaim(&mut self, vm: &str) {
         if let Ok(record) = self.find(vm) {
+            // Only a first claim can fail so: later ones find the session held by the agent.
             record.phase = VmPhase::Incoming;
-            record.times_ms.remove("claimed");
+            record.claimant = None;
+            record.claims = record.claims.saturating_sub(1);
         }
+    }
+
+    /// Whether some VM still has a session from the previous kernel to be restored or
+    /// released: until none has, the agent keeps the ledger (and those sessions).
+    pub fn has_incoming(&self) -> bool {
+        self.vms.iter().any(|r| {
+            matches!(
+                r.phase,
+                VmPhase::Incoming | VmPhase::Claimed | VmPhase::Failed
+            )
+        })
     }
 }
 
@@ -271,6 +371,61 @@ pub fn session_of(vm: &str) -> Result<SessionName, LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ME: Claimant = Claimant {
+        pid: 7,
+        started: 70,
+    };
+
+    fn alive(_: &Claimant) -> bool {
+        true
+    }
+
+    #[test]
+    fn nothing_lost_a_failed_or_dead_restore_leaves_the_session_claimable() {
+        let mut ledger = Ledger::default();
+        ledger.subscribe("vm1", 1).unwrap();
+        ledger.ready("vm1", 2, &[]).unwrap();
+        let mut next = ledger.after_kexec(3);
+        next.claim("vm1", 4, ME, &alive).unwrap();
+        // Only the claimant may say its restore failed.
+        let other = Claimant {
+            pid: 8,
+            started: 80,
+        };
+        assert_eq!(
+            next.failed("vm1", "no", 5, other),
+            Err(LedgerError::NotClaimant { vm: "vm1".into() })
+        );
+        next.failed("vm1", "serial: no such directory", 5, ME)
+            .unwrap();
+        assert_eq!(next.vms[0].phase, VmPhase::Failed);
+        assert_eq!(
+            next.vms[0].failure.as_deref(),
+            Some("serial: no such directory")
+        );
+        // Claimed again; the claimant is then killed: the next claim finds it dead.
+        next.claim("vm1", 6, other, &alive).unwrap();
+        let dead = |c: &Claimant| c.pid != other.pid;
+        next.claim("vm1", 7, ME, &dead).unwrap();
+        let record = &next.vms[0];
+        assert_eq!(
+            (record.phase, record.claims, record.claimant),
+            (VmPhase::Claimed, 3, Some(ME))
+        );
+        assert_eq!(record.times_ms["failed"], 7);
+        // A status sees a dead claimant as failed too, with the reason.
+        next.reap("*", 8, &|_| false);
+        assert_eq!(next.vms[0].phase, VmPhase::Failed);
+        assert_eq!(
+            next.vms[0].failure.as_deref(),
+            Some("its restore (pid 7) exited before it finished")
+        );
+        assert!(next.has_incoming());
+        next.claim("vm1", 9, ME, &alive).unwrap();
+        next.finished("vm1", 10).unwrap();
+        assert!(!next.has_incoming());
+    }
 
     #[test]
     fn a_session_is_handed_out_once_before_and_once_after_the_kexec() {
@@ -297,20 +452,24 @@ mod tests {
         let mut next = ledger.after_kexec(100);
         assert_eq!(next.updates, 1);
         assert!(next.vms.iter().all(|r| r.phase == VmPhase::Incoming));
-        assert_eq!(next.claim("vm1", 110).unwrap().as_str(), "luvmm-vm1");
         assert_eq!(
-            next.claim("vm1", 111),
-            Err(LedgerError::AlreadyClaimed {
-                session: "luvmm-vm1".into()
+            next.claim("vm1", 110, ME, &alive).unwrap().as_str(),
+            "luvmm-vm1"
+        );
+        assert_eq!(
+            next.claim("vm1", 111, ME, &alive),
+            Err(LedgerError::ClaimedBy {
+                session: "luvmm-vm1".into(),
+                pid: ME.pid
             })
         );
         assert_eq!(
-            next.claim("vm3", 112),
+            next.claim("vm3", 112, ME, &alive),
             Err(LedgerError::UnknownVm { vm: "vm3".into() })
         );
         // A claim whose retrieve failed can be put back and tried again.
         next.unclaim("vm1");
-        assert!(next.claim("vm1", 113).is_ok());
+        assert!(next.claim("vm1", 113, ME, &alive).is_ok());
         assert_eq!(next.vms[0].devices, ["0000:00:03.0"]);
         let times = &next.vms[0].times_ms;
         assert_eq!(
@@ -331,13 +490,13 @@ mod tests {
             next.finished("vm1", 11),
             Err(LedgerError::WrongPhase { what: "finish", .. })
         ));
-        next.claim("vm1", 12).unwrap();
-        next.claim("vm2", 12).unwrap();
+        next.claim("vm1", 12, ME, &alive).unwrap();
+        next.claim("vm2", 12, ME, &alive).unwrap();
         next.finished("vm1", 13).unwrap();
         next.finished("vm2", 13).unwrap();
         assert_eq!(
-            next.claim("vm1", 14),
-            Err(LedgerError::AlreadyClaimed {
+            next.claim("vm1", 14, ME, &alive),
+            Err(LedgerError::AlreadyFinished {
                 session: "luvmm-vm1".into()
             })
         );
@@ -371,7 +530,7 @@ mod tests {
         let mut before = Ledger::default();
         before.subscribe("vm", 1).unwrap();
         assert!(matches!(
-            before.claim("vm", 2),
+            before.claim("vm", 2, ME, &alive),
             Err(LedgerError::WrongPhase { what: "claim", .. })
         ));
         assert!(before.release("vm").is_ok());

@@ -17,11 +17,14 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
-use crate::agent::ledger::{now_ms, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN};
+use crate::agent::keep::{self, Kept, Previous, TakeOverError};
+use crate::agent::ledger::{
+    now_ms, Claimant, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN,
+};
 use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY, MAX_REQUEST};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
-use crate::luo::{LiveUpdate, LuoError, OutgoingSession, SessionName};
+use crate::luo::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName};
 use crate::unix::{self, BindError};
 
 /// How long a client has to send its request.
@@ -40,10 +43,18 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the previous kernel's agent ledger does not read back")]
-    LedgerRead(#[source] std::io::Error),
+    #[error(transparent)]
+    TakeOver(#[from] TakeOverError),
     #[error("cannot keep the ledger in a memfd")]
     LedgerWrite(#[source] std::io::Error),
+    #[error("cannot hand a copy of session {session} out")]
+    Dup {
+        session: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot tell who is asking")]
+    Peer(#[source] nix::Error),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -92,56 +103,118 @@ impl PendingUpdate {
     }
 }
 
-/// The agent's state: LUO, the ledger, and its copy of every VM's outgoing session.
+/// The agent's state: LUO, the ledger, and its copy of every VM's session.
 pub struct Agent {
     luo: LiveUpdate,
     ledger: Ledger,
+    /// Where the ledger is kept on the host, for an agent started again in this boot.
+    ledger_file: PathBuf,
+    socket: PathBuf,
     outgoing: BTreeMap<String, OutgoingSession>,
+    /// After the kexec, each claimed VM's session: the agent's copy outlives a failed (or
+    /// killed) restore, so the next one gets the same session and the same files.
+    incoming: BTreeMap<String, IncomingSession>,
+    /// The previous kernel's agent session, kept until every VM in its ledger is finished
+    /// or released.
+    agent_session: Option<IncomingSession>,
     pending: Option<PendingUpdate>,
 }
 
 impl Agent {
-    /// Opens `/dev/liveupdate` and takes the ledger the previous kernel's agent preserved, if
-    /// any (its session is retrieved and finished at once), else starts an empty one.
-    pub fn start() -> Result<Agent, AgentError> {
+    /// Opens `/dev/liveupdate` and takes the ledger over: the one the previous kernel's agent
+    /// preserved, or, for an agent started again in this boot, the copy the last one kept in
+    /// the ledger file beside `socket`. A ledger that cannot be read is never replaced by an
+    /// empty one: the agent refuses to start unless the operator names the VMs whose sessions
+    /// wait (`rebuild`), as LUO offers no list of incoming sessions.
+    pub fn start(socket: &Path, rebuild: &[String]) -> Result<Agent, AgentError> {
         // One fd per VM's session: the usual soft limit would stop the agent short of 1000 VMs.
         match unix::raise_fd_limit() {
             Ok(limit) => log::info!("agent: up to {limit} open fds"),
             Err(e) => log::warn!("agent: cannot raise the open-fd limit: {e}"),
         }
         let luo = LiveUpdate::open()?;
+        let ledger_file = keep::ledger_file(socket);
         let name = SessionName::new(AGENT_SESSION)?;
-        let ledger = match luo.retrieve_session(&name) {
+        let mut agent_session = None;
+        let previous = match luo.retrieve_session(&name) {
             Ok(session) => {
-                let memfd = File::from(session.retrieve(LEDGER_TOKEN)?);
-                let ledger = read_ledger(&memfd).map_err(AgentError::LedgerRead)?;
-                session.finish()?;
-                let ledger = ledger.after_kexec(now_ms());
-                log::info!(
-                    "agent: took the ledger over from the previous kernel: {} VM session(s) to \
-                     hand out",
-                    ledger.vms.len()
-                );
-                ledger
+                let read = session
+                    .retrieve(LEDGER_TOKEN)
+                    .map_err(std::io::Error::other)
+                    .and_then(|fd| read_ledger(&File::from(fd)));
+                agent_session = Some(session);
+                Previous::Preserved(read)
             }
-            Err(LuoError::SessionNotFound { .. }) => {
-                let mut ledger = Ledger::default();
-                ledger.times_ms.insert("agent_started".into(), now_ms());
-                ledger
-            }
+            Err(LuoError::SessionNotFound { .. }) => Previous::None,
+            Err(LuoError::SessionAlreadyRetrieved { .. }) => Previous::AlreadyTaken,
             Err(e) => return Err(e.into()),
         };
-        Ok(Agent {
+        if let Previous::Preserved(Err(e)) = &previous {
+            // The session goes with this process: the file must remember the ledger was bad.
+            let kept = Kept::Unreadable {
+                reason: e.to_string(),
+            };
+            if let Err(e) = keep::save(&ledger_file, &kept) {
+                log::error!("agent: cannot write {}: {e}", ledger_file.display());
+            }
+        }
+        let saved = keep::load(&ledger_file);
+        let (ledger, how) = keep::take_over(previous, saved, rebuild, &ledger_file, now_ms())?;
+        log::info!(
+            "agent: {how}: {} VM session(s) to hand out",
+            ledger
+                .vms
+                .iter()
+                .filter(|r| r.phase == VmPhase::Incoming)
+                .count()
+        );
+        let mut agent = Agent {
             luo,
             ledger,
+            ledger_file,
+            socket: socket.to_path_buf(),
             outgoing: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            agent_session,
             pending: None,
-        })
+        };
+        agent.keep_ledger();
+        Ok(agent)
     }
 
-    /// Serves clients on `socket` (created 0600) until the kexec. The loop sleeps in `poll`
+    /// Writes the ledger file, and lets go of the previous kernel's agent session once no VM
+    /// needs it any more.
+    fn keep_ledger(&mut self) {
+        if let Err(e) = keep::save(&self.ledger_file, &Kept::Ledger(self.ledger.clone())) {
+            log::warn!(
+                "agent: cannot keep the ledger in {}: {e}; an agent started again in this \
+                 boot would not know this one's VMs",
+                self.ledger_file.display()
+            );
+        }
+        if !self.ledger.has_incoming() {
+            if let Some(session) = self.agent_session.take() {
+                match session.finish() {
+                    Ok(()) => log::info!("agent: every VM is restored or released"),
+                    Err(e) => log::warn!("agent: cannot finish the agent's session: {e}"),
+                }
+            }
+        }
+        // The sessions of VMs that are done (finished or released) are let go of.
+        let ledger = &self.ledger;
+        self.incoming.retain(|vm, _| {
+            ledger
+                .vms
+                .iter()
+                .any(|r| &r.vm == vm && matches!(r.phase, VmPhase::Claimed | VmPhase::Failed))
+        });
+    }
+
+    /// Serves clients on its socket (created 0600) until the kexec. The loop sleeps in `poll`
     /// until a client connects or a pending update's deadline comes.
-    pub fn serve(mut self, socket: &Path) -> Result<(), AgentError> {
+    pub fn serve(mut self) -> Result<(), AgentError> {
+        let socket = self.socket.clone();
+        let socket = socket.as_path();
         let listener = bind_socket(socket)?;
         listener
             .set_nonblocking(true)
@@ -167,6 +240,7 @@ impl Agent {
                         log::warn!("agent: cannot send the reply: {e}");
                     }
                     drop(stream);
+                    self.keep_ledger();
                     if let After::Kexec(agent_session) = after {
                         self.kexec(agent_session);
                     }
@@ -261,7 +335,11 @@ impl Agent {
             Ok(request) => request,
             Err(message) => return (Reply::error(message), None, After::Nothing),
         };
-        match self.handle(request, &fds) {
+        let peer = match peer_of(stream) {
+            Ok(peer) => peer,
+            Err(e) => return (Reply::error(chain(&e)), None, After::Nothing),
+        };
+        match self.handle(request, &fds, peer) {
             Ok((reply, fd, after)) => (reply, fd, after),
             Err(e) => (Reply::error(chain(&e)), None, After::Nothing),
         }
@@ -271,6 +349,7 @@ impl Agent {
         &mut self,
         request: Request,
         fds: &[OwnedFd],
+        peer: Claimant,
     ) -> Result<(Reply, Option<OwnedFd>, After), AgentError> {
         let now = now_ms();
         match request {
@@ -301,22 +380,32 @@ impl Agent {
                 self.ledger.release(&vm)?;
                 // The kernel unpreserves once the VMM's copy is closed too.
                 self.outgoing.remove(&vm);
+                self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} released its session");
                 Ok((Reply::ok(), None, After::Nothing))
             }
             Request::Finished { vm } => {
                 self.ledger.finished(&vm, now)?;
+                self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} is restored and its session finished");
                 Ok((Reply::ok(), None, After::Nothing))
             }
-            Request::Status {} => Ok((
-                Reply {
-                    ledger: Some(self.ledger.clone()),
-                    ..Reply::ok()
-                },
-                None,
-                After::Nothing,
-            )),
+            Request::Failed { vm, reason } => {
+                self.ledger.failed(&vm, &reason, now, peer)?;
+                log::warn!("agent: VM {vm}'s restore failed ({reason}); its session is kept");
+                Ok((Reply::ok(), None, After::Nothing))
+            }
+            Request::Status {} => {
+                self.ledger.reap("*", now, &keep::alive);
+                Ok((
+                    Reply {
+                        ledger: Some(self.ledger.clone()),
+                        ..Reply::ok()
+                    },
+                    None,
+                    After::Nothing,
+                ))
+            }
             Request::Update {
                 kernel,
                 initrd,
@@ -358,17 +447,30 @@ impl Agent {
                 }
             }
             Request::Claim { vm } => {
-                let name = self.ledger.claim(&vm, now)?;
-                match self.luo.retrieve_session(&name) {
-                    Ok(session) => {
-                        log::info!("agent: VM {vm} claimed its session {name}");
-                        Ok((with_session(&name), Some(session.into_fd()), After::Nothing))
-                    }
-                    Err(e) => {
-                        self.ledger.unclaim(&vm);
-                        Err(e.into())
-                    }
-                }
+                let name = self.ledger.claim(&vm, now, peer, &keep::alive)?;
+                let session = match self.incoming.get(&vm) {
+                    Some(session) => session,
+                    None => match self.luo.retrieve_session(&name) {
+                        Ok(session) => self.incoming.entry(vm.clone()).or_insert(session),
+                        Err(e) => {
+                            self.ledger.unclaim(&vm);
+                            return Err(e.into());
+                        }
+                    },
+                };
+                let copy =
+                    session
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|source| AgentError::Dup {
+                            session: name.to_string(),
+                            source,
+                        })?;
+                log::info!(
+                    "agent: VM {vm} claimed its session {name} (pid {})",
+                    peer.pid
+                );
+                Ok((with_session(&name), Some(copy), After::Nothing))
             }
         }
     }
@@ -455,13 +557,33 @@ fn read_ledger(file: &File) -> std::io::Result<Ledger> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// Creates the agent's socket, mode 0600, and the directory it lives in.
+/// The process at the other end of `stream`.
+fn peer_of(stream: &UnixStream) -> Result<Claimant, AgentError> {
+    let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(AgentError::Peer)?;
+    let pid = u32::try_from(creds.pid()).unwrap_or(0);
+    Ok(Claimant {
+        pid,
+        started: keep::process_start(pid).unwrap_or(0),
+    })
+}
+
+/// Creates the agent's socket, mode 0600, and the directory it lives in. A socket nobody
+/// serves any more (an agent killed) is replaced; a live one is refused.
 fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::Socket {
             path: path.to_path_buf(),
             source,
         })?;
+    }
+    let stale = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        && UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    if stale {
+        log::warn!("agent: removing the stale socket {}", path.display());
+        let _ = std::fs::remove_file(path);
     }
     unix::bind_owner_only(path).map_err(|e| match e {
         BindError::Exists { path } => AgentError::SocketExists { path },
@@ -552,6 +674,9 @@ mod tests {
                 phase: VmPhase::Ready,
                 times_ms: BTreeMap::from([("ready".to_string(), 1_700_000_000_000)]),
                 devices: devices.clone(),
+                claimant: None,
+                failure: None,
+                claims: 0,
             })
             .collect();
         let memfd = write_ledger(&ledger).unwrap();

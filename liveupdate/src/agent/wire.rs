@@ -45,10 +45,14 @@ pub enum Request {
         #[serde(default)]
         deadline_s: Option<u64>,
     },
-    /// After the kexec: hand the VM's incoming session over (once); the reply carries it.
+    /// After the kexec: hand the VM's incoming session over (a copy: the agent keeps its own
+    /// until the VM is finished); the reply carries it.
     Claim { vm: String },
     /// The VM is restored and its session finished.
     Finished { vm: String },
+    /// The restore holding the VM's claim failed (only the claimant may say so): the session
+    /// goes to the next claim.
+    Failed { vm: String, reason: String },
     /// Which of the attached fds (and a memfd of the agent's) this kernel can preserve; each
     /// is tried in a scratch session that is closed at once.
     Probe {},

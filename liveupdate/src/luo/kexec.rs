@@ -93,6 +93,13 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&str>) -> Resu
     file_load_result(ret, "kexec_file_load")
 }
 
+/// Whether a next kernel is loaded now (`/sys/kernel/kexec_loaded`); `None` if the kernel
+/// does not say.
+pub fn loaded() -> Option<bool> {
+    let text = std::fs::read_to_string("/sys/kernel/kexec_loaded").ok()?;
+    Some(text.trim() == "1")
+}
+
 /// `KEXEC_FILE_UNLOAD`.
 const KEXEC_FILE_UNLOAD: libc::c_ulong = 0x1;
 

@@ -407,6 +407,12 @@ impl IncomingSession {
     }
 }
 
+impl AsFd for IncomingSession {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,15 @@ case "$stage" in
     ;;
 2)
     echo "LUVMM-L1 release before $(vfio-lu open "$bdf")"
+    # A release killed right after its claim: the agent keeps the session, and the release
+    # below gets it.
+    LUVMM_TEST_FAULTS=stop-after-claim luvmm update release --session r1 \
+        --agent-socket $agent_sock > killed.out 2>&1 &
+    kill_when_stopped $!
+    status=$(luvmm agent status --socket $agent_sock)
+    result nothing_lost_a_release_killed_after_its_claim_leaves_the_session \
+        $(echo "$status" | grep -q '"vm":"r1","session":"luvmm-r1","phase":"failed"'; echo $?) \
+        "$status"
     luvmm update release --session r1 --agent-socket $agent_sock > release.json 2> release.err
     echo "LUVMM-L1 release exit=$? $(cat release.json)"
     sed 's/^/LUVMM-L1 log release: /' release.err

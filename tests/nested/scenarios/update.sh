@@ -7,6 +7,8 @@
 #            session under vfio-open-watch (Linux 7.2 preserves no VFIO device: both are opened
 #            again), the guest's own check must find its RAM intact, and its devices must do a
 #            new DMA with its interrupt; the session cannot be claimed twice.
+#            A restore killed right after its claim (each VM) leaves the session to the next one;
+#            the agent, killed before the first claim, is started again and still knows both.
 stage=$1
 cd /tmp
 . /luvmm/steps.sh
@@ -34,6 +36,7 @@ check() { # check SOCKET LOG NTH: asks the guest for its memory check
 }
 
 luvmm agent serve --socket $agent_sock 2>agent.err &
+agent=$!
 i=0
 while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 
@@ -93,7 +96,13 @@ case "$stage" in
     wait_line hold.out "holding luvmm-slow"
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep-d.json 2>&1
     luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
-        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 --deadline 3 > deadline.out 2>&1
+        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 --deadline 5 > deadline.out 2>&1
+    # The pre-flight while the update is pending leaves the agent's kernel loaded.
+    luvmm update check $next --agent-socket $agent_sock --known-good-kernel > pending.out 2>&1
+    loaded=$(cat /sys/kernel/kexec_loaded)
+    result nothing_lost_a_preflight_leaves_a_pending_updates_kernel_loaded \
+        $([ "$loaded" = 1 ] && grep -q "a next kernel is loaded already" pending.out; echo $?) \
+        "kexec_loaded=$loaded: $(cat pending.out)"
     wait_phase a.sock running
     status=$(luvmm agent status --socket $agent_sock)
     # vm1 resumed and released its session; the holder's is left cancelled.
@@ -122,6 +131,13 @@ case "$stage" in
     luvmm ctl --socket v2.sock update prepare --vm-id vm2 --agent-socket $agent_sock > prep-vm2.json 2>&1
     result update_vm2_prepared $([ "$(phase v2.sock)" = preserved ]; echo $?) "$(cat prep-vm2.json)"
     kill -9 $vm2
+    # A third VM, whose state carries an MSR no KVM lists (a test fault in its VMM's save):
+    # after the kexec its restore is refused by name, and its session released.
+    LUVMM_TEST_FAULTS=save-unknown-msr luvmm run --payload $payload --memory-mib 16 \
+        --serial ./v3.log --api-socket v3.sock --cmdline "console=ttyS0 luvmm.fill_pages=64" 2>v3.err &
+    wait_scan v3.log $! update_scan_vm3
+    luvmm ctl --socket v3.sock update prepare --vm-id vm3 --agent-socket $agent_sock > prep-vm3.json 2>&1
+    echo "LUVMM-L1 update prepare vm3 $(cat prep-vm3.json)"
     # For real this time.
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock > prep2.json 2>&1
     echo "LUVMM-L1 update prepare2 $(cat prep2.json)"
@@ -133,6 +149,32 @@ case "$stage" in
     echo "LUVMM-L1 test update_kexec FAIL still here: $(cat kexec.out)"
     ;;
 2)
+    # The agent killed between the kexec and the first claim: started again, it takes the
+    # ledger from the file it keeps and still hands both sessions out (checked below).
+    kill -9 $agent
+    wait $agent 2>/dev/null
+    luvmm agent serve --socket $agent_sock 2>>agent.err &
+    agent=$!
+    i=0
+    while ! luvmm agent status --socket $agent_sock > status.json 2>/dev/null && [ $i -lt 100 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    result nothing_lost_the_agent_started_again_before_the_first_claim \
+        $(grep -q '"vm":"vm1","session":"luvmm-vm1","phase":"incoming"' status.json \
+            && grep -q '"vm":"vm2","session":"luvmm-vm2","phase":"incoming"' status.json; echo $?) \
+        "$(cat status.json)"
+    # A restore killed right after its claim: the agent keeps the session for the next one.
+    killed_after_claim() { # killed_after_claim VM
+        LUVMM_TEST_FAULTS=stop-after-claim luvmm restore --session "$1" --agent-socket $agent_sock \
+            --serial "./killed-$1.log" 2>"killed-$1.err" &
+        kill_when_stopped $!
+        status=$(luvmm agent status --socket $agent_sock)
+        result "nothing_lost_a_restore_killed_after_its_claim_leaves_$1_claimable" \
+            $(echo "$status" | grep -q "\"vm\":\"$1\",\"session\":\"luvmm-$1\",\"phase\":\"failed\".*exited before it finished"; echo $?) \
+            "$status; $(cat "killed-$1.err")"
+    }
+    killed_after_claim vm1
+    killed_after_claim vm2
     # A serial path that cannot be opened: refused before the claim, so the restore below
     # still gets the session.
     luvmm restore --session vm1 --agent-socket $agent_sock --serial /nonexistent/dir/a.log \
@@ -168,13 +210,27 @@ case "$stage" in
     result update_finished $(luvmm ctl --socket b.sock status | grep -q '"finish_ms":[0-9]'; echo $?) \
         "$(luvmm ctl --socket b.sock status)"
     luvmm restore --session vm1 --agent-socket $agent_sock --serial none > again.out 2>&1
-    result update_second_restore_refused $(grep -q "already claimed" again.out; echo $?) "$(cat again.out)"
+    result update_second_restore_refused $(grep -q "restored and finished in this boot" again.out; echo $?) "$(cat again.out)"
     # The VM whose VMM was killed after it was ready comes back too.
     luvmm restore --session vm2 --agent-socket $agent_sock --serial ./v2.log --api-socket v2.sock \
         2>v2.err &
     vm2=$!
     last_check v2.log 1
     sed 's/^/LUVMM-L1 log v2: /' v2.err
+    # vm3's saved MSR is not one this kernel's KVM lists: refused by name before any RAM is
+    # retrieved, the session kept; a release then gives it back.
+    luvmm restore --session vm3 --agent-socket $agent_sock --serial none > msr.out 2>&1
+    msr=$?
+    status=$(luvmm agent status --socket $agent_sock)
+    result nothing_lost_a_saved_msr_this_kvm_lacks_is_refused_by_name \
+        $([ $msr != 0 ] && grep -q "MSR 0x4c55564d: saved, and this host's KVM does not list it" msr.out \
+            && echo "$status" | grep -q '"vm":"vm3","session":"luvmm-vm3","phase":"failed"'; echo $?) \
+        "exit $msr: $(cat msr.out); $status"
+    luvmm update release --session vm3 --agent-socket $agent_sock > release3.out 2>&1
+    status=$(luvmm agent status --socket $agent_sock)
+    result nothing_lost_a_session_whose_restore_failed_can_be_released \
+        $(echo "$status" | grep -q '"vm":"vm3","session":"luvmm-vm3","phase":"finished"'; echo $?) \
+        "$(cat release3.out); $status"
     luvmm restore --session vm9 --agent-socket $agent_sock --serial none > unknown.out 2>&1
     result update_unknown_session_refused $(grep -q 'no VM "vm9" is known to the agent' unknown.out; echo $?) \
         "$(cat unknown.out)"

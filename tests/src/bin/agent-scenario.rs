@@ -229,7 +229,10 @@ fn stage2(socket: &Path) -> i32 {
     }
     report.check(
         "second_claim_refused",
-        refused(agent.claim("vm1"), "session luvmm-vm1 was already claimed"),
+        refused(
+            agent.claim("vm1"),
+            "session luvmm-vm1 is claimed by a restore still running",
+        ),
     );
     report.check(
         "unknown_vm_refused",

@@ -13,9 +13,11 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use luvmm_liveupdate::agent::ledger::{AGENT_SESSION, LEDGER_TOKEN};
+use luvmm_liveupdate::agent::AgentClient;
 use luvmm_liveupdate::luo::uapi::{SessionArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
 use luvmm_liveupdate::luo::{kexec, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
 use luvmm_tests::l1::{flag, line, Report};
@@ -30,6 +32,9 @@ const CARRIED: &[(&str, Token, u64)] = &[
 ];
 /// Preserved in `luvmm-b` but deliberately never retrieved: FINISH discards it.
 const DISCARDED: (&str, Token, u64) = ("luvmm-b", 0xbd, 1);
+/// A VM session whose agent ledger does not read back: the next kernel's agent must refuse
+/// to start, then hand it out once the operator names the VM (`--rebuild-ledger`).
+const ORPHAN: (&str, Token, u64) = ("luvmm-orphan", 0x100, 2);
 
 fn name(s: &str) -> SessionName {
     SessionName::new(s).expect("scenario names are valid")
@@ -254,7 +259,8 @@ fn preserve_figures(device: &LiveUpdate, sizes_mib: &[u64]) -> Result<(), LuoErr
 
 fn prepare_carried(device: &LiveUpdate) -> Result<Vec<OutgoingSession>, String> {
     let mut sessions: Vec<OutgoingSession> = Vec::new();
-    for &(session_name, token, mib) in CARRIED.iter().chain(std::iter::once(&DISCARDED)) {
+    let extra = [DISCARDED, ORPHAN];
+    for &(session_name, token, mib) in CARRIED.iter().chain(&extra) {
         if !sessions.iter().any(|s| s.name().as_str() == session_name) {
             sessions.push(
                 device
@@ -273,7 +279,39 @@ fn prepare_carried(device: &LiveUpdate) -> Result<Vec<OutgoingSession>, String> 
             .map_err(|e| e.to_string())?;
         // LUO holds its own reference: our fd can go.
     }
+    // The agent's own session, with a ledger that is not JSON.
+    let agent = device
+        .create_session(&name(AGENT_SESSION))
+        .map_err(|e| e.to_string())?;
+    let mut garbage = memfd("garbage-ledger", 4096)?;
+    garbage
+        .write_all(b"{\"vms\": [not json")
+        .map_err(|e| e.to_string())?;
+    agent
+        .preserve(garbage.as_fd(), LEDGER_TOKEN)
+        .map_err(|e| e.to_string())?;
+    sessions.push(agent);
     Ok(sessions)
+}
+
+/// `luo-scenario claim-orphan --socket S`: claims the orphan VM's session from the agent
+/// rebuilt by the operator, checks its memfd and finishes it.
+fn claim_orphan(socket: &Path) -> i32 {
+    let mut report = Report::new("");
+    let agent = AgentClient::new(socket);
+    let vm = &ORPHAN.0["luvmm-".len()..];
+    let result = agent
+        .claim(vm)
+        .map_err(|e| e.to_string())
+        .and_then(|session| {
+            let fd = session.retrieve(ORPHAN.1).map_err(|e| e.to_string())?;
+            verify(&mut File::from(fd), ORPHAN.1, ORPHAN.2 << 20)?;
+            session.finish().map_err(|e| e.to_string())?;
+            agent.finished(vm).map_err(|e| e.to_string())
+        });
+    let code = i32::from(result.is_err());
+    report.check("nothing_lost_orphan_claimed_from_a_rebuilt_ledger", result);
+    code
 }
 
 /// Leaves a child that holds the session fds until the machine is gone, as the luvmm agent
@@ -446,6 +484,13 @@ fn main() {
             }
         },
         Some("stage2") => stage2(),
+        Some("claim-orphan") => match value("--socket") {
+            Some(socket) => claim_orphan(&socket),
+            None => {
+                eprintln!("usage: luo-scenario claim-orphan --socket S");
+                2
+            }
+        },
         _ => {
             eprintln!("usage: luo-scenario stage1 --kernel K --initrd I | stage2");
             2

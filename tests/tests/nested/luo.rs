@@ -57,6 +57,9 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
         "unknown_token_luvmm-a",
         "finish_luvmm-b",
         "discarded_after_finish",
+        "nothing_lost_a_garbage_ledger_is_refused",
+        "nothing_lost_a_garbage_ledger_is_refused_again",
+        "nothing_lost_orphan_claimed_from_a_rebuilt_ledger",
     ] {
         let expected = format!("test {name} ok");
         if !results.contains(&expected.as_str()) {

@@ -23,6 +23,11 @@ fn vfio_lu_release_frees_a_preserved_device_without_a_restore() {
     );
     require_second_kernel(&run);
     require_no_failure(&run);
+    crate::scenario::require_ok(
+        &run,
+        "nothing_lost_",
+        &["a_release_killed_after_its_claim_leaves_the_session"],
+    );
     let results = run.results();
     let line = |prefix: &str| {
         results

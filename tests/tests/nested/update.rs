@@ -50,6 +50,18 @@ fn a_vm_with_devices_survives_a_host_live_update() {
             "bad_serial_refused_before_the_claim",
         ],
     );
+    require_ok(
+        &run,
+        "nothing_lost_",
+        &[
+            "a_preflight_leaves_a_pending_updates_kernel_loaded",
+            "the_agent_started_again_before_the_first_claim",
+            "a_restore_killed_after_its_claim_leaves_vm1_claimable",
+            "a_restore_killed_after_its_claim_leaves_vm2_claimable",
+            "a_saved_msr_this_kvm_lacks_is_refused_by_name",
+            "a_session_whose_restore_failed_can_be_released",
+        ],
+    );
     // The guest's own checks, in order across the kexec: the same boot (seed), every page
     // intact, every heartbeat going on.
     let all: Vec<luvmm_tests::Check> = results

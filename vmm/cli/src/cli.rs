@@ -161,9 +161,15 @@ pub struct AgentArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentAction {
-    /// Open /dev/liveupdate, take over the previous kernel's ledger if there is one, and serve
-    /// VMMs until the kexec.
-    Serve,
+    /// Open /dev/liveupdate, take over the previous kernel's ledger if there is one (or, for an
+    /// agent started again after the kexec, the copy kept beside its socket), and serve VMMs
+    /// until the kexec.
+    Serve {
+        /// Only when the previous kernel's ledger cannot be read: the VMs whose sessions wait
+        /// in the kernel (LUO cannot list them), handed out as the ledger would have.
+        #[arg(long, value_name = "VM[,VM...]", value_delimiter = ',')]
+        rebuild_ledger: Vec<String>,
+    },
     /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
     Status,
     /// Kexec the host into KERNEL once every subscribed VM is ready (refused otherwise).

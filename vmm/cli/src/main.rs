@@ -105,12 +105,25 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             runtime::block_exit_signals().map_err(CommandError::Signals)?;
             let kvm = vstate::vm::open_kvm()?;
             let (inputs, session) = restore::collect(source, serial, &kvm)?;
-            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-            let mut vmm = builder::build_from_saved(&kvm, inputs)?;
-            if let Some(session) = session {
-                // Everything is retrieved and rebuilt: the kernel may let go of the session.
-                vmm.record_finish(update::finish::finish_session(session.as_ref())?);
-            }
+            let rebuilt = (|| {
+                vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+                let mut vmm = builder::build_from_saved(&kvm, inputs)?;
+                if let Some(session) = &session {
+                    // Everything is retrieved and rebuilt: the kernel may let go of the session.
+                    vmm.record_finish(update::finish::finish_session(session.as_ref())?);
+                }
+                Ok::<_, CommandError>(vmm)
+            })();
+            let vmm = match (rebuilt, &args.session) {
+                (Ok(vmm), _) => vmm,
+                // The agent keeps the session for the next restore.
+                (Err(e), Some(vm_id)) if session.is_some() => {
+                    let agent = AgentClient::new(&args.agent_socket);
+                    update::finish::report_failed(&agent, vm_id, &e);
+                    return Err(e);
+                }
+                (Err(e), _) => return Err(e),
+            };
             if let Some(socket) = &args.from_socket {
                 restore::complete_handover(socket)?;
             }
@@ -145,9 +158,9 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => match args.action {
-            AgentAction::Serve => {
-                let agent = Agent::start()?;
-                agent.serve(&args.socket)?;
+            AgentAction::Serve { rebuild_ledger } => {
+                let agent = Agent::start(&args.socket, &rebuild_ledger)?;
+                agent.serve()?;
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Update {

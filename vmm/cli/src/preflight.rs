@@ -127,17 +127,28 @@ pub fn run(args: &CheckArgs) -> CheckReport {
                     cmdline: line.clone(),
                 });
             }
-            match kexec::load(&args.kernel, args.initrd.as_deref(), Some(&line)) {
-                Ok(()) => {
-                    if let Err(e) = kexec::unload() {
-                        report
-                            .warnings
-                            .push(format!("the next kernel loaded but did not unload: {e}"));
+            // A kernel already loaded is the agent's for a pending update (or another tool's):
+            // loading over it or unloading it would take the update's kernel away.
+            if kexec::loaded() == Some(true) {
+                report.warnings.push(
+                    "a next kernel is loaded already (the agent's, for a pending update, or \
+                     another tool's): it is left in place, and the kernel to check was not \
+                     loaded"
+                        .into(),
+                );
+            } else {
+                match kexec::load(&args.kernel, args.initrd.as_deref(), Some(&line)) {
+                    Ok(()) => {
+                        if let Err(e) = kexec::unload() {
+                            report
+                                .warnings
+                                .push(format!("the next kernel loaded but did not unload: {e}"));
+                        }
                     }
+                    Err(e) => report.blockers.push(Blocker::KernelLoad {
+                        reason: error_chain(&e),
+                    }),
                 }
-                Err(e) => report.blockers.push(Blocker::KernelLoad {
-                    reason: error_chain(&e),
-                }),
             }
             report.next_cmdline = line;
         }

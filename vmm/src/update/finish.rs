@@ -39,3 +39,19 @@ pub fn report_finished(agent: &dyn UpdateAgent, vm_id: &str) {
         );
     }
 }
+
+/// Tells the agent the restore of VM `vm_id` failed after its claim, with `error`: the agent
+/// keeps the session (and LUO every file retrieved from it) for the next restore.
+pub fn report_failed(agent: &dyn UpdateAgent, vm_id: &str, error: &dyn std::error::Error) {
+    match agent.failed(vm_id, &error_chain(error)) {
+        Ok(()) => log::error!(
+            "the restore of VM {vm_id} failed after its claim; the agent keeps its session: \
+             mend the cause and run the restore again"
+        ),
+        Err(e) => log::warn!(
+            "the agent did not take VM {vm_id}'s failure: {}; a next restore gets the session \
+             once this process has exited",
+            error_chain(&e)
+        ),
+    }
+}

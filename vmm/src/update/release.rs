@@ -14,11 +14,12 @@ use std::fs::File;
 use luvmm_devices::vfio::host::BoundCdev;
 use luvmm_devices::vfio::VfioBindError;
 use luvmm_liveupdate::luo::LuoError;
-use luvmm_liveupdate::seams::UpdateAgent;
+use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::{self, VmState, STATE_TOKEN};
 use serde::Serialize;
 
+use crate::update::finish::report_failed;
 use crate::update::retrieve::{claim, update_record, ClaimError, StateRefused};
 
 /// A release failed; what was retrieved so far is closed.
@@ -57,6 +58,18 @@ pub struct ReleaseReport {
 pub fn release(vm_id: &str, agent: &dyn UpdateAgent) -> Result<ReleaseReport, ReleaseError> {
     // As a restore does, so a release refused before the claim can be retried.
     let session = claim(vm_id, agent)?;
+    // After the claim, the agent keeps the session for another try.
+    let report = release_claimed(session).inspect_err(|e| report_failed(agent, vm_id, e))?;
+    if let Err(e) = agent.finished(vm_id) {
+        log::warn!(
+            "the agent did not take VM {vm_id}'s release: {}",
+            error_chain(&e)
+        );
+    }
+    Ok(report)
+}
+
+fn release_claimed(session: Box<dyn RetrieveSession>) -> Result<ReleaseReport, ReleaseError> {
     let name = session.name().to_string();
     let luo = |what| {
         let session = name.clone();
@@ -108,11 +121,5 @@ pub fn release(vm_id: &str, agent: &dyn UpdateAgent) -> Result<ReleaseReport, Re
     // device as they close.
     drop(held);
     drop(session);
-    if let Err(e) = agent.finished(vm_id) {
-        log::warn!(
-            "the agent did not take VM {vm_id}'s release: {}",
-            error_chain(&e)
-        );
-    }
     Ok(report)
 }

@@ -17,6 +17,8 @@ use luvmm_resources::state::{
     self, ReadError, StateError, StateMismatch, UpdateRecord, VmState, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 
+use crate::faults::{self, Fault};
+use crate::update::finish::report_failed;
 use crate::vstate::vm::host_limits;
 use crate::vstate::x86_64::compat::{check_host_accepts, CpuMismatch};
 use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
@@ -116,13 +118,22 @@ pub enum HostDeviceError {
 }
 
 /// Claims `vm_id`'s session from `agent` and retrieves everything in it (see the module doc).
-/// The state is checked against `kvm`, the KVM the VM will be rebuilt on.
+/// The state is checked against `kvm`, the KVM the VM will be rebuilt on. A failure after the
+/// claim is reported to the agent, which keeps the session for the next restore.
 pub fn retrieve(
     vm_id: &str,
     agent: &dyn UpdateAgent,
     kvm: &Kvm,
 ) -> Result<Retrieved, RetrieveError> {
     let session = claim(vm_id, agent)?;
+    retrieve_claimed(vm_id, session, kvm).inspect_err(|e| report_failed(agent, vm_id, e))
+}
+
+fn retrieve_claimed(
+    vm_id: &str,
+    session: Box<dyn RetrieveSession>,
+    kvm: &Kvm,
+) -> Result<Retrieved, RetrieveError> {
     let name = session.name().to_string();
     let take = |token: Token, what: &'static str| {
         session
@@ -194,9 +205,13 @@ pub(crate) fn claim(
             source,
         })?;
     }
-    agent
+    let session = agent
         .claim(vm_id)
-        .map_err(asking("cannot claim it from the agent"))
+        .map_err(asking("cannot claim it from the agent"))?;
+    if faults::armed(Fault::StopAfterClaim) {
+        faults::stop_here();
+    }
+    Ok(session)
 }
 
 /// The live-update record of a state saved by a prepare, with one device token (or `None`,

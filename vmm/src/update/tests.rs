@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
 
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
 use luvmm_liveupdate::fake::{FakeHost, Faults};
@@ -17,7 +18,7 @@ use luvmm_resources::state::{
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use super::cancel::{cancel, follow_agent};
-use super::finish::finish_session;
+use super::finish::{finish_session, report_failed};
 use super::prepare::{prepare, PrepareOptions};
 use super::release::{release, ReleaseError};
 use super::retrieve::{retrieve, ClaimError, HostDeviceError, RetrieveError, StateRefused};
@@ -570,4 +571,52 @@ fn nothing_lost_a_release_whose_device_is_missing_is_refused_before_the_claim() 
     }
     assert_eq!(host.take_log(), ["agent status"], "nothing was claimed");
     assert_eq!(host.ledger().vms[0].phase, AgentPhase::Incoming);
+}
+
+#[test]
+fn nothing_lost_a_restore_that_fails_after_its_claim_can_be_run_again() {
+    let host = after_kexec(|_| {}, &[]);
+    let agent = host.agent();
+    // The first restore gets everything, writes to guest RAM, then fails (its build, say).
+    let first = retrieve("vm1", &agent, &kvm()).expect("retrieve");
+    first.memfds[0]
+        .write_all_at(b"written by the first restore", 0)
+        .expect("write");
+    let failure = std::io::Error::other("the build failed");
+    report_failed(&agent, "vm1", &failure);
+    assert_eq!(host.ledger().vms[0].phase, AgentPhase::Failed);
+    assert_eq!(
+        host.ledger().vms[0].failure.as_deref(),
+        Some("the build failed")
+    );
+    drop(first);
+    // The next restore gets the same session and the same RAM: nothing was lost.
+    let second = retrieve("vm1", &agent, &kvm()).expect("retrieve again");
+    let mut back = [0u8; 28];
+    second.memfds[0].read_exact_at(&mut back, 0).expect("read");
+    assert_eq!(&back, b"written by the first restore");
+    finish_session(second.session.as_ref()).expect("finish");
+    agent.finished("vm1").expect("finished");
+    assert_eq!(host.ledger().vms[0].claims, 2);
+
+    // A restore whose state is refused after the claim says so to the agent, which keeps the
+    // session claimable.
+    let host = after_kexec(
+        |s| {
+            if let Some(update) = &mut s.update {
+                update.vm_id = "vm2".into();
+            }
+        },
+        &[],
+    );
+    assert!(retrieve("vm1", &host.agent(), &kvm()).is_err());
+    let record = &host.ledger().vms[0];
+    assert_eq!(record.phase, AgentPhase::Failed);
+    assert!(
+        record
+            .failure
+            .as_deref()
+            .is_some_and(|f| f.contains("VM \"vm2\"'s")),
+        "{record:?}"
+    );
 }

@@ -1,0 +1,64 @@
+//! Faults a test injects into a real run, so that a failure that strikes at a bad moment in
+//! production (a restore killed right after its claim, say) can be made to strike there on
+//! purpose. They are named in `LUVMM_TEST_FAULTS` (comma-separated), read once; an unset
+//! variable changes nothing.
+
+use std::sync::OnceLock;
+
+use kvm_bindings::kvm_msr_entry;
+use luvmm_resources::state::VmState;
+
+/// A point where a test may make luvmm fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The restore stops itself (SIGSTOP) right after it claimed its session, for the test
+    /// to kill it there.
+    StopAfterClaim,
+    /// A prepare saves, beside the vCPUs' real MSRs, one no KVM lists ([`UNKNOWN_MSR`]): the
+    /// state of a VM saved on a host whose KVM had an MSR the next kernel's lacks.
+    SaveUnknownMsr,
+}
+
+/// An MSR index in no range Intel, AMD or KVM use.
+pub const UNKNOWN_MSR: u32 = 0x4c55_564d;
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::StopAfterClaim => "stop-after-claim",
+            Fault::SaveUnknownMsr => "save-unknown-msr",
+        }
+    }
+}
+
+/// Whether the test asked for `fault`.
+pub fn armed(fault: Fault) -> bool {
+    static NAMED: OnceLock<Vec<String>> = OnceLock::new();
+    NAMED
+        .get_or_init(|| {
+            std::env::var("LUVMM_TEST_FAULTS")
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default()
+        })
+        .iter()
+        .any(|named| named == fault.name())
+}
+
+/// Stops this process until it is continued or killed.
+pub fn stop_here() {
+    log::warn!("test fault: stopping here (SIGSTOP)");
+    if let Err(e) = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
+        log::warn!("test fault: cannot stop: {e}");
+    }
+}
+
+/// Adds [`UNKNOWN_MSR`] to every vCPU of `state`.
+pub fn add_unknown_msr(state: &mut VmState) {
+    log::warn!("test fault: saving MSR {UNKNOWN_MSR:#x}, which no KVM lists");
+    for vcpu in &mut state.vcpus {
+        vcpu.msrs.push(kvm_msr_entry {
+            index: UNKNOWN_MSR,
+            ..Default::default()
+        });
+    }
+}
