@@ -10,6 +10,7 @@ use luvmm_resources::config::{
     memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
 };
 use luvmm_vmm::api::{PrepareBody, VmmAction};
+use luvmm_vmm::seccomp::SeccompMode;
 use serde::de::DeserializeOwned;
 
 /// luvmm: a microVM monitor whose VMs survive a host kernel live update.
@@ -103,6 +104,9 @@ pub struct CommonArgs {
     /// Control API socket (created 0600).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Run each thread under its seccomp filter (on), or without (off, for debugging).
+    #[arg(long, default_value = "on", value_name = "on|off")]
+    pub seccomp: SeccompMode,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -163,7 +167,11 @@ pub struct AgentArgs {
 pub enum AgentAction {
     /// Open /dev/liveupdate, take over the previous kernel's ledger if there is one, and serve
     /// VMMs until the kexec.
-    Serve,
+    Serve {
+        /// Serve under the agent's seccomp filter (on), or without (off, for debugging).
+        #[arg(long, default_value = "on", value_name = "on|off")]
+        seccomp: SeccompMode,
+    },
     /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
     Status,
     /// Kexec the host into KERNEL once every subscribed VM is ready (refused otherwise).

@@ -1,0 +1,64 @@
+//! The agent's allow list: its one thread serves VMMs on its socket, creates and hands out LUO
+//! sessions, keeps its ledger in a memfd, loads the next kernel and kexecs.
+
+use seccompiler::BackendError;
+
+use super::allow::{every_thread, AllowList};
+use super::ioctls;
+
+/// `fcntl` commands of the agent: its copy of a session fd, the ledger memfd's seals, and its
+/// socket's blocking mode.
+const FCNTL: [u64; 6] = [
+    libc::F_DUPFD_CLOEXEC as u64,
+    libc::F_ADD_SEALS as u64,
+    libc::F_GET_SEALS as u64,
+    libc::F_GETFL as u64,
+    libc::F_SETFL as u64,
+    libc::F_SETFD as u64,
+];
+
+/// `LINUX_REBOOT_CMD_KEXEC`: the only reboot the agent makes.
+const REBOOT_CMD_KEXEC: u64 = 0x4558_4543;
+
+pub(super) fn allow_list() -> Result<AllowList, BackendError> {
+    let mut list = every_thread()?;
+    list
+        // Its socket, created once the filter is in place: the directory, a temporary name
+        // made owner-only, then renamed.
+        .any(libc::SYS_mkdir)
+        .when_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?
+        .any(libc::SYS_bind)
+        .any(libc::SYS_listen)
+        .any(libc::SYS_chmod)
+        .any(libc::SYS_rename)
+        .any(libc::SYS_unlink)
+        // Clients, one at a time, with fds both ways and a read timeout; the deadline of a
+        // pending update.
+        .any(libc::SYS_poll)
+        .any(libc::SYS_ppoll)
+        .any(libc::SYS_accept4)
+        .any(libc::SYS_recvfrom)
+        .any(libc::SYS_recvmsg)
+        .any(libc::SYS_sendto)
+        .any(libc::SYS_sendmsg)
+        .any(libc::SYS_setsockopt)
+        .when_arg(libc::SYS_fcntl, 1, &FCNTL)?
+        .ioctls(&[libc::FIONBIO])?
+        // Sessions: created, preserved into, retrieved, finished; and the probe's scratch
+        // session and memfd.
+        .ioctls(&ioctls::luo_device())?
+        .ioctls(&ioctls::luo_session())?
+        // The ledger, in a memfd of the agent's own session.
+        .any(libc::SYS_memfd_create)
+        .any(libc::SYS_lseek)
+        .any(libc::SYS_statx)
+        .any(libc::SYS_newfstatat)
+        .any(libc::SYS_fstat)
+        // The next kernel: its files and this kernel's command line read, loaded (or unloaded
+        // when the update is off), then the jump.
+        .any(libc::SYS_openat)
+        .any(libc::SYS_kexec_file_load)
+        .any(libc::SYS_sync)
+        .when_arg(libc::SYS_reboot, 2, &[REBOOT_CMD_KEXEC])?;
+    Ok(list)
+}
