@@ -454,6 +454,42 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_is_on_unless_turned_off_for_the_vmm_and_the_agent() {
+        let parse = |words: &[&str]| Cli::try_parse_from(words).expect("a command line").command;
+        let run = ["luvmm", "run", "--payload", "/p.elf"];
+        let Command::Run(args) = parse(&run) else {
+            panic!("not run")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::On);
+        let Command::Run(args) = parse(&[&run[..], &["--seccomp", "off"]].concat()) else {
+            panic!("not run")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::Off);
+        let restore = ["luvmm", "restore", "--session", "vm1", "--seccomp", "off"];
+        let Command::Restore(args) = parse(&restore) else {
+            panic!("not restore")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::Off);
+        for (words, mode) in [
+            (&["luvmm", "agent", "serve"][..], SeccompMode::On),
+            (
+                &["luvmm", "agent", "serve", "--seccomp", "off"][..],
+                SeccompMode::Off,
+            ),
+        ] {
+            let Command::Agent(AgentArgs {
+                action: AgentAction::Serve { seccomp },
+                ..
+            }) = parse(words)
+            else {
+                panic!("not agent serve")
+            };
+            assert_eq!(seccomp, mode);
+        }
+        assert!(Cli::try_parse_from([&run[..], &["--seccomp", "maybe"]].concat()).is_err());
+    }
+
+    #[test]
     fn run_without_a_config_starts_from_the_default_vm() {
         let args = ["luvmm", "run", "--payload", "/boot/payload.elf"];
         let Command::Run(run) = Cli::try_parse_from(args)

@@ -48,8 +48,9 @@ pub(super) fn allow_list() -> Result<AllowList, BackendError> {
         // session and memfd.
         .ioctls(&ioctls::luo_device())?
         .ioctls(&ioctls::luo_session())?
-        // The ledger, in a memfd of the agent's own session.
+        // The ledger, in a memfd of the agent's own session; the probe's sized scratch memfd.
         .any(libc::SYS_memfd_create)
+        .any(libc::SYS_ftruncate)
         .any(libc::SYS_lseek)
         .any(libc::SYS_statx)
         .any(libc::SYS_newfstatat)

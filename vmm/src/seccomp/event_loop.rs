@@ -68,6 +68,7 @@ pub(super) fn allow_list(kick: i32) -> Result<AllowList, BackendError> {
         // the VFIO fd.
         .ioctls(&ioctls::device_emulation())?
         .ioctls(&ioctls::vfio_devices())?
+        .any(libc::SYS_eventfd2)
         .any(libc::SYS_pread64)
         .any(libc::SYS_pwrite64)
         .any(libc::SYS_getdents64)
