@@ -2,12 +2,17 @@
 //! system call ends the VMM with one line that names the thread and the call, and
 //! `--seccomp off` runs the same VM without filters.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use luvmm_tests::{checks, lines_with, luvmm_bin, payload, require_kvm, wait_until, TestDir};
 use luvmm_vmm::api::client::VmmClient;
 use luvmm_vmm::seccomp::{FAULT_VCPU_SYSCALL_ENV, VIOLATION_EXIT_STATUS};
+use serde_json::{json, Value};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// `luvmm run` of the test payload, killed when dropped.
 struct Run {
@@ -165,4 +170,59 @@ fn nothing_lost_seccomp_off_runs_the_vm_without_filters() {
     for (name, mode) in &threads {
         assert_eq!(mode, "0", "thread {name} is filtered: {threads:?}");
     }
+}
+
+/// A stand-in for the agent, for the VMM's side of a prepare: it answers a probe with every
+/// handler present and a subscribe with a "session" that is `/dev/null`, whose PRESERVE_FD
+/// fails, so the prepare is called off (with a release). Returns the ops it was asked, in order.
+fn fake_agent(listener: UnixListener) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut ops = Vec::new();
+        while ops.last().map(String::as_str) != Some("release") {
+            let (mut stream, _) = listener.accept().expect("a VMM connects");
+            let mut line = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut line)
+                .expect("a request line");
+            let request: Value = serde_json::from_str(&line).expect("a JSON request");
+            let op = request["op"].as_str().unwrap_or_default().to_string();
+            let reply = match op.as_str() {
+                "probe" => json!({"ok": true, "handlers": ["present"]}),
+                "subscribe" => json!({"ok": true, "session": "luvmm-vm1"}),
+                _ => json!({"ok": true}),
+            };
+            let bytes = format!("{reply}\n");
+            if op == "subscribe" {
+                let session = std::fs::File::open("/dev/null").expect("/dev/null");
+                let sent = stream
+                    .send_with_fd(bytes.as_bytes(), session.as_raw_fd())
+                    .expect("send the session");
+                assert_eq!(sent, bytes.len(), "a short reply goes whole");
+            } else {
+                stream.write_all(bytes.as_bytes()).expect("send the reply");
+            }
+            ops.push(op);
+        }
+        ops
+    })
+}
+
+#[test]
+fn nothing_lost_seccomp_a_prepare_talks_to_the_agent_under_the_event_loops_filter() {
+    let dir = TestDir::new("seccomp-prepare");
+    let agent_socket = dir.join("agent.sock");
+    let agent = fake_agent(UnixListener::bind(&agent_socket).expect("bind the fake agent"));
+    let mut vm = Run::start(&dir, &[], false);
+    vm.guest_checks_ok();
+    // Connect, fds both ways, a reply timeout, PRESERVE_FD on the session: all from the
+    // filtered event loop. The prepare fails only at the PRESERVE_FD, as it must here.
+    let refused = VmmClient::new(&vm.socket)
+        .prepare_update("vm1", &agent_socket, false)
+        .expect_err("a session that is /dev/null cannot take RAM");
+    assert!(refused.to_string().contains("PRESERVE_FD"), "{refused}");
+    assert_eq!(
+        agent.join().expect("the fake agent"),
+        ["probe", "subscribe", "release"]
+    );
+    vm.guest_checks_ok();
 }
