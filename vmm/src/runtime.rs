@@ -239,7 +239,7 @@ pub fn run(
         events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
     }
     // Every fd the loop serves exists: from here on this thread only serves them.
-    crate::seccomp::apply(ThreadKind::EventLoop, "luvmm").map_err(RuntimeError::Seccomp)?;
+    crate::seccomp::apply(ThreadKind::EventLoop, "luvmm")?;
     lock(&vmm).resume().map_err(RuntimeError::Start)?;
     once_running();
     loop {

@@ -63,3 +63,65 @@ pub(super) fn allow_list() -> Result<AllowList, BackendError> {
         .when_arg(libc::SYS_reboot, 2, &[REBOOT_CMD_KEXEC])?;
     Ok(list)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+
+    use luvmm_liveupdate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REQUEST};
+    use luvmm_liveupdate::agent::{AgentClient, Ledger};
+    use luvmm_liveupdate::luo::{kexec, probe};
+    use luvmm_liveupdate::unix::bind_owner_only;
+
+    use super::super::{Filters, ThreadKind};
+
+    /// What the agent does besides LUO, which this host lacks: its socket made, a client
+    /// served with a read timeout and fds in the reply, a sized memfd, this kernel's command
+    /// line. Under the agent's filter, in a thread of its own; a forbidden call kills the test
+    /// binary with SIGSYS (no handler is installed here).
+    fn serve_one_status(socket: &Path) {
+        let filters = Filters::build().expect("the filters build");
+        seccompiler::apply_filter(filters.of(ThreadKind::Agent)).expect("the agent's filter");
+        std::fs::create_dir_all(socket.parent().expect("a directory")).expect("mkdir");
+        let listener = bind_owner_only(socket).expect("the agent's socket");
+        let (stream, _) = listener.accept().expect("a client");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("a read timeout");
+        let (line, _) = recv_line(&stream, MAX_REQUEST).expect("a request");
+        let request: Request = serde_json::from_slice(&line).expect("a JSON request");
+        assert_eq!(request, Request::Status {});
+        kexec::current_cmdline().expect("/proc/cmdline");
+        let memfd = OwnedFd::from(probe::scratch_memfd().expect("a scratch memfd"));
+        let reply = Reply {
+            ledger: Some(Ledger::default()),
+            ..Reply::ok()
+        };
+        send_line(&stream, &reply, &[&memfd]).expect("the reply");
+    }
+
+    #[test]
+    fn the_agent_serves_a_client_under_its_filter() {
+        let dir = std::env::temp_dir().join(format!("luvmm-seccomp-agent-{}", std::process::id()));
+        let socket = dir.join("run").join("agent.sock");
+        let server = {
+            let socket = socket.clone();
+            std::thread::spawn(move || serve_one_status(&socket))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let ledger = loop {
+            match AgentClient::new(&socket).status() {
+                Ok(ledger) => break ledger,
+                // Until the thread has made its socket.
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("the filtered agent thread never answered: {e}"),
+            }
+        };
+        assert_eq!(ledger, Ledger::default());
+        server.join().expect("the filtered agent thread");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -8,7 +8,8 @@
 //! serves the API), [`agent`]; [`allow`] holds what every thread needs. Filters are per thread,
 //! not synchronised over the process (TSYNC): a thread started before its kind's filter would
 //! otherwise inherit a list that is not its own. vCPU threads are started before the event
-//! loop installs its filter, so no thread carries two.
+//! loop installs its filter, so no thread carries two; the event loop's list has no `clone`,
+//! so a thread kind added later must start before it, or fail loudly.
 
 mod agent;
 mod allow;
