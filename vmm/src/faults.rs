@@ -8,6 +8,9 @@ use std::sync::OnceLock;
 use kvm_bindings::kvm_msr_entry;
 use luvmm_resources::state::VmState;
 
+/// The variable naming the faults to inject.
+pub const FAULTS_ENV: &str = "LUVMM_TEST_FAULTS";
+
 /// A point where a test may make luvmm fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -17,6 +20,10 @@ pub enum Fault {
     /// A prepare saves, beside the vCPUs' real MSRs, one no KVM lists ([`UNKNOWN_MSR`]): the
     /// state of a VM saved on a host whose KVM had an MSR the next kernel's lacks.
     SaveUnknownMsr,
+    /// Each vCPU thread makes a system call no filter allows (`getppid`) right after it
+    /// installed its seccomp filter: with `--seccomp on` the process ends, with `off` the call
+    /// is harmless.
+    VcpuForbiddenSyscall,
 }
 
 /// An MSR index in no range Intel, AMD or KVM use.
@@ -27,6 +34,7 @@ impl Fault {
         match self {
             Fault::StopAfterClaim => "stop-after-claim",
             Fault::SaveUnknownMsr => "save-unknown-msr",
+            Fault::VcpuForbiddenSyscall => "vcpu-forbidden-syscall",
         }
     }
 }
@@ -36,7 +44,7 @@ pub fn armed(fault: Fault) -> bool {
     static NAMED: OnceLock<Vec<String>> = OnceLock::new();
     NAMED
         .get_or_init(|| {
-            std::env::var("LUVMM_TEST_FAULTS")
+            std::env::var(FAULTS_ENV)
                 .map(|v| v.split(',').map(str::to_string).collect())
                 .unwrap_or_default()
         })

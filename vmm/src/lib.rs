@@ -11,6 +11,7 @@ pub mod outputs;
 pub mod passthrough;
 pub mod restore;
 pub mod runtime;
+pub mod seccomp;
 pub mod update;
 pub mod vmm;
 pub mod vstate;

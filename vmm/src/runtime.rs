@@ -21,6 +21,7 @@ use luvmm_resources::errors::error_chain;
 use luvmm_resources::sync::lock;
 
 use crate::api::server::{ApiServer, ApiSocketError};
+use crate::seccomp::{SeccompError, ThreadKind};
 use crate::vmm::{VmPhase, Vmm, VmmError};
 
 /// Why the event loop ended.
@@ -41,6 +42,8 @@ pub enum RuntimeError {
     EventManager(event_manager::Error),
     #[error("cannot start the guest")]
     Start(#[source] VmmError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot clone the VM's eventfds")]
     Events(#[source] std::io::Error),
 }
@@ -235,6 +238,8 @@ pub fn run(
     if let Some(path) = api_socket {
         events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
     }
+    // Every fd the loop serves exists: from here on this thread only serves them.
+    crate::seccomp::apply(ThreadKind::EventLoop, "luvmm")?;
     lock(&vmm).resume().map_err(RuntimeError::Start)?;
     once_running();
     loop {

@@ -10,6 +10,7 @@ use luvmm_resources::config::{
     memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
 };
 use luvmm_vmm::api::{PrepareBody, VmmAction};
+use luvmm_vmm::seccomp::SeccompMode;
 use serde::de::DeserializeOwned;
 
 /// luvmm: a microVM monitor whose VMs survive a host kernel live update.
@@ -103,6 +104,9 @@ pub struct CommonArgs {
     /// Control API socket (created 0600).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Run each thread under its seccomp filter (on), or without (off, for debugging).
+    #[arg(long, default_value = "on", value_name = "on|off")]
+    pub seccomp: SeccompMode,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -169,6 +173,9 @@ pub enum AgentAction {
         /// in the kernel (LUO cannot list them), handed out as the ledger would have.
         #[arg(long, value_name = "VM[,VM...]", value_delimiter = ',')]
         rebuild_ledger: Vec<String>,
+        /// Serve under the agent's seccomp filter (on), or without (off, for debugging).
+        #[arg(long, default_value = "on", value_name = "on|off")]
+        seccomp: SeccompMode,
     },
     /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
     Status,
@@ -449,6 +456,42 @@ mod tests {
                 require_preserved_devices: true,
             })
         );
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_turned_off_for_the_vmm_and_the_agent() {
+        let parse = |words: &[&str]| Cli::try_parse_from(words).expect("a command line").command;
+        let run = ["luvmm", "run", "--payload", "/p.elf"];
+        let Command::Run(args) = parse(&run) else {
+            panic!("not run")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::On);
+        let Command::Run(args) = parse(&[&run[..], &["--seccomp", "off"]].concat()) else {
+            panic!("not run")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::Off);
+        let restore = ["luvmm", "restore", "--session", "vm1", "--seccomp", "off"];
+        let Command::Restore(args) = parse(&restore) else {
+            panic!("not restore")
+        };
+        assert_eq!(args.common.seccomp, SeccompMode::Off);
+        for (words, mode) in [
+            (&["luvmm", "agent", "serve"][..], SeccompMode::On),
+            (
+                &["luvmm", "agent", "serve", "--seccomp", "off"][..],
+                SeccompMode::Off,
+            ),
+        ] {
+            let Command::Agent(AgentArgs {
+                action: AgentAction::Serve { seccomp, .. },
+                ..
+            }) = parse(words)
+            else {
+                panic!("not agent serve")
+            };
+            assert_eq!(seccomp, mode);
+        }
+        assert!(Cli::try_parse_from([&run[..], &["--seccomp", "maybe"]].concat()).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::outputs::{self, OutputError};
 use luvmm_vmm::restore::RestoreError;
 use luvmm_vmm::runtime::RuntimeError;
+use luvmm_vmm::seccomp::{self, SeccompError, ThreadKind};
 use luvmm_vmm::update::finish::FinishError;
 use luvmm_vmm::update::release::ReleaseError;
 use luvmm_vmm::vstate::vm::VmError;
@@ -25,6 +26,8 @@ use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
 /// `host-check`, a failed drill) or from clap (2, usage), never from here.
 #[derive(Debug, thiserror::Error)]
 enum CommandError {
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot build the VM config")]
     Config(#[from] ConfigError),
     #[error("cannot use KVM")]
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
         Command::Run(args) => {
+            seccomp::init(args.common.seccomp)?;
             let config = cli::vm_config(&args)?;
             let serial = outputs::open_outputs(&config.serial, config.api_socket.as_deref())?;
             runtime::block_exit_signals().map_err(CommandError::Signals)?;
@@ -98,6 +102,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
         }
         Command::Restore(args) => {
+            seccomp::init(args.common.seccomp)?;
             let source = cli::restore_source(&args)?;
             let serial = args.common.serial.clone().unwrap_or_default();
             // A session is claimed once: what this process will write to is opened first.
@@ -158,8 +163,14 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => match args.action {
-            AgentAction::Serve { rebuild_ledger } => {
+            AgentAction::Serve {
+                rebuild_ledger,
+                seccomp,
+            } => {
+                seccomp::init(seccomp)?;
                 let agent = Agent::start(&args.socket, &rebuild_ledger)?;
+                // Before the agent creates its socket and serves its first client.
+                seccomp::apply(ThreadKind::Agent, "luvmm-agent")?;
                 agent.serve()?;
                 Ok(ExitCode::SUCCESS)
             }

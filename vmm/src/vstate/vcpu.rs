@@ -24,6 +24,7 @@ use super::x86_64::msr::{msrs_to_save, MsrError};
 use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
+use crate::seccomp::ThreadKind;
 use luvmm_resources::errors::error_chain;
 
 /// How long the VMM waits for a vCPU thread to answer an event.
@@ -142,7 +143,7 @@ extern "C" fn kick_handler(
     });
 }
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -239,7 +240,15 @@ impl Vcpu {
         let (response_tx, response_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run_loop(event_rx, response_tx))
+            .spawn(move || {
+                // Before any guest code: a vCPU that cannot be filtered never runs, and the
+                // VMM's next request finds its thread gone.
+                if let Err(e) = crate::seccomp::apply(ThreadKind::Vcpu, &format!("vcpu{id}")) {
+                    log::error!("vCPU {id}: {}", error_chain(&e));
+                    return;
+                }
+                self.run_loop(event_rx, response_tx)
+            })
             .map_err(|source| VcpuError::Spawn { id, source })?;
         Ok(VcpuHandle {
             id,
