@@ -10,6 +10,7 @@ pub mod outputs;
 pub mod passthrough;
 pub mod restore;
 pub mod runtime;
+pub mod takeover;
 pub mod update;
 pub mod vmm;
 pub mod vstate;

@@ -9,7 +9,7 @@ use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
     memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
 };
-use luvmm_vmm::api::{PrepareBody, VmmAction};
+use luvmm_vmm::api::{PrepareBody, ShutdownBody, VmmAction};
 use serde::de::DeserializeOwned;
 
 /// luvmm: a microVM monitor whose VMs survive a host kernel live update.
@@ -244,7 +244,12 @@ pub enum CtlRequest {
         request: GuestRequest,
     },
     /// Stop the VMM.
-    Shutdown,
+    Shutdown {
+        /// Also while a handover waits for its target's confirmation: the VMM exits and
+        /// leaves the VM to that target, which takes it over once it sees this VMM gone.
+        #[arg(long)]
+        force: bool,
+    },
     /// The host live update, from this VM's side.
     #[command(subcommand)]
     Update(UpdateRequest),
@@ -262,7 +267,7 @@ impl CtlRequest {
             },
             CtlRequest::Check => VmmAction::Check,
             CtlRequest::Guest { request } => VmmAction::GuestRequest(request),
-            CtlRequest::Shutdown => VmmAction::Shutdown,
+            CtlRequest::Shutdown { force } => VmmAction::Shutdown(ShutdownBody { force }),
             CtlRequest::Update(UpdateRequest::Prepare {
                 vm_id,
                 agent_socket,
@@ -424,6 +429,10 @@ mod tests {
                 export_path: Some(std::env::current_dir().unwrap().join("vm.state"))
             },
             "nothing_lost: a relative export is the caller's, not the VMM's"
+        );
+        assert_eq!(
+            ctl(&["shutdown", "--force"]),
+            VmmAction::Shutdown(ShutdownBody { force: true })
         );
         assert_eq!(
             ctl(&["guest", "irq_in_flight"]),
