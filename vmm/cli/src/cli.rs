@@ -134,7 +134,9 @@ pub struct RestoreArgs {
     /// The agent's socket, with --session.
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
-    /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS).
+    /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS). Its path
+    /// may also be this one's --api-socket: it is taken once the source let the VM go. If
+    /// this restore fails first, the VM goes back to the source, which resumes it.
     #[arg(long, conflicts_with_all = ["state", "state_fd", "memory_fd"])]
     pub from_socket: Option<PathBuf>,
     /// Saved state in a file (from `ctl save --export`).
