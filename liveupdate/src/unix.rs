@@ -31,24 +31,37 @@ pub fn bind_owner_only(path: &Path) -> Result<UnixListener, BindError> {
             path: path.to_path_buf(),
         });
     }
-    let create_err = |source| BindError::Create {
-        path: path.to_path_buf(),
-        source,
-    };
+    let (listener, tmp) = bind_owner_only_aside(path)?;
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(BindError::Create {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Ok(listener)
+}
+
+/// Binds a listening socket with mode 0600 under `PATH.<pid>.tmp`, beside `path`, and returns
+/// it with that name, for the caller to rename into place once it is ready to be reached there
+/// (the API socket of a VM taken over, which may replace its source's).
+pub fn bind_owner_only_aside(path: &Path) -> Result<(UnixListener, PathBuf), BindError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
+    let create_err = |source| BindError::Create {
+        path: tmp.clone(),
+        source,
+    };
     // A socket under this process's own temporary name can only be a leftover of a process
     // that had the same pid.
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(create_err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
+    if let Err(e) = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(create_err(e));
     }
-    Ok(listener)
+    Ok((listener, tmp))
 }
 
 /// Raises this process's soft limit on open fds to its hard limit, and returns the limit now in

@@ -7,7 +7,9 @@ pub mod nested;
 pub mod vfio_raw;
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -249,6 +251,24 @@ impl Vm {
         args: &[&str],
         cmd_hook: impl FnOnce(&mut Command),
     ) -> Vm {
+        let mut vm = Vm::start_restore(dir, name, serial, args, cmd_hook);
+        wait_until("the restored VMM's API socket", || {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                panic!("luvmm restore exited early with {status}");
+            }
+            vm.socket.exists().then_some(())
+        });
+        vm
+    }
+
+    /// Starts `luvmm restore` as [`Vm::restore`] does, without waiting for anything.
+    pub fn start_restore(
+        dir: &TestDir,
+        name: &str,
+        serial: &Path,
+        args: &[&str],
+        cmd_hook: impl FnOnce(&mut Command),
+    ) -> Vm {
         require_kvm();
         let socket = dir.join(&format!("{name}.sock"));
         let mut cmd = Command::new(luvmm_bin());
@@ -259,14 +279,7 @@ impl Vm {
             .arg("--api-socket")
             .arg(&socket);
         cmd_hook(&mut cmd);
-        let mut vm = Vm::spawn(cmd, socket, serial.to_path_buf());
-        wait_until("the restored VMM's API socket", || {
-            if let Ok(Some(status)) = vm.child.try_wait() {
-                panic!("luvmm restore exited early with {status}");
-            }
-            vm.socket.exists().then_some(())
-        });
-        vm
+        Vm::spawn(cmd, socket, serial.to_path_buf())
     }
 
     fn spawn(mut cmd: Command, socket: PathBuf, serial: PathBuf) -> Vm {
@@ -319,6 +332,11 @@ impl Vm {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal luvmm");
     }
 
+    /// The process's exit status, if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(mut self) -> ExitStatus {
         wait_until("luvmm to exit", || self.child.try_wait().ok().flatten())
@@ -329,6 +347,23 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Lets the child inherit `fds` (they arrive close-on-exec).
+pub fn inherit(cmd: &mut Command, fds: &[&OwnedFd]) {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe, on fds this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &raw {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

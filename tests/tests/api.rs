@@ -37,7 +37,7 @@ fn every_endpoint_answers() {
     client.resume().expect("PUT /vm/resume");
     assert!(vm.check().ok);
 
-    client.shutdown().expect("PUT /vm/shutdown");
+    client.shutdown(false).expect("PUT /vm/shutdown");
     let socket = vm.socket.clone();
     assert!(vm.wait_exit().success());
     assert!(!socket.exists(), "socket left behind");

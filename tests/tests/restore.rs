@@ -2,11 +2,10 @@
 //! was lost and that it kept running rather than rebooting.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use luvmm_tests::{checks, luvmm_bin, Check, TestDir, Vm};
+use luvmm_tests::{checks, inherit, luvmm_bin, Check, TestDir, Vm};
 use luvmm_vmm::api::client::ClientError;
 use luvmm_vmm::vmm::VmPhase;
 
@@ -75,23 +74,6 @@ fn restore_onto(dir: &TestDir, name: &str, serial: &Path, state: &Path, ram: &Ow
     )
 }
 
-/// Lets the child inherit `fds` (they arrive close-on-exec).
-fn inherit(cmd: &mut Command, fds: &[&OwnedFd]) {
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
-    // async-signal-safe, on fds this process owns.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &raw {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
 #[test]
 fn restore_in_a_new_process_over_the_api_socket() {
     let dir = TestDir::new("restore-socket");
@@ -131,9 +113,11 @@ fn a_handover_whose_target_dies_is_taken_back_by_resume() {
     let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
     let before = first.check();
     save(&first, None);
-    assert_eq!(refusal(first.client().complete_handover()), Some(409));
+    assert_eq!(refusal(first.client().complete_handover("")), Some(409));
     // This test is the target: it receives the fds and dies (drops them) without confirming.
-    drop(handover(&first));
+    let handed = first.client().handover().expect("PUT /vm/handover");
+    let token = handed.manifest.token.clone();
+    drop(handed);
     assert_eq!(first.phase(), VmPhase::HandingOver);
     let (status, stderr) =
         luvmm_tests::run_luvmm(&["ctl", "--socket", first.socket.to_str().unwrap(), "resume"]);
@@ -145,7 +129,7 @@ fn a_handover_whose_target_dies_is_taken_back_by_resume() {
     assert_every_heartbeat_went_on(&before, &after);
     // Resumed, the old state is stale: a late target can neither take it nor confirm.
     assert_eq!(refusal(first.client().handover()), Some(409));
-    assert_eq!(refusal(first.client().complete_handover()), Some(409));
+    assert_eq!(refusal(first.client().complete_handover(&token)), Some(409));
 }
 
 #[test]
@@ -156,7 +140,7 @@ fn restore_from_inherited_memfds_and_state_memfd() {
     save(&first, None);
     let seen = checks(&first.serial).len();
     let fds = handover(&first);
-    assert_eq!(fds.len(), 2, "state memfd + one RAM memfd");
+    assert_eq!(fds.len(), 3, "state memfd + one RAM memfd + the ticket");
     let serial = first.serial.clone();
     first.kill();
 
@@ -395,7 +379,7 @@ fn swapped_regions_are_reported_lost() {
     let (before, export, fds, serial) =
         boot_save_and_kill(&dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(before.pages, 15872 + 4096 + 4096);
-    assert_eq!(fds.len(), 4, "state memfd + three RAM memfds");
+    assert_eq!(fds.len(), 5, "state memfd + three RAM memfds + the ticket");
 
     let seen = checks(&serial).len();
     let [r0, r1, r2] = [1, 2, 3].map(|i| fds[i].as_raw_fd().to_string());

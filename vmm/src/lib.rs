@@ -12,6 +12,7 @@ pub mod passthrough;
 pub mod restore;
 pub mod runtime;
 pub mod seccomp;
+pub mod takeover;
 pub mod update;
 pub mod vmm;
 pub mod vstate;

@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, LineWriter};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -59,7 +59,22 @@ pub fn open_outputs(
 ) -> Result<SerialOut, OutputError> {
     let serial = open_serial(serial)?;
     if let Some(path) = api_socket {
-        check_socket(path)?;
+        check_socket(path, None)?;
+    }
+    Ok(serial)
+}
+
+/// As [`open_outputs`], for a VMM taking a VM over from the one serving `source`: its API
+/// socket may be the source's own (a VMM upgrade keeps the path), which it takes over once
+/// the source let the VM go.
+pub fn open_outputs_replacing(
+    serial: &SerialOutput,
+    api_socket: Option<&Path>,
+    source: &Path,
+) -> Result<SerialOut, OutputError> {
+    let serial = open_serial(serial)?;
+    if let Some(path) = api_socket {
+        check_socket(path, Some(source))?;
     }
     Ok(serial)
 }
@@ -87,9 +102,20 @@ pub fn open_serial(output: &SerialOutput) -> Result<SerialOut, OutputError> {
     })
 }
 
-fn check_socket(path: &Path) -> Result<(), OutputError> {
+/// Whether `a` and `b` name the same file.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Checks that an API socket can be bound at `path`; the socket of `replacing`, if that is
+/// what is there, will be replaced.
+fn check_socket(path: &Path, replacing: Option<&Path>) -> Result<(), OutputError> {
     let owned = || path.to_path_buf();
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
+    let replaced = replacing.is_some_and(|source| same_file(path, source));
+    if let (false, Ok(meta)) = (replaced, std::fs::symlink_metadata(path)) {
         if !meta.file_type().is_socket() {
             return Err(OutputError::SocketExists { path: owned() });
         }
@@ -194,6 +220,15 @@ mod tests {
             Err(OutputError::SocketPathTooLong { .. })
         ));
         check(&dir.join("api.sock")).expect("a free path in a writable directory");
+        let _listener = UnixListener::bind(&served).expect("a live socket again");
+        let replacing = |path: &Path| {
+            open_outputs_replacing(&SerialOutput::Discard, Some(path), &served).map(drop)
+        };
+        replacing(&served).expect("the source's own socket is taken over");
+        assert!(matches!(
+            replacing(&long),
+            Err(OutputError::SocketPathTooLong { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -17,7 +17,9 @@ use luvmm_resources::state::{self, StateError};
 use crate::api::client::{ClientError, VmmClient};
 use crate::builder::{Origin, RestoreArgs};
 use crate::passthrough::{HandedDevice, HandedDevices};
+use crate::takeover::Takeover;
 use crate::update::retrieve::{retrieve, RetrieveError};
+use crate::vmm::HandoverTicket;
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
@@ -72,17 +74,29 @@ pub enum RestoreError {
     Session(#[from] RetrieveError),
 }
 
-/// Collects the state and memfds for `build_from_saved`; after a live update, also the
-/// session they came from, to finish once the VM is rebuilt (its state checked against `kvm`,
-/// the KVM the VM will be rebuilt on).
+/// What a restore gathered: the inputs of `build_from_saved`; after a live update, the session
+/// they came from, to finish once the VM is rebuilt; after a handover, the handover to confirm
+/// once it is.
+pub type Gathered = (
+    RestoreArgs,
+    Option<Box<dyn RetrieveSession>>,
+    Option<Takeover>,
+);
+
+/// Collects the state and memfds for `build_from_saved` (after a live update, its state checked
+/// against `kvm`, the KVM the VM will be rebuilt on), and what must be finished or confirmed
+/// once the VM is rebuilt.
 pub fn collect(
     source: RestoreSource,
     serial: SerialOut,
     kvm: &Kvm,
-) -> Result<(RestoreArgs, Option<Box<dyn RetrieveSession>>), RestoreError> {
+) -> Result<Gathered, RestoreError> {
     let started = Instant::now();
-    let (mut args, session) = match source {
-        RestoreSource::Socket(socket) => (from_socket(&socket, serial)?, None),
+    let (mut args, session, takeover) = match source {
+        RestoreSource::Socket(socket) => {
+            let (args, takeover) = from_socket(&socket, serial)?;
+            (args, None, Some(takeover))
+        }
         RestoreSource::Session {
             vm_id,
             agent_socket,
@@ -101,14 +115,14 @@ pub fn collect(
                 serial,
                 gather_ms: 0.0,
             };
-            (args, Some(retrieved.session))
+            (args, Some(retrieved.session), None)
         }
         RestoreSource::Inherited { state, memory_fds } => {
-            (from_inherited(state, memory_fds, serial)?, None)
+            (from_inherited(state, memory_fds, serial)?, None, None)
         }
     };
     args.gather_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok((args, session))
+    Ok((args, session, takeover))
 }
 
 fn from_inherited(
@@ -143,8 +157,8 @@ fn from_inherited(
     })
 }
 
-fn from_socket(socket: &Path, serial: SerialOut) -> Result<RestoreArgs, RestoreError> {
-    let handover = VmmClient::new(socket).handover()?;
+fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeover), RestoreError> {
+    let handover = VmmClient::new(socket).handover_to_this_process()?;
     let manifest = handover.manifest;
     let regions = manifest.memory.regions.len();
     let device_fds: usize = manifest
@@ -153,7 +167,8 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<RestoreArgs, RestoreE
         .map(|d| 1 + d.interrupt_fds)
         .sum();
     let iommufd = usize::from(!manifest.passthrough.is_empty());
-    let expected = 1 + regions + iommufd + device_fds;
+    // The state memfd, the RAM, the devices, the ticket.
+    let expected = 1 + regions + iommufd + device_fds + 1;
     if handover.fds.len() != expected {
         return Err(RestoreError::FdCount {
             socket: socket.to_path_buf(),
@@ -189,12 +204,13 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<RestoreArgs, RestoreE
         }
         Some(HandedDevices { iommufd, devices })
     };
+    let takeover = Takeover::new(socket, &manifest, HandoverTicket::from_fd(next()?));
     let blob = read_state(
         &state_memfd,
         Some(manifest.state_bytes),
         &format!("handover from {}", socket.display()),
     )?;
-    Ok(RestoreArgs {
+    let args = RestoreArgs {
         state: state::decode(&blob)?,
         state_bytes: blob.len() as u64,
         state_memfd: Some(state_memfd),
@@ -208,14 +224,8 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<RestoreArgs, RestoreE
         },
         serial,
         gather_ms: 0.0,
-    })
-}
-
-/// Tells the VMM behind `socket` that this process rebuilt its VM and takes it over. Until
-/// then that VMM can still resume it; after this it refuses to. If it refuses now (it was
-/// resumed meanwhile), it keeps the VM and this process must not run it.
-pub fn complete_handover(socket: &Path) -> Result<(), RestoreError> {
-    Ok(VmmClient::new(socket).complete_handover()?)
+    };
+    Ok((args, takeover))
 }
 
 /// Takes ownership of inherited fds after checking each is open and named once.
@@ -277,8 +287,12 @@ mod tests {
             Box::new(std::io::sink()),
             &kvm,
         )
-        .map(|(args, session)| {
+        .map(|(args, session, takeover)| {
             assert!(session.is_none(), "inherited fds bring no session");
+            assert!(
+                takeover.is_none(),
+                "inherited fds bring no handover to confirm"
+            );
             args
         })
     }

@@ -3,7 +3,6 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{SigSet, Signal};
@@ -20,7 +19,7 @@ use luvmm_devices::serial::SerialDevice;
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::sync::lock;
 
-use crate::api::server::{ApiServer, ApiSocketError};
+use crate::api::server::{ApiServer, ApiSocket, ApiSocketError};
 use crate::seccomp::{SeccompError, ThreadKind};
 use crate::vmm::{VmPhase, Vmm, VmmError};
 
@@ -149,7 +148,10 @@ impl MutEventSubscriber for ExitSignals {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         if let Ok(Some(info)) = self.fd.read_signal() {
             log::info!("signal {}: shutting down", info.ssi_signo);
-            lock(&self.vmm).request_shutdown();
+            // A signal is the operator's last word, as `ctl shutdown --force` is.
+            if let Err(e) = lock(&self.vmm).request_shutdown(true) {
+                log::error!("shutdown failed: {}", error_chain(&e));
+            }
         }
     }
 }
@@ -182,10 +184,11 @@ impl MutEventSubscriber for SerialInput {
 }
 
 /// Resumes the guest, then runs `once_running` (work that must not lengthen the guest's
-/// blackout), and serves events until a shutdown request or the guest's own stop.
+/// blackout), and serves events (the API on `api_socket`, bound by the caller) until a
+/// shutdown request or the guest's own stop.
 pub fn run(
     vmm: Vmm,
-    api_socket: Option<&Path>,
+    api_socket: Option<ApiSocket>,
     once_running: impl FnOnce(),
 ) -> Result<Ending, RuntimeError> {
     let clone = |evt: &EventFd| evt.try_clone().map_err(RuntimeError::Events);
@@ -235,8 +238,8 @@ pub fn run(
         stdin: std::io::stdin(),
         serial,
     })));
-    if let Some(path) = api_socket {
-        events.add_subscriber(Arc::new(Mutex::new(ApiServer::bind(path, vmm.clone())?)));
+    if let Some(socket) = api_socket {
+        events.add_subscriber(Arc::new(Mutex::new(ApiServer::new(socket, vmm.clone())?)));
     }
     // Every fd the loop serves exists: from here on this thread only serves them.
     crate::seccomp::apply(ThreadKind::EventLoop, "luvmm")?;

@@ -2,10 +2,10 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use luvmm_devices::guest_control::{GuestControl, GuestRequest};
 use luvmm_devices::pci::bus::PciBus;
@@ -20,8 +20,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
 
 pub use self::export::ExportError;
+pub(crate) use self::handover::open_pidfd;
+use self::handover::PendingHandover;
+pub use self::handover::{HandoverManifest, HandoverTicket, TicketError, TicketState};
 use crate::faults::{self, Fault};
-use crate::passthrough::{HandedDeviceManifest, Passthrough};
+use crate::passthrough::Passthrough;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::{KvmVm, VmError};
@@ -35,7 +38,8 @@ pub enum VmPhase {
     /// vCPUs wait; state can be saved.
     Paused,
     /// Paused, with memory and state sent to another process that has not yet confirmed it
-    /// took the VM: a resume here takes it back (the target died, or gave up).
+    /// took the VM: a resume here takes it back (the target died, or gave up); a watched
+    /// target that exits unconfirmed resumes it by itself. Only a forced shutdown ends it.
     HandingOver,
     /// The other process confirmed it took the VM; this one must never run the guest again.
     HandedOver,
@@ -68,6 +72,21 @@ pub enum VmmError {
     /// Handover needs a state saved since the last resume.
     #[error("no current saved state: save the paused VM first")]
     NoCurrentState,
+    /// A confirmation that does not carry the token of the handover in progress.
+    #[error("the token does not match the handover in progress")]
+    WrongToken,
+    /// A shutdown now would leave the VM to a target that may never confirm.
+    #[error(
+        "cannot shut down while the VM is handing over: its target has not confirmed; \
+         `ctl resume` takes the VM back, `ctl shutdown --force` leaves it to the target"
+    )]
+    HandoverPending,
+    /// The handover token cannot be drawn.
+    #[error("cannot draw a handover token")]
+    Token(#[source] std::io::Error),
+    /// The handover's ticket cannot be written.
+    #[error(transparent)]
+    Ticket(TicketError),
     /// A vCPU did not do what was asked.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -165,23 +184,6 @@ pub struct VmStatus {
     pub restore_timings: Option<RestoreTimings>,
 }
 
-/// What is handed to the process that takes the VM over: fds in this order, state memfd first,
-/// then one memfd per region, then (with passthrough devices) the iommufd and per device its
-/// cdev and interrupt eventfds; plus this description of them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandoverManifest {
-    /// Layout of the memfds that follow the state memfd.
-    pub memory: MemoryLayout,
-    /// Length of the state in the state memfd.
-    pub state_bytes: u64,
-    /// The passthrough devices whose fds follow, in the state's order.
-    #[serde(default)]
-    pub passthrough: Vec<HandedDeviceManifest>,
-    /// When the source paused the VM (ns since the Unix epoch), for the target's blackout.
-    #[serde(default)]
-    pub paused_at_unix_ns: Option<u64>,
-}
-
 /// The eventfds the event loop watches for the VM.
 pub struct VmEvents {
     /// Written by a vCPU thread when the guest stops on its own.
@@ -233,6 +235,8 @@ pub struct Vmm {
     /// When the vCPUs last stopped (this process's pause, or the source's for a VM handed
     /// over), until the resume that ends that blackout.
     paused_at: Option<SystemTime>,
+    /// The handover handed out and not yet confirmed, while `HandingOver`.
+    handover: Option<PendingHandover>,
     events: VmEvents,
 }
 
@@ -255,6 +259,7 @@ impl Vmm {
             restore_timings: None,
             update: None,
             paused_at: None,
+            handover: None,
             events,
         }
     }
@@ -315,8 +320,10 @@ impl Vmm {
         match self.phase {
             VmPhase::Running => Ok(()),
             VmPhase::Paused | VmPhase::HandingOver => {
-                if self.phase == VmPhase::HandingOver {
+                // The target loses its claim before the guest runs here again.
+                if let Some(pending) = self.handover.take() {
                     log::warn!("resuming a VM whose handover was never confirmed");
+                    pending.withdraw()?;
                 }
                 if let Some(saved) = &mut self.saved {
                     saved.current = false;
@@ -407,59 +414,6 @@ impl Vmm {
         })
     }
 
-    /// Duplicates the state memfd, the RAM memfds and the passthrough devices' fds for another
-    /// process. The VM stays paused and resumable until that process confirms
-    /// (`complete_handover`), so a target that dies on the way strands nothing; a second
-    /// target may ask again. Needs a paused VM with a current saved state.
-    pub fn handover(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
-        if !matches!(self.phase, VmPhase::Paused | VmPhase::HandingOver) {
-            return Err(self.refuse("hand over"));
-        }
-        let legacy = self.devices.passthrough.legacy_bdfs();
-        if !legacy.is_empty() {
-            return Err(VmmError::NotMovable { bdfs: legacy });
-        }
-        let saved = match &self.saved {
-            Some(saved) if saved.current => saved,
-            _ => return Err(VmmError::NoCurrentState),
-        };
-        let mut fds = Vec::with_capacity(1 + self.ram.memfds().len());
-        for file in std::iter::once(&saved.memfd).chain(self.ram.memfds()) {
-            fds.push(
-                file.as_fd()
-                    .try_clone_to_owned()
-                    .map_err(VmmError::StateMemfd)?,
-            );
-        }
-        let (passthrough, device_fds) = self
-            .devices
-            .passthrough
-            .handover_fds()
-            .map_err(VmmError::DeviceFds)?;
-        fds.extend(device_fds);
-        let manifest = HandoverManifest {
-            memory: self.ram.layout().clone(),
-            state_bytes: saved.bytes,
-            passthrough,
-            paused_at_unix_ns: self
-                .paused_at
-                .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
-                .and_then(|since| u64::try_from(since.as_nanos()).ok()),
-        };
-        self.phase = VmPhase::HandingOver;
-        Ok((manifest, fds))
-    }
-
-    /// The target rebuilt the VM and is about to run it: from now on this process refuses to.
-    /// The target confirms before its vCPUs start, so the two never run the guest at once.
-    pub fn complete_handover(&mut self) -> Result<(), VmmError> {
-        if self.phase != VmPhase::HandingOver {
-            return Err(self.refuse("complete a handover"));
-        }
-        self.phase = VmPhase::HandedOver;
-        Ok(())
-    }
-
     /// Marks the VM as rebuilt from a saved state: the state memfd it came in (if any) is
     /// current until the first resume.
     pub(crate) fn set_restored(
@@ -528,14 +482,23 @@ impl Vmm {
         }
     }
 
-    /// Asks the event loop to end. The guest is paused first so it stops cleanly.
-    pub fn request_shutdown(&mut self) {
+    /// Asks the event loop to end. The guest is paused first so it stops cleanly. While a
+    /// handover waits for its target's confirmation, only a forced shutdown goes on: it leaves
+    /// the VM to the target, whose ticket stays open.
+    pub fn request_shutdown(&mut self, force: bool) -> Result<(), VmmError> {
+        if self.phase == VmPhase::HandingOver {
+            if !force {
+                return Err(VmmError::HandoverPending);
+            }
+            log::warn!("shutting down while handing over: the VM is left to its target");
+        }
         if self.phase == VmPhase::Running {
             if let Err(e) = self.pause() {
                 log::warn!("shutdown: pause failed: {e}");
             }
         }
         self.phase = VmPhase::ShuttingDown;
+        Ok(())
     }
 
     /// Records that the guest stopped on its own.
@@ -588,5 +551,6 @@ fn export_failed(path: &Path) -> impl FnOnce(ExportError) -> VmmError + '_ {
 }
 
 mod export;
+mod handover;
 #[cfg(test)]
 mod tests;

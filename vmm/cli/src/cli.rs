@@ -9,7 +9,7 @@ use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
     memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
 };
-use luvmm_vmm::api::{PrepareBody, VmmAction};
+use luvmm_vmm::api::{PrepareBody, ShutdownBody, VmmAction};
 use luvmm_vmm::seccomp::SeccompMode;
 use serde::de::DeserializeOwned;
 
@@ -138,7 +138,9 @@ pub struct RestoreArgs {
     /// The agent's socket, with --session.
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
-    /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS).
+    /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS). Its path
+    /// may also be this one's --api-socket: it is taken once the source let the VM go. If
+    /// this restore fails first, the VM goes back to the source, which resumes it.
     #[arg(long, conflicts_with_all = ["state", "state_fd", "memory_fd"])]
     pub from_socket: Option<PathBuf>,
     /// Saved state in a file (from `ctl save --export`).
@@ -257,7 +259,12 @@ pub enum CtlRequest {
         request: GuestRequest,
     },
     /// Stop the VMM.
-    Shutdown,
+    Shutdown {
+        /// Also while a handover waits for its target's confirmation: the VMM exits and
+        /// leaves the VM to that target, which takes it over once it sees this VMM gone.
+        #[arg(long)]
+        force: bool,
+    },
     /// The host live update, from this VM's side.
     #[command(subcommand)]
     Update(UpdateRequest),
@@ -275,7 +282,7 @@ impl CtlRequest {
             },
             CtlRequest::Check => VmmAction::Check,
             CtlRequest::Guest { request } => VmmAction::GuestRequest(request),
-            CtlRequest::Shutdown => VmmAction::Shutdown,
+            CtlRequest::Shutdown { force } => VmmAction::Shutdown(ShutdownBody { force }),
             CtlRequest::Update(UpdateRequest::Prepare {
                 vm_id,
                 agent_socket,
@@ -437,6 +444,10 @@ mod tests {
                 export_path: Some(std::env::current_dir().unwrap().join("vm.state"))
             },
             "nothing_lost: a relative export is the caller's, not the VMM's"
+        );
+        assert_eq!(
+            ctl(&["shutdown", "--force"]),
+            VmmAction::Shutdown(ShutdownBody { force: true })
         );
         assert_eq!(
             ctl(&["guest", "irq_in_flight"]),

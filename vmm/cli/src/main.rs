@@ -11,14 +11,17 @@ use luvmm_liveupdate::luo::kexec::KexecError;
 use luvmm_resources::config::ConfigError;
 use luvmm_resources::errors::error_chain;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
+use luvmm_vmm::api::server::{ApiSocket, ApiSocketError};
 use luvmm_vmm::api::Endpoint;
 use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::outputs::{self, OutputError};
 use luvmm_vmm::restore::RestoreError;
 use luvmm_vmm::runtime::RuntimeError;
 use luvmm_vmm::seccomp::{self, SeccompError, ThreadKind};
+use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
 use luvmm_vmm::update::finish::FinishError;
 use luvmm_vmm::update::release::ReleaseError;
+use luvmm_vmm::vmm::Vmm;
 use luvmm_vmm::vstate::vm::VmError;
 use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
 
@@ -40,6 +43,17 @@ enum CommandError {
     Build(#[from] BuildError),
     #[error("cannot restore the VM")]
     Restore(#[from] RestoreError),
+    #[error("cannot serve the API")]
+    ApiSocket(#[from] ApiSocketError),
+    /// A restore from a handover failed before it confirmed: the VM is the source's.
+    #[error("cannot take the VM over; {fate}")]
+    NotTaken {
+        fate: VmFate,
+        #[source]
+        source: Box<CommandError>,
+    },
+    #[error("cannot take the VM over")]
+    Takeover(#[from] TakeoverError),
     #[error("refused before anything was taken")]
     Outputs(#[from] OutputError),
     #[error("the VM's event loop failed")]
@@ -99,52 +113,14 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
             let vmm = builder::build_for_boot(&kvm, &config, serial)?;
-            finish(runtime::run(vmm, config.api_socket.as_deref(), || {}))
+            let api = config
+                .api_socket
+                .as_deref()
+                .map(ApiSocket::bind)
+                .transpose()?;
+            finish(runtime::run(vmm, api, || {}))
         }
-        Command::Restore(args) => {
-            seccomp::init(args.common.seccomp)?;
-            let source = cli::restore_source(&args)?;
-            let serial = args.common.serial.clone().unwrap_or_default();
-            // A session is claimed once: what this process will write to is opened first.
-            let serial = outputs::open_outputs(&serial, args.common.api_socket.as_deref())?;
-            runtime::block_exit_signals().map_err(CommandError::Signals)?;
-            let kvm = vstate::vm::open_kvm()?;
-            let (inputs, session) = restore::collect(source, serial, &kvm)?;
-            let rebuilt = (|| {
-                vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-                let mut vmm = builder::build_from_saved(&kvm, inputs)?;
-                if let Some(session) = &session {
-                    // Everything is retrieved and rebuilt: the kernel may let go of the session.
-                    vmm.record_finish(update::finish::finish_session(session.as_ref())?);
-                }
-                Ok::<_, CommandError>(vmm)
-            })();
-            let vmm = match (rebuilt, &args.session) {
-                (Ok(vmm), _) => vmm,
-                // The agent keeps the session for the next restore.
-                (Err(e), Some(vm_id)) if session.is_some() => {
-                    let agent = AgentClient::new(&args.agent_socket);
-                    update::finish::report_failed(&agent, vm_id, &e);
-                    return Err(e);
-                }
-                (Err(e), _) => return Err(e),
-            };
-            if let Some(socket) = &args.from_socket {
-                restore::complete_handover(socket)?;
-            }
-            log::info!("restored; resuming");
-            // After a live update the agent learns the VM is done once its guest runs again.
-            let tell_agent = || {
-                if let Some(vm_id) = &args.session {
-                    update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
-                }
-            };
-            finish(runtime::run(
-                vmm,
-                args.common.api_socket.as_deref(),
-                tell_agent,
-            ))
-        }
+        Command::Restore(args) => restore(&args),
         Command::Ctl(args) => {
             let client =
                 VmmClient::new(&args.socket).with_timeout(Duration::from_secs_f64(args.timeout));
@@ -258,6 +234,87 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::from(report.verdict.exit_code()))
         }
     }
+}
+
+/// `luvmm restore`. Everything that can fail is done before a handover is confirmed (or a
+/// session finished): the API socket bound beside its path, the VM rebuilt. A restore from a
+/// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
+fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
+    seccomp::init(args.common.seccomp)?;
+    let api_path = args.common.api_socket.as_deref();
+    // What can fail before the VM's holder is asked for anything.
+    let prepare = || -> Result<_, CommandError> {
+        let source = cli::restore_source(args)?;
+        let serial = args.common.serial.clone().unwrap_or_default();
+        // A session is claimed once: what this process will write to is opened first.
+        let serial = match &args.from_socket {
+            Some(from) => outputs::open_outputs_replacing(&serial, api_path, from)?,
+            None => outputs::open_outputs(&serial, api_path)?,
+        };
+        runtime::block_exit_signals().map_err(CommandError::Signals)?;
+        let kvm = vstate::vm::open_kvm()?;
+        let api = api_path.map(ApiSocket::bind_aside).transpose()?;
+        Ok((source, serial, kvm, api))
+    };
+    let rebuild = |(source, serial, kvm, api)| -> Result<_, CommandError> {
+        let (inputs, session, takeover) = restore::collect(source, serial, &kvm)?;
+        let built = (|| {
+            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+            let mut vmm: Vmm = builder::build_from_saved(&kvm, inputs)?;
+            if let Some(session) = &session {
+                // Everything is retrieved and rebuilt: the kernel may let go of the session.
+                vmm.record_finish(update::finish::finish_session(session.as_ref())?);
+            }
+            Ok::<_, CommandError>(vmm)
+        })();
+        match (built, &args.session) {
+            (Ok(vmm), _) => Ok((vmm, api, takeover)),
+            // After the claim: the agent keeps the session for the next restore.
+            (Err(e), Some(vm_id)) if session.is_some() => {
+                let agent = AgentClient::new(&args.agent_socket);
+                update::finish::report_failed(&agent, vm_id, &e);
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        }
+    };
+    let rebuilt = match prepare() {
+        Ok(prepared) => rebuild(prepared).map_err(|e| (e, true)),
+        Err(e) => Err((e, false)),
+    };
+    let (vmm, mut api, takeover) = match (rebuilt, &args.from_socket) {
+        (Ok(rebuilt), _) => rebuilt,
+        (Err((e, asked)), Some(from)) => {
+            let fate = if asked {
+                takeover::give_back(from)
+            } else {
+                takeover::whereabouts(from)
+            };
+            return Err(CommandError::NotTaken {
+                fate,
+                source: Box::new(e),
+            });
+        }
+        (Err((e, _)), None) => return Err(e),
+    };
+    if let Some(takeover) = takeover {
+        let how = takeover.confirm()?;
+        log::info!("took the VM over ({how:?})");
+    }
+    // The VM is this process's now: a socket that cannot move stays reachable where it is.
+    if let Some(api) = &mut api {
+        if let Err(e) = api.place(args.from_socket.as_deref()) {
+            log::error!("{}; the API stays at its temporary name", error_chain(&e));
+        }
+    }
+    log::info!("restored; resuming");
+    // After a live update the agent learns the VM is done once its guest runs again.
+    let tell_agent = || {
+        if let Some(vm_id) = &args.session {
+            update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
+        }
+    };
+    finish(runtime::run(vmm, api, tell_agent))
 }
 
 fn finish(result: Result<runtime::Ending, RuntimeError>) -> Result<ExitCode, CommandError> {

@@ -15,7 +15,9 @@ use luvmm_liveupdate::unix::FdReader;
 use luvmm_resources::layout::MSI_GSI_START;
 
 use super::http::{parse_response, request_bytes, HttpError};
-use super::{CheckBody, Endpoint, PrepareBody, VmmAction};
+use super::{
+    CheckBody, CompleteHandoverBody, Endpoint, HandoverBody, PrepareBody, ShutdownBody, VmmAction,
+};
 use crate::update::check::VmCheck;
 use crate::update::prepare::PrepareReport;
 use crate::vmm::{HandoverManifest, SaveReport, VmStatus};
@@ -196,8 +198,20 @@ impl VmmClient {
     /// Asks for the VM: its saved state and memory (and devices) as fds. The VMM can still
     /// resume it until [`VmmClient::complete_handover`].
     pub fn handover(&self) -> Result<Handover, ClientError> {
+        self.ask_handover(HandoverBody::default())
+    }
+
+    /// As [`VmmClient::handover`], for a target that runs the guest only once it confirmed:
+    /// if this process exits before it confirms, the VMM resumes the VM by itself.
+    pub fn handover_to_this_process(&self) -> Result<Handover, ClientError> {
+        self.ask_handover(HandoverBody {
+            resume_if_target_exits: true,
+        })
+    }
+
+    fn ask_handover(&self, body: HandoverBody) -> Result<Handover, ClientError> {
         let endpoint = Endpoint::Handover;
-        let reply = self.call(&VmmAction::Handover)?;
+        let reply = self.call(&VmmAction::Handover(body))?;
         let manifest = self.decode(endpoint, &reply.body)?;
         Ok(Handover {
             manifest,
@@ -205,14 +219,19 @@ impl VmmClient {
         })
     }
 
-    /// Tells the VMM this process took its VM over; after this it refuses to resume it.
-    pub fn complete_handover(&self) -> Result<(), ClientError> {
-        self.call(&VmmAction::CompleteHandover).map(drop)
+    /// Tells the VMM this process took its VM over, with the token of the manifest it
+    /// received; after this the VMM refuses to resume it.
+    pub fn complete_handover(&self, token: &str) -> Result<(), ClientError> {
+        self.call(&VmmAction::CompleteHandover(CompleteHandoverBody {
+            token: token.to_string(),
+        }))
+        .map(drop)
     }
 
-    /// Stops the VMM.
-    pub fn shutdown(&self) -> Result<(), ClientError> {
-        self.call(&VmmAction::Shutdown).map(drop)
+    /// Stops the VMM; `force` also while a handover waits for its target, leaving it the VM.
+    pub fn shutdown(&self, force: bool) -> Result<(), ClientError> {
+        self.call(&VmmAction::Shutdown(ShutdownBody { force }))
+            .map(drop)
     }
 
     /// Sends `action` and returns the reply whatever its status, for callers that show it as
@@ -365,7 +384,9 @@ mod tests {
             let reply = Response::json(200, &serde_json::json!({})).to_bytes();
             luvmm_liveupdate::unix::send_with_fds(stream, &reply, &fds).unwrap();
         });
-        let reply = VmmClient::new(&path).send(&VmmAction::Handover).unwrap();
+        let reply = VmmClient::new(&path)
+            .send(&VmmAction::Handover(HandoverBody::default()))
+            .unwrap();
         server.join().unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(reply.is_success(), "{reply:?}");

@@ -11,12 +11,12 @@
 //! | PUT    | `/vm/update/prepare` | `{"vm_id", "agent_socket", "require_preserved_devices"?}` | 200 prepare report (VM `preserved`) |
 //! | PUT    | `/vm/update/check` | `{"agent_socket"}`       | 200 this VM's pre-flight (devices, blockers, warnings) |
 //! | PUT    | `/vm/update/cancel` |                          | 204 (session released, VM resumed) |
-//! | PUT    | `/vm/handover` |                               | 200 manifest + fds (SCM_RIGHTS) |
-//! | PUT    | `/vm/handover/complete` |                      | 204 (the target took the VM)   |
-//! | PUT    | `/vm/shutdown` |                               | 204                            |
+//! | PUT    | `/vm/handover` | `{"resume_if_target_exits": true}`? | 200 manifest + fds (SCM_RIGHTS) |
+//! | PUT    | `/vm/handover/complete` | `{"token"}` (the manifest's) | 204 (the target took the VM) |
+//! | PUT    | `/vm/shutdown` | `{"force": true}`? (needed while handing over) | 204     |
 //!
-//! Errors are `{"error": "..."}` with 400 (bad body), 404 (unknown path), 405 (wrong method),
-//! 408 (no complete request within the read timeout), 409 (wrong phase), 413 (too large), 503
+//! Errors are `{"error": "..."}` with 400 (bad body), 403 (a handover token that does not
+//! match), 404 (unknown path), 405 (wrong method), 408 (no complete request within the read timeout), 409 (wrong phase), 413 (too large), 503
 //! (too many clients queued) or 500.
 //!
 //! Each endpoint's method and path are written once, in [`Endpoint::route`], and its body
@@ -52,9 +52,9 @@ pub enum VmmAction {
     PrepareUpdate(PrepareBody),
     CheckUpdate(CheckBody),
     CancelUpdate,
-    Handover,
-    CompleteHandover,
-    Shutdown,
+    Handover(HandoverBody),
+    CompleteHandover(CompleteHandoverBody),
+    Shutdown(ShutdownBody),
 }
 
 impl VmmAction {
@@ -70,9 +70,9 @@ impl VmmAction {
             VmmAction::PrepareUpdate(_) => Endpoint::PrepareUpdate,
             VmmAction::CheckUpdate(_) => Endpoint::CheckUpdate,
             VmmAction::CancelUpdate => Endpoint::CancelUpdate,
-            VmmAction::Handover => Endpoint::Handover,
-            VmmAction::CompleteHandover => Endpoint::CompleteHandover,
-            VmmAction::Shutdown => Endpoint::Shutdown,
+            VmmAction::Handover(_) => Endpoint::Handover,
+            VmmAction::CompleteHandover(_) => Endpoint::CompleteHandover,
+            VmmAction::Shutdown(_) => Endpoint::Shutdown,
         }
     }
 
@@ -88,6 +88,9 @@ impl VmmAction {
             }
             VmmAction::PrepareUpdate(body) => serde_json::to_string(body)?,
             VmmAction::CheckUpdate(body) => serde_json::to_string(body)?,
+            VmmAction::Handover(body) => serde_json::to_string(body)?,
+            VmmAction::CompleteHandover(body) => serde_json::to_string(body)?,
+            VmmAction::Shutdown(body) => serde_json::to_string(body)?,
             _ => return Ok(None),
         };
         Ok(Some(body))
@@ -191,9 +194,11 @@ impl Endpoint {
             }
             Endpoint::CancelUpdate => no_body(body).map(|_| VmmAction::CancelUpdate),
             Endpoint::CheckUpdate => required_body::<CheckBody>(body).map(VmmAction::CheckUpdate),
-            Endpoint::Handover => no_body(body).map(|_| VmmAction::Handover),
-            Endpoint::CompleteHandover => no_body(body).map(|_| VmmAction::CompleteHandover),
-            Endpoint::Shutdown => no_body(body).map(|_| VmmAction::Shutdown),
+            Endpoint::Handover => parse_body::<HandoverBody>(body).map(VmmAction::Handover),
+            Endpoint::CompleteHandover => {
+                required_body::<CompleteHandoverBody>(body).map(VmmAction::CompleteHandover)
+            }
+            Endpoint::Shutdown => parse_body::<ShutdownBody>(body).map(VmmAction::Shutdown),
             Endpoint::Save => parse_body::<SaveBody>(body).map(|s| VmmAction::Save {
                 export_path: s.export_path,
             }),
@@ -223,6 +228,31 @@ pub struct PrepareBody {
     pub agent_socket: PathBuf,
     #[serde(default)]
     pub require_preserved_devices: bool,
+}
+
+/// What `PUT /vm/handover` takes. A target that runs the guest only once it confirmed asks
+/// for `resume_if_target_exits`: if it exits before confirming, the VMM resumes the VM. A
+/// client that may pass the fds on to another process must not.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverBody {
+    #[serde(default)]
+    pub resume_if_target_exits: bool,
+}
+
+/// What `PUT /vm/handover/complete` takes: the token of the manifest the target received.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteHandoverBody {
+    pub token: String,
+}
+
+/// What `PUT /vm/shutdown` takes. `force` is needed while a handover waits for its target.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownBody {
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -345,18 +375,15 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),
         },
-        VmmAction::Handover => match vmm.handover() {
+        VmmAction::Handover(_) => match vmm.handover() {
             Ok((manifest, fds)) => Reply {
                 response: Response::json(200, &manifest),
                 fds,
             },
             Err(e) => error_response(&e).into(),
         },
-        VmmAction::CompleteHandover => done(vmm.complete_handover()).into(),
-        VmmAction::Shutdown => {
-            vmm.request_shutdown();
-            Response::empty(204).into()
-        }
+        VmmAction::CompleteHandover(body) => done(vmm.complete_handover(&body.token)).into(),
+        VmmAction::Shutdown(body) => done(vmm.request_shutdown(body.force)).into(),
     }
 }
 
@@ -370,7 +397,11 @@ fn update_error_response(e: &UpdateError) -> Response {
 
 fn error_response(e: &VmmError) -> Response {
     let status = match e {
-        VmmError::WrongPhase { .. } | VmmError::NoCurrentState | VmmError::NotMovable { .. } => 409,
+        VmmError::WrongPhase { .. }
+        | VmmError::NoCurrentState
+        | VmmError::NotMovable { .. }
+        | VmmError::HandoverPending => 409,
+        VmmError::WrongToken => 403,
         // The caller named a destination the VMM will not write.
         VmmError::Export {
             source: ExportError::Relative | ExportError::NotRegular(_),
@@ -412,8 +443,21 @@ mod tests {
             Ok(VmmAction::Save { export_path: None })
         );
         assert_eq!(
-            route(&req("PUT", "/vm/handover/complete", "")),
-            Ok(VmmAction::CompleteHandover)
+            route(&req("PUT", "/vm/handover/complete", r#"{"token": "ab"}"#)),
+            Ok(VmmAction::CompleteHandover(CompleteHandoverBody {
+                token: "ab".into()
+            }))
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/handover/complete", ""))
+                .unwrap_err()
+                .status,
+            400,
+            "a confirmation without its token"
+        );
+        assert_eq!(
+            route(&req("PUT", "/vm/shutdown", "")),
+            Ok(VmmAction::Shutdown(ShutdownBody { force: false }))
         );
     }
 
@@ -438,9 +482,15 @@ mod tests {
                 agent_socket: "/run/agent.sock".into(),
             }),
             VmmAction::CancelUpdate,
-            VmmAction::Handover,
-            VmmAction::CompleteHandover,
-            VmmAction::Shutdown,
+            VmmAction::Handover(HandoverBody::default()),
+            VmmAction::Handover(HandoverBody {
+                resume_if_target_exits: true,
+            }),
+            VmmAction::CompleteHandover(CompleteHandoverBody {
+                token: "0123".into(),
+            }),
+            VmmAction::Shutdown(ShutdownBody { force: false }),
+            VmmAction::Shutdown(ShutdownBody { force: true }),
         ]
     }
 

@@ -8,7 +8,8 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,15 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use luvmm_liveupdate::unix::{self, BindError};
 use luvmm_resources::sync::lock;
+use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use super::http::{parse_request, HttpError, Response};
-use super::{dispatch, route, Reply};
-use crate::vmm::Vmm;
+use super::{dispatch, route, Reply, VmmAction};
+use crate::outputs::same_file;
+use crate::vmm::{open_pidfd, Vmm};
 
 /// The API socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,103 @@ pub enum ApiSocketError {
     },
     #[error("cannot create the API read timer")]
     Timer(#[source] std::io::Error),
+    #[error("cannot move API socket {from} to {path}")]
+    Place {
+        from: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// The API socket's listener, bound before the VM runs so that a path it cannot use fails
+/// the start, not a running VM.
+pub struct ApiSocket {
+    listener: UnixListener,
+    /// Where the socket is reachable: its path, or a temporary name beside it until `place`.
+    bound_at: PathBuf,
+    path: PathBuf,
+    /// The socket's inode (device, number): only this socket is ever removed at `bound_at`,
+    /// never one another process put there since.
+    inode: (u64, u64),
+}
+
+impl ApiSocket {
+    /// Binds at `path` now, mode 0600, never replacing anything there.
+    pub fn bind(path: &Path) -> Result<ApiSocket, ApiSocketError> {
+        let listener = unix::bind_owner_only(path).map_err(bind_error)?;
+        ApiSocket::new(listener, path.to_path_buf(), path)
+    }
+
+    /// Binds beside `path` (`PATH.<pid>.tmp`), mode 0600, for [`ApiSocket::place`] to move
+    /// there once the VM is this process's: a target binds before it confirms a handover,
+    /// and may take the path of its source's socket only after the source let the VM go.
+    pub fn bind_aside(path: &Path) -> Result<ApiSocket, ApiSocketError> {
+        let (listener, tmp) = unix::bind_owner_only_aside(path).map_err(bind_error)?;
+        ApiSocket::new(listener, tmp, path)
+    }
+
+    fn new(
+        listener: UnixListener,
+        bound_at: PathBuf,
+        path: &Path,
+    ) -> Result<ApiSocket, ApiSocketError> {
+        let inode = match std::fs::symlink_metadata(&bound_at) {
+            Ok(meta) => (meta.dev(), meta.ino()),
+            Err(source) => {
+                let _ = std::fs::remove_file(&bound_at);
+                return Err(ApiSocketError::Bind {
+                    path: bound_at,
+                    source,
+                });
+            }
+        };
+        Ok(ApiSocket {
+            listener,
+            bound_at,
+            path: path.to_path_buf(),
+            inode,
+        })
+    }
+
+    /// Moves the socket to its path, which must be free, or hold the socket of `replacing`
+    /// (the source a VM was taken over from): anything else there is left alone.
+    pub fn place(&mut self, replacing: Option<&Path>) -> Result<(), ApiSocketError> {
+        if self.bound_at == self.path {
+            return Ok(());
+        }
+        let flags = if replacing.is_some_and(|source| same_file(&self.path, source)) {
+            RenameFlags::empty()
+        } else {
+            RenameFlags::RENAME_NOREPLACE
+        };
+        renameat2(AT_FDCWD, &self.bound_at, AT_FDCWD, &self.path, flags).map_err(|source| {
+            ApiSocketError::Place {
+                from: self.bound_at.clone(),
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.bound_at = self.path.clone();
+        Ok(())
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.bound_at)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.bound_at);
+        }
+    }
+}
+
+fn bind_error(e: BindError) -> ApiSocketError {
+    match e {
+        BindError::Exists { path } => ApiSocketError::Exists { path },
+        BindError::Create { path, source } => ApiSocketError::Bind { path, source },
+    }
 }
 
 /// How long the client being served has to send its whole request.
@@ -47,14 +148,15 @@ const MAX_QUEUED: usize = 16;
 
 /// Serves the control API for one VMM.
 pub struct ApiServer {
-    path: PathBuf,
-    listener: UnixListener,
+    socket: ApiSocket,
     /// Connections in arrival order; the front one is being served.
     queue: VecDeque<Client>,
     /// Fires at `deadline`.
     timer: TimerFd,
     /// When the front client must have sent its whole request.
     deadline: Option<Instant>,
+    /// Pidfds of handover targets being watched (the VMM holds them).
+    targets: Vec<RawFd>,
     vmm: Arc<Mutex<Vmm>>,
 }
 
@@ -64,19 +166,13 @@ struct Client {
 }
 
 impl ApiServer {
-    /// Creates the socket with mode 0600, never reachable with wider permissions.
-    pub fn bind(path: &Path, vmm: Arc<Mutex<Vmm>>) -> Result<ApiServer, ApiSocketError> {
-        let listener = unix::bind_owner_only(path).map_err(|e| match e {
-            BindError::Exists { path } => ApiSocketError::Exists { path },
-            BindError::Create { path, source } => ApiSocketError::Bind { path, source },
+    /// Serves the API of `vmm` on `socket`.
+    pub fn new(socket: ApiSocket, vmm: Arc<Mutex<Vmm>>) -> Result<ApiServer, ApiSocketError> {
+        let nonblocking = socket.listener.set_nonblocking(true);
+        nonblocking.map_err(|source| ApiSocketError::Bind {
+            path: socket.bound_at.clone(),
+            source,
         })?;
-        if let Err(source) = listener.set_nonblocking(true) {
-            let _ = std::fs::remove_file(path);
-            return Err(ApiSocketError::Bind {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
         // Non-blocking, so a read after the deadline was reset returns at once.
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
@@ -84,18 +180,18 @@ impl ApiServer {
         )
         .map_err(|e| ApiSocketError::Timer(e.into()))?;
         Ok(ApiServer {
-            path: path.to_path_buf(),
-            listener,
+            socket,
             queue: VecDeque::new(),
             timer,
             deadline: None,
+            targets: Vec::new(),
             vmm,
         })
     }
 
     fn accept_all(&mut self, ops: &mut EventOps) {
         loop {
-            match self.listener.accept() {
+            match self.socket.listener.accept() {
                 Ok((stream, _)) => self.enqueue(stream, ops),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -191,7 +287,7 @@ impl ApiServer {
                 Some(Response::error(413, &HttpError::TooLarge.to_string()).into())
             }
             Some(Err(e)) => Some(Response::error(400, &e.to_string()).into()),
-            Some(Ok(req)) => Some(self.handle(req)),
+            Some(Ok(req)) => Some(self.handle(req, ops)),
         };
         self.finish_front(reply, ops);
     }
@@ -210,26 +306,57 @@ impl ApiServer {
         }
     }
 
-    fn handle(&self, req: super::http::Request) -> Reply {
+    fn handle(&mut self, req: super::http::Request, ops: &mut EventOps) -> Reply {
         let action = match route(&req) {
             Ok(action) => action,
             Err(resp) => return resp.into(),
         };
         log::debug!("api: {} {} -> {action:?}", req.method, req.path);
-        let mut vmm = lock(&self.vmm);
-        dispatch(&mut vmm, action)
+        let watch = matches!(&action, VmmAction::Handover(body) if body.resume_if_target_exits);
+        let shared = self.vmm.clone();
+        let mut vmm = lock(&shared);
+        let reply = dispatch(&mut vmm, action);
+        if watch && reply.response.status == 200 {
+            self.watch_target(&mut vmm, ops);
+        }
+        reply
     }
-}
 
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Watches the front client, the target of the handover just handed out, until it exits.
+    /// A target that cannot be watched is only logged: the VM then waits for a `resume`.
+    fn watch_target(&mut self, vmm: &mut Vmm, ops: &mut EventOps) {
+        let Some(client) = self.queue.front() else {
+            return;
+        };
+        let pidfd = getsockopt(&client.stream, PeerCredentials)
+            .map_err(std::io::Error::from)
+            .and_then(|peer| {
+                u32::try_from(peer.pid())
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
+            })
+            .and_then(open_pidfd);
+        let watched = match pidfd {
+            Ok(pidfd) => vmm.watch_target(pidfd),
+            Err(e) => {
+                log::warn!("api: cannot watch the handover's target: {e}");
+                return;
+            }
+        };
+        if let Some(fd) = watched {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
+                log::warn!("api: cannot watch the handover's target: {e:?}");
+            }
+            self.targets.push(fd);
+        }
     }
 }
 
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.listener.as_raw_fd(), self.timer.as_fd().as_raw_fd()] {
+        for fd in [
+            self.socket.listener.as_raw_fd(),
+            self.timer.as_fd().as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
                 log::error!("api: cannot watch fd {fd}: {e:?}");
             }
@@ -238,7 +365,7 @@ impl MutEventSubscriber for ApiServer {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.listener.as_raw_fd() {
+        if fd == self.socket.listener.as_raw_fd() {
             self.accept_all(ops);
         } else if fd == self.timer.as_fd().as_raw_fd() {
             self.check_deadline(ops);
@@ -248,6 +375,10 @@ impl MutEventSubscriber for ApiServer {
             .is_some_and(|c| c.stream.as_raw_fd() == fd)
         {
             self.serve_front(ops);
+        } else if self.targets.contains(&fd) {
+            // The VMM closes the pidfd once it is done with it, which ends its watch.
+            self.targets.retain(|&t| t != fd);
+            lock(&self.vmm).target_exited(fd);
         }
     }
 }

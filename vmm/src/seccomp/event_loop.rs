@@ -44,6 +44,9 @@ pub(super) fn allow_list(kick: i32) -> Result<AllowList, BackendError> {
         .any(libc::SYS_poll)
         .any(libc::SYS_ppoll)
         .when_arg(libc::SYS_fcntl, 1, &FCNTL)?
+        // A process handover's target, watched (a pidfd from its peer credentials) so that the
+        // source resumes the VM if the target exits without confirming.
+        .any(libc::SYS_pidfd_open)
         // Pausing a running vCPU: the kick signal, to that thread only.
         .when_arg(libc::SYS_tgkill, 2, &[u64::try_from(kick).unwrap_or(0)])?
         // Save: the state in a memfd and, with --export, a file written to a temporary name,

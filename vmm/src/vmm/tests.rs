@@ -9,7 +9,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::builder::{build_from_saved, BuildError, Origin, RestoreArgs};
 use crate::passthrough::DeviceSetupError;
-use crate::vmm::{VmPhase, VmmError};
+use crate::vmm::{HandoverTicket, TicketState, VmPhase, VmmError};
 use crate::vstate::vcpu::register_kick_signal;
 use crate::vstate::vm::open_kvm;
 
@@ -69,7 +69,7 @@ fn a_restored_vm_comes_back_paused_and_each_phase_refuses_what_it_must() {
     assert_eq!(vmm.phase(), VmPhase::Paused);
     assert!(vmm.status().restore_timings.is_some());
     assert!(matches!(
-        vmm.complete_handover(),
+        vmm.complete_handover(""),
         Err(VmmError::WrongPhase {
             phase: VmPhase::Paused,
             ..
@@ -81,11 +81,36 @@ fn a_restored_vm_comes_back_paused_and_each_phase_refuses_what_it_must() {
     );
     vmm.save(None).expect("save the paused VM");
     assert!(vmm.status().state_current);
-    let (manifest, fds) = vmm.handover().expect("hand over");
+    let (manifest, mut fds) = vmm.handover().expect("hand over");
     assert_eq!(manifest.memory.regions.len(), 1);
-    assert_eq!(fds.len(), 2, "the state memfd and one RAM memfd");
+    assert_eq!(
+        fds.len(),
+        3,
+        "the state memfd, one RAM memfd and the ticket"
+    );
     assert_eq!(vmm.phase(), VmPhase::HandingOver);
-    vmm.complete_handover().expect("the target took it");
+    let ticket = HandoverTicket::from_fd(fds.pop().expect("the ticket"));
+    assert_eq!(ticket.read().expect("read the ticket"), TicketState::Open);
+    assert!(matches!(
+        vmm.request_shutdown(false),
+        Err(VmmError::HandoverPending)
+    ));
+    assert!(matches!(
+        vmm.complete_handover("not the token"),
+        Err(VmmError::WrongToken)
+    ));
+    assert_eq!(
+        vmm.phase(),
+        VmPhase::HandingOver,
+        "a wrong token changes nothing"
+    );
+    assert_eq!(ticket.read().expect("read the ticket"), TicketState::Open);
+    vmm.complete_handover(&manifest.token)
+        .expect("the target took it");
+    assert_eq!(
+        ticket.read().expect("read the ticket"),
+        TicketState::Completed
+    );
     assert!(matches!(
         vmm.resume(),
         Err(VmmError::WrongPhase {
@@ -136,4 +161,27 @@ fn a_state_with_devices_is_refused_without_what_brings_them() {
         build_from_saved(&kvm, args(with_device(), 4 << 20, live_update)),
         Err(BuildError::NoDevices)
     ));
+}
+
+#[test]
+fn nothing_lost_a_second_handover_withdraws_the_first_targets_claim() {
+    let kvm = kvm();
+    let mut vmm = build_from_saved(&kvm, args(golden(), 4 << 20, Origin::Saved)).expect("rebuild");
+    vmm.save(None).expect("save the paused VM");
+    let (first, mut first_fds) = vmm.handover().expect("hand over");
+    let first_ticket = HandoverTicket::from_fd(first_fds.pop().expect("the ticket"));
+    let (second, mut second_fds) = vmm.handover().expect("hand over again");
+    let second_ticket = HandoverTicket::from_fd(second_fds.pop().expect("the ticket"));
+    assert_ne!(first.token, second.token);
+    assert_eq!(first_ticket.read().unwrap(), TicketState::Withdrawn);
+    assert_eq!(second_ticket.read().unwrap(), TicketState::Open);
+    assert!(matches!(
+        vmm.complete_handover(&first.token),
+        Err(VmmError::WrongToken)
+    ));
+    vmm.complete_handover(&second.token)
+        .expect("the later target took it");
+    assert_eq!(second_ticket.read().unwrap(), TicketState::Completed);
+    vmm.request_shutdown(false)
+        .expect("a VM handed over may shut down");
 }

@@ -178,7 +178,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
     if !log.contains("LUVMM-CHECK ok") {
         return Err(BenchError::NotOk { log });
     }
-    let _ = restored.shutdown();
+    let _ = restored.shutdown(false);
     drop(second);
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);

@@ -356,7 +356,7 @@ impl Drop for Guest {
         let _ = self
             .client()
             .with_timeout(Duration::from_secs(5))
-            .shutdown();
+            .shutdown(false);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if matches!(self.child.get_mut().try_wait(), Ok(Some(_))) {
