@@ -17,6 +17,9 @@ pub enum Fault {
     /// The restore stops itself (SIGSTOP) right after it claimed its session, for the test
     /// to kill it there.
     StopAfterClaim,
+    /// The restore stops itself (SIGSTOP) once every passthrough device is bound to its
+    /// iommufd after a kexec, for the test to kill it there.
+    StopAfterDeviceBind,
     /// A prepare saves, beside the vCPUs' real MSRs, one no KVM lists ([`UNKNOWN_MSR`]): the
     /// state of a VM saved on a host whose KVM had an MSR the next kernel's lacks.
     SaveUnknownMsr,
@@ -33,6 +36,7 @@ impl Fault {
     fn name(self) -> &'static str {
         match self {
             Fault::StopAfterClaim => "stop-after-claim",
+            Fault::StopAfterDeviceBind => "stop-after-device-bind",
             Fault::SaveUnknownMsr => "save-unknown-msr",
             Fault::VcpuForbiddenSyscall => "vcpu-forbidden-syscall",
         }

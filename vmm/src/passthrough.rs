@@ -22,6 +22,7 @@ use luvmm_resources::sync::lock;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::faults::{self, Fault};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm::{remove_vfio_file, VmError};
 
@@ -290,6 +291,9 @@ impl Passthrough {
                 started.elapsed().as_secs_f64() * 1e3
             );
             hosts.push((state, host));
+        }
+        if faults::armed(Fault::StopAfterDeviceBind) {
+            faults::stop_here();
         }
         let regions = ram_mappings(ram);
         let mapping = Instant::now();

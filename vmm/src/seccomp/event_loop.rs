@@ -75,6 +75,9 @@ pub(super) fn allow_list(kick: i32) -> Result<AllowList, BackendError> {
         .any(libc::SYS_pread64)
         .any(libc::SYS_pwrite64)
         .any(libc::SYS_getdents64)
+        // vfio-ioctls duplicates the KVM VFIO device fd (`VfioDeviceFd::try_clone`, with dup)
+        // when a device is opened again into the VM's IOMMU context.
+        .any(libc::SYS_dup)
         .any(libc::SYS_readlink)
         .any(libc::SYS_readlinkat)
         // A live update's prepare: RAM, devices and state preserved into the VM's session.

@@ -93,6 +93,7 @@ fn release_claimed(session: Box<dyn RetrieveSession>) -> Result<ReleaseReport, R
     let saved: VmState = state::decode(&blob).map_err(|e| bad_state(StateRefused::Decode(e)))?;
     let tokens = &update_record(&saved).map_err(bad_state)?.device_tokens;
     let mut held = Vec::new();
+    let mut refused = None;
     let mut report = ReleaseReport {
         session: name.clone(),
         devices: Vec::new(),
@@ -108,10 +109,29 @@ fn release_claimed(session: Box<dyn RetrieveSession>) -> Result<ReleaseReport, R
                 .retrieve(*token)
                 .map_err(luo("cannot retrieve a passthrough device"))?,
         );
-        held.push(BoundCdev::adopt(device.bdf.clone(), cdev).map_err(ReleaseError::Device)?);
+        // A restore that failed after binding the device left its file (the same file every
+        // retrieve gives) bound to that restore's iommufd: no second bind is allowed, but it
+        // is bound, which is all FINISH asks. So a refused bind is kept for later: it matters
+        // only if FINISH then refuses too.
+        match BoundCdev::adopt(device.bdf.clone(), cdev) {
+            Ok(bound) => held.push(bound),
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot bind it ({}); an earlier restore may hold it bound",
+                    device.bdf,
+                    error_chain(&e)
+                );
+                refused.get_or_insert(e);
+            }
+        }
         report.devices.push(device.bdf.clone());
     }
-    session.finish().map_err(luo("FINISH failed"))?;
+    if let Err(e) = session.finish() {
+        return Err(match (e, refused) {
+            (LuoError::FinishBusy { .. }, Some(bind)) => ReleaseError::Device(bind),
+            (e, _) => luo("FINISH failed")(e),
+        });
+    }
     log::info!(
         "session {name} finished without a restore; released {} device(s): {}",
         report.devices.len(),
