@@ -163,18 +163,22 @@ case "$stage" in
         $(grep -q '"vm":"vm1","session":"luvmm-vm1","phase":"incoming"' status.json \
             && grep -q '"vm":"vm2","session":"luvmm-vm2","phase":"incoming"' status.json; echo $?) \
         "$(cat status.json)"
-    # A restore killed right after its claim: the agent keeps the session for the next one.
-    killed_after_claim() { # killed_after_claim VM
-        LUVMM_TEST_FAULTS=stop-after-claim luvmm restore --session "$1" --agent-socket $agent_sock \
-            --serial "./killed-$1.log" 2>"killed-$1.err" &
+    # A restore killed right after its claim, or (vm1, whose devices the old kernel did not
+    # preserve) once it retrieved the RAM and opened its devices: the agent keeps the session
+    # for the next restore, which gets the same RAM memfds (the guest's own check below).
+    killed_at() { # killed_at FAULT VM NAME
+        LUVMM_TEST_FAULTS=$1 luvmm restore --session "$2" --agent-socket $agent_sock \
+            --serial "./killed-$2.log" 2>"killed-$2.err" &
         kill_when_stopped $!
         status=$(luvmm agent status --socket $agent_sock)
-        result "nothing_lost_a_restore_killed_after_its_claim_leaves_$1_claimable" \
-            $(echo "$status" | grep -q "\"vm\":\"$1\",\"session\":\"luvmm-$1\",\"phase\":\"failed\".*exited before it finished"; echo $?) \
-            "$status; $(cat "killed-$1.err")"
+        result "nothing_lost_a_restore_killed_$3_leaves_$2_claimable" \
+            $(grep -q "test fault: stopping here" "killed-$2.err" \
+                && echo "$status" | grep -q "\"vm\":\"$2\",\"session\":\"luvmm-$2\",\"phase\":\"failed\".*exited before it finished"; echo $?) \
+            "$status; $(cat "killed-$2.err")"
     }
-    killed_after_claim vm1
-    killed_after_claim vm2
+    killed_at stop-after-claim vm1 after_its_claim
+    killed_at stop-after-device-bind vm1 after_it_took_its_ram_and_devices
+    killed_at stop-after-claim vm2 after_its_claim
     # A serial path that cannot be opened: refused before the claim, so the restore below
     # still gets the session.
     luvmm restore --session vm1 --agent-socket $agent_sock --serial /nonexistent/dir/a.log \

@@ -58,6 +58,7 @@ fn a_vm_with_devices_survives_a_host_live_update() {
             "the_agent_started_again_before_the_first_claim",
             "a_restore_killed_after_its_claim_leaves_vm1_claimable",
             "a_restore_killed_after_its_claim_leaves_vm2_claimable",
+            "a_restore_killed_after_it_took_its_ram_and_devices_leaves_vm1_claimable",
             "a_saved_msr_this_kvm_lacks_is_refused_by_name",
             "a_session_whose_restore_failed_can_be_released",
         ],
