@@ -24,8 +24,11 @@
  * It then sleeps in HLT between x2APIC timer ticks (10 Hz) that bump a heartbeat counter.
  * After each wake-up it reads the luvmm guest-control port; bit 0 set means "check now", and
  * it re-reads every filled page and prints one of
- *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C vcpus=N heartbeats=H0,H1,...
+ *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C vcpus=N tick_gap_tsc=G tick_tsc=T heartbeats=H0,H1,...
  *     LUVMM-CHECK LOST first_bad_gpa=0x... expected=0x... found=0x...
+ * G is the largest TSC gap between two of the BSP's ticks since the previous check, T the TSC
+ * per tick (100 ms) over its first 10 ticks: G / T * 100 ms is the longest the guest's own
+ * clock saw it stop, e.g. across a save and restore.
  * Any CPU exception prints LUVMM-FAULT vector=V rip=0x... and halts for good.
  *
  * Before sleeping it scans PCI bus 0 for QEMU edu devices; for each it sizes and places BAR 0,
@@ -69,6 +72,7 @@
     .set MAX_CPUS,            8             /* vCPUs with a stack and a heartbeat */
     .set TRAMPOLINE,          0x10000       /* real-mode AP entry: SIPI vector 0x10 */
     .set AP_QUIET_TICKS,      5
+    .set CALIBRATION_TICKS,   10            /* the BSP's ticks its TSC per tick is averaged over */
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
     .set DEV_VECTOR,          0x41
@@ -413,6 +417,7 @@ run_check:
     movq checks(%rip), %rax
     call put_dec
     call put_vcpus
+    call put_tick_clock
     leaq str_heartbeats(%rip), %rsi
     call puts
     xorl %ebx, %ebx
@@ -436,6 +441,30 @@ run_check:
     movq (%rdi), %rax
     call put_key_hex
     jmp newline
+
+/* put_tick_clock: " tick_gap_tsc=G tick_tsc=T": the largest TSC gap between two of the BSP's
+ * ticks since the last check (then cleared), and the TSC per tick (TICK_COUNT, 100 ms) over
+ * its first CALIBRATION_TICKS ticks, which turns G into time by the guest's own clocks. */
+put_tick_clock:
+    cli
+    movq tick_gap_max(%rip), %r8
+    movq $0, tick_gap_max(%rip)
+    movq tick_tsc_cal(%rip), %rax
+    sti
+    testq %rax, %rax
+    jz 1f                           /* not calibrated yet: 0 */
+    subq tick_tsc_first(%rip), %rax
+    movl $CALIBRATION_TICKS, %ecx
+    xorl %edx, %edx
+    divq %rcx
+1:  leaq str_tick_gap(%rip), %rsi
+    call puts
+    xchgq %rax, %r8
+    call put_dec
+    leaq str_tick_tsc(%rip), %rsi
+    call puts
+    movq %r8, %rax
+    jmp put_dec
 
 print_boot_line:
     leaq str_boot(%rip), %rsi
@@ -1560,6 +1589,9 @@ isr_timer:
     jae eoi_iret
     leaq heartbeats(%rip), %rdx
     lock incq (%rdx,%rax,8)
+    testl %eax, %eax
+    jnz eoi_iret
+    call tick_clock                 /* the BSP's tick also times itself by the TSC */
 /* eoi_iret: the end of every handler that pushed rax, rcx, rdx: x2APIC EOI, then return */
 eoi_iret:
     movl $0x80b, %ecx               /* x2APIC EOI */
@@ -1573,6 +1605,36 @@ eoi_iret:
 
 isr_spurious:
     iretq
+
+/* tick_clock: on each of the BSP's ticks, the TSC gap since its previous tick, kept as the
+ * largest since the last check: a pause the guest's own clock saw shows as one long gap.
+ * Clobbers rax and rdx (isr_timer saved them). */
+tick_clock:
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq tick_tsc(%rip), %rdx
+    movq %rax, tick_tsc(%rip)
+    testq %rdx, %rdx
+    jz 1f
+    cmpq $0, tick_tsc_cal(%rip)
+    jne 3f
+    pushq %rax                      /* calibrating: is this the window's last tick? */
+    movq heartbeat(%rip), %rax
+    subq tick_first(%rip), %rax
+    cmpq $CALIBRATION_TICKS, %rax
+    popq %rax
+    jb 3f
+    movq %rax, tick_tsc_cal(%rip)
+3:  subq %rdx, %rax
+    cmpq tick_gap_max(%rip), %rax
+    jbe 2f
+    movq %rax, tick_gap_max(%rip)
+2:  ret
+1:  movq %rax, tick_tsc_first(%rip)
+    movq heartbeat(%rip), %rax
+    movq %rax, tick_first(%rip)
+    ret
 
 isr_unexpected:
     pushq $-1
@@ -1712,6 +1774,8 @@ str_heartbeat:  .asciz " heartbeat="
 str_checks:     .asciz " checks="
 str_vcpus:      .asciz " vcpus="
 str_heartbeats: .asciz " heartbeats="
+str_tick_gap:   .asciz " tick_gap_tsc="
+str_tick_tsc:   .asciz " tick_tsc="
 str_cover:      .asciz " cover="
 str_smp:        .asciz "LUVMM-SMP"
 str_check_lost: .asciz "LUVMM-CHECK LOST first_bad_gpa="
@@ -1815,6 +1879,11 @@ seed:           .skip 8
 heartbeat:                              /* the BSP's: heartbeats[0] */
 heartbeats:     .skip MAX_CPUS * 8
 checks:         .skip 8
+tick_tsc:       .skip 8                 /* the TSC at the BSP's last tick, 0 before its first */
+tick_tsc_first: .skip 8                 /* ... at its first, with the heartbeat then */
+tick_first:     .skip 8
+tick_tsc_cal:   .skip 8                 /* ... at the tick CALIBRATION_TICKS later, 0 until then */
+tick_gap_max:   .skip 8                 /* the largest TSC gap between two ticks since the last check */
 dev_bar:        .skip 8
 dma_src:        .skip 8
 dma_dst:        .skip 8

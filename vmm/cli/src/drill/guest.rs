@@ -64,11 +64,19 @@ pub struct GuestCheck {
     pub seed: String,
     pub checks: u64,
     pub heartbeats: Vec<u64>,
+    /// The largest TSC gap between two of the BSP's ticks since the previous check, and the
+    /// TSC per tick (100 ms) by the guest's own calibration (0 until it has one).
+    pub tick_gap_tsc: Option<u64>,
+    pub tick_tsc: Option<u64>,
     pub line: String,
 }
 
+/// The guest's timer ticks every 100 ms.
+const TICK_MS: f64 = 100.0;
+
 impl GuestCheck {
-    /// Parses `LUVMM-CHECK ok pages=N heartbeat=H seed=0x.. checks=C vcpus=N heartbeats=a,b`
+    /// Parses `LUVMM-CHECK ok pages=N heartbeat=H seed=0x.. checks=C vcpus=N tick_gap_tsc=G
+    /// tick_tsc=T heartbeats=a,b`
     /// or `LUVMM-CHECK LOST first_bad_gpa=..`.
     pub fn parse(line: &str) -> Option<GuestCheck> {
         let line = line.trim_end();
@@ -84,8 +92,19 @@ impl GuestCheck {
             heartbeats: field("heartbeats")
                 .map(|v| v.split(',').filter_map(|h| h.parse().ok()).collect())
                 .unwrap_or_default(),
+            tick_gap_tsc: field("tick_gap_tsc").and_then(|v| v.parse().ok()),
+            tick_tsc: field("tick_tsc").and_then(|v| v.parse().ok()),
             line: line.to_string(),
         })
+    }
+
+    /// The longest the guest's own clock saw it stop since its previous check, in ms: its
+    /// largest tick gap in ticks of its calibrated TSC rate.
+    pub fn clock_gap_ms(&self) -> Option<f64> {
+        let (gap, tick) = (self.tick_gap_tsc?, self.tick_tsc.filter(|t| *t > 0)?);
+        // Cycle counts far below 2^52 are exact in an f64.
+        #[allow(clippy::cast_precision_loss)]
+        Some(gap as f64 / tick as f64 * TICK_MS)
     }
 
     /// Whether this check, taken after `before`, shows a guest that lost nothing and went on:
@@ -436,6 +455,20 @@ mod tests {
             "heartbeats did not all go on: [5, 7] then [9, 7]"
         );
         assert!(GuestCheck::parse("LUVMM-BOOT proto=pvh").is_none());
+    }
+
+    #[test]
+    fn nothing_lost_drill_reads_the_guest_clock_from_its_check() {
+        let after = check(
+            "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=3 vcpus=2 \
+             tick_gap_tsc=650000000 tick_tsc=260000000 heartbeats=9,8",
+        );
+        assert_eq!(after.clock_gap_ms(), Some(250.0));
+        // Not calibrated yet, or a payload without the clock: no figure rather than a wrong one.
+        let early = check("LUVMM-CHECK ok pages=9 seed=0xab checks=1 tick_gap_tsc=5 tick_tsc=0");
+        assert_eq!(early.clock_gap_ms(), None);
+        let old = check("LUVMM-CHECK ok pages=9 seed=0xab checks=1 heartbeats=9,8");
+        assert_eq!(old.clock_gap_ms(), None);
     }
 
     #[test]
