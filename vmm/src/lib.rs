@@ -4,6 +4,7 @@
 pub mod api;
 pub mod boot;
 pub mod builder;
+pub mod faults;
 pub mod host_check;
 pub mod logger;
 pub mod outputs;

@@ -22,6 +22,7 @@ use luvmm_resources::sync::lock;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::faults::Fault;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm::{remove_vfio_file, VmError};
 
@@ -290,6 +291,15 @@ impl Passthrough {
                 started.elapsed().as_secs_f64() * 1e3
             );
             hosts.push((state, host));
+        }
+        if Fault::SwapDevices.injected() && hosts.len() >= 2 {
+            log::warn!(
+                "test fault swap-devices: {} and {} each go into the other's slot",
+                hosts[0].0.bdf,
+                hosts[1].0.bdf
+            );
+            let (first, rest) = hosts.split_at_mut(1);
+            std::mem::swap(&mut first[0].1, &mut rest[0].1);
         }
         let regions = ram_mappings(ram);
         let mapping = Instant::now();
