@@ -106,8 +106,9 @@ fn require_guests_went_on(report: &Value, round: &Value, vms: usize, devices: us
         assert_eq!(devs.len(), devices, "{vm}");
         for dev in devs {
             let line = dev["round_line"].as_str().unwrap_or_default();
+            // A DMA round trip with its MSI, through the very device the guest named at boot.
             assert!(
-                line.starts_with("LUVMM-ROUND ok ") && line.ends_with(" dma=ok irq=msi"),
+                line.starts_with("LUVMM-ROUND ok ") && line.ends_with(" dma=ok irq=msi id=ok"),
                 "{vm}"
             );
         }
@@ -248,6 +249,43 @@ fn a_drill_with_thp_keeps_guest_ram_in_huge_pages_across_the_kexec() {
         assert!(
             kib >= 64 * 1024,
             "{key}: {kib} KiB of 64 MiB in huge pages: {vm}"
+        );
+    }
+}
+
+/// Two identical devices swapped onto each other in the restore (the test-only fault
+/// `swap-devices`: each preserved device goes into the other's guest slot) still do their DMA,
+/// but each guest round finds another device's identity in the slot it named at boot, and the
+/// drill fails saying so.
+#[test]
+fn nothing_lost_drill_catches_two_devices_swapped_in_the_restore() {
+    let (code, report, _) = drill(
+        "drill-swap",
+        &[
+            "--devices",
+            "2",
+            "--vfio-handler",
+            "on",
+            "--test-faults",
+            "swap-devices",
+        ],
+    );
+    assert_eq!((code, &report["ok"]), (1, &Value::Bool(false)), "{report}");
+    let round = rounds(&report, "update")[0];
+    let vm = &round["vms"][0];
+    for dev in vm["devices"].as_array().expect("devices") {
+        let line = dev["round_line"].as_str().unwrap_or_default();
+        assert!(line.contains(" id=LOST found="), "{vm}");
+        assert_eq!(dev["same_device"], false, "{vm}");
+        let bdf = dev["bdf"].as_str().unwrap_or_default();
+        let failures = report["failures"].as_array().expect("failures");
+        assert!(
+            failures.iter().any(|f| {
+                f.as_str().is_some_and(|f| {
+                    f.contains(&format!("{bdf}: another device answers in its slot"))
+                })
+            }),
+            "{report}"
         );
     }
 }

@@ -77,6 +77,9 @@ pub struct Plan {
     /// Guest RAM asks for transparent huge pages, and L1's shmem THP is `advise`.
     #[serde(default)]
     pub thp: bool,
+    /// Test-only faults (`LUVMM_TEST_FAULTS`) for every restore, for the drill's own tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_faults: Option<String>,
 }
 
 impl Plan {
@@ -213,6 +216,10 @@ pub struct DrillArgs {
     /// Also write an SVG timeline of the phases per VM here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Test-only faults injected into every restore (`LUVMM_TEST_FAULTS`), to see the drill
+    /// catch them.
+    #[arg(long, hide = true)]
+    pub test_faults: Option<String>,
 }
 
 impl DrillArgs {
@@ -225,6 +232,7 @@ impl DrillArgs {
             cancel_first: self.cancel_first,
             vfio_handler: self.bed.vfio_handler,
             thp: self.bed.thp,
+            test_faults: self.test_faults.clone(),
         }
     }
 }
@@ -386,6 +394,7 @@ mod tests {
             cancel_first: false,
             vfio_handler: VfioHandler::Off,
             thp: false,
+            test_faults: None,
         }
     }
 

@@ -184,7 +184,7 @@ fn restore_all(
     for index in 0..plan.vms as usize {
         let vm = vm_id(index);
         let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
-        let guest = restore(round, &vm, work, agent_socket)?;
+        let guest = restore(round, plan, &vm, work, agent_socket)?;
         guests.push((guest, devices));
     }
     Ok(guests)
@@ -338,9 +338,15 @@ fn prepare_all(
 
 /// Round `round`'s second half for one VM: restore it from its session (the open watcher
 /// runs from the agent's start), then its guest's own evidence.
-fn restore(round: u32, vm: &str, work: &Path, agent_socket: &Path) -> Result<Guest, StepError> {
+fn restore(
+    round: u32,
+    plan: &Plan,
+    vm: &str,
+    work: &Path,
+    agent_socket: &Path,
+) -> Result<Guest, StepError> {
     emit(&phase(vm, "restore"));
-    let guest = Guest::restore(work, vm, agent_socket)?;
+    let guest = Guest::restore(work, vm, agent_socket, plan.test_faults.as_deref())?;
     emit(&phase(vm, "check"));
     let timings = guest.status()?.restore_timings.unwrap_or_default();
     let check_after = guest.check()?;

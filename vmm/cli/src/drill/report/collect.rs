@@ -9,7 +9,7 @@ use super::verdict::{judge_guest, judge_rounds};
 use super::{DeviceResult, DrillReport, RoundReport, Span, VmResult};
 use crate::drill::bed::{L1Run, Line};
 use crate::drill::event::{Event, WatchSpan, HOST_ROW};
-use crate::drill::guest::{round_works, GuestCheck};
+use crate::drill::guest::{round_identity, round_works, GuestCheck};
 use crate::drill::Plan;
 
 /// Gathers L1's events as they arrive.
@@ -128,7 +128,8 @@ impl Collector {
                 let result = VmResult {
                     vm: vm.clone(),
                     guest_check: judge_guest(&check_before, &check_after),
-                    guest_clock_gap_ms: guest_clock_gap_ms(&check_after),
+                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
+                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
                     check_before,
                     check_after,
                     devices,
@@ -191,7 +192,8 @@ impl Collector {
                 let result = VmResult {
                     vm: vm.clone(),
                     guest_check: judge_guest(&check_before, &check_after),
-                    guest_clock_gap_ms: guest_clock_gap_ms(&check_after),
+                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
+                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
                     check_before,
                     check_after,
                     devices,
@@ -279,9 +281,9 @@ impl Collector {
     }
 }
 
-/// The longest the guest's own clock saw it stop, from its check line.
-fn guest_clock_gap_ms(check: &str) -> Option<f64> {
-    GuestCheck::parse(check).and_then(|c| c.clock_gap_ms())
+/// A figure of the guest's own clock, from its check line.
+fn guest_clock(check: &str, figure: fn(&GuestCheck) -> Option<f64>) -> Option<f64> {
+    GuestCheck::parse(check).and_then(|c| figure(&c))
 }
 
 /// Each device (BDF, preserved) with the guest's round line for it (the guest sees them in
@@ -299,6 +301,7 @@ fn device_results(
                 bdf,
                 preserved,
                 works: round_works(&line),
+                same_device: round_identity(&line),
                 round_line: line,
             }
         })

@@ -16,7 +16,7 @@ const BEFORE: &str = "LUVMM-CHECK ok pages=9 heartbeat=5 seed=0xab checks=1 vcpu
 /// The guest's TSC stopped for 10 ticks' worth (1 s) once between its checks.
 pub(super) const AFTER: &str = "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=2 vcpus=2 \
      tick_gap_tsc=2600000000 tick_tsc=260000000 heartbeats=9,9";
-pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi";
+pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi id=ok";
 const BDF: &str = "0000:00:03.0";
 
 fn plan(handler: VfioHandler) -> Plan {
@@ -28,6 +28,7 @@ fn plan(handler: VfioHandler) -> Plan {
         cancel_first: false,
         vfio_handler: handler,
         thp: false,
+        test_faults: None,
     }
 }
 

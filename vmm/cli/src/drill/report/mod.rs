@@ -107,6 +107,9 @@ pub struct VmResult {
     /// 100 ms timer ticks, between its checks before and after (its TSC rate calibrated against
     /// its timer): how much of the blackout the guest itself can tell.
     pub guest_clock_gap_ms: Option<f64>,
+    /// The most the guest's TSC went back from one of its ticks to the next between those
+    /// checks (0: never): a restore that set its clock back.
+    pub guest_clock_back_ms: Option<f64>,
     /// L1's `ShmemHugePages` in KiB (all VMs) before the prepare and after the restore: how
     /// much guest RAM was in huge folios, and how much of it LUO brought back huge.
     pub shmem_huge_kib_before: Option<u64>,
@@ -123,6 +126,11 @@ pub struct DeviceResult {
     pub normal_opens: u32,
     /// The guest's DMA round trip with its interrupt through it worked afterwards.
     pub works: bool,
+    /// The device in its slot still held the identity the guest wrote to it at boot (an edu's
+    /// liveness register, which no reset clears: edu has none, and Linux finds no reset
+    /// method for it, so it holds in every VFIO handler mode and when opened again): it is
+    /// the same device, not another one put in its place. `None`: the guest did not say.
+    pub same_device: Option<bool>,
     /// The guest's round line for it.
     pub round_line: String,
 }

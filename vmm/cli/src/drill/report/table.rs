@@ -93,6 +93,19 @@ impl DrillReport {
                 );
             }
         }
+        for (round, vm) in self
+            .rounds
+            .iter()
+            .flat_map(|r| r.vms.iter().map(move |v| (r, v)))
+        {
+            if let Some(back) = vm.guest_clock_back_ms.filter(|ms| *ms > 0.0) {
+                let _ = writeln!(
+                    out,
+                    "round {} ({}) {}: the guest's TSC went back {back:.1} ms between two ticks",
+                    round.round, round.kind, vm.vm
+                );
+            }
+        }
         if self.plan.thp {
             for vm in self.rounds.iter().flat_map(|r| &r.vms) {
                 if let (Some(before), Some(after)) =

@@ -57,6 +57,19 @@ pub(super) fn judge_rounds(plan: &Plan, rounds: &[RoundReport], failures: &mut V
                         vm.vm, device.bdf, device.round_line
                     ));
                 }
+                // Every drill device is an edu, whose identity the guest checks each round.
+                if device.same_device != Some(true) {
+                    failures.push(format!(
+                        "{name} {} {}: {}: {:?}",
+                        vm.vm,
+                        device.bdf,
+                        match device.same_device {
+                            Some(_) => "another device answers in its slot",
+                            None => "the guest did not check the device's identity",
+                        },
+                        device.round_line
+                    ));
+                }
                 if round.kind == "update"
                     && plan.vfio_handler == VfioHandler::On
                     && !device.preserved
@@ -187,6 +200,14 @@ mod tests {
             let report = drill_watched(VfioHandler::On, true, AFTER, ROUND, seen, true);
             failed_with(&report, span);
         }
+    }
+
+    #[test]
+    fn nothing_lost_drill_catches_a_device_that_is_not_the_one_the_guest_named() {
+        let swapped = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi id=LOST found=0x00000000ab";
+        let report = drill(VfioHandler::Off, false, AFTER, swapped, opens(1, 1), true);
+        failed_with(&report, "0000:00:03.0: another device answers in its slot");
+        assert_eq!(report.rounds[0].vms[0].devices[0].same_device, Some(false));
     }
 
     #[test]
