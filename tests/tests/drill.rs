@@ -95,12 +95,13 @@ fn require_guests_went_on(report: &Value, round: &Value, vms: usize, devices: us
         let gap = vm["guest_clock_gap_ms"].as_f64();
         assert!(gap.is_some_and(|ms| ms > 0.0), "{vm}");
         println!(
-            "round {} ({}) {}: blackout_ms {} guest_clock_gap_ms {}",
+            "round {} ({}) {}: blackout_ms {} guest_clock_gap_ms {} guest_clock_back_ms {}",
             round["round"],
             round["kind"],
             vm["vm"],
             vm["phases_ms"]["blackout"],
-            vm["guest_clock_gap_ms"]
+            vm["guest_clock_gap_ms"],
+            vm["guest_clock_back_ms"]
         );
         let devs = vm["devices"].as_array().expect("devices");
         assert_eq!(devs.len(), devices, "{vm}");

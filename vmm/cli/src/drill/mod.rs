@@ -4,8 +4,9 @@
 //! The host half (this module, `bed.rs`, `report/`) boots an L1 host under QEMU with the
 //! `edu` devices the plan needs, passes the plan in L1's initramfs, follows L1's console
 //! through every kexec and builds the report. The L1 half (`rehearsal.rs`, run as
-//! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore under the
-//! open watcher (`watch.rs`), each guest's checks (`guest.rs`).
+//! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore, with the
+//! open watcher (`watch.rs`) over both kernels' part of the update, each guest's checks
+//! (`guest.rs`).
 
 pub mod bed;
 pub mod event;

@@ -5,9 +5,10 @@
 //! devices); with `--cancel-first` it prepares them, calls the update off and has them check
 //! themselves. Every stage N ≤ rounds then runs the pre-flight, prepares every VM and asks the
 //! agent for the kexec into the next kernel with stage N+1 on its command line. Every stage
-//! N > 1 first restores each VM from its session under the open watcher and has its guest
-//! check itself and drive its devices again. It reports facts as [`Event`]s on the console;
-//! the host half judges them.
+//! N > 1 first restores each VM from its session and has its guest check itself and drive its
+//! devices again. The open watcher runs from the first prepare to the kexec and, in the next
+//! kernel, from the agent's start to the last resume. It reports facts as [`Event`]s on the
+//! console; the host half judges them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
