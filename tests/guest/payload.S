@@ -24,8 +24,13 @@
  * It then sleeps in HLT between x2APIC timer ticks (10 Hz) that bump a heartbeat counter.
  * After each wake-up it reads the luvmm guest-control port; bit 0 set means "check now", and
  * it re-reads every filled page and prints one of
- *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C vcpus=N heartbeats=H0,H1,...
+ *     LUVMM-CHECK ok pages=N heartbeat=H seed=0x... checks=C vcpus=N tick_gap_tsc=G tick_tsc=T
+ *         tick_back_tsc=B heartbeats=H0,H1,...                    (one line)
  *     LUVMM-CHECK LOST first_bad_gpa=0x... expected=0x... found=0x...
+ * G is the largest TSC gap between two of the BSP's ticks since the previous check, T the TSC
+ * per tick (100 ms) over its first 10 ticks: G / T * 100 ms is the longest the guest's own
+ * clock saw it stop, e.g. across a save and restore; B is the most its TSC went back between
+ * two ticks (0: it never did).
  * Any CPU exception prints LUVMM-FAULT vector=V rip=0x... and halts for good.
  *
  * Before sleeping it scans PCI bus 0 for QEMU edu devices; for each it sizes and places BAR 0,
@@ -44,9 +49,10 @@
  *
  * The guest-control port word has one bit per request: 1 check (above), 2 devices, 4
  * irq_in_flight, 8 irq_landed. "devices" drives every device found at boot again, as it was
- * left: a new DMA round trip with its interrupt through each edu device, and a new IDENTIFY at
+ * left: a new DMA round trip with its interrupt through each edu device (which must still hold
+ * the identity the guest wrote to its liveness register at boot, from the seed and its slot), and a new IDENTIFY at
  * the tail of the NVMe admin queue set up at boot (no re-initialisation), completed by MSI-X:
- *     LUVMM-ROUND ok n=R bdf=00:SS.0 dma=ok irq=msi
+ *     LUVMM-ROUND ok n=R bdf=00:SS.0 dma=ok irq=msi id=ok  (or id=LOST found=0x...)
  *     LUVMM-ROUND ok n=R bdf=00:SS.0 nvme=ok irq=msix sq_slot=K
  *     LUVMM-ROUND done n=R devices=D         (or LUVMM-ROUND FAIL ... reason=...)
  * "irq_in_flight" masks NVMe vector 0 and sends a command (its completion must then be
@@ -69,6 +75,7 @@
     .set MAX_CPUS,            8             /* vCPUs with a stack and a heartbeat */
     .set TRAMPOLINE,          0x10000       /* real-mode AP entry: SIPI vector 0x10 */
     .set AP_QUIET_TICKS,      5
+    .set CALIBRATION_TICKS,   10            /* the BSP's ticks its TSC per tick is averaged over */
     .set TIMER_VECTOR,        32
     .set SPURIOUS_VECTOR,     0xff
     .set DEV_VECTOR,          0x41
@@ -413,6 +420,7 @@ run_check:
     movq checks(%rip), %rax
     call put_dec
     call put_vcpus
+    call put_tick_clock
     leaq str_heartbeats(%rip), %rsi
     call puts
     xorl %ebx, %ebx
@@ -436,6 +444,39 @@ run_check:
     movq (%rdi), %rax
     call put_key_hex
     jmp newline
+
+/* put_tick_clock: " tick_gap_tsc=G tick_tsc=T tick_back_tsc=B": the largest TSC gap between
+ * two of the BSP's ticks since the last check, the TSC per tick (TICK_COUNT, 100 ms) over its
+ * first CALIBRATION_TICKS ticks, which turns G into time by the guest's own clocks, and the
+ * most its TSC went back from one tick to the next since the last check (0: never). G and B
+ * are cleared. */
+put_tick_clock:
+    cli
+    movq tick_gap_max(%rip), %r8
+    movq $0, tick_gap_max(%rip)
+    movq tick_back_max(%rip), %r9
+    movq $0, tick_back_max(%rip)
+    movq tick_tsc_cal(%rip), %rax
+    sti
+    testq %rax, %rax
+    jz 1f                           /* not calibrated yet: 0 */
+    subq tick_tsc_first(%rip), %rax
+    movl $CALIBRATION_TICKS, %ecx
+    xorl %edx, %edx
+    divq %rcx
+1:  leaq str_tick_gap(%rip), %rsi
+    call puts
+    xchgq %rax, %r8
+    call put_dec
+    leaq str_tick_tsc(%rip), %rsi
+    call puts
+    movq %r8, %rax
+    call put_dec
+    leaq str_tick_back(%rip), %rsi
+    call puts
+    movq %r9, %rax
+    negq %rax
+    jmp put_dec
 
 print_boot_line:
     leaq str_boot(%rip), %rsi
@@ -765,6 +806,8 @@ edu_test:
     movl 0x04(%r12), %eax
     cmpl $0xedcba987, %eax
     jne edu_fail_live
+    call edu_identity               /* the device keeps its identity's inverse from now on */
+    movl %eax, 0x04(%r12)
     call edu_time_mmio
     cmpq $0, use_intx(%rip)
     jne 4f
@@ -1174,7 +1217,20 @@ edu_round:
     call puts
     call edu_irq_word
     call puts
-    call newline
+    call edu_identity               /* is this still the device the guest named at boot? */
+    notl %eax
+    leaq str_id_ok(%rip), %rsi
+    cmpl 0x04(%r12), %eax
+    je 7f
+    leaq str_id_lost(%rip), %rsi
+    call puts
+    movl 0x04(%r12), %eax
+    notl %eax
+    leaq str_found(%rip), %rsi
+    call put_key_hex
+    jmp 9f
+7:  call puts
+9:  call newline
     popq %r13
     ret
 8:  movq %rax, %r13
@@ -1184,6 +1240,15 @@ edu_round:
     call puts
     call newline
     popq %r13
+    ret
+
+/* edu_identity: ebx = slot -> eax = the identity the guest gives the edu device in that slot,
+ * from its seed: at boot it writes it to the liveness register (0x04), which keeps its inverse
+ * and which nothing resets (edu has no reset, and Linux finds no reset method for it), so a
+ * round that reads back another value is talking to another device. */
+edu_identity:
+    imull $0x61c88647, %ebx, %eax
+    addl seed(%rip), %eax
     ret
 
 /* nvme_command: r12 = the NVMe BAR. Sends IDENTIFY CONTROLLER, with the next command id, at
@@ -1560,6 +1625,9 @@ isr_timer:
     jae eoi_iret
     leaq heartbeats(%rip), %rdx
     lock incq (%rdx,%rax,8)
+    testl %eax, %eax
+    jnz eoi_iret
+    call tick_clock                 /* the BSP's tick also times itself by the TSC */
 /* eoi_iret: the end of every handler that pushed rax, rcx, rdx: x2APIC EOI, then return */
 eoi_iret:
     movl $0x80b, %ecx               /* x2APIC EOI */
@@ -1573,6 +1641,39 @@ eoi_iret:
 
 isr_spurious:
     iretq
+
+/* tick_clock: on each of the BSP's ticks, the TSC step since its previous tick, kept as the
+ * largest since the last check (a pause the guest's own clock saw shows as one long gap) and
+ * as the most negative (a TSC set back). Clobbers rax and rdx (isr_timer saved them). */
+tick_clock:
+    rdtsc
+    shlq $32, %rdx
+    orq %rdx, %rax
+    movq tick_tsc(%rip), %rdx
+    movq %rax, tick_tsc(%rip)
+    testq %rdx, %rdx
+    jz 1f
+    cmpq $0, tick_tsc_cal(%rip)
+    jne 3f
+    pushq %rax                      /* calibrating: is this the window's last tick? */
+    movq heartbeat(%rip), %rax
+    subq tick_first(%rip), %rax
+    cmpq $CALIBRATION_TICKS, %rax
+    popq %rax
+    jb 3f
+    movq %rax, tick_tsc_cal(%rip)
+3:  subq %rdx, %rax                /* this step, signed: a TSC set back makes it negative */
+    cmpq tick_gap_max(%rip), %rax
+    jle 4f
+    movq %rax, tick_gap_max(%rip)
+4:  cmpq tick_back_max(%rip), %rax
+    jge 2f
+    movq %rax, tick_back_max(%rip)
+2:  ret
+1:  movq %rax, tick_tsc_first(%rip)
+    movq heartbeat(%rip), %rax
+    movq %rax, tick_first(%rip)
+    ret
 
 isr_unexpected:
     pushq $-1
@@ -1712,11 +1813,16 @@ str_heartbeat:  .asciz " heartbeat="
 str_checks:     .asciz " checks="
 str_vcpus:      .asciz " vcpus="
 str_heartbeats: .asciz " heartbeats="
+str_tick_gap:   .asciz " tick_gap_tsc="
+str_tick_tsc:   .asciz " tick_tsc="
+str_tick_back:  .asciz " tick_back_tsc="
 str_cover:      .asciz " cover="
 str_smp:        .asciz "LUVMM-SMP"
 str_check_lost: .asciz "LUVMM-CHECK LOST first_bad_gpa="
 str_expected:   .asciz " expected="
 str_found:      .asciz " found="
+str_id_ok:      .asciz " id=ok"
+str_id_lost:    .asciz " id=LOST"
 str_fault:      .asciz "LUVMM-FAULT vector="
 str_rip:        .asciz " rip="
 str_bad_pvh:    .asciz "LUVMM-FAULT bad hvm_start_info magic\n"
@@ -1815,6 +1921,12 @@ seed:           .skip 8
 heartbeat:                              /* the BSP's: heartbeats[0] */
 heartbeats:     .skip MAX_CPUS * 8
 checks:         .skip 8
+tick_tsc:       .skip 8                 /* the TSC at the BSP's last tick, 0 before its first */
+tick_tsc_first: .skip 8                 /* ... at its first, with the heartbeat then */
+tick_first:     .skip 8
+tick_tsc_cal:   .skip 8                 /* ... at the tick CALIBRATION_TICKS later, 0 until then */
+tick_gap_max:   .skip 8                 /* the largest TSC step between two ticks since the last check */
+tick_back_max:  .skip 8                 /* ... the most negative one, 0 if none */
 dev_bar:        .skip 8
 dma_src:        .skip 8
 dma_dst:        .skip 8

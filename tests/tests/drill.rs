@@ -49,6 +49,20 @@ fn console(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
 }
 
+/// What the open watcher saw over one span of a round (`opens_prepare_to_kexec` or
+/// `opens_agent_to_resume`): VFIO cdev opens, group and container opens, `/dev/iommu` opens.
+fn watched(round: &Value, span: &str) -> (usize, usize, usize) {
+    let opens = round[span]["opens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {span} in {round}"));
+    let count = |node: &str| opens.iter().filter(|o| o["node"] == node).count();
+    (
+        count("vfio_cdev"),
+        count("vfio_group") + count("vfio_container"),
+        count("iommufd"),
+    )
+}
+
 fn rounds<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
     report["rounds"]
         .as_array()
@@ -77,12 +91,25 @@ fn require_guests_went_on(report: &Value, round: &Value, vms: usize, devices: us
         assert!(checks1 > checks0, "{vm}");
         assert_eq!(beats0.len(), 2, "{vm}");
         assert!(beats1.iter().zip(&beats0).all(|(a, b)| a > b), "{vm}");
+        // The guest's own clock measured its longest stop across the round.
+        let gap = vm["guest_clock_gap_ms"].as_f64();
+        assert!(gap.is_some_and(|ms| ms > 0.0), "{vm}");
+        println!(
+            "round {} ({}) {}: blackout_ms {} guest_clock_gap_ms {} guest_clock_back_ms {}",
+            round["round"],
+            round["kind"],
+            vm["vm"],
+            vm["phases_ms"]["blackout"],
+            vm["guest_clock_gap_ms"],
+            vm["guest_clock_back_ms"]
+        );
         let devs = vm["devices"].as_array().expect("devices");
         assert_eq!(devs.len(), devices, "{vm}");
         for dev in devs {
             let line = dev["round_line"].as_str().unwrap_or_default();
+            // A DMA round trip with its MSI, through the very device the guest named at boot.
             assert!(
-                line.starts_with("LUVMM-ROUND ok ") && line.ends_with(" dma=ok irq=msi"),
+                line.starts_with("LUVMM-ROUND ok ") && line.ends_with(" dma=ok irq=msi id=ok"),
                 "{vm}"
             );
         }
@@ -111,11 +138,15 @@ fn a_drill_reopens_devices_without_the_vfio_handler_and_the_guest_keeps_everythi
         assert_eq!(dev["preserved"], false, "{vm}");
         assert_eq!(dev["normal_opens"], 1, "{vm}");
     }
-    // The kernel's own count: two cdev opens, one /dev/iommu, by the restoring luvmm.
-    let opens = vm["opens"]["opens"].as_array().expect("opens");
-    let count = |node: &str| opens.iter().filter(|o| o["node"] == node).count();
-    assert_eq!((count("vfio_cdev"), count("iommufd")), (2, 1), "{vm}");
-    assert_eq!(count("vfio_group") + count("vfio_container"), 0, "{vm}");
+    // The kernel's own count: nothing from the prepare to the kexec; after it, from the
+    // agent's start to the resume, two cdev opens and one /dev/iommu, by the restoring luvmm.
+    let (cdev, group, _) = watched(round, "opens_prepare_to_kexec");
+    assert_eq!((cdev, group), (0, 0), "{round}");
+    assert_eq!(
+        watched(round, "opens_agent_to_resume"),
+        (2, 0, 1),
+        "{round}"
+    );
     for phase in [
         "preserve_ram",
         "pause",
@@ -173,8 +204,9 @@ fn a_drill_of_two_vms_cancels_first_then_updates_twice() {
 
 /// `--vfio-handler on` (the bed kernel's handler in `reset` mode): every device is preserved,
 /// and after each kexec it comes back only through the VM's LUO session. The kernel's own
-/// count of normal opens of the devices and their groups is zero; the only open is the new
-/// `/dev/iommu`, which is not preserved. Two rounds: the second preserves files that the
+/// count of normal opens of the devices and their groups, from the prepare to the kexec and
+/// from the next kernel's agent to the resume, is zero; the only open is the new `/dev/iommu`
+/// after the kexec, which is not preserved. Two rounds: the second preserves files that the
 /// first retrieved.
 #[test]
 fn a_drill_with_the_vfio_handler_reaches_devices_only_through_the_session() {
@@ -192,16 +224,13 @@ fn a_drill_with_the_vfio_handler_reaches_devices_only_through_the_session() {
             assert_eq!(dev["preserved"], true, "{vm}");
             assert_eq!(dev["normal_opens"], 0, "{vm}");
         }
-        let opens = vm["opens"]["opens"].as_array().expect("opens");
-        let count = |node: &str| opens.iter().filter(|o| o["node"] == node).count();
+        // From the prepare to the kexec and from the next kernel's agent to the resume.
+        let (cdev, group, _) = watched(round, "opens_prepare_to_kexec");
+        assert_eq!((cdev, group), (0, 0), "{round}");
         assert_eq!(
-            (
-                count("vfio_cdev"),
-                count("vfio_group") + count("vfio_container"),
-                count("iommufd")
-            ),
+            watched(round, "opens_agent_to_resume"),
             (0, 0, 1),
-            "{vm}"
+            "{round}"
         );
     }
 }
@@ -221,6 +250,43 @@ fn a_drill_with_thp_keeps_guest_ram_in_huge_pages_across_the_kexec() {
         assert!(
             kib >= 64 * 1024,
             "{key}: {kib} KiB of 64 MiB in huge pages: {vm}"
+        );
+    }
+}
+
+/// Two identical devices swapped onto each other in the restore (the test-only fault
+/// `swap-devices`: each preserved device goes into the other's guest slot) still do their DMA,
+/// but each guest round finds another device's identity in the slot it named at boot, and the
+/// drill fails saying so.
+#[test]
+fn nothing_lost_drill_catches_two_devices_swapped_in_the_restore() {
+    let (code, report, _) = drill(
+        "drill-swap",
+        &[
+            "--devices",
+            "2",
+            "--vfio-handler",
+            "on",
+            "--test-faults",
+            "swap-devices",
+        ],
+    );
+    assert_eq!((code, &report["ok"]), (1, &Value::Bool(false)), "{report}");
+    let round = rounds(&report, "update")[0];
+    let vm = &round["vms"][0];
+    for dev in vm["devices"].as_array().expect("devices") {
+        let line = dev["round_line"].as_str().unwrap_or_default();
+        assert!(line.contains(" id=LOST found="), "{vm}");
+        assert_eq!(dev["same_device"], false, "{vm}");
+        let bdf = dev["bdf"].as_str().unwrap_or_default();
+        let failures = report["failures"].as_array().expect("failures");
+        assert!(
+            failures.iter().any(|f| {
+                f.as_str().is_some_and(|f| {
+                    f.contains(&format!("{bdf}: another device answers in its slot"))
+                })
+            }),
+            "{report}"
         );
     }
 }

@@ -27,6 +27,9 @@ pub enum Fault {
     /// installed its seccomp filter: with `--seccomp on` the process ends, with `off` the call
     /// is harmless.
     VcpuForbiddenSyscall,
+    /// A restore after a kexec puts the first two passthrough devices each in the other's
+    /// guest slot: the guest's device identity check must catch it.
+    SwapDevices,
 }
 
 /// An MSR index in no range Intel, AMD or KVM use.
@@ -39,21 +42,23 @@ impl Fault {
             Fault::StopAfterDeviceBind => "stop-after-device-bind",
             Fault::SaveUnknownMsr => "save-unknown-msr",
             Fault::VcpuForbiddenSyscall => "vcpu-forbidden-syscall",
+            Fault::SwapDevices => "swap-devices",
         }
     }
 }
 
 /// Whether the test asked for `fault`.
 pub fn armed(fault: Fault) -> bool {
-    static NAMED: OnceLock<Vec<String>> = OnceLock::new();
-    NAMED
-        .get_or_init(|| {
-            std::env::var(FAULTS_ENV)
-                .map(|v| v.split(',').map(str::to_string).collect())
-                .unwrap_or_default()
-        })
-        .iter()
-        .any(|named| named == fault.name())
+    static NAMED: OnceLock<String> = OnceLock::new();
+    named(
+        NAMED.get_or_init(|| std::env::var(FAULTS_ENV).unwrap_or_default()),
+        fault,
+    )
+}
+
+/// Whether `names` (comma-separated) names `fault`.
+fn named(names: &str, fault: Fault) -> bool {
+    names.split(',').any(|n| n.trim() == fault.name())
 }
 
 /// Stops this process until it is continued or killed.
@@ -72,5 +77,18 @@ pub fn add_unknown_msr(state: &mut VmState) {
             index: UNKNOWN_MSR,
             ..Default::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_is_armed_only_by_its_own_name() {
+        assert!(named("swap-devices", Fault::SwapDevices));
+        assert!(named("stop-after-claim, swap-devices", Fault::SwapDevices));
+        assert!(!named("", Fault::SwapDevices));
+        assert!(!named("swap-devices-not", Fault::SwapDevices));
     }
 }

@@ -295,6 +295,15 @@ impl Passthrough {
         if faults::armed(Fault::StopAfterDeviceBind) {
             faults::stop_here();
         }
+        if faults::armed(Fault::SwapDevices) && hosts.len() >= 2 {
+            log::warn!(
+                "test fault swap-devices: {} and {} each go into the other's slot",
+                hosts[0].0.bdf,
+                hosts[1].0.bdf
+            );
+            let (first, rest) = hosts.split_at_mut(1);
+            std::mem::swap(&mut first[0].1, &mut rest[0].1);
+        }
         let regions = ram_mappings(ram);
         let mapping = Instant::now();
         if let Some(iommu) = passthrough.iommu.as_mut() {

@@ -81,6 +81,7 @@ pub fn run(args: &UpdateBenchArgs) -> Result<(), BenchError> {
                 cancel_first: false,
                 json: false,
                 svg: None,
+                test_faults: None,
             };
             let report = drill::run(&drill)?;
             if !report.ok {

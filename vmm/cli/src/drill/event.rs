@@ -54,9 +54,16 @@ pub enum Event {
         check_after: String,
         device_rounds: Vec<String>,
         timings: RestoreTimings,
-        opens: Opens,
         /// L1's `ShmemHugePages` (KiB) once the guest checked itself: what LUO kept huge.
         shmem_huge_kib: u64,
+    },
+    /// What the open watcher saw over one span of round `round`, so far: a later report of the
+    /// same span replaces it (the span before the kexec reports as it goes, since the kexec
+    /// ends it without warning).
+    Watched {
+        round: u32,
+        span: WatchSpan,
+        opens: Opens,
     },
     /// Something the drill could not do; the drill's verdict is then failed.
     Failure {
@@ -66,6 +73,16 @@ pub enum Event {
     },
     /// Every round is done.
     Done,
+}
+
+/// The two spans of an update the open watcher covers, one in each kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchSpan {
+    /// From the first VM's prepare to the kexec, in the outgoing kernel.
+    PrepareToKexec,
+    /// From the agent's start to the last VM's resume, in the incoming kernel.
+    AgentToResume,
 }
 
 impl Event {

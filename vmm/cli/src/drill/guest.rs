@@ -64,11 +64,21 @@ pub struct GuestCheck {
     pub seed: String,
     pub checks: u64,
     pub heartbeats: Vec<u64>,
+    /// The largest TSC gap between two of the BSP's ticks since the previous check, the TSC
+    /// per tick (100 ms) by the guest's own calibration (0 until it has one), and the most its
+    /// TSC went back from one tick to the next (0: never).
+    pub tick_gap_tsc: Option<u64>,
+    pub tick_tsc: Option<u64>,
+    pub tick_back_tsc: Option<u64>,
     pub line: String,
 }
 
+/// The guest's timer ticks every 100 ms.
+const TICK_MS: f64 = 100.0;
+
 impl GuestCheck {
-    /// Parses `LUVMM-CHECK ok pages=N heartbeat=H seed=0x.. checks=C vcpus=N heartbeats=a,b`
+    /// Parses `LUVMM-CHECK ok pages=N heartbeat=H seed=0x.. checks=C vcpus=N tick_gap_tsc=G
+    /// tick_tsc=T heartbeats=a,b`
     /// or `LUVMM-CHECK LOST first_bad_gpa=..`.
     pub fn parse(line: &str) -> Option<GuestCheck> {
         let line = line.trim_end();
@@ -84,8 +94,30 @@ impl GuestCheck {
             heartbeats: field("heartbeats")
                 .map(|v| v.split(',').filter_map(|h| h.parse().ok()).collect())
                 .unwrap_or_default(),
+            tick_gap_tsc: field("tick_gap_tsc").and_then(|v| v.parse().ok()),
+            tick_tsc: field("tick_tsc").and_then(|v| v.parse().ok()),
+            tick_back_tsc: field("tick_back_tsc").and_then(|v| v.parse().ok()),
             line: line.to_string(),
         })
+    }
+
+    /// The longest the guest's own clock saw it stop since its previous check, in ms: its
+    /// largest tick gap in ticks of its calibrated TSC rate.
+    pub fn clock_gap_ms(&self) -> Option<f64> {
+        self.tsc_ms(self.tick_gap_tsc?)
+    }
+
+    /// The most the guest's TSC went back from one tick to the next since its previous
+    /// check, in ms (0: it never did).
+    pub fn clock_back_ms(&self) -> Option<f64> {
+        self.tsc_ms(self.tick_back_tsc?)
+    }
+
+    fn tsc_ms(&self, cycles: u64) -> Option<f64> {
+        let tick = self.tick_tsc.filter(|t| *t > 0)?;
+        // An f64 holds the ratio of two cycle counts to far better than a microsecond.
+        #[allow(clippy::cast_precision_loss)]
+        Some(cycles as f64 / tick as f64 * TICK_MS)
     }
 
     /// Whether this check, taken after `before`, shows a guest that lost nothing and went on:
@@ -133,6 +165,15 @@ impl GuestCheck {
 /// A device round line says the device did a DMA round trip and raised its interrupt.
 pub fn round_works(line: &str) -> bool {
     line.starts_with("LUVMM-ROUND ok ") && line.contains(" dma=ok irq=msi")
+}
+
+/// Whether a device round line says the device still holds the identity the guest gave the
+/// device in that slot at boot (`id=ok`), holds another (`id=LOST`), or says nothing.
+pub fn round_identity(line: &str) -> Option<bool> {
+    let id = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("id="))?;
+    Some(id == "ok")
 }
 
 /// Whole (newline-ended: the guest may be mid-line) lines of a serial log that start with
@@ -186,14 +227,22 @@ impl Guest {
         Ok(guest)
     }
 
-    /// Restores VM `vm` from its session, claimed through the agent at `agent_socket`, and
-    /// waits until its guest runs.
-    pub fn restore(dir: &Path, vm: &str, agent_socket: &Path) -> Result<Guest, GuestError> {
+    /// Restores VM `vm` from its session, claimed through the agent at `agent_socket`, with
+    /// the test-only `faults` injected, and waits until its guest runs.
+    pub fn restore(
+        dir: &Path,
+        vm: &str,
+        agent_socket: &Path,
+        faults: Option<&str>,
+    ) -> Result<Guest, GuestError> {
         let mut command = luvmm();
         command
             .args(["restore", "--session", vm])
             .arg("--agent-socket")
             .arg(agent_socket);
+        if let Some(faults) = faults {
+            command.env(luvmm_vmm::faults::FAULTS_ENV, faults);
+        }
         let guest = Guest::spawn(dir, vm, command)?;
         guest.wait_running()?;
         Ok(guest)
@@ -436,6 +485,35 @@ mod tests {
             "heartbeats did not all go on: [5, 7] then [9, 7]"
         );
         assert!(GuestCheck::parse("LUVMM-BOOT proto=pvh").is_none());
+    }
+
+    #[test]
+    fn nothing_lost_drill_reads_the_guest_clock_from_its_check() {
+        let after = check(
+            "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=3 vcpus=2 \
+             tick_gap_tsc=650000000 tick_tsc=260000000 tick_back_tsc=26000000 heartbeats=9,8",
+        );
+        assert_eq!(after.clock_gap_ms(), Some(250.0));
+        assert_eq!(after.clock_back_ms(), Some(10.0));
+        // Not calibrated yet, or a payload without the clock: no figure rather than a wrong one.
+        let early = check("LUVMM-CHECK ok pages=9 seed=0xab checks=1 tick_gap_tsc=5 tick_tsc=0");
+        assert_eq!(early.clock_gap_ms(), None);
+        let old = check("LUVMM-CHECK ok pages=9 seed=0xab checks=1 heartbeats=9,8");
+        assert_eq!(old.clock_gap_ms(), None);
+    }
+
+    #[test]
+    fn nothing_lost_drill_reads_the_device_identity_from_the_round_line() {
+        assert_eq!(
+            round_identity("LUVMM-ROUND ok n=3 bdf=00:01.0 dma=ok irq=msi id=ok"),
+            Some(true)
+        );
+        let swapped = "LUVMM-ROUND ok n=3 bdf=00:01.0 dma=ok irq=msi id=LOST found=0x0000000012";
+        assert_eq!(round_identity(swapped), Some(false));
+        assert_eq!(
+            round_identity("LUVMM-ROUND ok n=3 bdf=00:02.0 nvme=ok irq=msix sq_slot=1"),
+            None
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! The host half (this module, `bed.rs`, `report/`) boots an L1 host under QEMU with the
 //! `edu` devices the plan needs, passes the plan in L1's initramfs, follows L1's console
 //! through every kexec and builds the report. The L1 half (`rehearsal.rs`, run as
-//! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore under the
-//! open watcher (`watch.rs`), each guest's checks (`guest.rs`).
+//! `luvmm drill-l1`) is the operator inside: agent, VMs, prepare, kexec, restore, with the
+//! open watcher (`watch.rs`) over both kernels' part of the update, each guest's checks
+//! (`guest.rs`).
 
 pub mod bed;
 pub mod event;
@@ -77,6 +78,9 @@ pub struct Plan {
     /// Guest RAM asks for transparent huge pages, and L1's shmem THP is `advise`.
     #[serde(default)]
     pub thp: bool,
+    /// Test-only faults (`LUVMM_TEST_FAULTS`) for every restore, for the drill's own tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_faults: Option<String>,
 }
 
 impl Plan {
@@ -213,6 +217,10 @@ pub struct DrillArgs {
     /// Also write an SVG timeline of the phases per VM here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Test-only faults injected into every restore (`LUVMM_TEST_FAULTS`), to see the drill
+    /// catch them.
+    #[arg(long, hide = true)]
+    pub test_faults: Option<String>,
 }
 
 impl DrillArgs {
@@ -225,6 +233,7 @@ impl DrillArgs {
             cancel_first: self.cancel_first,
             vfio_handler: self.bed.vfio_handler,
             thp: self.bed.thp,
+            test_faults: self.test_faults.clone(),
         }
     }
 }
@@ -386,6 +395,7 @@ mod tests {
             cancel_first: false,
             vfio_handler: VfioHandler::Off,
             thp: false,
+            test_faults: None,
         }
     }
 

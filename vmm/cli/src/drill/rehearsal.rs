@@ -5,9 +5,10 @@
 //! devices); with `--cancel-first` it prepares them, calls the update off and has them check
 //! themselves. Every stage N ≤ rounds then runs the pre-flight, prepares every VM and asks the
 //! agent for the kexec into the next kernel with stage N+1 on its command line. Every stage
-//! N > 1 first restores each VM from its session under the open watcher and has its guest
-//! check itself and drive its devices again. It reports facts as [`Event`]s on the console;
-//! the host half judges them.
+//! N > 1 first restores each VM from its session and has its guest check itself and drive its
+//! devices again. The open watcher runs from the first prepare to the kexec and, in the next
+//! kernel, from the agent's start to the last resume. It reports facts as [`Event`]s on the
+//! console; the host half judges them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -19,9 +20,9 @@ use luvmm_liveupdate::luo::kexec;
 use luvmm_resources::errors::error_chain;
 
 use super::bed::{self, BedError};
-use super::event::{Event, HOST_ROW};
+use super::event::{Event, WatchSpan, HOST_ROW};
 use super::guest::{luvmm, Guest, GuestCheck, GuestError};
-use super::watch::{vfio_pci_devices, OpenWatch, WatchError, VFIO_PCI};
+use super::watch::{vfio_pci_devices, OpenWatch, Opens, WatchError, VFIO_PCI};
 use super::{with_boot, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD};
 
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
@@ -32,6 +33,10 @@ const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 /// How long to wait for the kexec after the agent took the update.
 const KEXEC_WAIT: Duration = Duration::from_secs(120);
+
+/// How often the watch before the kexec reports what it saw: an open in the last such
+/// interval before the kexec goes unreported.
+const WATCH_REPORT_EVERY: Duration = Duration::from_millis(50);
 
 /// A step of the L1 half failed; the drill reports it and stops updating.
 #[derive(Debug, thiserror::Error)]
@@ -91,56 +96,39 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     let work = Path::new(WORK);
     std::fs::create_dir_all(work)
         .map_err(|e| StepError::Io(format!("create {}", work.display()), e))?;
-    emit(&phase(HOST_ROW, "agent"));
-    let agent_socket = work.join("agent.sock");
-    let _agent = Agent::start(work, &agent_socket)?;
-    emit(&phase(HOST_ROW, "running"));
     // The bed binds every edu device to vfio-pci.
     let bdfs = vfio_pci_devices().map_err(|e| StepError::Io(format!("list {VFIO_PCI}"), e))?;
-    let per_vm = plan.devices as usize;
-    let needed = plan.vms as usize * per_vm;
+    let needed = plan.vms as usize * plan.devices as usize;
     if bdfs.len() < needed {
         return Err(StepError::Devices {
             needed,
             found: bdfs.len(),
         });
     }
+    let bdfs = &bdfs[..needed];
     if plan.thp {
         // Per boot: every kernel of the chain starts with shmem THP off.
         std::fs::write(SHMEM_THP, "advise")
             .map_err(|e| StepError::Io(format!("write advise to {SHMEM_THP}"), e))?;
     }
-    let mut guests = Vec::new();
-    if stage == 1 {
-        for index in 0..plan.vms as usize {
-            let vm = vm_id(index);
-            emit(&phase(&vm, "boot"));
-            let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
-            let guest = Guest::boot(
-                work,
-                &vm,
-                Path::new(L1_PAYLOAD),
-                plan.memory_mib,
-                devices,
-                plan.thp,
-            )?;
-            emit(&phase(&vm, "dma"));
-            guest.device_round()?;
-            guests.push((guest, devices.to_vec()));
-        }
-        if plan.cancel_first {
-            cancel_round(&plan, &guests, &agent_socket)?;
-        }
+    let agent_socket = work.join("agent.sock");
+    let (_agent, guests) = if stage == 1 {
+        let agent = Agent::start(work, &agent_socket)?;
+        let guests = boot_all(&plan, bdfs, work, &agent_socket)?;
+        (agent, guests)
     } else {
         *round = stage - 1;
-        for index in 0..plan.vms as usize {
-            let vm = vm_id(index);
-            let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
-            let guest = restore(*round, &vm, &devices, work, &agent_socket)?;
-            guests.push((guest, devices));
-        }
+        // Every open of a device from the agent's start to the last resume is seen, and
+        // reported even when a restore fails.
+        let watch = SpanWatch::start(*round, WatchSpan::AgentToResume, bdfs)?;
+        let resumed = Agent::start(work, &agent_socket).and_then(|agent| {
+            let guests = restore_all(*round, &plan, bdfs, work, &agent_socket)?;
+            Ok((agent, guests))
+        });
+        let resumed = watch.close(resumed)?;
         *round = stage;
-    }
+        resumed
+    };
     if stage <= plan.rounds {
         update(stage, &plan, &guests, &agent_socket)?;
     }
@@ -150,6 +138,57 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     emit(&phase(HOST_ROW, "done"));
     emit(&Event::Done);
     Ok(())
+}
+
+/// Stage 1: boots each VM with its share of `bdfs` and has its guest drive them once; with
+/// `--cancel-first`, a prepare called off.
+fn boot_all(
+    plan: &Plan,
+    bdfs: &[String],
+    work: &Path,
+    agent_socket: &Path,
+) -> Result<Vec<(Guest, Vec<String>)>, StepError> {
+    let mut guests = Vec::new();
+    let per_vm = plan.devices as usize;
+    for index in 0..plan.vms as usize {
+        let vm = vm_id(index);
+        let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
+        emit(&phase(&vm, "boot"));
+        let guest = Guest::boot(
+            work,
+            &vm,
+            Path::new(L1_PAYLOAD),
+            plan.memory_mib,
+            devices,
+            plan.thp,
+        )?;
+        emit(&phase(&vm, "dma"));
+        guest.device_round()?;
+        guests.push((guest, devices.to_vec()));
+    }
+    if plan.cancel_first {
+        cancel_round(plan, &guests, agent_socket)?;
+    }
+    Ok(guests)
+}
+
+/// Stage N > 1: restores each VM of round `round` with its share of `bdfs`.
+fn restore_all(
+    round: u32,
+    plan: &Plan,
+    bdfs: &[String],
+    work: &Path,
+    agent_socket: &Path,
+) -> Result<Vec<(Guest, Vec<String>)>, StepError> {
+    let mut guests = Vec::new();
+    let per_vm = plan.devices as usize;
+    for index in 0..plan.vms as usize {
+        let vm = vm_id(index);
+        let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
+        let guest = restore(round, plan, &vm, work, agent_socket)?;
+        guests.push((guest, devices));
+    }
+    Ok(guests)
 }
 
 /// `--cancel-first`: prepare, call off, and let each guest show it went on in place.
@@ -235,6 +274,40 @@ fn update(
     for (guest, _) in guests {
         before.push(guest.check()?);
     }
+    let bdfs: Vec<String> = guests.iter().flat_map(|(_, d)| d.iter().cloned()).collect();
+    let mut watch = SpanWatch::start(round, WatchSpan::PrepareToKexec, &bdfs)?;
+    let asked = prepare_all(round, plan, guests, before, agent_socket).and_then(|()| {
+        emit(&phase(HOST_ROW, "kexec"));
+        AgentClient::new(agent_socket).update(
+            Path::new(L1_NEXT_KERNEL),
+            Some(&next_initrd),
+            Some(&cmdline),
+            None,
+        )?;
+        Ok(())
+    });
+    if let Err(e) = asked {
+        return watch.close(Err(e));
+    }
+    // The guests stay as they are (dropping one would shut its VMM down) until the kexec,
+    // which ends this stage without warning: what the watch sees goes out as it comes.
+    let deadline = Instant::now() + KEXEC_WAIT;
+    while Instant::now() < deadline {
+        watch.report()?;
+        std::thread::sleep(WATCH_REPORT_EVERY);
+    }
+    watch.close(Err(StepError::NoKexec))
+}
+
+/// Prepares every VM; if one fails, calls the update off for every VM prepared so far and
+/// has each guest show it went on in place.
+fn prepare_all(
+    round: u32,
+    plan: &Plan,
+    guests: &[(Guest, Vec<String>)],
+    before: Vec<GuestCheck>,
+    agent_socket: &Path,
+) -> Result<(), StepError> {
     let mut prepared: Vec<&Guest> = Vec::new();
     for ((guest, _), check_before) in guests.iter().zip(&before) {
         emit(&phase(&guest.vm, "prepare"));
@@ -261,33 +334,20 @@ fn update(
             }
         }
     }
-    emit(&phase(HOST_ROW, "kexec"));
-    AgentClient::new(agent_socket).update(
-        Path::new(L1_NEXT_KERNEL),
-        Some(&next_initrd),
-        Some(&cmdline),
-        None,
-    )?;
-    // The guests stay as they are (dropping one would shut its VMM down) until the kexec.
-    std::thread::sleep(KEXEC_WAIT);
-    Err(StepError::NoKexec)
+    Ok(())
 }
 
-/// Round `round`'s second half for one VM: restore it from its session while the open
-/// watcher runs, then its guest's own evidence.
+/// Round `round`'s second half for one VM: restore it from its session (the open watcher
+/// runs from the agent's start), then its guest's own evidence.
 fn restore(
     round: u32,
+    plan: &Plan,
     vm: &str,
-    devices: &[String],
     work: &Path,
     agent_socket: &Path,
 ) -> Result<Guest, StepError> {
-    emit(&phase(vm, "watch"));
-    let watch = OpenWatch::start(devices)?;
     emit(&phase(vm, "restore"));
-    let restored = Guest::restore(work, vm, agent_socket);
-    let opens = watch.finish()?;
-    let guest = restored?;
+    let guest = Guest::restore(work, vm, agent_socket, plan.test_faults.as_deref())?;
     emit(&phase(vm, "check"));
     let timings = guest.status()?.restore_timings.unwrap_or_default();
     let check_after = guest.check()?;
@@ -298,11 +358,69 @@ fn restore(
         check_after: check_after.line,
         device_rounds,
         timings,
-        opens,
         shmem_huge_kib: shmem_huge_kib(),
     });
     emit(&phase(vm, "running"));
     Ok(guest)
+}
+
+/// The open watcher over one span of round `round`, which it reports as [`Event::Watched`].
+struct SpanWatch {
+    round: u32,
+    span: WatchSpan,
+    watch: OpenWatch,
+    /// What the last report said.
+    reported: Option<Opens>,
+}
+
+impl SpanWatch {
+    /// Arms the watch on `bdfs` and reports it armed (nothing seen yet).
+    fn start(round: u32, span: WatchSpan, bdfs: &[String]) -> Result<SpanWatch, StepError> {
+        let mut watch = SpanWatch {
+            round,
+            span,
+            watch: OpenWatch::start(bdfs)?,
+            reported: None,
+        };
+        watch.report()?;
+        Ok(watch)
+    }
+
+    /// Reports what the watch saw, if it saw more since the last report.
+    fn report(&mut self) -> Result<(), StepError> {
+        let opens = self.watch.seen()?;
+        if self.reported.as_ref() != Some(&opens) {
+            self.emit(opens.clone());
+            self.reported = Some(opens);
+        }
+        Ok(())
+    }
+
+    fn emit(&self, opens: Opens) {
+        emit(&Event::Watched {
+            round: self.round,
+            span: self.span,
+            opens,
+        });
+    }
+
+    /// Ends the span, whose steps came to `outcome`, and reports what the watch saw whatever
+    /// the outcome. A watch that cannot be read fails a span that had not failed already, and
+    /// is reported as a failure of its own beside one that had.
+    fn close<T>(self, outcome: Result<T, StepError>) -> Result<T, StepError> {
+        let round = self.round;
+        let span = self.span;
+        match self.watch.finish() {
+            Ok(opens) => emit(&Event::Watched { round, span, opens }),
+            Err(e) if outcome.is_ok() => return Err(e.into()),
+            Err(e) => emit(&Event::Failure {
+                round,
+                vm: None,
+                what: error_chain(&StepError::from(e)),
+            }),
+        }
+        outcome
+    }
 }
 
 /// The agent, run as its own process as on a real host; killed when the stage ends without
@@ -311,6 +429,13 @@ struct Agent(Child);
 
 impl Agent {
     fn start(work: &Path, socket: &Path) -> Result<Agent, StepError> {
+        emit(&phase(HOST_ROW, "agent"));
+        let agent = Agent::spawn(work, socket)?;
+        emit(&phase(HOST_ROW, "running"));
+        Ok(agent)
+    }
+
+    fn spawn(work: &Path, socket: &Path) -> Result<Agent, StepError> {
         let log = work.join("agent.err");
         let err = std::fs::File::create(&log)
             .map_err(|e| StepError::Io(format!("create {}", log.display()), e))?;

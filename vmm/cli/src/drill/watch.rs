@@ -1,5 +1,6 @@
-//! Who opened VFIO and IOMMU nodes while a restore ran: the evidence that a preserved device
-//! came back only through its LUO session.
+//! Who opened VFIO and IOMMU nodes during an update: the evidence that a preserved device
+//! was reached only through its LUO session, from the prepare to the kexec and from the next
+//! kernel's agent to the last resume.
 //!
 //! Two kernel sources, neither of which opens what it watches (a watcher that opened a
 //! preserved device to look at it would disturb what it watches):
@@ -17,9 +18,10 @@ use std::process::Command;
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use luvmm_resources::sync::lock;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use serde::{Deserialize, Serialize};
@@ -92,11 +94,14 @@ impl Opens {
     }
 }
 
-/// A watch while it is armed; [`OpenWatch::finish`] disarms it and says what it saw.
+/// A watch while it is armed: [`OpenWatch::seen`] says what it saw so far, and
+/// [`OpenWatch::finish`] disarms it and says what it saw in all.
 pub struct OpenWatch {
     tracing: PathBuf,
     stop: Arc<AtomicBool>,
-    reader: Option<JoinHandle<BTreeMap<String, u32>>>,
+    /// Opens per watched BDF, counted by the reader thread as they come.
+    per_device: Arc<Mutex<BTreeMap<String, u32>>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl OpenWatch {
@@ -122,15 +127,21 @@ impl OpenWatch {
                 nodes.push((wd, bdf.clone()));
             }
         }
-        let per_device: BTreeMap<String, u32> = bdfs.iter().map(|b| (b.clone(), 0)).collect();
+        let per_device = Arc::new(Mutex::new(
+            bdfs.iter()
+                .map(|b| (b.clone(), 0))
+                .collect::<BTreeMap<_, _>>(),
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let stop = stop.clone();
-            std::thread::spawn(move || count_opens(&inotify, &nodes, per_device, &stop))
+            let per_device = per_device.clone();
+            std::thread::spawn(move || count_opens(&inotify, &nodes, &per_device, &stop))
         };
         let watch = OpenWatch {
             tracing,
             stop,
+            per_device,
             reader: Some(reader),
         };
         watch.arm_probes()?;
@@ -151,14 +162,9 @@ impl OpenWatch {
         )
     }
 
-    /// Disarms everything and returns what was opened since [`OpenWatch::start`].
-    pub fn finish(mut self) -> Result<Opens, WatchError> {
-        self.stop.store(true, Ordering::Relaxed);
-        let per_device = self
-            .reader
-            .take()
-            .and_then(|r| r.join().ok())
-            .unwrap_or_default();
+    /// What was opened since [`OpenWatch::start`], the watch still armed: a stage that ends in
+    /// a kexec reports this as it goes, since it never gets to finish.
+    pub fn seen(&self) -> Result<Opens, WatchError> {
         let path = self.tracing.join("trace");
         let trace = std::fs::read_to_string(&path).map_err(|source| WatchError::Tracefs {
             path,
@@ -167,8 +173,18 @@ impl OpenWatch {
         })?;
         Ok(Opens {
             opens: parse_trace(&trace),
-            per_device,
+            per_device: lock(&self.per_device).clone(),
         })
+    }
+
+    /// Disarms everything and returns what was opened since [`OpenWatch::start`].
+    pub fn finish(mut self) -> Result<Opens, WatchError> {
+        self.stop.store(true, Ordering::Relaxed);
+        // The reader drains what inotify still holds before it returns.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.seen()
     }
 }
 
@@ -176,9 +192,9 @@ impl OpenWatch {
 fn count_opens(
     inotify: &Inotify,
     nodes: &[(WatchDescriptor, String)],
-    mut per_device: BTreeMap<String, u32>,
+    per_device: &Mutex<BTreeMap<String, u32>>,
     stop: &AtomicBool,
-) -> BTreeMap<String, u32> {
+) {
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
@@ -186,11 +202,11 @@ fn count_opens(
         if ready > 0 {
             for event in inotify.read_events().unwrap_or_default() {
                 if let Some((_, bdf)) = nodes.iter().find(|(wd, _)| *wd == event.wd) {
-                    *per_device.entry(bdf.clone()).or_default() += 1;
+                    *lock(per_device).entry(bdf.clone()).or_default() += 1;
                 }
             }
         } else if stopping {
-            return per_device;
+            return;
         }
     }
 }

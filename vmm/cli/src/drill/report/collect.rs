@@ -8,9 +8,8 @@ use luvmm_vmm::update::prepare::PrepareReport;
 use super::verdict::{judge_guest, judge_rounds};
 use super::{DeviceResult, DrillReport, RoundReport, Span, VmResult};
 use crate::drill::bed::{L1Run, Line};
-use crate::drill::event::{Event, HOST_ROW};
-use crate::drill::guest::round_works;
-use crate::drill::watch::Opens;
+use crate::drill::event::{Event, WatchSpan, HOST_ROW};
+use crate::drill::guest::{round_identity, round_works, GuestCheck};
 use crate::drill::Plan;
 
 /// Gathers L1's events as they arrive.
@@ -125,10 +124,12 @@ impl Collector {
                 // A VM prepared before the update was called off is not waiting for a restore.
                 self.prepared.remove(&(round, vm.clone()));
                 let kept = devices.into_iter().map(|bdf| (bdf, false));
-                let devices = device_results(kept, &device_rounds, &Opens::default());
+                let devices = device_results(kept, &device_rounds);
                 let result = VmResult {
                     vm: vm.clone(),
                     guest_check: judge_guest(&check_before, &check_after),
+                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
+                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
                     check_before,
                     check_after,
                     devices,
@@ -145,6 +146,11 @@ impl Collector {
                 shmem_huge_kib,
             } => {
                 let text = format!("round {round}: {vm} prepared");
+                let preserved = report.devices.iter().filter(|d| d.preserved);
+                let preserved: Vec<String> = preserved.map(|d| d.bdf.clone()).collect();
+                self.round(round, "update")
+                    .preserved_devices
+                    .extend(preserved);
                 self.prepared
                     .insert((round, vm), (check_before, report, shmem_huge_kib));
                 text
@@ -155,7 +161,6 @@ impl Collector {
                 check_after,
                 device_rounds,
                 timings,
-                opens,
                 shmem_huge_kib,
             } => {
                 let Some((check_before, prepare, huge_before)) =
@@ -183,20 +188,37 @@ impl Collector {
                     }
                 }
                 let prepared = prepare.devices.iter().map(|d| (d.bdf.clone(), d.preserved));
-                let devices = device_results(prepared, &device_rounds, &opens);
+                let devices = device_results(prepared, &device_rounds);
                 let result = VmResult {
                     vm: vm.clone(),
                     guest_check: judge_guest(&check_before, &check_after),
+                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
+                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
                     check_before,
                     check_after,
                     devices,
                     phases_ms,
-                    opens,
                     shmem_huge_kib_before: Some(huge_before),
                     shmem_huge_kib_after: Some(shmem_huge_kib),
                 };
                 self.round(round, "update").vms.push(result);
                 format!("round {round}: {vm} restored and checked")
+            }
+            Event::Watched { round, span, opens } => {
+                let text = format!(
+                    "round {round}: the open watcher saw {} VFIO device or group open(s) {}",
+                    opens.device_opens(),
+                    match span {
+                        WatchSpan::PrepareToKexec => "since the prepare",
+                        WatchSpan::AgentToResume => "since the agent's start",
+                    }
+                );
+                let report = self.round(round, "update");
+                match span {
+                    WatchSpan::PrepareToKexec => report.opens_prepare_to_kexec = Some(opens),
+                    WatchSpan::AgentToResume => report.opens_agent_to_resume = Some(opens),
+                }
+                text
             }
             Event::Failure { round, vm, what } => {
                 let who = vm.map(|v| format!(" {v}")).unwrap_or_default();
@@ -238,7 +260,13 @@ impl Collector {
                 "round {round}: {vm} was prepared but never restored"
             ));
         }
-        let rounds: Vec<RoundReport> = self.rounds.into_values().collect();
+        let mut rounds: Vec<RoundReport> = self.rounds.into_values().collect();
+        for round in &mut rounds {
+            let watched = round.clone();
+            for device in round.vms.iter_mut().flat_map(|vm| &mut vm.devices) {
+                device.normal_opens = watched.normal_opens(&device.bdf);
+            }
+        }
         judge_rounds(&self.plan, &rounds, &mut failures);
         DrillReport {
             ok: failures.is_empty(),
@@ -253,22 +281,27 @@ impl Collector {
     }
 }
 
+/// A figure of the guest's own clock, from its check line.
+fn guest_clock(check: &str, figure: fn(&GuestCheck) -> Option<f64>) -> Option<f64> {
+    GuestCheck::parse(check).and_then(|c| figure(&c))
+}
+
 /// Each device (BDF, preserved) with the guest's round line for it (the guest sees them in
-/// the order they were given) and the watcher's count of its normal opens.
+/// the order they were given); its normal opens are counted once the round's watches are in.
 fn device_results(
     devices: impl Iterator<Item = (String, bool)>,
     round_lines: &[String],
-    opens: &Opens,
 ) -> Vec<DeviceResult> {
     devices
         .enumerate()
         .map(|(i, (bdf, preserved))| {
             let line = round_lines.get(i).cloned().unwrap_or_default();
             DeviceResult {
-                normal_opens: opens.per_device.get(&bdf).copied().unwrap_or(0),
+                normal_opens: 0,
                 bdf,
                 preserved,
                 works: round_works(&line),
+                same_device: round_identity(&line),
                 round_line: line,
             }
         })

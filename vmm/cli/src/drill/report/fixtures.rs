@@ -8,14 +8,15 @@ use luvmm_vmm::vmm::RestoreTimings;
 
 use super::{Collector, DrillReport};
 use crate::drill::bed::{L1Run, Line};
-use crate::drill::event::{Event, HOST_ROW};
+use crate::drill::event::{Event, WatchSpan, HOST_ROW};
 use crate::drill::watch::{Open, Opens};
 use crate::drill::{Plan, VfioHandler};
 
 const BEFORE: &str = "LUVMM-CHECK ok pages=9 heartbeat=5 seed=0xab checks=1 vcpus=2 heartbeats=5,5";
-pub(super) const AFTER: &str =
-    "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=2 vcpus=2 heartbeats=9,9";
-pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi";
+/// The guest's TSC stopped for 10 ticks' worth (1 s) once between its checks.
+pub(super) const AFTER: &str = "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab checks=2 vcpus=2 \
+     tick_gap_tsc=2600000000 tick_tsc=260000000 heartbeats=9,9";
+pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi id=ok";
 const BDF: &str = "0000:00:03.0";
 
 fn plan(handler: VfioHandler) -> Plan {
@@ -27,9 +28,12 @@ fn plan(handler: VfioHandler) -> Plan {
         cancel_first: false,
         vfio_handler: handler,
         thp: false,
+        test_faults: None,
     }
 }
 
+/// `cdev_opens` opens of VFIO cdevs and one of `/dev/iommu` by the kernel's count, and
+/// `attributed` of the device's own node by inotify's.
 pub(super) fn opens(cdev_opens: u32, attributed: u32) -> Opens {
     Opens {
         opens: (0..cdev_opens)
@@ -48,13 +52,36 @@ pub(super) fn opens(cdev_opens: u32, attributed: u32) -> Opens {
     }
 }
 
-/// Runs a one-VM, one-device, one-round drill's events through the collector.
+/// Runs a one-VM, one-device, one-round drill's events through the collector; the open
+/// watcher saw nothing before the kexec and `seen` after it.
 pub(super) fn drill(
     handler: VfioHandler,
     preserved: bool,
     after: &str,
     round_line: &str,
     seen: Opens,
+    restored: bool,
+) -> DrillReport {
+    let watched = Watched {
+        before_kexec: Some(opens(0, 0)),
+        after_kexec: Some(seen),
+    };
+    drill_watched(handler, preserved, after, round_line, watched, restored)
+}
+
+/// What the open watcher saw in each kernel (`None`: it did not report).
+pub(super) struct Watched {
+    pub before_kexec: Option<Opens>,
+    pub after_kexec: Option<Opens>,
+}
+
+/// [`drill`], with the open watcher's two spans given.
+pub(super) fn drill_watched(
+    handler: VfioHandler,
+    preserved: bool,
+    after: &str,
+    round_line: &str,
+    seen: Watched,
     restored: bool,
 ) -> DrillReport {
     let mut events = vec![
@@ -83,6 +110,13 @@ pub(super) fn drill(
             },
             shmem_huge_kib: 0,
         },
+    ];
+    events.extend(seen.before_kexec.map(|opens| Event::Watched {
+        round: 1,
+        span: WatchSpan::PrepareToKexec,
+        opens,
+    }));
+    events.extend([
         Event::Phase {
             row: HOST_ROW.into(),
             phase: "kexec".into(),
@@ -91,7 +125,7 @@ pub(super) fn drill(
             stage: 2,
             kernel: "7.2.13".into(),
         },
-    ];
+    ]);
     if restored {
         events.push(Event::Restored {
             round: 1,
@@ -99,9 +133,22 @@ pub(super) fn drill(
             check_after: after.into(),
             device_rounds: vec![round_line.into()],
             timings: RestoreTimings::default(),
-            opens: seen,
             shmem_huge_kib: 0,
         });
+    } else {
+        events.push(Event::Failure {
+            round: 1,
+            vm: None,
+            what: "vm1: luvmm exited".into(),
+        });
+    }
+    // The watch after the kexec reports whether the restore worked or not.
+    events.extend(seen.after_kexec.map(|opens| Event::Watched {
+        round: 1,
+        span: WatchSpan::AgentToResume,
+        opens,
+    }));
+    if restored {
         events.push(Event::Done);
     }
     let mut collector = Collector::new(plan(handler));

@@ -51,6 +51,38 @@ pub struct RoundReport {
     pub kexec_boot_ms: Option<f64>,
     pub preflight: Option<CheckReport>,
     pub vms: Vec<VmResult>,
+    /// Every device the round's prepares preserved, whether its VM came back or not.
+    pub preserved_devices: Vec<String>,
+    /// What the open watcher saw from the first prepare to the kexec, in the outgoing kernel.
+    pub opens_prepare_to_kexec: Option<Opens>,
+    /// What it saw from the agent's start to the last resume, in the incoming kernel (kept
+    /// when a restore failed).
+    pub opens_agent_to_resume: Option<Opens>,
+}
+
+impl RoundReport {
+    /// The watcher's spans that reported, each with its name.
+    pub fn watched(&self) -> impl Iterator<Item = (&'static str, &Opens)> {
+        [
+            (
+                "between the prepare and the kexec",
+                &self.opens_prepare_to_kexec,
+            ),
+            (
+                "between the agent's start and the last resume",
+                &self.opens_agent_to_resume,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, opens)| opens.as_ref().map(|o| (name, o)))
+    }
+
+    /// Opens of `bdf`'s cdev or group node over the whole update, both kernels.
+    pub fn normal_opens(&self, bdf: &str) -> u32 {
+        self.watched()
+            .map(|(_, o)| o.per_device.get(bdf).copied().unwrap_or(0))
+            .sum()
+    }
 }
 
 /// One VM in one round.
@@ -71,8 +103,13 @@ pub struct VmResult {
     /// RAM memfds), and `blackout`: the guest's, from its pause before the
     /// kexec to its resume after it, by L1's wall clock.
     pub phases_ms: BTreeMap<String, f64>,
-    /// What the open watcher saw while this VM was restored.
-    pub opens: Opens,
+    /// The same blackout by the guest's own clocks: the longest its TSC ran between two of its
+    /// 100 ms timer ticks, between its checks before and after (its TSC rate calibrated against
+    /// its timer): how much of the blackout the guest itself can tell.
+    pub guest_clock_gap_ms: Option<f64>,
+    /// The most the guest's TSC went back from one of its ticks to the next between those
+    /// checks (0: never): a restore that set its clock back.
+    pub guest_clock_back_ms: Option<f64>,
     /// L1's `ShmemHugePages` in KiB (all VMs) before the prepare and after the restore: how
     /// much guest RAM was in huge folios, and how much of it LUO brought back huge.
     pub shmem_huge_kib_before: Option<u64>,
@@ -85,10 +122,15 @@ pub struct DeviceResult {
     pub bdf: String,
     /// The kernel preserved it: after the kexec it could come only from the session.
     pub preserved: bool,
-    /// Opens of its cdev or group node the watcher saw during the restore.
+    /// Opens of its cdev or group node the watcher saw over the whole update, both kernels.
     pub normal_opens: u32,
     /// The guest's DMA round trip with its interrupt through it worked afterwards.
     pub works: bool,
+    /// The device in its slot still held the identity the guest wrote to it at boot (an edu's
+    /// liveness register, which no reset clears: edu has none, and Linux finds no reset
+    /// method for it, so it holds in every VFIO handler mode and when opened again): it is
+    /// the same device, not another one put in its place. `None`: the guest did not say.
+    pub same_device: Option<bool>,
     /// The guest's round line for it.
     pub round_line: String,
 }

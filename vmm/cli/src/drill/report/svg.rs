@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn every_phase_is_drawn_on_its_row() {
         let svg = held().to_svg();
-        assert!(svg.contains("<title>vm1 prepare: 30.0 s</title>"), "{svg}");
+        assert!(svg.contains("<title>vm1 prepare: 40.0 s</title>"), "{svg}");
         assert!(svg.contains("host kexec"), "{svg}");
     }
 }

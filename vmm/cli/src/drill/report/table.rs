@@ -40,8 +40,8 @@ impl DrillReport {
             let _ = writeln!(out, "round {} ({}){kexec}", round.round, round.kind);
             let _ = writeln!(
                 out,
-                "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11}  devices",
-                "vm", "guest", "ram_ms", "pause_ms", "rest_ms", "blackout_ms"
+                "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11} {:>12}  devices",
+                "vm", "guest", "ram_ms", "pause_ms", "rest_ms", "blackout_ms", "guest_gap_ms"
             );
             for vm in &round.vms {
                 let sum = |keys: &[&str]| {
@@ -72,14 +72,37 @@ impl DrillReport {
                 let guest = if vm.guest_check == "ok" { "ok" } else { "LOST" };
                 let _ = writeln!(
                     out,
-                    "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11}  {}",
+                    "  {:<5} {:<6} {:>9} {:>9} {:>9} {:>11} {:>12}  {}",
                     vm.vm,
                     guest,
                     sum(&["preserve_ram"]),
                     sum(&PAUSED_PHASES),
                     sum(&RESTORE_PHASES),
                     sum(&["blackout"]),
+                    vm.guest_clock_gap_ms
+                        .map_or_else(|| "-".into(), |ms| format!("{ms:.0}")),
                     devices.join("; ")
+                );
+            }
+            for (span, opens) in round.watched() {
+                let _ = writeln!(
+                    out,
+                    "  open watcher {span}: {} VFIO device or group open(s), {} /dev/iommu",
+                    opens.device_opens(),
+                    opens.opens.iter().filter(|o| o.node == "iommufd").count()
+                );
+            }
+        }
+        for (round, vm) in self
+            .rounds
+            .iter()
+            .flat_map(|r| r.vms.iter().map(move |v| (r, v)))
+        {
+            if let Some(back) = vm.guest_clock_back_ms.filter(|ms| *ms > 0.0) {
+                let _ = writeln!(
+                    out,
+                    "round {} ({}) {}: the guest's TSC went back {back:.1} ms between two ticks",
+                    round.round, round.kind, vm.vm
                 );
             }
         }
