@@ -16,22 +16,10 @@ log() { echo "kernel.sh: $*" >&2; }
 
 # The build tools come from the project's setup step; nothing is installed here.
 bash "$here/../setup.sh" --check bed
-# Private apt configuration for sid, from the system's own mirror.
-apt_dir=$cache/apt-sid
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
-mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-[ -n "$mirror" ] || { log "no Debian mirror in the system's apt sources"; exit 1; }
-printf 'Types: deb\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-    "$mirror" > "$apt_dir/sid.sources"
-apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sid.sources" -o Dir::Etc::SourceParts=/dev/null
-          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir" -o "Dir::Cache::archives=$apt_dir/archives"
-          -o Dir::State::status=/dev/null -o APT::Sandbox::User=root -o Acquire::Languages=none)
+. "$here/source.sh"
 
 fragment_hash=$(cat "$here/kernel.config" $(ls "$here"/patches/*.patch 2>/dev/null) | sha256sum | cut -c1-16)
-if apt-get "${apt_opts[@]}" update -qq 2>/dev/null; then
-    version=$(apt-cache "${apt_opts[@]}" show linux-source-7.2 2>/dev/null | awk '/^Version:/ {print $2; exit}')
-fi
+version=$(source_version || true)
 if [ -z "${version:-}" ]; then
     # Offline: reuse the newest cached build of this fragment, saying so.
     found=$(ls -dt "$cache"/kernel-*-"$fragment_hash" 2>/dev/null | head -1 || true)
@@ -48,18 +36,7 @@ if [ -f "$out/bzImage" ] && [ -f "$out/selftests/done" ]; then
 fi
 
 start=$(date +%s)
-src=$cache/src-$version
-if [ ! -f "$src/.extracted" ]; then
-    log "fetching linux-source-7.2 $version"
-    (cd "$apt_dir/archives" && apt-get "${apt_opts[@]}" download linux-source-7.2 >/dev/null)
-    deb=$(ls -t "$apt_dir/archives"/linux-source-7.2_*.deb | head -1)
-    rm -rf "$src" "$src.deb"
-    mkdir -p "$src.deb" "$src"
-    dpkg-deb -x "$deb" "$src.deb"
-    tar -xf "$src.deb"/usr/src/linux-source-7.2.tar.xz -C "$src" --strip-components=1
-    rm -rf "$src.deb"
-    touch "$src/.extracted"
-fi
+src=$(source_tree "$version")
 # A build tree left by an interrupted run is reused: make picks up where it stopped.
 build=$cache/build-$version-$fragment_hash
 if [ ! -f "$build/.prepared" ]; then

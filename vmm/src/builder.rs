@@ -128,7 +128,7 @@ pub fn build_for_boot(
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id, &ctx)?;
-        vcpu.configure_for_boot(kvm, (id == 0).then_some(entry))?;
+        vcpu.configure_for_boot(kvm, config.vcpus, (id == 0).then_some(entry))?;
         vcpus.push(vcpu);
     }
     let handles = start_all(vcpus)?;

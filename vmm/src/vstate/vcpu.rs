@@ -205,11 +205,19 @@ impl Vcpu {
         })
     }
 
-    /// Sets up a fresh vCPU; `entry` for the boot vCPU only (see [`regs::configure_for_boot`]).
-    pub fn configure_for_boot(&self, kvm: &Kvm, entry: Option<BootEntry>) -> Result<(), VcpuError> {
-        regs::configure_for_boot(&self.fd, self.id, kvm, entry).map_err(|source| VcpuError::Boot {
-            id: self.id,
-            source,
+    /// Sets up a fresh vCPU, one of `vcpus`; `entry` for the boot vCPU only (see
+    /// [`regs::configure_for_boot`]).
+    pub fn configure_for_boot(
+        &self,
+        kvm: &Kvm,
+        vcpus: u32,
+        entry: Option<BootEntry>,
+    ) -> Result<(), VcpuError> {
+        regs::configure_for_boot(&self.fd, self.id, vcpus, kvm, entry).map_err(|source| {
+            VcpuError::Boot {
+                id: self.id,
+                source,
+            }
         })
     }
 

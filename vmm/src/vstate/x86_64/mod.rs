@@ -5,6 +5,7 @@
 //! Everything here works on a `VcpuFd` and knows nothing of the vCPU thread.
 
 pub mod compat;
+pub mod cpuid;
 pub mod msr;
 pub mod regs;
 pub mod state;

@@ -1,10 +1,10 @@
 //! Boot-time setup of a fresh vCPU: the CPUID it reports, its boot MSRs, FPU and LAPIC, and
 //! for the boot vCPU the registers of the payload's entry.
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use super::{ioctl, msr, ArchError};
+use super::{cpuid, ioctl, msr, ArchError};
 use crate::boot::{boot_regs, set_boot_sregs, BootEntry};
 
 /// LAPIC local vector table entries for the LINT0 and LINT1 pins (register offsets).
@@ -19,19 +19,24 @@ const FPU_CONTROL_WORD: u16 = 0x37f;
 /// MXCSR at reset: all SSE exceptions masked.
 const MXCSR: u32 = 0x1f80;
 
-/// Sets up vCPU `id` for a fresh boot: CPUID, boot MSRs, FPU, LAPIC LINT pins, and, when
+/// Sets up vCPU `id` of `vcpus` for a fresh boot: CPUID (see [`cpuid::shape`]), boot MSRs, FPU, LAPIC LINT pins, and, when
 /// `entry` is given (the boot vCPU), the registers of the entry. Other vCPUs wait for
 /// INIT/SIPI, as the in-kernel LAPIC leaves them.
 pub fn configure_for_boot(
     vcpu: &VcpuFd,
     id: u32,
+    vcpus: u32,
     kvm: &Kvm,
     entry: Option<BootEntry>,
 ) -> Result<(), ArchError> {
-    let mut cpuid = kvm
+    let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-    set_cpuid_identity(cpuid.as_mut_slice(), id);
+    let mut leaves = cpuid.as_slice().to_vec();
+    cpuid::shape(&mut leaves, id, vcpus);
+    let cpuid = CpuId::from_entries(&leaves).map_err(|_| ArchError::Cpuid {
+        entries: leaves.len(),
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
 
     msr::write_msrs(vcpu, &msr::boot_msrs())?;
@@ -57,23 +62,6 @@ pub fn configure_for_boot(
         vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
     }
     Ok(())
-}
-
-/// Gives vCPU `id` its own APIC ids in the CPUID KVM supports, and says it runs under a
-/// hypervisor.
-fn set_cpuid_identity(leaves: &mut [kvm_cpuid_entry2], id: u32) {
-    for leaf in leaves {
-        match leaf.function {
-            // Initial APIC id (EBX 31:24) and the hypervisor bit (ECX 31).
-            1 => {
-                leaf.ebx = (leaf.ebx & 0x00ff_ffff) | (id << 24);
-                leaf.ecx |= 1 << 31;
-            }
-            // x2APIC id.
-            0xb | 0x1f => leaf.edx = id,
-            _ => {}
-        }
-    }
 }
 
 /// Sets the delivery mode (bits 10:8) of the LVT entry at `offset`.
@@ -116,25 +104,5 @@ mod tests {
         assert_eq!(lvt(&lapic, APIC_LVT0), 0x0001_04ff);
         set_lvt_mode(&mut lapic, APIC_LVT1, APIC_MODE_EXTINT);
         assert_eq!(lvt(&lapic, APIC_LVT1), 0x0000_0700);
-    }
-
-    #[test]
-    fn each_vcpu_reports_its_own_apic_id_and_the_hypervisor_bit() {
-        let leaf = |function, ebx| kvm_cpuid_entry2 {
-            function,
-            ebx,
-            ..Default::default()
-        };
-        let mut leaves = [
-            leaf(1, 0xff12_3456),
-            leaf(0xb, 0),
-            leaf(0x1f, 0),
-            leaf(7, 9),
-        ];
-        set_cpuid_identity(&mut leaves, 3);
-        assert_eq!(leaves[0].ebx, 0x0312_3456);
-        assert_eq!(leaves[0].ecx, 1 << 31);
-        assert_eq!((leaves[1].edx, leaves[2].edx), (3, 3));
-        assert_eq!((leaves[3].ebx, leaves[3].edx), (9, 0));
     }
 }

@@ -1,0 +1,244 @@
+//! The CPUID a fresh vCPU reports: KVM's supported table, shaped as a VMM shapes it for a
+//! guest that believes what it reads.
+//!
+//! - Each vCPU has its own APIC id, and the topology leaves describe one package of `vcpus`
+//!   single-threaded cores, so the guest's idea of its CPUs matches the MADT.
+//! - Leaf 0xD is made self-consistent: KVM drops (with a warning) an XSAVE sub-leaf whose size
+//!   the host CPU reports as zero, yet still lists its feature in sub-leaf 0, as happens under
+//!   an emulated L1. Linux then disables XSAVE, and a later use of the area crashes it.
+//! - The hypervisor bit is set; KVM's own leaves (0x4000_0000 on) pass through.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+const LEAF_FEATURES: u32 = 1;
+const LEAF_CACHE_PARAMS: u32 = 4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_XSTATE: u32 = 0xd;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+
+/// Leaf 1 EDX: more than one logical processor per package.
+const EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX: running under a hypervisor.
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Topology level types (leaf 0xB/0x1F ECX 15:8).
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+/// The legacy XSAVE region and its header, present whatever the features.
+const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
+/// Leaf 0xD sub-leaf ECX bit 0: the component is a supervisor (IA32_XSS) one.
+const XSTATE_SUPERVISOR: u32 = 1;
+
+/// Shapes `leaves` (KVM_GET_SUPPORTED_CPUID's table) for vCPU `id` of `vcpus`, in place.
+pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32) {
+    let core_bits = bits_for(vcpus);
+    for leaf in leaves.iter_mut() {
+        match leaf.function {
+            LEAF_FEATURES => {
+                // Initial APIC id (EBX 31:24) and logical processors per package (23:16).
+                let count = vcpus.min(0xff);
+                leaf.ebx = (leaf.ebx & 0x0000_ffff) | (id << 24) | (count << 16);
+                if vcpus > 1 {
+                    leaf.edx |= EDX_HTT;
+                } else {
+                    leaf.edx &= !EDX_HTT;
+                }
+                leaf.ecx |= ECX_HYPERVISOR;
+            }
+            LEAF_CACHE_PARAMS => {
+                // Cores per package - 1 (EAX 31:26); a cache is shared by one thread (25:14),
+                // but the last level, which all cores share.
+                let level = (leaf.eax >> 5) & 0x7;
+                let others = vcpus.saturating_sub(1);
+                let sharing = if level >= 3 { others.min(0xfff) } else { 0 };
+                leaf.eax = (leaf.eax & 0x3fff) | (others.min(0x3f) << 26) | (sharing << 14);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                let (eax, ebx, level_type) = match leaf.index {
+                    0 => (0, 1, LEVEL_SMT),
+                    1 => (core_bits, vcpus, LEVEL_CORE),
+                    _ => (0, 0, 0),
+                };
+                leaf.eax = eax;
+                leaf.ebx = ebx;
+                leaf.ecx = (level_type << 8) | (leaf.index & 0xff);
+                leaf.edx = id;
+            }
+            LEAF_AMD_SIZES => {
+                // APIC id bits for cores (ECX 15:12) and cores - 1 (7:0).
+                leaf.ecx =
+                    (leaf.ecx & !0xf0ff) | (core_bits << 12) | vcpus.saturating_sub(1).min(0xff);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                // Extended APIC id; one thread per core, core id = id; one node.
+                leaf.eax = id;
+                leaf.ebx = id & 0xff;
+                leaf.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+    make_xstate_consistent(leaves);
+}
+
+/// The number of APIC id bits that `count` ids need.
+fn bits_for(count: u32) -> u32 {
+    32 - count.saturating_sub(1).leading_zeros()
+}
+
+/// Keeps in leaf 0xD only the components that have a sub-leaf with a size, and states the
+/// largest area the remaining user components need.
+fn make_xstate_consistent(leaves: &mut Vec<kvm_cpuid_entry2>) {
+    let sized = |leaves: &[kvm_cpuid_entry2], component: u32| {
+        leaves
+            .iter()
+            .any(|l| l.function == LEAF_XSTATE && l.index == component && l.eax != 0)
+    };
+    let mut user = 0u64;
+    let mut supervisor = 0u64;
+    for leaf in leaves.iter().filter(|l| l.function == LEAF_XSTATE) {
+        match leaf.index {
+            0 => user = u64::from(leaf.eax) | (u64::from(leaf.edx) << 32),
+            1 => supervisor = u64::from(leaf.ecx) | (u64::from(leaf.edx) << 32),
+            _ => {}
+        }
+    }
+    // x87 and SSE live in the legacy region and have no sub-leaf of their own.
+    let keep = |mask: u64, leaves: &[kvm_cpuid_entry2]| -> u64 {
+        (2..64)
+            .filter(|&c| mask & (1 << c) != 0 && sized(leaves, c))
+            .fold(mask & 0b11, |m, c| m | 1 << c)
+    };
+    let user_kept = keep(user, leaves);
+    let supervisor_kept = keep(supervisor, leaves) & !0b11;
+    let max_size = leaves
+        .iter()
+        .filter(|l| l.function == LEAF_XSTATE && l.index >= 2 && l.index < 64)
+        .filter(|l| user_kept & (1 << l.index) != 0 && l.ecx & XSTATE_SUPERVISOR == 0)
+        .map(|l| l.ebx.saturating_add(l.eax))
+        .fold(XSAVE_LEGACY_AND_HEADER, u32::max);
+    leaves.retain(|l| {
+        l.function != LEAF_XSTATE
+            || l.index < 2
+            || l.index >= 64
+            || (user_kept | supervisor_kept) & (1 << l.index) != 0
+    });
+    for leaf in leaves.iter_mut().filter(|l| l.function == LEAF_XSTATE) {
+        match leaf.index {
+            0 => {
+                leaf.eax = low(user_kept);
+                leaf.edx = high(user_kept);
+                // EBX follows the guest's XCR0 (KVM updates it); at reset XCR0 is x87 only.
+                leaf.ebx = XSAVE_LEGACY_AND_HEADER;
+                leaf.ecx = max_size;
+            }
+            1 => {
+                leaf.ecx = low(supervisor_kept);
+                leaf.edx = high(supervisor_kept);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn low(mask: u64) -> u32 {
+    mask as u32
+}
+
+fn high(mask: u64) -> u32 {
+    low(mask >> 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn find(leaves: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<kvm_cpuid_entry2> {
+        leaves
+            .iter()
+            .find(|l| l.function == function && l.index == index)
+            .copied()
+    }
+
+    #[test]
+    fn each_vcpu_reports_its_own_apic_id_the_package_and_the_hypervisor_bit() {
+        let mut leaves = vec![
+            leaf(1, 0, [0, 0xff12_3456, 0, 0]),
+            leaf(0xb, 0, [0, 0, 0, 0]),
+            leaf(0xb, 1, [0, 0, 0, 0]),
+            leaf(0xb, 2, [5, 5, 5, 5]),
+            leaf(7, 0, [0, 9, 0, 0]),
+        ];
+        shape(&mut leaves, 2, 3);
+        let l1 = find(&leaves, 1, 0).unwrap();
+        assert_eq!(l1.ebx, 0x0203_3456);
+        assert_eq!(l1.ecx, ECX_HYPERVISOR);
+        assert_eq!(l1.edx, EDX_HTT);
+        let smt = find(&leaves, 0xb, 0).unwrap();
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        let core = find(&leaves, 0xb, 1).unwrap();
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 3, 0x201, 2));
+        let end = find(&leaves, 0xb, 2).unwrap();
+        assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 2));
+        assert_eq!(find(&leaves, 7, 0).unwrap().ebx, 9);
+    }
+
+    #[test]
+    fn one_vcpu_is_not_a_multi_processor_package() {
+        let mut leaves = vec![leaf(1, 0, [0, 0, 0, EDX_HTT])];
+        shape(&mut leaves, 0, 1);
+        assert_eq!(find(&leaves, 1, 0).unwrap().edx & EDX_HTT, 0);
+        assert_eq!(bits_for(1), 0);
+        assert_eq!(bits_for(2), 1);
+        assert_eq!(bits_for(5), 3);
+    }
+
+    #[test]
+    fn an_xsave_component_without_a_sized_sub_leaf_is_dropped_from_leaf_0xd() {
+        // Sub-leaf 0 lists x87, SSE, AVX (2), PKRU (9) and AMX data (18); AMX data's own
+        // sub-leaf is missing and PKRU's has size zero.
+        let mut leaves = vec![
+            leaf(0xd, 0, [0x4_0207, 2000, 11008, 0]),
+            leaf(0xd, 1, [0xf, 0, 1 << 11, 0]),
+            leaf(0xd, 2, [256, 576, 0, 0]),
+            leaf(0xd, 9, [0, 0, 0, 0]),
+            leaf(0xd, 11, [16, 0, 1, 0]),
+        ];
+        shape(&mut leaves, 0, 1);
+        let l0 = find(&leaves, 0xd, 0).unwrap();
+        assert_eq!(l0.eax, 0b111, "only the sized user components stay");
+        assert_eq!(l0.ecx, 832, "the largest area is AVX's end");
+        assert_eq!(l0.ebx, 576);
+        assert_eq!(find(&leaves, 0xd, 1).unwrap().ecx, 1 << 11);
+        assert!(find(&leaves, 0xd, 9).is_none());
+        assert!(find(&leaves, 0xd, 2).is_some());
+    }
+
+    #[test]
+    fn a_consistent_leaf_0xd_keeps_its_components() {
+        let mut leaves = vec![
+            leaf(0xd, 0, [0x207, 576, 2696, 0]),
+            leaf(0xd, 1, [0xf, 0, 0, 0]),
+            leaf(0xd, 2, [256, 576, 0, 0]),
+            leaf(0xd, 9, [8, 2688, 0, 0]),
+        ];
+        shape(&mut leaves, 0, 1);
+        let l0 = find(&leaves, 0xd, 0).unwrap();
+        assert_eq!((l0.eax, l0.ecx), (0x207, 2696));
+        assert_eq!(leaves.len(), 4);
+    }
+}
