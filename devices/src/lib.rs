@@ -3,5 +3,6 @@
 
 pub mod guest_control;
 pub mod pci;
+pub mod power;
 pub mod serial;
 pub mod vfio;

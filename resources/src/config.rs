@@ -28,6 +28,20 @@ pub enum BootProtocol {
     Pvh,
 }
 
+/// The CPU model the guest sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuTemplate {
+    /// Everything this host's KVM supports.
+    #[default]
+    Host,
+    /// An x86-64-v2 guest: no AVX family, no protection keys, XSAVE with x87 and SSE state
+    /// only. Such a guest's CPUID is offered by any recent x86-64 host, so its state can be
+    /// restored after a kernel or microcode update that takes features away, and by a nested
+    /// KVM that does not follow the guest's XCR0 (the bed's L1 under TCG).
+    Baseline,
+}
+
 /// Where the guest's COM1 output goes. In JSON `"stdout"`, `"none"` or `{"file": PATH}`; on
 /// the command line `stdout`, `none` or a path (see `SerialOutput::from_flag`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,14 +91,22 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// RAM regions; one memfd each.
     pub memory: Vec<MemoryRegionConfig>,
-    /// The guest ELF.
+    /// The guest kernel: an ELF (a `vmlinux`, or luvmm's test payload) or a `bzImage`.
+    /// `"kernel"` in a config file, like Firecracker's `kernel_image_path`.
+    #[serde(alias = "kernel")]
     pub payload: PathBuf,
+    /// An initramfs for a Linux guest.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
     /// Guest kernel command line.
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
     /// Boot protocol.
     #[serde(default)]
     pub boot: BootProtocol,
+    /// The CPU model the guest sees.
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
     /// COM1 output.
     #[serde(default)]
     pub serial: SerialOutput,
@@ -149,8 +171,10 @@ impl Default for VmConfig {
                 size: DEFAULT_MEMORY_BYTES,
             }],
             payload: PathBuf::new(),
+            initrd: None,
             cmdline: default_cmdline(),
             boot: BootProtocol::default(),
+            cpu_template: CpuTemplate::default(),
             serial: SerialOutput::default(),
             api_socket: None,
             vfio: Vec::new(),
@@ -250,7 +274,7 @@ pub enum ConfigError {
     #[error("memory: a region must start at gpa 0 and extend past {HIMEM_START:#x} (boot structures and the payload live there)")]
     NoLowMemory,
     /// No payload was named.
-    #[error("payload: no guest payload given (--payload FILE, or \"payload\" in the config file)")]
+    #[error("payload: no guest kernel given (--kernel FILE, or \"kernel\" in the config file)")]
     NoPayload,
     /// The payload file is missing or not a regular file.
     #[error("payload: {path}: {reason}")]
@@ -416,17 +440,23 @@ impl VmConfig {
         if self.payload.as_os_str().is_empty() {
             return Err(ConfigError::NoPayload);
         }
-        let reason = match std::fs::metadata(&self.payload) {
-            Ok(meta) => match files::require_regular(&meta) {
-                Ok(()) => return Ok(()),
+        let unreadable = |path: &PathBuf| {
+            let reason = match std::fs::metadata(path) {
+                Ok(meta) => files::require_regular(&meta).err()?.to_string(),
                 Err(e) => e.to_string(),
-            },
-            Err(e) => e.to_string(),
+            };
+            Some(ConfigError::Payload {
+                path: path.clone(),
+                reason,
+            })
         };
-        Err(ConfigError::Payload {
-            path: self.payload.clone(),
-            reason,
-        })
+        match std::iter::once(&self.payload)
+            .chain(&self.initrd)
+            .find_map(unreadable)
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The RAM layout of a validated config, sorted by address.
@@ -604,7 +634,7 @@ mod tests {
             ..config()
         };
         assert_eq!(none.validate(&LIMITS), Err(ConfigError::NoPayload));
-        assert!(ConfigError::NoPayload.to_string().contains("--payload"));
+        assert!(ConfigError::NoPayload.to_string().contains("--kernel"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub const BOOT_IDT_START: u64 = 0x520;
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH memory map, right after the start info.
 pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// The PVH module list (the initrd's entry), after the memory map's few entries.
+pub const PVH_MODLIST_START: u64 = 0x6100;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer for the boot vCPU.
@@ -68,6 +70,19 @@ pub const SERIAL_PORT_BASE: u16 = 0x3F8;
 pub const SERIAL_PORT_SIZE: u16 = 8;
 /// COM1 interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
+/// The ACPI tables (RSDP first): in the legacy hole below 1 MiB, which the e820 map leaves out
+/// of usable RAM, so the guest reads them in place and never reuses their pages.
+pub const ACPI_TABLES_START: u64 = 0xE_0000;
+/// End (exclusive) of the ACPI tables' area.
+pub const ACPI_TABLES_END: u64 = HIMEM_START;
+/// The FADT's sleep control register (hardware-reduced ACPI): the guest writes SLP_TYP and
+/// SLP_EN here to power off.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// The FADT's reset register, right after the sleep control register.
+pub const ACPI_RESET_PORT: u16 = 0x3c1;
+/// The i8042 command port: `0xfe` written here pulses the CPU reset line, Linux's fallback
+/// reboot when ACPI's reset register is not used.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The luvmm guest-control port: a guest reads it to learn whether the VMM asked for a check.
 pub const GUEST_CONTROL_PORT: u16 = 0x0600;
 /// Width of the guest-control port window.

@@ -50,6 +50,25 @@ pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
     Bed { kernel_dir, initrd }
 }
 
+/// The Linux microVM guest from `guest-kernel.sh` (built once, then cached), copied into
+/// `into` as `guest-vmlinux`, `guest-bzImage` and `guest-initrd.cpio.gz`, the names the
+/// scenarios use under /luvmm/bin.
+pub fn linux_guest(into: &Path) -> Vec<PathBuf> {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    let dir = GUEST
+        .get_or_init(|| PathBuf::from(run_script("guest-kernel.sh", &[])))
+        .clone();
+    ["vmlinux", "bzImage", "initrd.cpio.gz"]
+        .iter()
+        .map(|name| {
+            let to = into.join(format!("guest-{name}"));
+            std::fs::copy(dir.join(name), &to)
+                .unwrap_or_else(|e| panic!("cannot copy the guest's {name}: {e}"));
+            to
+        })
+        .collect()
+}
+
 pub use luvmm::drill::bed::{L1Run, Line};
 
 /// What the bed's scenarios print.
@@ -86,11 +105,13 @@ pub const ONE_EDU: &[&str] = &["edu"];
 /// Boots L1 (with luvmm's own bed driver, as `luvmm drill` does) with `scenario`, `append`
 /// added to the kernel command line, and `devices` (each a QEMU `-device` value, in order),
 /// and waits for it to power off (or `timeout`, after which QEMU is killed).
+/// `drives` are QEMU `-drive` values for L1's NVMe namespaces.
 pub fn run_l1(
     bed: &Bed,
     scenario: &str,
     append: &str,
     devices: &[&str],
+    drives: &[String],
     timeout: Duration,
 ) -> L1Run {
     let append = format!("luvmm.scenario={scenario} {append}");
@@ -101,6 +122,7 @@ pub fn run_l1(
         initrd: &bed.initrd,
         append: &append,
         devices: &devices,
+        drives,
         memory_mib: 3072,
     };
     // One L1 at a time: TCG is CPU-bound and the machine has two cores.

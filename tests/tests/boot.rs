@@ -138,7 +138,7 @@ fn bad_configurations_are_refused_with_the_field_named() {
             &["--payload", "/nonexistent/payload.elf"],
             "payload: /nonexistent/payload.elf",
         ),
-        (&[], "payload: no guest payload given (--payload FILE"),
+        (&[], "payload: no guest kernel given (--kernel FILE"),
         // One vocabulary: a mistyped serial word is refused, not taken for a file name.
         (
             &["--payload", payload, "--serial", "sink"],

@@ -14,15 +14,18 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use luvmm_resources::config::BootProtocol;
 use luvmm_resources::layout::{
-    MemoryLayout, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, CMDLINE_MAX_SIZE,
-    CMDLINE_START, HIMEM_START, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
-    PVH_MEMMAP_START, ZERO_PAGE_START,
+    MemoryLayout, ACPI_TABLES_START, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER,
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PAGE_SIZE, PDE_START, PDPTE_START, PML4_START,
+    PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -32,6 +35,10 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+/// Where a bzImage's setup header keeps the "HdrS" magic.
+const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
+/// The 64-bit entry's offset in a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
@@ -75,6 +82,16 @@ pub enum BootError {
     /// PVH was asked for but the ELF has no PVH entry note.
     #[error("payload {path} has no PVH entry note; use boot \"linux64\" or \"auto\"")]
     NoPvhEntry { path: String },
+    /// The initrd cannot be opened.
+    #[error("cannot open initrd {path}")]
+    InitrdOpen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the top of the first RAM region.
+    #[error("initrd {path} ({size} bytes) does not fit: {room} bytes of RAM between the kernel and the MMIO hole (give the VM more memory)")]
+    InitrdDoesNotFit { path: String, size: u64, room: u64 },
     /// The command line is not acceptable to linux-loader.
     #[error("cmdline")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -106,55 +123,165 @@ pub enum BootEntry {
     Pvh(u64),
 }
 
-/// Loads the ELF at `path` and writes the boot structures for the chosen protocol.
+/// What the guest boots.
+#[derive(Clone, Copy, Debug)]
+pub struct BootSource<'a> {
+    /// An ELF (a `vmlinux`, or luvmm's test payload) or a `bzImage`.
+    pub kernel: &'a Path,
+    /// An initramfs, loaded high in the first RAM region.
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub protocol: BootProtocol,
+}
+
+/// Where the initrd landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InitrdPlace {
+    address: u64,
+    size: u64,
+}
+
+/// Loads the kernel and the initrd and writes the boot structures for the chosen protocol,
+/// with the ACPI tables' RSDP (written later, once the devices are known) at
+/// [`ACPI_TABLES_START`].
 pub fn load_payload(
     memory: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    path: &Path,
-    cmdline: &str,
-    protocol: BootProtocol,
+    source: &BootSource<'_>,
 ) -> Result<BootEntry, BootError> {
-    let shown = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| BootError::Open {
+    let shown = source.kernel.display().to_string();
+    let mut file = File::open(source.kernel).map_err(|source| BootError::Open {
         path: shown.clone(),
         source,
     })?;
-    let loaded =
-        Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            BootError::Load {
-                path: shown.clone(),
-                source,
-            }
-        })?;
-    let pvh = match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
-        _ => None,
+    let bzimage = is_bzimage(&mut file).map_err(|source| BootError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let load_error = |source| BootError::Load {
+        path: shown.clone(),
+        source,
     };
-    let entry = match (protocol, pvh) {
-        (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry { path: shown }),
-        (BootProtocol::Pvh | BootProtocol::Auto, Some(addr)) => BootEntry::Pvh(addr),
-        (BootProtocol::Linux64 | BootProtocol::Auto, _) => BootEntry::Linux64(loaded.kernel_load.0),
+    let (loaded, entry) = if bzimage {
+        let loaded = BzImage::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_error)?;
+        if source.protocol == BootProtocol::Pvh {
+            return Err(BootError::NoPvhEntry { path: shown });
+        }
+        // The 64-bit entry sits 0x200 bytes into the protected-mode kernel.
+        let entry = BootEntry::Linux64(loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY);
+        (loaded, entry)
+    } else {
+        let loaded = Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_error)?;
+        let pvh = match loaded.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
+            _ => None,
+        };
+        let entry = match (source.protocol, pvh) {
+            (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry { path: shown }),
+            (BootProtocol::Pvh | BootProtocol::Auto, Some(addr)) => BootEntry::Pvh(addr),
+            (BootProtocol::Linux64 | BootProtocol::Auto, _) => {
+                BootEntry::Linux64(loaded.kernel_load.0)
+            }
+        };
+        (loaded, entry)
     };
 
     let mut line = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    if !cmdline.is_empty() {
-        line.insert_str(cmdline).map_err(BootError::Cmdline)?;
+    if !source.cmdline.is_empty() {
+        line.insert_str(source.cmdline)
+            .map_err(BootError::Cmdline)?;
     }
     load_cmdline(memory, GuestAddress(CMDLINE_START), &line).map_err(BootError::WriteCmdline)?;
     // `line` refused anything longer than CMDLINE_MAX_SIZE, so this always fits.
-    let cmdline_size = u32::try_from(cmdline.len() + 1).unwrap_or(u32::MAX);
+    let cmdline_size = u32::try_from(source.cmdline.len() + 1).unwrap_or(u32::MAX);
 
+    let initrd = match source.initrd {
+        Some(path) => {
+            let highest = loaded
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&max| max != 0);
+            Some(load_initrd(
+                memory,
+                layout,
+                path,
+                loaded.kernel_end,
+                highest,
+            )?)
+        }
+        None => None,
+    };
     match entry {
         BootEntry::Linux64(_) => {
-            write_zero_page(memory, layout, cmdline_size)?;
+            write_zero_page(memory, layout, cmdline_size, loaded.setup_header, initrd)?;
             write_long_mode_tables(memory)?;
         }
         BootEntry::Pvh(_) => {
-            write_start_info(memory, layout)?;
+            write_start_info(memory, layout, initrd)?;
             write_gdt(memory, &GDT_PVH)?;
         }
     }
     Ok(entry)
+}
+
+/// A bzImage carries the boot protocol's "HdrS" magic at 0x202; an ELF starts with its own.
+fn is_bzimage(file: &mut File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))?;
+    let found = match file.read_exact(&mut magic) {
+        Ok(()) => u32::from_le_bytes(magic) == KERNEL_HDR_MAGIC,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) => return Err(e),
+    };
+    file.seek(SeekFrom::Start(0))?;
+    Ok(found)
+}
+
+/// Copies the initrd to the top of the first RAM region (below `highest`, the kernel's
+/// `initrd_addr_max`, when it states one), page aligned and above the kernel's end.
+fn load_initrd(
+    memory: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    path: &Path,
+    kernel_end: u64,
+    highest: Option<u64>,
+) -> Result<InitrdPlace, BootError> {
+    let shown = path.display().to_string();
+    let open_error = |source| BootError::InitrdOpen {
+        path: shown.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(open_error)?;
+    let size = file.metadata().map_err(open_error)?.len();
+    let top = layout
+        .regions
+        .first()
+        .map_or(0, |r| r.end())
+        .min(highest.map_or(u64::MAX, |h| h.saturating_add(1)));
+    let floor = kernel_end.next_multiple_of(PAGE_SIZE);
+    let address = top.saturating_sub(size) & !(PAGE_SIZE - 1);
+    if size == 0 || address < floor || top < size {
+        return Err(BootError::InitrdDoesNotFit {
+            path: shown,
+            size,
+            room: top.saturating_sub(floor),
+        });
+    }
+    let count = usize::try_from(size).map_err(|_| BootError::InitrdDoesNotFit {
+        path: shown.clone(),
+        size,
+        room: top.saturating_sub(floor),
+    })?;
+    memory
+        .read_exact_volatile_from(GuestAddress(address), &mut file, count)
+        .map_err(|source| BootError::Write {
+            what: "initrd",
+            source,
+        })?;
+    Ok(InitrdPlace { address, size })
 }
 
 /// The command line's guest address as `boot_params` holds it.
@@ -171,8 +298,20 @@ fn write_zero_page(
     memory: &GuestMemoryMmap,
     layout: &MemoryLayout,
     cmdline_size: u32,
+    header: Option<setup_header>,
+    initrd: Option<InitrdPlace>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
+    // A bzImage's own header says what it supports; the loader fills in the rest.
+    if let Some(header) = header {
+        params.hdr = header;
+    }
+    if let Some(initrd) = initrd {
+        // Below 4 GiB by construction (the first region ends at the MMIO hole).
+        params.hdr.ramdisk_image = u32::try_from(initrd.address).unwrap_or(0);
+        params.hdr.ramdisk_size = u32::try_from(initrd.size).unwrap_or(0);
+    }
+    params.acpi_rsdp_addr = ACPI_TABLES_START;
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
@@ -200,7 +339,11 @@ fn write_zero_page(
     })
 }
 
-fn write_start_info(memory: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(), BootError> {
+fn write_start_info(
+    memory: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    initrd: Option<InitrdPlace>,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout
         .usable_ranges()
         .iter()
@@ -217,10 +360,25 @@ fn write_start_info(memory: &GuestMemoryMmap, layout: &MemoryLayout) -> Result<(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
+        rsdp_paddr: ACPI_TABLES_START,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    if let Some(initrd) = initrd {
+        let module = hvm_modlist_entry {
+            paddr: initrd.address,
+            size: initrd.size,
+            ..Default::default()
+        };
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
+    }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, memory).map_err(|source| {
         BootError::WriteBootParams {
             what: "hvm_start_info",
@@ -371,13 +529,104 @@ mod tests {
         let path = std::env::temp_dir().join(format!("luvmm-not-elf-{}", std::process::id()));
         std::fs::write(&path, b"not an ELF").unwrap();
         let layout = MemoryLayout::contiguous(0x400);
-        let err = load_payload(&small_memory(), &layout, &path, "", BootProtocol::Auto);
+        let source = BootSource {
+            kernel: &path,
+            initrd: None,
+            cmdline: "",
+            protocol: BootProtocol::Auto,
+        };
+        let err = load_payload(&small_memory(), &layout, &source);
         std::fs::remove_file(&path).unwrap();
         let err = err.unwrap_err();
         assert!(matches!(err, BootError::Load { .. }));
         let shown = format!("cannot load payload {}", path.display());
         assert_eq!(err.to_string(), shown);
         assert!(error_chain(&err).starts_with(&format!("{shown}: Kernel Loader: ")));
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("luvmm-{name}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_initrd_goes_page_aligned_to_the_top_of_the_first_region_above_the_kernel() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let layout = MemoryLayout::contiguous(4 << 20);
+        let path = temp_file("initrd", &[0x5a; 5000]);
+        let placed = load_initrd(&memory, &layout, &path, 0x20_0000, None).unwrap();
+        assert_eq!(
+            placed,
+            InitrdPlace {
+                address: (4 << 20) - 0x2000,
+                size: 5000
+            }
+        );
+        let mut back = [0u8; 5000];
+        memory
+            .read_slice(&mut back, GuestAddress(placed.address))
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
+        // The kernel's initrd_addr_max is honoured.
+        let capped = load_initrd(&memory, &layout, &path, 0x20_0000, Some(0x2f_ffff)).unwrap();
+        assert_eq!(capped.address, 0x30_0000 - 0x2000);
+        // No room above the kernel: refused, saying how much there was.
+        let err = load_initrd(&memory, &layout, &path, (4 << 20) - 0x1000, None).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            err,
+            BootError::InitrdDoesNotFit {
+                size: 5000,
+                room: 0x1000,
+                ..
+            }
+        ));
+        assert!(matches!(
+            load_initrd(&memory, &layout, &path, 0, None),
+            Err(BootError::InitrdOpen { .. })
+        ));
+    }
+
+    #[test]
+    fn a_bzimage_is_told_from_an_elf_by_its_header_magic() {
+        let mut image = vec![0u8; 0x300];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let bz = temp_file("bz", &image);
+        let elf = temp_file("elf", b"\x7fELF and not much more");
+        let tiny = temp_file("tiny", b"");
+        let probe = |p: &std::path::Path| is_bzimage(&mut File::open(p).unwrap()).unwrap();
+        let found = (probe(&bz), probe(&elf), probe(&tiny));
+        for p in [bz, elf, tiny] {
+            std::fs::remove_file(p).unwrap();
+        }
+        assert_eq!(found, (true, false, false));
+    }
+
+    #[test]
+    fn the_boot_structures_carry_the_initrd_and_the_rsdp() {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let layout = MemoryLayout::contiguous(1 << 20);
+        let initrd = Some(InitrdPlace {
+            address: 0x8_0000,
+            size: 0x1234,
+        });
+        write_zero_page(&memory, &layout, 1, None, initrd).unwrap();
+        let params: boot_params = memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
+        assert_eq!((image, size), (0x8_0000, 0x1234));
+        let rsdp = params.acpi_rsdp_addr;
+        assert_eq!(rsdp, ACPI_TABLES_START);
+
+        write_start_info(&memory, &layout, initrd).unwrap();
+        let info: hvm_start_info = memory.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(
+            (info.nr_modules, info.modlist_paddr),
+            (1, PVH_MODLIST_START)
+        );
+        assert_eq!(info.rsdp_paddr, ACPI_TABLES_START);
+        let module: hvm_modlist_entry = memory.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x8_0000, 0x1234));
     }
 
     #[test]

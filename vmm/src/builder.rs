@@ -9,13 +9,15 @@ use std::time::{Instant, SystemTime};
 use kvm_ioctls::Kvm;
 use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
+use luvmm_devices::power::GuestPower;
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
 use luvmm_devices::vfio::{GuestMapper, IrqRouter};
 use luvmm_resources::config::{BarMode, ConfigError, VmConfig};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
-    GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END,
-    PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
+    ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE,
+    I8042_COMMAND_PORT, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END, PCI_IO_START,
+    PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
 };
 use luvmm_resources::state::{StateMismatch, VmState};
@@ -25,7 +27,8 @@ use vm_device::DevicePio;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::{load_payload, BootError};
+use crate::acpi::{self, AcpiError, AcpiSpec};
+use crate::boot::{load_payload, BootError, BootSource};
 use crate::passthrough::{
     DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, Passthrough,
 };
@@ -48,6 +51,8 @@ pub enum BuildError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
@@ -79,13 +84,13 @@ pub fn build_for_boot(
     let layout = config.memory_layout();
     let ram = GuestRam::create(&layout, config.memory_thp)?;
     vm.register_memory(&ram)?;
-    let entry = load_payload(
-        ram.memory(),
-        &layout,
-        &config.payload,
-        &config.cmdline,
-        config.boot,
-    )?;
+    let source = BootSource {
+        kernel: &config.payload,
+        initrd: config.initrd.as_deref(),
+        cmdline: &config.cmdline,
+        protocol: config.boot,
+    };
+    let entry = load_payload(ram.memory(), &layout, &source)?;
     log::info!("booting {} via {entry:?}", config.payload.display());
 
     let mut pci = PciBus::new();
@@ -115,10 +120,22 @@ pub fn build_for_boot(
                 .try_clone()
                 .map_err(BuildError::EventFd)?,
         )),
+        power: Arc::new(GuestPower::new(
+            events.exit.try_clone().map_err(BuildError::EventFd)?,
+        )),
         pci: Arc::new(pci),
         passthrough,
     };
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    // The tables describe the devices, so they come once every device has its INTx line.
+    let intx = devices.pci.intx_routes();
+    acpi::write_tables(
+        ram.memory(),
+        &AcpiSpec {
+            vcpus: config.vcpus,
+            intx: &intx,
+        },
+    )?;
 
     let ctx = VcpuContext::new(
         kvm,
@@ -128,7 +145,12 @@ pub fn build_for_boot(
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id, &ctx)?;
-        vcpu.configure_for_boot(kvm, config.vcpus, (id == 0).then_some(entry))?;
+        vcpu.configure_for_boot(
+            kvm,
+            config.vcpus,
+            config.cpu_template,
+            (id == 0).then_some(entry),
+        )?;
         vcpus.push(vcpu);
     }
     let handles = start_all(vcpus)?;
@@ -270,6 +292,9 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
                 .try_clone()
                 .map_err(BuildError::EventFd)?,
         )),
+        power: Arc::new(GuestPower::new(
+            events.exit.try_clone().map_err(BuildError::EventFd)?,
+        )),
         pci: Arc::new(pci),
         passthrough,
     };
@@ -344,7 +369,7 @@ const PCI_IO_SIZE: u16 = {
 };
 
 fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
-    let ports: [(&'static str, Arc<dyn DevicePio + Send + Sync>, u16, u16); 3] = [
+    let ports: [(&'static str, Arc<dyn DevicePio + Send + Sync>, u16, u16); 5] = [
         (
             "serial",
             devices.serial.clone(),
@@ -356,6 +381,18 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
             devices.guest_control.clone(),
             GUEST_CONTROL_PORT,
             GUEST_CONTROL_PORT_SIZE,
+        ),
+        (
+            "ACPI sleep control and reset",
+            devices.power.clone(),
+            ACPI_SLEEP_CONTROL_PORT,
+            ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT + 1,
+        ),
+        (
+            "i8042 command",
+            devices.power.clone(),
+            I8042_COMMAND_PORT,
+            1,
         ),
         (
             "PCI configuration",

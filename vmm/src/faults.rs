@@ -30,6 +30,12 @@ pub enum Fault {
     /// A restore after a kexec puts the first two passthrough devices each in the other's
     /// guest slot: the guest's device identity check must catch it.
     SwapDevices,
+    /// Resumes never call `KVM_KVMCLOCK_CTRL`: a Linux guest's watchdogs see the blackout as
+    /// a stuck CPU (the damage check of the resume's clock handling).
+    NoKvmclockCtrl,
+    /// A restore does not put the saved kvmclock back: the guest's clock starts from the new
+    /// VM's zero (the damage check of the clock restore).
+    NoKvmclockRestore,
 }
 
 /// An MSR index in no range Intel, AMD or KVM use.
@@ -43,6 +49,8 @@ impl Fault {
             Fault::SaveUnknownMsr => "save-unknown-msr",
             Fault::VcpuForbiddenSyscall => "vcpu-forbidden-syscall",
             Fault::SwapDevices => "swap-devices",
+            Fault::NoKvmclockCtrl => "no-kvmclock-ctrl",
+            Fault::NoKvmclockRestore => "no-kvmclock-restore",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The luvmm VMM: builds a microVM from a config or from a saved state, runs its vCPUs, and
 //! serves the control API.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod builder;

@@ -3,7 +3,7 @@
 //! that cannot be used must refuse the restore before the claim, not after it.
 
 use std::fs::OpenOptions;
-use std::io::{ErrorKind, LineWriter};
+use std::io::{ErrorKind, IsTerminal, LineWriter};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use luvmm_devices::serial::SerialOut;
 use luvmm_resources::config::SerialOutput;
 use nix::unistd::{access, AccessFlags};
+use vmm_sys_util::terminal::Terminal;
 
 /// The longest path a Unix socket can be bound at (`sun_path`, less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -48,6 +49,41 @@ pub enum OutputError {
         "API socket {path}: {len} bytes with luvmm's temporary suffix, more than {MAX_SOCKET_PATH}"
     )]
     SocketPathTooLong { path: PathBuf, len: usize },
+}
+
+/// The terminal on standard input in raw mode, for a guest console a person types into: no
+/// line editing, no echo, no signals (Ctrl-C goes to the guest, as with Firecracker; end the
+/// VM from the guest or through the API). Put back in canonical mode when dropped.
+pub struct RawConsole(());
+
+impl RawConsole {
+    /// Enters raw mode when the guest's console is this process's standard output and
+    /// standard input is a terminal; `None` otherwise (a pipe or a file feeds the guest as
+    /// it is).
+    pub fn enter(serial: &SerialOutput) -> Option<RawConsole> {
+        let stdin = std::io::stdin();
+        if *serial != SerialOutput::Stdout || !stdin.is_terminal() {
+            return None;
+        }
+        // The lock is held only for the call: the event loop reads standard input too.
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawConsole(())),
+            Err(e) => {
+                log::warn!(
+                    "cannot put the terminal in raw mode, the guest console is line-buffered: {e}"
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawConsole {
+    fn drop(&mut self) {
+        if let Err(e) = std::io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot put the terminal back in canonical mode: {e}");
+        }
+    }
 }
 
 /// Opens the serial output (a file is created if missing and appended to) and checks that an

@@ -15,6 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 /// How often a prepared VM asks the agent whether its update still goes on.
 const UPDATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
+use luvmm_devices::power::PowerRequest;
 use luvmm_devices::serial::SerialDevice;
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::sync::lock;
@@ -28,7 +29,12 @@ use crate::vmm::{VmPhase, Vmm, VmmError};
 pub enum Ending {
     /// Shutdown was requested through the API.
     Shutdown,
-    /// The guest stopped on its own (shutdown, triple fault, fatal exit).
+    /// The guest powered itself off (ACPI S5).
+    GuestPoweredOff,
+    /// The guest reset itself (`reboot`): the VM ends, and whoever started it decides
+    /// whether it boots again, as with Firecracker.
+    GuestReset,
+    /// The guest stopped on its own without asking (triple fault, fatal exit).
     GuestStopped,
 }
 
@@ -249,7 +255,13 @@ pub fn run(
         events.run().map_err(RuntimeError::EventManager)?;
         match lock(&vmm).phase() {
             VmPhase::ShuttingDown => return Ok(Ending::Shutdown),
-            VmPhase::Stopped => return Ok(Ending::GuestStopped),
+            VmPhase::Stopped => {
+                return Ok(match lock(&vmm).devices().power.requested() {
+                    Some(PowerRequest::Off) => Ending::GuestPoweredOff,
+                    Some(PowerRequest::Reset) => Ending::GuestReset,
+                    None => Ending::GuestStopped,
+                })
+            }
             _ => {}
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use luvmm_devices::guest_control::{GuestControl, GuestRequest};
 use luvmm_devices::pci::bus::PciBus;
+use luvmm_devices::power::GuestPower;
 use luvmm_devices::serial::SerialDevice;
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{self, DevicesState, StateError, UpdateRecord, VcpuState, VmState};
@@ -124,6 +125,8 @@ pub struct Devices {
     pub serial: Arc<SerialDevice>,
     /// The guest-control port.
     pub guest_control: Arc<GuestControl>,
+    /// The ACPI power and reset registers and the i8042 reset.
+    pub power: Arc<GuestPower>,
     /// PCI bus 0.
     pub pci: Arc<PciBus>,
     /// The passthrough devices on it and their IOMMU context.

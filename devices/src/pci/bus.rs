@@ -8,7 +8,7 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffse
 use vm_device::{DeviceMmio, DevicePio};
 
 use super::config::BarKind;
-use super::config::{ConfigSpace, COMMAND_IO, COMMAND_MEMORY, NUM_BARS};
+use super::config::{ConfigSpace, COMMAND_IO, COMMAND_MEMORY, INTERRUPT_LINE, NUM_BARS};
 
 /// A function on the bus.
 pub trait PciDevice: Send {
@@ -63,6 +63,17 @@ impl PciDevice for HostBridge {
 /// A shared handle to a device on the bus.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
+/// Where one function's INTx pin goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntxRoute {
+    /// Its slot on bus 0.
+    pub slot: u8,
+    /// Its interrupt pin, 1 (INTA#) to 4 (INTD#).
+    pub pin: u8,
+    /// The IOAPIC input (GSI) it raises.
+    pub line: u8,
+}
+
 /// Bus 0, function 0 of each slot.
 pub struct PciBus {
     slots: Vec<Option<SharedPciDevice>>,
@@ -110,6 +121,19 @@ impl PciBus {
         };
         self.slots[usize::from(slot)] = Some(device);
         Ok(slot)
+    }
+
+    /// The legacy interrupt of each function that has one: its slot, its pin (1 = INTA#) and
+    /// the line the VMM wired it to, as the guest's firmware tables must describe them.
+    pub fn intx_routes(&self) -> Vec<IntxRoute> {
+        (0..SLOTS)
+            .filter_map(|slot| {
+                let device = self.device(slot)?;
+                let [line, pin] = device.config().u16_at(INTERRUPT_LINE).to_le_bytes();
+                let slot = u8::try_from(slot).ok()?;
+                (pin != 0).then_some(IntxRoute { slot, pin, line })
+            })
+            .collect()
     }
 
     fn device(&self, slot: usize) -> Option<MutexGuard<'_, dyn PciDevice + 'static>> {

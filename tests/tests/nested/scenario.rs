@@ -28,11 +28,24 @@ pub fn boot_scenario_appending(
     devices: &[&str],
     extra: &[PathBuf],
 ) -> L1Run {
+    boot_scenario_with_drives(name, scenario, append, devices, &[], extra)
+}
+
+/// `boot_scenario_appending` with QEMU `-drive` values behind L1's NVMe namespaces.
+pub fn boot_scenario_with_drives(
+    name: &str,
+    scenario: &str,
+    append: &str,
+    devices: &[&str],
+    drives: &[String],
+    extra: &[PathBuf],
+) -> L1Run {
     let work = TestDir::new(name);
     let mut binaries = vec![luvmm_bin()];
     binaries.extend_from_slice(extra);
     let bed = prepare(work.path(), &binaries);
-    let run = run_l1(&bed, scenario, append, devices, Duration::from_secs(900));
+    let timeout = Duration::from_secs(900);
+    let run = run_l1(&bed, scenario, append, devices, drives, timeout);
     if run.timed_out {
         fail(&run, "L1 did not power off within the timeout");
     }

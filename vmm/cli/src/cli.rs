@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use luvmm_devices::guest_control::GuestRequest;
 use luvmm_liveupdate::agent::DEFAULT_AGENT_SOCKET;
 use luvmm_resources::config::{
-    memory_from_mib, BarMode, BootProtocol, SerialOutput, VfioBackendChoice, VmConfig,
+    memory_from_mib, BarMode, BootProtocol, CpuTemplate, SerialOutput, VfioBackendChoice, VmConfig,
 };
 use luvmm_vmm::api::{PrepareBody, ShutdownBody, VmmAction};
 use luvmm_vmm::seccomp::SeccompMode;
@@ -64,9 +64,12 @@ pub struct RunArgs {
     /// JSON config file; flags below override its fields.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Guest ELF.
-    #[arg(long)]
+    /// Guest kernel: an ELF (vmlinux, or luvmm's test payload) or a bzImage.
+    #[arg(long = "kernel", visible_alias = "payload", value_name = "FILE")]
     pub payload: Option<PathBuf>,
+    /// Initramfs for a Linux guest, loaded high in RAM.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
     /// RAM in MiB, laid out from GPA 0 around the MMIO hole (one memfd per region).
     #[arg(long)]
     pub memory_mib: Option<u64>,
@@ -79,6 +82,10 @@ pub struct RunArgs {
     /// Boot protocol: auto, linux64 or pvh.
     #[arg(long, value_parser = config_word::<BootProtocol>)]
     pub boot: Option<BootProtocol>,
+    /// The guest's CPU model: host (everything KVM offers) or baseline (x86-64-v2, XSAVE
+    /// with x87 and SSE state only).
+    #[arg(long, value_parser = config_word::<CpuTemplate>)]
+    pub cpu_template: Option<CpuTemplate>,
     /// Pass this host PCI function (bound to vfio-pci) through; repeatable.
     #[arg(long)]
     pub vfio: Vec<String>,
@@ -369,8 +376,14 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
     if let Some(vcpus) = args.vcpus {
         config.vcpus = vcpus;
     }
+    if let Some(initrd) = &args.initrd {
+        config.initrd = Some(initrd.clone());
+    }
     if let Some(cmdline) = &args.cmdline {
         config.cmdline = cmdline.clone();
+    }
+    if let Some(template) = args.cpu_template {
+        config.cpu_template = template;
     }
     if let Some(boot) = args.boot {
         config.boot = boot;

@@ -118,6 +118,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                 .as_deref()
                 .map(ApiSocket::bind)
                 .transpose()?;
+            let _console = outputs::RawConsole::enter(&config.serial);
             finish(runtime::run(vmm, api, || {}))
         }
         Command::Restore(args) => restore(&args),
@@ -314,12 +315,17 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
             update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
         }
     };
+    let _console = outputs::RawConsole::enter(&args.common.serial.clone().unwrap_or_default());
     finish(runtime::run(vmm, api, tell_agent))
 }
 
+/// The exit status when the guest rebooted itself (0 when it powered off).
+const EXIT_GUEST_RESET: u8 = 3;
+
 fn finish(result: Result<runtime::Ending, RuntimeError>) -> Result<ExitCode, CommandError> {
     match result? {
-        runtime::Ending::Shutdown => Ok(ExitCode::SUCCESS),
+        runtime::Ending::Shutdown | runtime::Ending::GuestPoweredOff => Ok(ExitCode::SUCCESS),
+        runtime::Ending::GuestReset => Ok(ExitCode::from(EXIT_GUEST_RESET)),
         runtime::Ending::GuestStopped => Err(CommandError::GuestStopped),
     }
 }

@@ -34,6 +34,7 @@ ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
 
 // The VM's: its clock and interrupt controllers for a save, memslots and interrupt routes
 // for passthrough devices, and the KVM VFIO pseudo-device.
@@ -81,10 +82,12 @@ ioctl_io_nr!(IOMMU_HWPT_ALLOC, VFIO_TYPE, IOMMUFD_BASE + 9);
 ioctl_io_nr!(IOMMU_GET_HW_INFO, VFIO_TYPE, IOMMUFD_BASE + 10);
 ioctl_io_nr!(IOMMU_IOAS_MAP_FILE, VFIO_TYPE, IOMMUFD_BASE + 15);
 
-/// What a vCPU thread asks of its own fd: run, and read its state when the VM is saved.
+/// What a vCPU thread asks of its own fd: run, read its state when the VM is saved, and tell
+/// the guest's kvmclock it was paused.
 pub(super) fn vcpu_own() -> Vec<u64> {
     vec![
         KVM_RUN(),
+        KVM_KVMCLOCK_CTRL(),
         KVM_GET_REGS(),
         KVM_GET_SREGS(),
         KVM_GET_MSRS(),

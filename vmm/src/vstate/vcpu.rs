@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use luvmm_resources::config::CpuTemplate;
 use luvmm_resources::state::VcpuState;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
@@ -24,6 +25,7 @@ use super::x86_64::msr::{msrs_to_save, MsrError};
 use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
+use crate::faults::{self, Fault};
 use crate::seccomp::ThreadKind;
 use luvmm_resources::errors::error_chain;
 
@@ -205,15 +207,16 @@ impl Vcpu {
         })
     }
 
-    /// Sets up a fresh vCPU, one of `vcpus`; `entry` for the boot vCPU only (see
+    /// Sets up a fresh vCPU, one of `vcpus`, with `template`'s CPUID; `entry` for the boot vCPU only (see
     /// [`regs::configure_for_boot`]).
     pub fn configure_for_boot(
         &self,
         kvm: &Kvm,
         vcpus: u32,
+        template: CpuTemplate,
         entry: Option<BootEntry>,
     ) -> Result<(), VcpuError> {
-        regs::configure_for_boot(&self.fd, self.id, vcpus, kvm, entry).map_err(|source| {
+        regs::configure_for_boot(&self.fd, self.id, vcpus, template, kvm, entry).map_err(|source| {
             VcpuError::Boot {
                 id: self.id,
                 source,
@@ -322,7 +325,10 @@ impl Vcpu {
                 (RunState::Paused, VcpuResponse::Paused)
             }
             (VcpuEvent::Pause, RunState::Paused) => (state, VcpuResponse::Paused),
-            (VcpuEvent::Resume, RunState::Paused) => (RunState::Running, VcpuResponse::Resumed),
+            (VcpuEvent::Resume, RunState::Paused) => {
+                self.tell_guest_it_was_paused();
+                (RunState::Running, VcpuResponse::Resumed)
+            }
             (VcpuEvent::Resume, RunState::Running) => (state, VcpuResponse::Resumed),
             (VcpuEvent::SaveState, RunState::Paused) => match self.save_state() {
                 Ok(saved) => (state, VcpuResponse::Saved(Box::new(saved))),
@@ -332,6 +338,22 @@ impl Vcpu {
             (VcpuEvent::Pause, _) => (state, VcpuResponse::Failed(wrong("pause"))),
             (VcpuEvent::Resume, _) => (state, VcpuResponse::Failed(wrong("resume"))),
             (VcpuEvent::SaveState, _) => (state, VcpuResponse::Failed(wrong("save state"))),
+        }
+    }
+
+    /// Sets the "stopped" flag in the guest's kvmclock page (`KVM_KVMCLOCK_CTRL`), as QEMU
+    /// does on every resume: a Linux guest's soft-lockup and RCU-stall detectors then take
+    /// the pause for what it was, not for a CPU stuck for the length of the blackout. A guest
+    /// that never set up kvmclock (luvmm's test payload) makes KVM answer EINVAL: nothing
+    /// to tell it.
+    fn tell_guest_it_was_paused(&self) {
+        if faults::armed(Fault::NoKvmclockCtrl) {
+            return;
+        }
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINVAL => {}
+            Err(e) => log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.id),
         }
     }
 

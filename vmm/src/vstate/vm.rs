@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestRam;
 use super::x86_64::xsave::XsaveArea;
+use crate::faults::{self, Fault};
 
 /// KVM capabilities luvmm cannot run without, with what each is for.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -221,6 +222,10 @@ impl KvmVm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(ioctl("KVM_SET_PIT2"))?;
+        if faults::armed(Fault::NoKvmclockRestore) {
+            log::warn!("test fault: the saved kvmclock is not put back");
+            return Ok(());
+        }
         // KVM_SET_CLOCK takes only the REALTIME flag; with it, KVM advances the clock by the
         // host time that passed since the save, so the guest does not see time stand still.
         let clock = kvm_clock_data {

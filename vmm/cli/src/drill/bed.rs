@@ -112,6 +112,8 @@ pub struct L1Spec<'a> {
     pub append: &'a str,
     /// QEMU `-device` values, in order (after the IOMMU).
     pub devices: &'a [String],
+    /// QEMU `-drive` values: the host files behind L1's NVMe namespaces.
+    pub drives: &'a [String],
     pub memory_mib: u64,
 }
 
@@ -128,9 +130,12 @@ pub struct L1Run {
     pub timed_out: bool,
 }
 
-/// The bed's own command line words: the IOMMU with interrupt remapping, LUO and KHO on.
+/// The bed's own command line words: the IOMMU with interrupt remapping, LUO and KHO on, and
+/// KVM taking the XCR0 an L2 guest set without an exit (patches/0002: TCG's nested SVM lets
+/// XSETBV through, and a Linux L2 guest's XSAVE breaks without it).
 pub const BED_CMDLINE: &str =
-    "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4";
+    "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4 \
+     kvm.luvmm_adopt_xcr0=1";
 
 /// Boots L1 and hands each console line to `on_line` as it arrives, until L1 powers off (or
 /// `timeout`, after which QEMU is killed).
@@ -152,6 +157,9 @@ pub fn run_l1(
         .args(["-smp", "1", "-m", &format!("{}M", spec.memory_mib)])
         // The IOMMU comes first, so it is there when the devices are.
         .args(["-device", "intel-iommu,intremap=on"]);
+    for drive in spec.drives {
+        cmd.args(["-drive", drive]);
+    }
     for device in spec.devices {
         cmd.args(["-device", device]);
     }

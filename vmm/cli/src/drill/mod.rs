@@ -260,6 +260,7 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
         .collect();
     let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_param());
     let spec = L1Spec {
+        drives: &[],
         kernel: &args.bed.kernel,
         initrd: &initrd,
         append: &append,

@@ -9,6 +9,7 @@
 //! - The hypervisor bit is set; KVM's own leaves (0x4000_0000 on) pass through.
 
 use kvm_bindings::kvm_cpuid_entry2;
+use luvmm_resources::config::CpuTemplate;
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
@@ -30,8 +31,54 @@ const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
 /// Leaf 0xD sub-leaf ECX bit 0: the component is a supervisor (IA32_XSS) one.
 const XSTATE_SUPERVISOR: u32 = 1;
 
-/// Shapes `leaves` (KVM_GET_SUPPORTED_CPUID's table) for vCPU `id` of `vcpus`, in place.
-pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32) {
+/// Feature bits a [`CpuTemplate::Baseline`] guest never sees: everything that needs XSAVE
+/// state beyond x87 and SSE (the AVX family, AVX-512, AMX, protection keys), per
+/// (leaf, sub-leaf, register index: 0 EAX, 1 EBX, 2 ECX, 3 EDX).
+const BASELINE_CLEARED: &[(u32, u32, usize, u32)] = &[
+    // FMA, AVX, F16C.
+    (1, 0, 2, (1 << 12) | (1 << 28) | (1 << 29)),
+    // AVX2 and every AVX-512 bit of EBX.
+    (7, 0, 1, (1 << 5) | 0xdc23_0000),
+    // AVX512_VBMI, PKU, OSPKE, AVX512_VBMI2, VAES, VPCLMULQDQ, AVX512_VNNI, BITALG,
+    // VPOPCNTDQ.
+    (
+        7,
+        0,
+        2,
+        (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (0xf << 9) | (1 << 14),
+    ),
+    // AVX512_4VNNIW, 4FMAPS, VP2INTERSECT, AMX_BF16, AVX512_FP16, AMX_TILE, AMX_INT8.
+    (7, 0, 3, (0b11 << 2) | (1 << 8) | (0xf << 22)),
+    // AVX_VNNI, AVX512_BF16, AVX_IFMA.
+    (7, 1, 0, (0b11 << 4) | (1 << 23)),
+    // AMD's XOP and FMA4.
+    (0x8000_0001, 0, 2, (1 << 11) | (1 << 16)),
+];
+
+/// The XSAVE components a baseline guest may enable: x87 and SSE.
+const BASELINE_XSTATE: u64 = 0b11;
+
+/// Shapes `leaves` (KVM_GET_SUPPORTED_CPUID's table) for vCPU `id` of `vcpus`, as `template`
+/// says, in place.
+pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: CpuTemplate) {
+    if template == CpuTemplate::Baseline {
+        for leaf in leaves.iter_mut() {
+            for &(function, index, register, bits) in BASELINE_CLEARED {
+                if leaf.function == function && leaf.index == index {
+                    match register {
+                        0 => leaf.eax &= !bits,
+                        1 => leaf.ebx &= !bits,
+                        2 => leaf.ecx &= !bits,
+                        _ => leaf.edx &= !bits,
+                    }
+                }
+            }
+        }
+    }
+    let xstate_allowed = match template {
+        CpuTemplate::Host => u64::MAX,
+        CpuTemplate::Baseline => BASELINE_XSTATE,
+    };
     let core_bits = bits_for(vcpus);
     for leaf in leaves.iter_mut() {
         match leaf.function {
@@ -79,7 +126,7 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32) {
             _ => {}
         }
     }
-    make_xstate_consistent(leaves);
+    make_xstate_consistent(leaves, xstate_allowed);
 }
 
 /// The number of APIC id bits that `count` ids need.
@@ -87,9 +134,9 @@ fn bits_for(count: u32) -> u32 {
     32 - count.saturating_sub(1).leading_zeros()
 }
 
-/// Keeps in leaf 0xD only the components that have a sub-leaf with a size, and states the
-/// largest area the remaining user components need.
-fn make_xstate_consistent(leaves: &mut Vec<kvm_cpuid_entry2>) {
+/// Keeps in leaf 0xD only the components `allowed` that have a sub-leaf with a size, and
+/// states the largest area the remaining user components need.
+fn make_xstate_consistent(leaves: &mut Vec<kvm_cpuid_entry2>, allowed: u64) {
     let sized = |leaves: &[kvm_cpuid_entry2], component: u32| {
         leaves
             .iter()
@@ -110,8 +157,8 @@ fn make_xstate_consistent(leaves: &mut Vec<kvm_cpuid_entry2>) {
             .filter(|&c| mask & (1 << c) != 0 && sized(leaves, c))
             .fold(mask & 0b11, |m, c| m | 1 << c)
     };
-    let user_kept = keep(user, leaves);
-    let supervisor_kept = keep(supervisor, leaves) & !0b11;
+    let user_kept = keep(user & allowed, leaves);
+    let supervisor_kept = keep(supervisor & allowed, leaves) & !0b11;
     let max_size = leaves
         .iter()
         .filter(|l| l.function == LEAF_XSTATE && l.index >= 2 && l.index < 64)
@@ -183,7 +230,7 @@ mod tests {
             leaf(0xb, 2, [5, 5, 5, 5]),
             leaf(7, 0, [0, 9, 0, 0]),
         ];
-        shape(&mut leaves, 2, 3);
+        shape(&mut leaves, 2, 3, CpuTemplate::Host);
         let l1 = find(&leaves, 1, 0).unwrap();
         assert_eq!(l1.ebx, 0x0203_3456);
         assert_eq!(l1.ecx, ECX_HYPERVISOR);
@@ -200,7 +247,7 @@ mod tests {
     #[test]
     fn one_vcpu_is_not_a_multi_processor_package() {
         let mut leaves = vec![leaf(1, 0, [0, 0, 0, EDX_HTT])];
-        shape(&mut leaves, 0, 1);
+        shape(&mut leaves, 0, 1, CpuTemplate::Host);
         assert_eq!(find(&leaves, 1, 0).unwrap().edx & EDX_HTT, 0);
         assert_eq!(bits_for(1), 0);
         assert_eq!(bits_for(2), 1);
@@ -218,7 +265,7 @@ mod tests {
             leaf(0xd, 9, [0, 0, 0, 0]),
             leaf(0xd, 11, [16, 0, 1, 0]),
         ];
-        shape(&mut leaves, 0, 1);
+        shape(&mut leaves, 0, 1, CpuTemplate::Host);
         let l0 = find(&leaves, 0xd, 0).unwrap();
         assert_eq!(l0.eax, 0b111, "only the sized user components stay");
         assert_eq!(l0.ecx, 832, "the largest area is AVX's end");
@@ -229,6 +276,38 @@ mod tests {
     }
 
     #[test]
+    fn a_baseline_guest_gets_no_avx_no_protection_keys_and_only_x87_and_sse_state() {
+        let mut leaves = vec![
+            leaf(1, 0, [0, 0, (1 << 28) | (1 << 26) | (1 << 20), 0]),
+            leaf(
+                7,
+                0,
+                [0, (1 << 5) | (1 << 16) | (1 << 3), (1 << 3) | (1 << 4), 0],
+            ),
+            leaf(0xd, 0, [0x207, 576, 2696, 0]),
+            leaf(0xd, 1, [0xf, 0, 0, 0]),
+            leaf(0xd, 2, [256, 576, 0, 0]),
+            leaf(0xd, 9, [8, 2688, 0, 0]),
+        ];
+        shape(&mut leaves, 0, 1, CpuTemplate::Baseline);
+        let l1 = find(&leaves, 1, 0).unwrap();
+        assert_eq!(
+            l1.ecx & ((1 << 28) | (1 << 26) | (1 << 20)),
+            (1 << 26) | (1 << 20),
+            "AVX off, XSAVE and SSE4.2 on"
+        );
+        let l7 = find(&leaves, 7, 0).unwrap();
+        assert_eq!(
+            (l7.ebx, l7.ecx),
+            (1 << 3, 0),
+            "AVX2, AVX-512 and PKU off, BMI1 on"
+        );
+        let l0 = find(&leaves, 0xd, 0).unwrap();
+        assert_eq!((l0.eax, l0.ebx, l0.ecx), (0b11, 576, 576));
+        assert!(find(&leaves, 0xd, 2).is_none() && find(&leaves, 0xd, 9).is_none());
+    }
+
+    #[test]
     fn a_consistent_leaf_0xd_keeps_its_components() {
         let mut leaves = vec![
             leaf(0xd, 0, [0x207, 576, 2696, 0]),
@@ -236,7 +315,7 @@ mod tests {
             leaf(0xd, 2, [256, 576, 0, 0]),
             leaf(0xd, 9, [8, 2688, 0, 0]),
         ];
-        shape(&mut leaves, 0, 1);
+        shape(&mut leaves, 0, 1, CpuTemplate::Host);
         let l0 = find(&leaves, 0xd, 0).unwrap();
         assert_eq!((l0.eax, l0.ecx), (0x207, 2696));
         assert_eq!(leaves.len(), 4);

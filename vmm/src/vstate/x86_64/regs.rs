@@ -3,6 +3,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
+use luvmm_resources::config::CpuTemplate;
 
 use super::{cpuid, ioctl, msr, ArchError};
 use crate::boot::{boot_regs, set_boot_sregs, BootEntry};
@@ -19,13 +20,14 @@ const FPU_CONTROL_WORD: u16 = 0x37f;
 /// MXCSR at reset: all SSE exceptions masked.
 const MXCSR: u32 = 0x1f80;
 
-/// Sets up vCPU `id` of `vcpus` for a fresh boot: CPUID (see [`cpuid::shape`]), boot MSRs, FPU, LAPIC LINT pins, and, when
+/// Sets up vCPU `id` of `vcpus` for a fresh boot: CPUID (`template`'s, see [`cpuid::shape`]), boot MSRs, FPU, LAPIC LINT pins, and, when
 /// `entry` is given (the boot vCPU), the registers of the entry. Other vCPUs wait for
 /// INIT/SIPI, as the in-kernel LAPIC leaves them.
 pub fn configure_for_boot(
     vcpu: &VcpuFd,
     id: u32,
     vcpus: u32,
+    template: CpuTemplate,
     kvm: &Kvm,
     entry: Option<BootEntry>,
 ) -> Result<(), ArchError> {
@@ -33,7 +35,7 @@ pub fn configure_for_boot(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
     let mut leaves = cpuid.as_slice().to_vec();
-    cpuid::shape(&mut leaves, id, vcpus);
+    cpuid::shape(&mut leaves, id, vcpus, template);
     let cpuid = CpuId::from_entries(&leaves).map_err(|_| ArchError::Cpuid {
         entries: leaves.len(),
     })?;
