@@ -134,10 +134,13 @@ impl Drop for Judge {
     }
 }
 
-/// A boot's log: the boot's own clocksource switch and an NVMe line that is no reset.
+/// A boot's log: the boot's own clocksource switch, an NVMe line that is no reset, and notices
+/// (seen in this host's own log) that name a warning word without being one.
 const BOOT_LOG: &str = "6,1,1000,-;clocksource: Switched to clocksource kvm-clock\n\
      6,2,2000,-;nvme nvme0: 2/0/0 default/read/poll queues\n\
-     \x20SUBSYSTEM=nvme\n";
+     \x20SUBSYSTEM=nvme\n\
+     4,3,3000,-;Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/html/latest/admin-guide/hw-vuln/srso.html for mitigation options.\n\
+     6,4,4000,-;NMI watchdog: Perf NMI watchdog permanently disabled\n";
 
 #[test]
 fn linux_judge_clean_run_is_all_ok() {

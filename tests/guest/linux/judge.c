@@ -490,6 +490,16 @@ static int contains(const char *s, const char *what)
     return strstr(s, what) != NULL;
 }
 
+/*
+ * The kernel's own reports start the message with Oops, BUG:, WARNING: or watchdog: (the lockup
+ * detector's prefix); elsewhere in a line those words are boot notices (a mitigation's advice,
+ * the NMI watchdog's state).
+ */
+static int starts(const char *s, const char *what)
+{
+    return strncmp(s, what, strlen(what)) == 0;
+}
+
 /* after_start: logged after the judge started (the boot's own clocksource switch is normal). */
 static void judge_line(const char *msg, int after_start)
 {
@@ -498,11 +508,11 @@ static void judge_line(const char *msg, int after_start)
                  contains(msg, "reset controller") || contains(msg, "controller is down") ||
                  contains(msg, "Abort status"));
     int warning = !reset &&
-                  (contains(msg, "Oops") || contains(msg, "BUG:") || contains(msg, "WARNING:") ||
+                  (starts(msg, "Oops") || starts(msg, "BUG:") || starts(msg, "WARNING:") ||
                    contains(msg, "soft lockup") || contains(msg, "hard LOCKUP") ||
                    contains(msg, "rcu: INFO:") || contains(msg, "self-detected stall") ||
                    contains(msg, "detected stalls on CPUs") || contains(msg, "blocked for more than") ||
-                   contains(msg, "watchdog:") || contains(msg, "general protection fault") ||
+                   starts(msg, "watchdog:") || contains(msg, "general protection fault") ||
                    contains(msg, "Kernel panic") ||
                    (contains(msg, "clocksource") && contains(msg, "unstable")) ||
                    (after_start && contains(msg, "Switched to clocksource")));
@@ -787,10 +797,14 @@ int main(int argc, char **argv)
         cfg.seed = mix(now_ns(CLOCK_REALTIME) ^ (uint64_t)getpid());
     crc_init();
 
-    kmsg_is_device = !cfg.host_test;
-    kmsg_fd = open(cfg.kmsg_path, O_RDONLY | (kmsg_is_device ? O_NONBLOCK : 0));
-    if (kmsg_fd < 0)
+    kmsg_fd = open(cfg.kmsg_path, O_RDONLY);
+    struct stat kst;
+    if (kmsg_fd < 0 || fstat(kmsg_fd, &kst) != 0)
         die("open the kernel log");
+    /* /dev/kmsg gives one record per read and blocks at the end; a file is polled. */
+    kmsg_is_device = S_ISCHR(kst.st_mode);
+    if (kmsg_is_device && fcntl(kmsg_fd, F_SETFL, O_NONBLOCK) != 0)
+        die("make the kernel log non-blocking");
     start(kmsg_loop);
     last_sample = now_ns(CLOCK_MONOTONIC);
     start(clock_loop);
