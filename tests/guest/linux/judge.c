@@ -28,7 +28,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
 #include <sys/io.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -446,7 +448,7 @@ static void *io_loop(void *arg)
     return NULL;
 }
 
-/* The guest's device: the one named, else the first namespace of the first controller. */
+/* Unless one was named: the first namespace of the first NVMe controller, if there is one. */
 static void find_device(void)
 {
     if (cfg.io_explicit || cfg.host_test)
@@ -477,10 +479,17 @@ static void open_device(void)
     if (io_fd < 0)
         die("open the I/O device");
     struct stat st;
-    if (cfg.host_test && fstat(io_fd, &st) == 0 && (uint64_t)st.st_size < cfg.io_bytes &&
-        ftruncate(io_fd, (off_t)cfg.io_bytes) != 0)
+    if (fstat(io_fd, &st) != 0)
+        die("stat the I/O device");
+    uint64_t size;
+    /* A namespace smaller than the region asked for is used whole. */
+    if (S_ISBLK(st.st_mode) && ioctl(io_fd, BLKGETSIZE64, &size) == 0 && size < cfg.io_bytes)
+        cfg.io_bytes = size;
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < cfg.io_bytes && ftruncate(io_fd, (off_t)cfg.io_bytes) != 0)
         die("size the I/O file");
     io_blocks = cfg.io_bytes / BLOCK;
+    if (io_blocks == 0)
+        die("the I/O device holds no whole block");
 }
 
 /* ---- kernel log ---- */
