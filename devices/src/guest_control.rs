@@ -6,8 +6,13 @@
 //! before a pause is answered after the resume, and the restore path asks for a check itself.
 //! A guest that writes `PAUSE_ME` to the port is paused by the VMM's event loop right after:
 //! a test guest uses it to leave device interrupts in flight across a pause or a handover.
+//!
+//! The port also tells the guest the host's time: a read at `HOST_TIME_LOW` latches the host's
+//! CLOCK_REALTIME (ns) and returns its low half, a read at `HOST_TIME_HIGH` the latched high
+//! half. A guest brackets the first read with its own clock reads, so it learns how far its
+//! clock is from the host's at that moment without timestamping any serial output.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::state::GuestControlState;
@@ -43,10 +48,40 @@ impl GuestRequest {
 /// Written by the guest: pause me now.
 pub const PAUSE_ME: u32 = 1;
 
+/// Port offset whose read latches the host's CLOCK_REALTIME and returns its low 32 bits.
+pub const HOST_TIME_LOW: PioAddressOffset = 4;
+/// Port offset whose read returns the high 32 bits of the last latched host time.
+pub const HOST_TIME_HIGH: PioAddressOffset = 8;
+
+/// The host's CLOCK_REALTIME in ns; 0 if the clock cannot be read (never on Linux).
+fn host_realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nsecs = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
+
+/// Copies a little-endian word into a read of any width (a narrower read gets its low bytes).
+fn fill(data: &mut [u8], bytes: &[u8]) {
+    let n = data.len().min(bytes.len());
+    data[..n].copy_from_slice(&bytes[..n]);
+}
+
 /// The guest-control port device.
 #[derive(Debug)]
 pub struct GuestControl {
     pending: AtomicU32,
+    /// Host time latched by the last read at `HOST_TIME_LOW`. Not saved: a restored guest
+    /// reads the low half first, as every reader must.
+    host_time: AtomicU64,
     /// Signalled when the guest asks to be paused.
     pause_evt: EventFd,
 }
@@ -56,6 +91,7 @@ impl GuestControl {
     pub fn new(pause_evt: EventFd) -> GuestControl {
         GuestControl {
             pending: AtomicU32::new(0),
+            host_time: AtomicU64::new(0),
             pause_evt,
         }
     }
@@ -69,6 +105,7 @@ impl GuestControl {
         };
         GuestControl {
             pending: AtomicU32::new(state.requests | check),
+            host_time: AtomicU64::new(0),
             pause_evt,
         }
     }
@@ -97,10 +134,18 @@ impl GuestControl {
 impl DevicePio for GuestControl {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
-        if offset == 0 {
-            let word = self.pending.swap(0, Ordering::SeqCst).to_le_bytes();
-            let n = data.len().min(word.len());
-            data[..n].copy_from_slice(&word[..n]);
+        match offset {
+            0 => fill(data, &self.pending.swap(0, Ordering::SeqCst).to_le_bytes()),
+            HOST_TIME_LOW => {
+                let now = host_realtime_ns();
+                self.host_time.store(now, Ordering::SeqCst);
+                fill(data, &now.to_le_bytes()[..4]);
+            }
+            HOST_TIME_HIGH => fill(
+                data,
+                &self.host_time.load(Ordering::SeqCst).to_le_bytes()[4..],
+            ),
+            _ => {}
         }
     }
 
@@ -122,9 +167,19 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn read(dev: &GuestControl) -> u32 {
+        read_at(dev, 0)
+    }
+
+    fn read_at(dev: &GuestControl, offset: PioAddressOffset) -> u32 {
         let mut word = [0u8; 4];
-        dev.pio_read(PioAddress(0x600), 0, &mut word);
+        dev.pio_read(PioAddress(0x600), offset, &mut word);
         u32::from_le_bytes(word)
+    }
+
+    fn host_time(dev: &GuestControl) -> u64 {
+        let low = read_at(dev, HOST_TIME_LOW);
+        let high = read_at(dev, HOST_TIME_HIGH);
+        u64::from(high) << 32 | u64::from(low)
     }
 
     fn port() -> GuestControl {
@@ -161,5 +216,30 @@ mod tests {
         assert!(dev.pause_evt.read().is_err(), "only PAUSE_ME asks");
         dev.pio_write(PioAddress(0x600), 0, &PAUSE_ME.to_le_bytes());
         assert_eq!(dev.pause_evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_host_time_is_latched_by_the_low_read() {
+        let dev = port();
+        let before = host_realtime_ns();
+        let got = host_time(&dev);
+        let after = host_realtime_ns();
+        assert!(
+            before <= got && got <= after,
+            "{before} <= {got} <= {after}"
+        );
+        // The high half comes from the latch, not from a new reading of the clock.
+        dev.host_time.store(0x1234_5678_9abc_def0, Ordering::SeqCst);
+        assert_eq!(read_at(&dev, HOST_TIME_HIGH), 0x1234_5678);
+        assert!(host_time(&dev) > 0x1234_5678_9abc_def0 >> 32 << 32);
+    }
+
+    #[test]
+    fn host_time_reads_leave_requests_alone() {
+        let dev = port();
+        dev.request_check();
+        host_time(&dev);
+        assert_eq!(read_at(&dev, 12), 0, "nothing behind offset 12");
+        assert_eq!(read(&dev), 1, "the check is still pending");
     }
 }

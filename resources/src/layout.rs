@@ -83,10 +83,12 @@ pub const ACPI_RESET_PORT: u16 = 0x3c1;
 /// The i8042 command port: `0xfe` written here pulses the CPU reset line, Linux's fallback
 /// reboot when ACPI's reset register is not used.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
-/// The luvmm guest-control port: a guest reads it to learn whether the VMM asked for a check.
+/// The luvmm guest-control port: a guest reads it to learn whether the VMM asked for a check,
+/// and at offsets 4 and 8 the host's realtime clock.
 pub const GUEST_CONTROL_PORT: u16 = 0x0600;
-/// Width of the guest-control port window.
-pub const GUEST_CONTROL_PORT_SIZE: u16 = 4;
+/// Width of the guest-control port window: the request word, the host time's two halves, and
+/// room for one more word, so a guest can `ioperm` 16 ports.
+pub const GUEST_CONTROL_PORT_SIZE: u16 = 16;
 
 /// One guest RAM region: `size` bytes at guest physical address `gpa`, backed by its own memfd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,8 +68,8 @@ if [ ! -f "$kernel/vmlinux" ]; then
     log "built in $(( $(date +%s) - start )) s: $kernel"
 fi
 
-# The initramfs: busybox and the guest's /init.
-initrd_hash=$(cat "$guest/init" /bin/busybox | sha256sum | cut -c1-16)
+# The initramfs: busybox, the guest's /init and its judge (built static from judge.c).
+initrd_hash=$(cat "$guest/init" "$guest/judge.c" "$guest/build-judge.sh" /bin/busybox | sha256sum | cut -c1-16)
 out=$cache/guest-$version-$kernel_hash-$initrd_hash
 if [ ! -f "$out/initrd.cpio.gz" ]; then
     root=$(mktemp -d)
@@ -80,6 +80,7 @@ if [ ! -f "$out/initrd.cpio.gz" ]; then
         [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
     done
     install -m 0755 "$guest/init" "$root/init"
+    bash "$guest/build-judge.sh" "$root/bin/judge"
     mkdir -p "$out.tmp"
     (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.tmp/initrd.cpio.gz"
     ln -f "$kernel/vmlinux" "$kernel/bzImage" "$out.tmp/"
