@@ -21,6 +21,8 @@ pub const ACPI_RESET_VALUE: u8 = 0x6;
 const SLEEP_ENABLE: u8 = 1 << 5;
 const SLEEP_TYPE_SHIFT: u8 = 2;
 const SLEEP_TYPE_MASK: u8 = 0x7;
+/// WAK_STS in the sleep status register (bit 7).
+const WAKE_STATUS: u8 = 1 << 7;
 /// The i8042 command that pulses the reset line.
 const I8042_RESET: u8 = 0xfe;
 
@@ -98,10 +100,19 @@ impl GuestPower {
 }
 
 impl DevicePio for GuestPower {
-    fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        // Nothing to report: the sleep status register is never set (the VM is gone once the
-        // guest sleeps) and the i8042 status reads as idle.
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
+        // Once the guest asked for S5 the sleep status register says it woke (WAK_STS): Linux
+        // polls it with interrupts off after writing SLP_EN, and the VMM ends the VM anyway;
+        // a guest left spinning there could starve a nested host (an emulated L1 does not
+        // take its own interrupts while the L2 guest has them masked).
+        let port = u32::from(base.0) + u32::from(offset);
+        if port == u32::from(ACPI_SLEEP_CONTROL_PORT) && self.requested().is_some() {
+            if let Some(status) = data.first_mut() {
+                *status = WAKE_STATUS;
+            }
+        }
+        // The i8042 status reads as idle.
     }
 
     fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
@@ -143,6 +154,23 @@ mod tests {
         );
         assert_eq!(power.requested(), Some(PowerRequest::Off));
         assert_eq!(power.exit_evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_sleep_status_says_woken_only_after_the_guest_asked() {
+        let power = device();
+        let mut status = [0xffu8];
+        power.pio_read(PioAddress(ACPI_SLEEP_CONTROL_PORT), 0, &mut status);
+        assert_eq!(status, [0]);
+        power.pio_write(
+            PioAddress(ACPI_SLEEP_CONTROL_PORT),
+            0,
+            &[(5 << 2) | SLEEP_ENABLE],
+        );
+        power.pio_read(PioAddress(ACPI_SLEEP_CONTROL_PORT), 0, &mut status);
+        assert_eq!(status, [WAKE_STATUS]);
+        power.pio_read(PioAddress(I8042_COMMAND_PORT), 0, &mut status);
+        assert_eq!(status, [0]);
     }
 
     #[test]

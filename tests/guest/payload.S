@@ -17,6 +17,8 @@
  * x2APIC timer and heartbeat and halts between ticks. Once no new vCPU has come up for
  * AP_QUIET_TICKS ticks it prints
  *     LUVMM-SMP vcpus=N
+ * With "luvmm.end=1" it powers the VM off (ACPI S5) once booted, "=2" resets it through the ACPI
+ * reset register, "=3" through the i8042.
  * With "luvmm.intx=1" it leaves MSI off and routes the function's INTx line through the IOAPIC
  * instead (irq=intx). With "luvmm.dma_outside=1" it then also has each device DMA to an IOVA outside guest RAM,
  * which the IOMMU must block, and prints "LUVMM-DEV dma_outside sent bdf=...". After the scan
@@ -198,6 +200,7 @@ common64:
     call puts
     call put_dec
     call newline
+    call end_if_asked
 main_loop:
     hlt
     movw $CONTROL_PORT, %dx
@@ -318,7 +321,39 @@ parse_cmdline:
     call cmdline_value
     jc 3f
     movq %rax, use_intx(%rip)
+3:  leaq str_end_key(%rip), %rdi
+    call cmdline_value
+    jc 4f
+    movq %rax, end_request(%rip)
+4:  ret
+
+/*
+ * end_if_asked: luvmm.end=1 powers the VM off through the ACPI sleep control register (S5 with
+ * SLP_EN), 2 resets it through the ACPI reset register, 3 through the i8042; then halts.
+ */
+end_if_asked:
+    movq end_request(%rip), %rax
+    cmpq $1, %rax
+    jne 1f
+    movw $0x3c0, %dx
+    movb $0x34, %al
+    outb %al, %dx
+    jmp 4f
+1:  cmpq $2, %rax
+    jne 2f
+    movw $0x3c1, %dx
+    movb $0x06, %al
+    outb %al, %dx
+    jmp 4f
+2:  cmpq $3, %rax
+    jne 3f
+    movb $0xfe, %al
+    outb %al, $0x64
+    jmp 4f
 3:  ret
+4:  cli
+5:  hlt
+    jmp 5b
 
 /* cmdline_value: rdi = "key=" -> rax = its decimal value, CF clear; CF set if absent */
 cmdline_value:
@@ -1829,6 +1864,7 @@ str_bad_pvh:    .asciz "LUVMM-FAULT bad hvm_start_info magic\n"
 str_fill_key:   .asciz "luvmm.fill_pages="
 str_dma_outside_key: .asciz "luvmm.dma_outside="
 str_intx_key:   .asciz "luvmm.intx="
+str_end_key:    .asciz "luvmm.end="
 str_scan_done:  .asciz "LUVMM-DEV scan done devices="
 str_dma_outside: .asciz "LUVMM-DEV dma_outside sent "
 str_0x:         .asciz "0x"
@@ -1898,6 +1934,7 @@ idt_ptr:
 fill_pages:     .quad -1                /* every page, unless the command line says fewer */
 dma_outside:    .quad 0
 use_intx:       .quad 0
+end_request:    .quad 0
 
     .section .bss
     .balign 4096

@@ -79,3 +79,9 @@ hostcheck() { # luvmm host-check --json as one line: hostcheck stage=$stage exit
     echo "LUVMM-L1 hostcheck stage=$stage exit=$code $(tr -d '\n' </tmp/hostcheck.json)"
     sed 's/^/LUVMM-L1 log /' /tmp/hostcheck.err
 }
+
+nvme_bdf() { # nvme_bdf: the BDF of L1's (last) QEMU NVMe controller
+    for dev in /sys/bus/pci/devices/*; do
+        [ "$(cat "$dev/vendor"):$(cat "$dev/device")" = 0x1b36:0x0010 ] && echo "${dev##*/}"
+    done | tail -1
+}

@@ -6,6 +6,7 @@ pub mod l1;
 pub mod nested;
 pub mod vfio_raw;
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -319,6 +320,15 @@ impl Vm {
     /// Boots the payload with `extra` flags, its serial log in `<name>.log`, and waits for its
     /// boot line.
     pub fn boot(dir: &TestDir, name: &str, extra: &[&str]) -> Vm {
+        Vm::boot_with(dir, name, extra, None)
+    }
+
+    /// `boot`, with the VMM's log (its standard error) going to `stderr`.
+    pub fn boot_logging(dir: &TestDir, name: &str, extra: &[&str], stderr: File) -> Vm {
+        Vm::boot_with(dir, name, extra, Some(stderr))
+    }
+
+    fn boot_with(dir: &TestDir, name: &str, extra: &[&str], stderr: Option<File>) -> Vm {
         require_kvm();
         let socket = dir.join(&format!("{name}.sock"));
         let serial = dir.join(&format!("{name}.log"));
@@ -331,6 +341,9 @@ impl Vm {
             .arg("--api-socket")
             .arg(&socket)
             .args(extra);
+        if let Some(stderr) = stderr {
+            cmd.stderr(stderr);
+        }
         let vm = Vm::spawn(cmd, socket, serial);
         wait_until("the guest's LUVMM-BOOT line", || {
             (!lines_with(&vm.serial, "LUVMM-BOOT").is_empty()).then_some(())

@@ -2,6 +2,7 @@
 //! TCG with an emulated Intel IOMMU and the PCI devices a test asks for (`edu`, NVMe, ...)
 //! through luvmm's own bed driver, and reads its `LUVMM-L1` lines with host timestamps.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -127,7 +128,16 @@ pub fn run_l1(
     };
     // One L1 at a time: TCG is CPU-bound and the machine has two cores.
     let _turn = one_l1_at_a_time();
-    luvmm::drill::bed::run_l1(&spec, timeout, |_| {}).expect("boot L1 under QEMU")
+    // Each console line also goes to a file as it arrives, to follow a long run (or one that
+    // hangs) from outside.
+    let live = std::env::temp_dir().join(format!("luvmm-l1-{scenario}.log"));
+    let mut live = std::fs::File::create(&live).ok();
+    luvmm::drill::bed::run_l1(&spec, timeout, |line| {
+        if let Some(file) = live.as_mut() {
+            let _ = writeln!(file, "[{:8.3}] {}", line.at, line.text);
+        }
+    })
+    .expect("boot L1 under QEMU")
 }
 
 /// Held while an L1 runs, by the scenario tests and the drill tests alike.

@@ -53,3 +53,27 @@ fn nothing_lost_a_stale_socket_is_reused_and_a_live_one_refused() {
         "{stderr}"
     );
 }
+
+/// A guest that ends itself: luvmm exits 0 when it powers off (ACPI S5 in the FADT's sleep
+/// control register) and 3 when it resets (the FADT's reset register, or the i8042), saying
+/// which in its log, and leaves no socket behind.
+#[test]
+fn a_guest_that_powers_off_or_resets_ends_luvmm_with_a_status_that_says_which() {
+    let dir = TestDir::new("exit-power");
+    for (name, end, code, said) in [
+        ("off", "1", 0, "the guest asked for Off"),
+        ("acpi-reset", "2", 3, "the guest asked for Reset"),
+        ("i8042-reset", "3", 3, "the guest asked for Reset"),
+    ] {
+        let cmdline = format!("console=ttyS0 luvmm.fill_pages=16 luvmm.end={end}");
+        let log = dir.join(&format!("{name}.err"));
+        let stderr = std::fs::File::create(&log).expect("a log file");
+        let vm = Vm::boot_logging(&dir, name, &["--cmdline", &cmdline], stderr);
+        let socket = vm.socket.clone();
+        let status = vm.wait_exit();
+        assert_eq!(status.code(), Some(code), "{name}: {status:?}");
+        let logged = std::fs::read_to_string(&log).expect("the VMM's log");
+        assert!(logged.contains(said), "{name}: {logged}");
+        assert!(!socket.exists(), "{name} left {}", socket.display());
+    }
+}

@@ -26,6 +26,7 @@ use luvmm_devices::power::{ACPI_RESET_VALUE, S5_SLEEP_TYPE};
 use luvmm_resources::layout::{
     ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, ACPI_TABLES_END, ACPI_TABLES_START, PCI_CONFIG_PORT,
     PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START,
+    SERIAL_IRQ, SERIAL_PORT_BASE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -210,11 +211,25 @@ fn dsdt(intx: &[IntxRoute]) -> Vec<u8> {
             &Name::new("_PRT".into(), &routes),
         ],
     ));
+    // COM1 as an ACPI device: in the hardware-reduced profile Linux sets up no legacy PIC and
+    // so no ISA interrupt of its own; the console's IRQ 4 reaches the IO-APIC only as
+    // declared here (edge, active high, as ISA interrupts are).
+    let com1_ports = aml::IO::new(SERIAL_PORT_BASE, SERIAL_PORT_BASE, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let com1_resources = ResourceTemplate::new(vec![&com1_ports, &com1_irq]);
+    let com1 = bytes_of(&Device::new(
+        "COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new("_CRS".into(), &com1_resources),
+        ],
+    ));
     let mut s5 = PackageBuilder::new();
     for value in [S5_SLEEP_TYPE, 0, 0, 0] {
         s5.add_element(&value);
     }
-    let mut body = Scope::raw(Path::new("\\_SB_"), pci);
+    let mut body = Scope::raw(Path::new("\\_SB_"), [pci, com1].concat());
     Name::new(Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"LUVMDSDT", OEM_REVISION);
     table.append_slice(&body);
@@ -345,6 +360,9 @@ mod tests {
         let bytes = dsdt(&intx);
         let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"_PRT") && has(b"_S5_") && has(b"PCI0") && has(b"_CRS"));
+        // COM1 with its ports and an extended IRQ descriptor for line 4.
+        assert!(has(b"COM1"));
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]));
         // Slot 3's address 0x0003ffff as a DWord constant, and slot 4's pin B (1).
         assert!(has(&[0x0c, 0xff, 0xff, 0x03, 0x00]));
         assert!(has(&[0x0c, 0xff, 0xff, 0x04, 0x00, 0x01]));

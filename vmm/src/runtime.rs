@@ -253,15 +253,17 @@ pub fn run(
     once_running();
     loop {
         events.run().map_err(RuntimeError::EventManager)?;
-        match lock(&vmm).phase() {
-            VmPhase::ShuttingDown => return Ok(Ending::Shutdown),
-            VmPhase::Stopped => {
-                return Ok(match lock(&vmm).devices().power.requested() {
-                    Some(PowerRequest::Off) => Ending::GuestPoweredOff,
-                    Some(PowerRequest::Reset) => Ending::GuestReset,
-                    None => Ending::GuestStopped,
-                })
-            }
+        // One lock for both questions: a guard held by a `match` scrutinee lives through the
+        // arms, so a second `lock` in an arm would wait for ever.
+        let (phase, asked) = {
+            let vmm = lock(&vmm);
+            (vmm.phase(), vmm.devices().power.requested())
+        };
+        match (phase, asked) {
+            (VmPhase::ShuttingDown, _) => return Ok(Ending::Shutdown),
+            (VmPhase::Stopped, Some(PowerRequest::Off)) => return Ok(Ending::GuestPoweredOff),
+            (VmPhase::Stopped, Some(PowerRequest::Reset)) => return Ok(Ending::GuestReset),
+            (VmPhase::Stopped, None) => return Ok(Ending::GuestStopped),
             _ => {}
         }
     }

@@ -802,6 +802,19 @@ int main(int argc, char **argv)
         cmdline_args();
     if (!cfg.host_test && ioperm(CONTROL_PORT, 16, 1) != 0)
         die("ioperm the guest-control port");
+    /*
+     * Like a guest's time agent at boot (chrony with ptp_kvm), take the host's wall clock
+     * once: the guest's own reading at boot can be seconds off (in the nested bed its
+     * timekeeping loses time before kvm-clock takes over), and what the checks judge is
+     * whether a pause, a handover or an update moves the clock, not how it was first set.
+     */
+    if (!cfg.host_test) {
+        uint64_t host = host_realtime();
+        struct timespec ts = { .tv_sec = (time_t)(host / 1000000000u),
+                               .tv_nsec = (long)(host % 1000000000u) };
+        if (clock_settime(CLOCK_REALTIME, &ts) != 0)
+            die("set the clock from the host's");
+    }
     if (!cfg.seed)
         cfg.seed = mix(now_ns(CLOCK_REALTIME) ^ (uint64_t)getpid());
     crc_init();

@@ -7,19 +7,22 @@
 . /luvmm/steps.sh
 cd /tmp
 bin=/luvmm/bin
-nvme=
-for dev in /sys/bus/pci/devices/*; do
-    [ "$(cat "$dev/vendor"):$(cat "$dev/device")" = 0x1b36:0x0010 ] && nvme=${dev##*/}
-done
+nvme=$(nvme_bdf)
 wait_exit() { # wait_exit PID NAME: the VMM's exit status, or 124 after 120 s
     i=0
     while kill -0 "$1" 2>/dev/null; do
         i=$((i + 1))
-        [ $i -gt 1200 ] && { kill -9 "$1"; echo "LUVMM-L1 test $2 FAIL luvmm still runs after 120 s"; return 124; }
+        if [ $i -gt 300 ]; then
+            for t in /proc/$1/task/*; do
+                echo "LUVMM-L1 stuck $2 $(cat $t/comm) $(cut -d' ' -f3 $t/stat) wchan=$(cat $t/wchan 2>/dev/null) $(tr '\n' '|' < $t/stack 2>/dev/null)"
+            done
+            kill -9 "$1"; echo "LUVMM-L1 test $2 FAIL luvmm still runs after 30 s"; return 124
+        fi
         sleep 0.1
     done
     wait "$1"
 }
+tail -F pvh.log bz.log 2>/dev/null | sed 's/^/LUVMM-L1 live /' &
 start=$(cut -d" " -f1 /proc/uptime)
 luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 --vcpus 2 \
     --vfio "$nvme" --cmdline "console=ttyS0 luvmm.then=io-poweroff" --serial ./pvh.log 2>pvh.err &
@@ -37,7 +40,7 @@ sed 's/^/LUVMM-L1 log pvh /' pvh.err
     i=0
     while ! grep -q 'LUVMM-LINUX boot' bz.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
     echo 'echo LUVMM-TYPED $((6*7)); reboot -f'
-    sleep 60
+    sleep 1
 ) | luvmm run --kernel $bin/guest-bzImage --initrd $bin/guest-initrd.cpio.gz --memory-mib 128 --vcpus 1 --cpu-template baseline \
     --serial stdout > bz.log 2>bz.err &
 pid=$!

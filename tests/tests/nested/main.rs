@@ -12,6 +12,7 @@ mod scenario;
 mod agent;
 mod handover;
 mod kexec_fails;
+mod linux;
 mod luo;
 mod release;
 mod update;

@@ -12,9 +12,10 @@ use crate::vstate::x86_64::msr::msr_name;
 /// compared: KVM changes them at run time, or luvmm sets them itself).
 const FEATURE_REGISTERS: [(u32, u32, usize, u32); 7] = [
     // Leaf 1: ECX (OSXSAVE, bit 27, follows CR4; the hypervisor bit 31 is luvmm's) and EDX
-    // (APIC, bit 9, follows the APIC's enable bit).
+    // (APIC, bit 9, follows the APIC's enable bit; HTT, bit 28, is luvmm's topology of a
+    // guest with more than one vCPU).
     (0x1, 0, 2, 1 << 27 | 1 << 31),
-    (0x1, 0, 3, 1 << 9),
+    (0x1, 0, 3, 1 << 9 | 1 << 28),
     // Leaf 7.0: EBX, ECX (OSPKE, bit 4, follows CR4) and EDX.
     (0x7, 0, 1, 0),
     (0x7, 0, 2, 1 << 4),
@@ -132,6 +133,8 @@ pub(crate) fn this_host_cpu(kvm: &Kvm) -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_en
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::x86_64::cpuid::shape;
+    use luvmm_resources::config::CpuTemplate;
 
     fn leaf(function: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -157,6 +160,18 @@ mod tests {
         );
         // OSXSAVE follows the guest's CR4: set in the guest, never offered.
         assert_eq!(check_features(&[leaf(1, 1 << 27, 0)], &host), Ok(()));
+    }
+
+    #[test]
+    fn a_cpuid_luvmm_shaped_from_what_kvm_offers_is_accepted() {
+        // What luvmm sets itself (APIC ids, the package's topology with HTT, the hypervisor
+        // bit) is no feature the host must offer: a two-vCPU guest restores where it booted.
+        let offered = vec![leaf(1, 1 << 26, 1 << 25), leaf(7, 0, 0)];
+        for template in [CpuTemplate::Host, CpuTemplate::Baseline] {
+            let mut shaped = offered.clone();
+            shape(&mut shaped, 1, 2, template);
+            assert_eq!(check_features(&shaped, &offered), Ok(()), "{template:?}");
+        }
     }
 
     #[test]

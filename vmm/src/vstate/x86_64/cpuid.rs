@@ -16,9 +16,12 @@ const LEAF_CACHE_PARAMS: u32 = 4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_XSTATE: u32 = 0xd;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_POWER_MANAGEMENT: u32 = 0x8000_0007;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
+/// Leaf 0x8000_0007 EDX: the TSC runs at a constant rate in every state (invariant TSC).
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// Leaf 1 EDX: more than one logical processor per package.
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: running under a hypervisor.
@@ -111,6 +114,14 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
                 leaf.ebx = ebx;
                 leaf.ecx = (level_type << 8) | (leaf.index & 0xff);
                 leaf.edx = id;
+            }
+            LEAF_POWER_MANAGEMENT => {
+                // No invariant TSC: a luvmm guest is paused, moved to a new process and across
+                // a kexec, and its TSC does not count the blackout as a clock would. Without the
+                // promise Linux keeps kvm-clock, which KVM carries across, instead of switching
+                // to the TSC and then marking it unstable after the first pause (as QEMU keeps
+                // `invtsc` off for VMs that migrate).
+                leaf.edx &= !EDX_INVARIANT_TSC;
             }
             LEAF_AMD_SIZES => {
                 // APIC id bits for cores (ECX 15:12) and cores - 1 (7:0).
@@ -242,6 +253,13 @@ mod tests {
         let end = find(&leaves, 0xb, 2).unwrap();
         assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 2));
         assert_eq!(find(&leaves, 7, 0).unwrap().ebx, 9);
+    }
+
+    #[test]
+    fn the_guest_is_promised_no_invariant_tsc() {
+        let mut leaves = vec![leaf(0x8000_0007, 0, [0, 0, 0, EDX_INVARIANT_TSC | 1])];
+        shape(&mut leaves, 0, 1, CpuTemplate::Host);
+        assert_eq!(find(&leaves, 0x8000_0007, 0).unwrap().edx, 1);
     }
 
     #[test]

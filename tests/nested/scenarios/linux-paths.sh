@@ -1,0 +1,62 @@
+#!/bin/sh
+# A Linux microVM with the NVMe controller passed through, judged by the guest's own judge
+# (tests/guest/linux/judge.c: memory, an O_DIRECT block loop through its nvme driver, its kernel
+# log, its clocks) after each path luvmm offers short of a host update:
+#   1 booted; 2 paused 8 s and resumed; 3 handed to a new process (device fds adopted, no
+#   reopen, no reset); then the damage checks: 4 paused 8 s in a process that leaves
+#   KVM_KVMCLOCK_CTRL out (the guest's watchdog must cry soft lockup); 5 handed to a process
+#   that does not put the saved kvmclock back (the guest's clock must go wrong).
+# Each check is one LUVMM-LINUX-CHECK line, printed as `linux check N JSON`.
+. /luvmm/steps.sh
+# One vCPU: L1 has one, and under TCG's nested SVM L1 takes no interrupt of its own while an
+# L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
+# other vCPU (which L1 then never schedules) stops L1 for good.
+cd /tmp
+bin=/luvmm/bin
+nvme=$(nvme_bdf)
+# A 2 s watchdog threshold: a CPU seen stuck for 4 s is a soft lockup, so an 8 s pause the
+# guest is not told of shows.
+cmdline="console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=40"
+check() { # check SOCKET N: asks the judge for check N and prints it
+    luvmm ctl --socket "$1" check >/dev/null
+    if wait_line a.log "LUVMM-LINUX-CHECK {\"checks\":$2," && whole_lines a.log; then
+        echo "LUVMM-L1 linux check $2 $(grep "LUVMM-LINUX-CHECK {\"checks\":$2," a.log | tail -1 | sed 's/.*LUVMM-LINUX-CHECK //')"
+    else
+        echo "LUVMM-L1 test linux_guest_check_$2 FAIL the judge did not answer"
+    fi
+}
+settle() { sleep 4; } # the I/O loop and the clock sampler run on after a resume
+handover() { # handover FROM TO [FAULTS]: the VM moves from socket FROM to a new process on TO
+    LUVMM_TEST_FAULTS=$3 luvmm restore --from-socket "$1" --serial ./a.log --api-socket "$2" \
+        2>>"$2.err" &
+    wait_phase "$2" running || echo "LUVMM-L1 test linux_guest_handover_$2 FAIL never running"
+}
+
+luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
+    --vcpus 1 --vfio "$nvme" --cmdline "$cmdline" --serial ./a.log --api-socket a.sock 2>a.err &
+i=0
+while ! grep -q LUVMM-LINUX-READY a.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
+echo "LUVMM-L1 linux ready $(grep LUVMM-LINUX-READY a.log)"
+settle
+check a.sock 1
+luvmm ctl --socket a.sock pause >/dev/null
+sleep 8
+luvmm ctl --socket a.sock resume >/dev/null
+settle
+check a.sock 2
+handover a.sock b.sock
+settle
+check b.sock 3
+handover b.sock c.sock no-kvmclock-ctrl
+luvmm ctl --socket c.sock pause >/dev/null
+sleep 8
+luvmm ctl --socket c.sock resume >/dev/null
+settle
+check c.sock 4
+handover c.sock d.sock no-kvmclock-restore
+settle
+check d.sock 5
+luvmm ctl --socket d.sock shutdown >/dev/null
+sleep 1
+grep -v LUVMM-LINUX-CHECK a.log | grep -E 'nvme|soft lockup|clocksource|WARNING|BUG|rcu' | sed 's/^/LUVMM-L1 serial /'
+for f in a.err b.sock.err c.sock.err d.sock.err; do sed "s/^/LUVMM-L1 log $f /" $f 2>/dev/null; done

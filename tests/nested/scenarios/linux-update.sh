@@ -1,0 +1,62 @@
+#!/bin/sh
+# A host live update of a Linux microVM whose NVMe controller the bed's VFIO handler keeps
+# (vfio_pci.luvmm_lu=keep), judged by the guest's own judge (tests/guest/linux/judge.c):
+#   stage 1: the agent starts; the guest boots, fills its RAM and keeps checksummed blocks
+#            going through its nvme driver; check 1; the update is prepared with every device
+#            preserved, and the agent kexecs.
+#   stage 2: the next kernel's agent hands the session to `luvmm restore`, which takes the
+#            controller only from the session; the guest resumes and, a few seconds later,
+#            check 2 says what it saw: its RAM, every block, its kernel log, its clocks.
+stage=$1
+cd /tmp
+. /luvmm/steps.sh
+# One vCPU: L1 has one, and under TCG's nested SVM L1 takes no interrupt of its own while an
+# L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
+# other vCPU (which L1 then never schedules) stops L1 for good.
+bin=/luvmm/bin
+agent_sock=/tmp/agent.sock
+nvme=$(nvme_bdf)
+check() { # check N: asks the judge for check N and prints it
+    luvmm ctl --socket a.sock check >/dev/null
+    if wait_line a.log "LUVMM-LINUX-CHECK {\"checks\":$1," && whole_lines a.log; then
+        echo "LUVMM-L1 linux check $1 $(grep "LUVMM-LINUX-CHECK {\"checks\":$1," a.log | tail -1 | sed 's/.*LUVMM-LINUX-CHECK //')"
+    else
+        echo "LUVMM-L1 test linux_guest_update_check_$1 FAIL the judge did not answer"
+    fi
+}
+luvmm agent serve --socket $agent_sock 2>agent.err &
+i=0
+while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+case "$stage" in
+1)
+    luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
+        --vcpus 1 --vfio "$nvme" --cmdline "console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=40" \
+        --serial ./a.log --api-socket a.sock 2>a.err &
+    i=0
+    while ! grep -q LUVMM-LINUX-READY a.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
+    echo "LUVMM-L1 linux ready $(grep LUVMM-LINUX-READY a.log)"
+    sleep 4
+    check 1
+    luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock \
+        --require-preserved-devices > prep.json 2>&1
+    echo "LUVMM-L1 linux prepare $(cat prep.json)"
+    result linux_guest_update_prepared $([ "$(phase a.sock)" = preserved ]; echo $?) "$(cat prep.json)"
+    sed 's/^/LUVMM-L1 log a: /' a.err
+    luvmm agent update --socket $agent_sock --kernel /boot/bzImage \
+        --initrd /boot/initrd-stage2.cpio.gz --append luvmm.stage=2 > kexec.out 2>&1
+    sleep 60
+    echo "LUVMM-L1 test linux_guest_update_kexec FAIL still here: $(cat kexec.out)"
+    ;;
+2)
+    luvmm restore --session vm1 --agent-socket $agent_sock --serial ./a.log --api-socket a.sock \
+        2>restore.err &
+    wait_phase a.sock running
+    result linux_guest_update_restored $? "$(cat restore.err)"
+    sleep 6
+    check 2
+    luvmm ctl --socket a.sock status | sed 's/^/LUVMM-L1 linux status /'
+    grep -v LUVMM-LINUX-CHECK a.log | sed 's/^/LUVMM-L1 serial /'
+    sed 's/^/LUVMM-L1 log restore: /' restore.err
+    luvmm ctl --socket a.sock shutdown >/dev/null
+    ;;
+esac

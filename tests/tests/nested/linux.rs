@@ -1,0 +1,220 @@
+//! The `linux` scenario: a real Linux microVM under luvmm on L1's nested KVM, judged by what
+//! the guest's own kernel reports (its CPUs, IO-APIC, XSAVE, the nvme driver's I/O) and by
+//! how luvmm ends when the guest powers off or reboots.
+
+use std::path::Path;
+
+use luvmm_tests::nested::{linux_guest, L1Run, Results};
+use luvmm_tests::{parse_linux_check, LinuxCheck, TestDir, LINUX_CHECK};
+
+use crate::scenario::{
+    boot_scenario_with_drives, fail, require_no_failure, require_ok, require_second_kernel,
+};
+
+/// A 64 MiB file for L1's NVMe namespace, as the QEMU `-drive` value naming it `nvm`.
+fn nvme_drive(dir: &Path) -> String {
+    let disk = dir.join("nvme.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("create the NVMe namespace's file");
+    format!("file={},if=none,id=nvm,format=raw", disk.display())
+}
+
+/// The value of `key=` in the guest's `LUVMM-LINUX boot` line of run `which`.
+fn boot_field<'a>(results: &[&'a str], which: &str, key: &str) -> Option<&'a str> {
+    let prefix = format!("serial {which} LUVMM-LINUX boot ");
+    results
+        .iter()
+        .find_map(|r| r.strip_prefix(prefix.as_str()))
+        .and_then(|line| luvmm_tests::field(line, key))
+}
+
+#[test]
+fn linux_guest_boots_smp_with_the_ioapic_xsave_and_nvme_then_powers_off_and_reboots() {
+    let files = TestDir::new("linux-guest-files");
+    let guest = linux_guest(files.path());
+    let drive = nvme_drive(files.path());
+    let run = boot_scenario_with_drives(
+        "nested-linux",
+        "linux",
+        "",
+        &["nvme,serial=luvmm-nvme,drive=nvm"],
+        &[drive],
+        &guest,
+    );
+    let results = run.results();
+    require_ok(
+        &run,
+        "",
+        &[
+            "linux_guest_poweroff",
+            "linux_guest_reboot",
+            "linux_guest_console_input",
+        ],
+    );
+    let expect = |key: &str, want: &str| {
+        if boot_field(&results, "pvh", key) != Some(want) {
+            fail(&run, &format!("the guest's own {key} is not {want}"));
+        }
+    };
+    expect("cpus", "2");
+    expect("xsave", "on");
+    expect("nvme", "nvme0n1");
+    expect("serial_irq", "1");
+    let ioapic: u32 = boot_field(&results, "pvh", "ioapic_irqs")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if ioapic == 0 {
+        fail(&run, "the guest routes no interrupt through the IO-APIC");
+    }
+    let io = results
+        .iter()
+        .find_map(|r| r.strip_prefix("serial pvh LUVMM-LINUX io "));
+    match io {
+        Some(line)
+            if line.starts_with("ok ") && luvmm_tests::field(line, "msix_vectors") != Some("0") => {
+        }
+        other => fail(&run, &format!("the guest's nvme I/O with MSI-X: {other:?}")),
+    }
+    if boot_field(&results, "bz", "cpus") != Some("1") {
+        fail(&run, "the bzImage guest did not boot");
+    }
+    if boot_field(&results, "bz", "xsave") != Some("on") {
+        fail(&run, "the baseline guest turned XSAVE off");
+    }
+}
+
+/// The judge's check lines (`linux check N JSON`), by number.
+fn linux_checks(run: &L1Run) -> Vec<(u32, LinuxCheck)> {
+    run.results()
+        .iter()
+        .filter_map(|r| r.strip_prefix("linux check "))
+        .filter_map(|r| {
+            let (n, json) = r.split_once(' ')?;
+            let check = parse_linux_check(&format!("{LINUX_CHECK}{json}"))?;
+            Some((n.parse().ok()?, check))
+        })
+        .collect()
+}
+
+/// Check `n`, or the run fails saying the judge never answered it.
+fn check_no(run: &L1Run, checks: &[(u32, LinuxCheck)], n: u32) -> LinuxCheck {
+    checks
+        .iter()
+        .find(|(i, _)| *i == n)
+        .map(|(_, c)| c.clone())
+        .unwrap_or_else(|| fail(run, &format!("no judge check {n}")))
+}
+
+/// What "nothing lost" means to the guest: every page, every block, no I/O error, no kernel
+/// warning, no NVMe timeout or reset, its monotonic clock never back and its wall clock within
+/// a second of the host's. `since` is the previous check, whose I/O counters must have grown.
+fn require_clean(run: &L1Run, what: &str, check: &LinuxCheck, since: Option<&LinuxCheck>) {
+    let io = check.io.as_ref();
+    let grew = match (io, since.and_then(|s| s.io.as_ref())) {
+        (Some(now), Some(then)) => now.written > then.written && now.verified > then.verified,
+        (Some(now), None) => now.written > 0 && now.verified > 0,
+        (None, _) => false,
+    };
+    let clean = check.memory.ok()
+        && io.is_some_and(|io| io.errors == 0 && io.mismatches == 0)
+        && grew
+        && check.kernel_warnings.is_empty()
+        && check.controller_resets == 0
+        && !check.clock.monotonic_backwards
+        && check.clock.realtime_offset_ms.abs() < 1000.0;
+    if !clean {
+        fail(
+            run,
+            &format!("{what}: the guest lost something: {check:#?}"),
+        );
+    }
+}
+
+/// Pause and resume, then a handover of the VM and its NVMe controller to a new process: the
+/// guest's judge sees nothing lost and its nvme driver no timeout or reset. Then the damage
+/// checks: a resume that leaves `KVM_KVMCLOCK_CTRL` out makes the guest's watchdog report a
+/// soft lockup for an 8 s pause, and a handover that does not restore the kvmclock breaks the
+/// guest's clock.
+#[test]
+#[ignore = "not yet passing: in the bed the guest's checks pass through an 8 s pause, but L1 \
+            stalls for tens of seconds at a time and the handover's check does not come in \
+            time (README, the nested bed); run it with --ignored"]
+fn linux_guest_pause_and_handover_with_nvme_lose_nothing_and_the_damage_shows() {
+    let files = TestDir::new("linux-paths-files");
+    let guest = linux_guest(files.path());
+    let drive = nvme_drive(files.path());
+    let run = boot_scenario_with_drives(
+        "nested-linux-paths",
+        "linux-paths",
+        "",
+        &["nvme,serial=luvmm-nvme,drive=nvm"],
+        &[drive],
+        &guest,
+    );
+    let checks = linux_checks(&run);
+    let booted = check_no(&run, &checks, 1);
+    require_clean(&run, "booted", &booted, None);
+    let paused = check_no(&run, &checks, 2);
+    require_clean(&run, "after an 8 s pause", &paused, Some(&booted));
+    if paused.clock.longest_gap_ms < 7000.0 {
+        fail(&run, "the guest's own clock did not see the 8 s pause");
+    }
+    let handed = check_no(&run, &checks, 3);
+    require_clean(&run, "after a handover", &handed, Some(&paused));
+    let untold = check_no(&run, &checks, 4);
+    if !untold
+        .kernel_warnings
+        .iter()
+        .any(|w| w.contains("soft lockup"))
+    {
+        fail(
+            &run,
+            &format!("without KVM_KVMCLOCK_CTRL the guest saw no soft lockup: {untold:#?}"),
+        );
+    }
+    let unclocked = check_no(&run, &checks, 5);
+    if !unclocked.clock.monotonic_backwards && unclocked.clock.realtime_offset_ms.abs() < 1000.0 {
+        fail(
+            &run,
+            &format!("without the kvmclock restore the guest's clock was right: {unclocked:#?}"),
+        );
+    }
+}
+
+/// The host live update with the bed's VFIO handler in `keep` mode: the guest's nvme driver
+/// never resets the controller, its I/O goes on by itself after the blackout with every block
+/// verified, its kernel logs no warning, and its clocks are right.
+#[test]
+#[ignore = "not yet passing: after the restore in the next kernel, L1 stops taking its own \
+            timer interrupts (README, the nested bed); run it with --ignored"]
+fn linux_guest_host_update_keep_mode_loses_nothing() {
+    let files = TestDir::new("linux-update-files");
+    let guest = linux_guest(files.path());
+    let drive = nvme_drive(files.path());
+    let run = boot_scenario_with_drives(
+        "nested-linux-update",
+        "linux-update",
+        "vfio_pci.luvmm_lu=keep vfio_pci.disable_idle_d3=1",
+        &["nvme,serial=luvmm-nvme,drive=nvm"],
+        &[drive],
+        &guest,
+    );
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    require_ok(
+        &run,
+        "",
+        &["linux_guest_update_prepared", "linux_guest_update_restored"],
+    );
+    let checks = linux_checks(&run);
+    let before = check_no(&run, &checks, 1);
+    require_clean(&run, "before the update", &before, None);
+    let after = check_no(&run, &checks, 2);
+    require_clean(&run, "after the host update", &after, Some(&before));
+    println!(
+        "guest-seen stall {:.0} ms (longest I/O stall {:.0} ms)",
+        after.clock.longest_gap_ms,
+        after.io.as_ref().map_or(0.0, |io| io.longest_stall_ms)
+    );
+}
