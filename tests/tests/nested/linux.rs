@@ -137,9 +137,9 @@ fn require_clean(run: &L1Run, what: &str, check: &LinuxCheck, since: Option<&Lin
 /// soft lockup for an 8 s pause, and a handover that does not restore the kvmclock breaks the
 /// guest's clock.
 #[test]
-#[ignore = "not yet passing: in the bed the guest's checks pass through an 8 s pause, but L1 \
-            stalls for tens of seconds at a time and the handover's check does not come in \
-            time (README, the nested bed); run it with --ignored"]
+#[ignore = "not yet passing: through an 8 s pause a one-vCPU guest logs the TSC watchdog's \
+            warning, and L1 stalls for tens of seconds at a time so the handover's check does \
+            not come in time (README, the nested bed); run it with --ignored"]
 fn linux_guest_pause_and_handover_with_nvme_lose_nothing_and_the_damage_shows() {
     let files = TestDir::new("linux-paths-files");
     let guest = linux_guest(files.path());

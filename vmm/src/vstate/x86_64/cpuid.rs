@@ -117,10 +117,10 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
             }
             LEAF_POWER_MANAGEMENT => {
                 // No invariant TSC: a luvmm guest is paused, moved to a new process and across
-                // a kexec, and its TSC does not count the blackout as a clock would. Without the
-                // promise Linux keeps kvm-clock, which KVM carries across, instead of switching
-                // to the TSC and then marking it unstable after the first pause (as QEMU keeps
-                // `invtsc` off for VMs that migrate).
+                // a kexec, and its TSC is not promised to count the blackout as a clock would.
+                // Without the promise Linux keeps kvm-clock, which KVM carries across, as its
+                // clocksource instead of the TSC (as QEMU keeps `invtsc` off for VMs that
+                // migrate).
                 leaf.edx &= !EDX_INVARIANT_TSC;
             }
             LEAF_AMD_SIZES => {
