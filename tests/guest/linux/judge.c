@@ -10,7 +10,8 @@
  *                      "kernel_warnings":[...],"controller_resets":N,"clock":{...}}
  *
  * and once, after filling memory, a LUVMM-LINUX-READY line. Parameters come from the kernel
- * command line (luvmm.judge.mem_pct, luvmm.judge.nvme, luvmm.judge.io_mib, luvmm.judge.seed).
+ * command line (luvmm.judge.mem_pct, luvmm.judge.nvme, luvmm.judge.io_mib, luvmm.judge.seed,
+ * luvmm.judge.sample_ms, luvmm.judge.io_pause_ms).
  *
  * `judge --host-test ...` runs the same checks on the host so luvmm's tests can break each one:
  * I/O on a regular file, the kernel log from a file, one check per line of a requests file or
@@ -58,12 +59,15 @@ struct config {
     char requests_path[256];
     int64_t host_offset_ns;    /* host test: the "host" clock runs this far ahead */
     uint64_t seed;
+    unsigned sample_ms;        /* the clock sampler's period */
+    unsigned io_pause_ms;      /* a pause after each block, to leave a slow host CPU time */
 };
 
 static struct config cfg = {
     .mem_pct = 50,
     .io_bytes = 16ull << 20,
     .kmsg_path = "/dev/kmsg",
+    .sample_ms = 1,
 };
 
 /* Everything the threads report, under one lock. */
@@ -206,6 +210,12 @@ static void cmdline_args(void)
             cfg.io_bytes = v << 20;
         } else if (!strncmp(w, "luvmm.judge.seed=", 17) && !parse_u64(w + 17, &v)) {
             cfg.seed = v;
+        } else if (!strncmp(w, "luvmm.judge.sample_ms=", 22) && !parse_u64(w + 22, &v) &&
+                   v > 0 && v <= 1000) {
+            cfg.sample_ms = (unsigned)v;
+        } else if (!strncmp(w, "luvmm.judge.io_pause_ms=", 24) && !parse_u64(w + 24, &v) &&
+                   v <= 1000) {
+            cfg.io_pause_ms = (unsigned)v;
         }
     }
 }
@@ -444,6 +454,8 @@ static void *io_loop(void *arg)
         pthread_mutex_lock(&lock);
         io.verified += !why;
         pthread_mutex_unlock(&lock);
+        if (cfg.io_pause_ms)
+            sleep_ms(cfg.io_pause_ms);
     }
     return NULL;
 }
@@ -648,7 +660,7 @@ static void *clock_loop(void *arg)
 {
     (void)arg;
     for (;;) {
-        sleep_ms(1);
+        sleep_ms(cfg.sample_ms);
         pthread_mutex_lock(&lock);
         clock_sample();
         pthread_mutex_unlock(&lock);

@@ -16,7 +16,7 @@ bin=/luvmm/bin
 nvme=$(nvme_bdf)
 # A 2 s watchdog threshold: a CPU seen stuck for 4 s is a soft lockup, so an 8 s pause the
 # guest is not told of shows.
-cmdline="console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=40"
+cmdline="console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=20 luvmm.judge.sample_ms=10 luvmm.judge.io_pause_ms=5"
 check() { # check SOCKET N: asks the judge for check N and prints it
     luvmm ctl --socket "$1" check >/dev/null
     if wait_line a.log "LUVMM-LINUX-CHECK {\"checks\":$2," && whole_lines a.log; then
