@@ -99,6 +99,11 @@ impl GuestPower {
     }
 }
 
+/// The port an access at `offset` from `base` is for.
+fn port_of(base: PioAddress, offset: PioAddressOffset) -> Option<u16> {
+    u16::try_from(u32::from(base.0) + u32::from(offset)).ok()
+}
+
 impl DevicePio for GuestPower {
     fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
@@ -106,8 +111,7 @@ impl DevicePio for GuestPower {
         // polls it with interrupts off after writing SLP_EN, and the VMM ends the VM anyway;
         // a guest left spinning there could starve a nested host (an emulated L1 does not
         // take its own interrupts while the L2 guest has them masked).
-        let port = u32::from(base.0) + u32::from(offset);
-        if port == u32::from(ACPI_SLEEP_CONTROL_PORT) && self.requested().is_some() {
+        if port_of(base, offset) == Some(ACPI_SLEEP_CONTROL_PORT) && self.requested().is_some() {
             if let Some(status) = data.first_mut() {
                 *status = WAKE_STATUS;
             }
@@ -116,8 +120,7 @@ impl DevicePio for GuestPower {
     }
 
     fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
-        let Ok(port) = u16::try_from(u32::from(base.0) + u32::from(offset)) else {
+        let (Some(&value), Some(port)) = (data.first(), port_of(base, offset)) else {
             return;
         };
         if let Some(request) = Self::decode(port, value) {

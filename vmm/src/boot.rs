@@ -263,18 +263,16 @@ fn load_initrd(
         .min(highest.map_or(u64::MAX, |h| h.saturating_add(1)));
     let floor = kernel_end.next_multiple_of(PAGE_SIZE);
     let address = top.saturating_sub(size) & !(PAGE_SIZE - 1);
-    if size == 0 || address < floor || top < size {
-        return Err(BootError::InitrdDoesNotFit {
-            path: shown,
-            size,
-            room: top.saturating_sub(floor),
-        });
-    }
-    let count = usize::try_from(size).map_err(|_| BootError::InitrdDoesNotFit {
-        path: shown.clone(),
-        size,
-        room: top.saturating_sub(floor),
-    })?;
+    let fits = size != 0 && top >= size && address >= floor;
+    let count =
+        usize::try_from(size)
+            .ok()
+            .filter(|_| fits)
+            .ok_or_else(|| BootError::InitrdDoesNotFit {
+                path: shown.clone(),
+                size,
+                room: top.saturating_sub(floor),
+            })?;
     memory
         .read_exact_volatile_from(GuestAddress(address), &mut file, count)
         .map_err(|source| BootError::Write {

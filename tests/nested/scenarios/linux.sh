@@ -22,7 +22,6 @@ wait_exit() { # wait_exit PID NAME: the VMM's exit status, or 124 after 120 s
     done
     wait "$1"
 }
-tail -F pvh.log bz.log 2>/dev/null | sed 's/^/LUVMM-L1 live /' &
 start=$(cut -d" " -f1 /proc/uptime)
 luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 --vcpus 2 \
     --vfio "$nvme" --cmdline "console=ttyS0 luvmm.then=io-poweroff" --serial ./pvh.log 2>pvh.err &

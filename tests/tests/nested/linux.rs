@@ -2,8 +2,6 @@
 //! the guest's own kernel reports (its CPUs, IO-APIC, XSAVE, the nvme driver's I/O) and by
 //! how luvmm ends when the guest powers off or reboots.
 
-use std::path::Path;
-
 use luvmm_tests::nested::{linux_guest, L1Run, Results};
 use luvmm_tests::{parse_linux_check, LinuxCheck, TestDir, LINUX_CHECK};
 
@@ -11,13 +9,24 @@ use crate::scenario::{
     boot_scenario_with_drives, fail, require_no_failure, require_ok, require_second_kernel,
 };
 
-/// A 64 MiB file for L1's NVMe namespace, as the QEMU `-drive` value naming it `nvm`.
-fn nvme_drive(dir: &Path) -> String {
-    let disk = dir.join("nvme.img");
+/// Boots L1 on `scenario` (`append` added to its command line) with the Linux guest's files
+/// in its initramfs and an NVMe controller whose namespace is a 64 MiB file on the host.
+fn boot_linux_scenario(scenario: &str, append: &str) -> L1Run {
+    let files = TestDir::new(&format!("{scenario}-files"));
+    let guest = linux_guest(files.path());
+    let disk = files.path().join("nvme.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(64 << 20))
         .expect("create the NVMe namespace's file");
-    format!("file={},if=none,id=nvm,format=raw", disk.display())
+    let drive = format!("file={},if=none,id=nvm,format=raw", disk.display());
+    boot_scenario_with_drives(
+        &format!("nested-{scenario}"),
+        scenario,
+        append,
+        &["nvme,serial=luvmm-nvme,drive=nvm"],
+        &[drive],
+        &guest,
+    )
 }
 
 /// The value of `key=` in the guest's `LUVMM-LINUX boot` line of run `which`.
@@ -31,17 +40,7 @@ fn boot_field<'a>(results: &[&'a str], which: &str, key: &str) -> Option<&'a str
 
 #[test]
 fn linux_guest_boots_smp_with_the_ioapic_xsave_and_nvme_then_powers_off_and_reboots() {
-    let files = TestDir::new("linux-guest-files");
-    let guest = linux_guest(files.path());
-    let drive = nvme_drive(files.path());
-    let run = boot_scenario_with_drives(
-        "nested-linux",
-        "linux",
-        "",
-        &["nvme,serial=luvmm-nvme,drive=nvm"],
-        &[drive],
-        &guest,
-    );
+    let run = boot_linux_scenario("linux", "");
     let results = run.results();
     require_ok(
         &run,
@@ -141,17 +140,7 @@ fn require_clean(run: &L1Run, what: &str, check: &LinuxCheck, since: Option<&Lin
             warning, and L1 stalls for tens of seconds at a time so the handover's check does \
             not come in time (README, the nested bed); run it with --ignored"]
 fn linux_guest_pause_and_handover_with_nvme_lose_nothing_and_the_damage_shows() {
-    let files = TestDir::new("linux-paths-files");
-    let guest = linux_guest(files.path());
-    let drive = nvme_drive(files.path());
-    let run = boot_scenario_with_drives(
-        "nested-linux-paths",
-        "linux-paths",
-        "",
-        &["nvme,serial=luvmm-nvme,drive=nvm"],
-        &[drive],
-        &guest,
-    );
+    let run = boot_linux_scenario("linux-paths", "");
     let checks = linux_checks(&run);
     let booted = check_no(&run, &checks, 1);
     require_clean(&run, "booted", &booted, None);
@@ -189,16 +178,9 @@ fn linux_guest_pause_and_handover_with_nvme_lose_nothing_and_the_damage_shows() 
 #[ignore = "not yet passing: after the restore in the next kernel, L1 stops taking its own \
             timer interrupts (README, the nested bed); run it with --ignored"]
 fn linux_guest_host_update_keep_mode_loses_nothing() {
-    let files = TestDir::new("linux-update-files");
-    let guest = linux_guest(files.path());
-    let drive = nvme_drive(files.path());
-    let run = boot_scenario_with_drives(
-        "nested-linux-update",
+    let run = boot_linux_scenario(
         "linux-update",
         "vfio_pci.luvmm_lu=keep vfio_pci.disable_idle_d3=1",
-        &["nvme,serial=luvmm-nvme,drive=nvm"],
-        &[drive],
-        &guest,
     );
     require_second_kernel(&run);
     require_no_failure(&run);

@@ -207,8 +207,8 @@ impl Vcpu {
         })
     }
 
-    /// Sets up a fresh vCPU, one of `vcpus`, with `template`'s CPUID; `entry` for the boot vCPU only (see
-    /// [`regs::configure_for_boot`]).
+    /// Sets up a fresh vCPU, one of `vcpus`, with `template`'s CPUID; `entry` for the boot
+    /// vCPU only (see [`regs::configure_for_boot`]).
     pub fn configure_for_boot(
         &self,
         kvm: &Kvm,

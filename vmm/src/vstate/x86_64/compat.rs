@@ -6,16 +6,17 @@
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use crate::vstate::x86_64::cpuid::LUVMM_OWNED;
 use crate::vstate::x86_64::msr::msr_name;
 
 /// Feature registers checked, as (leaf, sub-leaf, register index 0-3 = EAX..EDX, bits not
-/// compared: KVM changes them at run time, or luvmm sets them itself).
+/// compared because KVM changes them at run time). The bits luvmm sets itself
+/// ([`LUVMM_OWNED`]) are not compared either.
 const FEATURE_REGISTERS: [(u32, u32, usize, u32); 7] = [
-    // Leaf 1: ECX (OSXSAVE, bit 27, follows CR4; the hypervisor bit 31 is luvmm's) and EDX
-    // (APIC, bit 9, follows the APIC's enable bit; HTT, bit 28, is luvmm's topology of a
-    // guest with more than one vCPU).
-    (0x1, 0, 2, 1 << 27 | 1 << 31),
-    (0x1, 0, 3, 1 << 9 | 1 << 28),
+    // Leaf 1: ECX (OSXSAVE, bit 27, follows CR4) and EDX (APIC, bit 9, follows the APIC's
+    // enable bit).
+    (0x1, 0, 2, 1 << 27),
+    (0x1, 0, 3, 1 << 9),
     // Leaf 7.0: EBX, ECX (OSPKE, bit 4, follows CR4) and EDX.
     (0x7, 0, 1, 0),
     (0x7, 0, 2, 1 << 4),
@@ -87,7 +88,11 @@ fn check_features(
             continue;
         };
         let offered = find(supported, leaf, subleaf).map_or(0, |e| register(e, index));
-        let missing = register(guest, index) & !offered & !dynamic;
+        let owned = LUVMM_OWNED
+            .iter()
+            .filter(|&&(l, s, i, _)| (l, s, i) == (leaf, subleaf, index))
+            .fold(0, |bits, &(.., b)| bits | b);
+        let missing = register(guest, index) & !offered & !dynamic & !owned;
         if missing != 0 {
             return Err(CpuMismatch::Features {
                 leaf,

@@ -3,10 +3,11 @@
 //!
 //! - Each vCPU has its own APIC id, and the topology leaves describe one package of `vcpus`
 //!   single-threaded cores, so the guest's idea of its CPUs matches the MADT.
-//! - Leaf 0xD is made self-consistent: KVM drops (with a warning) an XSAVE sub-leaf whose size
-//!   the host CPU reports as zero, yet still lists its feature in sub-leaf 0, as happens under
-//!   an emulated L1. Linux then disables XSAVE, and a later use of the area crashes it.
+//! - Leaf 0xD lists only components with a sized sub-leaf, and the largest area they need:
+//!   KVM drops (with a warning) a sub-leaf whose size the host CPU reports as zero yet keeps its
+//!   component in sub-leaf 0, and Linux refuses XSAVE over such an inconsistency.
 //! - The hypervisor bit is set; KVM's own leaves (0x4000_0000 on) pass through.
+//! - No invariant TSC is promised, and a baseline template takes the AVX family away.
 
 use kvm_bindings::kvm_cpuid_entry2;
 use luvmm_resources::config::CpuTemplate;
@@ -33,6 +34,13 @@ const LEVEL_CORE: u32 = 2;
 const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
 /// Leaf 0xD sub-leaf ECX bit 0: the component is a supervisor (IA32_XSS) one.
 const XSTATE_SUPERVISOR: u32 = 1;
+
+/// Bits luvmm sets itself instead of taking them from KVM, as (leaf, sub-leaf, register index:
+/// 0 EAX, 1 EBX, 2 ECX, 3 EDX, bits): no host needs to offer them for a saved vCPU to run.
+pub(super) const LUVMM_OWNED: &[(u32, u32, usize, u32)] = &[
+    (LEAF_FEATURES, 0, 2, ECX_HYPERVISOR),
+    (LEAF_FEATURES, 0, 3, EDX_HTT),
+];
 
 /// Feature bits a [`CpuTemplate::Baseline`] guest never sees: everything that needs XSAVE
 /// state beyond x87 and SSE (the AVX family, AVX-512, AMX, protection keys), per
@@ -68,12 +76,7 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
         for leaf in leaves.iter_mut() {
             for &(function, index, register, bits) in BASELINE_CLEARED {
                 if leaf.function == function && leaf.index == index {
-                    match register {
-                        0 => leaf.eax &= !bits,
-                        1 => leaf.ebx &= !bits,
-                        2 => leaf.ecx &= !bits,
-                        _ => leaf.edx &= !bits,
-                    }
+                    *register_mut(leaf, register) &= !bits;
                 }
             }
         }
@@ -138,6 +141,16 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
         }
     }
     make_xstate_consistent(leaves, xstate_allowed);
+}
+
+/// Register `index` (0 EAX, 1 EBX, 2 ECX, 3 EDX) of `leaf`.
+fn register_mut(leaf: &mut kvm_cpuid_entry2, index: usize) -> &mut u32 {
+    match index {
+        0 => &mut leaf.eax,
+        1 => &mut leaf.ebx,
+        2 => &mut leaf.ecx,
+        _ => &mut leaf.edx,
+    }
 }
 
 /// The number of APIC id bits that `count` ids need.

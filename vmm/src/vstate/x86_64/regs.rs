@@ -20,9 +20,9 @@ const FPU_CONTROL_WORD: u16 = 0x37f;
 /// MXCSR at reset: all SSE exceptions masked.
 const MXCSR: u32 = 0x1f80;
 
-/// Sets up vCPU `id` of `vcpus` for a fresh boot: CPUID (`template`'s, see [`cpuid::shape`]), boot MSRs, FPU, LAPIC LINT pins, and, when
-/// `entry` is given (the boot vCPU), the registers of the entry. Other vCPUs wait for
-/// INIT/SIPI, as the in-kernel LAPIC leaves them.
+/// Sets up vCPU `id` of `vcpus` for a fresh boot: CPUID (`template`'s, see [`cpuid::shape`]),
+/// boot MSRs, FPU, LAPIC LINT pins, and, when `entry` is given (the boot vCPU), the registers
+/// of the entry. Other vCPUs wait for INIT/SIPI, as the in-kernel LAPIC leaves them.
 pub fn configure_for_boot(
     vcpu: &VcpuFd,
     id: u32,
