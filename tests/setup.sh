@@ -22,6 +22,10 @@ demo_pkgs=(binutils)
 # Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid.
 bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
           rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg)
+# QEMU 10 or newer for L1: 7.2's TCG (bookworm's) loses L1's own timer interrupt now and then
+# while a nested Linux guest idles, which stops the bed for tens of seconds or for good. On
+# bookworm it comes from bookworm-backports, which this step adds to apt's sources.
+qemu_min=10
 # `.ci/run` checks formatting and lints, and fuzzes with cargo-fuzz (from crates.io).
 rust_components=(rustfmt clippy)
 cargo_fuzz_version=0.13.2
@@ -36,6 +40,14 @@ esac
 missing_pkgs=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing_pkgs+=("$p")
+done
+qemu_backports=0
+if [ "$profile" != demo ] && [[ " ${missing_pkgs[*]} " != *" qemu-system-x86 "* ]] &&
+    ! dpkg --compare-versions "$(dpkg-query -W -f='${Version}' qemu-system-x86)" ge "1:$qemu_min"; then
+    missing_pkgs+=("qemu-system-x86>=$qemu_min")
+fi
+for p in "${missing_pkgs[@]}"; do
+    case "$p" in qemu-system-x86*) qemu_backports=1 ;; esac
 done
 missing_components=()
 if [ ${#components[@]} -gt 0 ]; then
@@ -63,9 +75,27 @@ if [ ${#missing_pkgs[@]} -gt 0 ]; then
     sudo=()
     [ "$(id -u)" = 0 ] || sudo=(sudo)
     echo "setup.sh: installing ${missing_pkgs[*]}"
+    qemu_release=()
+    if [ $qemu_backports = 1 ] && [ "$(. /etc/os-release && echo "$VERSION_CODENAME")" = bookworm ]; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            "${sudo[@]}" tee /etc/apt/sources.list.d/luvmm-bookworm-backports.list >/dev/null
+        qemu_release=(-t bookworm-backports)
+    fi
     "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        "${missing_pkgs[@]}" >/dev/null
+    plain=()
+    for p in "${missing_pkgs[@]}"; do
+        case "$p" in qemu-system-x86*) ;; *) plain+=("$p") ;; esac
+    done
+    if [ ${#plain[@]} -gt 0 ]; then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            "${plain[@]}" >/dev/null
+    fi
+    if [ $qemu_backports = 1 ]; then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${qemu_release[@]}" qemu-system-x86 >/dev/null
+        dpkg --compare-versions "$(dpkg-query -W -f='${Version}' qemu-system-x86)" ge "1:$qemu_min" ||
+            { echo "setup.sh: QEMU $qemu_min or newer is not available from apt" >&2; exit 1; }
+    fi
 fi
 if [ ${#missing_components[@]} -gt 0 ]; then
     echo "setup.sh: adding rustup components ${missing_components[*]}"
