@@ -3,20 +3,25 @@
 # (tests/guest/linux/judge.c: memory, an O_DIRECT block loop through its nvme driver, its kernel
 # log, its clocks) after each path luvmm offers short of a host update:
 #   1 booted; 2 paused 8 s and resumed; 3 handed to a new process (device fds adopted, no
-#   reopen, no reset); then the damage checks: 4 paused 8 s in a process that leaves
-#   KVM_KVMCLOCK_CTRL out (the guest's watchdog must cry soft lockup); 5 handed to a process
-#   that does not put the saved kvmclock back (the guest's clock must go wrong).
+#   reopen, no reset); then, with luvmm.damage=1 on L1's command line, the damage checks:
+#   4 paused 8 s in a process that leaves KVM_KVMCLOCK_CTRL out (the guest's watchdog must
+#   cry soft lockup); 5 handed to a process that does not put the saved kvmclock back (the
+#   guest's clock must go wrong).
 # Each check is one LUVMM-LINUX-CHECK line, printed as `linux check N JSON`.
 . /luvmm/steps.sh
-# One vCPU: L1 has one, and under TCG's nested SVM L1 takes no interrupt of its own while an
+# One vCPU: L1 has one, and under QEMU 7.2's nested SVM L1 took no interrupt of its own while an
 # L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
-# other vCPU (which L1 then never schedules) stops L1 for good.
+# other vCPU (which L1 then never schedules) stopped L1 for good (not tried since QEMU 10).
 cd /tmp
 bin=/luvmm/bin
 nvme=$(nvme_bdf)
 # A 2 s watchdog threshold: a CPU seen stuck for 4 s is a soft lockup, so an 8 s pause the
-# guest is not told of shows.
-cmdline="console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=20 luvmm.judge.sample_ms=10 luvmm.judge.io_pause_ms=5"
+# guest is not told of shows. tsc=nowatchdog: after any stall (a pause, or a slow stretch of
+# boot) 7.2's clocksource watchdog catches up in rounds microseconds apart and compares them
+# at a parts-per-million limit; under an emulated L1 the jitter of reading the two clocks
+# alone passes it, and it marks the TSC (not the clocksource in use, kvm-clock) unstable. It
+# did so at boot too, before any pause.
+cmdline="console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=20 luvmm.judge.sample_ms=10 luvmm.judge.io_pause_ms=5"
 check() { # check SOCKET N: asks the judge for check N and prints it
     luvmm ctl --socket "$1" check >/dev/null
     if wait_line a.log "LUVMM-LINUX-CHECK {\"checks\":$2," && whole_lines a.log; then
@@ -27,6 +32,7 @@ check() { # check SOCKET N: asks the judge for check N and prints it
 }
 settle() { sleep 4; } # the I/O loop and the clock sampler run on after a resume
 handover() { # handover FROM TO [FAULTS]: the VM moves from socket FROM to a new process on TO
+    luvmm ctl --socket "$1" save >/dev/null # pauses the VM and saves its state for the target
     LUVMM_TEST_FAULTS=$3 luvmm restore --from-socket "$1" --serial ./a.log --api-socket "$2" \
         2>>"$2.err" &
     wait_phase "$2" running || echo "LUVMM-L1 test linux_guest_handover_$2 FAIL never running"
@@ -47,16 +53,20 @@ check a.sock 2
 handover a.sock b.sock
 settle
 check b.sock 3
-handover b.sock c.sock no-kvmclock-ctrl
-luvmm ctl --socket c.sock pause >/dev/null
-sleep 8
-luvmm ctl --socket c.sock resume >/dev/null
-settle
-check c.sock 4
-handover c.sock d.sock no-kvmclock-restore
-settle
-check d.sock 5
-luvmm ctl --socket d.sock shutdown >/dev/null
+last=b.sock
+if grep -qw luvmm.damage=1 /proc/cmdline; then
+    handover b.sock c.sock no-kvmclock-ctrl
+    luvmm ctl --socket c.sock pause >/dev/null
+    sleep 8
+    luvmm ctl --socket c.sock resume >/dev/null
+    settle
+    check c.sock 4
+    handover c.sock d.sock no-kvmclock-restore
+    settle
+    check d.sock 5
+    last=d.sock
+fi
+luvmm ctl --socket $last shutdown >/dev/null
 sleep 1
 grep -v LUVMM-LINUX-CHECK a.log | grep -E 'nvme|soft lockup|clocksource|WARNING|BUG|rcu' | sed 's/^/LUVMM-L1 serial /'
 for f in a.err b.sock.err c.sock.err d.sock.err; do sed "s/^/LUVMM-L1 log $f /" $f 2>/dev/null; done

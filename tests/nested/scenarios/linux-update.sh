@@ -12,7 +12,8 @@ cd /tmp
 . /luvmm/steps.sh
 # One vCPU: L1 has one, and under TCG's nested SVM L1 takes no interrupt of its own while an
 # L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
-# other vCPU (which L1 then never schedules) stops L1 for good.
+# other vCPU (which L1 then never schedules) stops L1 for good. tsc=nowatchdog: see
+# linux-paths.sh.
 bin=/luvmm/bin
 agent_sock=/tmp/agent.sock
 nvme=$(nvme_bdf)
@@ -30,7 +31,7 @@ while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 case "$stage" in
 1)
     luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
-        --vcpus 1 --vfio "$nvme" --cmdline "console=ttyS0 watchdog_thresh=2 luvmm.judge.mem_pct=40" \
+        --vcpus 1 --vfio "$nvme" --cmdline "console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=40" \
         --serial ./a.log --api-socket a.sock 2>a.err &
     i=0
     while ! grep -q LUVMM-LINUX-READY a.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
