@@ -269,6 +269,8 @@ fn linux_judge_reports_kernel_warnings_and_controller_resets() {
     j.log("nvme nvme0: I/O 12 QID 1 timeout, reset controller\n");
     j.log("nvme nvme0: I/O tag 3 (1003) QID 0 timeout, completion polled\n");
     j.log("6,30,6000000,-;nvme nvme0: 2/0/0 default/read/poll queues\n");
+    // A command line that sets the driver's timeouts is neither.
+    j.log("5,31,6000001,-;Kernel command line: console=ttyS0 nvme_core.io_timeout=3\n");
     let c = j.check_until("the new log lines", |c| {
         c.kernel_warning_count >= warnings.len() as u64
     });

@@ -524,7 +524,9 @@ static int starts(const char *s, const char *what)
 /* after_start: logged after the judge started (the boot's own clocksource switch is normal). */
 static void judge_line(const char *msg, int after_start)
 {
-    int reset = contains(msg, "nvme") &&
+    /* The driver's own messages start with its name ("nvme nvme0: ..."); elsewhere the word
+     * is a command line (nvme_core.io_timeout=) or a boot notice. */
+    int reset = starts(msg, "nvme ") &&
                 (contains(msg, "timeout") || contains(msg, "resetting controller") ||
                  contains(msg, "reset controller") || contains(msg, "controller is down") ||
                  contains(msg, "Abort status"));

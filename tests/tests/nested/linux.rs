@@ -184,14 +184,13 @@ fn linux_guest_damage_shows_without_kvmclock_ctrl_or_restore() {
     }
 }
 
-/// The host live update with the bed's VFIO handler in `keep` mode: the guest's nvme driver
-/// never resets the controller, its I/O goes on by itself after the blackout with every block
-/// verified, its kernel logs no warning, and its clocks are right.
-#[test]
-fn linux_guest_host_update_keep_mode_loses_nothing() {
+/// Runs `linux-update` with `append` on L1's command line (and `vfio_pci.disable_idle_d3=1`),
+/// requires the prepare, the kexec and the restore, and a clean check before the update.
+/// Returns the run, the judge's checks and that first check.
+fn update_linux_guest(append: &str) -> (L1Run, Vec<(u32, LinuxCheck)>, LinuxCheck) {
     let run = boot_linux_scenario(
         "linux-update",
-        "vfio_pci.luvmm_lu=keep vfio_pci.disable_idle_d3=1",
+        &format!("{append} vfio_pci.disable_idle_d3=1"),
     );
     require_second_kernel(&run);
     require_no_failure(&run);
@@ -203,11 +202,58 @@ fn linux_guest_host_update_keep_mode_loses_nothing() {
     let checks = linux_checks(&run);
     let before = check_no(&run, &checks, 1);
     require_clean(&run, "before the update", &before, None);
+    (run, checks, before)
+}
+
+/// The host live update with the bed's VFIO handler in `keep` mode: the guest's nvme driver
+/// never resets the controller, its I/O goes on by itself after the blackout with every block
+/// verified, its kernel logs no warning, and its clocks are right.
+#[test]
+fn linux_guest_host_update_keep_mode_loses_nothing() {
+    let (run, checks, before) = update_linux_guest("vfio_pci.luvmm_lu=keep");
     let after = check_no(&run, &checks, 2);
     require_clean(&run, "after the host update", &after, Some(&before));
     println!(
         "guest-seen stall {:.0} ms (longest I/O stall {:.0} ms)",
         after.clock.longest_gap_ms,
         after.io.as_ref().map_or(0.0, |io| io.longest_stall_ms)
+    );
+}
+
+/// The host live update with the handler in `reset` mode, the proposed upstream behaviour: the
+/// controller comes back reset under a guest driver that does not know it. The guest's own
+/// driver must find out (its timeout, then a controller reset) and recover: every page and
+/// every block intact, no I/O error, its I/O going on, its clocks right. The guest's longest
+/// I/O stall is its recovery time.
+#[test]
+fn linux_guest_host_update_reset_mode_the_guest_driver_recovers() {
+    let (run, checks, before) = update_linux_guest("vfio_pci.luvmm_lu=reset luvmm.nvme_timeout=3");
+    // The scenario asks until the guest's driver has reset the controller; the last check is
+    // the verdict.
+    let after = checks
+        .iter()
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, c)| c.clone())
+        .unwrap_or_else(|| fail(&run, "no judge check after the update"));
+    let io = after.io.as_ref();
+    let recovered = after.memory.ok()
+        && io.is_some_and(|io| io.errors == 0 && io.mismatches == 0)
+        && io
+            .zip(before.io.as_ref())
+            .is_some_and(|(now, then)| now.verified > then.verified)
+        && after.kernel_warnings.is_empty()
+        && after.controller_resets > 0
+        && !after.clock.monotonic_backwards
+        && after.clock.realtime_offset_ms.abs() < 1000.0;
+    if !recovered {
+        fail(
+            &run,
+            &format!("the guest's driver did not recover the reset controller cleanly: {after:#?}"),
+        );
+    }
+    println!(
+        "guest recovery: longest I/O stall {:.0} ms, {} controller timeouts/resets logged",
+        io.map_or(0.0, |io| io.longest_stall_ms),
+        after.controller_resets
     );
 }
