@@ -11,8 +11,9 @@ use crate::scenario::{
 
 /// Boots L1 on `scenario` (`append` added to its command line) with the Linux guest's files
 /// in its initramfs and an NVMe controller whose namespace is a 64 MiB file on the host.
-fn boot_linux_scenario(scenario: &str, append: &str) -> L1Run {
-    let files = TestDir::new(&format!("{scenario}-files"));
+/// `test` names the run's directories: tests that share a scenario run in one process.
+fn boot_linux_scenario(test: &str, scenario: &str, append: &str) -> L1Run {
+    let files = TestDir::new(&format!("{test}-files"));
     let guest = linux_guest(files.path());
     let disk = files.path().join("nvme.img");
     std::fs::File::create(&disk)
@@ -20,7 +21,7 @@ fn boot_linux_scenario(scenario: &str, append: &str) -> L1Run {
         .expect("create the NVMe namespace's file");
     let drive = format!("file={},if=none,id=nvm,format=raw", disk.display());
     boot_scenario_with_drives(
-        &format!("nested-{scenario}"),
+        &format!("nested-{test}"),
         scenario,
         append,
         &["nvme,serial=luvmm-nvme,drive=nvm"],
@@ -40,7 +41,7 @@ fn boot_field<'a>(results: &[&'a str], which: &str, key: &str) -> Option<&'a str
 
 #[test]
 fn linux_guest_boots_smp_with_the_ioapic_xsave_and_nvme_then_powers_off_and_reboots() {
-    let run = boot_linux_scenario("linux", "");
+    let run = boot_linux_scenario("linux", "linux", "");
     let results = run.results();
     require_ok(
         &run,
@@ -134,7 +135,7 @@ fn require_clean(run: &L1Run, what: &str, check: &LinuxCheck, since: Option<&Lin
 /// guest's judge sees nothing lost and its nvme driver no timeout or reset.
 #[test]
 fn linux_guest_pause_and_handover_with_nvme_lose_nothing() {
-    let run = boot_linux_scenario("linux-paths", "");
+    let run = boot_linux_scenario("linux-paths", "linux-paths", "");
     let checks = linux_checks(&run);
     require_pause_and_handover_clean(&run, &checks);
 }
@@ -161,7 +162,7 @@ fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
             without the kvmclock restore leaves its wall clock right (README, Time); run it \
             with --ignored"]
 fn linux_guest_damage_shows_without_kvmclock_ctrl_or_restore() {
-    let run = boot_linux_scenario("linux-paths", "luvmm.damage=1");
+    let run = boot_linux_scenario("linux-damage", "linux-paths", "luvmm.damage=1");
     let checks = linux_checks(&run);
     require_pause_and_handover_clean(&run, &checks);
     let untold = check_no(&run, &checks, 4);
@@ -184,11 +185,12 @@ fn linux_guest_damage_shows_without_kvmclock_ctrl_or_restore() {
     }
 }
 
-/// Runs `linux-update` with `append` on L1's command line (and `vfio_pci.disable_idle_d3=1`),
+/// Runs `linux-update` as `test` with `append` on L1's command line (and `vfio_pci.disable_idle_d3=1`),
 /// requires the prepare, the kexec and the restore, and a clean check before the update.
 /// Returns the run, the judge's checks and that first check.
-fn update_linux_guest(append: &str) -> (L1Run, Vec<(u32, LinuxCheck)>, LinuxCheck) {
+fn update_linux_guest(test: &str, append: &str) -> (L1Run, Vec<(u32, LinuxCheck)>, LinuxCheck) {
     let run = boot_linux_scenario(
+        test,
         "linux-update",
         &format!("{append} vfio_pci.disable_idle_d3=1"),
     );
@@ -210,7 +212,7 @@ fn update_linux_guest(append: &str) -> (L1Run, Vec<(u32, LinuxCheck)>, LinuxChec
 /// verified, its kernel logs no warning, and its clocks are right.
 #[test]
 fn linux_guest_host_update_keep_mode_loses_nothing() {
-    let (run, checks, before) = update_linux_guest("vfio_pci.luvmm_lu=keep");
+    let (run, checks, before) = update_linux_guest("linux-update-keep", "vfio_pci.luvmm_lu=keep");
     let after = check_no(&run, &checks, 2);
     require_clean(&run, "after the host update", &after, Some(&before));
     println!(
@@ -227,7 +229,10 @@ fn linux_guest_host_update_keep_mode_loses_nothing() {
 /// I/O stall is its recovery time.
 #[test]
 fn linux_guest_host_update_reset_mode_the_guest_driver_recovers() {
-    let (run, checks, before) = update_linux_guest("vfio_pci.luvmm_lu=reset luvmm.nvme_timeout=3");
+    let (run, checks, before) = update_linux_guest(
+        "linux-update-reset",
+        "vfio_pci.luvmm_lu=reset luvmm.nvme_timeout=3",
+    );
     // The scenario asks until the guest's driver has reset the controller; the last check is
     // the verdict.
     let after = checks
