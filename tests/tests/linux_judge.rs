@@ -343,6 +343,11 @@ fn linux_judge_sees_a_stall() {
         "the I/O loop stalled across the stop: {io:?}"
     );
     assert!(!c.clock.monotonic_backwards);
+    // Each check says what its own span saw: the next one's has no stop in it.
+    let next = j.check();
+    assert!(next.clock.longest_gap_ms < 400.0, "{:?}", next.clock);
+    let io = next.io.expect("an I/O report");
+    assert!(io.longest_stall_ms < 400.0, "{io:?}");
 }
 
 #[test]

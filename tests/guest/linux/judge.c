@@ -751,6 +751,9 @@ static void check(void)
     uint64_t warning_count = klog.count, resets = klog.controller_resets;
     int backwards = clk.backwards;
     double gap_ms = (double)clk.longest_gap_ns / 1e6;
+    /* The longest stall and gap are per check: each says what the span since the last saw. */
+    io.longest_stall_ns = 0;
+    clk.longest_gap_ns = 0;
     pthread_mutex_unlock(&lock);
     emit("LUVMM-LINUX-CHECK {\"checks\":%" PRIu64 ",\"uptime_s\":%.3f,\"memory\":%s,\"io\":%s,"
          "\"kernel_warnings\":%s,\"kernel_warning_count\":%" PRIu64 ",\"controller_resets\":%" PRIu64

@@ -33,11 +33,13 @@ check() { # check SOCKET N: asks the judge for check N and prints it
 settle() { sleep 4; } # the I/O loop and the clock sampler run on after a resume
 handover() { # handover FROM TO [FAULTS]: the VM moves from socket FROM to a new process on TO
     luvmm ctl --socket "$1" save >/dev/null # pauses the VM and saves its state for the target
+    sleep 5 # a blackout long enough that a guest clock left standing over it shows
     LUVMM_TEST_FAULTS=$3 luvmm restore --from-socket "$1" --serial ./a.log --api-socket "$2" \
         2>>"$2.err" &
     wait_phase "$2" running || echo "LUVMM-L1 test linux_guest_handover_$2 FAIL never running"
 }
 
+echo "LUVMM-L1 host clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
     --vcpus 1 --vfio "$nvme" --cmdline "$cmdline" --serial ./a.log --api-socket a.sock 2>a.err &
 i=0

@@ -8,8 +8,10 @@
 #            controller only from the session; the guest resumes and, a few seconds later,
 #            check 2 says what it saw: its RAM, every block, its kernel log, its clocks.
 # With vfio_pci.luvmm_lu=reset (the proposed upstream behaviour) the controller comes back
-# reset under a driver that does not know it: the guest's NVMe timeouts are set to
-# luvmm.nvme_timeout= seconds (L1's command line) and check 2 waits for its recovery.
+# reset under a driver that does not know it, and with vfio_pci.luvmm_lu=off it is not
+# preserved at all, so the restore opens it again and the open resets it: the guest's NVMe
+# timeouts are set to luvmm.nvme_timeout= seconds (L1's command line) and check 2 waits for
+# its recovery.
 stage=$1
 cd /tmp
 . /luvmm/steps.sh
@@ -20,6 +22,8 @@ cd /tmp
 bin=/luvmm/bin
 nvme_timeout=$(sed -n 's/.*luvmm\.nvme_timeout=\([0-9]*\).*/\1/p' /proc/cmdline)
 timeouts=${nvme_timeout:+ nvme_core.io_timeout=$nvme_timeout nvme_core.admin_timeout=$nvme_timeout}
+require=--require-preserved-devices
+grep -qw vfio_pci.luvmm_lu=off /proc/cmdline && require=
 agent_sock=/tmp/agent.sock
 nvme=$(nvme_bdf)
 check() { # check N: asks the judge for check N and prints it
@@ -33,6 +37,7 @@ check() { # check N: asks the judge for check N and prints it
 luvmm agent serve --socket $agent_sock 2>agent.err &
 i=0
 while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "LUVMM-L1 host clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 case "$stage" in
 1)
     luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
@@ -44,7 +49,7 @@ case "$stage" in
     sleep 4
     check 1
     luvmm ctl --socket a.sock update prepare --vm-id vm1 --agent-socket $agent_sock \
-        --require-preserved-devices > prep.json 2>&1
+        $require > prep.json 2>&1
     echo "LUVMM-L1 linux prepare $(cat prep.json)"
     result linux_guest_update_prepared $([ "$(phase a.sock)" = preserved ]; echo $?) "$(cat prep.json)"
     sed 's/^/LUVMM-L1 log a: /' a.err

@@ -140,6 +140,27 @@ fn linux_guest_pause_and_handover_with_nvme_lose_nothing() {
     require_pause_and_handover_clean(&run, &checks);
 }
 
+/// The same on an L1 that found its TSC unstable (`tsc=unstable`), as a host kernel may: KVM
+/// then runs no master clock and gives the kvmclock without the host's wall clock, so unless
+/// luvmm takes the wall clock itself, a restored guest's clock stands still over the 5 s the
+/// handover keeps it saved.
+#[test]
+fn linux_guest_keeps_its_clock_across_a_handover_on_a_host_with_an_unstable_tsc() {
+    let run = boot_linux_scenario("linux-unstable-tsc", "linux-paths", "tsc=unstable");
+    if !run
+        .results()
+        .iter()
+        .any(|r| r.starts_with("host clocksource ") && !r.ends_with(" tsc"))
+    {
+        fail(
+            &run,
+            "L1 still runs on its TSC: this run does not test what it names",
+        );
+    }
+    let checks = linux_checks(&run);
+    require_pause_and_handover_clean(&run, &checks);
+}
+
 /// Checks 1 to 3 of `linux-paths`: booted, after an 8 s pause, after a handover.
 fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
     let booted = check_no(run, checks, 1);
@@ -224,22 +245,55 @@ fn linux_guest_host_update_keep_mode_loses_nothing() {
 
 /// The host live update with the handler in `reset` mode, the proposed upstream behaviour: the
 /// controller comes back reset under a guest driver that does not know it. The guest's own
-/// driver must find out (its timeout, then a controller reset) and recover: every page and
-/// every block intact, no I/O error, its I/O going on, its clocks right. The guest's longest
-/// I/O stall is its recovery time.
+/// driver must find out (its timeout, then a controller reset) and recover.
 #[test]
 fn linux_guest_host_update_reset_mode_the_guest_driver_recovers() {
     let (run, checks, before) = update_linux_guest(
         "linux-update-reset",
         "vfio_pci.luvmm_lu=reset luvmm.nvme_timeout=3",
     );
-    // The scenario asks until the guest's driver has reset the controller; the last check is
-    // the verdict.
+    require_preserved(&run, true);
+    require_driver_recovered(&run, &checks, &before);
+}
+
+/// The host live update with the handler off (stock 7.2): the controller is not preserved, the
+/// restore opens it again and the open resets it. The guest's driver recovers as in `reset`
+/// mode.
+#[test]
+fn linux_guest_host_update_handler_off_the_guest_driver_recovers() {
+    let (run, checks, before) = update_linux_guest(
+        "linux-update-off",
+        "vfio_pci.luvmm_lu=off luvmm.nvme_timeout=3",
+    );
+    require_preserved(&run, false);
+    require_driver_recovered(&run, &checks, &before);
+}
+
+/// The prepare's report has the controller preserved (or not) in the kernel's session.
+fn require_preserved(run: &L1Run, preserved: bool) {
+    let want = format!("\"preserved\":{preserved}");
+    let report = run
+        .results()
+        .into_iter()
+        .find(|r| r.starts_with("linux prepare "));
+    if !report.is_some_and(|r| r.contains(&want)) {
+        fail(
+            run,
+            &format!("the prepare did not report {want}: {report:?}"),
+        );
+    }
+}
+
+/// After an update that reset the controller under the guest: every page and every block
+/// intact, no I/O error, the I/O going on, no kernel warning, its clocks right, and the
+/// driver's own reset logged. The scenario asks until it is; the last check is the verdict.
+/// The guest's longest I/O stall is its recovery time.
+fn require_driver_recovered(run: &L1Run, checks: &[(u32, LinuxCheck)], before: &LinuxCheck) {
     let after = checks
         .iter()
         .max_by_key(|(n, _)| *n)
         .map(|(_, c)| c.clone())
-        .unwrap_or_else(|| fail(&run, "no judge check after the update"));
+        .unwrap_or_else(|| fail(run, "no judge check after the update"));
     let io = after.io.as_ref();
     let recovered = after.memory.ok()
         && io.is_some_and(|io| io.errors == 0 && io.mismatches == 0)
@@ -252,7 +306,7 @@ fn linux_guest_host_update_reset_mode_the_guest_driver_recovers() {
         && after.clock.realtime_offset_ms.abs() < 1000.0;
     if !recovered {
         fail(
-            &run,
+            run,
             &format!("the guest's driver did not recover the reset controller cleanly: {after:#?}"),
         );
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use luvmm_resources::config::CpuTemplate;
 use luvmm_resources::state::VcpuState;
 use vm_device::bus::{MmioAddress, PioAddress};
@@ -161,6 +161,7 @@ pub struct Vcpu {
     io: Arc<IoManager>,
     msrs_to_save: Arc<Vec<u32>>,
     xsave_area: XsaveArea,
+    tsc_scaling: bool,
     exit_evt: EventFd,
 }
 
@@ -170,17 +171,20 @@ pub struct VcpuContext {
     pub io: Arc<IoManager>,
     /// MSRs to save, from `KVM_GET_MSR_INDEX_LIST`.
     pub msrs_to_save: Arc<Vec<u32>>,
+    /// KVM can run a vCPU's TSC at another rate than the host's (`KVM_CAP_TSC_CONTROL`).
+    pub tsc_scaling: bool,
     /// Written when the guest stops on its own.
     pub exit_evt: EventFd,
 }
 
 impl VcpuContext {
-    /// Reads the MSR list once for all vCPUs.
+    /// Reads the MSR list and the TSC scaling capability once for all vCPUs.
     pub fn new(kvm: &Kvm, io: Arc<IoManager>, exit_evt: EventFd) -> Result<VcpuContext, VcpuError> {
         let msrs = msrs_to_save(kvm).map_err(VcpuError::MsrList)?;
         Ok(VcpuContext {
             io,
             msrs_to_save: Arc::new(msrs),
+            tsc_scaling: kvm.check_extension(Cap::TscControl),
             exit_evt,
         })
     }
@@ -203,6 +207,7 @@ impl Vcpu {
             io: ctx.io.clone(),
             msrs_to_save: ctx.msrs_to_save.clone(),
             xsave_area: vm.xsave_area(),
+            tsc_scaling: ctx.tsc_scaling,
             exit_evt,
         })
     }
@@ -236,7 +241,7 @@ impl Vcpu {
 
     /// Writes back a saved state (see [`state::restore_state`]).
     pub fn restore_state(&self, saved: &VcpuState) -> Result<(), VcpuError> {
-        state::restore_state(&self.fd, saved, self.xsave_area).map_err(|source| {
+        state::restore_state(&self.fd, saved, self.xsave_area, self.tsc_scaling).map_err(|source| {
             VcpuError::Restore {
                 id: self.id,
                 source,

@@ -9,6 +9,7 @@ use kvm_bindings::{
 };
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use luvmm_devices::vfio::VfioDeviceFd;
@@ -208,7 +209,7 @@ impl KvmVm {
             pic_slave: irqchip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+            clock: with_wall_clock(self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?),
         })
     }
 
@@ -233,5 +234,69 @@ impl KvmVm {
             ..state.clock
         };
         self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
+}
+
+/// `clock` with the host's wall-clock time of its reading. KVM adds it (`KVM_CLOCK_REALTIME`)
+/// only while its master clock runs, which needs a TSC clocksource on the host; on a host
+/// whose kernel found its TSC unstable it leaves it out, and a restore could not tell how much
+/// time passed: the guest's clock would stand still over the whole blackout. There luvmm takes
+/// the wall clock itself, microseconds after KVM read the kvmclock.
+fn with_wall_clock(clock: kvm_clock_data) -> kvm_clock_data {
+    if clock.flags & KVM_CLOCK_REALTIME != 0 {
+        return clock;
+    }
+    let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        return clock;
+    };
+    log::info!(
+        "KVM gives the kvmclock without the host's wall clock (no master clock: the host's \
+         clocksource is not the TSC); luvmm takes it"
+    );
+    kvm_clock_data {
+        flags: clock.flags | KVM_CLOCK_REALTIME,
+        realtime: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+        ..clock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_without_the_hosts_wall_clock_gets_it_and_keeps_the_rest() {
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        };
+        let before = now();
+        let bare = kvm_clock_data {
+            clock: 123_456_789,
+            flags: 0,
+            ..Default::default()
+        };
+        let clock = with_wall_clock(bare);
+        let after = now();
+        assert_eq!(clock.flags, KVM_CLOCK_REALTIME);
+        assert_eq!(clock.clock, 123_456_789);
+        assert!((before..=after).contains(&u128::from(clock.realtime)));
+    }
+
+    #[test]
+    fn kvms_own_wall_clock_is_kept() {
+        let from_kvm = kvm_clock_data {
+            clock: 5,
+            flags: KVM_CLOCK_REALTIME,
+            realtime: 42,
+            ..Default::default()
+        };
+        let clock = with_wall_clock(from_kvm);
+        assert_eq!(
+            (clock.flags, clock.realtime, clock.clock),
+            (KVM_CLOCK_REALTIME, 42, 5)
+        );
     }
 }

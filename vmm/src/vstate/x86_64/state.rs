@@ -62,12 +62,13 @@ pub fn restore_state(
     vcpu: &VcpuFd,
     state: &VcpuState,
     xsave_area: XsaveArea,
+    tsc_scaling: bool,
 ) -> Result<(), ArchError> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| ArchError::Cpuid {
         entries: state.cpuid.len(),
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
-    tsc::restore_tsc_rate(vcpu, state.id, state.tsc_khz)?;
+    tsc::restore_tsc_rate(vcpu, state.id, state.tsc_khz, tsc_scaling)?;
     vcpu.set_mp_state(state.mp_state)
         .map_err(ioctl("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;

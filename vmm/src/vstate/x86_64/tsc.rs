@@ -26,8 +26,10 @@ pub enum TscError {
     /// Found before a restore took anything: no vCPU here can run at the saved TSC rate.
     #[error("the state's TSC runs at {saved} kHz; this host runs vCPUs at {host} kHz ({ppm} ppm off) and KVM cannot scale them")]
     OutOfReach { saved: u32, host: u32, ppm: u64 },
-    /// The saved rate cannot be given to this vCPU, and the host's is too far from it.
-    #[error("the state's TSC runs at {saved} kHz, this host runs vCPUs at {host} kHz and KVM cannot scale to the saved rate (KVM_SET_TSC_KHZ)")]
+    /// KVM refused a rate it should take (it scales, or the rate is within its tolerance).
+    #[error(
+        "KVM_SET_TSC_KHZ refused the state's {saved} kHz (this host runs vCPUs at {host} kHz)"
+    )]
     Rate {
         saved: u32,
         host: u32,
@@ -48,14 +50,36 @@ pub fn check_tsc_rate(kvm: &Kvm, saved: u32) -> Result<(), TscError> {
     let host = vcpu
         .get_tsc_khz()
         .map_err(probe("KVM_GET_TSC_KHZ (scratch)"))?;
-    reachable(saved, host, kvm.check_extension(Cap::TscControl))
+    rate_plan(saved, host, kvm.check_extension(Cap::TscControl)).map(drop)
 }
 
-/// The decision of [`check_tsc_rate`], once this host's rate and KVM's scaling are known.
-fn reachable(saved: u32, host: u32, kvm_scales: bool) -> Result<(), TscError> {
+/// How far KVM lets a requested rate be from the host's and still runs the vCPU at the host's
+/// own, unscaled (its `tsc_tolerance_ppm` default).
+const KVM_TOLERANCE_PPM: u64 = 250;
+
+/// What a restore does with the saved TSC rate, once this host's is known.
+#[derive(Debug, PartialEq, Eq)]
+enum RatePlan {
+    /// The vCPU already runs at it.
+    Keep,
+    /// `KVM_SET_TSC_KHZ`: KVM scales, or the rate is within its own tolerance.
+    Set,
+    /// The vCPU stays at the host's rate, `ppm` off; `KVM_SET_TSC_KHZ` is not asked, because
+    /// without scaling KVM either refuses a slower rate while keeping it for its own
+    /// arithmetic (its TSC deadline timer, its TSC catch-up, the next save's rate), or runs a
+    /// faster one by moving the guest's TSC forward at every clock update.
+    Unscaled { ppm: u64 },
+}
+
+/// The decision of [`restore_tsc_rate`].
+fn rate_plan(saved: u32, host: u32, kvm_scales: bool) -> Result<RatePlan, TscError> {
     let ppm = drift_ppm(saved, host);
-    if ppm <= TSC_DRIFT_PPM || kvm_scales {
-        Ok(())
+    if saved == host {
+        Ok(RatePlan::Keep)
+    } else if kvm_scales || ppm <= KVM_TOLERANCE_PPM {
+        Ok(RatePlan::Set)
+    } else if ppm <= TSC_DRIFT_PPM {
+        Ok(RatePlan::Unscaled { ppm })
     } else {
         Err(TscError::OutOfReach { saved, host, ppm })
     }
@@ -64,39 +88,34 @@ fn reachable(saved: u32, host: u32, kvm_scales: bool) -> Result<(), TscError> {
 /// Gives vCPU `id` the saved rate `saved` kHz before it takes any other state: scaled by
 /// KVM, or left at this host's rate when that is close enough (and said), or refused.
 /// A state without a rate (KVM did not report one) leaves the vCPU as it is.
-pub fn restore_tsc_rate(vcpu: &VcpuFd, id: u32, saved: Option<u32>) -> Result<(), TscError> {
+pub fn restore_tsc_rate(
+    vcpu: &VcpuFd,
+    id: u32,
+    saved: Option<u32>,
+    kvm_scales: bool,
+) -> Result<(), TscError> {
     let (Some(saved), Ok(host)) = (saved, vcpu.get_tsc_khz()) else {
         return Ok(());
     };
-    if saved == host {
-        return Ok(());
-    }
-    match vcpu.set_tsc_khz(saved) {
-        Ok(()) => {
-            log::info!("vCPU {id}: TSC scaled from {host} kHz to the saved {saved} kHz");
-            Ok(())
-        }
-        Err(source) => match unscaled_drift(saved, host) {
-            Some(ppm) => {
-                log::warn!(
-                    "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz; it runs at \
-                     this host's {host} kHz, {ppm} ppm off"
-                );
-                Ok(())
-            }
-            None => Err(TscError::Rate {
+    match rate_plan(saved, host, kvm_scales)? {
+        RatePlan::Keep => Ok(()),
+        RatePlan::Set => {
+            vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
                 saved,
                 host,
                 source,
-            }),
-        },
+            })?;
+            log::info!("vCPU {id}: TSC set from {host} kHz to the saved {saved} kHz");
+            Ok(())
+        }
+        RatePlan::Unscaled { ppm } => {
+            log::warn!(
+                "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz; it runs at \
+                 this host's {host} kHz, {ppm} ppm off"
+            );
+            Ok(())
+        }
     }
-}
-
-/// How far `host` is from `saved` (ppm), if a vCPU may run there without scaling.
-fn unscaled_drift(saved: u32, host: u32) -> Option<u64> {
-    let ppm = drift_ppm(saved, host);
-    (ppm <= TSC_DRIFT_PPM).then_some(ppm)
 }
 
 /// `host`'s distance from `saved`, in parts per million of `saved`.
@@ -110,30 +129,69 @@ mod tests {
 
     #[test]
     fn a_recalibrated_host_tsc_is_within_the_drift_a_restore_accepts() {
-        // The bed's two kernels under TCG: 722 and 1709 ppm apart in two runs.
+        // The bed's two kernels under TCG: 722, 1395 and 1709 ppm apart in three runs.
         assert_eq!(drift_ppm(2_591_112, 2_592_984), 722);
         assert_eq!(drift_ppm(2_591_672, 2_596_101), 1708);
-        assert_eq!(unscaled_drift(2_591_672, 2_596_101), Some(1708));
+        assert_eq!(
+            rate_plan(2_592_536, 2_596_155, false).unwrap(),
+            RatePlan::Unscaled { ppm: 1395 }
+        );
         // Another machine, or the 1 kHz a test asks for: refused.
-        assert_eq!(unscaled_drift(2_000_000, 2_600_000), None);
-        assert_eq!(unscaled_drift(1, 2_600_000), None);
+        for (saved, host) in [(2_000_000, 2_600_000), (1, 2_600_000)] {
+            assert!(matches!(
+                rate_plan(saved, host, false),
+                Err(TscError::OutOfReach { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn kvm_is_asked_only_for_a_rate_it_can_give() {
+        assert_eq!(
+            rate_plan(2_596_154, 2_596_154, false).unwrap(),
+            RatePlan::Keep
+        );
+        // Within KVM's own tolerance it records the rate and scales nothing.
+        assert_eq!(
+            rate_plan(2_596_154, 2_596_149, false).unwrap(),
+            RatePlan::Set
+        );
+        assert_eq!(
+            rate_plan(1_000_000, 1_000_250, false).unwrap(),
+            RatePlan::Set
+        );
+        // Beyond it, only where KVM scales; slower or faster alike.
+        assert_eq!(
+            rate_plan(1_000_000, 1_000_251, false).unwrap(),
+            RatePlan::Unscaled { ppm: 251 }
+        );
+        assert_eq!(
+            rate_plan(1_000_000, 999_000, false).unwrap(),
+            RatePlan::Unscaled { ppm: 1000 }
+        );
+        assert_eq!(rate_plan(1_000_000, 999_000, true).unwrap(), RatePlan::Set);
+        assert_eq!(
+            rate_plan(1_300_000, 2_600_000, true).unwrap(),
+            RatePlan::Set
+        );
     }
 
     #[test]
     fn the_drift_is_measured_against_the_saved_rate_either_way() {
         assert_eq!(drift_ppm(1_000_000, 1_010_000), TSC_DRIFT_PPM);
         assert_eq!(drift_ppm(1_000_000, 990_000), TSC_DRIFT_PPM);
-        assert_eq!(unscaled_drift(1_000_000, 1_010_000), Some(TSC_DRIFT_PPM));
-        assert_eq!(unscaled_drift(1_000_000, 1_010_001), None);
+        assert_eq!(
+            rate_plan(1_000_000, 1_010_000, false).unwrap(),
+            RatePlan::Unscaled { ppm: TSC_DRIFT_PPM }
+        );
+        assert!(rate_plan(1_000_000, 1_010_001, false).is_err());
         // A saved rate of 0 (never reported by KVM) does not divide by zero.
         assert_eq!(drift_ppm(0, 1), 1_000_000);
     }
 
     #[test]
-    fn a_far_rate_is_reachable_only_where_kvm_scales() {
-        assert!(reachable(2_600_000, 2_600_000, false).is_ok());
-        assert!(reachable(1_300_000, 2_600_000, true).is_ok());
-        match reachable(1_300_000, 2_600_000, false) {
+    fn a_far_rate_is_refused_by_its_figures_where_kvm_cannot_scale() {
+        match rate_plan(1_300_000, 2_600_000, false) {
             Err(TscError::OutOfReach { saved, host, ppm }) => {
                 assert_eq!((saved, host, ppm), (1_300_000, 2_600_000, 1_000_000));
             }
