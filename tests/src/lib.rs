@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use luvmm_vmm::api::client::VmmClient;
 use luvmm_vmm::vmm::VmPhase;
-use serde::Deserialize;
 
 /// Generous: guest instructions are slow on emulated KVM, and CI machines are small.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -186,94 +185,10 @@ pub fn judge() -> PathBuf {
     PathBuf::from(env!("LUVMM_JUDGE"))
 }
 
-/// One `LUVMM-LINUX-CHECK` line of the Linux guest's judge: what the guest itself saw.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct LinuxCheck {
-    /// Checks answered so far, this one included.
-    pub checks: u64,
-    /// The guest's CLOCK_BOOTTIME at the check.
-    pub uptime_s: f64,
-    pub memory: LinuxMemory,
-    /// `None` when the guest has no device to drive.
-    pub io: Option<LinuxIo>,
-    /// The first warnings of the guest's kernel log, as logged.
-    pub kernel_warnings: Vec<String>,
-    /// All of them, past the first ones kept.
-    pub kernel_warning_count: u64,
-    /// NVMe timeouts, aborts and controller resets the guest's driver logged.
-    pub controller_resets: u64,
-    pub clock: LinuxClock,
-}
-
-/// The memory report: `"ok"`, or the first page that lost its word.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum LinuxMemory {
-    Bad(LinuxBadPage),
-    Status(String),
-}
-
-impl LinuxMemory {
-    /// Every filled page still holds its word.
-    pub fn ok(&self) -> bool {
-        matches!(self, LinuxMemory::Status(s) if s == "ok")
-    }
-}
-
-/// The first page whose word changed, and how many did.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct LinuxBadPage {
-    /// Index of the page in the judge's filled region.
-    pub first_bad_page: u64,
-    pub expected: String,
-    pub found: String,
-    pub bad_pages: u64,
-}
-
-/// The I/O loop's counters.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct LinuxIo {
-    pub written: u64,
-    /// Blocks read back (at once, or a pass later) and found as written.
-    pub verified: u64,
-    /// Failed or short reads and writes.
-    pub errors: u64,
-    /// Blocks read back that differ from what was written.
-    pub mismatches: u64,
-    /// The longest wait for one I/O, or between two completions.
-    pub longest_stall_ms: f64,
-    /// errno of the last error, 0 if none.
-    pub last_errno: i32,
-    #[serde(default)]
-    pub first_mismatch: Option<LinuxMismatch>,
-}
-
-/// Where the first mismatch was and what was wrong: `crc` (torn or corrupted), `stale` (an
-/// older or misplaced block) or `data` (a consistent block with the wrong payload).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct LinuxMismatch {
-    pub lba: u64,
-    pub why: String,
-}
-
-/// The guest's clocks.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct LinuxClock {
-    /// Guest CLOCK_REALTIME minus the host's, read through the guest-control port.
-    pub realtime_offset_ms: f64,
-    pub monotonic_backwards: bool,
-    /// The largest gap between two of the judge's ~1 ms samples of CLOCK_MONOTONIC.
-    pub longest_gap_ms: f64,
-}
-
-/// The prefix of the judge's check lines.
-pub const LINUX_CHECK: &str = "LUVMM-LINUX-CHECK ";
-
-/// Parses one `LUVMM-LINUX-CHECK {json}` line; `None` for any other or a malformed one.
-pub fn parse_linux_check(line: &str) -> Option<LinuxCheck> {
-    let json = line.trim_end().strip_prefix(LINUX_CHECK)?;
-    serde_json::from_str(json).ok()
-}
+pub use luvmm::drill::judge::{
+    parse_linux_check, LinuxBadPage, LinuxCheck, LinuxClock, LinuxIo, LinuxMemory, LinuxMismatch,
+    LINUX_CHECK,
+};
 
 /// A raw API exchange: status and body. For requests the typed client
 /// ([`luvmm_vmm::api::client::VmmClient`]) would not send: malformed ones, odd bodies.

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use luvmm_tests::nested::{one_l1_at_a_time, prepare};
-use luvmm_tests::{luvmm_bin, payload, TestDir};
+use luvmm_tests::nested::{linux_guest, one_l1_at_a_time, prepare};
+use luvmm_tests::{luvmm_bin, parse_linux_check, payload, TestDir};
 use serde_json::Value;
 
 /// Runs `luvmm drill` with `flags` on the bed's kernel; returns its exit status, its report
@@ -291,6 +291,116 @@ fn nothing_lost_drill_catches_two_devices_swapped_in_the_restore() {
     }
 }
 
+/// A Linux guest with an NVMe controller, the handler in `keep` mode: the guest's own judge
+/// (its RAM, its blocks through its nvme driver, its kernel log, its clocks) says nothing was
+/// lost, its driver never reset the controller, and the controller came only through the
+/// session. The check lines are re-read here rather than trusted from the verdict.
+#[test]
+fn a_drill_with_a_linux_guest_in_keep_mode_loses_nothing() {
+    let (code, report, svg) = linux_drill("drill-linux", &["--vfio-handler", "keep"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(code, 0);
+    let updates = rounds(&report, "update");
+    assert_eq!(updates.len(), 1, "{report}");
+    let vm = &updates[0]["vms"][0];
+    assert_eq!(vm["guest_check"], "ok", "{report}");
+    let read = |key: &str| {
+        let line = vm[key].as_str().unwrap_or_default();
+        parse_linux_check(line).unwrap_or_else(|| panic!("{key} is not a judge's check: {vm}"))
+    };
+    let (before, after) = (read("check_before"), read("check_after"));
+    let (io0, io1) = (before.io.expect("I/O before"), after.io.expect("I/O after"));
+    assert!(after.memory.ok(), "{vm}");
+    assert!(
+        io1.errors == 0 && io1.mismatches == 0 && io1.verified > io0.verified,
+        "{vm}"
+    );
+    assert!(after.kernel_warnings.is_empty(), "{vm}");
+    assert_eq!(after.controller_resets, 0, "{vm}");
+    assert!(after.clock.realtime_offset_ms.abs() < 1000.0, "{vm}");
+    // The report's own fields, under the names scripts rely on.
+    assert_eq!(vm["memory"], "ok", "{vm}");
+    assert_eq!(vm["controller_resets"], 0, "{vm}");
+    assert_eq!(vm["io"]["errors"], 0, "{vm}");
+    let device = &vm["devices"][0];
+    assert_eq!(device["preserved"], true, "{vm}");
+    assert_eq!(device["normal_opens"], 0, "{vm}");
+    assert_eq!(device["works"], true, "{vm}");
+    assert!(svg.contains("<svg"), "{svg}");
+    println!(
+        "linux drill: blackout_ms {} guest-seen gap_ms {} longest I/O stall_ms {}",
+        vm["phases_ms"]["blackout"], vm["clock"]["longest_gap_ms"], vm["io"]["longest_stall_ms"]
+    );
+}
+
+/// Runs a drill of the bed's Linux guest with one NVMe controller and `flags`.
+fn linux_drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
+    let files = TestDir::new(&format!("{name}-files"));
+    let guest = linux_guest(files.path());
+    let (kernel, initrd) = (
+        guest[0].display().to_string(),
+        guest[2].display().to_string(),
+    );
+    let mut all = vec![
+        "--guest",
+        "linux",
+        "--guest-kernel",
+        &kernel,
+        "--guest-initrd",
+        &initrd,
+    ];
+    all.extend_from_slice(flags);
+    drill(name, &all)
+}
+
+/// The handler in `reset` mode: the controller comes back reset, the guest's nvme driver
+/// times out and resets it, and the drill waits for that recovery and reports it: the
+/// driver's resets and the guest's longest I/O stall, with nothing lost.
+#[test]
+fn a_drill_with_a_linux_guest_in_reset_mode_reports_its_drivers_recovery() {
+    let (code, report, _) = linux_drill("drill-linux-reset", &["--vfio-handler", "reset"]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(code, 0);
+    let vm = &rounds(&report, "update")[0]["vms"][0];
+    assert!(
+        vm["controller_resets"].as_u64().is_some_and(|n| n > 0),
+        "{vm}"
+    );
+    assert_eq!(vm["memory"], "ok", "{vm}");
+    assert_eq!(vm["io"]["errors"], 0, "{vm}");
+    assert_eq!(vm["devices"][0]["preserved"], true, "{vm}");
+    println!(
+        "linux drill (reset): blackout_ms {} guest-seen gap_ms {} guest recovery (longest I/O \
+         stall) ms {}, {} resets; checks {} / {:?} / {}",
+        vm["phases_ms"]["blackout"],
+        vm["clock"]["longest_gap_ms"],
+        vm["io"]["longest_stall_ms"],
+        vm["controller_resets"],
+        vm["check_before"],
+        vm["recovery_checks"],
+        vm["check_after"]
+    );
+}
+
+/// A restore that does not put the saved kvmclock back (a test fault) leaves the guest's clock
+/// wrong, and the drill says so from the guest's own check.
+#[test]
+fn nothing_lost_drill_a_linux_guest_shows_a_clock_left_wrong() {
+    let (code, report, _) = linux_drill(
+        "drill-linux-clock",
+        &[
+            "--vfio-handler",
+            "keep",
+            "--test-faults",
+            "no-kvmclock-restore",
+        ],
+    );
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(code, 1, "{report}");
+    let failures = report["failures"].to_string();
+    assert!(failures.contains("clock: "), "{failures}");
+}
+
 /// Plans the bed cannot hold are refused before anything boots.
 #[test]
 fn a_drill_plan_outside_the_bed_is_refused_by_name() {
@@ -321,4 +431,23 @@ fn a_drill_plan_outside_the_bed_is_refused_by_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot read /nonexistent/i"), "{stderr}");
+    for (flags, refusal) in [
+        (
+            &["--guest", "linux", "--devices", "2"][..],
+            "--devices must be 0 or 1 with --guest linux",
+        ),
+        (
+            &["--guest", "linux", "--memory-mib", "64"][..],
+            "--memory-mib must be at least 128 with --guest linux, not 64",
+        ),
+    ] {
+        let out = Command::new(luvmm_bin())
+            .args(["drill", "--kernel", "/k", "--initrd", "/i"])
+            .args(flags)
+            .output()
+            .expect("run luvmm drill");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(refusal), "{stderr}");
+    }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{flatness, BenchError};
 use crate::drill::report::{DrillReport, Span, PAUSED_PHASES};
-use crate::drill::{self, BedArgs, DrillArgs};
+use crate::drill::{self, BedArgs, DrillArgs, GuestKind};
 
 #[derive(Debug, clap::Args)]
 pub struct UpdateBenchArgs {
@@ -74,8 +74,9 @@ pub fn run(args: &UpdateBenchArgs) -> Result<(), BenchError> {
             eprintln!("bench update: {memory_mib} MiB, {devices} device(s)");
             let drill = DrillArgs {
                 bed: args.bed.clone(),
+                guest: GuestKind::Payload,
                 vms: 1,
-                memory_mib,
+                memory_mib: Some(memory_mib),
                 devices,
                 rounds: 1,
                 cancel_first: false,

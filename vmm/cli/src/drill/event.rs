@@ -51,6 +51,9 @@ pub enum Event {
     Restored {
         round: u32,
         vm: String,
+        /// A Linux guest's checks while its driver recovered a device that came back reset.
+        #[serde(default)]
+        recovery_checks: Vec<String>,
         check_after: String,
         device_rounds: Vec<String>,
         timings: RestoreTimings,

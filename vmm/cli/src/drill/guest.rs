@@ -1,5 +1,6 @@
-//! A microVM under drill in L1: its luvmm process, API socket and serial log, and the test
-//! payload's own lines, which are the evidence the drill judges by.
+//! A microVM under drill in L1: its luvmm process, API socket and serial log, and its guest's
+//! own lines (the test payload's, or the Linux judge's), which are the evidence the drill
+//! judges by.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,9 @@ use luvmm_devices::guest_control::GuestRequest;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::update::prepare::PrepareReport;
 use luvmm_vmm::vmm::{VmPhase, VmStatus};
+
+use super::judge::{parse_linux_check, LinuxCheck, LINUX_CHECK};
+use super::{GuestKind, VfioHandler, L1_GUEST_INITRD, L1_GUEST_KERNEL};
 
 /// How long one guest step (a boot, a check, a device round, a restore) may take in the
 /// nested bed, where the guest runs on nested KVM under TCG.
@@ -176,21 +180,21 @@ pub fn round_identity(line: &str) -> Option<bool> {
     Some(id == "ok")
 }
 
-/// Whole (newline-ended: the guest may be mid-line) lines of a serial log that start with
-/// `prefix`.
+/// Whole (newline-ended: the guest may be mid-line) lines of a serial log holding `prefix`,
+/// from it on: a Linux guest's shell may have put its prompt before the judge's line.
 pub fn serial_lines(serial: &Path, prefix: &str) -> Vec<String> {
     let text = std::fs::read_to_string(serial).unwrap_or_default();
     let whole = text.rfind('\n').map_or("", |end| &text[..end]);
     whole
         .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(str::to_string)
+        .filter_map(|l| l.find(prefix).map(|at| l[at..].to_string()))
         .collect()
 }
 
 /// One VM's luvmm process and files.
 pub struct Guest {
     pub vm: String,
+    pub kind: GuestKind,
     pub socket: PathBuf,
     pub serial: PathBuf,
     stderr: PathBuf,
@@ -222,8 +226,37 @@ impl Guest {
         for bdf in bdfs {
             command.args(["--vfio", bdf]);
         }
-        let guest = Guest::spawn(dir, vm, command)?;
+        let guest = Guest::spawn(dir, vm, GuestKind::Payload, command)?;
         guest.wait_line("LUVMM-DEV scan done", 1, "the guest's boot")?;
+        Ok(guest)
+    }
+
+    /// Boots the bed's Linux guest with `memory_mib` and the NVMe controllers `bdfs` passed
+    /// through, one vCPU (L1 has one), and waits for its judge: 40 % of its RAM filled and
+    /// its block loop running. Where `handler` resets devices, the guest's NVMe timeouts are
+    /// short, so its driver finds a reset controller within seconds.
+    pub fn boot_linux(
+        dir: &Path,
+        vm: &str,
+        memory_mib: u64,
+        bdfs: &[String],
+        handler: VfioHandler,
+    ) -> Result<Guest, GuestError> {
+        let mut cmdline = String::from("console=ttyS0 tsc=nowatchdog luvmm.judge.mem_pct=40");
+        if handler.resets_devices() {
+            cmdline.push_str(" nvme_core.io_timeout=3 nvme_core.admin_timeout=3");
+        }
+        let mut command = luvmm();
+        command
+            .arg("run")
+            .args(["--kernel", L1_GUEST_KERNEL, "--initrd", L1_GUEST_INITRD])
+            .args(["--memory-mib", &memory_mib.to_string(), "--vcpus", "1"])
+            .args(["--cmdline", &cmdline]);
+        for bdf in bdfs {
+            command.args(["--vfio", bdf]);
+        }
+        let guest = Guest::spawn(dir, vm, GuestKind::Linux, command)?;
+        guest.wait_line("LUVMM-LINUX-READY", 1, "the Linux guest's judge")?;
         Ok(guest)
     }
 
@@ -232,6 +265,7 @@ impl Guest {
     pub fn restore(
         dir: &Path,
         vm: &str,
+        kind: GuestKind,
         agent_socket: &Path,
         faults: Option<&str>,
     ) -> Result<Guest, GuestError> {
@@ -243,12 +277,17 @@ impl Guest {
         if let Some(faults) = faults {
             command.env(luvmm_vmm::faults::FAULTS_ENV, faults);
         }
-        let guest = Guest::spawn(dir, vm, command)?;
+        let guest = Guest::spawn(dir, vm, kind, command)?;
         guest.wait_running()?;
         Ok(guest)
     }
 
-    fn spawn(dir: &Path, vm: &str, mut command: Command) -> Result<Guest, GuestError> {
+    fn spawn(
+        dir: &Path,
+        vm: &str,
+        kind: GuestKind,
+        mut command: Command,
+    ) -> Result<Guest, GuestError> {
         let socket = dir.join(format!("{vm}.sock"));
         let serial = dir.join(format!("{vm}.log"));
         let stderr = dir.join(format!("{vm}.err"));
@@ -272,6 +311,7 @@ impl Guest {
             })?;
         Ok(Guest {
             vm: vm.to_string(),
+            kind,
             socket,
             serial,
             stderr,
@@ -349,20 +389,42 @@ impl Guest {
         })
     }
 
-    /// Asks the guest to check its memory and returns its new check line.
-    pub fn check(&self) -> Result<GuestCheck, GuestError> {
-        let seen = self.lines("LUVMM-CHECK").len();
+    /// Asks the guest to check itself and returns its new check line: the payload's
+    /// `LUVMM-CHECK`, or the Linux judge's `LUVMM-LINUX-CHECK`.
+    pub fn check(&self) -> Result<String, GuestError> {
+        let prefix = match self.kind {
+            GuestKind::Payload => "LUVMM-CHECK",
+            GuestKind::Linux => LINUX_CHECK,
+        };
+        let seen = self.lines(prefix).len();
         self.client().check().map_err(self.api_error())?;
         self.wait("the guest's check", || {
-            self.lines("LUVMM-CHECK")
-                .get(seen)
-                .and_then(|l| GuestCheck::parse(l))
+            let line = self.lines(prefix).get(seen)?.clone();
+            let readable = match self.kind {
+                GuestKind::Payload => GuestCheck::parse(&line).is_some(),
+                GuestKind::Linux => parse_linux_check(&line).is_some(),
+            };
+            readable.then_some(line)
         })
     }
 
+    /// The Linux judge's next check, read.
+    pub fn linux_check(&self) -> Result<(String, LinuxCheck), GuestError> {
+        let line = self.check()?;
+        let check = parse_linux_check(&line).ok_or_else(|| GuestError::Timeout {
+            vm: self.vm.clone(),
+            what: "a Linux judge's check",
+        })?;
+        Ok((line, check))
+    }
+
     /// Asks the guest to drive every passthrough device once more and returns its per-device
-    /// round lines, in device order.
+    /// round lines, in device order. The Linux guest has none: its judge's block loop runs
+    /// all the time, and its checks carry what it saw.
     pub fn device_round(&self) -> Result<Vec<String>, GuestError> {
+        if self.kind == GuestKind::Linux {
+            return Ok(Vec::new());
+        }
         let seen = self.lines("LUVMM-ROUND done").len();
         self.client()
             .guest_request(GuestRequest::Devices)
@@ -514,6 +576,25 @@ mod tests {
             round_identity("LUVMM-ROUND ok n=3 bdf=00:02.0 nvme=ok irq=msix sq_slot=1"),
             None
         );
+    }
+
+    #[test]
+    fn a_judges_line_is_found_behind_the_shells_prompt() {
+        let dir = std::env::temp_dir().join(format!("luvmm-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("serial.log");
+        std::fs::write(
+            &log,
+            "boot\n/ # \x1b[6nLUVMM-LINUX-READY {\"pages\":1}\nLUVMM-LINUX-CHECK {\"checks\":1",
+        )
+        .unwrap();
+        assert_eq!(
+            serial_lines(&log, "LUVMM-LINUX-READY"),
+            ["LUVMM-LINUX-READY {\"pages\":1}"]
+        );
+        // The check is not whole yet.
+        assert!(serial_lines(&log, "LUVMM-LINUX-CHECK").is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod bed;
 pub mod event;
 pub mod guest;
+pub mod judge;
 pub mod rehearsal;
 pub mod report;
 pub mod watch;
@@ -45,24 +46,60 @@ const MAX_ROUNDS: u32 = 10;
 const MAX_BED_DEVICES: u32 = 28;
 /// Guest memory per VM, MiB.
 const MEMORY_MIB: std::ops::RangeInclusive<u64> = 16..=1024;
+/// The least a Linux guest boots and fills with its judge in (its kernel and initramfs take
+/// about 40 MiB).
+const LINUX_MIN_MEMORY_MIB: u64 = 128;
+/// The Linux guest's judge drives one NVMe controller.
+const LINUX_MAX_DEVICES: u32 = 1;
+/// Each NVMe controller's namespace: a sparse file of this size on the host.
+const NVME_NAMESPACE_BYTES: u64 = 64 << 20;
+/// The Linux guest's kernel and initramfs, in L1.
+pub const L1_GUEST_KERNEL: &str = "/luvmm/bin/guest-vmlinux";
+pub const L1_GUEST_INITRD: &str = "/luvmm/bin/guest-initrd.cpio.gz";
 
-/// Whether the bed's kernels run their VFIO live-update handler (the project's kernel patch):
-/// `on` preserves every device and requires it, `off` is stock 7.2 (every device opened again).
+/// The bed kernels' VFIO live-update handler (the project's kernel patch), on every kernel of
+/// the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum VfioHandler {
-    On,
+    /// Stock 7.2: no device is preserved, every one is opened again (and reset by the open).
     Off,
+    /// Every device preserved, and reset on its way to vfio-pci in the next kernel: the
+    /// proposed upstream behaviour. `on` is its older name.
+    #[value(alias = "on")]
+    #[serde(alias = "on")]
+    Reset,
+    /// Every device preserved and kept as it ran (no reset, Bus Master left on).
+    Keep,
 }
 
 impl VfioHandler {
-    /// The kernel parameter that picks it, on every kernel of the chain.
-    fn kernel_param(self) -> &'static str {
+    /// The kernel parameters that pick it, on every kernel of the chain. `keep` also keeps
+    /// vfio-pci from idling an unopened device into D3hot, whose way back resets it.
+    fn kernel_params(self) -> &'static str {
         match self {
-            VfioHandler::On => "vfio_pci.luvmm_lu=reset",
             VfioHandler::Off => "vfio_pci.luvmm_lu=off",
+            VfioHandler::Reset => "vfio_pci.luvmm_lu=reset",
+            VfioHandler::Keep => "vfio_pci.luvmm_lu=keep vfio_pci.disable_idle_d3=1",
         }
     }
+
+    /// Devices come back reset under the guest's driver: the guest must find out and recover.
+    pub fn resets_devices(self) -> bool {
+        self != VfioHandler::Keep
+    }
+}
+
+/// The guest every VM of a drill runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// luvmm's test payload: fills and checks every page, drives each `edu` device by DMA.
+    #[default]
+    Payload,
+    /// The bed's Linux guest (tests/nested/guest-kernel.sh) with its judge: its own kernel,
+    /// its nvme driver on a passed-through NVMe controller, its clocks.
+    Linux,
 }
 
 /// What a drill runs, as L1 reads it.
@@ -70,11 +107,13 @@ impl VfioHandler {
 pub struct Plan {
     pub vms: u32,
     pub memory_mib: u64,
-    /// `edu` devices per VM.
+    /// `edu` devices (payload) or NVMe controllers (Linux) per VM.
     pub devices: u32,
     pub rounds: u32,
     pub cancel_first: bool,
     pub vfio_handler: VfioHandler,
+    #[serde(default)]
+    pub guest: GuestKind,
     /// Guest RAM asks for transparent huge pages, and L1's shmem THP is `advise`.
     #[serde(default)]
     pub thp: bool,
@@ -120,6 +159,19 @@ impl Plan {
             return bad(format!(
                 "--rounds must be 1 to {MAX_ROUNDS}, not {}",
                 self.rounds
+            ));
+        }
+        if self.guest == GuestKind::Linux && self.devices > LINUX_MAX_DEVICES {
+            return bad(format!(
+                "--devices must be 0 or {LINUX_MAX_DEVICES} with --guest linux (its judge \
+                 drives one NVMe controller), not {}",
+                self.devices
+            ));
+        }
+        if self.guest == GuestKind::Linux && self.memory_mib < LINUX_MIN_MEMORY_MIB {
+            return bad(format!(
+                "--memory-mib must be at least {LINUX_MIN_MEMORY_MIB} with --guest linux, not {}",
+                self.memory_mib
             ));
         }
         if !MEMORY_MIB.contains(&self.memory_mib) {
@@ -172,9 +224,15 @@ pub struct BedArgs {
     /// (tests/nested/initramfs.sh writes one as initrd-stage2.cpio.gz).
     #[arg(long)]
     pub initrd: PathBuf,
-    /// The guest payload ELF (tests/guest/build.sh).
+    /// The guest payload ELF (tests/guest/build.sh), for `--guest payload`.
     #[arg(long)]
-    pub payload: PathBuf,
+    pub payload: Option<PathBuf>,
+    /// The Linux guest's kernel and initramfs with its judge, for `--guest linux`: the
+    /// `vmlinux` and `initrd.cpio.gz` in the directory tests/nested/guest-kernel.sh prints.
+    #[arg(long)]
+    pub guest_kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub guest_initrd: Option<PathBuf>,
     /// The bed kernels' VFIO live-update handler.
     #[arg(long, value_enum, default_value_t = VfioHandler::Off)]
     pub vfio_handler: VfioHandler,
@@ -196,13 +254,18 @@ pub struct BedArgs {
 pub struct DrillArgs {
     #[command(flatten)]
     pub bed: BedArgs,
+    /// The guest each VM runs.
+    #[arg(long, value_enum, default_value_t = GuestKind::Payload)]
+    pub guest: GuestKind,
     /// MicroVMs on the host.
     #[arg(long, default_value_t = 1)]
     pub vms: u32,
-    /// Guest memory of each, MiB (every page is filled and checked by its guest).
-    #[arg(long, default_value_t = 64)]
-    pub memory_mib: u64,
-    /// `edu` devices passed through to each VM.
+    /// Guest memory of each, MiB (the payload fills and checks every page, the Linux judge
+    /// 40 %); default 64 for the payload, 256 for Linux.
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Devices passed through to each VM: `edu` devices for the payload, NVMe controllers
+    /// for Linux.
     #[arg(long, default_value_t = 1)]
     pub devices: u32,
     /// Updates back to back.
@@ -225,13 +288,18 @@ pub struct DrillArgs {
 
 impl DrillArgs {
     fn plan(&self) -> Plan {
+        let default_mib = match self.guest {
+            GuestKind::Payload => 64,
+            GuestKind::Linux => 256,
+        };
         Plan {
             vms: self.vms,
-            memory_mib: self.memory_mib,
+            memory_mib: self.memory_mib.unwrap_or(default_mib),
             devices: self.devices,
             rounds: self.rounds,
             cancel_first: self.cancel_first,
             vfio_handler: self.bed.vfio_handler,
+            guest: self.guest,
             thp: self.bed.thp,
             test_faults: self.test_faults.clone(),
         }
@@ -255,12 +323,10 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     })?;
     let initrd = work.join("initrd");
     write_initrd(&args.bed, &plan, &initrd)?;
-    let devices: Vec<String> = (0..plan.vms * plan.devices)
-        .map(|_| "edu".to_string())
-        .collect();
-    let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_param());
+    let (devices, drives) = l1_devices(&plan, &work)?;
+    let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_params());
     let spec = L1Spec {
-        drives: &[],
+        drives: &drives,
         kernel: &args.bed.kernel,
         initrd: &initrd,
         append: &append,
@@ -295,43 +361,94 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     Ok(report)
 }
 
-/// The image L1 boots: the base with luvmm, the payload, the plan and the scenario hook
+/// The guest's files on the host, by where they go in L1.
+struct GuestFiles(Vec<(&'static str, Vec<u8>)>);
+
+impl GuestFiles {
+    /// Reads what `guest` needs, refusing (by flag) what is missing.
+    fn of(args: &BedArgs, guest: GuestKind) -> Result<GuestFiles, DrillError> {
+        let need = |path: &Option<PathBuf>, flag: &str| {
+            path.clone().ok_or_else(|| {
+                DrillError::Plan(format!("{flag} is needed with --guest {guest:?}").to_lowercase())
+            })
+        };
+        let files = match guest {
+            GuestKind::Payload => vec![(L1_PAYLOAD, need(&args.payload, "--payload")?)],
+            GuestKind::Linux => vec![
+                (L1_GUEST_KERNEL, need(&args.guest_kernel, "--guest-kernel")?),
+                (L1_GUEST_INITRD, need(&args.guest_initrd, "--guest-initrd")?),
+            ],
+        };
+        let mut read = Vec::new();
+        for (to, from) in files {
+            read.push((to, bed::read(&from)?));
+        }
+        Ok(GuestFiles(read))
+    }
+}
+
+/// L1's QEMU devices and drives for the plan: an `edu` per payload device; an NVMe controller
+/// per Linux device, each with a sparse namespace file in `work`.
+fn l1_devices(plan: &Plan, work: &Path) -> Result<(Vec<String>, Vec<String>), DrillError> {
+    let count = plan.vms * plan.devices;
+    if plan.guest == GuestKind::Payload {
+        return Ok(((0..count).map(|_| "edu".to_string()).collect(), Vec::new()));
+    }
+    let (mut devices, mut drives) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let disk = work.join(format!("nvme-{i}.img"));
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(NVME_NAMESPACE_BYTES))
+            .map_err(|source| DrillError::WorkDir {
+                path: disk.clone(),
+                source,
+            })?;
+        drives.push(format!(
+            "file={},if=none,id=nvm{i},format=raw",
+            disk.display()
+        ));
+        devices.push(format!("nvme,serial=luvmm-nvme-{i},drive=nvm{i}"));
+    }
+    Ok((devices, drives))
+}
+
+/// The image L1 boots: the base with luvmm, the guest's files, the plan and the scenario hook
 /// ("staged"), then the next kernel and the staged image itself, from which L1 builds the
 /// next kernel's initramfs (this same image) before each kexec.
 fn write_initrd(args: &BedArgs, plan: &Plan, out: &Path) -> Result<(), DrillError> {
     let base = bed::read(&args.initrd)?;
+    let guest = GuestFiles::of(args, plan.guest)?;
     let exe = std::env::current_exe().map_err(DrillError::Exe)?;
     let luvmm = bed::read(&exe)?;
-    let payload = bed::read(&args.payload)?;
     let next_kernel = bed::read(args.next_kernel.as_deref().unwrap_or(&args.kernel))?;
     let plan_json = serde_json::to_vec(plan).map_err(DrillError::Json)?;
     // The bed's /init runs /luvmm/scenarios/<luvmm.scenario>.sh with the stage.
     let hook = b"#!/bin/sh\nexec /luvmm/bin/luvmm drill-l1 --stage \"$1\"\n";
-    let staged = bed::extend_initrd(
-        &base,
-        &[
-            InitrdFile {
-                path: "/luvmm/bin/luvmm",
-                mode: 0o755,
-                data: &luvmm,
-            },
-            InitrdFile {
-                path: L1_PAYLOAD,
-                mode: 0o644,
-                data: &payload,
-            },
-            InitrdFile {
-                path: L1_PLAN,
-                mode: 0o644,
-                data: &plan_json,
-            },
-            InitrdFile {
-                path: "/luvmm/scenarios/drill.sh",
-                mode: 0o755,
-                data: hook,
-            },
-        ],
-    )?;
+    let mut files = vec![
+        InitrdFile {
+            path: "/luvmm/bin/luvmm",
+            mode: 0o755,
+            data: &luvmm,
+        },
+        InitrdFile {
+            path: L1_PLAN,
+            mode: 0o644,
+            data: &plan_json,
+        },
+        InitrdFile {
+            path: "/luvmm/scenarios/drill.sh",
+            mode: 0o755,
+            data: hook,
+        },
+    ];
+    for (path, data) in &guest.0 {
+        files.push(InitrdFile {
+            path,
+            mode: 0o644,
+            data,
+        });
+    }
+    let staged = bed::extend_initrd(&base, &files)?;
     Ok(bed::write(out, &with_boot(&staged, &next_kernel)?)?)
 }
 
@@ -395,9 +512,43 @@ mod tests {
             rounds: 1,
             cancel_first: false,
             vfio_handler: VfioHandler::Off,
+            guest: GuestKind::Payload,
             thp: false,
             test_faults: None,
         }
+    }
+
+    #[test]
+    fn each_guest_needs_its_own_files_by_flag() {
+        let args = BedArgs {
+            kernel: PathBuf::from("/k"),
+            next_kernel: None,
+            initrd: PathBuf::from("/i"),
+            payload: Some(PathBuf::from("/p")),
+            guest_kernel: None,
+            guest_initrd: None,
+            vfio_handler: VfioHandler::Keep,
+            thp: false,
+            timeout: 1,
+            work_dir: None,
+        };
+        let refused = |guest, args: &BedArgs| match GuestFiles::of(args, guest) {
+            Err(DrillError::Plan(why)) => why,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("taken without its files"),
+        };
+        assert_eq!(
+            refused(GuestKind::Linux, &args),
+            "--guest-kernel is needed with --guest linux"
+        );
+        let args = BedArgs {
+            payload: None,
+            ..args
+        };
+        assert_eq!(
+            refused(GuestKind::Payload, &args),
+            "--payload is needed with --guest payload"
+        );
     }
 
     #[test]

@@ -21,9 +21,12 @@ use luvmm_resources::errors::error_chain;
 
 use super::bed::{self, BedError};
 use super::event::{Event, WatchSpan, HOST_ROW};
-use super::guest::{luvmm, Guest, GuestCheck, GuestError};
+use super::guest::{luvmm, Guest, GuestError};
+use super::judge::LINUX_CHECK;
 use super::watch::{vfio_pci_devices, OpenWatch, Opens, WatchError, VFIO_PCI};
-use super::{with_boot, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD};
+use super::{
+    with_boot, GuestKind, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD,
+};
 
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
 const WORK: &str = "/tmp/drill";
@@ -57,7 +60,7 @@ pub enum StepError {
     Io(String, #[source] std::io::Error),
     #[error("the agent did not come up: {0}")]
     Agent(String),
-    #[error("the plan needs {needed} edu devices bound to vfio-pci, L1 has {found}")]
+    #[error("the plan needs {needed} devices bound to vfio-pci, L1 has {found}")]
     Devices { needed: usize, found: usize },
     #[error(transparent)]
     Guest(#[from] GuestError),
@@ -96,7 +99,7 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     let work = Path::new(WORK);
     std::fs::create_dir_all(work)
         .map_err(|e| StepError::Io(format!("create {}", work.display()), e))?;
-    // The bed binds every edu device to vfio-pci.
+    // The bed binds every edu device and NVMe controller to vfio-pci.
     let bdfs = vfio_pci_devices().map_err(|e| StepError::Io(format!("list {VFIO_PCI}"), e))?;
     let needed = plan.vms as usize * plan.devices as usize;
     if bdfs.len() < needed {
@@ -154,16 +157,23 @@ fn boot_all(
         let vm = vm_id(index);
         let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
         emit(&phase(&vm, "boot"));
-        let guest = Guest::boot(
-            work,
-            &vm,
-            Path::new(L1_PAYLOAD),
-            plan.memory_mib,
-            devices,
-            plan.thp,
-        )?;
-        emit(&phase(&vm, "dma"));
-        guest.device_round()?;
+        let guest = match plan.guest {
+            GuestKind::Payload => Guest::boot(
+                work,
+                &vm,
+                Path::new(L1_PAYLOAD),
+                plan.memory_mib,
+                devices,
+                plan.thp,
+            )?,
+            GuestKind::Linux => {
+                Guest::boot_linux(work, &vm, plan.memory_mib, devices, plan.vfio_handler)?
+            }
+        };
+        if plan.guest == GuestKind::Payload {
+            emit(&phase(&vm, "dma"));
+            guest.device_round()?;
+        }
         guests.push((guest, devices.to_vec()));
     }
     if plan.cancel_first {
@@ -201,7 +211,7 @@ fn cancel_round(
     for (guest, _) in guests {
         before.push(guest.check()?);
         emit(&phase(&guest.vm, "prepare"));
-        guest.prepare(agent_socket, plan.vfio_handler == VfioHandler::On)?;
+        guest.prepare(agent_socket, plan.vfio_handler != VfioHandler::Off)?;
         emit(&phase(&guest.vm, "paused"));
     }
     for (guest, _) in guests {
@@ -216,7 +226,7 @@ fn cancel_round(
 fn went_on(
     round: u32,
     guests: &[(Guest, Vec<String>)],
-    before: Vec<GuestCheck>,
+    before: Vec<String>,
 ) -> Result<(), StepError> {
     for ((guest, devices), check_before) in guests.iter().zip(before) {
         emit(&phase(&guest.vm, "check"));
@@ -227,8 +237,8 @@ fn went_on(
             round,
             vm: guest.vm.clone(),
             devices: devices.clone(),
-            check_before: check_before.line,
-            check_after: check_after.line,
+            check_before,
+            check_after,
             device_rounds,
         });
         emit(&phase(&guest.vm, "running"));
@@ -305,19 +315,19 @@ fn prepare_all(
     round: u32,
     plan: &Plan,
     guests: &[(Guest, Vec<String>)],
-    before: Vec<GuestCheck>,
+    before: Vec<String>,
     agent_socket: &Path,
 ) -> Result<(), StepError> {
     let mut prepared: Vec<&Guest> = Vec::new();
     for ((guest, _), check_before) in guests.iter().zip(&before) {
         emit(&phase(&guest.vm, "prepare"));
-        match guest.prepare(agent_socket, plan.vfio_handler == VfioHandler::On) {
+        match guest.prepare(agent_socket, plan.vfio_handler != VfioHandler::Off) {
             Ok(report) => {
                 emit(&phase(&guest.vm, "paused"));
                 emit(&Event::Prepared {
                     round,
                     vm: guest.vm.clone(),
-                    check_before: check_before.line.clone(),
+                    check_before: check_before.clone(),
                     report,
                     shmem_huge_kib: shmem_huge_kib(),
                 });
@@ -347,21 +357,66 @@ fn restore(
     agent_socket: &Path,
 ) -> Result<Guest, StepError> {
     emit(&phase(vm, "restore"));
-    let guest = Guest::restore(work, vm, agent_socket, plan.test_faults.as_deref())?;
+    let guest = Guest::restore(
+        work,
+        vm,
+        plan.guest,
+        agent_socket,
+        plan.test_faults.as_deref(),
+    )?;
     emit(&phase(vm, "check"));
     let timings = guest.status()?.restore_timings.unwrap_or_default();
-    let check_after = guest.check()?;
+    let (recovery_checks, check_after) = match plan.guest {
+        GuestKind::Payload => (Vec::new(), guest.check()?),
+        GuestKind::Linux => linux_checks_after(&guest, plan)?,
+    };
     let device_rounds = guest.device_round()?;
     emit(&Event::Restored {
         round,
         vm: vm.to_string(),
-        check_after: check_after.line,
+        recovery_checks,
+        check_after,
         device_rounds,
         timings,
         shmem_huge_kib: shmem_huge_kib(),
     });
     emit(&phase(vm, "running"));
     Ok(guest)
+}
+
+/// A resumed Linux guest's I/O loop and clock sampler run on this long before its first check.
+const LINUX_SETTLE: Duration = Duration::from_secs(6);
+/// How often, and how long at most, a drill asks a Linux guest whose devices came back reset
+/// whether its driver has recovered.
+const LINUX_RECOVERY_POLL: Duration = Duration::from_secs(5);
+const LINUX_RECOVERY_WAIT: Duration = Duration::from_secs(180);
+
+/// A restored Linux guest's checks since its resume: every one before the last (the restore
+/// asks for one itself, and the drill asks again while the guest's driver recovers a device
+/// that came back reset, until a check's span ran smoothly or the wait is over), then the
+/// last. Each check's stall and gap cover only its own span, so all of them count.
+fn linux_checks_after(guest: &Guest, plan: &Plan) -> Result<(Vec<String>, String), StepError> {
+    std::thread::sleep(LINUX_SETTLE);
+    let (mut line, mut last) = guest.linux_check()?;
+    if plan.vfio_handler.resets_devices() && plan.devices > 0 {
+        let deadline = Instant::now() + LINUX_RECOVERY_WAIT;
+        while Instant::now() < deadline {
+            std::thread::sleep(LINUX_RECOVERY_POLL);
+            let (next_line, next) = guest.linux_check()?;
+            line = next_line;
+            let smooth = next.ran_smoothly_since(&last);
+            last = next;
+            if smooth {
+                break;
+            }
+        }
+    }
+    // This kernel's serial log began with the restore: every check in it is after the update.
+    let mut checks = guest.lines(LINUX_CHECK);
+    if let Some(at) = checks.iter().position(|c| *c == line) {
+        checks.truncate(at);
+    }
+    Ok((checks, line))
 }
 
 /// The open watcher over one span of round `round`, which it reports as [`Event::Watched`].

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use luvmm_vmm::update::prepare::PrepareReport;
 
-use super::verdict::{judge_guest, judge_rounds};
+use super::verdict::{judge_guest, judge_rounds, GuestJudgement};
 use super::{DeviceResult, DrillReport, RoundReport, Span, VmResult};
 use crate::drill::bed::{L1Run, Line};
 use crate::drill::event::{Event, WatchSpan, HOST_ROW};
-use crate::drill::guest::{round_identity, round_works, GuestCheck};
+use crate::drill::guest::{round_identity, round_works};
 use crate::drill::Plan;
 
 /// Gathers L1's events as they arrive.
@@ -123,13 +123,15 @@ impl Collector {
             } => {
                 // A VM prepared before the update was called off is not waiting for a restore.
                 self.prepared.remove(&(round, vm.clone()));
+                let judged = judge_guest(&self.plan, false, &check_before, &[], &check_after);
                 let kept = devices.into_iter().map(|bdf| (bdf, false));
-                let devices = device_results(kept, &device_rounds);
+                let devices = device_results(kept, &device_rounds, &judged);
                 let result = VmResult {
                     vm: vm.clone(),
-                    guest_check: judge_guest(&check_before, &check_after),
-                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
-                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
+                    guest_check: judged.check,
+                    guest_clock_gap_ms: judged.clock_gap_ms,
+                    guest_clock_back_ms: judged.clock_back_ms,
+                    linux: judged.linux,
                     check_before,
                     check_after,
                     devices,
@@ -158,6 +160,7 @@ impl Collector {
             Event::Restored {
                 round,
                 vm,
+                recovery_checks,
                 check_after,
                 device_rounds,
                 timings,
@@ -187,13 +190,22 @@ impl Collector {
                         phases_ms.insert(name.to_string(), ms);
                     }
                 }
+                let judged = judge_guest(
+                    &self.plan,
+                    self.plan.vfio_handler.resets_devices(),
+                    &check_before,
+                    &recovery_checks,
+                    &check_after,
+                );
                 let prepared = prepare.devices.iter().map(|d| (d.bdf.clone(), d.preserved));
-                let devices = device_results(prepared, &device_rounds);
+                let devices = device_results(prepared, &device_rounds, &judged);
                 let result = VmResult {
                     vm: vm.clone(),
-                    guest_check: judge_guest(&check_before, &check_after),
-                    guest_clock_gap_ms: guest_clock(&check_after, GuestCheck::clock_gap_ms),
-                    guest_clock_back_ms: guest_clock(&check_after, GuestCheck::clock_back_ms),
+                    guest_check: judged.check,
+                    guest_clock_gap_ms: judged.clock_gap_ms,
+                    guest_clock_back_ms: judged.clock_back_ms,
+                    linux: judged.linux,
+                    recovery_checks,
                     check_before,
                     check_after,
                     devices,
@@ -281,26 +293,27 @@ impl Collector {
     }
 }
 
-/// A figure of the guest's own clock, from its check line.
-fn guest_clock(check: &str, figure: fn(&GuestCheck) -> Option<f64>) -> Option<f64> {
-    GuestCheck::parse(check).and_then(|c| figure(&c))
-}
-
 /// Each device (BDF, preserved) with the guest's round line for it (the guest sees them in
 /// the order they were given); its normal opens are counted once the round's watches are in.
+/// A Linux guest has no round lines: its device works when its block loop went on.
 fn device_results(
     devices: impl Iterator<Item = (String, bool)>,
     round_lines: &[String],
+    judged: &GuestJudgement,
 ) -> Vec<DeviceResult> {
     devices
         .enumerate()
         .map(|(i, (bdf, preserved))| {
             let line = round_lines.get(i).cloned().unwrap_or_default();
+            let works = match judged.linux {
+                Some(_) => judged.io_went_on,
+                None => round_works(&line),
+            };
             DeviceResult {
                 normal_opens: 0,
                 bdf,
                 preserved,
-                works: round_works(&line),
+                works,
                 same_device: round_identity(&line),
                 round_line: line,
             }

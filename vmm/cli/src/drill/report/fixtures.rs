@@ -10,7 +10,7 @@ use super::{Collector, DrillReport};
 use crate::drill::bed::{L1Run, Line};
 use crate::drill::event::{Event, WatchSpan, HOST_ROW};
 use crate::drill::watch::{Open, Opens};
-use crate::drill::{Plan, VfioHandler};
+use crate::drill::{GuestKind, Plan, VfioHandler};
 
 const BEFORE: &str = "LUVMM-CHECK ok pages=9 heartbeat=5 seed=0xab checks=1 vcpus=2 heartbeats=5,5";
 /// The guest's TSC stopped for 10 ticks' worth (1 s) once between its checks.
@@ -19,7 +19,7 @@ pub(super) const AFTER: &str = "LUVMM-CHECK ok pages=9 heartbeat=9 seed=0xab che
 pub(super) const ROUND: &str = "LUVMM-ROUND ok n=2 bdf=00:01.0 dma=ok irq=msi id=ok";
 const BDF: &str = "0000:00:03.0";
 
-fn plan(handler: VfioHandler) -> Plan {
+fn plan(handler: VfioHandler, guest: GuestKind) -> Plan {
     Plan {
         vms: 1,
         memory_mib: 64,
@@ -27,6 +27,7 @@ fn plan(handler: VfioHandler) -> Plan {
         rounds: 1,
         cancel_first: false,
         vfio_handler: handler,
+        guest,
         thp: false,
         test_faults: None,
     }
@@ -84,6 +85,76 @@ pub(super) fn drill_watched(
     seen: Watched,
     restored: bool,
 ) -> DrillReport {
+    let guest = GuestLines {
+        kind: GuestKind::Payload,
+        before: BEFORE,
+        recovery: &[],
+        after,
+        round_line: Some(round_line),
+    };
+    run(handler, &guest, preserved, seen, restored)
+}
+
+/// One Linux judge check line: `checks`, `uptime_s`, the I/O counters (written, verified,
+/// errors, longest stall), the controller resets since boot, the wall-clock offset and the
+/// longest clock gap; memory ok, no kernel warning.
+pub(super) fn linux_check(
+    checks: u32,
+    uptime_s: f64,
+    io: (u64, u64, u64, f64),
+    resets: u64,
+    offset_ms: f64,
+    gap_ms: f64,
+) -> String {
+    let (written, verified, errors, stall) = io;
+    format!(
+        "LUVMM-LINUX-CHECK {{\"checks\":{checks},\"uptime_s\":{uptime_s},\"memory\":\"ok\",\
+         \"io\":{{\"written\":{written},\"verified\":{verified},\"errors\":{errors},\
+         \"mismatches\":0,\"longest_stall_ms\":{stall},\"last_errno\":0}},\
+         \"kernel_warnings\":[],\"kernel_warning_count\":0,\"controller_resets\":{resets},\
+         \"clock\":{{\"realtime_offset_ms\":{offset_ms},\"monotonic_backwards\":false,\
+         \"longest_gap_ms\":{gap_ms}}}}}"
+    )
+}
+
+/// A one-VM, one-NVMe-controller, one-round Linux drill with the handler in `handler` mode:
+/// the judge's check before, those while it recovered, and the last.
+pub(super) fn linux_drill(
+    handler: VfioHandler,
+    before: &str,
+    recovery: &[String],
+    after: &str,
+) -> DrillReport {
+    let guest = GuestLines {
+        kind: GuestKind::Linux,
+        before,
+        recovery,
+        after,
+        round_line: None,
+    };
+    let seen = Watched {
+        before_kexec: Some(opens(0, 0)),
+        after_kexec: Some(opens(0, 0)),
+    };
+    run(handler, &guest, handler != VfioHandler::Off, seen, true)
+}
+
+/// What the guest said in the fixture's round.
+struct GuestLines<'a> {
+    kind: GuestKind,
+    before: &'a str,
+    recovery: &'a [String],
+    after: &'a str,
+    round_line: Option<&'a str>,
+}
+
+fn run(
+    handler: VfioHandler,
+    guest: &GuestLines<'_>,
+    preserved: bool,
+    seen: Watched,
+    restored: bool,
+) -> DrillReport {
     let mut events = vec![
         Event::Stage {
             stage: 1,
@@ -96,7 +167,7 @@ pub(super) fn drill_watched(
         Event::Prepared {
             round: 1,
             vm: "vm1".into(),
-            check_before: BEFORE.into(),
+            check_before: guest.before.into(),
             report: PrepareReport {
                 vm_id: "vm1".into(),
                 session: "luvmm-vm1".into(),
@@ -130,8 +201,9 @@ pub(super) fn drill_watched(
         events.push(Event::Restored {
             round: 1,
             vm: "vm1".into(),
-            check_after: after.into(),
-            device_rounds: vec![round_line.into()],
+            recovery_checks: guest.recovery.to_vec(),
+            check_after: guest.after.into(),
+            device_rounds: guest.round_line.into_iter().map(str::to_string).collect(),
             timings: RestoreTimings::default(),
             shmem_huge_kib: 0,
         });
@@ -151,7 +223,7 @@ pub(super) fn drill_watched(
     if restored {
         events.push(Event::Done);
     }
-    let mut collector = Collector::new(plan(handler));
+    let mut collector = Collector::new(plan(handler, guest.kind));
     for (i, event) in events.iter().enumerate() {
         collector.feed(&Line {
             at: i as f64 * 10.0,

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use crate::preflight::CheckReport;
 use serde::{Deserialize, Serialize};
 
+use super::judge::LinuxVerdict;
 use super::watch::Opens;
 use super::Plan;
 
@@ -93,7 +94,14 @@ pub struct VmResult {
     /// check that did not go on (seed, check counter, heartbeats).
     pub guest_check: String,
     pub check_before: String,
+    /// A Linux guest's checks while its driver recovered a device that came back reset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovery_checks: Vec<String>,
     pub check_after: String,
+    /// The Linux judge's verdict (`memory`, `io`, `clock`, `kernel_warnings`,
+    /// `controller_resets`), for a Linux guest.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxVerdict>,
     pub devices: Vec<DeviceResult>,
     /// Milliseconds per phase as luvmm measured them: the prepare's (`preserve_ram`, `pause`,
     /// `quiesce_devices`, `preserve_devices`, `save_state`, `preserve_state`, `ready`) and the

@@ -60,6 +60,29 @@ impl DrillReport {
                     );
                 }
             }
+            // Each VM's blackout by luvmm's clock beside the one its guest saw, per update.
+            let figures: Vec<String> = self
+                .rounds
+                .iter()
+                .filter(|r| r.kind == "update")
+                .flat_map(|r| r.vms.iter().filter(|v| v.vm == *row))
+                .filter_map(|v| {
+                    let blackout = v.phases_ms.get("blackout")?;
+                    let seen = v
+                        .guest_clock_gap_ms
+                        .map_or_else(|| "-".to_string(), |ms| format!("{ms:.0}"));
+                    Some(format!("blackout {blackout:.0} ms, guest saw {seen} ms"))
+                })
+                .collect();
+            if !figures.is_empty() {
+                let _ = writeln!(
+                    svg,
+                    r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                    LEFT + WIDTH,
+                    y + 16.0,
+                    escape(&figures.join("; "))
+                );
+            }
         }
         let axis = 10.0 + ROW * rows.len() as f64 + 14.0;
         let _ = writeln!(
@@ -100,5 +123,18 @@ mod tests {
         let svg = held().to_svg();
         assert!(svg.contains("<title>vm1 prepare: 40.0 s</title>"), "{svg}");
         assert!(svg.contains("host kexec"), "{svg}");
+    }
+
+    #[test]
+    fn each_vm_row_shows_its_blackout_beside_the_one_its_guest_saw() {
+        let mut report = held();
+        report.rounds[0].vms[0]
+            .phases_ms
+            .insert("blackout".into(), 12_345.0);
+        let svg = report.to_svg();
+        assert!(
+            svg.contains("blackout 12345 ms, guest saw 1000 ms"),
+            "{svg}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{DrillReport, PAUSED_PHASES, RESTORE_PHASES};
+use crate::drill::GuestKind;
 
 impl DrillReport {
     /// The console table.
@@ -11,11 +12,15 @@ impl DrillReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "drill: {} VM(s) x {} MiB x {} edu device(s), {} round(s){}, VFIO handler {:?}, \
+            "drill: {} VM(s) x {} MiB x {} {}, {} round(s){}, VFIO handler {:?}, \
              {} -> {}: {} in {:.0} s",
             p.vms,
             p.memory_mib,
             p.devices,
+            match p.guest {
+                GuestKind::Payload => "edu device(s)",
+                GuestKind::Linux => "NVMe controller(s) under Linux",
+            },
             p.rounds,
             if p.cancel_first {
                 " after a cancel"
@@ -83,6 +88,28 @@ impl DrillReport {
                         .map_or_else(|| "-".into(), |ms| format!("{ms:.0}")),
                     devices.join("; ")
                 );
+                if let Some(linux) = &vm.linux {
+                    let io = linux.io.as_ref().map_or_else(
+                        || "no I/O".to_string(),
+                        |io| {
+                            format!(
+                                "{} blocks verified, {} error(s), {} mismatch(es), longest I/O \
+                                 stall {:.0} ms",
+                                io.verified, io.errors, io.mismatches, io.longest_stall_ms
+                            )
+                        },
+                    );
+                    let _ = writeln!(
+                        out,
+                        "  {:<5} linux: memory {}, {io}, {} controller timeout(s)/reset(s), \
+                         wall clock {:+.0} ms, {} kernel warning(s)",
+                        "",
+                        if linux.memory.ok() { "ok" } else { "LOST" },
+                        linux.controller_resets,
+                        linux.clock.realtime_offset_ms,
+                        linux.kernel_warnings.len()
+                    );
+                }
             }
             for (span, opens) in round.watched() {
                 let _ = writeln!(
@@ -131,10 +158,27 @@ impl DrillReport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::held;
+    use super::super::fixtures::{held, linux_check, linux_drill};
+    use crate::drill::VfioHandler;
 
     #[test]
     fn the_table_says_ok() {
         assert!(held().to_table().contains("OK"));
+    }
+
+    #[test]
+    fn a_linux_guest_gets_its_judges_line() {
+        let before = linux_check(1, 30.0, (100, 100, 0, 20.0), 0, 5.0, 50.0);
+        let after = linux_check(2, 45.0, (300, 290, 0, 9500.0), 0, -3.0, 9800.0);
+        let table = linux_drill(VfioHandler::Keep, &before, &[], &after).to_table();
+        assert!(
+            table.contains(
+                "linux: memory ok, 290 blocks verified, 0 error(s), 0 mismatch(es), longest I/O \
+                 stall 9500 ms, 0 controller timeout(s)/reset(s), wall clock -3 ms, 0 kernel \
+                 warning(s)"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("NVMe controller(s) under Linux"), "{table}");
     }
 }

@@ -3,16 +3,91 @@
 
 use super::RoundReport;
 use crate::drill::guest::GuestCheck;
-use crate::drill::{Plan, VfioHandler};
+use crate::drill::judge::{parse_linux_check, LinuxCheck, LinuxVerdict};
+use crate::drill::{GuestKind, Plan, VfioHandler};
 
-/// `ok`, or what the guest's checks say was lost.
-pub(super) fn judge_guest(before: &str, after: &str) -> String {
+/// What a guest's own checks say about one round.
+#[derive(Debug, Default)]
+pub(super) struct GuestJudgement {
+    /// `ok`, or what was lost.
+    pub check: String,
+    /// The longest the guest saw itself stopped, and (payload) the most its TSC went back.
+    pub clock_gap_ms: Option<f64>,
+    pub clock_back_ms: Option<f64>,
+    /// The Linux judge's verdict.
+    pub linux: Option<LinuxVerdict>,
+    /// Linux: its block loop went on through its NVMe controller without an error.
+    pub io_went_on: bool,
+}
+
+/// Judges a round by the guest's checks `before` it and after it (`recovery`, then `after`).
+/// `devices_reset`: the round handed the guest's devices back reset, so its driver's
+/// timeouts and resets are its recovery.
+pub(super) fn judge_guest(
+    plan: &Plan,
+    devices_reset: bool,
+    before: &str,
+    recovery: &[String],
+    after: &str,
+) -> GuestJudgement {
+    match plan.guest {
+        GuestKind::Payload => judge_payload(before, after),
+        GuestKind::Linux => judge_linux(plan, devices_reset, before, recovery, after),
+    }
+}
+
+fn judge_payload(before: &str, after: &str) -> GuestJudgement {
     match (GuestCheck::parse(before), GuestCheck::parse(after)) {
-        (Some(before), Some(after)) => match after.continues(&before) {
-            Ok(()) => "ok".to_string(),
-            Err(why) => why.to_string(),
+        (Some(before), Some(after)) => GuestJudgement {
+            check: match after.continues(&before) {
+                Ok(()) => "ok".to_string(),
+                Err(why) => why.to_string(),
+            },
+            clock_gap_ms: after.clock_gap_ms(),
+            clock_back_ms: after.clock_back_ms(),
+            ..GuestJudgement::default()
         },
-        _ => format!("no readable check lines: {before:?} then {after:?}"),
+        _ => unreadable(before, after),
+    }
+}
+
+fn judge_linux(
+    plan: &Plan,
+    devices_reset: bool,
+    before: &str,
+    recovery: &[String],
+    after: &str,
+) -> GuestJudgement {
+    let checks: Option<Vec<LinuxCheck>> = recovery
+        .iter()
+        .map(String::as_str)
+        .chain([after])
+        .map(parse_linux_check)
+        .collect();
+    let (Some(before), Some(checks)) = (parse_linux_check(before), checks) else {
+        return unreadable(before, after);
+    };
+    let (Some(verdict), Some(last)) = (LinuxVerdict::of(&before, &checks), checks.last()) else {
+        return unreadable(&format!("{before:?}"), after);
+    };
+    let losses = verdict.losses(&before, last, plan.devices > 0, devices_reset);
+    GuestJudgement {
+        check: if losses.is_empty() {
+            "ok".to_string()
+        } else {
+            losses.join("; ")
+        },
+        clock_gap_ms: Some(verdict.clock.longest_gap_ms),
+        clock_back_ms: None,
+        io_went_on: !losses.iter().any(|l| l.starts_with("io: ")) && verdict.io.is_some(),
+        linux: Some(verdict),
+    }
+}
+
+fn unreadable(before: &str, after: &str) -> GuestJudgement {
+    GuestJudgement {
+        check: format!("no readable check lines: {before:?} then {after:?}"),
+        ..GuestJudgement::default()
     }
 }
 
@@ -53,12 +128,19 @@ pub(super) fn judge_rounds(plan: &Plan, rounds: &[RoundReport], failures: &mut V
             for device in &vm.devices {
                 if !device.works {
                     failures.push(format!(
-                        "{name} {} {}: no DMA with its interrupt afterwards: {:?}",
-                        vm.vm, device.bdf, device.round_line
+                        "{name} {} {}: {}: {:?}",
+                        vm.vm,
+                        device.bdf,
+                        match plan.guest {
+                            GuestKind::Payload => "no DMA with its interrupt afterwards",
+                            GuestKind::Linux => "the guest's block I/O did not go on through it",
+                        },
+                        device.round_line
                     ));
                 }
-                // Every drill device is an edu, whose identity the guest checks each round.
-                if device.same_device != Some(true) {
+                // Every payload drill device is an edu, whose identity the guest checks each
+                // round; a Linux guest's NVMe namespace is checked by its blocks.
+                if plan.guest == GuestKind::Payload && device.same_device != Some(true) {
                     failures.push(format!(
                         "{name} {} {}: {}: {:?}",
                         vm.vm,
@@ -71,7 +153,7 @@ pub(super) fn judge_rounds(plan: &Plan, rounds: &[RoundReport], failures: &mut V
                     ));
                 }
                 if round.kind == "update"
-                    && plan.vfio_handler == VfioHandler::On
+                    && plan.vfio_handler != VfioHandler::Off
                     && !device.preserved
                 {
                     failures.push(format!(
@@ -136,7 +218,9 @@ fn judge_watch(name: &str, round: &RoundReport, failures: &mut Vec<String>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{drill, drill_watched, held, opens, Watched, AFTER, ROUND};
+    use super::super::fixtures::{
+        drill, drill_watched, held, linux_check, linux_drill, opens, Watched, AFTER, ROUND,
+    };
     use crate::drill::VfioHandler;
 
     fn failed_with(report: &super::super::DrillReport, expected: &str) {
@@ -154,7 +238,7 @@ mod tests {
             before_kexec: Some(opens(0, 0)),
             after_kexec: Some(opens(1, 1)),
         };
-        let report = drill_watched(VfioHandler::On, true, AFTER, ROUND, seen, false);
+        let report = drill_watched(VfioHandler::Reset, true, AFTER, ROUND, seen, false);
         failed_with(&report, "vm1: luvmm exited");
         failed_with(
             &report,
@@ -171,7 +255,7 @@ mod tests {
             before_kexec: Some(opens(1, 1)),
             after_kexec: Some(opens(0, 0)),
         };
-        let report = drill_watched(VfioHandler::On, true, AFTER, ROUND, seen, true);
+        let report = drill_watched(VfioHandler::Reset, true, AFTER, ROUND, seen, true);
         failed_with(
             &report,
             "preserved, yet opened the normal way 1 time(s): 1 between the prepare and the kexec",
@@ -197,7 +281,7 @@ mod tests {
                 "the open watcher reported nothing between the agent's start and the last resume",
             ),
         ] {
-            let report = drill_watched(VfioHandler::On, true, AFTER, ROUND, seen, true);
+            let report = drill_watched(VfioHandler::Reset, true, AFTER, ROUND, seen, true);
             failed_with(&report, span);
         }
     }
@@ -239,11 +323,11 @@ mod tests {
                 "no DMA with its interrupt",
             ),
             (
-                drill(VfioHandler::On, true, AFTER, ROUND, opens(1, 1), true),
+                drill(VfioHandler::Reset, true, AFTER, ROUND, opens(1, 1), true),
                 "preserved, yet opened the normal way 1 time(s)",
             ),
             (
-                drill(VfioHandler::On, false, AFTER, ROUND, opens(1, 1), true),
+                drill(VfioHandler::Reset, false, AFTER, ROUND, opens(1, 1), true),
                 "not preserved although the VFIO handler is on",
             ),
             (
@@ -263,7 +347,115 @@ mod tests {
             );
         }
         // A preserved device nobody opened is what the handler is for.
-        let report = drill(VfioHandler::On, true, AFTER, ROUND, opens(0, 0), true);
+        let report = drill(VfioHandler::Reset, true, AFTER, ROUND, opens(0, 0), true);
         assert!(report.ok, "{:?}", report.failures);
+    }
+
+    /// A Linux guest before the update: 100 blocks verified, no reset, its clock right.
+    fn linux_before() -> String {
+        linux_check(1, 30.0, (100, 100, 0, 20.0), 0, 5.0, 50.0)
+    }
+
+    #[test]
+    fn a_linux_guest_that_went_on_passes_keep_and_its_stall_is_reported() {
+        let after = linux_check(2, 45.0, (300, 290, 0, 9500.0), 0, -3.0, 9800.0);
+        let report = linux_drill(VfioHandler::Keep, &linux_before(), &[], &after);
+        assert!(report.ok, "{:?}", report.failures);
+        let vm = &report.rounds[0].vms[0];
+        assert_eq!(vm.guest_clock_gap_ms, Some(9800.0));
+        assert!(vm.devices[0].works && vm.devices[0].preserved);
+        let json = serde_json::to_value(vm).expect("a VM's JSON");
+        for key in [
+            "memory",
+            "io",
+            "clock",
+            "kernel_warnings",
+            "controller_resets",
+        ] {
+            assert!(json.get(key).is_some(), "{key} missing from {json}");
+        }
+        assert_eq!(json["memory"], "ok");
+        assert_eq!(json["io"]["longest_stall_ms"], 9500.0);
+        assert_eq!(json["clock"]["realtime_offset_ms"], -3.0);
+    }
+
+    #[test]
+    fn a_linux_guest_fails_the_drill_for_each_thing_it_lost() {
+        let before = linux_before();
+        for (after, handler, expected) in [
+            (
+                linux_check(2, 45.0, (300, 290, 2, 30.0), 0, 0.0, 9.0),
+                VfioHandler::Keep,
+                "io: 2 error(s)",
+            ),
+            (
+                linux_check(2, 45.0, (300, 100, 0, 30.0), 0, 0.0, 9.0),
+                VfioHandler::Keep,
+                "io: no block verified since the check before",
+            ),
+            (
+                linux_check(2, 45.0, (300, 290, 0, 30.0), 0, -8392.0, 9.0),
+                VfioHandler::Keep,
+                "clock: the guest's wall clock is -8392 ms off the host's",
+            ),
+            (
+                linux_check(2, 45.0, (300, 290, 0, 30.0), 1, 0.0, 9.0),
+                VfioHandler::Keep,
+                "nvme: the guest's driver logged 1 timeout(s) or reset(s)",
+            ),
+            (
+                linux_check(1, 3.0, (300, 290, 0, 30.0), 0, 0.0, 9.0),
+                VfioHandler::Reset,
+                "another boot",
+            ),
+        ] {
+            let report = linux_drill(handler, &before, &[], &after);
+            failed_with(&report, expected);
+        }
+        // A bad page, as the judge words it, and a kernel warning.
+        let bad = linux_check(2, 45.0, (300, 290, 0, 30.0), 0, 0.0, 9.0)
+            .replace(
+                "\"memory\":\"ok\"",
+                "\"memory\":{\"first_bad_page\":7,\"expected\":\"0x1\",\"found\":\"0x2\",\"bad_pages\":2}",
+            )
+            .replace(
+                "\"kernel_warnings\":[],\"kernel_warning_count\":0",
+                "\"kernel_warnings\":[\"BUG: x\"],\"kernel_warning_count\":1",
+            );
+        let report = linux_drill(VfioHandler::Keep, &before, &[], &bad);
+        failed_with(
+            &report,
+            "memory: 2 page(s) lost their word, the first page 7",
+        );
+        failed_with(&report, "kernel: 1 warning(s), the first: BUG: x");
+    }
+
+    #[test]
+    fn a_reset_device_may_be_recovered_by_the_guests_driver_and_its_stall_counts() {
+        let before = linux_before();
+        // The first check after the update is still in the driver's recovery: its block I/O
+        // stalled 45 s and its driver reset the controller; the next ran smoothly.
+        let recovering = linux_check(2, 80.0, (120, 110, 0, 45000.0), 1, 2.0, 45000.0);
+        let after = linux_check(3, 85.0, (300, 290, 0, 30.0), 4, 2.0, 12.0);
+        let report = linux_drill(
+            VfioHandler::Reset,
+            &before,
+            std::slice::from_ref(&recovering),
+            &after,
+        );
+        assert!(report.ok, "{:?}", report.failures);
+        let verdict = report.rounds[0].vms[0]
+            .linux
+            .clone()
+            .expect("a Linux verdict");
+        assert_eq!(verdict.controller_resets, 4);
+        assert_eq!(verdict.io.map(|io| io.longest_stall_ms), Some(45000.0));
+        assert_eq!(verdict.clock.longest_gap_ms, 45000.0);
+        // In keep mode the same resets are a loss.
+        let report = linux_drill(VfioHandler::Keep, &before, &[recovering], &after);
+        failed_with(
+            &report,
+            "nvme: the guest's driver logged 4 timeout(s) or reset(s)",
+        );
     }
 }
