@@ -131,16 +131,11 @@ pub struct LinuxVerdict {
 }
 
 impl LinuxVerdict {
-    /// The verdict of `after` (the round's checks after the update, in order; the last is the
-    /// state the guest is left in) against `before`. `None` without a check after.
-    pub fn of(before: &LinuxCheck, after: &[LinuxCheck]) -> Option<LinuxVerdict> {
-        let last = after.last()?;
-        let longest = |f: fn(&LinuxCheck) -> Option<f64>| {
-            after
-                .iter()
-                .filter_map(f)
-                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-        };
+    /// The verdict of the round's checks after the update, `earlier` ones then `last` (the
+    /// state the guest is left in), against `before`.
+    pub fn of(before: &LinuxCheck, earlier: &[LinuxCheck], last: &LinuxCheck) -> LinuxVerdict {
+        let after = || earlier.iter().chain([last]);
+        let longest = |f: fn(&LinuxCheck) -> Option<f64>| after().filter_map(f).reduce(f64::max);
         let mut io = last.io.clone();
         if let (Some(io), Some(stall)) = (
             io.as_mut(),
@@ -150,8 +145,8 @@ impl LinuxVerdict {
         }
         let mut clock = last.clock.clone();
         clock.longest_gap_ms = longest(|c| Some(c.clock.longest_gap_ms)).unwrap_or(0.0);
-        clock.monotonic_backwards = after.iter().any(|c| c.clock.monotonic_backwards);
-        Some(LinuxVerdict {
+        clock.monotonic_backwards = after().any(|c| c.clock.monotonic_backwards);
+        LinuxVerdict {
             memory: last.memory.clone(),
             io,
             clock,
@@ -159,7 +154,18 @@ impl LinuxVerdict {
             controller_resets: last
                 .controller_resets
                 .saturating_sub(before.controller_resets),
-        })
+        }
+    }
+
+    /// The guest's block loop went on across the round: blocks verified since `before`, no
+    /// error and no mismatch.
+    pub fn io_went_on(&self, before: &LinuxCheck) -> bool {
+        match (&self.io, &before.io) {
+            (Some(io), Some(then)) => {
+                io.errors == 0 && io.mismatches == 0 && io.verified > then.verified
+            }
+            _ => false,
+        }
     }
 
     /// What the guest lost, or did not go on with, across the round; empty when nothing.

@@ -58,19 +58,14 @@ fn judge_linux(
     recovery: &[String],
     after: &str,
 ) -> GuestJudgement {
-    let checks: Option<Vec<LinuxCheck>> = recovery
-        .iter()
-        .map(String::as_str)
-        .chain([after])
-        .map(parse_linux_check)
-        .collect();
-    let (Some(before), Some(checks)) = (parse_linux_check(before), checks) else {
+    let earlier: Option<Vec<LinuxCheck>> = recovery.iter().map(|l| parse_linux_check(l)).collect();
+    let (Some(first), Some(earlier), Some(last)) =
+        (parse_linux_check(before), earlier, parse_linux_check(after))
+    else {
         return unreadable(before, after);
     };
-    let (Some(verdict), Some(last)) = (LinuxVerdict::of(&before, &checks), checks.last()) else {
-        return unreadable(&format!("{before:?}"), after);
-    };
-    let losses = verdict.losses(&before, last, plan.devices > 0, devices_reset);
+    let verdict = LinuxVerdict::of(&first, &earlier, &last);
+    let losses = verdict.losses(&first, &last, plan.devices > 0, devices_reset);
     GuestJudgement {
         check: if losses.is_empty() {
             "ok".to_string()
@@ -79,7 +74,7 @@ fn judge_linux(
         },
         clock_gap_ms: Some(verdict.clock.longest_gap_ms),
         clock_back_ms: None,
-        io_went_on: !losses.iter().any(|l| l.starts_with("io: ")) && verdict.io.is_some(),
+        io_went_on: verdict.io_went_on(&first),
         linux: Some(verdict),
     }
 }
