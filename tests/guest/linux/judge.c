@@ -751,7 +751,10 @@ static void check(void)
     uint64_t warning_count = klog.count, resets = klog.controller_resets;
     int backwards = clk.backwards;
     double gap_ms = (double)clk.longest_gap_ns / 1e6;
-    /* The longest stall and gap are per check: each says what the span since the last saw. */
+    /*
+     * The longest stall and gap are per check: each says what the span since the last saw. A
+     * stall still going on at a check counts here and again, whole, in the span it ends in.
+     */
     io.longest_stall_ns = 0;
     clk.longest_gap_ns = 0;
     pthread_mutex_unlock(&lock);
