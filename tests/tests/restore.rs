@@ -305,7 +305,7 @@ fn the_saved_tsc_rate_is_applied_or_the_restore_refuses() {
     );
     assert!(
         stderr.contains(&format!(
-            "the state's TSC runs at 1 kHz, this host runs vCPUs at {host_khz} kHz"
+            "the state's TSC runs at 1 kHz; this host runs vCPUs at {host_khz} kHz"
         )),
         "{stderr}"
     );

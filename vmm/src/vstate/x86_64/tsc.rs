@@ -3,7 +3,9 @@
 //! KVM can run a vCPU's TSC at another rate than the host's where the CPU scales it
 //! (`KVM_CAP_TSC_CONTROL`). Where it cannot, a restore still goes on if the host is only as far
 //! from the saved rate as a kernel's own recalibration across a kexec puts it: guests keep
-//! time through kvmclock, which KVM corrects. Anything further is another machine, refused.
+//! time through kvmclock, which KVM corrects. Further than that, a saved rate faster than the
+//! host's is kept by KVM's TSC catch-up (the guest's TSC moved forward at every clock update,
+//! so it keeps the saved rate on average); a slower one cannot be given, and is refused.
 
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
@@ -24,7 +26,7 @@ pub enum TscError {
         source: kvm_ioctls::Error,
     },
     /// Found before a restore took anything: no vCPU here can run at the saved TSC rate.
-    #[error("the state's TSC runs at {saved} kHz; this host runs vCPUs at {host} kHz ({ppm} ppm off) and KVM cannot scale them")]
+    #[error("the state's TSC runs at {saved} kHz; this host runs vCPUs at {host} kHz ({ppm} ppm faster) and KVM can neither scale nor slow them")]
     OutOfReach { saved: u32, host: u32, ppm: u64 },
     /// KVM refused a rate it should take (it scales, or the rate is within its tolerance).
     #[error(
@@ -69,6 +71,9 @@ enum RatePlan {
     /// arithmetic (its TSC deadline timer, its TSC catch-up, the next save's rate), or runs a
     /// faster one by moving the guest's TSC forward at every clock update.
     Unscaled { ppm: u64 },
+    /// `KVM_SET_TSC_KHZ` without scaling, for a saved rate `ppm` faster than the host's and
+    /// beyond a recalibration's drift: KVM turns on its TSC catch-up for the vCPU.
+    CatchUp { ppm: u64 },
 }
 
 /// The decision of [`restore_tsc_rate`].
@@ -80,6 +85,8 @@ fn rate_plan(saved: u32, host: u32, kvm_scales: bool) -> Result<RatePlan, TscErr
         Ok(RatePlan::Set)
     } else if ppm <= TSC_DRIFT_PPM {
         Ok(RatePlan::Unscaled { ppm })
+    } else if saved > host {
+        Ok(RatePlan::CatchUp { ppm })
     } else {
         Err(TscError::OutOfReach { saved, host, ppm })
     }
@@ -106,6 +113,18 @@ pub fn restore_tsc_rate(
                 source,
             })?;
             log::info!("vCPU {id}: TSC set from {host} kHz to the saved {saved} kHz");
+            Ok(())
+        }
+        RatePlan::CatchUp { ppm } => {
+            vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
+                saved,
+                host,
+                source,
+            })?;
+            log::warn!(
+                "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz, {ppm} ppm above \
+                 this host's {host} kHz; it keeps the rate by catching the TSC up"
+            );
             Ok(())
         }
         RatePlan::Unscaled { ppm } => {
@@ -136,7 +155,7 @@ mod tests {
             rate_plan(2_592_536, 2_596_155, false).unwrap(),
             RatePlan::Unscaled { ppm: 1395 }
         );
-        // Another machine, or the 1 kHz a test asks for: refused.
+        // Another, faster machine, or the 1 kHz a test asks for: refused.
         for (saved, host) in [(2_000_000, 2_600_000), (1, 2_600_000)] {
             assert!(matches!(
                 rate_plan(saved, host, false),
@@ -185,8 +204,25 @@ mod tests {
             RatePlan::Unscaled { ppm: TSC_DRIFT_PPM }
         );
         assert!(rate_plan(1_000_000, 1_010_001, false).is_err());
+        assert_eq!(
+            rate_plan(1_020_000, 1_000_000, false).unwrap(),
+            RatePlan::CatchUp { ppm: 19_607 }
+        );
         // A saved rate of 0 (never reported by KVM) does not divide by zero.
         assert_eq!(drift_ppm(0, 1), 1_000_000);
+    }
+
+    #[test]
+    fn a_faster_saved_rate_beyond_the_drift_is_caught_up() {
+        // A golden state recorded on another host, restored here: KVM's catch-up keeps it.
+        assert_eq!(
+            rate_plan(2_596_124, 2_300_000, false).unwrap(),
+            RatePlan::CatchUp { ppm: 114_063 }
+        );
+        assert_eq!(
+            rate_plan(2_596_124, 2_300_000, true).unwrap(),
+            RatePlan::Set
+        );
     }
 
     #[test]
