@@ -58,6 +58,9 @@ fn linux_guest_boots_smp_with_the_ioapic_xsave_and_nvme_then_powers_off_and_rebo
         }
     };
     expect("cpus", "2");
+    // One package of two cores, as the MADT and the topology leaves describe it.
+    expect("packages", "1");
+    expect("cores", "2");
     expect("xsave", "on");
     expect("nvme", "nvme0n1");
     expect("serial_irq", "1");

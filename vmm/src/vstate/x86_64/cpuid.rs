@@ -9,7 +9,7 @@
 //! - The hypervisor bit is set; KVM's own leaves (0x4000_0000 on) pass through.
 //! - No invariant TSC is promised, and a baseline template takes the AVX family away.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use luvmm_resources::config::CpuTemplate;
 
 const LEAF_FEATURES: u32 = 1;
@@ -107,17 +107,6 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
                 let sharing = if level >= 3 { others.min(0xfff) } else { 0 };
                 leaf.eax = (leaf.eax & 0x3fff) | (others.min(0x3f) << 26) | (sharing << 14);
             }
-            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
-                let (eax, ebx, level_type) = match leaf.index {
-                    0 => (0, 1, LEVEL_SMT),
-                    1 => (core_bits, vcpus, LEVEL_CORE),
-                    _ => (0, 0, 0),
-                };
-                leaf.eax = eax;
-                leaf.ebx = ebx;
-                leaf.ecx = (level_type << 8) | (leaf.index & 0xff);
-                leaf.edx = id;
-            }
             LEAF_POWER_MANAGEMENT => {
                 // No invariant TSC: a luvmm guest is paused, moved to a new process and across
                 // a kexec, and its TSC is not promised to count the blackout as a clock would.
@@ -140,7 +129,38 @@ pub fn shape(leaves: &mut Vec<kvm_cpuid_entry2>, id: u32, vcpus: u32, template: 
             _ => {}
         }
     }
+    for function in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        describe_topology(leaves, function, id, vcpus);
+    }
     make_xstate_consistent(leaves, xstate_allowed);
+}
+
+/// Rewrites topology leaf `function` (0xB or 0x1F), where KVM offers it, as one package of
+/// `vcpus` single-threaded cores seen from vCPU `id`: sub-leaf 0 the SMT level, 1 the core
+/// level, 2 the end. KVM offers only an empty sub-leaf 0 ("no topology"), and a guest that
+/// finds no core level counts each vCPU as a package of its own.
+fn describe_topology(leaves: &mut Vec<kvm_cpuid_entry2>, function: u32, id: u32, vcpus: u32) {
+    let Some(first) = leaves.iter().find(|l| l.function == function).copied() else {
+        return;
+    };
+    leaves.retain(|l| l.function != function);
+    let levels = [
+        (0, 1, LEVEL_SMT),
+        (bits_for(vcpus), vcpus, LEVEL_CORE),
+        (0, 0, 0),
+    ];
+    for (index, (eax, ebx, level_type)) in (0u32..).zip(levels) {
+        leaves.push(kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: first.flags | KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx: (level_type << 8) | index,
+            edx: id,
+            ..first
+        });
+    }
 }
 
 /// Register `index` (0 EAX, 1 EBX, 2 ECX, 3 EDX) of `leaf`.
@@ -266,6 +286,29 @@ mod tests {
         let end = find(&leaves, 0xb, 2).unwrap();
         assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 2));
         assert_eq!(find(&leaves, 7, 0).unwrap().ebx, 9);
+    }
+
+    #[test]
+    fn kvms_empty_topology_leaves_become_one_package_of_cores() {
+        // What KVM_GET_SUPPORTED_CPUID gives: sub-leaf 0 only, all zeros.
+        let mut leaves = vec![leaf(0xb, 0, [0, 0, 0, 0]), leaf(0x1f, 0, [0, 0, 0, 0])];
+        shape(&mut leaves, 1, 2, CpuTemplate::Host);
+        for function in [0xb, 0x1f] {
+            let levels: Vec<_> = (0..3)
+                .map(|i| find(&leaves, function, i).expect("each sub-leaf"))
+                .map(|l| (l.eax, l.ebx, l.ecx, l.edx, l.flags))
+                .collect();
+            let significant = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+            assert_eq!(
+                levels,
+                [
+                    (0, 1, 0x100, 1, significant),
+                    (1, 2, 0x201, 1, significant),
+                    (0, 0, 2, 1, significant),
+                ]
+            );
+        }
+        assert_eq!(leaves.len(), 6);
     }
 
     #[test]
