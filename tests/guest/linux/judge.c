@@ -383,7 +383,9 @@ static uint64_t last_completion;
 static void io_stall(int completed)
 {
     uint64_t now = now_ns(CLOCK_MONOTONIC);
-    if (now - last_completion > io.longest_stall_ns)
+    if (now < last_completion)
+        clk.backwards = 1; /* read under the same lock after it: the clock went back */
+    else if (now - last_completion > io.longest_stall_ns)
         io.longest_stall_ns = now - last_completion;
     if (completed)
         last_completion = now;
