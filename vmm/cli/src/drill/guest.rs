@@ -242,7 +242,10 @@ impl Guest {
         bdfs: &[String],
         handler: VfioHandler,
     ) -> Result<Guest, GuestError> {
-        let mut cmdline = String::from("console=ttyS0 tsc=nowatchdog luvmm.judge.mem_pct=40");
+        // A 2 s watchdog: a CPU that sees 4 s pass unannounced is a soft lockup, so a blackout
+        // the guest was not told of (`KVM_KVMCLOCK_CTRL`) shows in its log.
+        let mut cmdline =
+            String::from("console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=40");
         if handler.resets_devices() {
             cmdline.push_str(" nvme_core.io_timeout=3 nvme_core.admin_timeout=3");
         }
