@@ -137,12 +137,19 @@ pub const BED_CMDLINE: &str =
     "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4 \
      kvm.luvmm_adopt_xcr0=1";
 
+/// How long L1's console may stay silent before the bed writes a newline to it. QEMU's TCG has
+/// been seen (once, in CI) to leave L1's only vCPU halted for good with nothing on its console;
+/// a received character raises the UART's interrupt, which makes QEMU look at L1's pending
+/// interrupts again. Harmless to an L1 that was merely quiet: nothing in it reads the console.
+const L1_SILENCE_NUDGE: Duration = Duration::from_secs(60);
+
 /// Boots L1 and hands each console line to `on_line` as it arrives, until L1 powers off (or
-/// `timeout`, after which QEMU is killed).
+/// `timeout`, after which QEMU is killed). A console silent for [`L1_SILENCE_NUDGE`] gets a
+/// newline, said among the lines.
 pub fn run_l1(
     spec: &L1Spec<'_>,
     timeout: Duration,
-    mut on_line: impl FnMut(&Line),
+    on_line: impl FnMut(&Line),
 ) -> Result<L1Run, BedError> {
     // no_timer_check: on a loaded host a TCG vCPU can miss the timer ticks Linux counts while
     // it checks the IO-APIC timer during boot, and with interrupt remapping on that check
@@ -170,7 +177,7 @@ pub fn run_l1(
         .args(["-append", &append])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .arg("-no-reboot")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let started = Instant::now();
@@ -201,26 +208,74 @@ pub fn run_l1(
         });
     }
     drop(tx);
-    let deadline = started + timeout;
-    let mut lines = Vec::new();
-    let mut timed_out = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                on_line(&line);
-                lines.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                let _ = child.kill();
-                break;
-            }
-        }
+    let console = Console {
+        started,
+        deadline: started + timeout,
+        nudge_after: L1_SILENCE_NUDGE,
+    };
+    let run = console.follow(&rx, child.stdin.take(), on_line);
+    if run.timed_out {
+        let _ = child.kill();
     }
     let _ = child.wait();
-    Ok(L1Run { lines, timed_out })
+    Ok(run)
+}
+
+/// L1's console as the host follows it: its lines until the streams close or the deadline,
+/// and a newline written to its input after each silence of `nudge_after`.
+struct Console {
+    started: Instant,
+    deadline: Instant,
+    nudge_after: Duration,
+}
+
+impl Console {
+    fn follow(
+        &self,
+        rx: &mpsc::Receiver<Line>,
+        mut input: Option<impl Write>,
+        mut on_line: impl FnMut(&Line),
+    ) -> L1Run {
+        let mut lines = Vec::new();
+        let mut keep = |line: Line| {
+            on_line(&line);
+            lines.push(line);
+        };
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(self.nudge_after)) {
+                Ok(line) => keep(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if left > self.nudge_after => {
+                    let sent = input
+                        .as_mut()
+                        .is_some_and(|input| input.write_all(b"\n").and(input.flush()).is_ok());
+                    keep(Line {
+                        at: self.started.elapsed().as_secs_f64(),
+                        text: format!(
+                            "bed: L1's console was silent for {:.0} s; a newline {}",
+                            self.nudge_after.as_secs_f64(),
+                            if sent {
+                                "was sent to it"
+                            } else {
+                                "could not be sent"
+                            }
+                        ),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return L1Run {
+                        lines,
+                        timed_out: true,
+                    }
+                }
+            }
+        }
+        L1Run {
+            lines,
+            timed_out: false,
+        }
+    }
 }
 
 impl L1Run {
@@ -238,6 +293,53 @@ impl L1Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_console_gets_a_newline_and_the_run_goes_on() {
+        let (tx, rx) = mpsc::channel();
+        let at = |text: &str| Line {
+            at: 0.0,
+            text: text.into(),
+        };
+        let sender = std::thread::spawn(move || {
+            tx.send(at("booted")).expect("send");
+            std::thread::sleep(Duration::from_millis(250));
+            tx.send(at("woken")).expect("send");
+        });
+        let started = Instant::now();
+        let console = Console {
+            started,
+            deadline: started + Duration::from_secs(30),
+            nudge_after: Duration::from_millis(100),
+        };
+        let mut input = Vec::new();
+        let mut seen = 0;
+        let run = console.follow(&rx, Some(&mut input), |_| seen += 1);
+        sender.join().expect("sender");
+        assert!(!run.timed_out);
+        let texts: Vec<_> = run.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts.first(), Some(&"booted"));
+        assert_eq!(texts.last(), Some(&"woken"));
+        let nudges = texts.iter().filter(|t| t.starts_with("bed: ")).count();
+        assert!(nudges >= 1, "{texts:?}");
+        assert!(texts[1].ends_with("a newline was sent to it"), "{texts:?}");
+        assert_eq!(input, vec![b'\n'; nudges]);
+        assert_eq!(seen, texts.len());
+    }
+
+    #[test]
+    fn a_console_silent_past_the_deadline_times_out() {
+        let (_tx, rx) = mpsc::channel::<Line>();
+        let started = Instant::now();
+        let console = Console {
+            started,
+            deadline: started + Duration::from_millis(150),
+            nudge_after: Duration::from_secs(60),
+        };
+        let run = console.follow(&rx, None::<Vec<u8>>, |_| {});
+        assert!(run.timed_out);
+        assert!(run.lines.is_empty());
+    }
 
     #[test]
     fn appended_files_form_a_newc_archive_after_the_base() {
