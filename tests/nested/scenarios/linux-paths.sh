@@ -16,11 +16,11 @@ cd /tmp
 bin=/luvmm/bin
 nvme=$(nvme_bdf)
 # A 2 s watchdog threshold: a CPU seen stuck for 4 s is a soft lockup, so an 8 s pause the
-# guest is not told of would show (it does not: README, Time). tsc=nowatchdog: after any stall (a pause, or a slow stretch of
-# boot) 7.2's clocksource watchdog catches up in rounds microseconds apart and compares them
-# at a parts-per-million limit; under an emulated L1 the jitter of reading the two clocks
-# alone passes it, and it marks the TSC (not the clocksource in use, kvm-clock) unstable. It
-# did so at boot too, before any pause.
+# guest is not told of would show (it does not: README, Time). tsc=nowatchdog: after any stall
+# (a pause, or a slow stretch of boot) 7.2's clocksource watchdog catches up in rounds
+# microseconds apart and compares them at a parts-per-million limit; under an emulated L1 the
+# jitter of reading the two clocks alone passes it, and it marks the TSC (not the clocksource
+# in use, kvm-clock) unstable. It did so at boot too, before any pause.
 cmdline="console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=20 luvmm.judge.sample_ms=10 luvmm.judge.io_pause_ms=5"
 check() { # check SOCKET N: asks the judge for check N and prints it
     luvmm ctl --socket "$1" check >/dev/null
@@ -33,15 +33,10 @@ check() { # check SOCKET N: asks the judge for check N and prints it
 settle() { sleep 4; } # the I/O loop and the clock sampler run on after a resume
 # luvmm.hold_s=N on L1's command line holds each handover's VM saved N s before the target
 # starts: a blackout long enough that a guest clock left standing over it shows.
-hold=0
-for word in $(cat /proc/cmdline); do
-    case "$word" in
-        luvmm.hold_s=*) hold=${word#*=} ;;
-    esac
-done
+hold=$(sed -n 's/.*luvmm\.hold_s=\([0-9]*\).*/\1/p' /proc/cmdline)
 handover() { # handover FROM TO [FAULTS]: the VM moves from socket FROM to a new process on TO
     luvmm ctl --socket "$1" save >/dev/null # pauses the VM and saves its state for the target
-    sleep "$hold"
+    sleep "${hold:-0}"
     LUVMM_TEST_FAULTS=$3 luvmm restore --from-socket "$1" --serial ./a.log --api-socket "$2" \
         2>>"$2.err" &
     wait_phase "$2" running || echo "LUVMM-L1 test linux_guest_handover_$2 FAIL never running"

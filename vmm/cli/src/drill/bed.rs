@@ -140,7 +140,7 @@ pub const BED_CMDLINE: &str =
 /// How long L1's console may stay silent before the bed writes a newline to it. QEMU's TCG has
 /// been seen (once, in CI) to leave L1's only vCPU halted for good with nothing on its console;
 /// a received character raises the UART's interrupt, which makes QEMU look at L1's pending
-/// interrupts again. Harmless to an L1 that was merely quiet: nothing in it reads the console.
+/// interrupts again. Harmless to an L1 that was merely quiet: no scenario reads its console.
 const L1_SILENCE_NUDGE: Duration = Duration::from_secs(60);
 
 /// Boots L1 and hands each console line to `on_line` as it arrives, until L1 powers off (or
@@ -241,11 +241,11 @@ impl Console {
             on_line(&line);
             lines.push(line);
         };
-        loop {
+        let timed_out = loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.min(self.nudge_after)) {
                 Ok(line) => keep(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break false,
                 Err(mpsc::RecvTimeoutError::Timeout) if left > self.nudge_after => {
                     let sent = input
                         .as_mut()
@@ -263,18 +263,10 @@ impl Console {
                         ),
                     });
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return L1Run {
-                        lines,
-                        timed_out: true,
-                    }
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break true,
             }
-        }
-        L1Run {
-            lines,
-            timed_out: false,
-        }
+        };
+        L1Run { lines, timed_out }
     }
 }
 

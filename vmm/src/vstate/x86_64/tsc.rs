@@ -104,23 +104,21 @@ pub fn restore_tsc_rate(
     let (Some(saved), Ok(host)) = (saved, vcpu.get_tsc_khz()) else {
         return Ok(());
     };
-    match rate_plan(saved, host, kvm_scales)? {
+    let plan = rate_plan(saved, host, kvm_scales)?;
+    if matches!(plan, RatePlan::Set | RatePlan::CatchUp { .. }) {
+        vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
+            saved,
+            host,
+            source,
+        })?;
+    }
+    match plan {
         RatePlan::Keep => Ok(()),
         RatePlan::Set => {
-            vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
-                saved,
-                host,
-                source,
-            })?;
             log::info!("vCPU {id}: TSC set from {host} kHz to the saved {saved} kHz");
             Ok(())
         }
         RatePlan::CatchUp { ppm } => {
-            vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
-                saved,
-                host,
-                source,
-            })?;
             log::warn!(
                 "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz, {ppm} ppm above \
                  this host's {host} kHz; it keeps the rate by catching the TSC up"
