@@ -14,14 +14,14 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::agent::ledger::{session_of, Claimant};
-use crate::agent::{AgentClientError, Ledger};
+use crate::agent::{AgentClientError, KeptFiles, Ledger};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{LuoError, SessionName, Token};
 use crate::seams::{PreserveSession, RetrieveSession, UpdateAgent};
 
 /// What to make fail. Tokens are the session's tokens; agent operations are named as in
 /// [`UpdateAgent`] (`"subscribe"`, `"ready"`, `"release"`, `"finished"`, `"status"`,
-/// `"probe"`, `"claim"`).
+/// `"probe"`, `"claim"`, `"keep"`, `"kept"`).
 #[derive(Debug, Default, Clone)]
 pub struct Faults {
     /// PRESERVE_FD says ENOENT: no handler for this file (a VFIO device on stock Linux).
@@ -66,6 +66,8 @@ struct Host {
     /// those whose session copy is still open.
     claims: u32,
     live_claims: BTreeSet<u32>,
+    /// What restores left for the next one, per VM.
+    kept: BTreeMap<String, (String, Vec<OwnedFd>)>,
 }
 
 /// The fake host: clone it freely, every clone is the same host.
@@ -235,6 +237,7 @@ impl UpdateAgent for FakeAgent {
     fn release(&self, vm: &str) -> Result<(), AgentClientError> {
         let mut host = self.0.agent_call("release", vm)?;
         let record = host.ledger.release(vm).map_err(|e| refused("release", e))?;
+        host.kept.remove(vm);
         if let Some(session) = host.outgoing.get_mut(&record.session) {
             session.agent_copy = false;
         }
@@ -246,7 +249,9 @@ impl UpdateAgent for FakeAgent {
         let mut host = self.0.agent_call("finished", vm)?;
         host.ledger
             .finished(vm, 0)
-            .map_err(|e| refused("finished", e))
+            .map_err(|e| refused("finished", e))?;
+        host.kept.remove(vm);
+        Ok(())
     }
 
     fn status(&self) -> Result<Ledger, AgentClientError> {
@@ -268,13 +273,7 @@ impl UpdateAgent for FakeAgent {
 
     fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError> {
         let mut host = self.0.agent_call("failed", vm)?;
-        let claimant = host
-            .ledger
-            .vms
-            .iter()
-            .find(|r| r.vm == vm)
-            .and_then(|r| r.claimant)
-            .ok_or_else(|| refused("failed", "not claimed"))?;
+        let claimant = host.claimant("failed", vm)?;
         host.ledger
             .failed(vm, reason, 0, claimant)
             .map_err(|e| refused("failed", e))
@@ -296,9 +295,54 @@ impl UpdateAgent for FakeAgent {
             claim: pid,
         }))
     }
+
+    fn keep(&self, vm: &str, note: &str, fds: &[&OwnedFd]) -> Result<(), AgentClientError> {
+        let mut host = self.0.agent_call("keep", vm)?;
+        let claimant = host.claimant("keep", vm)?;
+        host.ledger
+            .check_claimant(vm, claimant)
+            .map_err(|e| refused("keep", e))?;
+        let copies = fds
+            .iter()
+            .map(|fd| OwnedFd::try_clone(fd))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| refused("keep", e))?;
+        host.kept.insert(vm.to_string(), (note.to_string(), copies));
+        Ok(())
+    }
+
+    fn kept(&self, vm: &str) -> Result<Option<KeptFiles>, AgentClientError> {
+        let host = self.0.agent_call("kept", vm)?;
+        let claimant = host.claimant("kept", vm)?;
+        host.ledger
+            .check_claimant(vm, claimant)
+            .map_err(|e| refused("kept", e))?;
+        let Some((note, fds)) = host.kept.get(vm) else {
+            return Ok(None);
+        };
+        let fds = fds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| refused("kept", e))?;
+        Ok(Some(KeptFiles {
+            note: note.clone(),
+            fds,
+        }))
+    }
 }
 
 impl Host {
+    /// The process holding VM `vm`'s claim: the fake's callers all act as it.
+    fn claimant(&self, op: &'static str, vm: &str) -> Result<Claimant, AgentClientError> {
+        self.ledger
+            .vms
+            .iter()
+            .find(|r| r.vm == vm)
+            .and_then(|r| r.claimant)
+            .ok_or_else(|| refused(op, "not claimed"))
+    }
+
     /// A session no copy of which is open any more unpreserves its files.
     fn drop_closed(&mut self) {
         self.outgoing.retain(|_, s| s.vmm_copy || s.agent_copy);

@@ -10,7 +10,7 @@
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-use crate::agent::{AgentClient, AgentClientError, Ledger};
+use crate::agent::{AgentClient, AgentClientError, KeptFiles, Ledger};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{IncomingSession, LuoError, OutgoingSession, SessionName, Token};
 
@@ -55,6 +55,11 @@ pub trait UpdateAgent: Send + Sync {
     /// After the kexec: VM `vm`'s incoming session (a copy: the agent keeps its own until the
     /// VM is finished).
     fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError>;
+    /// Leaves `fds` and `note` for the next restore of VM `vm`, should this one (the
+    /// claimant) fail: files it made that the session's files now depend on.
+    fn keep(&self, vm: &str, note: &str, fds: &[&OwnedFd]) -> Result<(), AgentClientError>;
+    /// What earlier restores of VM `vm` left (asked by its claimant).
+    fn kept(&self, vm: &str) -> Result<Option<KeptFiles>, AgentClientError>;
 }
 
 impl PreserveSession for OutgoingSession {
@@ -116,5 +121,13 @@ impl UpdateAgent for AgentClient {
 
     fn claim(&self, vm: &str) -> Result<Box<dyn RetrieveSession>, AgentClientError> {
         Ok(Box::new(AgentClient::claim(self, vm)?))
+    }
+
+    fn keep(&self, vm: &str, note: &str, fds: &[&OwnedFd]) -> Result<(), AgentClientError> {
+        AgentClient::keep(self, vm, note, fds)
+    }
+
+    fn kept(&self, vm: &str) -> Result<Option<KeptFiles>, AgentClientError> {
+        AgentClient::kept(self, vm)
     }
 }

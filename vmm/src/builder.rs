@@ -11,7 +11,7 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::power::GuestPower;
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
-use luvmm_devices::vfio::{GuestMapper, IrqRouter};
+use luvmm_devices::vfio::{BoundRecord, GuestMapper, IrqRouter};
 use luvmm_resources::config::{BarMode, ConfigError, VmConfig};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
@@ -30,7 +30,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, AcpiError, AcpiSpec};
 use crate::boot::{load_payload, BootError, BootSource};
 use crate::passthrough::{
-    DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, Passthrough,
+    DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, IommuKeeper, Passthrough,
+    RetryIommu,
 };
 use crate::vmm::{Devices, RestoreTimings, VmEvents, Vmm};
 use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
@@ -186,10 +187,13 @@ pub enum Origin {
         paused_at: Option<SystemTime>,
     },
     /// A host live update: per saved device, its cdev as the old kernel preserved it
-    /// (retrieved from the session) or `None` (opened again by BDF); when the old VMM paused
-    /// the guest; and how long retrieving the RAM took.
+    /// (retrieved from the session) or `None` (opened again by BDF); the IOMMU context a
+    /// failed restore of the session left, and where this one leaves its own; when the old VMM
+    /// paused the guest; and how long retrieving the RAM took.
     LiveUpdate {
         devices: Vec<Option<File>>,
+        earlier_iommu: Option<(File, BoundRecord)>,
+        keeper: Box<dyn IommuKeeper>,
         paused_at: Option<SystemTime>,
         retrieve_ram_ms: f64,
     },
@@ -267,9 +271,24 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
                 devices: Some(handed),
                 ..
             } => Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?,
-            Origin::LiveUpdate { devices, .. } => {
-                let (passthrough, ioas_map) =
-                    Passthrough::reopen(&saved.devices, devices, &ram, &device_args, &mut pci)?;
+            Origin::LiveUpdate {
+                devices,
+                earlier_iommu,
+                keeper,
+                ..
+            } => {
+                let retry = RetryIommu {
+                    earlier: earlier_iommu,
+                    keeper: keeper.as_ref(),
+                };
+                let (passthrough, ioas_map) = Passthrough::reopen(
+                    &saved.devices,
+                    devices,
+                    retry,
+                    &ram,
+                    &device_args,
+                    &mut pci,
+                )?;
                 timings.ioas_map_ms = Some(ioas_map.as_secs_f64() * 1e3);
                 passthrough
             }

@@ -20,6 +20,10 @@ pub enum Fault {
     /// The restore stops itself (SIGSTOP) once every passthrough device is bound to its
     /// iommufd after a kexec, for the test to kill it there.
     StopAfterDeviceBind,
+    /// The restore stops itself (SIGSTOP) after a kexec once it bound its first retrieved
+    /// device, before it recorded that with the agent: the one moment a retry must find the
+    /// device among the iommufd's objects.
+    StopBeforeDeviceRecord,
     /// A prepare saves, beside the vCPUs' real MSRs, one no KVM lists ([`UNKNOWN_MSR`]): the
     /// state of a VM saved on a host whose KVM had an MSR the next kernel's lacks.
     SaveUnknownMsr,
@@ -46,6 +50,7 @@ impl Fault {
         match self {
             Fault::StopAfterClaim => "stop-after-claim",
             Fault::StopAfterDeviceBind => "stop-after-device-bind",
+            Fault::StopBeforeDeviceRecord => "stop-before-device-record",
             Fault::SaveUnknownMsr => "save-unknown-msr",
             Fault::VcpuForbiddenSyscall => "vcpu-forbidden-syscall",
             Fault::SwapDevices => "swap-devices",

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::vfio::{
-    adopt_cdev, bind_cdev, open_by_bdf, GuestMapper, InterruptFds, IommuContext, IommuError,
-    IrqRouter, PassthroughArgs, PassthroughError, VfioDeviceFd, VfioPciDevice,
+    adopt_cdev, open_by_bdf, open_into, take_retrieved_cdev, BoundRecord, EarlierBind, GuestMapper,
+    InterruptFds, IommuContext, IommuError, IrqRouter, PassthroughArgs, PassthroughError,
+    VfioDeviceFd, VfioPciDevice,
 };
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{BarMode, VfioBackendChoice};
@@ -49,12 +50,38 @@ pub enum DeviceSetupError {
          that made them; it cannot be restored elsewhere"
     )]
     Legacy { bdf: String },
+    #[error(transparent)]
+    Keep(#[from] KeepError),
+    #[error(
+        "the failed restore's IOMMU context holds device objects {ids:?} that its record does \
+         not name; only one can be told apart"
+    )]
+    Unrecorded { ids: Vec<u32> },
     #[error("{bdf}: cannot take its file off the KVM VFIO device")]
     KvmVfio {
         bdf: String,
         #[source]
         source: VmError,
     },
+}
+
+/// The IOMMU context could not be left for a next restore.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot leave the VM's iommufd where a next restore would find it")]
+pub struct KeepError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+/// Where a restore after a kexec leaves its iommufd, with a record of what it bound there, so
+/// that a next restore can carry on in it should this one fail (the agent, which keeps them
+/// until the VM is finished).
+pub trait IommuKeeper {
+    fn keep(&self, iommufd: BorrowedFd<'_>, record: &BoundRecord) -> Result<(), KeepError>;
+}
+
+/// A restore's part in making a failed restore of the same session retryable.
+pub struct RetryIommu<'a> {
+    /// The iommufd a failed restore left, and its record.
+    pub earlier: Option<(File, BoundRecord)>,
+    pub keeper: &'a dyn IommuKeeper,
 }
 
 /// A device's fds as they travel in a handover: its cdev and its interrupt eventfds.
@@ -247,46 +274,83 @@ impl Passthrough {
     }
 
     /// After a kexec: each saved device from the cdev its LUO session gave back
-    /// (`retrieved[i]`), else opened again by BDF, bound to the VM's new iommufd and attached
+    /// (`retrieved[i]`), else opened again by BDF, bound to the VM's iommufd and attached
     /// to a HWPT; guest RAM mapped again at the same IOVAs from the retrieved memfds; each
     /// device restored from its saved state with its interrupts armed anew, and sent one
     /// interrupt (the one in flight, if any, did not survive the kexec). A device whose
     /// interrupts cannot be armed again fails the whole reopen, before the session is
-    /// finished: restored, it would never interrupt. Also returns how long the IOAS mapping
+    /// finished: restored, it would never interrupt. The iommufd is the one a failed restore
+    /// of the same session left (`retry`), whose retrieved devices are still bound to it, or
+    /// a new one; either way it is left with `retry`'s keeper, with a record of each device
+    /// as it is bound, before anything is bound to it. Also returns how long the IOAS mapping
     /// took.
     pub fn reopen(
         saved: &DevicesState,
         retrieved: Vec<Option<File>>,
+        retry: RetryIommu<'_>,
         ram: &GuestRam,
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<(Passthrough, Duration), DeviceSetupError> {
         let mut passthrough = Passthrough::empty(args);
+        if saved.passthrough.is_empty() {
+            return Ok((passthrough, Duration::ZERO));
+        }
+        let kvm_vfio = Some(args.kvm_vfio.clone());
+        let (context, mut record, mut unrecorded) = match retry.earlier {
+            Some((iommufd, earlier)) => {
+                let context = IommuContext::resume(iommufd, &earlier, kvm_vfio)?;
+                let unrecorded = unrecorded_device(&context, &earlier)?;
+                log::info!(
+                    "IOMMU context of a failed restore taken again: IOAS {}, {} devices bound \
+                     as it recorded{}",
+                    earlier.ioas_id,
+                    earlier.devices.len(),
+                    unrecorded.map_or(String::new(), |id| format!(
+                        ", and device object {id}, bound before it could record it"
+                    ))
+                );
+                (context, earlier, unrecorded)
+            }
+            None => {
+                let context = IommuContext::new(kvm_vfio)?;
+                let record = context.record(Vec::new());
+                retry.keeper.keep(context.iommufd(), &record)?;
+                (context, record, None)
+            }
+        };
+        let context = passthrough.iommu.insert(context);
         let mut hosts = Vec::with_capacity(saved.passthrough.len());
         for (state, cdev) in saved.passthrough.iter().zip(retrieved) {
             let started = Instant::now();
-            let preserved = cdev.is_some();
-            let host = match cdev {
-                Some(cdev) => bind_cdev(
-                    &state.bdf,
-                    cdev,
-                    &mut passthrough.iommu,
-                    Some(&args.kvm_vfio),
-                )?,
-                None => open_by_bdf(
-                    &state.bdf,
-                    VfioBackendChoice::Iommufd,
-                    &mut passthrough.iommu,
-                    Some(&args.kvm_vfio),
-                )?,
+            let bdf = &state.bdf;
+            let Some(cdev) = cdev else {
+                hosts.push((state, open_into(bdf, context)?));
+                log::info!(
+                    "passthrough {bdf}: not preserved by the old kernel: opened again and bound \
+                     in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                continue;
             };
+            let earlier = earlier_bind(bdf, &record, &mut unrecorded);
+            let (host, bound) = take_retrieved_cdev(bdf, cdev, context, earlier)?;
+            if faults::armed(Fault::StopBeforeDeviceRecord) {
+                faults::stop_here();
+            }
+            if !matches!(earlier, EarlierBind::Recorded { .. }) {
+                record.devices.push(bound);
+                let now = context.record(record.devices.clone());
+                retry.keeper.keep(context.iommufd(), &now)?;
+            }
             log::info!(
-                "passthrough {}: {} and bound in {:.1} ms",
-                state.bdf,
-                if preserved {
-                    "retrieved from its LUO session"
-                } else {
-                    "not preserved by the old kernel: opened again"
+                "passthrough {bdf}: retrieved from its LUO session, {} in {:.1} ms",
+                match earlier {
+                    EarlierBind::None => "bound",
+                    EarlierBind::Recorded { .. } => "as the failed restore bound it",
+                    EarlierBind::Unrecorded { .. } => {
+                        "found bound by the failed restore, which had not recorded it"
+                    }
                 },
                 started.elapsed().as_secs_f64() * 1e3
             );
@@ -306,10 +370,8 @@ impl Passthrough {
         }
         let regions = ram_mappings(ram);
         let mapping = Instant::now();
-        if let Some(iommu) = passthrough.iommu.as_mut() {
-            for (m, _, memfd) in &regions {
-                iommu.map_file(memfd.as_fd(), m.memfd_index, m.offset, m.iova, m.len)?;
-            }
+        for (m, _, memfd) in &regions {
+            context.map_file(memfd.as_fd(), m.memfd_index, m.offset, m.iova, m.len)?;
         }
         let ioas_map = mapping.elapsed();
         for (state, host) in hosts {
@@ -516,6 +578,40 @@ fn replace(
 }
 
 /// Each RAM region as a DMA mapping at IOVA == GPA, with its host address and memfd.
+/// The one device object of a failed restore's context that its record does not name: the
+/// device it was binding when it was stopped (it records each device as soon as it is bound).
+fn unrecorded_device(
+    context: &IommuContext,
+    record: &BoundRecord,
+) -> Result<Option<u32>, DeviceSetupError> {
+    let ids: Vec<u32> = context
+        .device_ids()
+        .into_iter()
+        .filter(|id| !record.devices.iter().any(|d| d.dev_id == *id))
+        .collect();
+    match ids.as_slice() {
+        [] => Ok(None),
+        [id] => Ok(Some(*id)),
+        _ => Err(DeviceSetupError::Unrecorded { ids }),
+    }
+}
+
+/// What a failed restore did with device `bdf`: recorded it; or, for the first retrieved
+/// device it did not record (it binds in state order), bound it as `unrecorded` before it
+/// could record it; or nothing.
+fn earlier_bind(bdf: &str, record: &BoundRecord, unrecorded: &mut Option<u32>) -> EarlierBind {
+    if let Some(d) = record.devices.iter().find(|d| d.bdf == bdf) {
+        return EarlierBind::Recorded {
+            dev_id: d.dev_id,
+            hwpt_id: d.hwpt_id,
+        };
+    }
+    match unrecorded.take() {
+        Some(dev_id) => EarlierBind::Unrecorded { dev_id },
+        None => EarlierBind::None,
+    }
+}
+
 fn ram_mappings(ram: &GuestRam) -> Vec<(DmaMapping, *mut u8, &File)> {
     ram.memory()
         .iter()

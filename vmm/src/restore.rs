@@ -19,6 +19,7 @@ use crate::builder::{Origin, RestoreArgs};
 use crate::passthrough::{HandedDevice, HandedDevices};
 use crate::takeover::Takeover;
 use crate::update::retrieve::{retrieve, RetrieveError};
+use crate::update::retry::AgentKeeper;
 use crate::vmm::HandoverTicket;
 
 /// Where the state and memory come from.
@@ -102,6 +103,7 @@ pub fn collect(
             agent_socket,
         } => {
             let retrieved = retrieve(&vm_id, &AgentClient::new(&agent_socket), kvm)?;
+            let keeper = AgentKeeper::new(Box::new(AgentClient::new(&agent_socket)), &vm_id);
             let args = RestoreArgs {
                 state: retrieved.state,
                 state_bytes: retrieved.state_bytes,
@@ -109,6 +111,8 @@ pub fn collect(
                 memfds: retrieved.memfds,
                 origin: Origin::LiveUpdate {
                     devices: retrieved.devices,
+                    earlier_iommu: retrieved.earlier_iommu,
+                    keeper: Box::new(keeper),
                     paused_at: retrieved.source_paused_at,
                     retrieve_ram_ms: retrieved.retrieve_ram_ms,
                 },

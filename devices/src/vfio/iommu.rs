@@ -16,10 +16,12 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_hwpt_alloc, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE, iommu_ioas_map_file,
+    iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
+    iommu_ioas_map_file, iommu_ioas_unmap,
 };
 use iommufd_ioctls::{IommuFd, IommufdError};
 use luvmm_resources::state::{DmaMapping, IommuState};
+use serde::{Deserialize, Serialize};
 use vfio_ioctls::{VfioDevice, VfioDeviceFd, VfioError, VfioIommufd};
 
 /// The `size` field of an `IOMMU_IOAS_MAP_FILE` argument; the assert makes the cast exact.
@@ -35,6 +37,45 @@ const HWPT_ALLOC_SIZE: u32 = {
     assert!(size_of::<iommu_hwpt_alloc>() <= u32::MAX as usize);
     size_of::<iommu_hwpt_alloc>() as u32
 };
+
+/// The `size` field of an `IOMMU_IOAS_UNMAP` argument; the assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const UNMAP_SIZE: u32 = {
+    assert!(size_of::<iommu_ioas_unmap>() <= u32::MAX as usize);
+    size_of::<iommu_ioas_unmap>() as u32
+};
+
+/// The `size` field of an `IOMMU_GET_HW_INFO` argument; the assert makes the cast exact.
+#[allow(clippy::cast_possible_truncation)]
+const HW_INFO_SIZE: u32 = {
+    assert!(size_of::<iommu_hw_info>() <= u32::MAX as usize);
+    size_of::<iommu_hw_info>() as u32
+};
+
+/// Object ids a context's device search looks at. An iommufd numbers its objects (IOAS,
+/// devices, HWPTs) from 1 up; a VM's context holds one IOAS, at most 32 devices and as many
+/// HWPTs.
+const MAX_OBJECT_ID: u32 = 256;
+
+/// What a restore after a kexec notes of its IOMMU context as it binds devices, so that a
+/// restore run again after it failed can carry on in the same context: every retrieve of a
+/// preserved device gives the same open file, and that file stays bound to the iommufd of the
+/// first restore that bound it (only its last close unbinds it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundRecord {
+    pub ioas_id: u32,
+    pub hwpts: Vec<u32>,
+    /// In the order they were bound.
+    pub devices: Vec<BoundDevice>,
+}
+
+/// One device bound to the context and attached to a HWPT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundDevice {
+    pub bdf: String,
+    pub dev_id: u32,
+    pub hwpt_id: u32,
+}
 
 /// An IOMMU context operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +152,62 @@ impl IommuContext {
         })
     }
 
+    /// The context a failed restore left (see [`BoundRecord`]): its iommufd, with the IOAS and
+    /// HWPTs its record names. Whatever it had mapped is unmapped, so guest RAM is mapped
+    /// again as into a new context.
+    pub fn resume(
+        iommufd: File,
+        record: &BoundRecord,
+        kvm_vfio: Option<Arc<VfioDeviceFd>>,
+    ) -> Result<IommuContext, IommuError> {
+        let saved = IommuState {
+            ioas_id: record.ioas_id,
+            hwpts: record.hwpts.clone(),
+            mappings: Vec::new(),
+        };
+        let context = IommuContext::adopt(iommufd, &saved, kvm_vfio)?;
+        let mut unmap = iommu_ioas_unmap {
+            size: UNMAP_SIZE,
+            ioas_id: context.ioas_id,
+            // The whole IOVA space: the one range IOMMU_IOAS_UNMAP takes as "everything".
+            iova: 0,
+            length: u64::MAX,
+        };
+        context
+            .ops
+            .iommufd()
+            .unmap_iommu_ioas(&mut unmap)
+            .map_err(|source| IommuError::Iommufd {
+                op: "IOMMU_IOAS_UNMAP of everything a failed restore mapped",
+                source,
+            })?;
+        Ok(context)
+    }
+
+    /// The ids of the device objects bound to this iommufd: those `IOMMU_GET_HW_INFO`
+    /// answers for.
+    pub fn device_ids(&self) -> Vec<u32> {
+        (1..=MAX_OBJECT_ID)
+            .filter(|&dev_id| {
+                let mut info = iommu_hw_info {
+                    size: HW_INFO_SIZE,
+                    dev_id,
+                    ..Default::default()
+                };
+                self.ops.iommufd().get_hw_info(&mut info).is_ok()
+            })
+            .collect()
+    }
+
+    /// The record of this context with `devices` bound.
+    pub fn record(&self, devices: Vec<BoundDevice>) -> BoundRecord {
+        BoundRecord {
+            ioas_id: self.ioas_id,
+            hwpts: self.hwpts.clone(),
+            devices,
+        }
+    }
+
     /// Maps `len` bytes of RAM memfd number `memfd_index` from `offset` at IOVA `iova`, by
     /// file. The memfd must be sealed against growing, shrinking and further seals. The
     /// ioctl is built here rather than through iommufd-ioctls' `IommufdIoas::map_file`, which
@@ -161,9 +258,15 @@ impl IommuContext {
         VfioDevice::new_from_bound_fd(cdev, Arc::clone(&self.ops), false)
     }
 
-    /// Attaches `device` to a HWPT over the IOAS: one already allocated when the device's
-    /// IOMMU accepts it, else a new one. Returns the HWPT id.
+    /// Attaches `device`, bound here, to a HWPT over the IOAS: one already allocated when the
+    /// device's IOMMU accepts it, else a new one. Returns the HWPT id.
     pub fn attach(&mut self, device: &VfioDevice) -> Result<u32, IommuError> {
+        let dev_id = device.iommufd_dev_id().ok_or(IommuError::NotBound)?;
+        self.attach_as(device, dev_id)
+    }
+
+    /// As [`IommuContext::attach`], for a device bound here as `dev_id` by an earlier process.
+    pub fn attach_as(&mut self, device: &VfioDevice, dev_id: u32) -> Result<u32, IommuError> {
         for &hwpt in &self.hwpts {
             if device.attach_hwpt(hwpt).is_ok() {
                 return Ok(hwpt);
@@ -171,7 +274,7 @@ impl IommuContext {
         }
         let mut alloc = iommu_hwpt_alloc {
             size: HWPT_ALLOC_SIZE,
-            dev_id: device.iommufd_dev_id().ok_or(IommuError::NotBound)?,
+            dev_id,
             pt_id: self.ioas_id,
             data_type: iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
             ..Default::default()

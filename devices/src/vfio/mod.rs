@@ -12,9 +12,9 @@ pub(crate) mod testing;
 
 pub use bar_map::{BarMapError, GuestMapper};
 pub use host::{host_vfio_devices, BoundCdev, HostVfioDevice, VfioBindError};
-pub use iommu::{IommuContext, IommuError};
+pub use iommu::{BoundDevice, BoundRecord, IommuContext, IommuError};
 pub use irq::{HypervisorError, IrqRouter};
-pub use open::{adopt_cdev, bind_cdev, open_by_bdf};
+pub use open::{adopt_cdev, open_by_bdf, open_into, take_retrieved_cdev, EarlierBind};
 pub use passthrough::{
     HostDevice, InterruptError, InterruptFds, PassthroughArgs, PassthroughError, VfioPciDevice,
 };

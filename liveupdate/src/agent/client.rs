@@ -30,6 +30,13 @@ pub enum AgentClientError {
     BadReply { op: &'static str, reason: String },
 }
 
+/// What earlier restores of a VM left with the agent for the next one.
+#[derive(Debug)]
+pub struct KeptFiles {
+    pub note: String,
+    pub fds: Vec<OwnedFd>,
+}
+
 /// The agent behind a socket.
 pub struct AgentClient {
     socket: PathBuf,
@@ -143,6 +150,22 @@ impl AgentClient {
             reason: reason.into(),
         };
         self.call("failed", &request).map(drop)
+    }
+
+    /// Leaves `fds` and `note` with the agent for the next restore of VM `vm`, should this one
+    /// (which holds the claim) fail; they replace what was left before.
+    pub fn keep(&self, vm: &str, note: &str, fds: &[&OwnedFd]) -> Result<(), AgentClientError> {
+        let request = Request::Keep {
+            vm: vm.into(),
+            note: note.into(),
+        };
+        self.call_with("keep", &request, fds).map(drop)
+    }
+
+    /// What earlier restores of VM `vm` left with the agent; asked by the claimant.
+    pub fn kept(&self, vm: &str) -> Result<Option<KeptFiles>, AgentClientError> {
+        let (reply, fds) = self.call("kept", &Request::Kept { vm: vm.into() })?;
+        Ok(reply.kept.map(|note| KeptFiles { note, fds }))
     }
 
     /// The agent's ledger.

@@ -99,7 +99,7 @@ pub enum LedgerError {
         "session {session} was restored and finished in this boot: there is nothing left to claim"
     )]
     AlreadyFinished { session: String },
-    #[error("VM {vm:?}: only the restore holding its claim may report it failed")]
+    #[error("VM {vm:?}: only the restore holding its claim may report it failed or keep files")]
     NotClaimant { vm: String },
     #[error("VM {vm:?} is {phase:?}: {what} needs it {needs}")]
     WrongPhase {
@@ -314,6 +314,19 @@ impl Ledger {
         Ok(())
     }
 
+    /// Refuses anyone but the process holding VM `vm`'s claim.
+    pub fn check_claimant(&self, vm: &str, who: Claimant) -> Result<(), LedgerError> {
+        let holds = self
+            .vms
+            .iter()
+            .any(|r| r.vm == vm && r.phase == VmPhase::Claimed && r.claimant == Some(who));
+        if holds {
+            Ok(())
+        } else {
+            Err(LedgerError::NotClaimant { vm: vm.to_string() })
+        }
+    }
+
     /// Every claim (of VM `vm`, or of all with `"*"`) whose claimant is no longer `alive` is
     /// `Failed`: the process exited before it finished.
     pub fn reap(&mut self, vm: &str, at_ms: u64, alive: &dyn Fn(&Claimant) -> bool) {
@@ -388,11 +401,16 @@ mod tests {
         ledger.ready("vm1", 2, &[]).unwrap();
         let mut next = ledger.after_kexec(3);
         next.claim("vm1", 4, ME, &alive).unwrap();
-        // Only the claimant may say its restore failed.
+        // Only the claimant may say its restore failed, or keep files for the next one.
         let other = Claimant {
             pid: 8,
             started: 80,
         };
+        assert_eq!(next.check_claimant("vm1", ME), Ok(()));
+        assert_eq!(
+            next.check_claimant("vm1", other),
+            Err(LedgerError::NotClaimant { vm: "vm1".into() })
+        );
         assert_eq!(
             next.failed("vm1", "no", 5, other),
             Err(LedgerError::NotClaimant { vm: "vm1".into() })

@@ -16,7 +16,7 @@ pub mod ledger;
 pub mod server;
 pub mod wire;
 
-pub use client::{AgentClient, AgentClientError};
+pub use client::{AgentClient, AgentClientError, KeptFiles};
 pub use ledger::{Ledger, LedgerError, VmPhase, VmRecord};
 pub use server::{Agent, AgentError};
 

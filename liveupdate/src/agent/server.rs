@@ -47,9 +47,9 @@ pub enum AgentError {
     TakeOver(#[from] TakeOverError),
     #[error("cannot keep the ledger in a memfd")]
     LedgerWrite(#[source] std::io::Error),
-    #[error("cannot hand a copy of session {session} out")]
+    #[error("cannot hand a copy of {what} out")]
     Dup {
-        session: String,
+        what: String,
         #[source]
         source: std::io::Error,
     },
@@ -103,6 +103,12 @@ impl PendingUpdate {
     }
 }
 
+/// Files a restore made that its session's files depend on, with its note on them.
+struct KeptForRetry {
+    note: String,
+    fds: Vec<OwnedFd>,
+}
+
 /// The agent's state: LUO, the ledger, and its copy of every VM's session.
 pub struct Agent {
     luo: LiveUpdate,
@@ -114,6 +120,9 @@ pub struct Agent {
     /// After the kexec, each claimed VM's session: the agent's copy outlives a failed (or
     /// killed) restore, so the next one gets the same session and the same files.
     incoming: BTreeMap<String, IncomingSession>,
+    /// What a claimed VM's restores left for the next one (`Request::Keep`), until the VM
+    /// is finished or released.
+    kept: BTreeMap<String, KeptForRetry>,
     /// The previous kernel's agent session, kept until every VM in its ledger is finished
     /// or released.
     agent_session: Option<IncomingSession>,
@@ -175,6 +184,7 @@ impl Agent {
             socket: socket.to_path_buf(),
             outgoing: BTreeMap::new(),
             incoming: BTreeMap::new(),
+            kept: BTreeMap::new(),
             agent_session,
             pending: None,
         };
@@ -202,12 +212,14 @@ impl Agent {
         }
         // The sessions of VMs that are done (finished or released) are let go of.
         let ledger = &self.ledger;
-        self.incoming.retain(|vm, _| {
+        let wanted = |vm: &String| {
             ledger
                 .vms
                 .iter()
                 .any(|r| &r.vm == vm && matches!(r.phase, VmPhase::Claimed | VmPhase::Failed))
-        });
+        };
+        self.incoming.retain(|vm, _| wanted(vm));
+        self.kept.retain(|vm, _| wanted(vm));
     }
 
     /// Serves clients on its socket (created 0600) until the kexec. The loop sleeps in `poll`
@@ -234,8 +246,8 @@ impl Agent {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nonblocking(false);
-                    let (reply, fd, after) = self.serve_one(&stream);
-                    let fds: Vec<&OwnedFd> = fd.iter().collect();
+                    let (reply, fds, after) = self.serve_one(&stream);
+                    let fds: Vec<&OwnedFd> = fds.iter().collect();
                     if let Err(e) = send_line(&stream, &reply, &fds) {
                         log::warn!("agent: cannot send the reply: {e}");
                     }
@@ -323,7 +335,7 @@ impl Agent {
         }
     }
 
-    fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Option<OwnedFd>, After) {
+    fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Vec<OwnedFd>, After) {
         let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
         let request = match recv_line(stream, MAX_REQUEST) {
             Ok((line, fds)) => serde_json::from_slice::<Request>(&line)
@@ -333,27 +345,28 @@ impl Agent {
         };
         let (request, fds) = match request {
             Ok(request) => request,
-            Err(message) => return (Reply::error(message), None, After::Nothing),
+            Err(message) => return (Reply::error(message), Vec::new(), After::Nothing),
         };
         let peer = match peer_of(stream) {
             Ok(peer) => peer,
-            Err(e) => return (Reply::error(chain(&e)), None, After::Nothing),
+            Err(e) => return (Reply::error(chain(&e)), Vec::new(), After::Nothing),
         };
-        match self.handle(request, &fds, peer) {
-            Ok((reply, fd, after)) => (reply, fd, after),
-            Err(e) => (Reply::error(chain(&e)), None, After::Nothing),
+        match self.handle(request, fds, peer) {
+            Ok((reply, fds, after)) => (reply, fds, after),
+            Err(e) => (Reply::error(chain(&e)), Vec::new(), After::Nothing),
         }
     }
 
     fn handle(
         &mut self,
         request: Request,
-        fds: &[OwnedFd],
+        fds: Vec<OwnedFd>,
         peer: Claimant,
-    ) -> Result<(Reply, Option<OwnedFd>, After), AgentError> {
+    ) -> Result<(Reply, Vec<OwnedFd>, After), AgentError> {
         let now = now_ms();
+        let none = Vec::new;
         match request {
-            Request::Probe {} => Ok((self.probe(fds), None, After::Nothing)),
+            Request::Probe {} => Ok((self.probe(&fds), none(), After::Nothing)),
             Request::Subscribe { vm } => {
                 let name = self.ledger.subscribe(&vm, now)?;
                 let session = match self.luo.create_session(&name) {
@@ -369,12 +382,12 @@ impl Agent {
                     .map_err(AgentError::LedgerWrite)?;
                 log::info!("agent: VM {vm} subscribed: session {name}");
                 self.outgoing.insert(vm, session);
-                Ok((with_session(&name), Some(fd), After::Nothing))
+                Ok((with_session(&name), vec![fd], After::Nothing))
             }
             Request::Ready { vm, devices } => {
                 self.ledger.ready(&vm, now, &devices)?;
                 log::info!("agent: VM {vm} is ready");
-                Ok((Reply::ok(), None, After::Nothing))
+                Ok((Reply::ok(), none(), After::Nothing))
             }
             Request::Release { vm } => {
                 self.ledger.release(&vm)?;
@@ -382,18 +395,47 @@ impl Agent {
                 self.outgoing.remove(&vm);
                 self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} released its session");
-                Ok((Reply::ok(), None, After::Nothing))
+                Ok((Reply::ok(), none(), After::Nothing))
             }
             Request::Finished { vm } => {
                 self.ledger.finished(&vm, now)?;
                 self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} is restored and its session finished");
-                Ok((Reply::ok(), None, After::Nothing))
+                Ok((Reply::ok(), none(), After::Nothing))
+            }
+            Request::Keep { vm, note } => {
+                self.ledger.check_claimant(&vm, peer)?;
+                log::info!(
+                    "agent: VM {vm}'s restore leaves {} fds for a retry: {note}",
+                    fds.len()
+                );
+                self.kept.insert(vm, KeptForRetry { note, fds });
+                Ok((Reply::ok(), none(), After::Nothing))
+            }
+            Request::Kept { vm } => {
+                self.ledger.check_claimant(&vm, peer)?;
+                let Some(kept) = self.kept.get(&vm) else {
+                    return Ok((Reply::ok(), none(), After::Nothing));
+                };
+                let copies = kept
+                    .fds
+                    .iter()
+                    .map(OwnedFd::try_clone)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| AgentError::Dup {
+                        what: format!("VM {vm}'s kept files"),
+                        source,
+                    })?;
+                let reply = Reply {
+                    kept: Some(kept.note.clone()),
+                    ..Reply::ok()
+                };
+                Ok((reply, copies, After::Nothing))
             }
             Request::Failed { vm, reason } => {
                 self.ledger.failed(&vm, &reason, now, peer)?;
                 log::warn!("agent: VM {vm}'s restore failed ({reason}); its session is kept");
-                Ok((Reply::ok(), None, After::Nothing))
+                Ok((Reply::ok(), none(), After::Nothing))
             }
             Request::Status {} => {
                 self.ledger.reap("*", now, &keep::alive);
@@ -402,7 +444,7 @@ impl Agent {
                         ledger: Some(self.ledger.clone()),
                         ..Reply::ok()
                     },
-                    None,
+                    none(),
                     After::Nothing,
                 ))
             }
@@ -431,7 +473,7 @@ impl Agent {
                 match deadline_s {
                     None => {
                         let session = self.preserve_ledger()?;
-                        Ok((Reply::ok(), None, After::Kexec(session)))
+                        Ok((Reply::ok(), none(), After::Kexec(session)))
                     }
                     Some(seconds) => {
                         log::info!(
@@ -442,7 +484,7 @@ impl Agent {
                             Instant::now() + Duration::from_secs(seconds),
                             &self.ledger,
                         ));
-                        Ok((Reply::ok(), None, After::Nothing))
+                        Ok((Reply::ok(), none(), After::Nothing))
                     }
                 }
             }
@@ -463,14 +505,14 @@ impl Agent {
                         .as_fd()
                         .try_clone_to_owned()
                         .map_err(|source| AgentError::Dup {
-                            session: name.to_string(),
+                            what: format!("session {name}"),
                             source,
                         })?;
                 log::info!(
                     "agent: VM {vm} claimed its session {name} (pid {})",
                     peer.pid
                 );
-                Ok((with_session(&name), Some(copy), After::Nothing))
+                Ok((with_session(&name), vec![copy], After::Nothing))
             }
         }
     }

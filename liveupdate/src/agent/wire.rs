@@ -56,6 +56,14 @@ pub enum Request {
     /// Which of the attached fds (and a memfd of the agent's) this kernel can preserve; each
     /// is tried in a scratch session that is closed at once.
     Probe {},
+    /// The restore holding the VM's claim leaves the attached fds and `note` for the next
+    /// restore, should this one fail: files it made that the session's files now depend on
+    /// (a retrieved device stays bound to the iommufd that restore created). They replace
+    /// what was kept before, and go when the VM is finished or released.
+    Keep { vm: String, note: String },
+    /// What the VM's earlier restores kept (only the claimant may ask): the reply's `kept`
+    /// note, with the kept fds attached; no note when nothing was kept.
+    Kept { vm: String },
 }
 
 /// The agent's answer.
@@ -72,6 +80,9 @@ pub struct Reply {
     /// For `probe`: the memfd handler, then one entry per attached fd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handlers: Option<Vec<HandlerStatus>>,
+    /// For `kept`: the note an earlier restore left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
 }
 
 impl Reply {

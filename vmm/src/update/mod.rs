@@ -8,6 +8,8 @@
 //!
 //! After it, in a new VMM (`luvmm restore --session`):
 //! - [`retrieve`]: claim the session, the state first and checked, then RAM and devices;
+//! - [`retry`]: take back what a failed restore of the session left with the agent, and
+//!   leave this one's there in turn;
 //! - rebuild: [`crate::builder::build_from_saved`] with [`crate::builder::Origin::LiveUpdate`],
 //!   which gets the devices already retrieved and knows nothing of LUO;
 //! - [`finish`]: FINISH the session, and tell the agent once the guest runs again;
@@ -25,6 +27,7 @@ pub mod finish;
 pub mod prepare;
 pub mod release;
 pub mod retrieve;
+pub mod retry;
 #[cfg(test)]
 mod tests;
 pub mod vm;

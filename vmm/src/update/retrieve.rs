@@ -3,13 +3,15 @@
 //! everything the state says is checked (format, checksum, layout, this VM's id, this host's
 //! KVM: vCPU count and TSC rate, every passthrough device present and bound to vfio-pci)
 //! before any RAM memfd or device is retrieved. Then the RAM memfds, then each device the old
-//! kernel preserved (one it could not is opened again the normal way by the rebuild).
+//! kernel preserved (one it could not is opened again the normal way by the rebuild), then the
+//! iommufd a failed restore of the session left with the agent ([`crate::update::retry`]).
 
 use std::fs::File;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_ioctls::Kvm;
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
+use luvmm_devices::vfio::BoundRecord;
 use luvmm_liveupdate::agent::AgentClientError;
 use luvmm_liveupdate::luo::{LuoError, Token};
 use luvmm_liveupdate::seams::{RetrieveSession, UpdateAgent};
@@ -19,6 +21,7 @@ use luvmm_resources::state::{
 
 use crate::faults::{self, Fault};
 use crate::update::finish::report_failed;
+use crate::update::retry::{earlier_iommu, KeptError};
 use crate::vstate::vm::host_limits;
 use crate::vstate::x86_64::compat::{check_host_accepts, CpuMismatch};
 use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
@@ -34,6 +37,8 @@ pub struct Retrieved {
     /// Per saved device, in state order: its cdev as the old kernel preserved it, or `None`
     /// (not preserved: opened again by BDF).
     pub devices: Vec<Option<File>>,
+    /// The iommufd a failed restore of the session left, with its record.
+    pub earlier_iommu: Option<(File, BoundRecord)>,
     /// When the old VMM paused the guest, by the wall clock (which survives the kexec).
     pub source_paused_at: Option<SystemTime>,
     /// How long retrieving the RAM memfds took: the kernel rebuilds each folio by folio.
@@ -53,6 +58,12 @@ pub enum RetrieveError {
         what: &'static str,
         #[source]
         source: LuoError,
+    },
+    #[error("session {session}: what a failed restore left")]
+    Kept {
+        session: String,
+        #[source]
+        source: KeptError,
     },
     #[error("session {session}: the saved state is refused before anything else is retrieved")]
     State {
@@ -126,12 +137,13 @@ pub fn retrieve(
     kvm: &Kvm,
 ) -> Result<Retrieved, RetrieveError> {
     let session = claim(vm_id, agent)?;
-    retrieve_claimed(vm_id, session, kvm).inspect_err(|e| report_failed(agent, vm_id, e))
+    retrieve_claimed(vm_id, session, agent, kvm).inspect_err(|e| report_failed(agent, vm_id, e))
 }
 
 fn retrieve_claimed(
     vm_id: &str,
     session: Box<dyn RetrieveSession>,
+    agent: &dyn UpdateAgent,
     kvm: &Kvm,
 ) -> Result<Retrieved, RetrieveError> {
     let name = session.name().to_string();
@@ -171,12 +183,17 @@ fn retrieve_claimed(
                 .transpose()
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let earlier_iommu = earlier_iommu(agent, vm_id).map_err(|source| RetrieveError::Kept {
+        session: name.clone(),
+        source,
+    })?;
     Ok(Retrieved {
         state_bytes: blob.len() as u64,
         state: saved,
         state_memfd,
         memfds,
         devices,
+        earlier_iommu,
         source_paused_at,
         retrieve_ram_ms,
         session,

@@ -405,7 +405,8 @@ fn a_retrieve_takes_the_state_first_then_ram() {
             "agent status",
             "agent claim vm1",
             "retrieve luvmm-vm1 0x5",
-            "retrieve luvmm-vm1 0x100"
+            "retrieve luvmm-vm1 0x100",
+            "agent kept vm1"
         ]
     );
     assert_eq!(retrieved.memfds.len(), 1);

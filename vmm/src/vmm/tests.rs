@@ -3,12 +3,14 @@
 
 use std::fs::File;
 
+use luvmm_liveupdate::fake::FakeHost;
 use luvmm_resources::config::BarMode;
 use luvmm_resources::state::{self, IommuState, PassthroughState, VfioBackend, VmState};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::builder::{build_from_saved, BuildError, Origin, RestoreArgs};
 use crate::passthrough::DeviceSetupError;
+use crate::update::retry::AgentKeeper;
 use crate::vmm::{HandoverTicket, TicketState, VmPhase, VmmError};
 use crate::vstate::vcpu::register_kick_signal;
 use crate::vstate::vm::open_kvm;
@@ -152,8 +154,11 @@ fn a_state_with_devices_is_refused_without_what_brings_them() {
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+    let keeper = AgentKeeper::new(Box::new(FakeHost::new().agent()), "vm1");
     let live_update = Origin::LiveUpdate {
         devices: Vec::new(),
+        earlier_iommu: None,
+        keeper: Box::new(keeper),
         paused_at: None,
         retrieve_ram_ms: 0.0,
     };
