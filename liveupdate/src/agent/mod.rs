@@ -6,11 +6,14 @@
 //! - [`ledger`]: which VM holds which session and when each phase began; it crosses the kexec
 //!   in a memfd of the agent's own session, so the next kernel's agent knows what to hand back.
 //! - [`keep`]: the ledger kept in a file within a boot, for an agent started again.
+//! - [`holder`]: a second process that keeps copies of the sessions the agent retrieved, for
+//!   an agent started again.
 //! - [`wire`]: the requests and replies.
 //! - [`server`]: the agent itself.
 //! - [`client`]: what a VMM calls.
 
 pub mod client;
+pub mod holder;
 pub mod keep;
 pub mod ledger;
 pub mod server;

@@ -10,6 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -17,6 +18,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
+use crate::agent::holder::{holder_socket, Holder};
 use crate::agent::keep::{self, Kept, Previous, TakeOverError};
 use crate::agent::ledger::{
     now_ms, Claimant, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN,
@@ -123,6 +125,8 @@ pub struct Agent {
     /// What a claimed VM's restores left for the next one (`Request::Keep`), until the VM
     /// is finished or released.
     kept: BTreeMap<String, KeptForRetry>,
+    /// A copy of `incoming` and `kept` in a second process, for an agent started again.
+    holder: Option<Holder>,
     /// The previous kernel's agent session, kept until every VM in its ledger is finished
     /// or released.
     agent_session: Option<IncomingSession>,
@@ -134,8 +138,10 @@ impl Agent {
     /// preserved, or, for an agent started again in this boot, the copy the last one kept in
     /// the ledger file beside `socket`. A ledger that cannot be read is never replaced by an
     /// empty one: the agent refuses to start unless the operator names the VMs whose sessions
-    /// wait (`rebuild`), as LUO offers no list of incoming sessions.
-    pub fn start(socket: &Path, rebuild: &[String]) -> Result<Agent, AgentError> {
+    /// wait (`rebuild`), as LUO offers no list of incoming sessions. After a kexec the agent
+    /// keeps a copy of what it retrieves with its holder (on the socket beside its own, started
+    /// with `holder` when none answers there), and takes back what the holder has.
+    pub fn start(socket: &Path, rebuild: &[String], holder: Command) -> Result<Agent, AgentError> {
         // One fd per VM's session: the usual soft limit would stop the agent short of 1000 VMs.
         match unix::raise_fd_limit() {
             Ok(limit) => log::info!("agent: up to {limit} open fds"),
@@ -185,11 +191,75 @@ impl Agent {
             outgoing: BTreeMap::new(),
             incoming: BTreeMap::new(),
             kept: BTreeMap::new(),
+            holder: None,
             agent_session,
             pending: None,
         };
+        if agent.ledger.has_incoming() {
+            match Holder::ensure(&holder_socket(socket), holder) {
+                Ok(holder) => agent.take_back(holder),
+                Err(e) => log::warn!(
+                    "agent: no fd holder ({e}): should this agent die, a VM whose restore \
+                     failed would be lost"
+                ),
+            }
+        }
         agent.keep_ledger();
         Ok(agent)
+    }
+
+    /// Takes back from `holder` the sessions an earlier agent of this boot retrieved, and what
+    /// failed restores left with it: those of every VM claimed or failed in the ledger.
+    fn take_back(&mut self, holder: Holder) {
+        for record in &self.ledger.vms {
+            if !matches!(record.phase, VmPhase::Claimed | VmPhase::Failed) {
+                continue;
+            }
+            let vm = &record.vm;
+            match (
+                holder.take(&held_session(vm)),
+                SessionName::new(&record.session),
+            ) {
+                (Ok(Some((_, fds))), Ok(name)) if fds.len() == 1 => {
+                    let fd = fds
+                        .into_iter()
+                        .next()
+                        .map(|fd| IncomingSession::from_fd(fd, name));
+                    self.incoming
+                        .extend(fd.map(|session| (vm.clone(), session)));
+                    log::info!("agent: took VM {vm}'s session back from the holder");
+                }
+                (Ok(None), _) => log::error!(
+                    "agent: VM {vm}'s session was retrieved in this boot and the holder has no \
+                     copy of it: it is lost"
+                ),
+                (Err(e), _) => log::error!("agent: cannot ask the holder for VM {vm}: {e}"),
+                (Ok(Some(_)), name) => log::error!(
+                    "agent: the holder's copy of VM {vm}'s session is not one session fd \
+                     ({name:?})"
+                ),
+            }
+            match holder.take(&held_kept(vm)) {
+                Ok(Some((note, fds))) => {
+                    self.kept.insert(vm.clone(), KeptForRetry { note, fds });
+                }
+                Ok(None) => {}
+                Err(e) => log::error!("agent: cannot ask the holder for VM {vm}'s files: {e}"),
+            }
+        }
+        self.holder = Some(holder);
+    }
+
+    /// Leaves a copy of `fds` with the holder under `name`.
+    fn hold(&self, name: &str, note: &str, fds: &[&OwnedFd]) {
+        if let Some(holder) = &self.holder {
+            if let Err(e) = holder.put(name, note, fds) {
+                log::warn!(
+                    "agent: the holder did not take {name} ({e}); should this agent die, it \
+                     would be lost"
+                );
+            }
+        }
     }
 
     /// Writes the ledger file, and lets go of the previous kernel's agent session once no VM
@@ -203,6 +273,11 @@ impl Agent {
             );
         }
         if !self.ledger.has_incoming() {
+            if let Some(holder) = self.holder.take() {
+                if let Err(e) = holder.done() {
+                    log::warn!("agent: cannot end the holder: {e}");
+                }
+            }
             if let Some(session) = self.agent_session.take() {
                 match session.finish() {
                     Ok(()) => log::info!("agent: every VM is restored or released"),
@@ -210,7 +285,8 @@ impl Agent {
                 }
             }
         }
-        // The sessions of VMs that are done (finished or released) are let go of.
+        // The sessions of VMs that are done (finished or released) are let go of, here and
+        // in the holder.
         let ledger = &self.ledger;
         let wanted = |vm: &String| {
             ledger
@@ -218,8 +294,22 @@ impl Agent {
                 .iter()
                 .any(|r| &r.vm == vm && matches!(r.phase, VmPhase::Claimed | VmPhase::Failed))
         };
+        let done: BTreeSet<String> = (self.incoming.keys())
+            .chain(self.kept.keys())
+            .filter(|vm| !wanted(vm))
+            .cloned()
+            .collect();
         self.incoming.retain(|vm, _| wanted(vm));
         self.kept.retain(|vm, _| wanted(vm));
+        if let Some(holder) = &self.holder {
+            for vm in done {
+                for name in [held_session(&vm), held_kept(&vm)] {
+                    if let Err(e) = holder.release(&name) {
+                        log::warn!("agent: the holder did not let go of {name}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Serves clients on its socket (created 0600) until the kexec. The loop sleeps in `poll`
@@ -391,15 +481,14 @@ impl Agent {
             }
             Request::Release { vm } => {
                 self.ledger.release(&vm)?;
-                // The kernel unpreserves once the VMM's copy is closed too.
+                // The kernel unpreserves once the VMM's copy is closed too. An incoming
+                // session goes once the ledger is kept (`keep_ledger`).
                 self.outgoing.remove(&vm);
-                self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} released its session");
                 Ok((Reply::ok(), none(), After::Nothing))
             }
             Request::Finished { vm } => {
                 self.ledger.finished(&vm, now)?;
-                self.incoming.remove(&vm);
                 log::info!("agent: VM {vm} is restored and its session finished");
                 Ok((Reply::ok(), none(), After::Nothing))
             }
@@ -409,6 +498,8 @@ impl Agent {
                     "agent: VM {vm}'s restore leaves {} fds for a retry: {note}",
                     fds.len()
                 );
+                let refs: Vec<&OwnedFd> = fds.iter().collect();
+                self.hold(&held_kept(&vm), &note, &refs);
                 self.kept.insert(vm, KeptForRetry { note, fds });
                 Ok((Reply::ok(), none(), After::Nothing))
             }
@@ -493,7 +584,15 @@ impl Agent {
                 let session = match self.incoming.get(&vm) {
                     Some(session) => session,
                     None => match self.luo.retrieve_session(&name) {
-                        Ok(session) => self.incoming.entry(vm.clone()).or_insert(session),
+                        Ok(session) => {
+                            match session.as_fd().try_clone_to_owned() {
+                                Ok(copy) => self.hold(&held_session(&vm), "", &[&copy]),
+                                Err(e) => log::warn!(
+                                    "agent: cannot copy VM {vm}'s session for the holder: {e}"
+                                ),
+                            }
+                            self.incoming.entry(vm.clone()).or_insert(session)
+                        }
                         Err(e) => {
                             self.ledger.unclaim(&vm);
                             return Err(e.into());
@@ -535,6 +634,16 @@ impl Agent {
             ..Reply::ok()
         }
     }
+}
+
+/// The holder's name for VM `vm`'s incoming session.
+fn held_session(vm: &str) -> String {
+    format!("session/{vm}")
+}
+
+/// The holder's name for what VM `vm`'s failed restores left.
+fn held_kept(vm: &str) -> String {
+    format!("kept/{vm}")
 }
 
 fn with_session(name: &SessionName) -> Reply {
@@ -612,7 +721,7 @@ fn peer_of(stream: &UnixStream) -> Result<Claimant, AgentError> {
 
 /// Creates the agent's socket, mode 0600, and the directory it lives in. A socket nobody
 /// serves any more (an agent killed) is replaced; a live one is refused.
-fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
+pub(crate) fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| AgentError::Socket {
             path: path.to_path_buf(),

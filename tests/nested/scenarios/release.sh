@@ -5,7 +5,8 @@
 # iommufd. r1 is then restored again: the agent kept that iommufd, so the next restore
 # carries on in it, and the guest's device and memory must work. r2 is released without a
 # restore, after a release killed right after its claim: its device, incoming (the kernel
-# refuses its normal open with EBUSY) until then, must open normally afterwards.
+# refuses its normal open with EBUSY) until then, must open normally afterwards. Between the
+# two, the agent is killed and started again.
 stage=$1
 cd /tmp
 . /luvmm/steps.sh
@@ -13,9 +14,15 @@ agent_sock=/tmp/agent.sock
 set -- $(ls -d /sys/bus/pci/drivers/vfio-pci/0000:00:* | head -2)
 bdf1=${1##*/}
 bdf2=${2##*/}
-luvmm agent serve --socket $agent_sock 2>agent.err &
-i=0
-while [ ! -S $agent_sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+start_agent() { # start_agent: serves the agent on $agent_sock; its pid in $agent
+    luvmm agent serve --socket $agent_sock 2>>agent.err &
+    agent=$!
+    i=0
+    while ! luvmm agent status --socket $agent_sock >/dev/null 2>&1 && [ $i -lt 100 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+}
+start_agent
 killed_at() { # killed_at FAULT VM: a restore of VM killed where FAULT stops it; sets $bound
     # to 1 when the restore got there
     LUVMM_TEST_FAULTS=$1 luvmm restore --session "$2" --agent-socket $agent_sock \
@@ -49,6 +56,12 @@ case "$stage" in
     unrecorded=$bound
     found=$(grep -c "found bound by the failed restore, which had not recorded it" killed-r1.err)
     killed_at stop-after-device-bind r1
+    # The agent killed and started again: it takes r1's session and iommufd back from its
+    # holder (the session was retrieved in this boot; LUO would not give it again).
+    kill -9 $agent
+    wait $agent 2>/dev/null
+    start_agent
+    took=$(grep -c "took VM r1's session back from the holder" agent.err)
     luvmm restore --session r1 --agent-socket $agent_sock --serial ./r1b.log \
         --api-socket r1b.sock 2> r1b.err &
     r1=$!
@@ -62,6 +75,9 @@ case "$stage" in
     round=$(grep "LUVMM-ROUND ok n=1 " r1b.log)
     memory=$(grep "LUVMM-CHECK" r1b.log | tail -1)
     status=$(luvmm agent status --socket $agent_sock)
+    result nothing_lost_an_agent_killed_after_a_failed_restore_takes_its_session_back \
+        $([ "$took" = 1 ] && echo "$memory" | grep -q "LUVMM-CHECK ok"; echo $?) \
+        "took back: $took; check: $memory; $(grep "agent" agent.err | tail -5 | tr '\n' ' ')"
     result nothing_lost_a_restore_killed_after_it_bound_a_preserved_device_can_be_run_again \
         $([ "$unrecorded" = 1 ] && [ "$found" = 0 ] && [ "$bound" = 1 ] \
             && grep -q "found bound by the failed restore, which had not recorded it" killed-r1.err \
@@ -95,4 +111,5 @@ case "$stage" in
     dmesg | grep "luvmm-lu" | sed 's/^/LUVMM-L1 log /'
     ;;
 esac
-kill %1 2>/dev/null
+sed 's/^/LUVMM-L1 log agent: /' agent.err
+kill $agent 2>/dev/null

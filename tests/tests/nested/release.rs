@@ -31,6 +31,7 @@ fn vfio_lu_release_frees_a_preserved_device_without_a_restore() {
         "nothing_lost_",
         &[
             "a_restore_killed_after_it_bound_a_preserved_device_can_be_run_again",
+            "an_agent_killed_after_a_failed_restore_takes_its_session_back",
             "a_release_killed_after_its_claim_leaves_the_session",
             "a_release_frees_a_device_a_killed_restore_left_bound",
         ],

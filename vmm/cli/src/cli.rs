@@ -186,6 +186,14 @@ pub enum AgentAction {
         #[arg(long, default_value = "on", value_name = "on|off")]
         seccomp: SeccompMode,
     },
+    /// Keep copies of the sessions the agent retrieves after a kexec, on the socket beside
+    /// the agent's, for an agent started again (the agent starts it; it exits once it keeps
+    /// nothing).
+    Hold {
+        /// Serve under the agent's seccomp filter (on), or without (off, for debugging).
+        #[arg(long, default_value = "on", value_name = "on|off")]
+        seccomp: SeccompMode,
+    },
     /// Print the agent's ledger (VMs, sessions, phases and their times) as JSON.
     Status,
     /// Kexec the host into KERNEL once every subscribed VM is ready (refused otherwise).

@@ -1,12 +1,13 @@
 //! `luvmm`: see `luvmm --help`.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use luvmm::cli::{self, AgentAction, Cli, Command, UpdateCommand};
 use luvmm::{bench, drill};
-use luvmm_liveupdate::agent::{Agent, AgentClient, AgentClientError, AgentError};
+use luvmm_liveupdate::agent::{holder, Agent, AgentClient, AgentClientError, AgentError};
 use luvmm_liveupdate::luo::kexec::KexecError;
 use luvmm_resources::config::ConfigError;
 use luvmm_resources::errors::error_chain;
@@ -17,7 +18,7 @@ use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::outputs::{self, OutputError};
 use luvmm_vmm::restore::RestoreError;
 use luvmm_vmm::runtime::RuntimeError;
-use luvmm_vmm::seccomp::{self, SeccompError, ThreadKind};
+use luvmm_vmm::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
 use luvmm_vmm::update::finish::FinishError;
 use luvmm_vmm::update::release::ReleaseError;
@@ -31,6 +32,8 @@ use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
 enum CommandError {
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error("cannot find this program, to start the agent's holder with it")]
+    SelfExe(#[source] std::io::Error),
     #[error("cannot build the VM config")]
     Config(#[from] ConfigError),
     #[error("cannot use KVM")]
@@ -145,10 +148,21 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                 seccomp,
             } => {
                 seccomp::init(seccomp)?;
-                let agent = Agent::start(&args.socket, &rebuild_ledger)?;
+                let agent = Agent::start(
+                    &args.socket,
+                    &rebuild_ledger,
+                    holder_command(&args.socket, seccomp)?,
+                )?;
                 // Before the agent creates its socket and serves its first client.
                 seccomp::apply(ThreadKind::Agent, "luvmm-agent")?;
                 agent.serve()?;
+                Ok(ExitCode::SUCCESS)
+            }
+            AgentAction::Hold { seccomp } => {
+                seccomp::init(seccomp)?;
+                // The agent's filter: the holder makes a subset of the agent's calls.
+                seccomp::apply(ThreadKind::Agent, "luvmm-agent-holder")?;
+                holder::hold(&holder::holder_socket(&args.socket))?;
                 Ok(ExitCode::SUCCESS)
             }
             AgentAction::Update {
@@ -240,6 +254,24 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
 /// `luvmm restore`. Everything that can fail is done before a handover is confirmed (or a
 /// session finished): the API socket bound beside its path, the VM rebuilt. A restore from a
 /// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
+/// How the agent starts its holder: this program, `agent hold`, on the agent's socket and
+/// with the agent's seccomp mode.
+fn holder_command(socket: &Path, mode: SeccompMode) -> Result<std::process::Command, CommandError> {
+    let program = std::env::current_exe().map_err(CommandError::SelfExe)?;
+    let mut command = std::process::Command::new(program);
+    command
+        .arg("agent")
+        .arg("--socket")
+        .arg(socket)
+        .arg("hold")
+        .arg("--seccomp");
+    command.arg(match mode {
+        SeccompMode::On => "on",
+        SeccompMode::Off => "off",
+    });
+    Ok(command)
+}
+
 fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     seccomp::init(args.common.seccomp)?;
     let api_path = args.common.api_socket.as_deref();
