@@ -38,6 +38,7 @@ use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
+use crate::vstate::x86_64::tsc_carry::{self, Carry};
 
 /// Building a VM failed; nothing of it is left running.
 #[derive(Debug, thiserror::Error)]
@@ -326,11 +327,21 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         events.exit.try_clone().map_err(BuildError::EventFd)?,
     )?;
     let mut vcpus = Vec::with_capacity(saved.vcpus.len());
+    // The kvmclock as it runs again, for the TSCs to move on as far as it did since the save.
+    let now = vm.clock()?;
+    let mut carry = Carry::Not;
     for vcpu_state in &saved.vcpus {
-        let vcpu = Vcpu::new(&vm, vcpu_state.id, &ctx)?;
-        vcpu.restore_state(vcpu_state)?;
+        let mut vcpu = Vcpu::new(&vm, vcpu_state.id, &ctx)?;
+        let carried = vcpu.restore_state(vcpu_state, Some((&saved.vm.clock, &now)))?;
+        if vcpus.is_empty() {
+            carry = carried;
+        }
         vcpus.push(vcpu);
     }
+    if !matches!(carry, Carry::ByStamps { .. }) {
+        carry = carry_by_stamps(&vm, &saved, &vcpus)?.unwrap_or(carry);
+    }
+    say_tsc_carry(carry, saved.vcpus.first().and_then(|v| v.tsc_khz));
     let handles = start_all(vcpus)?;
     timings.vcpus_ms = lap.next();
     // The guest reports on its memory as soon as it runs again.
@@ -457,6 +468,51 @@ fn io_bus(devices: &Devices) -> Result<Arc<IoManager>, BuildError> {
         source,
     })?;
     Ok(Arc::new(io))
+}
+
+/// KVM runs no master clock for a VM without vCPUs, so the kvmclock read before they were
+/// made has no host TSC stamp. With them made and their TSCs written, the clock is put back
+/// again and read with its stamp: where every vCPU can take the exact offset it gives
+/// (`tsc_carry`), each does, in place of the written-back TSC. Returns the first vCPU's.
+fn carry_by_stamps(
+    vm: &KvmVm,
+    saved: &VmState,
+    vcpus: &[Vcpu],
+) -> Result<Option<Carry>, BuildError> {
+    vm.restore_clock(&saved.vm.clock)?;
+    let now = vm.clock()?;
+    let plans: Vec<Carry> = vcpus
+        .iter()
+        .zip(&saved.vcpus)
+        .map(|(vcpu, state)| tsc_carry::plan(state, &saved.vm.clock, &now, !vcpu.tsc_scaled()))
+        .collect();
+    if !plans.iter().all(|p| matches!(p, Carry::ByStamps { .. })) {
+        return Ok(None);
+    }
+    for (vcpu, plan) in vcpus.iter().zip(&plans) {
+        if let Carry::ByStamps { offset, .. } = plan {
+            vcpu.set_tsc_offset(*offset)?;
+        }
+    }
+    Ok(plans.first().copied())
+}
+
+/// Says how the first vCPU's TSC moved on over the pause.
+fn say_tsc_carry(carry: Carry, khz: Option<u32>) {
+    let ms = |ticks: i64| ticks as f64 / f64::from(khz.unwrap_or(1).max(1));
+    match carry {
+        Carry::ByStamps { ticks, .. } => log::info!(
+            "guest TSC moved on {:.1} ms with the kvmclock, by a new offset from the host TSC \
+             stamps",
+            ms(ticks)
+        ),
+        Carry::ByClock { ticks, .. } => log::info!(
+            "guest TSC moved on {:.1} ms with the kvmclock, written back (no host TSC stamp on \
+             both ends, or a scaled TSC)",
+            ms(ticks)
+        ),
+        Carry::Not => {}
+    }
 }
 
 fn start_all(vcpus: Vec<Vcpu>) -> Result<Vec<crate::vstate::vcpu::VcpuHandle>, BuildError> {

@@ -36,7 +36,7 @@ pub const STATE_MAGIC: [u8; 8] = *b"LUVMMSTA";
 /// Incompatible format changes bump this.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Backward-compatible additions bump this.
-pub const FORMAT_MINOR: u16 = 4;
+pub const FORMAT_MINOR: u16 = 5;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Largest body accepted: a real state is tens of KiB per vCPU, so anything near this is damage.

@@ -94,6 +94,11 @@ pub struct VcpuState {
     pub debug_regs: kvm_debugregs,
     /// TSC frequency in kHz, when KVM reports one.
     pub tsc_khz: Option<u32>,
+    /// The TSC's offset from the host's (`KVM_VCPU_TSC_OFFSET`), where KVM gives it and the
+    /// TSC ran unscaled: with the kvmclock's host TSC stamp it lets a restore move the guest's
+    /// TSC on over the pause exactly (format 1.5).
+    #[serde(default)]
+    pub tsc_offset: Option<u64>,
     /// MSRs on KVM's save list that this vCPU refused to read, by name: their values are not
     /// in `msrs` and the restored vCPU keeps KVM's defaults for them (format 1.2).
     #[serde(default)]
@@ -426,6 +431,7 @@ mod tests {
             mp_state: kvm_mp_state::default(),
             debug_regs: kvm_debugregs::default(),
             tsc_khz: Some(2_000_000),
+            tsc_offset: Some(5u64.wrapping_neg()),
             unreadable_msrs: vec!["MSR_IA32_TSX_CTRL (0x122)".into()],
         }
     }
@@ -511,6 +517,7 @@ mod tests {
         assert_eq!(back.vcpus[0].cpuid[0].eax, 0x806f0);
         assert_eq!(back.vcpus[0].msrs[0].data, 12345);
         assert_eq!(back.vcpus[0].tsc_khz, Some(2_000_000));
+        assert_eq!(back.vcpus[0].tsc_offset, Some(5u64.wrapping_neg()));
         assert_eq!(back.vm.clock.clock, 42);
         assert_eq!(back.devices, original.devices);
     }

@@ -91,7 +91,20 @@ static struct {
 static struct {
     int backwards;
     uint64_t longest_gap_ns;
+    /* Over one sampling period: CLOCK_MONOTONIC's progress minus the TSC's, the largest. */
+    int64_t tsc_lag_ns;
 } clk;
+
+/* TSC ticks per ns, measured at start. */
+static double tsc_per_ns;
+static uint64_t last_tsc;
+
+static uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
 
 static uint64_t now_ns(clockid_t id)
 {
@@ -649,15 +662,36 @@ static void *kmsg_loop(void *arg)
 
 static uint64_t last_sample;
 
-/* Under the lock: one sample of CLOCK_MONOTONIC, from the sampler or from a check. */
+/*
+ * Under the lock: one sample of CLOCK_MONOTONIC, from the sampler or from a check, and of the
+ * TSC: over a pause the two must move on together (a TSC left where it stopped lags by the
+ * whole pause).
+ */
 static void clock_sample(void)
 {
     uint64_t t = now_ns(CLOCK_MONOTONIC);
+    uint64_t c = rdtsc();
     if (t < last_sample)
         clk.backwards = 1;
     else if (t - last_sample > clk.longest_gap_ns)
         clk.longest_gap_ns = t - last_sample;
+    if (tsc_per_ns > 0) {
+        int64_t tsc_ns = (int64_t)((double)(int64_t)(c - last_tsc) / tsc_per_ns);
+        int64_t lag = (int64_t)(t - last_sample) - tsc_ns;
+        if (llabs(lag) > llabs(clk.tsc_lag_ns))
+            clk.tsc_lag_ns = lag;
+    }
     last_sample = t;
+    last_tsc = c;
+}
+
+/* The TSC's rate against CLOCK_MONOTONIC, over 200 ms. */
+static void calibrate_tsc(void)
+{
+    uint64_t t0 = now_ns(CLOCK_MONOTONIC), c0 = rdtsc();
+    sleep_ms(200);
+    uint64_t t1 = now_ns(CLOCK_MONOTONIC), c1 = rdtsc();
+    tsc_per_ns = (double)(c1 - c0) / (double)(t1 - t0);
 }
 
 static void *clock_loop(void *arg)
@@ -753,18 +787,21 @@ static void check(void)
     uint64_t warning_count = klog.count, resets = klog.controller_resets;
     int backwards = clk.backwards;
     double gap_ms = (double)clk.longest_gap_ns / 1e6;
+    double tsc_lag_ms = (double)clk.tsc_lag_ns / 1e6;
     /*
      * The longest stall and gap are per check: each says what the span since the last saw. A
      * stall still going on at a check counts here and again, whole, in the span it ends in.
      */
     io.longest_stall_ns = 0;
     clk.longest_gap_ns = 0;
+    clk.tsc_lag_ns = 0;
     pthread_mutex_unlock(&lock);
     emit("LUVMM-LINUX-CHECK {\"checks\":%" PRIu64 ",\"uptime_s\":%.3f,\"memory\":%s,\"io\":%s,"
          "\"kernel_warnings\":%s,\"kernel_warning_count\":%" PRIu64 ",\"controller_resets\":%" PRIu64
-         ",\"clock\":{\"realtime_offset_ms\":%.3f,\"monotonic_backwards\":%s,\"longest_gap_ms\":%.3f}}",
+         ",\"clock\":{\"realtime_offset_ms\":%.3f,\"monotonic_backwards\":%s,\"longest_gap_ms\":%.3f,"
+         "\"tsc_lag_ms\":%.3f}}",
          checks, (double)now_ns(CLOCK_BOOTTIME) / 1e9, memory, io_json, warnings, warning_count, resets,
-         offset_ms, backwards ? "true" : "false", gap_ms);
+         offset_ms, backwards ? "true" : "false", gap_ms, tsc_lag_ms);
 }
 
 static void requests_line(char *line, void *arg)
@@ -850,7 +887,9 @@ int main(int argc, char **argv)
     if (kmsg_is_device && fcntl(kmsg_fd, F_SETFL, O_NONBLOCK) != 0)
         die("make the kernel log non-blocking");
     start(kmsg_loop);
+    calibrate_tsc();
     last_sample = now_ns(CLOCK_MONOTONIC);
+    last_tsc = rdtsc();
     start(clock_loop);
     pthread_mutex_lock(&caught_up_lock);
     while (!kmsg_caught_up)

@@ -179,6 +179,28 @@ fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
     }
     let handed = check_no(run, checks, 3);
     require_clean(run, "after a handover", &handed, Some(&paused));
+    for (what, check) in [("the pause", &paused), ("the handover", &handed)] {
+        println!(
+            "over {what}: guest gap {:.0} ms, TSC lag {:.1} ms",
+            check.clock.longest_gap_ms, check.clock.tsc_lag_ms
+        );
+        require_tsc_with_clock(run, what, check, 200.0);
+    }
+}
+
+/// The guest's TSC moved on with its monotonic clock over `what`: a TSC left where the save
+/// found it lags by the whole blackout (half a second for a handover; its judge measures the
+/// lag to within tens of ms under TCG).
+fn require_tsc_with_clock(run: &L1Run, what: &str, check: &LinuxCheck, limit_ms: f64) {
+    if check.clock.tsc_lag_ms.abs() > limit_ms {
+        fail(
+            run,
+            &format!(
+                "over {what} the guest's TSC lags its monotonic clock by {:.0} ms (gap {:.0} ms)",
+                check.clock.tsc_lag_ms, check.clock.longest_gap_ms
+            ),
+        );
+    }
 }
 
 /// The damage check: a handover whose target does not put the saved kvmclock back leaves the
@@ -240,10 +262,12 @@ fn linux_guest_host_update_keep_mode_loses_nothing() {
     let after = check_no(&run, &checks, 2);
     require_clean(&run, "after the host update", &after, Some(&before));
     println!(
-        "guest-seen stall {:.0} ms (longest I/O stall {:.0} ms)",
+        "guest-seen stall {:.0} ms (longest I/O stall {:.0} ms), TSC lag {:.1} ms",
         after.clock.longest_gap_ms,
-        after.io.as_ref().map_or(0.0, |io| io.longest_stall_ms)
+        after.io.as_ref().map_or(0.0, |io| io.longest_stall_ms),
+        after.clock.tsc_lag_ms
     );
+    require_tsc_with_clock(&run, "the host update", &after, 200.0);
 }
 
 /// The host live update with the handler in `reset` mode, the proposed upstream behaviour: the

@@ -35,6 +35,7 @@ ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
 ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
+ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
 
 // The VM's: its clock and interrupt controllers for a save, memslots and interrupt routes
 // for passthrough devices, and the KVM VFIO pseudo-device.
@@ -98,6 +99,8 @@ pub(super) fn vcpu_own() -> Vec<u64> {
         KVM_GET_VCPU_EVENTS(),
         KVM_GET_DEBUGREGS(),
         KVM_GET_TSC_KHZ(),
+        // The TSC offset (`KVM_VCPU_TSC_OFFSET`).
+        KVM_GET_DEVICE_ATTR(),
         KVM_GET_XSAVE(),
         KVM_GET_XSAVE2(),
         KVM_GET_XCRS(),

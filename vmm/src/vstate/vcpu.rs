@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use luvmm_resources::config::CpuTemplate;
 use luvmm_resources::state::VcpuState;
@@ -22,6 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::exit::{RunError, RunExit};
 use super::vm::KvmVm;
 use super::x86_64::msr::{msrs_to_save, MsrError};
+use super::x86_64::tsc_carry::{self, Carry};
 use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
@@ -162,6 +164,8 @@ pub struct Vcpu {
     msrs_to_save: Arc<Vec<u32>>,
     xsave_area: XsaveArea,
     tsc_scaling: bool,
+    /// KVM scales this vCPU's TSC (a restore gave it a rate beyond KVM's tolerance).
+    tsc_scaled: bool,
     exit_evt: EventFd,
 }
 
@@ -208,6 +212,7 @@ impl Vcpu {
             msrs_to_save: ctx.msrs_to_save.clone(),
             xsave_area: vm.xsave_area(),
             tsc_scaling: ctx.tsc_scaling,
+            tsc_scaled: false,
             exit_evt,
         })
     }
@@ -231,22 +236,47 @@ impl Vcpu {
 
     /// Reads the whole architectural state (see [`state::save_state`]).
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
-        state::save_state(&self.fd, self.id, &self.msrs_to_save, self.xsave_area).map_err(
-            |source| VcpuError::Save {
-                id: self.id,
-                source,
-            },
+        state::save_state(
+            &self.fd,
+            self.id,
+            &self.msrs_to_save,
+            self.xsave_area,
+            self.tsc_scaled,
         )
+        .map_err(|source| VcpuError::Save {
+            id: self.id,
+            source,
+        })
     }
 
-    /// Writes back a saved state (see [`state::restore_state`]).
-    pub fn restore_state(&self, saved: &VcpuState) -> Result<(), VcpuError> {
-        state::restore_state(&self.fd, saved, self.xsave_area, self.tsc_scaling).map_err(|source| {
-            VcpuError::Restore {
-                id: self.id,
-                source,
-            }
+    /// Whether KVM scales this vCPU's TSC.
+    pub fn tsc_scaled(&self) -> bool {
+        self.tsc_scaled
+    }
+
+    /// Gives the vCPU's TSC `offset` from the host's (see [`tsc_carry`]).
+    pub fn set_tsc_offset(&self, offset: u64) -> Result<(), VcpuError> {
+        tsc_carry::write_tsc_offset(&self.fd, offset).map_err(|source| VcpuError::Restore {
+            id: self.id,
+            source: source.into(),
         })
+    }
+
+    /// Writes back a saved state, its TSC moved on by the kvmclock's progress from the save's
+    /// reading to the given one (`clocks`: then, now; see [`state::restore_state`]).
+    pub fn restore_state(
+        &mut self,
+        saved: &VcpuState,
+        clocks: Option<(&kvm_clock_data, &kvm_clock_data)>,
+    ) -> Result<Carry, VcpuError> {
+        let restored =
+            state::restore_state(&self.fd, saved, self.xsave_area, self.tsc_scaling, clocks);
+        let (scaled, carry) = restored.map_err(|source| VcpuError::Restore {
+            id: self.id,
+            source,
+        })?;
+        self.tsc_scaled = scaled;
+        Ok(carry)
     }
 
     /// Starts the vCPU thread, paused.

@@ -213,6 +213,11 @@ impl KvmVm {
         })
     }
 
+    /// The kvmclock now, with its host TSC stamp where KVM gives one.
+    pub fn clock(&self) -> Result<kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))
+    }
+
     /// Writes back what [`KvmVm::save_state`] read.
     pub fn restore_state(&self, state: &KvmVmState) -> Result<(), VmError> {
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
@@ -223,15 +228,21 @@ impl KvmVm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(ioctl("KVM_SET_PIT2"))?;
+        self.restore_clock(&state.clock)
+    }
+
+    /// Puts the saved kvmclock back. KVM_SET_CLOCK takes only the REALTIME flag; with it, KVM
+    /// advances the clock by the host time that passed since the save, so the guest does not
+    /// see time stand still. Asked again once the vCPUs are there, it lets KVM run its master
+    /// clock (which needs every vCPU's TSC in step), and so give the host TSC stamp.
+    pub fn restore_clock(&self, saved: &kvm_clock_data) -> Result<(), VmError> {
         if faults::armed(Fault::NoKvmclockRestore) {
             log::warn!("test fault: the saved kvmclock is not put back");
             return Ok(());
         }
-        // KVM_SET_CLOCK takes only the REALTIME flag; with it, KVM advances the clock by the
-        // host time that passed since the save, so the guest does not see time stand still.
         let clock = kvm_clock_data {
-            flags: state.clock.flags & KVM_CLOCK_REALTIME,
-            ..state.clock
+            flags: saved.flags & KVM_CLOCK_REALTIME,
+            ..*saved
         };
         self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
     }

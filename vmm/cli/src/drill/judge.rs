@@ -84,6 +84,10 @@ pub struct LinuxClock {
     /// The largest gap between two of the judge's ~1 ms samples of CLOCK_MONOTONIC since the
     /// previous check: the longest the guest saw itself stopped.
     pub longest_gap_ms: f64,
+    /// Over one of those samples, the most CLOCK_MONOTONIC moved on beyond the TSC (signed):
+    /// a guest TSC left standing over a pause lags by the pause.
+    #[serde(default)]
+    pub tsc_lag_ms: f64,
 }
 
 impl LinuxCheck {

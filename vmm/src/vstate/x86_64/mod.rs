@@ -1,6 +1,6 @@
 //! The x86 architectural state of a vCPU: how a fresh one is set up for boot, how its state is
-//! saved and put back, and the parts of it that need a policy of their own (MSRs, the TSC rate,
-//! the XSAVE area).
+//! saved and put back, and the parts of it that need a policy of their own (MSRs, the TSC rate
+//! and its progress over a pause, the XSAVE area).
 //!
 //! Everything here works on a `VcpuFd` and knows nothing of the vCPU thread.
 
@@ -10,6 +10,7 @@ pub mod msr;
 pub mod regs;
 pub mod state;
 pub mod tsc;
+pub mod tsc_carry;
 pub mod xsave;
 
 use msr::MsrError;
@@ -35,6 +36,9 @@ pub enum ArchError {
     /// The saved TSC rate cannot be kept.
     #[error(transparent)]
     Tsc(#[from] TscError),
+    /// The guest's TSC could not be moved on over the pause.
+    #[error(transparent)]
+    TscOffset(#[from] tsc_carry::OffsetError),
     /// The XSAVE area could not be read or written.
     #[error(transparent)]
     Xsave(#[from] XsaveError),

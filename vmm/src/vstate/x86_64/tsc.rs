@@ -94,15 +94,16 @@ fn rate_plan(saved: u32, host: u32, kvm_scales: bool) -> Result<RatePlan, TscErr
 
 /// Gives vCPU `id` the saved rate `saved` kHz before it takes any other state: scaled by
 /// KVM, or left at this host's rate when that is close enough (and said), or refused.
-/// A state without a rate (KVM did not report one) leaves the vCPU as it is.
+/// A state without a rate (KVM did not report one) leaves the vCPU as it is. Returns whether
+/// KVM now scales the vCPU's TSC (a rate beyond its tolerance, on a CPU that scales).
 pub fn restore_tsc_rate(
     vcpu: &VcpuFd,
     id: u32,
     saved: Option<u32>,
     kvm_scales: bool,
-) -> Result<(), TscError> {
+) -> Result<bool, TscError> {
     let (Some(saved), Ok(host)) = (saved, vcpu.get_tsc_khz()) else {
-        return Ok(());
+        return Ok(false);
     };
     let plan = rate_plan(saved, host, kvm_scales)?;
     if matches!(plan, RatePlan::Set | RatePlan::CatchUp { .. }) {
@@ -113,24 +114,24 @@ pub fn restore_tsc_rate(
         })?;
     }
     match plan {
-        RatePlan::Keep => Ok(()),
+        RatePlan::Keep => Ok(false),
         RatePlan::Set => {
             log::info!("vCPU {id}: TSC set from {host} kHz to the saved {saved} kHz");
-            Ok(())
+            Ok(kvm_scales && drift_ppm(saved, host) > KVM_TOLERANCE_PPM)
         }
         RatePlan::CatchUp { ppm } => {
             log::warn!(
                 "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz, {ppm} ppm above \
                  this host's {host} kHz; it keeps the rate by catching the TSC up"
             );
-            Ok(())
+            Ok(false)
         }
         RatePlan::Unscaled { ppm } => {
             log::warn!(
                 "vCPU {id}: KVM cannot scale the TSC to the saved {saved} kHz; it runs at \
                  this host's {host} kHz, {ppm} ppm off"
             );
-            Ok(())
+            Ok(false)
         }
     }
 }
