@@ -67,7 +67,7 @@ struct Host {
     claims: u32,
     live_claims: BTreeSet<u32>,
     /// What restores left for the next one, per VM.
-    kept: BTreeMap<String, (String, Vec<OwnedFd>)>,
+    kept: BTreeMap<String, KeptFiles>,
 }
 
 /// The fake host: clone it freely, every clone is the same host.
@@ -307,7 +307,11 @@ impl UpdateAgent for FakeAgent {
             .map(|fd| OwnedFd::try_clone(fd))
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| refused("keep", e))?;
-        host.kept.insert(vm.to_string(), (note.to_string(), copies));
+        let kept = KeptFiles {
+            note: note.to_string(),
+            fds: copies,
+        };
+        host.kept.insert(vm.to_string(), kept);
         Ok(())
     }
 
@@ -317,18 +321,11 @@ impl UpdateAgent for FakeAgent {
         host.ledger
             .check_claimant(vm, claimant)
             .map_err(|e| refused("kept", e))?;
-        let Some((note, fds)) = host.kept.get(vm) else {
-            return Ok(None);
-        };
-        let fds = fds
-            .iter()
-            .map(OwnedFd::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| refused("kept", e))?;
-        Ok(Some(KeptFiles {
-            note: note.clone(),
-            fds,
-        }))
+        host.kept
+            .get(vm)
+            .map(KeptFiles::try_clone)
+            .transpose()
+            .map_err(|e| refused("kept", e))
     }
 }
 

@@ -332,15 +332,18 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     let mut carry = Carry::Not;
     for vcpu_state in &saved.vcpus {
         let mut vcpu = Vcpu::new(&vm, vcpu_state.id, &ctx)?;
-        let carried = vcpu.restore_state(vcpu_state, Some((&saved.vm.clock, &now)))?;
+        let carried = tsc_carry::by_clock(vcpu_state, &saved.vm.clock, &now);
+        let tsc = match carried {
+            Carry::ByClock { tsc, .. } => Some(tsc),
+            Carry::ByStamps { .. } | Carry::Not => None,
+        };
+        vcpu.restore_state(vcpu_state, tsc)?;
         if vcpus.is_empty() {
             carry = carried;
         }
         vcpus.push(vcpu);
     }
-    if !matches!(carry, Carry::ByStamps { .. }) {
-        carry = carry_by_stamps(&vm, &saved, &vcpus)?.unwrap_or(carry);
-    }
+    carry = carry_by_stamps(&vm, &saved, &vcpus)?.unwrap_or(carry);
     say_tsc_carry(carry, saved.vcpus.first().and_then(|v| v.tsc_khz));
     let handles = start_all(vcpus)?;
     timings.vcpus_ms = lap.next();

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use luvmm_devices::pci::bus::{PciBus, PciDevice, SlotError};
 use luvmm_devices::pci::config::{BarKind, NUM_BARS};
 use luvmm_devices::vfio::{
-    adopt_cdev, open_by_bdf, open_into, take_retrieved_cdev, BoundRecord, EarlierBind, GuestMapper,
-    InterruptFds, IommuContext, IommuError, IrqRouter, PassthroughArgs, PassthroughError,
-    VfioDeviceFd, VfioPciDevice,
+    adopt_cdev, open_by_bdf, open_into, take_retrieved_cdev, BoundDevice, BoundRecord, EarlierBind,
+    GuestMapper, InterruptFds, IommuContext, IommuError, IrqRouter, PassthroughArgs,
+    PassthroughError, VfioDeviceFd, VfioPciDevice,
 };
 use luvmm_resources::allocator::{AddressAllocator, AllocError};
 use luvmm_resources::config::{BarMode, VfioBackendChoice};
@@ -297,7 +297,10 @@ impl Passthrough {
             return Ok((passthrough, Duration::ZERO));
         }
         let kvm_vfio = Some(args.kvm_vfio.clone());
-        let (context, mut record, mut unrecorded) = match retry.earlier {
+        // Only a retrieved device outlives this process bound to its iommufd: without one,
+        // nothing is left with the keeper.
+        let retrieved_any = retrieved.iter().any(Option::is_some);
+        let (context, mut bound, mut unrecorded) = match retry.earlier {
             Some((iommufd, earlier)) => {
                 let context = IommuContext::resume(iommufd, &earlier, kvm_vfio)?;
                 let unrecorded = unrecorded_device(&context, &earlier)?;
@@ -310,13 +313,16 @@ impl Passthrough {
                         ", and device object {id}, bound before it could record it"
                     ))
                 );
-                (context, earlier, unrecorded)
+                (context, earlier.devices, unrecorded)
             }
             None => {
                 let context = IommuContext::new(kvm_vfio)?;
-                let record = context.record(Vec::new());
-                retry.keeper.keep(context.iommufd(), &record)?;
-                (context, record, None)
+                if retrieved_any {
+                    retry
+                        .keeper
+                        .keep(context.iommufd(), &context.record(Vec::new()))?;
+                }
+                (context, Vec::new(), None)
             }
         };
         let context = passthrough.iommu.insert(context);
@@ -333,15 +339,16 @@ impl Passthrough {
                 );
                 continue;
             };
-            let earlier = earlier_bind(bdf, &record, &mut unrecorded);
-            let (host, bound) = take_retrieved_cdev(bdf, cdev, context, earlier)?;
+            let earlier = earlier_bind(bdf, &bound, &mut unrecorded);
+            let (host, device) = take_retrieved_cdev(bdf, cdev, context, earlier)?;
             if faults::armed(Fault::StopBeforeDeviceRecord) {
                 faults::stop_here();
             }
             if !matches!(earlier, EarlierBind::Recorded { .. }) {
-                record.devices.push(bound);
-                let now = context.record(record.devices.clone());
-                retry.keeper.keep(context.iommufd(), &now)?;
+                bound.push(device);
+                retry
+                    .keeper
+                    .keep(context.iommufd(), &context.record(bound.clone()))?;
             }
             log::info!(
                 "passthrough {bdf}: retrieved from its LUO session, {} in {:.1} ms",
@@ -577,7 +584,6 @@ fn replace(
     Ok(())
 }
 
-/// Each RAM region as a DMA mapping at IOVA == GPA, with its host address and memfd.
 /// The one device object of a failed restore's context that its record does not name: the
 /// device it was binding when it was stopped (it records each device as soon as it is bound).
 fn unrecorded_device(
@@ -596,11 +602,11 @@ fn unrecorded_device(
     }
 }
 
-/// What a failed restore did with device `bdf`: recorded it; or, for the first retrieved
+/// What a failed restore did with device `bdf`: `recorded` it; or, for the first retrieved
 /// device it did not record (it binds in state order), bound it as `unrecorded` before it
 /// could record it; or nothing.
-fn earlier_bind(bdf: &str, record: &BoundRecord, unrecorded: &mut Option<u32>) -> EarlierBind {
-    if let Some(d) = record.devices.iter().find(|d| d.bdf == bdf) {
+fn earlier_bind(bdf: &str, recorded: &[BoundDevice], unrecorded: &mut Option<u32>) -> EarlierBind {
+    if let Some(d) = recorded.iter().find(|d| d.bdf == bdf) {
         return EarlierBind::Recorded {
             dev_id: d.dev_id,
             hwpt_id: d.hwpt_id,
@@ -612,6 +618,7 @@ fn earlier_bind(bdf: &str, record: &BoundRecord, unrecorded: &mut Option<u32>) -
     }
 }
 
+/// Each RAM region as a DMA mapping at IOVA == GPA, with its host address and memfd.
 fn ram_mappings(ram: &GuestRam) -> Vec<(DmaMapping, *mut u8, &File)> {
     ram.memory()
         .iter()

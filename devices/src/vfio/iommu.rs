@@ -258,15 +258,10 @@ impl IommuContext {
         VfioDevice::new_from_bound_fd(cdev, Arc::clone(&self.ops), false)
     }
 
-    /// Attaches `device`, bound here, to a HWPT over the IOAS: one already allocated when the
-    /// device's IOMMU accepts it, else a new one. Returns the HWPT id.
-    pub fn attach(&mut self, device: &VfioDevice) -> Result<u32, IommuError> {
-        let dev_id = device.iommufd_dev_id().ok_or(IommuError::NotBound)?;
-        self.attach_as(device, dev_id)
-    }
-
-    /// As [`IommuContext::attach`], for a device bound here as `dev_id` by an earlier process.
-    pub fn attach_as(&mut self, device: &VfioDevice, dev_id: u32) -> Result<u32, IommuError> {
+    /// Attaches `device`, bound here as `dev_id` (by this process or an earlier one), to a HWPT
+    /// over the IOAS: one already allocated when the device's IOMMU accepts it, else a new
+    /// one. Returns the HWPT id.
+    pub fn attach(&mut self, device: &VfioDevice, dev_id: u32) -> Result<u32, IommuError> {
         for &hwpt in &self.hwpts {
             if device.attach_hwpt(hwpt).is_ok() {
                 return Ok(hwpt);

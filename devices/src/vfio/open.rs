@@ -202,7 +202,7 @@ pub fn take_retrieved_cdev(
         EarlierBind::Unrecorded { dev_id } => {
             let function = adopt_bound(bdf, cdev, context)?;
             let hwpt_id = context
-                .attach_as(function.device(), dev_id)
+                .attach(function.device(), dev_id)
                 .map_err(iommu_error(bdf))?;
             let host = HostDevice {
                 bdf: bdf.to_string(),
@@ -254,7 +254,7 @@ fn bind_into(
     // Wrapped before attaching, so a failed attach closes the fd the way luvmm does.
     let function = HostFunction::cdev(device);
     let hwpt_id = context
-        .attach_as(function.device(), dev_id)
+        .attach(function.device(), dev_id)
         .map_err(iommu_error(bdf))?;
     let host = HostDevice {
         bdf: name(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::ledger::Ledger;
-use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY};
+use crate::agent::wire::{recv_line, send_line, KeptFiles, Reply, Request, MAX_REPLY};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{IncomingSession, OutgoingSession, SessionName};
 
@@ -28,13 +28,6 @@ pub enum AgentClientError {
     Refused { op: &'static str, message: String },
     #[error("the agent's reply to {op} does not parse: {reason}")]
     BadReply { op: &'static str, reason: String },
-}
-
-/// What earlier restores of a VM left with the agent for the next one.
-#[derive(Debug)]
-pub struct KeptFiles {
-    pub note: String,
-    pub fds: Vec<OwnedFd>,
 }
 
 /// The agent behind a socket.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::server::{bind_socket, AgentError};
-use crate::agent::wire::{recv_line, send_line, Reply, MAX_REPLY, MAX_REQUEST};
+use crate::agent::wire::{recv_line, send_line, KeptFiles, Reply, MAX_REPLY, MAX_REQUEST};
 
 /// How long a request to the holder may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,17 +43,11 @@ enum HoldRequest {
     Done {},
 }
 
-/// What is kept under one name.
-struct Held {
-    note: String,
-    fds: Vec<OwnedFd>,
-}
-
 /// Serves the holder on `socket` until the agent says it is done.
 pub fn hold(socket: &Path) -> Result<(), AgentError> {
     let listener = bind_socket(socket)?;
     log::info!("agent holder: serving {}", socket.display());
-    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    let mut held: BTreeMap<String, KeptFiles> = BTreeMap::new();
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -89,28 +83,22 @@ pub fn hold(socket: &Path) -> Result<(), AgentError> {
 }
 
 fn serve(
-    held: &mut BTreeMap<String, Held>,
+    held: &mut BTreeMap<String, KeptFiles>,
     request: HoldRequest,
     fds: Vec<OwnedFd>,
 ) -> (Reply, Vec<OwnedFd>) {
     match request {
         HoldRequest::Put { name, note } => {
             log::info!("agent holder: keeps {name} ({} fds)", fds.len());
-            held.insert(name, Held { note, fds });
+            held.insert(name, KeptFiles { note, fds });
             (Reply::ok(), Vec::new())
         }
         HoldRequest::Take { name } => {
             let Some(kept) = held.get(&name) else {
                 return (Reply::ok(), Vec::new());
             };
-            match kept.fds.iter().map(OwnedFd::try_clone).collect() {
-                Ok(copies) => (
-                    Reply {
-                        kept: Some(kept.note.clone()),
-                        ..Reply::ok()
-                    },
-                    copies,
-                ),
+            match kept.try_clone() {
+                Ok(copy) => copy.into_reply(),
                 Err(e) => (
                     Reply::error(format!("cannot copy {name}'s fds: {e}")),
                     Vec::new(),
@@ -189,9 +177,9 @@ impl Holder {
     }
 
     /// What is kept under `name`, if anything: its note and a copy of its fds.
-    pub fn take(&self, name: &str) -> std::io::Result<Option<(String, Vec<OwnedFd>)>> {
+    pub fn take(&self, name: &str) -> std::io::Result<Option<KeptFiles>> {
         let (reply, fds) = self.call(&HoldRequest::Take { name: name.into() }, &[])?;
-        Ok(reply.kept.map(|note| (note, fds)))
+        Ok(reply.kept.map(|note| KeptFiles { note, fds }))
     }
 
     /// Lets go of what is kept under `name`.
@@ -241,12 +229,12 @@ mod tests {
             .put("kept/vm1", "{\"ioas_id\":1}", &[&session, &session])
             .unwrap();
         assert!(holder.take("session/vm2").unwrap().is_none());
-        let (note, fds) = holder.take("kept/vm1").unwrap().unwrap();
-        assert_eq!(note, "{\"ioas_id\":1}");
-        assert_eq!(fds.len(), 2);
-        assert_eq!(inode(&fds[0]), inode(&session));
+        let kept = holder.take("kept/vm1").unwrap().unwrap();
+        assert_eq!(kept.note, "{\"ioas_id\":1}");
+        assert_eq!(kept.fds.len(), 2);
+        assert_eq!(inode(&kept.fds[0]), inode(&session));
         // A copy taken leaves the holder's own in place.
-        assert_eq!(holder.take("session/vm1").unwrap().unwrap().1.len(), 1);
+        assert_eq!(holder.take("session/vm1").unwrap().unwrap().fds.len(), 1);
         holder.release("kept/vm1").unwrap();
         assert!(holder.take("kept/vm1").unwrap().is_none());
         // A connection that closes at once (a probe) is no request.

@@ -19,9 +19,10 @@ pub mod ledger;
 pub mod server;
 pub mod wire;
 
-pub use client::{AgentClient, AgentClientError, KeptFiles};
+pub use client::{AgentClient, AgentClientError};
 pub use ledger::{Ledger, LedgerError, VmPhase, VmRecord};
 pub use server::{Agent, AgentError};
+pub use wire::KeptFiles;
 
 /// Where the agent listens unless told otherwise: the agent and every VMM on the host meet
 /// there.

@@ -23,7 +23,7 @@ use crate::agent::keep::{self, Kept, Previous, TakeOverError};
 use crate::agent::ledger::{
     now_ms, Claimant, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN,
 };
-use crate::agent::wire::{recv_line, send_line, Reply, Request, MAX_REPLY, MAX_REQUEST};
+use crate::agent::wire::{recv_line, send_line, KeptFiles, Reply, Request, MAX_REPLY, MAX_REQUEST};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
 use crate::luo::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName};
@@ -105,12 +105,6 @@ impl PendingUpdate {
     }
 }
 
-/// Files a restore made that its session's files depend on, with its note on them.
-struct KeptForRetry {
-    note: String,
-    fds: Vec<OwnedFd>,
-}
-
 /// The agent's state: LUO, the ledger, and its copy of every VM's session.
 pub struct Agent {
     luo: LiveUpdate,
@@ -124,7 +118,7 @@ pub struct Agent {
     incoming: BTreeMap<String, IncomingSession>,
     /// What a claimed VM's restores left for the next one (`Request::Keep`), until the VM
     /// is finished or released.
-    kept: BTreeMap<String, KeptForRetry>,
+    kept: BTreeMap<String, KeptFiles>,
     /// A copy of `incoming` and `kept` in a second process, for an agent started again.
     holder: Option<Holder>,
     /// The previous kernel's agent session, kept until every VM in its ledger is finished
@@ -216,32 +210,26 @@ impl Agent {
                 continue;
             }
             let vm = &record.vm;
-            match (
-                holder.take(&held_session(vm)),
-                SessionName::new(&record.session),
-            ) {
-                (Ok(Some((_, fds))), Ok(name)) if fds.len() == 1 => {
-                    let fd = fds
-                        .into_iter()
-                        .next()
-                        .map(|fd| IncomingSession::from_fd(fd, name));
-                    self.incoming
-                        .extend(fd.map(|session| (vm.clone(), session)));
+            let session = holder.take(&held_session(vm)).map(|kept| {
+                let fd = kept.and_then(|k| <[OwnedFd; 1]>::try_from(k.fds).ok());
+                let name = SessionName::new(&record.session).ok();
+                fd.zip(name)
+                    .map(|([fd], name)| IncomingSession::from_fd(fd, name))
+            });
+            match session {
+                Ok(Some(session)) => {
+                    self.incoming.insert(vm.clone(), session);
                     log::info!("agent: took VM {vm}'s session back from the holder");
                 }
-                (Ok(None), _) => log::error!(
+                Ok(None) => log::error!(
                     "agent: VM {vm}'s session was retrieved in this boot and the holder has no \
                      copy of it: it is lost"
                 ),
-                (Err(e), _) => log::error!("agent: cannot ask the holder for VM {vm}: {e}"),
-                (Ok(Some(_)), name) => log::error!(
-                    "agent: the holder's copy of VM {vm}'s session is not one session fd \
-                     ({name:?})"
-                ),
+                Err(e) => log::error!("agent: cannot ask the holder for VM {vm}: {e}"),
             }
             match holder.take(&held_kept(vm)) {
-                Ok(Some((note, fds))) => {
-                    self.kept.insert(vm.clone(), KeptForRetry { note, fds });
+                Ok(Some(kept)) => {
+                    self.kept.insert(vm.clone(), kept);
                 }
                 Ok(None) => {}
                 Err(e) => log::error!("agent: cannot ask the holder for VM {vm}'s files: {e}"),
@@ -500,7 +488,7 @@ impl Agent {
                 );
                 let refs: Vec<&OwnedFd> = fds.iter().collect();
                 self.hold(&held_kept(&vm), &note, &refs);
-                self.kept.insert(vm, KeptForRetry { note, fds });
+                self.kept.insert(vm, KeptFiles { note, fds });
                 Ok((Reply::ok(), none(), After::Nothing))
             }
             Request::Kept { vm } => {
@@ -508,20 +496,12 @@ impl Agent {
                 let Some(kept) = self.kept.get(&vm) else {
                     return Ok((Reply::ok(), none(), After::Nothing));
                 };
-                let copies = kept
-                    .fds
-                    .iter()
-                    .map(OwnedFd::try_clone)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| AgentError::Dup {
-                        what: format!("VM {vm}'s kept files"),
-                        source,
-                    })?;
-                let reply = Reply {
-                    kept: Some(kept.note.clone()),
-                    ..Reply::ok()
-                };
-                Ok((reply, copies, After::Nothing))
+                let copy = kept.try_clone().map_err(|source| AgentError::Dup {
+                    what: format!("VM {vm}'s kept files"),
+                    source,
+                })?;
+                let (reply, fds) = copy.into_reply();
+                Ok((reply, fds, After::Nothing))
             }
             Request::Failed { vm, reason } => {
                 self.ledger.failed(&vm, &reason, now, peer)?;

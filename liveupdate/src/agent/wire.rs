@@ -102,6 +102,37 @@ impl Reply {
     }
 }
 
+/// Files kept for a VM with a note on them: what a restore leaves with the agent for the
+/// next one, and what the agent leaves with its holder.
+#[derive(Debug)]
+pub struct KeptFiles {
+    pub note: String,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl KeptFiles {
+    /// A copy, every fd duplicated.
+    pub fn try_clone(&self) -> std::io::Result<KeptFiles> {
+        Ok(KeptFiles {
+            note: self.note.clone(),
+            fds: self
+                .fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The reply that hands this out: the note in `kept`, the fds to attach.
+    pub fn into_reply(self) -> (Reply, Vec<OwnedFd>) {
+        let reply = Reply {
+            kept: Some(self.note),
+            ..Reply::ok()
+        };
+        (reply, self.fds)
+    }
+}
+
 /// Most fds one line carries: a session, or the fds a probe asks about, one per passthrough
 /// device of a VM. A VM's devices sit on its one PCI bus, which has 32 slots.
 const MAX_FDS: usize = 32;

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use luvmm_resources::config::CpuTemplate;
 use luvmm_resources::state::VcpuState;
@@ -23,7 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::exit::{RunError, RunExit};
 use super::vm::KvmVm;
 use super::x86_64::msr::{msrs_to_save, MsrError};
-use super::x86_64::tsc_carry::{self, Carry};
+use super::x86_64::tsc_carry;
 use super::x86_64::xsave::XsaveArea;
 use super::x86_64::{regs, state, ArchError};
 use crate::boot::BootEntry;
@@ -262,21 +261,15 @@ impl Vcpu {
         })
     }
 
-    /// Writes back a saved state, its TSC moved on by the kvmclock's progress from the save's
-    /// reading to the given one (`clocks`: then, now; see [`state::restore_state`]).
-    pub fn restore_state(
-        &mut self,
-        saved: &VcpuState,
-        clocks: Option<(&kvm_clock_data, &kvm_clock_data)>,
-    ) -> Result<Carry, VcpuError> {
+    /// Writes back a saved state, its TSC as `tsc` where given (see [`state::restore_state`]).
+    pub fn restore_state(&mut self, saved: &VcpuState, tsc: Option<u64>) -> Result<(), VcpuError> {
         let restored =
-            state::restore_state(&self.fd, saved, self.xsave_area, self.tsc_scaling, clocks);
-        let (scaled, carry) = restored.map_err(|source| VcpuError::Restore {
+            state::restore_state(&self.fd, saved, self.xsave_area, self.tsc_scaling, tsc);
+        self.tsc_scaled = restored.map_err(|source| VcpuError::Restore {
             id: self.id,
             source,
         })?;
-        self.tsc_scaled = scaled;
-        Ok(carry)
+        Ok(())
     }
 
     /// Starts the vCPU thread, paused.

@@ -1,10 +1,9 @@
 //! Saving a vCPU's architectural state and putting it back, in the orders KVM needs.
 
-use kvm_bindings::{kvm_clock_data, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::VcpuFd;
 use luvmm_resources::state::VcpuState;
 
-use super::tsc_carry::Carry;
 use super::xsave::XsaveArea;
 use super::{ioctl, msr, tsc, tsc_carry, ArchError};
 
@@ -65,25 +64,21 @@ pub fn save_state(
 /// Writes a saved state back, in the order KVM needs: CPUID before anything that depends on
 /// it, then the TSC rate (the guest calibrated its clocks against the saved one; a restore
 /// that cannot keep it stops here, before the vCPU has any other state), the LAPIC before
-/// MSRs (TSC deadline), and pending events last. The TSC moves on by the kvmclock's progress
-/// from the save's reading to the one given, read after the VM's clock was put back
-/// (`clocks`: then, now; see [`tsc_carry`]). Returns whether KVM scales the vCPU's TSC to the
-/// saved rate, and how its TSC moved on.
+/// MSRs (TSC deadline), and pending events last. The TSC is written as `tsc` where given (the
+/// saved one moved on over the pause, [`super::tsc_carry::by_clock`]). Returns whether KVM
+/// scales the vCPU's TSC to the saved rate.
 pub fn restore_state(
     vcpu: &VcpuFd,
     state: &VcpuState,
     xsave_area: XsaveArea,
     tsc_scaling: bool,
-    clocks: Option<(&kvm_clock_data, &kvm_clock_data)>,
-) -> Result<(bool, Carry), ArchError> {
+    tsc: Option<u64>,
+) -> Result<bool, ArchError> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| ArchError::Cpuid {
         entries: state.cpuid.len(),
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     let tsc_scaled = tsc::restore_tsc_rate(vcpu, state.id, state.tsc_khz, tsc_scaling)?;
-    let carry = clocks.map_or(Carry::Not, |(then, now)| {
-        tsc_carry::plan(state, then, now, !tsc_scaled)
-    });
     vcpu.set_mp_state(state.mp_state)
         .map_err(ioctl("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
@@ -95,16 +90,11 @@ pub fn restore_state(
         .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&state.lapic)
         .map_err(ioctl("KVM_SET_LAPIC"))?;
-    match carry {
-        Carry::ByClock { tsc, .. } => {
-            msr::write_msrs(vcpu, &tsc_carry::with_tsc(&state.msrs, tsc))?
-        }
-        Carry::ByStamps { .. } | Carry::Not => msr::write_msrs(vcpu, &state.msrs)?,
-    }
-    if let Carry::ByStamps { offset, .. } = carry {
-        tsc_carry::write_tsc_offset(vcpu, offset)?;
+    match tsc {
+        Some(tsc) => msr::write_msrs(vcpu, &tsc_carry::with_tsc(&state.msrs, tsc))?,
+        None => msr::write_msrs(vcpu, &state.msrs)?,
     }
     vcpu.set_vcpu_events(&state.vcpu_events)
         .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
-    Ok((tsc_scaled, carry))
+    Ok(tsc_scaled)
 }

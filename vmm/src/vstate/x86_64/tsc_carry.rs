@@ -64,17 +64,15 @@ pub fn read_tsc_offset(vcpu: &VcpuFd) -> Option<u64> {
 }
 
 /// How vCPU `saved` moves on over the kvmclock's progress from `then` (the save's reading) to
-/// `now` (read once the restore put it back, just before the vCPUs are); `unscaled`: its TSC
-/// runs at the host's rate here.
+/// `now` (read once the restore put it back); `unscaled`: its TSC runs at the host's rate
+/// here. By the stamps where both readings have one, else as [`by_clock`].
 pub fn plan(
     saved: &VcpuState,
     then: &kvm_clock_data,
     now: &kvm_clock_data,
     unscaled: bool,
 ) -> Carry {
-    // A kvmclock behind the save's was not put back (or the host's wall clock went back):
-    // there is no progress to follow.
-    let (Some(khz), false) = (saved.tsc_khz, now.clock < then.clock) else {
+    let Some(khz) = rate_over_progress(saved, then, now) else {
         return Carry::Not;
     };
     let stamped = |c: &kvm_clock_data| c.flags & KVM_CLOCK_HOST_TSC != 0;
@@ -84,6 +82,16 @@ pub fn plan(
         let (offset, ticks) = offset_after(offset, then, now, khz);
         return Carry::ByStamps { offset, ticks };
     }
+    by_clock(saved, then, now)
+}
+
+/// The saved TSC moved on by the kvmclock's progress from `then` to `now`, to be written back
+/// in place of the saved one. A VM has no master clock, hence no stamp, before its vCPUs are
+/// made: this is what a restore writes as it makes them.
+pub fn by_clock(saved: &VcpuState, then: &kvm_clock_data, now: &kvm_clock_data) -> Carry {
+    let Some(khz) = rate_over_progress(saved, then, now) else {
+        return Carry::Not;
+    };
     match saved.msrs.iter().find(|m| m.index == MSR_IA32_TSC) {
         Some(tsc) => {
             let ticks = clock_ticks(then, now, khz);
@@ -94,6 +102,16 @@ pub fn plan(
         }
         None => Carry::Not,
     }
+}
+
+/// The saved TSC rate, where the kvmclock moved on from `then` to `now`. One behind the save's
+/// was not put back (or the host's wall clock went back): there is no progress to follow.
+fn rate_over_progress(
+    saved: &VcpuState,
+    then: &kvm_clock_data,
+    now: &kvm_clock_data,
+) -> Option<u32> {
+    saved.tsc_khz.filter(|_| now.clock >= then.clock)
 }
 
 /// `msrs` with the TSC's value replaced by `tsc`.
