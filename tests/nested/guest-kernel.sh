@@ -19,6 +19,11 @@ log() { echo "guest-kernel.sh: $*" >&2; }
 bash "$here/../setup.sh" --check bed
 . "$here/source.sh"
 
+# One guest-kernel.sh at a time: a second one waits, then finds the first one's build cached.
+mkdir -p "$cache"
+exec 9>"$cache/guest-kernel.lock"
+flock 9
+
 kernel_hash=$(sha256sum < "$guest/kernel.config" | cut -c1-16)
 version=$(source_version || true)
 if [ -z "${version:-}" ]; then

@@ -6,7 +6,8 @@
 # The source is Debian sid's linux-source-7.2, fetched through a private apt configuration (the
 # system's sources are never edited). The cache key is the source package version, the config
 # fragment and every patch in patches/, so a change to any of them rebuilds and nothing else
-# does. A cold build takes about 11 minutes on 2 cores; a cached one a few seconds.
+# does. A cold build takes about 11 minutes on 2 cores, a patch change about a minute (the build
+# tree is kept), a cached one a few seconds.
 # Env: LUVMM_CACHE (default ~/.cache/luvmm), JOBS (default nproc).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,6 +18,12 @@ log() { echo "kernel.sh: $*" >&2; }
 # The build tools come from the project's setup step; nothing is installed here.
 bash "$here/../setup.sh" --check bed
 . "$here/source.sh"
+
+# One kernel.sh at a time: tests that start together would otherwise patch and build the one
+# kept build tree at once. A second one waits, then finds the first one's build cached.
+mkdir -p "$cache"
+exec 9>"$cache/kernel.lock"
+flock 9
 
 fragment_hash=$(cat "$here/kernel.config" $(ls "$here"/patches/*.patch 2>/dev/null) | sha256sum | cut -c1-16)
 version=$(source_version || true)
@@ -37,20 +44,41 @@ fi
 
 start=$(date +%s)
 src=$(source_tree "$version")
-# A build tree left by an interrupted run is reused: make picks up where it stopped.
-build=$cache/build-$version-$fragment_hash
-if [ ! -f "$build/.prepared" ]; then
+# One build tree per source version, kept between builds: a change to the patches takes the
+# old ones out (patch -R) and puts the new ones in, so make rebuilds only what they touch
+# (about a minute, against a cold build's 11). A tree that will not take its patches back, or
+# one left half-prepared, is made again from the source.
+build=$cache/build-$version
+applied=$build/.luvmm-patches
+fresh_tree() {
     rm -rf "$build"
     cp -a "$src" "$build"
-    for p in $(ls "$here"/patches/*.patch 2>/dev/null); do
-        # The project's kernel patches are held to the kernel's own style.
-        perl "$src/scripts/checkpatch.pl" --strict --no-tree --quiet "$p" >&2 ||
-            { log "$(basename "$p") is not checkpatch --strict clean"; exit 1; }
-        log "applying $(basename "$p")"
-        patch -d "$build" -p1 -s < "$p"
+    mkdir -p "$applied"
+}
+if [ ! -d "$applied" ]; then
+    fresh_tree
+else
+    for p in $(ls -r "$applied"/*.patch 2>/dev/null); do
+        if ! patch -d "$build" -p1 -R -s -E < "$p" >&2; then
+            log "cannot take $(basename "$p") out of the kept build tree: starting from the source"
+            fresh_tree
+            break
+        fi
+        rm -f "$p"
     done
-    touch "$build/.prepared"
 fi
+for p in $(ls "$here"/patches/*.patch 2>/dev/null); do
+    # The project's kernel patches are held to the kernel's own style.
+    perl "$src/scripts/checkpatch.pl" --strict --no-tree --quiet "$p" >&2 ||
+        { log "$(basename "$p") is not checkpatch --strict clean"; exit 1; }
+    log "applying $(basename "$p")"
+    if ! patch -d "$build" -p1 -s -E < "$p" >&2; then
+        # A half-applied patch cannot be taken out reliably: the next build starts afresh.
+        rm -rf "$applied"
+        log "$(basename "$p") does not apply"; exit 1
+    fi
+    cp "$p" "$applied/"
+done
 cd "$build"
 
 apply_fragment() {
@@ -95,6 +123,5 @@ cp tools/testing/selftests/liveupdate/do_kexec.sh "$out.tmp/selftests/" 2>/dev/n
 echo "$version" > "$out.tmp/version"
 touch "$out.tmp/selftests/done"
 rm -rf "$out"; mv "$out.tmp" "$out"
-rm -rf "$build"
 log "built in $(( $(date +%s) - start )) s: $out"
 echo "$out"

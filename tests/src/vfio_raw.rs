@@ -13,9 +13,9 @@ use iommufd_bindings::iommufd::{iommu_ioas_alloc, iommu_ioas_map_file};
 use iommufd_ioctls::IommuFd;
 use luvmm_devices::vfio::{host_vfio_devices, HostVfioDevice};
 use vfio_bindings::bindings::vfio::{
-    vfio_device_attach_iommufd_pt, vfio_device_info, vfio_region_info, VFIO_TYPE1v2_IOMMU,
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    vfio_device_attach_iommufd_pt, vfio_device_info, vfio_pci_hot_reset, vfio_region_info,
+    VFIO_TYPE1v2_IOMMU, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
@@ -29,6 +29,7 @@ ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE, VFIO_BASE + 6);
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE, VFIO_BASE + 8);
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, VFIO_BASE + 10);
+ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, VFIO_BASE + 13);
 ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 
@@ -229,6 +230,19 @@ pub fn info(device: &File) -> io::Result<u32> {
     // SAFETY: GET_INFO writes a vfio_device_info whose argsz says how much room it has.
     check(unsafe { ioctl_with_mut_ref(device, VFIO_DEVICE_GET_INFO(), &mut info) })?;
     Ok(info.num_regions)
+}
+
+/// `VFIO_DEVICE_PCI_HOT_RESET` of a cdev bound to an iommufd: the slot or bus reset of its
+/// whole device set (no group fds: every device of the set is the iommufd's).
+pub fn hot_reset(device: &File) -> io::Result<()> {
+    let reset = vfio_pci_hot_reset {
+        argsz: argsz::<vfio_pci_hot_reset>(),
+        ..Default::default()
+    };
+    // SAFETY: HOT_RESET reads a vfio_pci_hot_reset of argsz bytes and, with count 0, no
+    // group fd after it.
+    check(unsafe { ioctl_with_ref(device, VFIO_DEVICE_PCI_HOT_RESET(), &reset) })?;
+    Ok(())
 }
 
 /// The offset of region `index` (BAR n, or the config space) in the device file.

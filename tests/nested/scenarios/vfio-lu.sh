@@ -25,4 +25,4 @@ case "$stage" in
     echo "LUVMM-L1 test vfio_lu_chain FAIL booted into unexpected stage $stage"
     ;;
 esac
-dmesg | grep "luvmm-lu" | sed 's/^/LUVMM-L1 log /'
+dmesg | grep -E "luvmm-lu|vfio|nvme" | sed 's/^/LUVMM-L1 log /'

@@ -1,23 +1,29 @@
 //! The kernel half's own tests: luvmm's VFIO live-update handler in the bed's kernel
 //! (`tests/nested/patches/`), run inside L1 with two `edu` functions and a QEMU NVMe
-//! controller bound to vfio-pci, and a second NVMe controller with SR-IOV. Every case prints `LUVMM-L1 test vfio_lu_NAME ok` or
-//! `... FAIL why`, so each can be picked out alone.
+//! controller bound to vfio-pci, and a second NVMe controller with SR-IOV. Every case prints
+//! `LUVMM-L1 test vfio_lu_NAME ok` or `... FAIL why`, so each can be picked out alone. A case
+//! that looks for a kernel log line looks only after a mark and for its own function.
 //!
 //! One L1 boot runs a chain of real kexecs; each stage runs in the kernel the previous one
 //! loaded, with the handler mode that kernel was given (`vfio_pci.luvmm_lu`):
 //! - `stage1` (`reset`): every preserve case without a kexec (a VF of the SR-IOV controller
-//!   among them), the unbind refusal, the freeze refusal; then an `edu` and the NVMe controller (enabled, its admin queue in a preserved
-//!   memfd) are preserved and the host kexecs into stage 2, in `keep`.
-//! - `stage2` (`keep`): what a `reset` freeze left. Normal opens refused, FINISH refused before
-//!   the retrieve, the retrieved file unusable until bound; bound, attached and mapped at the
-//!   same IOVA from the retrieved memfd, the `edu` does DMA and raises MSI; the NVMe controller
-//!   is disabled; FINISH; normal opens work again. Then the same preparation, frozen in `keep`,
-//!   with the SR-IOV controller in a second session, and a kexec into stage 3 (`reset`), whose
-//!   init leaves that controller on no driver.
-//! - `stage3`: what a `keep` freeze left: the same checks, but the NVMe controller is still
-//!   enabled with its admin queue registers unchanged, and a command on the old queue
-//!   completes. The SR-IOV controller's retrieve fails with `ENODEV`, and again once vfio-pci
-//!   is bound. Then one `edu` is preserved and the host kexecs into stage 4, handler off.
+//!   among them), the unbind refusal, the freeze refusal; then an `edu` and the NVMe
+//!   controller (enabled, its admin queue in a preserved memfd) are preserved and the host
+//!   kexecs into stage 2, in `keep`.
+//! - `stage2` (`keep`): what a `reset` freeze left (the NVMe controller's decoding and Bus
+//!   Master off, read from sysfs before anything opens it). Normal opens and the unbind
+//!   refused, FINISH refused before the retrieve, the retrieved file unusable until bound;
+//!   bound, attached and mapped at the same IOVA from the retrieved memfd, the `edu` does DMA
+//!   and raises MSI; FINISH; normal opens work again. Then the same preparation, frozen in
+//!   `keep`, with the retrieved memfd and NVMe file preserved again, the SR-IOV controller in
+//!   a second session, and a kexec into stage 3 (`reset`), whose init removes that controller
+//!   and finds it again, so that the kernel's NVMe driver takes it.
+//! - `stage3`: what a `keep` freeze left: the same checks, but the NVMe controller stayed in
+//!   D0 unopened, kept Bus Master and is still enabled with its admin queue registers
+//!   unchanged, and a command on the old queue completes (so the files retrieved in stage 2
+//!   crossed a second kexec). The SR-IOV controller's retrieve fails with `ENODEV`, the NVMe
+//!   driver lets it go, and the retrieve fails again once vfio-pci is bound. Then one `edu`
+//!   is preserved and the host kexecs into stage 4, handler off.
 //! - `stage4` (`off`): `/dev/liveupdate` fails with `EIO`, since a session holds a file no
 //!   handler of this kernel knows: what a pre-flight must prevent.
 //!
@@ -82,11 +88,18 @@ const NVME_CSTS: u64 = 0x1c;
 const NVME_AQA_REG: u64 = 0x24;
 const NVME_ASQ_REG: u64 = 0x28;
 const NVME_ACQ_REG: u64 = 0x30;
+/// PCI COMMAND bits: memory decode, Bus Master.
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
 /// CC: enable, 64-byte SQ entries, 16-byte CQ entries.
 const NVME_CC_ENABLE: u32 = 1 | 6 << 16 | 4 << 20;
 
 struct Bed {
+    /// `edu` functions on the root bus, each a device set of its own.
     edu: Vec<String>,
+    /// The two functions of one `edu` slot behind a PCIe root port: one device set, which a
+    /// slot or bus reset resets whole.
+    behind_bridge: Vec<String>,
     nvme: Option<String>,
     /// An NVMe PF with SR-IOV (QEMU's `sriov_max_vfs`), on vfio-pci or on no driver: the
     /// VF refusal's PF, and the device a retrieve finds unbound.
@@ -97,6 +110,7 @@ impl Bed {
     fn find() -> Bed {
         let mut bed = Bed {
             edu: Vec::new(),
+            behind_bridge: Vec::new(),
             nvme: None,
             sriov_pf: None,
         };
@@ -123,7 +137,8 @@ impl Bed {
             let bound = on_vfio_pci(&bdf).is_ok();
             let sriov = id("sriov_totalvfs").parse::<u32>().is_ok_and(|n| n > 0);
             match (id("vendor").as_str(), id("device").as_str()) {
-                ("0x1234", "0x11e8") if bound => bed.edu.push(bdf),
+                ("0x1234", "0x11e8") if bound && bdf.starts_with("0000:00:") => bed.edu.push(bdf),
+                ("0x1234", "0x11e8") if bound => bed.behind_bridge.push(bdf),
                 ("0x1b36", "0x0010") if sriov => bed.sriov_pf = Some(bdf),
                 ("0x1b36", "0x0010") if bound => bed.nvme = Some(bdf),
                 _ => {}
@@ -142,6 +157,27 @@ fn on_vfio_pci(bdf: &str) -> Result<(), String> {
     } else {
         Err(format!("{bdf} is on {}", driver.display()))
     }
+}
+
+/// The function's COMMAND register, read through sysfs, which opens no VFIO file.
+fn sysfs_command(bdf: &str) -> Result<u16, String> {
+    let config = File::open(sysfs_dir(bdf).join("config")).map_err(io_err("sysfs config"))?;
+    let mut word = [0u8; 2];
+    config
+        .read_exact_at(&mut word, 4)
+        .map_err(io_err("read COMMAND"))?;
+    Ok(u16::from_le_bytes(word))
+}
+
+/// The function's PCI power state and its runtime PM status, as sysfs tells them (neither
+/// read wakes it).
+fn sysfs_power(bdf: &str) -> Result<(String, String), String> {
+    let read = |f: &str| {
+        std::fs::read_to_string(sysfs_dir(bdf).join(f))
+            .map(|s| s.trim().to_string())
+            .map_err(io_err("sysfs power"))
+    };
+    Ok((read("power_state")?, read("power/runtime_status")?))
 }
 
 fn name(s: &str) -> SessionName {
@@ -169,15 +205,40 @@ fn luo_err(what: &str) -> impl Fn(LuoError) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// The kernel's own log holds `needle`.
-fn kernel_logged(needle: &str) -> Result<(), String> {
+/// Where the kernel's log stood (its last record's timestamp): a check reads only what the
+/// kernel logged after it, about one function, so neither a line from before (host-check's
+/// probe logs the same messages) nor one about another device can pass it.
+struct LogMark(f64);
+
+/// The kernel's log records, each with its timestamp in seconds.
+fn kernel_log() -> Result<Vec<(f64, String)>, String> {
     let out = std::process::Command::new("dmesg")
         .output()
         .map_err(io_err("dmesg"))?;
-    if String::from_utf8_lossy(&out.stdout).contains(needle) {
-        Ok(())
-    } else {
-        Err(format!("the kernel never logged {needle:?}"))
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (ts, msg) = l.strip_prefix('[')?.split_once(']')?;
+            Some((ts.trim().parse().ok()?, msg.trim().to_string()))
+        })
+        .collect())
+}
+
+impl LogMark {
+    fn now() -> Result<LogMark, String> {
+        Ok(LogMark(kernel_log()?.last().map_or(0.0, |(ts, _)| *ts)))
+    }
+
+    /// Since the mark, the kernel logged `needle` about function `bdf`.
+    fn logged(&self, bdf: &str, needle: &str) -> Result<(), String> {
+        if kernel_log()?
+            .iter()
+            .any(|(ts, msg)| *ts > self.0 && msg.contains(bdf) && msg.contains(needle))
+        {
+            Ok(())
+        } else {
+            Err(format!("the kernel did not log {needle:?} about {bdf}"))
+        }
     }
 }
 
@@ -254,8 +315,12 @@ fn edu_round_trip(edu: &Device, ram: &File, msi: &EventFd, seed: u64) -> Result<
 }
 
 /// Disables, programs the admin queue at the memfd's IOVAs, and enables the controller.
-fn nvme_enable(nvme: &Device) -> Result<(), String> {
+fn nvme_enable(nvme: &Device, ram: &File) -> Result<(), String> {
     nvme.write32(NVME_CC, 0).map_err(io_err("CC"))?;
+    // Empty queues, as a driver starts them: a memfd a session gave back still holds the last
+    // kernel's completions, whose phase bits would read as new ones.
+    ram.write_all_at(&[0u8; 0x2000], NVME_ASQ)
+        .map_err(io_err("clear the admin queues"))?;
     poll_until("CSTS.RDY=0", || Ok(nvme.read32(NVME_CSTS)? & 1 == 0))?;
     nvme.write32(NVME_AQA_REG, NVME_AQA)
         .and_then(|_| nvme.write64(NVME_ASQ_REG, IOVA + NVME_ASQ))
@@ -408,12 +473,15 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
     let iommu = Iommu::new().map_err(io_err("iommufd"))?;
     bind(&unbound, &iommu).map_err(io_err("bind"))?;
     let bound = unbound;
+    let mark = LogMark::now()?;
     report.check(
         "preserve_bound",
         session
             .preserve(bound.as_fd(), 14)
             .map_err(luo_err("bound cdev"))
-            .and_then(|_| kernel_logged("luvmm-lu: will be preserved across the next live update")),
+            .and_then(|_| {
+                mark.logged(a, "luvmm-lu: will be preserved across the next live update")
+            }),
     );
     report.check(
         "preserve_twice_ebusy",
@@ -434,19 +502,21 @@ fn without_kexec(report: &mut Report, luo: &LiveUpdate, a: &str) -> Result<(), S
             }
         }),
     );
+    let mark = LogMark::now()?;
     session.cancel();
     report.check(
         "unpreserved_on_close",
-        kernel_logged("luvmm-lu: no longer preserved").and_then(|_| {
-            let again = luo
-                .create_session(&name("vfio-lu-again"))
-                .map_err(luo_err("create"))?;
-            again
-                .preserve(bound.as_fd(), 16)
-                .map_err(luo_err("preserve after the close"))?;
-            again.cancel();
-            Ok(())
-        }),
+        mark.logged(a, "luvmm-lu: no longer preserved")
+            .and_then(|_| {
+                let again = luo
+                    .create_session(&name("vfio-lu-again"))
+                    .map_err(luo_err("create"))?;
+                again
+                    .preserve(bound.as_fd(), 16)
+                    .map_err(luo_err("preserve after the close"))?;
+                again.cancel();
+                Ok(())
+            }),
     );
     drop(bound);
     report.check(
@@ -503,25 +573,83 @@ fn vf_preserve_refused(luo: &LiveUpdate, pf: &str) -> Result<(), String> {
 }
 
 /// The session that holds the SR-IOV PF across the second kexec, which the next kernel's
-/// init leaves on no driver (`luvmm.nobind=`).
+/// init moves to the NVMe driver (`luvmm.nobind=`).
 const SPARE_SESSION: &str = "vfio-lu-unbound";
+/// The session that holds the first function behind the root port across the first kexec.
+const SIBLING_SESSION: &str = "vfio-lu-sibling";
 
-/// Preserves `pf` (bound, idle) in [`SPARE_SESSION`]; the session must stay open until the
-/// kexec.
-fn preserve_spare(luo: &LiveUpdate, pf: &str) -> Result<(OutgoingSession, Device, Iommu), String> {
+/// Preserves `bdf` (bound, idle) as `token` in a session of its own, named `session`; the
+/// session must stay open until the kexec.
+fn preserve_alone(
+    luo: &LiveUpdate,
+    bdf: &str,
+    (session, token): (&str, u64),
+) -> Result<(OutgoingSession, Device, Iommu), String> {
     let iommu = Iommu::new().map_err(io_err("iommufd"))?;
-    let device = open_bound(pf, &iommu).map_err(io_err("open"))?;
+    let device = open_bound(bdf, &iommu).map_err(io_err("open"))?;
     let session = luo
-        .create_session(&name(SPARE_SESSION))
+        .create_session(&name(session))
         .map_err(luo_err("create"))?;
     session
-        .preserve(device.fd(), TOKEN_SPARE)
+        .preserve(device.fd(), token)
         .map_err(luo_err("preserve"))?;
     Ok((session, device, iommu))
 }
 
-/// A retrieve of a device that no vfio-pci is bound to fails with `ENODEV`, and keeps failing
-/// once vfio-pci is bound (LUO's rule): the device stays incoming and FINISH stays refused.
+/// Nothing resets an incoming function before its retrieve: not a hot reset of its device set
+/// through its sibling (the two functions behind the root port share a slot), not a secondary
+/// bus reset of the root port above it, not a sysfs reset of the incoming NVMe controller
+/// (which has FLR). Then the sibling session is retrieved and finished, as a VMM would.
+fn no_reset_while_incoming(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    (kept, sibling): (&str, &str),
+    nvme: &str,
+) -> Result<(), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let other = open_bound(sibling, &iommu).map_err(io_err("open the sibling"))?;
+    report.check(
+        "sibling_hot_reset_ebusy",
+        expect_errno("HOT_RESET", vfio_raw::hot_reset(&other.file), libc::EBUSY),
+    );
+    drop(other);
+    drop(iommu);
+    let bridge = std::fs::canonicalize(sysfs_dir(kept))
+        .map_err(io_err("sysfs"))?
+        .parent()
+        .map(|p| p.join("reset_subordinate"))
+        .ok_or("no bridge above the sibling")?;
+    report.check(
+        "bridge_reset_ebusy",
+        expect_errno(
+            "reset_subordinate",
+            std::fs::write(&bridge, "1"),
+            libc::EBUSY,
+        ),
+    );
+    report.check(
+        "sysfs_reset_ebusy",
+        expect_errno(
+            "reset",
+            std::fs::write(sysfs_dir(nvme).join("reset"), "1"),
+            libc::EBUSY,
+        ),
+    );
+    let session = luo
+        .retrieve_session(&name(SIBLING_SESSION))
+        .map_err(luo_err("retrieve the sibling session"))?;
+    let file = File::from(session.retrieve(1).map_err(luo_err("sibling"))?);
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    vfio_raw::bind(&file, &iommu).map_err(io_err("bind the sibling"))?;
+    session
+        .finish()
+        .map_err(luo_err("FINISH the sibling session"))
+}
+
+/// A retrieve of a device that vfio-pci does not drive (the init removed it and found it again,
+/// so the kernel's NVMe driver took it) fails with `ENODEV`, and keeps failing once vfio-pci
+/// is bound (LUO's rule): the device stays incoming and FINISH stays refused. The other
+/// driver may let go of it: only vfio-pci is held to an incoming device.
 fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(), String> {
     let session = luo
         .retrieve_session(&name(SPARE_SESSION))
@@ -533,13 +661,22 @@ fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(
         other => Err(format!("{what}: {:?}, expected ENODEV", other.map(|_| ()))),
     };
     let driver = sysfs_dir(pf).join("driver");
+    let mark = LogMark::now()?;
     report.check(
         "retrieve_unbound_enodev",
-        if driver.exists() {
-            Err(format!("{pf} has a driver"))
+        if on_vfio_pci(pf).is_ok() {
+            Err(format!("{pf} is on vfio-pci"))
         } else {
-            enodev("retrieve with no driver")
-                .and_then(|_| kernel_logged("luvmm-lu: cannot retrieve: not bound to vfio-pci"))
+            enodev("retrieve off vfio-pci")
+                .and_then(|_| mark.logged(pf, "luvmm-lu: cannot retrieve: not bound to vfio-pci"))
+        },
+    );
+    report.check(
+        "unbind_from_another_driver",
+        if driver.exists() {
+            std::fs::write(driver.join("unbind"), pf).map_err(io_err("unbind"))
+        } else {
+            Ok(())
         },
     );
     std::fs::write(sysfs_dir(pf).join("driver_override"), "vfio-pci")
@@ -596,10 +733,12 @@ fn freeze_refusal(
         .preserve(healthy.fd(), 1)
         .and_then(|_| session.preserve(noisy.fd(), 2))
         .map_err(luo_err("preserve"))?;
+    let mark = LogMark::now()?;
     let refused = reboot_refused(kernel, initrd)?;
     report.check(
         "freeze_refused_with_msi",
-        refused.and_then(|_| kernel_logged("luvmm-lu: cannot freeze: a VFIO interrupt is enabled")),
+        refused
+            .and_then(|_| mark.logged(b, "luvmm-lu: cannot freeze: a VFIO interrupt is enabled")),
     );
     report.check(
         "frozen_device_gives_eio",
@@ -643,10 +782,11 @@ fn freeze_refusal_d3(
         .create_session(&name("vfio-lu-d3"))
         .map_err(luo_err("create"))?;
     session.preserve(n.fd(), 1).map_err(luo_err("preserve"))?;
+    let mark = LogMark::now()?;
     let refused = reboot_refused(kernel, initrd)?;
     report.check(
         "freeze_refused_out_of_d0",
-        refused.and_then(|_| kernel_logged("luvmm-lu: cannot freeze: not in D0")),
+        refused.and_then(|_| mark.logged(nvme, "luvmm-lu: cannot freeze: not in D0")),
     );
     session.cancel();
     kexec::unload().map_err(|e| e.to_string())?;
@@ -654,30 +794,48 @@ fn freeze_refusal_d3(
     Ok(())
 }
 
-/// Brings an `edu` and the NVMe controller up (DMA and MSI through the `edu`, an admin command
-/// on the NVMe), quiesces their interrupts, preserves the DMA memfd and both in `SESSION`,
-/// and kexecs with `words` added to the command line. Returns only on failure.
+/// The DMA memfd, the iommufd it is mapped in at `IOVA` and the NVMe controller bound to it.
+struct DmaBed {
+    ram: File,
+    iommu: Iommu,
+    nvme: Device,
+}
+
+impl DmaBed {
+    fn open(nvme: &str) -> Result<DmaBed, String> {
+        let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+        let ram = memfd("vfio-lu-dma")?;
+        iommu
+            .map_file(ram.as_fd(), IOVA, DMA_BYTES)
+            .map_err(io_err("MAP_FILE"))?;
+        let nvme = open_bound(nvme, &iommu).map_err(io_err("open NVMe"))?;
+        Ok(DmaBed { ram, iommu, nvme })
+    }
+}
+
+/// Brings an `edu` and the NVMe controller of `bed` up (DMA and MSI through the `edu`, an
+/// admin command on the NVMe), quiesces their interrupts, preserves the DMA memfd and both in
+/// `SESSION`, and kexecs with `words` added to the command line. Returns only on failure.
 fn prepare_and_kexec(
     luo: &LiveUpdate,
     edu: &str,
-    nvme: &str,
+    bed: DmaBed,
     seed: u64,
     (kernel, initrd, words): (&Path, &Path, &str),
 ) -> Result<(), String> {
-    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
-    let ram = memfd("vfio-lu-dma")?;
-    iommu
-        .map_file(ram.as_fd(), IOVA, DMA_BYTES)
-        .map_err(io_err("MAP_FILE"))?;
+    let DmaBed {
+        ram,
+        iommu,
+        nvme: n,
+    } = bed;
     let e = open_bound(edu, &iommu).map_err(io_err("open edu"))?;
     e.enable_dma().map_err(io_err("edu COMMAND"))?;
     let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
     e.set_msi(Some(&msi)).map_err(io_err("edu MSI"))?;
     edu_round_trip(&e, &ram, &msi, seed)?;
     e.set_msi(None).map_err(io_err("edu MSI off"))?;
-    let n = open_bound(nvme, &iommu).map_err(io_err("open NVMe"))?;
     n.enable_dma().map_err(io_err("NVMe COMMAND"))?;
-    nvme_enable(&n)?;
+    nvme_enable(&n, &ram)?;
     nvme_identify(&n, &ram, 0)?;
     let regs = nvme_regs(&n).map_err(io_err("NVMe registers"))?;
     line(&format!("nvme before kexec {regs:?}"));
@@ -698,14 +856,36 @@ enum Frozen {
     Keep,
 }
 
-/// What the previous kernel's freeze left, and the session's whole way back.
+/// What the previous kernel's freeze left, and the session's whole way back. Returns the
+/// retrieved DMA memfd, the iommufd and the retrieved NVMe controller, for a next update to
+/// preserve again as a VMM does.
 fn after_kexec(
     report: &mut Report,
     luo: &LiveUpdate,
     bed: (&str, &str),
     frozen: Frozen,
-) -> Result<(), String> {
+) -> Result<DmaBed, String> {
     let (edu, nvme) = bed;
+    // The controller's power state first: a config read would bring it back to D0.
+    let power = sysfs_power(nvme);
+    line(&format!(
+        "nvme power before the retrieve ({frozen:?}) {power:?}"
+    ));
+    if frozen == Frozen::Keep {
+        report.check(
+            "keep_mode_held_in_d0",
+            match &power {
+                Ok((state, runtime)) if state == "D0" && runtime == "active" => Ok(()),
+                other => Err(format!("unopened, the kept controller is {other:?}")),
+            },
+        );
+    }
+    // What the freeze left, read before anything in this kernel opens the controller (the
+    // bind of a device that was not kept resets it anyway).
+    let command = sysfs_command(nvme);
+    line(&format!(
+        "nvme COMMAND before the retrieve ({frozen:?}) {command:?}"
+    ));
     report.check(
         "cdev_open_ebusy",
         expect_errno("edu cdev", open_cdev(edu), libc::EBUSY)
@@ -716,6 +896,15 @@ fn after_kexec(
         Group::open(edu)
             .map_err(io_err("group"))
             .and_then(|g| expect_errno("GET_DEVICE_FD", g.device(edu), libc::EBUSY)),
+    );
+    report.check(
+        "unbind_refused_while_incoming",
+        expect_errno(
+            "unbind",
+            std::fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", nvme),
+            libc::EBUSY,
+        )
+        .and_then(|_| on_vfio_pci(nvme)),
     );
     let session = luo
         .retrieve_session(&name(SESSION))
@@ -762,10 +951,11 @@ fn after_kexec(
     match frozen {
         Frozen::Reset => report.check(
             "reset_mode_nvme_disabled",
-            if regs.cc & 1 == 0 && regs.csts & 1 == 0 {
-                Ok(())
-            } else {
-                Err(format!("still enabled: {regs:?}"))
+            match command {
+                Ok(c) if c & (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER) == 0 => Ok(()),
+                other => Err(format!(
+                    "COMMAND before the retrieve {other:x?}: decoding or DMA on"
+                )),
             },
         ),
         Frozen::Keep => {
@@ -786,9 +976,11 @@ fn after_kexec(
             );
             report.check(
                 "keep_mode_bus_master_kept",
-                match nvme_dev.command() {
-                    Ok(c) if c & 0x4 != 0 => Ok(()),
-                    other => Err(format!("COMMAND {other:?}")),
+                match (command, nvme_dev.command()) {
+                    (Ok(before), Ok(after)) if before & after & PCI_COMMAND_MASTER != 0 => Ok(()),
+                    other => Err(format!(
+                        "COMMAND before the retrieve and after the bind {other:x?}"
+                    )),
                 },
             );
             report.check(
@@ -797,15 +989,16 @@ fn after_kexec(
             );
         }
     }
+    let mark = LogMark::now()?;
     report.check(
         "finish",
         session
             .finish()
             .map_err(luo_err("FINISH"))
-            .and_then(|_| kernel_logged("luvmm-lu: finished its live update")),
+            .and_then(|_| mark.logged(edu, "luvmm-lu: finished its live update"))
+            .and_then(|_| mark.logged(nvme, "luvmm-lu: finished its live update")),
     );
     drop(edu_dev);
-    drop(nvme_dev);
     drop(session);
     report.check(
         "normal_open_after_finish",
@@ -815,22 +1008,29 @@ fn after_kexec(
             .map(|_| ())
             .map_err(io_err("open the edu the normal way")),
     );
-    Ok(())
+    Ok(DmaBed {
+        ram,
+        iommu,
+        nvme: nvme_dev,
+    })
 }
 
 fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> {
     let bed = Bed::find();
-    let (Some(a), Some(b), Some(nvme), Some(sriov_pf)) = (
+    let (Some(a), Some(b), Some(nvme), Some(sriov_pf), [fn0, fn1]) = (
         bed.edu.first(),
         bed.edu.get(1),
         bed.nvme.as_deref(),
         bed.sriov_pf.as_deref(),
+        bed.behind_bridge.as_slice(),
     ) else {
         return Err(format!(
-            "the bed needs two edu and one NVMe on vfio-pci, and an SR-IOV NVMe: {:?} {:?} {:?}",
-            bed.edu, bed.nvme, bed.sriov_pf
+            "the bed needs two edu on the root bus and two behind a root port, one NVMe on \
+             vfio-pci, and an SR-IOV NVMe: {:?} {:?} {:?} {:?}",
+            bed.edu, bed.behind_bridge, bed.nvme, bed.sriov_pf
         ));
     };
+    let sibling = (fn0.clone(), fn1.clone());
     let image = || -> Result<(&Path, &Path), String> {
         let kernel = flag(args, "--kernel").ok_or("--kernel is needed")?;
         let initrd = flag(args, "--initrd").ok_or("--initrd is needed")?;
@@ -857,22 +1057,33 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
             vf_refusal(report, &luo, sriov_pf)?;
             freeze_refusal(report, &luo, (a, b), (kernel, initrd))?;
             freeze_refusal_d3(report, &luo, nvme, (kernel, initrd))?;
+            let _sibling = preserve_alone(&luo, &sibling.0, (SIBLING_SESSION, 1))?;
             prepare_and_kexec(
                 &luo,
                 a,
-                nvme,
+                DmaBed::open(nvme)?,
                 1,
                 (kernel, initrd, "vfio_pci.luvmm_lu=keep luvmm.stage=2"),
             )
         }
         "stage2" => {
-            after_kexec(report, &luo, (a, nvme), Frozen::Reset)?;
-            let _spare = preserve_spare(&luo, sriov_pf)?;
+            // The retrieved controller and memfd go into the next update: a file that came
+            // through a session is preserved again as any other.
+            no_reset_while_incoming(report, &luo, (&sibling.0, &sibling.1), nvme)?;
+            let retrieved = after_kexec(report, &luo, (a, nvme), Frozen::Reset)?;
+            let _spare = preserve_alone(&luo, sriov_pf, (SPARE_SESSION, TOKEN_SPARE))?;
             let words = format!("vfio_pci.luvmm_lu=reset luvmm.stage=3 luvmm.nobind={sriov_pf}");
-            prepare_and_kexec(&luo, a, nvme, 2, (kernel, initrd, &words))
+            prepare_and_kexec(&luo, a, retrieved, 2, (kernel, initrd, &words))
         }
         "stage3" => {
-            after_kexec(report, &luo, (a, nvme), Frozen::Keep)?;
+            // Stage 2 preserved the memfd and controller its own retrieve gave: here they
+            // came back through a second kexec.
+            let retrieved = after_kexec(report, &luo, (a, nvme), Frozen::Keep);
+            report.check(
+                "represerve_retrieved",
+                retrieved.as_ref().map(|_| ()).map_err(Clone::clone),
+            );
+            drop(retrieved?);
             unbound_retrieve(report, &luo, sriov_pf)?;
             // A session with a VFIO file, into a kernel whose handler is off.
             let iommu = Iommu::new().map_err(io_err("iommufd"))?;

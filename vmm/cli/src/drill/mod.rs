@@ -74,13 +74,12 @@ pub enum VfioHandler {
 }
 
 impl VfioHandler {
-    /// The kernel parameters that pick it, on every kernel of the chain. `keep` also keeps
-    /// vfio-pci from idling an unopened device into D3hot, whose way back resets it.
-    fn kernel_params(self) -> &'static str {
+    /// The kernel parameter that picks it, on every kernel of the chain.
+    fn kernel_param(self) -> &'static str {
         match self {
             VfioHandler::Off => "vfio_pci.luvmm_lu=off",
             VfioHandler::Reset => "vfio_pci.luvmm_lu=reset",
-            VfioHandler::Keep => "vfio_pci.luvmm_lu=keep vfio_pci.disable_idle_d3=1",
+            VfioHandler::Keep => "vfio_pci.luvmm_lu=keep",
         }
     }
 
@@ -324,7 +323,7 @@ pub fn run(args: &DrillArgs) -> Result<DrillReport, DrillError> {
     let initrd = work.join("initrd");
     write_initrd(&args.bed, &plan, &initrd)?;
     let (devices, drives) = l1_devices(&plan, &work)?;
-    let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_params());
+    let append = format!("luvmm.scenario=drill {}", plan.vfio_handler.kernel_param());
     let spec = L1Spec {
         drives: &drives,
         kernel: &args.bed.kernel,
