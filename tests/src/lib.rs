@@ -111,9 +111,14 @@ impl TestDir {
     }
 }
 
+/// A failed test's directory is kept (its L1 console, its guests' logs) and named.
 impl Drop for TestDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::thread::panicking() {
+            eprintln!("kept for the failure: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

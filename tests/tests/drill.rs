@@ -8,9 +8,9 @@ use luvmm_tests::nested::{linux_guest, one_l1_at_a_time, prepare};
 use luvmm_tests::{luvmm_bin, parse_linux_check, payload, TestDir};
 use serde_json::Value;
 
-/// Runs `luvmm drill` with `flags` on the bed's kernel; returns its exit status, its report
-/// and its SVG timeline.
-fn drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
+/// Runs `luvmm drill` with `flags` on the bed's kernel; returns its exit status, its report,
+/// its SVG timeline and its directory, which a failing test keeps (L1's console is there).
+fn drill(name: &str, flags: &[&str]) -> (i32, Value, String, TestDir) {
     let work = TestDir::new(name);
     let bed = prepare(work.path(), &[luvmm_bin()]);
     let svg = work.join("timeline.svg");
@@ -42,7 +42,7 @@ fn drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
         )
     });
     let svg = std::fs::read_to_string(&svg).unwrap_or_default();
-    (out.status.code().unwrap_or(-1), report, svg)
+    (out.status.code().unwrap_or(-1), report, svg, work)
 }
 
 fn console(dir: &Path) -> String {
@@ -121,7 +121,8 @@ fn require_guests_went_on(report: &Value, round: &Value, vms: usize, devices: us
 /// finds every page of its RAM intact.
 #[test]
 fn a_drill_reopens_devices_without_the_vfio_handler_and_the_guest_keeps_everything() {
-    let (code, report, svg) = drill("drill-one", &["--devices", "2", "--vfio-handler", "off"]);
+    let (code, report, svg, _work) =
+        drill("drill-one", &["--devices", "2", "--vfio-handler", "off"]);
     assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
     assert_eq!(report["kernel"], "7.2.13", "{report}");
     assert_eq!(report["next_kernel"], "7.2.13", "{report}");
@@ -171,7 +172,7 @@ fn a_drill_reopens_devices_without_the_vfio_handler_and_the_guest_keeps_everythi
 /// updates back to back, the second from the kernel the first one booted.
 #[test]
 fn a_drill_of_two_vms_cancels_first_then_updates_twice() {
-    let (code, report, _) = drill(
+    let (code, report, _, _work) = drill(
         "drill-two",
         &[
             "--vms",
@@ -210,7 +211,7 @@ fn a_drill_of_two_vms_cancels_first_then_updates_twice() {
 /// first retrieved.
 #[test]
 fn a_drill_with_the_vfio_handler_reaches_devices_only_through_the_session() {
-    let (code, report, _) = drill(
+    let (code, report, _, _work) = drill(
         "drill-handler",
         &["--devices", "2", "--rounds", "2", "--vfio-handler", "on"],
     );
@@ -240,7 +241,7 @@ fn a_drill_with_the_vfio_handler_reaches_devices_only_through_the_session() {
 /// `ShmemHugePages` holds all of guest RAM before the prepare and after the restore.
 #[test]
 fn a_drill_with_thp_keeps_guest_ram_in_huge_pages_across_the_kexec() {
-    let (code, report, _) = drill("drill-thp", &["--memory-mib", "64", "--thp"]);
+    let (code, report, _, _work) = drill("drill-thp", &["--memory-mib", "64", "--thp"]);
     assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
     let round = rounds(&report, "update")[0];
     require_guests_went_on(&report, round, 1, 1);
@@ -260,7 +261,7 @@ fn a_drill_with_thp_keeps_guest_ram_in_huge_pages_across_the_kexec() {
 /// drill fails saying so.
 #[test]
 fn nothing_lost_drill_catches_two_devices_swapped_in_the_restore() {
-    let (code, report, _) = drill(
+    let (code, report, _, _work) = drill(
         "drill-swap",
         &[
             "--devices",
@@ -297,7 +298,7 @@ fn nothing_lost_drill_catches_two_devices_swapped_in_the_restore() {
 /// session. The check lines are re-read here rather than trusted from the verdict.
 #[test]
 fn a_drill_with_a_linux_guest_in_keep_mode_loses_nothing() {
-    let (code, report, svg) = linux_drill("drill-linux", &["--vfio-handler", "keep"]);
+    let (code, report, svg, _work) = linux_drill("drill-linux", &["--vfio-handler", "keep"]);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(code, 0);
     let updates = rounds(&report, "update");
@@ -334,7 +335,7 @@ fn a_drill_with_a_linux_guest_in_keep_mode_loses_nothing() {
 }
 
 /// Runs a drill of the bed's Linux guest with one NVMe controller and `flags`.
-fn linux_drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
+fn linux_drill(name: &str, flags: &[&str]) -> (i32, Value, String, TestDir) {
     let files = TestDir::new(&format!("{name}-files"));
     let guest = linux_guest(files.path());
     let (kernel, initrd) = (
@@ -358,7 +359,7 @@ fn linux_drill(name: &str, flags: &[&str]) -> (i32, Value, String) {
 /// driver's resets and the guest's longest I/O stall, with nothing lost.
 #[test]
 fn a_drill_with_a_linux_guest_in_reset_mode_reports_its_drivers_recovery() {
-    let (code, report, _) = linux_drill("drill-linux-reset", &["--vfio-handler", "reset"]);
+    let (code, report, _, _work) = linux_drill("drill-linux-reset", &["--vfio-handler", "reset"]);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(code, 0);
     let vm = &rounds(&report, "update")[0]["vms"][0];
@@ -401,7 +402,7 @@ fn nothing_lost_drill_a_linux_guest_not_told_of_its_blackout_reports_a_soft_lock
 /// with `failure` among its reasons.
 fn linux_drill_in_keep_mode_fails(name: &str, fault: &str, failure: &str) {
     let flags = ["--vfio-handler", "keep", "--test-faults", fault];
-    let (code, report, _) = linux_drill(name, &flags);
+    let (code, report, _, _work) = linux_drill(name, &flags);
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(code, 1, "{report}");
     let failures = report["failures"].to_string();

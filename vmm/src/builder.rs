@@ -326,22 +326,27 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         io_bus(&devices)?,
         events.exit.try_clone().map_err(BuildError::EventFd)?,
     )?;
-    let mut vcpus = Vec::with_capacity(saved.vcpus.len());
+    // Every vCPU is made before any TSC is written. KVM keeps its master clock (and so gives
+    // the host TSC stamps) only while every vCPU's TSC is in step with the last one written;
+    // a vCPU made after a TSC write is put at zero and breaks that step for the next write.
+    let mut vcpus = saved
+        .vcpus
+        .iter()
+        .map(|state| Vcpu::new(&vm, state.id, &ctx))
+        .collect::<Result<Vec<_>, _>>()?;
     // The kvmclock as it runs again, for the TSCs to move on as far as it did since the save.
     let now = vm.clock()?;
     let mut carry = Carry::Not;
-    for vcpu_state in &saved.vcpus {
-        let mut vcpu = Vcpu::new(&vm, vcpu_state.id, &ctx)?;
+    for (i, (vcpu, vcpu_state)) in vcpus.iter_mut().zip(&saved.vcpus).enumerate() {
         let carried = tsc_carry::by_clock(vcpu_state, &saved.vm.clock, &now);
         let tsc = match carried {
             Carry::ByClock { tsc, .. } => Some(tsc),
             Carry::ByStamps { .. } | Carry::Not => None,
         };
         vcpu.restore_state(vcpu_state, tsc)?;
-        if vcpus.is_empty() {
+        if i == 0 {
             carry = carried;
         }
-        vcpus.push(vcpu);
     }
     carry = carry_by_stamps(&vm, &saved, &vcpus)?.unwrap_or(carry);
     say_tsc_carry(carry, saved.vcpus.first().and_then(|v| v.tsc_khz));
@@ -490,6 +495,14 @@ fn carry_by_stamps(
         .map(|(vcpu, state)| tsc_carry::plan(state, &saved.vm.clock, &now, !vcpu.tsc_scaled()))
         .collect();
     if !plans.iter().all(|p| matches!(p, Carry::ByStamps { .. })) {
+        log::info!(
+            "no exact TSC offsets: host TSC stamp at the save {}, here {}; every vCPU's saved \
+             offset {}; TSC scaled here {}",
+            tsc_carry::stamped(&saved.vm.clock),
+            tsc_carry::stamped(&now),
+            saved.vcpus.iter().all(|v| v.tsc_offset.is_some()),
+            vcpus.iter().any(Vcpu::tsc_scaled),
+        );
         return Ok(None);
     }
     for (vcpu, plan) in vcpus.iter().zip(&plans) {

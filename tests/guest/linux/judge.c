@@ -24,6 +24,7 @@
 #include <glob.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -694,11 +695,23 @@ static void calibrate_tsc(void)
     tsc_per_ns = (double)(c1 - c0) / (double)(t1 - t0);
 }
 
+/*
+ * On an SMP guest the sampler moves to the next CPU before each sample, so that
+ * CLOCK_MONOTONIC and the TSC are compared across vCPUs too: a vCPU whose clock or TSC came
+ * back behind another's reads as going backwards or as a TSC lag.
+ */
 static void *clock_loop(void *arg)
 {
     (void)arg;
-    for (;;) {
+    long cpus = cfg.host_test ? 1 : sysconf(_SC_NPROCESSORS_ONLN);
+    for (unsigned long n = 0;; n++) {
         sleep_ms(cfg.sample_ms);
+        if (cpus > 1) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET((int)(n % (unsigned long)cpus), &set);
+            sched_setaffinity(0, sizeof(set), &set);
+        }
         pthread_mutex_lock(&lock);
         clock_sample();
         pthread_mutex_unlock(&lock);

@@ -9,9 +9,8 @@
 #   back, so at 3 the guest's clock must be wrong.
 # Each check is one LUVMM-LINUX-CHECK line, printed as `linux check N JSON`.
 . /luvmm/steps.sh
-# One vCPU: L1 has one, and under QEMU 7.2's nested SVM L1 took no interrupt of its own while an
-# L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
-# other vCPU (which L1 then never schedules) stopped L1 for good (not tried since QEMU 10).
+# Two vCPUs on L1's one CPU: the judge's clock sampler moves between them, so a vCPU whose
+# clock or TSC comes back apart from the other's shows.
 cd /tmp
 bin=/luvmm/bin
 nvme=$(nvme_bdf)
@@ -47,7 +46,7 @@ damage=
 if grep -qw luvmm.damage=1 /proc/cmdline; then damage=1; fi
 LUVMM_TEST_FAULTS=${damage:+no-kvmclock-ctrl} luvmm run --kernel $bin/guest-vmlinux \
     --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
-    --vcpus 1 --vfio "$nvme" --cmdline "$cmdline" --serial ./a.log --api-socket a.sock 2>a.err &
+    --vcpus 2 --vfio "$nvme" --cmdline "$cmdline" --serial ./a.log --api-socket a.sock 2>a.err &
 i=0
 while ! grep -q LUVMM-LINUX-READY a.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
 echo "LUVMM-L1 linux ready $(grep LUVMM-LINUX-READY a.log)"

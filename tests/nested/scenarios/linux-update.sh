@@ -15,9 +15,7 @@
 stage=$1
 cd /tmp
 . /luvmm/steps.sh
-# One vCPU: L1 has one, and under TCG's nested SVM L1 takes no interrupt of its own while an
-# L2 vCPU runs with interrupts masked, so a two-vCPU guest waiting with interrupts off for its
-# other vCPU (which L1 then never schedules) stops L1 for good. tsc=nowatchdog: see
+# Two vCPUs on L1's one CPU, the judge's clock sampler moving between them. tsc=nowatchdog: see
 # linux-paths.sh.
 bin=/luvmm/bin
 nvme_timeout=$(sed -n 's/.*luvmm\.nvme_timeout=\([0-9]*\).*/\1/p' /proc/cmdline)
@@ -41,7 +39,7 @@ echo "LUVMM-L1 host clocksource $(cat /sys/devices/system/clocksource/clocksourc
 case "$stage" in
 1)
     luvmm run --kernel $bin/guest-vmlinux --initrd $bin/guest-initrd.cpio.gz --memory-mib 256 \
-        --vcpus 1 --vfio "$nvme" --cmdline "console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=40$timeouts" \
+        --vcpus 2 --vfio "$nvme" --cmdline "console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=40$timeouts" \
         --serial ./a.log --api-socket a.sock 2>a.err &
     i=0
     while ! grep -q LUVMM-LINUX-READY a.log 2>/dev/null && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done

@@ -184,14 +184,19 @@ fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
             "over {what}: guest gap {:.0} ms, TSC lag {:.1} ms",
             check.clock.longest_gap_ms, check.clock.tsc_lag_ms
         );
-        require_tsc_with_clock(run, what, check, 200.0);
+        require_tsc_with_clock(run, what, check);
     }
 }
 
 /// The guest's TSC moved on with its monotonic clock over `what`: a TSC left where the save
-/// found it lags by the whole blackout (half a second for a handover; its judge measures the
-/// lag to within tens of ms under TCG).
-fn require_tsc_with_clock(run: &L1Run, what: &str, check: &LinuxCheck, limit_ms: f64) {
+/// found it lags by the whole blackout (half a second for a handover). Where L1 runs on its
+/// TSC, KVM gives the host TSC stamps and every vCPU's offset follows from them exactly
+/// (measured lags 0.0-3.4 ms); a TSC written back instead, as a restore that breaks KVM's
+/// master clock must, lags 20-30 ms, as it does on an L1 whose TSC is unstable (judged there
+/// against 200 ms: the judge measures to within tens of ms under TCG).
+fn require_tsc_with_clock(run: &L1Run, what: &str, check: &LinuxCheck) {
+    let on_tsc = run.results().contains(&"host clocksource tsc");
+    let limit_ms = if on_tsc { 10.0 } else { 200.0 };
     if check.clock.tsc_lag_ms.abs() > limit_ms {
         fail(
             run,
@@ -231,15 +236,11 @@ fn linux_guest_damage_shows_without_the_kvmclock_restore() {
     }
 }
 
-/// Runs `linux-update` as `test` with `append` on L1's command line (and `vfio_pci.disable_idle_d3=1`),
-/// requires the prepare, the kexec and the restore, and a clean check before the update.
-/// Returns the run, the judge's checks and that first check.
+/// Runs `linux-update` as `test` with `append` on L1's command line, requires the prepare, the
+/// kexec and the restore, and a clean check before the update. Returns the run, the judge's
+/// checks and that first check.
 fn update_linux_guest(test: &str, append: &str) -> (L1Run, Vec<(u32, LinuxCheck)>, LinuxCheck) {
-    let run = boot_linux_scenario(
-        test,
-        "linux-update",
-        &format!("{append} vfio_pci.disable_idle_d3=1"),
-    );
+    let run = boot_linux_scenario(test, "linux-update", append);
     require_second_kernel(&run);
     require_no_failure(&run);
     require_ok(
@@ -267,7 +268,7 @@ fn linux_guest_host_update_keep_mode_loses_nothing() {
         after.io.as_ref().map_or(0.0, |io| io.longest_stall_ms),
         after.clock.tsc_lag_ms
     );
-    require_tsc_with_clock(&run, "the host update", &after, 200.0);
+    require_tsc_with_clock(&run, "the host update", &after);
 }
 
 /// The host live update with the handler in `reset` mode, the proposed upstream behaviour: the

@@ -130,12 +130,17 @@ pub struct L1Run {
     pub timed_out: bool,
 }
 
-/// The bed's own command line words: the IOMMU with interrupt remapping, LUO and KHO on, and
-/// KVM taking the XCR0 an L2 guest set without an exit (patches/0002: TCG's nested SVM lets
-/// XSETBV through, and a Linux L2 guest's XSAVE breaks without it).
+/// The bed's own command line words: the IOMMU with interrupt remapping, LUO and KHO on, KVM
+/// taking the XCR0 an L2 guest set without an exit (patches/0006: TCG's nested SVM lets
+/// XSETBV through, and a Linux L2 guest's XSAVE breaks without it), and L1's TSC taken as
+/// reliable. L1's TSC is QEMU's, from the host's clock, but under TCG L1's clocksource
+/// watchdog sees its one vCPU's readings skew ("Marking clocksource tsc unstable due to
+/// frequency skew", HPET 193830 ns against TSC 192229 ns, in a drill); KVM then drops its
+/// master clock and moves each L2 vCPU's TSC on by itself at every schedule-in, and a
+/// two-vCPU guest saw `CLOCK_MONOTONIC` go back across its vCPUs (five drills of seven).
 pub const BED_CMDLINE: &str =
     "console=ttyS0 intel_iommu=on iommu=pt liveupdate=on kho=on no_timer_check panic=-1 loglevel=4 \
-     kvm.luvmm_adopt_xcr0=1";
+     kvm.luvmm_adopt_xcr0=1 tsc=reliable";
 
 /// How long L1's console may stay silent before the bed writes a newline to it. QEMU's TCG has
 /// been seen (twice, in CI) to leave L1's only vCPU halted with nothing on its console until

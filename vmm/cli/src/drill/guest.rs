@@ -253,7 +253,7 @@ impl Guest {
         command
             .arg("run")
             .args(["--kernel", L1_GUEST_KERNEL, "--initrd", L1_GUEST_INITRD])
-            .args(["--memory-mib", &memory_mib.to_string(), "--vcpus", "1"])
+            .args(["--memory-mib", &memory_mib.to_string(), "--vcpus", "2"])
             .args(["--cmdline", &cmdline]);
         for bdf in bdfs {
             command.args(["--vfio", bdf]);

@@ -75,7 +75,6 @@ pub fn plan(
     let Some(khz) = rate_over_progress(saved, then, now) else {
         return Carry::Not;
     };
-    let stamped = |c: &kvm_clock_data| c.flags & KVM_CLOCK_HOST_TSC != 0;
     if let (Some(offset), true, true, true) =
         (saved.tsc_offset, stamped(then), stamped(now), unscaled)
     {
@@ -85,9 +84,14 @@ pub fn plan(
     by_clock(saved, then, now)
 }
 
+/// The kvmclock reading carries KVM's host TSC stamp: its master clock ran.
+pub fn stamped(clock: &kvm_clock_data) -> bool {
+    clock.flags & KVM_CLOCK_HOST_TSC != 0
+}
+
 /// The saved TSC moved on by the kvmclock's progress from `then` to `now`, to be written back
 /// in place of the saved one. A VM has no master clock, hence no stamp, before its vCPUs are
-/// made: this is what a restore writes as it makes them.
+/// made: this is what a restore writes first.
 pub fn by_clock(saved: &VcpuState, then: &kvm_clock_data, now: &kvm_clock_data) -> Carry {
     let Some(khz) = rate_over_progress(saved, then, now) else {
         return Carry::Not;
