@@ -3,7 +3,7 @@
 # (tests/guest/linux/judge.c: memory, an O_DIRECT block loop through its nvme driver, its kernel
 # log, its clocks) after each path luvmm offers short of a host update:
 #   1 booted; 2 paused 8 s and resumed; 3 handed to a new process (device fds adopted, no
-#   reopen, no reset). With luvmm.damage=1 on L1's command line the same steps are the damage
+#   reopen, no reset); 4 handed on again to a third process. With luvmm.damage=1 on L1's command line the same steps are the damage
 #   checks: the VMM leaves KVM_KVMCLOCK_CTRL out (at 2 the guest's watchdog would cry soft
 #   lockup; in 7.2 it does not), and the handover's target does not put the saved kvmclock
 #   back, so at 3 the guest's clock must be wrong.
@@ -61,7 +61,11 @@ handover a.sock b.sock ${damage:+no-kvmclock-restore}
 settle
 check b.sock 3
 echo "LUVMM-L1 linux handover $(luvmm ctl --socket b.sock status | grep -o '"blackout_ms":[0-9.]*')"
-luvmm ctl --socket b.sock shutdown >/dev/null
+handover b.sock c.sock ${damage:+no-kvmclock-restore}
+settle
+check c.sock 4
+echo "LUVMM-L1 linux handover again $(luvmm ctl --socket c.sock status | grep -o '"blackout_ms":[0-9.]*')"
+luvmm ctl --socket c.sock shutdown >/dev/null
 sleep 1
 grep -v LUVMM-LINUX-CHECK a.log | grep -E 'nvme|soft lockup|clocksource|WARNING|BUG|rcu' | sed 's/^/LUVMM-L1 serial /'
-for f in a.err b.sock.err; do sed "s/^/LUVMM-L1 log $f /" $f 2>/dev/null; done
+for f in a.err b.sock.err c.sock.err; do sed "s/^/LUVMM-L1 log $f /" $f 2>/dev/null; done

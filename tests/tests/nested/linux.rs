@@ -168,7 +168,8 @@ fn linux_guest_keeps_its_clock_across_a_handover_on_a_host_with_an_unstable_tsc(
     require_pause_and_handover_clean(&run, &checks);
 }
 
-/// Checks 1 to 3 of `linux-paths`: booted, after an 8 s pause, after a handover.
+/// Checks 1 to 4 of `linux-paths`: booted, after an 8 s pause, after a handover, after a
+/// second handover of the same guest (a target becomes a source).
 fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
     let booted = check_no(run, checks, 1);
     require_clean(run, "booted", &booted, None);
@@ -179,7 +180,13 @@ fn require_pause_and_handover_clean(run: &L1Run, checks: &[(u32, LinuxCheck)]) {
     }
     let handed = check_no(run, checks, 3);
     require_clean(run, "after a handover", &handed, Some(&paused));
-    for (what, check) in [("the pause", &paused), ("the handover", &handed)] {
+    let again = check_no(run, checks, 4);
+    require_clean(run, "after a second handover", &again, Some(&handed));
+    for (what, check) in [
+        ("the pause", &paused),
+        ("the handover", &handed),
+        ("the second handover", &again),
+    ] {
         println!(
             "over {what}: guest gap {:.0} ms, TSC lag {:.1} ms",
             check.clock.longest_gap_ms, check.clock.tsc_lag_ms
