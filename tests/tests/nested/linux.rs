@@ -166,6 +166,16 @@ fn linux_guest_keeps_its_clock_across_a_handover_on_a_host_with_an_unstable_tsc(
     }
     let checks = linux_checks(&run);
     require_pause_and_handover_clean(&run, &checks);
+    // Each handover kept the guest saved 5 s: its own clock must have seen that much.
+    for n in [3, 4] {
+        let gap = check_no(&run, &checks, n).clock.longest_gap_ms;
+        if gap < 5000.0 {
+            fail(
+                &run,
+                &format!("check {n}: the guest's clock saw {gap:.0} ms of a 5 s hold"),
+            );
+        }
+    }
 }
 
 /// Checks 1 to 4 of `linux-paths`: booted, after an 8 s pause, after a handover, after a
