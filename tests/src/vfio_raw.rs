@@ -18,7 +18,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_io_nr;
 
 const VFIO_TYPE: u32 = b';' as u32;
@@ -29,6 +29,7 @@ ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE, VFIO_BASE + 6);
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE, VFIO_BASE + 8);
 ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, VFIO_BASE + 10);
+ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_DEVICE_PCI_HOT_RESET, VFIO_TYPE, VFIO_BASE + 13);
 ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
@@ -327,6 +328,13 @@ impl Device {
             cap = u64::from(header[1]);
         }
         Err(io::Error::other("no PCI power-management capability"))
+    }
+
+    /// `VFIO_DEVICE_RESET`: the function's own reset (FLR here).
+    pub fn reset(&self) -> io::Result<()> {
+        // SAFETY: DEVICE_RESET takes no argument.
+        check(unsafe { ioctl(&self.file, VFIO_DEVICE_RESET()) })?;
+        Ok(())
     }
 
     /// Turns on memory decoding and Bus Master, which DMA needs.

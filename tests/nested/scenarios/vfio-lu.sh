@@ -1,6 +1,7 @@
 #!/bin/sh
 # The kernel half's tests: luvmm's VFIO live-update handler (tests/nested/patches/) across a
-# chain of real kexecs, stage 1 in reset mode, 2 in keep, 3 in reset, 4 with the handler off.
+# chain of real kexecs, stage 1 in reset mode, 2 in keep, 3 in reset, 4 with a handler that
+# fails to register (its `register` fault).
 # The kernel's own LUO selftest runs first, with the handler registered.
 stage=$1
 . /luvmm/steps.sh

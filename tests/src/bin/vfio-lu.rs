@@ -14,18 +14,22 @@
 //!   Master off, read from sysfs before anything opens it). Normal opens and the unbind
 //!   refused, FINISH refused before the retrieve, the retrieved file unusable until bound;
 //!   bound, attached and mapped at the same IOVA from the retrieved memfd, the `edu` does DMA
-//!   and raises MSI; FINISH; normal opens work again. Then the same preparation, frozen in
-//!   `keep`, with the retrieved memfd and NVMe file preserved again, the SR-IOV controller in
-//!   a second session, and a kexec into stage 3 (`reset`), whose init removes that controller
-//!   and finds it again, so that the kernel's NVMe driver takes it.
+//!   and raises MSI; FINISH; normal opens work again. A refused kexec with the handler's
+//!   `freeze-hold` fault: while the freezes hold, vfio-pci refuses to change the frozen
+//!   devices. Then the same preparation, frozen in `keep`, with the retrieved memfd and NVMe
+//!   file preserved again, the SR-IOV controller in a second session, and a kexec into stage
+//!   3 (`reset`), whose init removes that controller and finds it again, so that the kernel's
+//!   NVMe driver takes it.
 //! - `stage3`: what a `keep` freeze left: the same checks, but the NVMe controller stayed in
-//!   D0 unopened, kept Bus Master and is still enabled with its admin queue registers
-//!   unchanged, and a command on the old queue completes (so the files retrieved in stage 2
-//!   crossed a second kexec). The SR-IOV controller's retrieve fails with `ENODEV`, the NVMe
-//!   driver lets it go, and the retrieve fails again once vfio-pci is bound. Then one `edu`
-//!   is preserved and the host kexecs into stage 4, handler off.
-//! - `stage4` (`off`): `/dev/liveupdate` fails with `EIO`, since a session holds a file no
-//!   handler of this kernel knows: what a pre-flight must prevent.
+//!   D0 unopened, kept Bus Master, survives a first bind that fails (the `enable` fault) and
+//!   is still enabled with its admin queue registers unchanged, and a command on the old queue
+//!   completes (so the files retrieved in stage 2 crossed a second kexec). The SR-IOV
+//!   controller's retrieve fails with `ENODEV`, the NVMe driver lets it go, and the retrieve
+//!   fails again once vfio-pci is bound. Then one `edu` is preserved and the host kexecs into
+//!   stage 4, whose handler fails to register (the `register` fault).
+//! - `stage4`: `/dev/liveupdate` fails with `EIO`, since a session holds a file no handler of
+//!   this kernel knows (what a pre-flight must prevent), and the preserved `edu` opens the
+//!   normal way: a handler that cannot start leaves nothing incoming.
 //!
 //! `edu` has no reset method, so only the NVMe controller (which has FLR) tells the modes
 //! apart. `vfio-lu open BDF` prints what a normal open of a function's cdev gives, for the
@@ -41,7 +45,7 @@ use std::time::{Duration, Instant};
 use luvmm::drill::bed::{self, InitrdFile};
 use luvmm_devices::vfio::host::sysfs_dir;
 use luvmm_liveupdate::luo::kexec::{self, KexecError};
-use luvmm_liveupdate::luo::{LiveUpdate, LuoError, OutgoingSession, SessionName};
+use luvmm_liveupdate::luo::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName};
 use luvmm_tests::l1::{flag, line, Report};
 use luvmm_tests::vfio_raw::{self, bind, open_bound, open_cdev, Device, Group, Iommu};
 use vmm_sys_util::eventfd::EventFd;
@@ -64,6 +68,7 @@ const TOKEN_MEMFD: u64 = 1;
 const TOKEN_EDU: u64 = 2;
 const TOKEN_NVME: u64 = 3;
 const TOKEN_SPARE: u64 = 4;
+const TOKEN_OTHER: u64 = 5;
 
 /// `edu` registers (QEMU's `hw/misc/edu.c` interface).
 const EDU_IRQ_STATUS: u64 = 0x24;
@@ -203,6 +208,12 @@ fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
 
 fn luo_err(what: &str) -> impl Fn(LuoError) -> String + '_ {
     move |e| format!("{what}: {e}")
+}
+
+/// Asks the handler for one of its faults for the bed's tests (`vfio_pci.luvmm_lu_fault`).
+fn set_fault(fault: &str) -> Result<(), String> {
+    std::fs::write("/sys/module/vfio_pci/parameters/luvmm_lu_fault", fault)
+        .map_err(io_err("luvmm_lu_fault"))
 }
 
 /// Where the kernel's log stood (its last record's timestamp): a check reads only what the
@@ -650,16 +661,19 @@ fn no_reset_while_incoming(
 /// so the kernel's NVMe driver took it) fails with `ENODEV`, and keeps failing once vfio-pci
 /// is bound (LUO's rule): the device stays incoming and FINISH stays refused. The other
 /// driver may let go of it: only vfio-pci is held to an incoming device.
-fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(), String> {
+fn unbound_retrieve(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    (pf, other): (&str, &str),
+) -> Result<(), String> {
     let session = luo
         .retrieve_session(&name(SPARE_SESSION))
         .map_err(luo_err("retrieve the session"))?;
-    let enodev = |what: &str| match session.retrieve(TOKEN_SPARE) {
-        Err(LuoError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
-            Ok(())
-        }
-        other => Err(format!("{what}: {:?}, expected ENODEV", other.map(|_| ()))),
-    };
+    report.check(
+        "retrieve_another_function_enodev",
+        another_function(&session, other),
+    );
+    let enodev = |what: &str| retrieve_enodev(&session, TOKEN_SPARE, what);
     let driver = sysfs_dir(pf).join("driver");
     let mark = LogMark::now()?;
     report.check(
@@ -698,6 +712,36 @@ fn unbound_retrieve(report: &mut Report, luo: &LiveUpdate, pf: &str) -> Result<(
         },
     );
     Ok(())
+}
+
+/// A retrieve of `token` that must fail with `ENODEV`.
+fn retrieve_enodev(session: &IncomingSession, token: u64, what: &str) -> Result<(), String> {
+    match session.retrieve(token) {
+        Err(LuoError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
+            Ok(())
+        }
+        other => Err(format!("{what}: {:?}, expected ENODEV", other.map(|_| ()))),
+    }
+}
+
+/// The handler's `ids` fault gives the incoming entry at `bdf`'s address another device ID,
+/// as if another function had taken the preserved one's place across the kexec: its retrieve
+/// must fail (`ENODEV`, said in the kernel log for that function), and the function found
+/// there is no longer held back from a normal open.
+fn another_function(session: &IncomingSession, bdf: &str) -> Result<(), String> {
+    expect_errno("cdev open while incoming", open_cdev(bdf), libc::EBUSY)?;
+    let mark = LogMark::now()?;
+    set_fault("ids")?;
+    let refused = retrieve_enodev(session, TOKEN_OTHER, "retrieve with another device ID");
+    set_fault("none")?;
+    refused?;
+    mark.logged(
+        bdf,
+        "luvmm-lu: cannot retrieve: not the function that was preserved",
+    )?;
+    open_cdev(bdf)
+        .map(|_| ())
+        .map_err(io_err("a normal open of the other function"))
 }
 
 /// Loads the next kernel and asks for the kexec, which a preserved file's freeze must refuse
@@ -792,6 +836,111 @@ fn freeze_refusal_d3(
     kexec::unload().map_err(|e| e.to_string())?;
     n.set_d3hot(false).map_err(io_err("D0"))?;
     Ok(())
+}
+
+/// In `keep` mode a frozen device stays as the freeze checked it until the kexec or the
+/// unfreeze. The handler's `freeze-hold` fault holds each freeze that succeeds for three
+/// seconds with the locks let go, the window in which another thread used to get through:
+/// there, with an `edu` and the NVMe controller frozen, vfio-pci must refuse MSI, a COMMAND
+/// write, a reset and D3hot. A third device with MSI on then refuses the kexec, and after the
+/// unfreeze the `edu` takes MSI again.
+fn frozen_refusals(
+    report: &mut Report,
+    luo: &LiveUpdate,
+    (a, b): (&str, &str),
+    (nvme, n): (&str, &Device),
+    (kernel, initrd): (&Path, &Path),
+) -> Result<(), String> {
+    let iommu = Iommu::new().map_err(io_err("iommufd"))?;
+    let held = open_bound(b, &iommu).map_err(io_err("open b"))?;
+    let noisy = open_bound(a, &iommu).map_err(io_err("open a"))?;
+    let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
+    noisy.set_msi(Some(&msi)).map_err(io_err("MSI on"))?;
+    let session = luo
+        .create_session(&name("vfio-lu-hold"))
+        .map_err(luo_err("create"))?;
+    session
+        .preserve(held.fd(), 1)
+        .and_then(|_| session.preserve(n.fd(), 2))
+        .and_then(|_| session.preserve(noisy.fd(), 3))
+        .map_err(luo_err("preserve"))?;
+    set_fault("freeze-hold")?;
+    let mark = LogMark::now()?;
+    let (refused, tried) = std::thread::scope(|s| {
+        let tried = s.spawn(|| try_while_frozen(&mark, (b, &held), (nvme, n)));
+        let refused = reboot_refused(kernel, initrd);
+        (refused, tried.join())
+    });
+    set_fault("none")?;
+    let tried = tried.unwrap_or_else(|_| Err("the thread that tried panicked".into()));
+    report.check("frozen_refuses_changes", refused?.and(tried));
+    report.check(
+        "unfrozen_accepts_changes",
+        held.set_msi(Some(&msi))
+            .and_then(|_| held.set_msi(None))
+            .and_then(|_| n.set_d3hot(false))
+            .map_err(io_err("after the unfreeze")),
+    );
+    noisy.set_msi(None).map_err(io_err("MSI off"))?;
+    session.cancel();
+    kexec::unload().map_err(|e| e.to_string())
+}
+
+/// Once the NVMe controller's freeze holds (the `edu`'s came before it), everything that would
+/// change either device must fail.
+fn try_while_frozen(
+    mark: &LogMark,
+    (b, held): (&str, &Device),
+    (nvme, n): (&str, &Device),
+) -> Result<(), String> {
+    poll_until("the NVMe controller's freeze", || {
+        Ok(mark.logged(nvme, "luvmm-lu: frozen; held").is_ok())
+    })?;
+    mark.logged(b, "luvmm-lu: frozen; held")?;
+    let msi = EventFd::new(0).map_err(io_err("eventfd"))?;
+    expect_errno(
+        "edu SET_IRQS (MSI on)",
+        held.set_msi(Some(&msi)),
+        libc::EBUSY,
+    )?;
+    expect_errno("edu COMMAND write", held.enable_dma(), libc::EBUSY)?;
+    expect_errno("NVMe DEVICE_RESET", n.reset(), libc::EBUSY)?;
+    // A PM control write is taken, but the power state must not change.
+    n.set_d3hot(true).map_err(io_err("NVMe PM control"))?;
+    match sysfs_power(nvme)? {
+        (state, _) if state == "D0" => Ok(()),
+        (state, _) => Err(format!("the frozen NVMe controller went to {state}")),
+    }
+}
+
+/// An enable of a kept function that fails (the handler's `enable` fault, on the first bind)
+/// leaves it adopted and running: Bus Master still on, and the next bind adopts it without a
+/// reset, which `keep_mode_nvme_enabled` then checks.
+fn failed_enable(bdf: &str, file: &File, iommu: &Iommu) -> Result<(), String> {
+    set_fault("enable")?;
+    let first = vfio_raw::bind(file, iommu);
+    set_fault("none")?;
+    expect_errno("the first bind", first, libc::EIO)?;
+    match sysfs_command(bdf)? {
+        c if c & PCI_COMMAND_MASTER != 0 => Ok(()),
+        c => Err(format!(
+            "COMMAND {c:#x} after the failed enable: Bus Master off"
+        )),
+    }
+}
+
+/// The handler failed to register at boot (its `register` fault): what the previous kernel
+/// preserved is this kernel's like any other function, not gated.
+fn nothing_incoming(bdf: &str) -> Result<(), String> {
+    if !kernel_log()?
+        .iter()
+        .any(|(_, msg)| msg.contains("luvmm-lu: cannot register: -EIO"))
+    {
+        return Err("the kernel did not log the failed registration".into());
+    }
+    open_cdev(bdf)
+        .map(|_| ())
+        .map_err(io_err("a normal open of the preserved edu"))
 }
 
 /// The DMA memfd, the iommufd it is mapped in at `IOVA` and the NVMe controller bound to it.
@@ -942,6 +1091,12 @@ fn after_kexec(
     });
 
     let nvme_file = File::from(session.retrieve(TOKEN_NVME).map_err(luo_err("NVMe"))?);
+    if frozen == Frozen::Keep {
+        report.check(
+            "failed_enable_keeps_adoption",
+            failed_enable(nvme, &nvme_file, &iommu),
+        );
+    }
     let nvme_dev = vfio_raw::bind(&nvme_file, &iommu)
         .and_then(|_| vfio_raw::attach(&nvme_file, &iommu))
         .and_then(|_| Device::new(nvme_file))
@@ -1047,6 +1202,7 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
                 )),
             },
         );
+        report.check("failed_registration_nothing_incoming", nothing_incoming(a));
         return Ok(());
     }
     let luo = LiveUpdate::open().map_err(luo_err("/dev/liveupdate"))?;
@@ -1071,7 +1227,20 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
             // through a session is preserved again as any other.
             no_reset_while_incoming(report, &luo, (&sibling.0, &sibling.1), nvme)?;
             let retrieved = after_kexec(report, &luo, (a, nvme), Frozen::Reset)?;
-            let _spare = preserve_alone(&luo, sriov_pf, (SPARE_SESSION, TOKEN_SPARE))?;
+            frozen_refusals(
+                report,
+                &luo,
+                (a, b),
+                (nvme, &retrieved.nvme),
+                (kernel, initrd),
+            )?;
+            let spare = preserve_alone(&luo, sriov_pf, (SPARE_SESSION, TOKEN_SPARE))?;
+            // In the same session an `edu` that stage 3 finds with another device ID.
+            let other = open_bound(b, &spare.2).map_err(io_err("open b"))?;
+            spare
+                .0
+                .preserve(other.fd(), TOKEN_OTHER)
+                .map_err(luo_err("preserve b"))?;
             let words = format!("vfio_pci.luvmm_lu=reset luvmm.stage=3 luvmm.nobind={sriov_pf}");
             prepare_and_kexec(&luo, a, retrieved, 2, (kernel, initrd, &words))
         }
@@ -1084,15 +1253,19 @@ fn run(stage: &str, args: &[String], report: &mut Report) -> Result<(), String> 
                 retrieved.as_ref().map(|_| ()).map_err(Clone::clone),
             );
             drop(retrieved?);
-            unbound_retrieve(report, &luo, sriov_pf)?;
-            // A session with a VFIO file, into a kernel whose handler is off.
+            unbound_retrieve(report, &luo, (sriov_pf, b))?;
+            // A session with a VFIO file, into a kernel whose handler cannot register.
             let iommu = Iommu::new().map_err(io_err("iommufd"))?;
             let e = open_bound(a, &iommu).map_err(io_err("open edu"))?;
             let session = luo
                 .create_session(&name("vfio-lu-lost"))
                 .map_err(luo_err("create"))?;
             session.preserve(e.fd(), 1).map_err(luo_err("preserve"))?;
-            kexec_into(kernel, initrd, "vfio_pci.luvmm_lu=off luvmm.stage=4")
+            kexec_into(
+                kernel,
+                initrd,
+                "vfio_pci.luvmm_lu=reset vfio_pci.luvmm_lu_fault=register luvmm.stage=4",
+            )
         }
         other => Err(format!("unknown stage {other}")),
     }
