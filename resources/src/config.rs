@@ -122,9 +122,10 @@ pub struct VmConfig {
     /// The IOMMU path for passthrough devices.
     #[serde(default)]
     pub vfio_backend: VfioBackendChoice,
-    /// Ask for transparent huge pages on guest RAM (`MADV_HUGEPAGE`; the host's shmem THP
-    /// must be `advise` or `always`): fewer, larger folios for LUO to preserve and retrieve.
-    #[serde(default)]
+    /// Ask for transparent huge pages on guest RAM (`MADV_HUGEPAGE`, RAM filled at boot), on
+    /// by default: fewer, larger folios for LUO to preserve and retrieve. They come only where
+    /// the host's shmem THP allows (`advise`, `always`); with `never` RAM stays in small pages.
+    #[serde(default = "thp_by_default")]
     pub memory_thp: bool,
 }
 
@@ -156,6 +157,10 @@ fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
 
+fn thp_by_default() -> bool {
+    true
+}
+
 /// Guest RAM when the user gives no size.
 const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
 
@@ -180,7 +185,7 @@ impl Default for VmConfig {
             vfio: Vec::new(),
             vfio_bars: BarMode::default(),
             vfio_backend: VfioBackendChoice::default(),
-            memory_thp: false,
+            memory_thp: true,
         }
     }
 }
@@ -742,6 +747,10 @@ mod tests {
         );
         assert_eq!(parsed.cmdline, DEFAULT_CMDLINE);
         assert_eq!(parsed.boot, BootProtocol::Auto);
+        assert!(
+            parsed.memory_thp,
+            "huge pages are asked for unless the config says no"
+        );
         assert_eq!(parsed.serial, SerialOutput::File("/tmp/serial.log".into()));
 
         std::fs::write(&path, r#"{"vcpus": 1, "memroy": [], "payload": "x"}"#).unwrap();

@@ -349,6 +349,11 @@ impl Vm {
         })
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process at once (SIGKILL), as a crash or an operator would.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -192,3 +192,37 @@ fn bad_configurations_are_refused_with_the_field_named() {
     let typo = write("typo.json", r#"{"vcpus": 1, "memroy": []}"#.to_string());
     refused(&["run", "--config", &typo], "memroy");
 }
+
+/// Guest RAM asks for transparent huge pages unless `--thp off`, and gets them only where the
+/// host's shmem THP allows: with `never` or `deny` luvmm says so and RAM stays in small pages;
+/// otherwise the memfd mappings carry `MADV_HUGEPAGE` (`hg` in the VMM's smaps).
+#[test]
+fn guest_ram_asks_for_huge_pages_where_the_host_allows_them() {
+    let dir = TestDir::new("boot-thp");
+    let host = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let refused = !["[always]", "[within_size]", "[advise]", "[force]"]
+        .iter()
+        .any(|word| host.contains(word));
+    let said = "guest RAM in small pages";
+    for (name, flags, asked) in [
+        ("default", &[][..], true),
+        ("off", &["--thp", "off"], false),
+    ] {
+        let log = dir.join(&format!("{name}.err"));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let vm = Vm::boot_logging(&dir, name, flags, stderr);
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", vm.pid())).unwrap();
+        vm.kill();
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            log.contains(said),
+            asked && refused,
+            "{name}, host {host:?}: {log}"
+        );
+        let advised = smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"));
+        assert_eq!(advised, asked && !refused, "{name}, host {host:?}");
+    }
+}

@@ -35,7 +35,7 @@ use crate::passthrough::{
 };
 use crate::vmm::{Devices, RestoreTimings, VmEvents, Vmm};
 use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
-use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::memory::{thp_for, GuestRam, MemoryError, ShmemThp, SHMEM_THP_PATH};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
 use crate::vstate::x86_64::tsc_carry::{self, Carry};
@@ -73,6 +73,19 @@ pub enum BuildError {
     },
 }
 
+/// Huge pages for guest RAM if asked for (the default) and the host's shmem THP allows them;
+/// said in the log when the host's setting leaves guest RAM in small pages.
+fn guest_ram_thp(asked: bool) -> bool {
+    let thp = thp_for(asked, ShmemThp::host());
+    if asked && !thp {
+        log::info!(
+            "guest RAM in small pages: {SHMEM_THP_PATH} is never or deny (advise lets luvmm ask \
+             for huge pages, which LUO preserves and retrieves far faster)"
+        );
+    }
+    thp
+}
+
 /// Builds a fresh VM from a config: validated first, then booted paused at the payload entry.
 /// The guest's COM1 writes to `serial_out`, which the caller opened (`outputs::open_outputs`).
 pub fn build_for_boot(
@@ -84,7 +97,7 @@ pub fn build_for_boot(
 
     let vm = KvmVm::new(kvm)?;
     let layout = config.memory_layout();
-    let ram = GuestRam::create(&layout, config.memory_thp)?;
+    let ram = GuestRam::create(&layout, guest_ram_thp(config.memory_thp))?;
     vm.register_memory(&ram)?;
     let source = BootSource {
         kernel: &config.payload,

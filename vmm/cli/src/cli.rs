@@ -95,10 +95,11 @@ pub struct RunArgs {
     /// IOMMU path for passthrough devices: auto (iommufd if present), iommufd, legacy.
     #[arg(long, value_parser = config_word::<VfioBackendChoice>)]
     pub vfio_backend: Option<VfioBackendChoice>,
-    /// Ask for transparent huge pages on guest RAM (MADV_HUGEPAGE; needs the host's shmem
-    /// THP on `advise` or `always`).
-    #[arg(long)]
-    pub thp: bool,
+    /// Transparent huge pages for guest RAM: on (the default: MADV_HUGEPAGE and RAM filled at
+    /// boot, where the host's shmem THP is `advise` or `always`) or off.
+    #[arg(long, value_name = "on|off", num_args = 0..=1, default_missing_value = "on",
+          value_parser = on_off)]
+    pub thp: Option<bool>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -133,6 +134,15 @@ fn absolute_path(text: &str) -> Result<PathBuf, String> {
 /// the same on the command line and in JSON.
 fn config_word<T: DeserializeOwned>(word: &str) -> Result<T, String> {
     serde_json::from_value(serde_json::Value::String(word.to_string())).map_err(|e| e.to_string())
+}
+
+/// `on` or `off`, for switches whose default is on.
+pub fn on_off(word: &str) -> Result<bool, String> {
+    match word {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: say on or off")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -363,8 +373,8 @@ pub fn vm_config(args: &RunArgs) -> Result<VmConfig, luvmm_resources::config::Co
         // One vCPU and 64 MiB; the flags below override it.
         None => VmConfig::default(),
     };
-    if args.thp {
-        config.memory_thp = true;
+    if let Some(thp) = args.thp {
+        config.memory_thp = thp;
     }
     if let Some(backend) = args.vfio_backend {
         config.vfio_backend = backend;
@@ -545,5 +555,28 @@ mod tests {
                 ..VmConfig::default()
             }
         );
+    }
+
+    #[test]
+    fn huge_pages_are_on_unless_turned_off() {
+        let thp = |words: &[&str]| {
+            let args = [&["luvmm", "run", "--payload", "/p.elf"][..], words].concat();
+            let Command::Run(run) = Cli::try_parse_from(args).expect("a command line").command
+            else {
+                panic!("not run")
+            };
+            vm_config(&run).expect("a config").memory_thp
+        };
+        assert!(thp(&[]));
+        assert!(thp(&["--thp"]));
+        assert!(thp(&["--thp", "on"]));
+        assert!(!thp(&["--thp", "off"]));
+        assert!(!thp(&["--thp=off"]));
+        let typo = [
+            &["luvmm", "run", "--payload", "/p.elf"][..],
+            &["--thp", "of"],
+        ]
+        .concat();
+        assert!(Cli::try_parse_from(typo).is_err());
     }
 }

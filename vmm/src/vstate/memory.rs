@@ -74,6 +74,49 @@ fn advise(region: &GuestRegionMmap, advice: MmapAdvise) -> Result<(), nix::Error
     unsafe { madvise(start, region.size(), advice) }
 }
 
+/// Where the host says how shmem, memfds included, may use transparent huge pages.
+pub const SHMEM_THP_PATH: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The host's shmem transparent huge page policy: the bracketed word of `shmem_enabled`.
+/// It decides whether `MADV_HUGEPAGE` on guest RAM gives huge folios, which LUO preserves and
+/// retrieves at a fraction of the cost of small pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShmemThp {
+    /// `always`, `within_size`, `advise` or `force`: an advised mapping gets huge folios.
+    Allowed,
+    /// `never` or `deny`, or a kernel without THP: small pages whatever is asked.
+    Refused,
+}
+
+impl ShmemThp {
+    /// Parses `shmem_enabled` (`always within_size advise [never] deny force`); `None` if no
+    /// word is bracketed or the bracketed one is unknown.
+    pub fn parse(text: &str) -> Option<ShmemThp> {
+        let chosen = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?;
+        match chosen {
+            "always" | "within_size" | "advise" | "force" => Some(ShmemThp::Allowed),
+            "never" | "deny" => Some(ShmemThp::Refused),
+            _ => None,
+        }
+    }
+
+    /// This host's policy. A kernel built without THP has no such file: refused.
+    pub fn host() -> ShmemThp {
+        std::fs::read_to_string(SHMEM_THP_PATH)
+            .ok()
+            .and_then(|text| ShmemThp::parse(&text))
+            .unwrap_or(ShmemThp::Refused)
+    }
+}
+
+/// Whether guest RAM gets huge pages: asked for (the default) and allowed by the host. When
+/// the host refuses, RAM is left in small pages and not filled at boot (see `GuestRam::create`).
+pub fn thp_for(asked: bool, host: ShmemThp) -> bool {
+    asked && host == ShmemThp::Allowed
+}
+
 /// Guest RAM and the memfds behind it; region `i` of the layout is `memfds[i]`.
 pub struct GuestRam {
     layout: MemoryLayout,
@@ -263,6 +306,34 @@ mod tests {
             flags.starts_with("VmFlags:") && !flags.contains(" hg"),
             "{flags}"
         );
+    }
+
+    #[test]
+    fn shmem_thp_reads_the_bracketed_word() {
+        let allowed = [
+            "[always]",
+            "always within_size [advise] never deny force",
+            "[force]",
+        ];
+        for text in allowed {
+            assert_eq!(ShmemThp::parse(text), Some(ShmemThp::Allowed), "{text}");
+        }
+        let within = "always [within_size] advise never deny force\n";
+        assert_eq!(ShmemThp::parse(within), Some(ShmemThp::Allowed));
+        let never = "always within_size advise [never] deny force\n";
+        assert_eq!(ShmemThp::parse(never), Some(ShmemThp::Refused));
+        assert_eq!(ShmemThp::parse("[deny]"), Some(ShmemThp::Refused));
+        for text in ["", "always advise never", "[sometimes]", "[]"] {
+            assert_eq!(ShmemThp::parse(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn thp_needs_both_the_ask_and_the_host() {
+        assert!(thp_for(true, ShmemThp::Allowed));
+        assert!(!thp_for(true, ShmemThp::Refused));
+        assert!(!thp_for(false, ShmemThp::Allowed));
+        assert!(!thp_for(false, ShmemThp::Refused));
     }
 
     #[test]

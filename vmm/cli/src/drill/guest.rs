@@ -214,10 +214,9 @@ impl Guest {
         thp: bool,
     ) -> Result<Guest, GuestError> {
         let mut command = luvmm();
-        command.arg("run");
-        if thp {
-            command.arg("--thp");
-        }
+        command
+            .arg("run")
+            .args(["--thp", if thp { "on" } else { "off" }]);
         command
             .arg("--payload")
             .arg(payload)
@@ -232,7 +231,7 @@ impl Guest {
     }
 
     /// Boots the bed's Linux guest with `memory_mib` and the NVMe controllers `bdfs` passed
-    /// through, one vCPU (L1 has one), and waits for its judge: 40 % of its RAM filled and
+    /// through, one vCPU (L1 has one), huge pages as `thp` says, and waits for its judge: 40 % of its RAM filled and
     /// its block loop running. Where `handler` resets devices, the guest's NVMe timeouts are
     /// short, so its driver finds a reset controller within seconds.
     pub fn boot_linux(
@@ -241,6 +240,7 @@ impl Guest {
         memory_mib: u64,
         bdfs: &[String],
         handler: VfioHandler,
+        thp: bool,
     ) -> Result<Guest, GuestError> {
         // A 2 s watchdog: a CPU that sees 4 s pass unannounced is a soft lockup, so a blackout
         // the guest was not told of (`KVM_KVMCLOCK_CTRL`) shows in its log.
@@ -252,6 +252,7 @@ impl Guest {
         let mut command = luvmm();
         command
             .arg("run")
+            .args(["--thp", if thp { "on" } else { "off" }])
             .args(["--kernel", L1_GUEST_KERNEL, "--initrd", L1_GUEST_INITRD])
             // One vCPU: with two, a 7.2 guest not told of a 20 s blackout (no
             // KVM_KVMCLOCK_CTRL) logged no soft lockup, so the drill's damage check could not

@@ -235,9 +235,11 @@ pub struct BedArgs {
     /// The bed kernels' VFIO live-update handler.
     #[arg(long, value_enum, default_value_t = VfioHandler::Off)]
     pub vfio_handler: VfioHandler,
-    /// Transparent huge pages for guest RAM (L1's shmem THP on `advise`, `MADV_HUGEPAGE`):
-    /// the report says how much of it was in huge pages before and after the update.
-    #[arg(long)]
+    /// Transparent huge pages for guest RAM, on by default (L1's shmem THP set to `advise`,
+    /// `MADV_HUGEPAGE`): the report says how much of it was in huge pages before and after
+    /// the update. `--thp off` leaves L1's setting alone and RAM in small pages.
+    #[arg(long, value_name = "on|off", default_value = "on", num_args = 0..=1,
+          default_missing_value = "on", value_parser = crate::cli::on_off)]
     pub thp: bool,
     /// Give up on L1 after this many seconds.
     #[arg(long, default_value_t = 3600)]

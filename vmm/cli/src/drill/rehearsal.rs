@@ -166,9 +166,14 @@ fn boot_all(
                 devices,
                 plan.thp,
             )?,
-            GuestKind::Linux => {
-                Guest::boot_linux(work, &vm, plan.memory_mib, devices, plan.vfio_handler)?
-            }
+            GuestKind::Linux => Guest::boot_linux(
+                work,
+                &vm,
+                plan.memory_mib,
+                devices,
+                plan.vfio_handler,
+                plan.thp,
+            )?,
         };
         if plan.guest == GuestKind::Payload {
             emit(&phase(&vm, "dma"));
