@@ -1,6 +1,8 @@
 //! Issue 21, "a process handover cannot strand a guest": a target that fails gives the VM back,
 //! a target whose source is gone takes it over, a shutdown cannot drop a VM being handed over,
-//! and only the holder of the handover's token confirms it. The guest's own check is the proof.
+//! and only the holder of the handover's token confirms it; a target built ahead while the guest
+//! runs costs the guest nothing if it or its source fails first, and takes only the VM it built
+//! for. The guest's own check is the proof.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -32,6 +34,12 @@ fn assert_continued(before: &Check, after: &Check) {
     for (id, (b, a)) in before.heartbeats.iter().zip(&after.heartbeats).enumerate() {
         assert!(a > b, "vCPU {id} did not run on: {before:?} -> {after:?}");
     }
+}
+
+/// Takes `source`'s VM over in a new process named `name`, and waits until its API answers.
+fn take_over(dir: &TestDir, name: &str, source: &Vm) -> Vm {
+    let from = source.socket.to_str().unwrap().to_string();
+    Vm::restore(dir, name, &source.serial, &["--from-socket", &from], |_| {})
 }
 
 /// The HTTP status with which the VM refused a request.
@@ -76,19 +84,43 @@ fn limit_address_space(cmd: &mut Command, bytes: u64) {
     }
 }
 
+/// A target builds its KVM VM and memslots on the source's memfds while the source runs the
+/// guest; its blackout holds no memslot work.
 #[test]
-fn nothing_lost_a_target_that_fails_after_the_handover_gives_the_vm_back() {
+fn a_handover_builds_the_target_while_the_source_runs_the_guest() {
+    let dir = TestDir::new("handover-ahead");
+    let first = Vm::boot(&dir, "first", &["--memory-mib", "128", "--vcpus", "2"]);
+    let before = first.check();
+    let seen = checks(&first.serial).len();
+    let second = take_over(&dir, "second", &first);
+    assert_continued(&before, &second.next_check(seen));
+    assert_eq!(first.phase(), VmPhase::HandedOver);
+    let status = second.client().status().expect("GET /vm");
+    let timings = status.restore_timings.expect("restore timings");
+    assert!(
+        timings.built_ahead_ms.is_some_and(|ms| ms > 0.0),
+        "{timings:?}"
+    );
+    assert_eq!(
+        (timings.vm_ms, timings.memory_ms),
+        (0.0, 0.0),
+        "{timings:?}"
+    );
+    assert!(timings.blackout_ms.is_some(), "{timings:?}");
+}
+
+/// A target that cannot build the VM ahead (256 MiB of RAM in 128 MiB of address space) fails
+/// before it asks for the VM, which runs on in its source all along.
+#[test]
+fn nothing_lost_a_target_that_cannot_build_ahead_leaves_the_guest_running() {
     let dir = TestDir::new("nl-handover-give-back");
-    let (first, before) = boot_and_save(&dir, &["--memory-mib", "256", "--vcpus", "2"]);
-    // The target gets the VM, then cannot map its 256 MiB of RAM in 128 MiB of address space.
+    let first = Vm::boot(&dir, "first", &["--memory-mib", "256", "--vcpus", "2"]);
+    let before = first.check();
     let stderr = failed_takeover(&first, &dir.join("second.sock"), |cmd| {
         limit_address_space(cmd, 128 << 20)
     });
-    let gone_back = format!(
-        "the VM went back to {}, which resumed it",
-        first.socket.display()
-    );
-    assert!(stderr.contains(&gone_back), "{stderr}");
+    let runs_on = format!("the VM runs on in {}", first.socket.display());
+    assert!(stderr.contains(&runs_on), "{stderr}");
     assert!(stderr.contains("cannot map guest memory"), "{stderr}");
     assert_eq!(first.phase(), VmPhase::Running);
     assert_continued(&before, &first.check());
@@ -287,15 +319,106 @@ fn nothing_lost_a_confirmation_without_the_handovers_token_changes_nothing() {
     assert_eq!(first.api("PUT", "/vm/handover/complete", "").0, 400);
     assert_eq!(first.phase(), VmPhase::HandingOver, "nothing changed");
     // The real target's own handover and confirmation go through.
-    let source = first.socket.to_str().unwrap().to_string();
-    let second = Vm::restore(
-        &dir,
-        "second",
-        &first.serial,
-        &["--from-socket", &source],
-        |_| {},
-    );
+    let second = take_over(&dir, "second", &first);
     assert_eq!(first.phase(), VmPhase::HandedOver);
     assert_eq!(refusal(first.client().complete_handover(&token)), Some(409));
     assert_continued(&before, &second.next_check(seen));
+}
+
+/// Starts a target that stops itself once it built the VM ahead (`stop-after-stage`), its
+/// standard error in `second.err`, and waits until it stopped.
+fn target_stopped_after_stage(dir: &TestDir, first: &Vm) -> Vm {
+    let log = std::fs::File::create(dir.join("second.err")).unwrap();
+    let source = first.socket.to_str().unwrap().to_string();
+    let second = Vm::start_restore(
+        dir,
+        "second",
+        &first.serial,
+        &["--from-socket", &source],
+        |cmd| {
+            cmd.env("LUVMM_TEST_FAULTS", "stop-after-stage").stderr(log);
+        },
+    );
+    let stat = format!("/proc/{}/stat", second.pid());
+    wait_until("the target to stop after building ahead", || {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = text
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
+        (state == Some("T")).then_some(())
+    });
+    second
+}
+
+/// Continues a stopped target and waits for it to fail; returns its standard error.
+fn target_fails(dir: &TestDir, mut second: Vm) -> String {
+    second.signal(Signal::SIGCONT);
+    let status = wait_until("the target to exit", || second.try_exit());
+    let stderr = std::fs::read_to_string(dir.join("second.err")).unwrap();
+    assert!(!status.success(), "the target succeeded: {stderr}");
+    assert!(
+        !second.socket.exists(),
+        "the failed target serves {}",
+        second.socket.display()
+    );
+    stderr
+}
+
+/// A target killed while it builds ahead costs the guest nothing: the source never paused it,
+/// and a later target takes it over.
+#[test]
+fn nothing_lost_a_target_killed_while_it_builds_ahead_costs_the_guest_nothing() {
+    let dir = TestDir::new("nl-handover-ahead-killed");
+    let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
+    let before = first.check();
+    let second = target_stopped_after_stage(&dir, &first);
+    assert_eq!(first.phase(), VmPhase::Running);
+    second.kill();
+    assert_continued(&before, &first.check());
+    let seen = checks(&first.serial).len();
+    let third = take_over(&dir, "third", &first);
+    assert_continued(&before, &third.next_check(seen));
+}
+
+/// A source that dies after the target built ahead, before it paused the guest, leaves the
+/// target nothing to run: it says the source did not answer and serves no VM.
+#[test]
+fn nothing_lost_a_source_gone_before_the_pause_leaves_the_target_nothing_to_run() {
+    let dir = TestDir::new("nl-handover-ahead-source-gone");
+    let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
+    let second = target_stopped_after_stage(&dir, &first);
+    let socket = first.socket.clone();
+    first.kill();
+    let stderr = target_fails(&dir, second);
+    let unanswered = format!("{} did not answer about the VM", socket.display());
+    assert!(stderr.contains(&unanswered), "{stderr}");
+}
+
+/// Another VM behind the source's socket by the time the target asks (the source was replaced
+/// after the target built ahead on its memfds): the target refuses it, and gives it back to
+/// the VMM that paused it for the handover, which resumes it.
+#[test]
+fn nothing_lost_a_handover_of_another_vm_than_the_one_built_ahead_is_refused() {
+    let dir = TestDir::new("nl-handover-ahead-other-vm");
+    let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
+    let second = target_stopped_after_stage(&dir, &first);
+    let path = first.socket.clone();
+    first.kill();
+    std::fs::remove_file(&path).unwrap();
+    // The same size, behind the same socket path: only the memfds tell the two VMs apart.
+    let other = Vm::boot(&dir, "other", &["--vcpus", "2"]);
+    std::os::unix::fs::symlink(&other.socket, &path).unwrap();
+    let before = other.check();
+    let stderr = target_fails(&dir, second);
+    assert!(
+        stderr.contains("not the one this process built ahead for")
+            && stderr.contains("is another memfd than the one handed ahead"),
+        "{stderr}"
+    );
+    let gone_back = format!("the VM went back to {}, which resumed it", path.display());
+    assert!(stderr.contains(&gone_back), "{stderr}");
+    assert_eq!(other.phase(), VmPhase::Running);
+    assert_continued(&before, &other.check());
 }

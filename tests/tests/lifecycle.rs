@@ -75,13 +75,21 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    assert_eq!(report["sizes"][0]["memory_mib"], 16, "{report}");
+    let size = &report["sizes"][0];
+    assert_eq!(size["memory_mib"], 16, "{report}");
+    // The blackout and its parts, from the target's own timings: built ahead, outside it.
+    let median = &size["median"];
+    let ms = |key: &str| median[key].as_f64().unwrap_or(-1.0);
+    assert!(ms("blackout_ms") > 0.0, "{report}");
+    for part in ["save_ms", "transfer_ms", "load_ms", "built_ahead_ms"] {
+        assert!(ms(part) > 0.0 && ms(part) < 1e4, "{part}: {report}");
+    }
     assert!(
-        report["sizes"][0]["restore_to_resumed_ms"]
-            .as_f64()
-            .unwrap()
-            > 0.0
+        ms("save_ms") + ms("transfer_ms") + ms("load_ms") <= ms("blackout_ms"),
+        "{report}"
     );
+    assert!(size["min_blackout_ms"].as_f64() <= size["max_blackout_ms"].as_f64());
+    assert_eq!(report["rounds_per_size"], 9, "{report}");
     assert_eq!(report["flatness_ratio"], 1.0, "{report}");
 
     let (status, stderr) = luvmm_tests::run_luvmm(&[

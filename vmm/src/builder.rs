@@ -33,6 +33,7 @@ use crate::passthrough::{
     DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, IommuKeeper, Passthrough,
     RetryIommu,
 };
+use crate::shell::{NotAsBuilt, Shell};
 use crate::vmm::{Devices, RestoreTimings, VmEvents, Vmm};
 use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
 use crate::vstate::memory::{thp_for, GuestRam, MemoryError, ShmemThp, SHMEM_THP_PATH};
@@ -65,6 +66,8 @@ pub enum BuildError {
     Devices(#[from] DeviceSetupError),
     #[error("the state holds passthrough devices but nothing to restore them from")]
     NoDevices,
+    #[error("the VM handed over is not the one this process built ahead for")]
+    NotAsBuilt(#[from] NotAsBuilt),
     #[error("cannot register {device} on the I/O bus")]
     Bus {
         device: &'static str,
@@ -194,11 +197,14 @@ pub enum Origin {
     /// A state file or inherited fds: no passthrough device can come this way.
     Saved,
     /// A running VMM handed it over: its devices' fds, when it had devices, and what its
-    /// manifest says of them; and when it paused the guest.
+    /// manifest says of them; when it paused the guest, how long it took to save the state
+    /// after that, and how long after the pause the state was here.
     Handover {
         devices: Option<HandedDevices>,
         manifest: Vec<HandedDeviceManifest>,
         paused_at: Option<SystemTime>,
+        source_save_ms: Option<f64>,
+        handed_after_pause_ms: Option<f64>,
     },
     /// A host live update: per saved device, its cdev as the old kernel preserved it
     /// (retrieved from the session) or `None` (opened again by BDF); the IOMMU context a
@@ -226,6 +232,16 @@ impl Origin {
 /// Everything about the state is checked before the first KVM call; the VM comes back paused
 /// with a guest check already requested.
 pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError> {
+    restore_onto(kvm, None, args)
+}
+
+/// [`build_from_saved`] onto a KVM VM and guest RAM built ahead, while the source still ran
+/// the guest; the state must be that of the VM the shell was built for.
+pub fn build_on_shell(kvm: &Kvm, shell: Shell, args: RestoreArgs) -> Result<Vmm, BuildError> {
+    restore_onto(kvm, Some(shell), args)
+}
+
+fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vmm, BuildError> {
     let mut lap = Lap::start();
     let mut timings = RestoreTimings {
         gather_ms: args.gather_ms,
@@ -237,8 +253,16 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
     match &args.origin {
         Origin::Saved => Passthrough::check_handed(&saved.devices, &[], None)?,
         Origin::Handover {
-            devices, manifest, ..
-        } => Passthrough::check_handed(&saved.devices, manifest, devices.as_ref())?,
+            devices,
+            manifest,
+            source_save_ms,
+            handed_after_pause_ms,
+            ..
+        } => {
+            Passthrough::check_handed(&saved.devices, manifest, devices.as_ref())?;
+            timings.source_save_ms = *source_save_ms;
+            timings.handed_after_pause_ms = *handed_after_pause_ms;
+        }
         Origin::LiveUpdate {
             devices,
             retrieve_ram_ms,
@@ -258,13 +282,23 @@ pub fn build_from_saved(kvm: &Kvm, args: RestoreArgs) -> Result<Vmm, BuildError>
         }
         .into());
     }
+    if let Some(shell) = &shell {
+        shell.check(&saved, &args.memfds)?;
+        timings.built_ahead_ms = Some(shell.built_ms);
+    }
     timings.check_ms = lap.next();
 
-    let vm = KvmVm::new(kvm)?;
-    timings.vm_ms = lap.next();
-    let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
-    vm.register_memory(&ram)?;
-    timings.memory_ms = lap.next();
+    let (vm, ram) = match shell {
+        Some(shell) => (shell.vm, shell.ram),
+        None => {
+            let vm = KvmVm::new(kvm)?;
+            timings.vm_ms = lap.next();
+            let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
+            vm.register_memory(&ram)?;
+            timings.memory_ms = lap.next();
+            (vm, ram)
+        }
+    };
     vm.restore_state(&saved.vm)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;

@@ -40,6 +40,9 @@ pub enum Fault {
     /// A restore does not put the saved kvmclock back: the guest's clock starts from the new
     /// VM's zero (the damage check of the clock restore).
     NoKvmclockRestore,
+    /// A handover's target stops itself (SIGSTOP) once it built its VM ahead, before it asks
+    /// for the VM, for the test to kill it, or its source, there.
+    StopAfterStage,
 }
 
 /// An MSR index in no range Intel, AMD or KVM use.
@@ -56,6 +59,7 @@ impl Fault {
             Fault::SwapDevices => "swap-devices",
             Fault::NoKvmclockCtrl => "no-kvmclock-ctrl",
             Fault::NoKvmclockRestore => "no-kvmclock-restore",
+            Fault::StopAfterStage => "stop-after-stage",
         }
     }
 }

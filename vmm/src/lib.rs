@@ -13,6 +13,7 @@ pub mod passthrough;
 pub mod restore;
 pub mod runtime;
 pub mod seccomp;
+pub mod shell;
 pub mod takeover;
 pub mod update;
 pub mod vmm;

@@ -16,11 +16,13 @@ use luvmm_resources::state::{self, StateError};
 
 use crate::api::client::{ClientError, VmmClient};
 use crate::builder::{Origin, RestoreArgs};
+use crate::faults::{self, Fault};
 use crate::passthrough::{HandedDevice, HandedDevices};
+use crate::shell::{Shell, ShellError};
 use crate::takeover::Takeover;
 use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::update::retry::AgentKeeper;
-use crate::vmm::HandoverTicket;
+use crate::vmm::{HandoverTicket, StageManifest};
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
@@ -44,9 +46,12 @@ pub enum StateSource {
     File(PathBuf),
 }
 
-/// The inputs of a restore could not be gathered. Nothing has been built yet.
+/// The inputs of a restore could not be gathered. Nothing has been built yet, but for a
+/// handover's VM built ahead (`Ahead`).
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    #[error("cannot build the VM ahead of the handover")]
+    Ahead(#[from] ShellError),
     #[error("saved state refused")]
     State(#[from] StateError),
     #[error(transparent)]
@@ -161,8 +166,39 @@ fn from_inherited(
     })
 }
 
+/// Builds the KVM VM and guest RAM of the VM behind `socket` while that VMM runs it on: the
+/// first half of a handover, out of the guest's blackout.
+pub fn build_ahead(socket: &Path, kvm: &Kvm) -> Result<Shell, RestoreError> {
+    let (staged, memfds) = stage(socket)?;
+    let shell = Shell::build(kvm, &staged.memory, memfds, staged.memory_thp)?;
+    if faults::armed(Fault::StopAfterStage) {
+        faults::stop_here();
+    }
+    Ok(shell)
+}
+
+/// What a target builds on before it asks for the VM: guest RAM's layout, its memfds (one per
+/// region) and the vCPU count, from the VMM behind `socket`, which runs on.
+fn stage(socket: &Path) -> Result<(StageManifest, Vec<File>), RestoreError> {
+    let staged = VmmClient::new(socket).stage_handover()?;
+    let expected = staged.manifest.memory.regions.len();
+    if staged.fds.len() != expected {
+        return Err(RestoreError::FdCount {
+            socket: socket.to_path_buf(),
+            got: staged.fds.len(),
+            expected,
+        });
+    }
+    Ok((
+        staged.manifest,
+        staged.fds.into_iter().map(File::from).collect(),
+    ))
+}
+
+/// Asks the VMM behind `socket` for its VM, which it pauses and saves now if it runs: this
+/// process built what it could beforehand (see [`stage`]).
 fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeover), RestoreError> {
-    let handover = VmmClient::new(socket).handover_to_this_process()?;
+    let handover = VmmClient::new(socket).pause_and_hand_over_to_this_process()?;
     let manifest = handover.manifest;
     let regions = manifest.memory.regions.len();
     let device_fds: usize = manifest
@@ -209,6 +245,9 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeove
         Some(HandedDevices { iommufd, devices })
     };
     let takeover = Takeover::new(socket, &manifest, HandoverTicket::from_fd(next()?));
+    let paused_at = manifest
+        .paused_at_unix_ns
+        .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns));
     let blob = read_state(
         &state_memfd,
         Some(manifest.state_bytes),
@@ -222,9 +261,11 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeove
         origin: Origin::Handover {
             devices,
             manifest: manifest.passthrough,
-            paused_at: manifest
-                .paused_at_unix_ns
-                .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
+            paused_at,
+            source_save_ms: manifest.pause_to_saved_us.map(|us| us as f64 / 1e3),
+            handed_after_pause_ms: paused_at
+                .and_then(|at| at.elapsed().ok())
+                .map(|since| since.as_secs_f64() * 1e3),
         },
         serial,
         gather_ms: 0.0,

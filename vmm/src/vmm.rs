@@ -24,6 +24,7 @@ pub use self::export::ExportError;
 pub(crate) use self::handover::open_pidfd;
 use self::handover::PendingHandover;
 pub use self::handover::{HandoverManifest, HandoverTicket, TicketError, TicketState};
+pub use self::staged::StageManifest;
 use crate::faults::{self, Fault};
 use crate::passthrough::Passthrough;
 use crate::vstate::memory::GuestRam;
@@ -103,6 +104,9 @@ pub enum VmmError {
     /// Writing the state memfd failed.
     #[error("cannot write the state memfd")]
     StateMemfd(#[source] std::io::Error),
+    /// Duplicating guest RAM's memfds for a target built ahead failed.
+    #[error("cannot duplicate guest RAM's memfds")]
+    MemoryFds(#[source] std::io::Error),
     /// Exporting the state to a file failed.
     #[error("cannot export state to {path}")]
     Export {
@@ -156,6 +160,16 @@ pub struct RestoreTimings {
     pub retrieve_ram_ms: Option<f64>,
     /// Checking the state (decoded while the inputs were gathered) against the memfds and host.
     pub check_ms: f64,
+    /// A target built ahead: its KVM VM and memslots, built before the source paused the
+    /// guest (`vm_ms` and `memory_ms` are then 0).
+    #[serde(default)]
+    pub built_ahead_ms: Option<f64>,
+    /// A handover that paused the guest when asked: the source's pause to its state saved.
+    #[serde(default)]
+    pub source_save_ms: Option<f64>,
+    /// A handover: the source's pause to the state decoded here (save and transfer).
+    #[serde(default)]
+    pub handed_after_pause_ms: Option<f64>,
     /// Creating the KVM VM, irqchip and PIT.
     pub vm_ms: f64,
     /// Mapping the memfds and registering memslots.
@@ -555,5 +569,6 @@ fn export_failed(path: &Path) -> impl FnOnce(ExportError) -> VmmError + '_ {
 
 mod export;
 mod handover;
+mod staged;
 #[cfg(test)]
 mod tests;

@@ -20,8 +20,8 @@
 mod vm;
 
 pub use vm::{
-    DevicesState, DmaMapping, GuestControlState, IntxState, IommuState, KvmVmState, MsiState,
-    MsixState, PassthroughState, SerialRegisters, StateMismatch, UpdateRecord, VcpuState,
+    check_layout, DevicesState, DmaMapping, GuestControlState, IntxState, IommuState, KvmVmState,
+    MsiState, MsixState, PassthroughState, SerialRegisters, StateMismatch, UpdateRecord, VcpuState,
     VfioBackend, VmState, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN,
 };
 

@@ -273,6 +273,35 @@ pub enum StateMismatch {
     },
 }
 
+/// Checks a RAM layout against itself (sorted, no empty region, none in the MMIO hole) and
+/// against the sizes of the memfds it will be mapped from. Runs before any KVM object exists.
+pub fn check_layout(layout: &MemoryLayout, memfd_sizes: &[u64]) -> Result<(), StateMismatch> {
+    let regions = &layout.regions;
+    for (index, region) in regions.iter().enumerate() {
+        let sorted = index == 0 || regions[index - 1].end() <= region.gpa;
+        let in_hole = region.gpa < MMIO_HOLE_END && region.end() > MMIO_HOLE_START;
+        if region.size == 0 || region.gpa.checked_add(region.size).is_none() || !sorted || in_hole {
+            return Err(StateMismatch::BadLayout { index });
+        }
+    }
+    if regions.len() != memfd_sizes.len() {
+        return Err(StateMismatch::RegionCount {
+            in_state: regions.len(),
+            given: memfd_sizes.len(),
+        });
+    }
+    for (index, (region, &given)) in regions.iter().zip(memfd_sizes).enumerate() {
+        if region.size != given {
+            return Err(StateMismatch::RegionSize {
+                index,
+                in_state: region.size,
+                given,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A type-0 configuration space as the state keeps it.
 pub const PCI_CONFIG_SPACE_LEN: usize = 256;
 
@@ -288,33 +317,7 @@ impl VmState {
                 return Err(StateMismatch::VcpuId { index, id: vcpu.id });
             }
         }
-        let regions = &self.memory.regions;
-        for (index, region) in regions.iter().enumerate() {
-            let sorted = index == 0 || regions[index - 1].end() <= region.gpa;
-            let in_hole = region.gpa < MMIO_HOLE_END && region.end() > MMIO_HOLE_START;
-            if region.size == 0
-                || region.gpa.checked_add(region.size).is_none()
-                || !sorted
-                || in_hole
-            {
-                return Err(StateMismatch::BadLayout { index });
-            }
-        }
-        if regions.len() != memfd_sizes.len() {
-            return Err(StateMismatch::RegionCount {
-                in_state: regions.len(),
-                given: memfd_sizes.len(),
-            });
-        }
-        for (index, (region, &given)) in regions.iter().zip(memfd_sizes).enumerate() {
-            if region.size != given {
-                return Err(StateMismatch::RegionSize {
-                    index,
-                    in_state: region.size,
-                    given,
-                });
-            }
-        }
+        check_layout(&self.memory, memfd_sizes)?;
         self.check_passthrough()
     }
 

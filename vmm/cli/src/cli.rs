@@ -349,7 +349,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchKind {
-    /// Blackout of save + restore in a new process, for several guest sizes.
+    /// Blackout of a process handover (the target built ahead while the guest runs), for
+    /// several guest sizes.
     Restore {
         /// Guest payload ELF.
         #[arg(long)]

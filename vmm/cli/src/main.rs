@@ -16,7 +16,7 @@ use luvmm_vmm::api::server::{ApiSocket, ApiSocketError};
 use luvmm_vmm::api::Endpoint;
 use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::outputs::{self, OutputError};
-use luvmm_vmm::restore::RestoreError;
+use luvmm_vmm::restore::{RestoreError, RestoreSource};
 use luvmm_vmm::runtime::RuntimeError;
 use luvmm_vmm::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
@@ -290,10 +290,18 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
         Ok((source, serial, kvm, api))
     };
     let rebuild = |(source, serial, kvm, api)| -> Result<_, CommandError> {
+        // From a running VMM: its KVM VM and memslots are built here while it runs on.
+        let shell = match &source {
+            RestoreSource::Socket(from) => Some(restore::build_ahead(from, &kvm)?),
+            _ => None,
+        };
         let (inputs, session, takeover) = restore::collect(source, serial, &kvm)?;
         let built = (|| {
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-            let mut vmm: Vmm = builder::build_from_saved(&kvm, inputs)?;
+            let mut vmm: Vmm = match shell {
+                Some(shell) => builder::build_on_shell(&kvm, shell, inputs)?,
+                None => builder::build_from_saved(&kvm, inputs)?,
+            };
             if let Some(session) = &session {
                 // Everything is retrieved and rebuilt: the kernel may let go of the session.
                 vmm.record_finish(update::finish::finish_session(session.as_ref())?);

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::update::check::VmCheck;
 use crate::update::prepare::PrepareReport;
-use crate::vmm::{HandoverManifest, SaveReport, VmStatus};
+use crate::vmm::{HandoverManifest, SaveReport, StageManifest, VmStatus};
 use crate::vstate::interrupts::MAX_GSI;
 
 /// Most fds a reply may carry: those of a handover. Besides a few memfds (the state, the RAM
@@ -115,6 +115,13 @@ pub struct Handover {
     pub fds: Vec<OwnedFd>,
 }
 
+/// What a target built ahead starts from: guest RAM's layout and vCPU count, and its memfds.
+#[derive(Debug)]
+pub struct Staged {
+    pub manifest: StageManifest,
+    pub fds: Vec<OwnedFd>,
+}
+
 /// The control API of the VMM behind one socket.
 #[derive(Clone, Debug)]
 pub struct VmmClient {
@@ -206,6 +213,27 @@ impl VmmClient {
     pub fn handover_to_this_process(&self) -> Result<Handover, ClientError> {
         self.ask_handover(HandoverBody {
             resume_if_target_exits: true,
+            pause: false,
+        })
+    }
+
+    /// What a target builds on before it asks for the VM: guest RAM's memfds and layout and
+    /// the vCPU count. The VM runs on.
+    pub fn stage_handover(&self) -> Result<Staged, ClientError> {
+        let reply = self.call(&VmmAction::StageHandover)?;
+        let manifest = self.decode(Endpoint::StageHandover, &reply.body)?;
+        Ok(Staged {
+            manifest,
+            fds: reply.fds,
+        })
+    }
+
+    /// As [`VmmClient::handover_to_this_process`], for a target built ahead: the VMM pauses
+    /// and saves a running VM now, and lets it run on if it cannot hand it over.
+    pub fn pause_and_hand_over_to_this_process(&self) -> Result<Handover, ClientError> {
+        self.ask_handover(HandoverBody {
+            resume_if_target_exits: true,
+            pause: true,
         })
     }
 

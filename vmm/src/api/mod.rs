@@ -52,6 +52,7 @@ pub enum VmmAction {
     PrepareUpdate(PrepareBody),
     CheckUpdate(CheckBody),
     CancelUpdate,
+    StageHandover,
     Handover(HandoverBody),
     CompleteHandover(CompleteHandoverBody),
     Shutdown(ShutdownBody),
@@ -70,6 +71,7 @@ impl VmmAction {
             VmmAction::PrepareUpdate(_) => Endpoint::PrepareUpdate,
             VmmAction::CheckUpdate(_) => Endpoint::CheckUpdate,
             VmmAction::CancelUpdate => Endpoint::CancelUpdate,
+            VmmAction::StageHandover => Endpoint::StageHandover,
             VmmAction::Handover(_) => Endpoint::Handover,
             VmmAction::CompleteHandover(_) => Endpoint::CompleteHandover,
             VmmAction::Shutdown(_) => Endpoint::Shutdown,
@@ -110,13 +112,14 @@ pub enum Endpoint {
     PrepareUpdate,
     CheckUpdate,
     CancelUpdate,
+    StageHandover,
     Handover,
     CompleteHandover,
     Shutdown,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 12] = [
+    pub const ALL: [Endpoint; 13] = [
         Endpoint::Status,
         Endpoint::Pause,
         Endpoint::Resume,
@@ -126,6 +129,7 @@ impl Endpoint {
         Endpoint::PrepareUpdate,
         Endpoint::CheckUpdate,
         Endpoint::CancelUpdate,
+        Endpoint::StageHandover,
         Endpoint::Handover,
         Endpoint::CompleteHandover,
         Endpoint::Shutdown,
@@ -143,6 +147,7 @@ impl Endpoint {
             Endpoint::PrepareUpdate => ("PUT", "/vm/update/prepare"),
             Endpoint::CheckUpdate => ("PUT", "/vm/update/check"),
             Endpoint::CancelUpdate => ("PUT", "/vm/update/cancel"),
+            Endpoint::StageHandover => ("PUT", "/vm/handover/stage"),
             Endpoint::Handover => ("PUT", "/vm/handover"),
             Endpoint::CompleteHandover => ("PUT", "/vm/handover/complete"),
             Endpoint::Shutdown => ("PUT", "/vm/shutdown"),
@@ -164,6 +169,7 @@ impl Endpoint {
             | Endpoint::Save
             | Endpoint::PrepareUpdate
             | Endpoint::CheckUpdate
+            | Endpoint::StageHandover
             | Endpoint::Handover => 200,
             Endpoint::Pause
             | Endpoint::Resume
@@ -194,6 +200,7 @@ impl Endpoint {
             }
             Endpoint::CancelUpdate => no_body(body).map(|_| VmmAction::CancelUpdate),
             Endpoint::CheckUpdate => required_body::<CheckBody>(body).map(VmmAction::CheckUpdate),
+            Endpoint::StageHandover => no_body(body).map(|_| VmmAction::StageHandover),
             Endpoint::Handover => parse_body::<HandoverBody>(body).map(VmmAction::Handover),
             Endpoint::CompleteHandover => {
                 required_body::<CompleteHandoverBody>(body).map(VmmAction::CompleteHandover)
@@ -238,6 +245,10 @@ pub struct PrepareBody {
 pub struct HandoverBody {
     #[serde(default)]
     pub resume_if_target_exits: bool,
+    /// A target built ahead (`PUT /vm/handover/stage`) asks for the VM as it runs: it is
+    /// paused and saved then, and runs on if the handover cannot be made.
+    #[serde(default)]
+    pub pause: bool,
 }
 
 /// What `PUT /vm/handover/complete` takes: the token of the manifest the target received.
@@ -375,13 +386,27 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),
         },
-        VmmAction::Handover(_) => match vmm.handover() {
+        VmmAction::StageHandover => match vmm.stage_handover() {
             Ok((manifest, fds)) => Reply {
                 response: Response::json(200, &manifest),
                 fds,
             },
             Err(e) => error_response(&e).into(),
         },
+        VmmAction::Handover(body) => {
+            let handed = if body.pause {
+                vmm.pause_and_hand_over()
+            } else {
+                vmm.handover()
+            };
+            match handed {
+                Ok((manifest, fds)) => Reply {
+                    response: Response::json(200, &manifest),
+                    fds,
+                },
+                Err(e) => error_response(&e).into(),
+            }
+        }
         VmmAction::CompleteHandover(body) => done(vmm.complete_handover(&body.token)).into(),
         VmmAction::Shutdown(body) => done(vmm.request_shutdown(body.force)).into(),
     }
@@ -483,8 +508,14 @@ mod tests {
             }),
             VmmAction::CancelUpdate,
             VmmAction::Handover(HandoverBody::default()),
+            VmmAction::StageHandover,
             VmmAction::Handover(HandoverBody {
                 resume_if_target_exits: true,
+                pause: false,
+            }),
+            VmmAction::Handover(HandoverBody {
+                resume_if_target_exits: true,
+                pause: true,
             }),
             VmmAction::CompleteHandover(CompleteHandoverBody {
                 token: "0123".into(),

@@ -39,6 +39,9 @@ pub struct HandoverManifest {
     /// When the source paused the VM (ns since the Unix epoch), for the target's blackout.
     #[serde(default)]
     pub paused_at_unix_ns: Option<u64>,
+    /// A VM paused for this handover (`pause`): how long its state took to save, in µs.
+    #[serde(default)]
+    pub pause_to_saved_us: Option<u64>,
     /// What `PUT /vm/handover/complete` must carry: only the holder of this manifest confirms.
     pub token: String,
     /// The source's pid, so a target can tell a source that is gone from one that refuses.
@@ -183,6 +186,7 @@ impl Vmm {
                 .paused_at
                 .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
                 .and_then(|since| u64::try_from(since.as_nanos()).ok()),
+            pause_to_saved_us: None,
             token: pending.token.clone(),
             source_pid: std::process::id(),
         };

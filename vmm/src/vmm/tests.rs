@@ -190,3 +190,27 @@ fn nothing_lost_a_second_handover_withdraws_the_first_targets_claim() {
     vmm.request_shutdown(false)
         .expect("a VM handed over may shut down");
 }
+
+#[test]
+fn a_target_built_ahead_gets_the_ram_first_and_the_state_when_it_asks() {
+    let kvm = kvm();
+    let mut vmm = build_from_saved(&kvm, args(golden(), 4 << 20, Origin::Saved)).expect("rebuild");
+    let (staged, fds) = vmm.stage_handover().expect("stage");
+    assert_eq!(staged.memory, vmm.status().memory);
+    assert_eq!(fds.len(), 1, "one RAM memfd");
+    assert_eq!(vmm.phase(), VmPhase::Paused, "staging changes nothing");
+    // Paused without a current state: the handover saves one first, and says how long it took.
+    let (manifest, _fds) = vmm.pause_and_hand_over().expect("hand over");
+    assert!(manifest.pause_to_saved_us.is_some());
+    assert_eq!(vmm.phase(), VmPhase::HandingOver);
+    // A later target may stage while the first one holds the handover.
+    vmm.stage_handover().expect("stage while handing over");
+    vmm.complete_handover(&manifest.token).expect("taken");
+    assert!(matches!(
+        vmm.stage_handover(),
+        Err(VmmError::WrongPhase {
+            phase: VmPhase::HandedOver,
+            ..
+        })
+    ));
+}

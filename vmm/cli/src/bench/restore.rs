@@ -1,9 +1,10 @@
-//! `bench restore` measures, for each guest size, the two halves of the blackout a process
-//! switch costs: pause → state saved (reported by the VMM) and restore started → guest running
-//! again in a new process that received the memfds over the API socket (measured from spawn to
-//! the first status reply that says running). Guest memory is never copied or walked on this
-//! path, so the blackout should not grow with the guest: the flatness ratio (largest blackout
-//! over smallest) should stay near 1.
+//! `bench restore` measures, for each guest size, the blackout of a process handover: from
+//! the source's pause to the guest running again in a new process. The new process is started
+//! while the guest runs and builds its KVM VM and memslots on the source's memfds first
+//! (`PUT /vm/handover/stage`); only then does it ask for the VM, which the source pauses and
+//! saves at that moment. Guest memory is never copied or walked on this path, so the blackout
+//! should not grow with the guest: the flatness ratio (largest median over smallest) should
+//! stay near 1.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,39 +17,67 @@ use serde::Serialize;
 use super::{flatness, io, BenchError, STEP_TIMEOUT};
 use crate::drill::guest::serial_lines;
 
-/// Runs per size; the median is reported, so one slow process start does not decide.
-const ROUNDS: usize = 3;
+/// Rounds per size; the median is reported with the extremes, so one slow round does not
+/// decide.
+const ROUNDS: usize = 9;
+
+/// One handover's blackout and its parts, in ms.
+#[derive(Clone, Debug, Serialize)]
+struct Round {
+    /// The source's pause to the guest running in the target (both read the wall clock).
+    blackout_ms: f64,
+    /// At the source: pause to state saved.
+    save_ms: f64,
+    /// The state's way to the target: saved at the source to decoded in the target.
+    transfer_ms: f64,
+    /// The target loading the state: checks, VM-wide state, devices, vCPUs.
+    load_ms: f64,
+    /// The rest: the confirmation to the source and the vCPUs let go.
+    confirm_and_run_ms: f64,
+    /// Before the pause, not in the blackout: the target's KVM VM and memslots.
+    built_ahead_ms: f64,
+    /// The target's own phase timings.
+    phases: RestoreTimings,
+}
 
 #[derive(Debug, Serialize)]
 struct SizeResult {
     memory_mib: u64,
-    pause_to_saved_ms: f64,
-    restore_to_resumed_ms: f64,
-    /// The restoring VMM's own phase timings, from the median round.
-    restore_phases: RestoreTimings,
+    /// The round with the median blackout.
+    median: Round,
+    min_blackout_ms: f64,
+    max_blackout_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
 struct RestoreReport {
+    rounds_per_size: usize,
     sizes: Vec<SizeResult>,
+    /// Largest median blackout over the smallest.
     flatness_ratio: f64,
 }
 
-/// Runs `bench restore`: each size `ROUNDS` times, the median reported.
+/// Runs `bench restore`: each size `ROUNDS` times.
 pub fn run(payload: &Path, sizes: &[u64], json: bool) -> Result<(), BenchError> {
     let mut results = Vec::with_capacity(sizes.len());
     for &mib in sizes {
         let mut rounds = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
-            rounds.push(restore_once(payload, mib)?);
+            rounds.push(handover_once(payload, mib)?);
         }
-        rounds.sort_by(|a, b| blackout(a).total_cmp(&blackout(b)));
-        results.push(rounds.swap_remove(ROUNDS / 2));
+        rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
+        results.push(SizeResult {
+            memory_mib: mib,
+            min_blackout_ms: rounds[0].blackout_ms,
+            max_blackout_ms: rounds[ROUNDS - 1].blackout_ms,
+            median: rounds.swap_remove(ROUNDS / 2),
+        });
     }
-    let blackouts: Vec<f64> = results.iter().map(blackout).collect();
+    let medians: Vec<f64> = results.iter().map(|r| r.median.blackout_ms).collect();
     let report = RestoreReport {
+        rounds_per_size: ROUNDS,
         sizes: results,
-        flatness_ratio: flatness(&blackouts),
+        flatness_ratio: flatness(&medians),
     };
     if json {
         println!(
@@ -61,33 +90,30 @@ pub fn run(payload: &Path, sizes: &[u64], json: bool) -> Result<(), BenchError> 
     Ok(())
 }
 
-fn blackout(r: &SizeResult) -> f64 {
-    r.pause_to_saved_ms + r.restore_to_resumed_ms
-}
-
 fn print_table(report: &RestoreReport) {
     println!(
-        "memory_mib  pause_to_saved_ms  restore_to_resumed_ms  blackout_ms  \
-         (in-VMM: check  vm  memory  devices  vcpus)"
+        "memory_mib  blackout_ms (min-max)  = save  transfer  load  confirm+run   \
+         built_ahead_ms (before the pause)"
     );
     for r in &report.sizes {
-        let p = &r.restore_phases;
+        let m = &r.median;
         println!(
-            "{:>10}  {:>17.2}  {:>21.2}  {:>11.2}  {:>16.2} {:>3.2} {:>7.2} {:>8.2} {:>6.2}",
+            "{:>10}  {:>6.2} ({:.2}-{:.2})  = {:>4.2}  {:>8.2}  {:>4.2}  {:>11.2}   {:>8.2}",
             r.memory_mib,
-            r.pause_to_saved_ms,
-            r.restore_to_resumed_ms,
-            blackout(r),
-            p.check_ms,
-            p.vm_ms,
-            p.memory_ms,
-            p.devices_ms,
-            p.vcpus_ms
+            m.blackout_ms,
+            r.min_blackout_ms,
+            r.max_blackout_ms,
+            m.save_ms,
+            m.transfer_ms,
+            m.load_ms,
+            m.confirm_and_run_ms,
+            m.built_ahead_ms,
         );
     }
     println!(
-        "flatness ratio (largest blackout / smallest): {:.2} (target <= 1.2)",
-        report.flatness_ratio
+        "medians of {} rounds; flatness ratio (largest median blackout / smallest): {:.2} \
+         (target <= 1.1)",
+        report.rounds_per_size, report.flatness_ratio
     );
 }
 
@@ -101,7 +127,9 @@ impl Drop for Reaped {
     }
 }
 
-fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
+/// Boots a guest of `mib` MiB, hands it over to a new process while it runs, and returns the
+/// blackout the new process measured, once the guest vouched for its memory.
+fn handover_once(payload: &Path, mib: u64) -> Result<Round, BenchError> {
     let dir = std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let serial = dir.join("serial.log");
@@ -136,9 +164,6 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
         return Err(BenchError::Exited { status });
     }
 
-    let report = VmmClient::new(&first_socket).save(None)?;
-
-    let started = Instant::now();
     let second = Reaped(
         Command::new(&exe)
             .arg("restore")
@@ -164,8 +189,7 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
         },
         "the restored guest to run",
     )?;
-    let restore_ms = started.elapsed().as_secs_f64() * 1e3;
-    let restore_phases = running
+    let phases = running
         .and_then(|s| s.restore_timings)
         .ok_or(BenchError::NoTimings)?;
 
@@ -182,11 +206,29 @@ fn restore_once(payload: &Path, mib: u64) -> Result<SizeResult, BenchError> {
     drop(second);
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(SizeResult {
-        memory_mib: mib,
-        pause_to_saved_ms: report.pause_to_saved_ms,
-        restore_to_resumed_ms: restore_ms,
-        restore_phases,
+    round_of(phases)
+}
+
+/// The blackout's parts from the target's timings.
+fn round_of(phases: RestoreTimings) -> Result<Round, BenchError> {
+    let (Some(blackout_ms), Some(save_ms), Some(handed_ms), Some(built_ahead_ms)) = (
+        phases.blackout_ms,
+        phases.source_save_ms,
+        phases.handed_after_pause_ms,
+        phases.built_ahead_ms,
+    ) else {
+        return Err(BenchError::NoTimings);
+    };
+    let load_ms =
+        phases.check_ms + phases.vm_ms + phases.memory_ms + phases.devices_ms + phases.vcpus_ms;
+    Ok(Round {
+        blackout_ms,
+        save_ms,
+        transfer_ms: handed_ms - save_ms,
+        load_ms,
+        confirm_and_run_ms: blackout_ms - handed_ms - load_ms,
+        built_ahead_ms,
+        phases,
     })
 }
 

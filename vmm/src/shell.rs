@@ -1,0 +1,157 @@
+//! What a handover's target builds before it has the guest's state: the KVM VM with guest RAM
+//! registered on the source's own memfds. Mapping the memfds and registering memslots is most
+//! of what a restore costs, and none of it depends on the guest's registers, so a target
+//! builds this while the source still runs the guest (`PUT /vm/handover/stage`), and the
+//! blackout holds only the state.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use luvmm_resources::layout::MemoryLayout;
+use luvmm_resources::state::{check_layout, StateMismatch, VmState};
+
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vm::{KvmVm, VmError};
+
+/// A KVM VM and its guest RAM, built ahead of the state that will run in it.
+pub struct Shell {
+    pub(crate) vm: KvmVm,
+    pub(crate) ram: GuestRam,
+    /// How long building it took, before the pause.
+    pub(crate) built_ms: f64,
+}
+
+/// The shell could not be built; the source still runs the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error("the memory handed ahead does not fit its layout")]
+    Layout(#[from] StateMismatch),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// The VM handed over is not the one the shell was built for.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotAsBuilt {
+    #[error("its memory layout differs from the one handed ahead")]
+    Layout,
+    #[error("its memory region {index} is another memfd than the one handed ahead")]
+    OtherMemfd { index: usize },
+    #[error("its huge page choice differs from the one handed ahead")]
+    HugePages,
+}
+
+impl Shell {
+    /// Builds the KVM VM and registers `memfds`, laid out as `layout`, as its guest RAM.
+    pub fn build(
+        kvm: &Kvm,
+        layout: &MemoryLayout,
+        memfds: Vec<File>,
+        thp: bool,
+    ) -> Result<Shell, ShellError> {
+        let started = Instant::now();
+        check_layout(layout, &GuestRam::memfd_sizes(&memfds)?)?;
+        let vm = KvmVm::new(kvm)?;
+        let ram = GuestRam::adopt(layout, memfds, thp)?;
+        vm.register_memory(&ram)?;
+        Ok(Shell {
+            vm,
+            ram,
+            built_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Checks that `state`, restored onto `memfds`, is the VM this shell was built for: the
+    /// same layout, the same files (not copies of them) and the same huge page choice.
+    pub fn check(&self, state: &VmState, memfds: &[File]) -> Result<(), NotAsBuilt> {
+        if state.memory != *self.ram.layout() {
+            return Err(NotAsBuilt::Layout);
+        }
+        if state.memory_thp != self.ram.thp() {
+            return Err(NotAsBuilt::HugePages);
+        }
+        for (index, (handed, built)) in memfds.iter().zip(self.ram.memfds()).enumerate() {
+            if !same_file(handed, built) {
+                return Err(NotAsBuilt::OtherMemfd { index });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether two fds are the same open file's inode (memfds have one inode each).
+fn same_file(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn memfd(size: u64) -> File {
+        let fd = nix::sys::memfd::memfd_create("shell-test", nix::sys::memfd::MFdFlags::empty())
+            .expect("memfd");
+        let file = File::from(fd);
+        file.set_len(size).expect("size");
+        file
+    }
+
+    fn golden() -> VmState {
+        let blob = include_bytes!("../../tests/golden/1.2/state.bin");
+        luvmm_resources::state::decode(blob).expect("the golden state")
+    }
+
+    #[test]
+    fn a_shell_takes_only_the_vm_it_was_built_for() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let mut state = golden();
+        let sizes: Vec<u64> = state.memory.regions.iter().map(|r| r.size).collect();
+        let memfds: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
+        let handed: Vec<File> = memfds.iter().map(|f| f.try_clone().unwrap()).collect();
+        let shell = Shell::build(&kvm, &state.memory, memfds, state.memory_thp).expect("shell");
+        assert_eq!(shell.check(&state, &handed), Ok(()));
+
+        let copies: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
+        assert_eq!(
+            shell.check(&state, &copies),
+            Err(NotAsBuilt::OtherMemfd { index: 0 })
+        );
+        state.memory_thp = !state.memory_thp;
+        assert_eq!(shell.check(&state, &handed), Err(NotAsBuilt::HugePages));
+        state.memory_thp = !state.memory_thp;
+        state.memory = MemoryLayout::contiguous(state.memory.total_bytes() + 2 * MIB);
+        assert_eq!(shell.check(&state, &handed), Err(NotAsBuilt::Layout));
+    }
+
+    #[test]
+    fn memfds_that_do_not_fit_the_layout_build_nothing() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let layout = MemoryLayout::contiguous(4 * MIB);
+        let refused = Shell::build(&kvm, &layout, vec![memfd(2 * MIB)], false);
+        assert!(
+            matches!(
+                refused,
+                Err(ShellError::Layout(StateMismatch::RegionSize {
+                    index: 0,
+                    ..
+                }))
+            ),
+            "{:?}",
+            refused.err()
+        );
+        let refused = Shell::build(&kvm, &layout, Vec::new(), false);
+        assert!(matches!(
+            refused,
+            Err(ShellError::Layout(StateMismatch::RegionCount { .. }))
+        ));
+    }
+}

@@ -1,0 +1,82 @@
+//! The source's side of a handover whose target is built ahead: the target first takes what
+//! does not change while the guest runs (guest RAM's memfds and layout, the vCPU count), builds
+//! its VM on them, and only then asks for the VM, which is paused and saved here at that
+//! moment. The blackout holds the state's save, its transfer and its load, not the target's
+//! process start, KVM VM or memslots.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use luvmm_resources::layout::MemoryLayout;
+use serde::{Deserialize, Serialize};
+
+use super::{HandoverManifest, VmPhase, Vmm, VmmError};
+
+/// What a target may build on before the pause; the fds that come with it are guest RAM's
+/// memfds, one per region. Neither changes while the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageManifest {
+    /// Layout of the memfds.
+    pub memory: MemoryLayout,
+    /// Transparent huge pages were asked for on guest RAM.
+    pub memory_thp: bool,
+}
+
+impl Vmm {
+    /// Hands out guest RAM's memfds and their layout, on which a target builds its VM. Nothing changes here: the
+    /// VM runs on, and a target that dies while it builds costs the guest nothing. A VM being
+    /// handed over may be staged by a later target, which may then take it from the first.
+    pub fn stage_handover(&self) -> Result<(StageManifest, Vec<OwnedFd>), VmmError> {
+        if !matches!(
+            self.phase,
+            VmPhase::Running | VmPhase::Paused | VmPhase::HandingOver
+        ) {
+            return Err(self.refuse("stage a handover"));
+        }
+        let legacy = self.devices.passthrough.legacy_bdfs();
+        if !legacy.is_empty() {
+            return Err(VmmError::NotMovable { bdfs: legacy });
+        }
+        let fds = self
+            .ram
+            .memfds()
+            .iter()
+            .map(|file| file.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmmError::MemoryFds)?;
+        let manifest = StageManifest {
+            memory: self.ram.layout().clone(),
+            memory_thp: self.ram.thp(),
+        };
+        Ok((manifest, fds))
+    }
+
+    /// [`Vmm::handover`] for a target built ahead: a running VM is paused and its state saved
+    /// now (as is a paused one whose saved state is out of date). If the handover cannot be
+    /// made, a VM that was running runs again.
+    pub fn pause_and_hand_over(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
+        let was_running = self.phase == VmPhase::Running;
+        let current = self.saved.as_ref().is_some_and(|saved| saved.current);
+        let handed = if was_running || (self.phase == VmPhase::Paused && !current) {
+            let started = Instant::now();
+            self.save(None).and_then(|_| {
+                let saved_in = started.elapsed();
+                let (mut manifest, fds) = self.handover()?;
+                manifest.pause_to_saved_us =
+                    Some(u64::try_from(saved_in.as_micros()).unwrap_or(u64::MAX));
+                Ok((manifest, fds))
+            })
+        } else {
+            self.handover()
+        };
+        if handed.is_err() && was_running {
+            if let Err(e) = self.resume() {
+                log::error!(
+                    "cannot resume the VM after a failed handover: {}",
+                    luvmm_resources::errors::error_chain(&e)
+                );
+            }
+        }
+        handed
+    }
+}
