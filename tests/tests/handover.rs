@@ -5,13 +5,11 @@
 //! for. The guest's own check is the proof.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
-use luvmm_tests::{checks, inherit, luvmm_bin, run_luvmm, wait_until, Check, TestDir, Vm, TIMEOUT};
+use luvmm_tests::{checks, inherit, luvmm_bin, run_luvmm, wait_until, Check, TestDir, Vm};
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::vmm::{HandoverTicket, TicketState, VmPhase};
 use nix::sys::signal::Signal;
@@ -183,91 +181,51 @@ fn nothing_lost_a_target_takes_over_its_sources_api_socket_path() {
     assert!(second.check().ok);
 }
 
+/// The source dies between its handover and the target's confirmation (the target stops
+/// itself there, `stop-before-confirm`): the target finds the ticket open and the source gone,
+/// and takes the VM over.
 #[test]
 fn nothing_lost_a_target_whose_source_is_killed_before_it_confirms_takes_the_vm_over() {
-    // The source must die in the few milliseconds between its handover and the target's
-    // confirmation: a run where the target confirmed first proves nothing, and is tried again.
-    for attempt in 0..5 {
-        let dir = TestDir::new(&format!("nl-handover-source-killed-{attempt}"));
-        let (first, before) = boot_and_save(&dir, &["--vcpus", "2"]);
-        let seen = checks(&first.serial).len();
-        let stderr = dir.join("second.err");
-        let log = std::fs::File::create(&stderr).unwrap();
-        let source = first.socket.to_str().unwrap().to_string();
-        let mut second = Vm::start_restore(
-            &dir,
-            "second",
-            &first.serial,
-            &["--from-socket", &source],
-            |cmd| {
-                cmd.stderr(log);
-            },
-        );
-        let deadline = Instant::now() + TIMEOUT;
-        while first.phase() != VmPhase::HandingOver {
-            assert!(Instant::now() < deadline, "the source never handed over");
+    let dir = TestDir::new("nl-handover-source-killed");
+    let (first, before) = boot_and_save(&dir, &["--vcpus", "2"]);
+    let seen = checks(&first.serial).len();
+    let mut second = target_stopped_at(&dir, &first, "stop-before-confirm");
+    assert_eq!(first.phase(), VmPhase::HandingOver);
+    first.kill();
+    second.signal(Signal::SIGCONT);
+    let stderr = dir.join("second.err");
+    wait_until("the target's API socket", || {
+        if let Some(status) = second.try_exit() {
+            let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+            panic!("the target exited with {status}: {text}");
         }
-        // A client that says nothing is served first, for seconds: the confirmation waits.
-        let _idle = UnixStream::connect(&first.socket).expect("connect to the source");
-        first.kill();
-        wait_until("the target's API socket", || {
-            if let Some(status) = second.try_exit() {
-                let text = std::fs::read_to_string(&stderr).unwrap_or_default();
-                panic!("the target exited with {status}: {text}");
-            }
-            second.socket.exists().then_some(())
-        });
-        let text = std::fs::read_to_string(&stderr).unwrap();
-        if text.contains("took the VM over (BySource)") {
-            continue;
-        }
-        assert!(text.contains("went away before it confirmed"), "{text}");
-        assert_continued(&before, &second.next_check(seen));
-        assert_eq!(second.phase(), VmPhase::Running);
-        return;
-    }
-    panic!("the source was never killed before the target confirmed");
+        second.socket.exists().then_some(())
+    });
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    assert!(text.contains("went away before it confirmed"), "{text}");
+    assert_continued(&before, &second.next_check(seen));
+    assert_eq!(second.phase(), VmPhase::Running);
 }
 
+/// The target dies between its handover and its confirmation (`stop-before-confirm`, then
+/// killed): its source sees it go and resumes the VM.
 #[test]
 fn nothing_lost_a_target_killed_before_it_confirms_leaves_the_vm_to_its_source() {
-    // The target must die between its handover and its confirmation; a run where it confirmed
-    // first proves nothing, and is tried again.
-    for attempt in 0..5 {
-        let dir = TestDir::new(&format!("nl-handover-target-killed-{attempt}"));
-        let (first, before) = boot_and_save(&dir, &["--vcpus", "2"]);
-        let source = first.socket.to_str().unwrap().to_string();
-        let second = Vm::start_restore(
-            &dir,
-            "second",
-            &first.serial,
-            &["--from-socket", &source],
-            |_| {},
-        );
-        let deadline = Instant::now() + TIMEOUT;
-        while first.phase() != VmPhase::HandingOver {
-            assert!(Instant::now() < deadline, "the source never handed over");
-        }
-        // A client that says nothing is served first, for seconds: the confirmation waits.
-        let idle = UnixStream::connect(&first.socket).expect("connect to the source");
-        second.kill();
-        drop(idle);
-        let phase = wait_until("the source to learn its target is gone", || {
-            let phase = first.phase();
-            (phase != VmPhase::HandingOver).then_some(phase)
-        });
-        if phase == VmPhase::HandedOver {
-            continue;
-        }
-        assert_eq!(
-            phase,
-            VmPhase::Running,
-            "the source resumed the VM by itself"
-        );
-        assert_continued(&before, &first.check());
-        return;
-    }
-    panic!("the target was never killed before it confirmed");
+    let dir = TestDir::new("nl-handover-target-killed");
+    let (first, before) = boot_and_save(&dir, &["--vcpus", "2"]);
+    let second = target_stopped_at(&dir, &first, "stop-before-confirm");
+    assert_eq!(first.phase(), VmPhase::HandingOver);
+    second.kill();
+    let phase = wait_until("the source to learn its target is gone", || {
+        let phase = first.phase();
+        (phase != VmPhase::HandingOver).then_some(phase)
+    });
+    assert_eq!(
+        phase,
+        VmPhase::Running,
+        "the source resumed the VM by itself"
+    );
+    assert_continued(&before, &first.check());
 }
 
 #[test]
@@ -325,9 +283,9 @@ fn nothing_lost_a_confirmation_without_the_handovers_token_changes_nothing() {
     assert_continued(&before, &second.next_check(seen));
 }
 
-/// Starts a target that stops itself once it built the VM ahead (`stop-after-stage`), its
-/// standard error in `second.err`, and waits until it stopped.
-fn target_stopped_after_stage(dir: &TestDir, first: &Vm) -> Vm {
+/// Starts a target with the test fault `fault` (one that stops it), its standard error in
+/// `second.err`, and waits until it stopped.
+fn target_stopped_at(dir: &TestDir, first: &Vm, fault: &str) -> Vm {
     let log = std::fs::File::create(dir.join("second.err")).unwrap();
     let source = first.socket.to_str().unwrap().to_string();
     let second = Vm::start_restore(
@@ -336,11 +294,11 @@ fn target_stopped_after_stage(dir: &TestDir, first: &Vm) -> Vm {
         &first.serial,
         &["--from-socket", &source],
         |cmd| {
-            cmd.env("LUVMM_TEST_FAULTS", "stop-after-stage").stderr(log);
+            cmd.env("LUVMM_TEST_FAULTS", fault).stderr(log);
         },
     );
     let stat = format!("/proc/{}/stat", second.pid());
-    wait_until("the target to stop after building ahead", || {
+    wait_until("the target to stop itself", || {
         let text = std::fs::read_to_string(&stat).unwrap_or_default();
         // The state follows the parenthesised command name.
         let state = text
@@ -373,7 +331,7 @@ fn nothing_lost_a_target_killed_while_it_builds_ahead_costs_the_guest_nothing() 
     let dir = TestDir::new("nl-handover-ahead-killed");
     let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
     let before = first.check();
-    let second = target_stopped_after_stage(&dir, &first);
+    let second = target_stopped_at(&dir, &first, "stop-after-stage");
     assert_eq!(first.phase(), VmPhase::Running);
     second.kill();
     assert_continued(&before, &first.check());
@@ -388,7 +346,7 @@ fn nothing_lost_a_target_killed_while_it_builds_ahead_costs_the_guest_nothing() 
 fn nothing_lost_a_source_gone_before_the_pause_leaves_the_target_nothing_to_run() {
     let dir = TestDir::new("nl-handover-ahead-source-gone");
     let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
-    let second = target_stopped_after_stage(&dir, &first);
+    let second = target_stopped_at(&dir, &first, "stop-after-stage");
     let socket = first.socket.clone();
     first.kill();
     let stderr = target_fails(&dir, second);
@@ -403,7 +361,7 @@ fn nothing_lost_a_source_gone_before_the_pause_leaves_the_target_nothing_to_run(
 fn nothing_lost_a_handover_of_another_vm_than_the_one_built_ahead_is_refused() {
     let dir = TestDir::new("nl-handover-ahead-other-vm");
     let first = Vm::boot(&dir, "first", &["--vcpus", "2"]);
-    let second = target_stopped_after_stage(&dir, &first);
+    let second = target_stopped_at(&dir, &first, "stop-after-stage");
     let path = first.socket.clone();
     first.kill();
     std::fs::remove_file(&path).unwrap();

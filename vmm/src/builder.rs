@@ -288,15 +288,15 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     }
     timings.check_ms = lap.next();
 
-    let (vm, ram) = match shell {
-        Some(shell) => (shell.vm, shell.ram),
+    let (vm, ram, vcpu_fds) = match shell {
+        Some(shell) => (shell.vm, shell.ram, Some(shell.vcpus)),
         None => {
             let vm = KvmVm::new(kvm)?;
             timings.vm_ms = lap.next();
             let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
             vm.register_memory(&ram)?;
             timings.memory_ms = lap.next();
-            (vm, ram)
+            (vm, ram, None)
         }
     };
     vm.restore_state(&saved.vm)?;
@@ -376,11 +376,19 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     // Every vCPU is made before any TSC is written. KVM keeps its master clock (and so gives
     // the host TSC stamps) only while every vCPU's TSC is in step with the last one written;
     // a vCPU made after a TSC write is put at zero and breaks that step for the next write.
-    let mut vcpus = saved
-        .vcpus
-        .iter()
-        .map(|state| Vcpu::new(&vm, state.id, &ctx))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut vcpus = match vcpu_fds {
+        // The shell's check matched their count to the state's, ids from 0 as the state's.
+        Some(fds) => fds
+            .into_iter()
+            .zip(&saved.vcpus)
+            .map(|(fd, state)| Vcpu::from_fd(&vm, fd, state.id, &ctx))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => saved
+            .vcpus
+            .iter()
+            .map(|state| Vcpu::new(&vm, state.id, &ctx))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     // The kvmclock as it runs again, for the TSCs to move on as far as it did since the save.
     let now = vm.clock()?;
     let mut carry = Carry::Not;

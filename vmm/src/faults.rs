@@ -43,6 +43,9 @@ pub enum Fault {
     /// A handover's target stops itself (SIGSTOP) once it built its VM ahead, before it asks
     /// for the VM, for the test to kill it, or its source, there.
     StopAfterStage,
+    /// A handover's target stops itself (SIGSTOP) once it rebuilt the VM, right before it
+    /// confirms, for the test to kill it, or its source, there.
+    StopBeforeConfirm,
 }
 
 /// An MSR index in no range Intel, AMD or KVM use.
@@ -60,6 +63,7 @@ impl Fault {
             Fault::NoKvmclockCtrl => "no-kvmclock-ctrl",
             Fault::NoKvmclockRestore => "no-kvmclock-restore",
             Fault::StopAfterStage => "stop-after-stage",
+            Fault::StopBeforeConfirm => "stop-before-confirm",
         }
     }
 }

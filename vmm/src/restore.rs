@@ -170,7 +170,7 @@ fn from_inherited(
 /// first half of a handover, out of the guest's blackout.
 pub fn build_ahead(socket: &Path, kvm: &Kvm) -> Result<Shell, RestoreError> {
     let (staged, memfds) = stage(socket)?;
-    let shell = Shell::build(kvm, &staged.memory, memfds, staged.memory_thp)?;
+    let shell = Shell::build(kvm, &staged.memory, memfds, staged.memory_thp, staged.vcpus)?;
     if faults::armed(Fault::StopAfterStage) {
         faults::stop_here();
     }

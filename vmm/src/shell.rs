@@ -1,24 +1,27 @@
 //! What a handover's target builds before it has the guest's state: the KVM VM with guest RAM
-//! registered on the source's own memfds. Mapping the memfds and registering memslots is most
-//! of what a restore costs, and none of it depends on the guest's registers, so a target
-//! builds this while the source still runs the guest (`PUT /vm/handover/stage`), and the
-//! blackout holds only the state.
+//! registered on the source's own memfds, and its vCPUs' KVM objects. Mapping the memfds and
+//! registering memslots is most of what a restore costs, and none of it depends on the guest's
+//! registers, so a target builds this while the source still runs the guest
+//! (`PUT /vm/handover/stage`), and the blackout holds only the state.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::time::Instant;
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{check_layout, StateMismatch, VmState};
 
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vm::{KvmVm, VmError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{host_limits, KvmVm, VmError};
 
 /// A KVM VM and its guest RAM, built ahead of the state that will run in it.
 pub struct Shell {
     pub(crate) vm: KvmVm,
     pub(crate) ram: GuestRam,
+    /// vCPU `i`'s KVM object, `i` from 0.
+    pub(crate) vcpus: Vec<VcpuFd>,
     /// How long building it took, before the pause.
     pub(crate) built_ms: f64,
 }
@@ -32,6 +35,10 @@ pub enum ShellError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("{count} vCPUs handed ahead: this host's KVM takes 1 to {max}")]
+    VcpuCount { count: u32, max: u32 },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
 }
 
 /// The VM handed over is not the one the shell was built for.
@@ -43,33 +50,52 @@ pub enum NotAsBuilt {
     OtherMemfd { index: usize },
     #[error("its huge page choice differs from the one handed ahead")]
     HugePages,
+    #[error("it has {saved} vCPUs, {built} were built ahead")]
+    VcpuCount { saved: usize, built: usize },
 }
 
 impl Shell {
-    /// Builds the KVM VM and registers `memfds`, laid out as `layout`, as its guest RAM.
+    /// Builds the KVM VM, registers `memfds`, laid out as `layout`, as its guest RAM, and
+    /// creates `vcpus` vCPUs on it.
     pub fn build(
         kvm: &Kvm,
         layout: &MemoryLayout,
         memfds: Vec<File>,
         thp: bool,
+        vcpus: u32,
     ) -> Result<Shell, ShellError> {
         let started = Instant::now();
         check_layout(layout, &GuestRam::memfd_sizes(&memfds)?)?;
+        let max = host_limits(kvm).max_vcpus;
+        if vcpus == 0 || vcpus > max {
+            return Err(ShellError::VcpuCount { count: vcpus, max });
+        }
         let vm = KvmVm::new(kvm)?;
         let ram = GuestRam::adopt(layout, memfds, thp)?;
         vm.register_memory(&ram)?;
+        let vcpus = (0..vcpus)
+            .map(|id| Vcpu::create_fd(&vm, id))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Shell {
             vm,
             ram,
+            vcpus,
             built_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
 
     /// Checks that `state`, restored onto `memfds`, is the VM this shell was built for: the
-    /// same layout, the same files (not copies of them) and the same huge page choice.
+    /// same layout, the same files (not copies of them), the same huge page choice and as
+    /// many vCPUs.
     pub fn check(&self, state: &VmState, memfds: &[File]) -> Result<(), NotAsBuilt> {
         if state.memory != *self.ram.layout() {
             return Err(NotAsBuilt::Layout);
+        }
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(NotAsBuilt::VcpuCount {
+                saved: state.vcpus.len(),
+                built: self.vcpus.len(),
+            });
         }
         if state.memory_thp != self.ram.thp() {
             return Err(NotAsBuilt::HugePages);
@@ -117,7 +143,9 @@ mod tests {
         let sizes: Vec<u64> = state.memory.regions.iter().map(|r| r.size).collect();
         let memfds: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
         let handed: Vec<File> = memfds.iter().map(|f| f.try_clone().unwrap()).collect();
-        let shell = Shell::build(&kvm, &state.memory, memfds, state.memory_thp).expect("shell");
+        let vcpus = u32::try_from(state.vcpus.len()).unwrap();
+        let shell =
+            Shell::build(&kvm, &state.memory, memfds, state.memory_thp, vcpus).expect("shell");
         assert_eq!(shell.check(&state, &handed), Ok(()));
 
         let copies: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
@@ -128,6 +156,12 @@ mod tests {
         state.memory_thp = !state.memory_thp;
         assert_eq!(shell.check(&state, &handed), Err(NotAsBuilt::HugePages));
         state.memory_thp = !state.memory_thp;
+        let second = state.vcpus.pop().expect("two vCPUs");
+        assert_eq!(
+            shell.check(&state, &handed),
+            Err(NotAsBuilt::VcpuCount { saved: 1, built: 2 })
+        );
+        state.vcpus.push(second);
         state.memory = MemoryLayout::contiguous(state.memory.total_bytes() + 2 * MIB);
         assert_eq!(shell.check(&state, &handed), Err(NotAsBuilt::Layout));
     }
@@ -136,7 +170,7 @@ mod tests {
     fn memfds_that_do_not_fit_the_layout_build_nothing() {
         let kvm = Kvm::new().expect("this test needs /dev/kvm");
         let layout = MemoryLayout::contiguous(4 * MIB);
-        let refused = Shell::build(&kvm, &layout, vec![memfd(2 * MIB)], false);
+        let refused = Shell::build(&kvm, &layout, vec![memfd(2 * MIB)], false, 1);
         assert!(
             matches!(
                 refused,
@@ -148,10 +182,15 @@ mod tests {
             "{:?}",
             refused.err()
         );
-        let refused = Shell::build(&kvm, &layout, Vec::new(), false);
+        let refused = Shell::build(&kvm, &layout, Vec::new(), false, 1);
         assert!(matches!(
             refused,
             Err(ShellError::Layout(StateMismatch::RegionCount { .. }))
+        ));
+        let refused = Shell::build(&kvm, &layout, vec![memfd(4 * MIB)], false, 0);
+        assert!(matches!(
+            refused,
+            Err(ShellError::VcpuCount { count: 0, .. })
         ));
     }
 }

@@ -22,6 +22,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use luvmm_resources::errors::error_chain;
 
 use crate::api::client::{ClientError, VmmClient};
+use crate::faults::{self, Fault};
 use crate::vmm::{open_pidfd, HandoverManifest, HandoverTicket, TicketState, VmPhase};
 
 /// How long a target whose confirmation went unanswered waits for its source to be gone.
@@ -134,6 +135,9 @@ impl Takeover {
     /// Tells the source this process takes the VM. Call it once everything that can fail is
     /// done: on success the VM is this process's to run, and the source never runs it again.
     pub fn confirm(self) -> Result<Confirmed, TakeoverError> {
+        if faults::armed(Fault::StopBeforeConfirm) {
+            faults::stop_here();
+        }
         let unanswered = match VmmClient::new(&self.socket).complete_handover(&self.token) {
             Ok(()) => return Ok(Confirmed::BySource),
             Err(e) => e,

@@ -160,8 +160,8 @@ pub struct RestoreTimings {
     pub retrieve_ram_ms: Option<f64>,
     /// Checking the state (decoded while the inputs were gathered) against the memfds and host.
     pub check_ms: f64,
-    /// A target built ahead: its KVM VM and memslots, built before the source paused the
-    /// guest (`vm_ms` and `memory_ms` are then 0).
+    /// A target built ahead: its KVM VM, memslots and vCPU objects, built before the source
+    /// paused the guest (`vm_ms` and `memory_ms` are then 0).
     #[serde(default)]
     pub built_ahead_ms: Option<f64>,
     /// A handover that paused the guest when asked: the source's pause to its state saved.

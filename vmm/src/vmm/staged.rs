@@ -20,10 +20,13 @@ pub struct StageManifest {
     pub memory: MemoryLayout,
     /// Transparent huge pages were asked for on guest RAM.
     pub memory_thp: bool,
+    /// The guest's vCPUs.
+    pub vcpus: u32,
 }
 
 impl Vmm {
-    /// Hands out guest RAM's memfds and their layout, on which a target builds its VM. Nothing changes here: the
+    /// Hands out guest RAM's memfds and their layout, and the vCPU count, on which a target
+    /// builds its VM. Nothing changes here: the
     /// VM runs on, and a target that dies while it builds costs the guest nothing. A VM being
     /// handed over may be staged by a later target, which may then take it from the first.
     pub fn stage_handover(&self) -> Result<(StageManifest, Vec<OwnedFd>), VmmError> {
@@ -47,6 +50,7 @@ impl Vmm {
         let manifest = StageManifest {
             memory: self.ram.layout().clone(),
             memory_thp: self.ram.thp(),
+            vcpus: u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX),
         };
         Ok((manifest, fds))
     }

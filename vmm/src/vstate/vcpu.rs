@@ -196,10 +196,19 @@ impl VcpuContext {
 impl Vcpu {
     /// Creates vCPU `id` on `vm`.
     pub fn new(vm: &KvmVm, id: u32, ctx: &VcpuContext) -> Result<Vcpu, VcpuError> {
-        let fd = vm
-            .fd()
+        Vcpu::from_fd(vm, Vcpu::create_fd(vm, id)?, id, ctx)
+    }
+
+    /// Creates vCPU `id`'s KVM object on `vm`, which needs nothing but the VM: a handover's
+    /// target makes it before the guest is paused.
+    pub fn create_fd(vm: &KvmVm, id: u32) -> Result<VcpuFd, VcpuError> {
+        vm.fd()
             .create_vcpu(u64::from(id))
-            .map_err(|source| VcpuError::Create { id, source })?;
+            .map_err(|source| VcpuError::Create { id, source })
+    }
+
+    /// The vCPU `id` whose KVM object `fd` was created on `vm`.
+    pub fn from_fd(vm: &KvmVm, fd: VcpuFd, id: u32, ctx: &VcpuContext) -> Result<Vcpu, VcpuError> {
         let exit_evt = ctx
             .exit_evt
             .try_clone()
