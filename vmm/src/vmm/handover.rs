@@ -134,6 +134,17 @@ impl PendingHandover {
 }
 
 impl Vmm {
+    /// A VM with devices on the legacy VFIO container cannot move to another process: their
+    /// group and container fds cannot be adopted there.
+    pub(super) fn check_movable(&self) -> Result<(), VmmError> {
+        let legacy = self.devices.passthrough.legacy_bdfs();
+        if legacy.is_empty() {
+            Ok(())
+        } else {
+            Err(VmmError::NotMovable { bdfs: legacy })
+        }
+    }
+
     /// Duplicates the state memfd, the RAM memfds and the passthrough devices' fds for another
     /// process. The VM stays paused and resumable until that process confirms
     /// (`complete_handover`) with the manifest's token, so a target that dies on the way
@@ -143,10 +154,7 @@ impl Vmm {
         if !matches!(self.phase, VmPhase::Paused | VmPhase::HandingOver) {
             return Err(self.refuse("hand over"));
         }
-        let legacy = self.devices.passthrough.legacy_bdfs();
-        if !legacy.is_empty() {
-            return Err(VmmError::NotMovable { bdfs: legacy });
-        }
+        self.check_movable()?;
         let saved = match &self.saved {
             Some(saved) if saved.current => saved,
             _ => return Err(VmmError::NoCurrentState),

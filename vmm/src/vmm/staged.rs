@@ -36,10 +36,7 @@ impl Vmm {
         ) {
             return Err(self.refuse("stage a handover"));
         }
-        let legacy = self.devices.passthrough.legacy_bdfs();
-        if !legacy.is_empty() {
-            return Err(VmmError::NotMovable { bdfs: legacy });
-        }
+        self.check_movable()?;
         let fds = self
             .ram
             .memfds()
@@ -56,9 +53,11 @@ impl Vmm {
     }
 
     /// [`Vmm::handover`] for a target built ahead: a running VM is paused and its state saved
-    /// now (as is a paused one whose saved state is out of date). If the handover cannot be
-    /// made, a VM that was running runs again.
+    /// now (as is a paused one whose saved state is out of date). A VM that cannot move is
+    /// refused before it is paused; if the handover fails after that, a VM that was running
+    /// runs again.
     pub fn pause_and_hand_over(&mut self) -> Result<(HandoverManifest, Vec<OwnedFd>), VmmError> {
+        self.check_movable()?;
         let was_running = self.phase == VmPhase::Running;
         let current = self.saved.as_ref().is_some_and(|saved| saved.current);
         let handed = if was_running || (self.phase == VmPhase::Paused && !current) {
