@@ -89,8 +89,18 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
         "{report}"
     );
     assert!(size["min_blackout_ms"].as_f64() <= size["max_blackout_ms"].as_f64());
+    assert_eq!(size["devices"], 0, "{report}");
     assert_eq!(report["rounds_per_size"], 9, "{report}");
-    assert_eq!(report["flatness_ratio"], 1.0, "{report}");
+    assert_eq!(
+        report["flatness"],
+        serde_json::json!([[0, 1.0]]),
+        "{report}"
+    );
+    assert_eq!(
+        report["devices_over_none"],
+        serde_json::json!([]),
+        "{report}"
+    );
 
     let (status, stderr) = luvmm_tests::run_luvmm(&[
         "bench",
@@ -103,6 +113,22 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
     assert!(!status.success());
     assert!(
         stderr.contains("exited (exit status: 1) before its guest booted"),
+        "{stderr}"
+    );
+    // Devices it cannot have are refused before anything starts (nothing is on vfio-pci here).
+    let (status, stderr) = luvmm_tests::run_luvmm(&[
+        "bench",
+        "restore",
+        "--sizes",
+        "16",
+        "--devices",
+        "0,1",
+        "--payload",
+        payload.to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("1 passthrough device(s) asked for"),
         "{stderr}"
     );
 }

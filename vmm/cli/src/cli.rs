@@ -358,6 +358,17 @@ pub enum BenchKind {
         /// Guest sizes in MiB.
         #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024, 4096])]
         sizes: Vec<u64>,
+        /// Passthrough devices per guest, one row per count: the first functions bound to
+        /// vfio-pci, so more than 0 needs them (the nested bed's `edu` devices with --kernel).
+        #[arg(long, value_delimiter = ',', default_values_t = [0u32])]
+        devices: Vec<u32>,
+        /// Run it inside the nested bed's L1 booted from this kernel (tests/nested/kernel.sh),
+        /// with as many `edu` devices as the largest count asks.
+        #[arg(long, requires = "initrd")]
+        kernel: Option<PathBuf>,
+        /// The bed's base initramfs (tests/nested/initramfs.sh), with --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,

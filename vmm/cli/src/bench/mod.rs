@@ -1,9 +1,11 @@
 //! `luvmm bench`: figures, never assertions.
 //!
-//! `restore.rs`: the blackout of a VMM process switch per guest size. `update.rs`: the phases
+//! `restore.rs`: the blackout of a VMM process switch per guest size and device count, and
+//! `restore_bed.rs` the same inside the nested bed. `update.rs`: the phases
 //! of a host live update per guest size and device count, by drills in the nested bed.
 
 pub mod restore;
+pub mod restore_bed;
 pub mod update;
 
 use std::time::Duration;
@@ -38,6 +40,14 @@ pub enum BenchError {
     Encode(#[source] serde_json::Error),
     #[error("the drill could not run")]
     Drill(#[from] crate::drill::DrillError),
+    #[error("{needed} passthrough device(s) asked for, {found} bound to vfio-pci")]
+    Devices { needed: usize, found: usize },
+    #[error("the bed: {0}")]
+    Bed(#[from] crate::drill::bed::BedError),
+    #[error("L1 printed no benchmark report; its console ends:\n{tail}")]
+    NoReport { tail: String },
+    #[error("the benchmark's report from L1 is not JSON")]
+    Decode(#[source] serde_json::Error),
     #[error("the drill for {memory_mib} MiB and {devices} device(s) failed: {failures}")]
     DrillFailed {
         memory_mib: u64,
@@ -67,8 +77,25 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
         BenchKind::Restore {
             payload,
             sizes,
+            devices,
+            kernel: Some(kernel),
+            initrd: Some(initrd),
             json,
-        } => restore::run(&payload, &sizes, json),
+        } => restore_bed::run_in_bed(&restore_bed::InBed {
+            kernel: &kernel,
+            initrd: &initrd,
+            payload: &payload,
+            sizes: &sizes,
+            devices: &devices,
+            json,
+        }),
+        BenchKind::Restore {
+            payload,
+            sizes,
+            devices,
+            json,
+            ..
+        } => restore::run(&payload, &sizes, &devices, json),
         BenchKind::Update(args) => update::run(&args),
     }
 }

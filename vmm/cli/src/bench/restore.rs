@@ -12,17 +12,18 @@ use std::time::{Duration, Instant};
 
 use luvmm_vmm::api::client::VmmClient;
 use luvmm_vmm::vmm::{RestoreTimings, VmPhase, VmStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{flatness, io, BenchError, STEP_TIMEOUT};
 use crate::drill::guest::serial_lines;
+use crate::drill::watch::{vfio_pci_devices, VFIO_PCI};
 
 /// Rounds per size; the median is reported with the extremes, so one slow round does not
 /// decide.
 const ROUNDS: usize = 9;
 
 /// One handover's blackout and its parts, in ms.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Round {
     /// The source's pause to the guest running in the target (both read the wall clock).
     blackout_ms: f64,
@@ -40,45 +41,31 @@ struct Round {
     phases: RestoreTimings,
 }
 
-#[derive(Debug, Serialize)]
-struct SizeResult {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SizeResult {
     memory_mib: u64,
+    /// Passthrough devices of the guest.
+    devices: u32,
     /// The round with the median blackout.
     median: Round,
     min_blackout_ms: f64,
     max_blackout_ms: f64,
 }
 
-#[derive(Debug, Serialize)]
-struct RestoreReport {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RestoreReport {
     rounds_per_size: usize,
     sizes: Vec<SizeResult>,
-    /// Largest median blackout over the smallest.
-    flatness_ratio: f64,
+    /// Per device count, the largest median blackout over the smallest across the sizes.
+    flatness: Vec<(u32, f64)>,
+    /// Per size, the most devices' median blackout over none's (when both were measured).
+    devices_over_none: Vec<(u64, f64)>,
 }
 
-/// Runs `bench restore`: each size `ROUNDS` times.
-pub fn run(payload: &Path, sizes: &[u64], json: bool) -> Result<(), BenchError> {
-    let mut results = Vec::with_capacity(sizes.len());
-    for &mib in sizes {
-        let mut rounds = Vec::with_capacity(ROUNDS);
-        for _ in 0..ROUNDS {
-            rounds.push(handover_once(payload, mib)?);
-        }
-        rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
-        results.push(SizeResult {
-            memory_mib: mib,
-            min_blackout_ms: rounds[0].blackout_ms,
-            max_blackout_ms: rounds[ROUNDS - 1].blackout_ms,
-            median: rounds.swap_remove(ROUNDS / 2),
-        });
-    }
-    let medians: Vec<f64> = results.iter().map(|r| r.median.blackout_ms).collect();
-    let report = RestoreReport {
-        rounds_per_size: ROUNDS,
-        sizes: results,
-        flatness_ratio: flatness(&medians),
-    };
+/// Runs `bench restore` here: each size and device count `ROUNDS` times, a guest with
+/// devices given the first functions bound to vfio-pci.
+pub fn run(payload: &Path, sizes: &[u64], devices: &[u32], json: bool) -> Result<(), BenchError> {
+    let report = measure(payload, sizes, devices)?;
     if json {
         println!(
             "{}",
@@ -90,16 +77,76 @@ pub fn run(payload: &Path, sizes: &[u64], json: bool) -> Result<(), BenchError> 
     Ok(())
 }
 
-fn print_table(report: &RestoreReport) {
+fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreReport, BenchError> {
+    let most = devices.iter().copied().max().unwrap_or(0) as usize;
+    let bound = match vfio_pci_devices() {
+        _ if most == 0 => Vec::new(),
+        Ok(bound) => bound,
+        // No vfio-pci driver here: nothing is bound to it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(format!("list {VFIO_PCI}"))(e)),
+    };
+    if bound.len() < most {
+        return Err(BenchError::Devices {
+            needed: most,
+            found: bound.len(),
+        });
+    }
+    let mut results = Vec::with_capacity(sizes.len() * devices.len());
+    for &count in devices {
+        let bdfs = &bound[..count as usize];
+        for &mib in sizes {
+            let mut rounds = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                rounds.push(handover_once(payload, mib, bdfs)?);
+            }
+            rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
+            results.push(SizeResult {
+                memory_mib: mib,
+                devices: count,
+                min_blackout_ms: rounds[0].blackout_ms,
+                max_blackout_ms: rounds[ROUNDS - 1].blackout_ms,
+                median: rounds.swap_remove(ROUNDS / 2),
+            });
+        }
+    }
+    let median = |mib: u64, count: u32| {
+        results
+            .iter()
+            .find(|r| r.memory_mib == mib && r.devices == count)
+            .map(|r| r.median.blackout_ms)
+    };
+    let flatness_of = |count: u32| {
+        let medians: Vec<f64> = sizes.iter().filter_map(|&mib| median(mib, count)).collect();
+        (count, flatness(&medians))
+    };
+    let most = devices.iter().copied().max().unwrap_or(0);
+    Ok(RestoreReport {
+        rounds_per_size: ROUNDS,
+        flatness: devices.iter().map(|&count| flatness_of(count)).collect(),
+        devices_over_none: if most == 0 {
+            Vec::new()
+        } else {
+            sizes
+                .iter()
+                .filter_map(|&mib| Some((mib, median(mib, most)? / median(mib, 0)?)))
+                .collect()
+        },
+        sizes: results,
+    })
+}
+
+pub(super) fn print_table(report: &RestoreReport) {
     println!(
-        "memory_mib  blackout_ms (min-max)  = save  transfer  load  confirm+run   \
+        "memory_mib  devices  blackout_ms (min-max)  = save  transfer  load  confirm+run   \
          built_ahead_ms (before the pause)"
     );
     for r in &report.sizes {
         let m = &r.median;
         println!(
-            "{:>10}  {:>6.2} ({:.2}-{:.2})  = {:>4.2}  {:>8.2}  {:>4.2}  {:>11.2}   {:>8.2}",
+            "{:>10}  {:>7}  {:>6.2} ({:.2}-{:.2})  = {:>4.2}  {:>8.2}  {:>4.2}  {:>11.2}   {:>8.2}",
             r.memory_mib,
+            r.devices,
             m.blackout_ms,
             r.min_blackout_ms,
             r.max_blackout_ms,
@@ -110,11 +157,16 @@ fn print_table(report: &RestoreReport) {
             m.built_ahead_ms,
         );
     }
-    println!(
-        "medians of {} rounds; flatness ratio (largest median blackout / smallest): {:.2} \
-         (target <= 1.1)",
-        report.rounds_per_size, report.flatness_ratio
-    );
+    println!("medians of {} rounds", report.rounds_per_size);
+    for (devices, ratio) in &report.flatness {
+        println!(
+            "flatness over the sizes, {devices} device(s) (largest median / smallest): {ratio:.2} \
+             (target <= 1.1)"
+        );
+    }
+    for (mib, ratio) in &report.devices_over_none {
+        println!("{mib} MiB: the most devices' median over none's: {ratio:.2} (target <= 1.5)");
+    }
 }
 
 /// Kills the child on every exit path.
@@ -129,7 +181,7 @@ impl Drop for Reaped {
 
 /// Boots a guest of `mib` MiB, hands it over to a new process while it runs, and returns the
 /// blackout the new process measured, once the guest vouched for its memory.
-fn handover_once(payload: &Path, mib: u64) -> Result<Round, BenchError> {
+fn handover_once(payload: &Path, mib: u64, bdfs: &[String]) -> Result<Round, BenchError> {
     let dir = std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
     let serial = dir.join("serial.log");
@@ -137,21 +189,21 @@ fn handover_once(payload: &Path, mib: u64) -> Result<Round, BenchError> {
     let second_socket = dir.join("second.sock");
     let exe = std::env::current_exe().map_err(io("find this executable".into()))?;
 
-    let mut first = Reaped(
-        Command::new(&exe)
-            .arg("run")
-            .arg("--payload")
-            .arg(payload)
-            .args(["--memory-mib", &mib.to_string()])
-            .args(["--cmdline", "console=ttyS0 luvmm.fill_pages=256"])
-            .arg("--serial")
-            .arg(&serial)
-            .arg("--api-socket")
-            .arg(&first_socket)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(io("spawn luvmm run".into()))?,
-    );
+    let mut run = Command::new(&exe);
+    run.arg("run")
+        .arg("--payload")
+        .arg(payload)
+        .args(["--memory-mib", &mib.to_string()])
+        .args(["--cmdline", "console=ttyS0 luvmm.fill_pages=256"])
+        .arg("--serial")
+        .arg(&serial)
+        .arg("--api-socket")
+        .arg(&first_socket)
+        .stdin(Stdio::null());
+    for bdf in bdfs {
+        run.args(["--vfio", bdf]);
+    }
+    let mut first = Reaped(run.spawn().map_err(io("spawn luvmm run".into()))?);
     let mut exited = None;
     wait_for(
         || {
