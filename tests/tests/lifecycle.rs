@@ -102,19 +102,22 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
         "{report}"
     );
 
-    let (status, stderr) = luvmm_tests::run_luvmm(&[
-        "bench",
-        "restore",
-        "--sizes",
-        "16",
-        "--payload",
-        "/nonexistent/payload.elf",
-    ]);
-    assert!(!status.success());
+    // A failed round leaves no scratch directory behind.
+    let scratch = TestDir::new("bench-scratch");
+    let out = std::process::Command::new(luvmm_tests::luvmm_bin())
+        .args(["bench", "restore", "--sizes", "16", "--payload"])
+        .arg("/nonexistent/payload.elf")
+        .env("TMPDIR", scratch.path())
+        .output()
+        .expect("run luvmm bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(
         stderr.contains("exited (exit status: 1) before its guest booted"),
         "{stderr}"
     );
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+    assert!(left.is_empty(), "the bench left {left:?}");
     // Devices it cannot have are refused before anything starts (nothing is on vfio-pci here).
     let (status, stderr) = luvmm_tests::run_luvmm(&[
         "bench",

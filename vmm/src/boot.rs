@@ -123,6 +123,15 @@ pub enum BootEntry {
     Pvh(u64),
 }
 
+impl std::fmt::Display for BootEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BootEntry::Linux64(at) => write!(f, "the 64-bit Linux entry at {at:#x}"),
+            BootEntry::Pvh(at) => write!(f, "the PVH entry at {at:#x}"),
+        }
+    }
+}
+
 /// What the guest boots.
 #[derive(Clone, Copy, Debug)]
 pub struct BootSource<'a> {

@@ -109,7 +109,7 @@ pub fn build_for_boot(
         protocol: config.boot,
     };
     let entry = load_payload(ram.memory(), &layout, &source)?;
-    log::info!("booting {} via {entry:?}", config.payload.display());
+    log::info!("booting {} through {entry}", config.payload.display());
 
     let mut pci = PciBus::new();
     let passthrough = if config.vfio.is_empty() {

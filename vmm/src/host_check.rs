@@ -55,7 +55,7 @@ fn verdict(
 ) -> (Verdict, Vec<String>) {
     let mut memory = Vec::new();
     if caps.luo != LuoStatus::Available {
-        memory.push(format!("/dev/liveupdate is {:?}", caps.luo));
+        memory.push(format!("/dev/liveupdate is {}", caps.luo));
     }
     if !caps.kho_enabled {
         memory.push("KHO is not enabled".to_string());
@@ -64,7 +64,7 @@ fn verdict(
         memory.push("the kernel command line lacks liveupdate=on".to_string());
     }
     if caps.handlers.memfd != HandlerStatus::Present {
-        memory.push(format!("memfd handler: {:?}", caps.handlers.memfd));
+        memory.push(format!("memfd handler: {}", caps.handlers.memfd));
     }
     if !memory.is_empty() {
         return (Verdict::Unavailable, memory);
@@ -72,11 +72,11 @@ fn verdict(
     let mut devices_blocked = Vec::new();
     if !devices.is_empty() {
         if path != VfioPath::Iommufd {
-            devices_blocked.push(format!("VFIO path is {path:?}, not iommufd"));
+            devices_blocked.push(format!("the VFIO path is {path}, not iommufd"));
         }
         if caps.handlers.vfio_device != HandlerStatus::Present {
             devices_blocked.push(format!(
-                "VFIO device handler: {:?}",
+                "VFIO device handler: {}",
                 caps.handlers.vfio_device
             ));
         }
@@ -99,6 +99,16 @@ pub enum VfioPath {
     LegacyContainer,
     /// No VFIO at all.
     None,
+}
+
+impl std::fmt::Display for VfioPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VfioPath::Iommufd => "iommufd",
+            VfioPath::LegacyContainer => "the legacy container",
+            VfioPath::None => "none",
+        })
+    }
 }
 
 fn vfio_path() -> VfioPath {
@@ -228,7 +238,7 @@ mod tests {
         // Linux 7.2: memfds only.
         let (v, why) = verdict(&caps(Present, Absent), VfioPath::Iommufd, &edu());
         assert_eq!(v, Verdict::MemoryOnly);
-        assert_eq!(why, ["VFIO device handler: Absent"]);
+        assert_eq!(why, ["VFIO device handler: absent (PRESERVE_FD: ENOENT)"]);
         assert_eq!(v.exit_code(), 4);
         // The bed's kernel with luvmm's VFIO handler: no iommufd handler is needed.
         let mut bed = caps(Present, Present);
@@ -245,13 +255,18 @@ mod tests {
         // The legacy container cannot be preserved even with handlers.
         let (v, why) = verdict(&caps(Present, Present), VfioPath::LegacyContainer, &edu());
         assert_eq!(v, Verdict::MemoryOnly);
-        assert!(why[0].contains("LegacyContainer"), "{why:?}");
+        assert!(why[0].contains("the legacy container"), "{why:?}");
 
         let mut off = caps(Present, Present);
         off.luo = LuoStatus::NotEnabled;
         off.cmdline_liveupdate_on = false;
         let (v, why) = verdict(&off, VfioPath::Iommufd, &edu());
         assert_eq!((v, why.len()), (Verdict::Unavailable, 2), "{why:?}");
+        // In words a person reads, not Rust's Debug text.
+        assert!(
+            why[0].starts_with("/dev/liveupdate is not enabled (boot with"),
+            "{why:?}"
+        );
         assert_eq!(v.exit_code(), 3);
     }
 }

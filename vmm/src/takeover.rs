@@ -101,7 +101,7 @@ impl fmt::Display for VmFate {
                 phase: VmPhase::Running,
             } => write!(f, "the VM runs on in {}", socket.display()),
             VmFate::Kept { socket, phase } => {
-                write!(f, "the VM is in {}, {phase:?}", socket.display())
+                write!(f, "the VM is in {}, {phase}", socket.display())
             }
             VmFate::Unknown { socket, error } => write!(
                 f,

@@ -54,11 +54,26 @@ pub enum VmPhase {
     ShuttingDown,
 }
 
+impl std::fmt::Display for VmPhase {
+    /// As `GET /vm` spells it (`handed_over`), for people reading errors and logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmPhase::Running => "running",
+            VmPhase::Paused => "paused",
+            VmPhase::HandingOver => "handing_over",
+            VmPhase::HandedOver => "handed_over",
+            VmPhase::Preserved => "preserved",
+            VmPhase::Stopped => "stopped",
+            VmPhase::ShuttingDown => "shutting_down",
+        })
+    }
+}
+
 /// A VMM operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// The request does not make sense in the current phase.
-    #[error("cannot {request} while the VM is {phase:?}")]
+    #[error("cannot {request} while the VM is {phase}")]
     WrongPhase {
         request: &'static str,
         phase: VmPhase,

@@ -25,6 +25,20 @@ pub enum LuoStatus {
     Error(String),
 }
 
+impl std::fmt::Display for LuoStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LuoStatus::Available => f.write_str("available"),
+            LuoStatus::NotEnabled => {
+                f.write_str("not enabled (boot with CONFIG_LIVEUPDATE and `liveupdate=on kho=on`)")
+            }
+            LuoStatus::Held => f.write_str("held by another process"),
+            LuoStatus::Broken => f.write_str("broken (EIO: previous sessions lost)"),
+            LuoStatus::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
 /// Whether a LUO file handler for one kind of file exists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,6 +49,16 @@ pub enum HandlerStatus {
     Absent,
     /// Could not be tried; the reason says why.
     Unknown(String),
+}
+
+impl std::fmt::Display for HandlerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerStatus::Present => f.write_str("present"),
+            HandlerStatus::Absent => f.write_str("absent (PRESERVE_FD: ENOENT)"),
+            HandlerStatus::Unknown(why) => write!(f, "unknown ({why})"),
+        }
+    }
 }
 
 /// LUO file handlers, one per kind of file luvmm preserves.
@@ -88,7 +112,7 @@ pub fn probe(vfio_device: Option<Candidate<'_>>) -> HostCapabilities {
                 LuoError::Deserialize => LuoStatus::Broken,
                 other => LuoStatus::Error(other.to_string()),
             };
-            let why = HandlerStatus::Unknown(format!("LUO is {status:?}"));
+            let why = HandlerStatus::Unknown(format!("/dev/liveupdate is {status}"));
             (
                 status,
                 Handlers {
@@ -176,20 +200,8 @@ impl HostCapabilities {
     /// A human-readable report, one fact per line.
     pub fn to_text(&self) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
-        let handler = |h: &HandlerStatus| match h {
-            HandlerStatus::Present => "present".to_string(),
-            HandlerStatus::Absent => "absent (PRESERVE_FD: ENOENT)".to_string(),
-            HandlerStatus::Unknown(why) => format!("unknown ({why})"),
-        };
-        let luo = match &self.luo {
-            LuoStatus::Available => "available".to_string(),
-            LuoStatus::NotEnabled => {
-                "not enabled (boot with CONFIG_LIVEUPDATE and `liveupdate=on kho=on`)".to_string()
-            }
-            LuoStatus::Held => "held by another process".to_string(),
-            LuoStatus::Broken => "broken (EIO: previous sessions lost)".to_string(),
-            LuoStatus::Error(e) => format!("error: {e}"),
-        };
+        let handler = |h: &HandlerStatus| h.to_string();
+        let luo = self.luo.to_string();
         format!(
             "LUO (/dev/liveupdate):    {luo}\n\
              KHO enabled:              {}\n\

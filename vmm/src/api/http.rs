@@ -131,6 +131,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         413 => "Payload Too Large",
         503 => "Service Unavailable",
@@ -223,5 +224,18 @@ mod tests {
 
         let (status, body) = parse_response(&Response::empty(204).to_bytes()).unwrap();
         assert_eq!((status, body.as_str()), (204, ""));
+
+        // Every status the API sends has its own reason phrase.
+        for (status, phrase) in [
+            (408, "Request Timeout"),
+            (409, "Conflict"),
+            (500, "Internal Server Error"),
+        ] {
+            let text = String::from_utf8(Response::error(status, "x").to_bytes()).unwrap();
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status} {phrase}\r\n")),
+                "{text}"
+            );
+        }
     }
 }

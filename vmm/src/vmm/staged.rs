@@ -2,7 +2,7 @@
 //! does not change while the guest runs (guest RAM's memfds and layout, the vCPU count), builds
 //! its VM on them, and only then asks for the VM, which is paused and saved here at that
 //! moment. The blackout holds the state's save, its transfer and its load, not the target's
-//! process start, KVM VM or memslots.
+//! process start, KVM VM, memslots or vCPU objects.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
@@ -26,9 +26,9 @@ pub struct StageManifest {
 
 impl Vmm {
     /// Hands out guest RAM's memfds and their layout, and the vCPU count, on which a target
-    /// builds its VM. Nothing changes here: the
-    /// VM runs on, and a target that dies while it builds costs the guest nothing. A VM being
-    /// handed over may be staged by a later target, which may then take it from the first.
+    /// builds its VM. Nothing changes here: the VM runs on, and a target that dies while it
+    /// builds costs the guest nothing. A VM being handed over may be staged by a later target,
+    /// which may then take it from the first.
     pub fn stage_handover(&self) -> Result<(StageManifest, Vec<OwnedFd>), VmmError> {
         if !matches!(
             self.phase,

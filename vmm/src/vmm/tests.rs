@@ -214,3 +214,27 @@ fn a_target_built_ahead_gets_the_ram_first_and_the_state_when_it_asks() {
         })
     ));
 }
+
+#[test]
+fn a_phase_reads_as_the_api_spells_it() {
+    for phase in [
+        VmPhase::Running,
+        VmPhase::Paused,
+        VmPhase::HandingOver,
+        VmPhase::HandedOver,
+        VmPhase::Preserved,
+        VmPhase::Stopped,
+        VmPhase::ShuttingDown,
+    ] {
+        let json = serde_json::to_string(&phase).expect("a phase serializes");
+        assert_eq!(json, format!("\"{phase}\""));
+    }
+    let refused = VmmError::WrongPhase {
+        request: "resume",
+        phase: VmPhase::HandedOver,
+    };
+    assert_eq!(
+        refused.to_string(),
+        "cannot resume while the VM is handed_over"
+    );
+}

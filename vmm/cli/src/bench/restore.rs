@@ -97,8 +97,14 @@ fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreRepo
         let bdfs = &bound[..count as usize];
         for &mib in sizes {
             let mut rounds = Vec::with_capacity(ROUNDS);
-            for _ in 0..ROUNDS {
-                rounds.push(handover_once(payload, mib, bdfs)?);
+            for round in 1..=ROUNDS {
+                let measured = handover_once(payload, mib, bdfs)?;
+                eprintln!(
+                    "bench restore: {mib} MiB, {count} device(s), round {round}/{ROUNDS}: \
+                     blackout {:.2} ms",
+                    measured.blackout_ms
+                );
+                rounds.push(measured);
             }
             rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
             results.push(SizeResult {
@@ -169,6 +175,22 @@ pub(super) fn print_table(report: &RestoreReport) {
     }
 }
 
+/// A scratch directory, removed on every exit path.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn create(path: std::path::PathBuf) -> Result<Scratch, BenchError> {
+        std::fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
+        Ok(Scratch(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Kills the child on every exit path.
 struct Reaped(Child);
 
@@ -182,8 +204,10 @@ impl Drop for Reaped {
 /// Boots a guest of `mib` MiB, hands it over to a new process while it runs, and returns the
 /// blackout the new process measured, once the guest vouched for its memory.
 fn handover_once(payload: &Path, mib: u64, bdfs: &[String]) -> Result<Round, BenchError> {
-    let dir = std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let dir = Scratch::create(
+        std::env::temp_dir().join(format!("luvmm-bench-{}-{mib}", std::process::id())),
+    )?;
+    let dir = dir.0.as_path();
     let serial = dir.join("serial.log");
     let first_socket = dir.join("first.sock");
     let second_socket = dir.join("second.sock");
@@ -257,7 +281,6 @@ fn handover_once(payload: &Path, mib: u64, bdfs: &[String]) -> Result<Round, Ben
     let _ = restored.shutdown(false);
     drop(second);
     drop(first);
-    let _ = std::fs::remove_dir_all(&dir);
     round_of(phases)
 }
 
