@@ -22,6 +22,8 @@ pub struct Shell {
     pub(crate) ram: GuestRam,
     /// vCPU `i`'s KVM object, `i` from 0.
     pub(crate) vcpus: Vec<VcpuFd>,
+    /// Each memfd's (device, inode), read once here rather than again in the blackout.
+    memfd_ids: Vec<(u64, u64)>,
     /// How long building it took, before the pause.
     pub(crate) built_ms: f64,
 }
@@ -65,7 +67,16 @@ impl Shell {
         vcpus: u32,
     ) -> Result<Shell, ShellError> {
         let started = Instant::now();
-        check_layout(layout, &GuestRam::memfd_sizes(&memfds)?)?;
+        let mut sizes = Vec::with_capacity(memfds.len());
+        let mut memfd_ids = Vec::with_capacity(memfds.len());
+        for (index, file) in memfds.iter().enumerate() {
+            let meta = file
+                .metadata()
+                .map_err(|source| MemoryError::Stat { index, source })?;
+            sizes.push(meta.len());
+            memfd_ids.push((meta.dev(), meta.ino()));
+        }
+        check_layout(layout, &sizes)?;
         let max = host_limits(kvm).max_vcpus;
         if vcpus == 0 || vcpus > max {
             return Err(ShellError::VcpuCount { count: vcpus, max });
@@ -80,6 +91,7 @@ impl Shell {
             vm,
             ram,
             vcpus,
+            memfd_ids,
             built_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -100,20 +112,16 @@ impl Shell {
         if state.memory_thp != self.ram.thp() {
             return Err(NotAsBuilt::HugePages);
         }
-        for (index, (handed, built)) in memfds.iter().zip(self.ram.memfds()).enumerate() {
-            if !same_file(handed, built) {
+        // The same inode, not a copy: memfds have one inode each.
+        for (index, (handed, built)) in memfds.iter().zip(&self.memfd_ids).enumerate() {
+            let same = handed
+                .metadata()
+                .is_ok_and(|meta| (meta.dev(), meta.ino()) == *built);
+            if !same {
                 return Err(NotAsBuilt::OtherMemfd { index });
             }
         }
         Ok(())
-    }
-}
-
-/// Whether two fds are the same open file's inode (memfds have one inode each).
-fn same_file(a: &File, b: &File) -> bool {
-    match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
     }
 }
 

@@ -5,7 +5,7 @@
 //! process start, KVM VM, memslots or vCPU objects.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Instant;
+use std::time::Duration;
 
 use luvmm_resources::layout::MemoryLayout;
 use serde::{Deserialize, Serialize};
@@ -61,12 +61,13 @@ impl Vmm {
         let was_running = self.phase == VmPhase::Running;
         let current = self.saved.as_ref().is_some_and(|saved| saved.current);
         let handed = if was_running || (self.phase == VmPhase::Paused && !current) {
-            let started = Instant::now();
-            self.save(None).and_then(|_| {
-                let saved_in = started.elapsed();
+            self.save(None).and_then(|saved| {
                 let (mut manifest, fds) = self.handover()?;
+                // The save's own figure, in whole µs: the manifest compares as a whole.
                 manifest.pause_to_saved_us =
-                    Some(u64::try_from(saved_in.as_micros()).unwrap_or(u64::MAX));
+                    Duration::try_from_secs_f64(saved.pause_to_saved_ms / 1e3)
+                        .ok()
+                        .map(|took| u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
                 Ok((manifest, fds))
             })
         } else {
