@@ -17,6 +17,20 @@ pub struct Bed {
     pub initrd: PathBuf,
 }
 
+impl Bed {
+    /// `--kernel K --initrd I` for luvmm's own bed commands (`drill`, `bench ... --kernel`):
+    /// the L1 kernel and the base image without /boot, to which they add what they need.
+    pub fn luvmm_args(&self) -> [std::ffi::OsString; 4] {
+        let base = self.initrd.with_file_name("initrd-stage2.cpio.gz");
+        [
+            "--kernel".into(),
+            self.kernel_dir.join("bzImage").into(),
+            "--initrd".into(),
+            base.into(),
+        ]
+    }
+}
+
 fn nested_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("nested")
 }

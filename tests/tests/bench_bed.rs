@@ -24,10 +24,7 @@ fn bench_restore_in_the_bed_measures_handovers_with_passthrough_devices() {
             "0,2",
             "--json",
         ])
-        .arg("--kernel")
-        .arg(bed.kernel_dir.join("bzImage"))
-        .arg("--initrd")
-        .arg(work.join("initrd-stage2.cpio.gz"))
+        .args(bed.luvmm_args())
         .arg("--payload")
         .arg(payload())
         .output()

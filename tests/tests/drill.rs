@@ -17,11 +17,7 @@ fn drill(name: &str, flags: &[&str]) -> (i32, Value, String, TestDir) {
     let _turn = one_l1_at_a_time();
     let out = Command::new(luvmm_bin())
         .arg("drill")
-        .arg("--kernel")
-        .arg(bed.kernel_dir.join("bzImage"))
-        // The base image without /boot: the drill adds luvmm, the payload and the next kernel.
-        .arg("--initrd")
-        .arg(work.join("initrd-stage2.cpio.gz"))
+        .args(bed.luvmm_args())
         .arg("--payload")
         .arg(payload())
         .arg("--json")

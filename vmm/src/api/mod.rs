@@ -386,29 +386,25 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
             Ok(report) => Response::json(200, &report).into(),
             Err(e) => error_response(&e).into(),
         },
-        VmmAction::StageHandover => match vmm.stage_handover() {
-            Ok((manifest, fds)) => Reply {
-                response: Response::json(200, &manifest),
-                fds,
-            },
-            Err(e) => error_response(&e).into(),
-        },
-        VmmAction::Handover(body) => {
-            let handed = if body.pause {
-                vmm.pause_and_hand_over()
-            } else {
-                vmm.handover()
-            };
-            match handed {
-                Ok((manifest, fds)) => Reply {
-                    response: Response::json(200, &manifest),
-                    fds,
-                },
-                Err(e) => error_response(&e).into(),
-            }
-        }
+        VmmAction::StageHandover => with_fds(vmm.stage_handover()),
+        VmmAction::Handover(body) => with_fds(if body.pause {
+            vmm.pause_and_hand_over()
+        } else {
+            vmm.handover()
+        }),
         VmmAction::CompleteHandover(body) => done(vmm.complete_handover(&body.token)).into(),
         VmmAction::Shutdown(body) => done(vmm.request_shutdown(body.force)).into(),
+    }
+}
+
+/// A manifest with the fds it describes, or the VM's refusal.
+fn with_fds<T: Serialize>(handed: Result<(T, Vec<OwnedFd>), VmmError>) -> Reply {
+    match handed {
+        Ok((manifest, fds)) => Reply {
+            response: Response::json(200, &manifest),
+            fds,
+        },
+        Err(e) => error_response(&e).into(),
     }
 }
 

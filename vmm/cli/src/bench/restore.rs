@@ -78,17 +78,20 @@ pub fn run(payload: &Path, sizes: &[u64], devices: &[u32], json: bool) -> Result
 }
 
 fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreReport, BenchError> {
-    let most = devices.iter().copied().max().unwrap_or(0) as usize;
-    let bound = match vfio_pci_devices() {
-        _ if most == 0 => Vec::new(),
-        Ok(bound) => bound,
-        // No vfio-pci driver here: nothing is bound to it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io(format!("list {VFIO_PCI}"))(e)),
+    let most = devices.iter().copied().max().unwrap_or(0);
+    let bound = if most == 0 {
+        Vec::new()
+    } else {
+        match vfio_pci_devices() {
+            Ok(bound) => bound,
+            // No vfio-pci driver here: nothing is bound to it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(format!("list {VFIO_PCI}"))(e)),
+        }
     };
-    if bound.len() < most {
+    if bound.len() < most as usize {
         return Err(BenchError::Devices {
-            needed: most,
+            needed: most as usize,
             found: bound.len(),
         });
     }
@@ -126,7 +129,6 @@ fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreRepo
         let medians: Vec<f64> = sizes.iter().filter_map(|&mib| median(mib, count)).collect();
         (count, flatness(&medians))
     };
-    let most = devices.iter().copied().max().unwrap_or(0);
     Ok(RestoreReport {
         rounds_per_size: ROUNDS,
         flatness: devices.iter().map(|&count| flatness_of(count)).collect(),

@@ -216,8 +216,7 @@ impl Guest {
         let mut command = luvmm();
         command
             .arg("run")
-            .args(["--thp", if thp { "on" } else { "off" }]);
-        command
+            .args(["--thp", on_off(thp)])
             .arg("--payload")
             .arg(payload)
             .args(["--memory-mib", &memory_mib.to_string(), "--vcpus", "2"])
@@ -231,8 +230,8 @@ impl Guest {
     }
 
     /// Boots the bed's Linux guest with `memory_mib` and the NVMe controllers `bdfs` passed
-    /// through, one vCPU (L1 has one), huge pages as `thp` says, and waits for its judge: 40 % of its RAM filled and
-    /// its block loop running. Where `handler` resets devices, the guest's NVMe timeouts are
+    /// through, one vCPU (L1 has one), huge pages as `thp` says, and waits for its judge: 40 %
+    /// of its RAM filled and its block loop running. Where `handler` resets devices, the guest's NVMe timeouts are
     /// short, so its driver finds a reset controller within seconds.
     pub fn boot_linux(
         dir: &Path,
@@ -252,7 +251,7 @@ impl Guest {
         let mut command = luvmm();
         command
             .arg("run")
-            .args(["--thp", if thp { "on" } else { "off" }])
+            .args(["--thp", on_off(thp)])
             .args(["--kernel", L1_GUEST_KERNEL, "--initrd", L1_GUEST_INITRD])
             // One vCPU: with two, a 7.2 guest not told of a 20 s blackout (no
             // KVM_KVMCLOCK_CTRL) logged no soft lockup, so the drill's damage check could not
@@ -484,6 +483,15 @@ impl Drop for Guest {
         }
         let _ = self.child.get_mut().kill();
         let _ = self.child.get_mut().wait();
+    }
+}
+
+/// The word `luvmm run --thp` takes for `thp`.
+fn on_off(thp: bool) -> &'static str {
+    if thp {
+        "on"
+    } else {
+        "off"
     }
 }
 

@@ -18,6 +18,7 @@ use crate::preflight::{self, CheckArgs};
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::luo::kexec;
 use luvmm_resources::errors::error_chain;
+use luvmm_vmm::vstate::memory::SHMEM_THP_PATH;
 
 use super::bed::{self, BedError};
 use super::event::{Event, WatchSpan, HOST_ROW};
@@ -30,9 +31,6 @@ use super::{
 
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
 const WORK: &str = "/tmp/drill";
-
-/// L1's shmem transparent huge page setting.
-const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 /// How long to wait for the kexec after the agent took the update.
 const KEXEC_WAIT: Duration = Duration::from_secs(120);
@@ -111,8 +109,8 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     let bdfs = &bdfs[..needed];
     if plan.thp {
         // Per boot: every kernel of the chain starts with shmem THP off.
-        std::fs::write(SHMEM_THP, "advise")
-            .map_err(|e| StepError::Io(format!("write advise to {SHMEM_THP}"), e))?;
+        std::fs::write(SHMEM_THP_PATH, "advise")
+            .map_err(|e| StepError::Io(format!("write advise to {SHMEM_THP_PATH}"), e))?;
     }
     let agent_socket = work.join("agent.sock");
     let (_agent, guests) = if stage == 1 {
