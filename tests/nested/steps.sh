@@ -51,6 +51,12 @@ wait_line() { # wait_line LOG PATTERN [COUNT]: up to 60 s for COUNT lines matchi
     done
 }
 
+last_whole() { # last_whole LOG PATTERN: the last line matching PATTERN that the guest finished
+    # A check requested at the resume and one asked for later may follow each other: the
+    # later one can be half written when the earlier one is found, so only whole lines count.
+    head -n "$(wc -l < "$1")" "$1" | grep "$2" | tail -1
+}
+
 whole_lines() { # whole_lines LOG: waits (up to 5 s) until the guest finished its last line
     i=0
     while [ "$(tail -c1 "$1" 2>/dev/null | od -An -tx1 | tr -d ' ')" != 0a ] && [ $i -lt 50 ]; do

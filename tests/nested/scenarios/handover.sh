@@ -67,8 +67,8 @@ result vfio_handover_nvme_kept_its_queues $([ "$nvme_slot" = 2 ]; echo $?) \
 luvmm ctl --socket b.sock check >/dev/null
 wait_line b.log "LUVMM-CHECK"
 whole_lines b.log
-result vfio_handover_memory_intact $(grep "LUVMM-CHECK" b.log | tail -1 | grep -q "LUVMM-CHECK ok"; echo $?) \
-    "$(grep LUVMM-CHECK b.log | tail -1)"
+result vfio_handover_memory_intact $(last_whole b.log LUVMM-CHECK | grep -q "LUVMM-CHECK ok"; echo $?) \
+    "$(last_whole b.log LUVMM-CHECK)"
 sed 's/^/LUVMM-L1 log b: /' b.err
 
 # ---- 2. Interrupts in flight, B to C, B shut down normally
@@ -124,8 +124,8 @@ luvmm ctl --socket c.sock check >/dev/null
 wait_line c.log "LUVMM-CHECK" 2
 whole_lines c.log
 result vfio_handover_guest_runs_after_failures \
-    $(grep "LUVMM-CHECK" c.log | tail -1 | grep -q "LUVMM-CHECK ok"; echo $?) \
-    "$(grep LUVMM-CHECK c.log | tail -1)"
+    $(last_whole c.log LUVMM-CHECK | grep -q "LUVMM-CHECK ok"; echo $?) \
+    "$(last_whole c.log LUVMM-CHECK)"
 stop_vm c.sock $c
 
 # The legacy container: refused with the reason, and the VM goes on where it was.

@@ -28,7 +28,7 @@ check() { # check NTH: the guest's NTH memory check line, once whole
     luvmm ctl --socket a.sock check >/dev/null
     wait_line a.log "LUVMM-CHECK" "$1"
     whole_lines a.log
-    echo "LUVMM-L1 kexec_fails check $(grep LUVMM-CHECK a.log | tail -1)"
+    echo "LUVMM-L1 kexec_fails check $(last_whole a.log LUVMM-CHECK)"
 }
 
 luvmm agent serve --socket $agent_sock 2>agent.err &

@@ -73,7 +73,7 @@ case "$stage" in
     whole_lines r1b.log
     sed 's/^/LUVMM-L1 log restore r1 again: /' r1b.err
     round=$(grep "LUVMM-ROUND ok n=1 " r1b.log)
-    memory=$(grep "LUVMM-CHECK" r1b.log | tail -1)
+    memory=$(last_whole r1b.log LUVMM-CHECK)
     status=$(luvmm agent status --socket $agent_sock)
     result nothing_lost_an_agent_killed_after_a_failed_restore_takes_its_session_back \
         $([ "$took" = 1 ] && echo "$memory" | grep -q "LUVMM-CHECK ok"; echo $?) \

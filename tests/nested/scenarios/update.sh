@@ -28,7 +28,7 @@ round() { # round SOCKET LOG N
 last_check() { # last_check LOG NTH: prints the guest's NTH memory check line, once whole
     wait_line "$1" "LUVMM-CHECK" "$2"
     whole_lines "$1"
-    echo "LUVMM-L1 update check $(grep LUVMM-CHECK "$1" | tail -1)"
+    echo "LUVMM-L1 update check $(last_whole "$1" LUVMM-CHECK)"
 }
 check() { # check SOCKET LOG NTH: asks the guest for its memory check
     luvmm ctl --socket "$1" check >/dev/null
