@@ -11,16 +11,15 @@ use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::power::GuestPower;
 use luvmm_devices::serial::{SerialDevice, SerialError, SerialOut};
-use luvmm_devices::vfio::{BoundRecord, GuestMapper, IrqRouter};
+use luvmm_devices::vfio::{BoundRecord, VfioDeviceFd};
 use luvmm_resources::config::{BarMode, ConfigError, VmConfig};
-use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::layout::{
     ACPI_RESET_PORT, ACPI_SLEEP_CONTROL_PORT, GUEST_CONTROL_PORT, GUEST_CONTROL_PORT_SIZE,
     I8042_COMMAND_PORT, PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE, PCI_IO_END, PCI_IO_START,
     PCI_MMIO32_END, PCI_MMIO32_START, PCI_MMIO64_END, PCI_MMIO64_START, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
 };
-use luvmm_resources::state::{StateMismatch, VmState};
+use luvmm_resources::state::{DevicesState, StateMismatch, VmState};
 use vm_device::device_manager::IoManager;
 use vm_device::resources::Resource;
 use vm_device::DevicePio;
@@ -33,9 +32,9 @@ use crate::passthrough::{
     DeviceArgs, DeviceSetupError, HandedDeviceManifest, HandedDevices, IommuKeeper, Passthrough,
     RetryIommu,
 };
-use crate::shell::{NotAsBuilt, Shell};
+use crate::shell::{AdoptedAhead, NotAsBuilt, Shell};
 use crate::vmm::{Devices, RestoreTimings, VmEvents, Vmm};
-use crate::vstate::interrupts::{KvmGuestMapper, KvmIrqRouter};
+use crate::vstate::interrupts::device_routes;
 use crate::vstate::memory::{thp_for, GuestRam, MemoryError, ShmemThp, SHMEM_THP_PATH};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
@@ -251,7 +250,7 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     saved.check_against(&GuestRam::memfd_sizes(&args.memfds)?)?;
     let source_paused_at = args.origin.paused_at();
     match &args.origin {
-        Origin::Saved => Passthrough::check_handed(&saved.devices, &[], None)?,
+        Origin::Saved => Passthrough::check_handed(&saved.devices.passthrough, &[], None)?,
         Origin::Handover {
             devices,
             manifest,
@@ -259,7 +258,7 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
             handed_after_pause_ms,
             ..
         } => {
-            Passthrough::check_handed(&saved.devices, manifest, devices.as_ref())?;
+            Passthrough::check_handed(&saved.devices.passthrough, manifest, devices.as_ref())?;
             timings.source_save_ms = *source_save_ms;
             timings.handed_after_pause_ms = *handed_after_pause_ms;
         }
@@ -288,23 +287,28 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     }
     timings.check_ms = lap.next();
 
-    let (vm, ram, vcpu_fds) = match shell {
-        Some(shell) => (shell.vm, shell.ram, Some(shell.vcpus)),
+    let (vm, ram, vcpu_fds, ahead) = match shell {
+        Some(shell) => (shell.vm, shell.ram, Some(shell.vcpus), shell.devices),
         None => {
             let vm = KvmVm::new(kvm)?;
             timings.vm_ms = lap.next();
             let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
             vm.register_memory(&ram)?;
             timings.memory_ms = lap.next();
-            (vm, ram, None)
+            (vm, ram, None, None)
         }
     };
     vm.restore_state(&saved.vm)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let events = VmEvents::new().map_err(BuildError::EventFd)?;
+    let (ahead, kvm_vfio) = keep_if_unchanged(ahead, &saved.devices)?;
+    timings.devices_ahead = ahead.is_some();
     let mut pci = PciBus::new();
-    let passthrough = if saved.devices.passthrough.is_empty() {
+    let passthrough = if let Some(ahead) = ahead {
+        pci = ahead.pci;
+        ahead.passthrough
+    } else if saved.devices.passthrough.is_empty() {
         Passthrough::default()
     } else {
         let (router, mapper) = device_routes(&vm, &saved.memory);
@@ -312,13 +316,22 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
             router: &router,
             mapper: &mapper,
             bar_access: BarMode::Direct,
-            kvm_vfio: vm.create_vfio_device()?,
+            kvm_vfio: match kvm_vfio {
+                Some(kvm_vfio) => kvm_vfio,
+                None => vm.create_vfio_device()?,
+            },
         };
         match args.origin {
             Origin::Handover {
                 devices: Some(handed),
                 ..
-            } => Passthrough::adopt(&saved.devices, handed, &device_args, &mut pci)?,
+            } => Passthrough::adopt(
+                &saved.devices.passthrough,
+                saved.devices.iommu.as_ref(),
+                handed,
+                &device_args,
+                &mut pci,
+            )?,
             Origin::LiveUpdate {
                 devices,
                 earlier_iommu,
@@ -419,6 +432,34 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     Ok(vmm)
 }
 
+/// The devices adopted ahead of a handover if the guest left them as they were staged; else
+/// none, given up for the same files to be adopted again from `saved`, with the VM's KVM VFIO
+/// device they leave.
+fn keep_if_unchanged(
+    ahead: Option<AdoptedAhead>,
+    saved: &DevicesState,
+) -> Result<(Option<AdoptedAhead>, Option<Arc<VfioDeviceFd>>), BuildError> {
+    let Some(ahead) = ahead else {
+        return Ok((None, None));
+    };
+    match ahead.check(saved) {
+        Ok(()) => {
+            log::info!(
+                "passthrough: {} devices adopted ahead, as the guest left them",
+                saved.passthrough.len()
+            );
+            Ok((Some(ahead), None))
+        }
+        Err(anew) => {
+            log::info!(
+                "passthrough: {anew} after the stage; the devices are adopted again from the \
+                 state handed over"
+            );
+            Ok((None, ahead.give_up()?))
+        }
+    }
+}
+
 /// Milliseconds between successive calls, for the restore's phase timings.
 struct Lap(Instant);
 
@@ -437,16 +478,6 @@ impl Lap {
 
 fn serial_irq_clone(evt: &EventFd) -> Result<EventFd, BuildError> {
     evt.try_clone().map_err(BuildError::EventFd)
-}
-
-/// The router and memslot mapper passthrough devices use in this VM.
-fn device_routes(vm: &KvmVm, layout: &MemoryLayout) -> (Arc<dyn IrqRouter>, Arc<dyn GuestMapper>) {
-    let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
-    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
-        vm.shared_fd(),
-        u32::try_from(layout.regions.len()).unwrap_or(u32::MAX),
-    ));
-    (router, mapper)
 }
 
 /// The PCI I/O window as port numbers.

@@ -205,18 +205,17 @@ impl Passthrough {
     /// fit the saved devices: the state's devices in its order, each with as many interrupt
     /// eventfds as its saved setup uses, none on the legacy container.
     pub fn check_handed(
-        saved: &DevicesState,
+        saved: &[PassthroughState],
         manifest: &[HandedDeviceManifest],
         handed: Option<&HandedDevices>,
     ) -> Result<(), DeviceSetupError> {
         match handed {
-            None if saved.passthrough.is_empty() => Ok(()),
+            None if saved.is_empty() => Ok(()),
             None => Err(DeviceSetupError::NoDeviceFds {
-                bdfs: saved.passthrough.iter().map(|p| p.bdf.clone()).collect(),
+                bdfs: saved.iter().map(|p| p.bdf.clone()).collect(),
             }),
             Some(handed) => {
                 if let Some(legacy) = saved
-                    .passthrough
                     .iter()
                     .find(|p| p.backend == VfioBackend::LegacyContainer)
                 {
@@ -224,32 +223,34 @@ impl Passthrough {
                         bdf: legacy.bdf.clone(),
                     });
                 }
-                check_handover(&saved.passthrough, manifest, handed)
+                check_handover(saved, manifest, handed)
             }
         }
     }
 
-    /// Adopts the devices a handover brought, as `saved` describes them: the same IOAS and
-    /// mappings, the same slots, BARs, GSIs and INTx lines, the interrupt eventfds VFIO still
-    /// signals. Nothing is opened, reset or mapped again. `check_handed` has passed. A
-    /// device whose MSI cannot be routed again fails the adoption.
+    /// Adopts the devices a handover brought, as `saved` describes them (with `iommu`, the
+    /// IOMMU context they share): the same IOAS and mappings, the same slots, BARs, GSIs and
+    /// INTx lines, the interrupt eventfds VFIO still signals. Nothing is opened, reset or
+    /// mapped again, and no interrupt is taken from the eventfds until `hold_interrupts`
+    /// lets them through, so a target may adopt them while the source still runs the guest.
+    /// `check_handed` has passed. A device whose MSI cannot be routed again fails the
+    /// adoption.
     pub fn adopt(
-        saved: &DevicesState,
+        saved: &[PassthroughState],
+        iommu: Option<&IommuState>,
         handed: HandedDevices,
         args: &DeviceArgs<'_>,
         bus: &mut PciBus,
     ) -> Result<Passthrough, DeviceSetupError> {
         let mut passthrough = Passthrough::empty(args);
-        let iommu_state = saved
-            .iommu
-            .as_ref()
-            .ok_or_else(|| mismatch("the state names no IOMMU context".to_string()))?;
+        let iommu_state =
+            iommu.ok_or_else(|| mismatch("the state names no IOMMU context".to_string()))?;
         let iommu = passthrough.iommu.insert(IommuContext::adopt(
             handed.iommufd,
             iommu_state,
             Some(args.kvm_vfio.clone()),
         )?);
-        for (state, fds) in saved.passthrough.iter().zip(handed.devices) {
+        for (state, fds) in saved.iter().zip(handed.devices) {
             let started = Instant::now();
             let hwpt_id = state
                 .hwpt_id
@@ -437,6 +438,24 @@ impl Passthrough {
                     .then(|| device.bdf().to_string())
             })
             .collect()
+    }
+
+    /// Gives the devices up without touching them, their files taken off the VM's KVM VFIO
+    /// device first (KVM refuses a file it already holds), so that the same files can be
+    /// adopted again on the same VM. Returns that KVM VFIO device.
+    pub fn forget(self) -> Result<Option<Arc<VfioDeviceFd>>, DeviceSetupError> {
+        if let Some(kvm_vfio) = &self.kvm_vfio {
+            for (_, device) in &self.devices {
+                let device = lock(device);
+                if let Some(fd) = device.device_fd() {
+                    remove_vfio_file(kvm_vfio, fd).map_err(|source| DeviceSetupError::KvmVfio {
+                        bdf: device.bdf().to_string(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        Ok(self.kvm_vfio.clone())
     }
 
     /// Detaches (`true`) or attaches again every device's irqfds.

@@ -3,7 +3,7 @@
 //! a host live update, retrieved from the VM's LUO session (`update::retrieve`).
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -17,12 +17,12 @@ use luvmm_resources::state::{self, StateError};
 use crate::api::client::{ClientError, VmmClient};
 use crate::builder::{Origin, RestoreArgs};
 use crate::faults::{self, Fault};
-use crate::passthrough::{HandedDevice, HandedDevices};
+use crate::passthrough::{HandedDevice, HandedDeviceManifest, HandedDevices};
 use crate::shell::{Shell, ShellError};
 use crate::takeover::Takeover;
 use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::update::retry::AgentKeeper;
-use crate::vmm::{HandoverTicket, StageManifest};
+use crate::vmm::{HandoverTicket, StageManifest, StagedDevices};
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
@@ -166,33 +166,110 @@ fn from_inherited(
     })
 }
 
-/// Builds the KVM VM and guest RAM of the VM behind `socket` while that VMM runs it on: the
-/// first half of a handover, out of the guest's blackout.
+/// Builds the KVM VM, guest RAM and passthrough devices of the VM behind `socket` while that
+/// VMM runs it on: the first half of a handover, out of the guest's blackout.
 pub fn build_ahead(socket: &Path, kvm: &Kvm) -> Result<Shell, RestoreError> {
-    let (staged, memfds) = stage(socket)?;
-    let shell = Shell::build(kvm, &staged.memory, memfds, staged.memory_thp, staged.vcpus)?;
+    let (staged, memfds, devices) = stage(socket)?;
+    let shell = Shell::build(
+        kvm,
+        &staged.memory,
+        memfds,
+        staged.memory_thp,
+        staged.vcpus,
+        devices,
+    )?;
     if faults::armed(Fault::StopAfterStage) {
         faults::stop_here();
     }
     Ok(shell)
 }
 
-/// What a target builds on before it asks for the VM: guest RAM's layout, its memfds (one per
-/// region) and the vCPU count, from the VMM behind `socket`, which runs on.
-fn stage(socket: &Path) -> Result<(StageManifest, Vec<File>), RestoreError> {
-    let staged = VmmClient::new(socket).stage_handover()?;
-    let expected = staged.manifest.memory.regions.len();
-    if staged.fds.len() != expected {
-        return Err(RestoreError::FdCount {
+/// The devices a stage handed out: their setup and their fds.
+type StagedFds = Option<(StagedDevices, HandedDevices)>;
+
+/// What a target builds on before it asks for the VM, from the VMM behind `socket`, which
+/// runs on: guest RAM's layout, its memfds (one per region), the vCPU count, and the
+/// passthrough devices' setup and fds.
+fn stage(socket: &Path) -> Result<(StageManifest, Vec<File>, StagedFds), RestoreError> {
+    let mut staged = VmmClient::new(socket).stage_handover()?;
+    let regions = staged.manifest.memory.regions.len();
+    let devices = staged.manifest.devices.take();
+    let handed = devices.as_ref().map_or(&[][..], |d| &d.handed[..]);
+    let mut fds = HandedFds::new(socket, staged.fds, regions + device_fd_count(handed))?;
+    let memfds = fds.files(regions)?;
+    let devices = match devices {
+        Some(devices) => {
+            let handed = fds.devices(&devices.handed)?;
+            Some((devices, handed))
+        }
+        None => None,
+    };
+    Ok((staged.manifest, memfds, devices))
+}
+
+/// The fds a handover brings for `devices`: the iommufd, then per device its cdev and its
+/// interrupt eventfds; none without devices.
+fn device_fd_count(devices: &[HandedDeviceManifest]) -> usize {
+    let per_device: usize = devices.iter().map(|d| 1 + d.interrupt_fds).sum();
+    usize::from(!devices.is_empty()) + per_device
+}
+
+/// The fds of a reply, taken in the order its manifest lists them once their count is checked.
+struct HandedFds {
+    fds: std::vec::IntoIter<OwnedFd>,
+    socket: PathBuf,
+    expected: usize,
+}
+
+impl HandedFds {
+    /// Refuses a reply whose fds are not the `expected` count.
+    fn new(socket: &Path, fds: Vec<OwnedFd>, expected: usize) -> Result<HandedFds, RestoreError> {
+        if fds.len() != expected {
+            return Err(RestoreError::FdCount {
+                socket: socket.to_path_buf(),
+                got: fds.len(),
+                expected,
+            });
+        }
+        Ok(HandedFds {
+            fds: fds.into_iter(),
             socket: socket.to_path_buf(),
-            got: staged.fds.len(),
             expected,
-        });
+        })
     }
-    Ok((
-        staged.manifest,
-        staged.fds.into_iter().map(File::from).collect(),
-    ))
+
+    /// The next fd; the count was checked, so this finds one.
+    fn next(&mut self) -> Result<OwnedFd, RestoreError> {
+        self.fds.next().ok_or_else(|| RestoreError::FdCount {
+            socket: self.socket.clone(),
+            got: 0,
+            expected: self.expected,
+        })
+    }
+
+    fn files(&mut self, count: usize) -> Result<Vec<File>, RestoreError> {
+        (0..count).map(|_| self.next().map(File::from)).collect()
+    }
+
+    /// The iommufd, then per device in `manifest` its cdev and its interrupt eventfds.
+    fn devices(
+        &mut self,
+        manifest: &[HandedDeviceManifest],
+    ) -> Result<HandedDevices, RestoreError> {
+        let iommufd = File::from(self.next()?);
+        let devices = manifest
+            .iter()
+            .map(|device| {
+                Ok(HandedDevice {
+                    fd: File::from(self.next()?),
+                    interrupts: (0..device.interrupt_fds)
+                        .map(|_| self.next())
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .collect::<Result<_, RestoreError>>()?;
+        Ok(HandedDevices { iommufd, devices })
+    }
 }
 
 /// Asks the VMM behind `socket` for its VM, which it pauses and saves now if it runs: this
@@ -201,50 +278,17 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeove
     let handover = VmmClient::new(socket).pause_and_hand_over_to_this_process()?;
     let manifest = handover.manifest;
     let regions = manifest.memory.regions.len();
-    let device_fds: usize = manifest
-        .passthrough
-        .iter()
-        .map(|d| 1 + d.interrupt_fds)
-        .sum();
-    let iommufd = usize::from(!manifest.passthrough.is_empty());
     // The state memfd, the RAM, the devices, the ticket.
-    let expected = 1 + regions + iommufd + device_fds + 1;
-    if handover.fds.len() != expected {
-        return Err(RestoreError::FdCount {
-            socket: socket.to_path_buf(),
-            got: handover.fds.len(),
-            expected,
-        });
-    }
-    // The count was checked above: every `next` below finds its fd.
-    let mut fds = handover.fds.into_iter();
-    let mut next = || {
-        fds.next().ok_or_else(|| RestoreError::FdCount {
-            socket: socket.to_path_buf(),
-            got: 0,
-            expected,
-        })
-    };
-    let state_memfd = File::from(next()?);
-    let memfds = (0..regions)
-        .map(|_| next().map(File::from))
-        .collect::<Result<Vec<_>, _>>()?;
+    let expected = 1 + regions + device_fd_count(&manifest.passthrough) + 1;
+    let mut fds = HandedFds::new(socket, handover.fds, expected)?;
+    let state_memfd = File::from(fds.next()?);
+    let memfds = fds.files(regions)?;
     let devices = if manifest.passthrough.is_empty() {
         None
     } else {
-        let iommufd = File::from(next()?);
-        let mut devices = Vec::with_capacity(manifest.passthrough.len());
-        for device in &manifest.passthrough {
-            devices.push(HandedDevice {
-                fd: File::from(next()?),
-                interrupts: (0..device.interrupt_fds)
-                    .map(|_| next())
-                    .collect::<Result<_, _>>()?,
-            });
-        }
-        Some(HandedDevices { iommufd, devices })
+        Some(fds.devices(&manifest.passthrough)?)
     };
-    let takeover = Takeover::new(socket, &manifest, HandoverTicket::from_fd(next()?));
+    let takeover = Takeover::new(socket, &manifest, HandoverTicket::from_fd(fds.next()?));
     let paused_at = manifest
         .paused_at_unix_ns
         .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns));

@@ -24,7 +24,7 @@ pub use self::export::ExportError;
 pub(crate) use self::handover::open_pidfd;
 use self::handover::PendingHandover;
 pub use self::handover::{HandoverManifest, HandoverTicket, TicketError, TicketState};
-pub use self::staged::StageManifest;
+pub use self::staged::{StageManifest, StagedDevices};
 use crate::faults::{self, Fault};
 use crate::passthrough::Passthrough;
 use crate::vstate::memory::GuestRam;
@@ -191,6 +191,10 @@ pub struct RestoreTimings {
     pub memory_ms: f64,
     /// VM-wide KVM state and devices.
     pub devices_ms: f64,
+    /// A handover built ahead: the passthrough devices adopted before the pause were kept
+    /// (the guest left them as they were staged).
+    #[serde(default)]
+    pub devices_ahead: bool,
     /// After a live update, within `devices_ms`: mapping guest RAM into the new IOAS.
     #[serde(default)]
     pub ioas_map_ms: Option<f64>,

@@ -4,11 +4,14 @@
 #   1. The guest drives every device (round 1), the VM is handed to process B while
 #      vfio-open-watch records every VFIO and iommufd open, A is killed, and the guest drives
 #      every device again in B (round 2): the NVMe command goes on the admin queue set up at
-#      boot (slot 2: no re-initialisation).
-#   2. In B the guest leaves interrupts in flight (an edu DMA whose completion interrupt comes
-#      after the guest asked to be paused; an NVMe completion behind a masked MSI-X vector)
-#      and is handed to C; B is shut down the normal way; in C the edu interrupt has arrived,
-#      the NVMe message is still pending and unmasking delivers it; round 3 works.
+#      boot (slot 2: no re-initialisation). B adopted the devices before the pause and kept
+#      them.
+#   2. C builds ahead while the guest runs in B; then the guest leaves interrupts in flight (an
+#      edu DMA whose completion interrupt comes after the guest asked to be paused; an NVMe
+#      completion behind a masked MSI-X vector), which sets the NVMe up anew, so C adopts the
+#      devices again from the state handed over; B is shut down the normal way; in C the edu
+#      interrupt has arrived, the NVMe message is still pending and unmasking delivers it;
+#      round 3 works.
 #   3. Failures, each leaving the guest running in one process: a target that takes the fds
 #      and dies (the source resumes), a state with devices but no device fds, and a VM on the
 #      legacy VFIO container (refused with the reason).
@@ -34,18 +37,40 @@ round() { # round SOCKET LOG N: the guest drives every device; all must be ok
     result "vfio_handover_round_$3" $([ "$ok" = "$count" ]; echo $?) \
         "$ok of $count devices ok: $(grep "LUVMM-ROUND .* n=$3 " "$2" | tr '\n' ' ')"
 }
-take_over() { # take_over FROM-SOCKET TO-NAME: hands the VM over to a new luvmm, watched
-    luvmm ctl --socket "$1" save > "save-$2.out" 2>&1
+take_over() { # take_over FROM-SOCKET TO-NAME [BETWEEN]: hands the VM over to a new luvmm,
+    # watched. The target builds ahead (devices adopted) from what the source stages; with
+    # BETWEEN, the guest runs on at the stage, the target stops there (a test fault), and the
+    # shell command BETWEEN runs before the target asks for the VM; without, the VM is paused
+    # and saved before the stage.
+    if [ -z "$3" ]; then
+        luvmm ctl --socket "$1" save > "save-$2.out" 2>&1
+        faults=""
+    else
+        faults=stop-after-stage
+    fi
     vfio-open-watch -- sh -c '
-        luvmm restore --from-socket "$0" --serial "./$1.log" --api-socket "$1.sock" \
-            2>"$1.err" &
-        echo $! > "$1.pid"
+        . /luvmm/steps.sh
+        LUVMM_TEST_FAULTS="$3" luvmm restore --from-socket "$0" --serial "./$1.log" \
+            --api-socket "$1.sock" 2>"$1.err" &
+        target=$!
+        echo $target > "$1.pid"
+        if [ -n "$2" ]; then
+            i=0
+            while ! grep -q "^State:.*stopped" /proc/$target/status 2>/dev/null; do
+                i=$((i + 1)); [ $i -gt 300 ] && exit 1; sleep 0.1
+            done
+            eval "$2"
+            kill -CONT $target
+        fi
         i=0
         while ! luvmm ctl --socket "$1.sock" status 2>/dev/null | grep -q "\"phase\":\"running\""; do
             i=$((i + 1)); [ $i -gt 300 ] && exit 1; sleep 0.1
-        done' "$1" "$2" > "watch-$2.out" 2> "watch-$2.err"
+        done' "$1" "$2" "$3" "$faults" > "watch-$2.out" 2> "watch-$2.err"
     sed "s/^/LUVMM-L1 watch handover_$2 /" "watch-$2.out"
     sed "s/^/LUVMM-L1 log watch $2: /" "watch-$2.err"
+}
+ahead() { # ahead NAME: whether target NAME kept the devices it adopted ahead
+    luvmm ctl --socket "$1.sock" status | grep -o '"devices_ahead":[a-z]*' | cut -d: -f2
 }
 
 # ---- 1. A to B, A killed
@@ -57,6 +82,9 @@ sed 's/^/LUVMM-L1 serial a /' a.log
 round a.sock a.log 1
 take_over a.sock b
 b=$(cat b.pid)
+# Staged while paused: the devices the target adopted ahead are the ones handed over.
+result vfio_handover_devices_adopted_ahead_kept $([ "$(ahead b)" = true ]; echo $?) \
+    "devices_ahead=$(ahead b): $(grep 'passthrough:.*adopted' b.err | tr '\n' ' ')"
 result vfio_handover_source_confirmed $([ "$(phase a.sock)" = handed_over ]; echo $?) \
     "source is $(phase a.sock)"
 kill -9 $a; wait $a 2>/dev/null
@@ -71,11 +99,17 @@ result vfio_handover_memory_intact $(last_whole b.log LUVMM-CHECK | grep -q "LUV
     "$(last_whole b.log LUVMM-CHECK)"
 sed 's/^/LUVMM-L1 log b: /' b.err
 
-# ---- 2. Interrupts in flight, B to C, B shut down normally
-luvmm ctl --socket b.sock guest irq_in_flight >/dev/null
-if wait_phase b.sock paused && grep -q "LUVMM-INFLIGHT armed nvme_held=1 edu_in_flight=1" b.log; then
-    take_over b.sock c
+# ---- 2. Interrupts in flight, B to C, B shut down normally. C stages while the guest runs;
+# then the guest masks an NVMe MSI-X vector and starts an edu DMA, and asks to be paused: the
+# devices C adopted ahead are no longer as the guest set them up, and C adopts them again.
+in_flight='luvmm ctl --socket b.sock guest irq_in_flight >/dev/null; wait_phase b.sock paused'
+take_over b.sock c "$in_flight"
+if [ "$(phase c.sock)" = running ] \
+    && grep -q "LUVMM-INFLIGHT armed nvme_held=1 edu_in_flight=1" b.log; then
     c=$(cat c.pid)
+    result vfio_handover_devices_set_up_anew_adopted_again \
+        $([ "$(ahead c)" = false ] && grep -q "set up anew after the stage" c.err; echo $?) \
+        "devices_ahead=$(ahead c): $(grep 'passthrough:.*adopted' c.err | tr '\n' ' ')"
     stop_vm b.sock $b
     luvmm ctl --socket c.sock guest irq_landed >/dev/null
     wait_line c.log "LUVMM-INFLIGHT \(ok\|FAIL\)" 2
@@ -94,7 +128,7 @@ if wait_phase b.sock paused && grep -q "LUVMM-INFLIGHT armed nvme_held=1 edu_in_
     sed 's/^/LUVMM-L1 log c: /' c.err
 else
     result vfio_handover_irq_raised_during_the_switch_arrives 1 \
-        "the guest never asked to be paused: $(grep LUVMM-INFLIGHT b.log) phase $(phase b.sock)"
+        "the guest never asked to be paused: $(grep LUVMM-INFLIGHT b.log) phase $(phase b.sock), target $(phase c.sock): $(cat c.err)"
     c=$b
     cp b.log c.log
     ln -sf b.sock c.sock

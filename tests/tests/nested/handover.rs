@@ -9,10 +9,12 @@ use crate::scenario::{boot_scenario, fail, require_no_failure, require_ok, watch
 /// The sub-tests `handover.sh` must report, each `ok`.
 const HANDOVER_TESTS: &[&str] = &[
     "vfio_handover_round_1",
+    "vfio_handover_devices_adopted_ahead_kept",
     "vfio_handover_source_confirmed",
     "vfio_handover_round_2",
     "vfio_handover_nvme_kept_its_queues",
     "vfio_handover_memory_intact",
+    "vfio_handover_devices_set_up_anew_adopted_again",
     "vfio_handover_irq_raised_during_the_switch_arrives",
     "vfio_handover_pending_msix_kept",
     "vfio_handover_signals_waited_in_eventfds",
@@ -24,7 +26,8 @@ const HANDOVER_TESTS: &[&str] = &[
 ];
 
 /// Two edu devices and an NVMe controller move with their VM to a new luvmm process, twice,
-/// without a reopen or a reset; interrupts raised during a switch arrive; the failures leave
+/// without a reopen or a reset, adopted before the pause (and adopted again when the guest
+/// set them up anew after that); interrupts raised during a switch arrive; the failures leave
 /// the guest running. The new processes open no VFIO device, group, container or /dev/iommu.
 #[test]
 fn vfio_handover_moves_devices_to_a_new_process() {

@@ -12,9 +12,24 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use luvmm_devices::vfio::{GuestMapper, HypervisorError, IrqRouter};
-use luvmm_resources::layout::MSI_GSI_START;
+use luvmm_resources::layout::{MemoryLayout, MSI_GSI_START};
 use luvmm_resources::sync::lock;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::vm::KvmVm;
+
+/// The router and memslot mapper passthrough devices use in `vm`, whose RAM is `layout`.
+pub fn device_routes(
+    vm: &KvmVm,
+    layout: &MemoryLayout,
+) -> (Arc<dyn IrqRouter>, Arc<dyn GuestMapper>) {
+    let router: Arc<dyn IrqRouter> = Arc::new(KvmIrqRouter::new(vm.shared_fd()));
+    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmGuestMapper::new(
+        vm.shared_fd(),
+        u32::try_from(layout.regions.len()).unwrap_or(u32::MAX),
+    ));
+    (router, mapper)
+}
 
 const IOAPIC_PINS: u32 = 24;
 /// IOAPIC pins for PCI INTx: 16-23, above the ISA lines.

@@ -1,8 +1,13 @@
 //! What a handover's target builds before it has the guest's state: the KVM VM with guest RAM
-//! registered on the source's own memfds, and its vCPUs' KVM objects. Mapping the memfds and
-//! registering memslots is most of what a restore costs, and none of it depends on the guest's
-//! registers, so a target builds this while the source still runs the guest
-//! (`PUT /vm/handover/stage`), and the blackout holds only the state.
+//! registered on the source's own memfds, its vCPUs' KVM objects, and its passthrough devices
+//! adopted (`devices`). Mapping the memfds and registering memslots is most of what a restore
+//! costs, and none of it depends on the guest's registers, so a target builds this while the
+//! source still runs the guest (`PUT /vm/handover/stage`), and the blackout holds only the
+//! state.
+
+mod devices;
+
+pub use self::devices::{AdoptedAhead, SetUpAnew};
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -12,6 +17,8 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{check_layout, StateMismatch, VmState};
 
+use crate::passthrough::{DeviceSetupError, HandedDevices};
+use crate::vmm::StagedDevices;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{host_limits, KvmVm, VmError};
@@ -22,6 +29,8 @@ pub struct Shell {
     pub(crate) ram: GuestRam,
     /// vCPU `i`'s KVM object, `i` from 0.
     pub(crate) vcpus: Vec<VcpuFd>,
+    /// The passthrough devices, adopted as staged.
+    pub(crate) devices: Option<AdoptedAhead>,
     /// Each memfd's (device, inode), read once here rather than again in the blackout.
     memfd_ids: Vec<(u64, u64)>,
     /// How long building it took, before the pause.
@@ -41,6 +50,8 @@ pub enum ShellError {
     VcpuCount { count: u32, max: u32 },
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot adopt the passthrough devices ahead")]
+    Devices(#[from] DeviceSetupError),
 }
 
 /// The VM handed over is not the one the shell was built for.
@@ -57,14 +68,16 @@ pub enum NotAsBuilt {
 }
 
 impl Shell {
-    /// Builds the KVM VM, registers `memfds`, laid out as `layout`, as its guest RAM, and
-    /// creates `vcpus` vCPUs on it.
+    /// Builds the KVM VM, registers `memfds`, laid out as `layout`, as its guest RAM,
+    /// creates `vcpus` vCPUs on it, and adopts the staged passthrough devices, if any, from
+    /// their fds.
     pub fn build(
         kvm: &Kvm,
         layout: &MemoryLayout,
         memfds: Vec<File>,
         thp: bool,
         vcpus: u32,
+        devices: Option<(StagedDevices, HandedDevices)>,
     ) -> Result<Shell, ShellError> {
         let started = Instant::now();
         let mut sizes = Vec::with_capacity(memfds.len());
@@ -87,10 +100,14 @@ impl Shell {
         let vcpus = (0..vcpus)
             .map(|id| Vcpu::create_fd(&vm, id))
             .collect::<Result<Vec<_>, _>>()?;
+        let devices = devices
+            .map(|(staged, handed)| AdoptedAhead::adopt(&vm, layout, staged, handed))
+            .transpose()?;
         Ok(Shell {
             vm,
             ram,
             vcpus,
+            devices,
             memfd_ids,
             built_ms: started.elapsed().as_secs_f64() * 1e3,
         })
@@ -140,7 +157,7 @@ mod tests {
     }
 
     fn golden() -> VmState {
-        let blob = include_bytes!("../../tests/golden/1.2/state.bin");
+        let blob = include_bytes!("../../../tests/golden/1.2/state.bin");
         luvmm_resources::state::decode(blob).expect("the golden state")
     }
 
@@ -152,8 +169,8 @@ mod tests {
         let memfds: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
         let handed: Vec<File> = memfds.iter().map(|f| f.try_clone().unwrap()).collect();
         let vcpus = u32::try_from(state.vcpus.len()).unwrap();
-        let shell =
-            Shell::build(&kvm, &state.memory, memfds, state.memory_thp, vcpus).expect("shell");
+        let shell = Shell::build(&kvm, &state.memory, memfds, state.memory_thp, vcpus, None)
+            .expect("shell");
         assert_eq!(shell.check(&state, &handed), Ok(()));
 
         let copies: Vec<File> = sizes.iter().map(|&size| memfd(size)).collect();
@@ -178,7 +195,7 @@ mod tests {
     fn memfds_that_do_not_fit_the_layout_build_nothing() {
         let kvm = Kvm::new().expect("this test needs /dev/kvm");
         let layout = MemoryLayout::contiguous(4 * MIB);
-        let refused = Shell::build(&kvm, &layout, vec![memfd(2 * MIB)], false, 1);
+        let refused = Shell::build(&kvm, &layout, vec![memfd(2 * MIB)], false, 1, None);
         assert!(
             matches!(
                 refused,
@@ -190,12 +207,12 @@ mod tests {
             "{:?}",
             refused.err()
         );
-        let refused = Shell::build(&kvm, &layout, Vec::new(), false, 1);
+        let refused = Shell::build(&kvm, &layout, Vec::new(), false, 1, None);
         assert!(matches!(
             refused,
             Err(ShellError::Layout(StateMismatch::RegionCount { .. }))
         ));
-        let refused = Shell::build(&kvm, &layout, vec![memfd(4 * MIB)], false, 0);
+        let refused = Shell::build(&kvm, &layout, vec![memfd(4 * MIB)], false, 0, None);
         assert!(matches!(
             refused,
             Err(ShellError::VcpuCount { count: 0, .. })
