@@ -496,21 +496,73 @@ fn a_state_with_passthrough_devices_needs_their_fds() {
 
 #[test]
 fn a_tsc_rate_no_vcpu_here_can_run_at_is_found_before_a_restore_takes_anything() {
-    use luvmm_vmm::vstate::x86_64::tsc::{check_tsc_rate, TscError};
+    use luvmm_vmm::vstate::x86_64::host_kvm::HostKvm;
+    use luvmm_vmm::vstate::x86_64::tsc::TscError;
     let dir = TestDir::new("restore-tsc-check");
     let (_, export, _, _) = boot_save_and_kill(&dir, &[]);
     let host_khz = saved_tsc_khz(&export);
     let kvm = luvmm_vmm::vstate::vm::open_kvm().unwrap();
-    assert!(check_tsc_rate(&kvm, host_khz).is_ok());
+    let host = HostKvm::probe(&kvm).unwrap();
+    assert!(host.check_tsc_rate(host_khz).is_ok());
     // A kernel's recalibration after a kexec: within 1 %.
-    assert!(check_tsc_rate(&kvm, host_khz + host_khz / 200).is_ok());
+    assert!(host.check_tsc_rate(host_khz + host_khz / 200).is_ok());
     // Another machine's clock. This host's KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL),
     // so no vCPU here runs at half the rate: refused, naming both rates.
-    match check_tsc_rate(&kvm, host_khz / 2) {
+    match host.check_tsc_rate(host_khz / 2) {
         Err(TscError::OutOfReach { saved, host, ppm }) => {
             assert_eq!((saved, host), (host_khz / 2, host_khz));
             assert!(ppm >= 1_000_000, "{ppm}");
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// After a kexec a VM's restore may start beside the agent (an init system starts both): it
+/// asks KVM what it needs, waits for the agent to listen, and, when none comes, says how long
+/// it waited and what to start, having claimed nothing.
+#[test]
+fn a_restore_started_before_its_agent_waits_for_it() {
+    let dir = TestDir::new("restore-agent-wait");
+    let socket = dir.path().join("agent.sock");
+    let api = dir.path().join("vm1.sock");
+    let started = std::time::Instant::now();
+    let out = Command::new(luvmm_bin())
+        .args([
+            "restore",
+            "--session",
+            "vm1",
+            "--agent-wait",
+            "1",
+            "--serial",
+            "none",
+        ])
+        .arg("--agent-socket")
+        .arg(&socket)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run luvmm restore");
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        waited >= std::time::Duration::from_secs(1),
+        "{waited:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "waiting up to 1 s for the agent on {}",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "asked the agent for 1 s: no luvmm agent is listening on {}",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!api.exists(), "the failed restore left its API socket");
 }

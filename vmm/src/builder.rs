@@ -189,6 +189,9 @@ pub struct RestoreArgs {
     /// How long gathering these took (taking the fds, or claiming and retrieving the
     /// session's state and RAM), for the restore's timings.
     pub gather_ms: f64,
+    /// After a live update: the KVM VM, made before the session was claimed, and how long
+    /// that and asking this host's KVM what it offers took.
+    pub vm_ahead: Option<(KvmVm, f64)>,
 }
 
 /// Where a restored VM comes from, with what each origin brings for its devices.
@@ -290,7 +293,13 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     let (vm, ram, vcpu_fds, ahead) = match shell {
         Some(shell) => (shell.vm, shell.ram, Some(shell.vcpus), shell.devices),
         None => {
-            let vm = KvmVm::new(kvm)?;
+            let vm = match args.vm_ahead {
+                Some((vm, ahead_ms)) => {
+                    timings.built_ahead_ms = Some(ahead_ms);
+                    vm
+                }
+                None => KvmVm::new(kvm)?,
+            };
             timings.vm_ms = lap.next();
             let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
             vm.register_memory(&ram)?;

@@ -7,7 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::seams::RetrieveSession;
 
 use kvm_ioctls::Kvm;
@@ -23,15 +23,19 @@ use crate::takeover::Takeover;
 use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::update::retry::AgentKeeper;
 use crate::vmm::{HandoverTicket, StageManifest, StagedDevices};
+use crate::vstate::vm::{KvmVm, VmError};
+use crate::vstate::x86_64::host_kvm::{HostKvm, ProbeError};
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
     /// Ask the VMM behind this API socket to hand its VM over.
     Socket(PathBuf),
-    /// After a host live update: VM `vm_id`'s session, claimed from the agent.
+    /// After a host live update: VM `vm_id`'s session, claimed from the agent, which is
+    /// waited for up to `agent_wait` if it is not listening yet.
     Session {
         vm_id: String,
         agent_socket: PathBuf,
+        agent_wait: Duration,
     },
     /// Fds this process inherited, plus the state from an fd or a file.
     Inherited {
@@ -78,6 +82,46 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Session(#[from] RetrieveError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error("cannot make the KVM VM")]
+    Vm(#[from] VmError),
+    #[error("asked the agent for {waited_s} s")]
+    NoAgent {
+        waited_s: u64,
+        #[source]
+        source: AgentClientError,
+    },
+}
+
+/// Waits until the agent behind `socket` answers, up to `wait`: a restore started beside the
+/// agent (by an init system or the drill) asks KVM what it needs meanwhile. Only a socket
+/// nobody listens on yet is waited for.
+fn wait_for_agent(agent: &AgentClient, socket: &Path, wait: Duration) -> Result<(), RestoreError> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match agent.status() {
+            Ok(_) => return Ok(()),
+            Err(AgentClientError::NotRunning { .. }) if started.elapsed() < wait => {
+                if !said {
+                    log::info!(
+                        "waiting up to {} s for the agent on {}",
+                        wait.as_secs(),
+                        socket.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(source) => {
+                return Err(RestoreError::NoAgent {
+                    waited_s: started.elapsed().as_secs(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// What a restore gathered: the inputs of `build_from_saved`; after a live update, the session
@@ -97,7 +141,7 @@ pub fn collect(
     serial: SerialOut,
     kvm: &Kvm,
 ) -> Result<Gathered, RestoreError> {
-    let started = Instant::now();
+    let mut started = Instant::now();
     let (mut args, session, takeover) = match source {
         RestoreSource::Socket(socket) => {
             let (args, takeover) = from_socket(&socket, serial)?;
@@ -106,8 +150,16 @@ pub fn collect(
         RestoreSource::Session {
             vm_id,
             agent_socket,
+            agent_wait,
         } => {
-            let retrieved = retrieve(&vm_id, &AgentClient::new(&agent_socket), kvm)?;
+            // What needs no session first, while the agent may still be starting.
+            let host = HostKvm::probe(kvm)?;
+            let vm = KvmVm::new(kvm)?;
+            let ahead_ms = started.elapsed().as_secs_f64() * 1e3;
+            let agent = AgentClient::new(&agent_socket);
+            wait_for_agent(&agent, &agent_socket, agent_wait)?;
+            started = Instant::now();
+            let retrieved = retrieve(&vm_id, &agent, &host)?;
             let keeper = AgentKeeper::new(Box::new(AgentClient::new(&agent_socket)), &vm_id);
             let args = RestoreArgs {
                 state: retrieved.state,
@@ -123,6 +175,7 @@ pub fn collect(
                 },
                 serial,
                 gather_ms: 0.0,
+                vm_ahead: Some((vm, ahead_ms)),
             };
             (args, Some(retrieved.session), None)
         }
@@ -163,6 +216,7 @@ fn from_inherited(
         origin: Origin::Saved,
         serial,
         gather_ms: 0.0,
+        vm_ahead: None,
     })
 }
 
@@ -313,6 +367,7 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeove
         },
         serial,
         gather_ms: 0.0,
+        vm_ahead: None,
     };
     Ok((args, takeover))
 }

@@ -175,8 +175,9 @@ pub struct RestoreTimings {
     pub retrieve_ram_ms: Option<f64>,
     /// Checking the state (decoded while the inputs were gathered) against the memfds and host.
     pub check_ms: f64,
-    /// A target built ahead: its KVM VM, memslots and vCPU objects, built before the source
-    /// paused the guest (`vm_ms` and `memory_ms` are then 0).
+    /// A handover's target built ahead: its KVM VM, memslots, vCPU objects and devices,
+    /// built before the source paused the guest (`vm_ms` and `memory_ms` are then 0). After a
+    /// live update: asking KVM what it offers and making the KVM VM, before the claim.
     #[serde(default)]
     pub built_ahead_ms: Option<f64>,
     /// A handover that paused the guest when asked: the source's pause to its state saved.

@@ -155,6 +155,15 @@ pub struct RestoreArgs {
     /// The agent's socket, with --session.
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
+    /// With --session: how long to wait, in seconds, for an agent that is not listening yet.
+    /// A restore started beside the agent asks KVM what it needs meanwhile.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "session"
+    )]
+    pub agent_wait: u64,
     /// Take the VM over from the luvmm serving this API socket (fds via SCM_RIGHTS). Its path
     /// may also be this one's --api-socket: it is taken once the source let the VM go. If
     /// this restore fails first, the VM goes back to the source, which resumes it.
@@ -440,6 +449,7 @@ pub fn restore_source(
         return Ok(RestoreSource::Session {
             vm_id: vm_id.clone(),
             agent_socket: args.agent_socket.clone(),
+            agent_wait: std::time::Duration::from_secs(args.agent_wait),
         });
     }
     let state = match (&args.state, args.state_fd) {

@@ -251,9 +251,6 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
     }
 }
 
-/// `luvmm restore`. Everything that can fail is done before a handover is confirmed (or a
-/// session finished): the API socket bound beside its path, the VM rebuilt. A restore from a
-/// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
 /// How the agent starts its holder: this program, `agent hold`, on the agent's socket and
 /// with the agent's seccomp mode.
 fn holder_command(socket: &Path, mode: SeccompMode) -> Result<std::process::Command, CommandError> {
@@ -272,6 +269,9 @@ fn holder_command(socket: &Path, mode: SeccompMode) -> Result<std::process::Comm
     Ok(command)
 }
 
+/// `luvmm restore`. Everything that can fail is done before a handover is confirmed (or a
+/// session finished): the API socket bound beside its path, the VM rebuilt. A restore from a
+/// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
 fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     seccomp::init(args.common.seccomp)?;
     let api_path = args.common.api_socket.as_deref();

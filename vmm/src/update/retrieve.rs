@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kvm_ioctls::Kvm;
 use luvmm_devices::vfio::host::{bound_driver, sysfs_dir};
 use luvmm_devices::vfio::BoundRecord;
 use luvmm_liveupdate::agent::AgentClientError;
@@ -22,9 +21,9 @@ use luvmm_resources::state::{
 use crate::faults::{self, Fault};
 use crate::update::finish::report_failed;
 use crate::update::retry::{earlier_iommu, KeptError};
-use crate::vstate::vm::host_limits;
-use crate::vstate::x86_64::compat::{check_host_accepts, CpuMismatch};
-use crate::vstate::x86_64::tsc::{check_tsc_rate, TscError};
+use crate::vstate::x86_64::compat::CpuMismatch;
+use crate::vstate::x86_64::host_kvm::HostKvm;
+use crate::vstate::x86_64::tsc::TscError;
 
 /// Everything a session gave back, for the rebuild.
 pub struct Retrieved {
@@ -129,22 +128,23 @@ pub enum HostDeviceError {
 }
 
 /// Claims `vm_id`'s session from `agent` and retrieves everything in it (see the module doc).
-/// The state is checked against `kvm`, the KVM the VM will be rebuilt on. A failure after the
-/// claim is reported to the agent, which keeps the session for the next restore.
+/// The state is checked against `host`, the KVM the VM will be rebuilt on, asked beforehand.
+/// A failure after the claim is reported to the agent, which keeps the session for the next
+/// restore.
 pub fn retrieve(
     vm_id: &str,
     agent: &dyn UpdateAgent,
-    kvm: &Kvm,
+    host: &HostKvm,
 ) -> Result<Retrieved, RetrieveError> {
     let session = claim(vm_id, agent)?;
-    retrieve_claimed(vm_id, session, agent, kvm).inspect_err(|e| report_failed(agent, vm_id, e))
+    retrieve_claimed(vm_id, session, agent, host).inspect_err(|e| report_failed(agent, vm_id, e))
 }
 
 fn retrieve_claimed(
     vm_id: &str,
     session: Box<dyn RetrieveSession>,
     agent: &dyn UpdateAgent,
-    kvm: &Kvm,
+    host: &HostKvm,
 ) -> Result<Retrieved, RetrieveError> {
     let name = session.name().to_string();
     let take = |token: Token, what: &'static str| {
@@ -163,7 +163,7 @@ fn retrieve_claimed(
         source,
     };
     let blob = state::read_blob(&state_memfd, None).map_err(|e| refused(StateRefused::Read(e)))?;
-    let saved = check_state(vm_id, &blob, kvm).map_err(refused)?;
+    let saved = check_state(vm_id, &blob, host).map_err(refused)?;
     let update = update_record(&saved).map_err(refused)?;
     let source_paused_at = update
         .times_ms
@@ -245,7 +245,7 @@ pub(crate) fn update_record(saved: &VmState) -> Result<&UpdateRecord, StateRefus
 }
 
 /// Everything that can be known from the state alone, before anything else is retrieved.
-fn check_state(vm_id: &str, blob: &[u8], kvm: &Kvm) -> Result<VmState, StateRefused> {
+fn check_state(vm_id: &str, blob: &[u8], host: &HostKvm) -> Result<VmState, StateRefused> {
     let saved: VmState = state::decode(blob).map_err(StateRefused::Decode)?;
     let update = update_record(&saved)?;
     if update.vm_id != vm_id {
@@ -258,7 +258,7 @@ fn check_state(vm_id: &str, blob: &[u8], kvm: &Kvm) -> Result<VmState, StateRefu
     let sizes: Vec<u64> = saved.memory.regions.iter().map(|r| r.size).collect();
     saved.check_against(&sizes).map_err(StateRefused::Layout)?;
     // This host's KVM: enough vCPUs, and a TSC the vCPUs can run at.
-    let max = host_limits(kvm).max_vcpus as usize;
+    let max = host.max_vcpus as usize;
     if saved.vcpus.len() > max {
         return Err(StateRefused::TooManyVcpus {
             saved: saved.vcpus.len(),
@@ -266,11 +266,12 @@ fn check_state(vm_id: &str, blob: &[u8], kvm: &Kvm) -> Result<VmState, StateRefu
         });
     }
     if let Some(saved_khz) = saved.vcpus.first().and_then(|v| v.tsc_khz) {
-        check_tsc_rate(kvm, saved_khz).map_err(StateRefused::Tsc)?;
+        host.check_tsc_rate(saved_khz).map_err(StateRefused::Tsc)?;
     }
     // Every vCPU has the same features and MSRs; the first stands for all.
     if let Some(vcpu) = saved.vcpus.first() {
-        check_host_accepts(kvm, &vcpu.cpuid, &vcpu.msrs).map_err(StateRefused::Cpu)?;
+        host.check_accepts(&vcpu.cpuid, &vcpu.msrs)
+            .map_err(StateRefused::Cpu)?;
     }
     let bdfs: Vec<String> = saved
         .devices

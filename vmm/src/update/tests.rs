@@ -27,6 +27,7 @@ use super::UpdateError;
 use crate::passthrough::{DeviceFile, QuiesceError};
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
 use crate::vstate::x86_64::compat::{this_host_cpu, CpuMismatch};
+use crate::vstate::x86_64::host_kvm::HostKvm;
 
 const SESSION: &str = "luvmm-vm1";
 const DEV1: &str = "0000:00:03.0";
@@ -379,6 +380,10 @@ fn kvm() -> kvm_ioctls::Kvm {
     kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm")
 }
 
+fn host_kvm() -> HostKvm {
+    HostKvm::probe(&kvm()).expect("probe this host's KVM")
+}
+
 fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
     let host = FakeHost::new();
     let agent = host.agent();
@@ -398,7 +403,7 @@ fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
 #[test]
 fn a_retrieve_takes_the_state_first_then_ram() {
     let host = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &host.agent(), &kvm()).expect("retrieve");
+    let retrieved = retrieve("vm1", &host.agent(), &host_kvm()).expect("retrieve");
     assert_eq!(
         host.take_log(),
         [
@@ -423,12 +428,12 @@ fn a_retrieve_takes_the_state_first_then_ram() {
 #[test]
 fn a_corrupt_state_is_refused_before_any_ram_is_retrieved() {
     let good = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &good.agent(), &kvm()).expect("the good state");
+    let retrieved = retrieve("vm1", &good.agent(), &host_kvm()).expect("the good state");
     let mut blob = state::encode(&retrieved.state).expect("encode");
     let last = blob.len() - 2;
     blob[last] ^= 0x01;
     let host = after_kexec_with(&blob, &[]);
-    match retrieve("vm1", &host.agent(), &kvm()) {
+    match retrieve("vm1", &host.agent(), &host_kvm()) {
         Err(RetrieveError::State {
             source: StateRefused::Decode(_),
             ..
@@ -449,7 +454,7 @@ fn a_state_of_another_vm_is_refused() {
         &[],
     );
     assert!(matches!(
-        retrieve("vm1", &host.agent(), &kvm()),
+        retrieve("vm1", &host.agent(), &host_kvm()),
         Err(RetrieveError::State {
             source: StateRefused::OtherVm { .. },
             ..
@@ -476,7 +481,7 @@ fn nothing_lost_a_cpu_feature_this_host_lacks_is_refused_before_any_ram_is_retri
         },
         &[],
     );
-    match retrieve("vm1", &host.agent(), &kvm()) {
+    match retrieve("vm1", &host.agent(), &host_kvm()) {
         Err(RetrieveError::State {
             source:
                 StateRefused::Cpu(CpuMismatch::Features {
@@ -493,7 +498,7 @@ fn nothing_lost_a_cpu_feature_this_host_lacks_is_refused_before_any_ram_is_retri
 fn a_missing_device_refuses_the_restore_before_the_claim() {
     let missing = "0000:7e:1f.7";
     let host = after_kexec(|_| {}, &[missing]);
-    match retrieve("vm1", &host.agent(), &kvm()) {
+    match retrieve("vm1", &host.agent(), &host_kvm()) {
         Err(RetrieveError::Claim(ClaimError::DevicesBeforeClaim {
             source: HostDeviceError::Missing { bdf },
             ..
@@ -510,12 +515,12 @@ fn a_failed_ram_retrieve_or_finish_is_reported() {
     host.set_faults(faults(|f| {
         f.retrieve_fails.insert(RAM_TOKEN_BASE);
     }));
-    match retrieve("vm1", &host.agent(), &kvm()) {
+    match retrieve("vm1", &host.agent(), &host_kvm()) {
         Err(RetrieveError::Luo { what, .. }) => assert_eq!(what, "cannot retrieve a RAM memfd"),
         other => panic!("{:?}", other.map(|_| ())),
     }
     let host = after_kexec(|_| {}, &[]);
-    let retrieved = retrieve("vm1", &host.agent(), &kvm()).expect("retrieve");
+    let retrieved = retrieve("vm1", &host.agent(), &host_kvm()).expect("retrieve");
     host.set_faults(faults(|f| f.finish_busy = true));
     let refused = finish_session(retrieved.session.as_ref()).expect_err("FINISH is busy");
     assert!(refused.to_string().contains(SESSION));
@@ -579,7 +584,7 @@ fn nothing_lost_a_restore_that_fails_after_its_claim_can_be_run_again() {
     let host = after_kexec(|_| {}, &[]);
     let agent = host.agent();
     // The first restore gets everything, writes to guest RAM, then fails (its build, say).
-    let first = retrieve("vm1", &agent, &kvm()).expect("retrieve");
+    let first = retrieve("vm1", &agent, &host_kvm()).expect("retrieve");
     first.memfds[0]
         .write_all_at(b"written by the first restore", 0)
         .expect("write");
@@ -592,7 +597,7 @@ fn nothing_lost_a_restore_that_fails_after_its_claim_can_be_run_again() {
     );
     drop(first);
     // The next restore gets the same session and the same RAM: nothing was lost.
-    let second = retrieve("vm1", &agent, &kvm()).expect("retrieve again");
+    let second = retrieve("vm1", &agent, &host_kvm()).expect("retrieve again");
     let mut back = [0u8; 28];
     second.memfds[0].read_exact_at(&mut back, 0).expect("read");
     assert_eq!(&back, b"written by the first restore");
@@ -610,7 +615,7 @@ fn nothing_lost_a_restore_that_fails_after_its_claim_can_be_run_again() {
         },
         &[],
     );
-    assert!(retrieve("vm1", &host.agent(), &kvm()).is_err());
+    assert!(retrieve("vm1", &host.agent(), &host_kvm()).is_err());
     let record = &host.ledger().vms[0];
     assert_eq!(record.phase, AgentPhase::Failed);
     assert!(

@@ -266,9 +266,10 @@ impl Guest {
         Ok(guest)
     }
 
-    /// Restores VM `vm` from its session, claimed through the agent at `agent_socket`, with
-    /// the test-only `faults` injected, and waits until its guest runs.
-    pub fn restore(
+    /// Starts restoring VM `vm` from its session, claimed through the agent at
+    /// `agent_socket` (which it waits for if it is not listening yet), with the test-only
+    /// `faults` injected; [`Guest::wait_running`] waits until its guest runs.
+    pub fn start_restore(
         dir: &Path,
         vm: &str,
         kind: GuestKind,
@@ -283,9 +284,7 @@ impl Guest {
         if let Some(faults) = faults {
             command.env(luvmm_vmm::faults::FAULTS_ENV, faults);
         }
-        let guest = Guest::spawn(dir, vm, kind, command)?;
-        guest.wait_running()?;
-        Ok(guest)
+        Guest::spawn(dir, vm, kind, command)
     }
 
     fn spawn(

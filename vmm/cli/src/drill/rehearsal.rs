@@ -122,10 +122,7 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
         // Every open of a device from the agent's start to the last resume is seen, and
         // reported even when a restore fails.
         let watch = SpanWatch::start(*round, WatchSpan::AgentToResume, bdfs)?;
-        let resumed = Agent::start(work, &agent_socket).and_then(|agent| {
-            let guests = restore_all(*round, &plan, bdfs, work, &agent_socket)?;
-            Ok((agent, guests))
-        });
+        let resumed = restore_all(*round, &plan, bdfs, work, &agent_socket);
         let resumed = watch.close(resumed)?;
         *round = stage;
         resumed
@@ -141,6 +138,9 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
     Ok(())
 }
 
+/// A VM's guest and the host devices (BDFs) passed through to it.
+type GuestWithDevices = (Guest, Vec<String>);
+
 /// Stage 1: boots each VM with its share of `bdfs` and has its guest drive them once; with
 /// `--cancel-first`, a prepare called off.
 fn boot_all(
@@ -148,7 +148,7 @@ fn boot_all(
     bdfs: &[String],
     work: &Path,
     agent_socket: &Path,
-) -> Result<Vec<(Guest, Vec<String>)>, StepError> {
+) -> Result<Vec<GuestWithDevices>, StepError> {
     let mut guests = Vec::new();
     let per_vm = plan.devices as usize;
     for index in 0..plan.vms as usize {
@@ -185,23 +185,41 @@ fn boot_all(
     Ok(guests)
 }
 
-/// Stage N > 1: restores each VM of round `round` with its share of `bdfs`.
+/// Stage N > 1: starts the agent and, beside it, each VM's restore of round `round`; then
+/// waits for each guest to run and checks it, with its share of `bdfs`.
 fn restore_all(
     round: u32,
     plan: &Plan,
     bdfs: &[String],
     work: &Path,
     agent_socket: &Path,
-) -> Result<Vec<(Guest, Vec<String>)>, StepError> {
-    let mut guests = Vec::new();
-    let per_vm = plan.devices as usize;
+) -> Result<(Agent, Vec<GuestWithDevices>), StepError> {
+    emit(&phase(HOST_ROW, "agent"));
+    let mut agent = Agent::spawn(work, agent_socket)?;
+    // Each VM's restore starts beside the agent, as an init system starts them: it asks KVM
+    // what it needs and makes its KVM VM while the agent starts, then claims its session.
+    let mut started = Vec::new();
     for index in 0..plan.vms as usize {
         let vm = vm_id(index);
+        emit(&phase(&vm, "restore"));
+        started.push(Guest::start_restore(
+            work,
+            &vm,
+            plan.guest,
+            agent_socket,
+            plan.test_faults.as_deref(),
+        )?);
+    }
+    agent.wait_answering(work, agent_socket)?;
+    emit(&phase(HOST_ROW, "running"));
+    let per_vm = plan.devices as usize;
+    let mut guests = Vec::new();
+    for (index, guest) in started.into_iter().enumerate() {
         let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
-        let guest = restore(round, plan, &vm, work, agent_socket)?;
+        let guest = restored(round, plan, guest)?;
         guests.push((guest, devices));
     }
-    Ok(guests)
+    Ok((agent, guests))
 }
 
 /// `--cancel-first`: prepare, call off, and let each guest show it went on in place.
@@ -352,21 +370,10 @@ fn prepare_all(
 
 /// Round `round`'s second half for one VM: restore it from its session (the open watcher
 /// runs from the agent's start), then its guest's own evidence.
-fn restore(
-    round: u32,
-    plan: &Plan,
-    vm: &str,
-    work: &Path,
-    agent_socket: &Path,
-) -> Result<Guest, StepError> {
-    emit(&phase(vm, "restore"));
-    let guest = Guest::restore(
-        work,
-        vm,
-        plan.guest,
-        agent_socket,
-        plan.test_faults.as_deref(),
-    )?;
+fn restored(round: u32, plan: &Plan, guest: Guest) -> Result<Guest, StepError> {
+    guest.wait_running()?;
+    let vm = guest.vm.clone();
+    let vm = vm.as_str();
     emit(&phase(vm, "check"));
     let timings = guest.status()?.restore_timings.unwrap_or_default();
     let (recovery_checks, check_after) = match plan.guest {
@@ -488,7 +495,8 @@ struct Agent(Child);
 impl Agent {
     fn start(work: &Path, socket: &Path) -> Result<Agent, StepError> {
         emit(&phase(HOST_ROW, "agent"));
-        let agent = Agent::spawn(work, socket)?;
+        let mut agent = Agent::spawn(work, socket)?;
+        agent.wait_answering(work, socket)?;
         emit(&phase(HOST_ROW, "running"));
         Ok(agent)
     }
@@ -497,7 +505,7 @@ impl Agent {
         let log = work.join("agent.err");
         let err = std::fs::File::create(&log)
             .map_err(|e| StepError::Io(format!("create {}", log.display()), e))?;
-        let mut child = luvmm()
+        let child = luvmm()
             .args(["agent", "serve", "--socket"])
             .arg(socket)
             .stdin(Stdio::null())
@@ -505,10 +513,16 @@ impl Agent {
             .stderr(err)
             .spawn()
             .map_err(|e| StepError::Io("start luvmm agent".into(), e))?;
+        Ok(Agent(child))
+    }
+
+    /// Waits up to 30 s until the agent answers on `socket`; its log (in `work`) says why
+    /// if it exits first.
+    fn wait_answering(&mut self, work: &Path, socket: &Path) -> Result<(), StepError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while AgentClient::new(socket).status().is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Ok(Some(status)) = self.0.try_wait() {
+                let log = std::fs::read_to_string(work.join("agent.err")).unwrap_or_default();
                 return Err(StepError::Agent(format!("exited ({status}): {log}")));
             }
             if Instant::now() > deadline {
@@ -516,7 +530,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(Agent(child))
+        Ok(())
     }
 }
 

@@ -3,8 +3,7 @@
 //! one KVM can set here. Checked after the kexec from the state alone, before any RAM or device
 //! is retrieved, so the refusal names what is missing while nothing else is lost.
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
 
 use crate::vstate::x86_64::cpuid::LUVMM_OWNED;
 use crate::vstate::x86_64::msr::msr_name;
@@ -43,29 +42,6 @@ pub enum CpuMismatch {
     },
     #[error("{msr}: saved, and this host's KVM does not list it")]
     Msr { msr: String },
-    #[error("cannot ask this host's KVM what it supports: {op}")]
-    Query {
-        op: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-}
-
-/// Checks the saved CPUID and MSRs of one vCPU against this host's KVM.
-pub fn check_host_accepts(
-    kvm: &Kvm,
-    cpuid: &[kvm_cpuid_entry2],
-    msrs: &[kvm_msr_entry],
-) -> Result<(), CpuMismatch> {
-    let query = |op| move |source| CpuMismatch::Query { op, source };
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(query("KVM_GET_SUPPORTED_CPUID"))?;
-    let listed = kvm
-        .get_msr_index_list()
-        .map_err(query("KVM_GET_MSR_INDEX_LIST"))?;
-    check_features(cpuid, supported.as_slice())?;
-    check_msrs(msrs, listed.as_slice())
 }
 
 fn register(entry: &kvm_cpuid_entry2, index: usize) -> u32 {
@@ -79,7 +55,7 @@ fn find(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32) -> Option<&kvm_cp
 }
 
 /// Every feature bit the guest saw is one the host offers (dynamic bits aside).
-fn check_features(
+pub(crate) fn check_features(
     saved: &[kvm_cpuid_entry2],
     supported: &[kvm_cpuid_entry2],
 ) -> Result<(), CpuMismatch> {
@@ -106,7 +82,7 @@ fn check_features(
 }
 
 /// Every saved MSR is one KVM lists here.
-fn check_msrs(saved: &[kvm_msr_entry], listed: &[u32]) -> Result<(), CpuMismatch> {
+pub(crate) fn check_msrs(saved: &[kvm_msr_entry], listed: &[u32]) -> Result<(), CpuMismatch> {
     match saved.iter().find(|m| !listed.contains(&m.index)) {
         Some(m) => Err(CpuMismatch::Msr {
             msr: msr_name(m.index),
@@ -118,9 +94,9 @@ fn check_msrs(saved: &[kvm_msr_entry], listed: &[u32]) -> Result<(), CpuMismatch
 /// What `kvm` offers, as a vCPU saved on this host would hold it: its CPUID, and its MSRs
 /// (each with value 0).
 #[cfg(test)]
-pub(crate) fn this_host_cpu(kvm: &Kvm) -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_entry>) {
+pub(crate) fn this_host_cpu(kvm: &kvm_ioctls::Kvm) -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_entry>) {
     let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .expect("KVM_GET_SUPPORTED_CPUID");
     let msrs = kvm
         .get_msr_index_list()
@@ -139,6 +115,7 @@ pub(crate) fn this_host_cpu(kvm: &Kvm) -> (Vec<kvm_cpuid_entry2>, Vec<kvm_msr_en
 mod tests {
     use super::*;
     use crate::vstate::x86_64::cpuid::shape;
+    use crate::vstate::x86_64::host_kvm::HostKvm;
     use luvmm_resources::config::CpuTemplate;
 
     fn leaf(function: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
@@ -201,8 +178,9 @@ mod tests {
 
     #[test]
     fn the_cpu_this_test_runs_on_accepts_what_its_kvm_offers() {
-        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
         let (cpuid, msrs) = this_host_cpu(&kvm);
-        assert_eq!(check_host_accepts(&kvm, &cpuid, &msrs), Ok(()));
+        let host = HostKvm::probe(&kvm).expect("probe");
+        assert_eq!(host.check_accepts(&cpuid, &msrs), Ok(()));
     }
 }

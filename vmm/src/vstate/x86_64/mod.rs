@@ -6,6 +6,7 @@
 
 pub mod compat;
 pub mod cpuid;
+pub mod host_kvm;
 pub mod msr;
 pub mod regs;
 pub mod state;

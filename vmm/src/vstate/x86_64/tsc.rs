@@ -7,7 +7,7 @@
 //! host's is kept by KVM's TSC catch-up (the guest's TSC moved forward at every clock update,
 //! so it keeps the saved rate on average); a slower one cannot be given, and is refused.
 
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 
 /// How far a restored vCPU's TSC may run from the saved rate when KVM cannot scale it: a host
 /// kernel's own recalibration across a kexec (seen: 111 to 1709 ppm in the bed under TCG),
@@ -18,13 +18,6 @@ const TSC_DRIFT_PPM: u64 = 10_000;
 /// A vCPU cannot run at the saved TSC rate.
 #[derive(Debug, thiserror::Error)]
 pub enum TscError {
-    /// The scratch VM used to ask KVM for this host's rate could not be made.
-    #[error("{op} failed")]
-    Probe {
-        op: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
     /// Found before a restore took anything: no vCPU here can run at the saved TSC rate.
     #[error("the state's TSC runs at {saved} kHz; this host runs vCPUs at {host} kHz ({ppm} ppm faster) and KVM can neither scale nor slow them")]
     OutOfReach { saved: u32, host: u32, ppm: u64 },
@@ -40,28 +33,13 @@ pub enum TscError {
     },
 }
 
-/// Whether a vCPU of this host can run at the saved TSC rate `saved` kHz: KVM scales it, or
-/// this host's own rate is within the drift a restore accepts. Asked of a scratch VM, so a
-/// restore after a kexec can refuse before it retrieves anything.
-pub fn check_tsc_rate(kvm: &Kvm, saved: u32) -> Result<(), TscError> {
-    let probe = |op: &'static str| move |source| TscError::Probe { op, source };
-    let vm = kvm.create_vm().map_err(probe("KVM_CREATE_VM (scratch)"))?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(probe("KVM_CREATE_VCPU (scratch)"))?;
-    let host = vcpu
-        .get_tsc_khz()
-        .map_err(probe("KVM_GET_TSC_KHZ (scratch)"))?;
-    rate_plan(saved, host, kvm.check_extension(Cap::TscControl)).map(drop)
-}
-
 /// How far KVM lets a requested rate be from the host's and still runs the vCPU at the host's
 /// own, unscaled (its `tsc_tolerance_ppm` default).
 const KVM_TOLERANCE_PPM: u64 = 250;
 
 /// What a restore does with the saved TSC rate, once this host's is known.
 #[derive(Debug, PartialEq, Eq)]
-enum RatePlan {
+pub(crate) enum RatePlan {
     /// The vCPU already runs at it.
     Keep,
     /// `KVM_SET_TSC_KHZ`: KVM scales, or the rate is within its own tolerance.
@@ -76,8 +54,8 @@ enum RatePlan {
     CatchUp { ppm: u64 },
 }
 
-/// The decision of [`restore_tsc_rate`].
-fn rate_plan(saved: u32, host: u32, kvm_scales: bool) -> Result<RatePlan, TscError> {
+/// The decision of [`restore_tsc_rate`], and of whether a restore can keep the saved rate.
+pub(crate) fn rate_plan(saved: u32, host: u32, kvm_scales: bool) -> Result<RatePlan, TscError> {
     let ppm = drift_ppm(saved, host);
     if saved == host {
         Ok(RatePlan::Keep)
