@@ -26,12 +26,54 @@ impl Trigger for IrqTrigger {
 /// writer, so whole guest lines reach a log file at once.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The guest's output as the UART writes it. The first write that fails is logged and the
+/// output is dropped from then on, the UART going on as if it were read: a closed stdout
+/// (`luvmm run ... | head -1`) costs one log line, not one per guest byte.
+struct ConsoleOut {
+    out: SerialOut,
+    lost: bool,
+}
+
+impl ConsoleOut {
+    fn wrap(out: SerialOut) -> SerialOut {
+        Box::new(ConsoleOut { out, lost: false })
+    }
+
+    fn give_up(&mut self, e: &std::io::Error) {
+        self.lost = true;
+        log::warn!(
+            "serial: the guest's console output cannot be written ({e}); it is dropped from now on"
+        );
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.lost {
+            match self.out.write(buf) {
+                Ok(written) => return Ok(written),
+                Err(e) => self.give_up(&e),
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.lost {
+            if let Err(e) = self.out.flush() {
+                self.give_up(&e);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why the serial device could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     /// The saved receive FIFO holds more bytes than the device has room for.
-    #[error("saved serial state does not fit the device: {0:?}")]
-    BadState(vm_superio::serial::Error<std::io::Error>),
+    #[error("saved serial state does not fit the device")]
+    BadState(#[source] vm_superio::serial::Error<std::io::Error>),
 }
 
 /// The guest's console.
@@ -43,7 +85,7 @@ impl SerialDevice {
     /// A fresh UART in its reset state.
     pub fn new(irq: EventFd, out: SerialOut) -> SerialDevice {
         SerialDevice {
-            uart: Mutex::new(Serial::new(IrqTrigger(irq), out)),
+            uart: Mutex::new(Serial::new(IrqTrigger(irq), ConsoleOut::wrap(out))),
         }
     }
 
@@ -53,8 +95,13 @@ impl SerialDevice {
         irq: EventFd,
         out: SerialOut,
     ) -> Result<SerialDevice, SerialError> {
-        let uart = Serial::from_state(&to_superio(state), IrqTrigger(irq), NoEvents, out)
-            .map_err(SerialError::BadState)?;
+        let uart = Serial::from_state(
+            &to_superio(state),
+            IrqTrigger(irq),
+            NoEvents,
+            ConsoleOut::wrap(out),
+        )
+        .map_err(SerialError::BadState)?;
         Ok(SerialDevice {
             uart: Mutex::new(uart),
         })
@@ -66,7 +113,7 @@ impl SerialDevice {
         match lock(&self.uart).enqueue_raw_bytes(bytes) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial: input dropped: {e:?}");
+                log::warn!("serial: input dropped: {e}");
                 0
             }
         }
@@ -88,7 +135,7 @@ impl DevicePio for SerialDevice {
     fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if let (Some(&byte), Ok(offset)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = lock(&self.uart).write(offset, byte) {
-                log::warn!("serial: write to offset {offset} failed: {e:?}");
+                log::warn!("serial: write to register {offset} failed: {e}");
             }
         }
     }
@@ -193,5 +240,43 @@ mod tests {
             ..SerialDevice::new(eventfd(), Box::new(std::io::sink())).save()
         };
         assert!(SerialDevice::from_state(&state, eventfd(), Box::new(std::io::sink())).is_err());
+    }
+
+    /// A writer whose reader went away, counting the writes tried on it.
+    #[derive(Clone, Default)]
+    struct Closed(Arc<StdMutex<usize>>);
+
+    impl Write for Closed {
+        fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+            *self.0.lock().unwrap() += 1;
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const IIR: u16 = 2;
+    const IER: u16 = 1;
+
+    #[test]
+    fn a_closed_output_is_given_up_once_and_the_uart_goes_on() {
+        let out = Closed::default();
+        let irq = eventfd();
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        // The guest asks for the transmitter-empty interrupt, as Linux's 8250 driver does, and
+        // takes the one that comes at once.
+        dev.pio_write(PioAddress(0x3f8), IER, &[0x02]);
+        let mut iir = [0u8];
+        dev.pio_read(PioAddress(0x3f8), IIR, &mut iir);
+        let _ = irq.read();
+        for &b in b"three lines\nof guest\noutput\n" {
+            dev.pio_write(PioAddress(0x3f8), 0, &[b]);
+        }
+        assert_eq!(*out.0.lock().unwrap(), 1, "written again after it failed");
+        // The transmitter still empties and says so.
+        assert!(irq.read().is_ok(), "no transmitter-empty interrupt");
+        dev.pio_read(PioAddress(0x3f8), IIR, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "IIR {:#x}", iir[0]);
     }
 }

@@ -77,3 +77,49 @@ fn a_guest_that_powers_off_or_resets_ends_luvmm_with_a_status_that_says_which() 
         assert!(!socket.exists(), "{name} left {}", socket.display());
     }
 }
+
+/// `luvmm run ... | head -1`: once the reader of stdout is gone, the guest's console output
+/// is given up with one log line, however much the guest prints after it, and the guest runs
+/// on (its checks are still answered).
+#[test]
+fn a_closed_stdout_is_logged_once() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = TestDir::new("exit-closed-stdout");
+    let socket = dir.join("vm.sock");
+    let log = dir.join("vm.err");
+    let mut child = Command::new(luvmm_tests::luvmm_bin())
+        .arg("run")
+        .arg("--payload")
+        .arg(luvmm_tests::payload())
+        .args(["--serial", "stdout", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn luvmm run");
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    // The reader is gone (dropped with its BufReader): like `head -1`.
+    let client = luvmm_vmm::api::client::VmmClient::new(&socket);
+    for _ in 0..3 {
+        client.check().expect("PUT /vm/check");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        client.status().expect("GET /vm").phase,
+        luvmm_vmm::vmm::VmPhase::Running
+    );
+    client.shutdown(false).expect("PUT /vm/shutdown");
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let serial_lines = text.lines().filter(|l| l.contains("serial:")).count();
+    assert_eq!(serial_lines, 1, "{text}");
+    assert!(
+        text.contains("the guest's console output cannot be written (Broken pipe"),
+        "{text}"
+    );
+}

@@ -32,8 +32,8 @@ const MAX_FDS: usize = 8 + GUEST_PCI_SLOTS * 3 + (MAX_GSI - MSI_GSI_START) as us
 /// Slots of the guest's one PCI bus.
 const GUEST_PCI_SLOTS: usize = 32;
 
-/// How long a client waits for its reply by default: the VMM serves one client at a time and
-/// gives each at most `server::READ_TIMEOUT` to send its request, so a few queued clients fit.
+/// How long a client waits for its reply by default: long enough for the VMM's slowest request
+/// (a save of a large guest), served one at a time.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Talking to a VMM failed.
@@ -51,7 +51,7 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no reply from {path} within {timeout:?}")]
+    #[error("no reply from {path} within {} s", timeout.as_secs_f64())]
     Timeout { path: PathBuf, timeout: Duration },
     #[error("bad reply from {path}")]
     Http {
@@ -351,19 +351,22 @@ fn request(
         .set_read_timeout(Some(timeout))
         .and_then(|_| stream.set_write_timeout(Some(timeout)))
         .map_err(io_err)?;
-    stream
-        .write_all(&request_bytes(method, path, body))
-        .map_err(io_err)?;
+    // A server that answers before it read the request (a 503 when too many clients wait)
+    // breaks the pipe under the write: its reply is read all the same.
+    let written = stream.write_all(&request_bytes(method, path, body));
     // The server closes the connection after its reply.
     let mut reader = FdReader::<MAX_FDS>::new(&stream);
     let mut bytes = Vec::new();
-    reader.read_to_end(&mut bytes).map_err(io_err)?;
+    let read = reader.read_to_end(&mut bytes);
     let fds = reader.into_fds();
-    let (status, body) = parse_response(&bytes).map_err(|source| ClientError::Http {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    Ok(ApiReply { status, body, fds })
+    match (written, read, parse_response(&bytes)) {
+        (_, _, Ok((status, body))) => Ok(ApiReply { status, body, fds }),
+        (Err(e), _, _) | (Ok(()), Err(e), _) => Err(io_err(e)),
+        (Ok(()), Ok(_), Err(source)) => Err(ClientError::Http {
+            path: socket.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 #[cfg(test)]

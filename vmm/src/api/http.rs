@@ -13,6 +13,8 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub body: Vec<u8>,
+    /// How many of the bytes parsed it took: any after it are another request.
+    pub wire_len: usize,
 }
 
 /// The bytes read so far are not a valid request.
@@ -22,6 +24,12 @@ pub enum HttpError {
     Malformed(String),
     #[error("request larger than {MAX_REQUEST_BYTES} bytes")]
     TooLarge,
+    #[error("the client closed its side after {received} bytes, before the end of its request{}",
+        expected.map(|n| format!(" ({n} bytes with the body its Content-Length announces)")).unwrap_or_default())]
+    CutShort {
+        received: usize,
+        expected: Option<usize>,
+    },
 }
 
 /// Parses `buf`; `Ok(None)` means more bytes are needed.
@@ -38,17 +46,41 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
     };
     let body_len = content_length(req.headers)?;
     // Any Content-Length parses, up to usize::MAX: the sum must not wrap.
-    if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
+    let wire_len = head_len.saturating_add(body_len);
+    if wire_len > MAX_REQUEST_BYTES {
         return Err(HttpError::TooLarge);
     }
-    if buf.len() < head_len + body_len {
+    if buf.len() < wire_len {
         return Ok(None);
     }
     Ok(Some(Request {
         method: req.method.unwrap_or_default().to_string(),
         path: req.path.unwrap_or_default().to_string(),
-        body: buf[head_len..head_len + body_len].to_vec(),
+        body: buf[head_len..wire_len].to_vec(),
+        wire_len,
     }))
+}
+
+/// Why `buf`, everything a client sent before it closed its side, is not a request: it was
+/// cut short (or it is malformed, or too large, as [`parse_request`] says).
+pub fn cut_short(buf: &[u8]) -> HttpError {
+    match parse_request(buf) {
+        Err(e) => e,
+        Ok(_) => {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let expected = match req.parse(buf) {
+                Ok(httparse::Status::Complete(head_len)) => content_length(req.headers)
+                    .ok()
+                    .map(|body_len| head_len.saturating_add(body_len)),
+                _ => None,
+            };
+            HttpError::CutShort {
+                received: buf.len(),
+                expected,
+            }
+        }
+    }
 }
 
 fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, HttpError> {
@@ -182,6 +214,31 @@ mod tests {
         assert_eq!(req.method, "PUT");
         assert_eq!(req.path, "/vm/save");
         assert_eq!(req.body, br#"{"export_path":"/tmp/s"}"#);
+    }
+
+    #[test]
+    fn a_request_cut_short_says_how_far_it_got() {
+        let bytes = request_bytes("PUT", "/vm/pause", Some("{\"a\":1}"));
+        let whole = parse_request(&bytes).unwrap().unwrap();
+        assert_eq!(whole.wire_len, bytes.len());
+        let cut = &bytes[..bytes.len() - 3];
+        assert_eq!(
+            cut_short(cut),
+            HttpError::CutShort {
+                received: bytes.len() - 3,
+                expected: Some(bytes.len()),
+            }
+        );
+        assert!(cut_short(cut)
+            .to_string()
+            .contains("with the body its Content-Length announces"));
+        assert_eq!(
+            cut_short(b"PUT /vm"),
+            HttpError::CutShort {
+                received: 7,
+                expected: None,
+            }
+        );
     }
 
     #[test]

@@ -442,6 +442,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             body: body.as_bytes().to_vec(),
+            wire_len: 0,
         }
     }
 

@@ -1,12 +1,12 @@
 //! The API socket as an event-manager subscriber.
 //!
-//! Clients are served one at a time, in the order they connected: the first one's request is
-//! read and answered while the others wait, unread, in a queue. A client has `READ_TIMEOUT` from
-//! its turn to send its whole request, so one that connects and says nothing delays the next
-//! by that much, never for ever. Each connection carries one request and is closed after the
-//! reply, which may carry fds (`SCM_RIGHTS`) for a handover.
+//! Every connection is read as its bytes arrive, and its request is answered as soon as it is
+//! whole, one at a time: a client that connects and says nothing holds up nobody, and gets 408
+//! `READ_TIMEOUT` after it connected. Each connection carries one request and is closed after
+//! the reply, which may carry fds (`SCM_RIGHTS`) for a handover; a second request on the same
+//! connection is refused with its own reply, a request cut short by a half-close is answered
+//! with what was missing.
 
-use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -23,7 +23,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use super::http::{parse_request, HttpError, Response};
+use super::http::{cut_short, parse_request, HttpError, Response};
 use super::{dispatch, route, Reply, VmmAction};
 use crate::outputs::same_file;
 use crate::vmm::{open_pidfd, Vmm};
@@ -140,21 +140,19 @@ fn bind_error(e: BindError) -> ApiSocketError {
     }
 }
 
-/// How long the client being served has to send its whole request.
+/// How long a client has, from its connection, to send its whole request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most connections queued at once, the one being served included; more get 503 at once.
-const MAX_QUEUED: usize = 16;
+/// Most connections waiting for their reply at once; more get 503 at once.
+const MAX_WAITING: usize = 16;
 
 /// Serves the control API for one VMM.
 pub struct ApiServer {
     socket: ApiSocket,
-    /// Connections in arrival order; the front one is being served.
-    queue: VecDeque<Client>,
-    /// Fires at `deadline`.
+    /// Connections whose request is not whole yet, in arrival order.
+    clients: Vec<Client>,
+    /// Fires at the earliest client's deadline.
     timer: TimerFd,
-    /// When the front client must have sent its whole request.
-    deadline: Option<Instant>,
     /// Pidfds of handover targets being watched (the VMM holds them).
     targets: Vec<RawFd>,
     vmm: Arc<Mutex<Vmm>>,
@@ -163,6 +161,20 @@ pub struct ApiServer {
 struct Client {
     stream: UnixStream,
     received: Vec<u8>,
+    /// When it must have sent its whole request.
+    deadline: Instant,
+}
+
+/// What a client's bytes so far make.
+enum Reading {
+    /// Not a whole request yet.
+    More,
+    /// The client went away without a byte.
+    Gone,
+    /// A whole request, and whether more bytes came after it.
+    Request(super::http::Request, bool),
+    /// Not a request: the reply says why.
+    Refused(Response),
 }
 
 impl ApiServer {
@@ -181,9 +193,8 @@ impl ApiServer {
         .map_err(|e| ApiSocketError::Timer(e.into()))?;
         Ok(ApiServer {
             socket,
-            queue: VecDeque::new(),
+            clients: Vec::new(),
             timer,
-            deadline: None,
             targets: Vec::new(),
             vmm,
         })
@@ -192,121 +203,119 @@ impl ApiServer {
     fn accept_all(&mut self, ops: &mut EventOps) {
         loop {
             match self.socket.listener.accept() {
-                Ok((stream, _)) => self.enqueue(stream, ops),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Ok((stream, _)) => self.admit(stream, ops),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
                     log::warn!("api: accept failed: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        self.arm_timer();
     }
 
-    fn enqueue(&mut self, stream: UnixStream, ops: &mut EventOps) {
-        if self.queue.len() >= MAX_QUEUED {
-            log::warn!("api: {MAX_QUEUED} connections queued; turning a new one away");
-            send_reply(
-                &stream,
-                &Response::error(503, "too many API clients waiting; retry").into(),
-            );
+    /// Watches a new client, or turns it away when too many wait.
+    fn admit(&mut self, stream: UnixStream, ops: &mut EventOps) {
+        if self.clients.len() >= MAX_WAITING {
+            log::warn!("api: {MAX_WAITING} clients waiting; turning a new one away");
+            let busy = Response::error(503, "too many API clients waiting; retry");
+            send_reply(&stream, &busy.into());
             return;
         }
         if let Err(e) = stream.set_nonblocking(true) {
-            log::warn!("api: cannot set up client: {e}");
+            log::warn!("api: cannot set up a client: {e}");
             return;
         }
-        self.queue.push_back(Client {
+        if let Err(e) = ops.add(Events::new(&stream, EventSet::IN)) {
+            log::warn!("api: cannot watch a client: {e:?}");
+            return;
+        }
+        self.clients.push(Client {
             stream,
             received: Vec::new(),
+            deadline: Instant::now() + READ_TIMEOUT,
         });
-        if self.queue.len() == 1 {
-            self.start_front(ops);
-        }
     }
 
-    /// Gives the front client its turn: watch it, and start its read deadline. A client that
-    /// cannot be watched is dropped and the next one gets its turn.
-    fn start_front(&mut self, ops: &mut EventOps) {
-        self.deadline = None;
-        while let Some(client) = self.queue.front() {
-            let watched = ops.add(Events::new(&client.stream, EventSet::IN));
-            let armed = self.timer.set(
-                Expiration::OneShot(TimeSpec::from_duration(READ_TIMEOUT)),
+    /// Sets the timer to the earliest deadline, or off when no client waits.
+    fn arm_timer(&mut self) {
+        let armed = match self.clients.iter().map(|c| c.deadline).min() {
+            Some(deadline) => self.timer.set(
+                Expiration::OneShot(TimeSpec::from_duration(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                )),
                 TimerSetTimeFlags::empty(),
-            );
-            match (watched, armed) {
-                (Ok(()), Ok(())) => {
-                    self.deadline = Some(Instant::now() + READ_TIMEOUT);
-                    return;
+            ),
+            None => self.timer.unset(),
+        };
+        if let Err(e) = armed {
+            log::warn!("api: cannot set the read timer: {e}");
+        }
+    }
+
+    /// Stops watching client `index` and sends it `replies`, in order.
+    fn finish(&mut self, index: usize, replies: &[Reply], ops: &mut EventOps) {
+        let client = self.clients.remove(index);
+        let _ = ops.remove(Events::empty(&client.stream));
+        for reply in replies {
+            send_reply(&client.stream, reply);
+        }
+        self.arm_timer();
+    }
+
+    /// Reads what client `index` sent; once its request is whole (or broken), answers it.
+    fn serve(&mut self, index: usize, ops: &mut EventOps) {
+        let client = &mut self.clients[index];
+        let reading = read_request(client);
+        let replies: Vec<Reply> = match reading {
+            Reading::More => return,
+            Reading::Gone => Vec::new(),
+            Reading::Refused(response) => vec![response.into()],
+            Reading::Request(req, more) => {
+                let stream = client.stream.try_clone();
+                let reply = self.handle(req, stream.ok().as_ref(), ops);
+                let mut replies = vec![reply];
+                // What came after the request, before or while it was handled.
+                if more || has_more(&mut self.clients[index].stream) {
+                    replies.push(
+                        Response::error(
+                            400,
+                            "one request per connection: what followed the first was not read",
+                        )
+                        .into(),
+                    );
                 }
-                (watched, armed) => {
-                    log::warn!("api: cannot serve a client: {watched:?} {armed:?}");
-                    let _ = ops.remove(Events::empty(&client.stream));
-                    self.queue.pop_front();
-                }
-            }
-        }
-        if let Err(e) = self.timer.unset() {
-            log::warn!("api: cannot disarm the read timer: {e}");
-        }
-    }
-
-    /// Ends the front client's turn with `reply` (none if it went away) and starts the next.
-    fn finish_front(&mut self, reply: Option<Reply>, ops: &mut EventOps) {
-        if let Some(client) = self.queue.pop_front() {
-            let _ = ops.remove(Events::empty(&client.stream));
-            if let Some(reply) = reply {
-                send_reply(&client.stream, &reply);
-            }
-        }
-        self.start_front(ops);
-    }
-
-    /// Reads what the front client sent; once its request is complete (or broken), answers it.
-    fn serve_front(&mut self, ops: &mut EventOps) {
-        let Some(client) = self.queue.front_mut() else {
-            return;
-        };
-        let mut chunk = [0u8; 4096];
-        let request = loop {
-            match client.stream.read(&mut chunk) {
-                Ok(0) => break None,
-                Ok(n) => client.received.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => break None,
-            }
-            match parse_request(&client.received) {
-                Ok(None) => continue,
-                Ok(Some(req)) => break Some(Ok(req)),
-                Err(e) => break Some(Err(e)),
+                replies
             }
         };
-        let reply = match request {
-            None => None,
-            Some(Err(HttpError::TooLarge)) => {
-                Some(Response::error(413, &HttpError::TooLarge.to_string()).into())
-            }
-            Some(Err(e)) => Some(Response::error(400, &e.to_string()).into()),
-            Some(Ok(req)) => Some(self.handle(req, ops)),
-        };
-        self.finish_front(reply, ops);
+        self.finish(index, &replies, ops);
     }
 
-    /// The read timer fired: a front client past its deadline gets 408 and loses its turn.
-    fn check_deadline(&mut self, ops: &mut EventOps) {
+    /// The read timer fired: every client past its deadline gets 408.
+    fn check_deadlines(&mut self, ops: &mut EventOps) {
         // The count is not needed; reading it only clears the readiness.
         let _ = self.timer.wait();
-        let expired = self.deadline.is_some_and(|d| Instant::now() >= d);
-        if expired {
+        let now = Instant::now();
+        while let Some(index) = self.clients.iter().position(|c| c.deadline <= now) {
             log::warn!(
-                "api: a client sent no complete request within {READ_TIMEOUT:?}; serving the next"
+                "api: a client sent no complete request within {} s",
+                READ_TIMEOUT.as_secs()
             );
-            let timeout = format!("no complete request within {READ_TIMEOUT:?}");
-            self.finish_front(Some(Response::error(408, &timeout).into()), ops);
+            let timeout = format!("no complete request within {} s", READ_TIMEOUT.as_secs());
+            self.finish(index, &[Response::error(408, &timeout).into()], ops);
         }
+        self.arm_timer();
     }
 
-    fn handle(&mut self, req: super::http::Request, ops: &mut EventOps) -> Reply {
+    /// Answers `req`; `client` is its connection, watched when it is a handover's target.
+    fn handle(
+        &mut self,
+        req: super::http::Request,
+        client: Option<&UnixStream>,
+        ops: &mut EventOps,
+    ) -> Reply {
         let action = match route(&req) {
             Ok(action) => action,
             Err(resp) => return resp.into(),
@@ -316,19 +325,16 @@ impl ApiServer {
         let shared = self.vmm.clone();
         let mut vmm = lock(&shared);
         let reply = dispatch(&mut vmm, action);
-        if watch && reply.response.status == 200 {
-            self.watch_target(&mut vmm, ops);
+        if let (true, 200, Some(client)) = (watch, reply.response.status, client) {
+            self.watch_target(client, &mut vmm, ops);
         }
         reply
     }
 
-    /// Watches the front client, the target of the handover just handed out, until it exits.
-    /// A target that cannot be watched is only logged: the VM then waits for a `resume`.
-    fn watch_target(&mut self, vmm: &mut Vmm, ops: &mut EventOps) {
-        let Some(client) = self.queue.front() else {
-            return;
-        };
-        let pidfd = getsockopt(&client.stream, PeerCredentials)
+    /// Watches `client`, the target of the handover just handed out, until it exits. A
+    /// target that cannot be watched is only logged: the VM then waits for a `resume`.
+    fn watch_target(&mut self, client: &UnixStream, vmm: &mut Vmm, ops: &mut EventOps) {
+        let pidfd = getsockopt(client, PeerCredentials)
             .map_err(std::io::Error::from)
             .and_then(|peer| {
                 u32::try_from(peer.pid())
@@ -368,19 +374,50 @@ impl MutEventSubscriber for ApiServer {
         if fd == self.socket.listener.as_raw_fd() {
             self.accept_all(ops);
         } else if fd == self.timer.as_fd().as_raw_fd() {
-            self.check_deadline(ops);
-        } else if self
-            .queue
-            .front()
-            .is_some_and(|c| c.stream.as_raw_fd() == fd)
-        {
-            self.serve_front(ops);
+            self.check_deadlines(ops);
+        } else if let Some(index) = self.clients.iter().position(|c| c.stream.as_raw_fd() == fd) {
+            self.serve(index, ops);
         } else if self.targets.contains(&fd) {
             // The VMM closes the pidfd once it is done with it, which ends its watch.
             self.targets.retain(|&t| t != fd);
             lock(&self.vmm).target_exited(fd);
         }
     }
+}
+
+/// Reads what `client` has sent so far and says what it makes.
+fn read_request(client: &mut Client) -> Reading {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match client.stream.read(&mut chunk) {
+            Ok(0) if client.received.is_empty() => return Reading::Gone,
+            // Closed (or half-closed) before the request was whole: say what was missing.
+            Ok(0) => return Reading::Refused(refusal(cut_short(&client.received))),
+            Ok(n) => client.received.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Reading::More,
+            Err(_) => return Reading::Gone,
+        }
+        match parse_request(&client.received) {
+            Ok(None) => continue,
+            Ok(Some(req)) => {
+                let more = client.received.len() > req.wire_len;
+                return Reading::Request(req, more);
+            }
+            Err(e) => return Reading::Refused(refusal(e)),
+        }
+    }
+}
+
+/// Whether a client sent more bytes than were read.
+fn has_more(stream: &mut UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte), Ok(1))
+}
+
+/// The reply to bytes that are not a request.
+fn refusal(e: HttpError) -> Response {
+    let status = if e == HttpError::TooLarge { 413 } else { 400 };
+    Response::error(status, &e.to_string())
 }
 
 /// Writes the reply; fds go with the first bytes. A client that went away is only logged.

@@ -62,8 +62,8 @@ pub struct RestoreReport {
     devices_over_none: Vec<(u64, f64)>,
 }
 
-/// Runs `bench restore` here: each size and device count `ROUNDS` times, a guest with
-/// devices given the first functions bound to vfio-pci.
+/// Runs `bench restore` here: each size and device count `ROUNDS` times (after one handover
+/// not counted), a guest with devices given the first functions bound to vfio-pci.
 pub fn run(payload: &Path, sizes: &[u64], devices: &[u32], json: bool) -> Result<(), BenchError> {
     let report = measure(payload, sizes, devices)?;
     if json {
@@ -98,17 +98,26 @@ fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreRepo
     let mut results = Vec::with_capacity(sizes.len() * devices.len());
     for &count in devices {
         let bdfs = &bound[..count as usize];
-        for &mib in sizes {
-            let mut rounds = Vec::with_capacity(ROUNDS);
-            for round in 1..=ROUNDS {
+        // One handover not counted first: the first of a run pays for cold caches (the
+        // executable, the payload) that no later one does.
+        if let Some(&first) = sizes.first() {
+            handover_once(payload, first, bdfs)?;
+        }
+        // Round by round across the sizes, so that whatever else this host does in a stretch
+        // of the run weighs on every size alike, not on whichever was measured then.
+        let mut rounds: Vec<Vec<Round>> = sizes.iter().map(|_| Vec::new()).collect();
+        for round in 1..=ROUNDS {
+            for (&mib, measured_rounds) in sizes.iter().zip(rounds.iter_mut()) {
                 let measured = handover_once(payload, mib, bdfs)?;
                 eprintln!(
                     "bench restore: {mib} MiB, {count} device(s), round {round}/{ROUNDS}: \
                      blackout {:.2} ms",
                     measured.blackout_ms
                 );
-                rounds.push(measured);
+                measured_rounds.push(measured);
             }
+        }
+        for (&mib, mut rounds) in sizes.iter().zip(rounds) {
             rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
             results.push(SizeResult {
                 memory_mib: mib,
