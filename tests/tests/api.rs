@@ -204,6 +204,25 @@ fn the_ctl_client_gives_up_on_a_silent_vmm() {
 }
 
 #[test]
+fn ctl_says_a_request_to_a_paused_guest_waits_for_the_resume() {
+    let dir = TestDir::new("api-ctl-paused");
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let socket = vm.socket.to_str().unwrap();
+    let (status, stderr) = run_luvmm(&["ctl", "--socket", socket, "check"]);
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("paused"), "{stderr}");
+    vm.client().pause().expect("PUT /vm/pause");
+    let (status, stderr) = run_luvmm(&["ctl", "--socket", socket, "check"]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the VM is paused: the guest answers once it is resumed"),
+        "{stderr}"
+    );
+    vm.client().resume().expect("PUT /vm/resume");
+    assert!(vm.check().ok);
+}
+
+#[test]
 fn ctl_drives_the_vmm_from_the_command_line() {
     let dir = TestDir::new("api-ctl");
     let vm = Vm::boot(&dir, "vm", &[]);

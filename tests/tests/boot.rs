@@ -191,6 +191,81 @@ fn bad_configurations_are_refused_with_the_field_named() {
     refused(&["run", "--config", &unaligned], "memory[0].size");
     let typo = write("typo.json", r#"{"vcpus": 1, "memroy": []}"#.to_string());
     refused(&["run", "--config", &typo], "memroy");
+    // A wrong type names its field, in JSON's words.
+    let two = write(
+        "two.json",
+        format!(r#"{{"vcpus": "two", "payload": "{payload}"}}"#),
+    );
+    refused(
+        &["run", "--config", &two],
+        "vcpus: expected a number, found string \"two\"",
+    );
+    let list = write("list.json", "[1]".to_string());
+    refused(
+        &["run", "--config", &list],
+        "a config is a JSON object ({\"vcpus\": 1, ...}), not an array",
+    );
+    // A payload whose segments reach past guest RAM is refused before it is loaded.
+    let big = dir.join("big.elf");
+    std::fs::write(&big, elf_reaching(64 << 20)).unwrap();
+    refused(
+        &[
+            "run",
+            "--payload",
+            big.to_str().unwrap(),
+            "--memory-mib",
+            "16",
+        ],
+        "does not fit in guest RAM: its segments reach 65 MiB, the VM has 16 MiB",
+    );
+}
+
+/// A minimal x86-64 ELF with one loadable segment at 1 MiB of `memsz` bytes (8 in the file).
+fn elf_reaching(memsz: u64) -> Vec<u8> {
+    const LOAD_AT: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_AT.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [120, LOAD_AT, LOAD_AT, 8, memsz, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(&[0xf4; 8]); // hlt
+    elf
+}
+
+/// More vCPUs than host CPUs boots, with a warning.
+#[test]
+fn more_vcpus_than_host_cpus_boot_with_a_warning() {
+    let dir = TestDir::new("boot-overcommit");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let vcpus = (cpus + 1).to_string();
+    let log = dir.join("vm.err");
+    let vm = Vm::boot_logging(
+        &dir,
+        "vm",
+        &["--vcpus", &vcpus],
+        std::fs::File::create(&log).unwrap(),
+    );
+    assert!(vm.check().ok);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!(
+            "{vcpus} vCPUs on {cpus} host CPUs: they take turns"
+        )),
+        "{text}"
+    );
 }
 
 /// Guest RAM asks for transparent huge pages unless `--thp off`, and gets them only where the

@@ -90,9 +90,19 @@ fn restore_in_a_new_process_over_the_api_socket() {
         &["--from-socket", first.socket.to_str().unwrap()],
         |_| {},
     );
-    // The first process gave its VM away: it must refuse to run it again.
+    // The first process gave its VM away: it must refuse to run it again, and says where the
+    // VM runs now.
     assert_eq!(first.phase(), VmPhase::HandedOver);
     assert_eq!(refusal(first.client().resume()), Some(409));
+    let status = first.client().status().expect("GET /vm of the source");
+    assert_eq!(status.moved_to_pid, Some(second.pid()), "{status:?}");
+    let (ok, stderr) =
+        luvmm_tests::run_luvmm(&["ctl", "--socket", first.socket.to_str().unwrap(), "status"]);
+    assert!(ok.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("it runs in process {} now", second.pid())),
+        "{stderr}"
+    );
     first.kill();
 
     // The restore asks the guest for a check by itself.
@@ -214,7 +224,8 @@ fn damaged_or_mismatched_state_is_refused() {
         (write("flipped", &flipped), "state corrupted: CRC"),
         (
             write("magic", b"NOTSTATE but long enough to hold a header"),
-            "bad magic",
+            "not a luvmm state: it starts with bytes 4e 4f 54 53 54 41 54 45, a luvmm state \
+             with \"LUVMMSTA\"",
         ),
         (write("newer", &newer), "state format 9.0 is not supported"),
     ];

@@ -27,7 +27,7 @@ use luvmm_resources::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PAGE_SIZE, PDE_START, PDPTE_START, PML4_START,
     PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const E820_RAM: u32 = 1;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -78,6 +78,16 @@ pub enum BootError {
         path: String,
         #[source]
         source: linux_loader::loader::Error,
+    },
+    /// The ELF's segments reach past guest RAM.
+    #[error(
+        "payload {path} does not fit in guest RAM: its segments reach {end_mib} MiB, the VM \
+         has {ram_mib} MiB (give it more with --memory-mib)"
+    )]
+    DoesNotFit {
+        path: String,
+        end_mib: u64,
+        ram_mib: u64,
     },
     /// PVH was asked for but the ELF has no PVH entry note.
     #[error("payload {path} has no PVH entry note; use boot \"linux64\" or \"auto\"")]
@@ -150,6 +160,32 @@ struct InitrdPlace {
     size: u64,
 }
 
+/// Where an ELF payload's loadable segments lie in guest memory (the lowest `p_paddr` and
+/// the highest `p_paddr + p_memsz`), from its program headers; `None` when they cannot be read,
+/// for the loader to say why.
+fn elf_load_span(file: &mut File) -> Option<(u64, u64)> {
+    use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
+    use std::io::{Read, Seek, SeekFrom};
+    use vm_memory::ByteValued;
+
+    let mut header = Elf64_Ehdr::default();
+    file.rewind().ok()?;
+    file.read_exact(header.as_mut_slice()).ok()?;
+    file.seek(SeekFrom::Start(header.e_phoff)).ok()?;
+    let mut span: Option<(u64, u64)> = None;
+    for _ in 0..header.e_phnum {
+        let mut segment = Elf64_Phdr::default();
+        file.read_exact(segment.as_mut_slice()).ok()?;
+        if segment.p_type != PT_LOAD || segment.p_filesz == 0 {
+            continue;
+        }
+        let start = segment.p_paddr;
+        let end = start.checked_add(segment.p_memsz)?;
+        span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
+    }
+    span
+}
+
 /// Loads the kernel and the initrd and writes the boot structures for the chosen protocol,
 /// with the ACPI tables' RSDP (written later, once the devices are known) at
 /// [`ACPI_TABLES_START`].
@@ -181,6 +217,19 @@ pub fn load_payload(
         let entry = BootEntry::Linux64(loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY);
         (loaded, entry)
     } else {
+        if let Some((start, end)) = elf_load_span(&mut file) {
+            let fits = end
+                .checked_sub(start)
+                .and_then(|len| usize::try_from(len).ok())
+                .is_some_and(|len| memory.check_range(GuestAddress(start), len));
+            if !fits {
+                return Err(BootError::DoesNotFit {
+                    path: shown,
+                    end_mib: end.div_ceil(1 << 20),
+                    ram_mib: layout.total_bytes() >> 20,
+                });
+            }
+        }
         let loaded = Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(load_error)?;
         let pvh = match loaded.pvh_boot_cap {

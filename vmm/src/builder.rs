@@ -88,6 +88,20 @@ fn guest_ram_thp(asked: bool) -> bool {
     thp
 }
 
+/// Says so when the guest gets more vCPUs than this process may run on at once: allowed, but
+/// they take turns, and a guest's own watchdogs may see that as stalls.
+fn warn_if_overcommitted(vcpus: u32) {
+    if let Ok(cpus) = std::thread::available_parallelism() {
+        if vcpus as usize > cpus.get() {
+            log::warn!(
+                "{vcpus} vCPUs on {} host CPUs: they take turns, and the guest may see that as \
+                 stalls",
+                cpus.get()
+            );
+        }
+    }
+}
+
 /// Builds a fresh VM from a config: validated first, then booted paused at the payload entry.
 /// The guest's COM1 writes to `serial_out`, which the caller opened (`outputs::open_outputs`).
 pub fn build_for_boot(
@@ -96,6 +110,7 @@ pub fn build_for_boot(
     serial_out: SerialOut,
 ) -> Result<Vmm, BuildError> {
     config.validate(&host_limits(kvm))?;
+    warn_if_overcommitted(config.vcpus);
 
     let vm = KvmVm::new(kvm)?;
     let layout = config.memory_layout();

@@ -29,6 +29,8 @@ pub enum OutputError {
     SerialIsDirectory { path: PathBuf },
     #[error("API socket {path}: something that is not a socket is there already")]
     SocketExists { path: PathBuf },
+    #[error("API socket {path}: is a directory; name the socket file in it (DIR/vm.sock)")]
+    SocketIsDirectory { path: PathBuf },
     #[error("API socket {path}: a process is serving on it already")]
     SocketInUse { path: PathBuf },
     #[error("API socket {path}: a stale socket is there and cannot be removed")]
@@ -46,7 +48,8 @@ pub enum OutputError {
         source: nix::Error,
     },
     #[error(
-        "API socket {path}: {len} bytes with luvmm's temporary suffix, more than {MAX_SOCKET_PATH}"
+        "API socket {path}: too long for a Unix socket: {len} bytes with luvmm's temporary \
+         suffix, at most {MAX_SOCKET_PATH} bytes"
     )]
     SocketPathTooLong { path: PathBuf, len: usize },
 }
@@ -152,6 +155,9 @@ fn check_socket(path: &Path, replacing: Option<&Path>) -> Result<(), OutputError
     let owned = || path.to_path_buf();
     let replaced = replacing.is_some_and(|source| same_file(path, source));
     if let (false, Ok(meta)) = (replaced, std::fs::symlink_metadata(path)) {
+        if meta.is_dir() {
+            return Err(OutputError::SocketIsDirectory { path: owned() });
+        }
         if !meta.file_type().is_socket() {
             return Err(OutputError::SocketExists { path: owned() });
         }
@@ -233,6 +239,10 @@ mod tests {
         let taken = dir.join("taken.sock");
         std::fs::write(&taken, b"").expect("a file in the way");
         let check = |path: &Path| open_outputs(&SerialOutput::Discard, Some(path)).map(drop);
+        assert!(matches!(
+            check(&dir),
+            Err(OutputError::SocketIsDirectory { .. })
+        ));
         assert!(matches!(
             check(&taken),
             Err(OutputError::SocketExists { .. })

@@ -219,6 +219,10 @@ pub struct VmStatus {
     pub state_current: bool,
     /// Set when this VM was restored from a saved state.
     pub restore_timings: Option<RestoreTimings>,
+    /// After a handover (`handed_over`): the process the guest runs in now; this VMM holds
+    /// nothing of it any more and waits to be shut down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to_pid: Option<u32>,
 }
 
 /// The eventfds the event loop watches for the VM.
@@ -274,6 +278,8 @@ pub struct Vmm {
     paused_at: Option<SystemTime>,
     /// The handover handed out and not yet confirmed, while `HandingOver`.
     handover: Option<PendingHandover>,
+    /// Once `HandedOver`: the process that confirmed it took the VM.
+    moved_to_pid: Option<u32>,
     events: VmEvents,
 }
 
@@ -297,6 +303,7 @@ impl Vmm {
             update: None,
             paused_at: None,
             handover: None,
+            moved_to_pid: None,
             events,
         }
     }
@@ -516,6 +523,7 @@ impl Vmm {
             memory: self.ram.layout().clone(),
             state_current: self.saved.as_ref().is_some_and(|s| s.current),
             restore_timings: self.restore_timings.clone(),
+            moved_to_pid: self.moved_to_pid,
         }
     }
 

@@ -33,6 +33,15 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// First eight bytes of every state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"LUVMMSTA";
+
+/// Bytes as hex, one pair per byte: `19 be 6e`.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 /// Incompatible format changes bump this.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Backward-compatible additions bump this.
@@ -54,7 +63,10 @@ pub enum StateError {
     #[error("state has {extra} bytes after its body")]
     TrailingBytes { extra: usize },
     /// Not a luvmm state at all.
-    #[error("not a luvmm state: bad magic {found:02x?}")]
+    #[error(
+        "not a luvmm state: it starts with bytes {}, a luvmm state with \"LUVMMSTA\"",
+        hex(found)
+    )]
     BadMagic { found: [u8; 8] },
     /// Written by a format this luvmm cannot read.
     #[error(

@@ -70,16 +70,18 @@ pub struct RunArgs {
     /// Initramfs for a Linux guest, loaded high in RAM.
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
-    /// RAM in MiB, laid out from GPA 0 around the MMIO hole (one memfd per region).
+    /// RAM in MiB, laid out from GPA 0 around the MMIO hole (one memfd per region)
+    /// [default: 64, or the config's].
     #[arg(long)]
     pub memory_mib: Option<u64>,
-    /// Number of vCPUs.
+    /// Number of vCPUs: at most KVM's limit; more than the host's CPUs is allowed, with a
+    /// warning [default: 1, or the config's].
     #[arg(long)]
     pub vcpus: Option<u32>,
-    /// Guest command line.
+    /// Guest command line [default: "console=ttyS0", or the config's].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Boot protocol: auto, linux64 or pvh.
+    /// Boot protocol: auto (from the kernel file's format), linux64 or pvh [default: auto].
     #[arg(long, value_parser = config_word::<BootProtocol>)]
     pub boot: Option<BootProtocol>,
     /// The guest's CPU model: host (everything KVM offers) or baseline (x86-64-v2, XSAVE
@@ -106,10 +108,12 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Guest serial output: stdout, none, or a file path containing a '/' (appended).
+    /// Guest serial output: stdout, none, or a file path containing a '/' (appended)
+    /// [default: stdout].
     #[arg(long, value_parser = SerialOutput::from_flag)]
     pub serial: Option<SerialOutput>,
-    /// Control API socket (created 0600).
+    /// Control API socket to create (mode 0600; a stale one left by a dead luvmm is
+    /// replaced) [default: none, no API].
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
     /// Run each thread under its seccomp filter (on), or without (off, for debugging).
@@ -184,7 +188,8 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The agent's socket (created 0600).
+    /// The agent's socket: the one `serve` creates (mode 0600), or the one the other
+    /// commands talk to.
     #[arg(long, global = true, default_value = DEFAULT_AGENT_SOCKET)]
     pub socket: PathBuf,
     #[command(subcommand)]
@@ -217,9 +222,11 @@ pub enum AgentAction {
     Status,
     /// Kexec the host into KERNEL once every subscribed VM is ready (refused otherwise).
     Update {
-        #[arg(long)]
+        /// The kernel to kexec into (a bzImage), loaded with kexec_file_load.
+        #[arg(long, value_name = "FILE")]
         kernel: PathBuf,
-        #[arg(long)]
+        /// Its initramfs, if it needs one.
+        #[arg(long, value_name = "FILE")]
         initrd: Option<PathBuf>,
         /// Words appended to this kernel's command line for the next one.
         #[arg(long)]
@@ -277,18 +284,24 @@ pub enum CtlRequest {
     Pause,
     /// Resume every vCPU.
     Resume,
-    /// Pause and save the state into a memfd (and a file with --export).
+    /// Pause and save the state into a memfd (and a file with --export); the VM stays paused
+    /// until `resume`.
     Save {
-        /// A regular file or a new one; a relative path is taken from this directory.
-        #[arg(long, value_parser = absolute_path)]
+        /// Also write the state to this file, for `luvmm restore --state FILE` with the
+        /// guest's RAM memfds: a regular file (replaced) or a new one; a relative path is
+        /// taken from this directory. A VM with passthrough devices is restored only by a
+        /// handover (`--from-socket`), which brings their fds.
+        #[arg(long, value_parser = absolute_path, value_name = "FILE")]
         export: Option<PathBuf>,
     },
-    /// Ask the guest to verify its memory and print a LUVMM-CHECK line.
+    /// Ask the guest (luvmm's test payload) to verify its memory and print a LUVMM-CHECK line
+    /// on its serial; a paused guest answers once it is resumed.
     Check,
     /// Ask the guest (luvmm's test payload) for something through the guest-control port:
     /// check, devices (drive every passthrough device again), irq_in_flight (leave device
     /// interrupts in flight, then ask to be paused), irq_landed (check they arrived).
     Guest {
+        /// check, devices, irq_in_flight or irq_landed.
         #[arg(value_parser = config_word::<GuestRequest>)]
         request: GuestRequest,
     },
@@ -364,12 +377,12 @@ pub enum BenchKind {
         /// Guest payload ELF.
         #[arg(long)]
         payload: PathBuf,
-        /// Guest sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024, 4096])]
+        /// Guest sizes in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
         sizes: Vec<u64>,
         /// Passthrough devices per guest, one row per count: the first functions bound to
         /// vfio-pci, so more than 0 needs them (the nested bed's `edu` devices with --kernel).
-        #[arg(long, value_delimiter = ',', default_values_t = [0u32])]
+        #[arg(long, value_delimiter = ',', default_value = "0")]
         devices: Vec<u32>,
         /// Run it inside the nested bed's L1 booted from this kernel (tests/nested/kernel.sh),
         /// with as many `edu` devices as the largest count asks.

@@ -13,7 +13,7 @@ use luvmm_resources::config::ConfigError;
 use luvmm_resources::errors::error_chain;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::api::server::{ApiSocket, ApiSocketError};
-use luvmm_vmm::api::Endpoint;
+use luvmm_vmm::api::{Endpoint, VmmAction};
 use luvmm_vmm::builder::BuildError;
 use luvmm_vmm::outputs::{self, OutputError};
 use luvmm_vmm::restore::{RestoreError, RestoreSource};
@@ -22,7 +22,7 @@ use luvmm_vmm::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
 use luvmm_vmm::update::finish::FinishError;
 use luvmm_vmm::update::release::ReleaseError;
-use luvmm_vmm::vmm::Vmm;
+use luvmm_vmm::vmm::{VmPhase, Vmm};
 use luvmm_vmm::vstate::vm::VmError;
 use luvmm_vmm::{builder, host_check, logger, restore, runtime, update, vstate};
 
@@ -140,6 +140,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             if !reply.body.is_empty() {
                 println!("{}", reply.body);
             }
+            say_where_it_waits(&client, &action);
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => match args.action {
@@ -357,6 +358,30 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     };
     let _console = outputs::RawConsole::enter(&args.common.serial.clone().unwrap_or_default());
     finish(runtime::run(vmm, api, tell_agent))
+}
+
+/// After a `ctl` request, what its reply leaves unsaid: a request to the guest while the VM is
+/// paused waits for the resume; a VM handed over runs in another process.
+fn say_where_it_waits(client: &VmmClient, action: &VmmAction) {
+    let to_guest = matches!(action, VmmAction::Check | VmmAction::GuestRequest(_));
+    if !to_guest && !matches!(action, VmmAction::Status) {
+        return;
+    }
+    let Ok(status) = client.status() else {
+        return;
+    };
+    match (status.phase, status.moved_to_pid) {
+        (VmPhase::Paused | VmPhase::HandingOver | VmPhase::Preserved, _) if to_guest => {
+            eprintln!("the VM is paused: the guest answers once it is resumed");
+        }
+        (VmPhase::HandedOver, Some(pid)) => {
+            eprintln!("the VM was handed over: it runs in process {pid} now, not in this luvmm");
+        }
+        (VmPhase::HandedOver, None) => {
+            eprintln!("the VM was handed over: it runs in another process now, not in this luvmm");
+        }
+        _ => {}
+    }
 }
 
 /// The exit status when the guest rebooted itself (0 when it powered off).

@@ -322,11 +322,17 @@ impl ApiServer {
         };
         log::debug!("api: {} {} -> {action:?}", req.method, req.path);
         let watch = matches!(&action, VmmAction::Handover(body) if body.resume_if_target_exits);
+        let completing = matches!(&action, VmmAction::CompleteHandover(_));
         let shared = self.vmm.clone();
         let mut vmm = lock(&shared);
         let reply = dispatch(&mut vmm, action);
         if let (true, 200, Some(client)) = (watch, reply.response.status, client) {
             self.watch_target(client, &mut vmm, ops);
+        }
+        if let (true, 204, Some(pid)) =
+            (completing, reply.response.status, client.and_then(peer_pid))
+        {
+            vmm.record_moved_to(pid);
         }
         reply
     }
@@ -334,12 +340,8 @@ impl ApiServer {
     /// Watches `client`, the target of the handover just handed out, until it exits. A
     /// target that cannot be watched is only logged: the VM then waits for a `resume`.
     fn watch_target(&mut self, client: &UnixStream, vmm: &mut Vmm, ops: &mut EventOps) {
-        let pidfd = getsockopt(client, PeerCredentials)
-            .map_err(std::io::Error::from)
-            .and_then(|peer| {
-                u32::try_from(peer.pid())
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
-            })
+        let pidfd = peer_pid(client)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))
             .and_then(open_pidfd);
         let watched = match pidfd {
             Ok(pidfd) => vmm.watch_target(pidfd),
@@ -406,6 +408,12 @@ fn read_request(client: &mut Client) -> Reading {
             Err(e) => return Reading::Refused(refusal(e)),
         }
     }
+}
+
+/// The process on the other end of `client`.
+fn peer_pid(client: &UnixStream) -> Option<u32> {
+    let peer = getsockopt(client, PeerCredentials).ok()?;
+    u32::try_from(peer.pid()).ok()
 }
 
 /// Whether a client sent more bytes than were read.

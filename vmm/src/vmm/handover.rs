@@ -226,6 +226,13 @@ impl Vmm {
         self.phase = VmPhase::HandedOver;
         Ok(())
     }
+
+    /// Records the process that confirmed the handover (its peer credentials), for `status`.
+    pub fn record_moved_to(&mut self, pid: u32) {
+        if self.phase == VmPhase::HandedOver {
+            self.moved_to_pid = Some(pid);
+        }
+    }
 }
 
 impl Vmm {
