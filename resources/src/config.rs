@@ -318,27 +318,13 @@ impl VmConfig {
     /// Parses a JSON config; an error names the field that is wrong, in words rather than
     /// Rust's types (`vcpus: expected a number, found string "two"`).
     fn from_json(text: &str) -> Result<VmConfig, String> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let serde_json::Value::Object(fields) = &value else {
-            return Err(format!(
+        match serde_json::from_str(text).map_err(|e| e.to_string())? {
+            serde_json::Value::Object(fields) => crate::json::decode_object(fields),
+            other => Err(format!(
                 "a config is a JSON object ({{\"vcpus\": 1, ...}}), not {}",
-                json_kind(&value)
-            ));
-        };
-        serde_json::from_value(value.clone()).map_err(|whole| {
-            // Which field: each one alone on top of the defaults.
-            let defaults = serde_json::to_value(VmConfig::default()).ok();
-            let culprit = defaults.and_then(|defaults| {
-                fields.iter().find_map(|(name, field)| {
-                    let mut one = defaults.clone();
-                    one.as_object_mut()?.insert(name.clone(), field.clone());
-                    serde_json::from_value::<VmConfig>(one)
-                        .err()
-                        .map(|e| format!("{name}: {}", in_words(&e.to_string())))
-                })
-            });
-            culprit.unwrap_or_else(|| in_words(&whole.to_string()))
-        })
+                crate::json::kind(&other)
+            )),
+        }
     }
 
     /// Checks every field; the first problem found is returned.
@@ -528,40 +514,6 @@ fn to_region(r: &MemoryRegionConfig) -> GuestRegion {
         gpa: r.gpa,
         size: r.size,
     }
-}
-
-/// What a JSON value is, for a message.
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-/// serde's message with the Rust types it names put in JSON's words.
-fn in_words(message: &str) -> String {
-    let Some(rest) = message.strip_prefix("invalid type: ") else {
-        return message.to_string();
-    };
-    let Some((found, expected)) = rest.split_once(", expected ") else {
-        return message.to_string();
-    };
-    let expected = match expected {
-        "u8" | "u16" | "u32" | "u64" | "usize" | "i32" | "i64" => "a number",
-        "a sequence" => "a list",
-        other if other.starts_with("struct ") => "an object",
-        other => other,
-    };
-    let found = match found {
-        "map" => "an object",
-        "sequence" => "a list",
-        other => other,
-    };
-    format!("expected {expected}, found {found}")
 }
 
 #[cfg(test)]

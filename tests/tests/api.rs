@@ -65,6 +65,14 @@ fn bad_requests_get_http_errors_and_the_vmm_keeps_running() {
         assert!(value["error"].is_string(), "{reply}");
     }
 
+    // A wrong type names its field, in JSON's words.
+    let (status, reply) = vm.api("PUT", "/vm/save", r#"{"export_path": 7}"#);
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply.contains("export_path: expected path string, found integer `7`"),
+        "{reply}"
+    );
+
     // Not HTTP at all.
     let mut raw = UnixStream::connect(&vm.socket).unwrap();
     raw.write_all(b"\x00\x01garbage\r\n\r\n").unwrap();

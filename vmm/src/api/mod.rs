@@ -39,6 +39,7 @@ use crate::vmm::{ExportError, Vmm, VmmError};
 use http::{Request, Response};
 use luvmm_liveupdate::agent::AgentClient;
 use luvmm_resources::errors::error_chain;
+use luvmm_resources::json::{decode_object, kind};
 
 /// One operation the API can ask of the VMM.
 #[derive(Debug, PartialEq, Eq)]
@@ -309,8 +310,9 @@ fn no_body(body: &[u8]) -> Result<(), Response> {
 fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Response> {
     match json_object(body)? {
         None => Ok(T::default()),
-        Some(fields) => serde_json::from_value(serde_json::Value::Object(fields))
-            .map_err(|e| Response::error(400, &format!("bad JSON body: {e}"))),
+        Some(fields) => {
+            decode_object(fields).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))
+        }
     }
 }
 
@@ -318,8 +320,9 @@ fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, 
 fn required_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
     match json_object(body)? {
         None => Err(Response::error(400, "this endpoint needs a JSON body")),
-        Some(fields) => serde_json::from_value(serde_json::Value::Object(fields))
-            .map_err(|e| Response::error(400, &format!("bad JSON body: {e}"))),
+        Some(fields) => {
+            decode_object(fields).map_err(|e| Response::error(400, &format!("bad JSON body: {e}")))
+        }
     }
 }
 
@@ -332,7 +335,10 @@ fn json_object(
     }
     match serde_json::from_slice(body) {
         Ok(serde_json::Value::Object(fields)) => Ok(Some(fields)),
-        Ok(_) => Err(Response::error(400, "the body must be a JSON object")),
+        Ok(other) => Err(Response::error(
+            400,
+            &format!("the body must be a JSON object, not {}", kind(&other)),
+        )),
         Err(e) => Err(Response::error(400, &format!("bad JSON body: {e}"))),
     }
 }
