@@ -83,13 +83,29 @@ pub fn restore_tsc_rate(
     let (Some(saved), Ok(host)) = (saved, vcpu.get_tsc_khz()) else {
         return Ok(false);
     };
-    let plan = rate_plan(saved, host, kvm_scales)?;
+    let mut plan = rate_plan(saved, host, kvm_scales)?;
     if matches!(plan, RatePlan::Set | RatePlan::CatchUp { .. }) {
-        vcpu.set_tsc_khz(saved).map_err(|source| TscError::Rate {
-            saved,
-            host,
-            source,
-        })?;
+        match vcpu.set_tsc_khz(saved) {
+            Ok(()) => {}
+            // KVM judges its tolerance against the host kernel's own TSC rate, which may
+            // differ from the rate it gives a new vCPU (its highest): a saved rate a few ppm
+            // below the vCPU's can be outside it, and is refused where KVM cannot scale. The
+            // vCPU goes back to the rate it was made with (KVM had already taken the refused
+            // one for its arithmetic), as for a rate within a recalibration's drift.
+            Err(_) if !kvm_scales && drift_ppm(saved, host) <= TSC_DRIFT_PPM => {
+                let _ = vcpu.set_tsc_khz(host);
+                plan = RatePlan::Unscaled {
+                    ppm: drift_ppm(saved, host),
+                };
+            }
+            Err(source) => {
+                return Err(TscError::Rate {
+                    saved,
+                    host,
+                    source,
+                })
+            }
+        }
     }
     match plan {
         RatePlan::Keep => Ok(false),
