@@ -207,12 +207,21 @@ fn name_of(vm: &str) -> Result<SessionName, AgentClientError> {
 pub struct FakeAgent(FakeHost);
 
 impl UpdateAgent for FakeAgent {
-    fn subscribe(&self, vm: &str) -> Result<Box<dyn PreserveSession>, AgentClientError> {
+    fn subscribe(
+        &self,
+        vm: &str,
+        launch: Option<&serde_json::Value>,
+    ) -> Result<Box<dyn PreserveSession>, AgentClientError> {
         let mut host = self.0.agent_call("subscribe", vm)?;
         let name = host
             .ledger
             .subscribe(vm, 0)
             .map_err(|e| refused("subscribe", e))?;
+        if let Some(launch) = launch {
+            host.ledger
+                .record_launch(vm, launch.clone())
+                .map_err(|e| refused("subscribe", e))?;
+        }
         host.outgoing.insert(
             name.to_string(),
             Outgoing {
@@ -486,7 +495,7 @@ mod tests {
     fn a_ready_session_crosses_the_kexec_and_a_failed_restore_can_be_retried() {
         let host = FakeHost::new();
         let agent = host.agent();
-        let session = agent.subscribe("vm1").unwrap();
+        let session = agent.subscribe("vm1", None).unwrap();
         let file = memfd(b"guest ram");
         session.preserve(file.as_fd(), 7).unwrap();
         agent.ready("vm1", &[]).unwrap();
@@ -517,7 +526,7 @@ mod tests {
     fn a_session_is_unpreserved_once_both_copies_are_closed() {
         let host = FakeHost::new();
         let agent = host.agent();
-        let session = agent.subscribe("vm1").unwrap();
+        let session = agent.subscribe("vm1", None).unwrap();
         session.preserve(memfd(b"x").as_fd(), 1).unwrap();
         session.cancel();
         assert_eq!(
@@ -533,7 +542,7 @@ mod tests {
     fn a_failed_retrieve_stays_failed() {
         let host = FakeHost::new();
         let agent = host.agent();
-        let session = agent.subscribe("vm1").unwrap();
+        let session = agent.subscribe("vm1", None).unwrap();
         session.preserve(memfd(b"x").as_fd(), 1).unwrap();
         agent.ready("vm1", &[]).unwrap();
         host.set_faults(Faults {

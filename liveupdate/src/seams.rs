@@ -37,8 +37,13 @@ pub trait RetrieveSession: Send {
 
 /// The live-update agent, as a VMM sees it.
 pub trait UpdateAgent: Send + Sync {
-    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec).
-    fn subscribe(&self, vm: &str) -> Result<Box<dyn PreserveSession>, AgentClientError>;
+    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec),
+    /// with what its restore needs again (`launch`, kept in the ledger, opaque to the agent).
+    fn subscribe(
+        &self,
+        vm: &str,
+        launch: Option<&serde_json::Value>,
+    ) -> Result<Box<dyn PreserveSession>, AgentClientError>;
     /// VM `vm` has preserved everything and is paused; it needs `devices` after the kexec.
     fn ready(&self, vm: &str, devices: &[String]) -> Result<(), AgentClientError>;
     /// Calls VM `vm`'s update off: the agent closes its copy of the session.
@@ -91,8 +96,12 @@ impl RetrieveSession for IncomingSession {
 }
 
 impl UpdateAgent for AgentClient {
-    fn subscribe(&self, vm: &str) -> Result<Box<dyn PreserveSession>, AgentClientError> {
-        Ok(Box::new(AgentClient::subscribe(self, vm)?))
+    fn subscribe(
+        &self,
+        vm: &str,
+        launch: Option<&serde_json::Value>,
+    ) -> Result<Box<dyn PreserveSession>, AgentClientError> {
+        Ok(Box::new(AgentClient::subscribe(self, vm, launch)?))
     }
 
     fn ready(&self, vm: &str, devices: &[String]) -> Result<(), AgentClientError> {

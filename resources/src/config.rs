@@ -73,6 +73,35 @@ impl SerialOutput {
     }
 }
 
+/// What a VM's luvmm was launched with that its restore after a host live update needs again:
+/// where the guest's console goes and where the API listens. The VMM gives it to the agent
+/// when it subscribes, so that the restore in the next kernel (`luvmm restore --session ID`)
+/// needs no flags. Paths are absolute: the restore may run elsewhere (a systemd unit).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRecord {
+    pub serial: SerialOutput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+}
+
+impl LaunchRecord {
+    /// The record of `serial` and `api_socket`, their paths made absolute against this
+    /// process's directory.
+    pub fn new(serial: &SerialOutput, api_socket: Option<&std::path::Path>) -> LaunchRecord {
+        let absolute = |path: &std::path::Path| {
+            std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+        };
+        LaunchRecord {
+            serial: match serial {
+                SerialOutput::File(path) => SerialOutput::File(absolute(path)),
+                other => other.clone(),
+            },
+            api_socket: api_socket.map(absolute),
+        }
+    }
+}
+
 /// One RAM region as the user writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,7 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
+use luvmm_liveupdate::agent::AgentClient;
 use luvmm_liveupdate::seams::RetrieveSession;
 
 use kvm_ioctls::Kvm;
@@ -20,11 +20,10 @@ use crate::faults::{self, Fault};
 use crate::passthrough::{HandedDevice, HandedDeviceManifest, HandedDevices};
 use crate::shell::{Shell, ShellError};
 use crate::takeover::Takeover;
+use crate::update::before_claim::{wait_for_agent, BeforeClaim, BeforeClaimError};
 use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::update::retry::AgentKeeper;
 use crate::vmm::{HandoverTicket, StageManifest, StagedDevices};
-use crate::vstate::vm::{KvmVm, VmError};
-use crate::vstate::x86_64::host_kvm::{HostKvm, ProbeError};
 
 /// Where the state and memory come from.
 pub enum RestoreSource {
@@ -83,45 +82,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Session(#[from] RetrieveError),
     #[error(transparent)]
-    Probe(#[from] ProbeError),
-    #[error("cannot make the KVM VM")]
-    Vm(#[from] VmError),
-    #[error("asked the agent for {waited_s} s")]
-    NoAgent {
-        waited_s: u64,
-        #[source]
-        source: AgentClientError,
-    },
-}
-
-/// Waits until the agent behind `socket` answers, up to `wait`: a restore started beside the
-/// agent (by an init system or the drill) asks KVM what it needs meanwhile. Only a socket
-/// nobody listens on yet is waited for.
-fn wait_for_agent(agent: &AgentClient, socket: &Path, wait: Duration) -> Result<(), RestoreError> {
-    let started = Instant::now();
-    let mut said = false;
-    loop {
-        match agent.status() {
-            Ok(_) => return Ok(()),
-            Err(AgentClientError::NotRunning { .. }) if started.elapsed() < wait => {
-                if !said {
-                    log::info!(
-                        "waiting up to {} s for the agent on {}",
-                        wait.as_secs(),
-                        socket.display()
-                    );
-                    said = true;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(source) => {
-                return Err(RestoreError::NoAgent {
-                    waited_s: started.elapsed().as_secs(),
-                    source,
-                })
-            }
-        }
-    }
+    BeforeClaim(#[from] BeforeClaimError),
 }
 
 /// What a restore gathered: the inputs of `build_from_saved`; after a live update, the session
@@ -134,12 +95,13 @@ pub type Gathered = (
 );
 
 /// Collects the state and memfds for `build_from_saved` (after a live update, its state checked
-/// against `kvm`, the KVM the VM will be rebuilt on), and what must be finished or confirmed
-/// once the VM is rebuilt.
+/// against `kvm`, the KVM the VM will be rebuilt on, on the VM `before` made if it was made
+/// already), and what must be finished or confirmed once the VM is rebuilt.
 pub fn collect(
     source: RestoreSource,
     serial: SerialOut,
     kvm: &Kvm,
+    before: Option<BeforeClaim>,
 ) -> Result<Gathered, RestoreError> {
     let mut started = Instant::now();
     let (mut args, session, takeover) = match source {
@@ -153,13 +115,14 @@ pub fn collect(
             agent_wait,
         } => {
             // What needs no session first, while the agent may still be starting.
-            let host = HostKvm::probe(kvm)?;
-            let vm = KvmVm::new(kvm)?;
-            let ahead_ms = started.elapsed().as_secs_f64() * 1e3;
+            let before = match before {
+                Some(before) => before,
+                None => BeforeClaim::make(kvm)?,
+            };
             let agent = AgentClient::new(&agent_socket);
             wait_for_agent(&agent, &agent_socket, agent_wait)?;
             started = Instant::now();
-            let retrieved = retrieve(&vm_id, &agent, &host)?;
+            let retrieved = retrieve(&vm_id, &agent, &before.host)?;
             let keeper = AgentKeeper::new(Box::new(AgentClient::new(&agent_socket)), &vm_id);
             let args = RestoreArgs {
                 state: retrieved.state,
@@ -175,7 +138,7 @@ pub fn collect(
                 },
                 serial,
                 gather_ms: 0.0,
-                vm_ahead: Some((vm, ahead_ms)),
+                vm_ahead: Some((before.vm, before.took_ms)),
             };
             (args, Some(retrieved.session), None)
         }
@@ -430,6 +393,7 @@ mod tests {
             RestoreSource::Inherited { state, memory_fds },
             Box::new(std::io::sink()),
             &kvm,
+            None,
         )
         .map(|(args, session, takeover)| {
             assert!(session.is_none(), "inherited fds bring no session");

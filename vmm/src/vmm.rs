@@ -11,6 +11,7 @@ use luvmm_devices::guest_control::{GuestControl, GuestRequest};
 use luvmm_devices::pci::bus::PciBus;
 use luvmm_devices::power::GuestPower;
 use luvmm_devices::serial::SerialDevice;
+use luvmm_resources::config::LaunchRecord;
 use luvmm_resources::layout::MemoryLayout;
 use luvmm_resources::state::{self, DevicesState, StateError, UpdateRecord, VcpuState, VmState};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -280,6 +281,8 @@ pub struct Vmm {
     handover: Option<PendingHandover>,
     /// Once `HandedOver`: the process that confirmed it took the VM.
     moved_to_pid: Option<u32>,
+    /// What this VMM was launched with that a restore after a host update needs again.
+    pub(crate) launch: Option<LaunchRecord>,
     events: VmEvents,
 }
 
@@ -304,8 +307,19 @@ impl Vmm {
             paused_at: None,
             handover: None,
             moved_to_pid: None,
+            launch: None,
             events,
         }
+    }
+
+    /// Records what this VMM was launched with, for the agent to keep across a host update.
+    pub fn set_launch(&mut self, launch: LaunchRecord) {
+        self.launch = Some(launch);
+    }
+
+    /// What this VMM was launched with, once recorded.
+    pub fn launched_with(&self) -> Option<&LaunchRecord> {
+        self.launch.as_ref()
     }
 
     /// The eventfds the event loop watches.

@@ -104,10 +104,19 @@ impl AgentClient {
         }
     }
 
-    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec).
-    pub fn subscribe(&self, vm: &str) -> Result<OutgoingSession, AgentClientError> {
+    /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec),
+    /// with what its restore needs again (`launch`, kept in the ledger).
+    pub fn subscribe(
+        &self,
+        vm: &str,
+        launch: Option<&serde_json::Value>,
+    ) -> Result<OutgoingSession, AgentClientError> {
         let op = "subscribe";
-        let (reply, fds) = self.call(op, &Request::Subscribe { vm: vm.into() })?;
+        let request = Request::Subscribe {
+            vm: vm.into(),
+            launch: launch.cloned(),
+        };
+        let (reply, fds) = self.call(op, &request)?;
         let (fd, name) = Self::session_fd(op, reply, fds)?;
         Ok(OutgoingSession::from_fd(fd, name))
     }

@@ -189,6 +189,7 @@ fn rebuilt(vms: &[String], now_ms: u64) -> Result<Ledger, TakeOverError> {
             claimant: None,
             failure: None,
             claims: 0,
+            launch: None,
         });
     }
     ledger.updates = 1;

@@ -64,6 +64,10 @@ pub struct VmRecord {
     /// How many times its session was claimed in this boot.
     #[serde(default)]
     pub claims: u32,
+    /// What its VMM was launched with that its restore needs again, as the VMM sent it when
+    /// it subscribed (opaque here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<serde_json::Value>,
 }
 
 /// A process that claimed a session, told apart from a later one given the same pid by its
@@ -150,8 +154,19 @@ impl Ledger {
             claimant: None,
             failure: None,
             claims: 0,
+            launch: None,
         });
         Ok(session)
+    }
+
+    /// Keeps what VM `vm`'s VMM was launched with, for its restore after the kexec.
+    pub fn record_launch(
+        &mut self,
+        vm: &str,
+        launch: serde_json::Value,
+    ) -> Result<(), LedgerError> {
+        self.find(vm)?.launch = Some(launch);
+        Ok(())
     }
 
     /// The VM has preserved everything and is paused; after the kexec it needs `devices`.

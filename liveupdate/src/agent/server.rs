@@ -445,8 +445,11 @@ impl Agent {
         let none = Vec::new;
         match request {
             Request::Probe {} => Ok((self.probe(&fds), none(), After::Nothing)),
-            Request::Subscribe { vm } => {
+            Request::Subscribe { vm, launch } => {
                 let name = self.ledger.subscribe(&vm, now)?;
+                if let Some(launch) = launch {
+                    self.ledger.record_launch(&vm, launch)?;
+                }
                 let session = match self.luo.create_session(&name) {
                     Ok(session) => session,
                     Err(e) => {
@@ -808,6 +811,10 @@ mod tests {
                 claimant: None,
                 failure: None,
                 claims: 0,
+                launch: Some(serde_json::json!({
+                    "serial": {"file": format!("/var/log/luvmm/vm-{i:04}.log")},
+                    "api_socket": format!("/run/luvmm/vm-{i:04}.sock"),
+                })),
             })
             .collect();
         let memfd = write_ledger(&ledger).unwrap();

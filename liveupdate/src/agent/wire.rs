@@ -16,15 +16,22 @@ use crate::unix::{self, FdReader};
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Longest reply line a client reads, and so the largest ledger the agent may keep: `status`
 /// sends it whole, and it crosses the kexec in a memfd that the next agent reads under this
-/// bound. A VM's record with 8 devices takes about 300 bytes, so 16 MiB holds some 50 000 VMs.
-pub const MAX_REPLY: usize = 16 * 1024 * 1024;
+/// bound. A VM's record with 8 devices and its launch record takes about 400 bytes, so 32 MiB
+/// holds some 80 000 VMs.
+pub const MAX_REPLY: usize = 32 * 1024 * 1024;
 
 /// What a client asks of the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// A new VM: create its session; the reply carries the session fd.
-    Subscribe { vm: String },
+    /// A new VM: create its session; the reply carries the session fd. `launch` is what the
+    /// VM's restore after the kexec needs again (its VMM's outputs), kept in the ledger for
+    /// it; the agent does not look inside.
+    Subscribe {
+        vm: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        launch: Option<serde_json::Value>,
+    },
     /// The VM has preserved everything and is paused; after the kexec it needs `devices`.
     Ready {
         vm: String,
@@ -188,7 +195,10 @@ mod tests {
     #[test]
     fn requests_and_replies_cross_a_socket_with_their_fds() {
         let (a, b) = UnixStream::pair().unwrap();
-        let request = Request::Subscribe { vm: "vm1".into() };
+        let request = Request::Subscribe {
+            vm: "vm1".into(),
+            launch: None,
+        };
         send_line(&a, &request, &[]).unwrap();
         let (line, fds) = recv_line(&b, MAX_REQUEST).unwrap();
         assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), request);
@@ -243,6 +253,11 @@ mod tests {
         for i in 0..1000 {
             let vm = format!("vm-{i:04}");
             ledger.subscribe(&vm, 1_700_000_000_000).unwrap();
+            let launch = serde_json::json!({
+                "serial": {"file": format!("/var/log/luvmm/{vm}.log")},
+                "api_socket": format!("/run/luvmm/{vm}.sock"),
+            });
+            ledger.record_launch(&vm, launch).unwrap();
             ledger.ready(&vm, 1_700_000_000_001, &devices).unwrap();
         }
         let reply = Reply {
@@ -257,8 +272,8 @@ mod tests {
         sender.join().unwrap().unwrap();
         assert!(fds.is_empty());
         assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), reply);
-        // The bound `MAX_REPLY` states: 50 000 such VMs fit.
-        assert!(line.len() * 50 < MAX_REPLY, "{} bytes", line.len());
+        // The bound `MAX_REPLY` states: 80 000 such VMs fit.
+        assert!(line.len() * 80 < MAX_REPLY, "{} bytes", line.len());
     }
 
     #[test]
@@ -267,6 +282,30 @@ mod tests {
         send_line(&a, &"x".repeat(100), &[]).unwrap();
         let err = recv_line(&b, 50).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_subscribe_carries_its_launch_record_or_none() {
+        let with: Request = serde_json::from_str(
+            r#"{"op":"subscribe","vm":"vm1","launch":{"api_socket":"/run/vm1.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with,
+            Request::Subscribe {
+                vm: "vm1".into(),
+                launch: Some(serde_json::json!({"api_socket": "/run/vm1.sock"})),
+            }
+        );
+        // An older VMM sends none.
+        let without: Request = serde_json::from_str(r#"{"op":"subscribe","vm":"vm1"}"#).unwrap();
+        assert_eq!(
+            without,
+            Request::Subscribe {
+                vm: "vm1".into(),
+                launch: None,
+            }
+        );
     }
 
     #[test]

@@ -64,7 +64,7 @@ fn verify(file: &mut File) -> Result<(), String> {
 /// kexec `luvmm restore --session vmbad` must refuse it having retrieved nothing but the
 /// state (agent.sh counts the kernel's memfd retrieves).
 fn corrupt_vm(agent: &AgentClient) -> Result<luvmm_liveupdate::luo::OutgoingSession, String> {
-    let session = agent.subscribe("vmbad").map_err(|e| e.to_string())?;
+    let session = agent.subscribe("vmbad", None).map_err(|e| e.to_string())?;
     let fd = nix::sys::memfd::memfd_create("state", nix::sys::memfd::MFdFlags::empty())
         .map_err(|e| e.to_string())?;
     let mut state = File::from(fd);
@@ -90,7 +90,7 @@ fn refused<T, E: std::fmt::Display>(result: Result<T, E>, needle: &str) -> Resul
 fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
     let mut report = Report::new("agent_");
     let agent = AgentClient::new(socket);
-    let session = match agent.subscribe("vm1") {
+    let session = match agent.subscribe("vm1", None) {
         Ok(session) => session,
         Err(e) => {
             report.check("subscribe", Err(e.to_string()));
@@ -107,18 +107,18 @@ fn stage1(socket: &Path, kernel: &Path, initrd: &Path) -> i32 {
     report.check(
         "second_subscribe_refused",
         refused(
-            agent.subscribe("vm1"),
+            agent.subscribe("vm1", None),
             "session luvmm-vm1 is already handed out",
         ),
     );
     report.check(
         "bad_vm_id_refused",
-        refused(agent.subscribe("a.b"), "invalid VM id"),
+        refused(agent.subscribe("a.b", None), "invalid VM id"),
     );
     report.check(
         "release",
         agent
-            .subscribe("vm2")
+            .subscribe("vm2", None)
             .map_err(|e| e.to_string())
             .and_then(|s| {
                 drop(s);
@@ -259,7 +259,7 @@ fn hold(socket: &Path, args: &[String]) -> i32 {
         eprintln!("usage: agent-scenario hold --socket S --vm ID --seconds N");
         return 2;
     };
-    match AgentClient::new(socket).subscribe(vm) {
+    match AgentClient::new(socket).subscribe(vm, None) {
         Ok(session) => {
             println!("holding {}", session.name());
             std::thread::sleep(std::time::Duration::from_secs(seconds));
@@ -287,7 +287,7 @@ fn noisy(socket: &Path, args: &[String]) -> i32 {
     };
     let agent = AgentClient::new(socket);
     let held = (|| {
-        let session = agent.subscribe(vm).map_err(|e| e.to_string())?;
+        let session = agent.subscribe(vm, None).map_err(|e| e.to_string())?;
         let iommu = Iommu::new().map_err(|e| format!("iommufd: {e}"))?;
         let device = open_bound(bdf, &iommu).map_err(|e| format!("open {bdf}: {e}"))?;
         let msi = EventFd::new(0).map_err(|e| format!("eventfd: {e}"))?;

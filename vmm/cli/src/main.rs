@@ -9,7 +9,7 @@ use luvmm::cli::{self, AgentAction, Cli, Command, UpdateCommand};
 use luvmm::{bench, drill};
 use luvmm_liveupdate::agent::{holder, Agent, AgentClient, AgentClientError, AgentError};
 use luvmm_liveupdate::luo::kexec::KexecError;
-use luvmm_resources::config::ConfigError;
+use luvmm_resources::config::{ConfigError, LaunchRecord, SerialOutput};
 use luvmm_resources::errors::error_chain;
 use luvmm_vmm::api::client::{ClientError, VmmClient};
 use luvmm_vmm::api::server::{ApiSocket, ApiSocketError};
@@ -20,6 +20,7 @@ use luvmm_vmm::restore::{RestoreError, RestoreSource};
 use luvmm_vmm::runtime::RuntimeError;
 use luvmm_vmm::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
+use luvmm_vmm::update::before_claim::{launch_record, wait_for_agent, BeforeClaim};
 use luvmm_vmm::update::finish::FinishError;
 use luvmm_vmm::update::release::ReleaseError;
 use luvmm_vmm::vmm::{VmPhase, Vmm};
@@ -115,7 +116,11 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             runtime::block_exit_signals().map_err(CommandError::Signals)?;
             let kvm = vstate::vm::open_kvm()?;
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-            let vmm = builder::build_for_boot(&kvm, &config, serial)?;
+            let mut vmm = builder::build_for_boot(&kvm, &config, serial)?;
+            vmm.set_launch(LaunchRecord::new(
+                &config.serial,
+                config.api_socket.as_deref(),
+            ));
             let api = config
                 .api_socket
                 .as_deref()
@@ -275,28 +280,55 @@ fn holder_command(socket: &Path, mode: SeccompMode) -> Result<std::process::Comm
 /// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
 fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     seccomp::init(args.common.seccomp)?;
-    let api_path = args.common.api_socket.as_deref();
     // What can fail before the VM's holder is asked for anything.
     let prepare = || -> Result<_, CommandError> {
         let source = cli::restore_source(args)?;
-        let serial = args.common.serial.clone().unwrap_or_default();
-        // A session is claimed once: what this process will write to is opened first.
-        let serial = match &args.from_socket {
-            Some(from) => outputs::open_outputs_replacing(&serial, api_path, from)?,
-            None => outputs::open_outputs(&serial, api_path)?,
-        };
+        // What the flags name is refused at once, before anything waits for the agent.
+        if args.common.serial.is_some() || args.common.api_socket.is_some() {
+            let serial = args.common.serial.clone().unwrap_or(SerialOutput::Discard);
+            let api_path = args.common.api_socket.as_deref();
+            match &args.from_socket {
+                Some(from) => drop(outputs::open_outputs_replacing(&serial, api_path, from)?),
+                None => drop(outputs::open_outputs(&serial, api_path)?),
+            }
+        }
         runtime::block_exit_signals().map_err(CommandError::Signals)?;
         let kvm = vstate::vm::open_kvm()?;
-        let api = api_path.map(ApiSocket::bind_aside).transpose()?;
-        Ok((source, serial, kvm, api))
+        // After a kexec: KVM asked and the VM made while the agent may still be starting;
+        // then what the VM's VMM was launched with, for what no flag says.
+        let (before, recorded) = match &source {
+            RestoreSource::Session {
+                vm_id,
+                agent_socket,
+                agent_wait,
+            } => {
+                let before = BeforeClaim::make(&kvm).map_err(RestoreError::from)?;
+                let agent = AgentClient::new(agent_socket);
+                let ledger = wait_for_agent(&agent, agent_socket, *agent_wait)
+                    .map_err(RestoreError::from)?;
+                let recorded = launch_record(&ledger, vm_id).map_err(RestoreError::from)?;
+                (Some(before), recorded.unwrap_or_default())
+            }
+            _ => (None, LaunchRecord::default()),
+        };
+        let serial_to = args.common.serial.clone().unwrap_or(recorded.serial);
+        let api_path = args.common.api_socket.clone().or(recorded.api_socket);
+        let launch = LaunchRecord::new(&serial_to, api_path.as_deref());
+        // A session is claimed once: what this process will write to is opened first.
+        let serial = match &args.from_socket {
+            Some(from) => outputs::open_outputs_replacing(&serial_to, api_path.as_deref(), from)?,
+            None => outputs::open_outputs(&serial_to, api_path.as_deref())?,
+        };
+        let api = api_path.as_deref().map(ApiSocket::bind_aside).transpose()?;
+        Ok((source, serial, kvm, api, before, launch))
     };
-    let rebuild = |(source, serial, kvm, api)| -> Result<_, CommandError> {
+    let rebuild = |(source, serial, kvm, api, before, launch)| -> Result<_, CommandError> {
         // From a running VMM: its KVM VM and memslots are built here while it runs on.
         let shell = match &source {
             RestoreSource::Socket(from) => Some(restore::build_ahead(from, &kvm)?),
             _ => None,
         };
-        let (inputs, session, takeover) = restore::collect(source, serial, &kvm)?;
+        let (inputs, session, takeover) = restore::collect(source, serial, &kvm, before)?;
         let built = (|| {
             vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
             let mut vmm: Vmm = match shell {
@@ -307,6 +339,8 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
                 // Everything is retrieved and rebuilt: the kernel may let go of the session.
                 vmm.record_finish(update::finish::finish_session(session.as_ref())?);
             }
+            // For the next update of this VM.
+            vmm.set_launch(launch);
             Ok::<_, CommandError>(vmm)
         })();
         match (built, &args.session) {
@@ -356,7 +390,8 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
             update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
         }
     };
-    let _console = outputs::RawConsole::enter(&args.common.serial.clone().unwrap_or_default());
+    let serial_to = vmm.launched_with().map(|l| l.serial.clone());
+    let _console = outputs::RawConsole::enter(&serial_to.unwrap_or_default());
     finish(runtime::run(vmm, api, tell_agent))
 }
 

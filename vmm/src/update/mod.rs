@@ -7,6 +7,8 @@
 //! - [`cancel`]: call a prepared update off (asked, or by the agent), the guest resumed.
 //!
 //! After it, in a new VMM (`luvmm restore --session`):
+//! - [`before_claim`]: ask KVM, make the VM, wait for the agent and read what the VMM was
+//!   launched with, while the agent may still be starting;
 //! - [`retrieve`]: claim the session, the state first and checked, then RAM and devices;
 //! - [`retry`]: take back what a failed restore of the session left with the agent, and
 //!   leave this one's there in turn;
@@ -21,6 +23,7 @@
 //! Every phase talks to LUO and the agent through [`luvmm_liveupdate::seams`], and to the VM
 //! through [`vm::UpdateVm`], so the flow is unit-tested against fakes.
 
+pub mod before_claim;
 pub mod cancel;
 pub mod check;
 pub mod finish;

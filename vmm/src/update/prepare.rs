@@ -82,7 +82,7 @@ pub fn prepare(
     }
     let preflight = check_vm(vm, agent.as_ref())?;
     preflight.refuse_prepare(options.require_preserved_devices)?;
-    let session = agent.subscribe(options.vm_id)?;
+    let session = agent.subscribe(options.vm_id, vm.launch().as_ref())?;
     let prepared = PreparedUpdate {
         vm_id: options.vm_id.to_string(),
         agent,

@@ -87,7 +87,7 @@ mod tests {
     fn claimed() -> FakeHost {
         let host = FakeHost::new();
         let agent = host.agent();
-        let _outgoing = agent.subscribe("vm1").unwrap();
+        let _outgoing = agent.subscribe("vm1", None).unwrap();
         agent.ready("vm1", &[]).unwrap();
         host.kexec();
         // The claimant's session copy stays open for the test: it is alive.

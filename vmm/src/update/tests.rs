@@ -7,11 +7,13 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use luvmm_liveupdate::agent::VmPhase as AgentPhase;
 use luvmm_liveupdate::fake::{FakeHost, Faults};
 use luvmm_liveupdate::luo::Token;
 use luvmm_liveupdate::seams::UpdateAgent;
+use luvmm_resources::config::{LaunchRecord, SerialOutput};
 use luvmm_resources::state::{
     self, UpdateRecord, VmState, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN,
 };
@@ -149,6 +151,14 @@ impl UpdateVm for FakeVm {
     fn prepared(&mut self) -> &mut Option<PreparedUpdate> {
         &mut self.prepared
     }
+
+    fn launch(&self) -> Option<serde_json::Value> {
+        let launch = LaunchRecord::new(
+            &SerialOutput::File("/var/log/vm1.log".into()),
+            Some(Path::new("/run/luvmm/vm1.sock")),
+        );
+        serde_json::to_value(launch).ok()
+    }
 }
 
 fn options(require_preserved_devices: bool) -> PrepareOptions<'static> {
@@ -216,6 +226,15 @@ fn a_prepare_preserves_ram_then_devices_then_the_state_and_leaves_the_vm_preserv
     let ledger = host.ledger();
     assert_eq!(ledger.vms[0].phase, AgentPhase::Ready);
     assert_eq!(ledger.vms[0].devices, [DEV1, DEV2]);
+    // What the VMM was launched with waits in the ledger for the restore.
+    let launch: LaunchRecord =
+        serde_json::from_value(ledger.vms[0].launch.clone().expect("a launch record"))
+            .expect("the record decodes");
+    assert_eq!(
+        launch.api_socket.as_deref(),
+        Some(Path::new("/run/luvmm/vm1.sock"))
+    );
+    assert_eq!(launch.serial, SerialOutput::File("/var/log/vm1.log".into()));
 }
 
 #[test]
@@ -387,7 +406,7 @@ fn host_kvm() -> HostKvm {
 fn after_kexec_with(blob: &[u8], devices: &[&str]) -> FakeHost {
     let host = FakeHost::new();
     let agent = host.agent();
-    let session = agent.subscribe("vm1").expect("subscribe");
+    let session = agent.subscribe("vm1", None).expect("subscribe");
     let ram = memfd("ram0", &vec![0x5a; 4 << 20]);
     session.preserve(ram.as_fd(), RAM_TOKEN_BASE).expect("ram");
     let state = memfd("state", blob);

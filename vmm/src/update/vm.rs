@@ -33,6 +33,8 @@ pub trait UpdateVm {
     fn save_for_update(&mut self, update: UpdateRecord) -> Result<File, VmmError>;
     /// The prepared update it holds until the kexec or a cancel.
     fn prepared(&mut self) -> &mut Option<PreparedUpdate>;
+    /// What its VMM was launched with, for the agent to keep for the restore.
+    fn launch(&self) -> Option<serde_json::Value>;
 }
 
 impl UpdateVm for Vmm {
@@ -91,6 +93,12 @@ impl UpdateVm for Vmm {
 
     fn save_for_update(&mut self, update: UpdateRecord) -> Result<File, VmmError> {
         Vmm::save_for_update(self, update)
+    }
+
+    fn launch(&self) -> Option<serde_json::Value> {
+        self.launch
+            .as_ref()
+            .and_then(|launch| serde_json::to_value(launch).ok())
     }
 
     fn prepared(&mut self) -> &mut Option<PreparedUpdate> {

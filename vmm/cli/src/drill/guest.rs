@@ -202,6 +202,15 @@ pub struct Guest {
     child: RefCell<Child>,
 }
 
+/// Where a drill's luvmm writes the guest's console and serves its API: `<vm>.log` and
+/// `<vm>.sock` in the work directory, named on its command line, or, for a restore after the
+/// kexec, as the VM's launch record in the agent's ledger says (the same paths).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outputs {
+    Named,
+    Recorded,
+}
+
 impl Guest {
     /// Boots the test payload with `memory_mib` and the `bdfs` passed through, every RAM page
     /// filled (the payload's default), with transparent huge pages asked for if `thp`.
@@ -224,7 +233,7 @@ impl Guest {
         for bdf in bdfs {
             command.args(["--vfio", bdf]);
         }
-        let guest = Guest::spawn(dir, vm, GuestKind::Payload, command)?;
+        let guest = Guest::spawn(dir, vm, GuestKind::Payload, command, Outputs::Named)?;
         guest.wait_line("LUVMM-DEV scan done", 1, "the guest's boot")?;
         Ok(guest)
     }
@@ -261,7 +270,7 @@ impl Guest {
         for bdf in bdfs {
             command.args(["--vfio", bdf]);
         }
-        let guest = Guest::spawn(dir, vm, GuestKind::Linux, command)?;
+        let guest = Guest::spawn(dir, vm, GuestKind::Linux, command, Outputs::Named)?;
         guest.wait_line("LUVMM-LINUX-READY", 1, "the Linux guest's judge")?;
         Ok(guest)
     }
@@ -284,7 +293,9 @@ impl Guest {
         if let Some(faults) = faults {
             command.env(luvmm_vmm::faults::FAULTS_ENV, faults);
         }
-        Guest::spawn(dir, vm, kind, command)
+        // No --serial or --api-socket: the restore takes the ones the VM was booted with
+        // from the agent's ledger, where the VMM recorded them when it subscribed.
+        Guest::spawn(dir, vm, kind, command, Outputs::Recorded)
     }
 
     fn spawn(
@@ -292,6 +303,7 @@ impl Guest {
         vm: &str,
         kind: GuestKind,
         mut command: Command,
+        outputs: Outputs,
     ) -> Result<Guest, GuestError> {
         let socket = dir.join(format!("{vm}.sock"));
         let serial = dir.join(format!("{vm}.log"));
@@ -301,11 +313,14 @@ impl Guest {
             vm: vm.to_string(),
             source,
         })?;
+        if outputs == Outputs::Named {
+            command
+                .arg("--serial")
+                .arg(&serial)
+                .arg("--api-socket")
+                .arg(&socket);
+        }
         let child = command
-            .arg("--serial")
-            .arg(&serial)
-            .arg("--api-socket")
-            .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file)
