@@ -19,9 +19,11 @@ demo_pkgs=(binutils)
 # The nested bed adds: QEMU for L1; the L1 kernel's build (make, gcc, bc, bison, flex,
 # libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests, perl
 # for checkpatch of the project's patches); cpio, gzip and a static busybox for its initramfs;
-# Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid.
+# Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid; systemd's
+# systemd-analyze, which verifies the project's unit files.
 bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
-          rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg)
+          rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg
+          systemd)
 # QEMU 10 or newer for L1: 7.2's TCG (bookworm's) loses L1's own timer interrupt now and then
 # while a nested Linux guest idles, which stops the bed for tens of seconds or for good. On
 # bookworm it comes from bookworm-backports, which this step adds to apt's sources.

@@ -311,6 +311,31 @@ impl Vm {
         Vm::spawn(cmd, socket, serial.to_path_buf())
     }
 
+    /// `luvmm start --vm NAME` as its systemd unit runs it, with a config that boots the
+    /// payload, its serial log in `<name>.log` and its API on `<name>.sock`; waits for the
+    /// guest's boot line.
+    pub fn start_unit(dir: &TestDir, name: &str) -> Vm {
+        require_kvm();
+        let socket = dir.join(&format!("{name}.sock"));
+        let serial = dir.join(&format!("{name}.log"));
+        let config = dir.join(&format!("{name}.json"));
+        let text = serde_json::json!({
+            "vcpus": 1,
+            "memory": [{"gpa": 0, "size": 64 << 20}],
+            "payload": payload(),
+            "serial": {"file": serial},
+            "api_socket": socket,
+        });
+        std::fs::write(&config, text.to_string()).expect("write the VM's config");
+        let mut cmd = Command::new(luvmm_bin());
+        cmd.args(["start", "--vm", name, "--config"]).arg(&config);
+        let vm = Vm::spawn(cmd, socket, serial);
+        wait_until("the guest's LUVMM-BOOT line", || {
+            (!lines_with(&vm.serial, "LUVMM-BOOT").is_empty()).then_some(())
+        });
+        vm
+    }
+
     fn spawn(mut cmd: Command, socket: PathBuf, serial: PathBuf) -> Vm {
         let child = cmd.stdin(Stdio::null()).spawn().expect("spawn luvmm");
         Vm {

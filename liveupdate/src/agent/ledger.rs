@@ -133,6 +133,18 @@ impl Ledger {
             .ok_or_else(|| LedgerError::UnknownVm { vm: vm.to_string() })
     }
 
+    /// Whether VM `vm`'s session waits to be restored: the kexec is over and no restore
+    /// finished it (one that claimed it and died leaves it to the next claim).
+    pub fn session_waits(&self, vm: &str) -> bool {
+        self.vms.iter().any(|r| {
+            r.vm == vm
+                && matches!(
+                    r.phase,
+                    VmPhase::Incoming | VmPhase::Claimed | VmPhase::Failed
+                )
+        })
+    }
+
     /// A new VM: its session's name, refused if it has one already.
     pub fn subscribe(&mut self, vm: &str, at_ms: u64) -> Result<SessionName, LedgerError> {
         let session = session_of(vm)?;

@@ -12,4 +12,6 @@ pub mod probe;
 mod session;
 pub mod uapi;
 
-pub use session::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName, Token};
+pub use session::{
+    IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName, Token, DEVICE_PATH,
+};

@@ -27,6 +27,9 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild a saved microVM in this process from its memfds and state, and resume it.
     Restore(RestoreArgs),
+    /// Start VM ID as its systemd unit (luvmm@ID.service) does: restored from its LUO session
+    /// when one waits for it after a host live update, booted from its config otherwise.
+    Start(StartArgs),
     /// Talk to a running luvmm through its API socket.
     Ctl(CtlArgs),
     /// Measure luvmm.
@@ -262,6 +265,29 @@ pub enum UpdateCommand {
         #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
         agent_socket: PathBuf,
     },
+}
+
+/// Where `luvmm start` finds a VM's config when none is named.
+pub const VM_CONFIG_DIR: &str = "/etc/luvmm";
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The VM's id: its session is luvmm-<id>.
+    #[arg(long, value_name = "VM_ID")]
+    pub vm: String,
+    /// Its JSON config, for a boot [default: /etc/luvmm/<id>.json].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The agent's socket.
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// On a host with /dev/liveupdate: how long to wait, in seconds, for the agent to answer
+    /// whether a session waits for the VM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub agent_wait: u64,
+    /// Run each thread under its seccomp filter (on), or without (off, for debugging).
+    #[arg(long, default_value = "on", value_name = "on|off")]
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, Args)]

@@ -109,27 +109,9 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
-        Command::Run(args) => {
-            seccomp::init(args.common.seccomp)?;
-            let config = cli::vm_config(&args)?;
-            let serial = outputs::open_outputs(&config.serial, config.api_socket.as_deref())?;
-            runtime::block_exit_signals().map_err(CommandError::Signals)?;
-            let kvm = vstate::vm::open_kvm()?;
-            vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
-            let mut vmm = builder::build_for_boot(&kvm, &config, serial)?;
-            vmm.set_launch(LaunchRecord::new(
-                &config.serial,
-                config.api_socket.as_deref(),
-            ));
-            let api = config
-                .api_socket
-                .as_deref()
-                .map(ApiSocket::bind)
-                .transpose()?;
-            let _console = outputs::RawConsole::enter(&config.serial);
-            finish(runtime::run(vmm, api, || {}))
-        }
+        Command::Run(args) => run(&args),
         Command::Restore(args) => restore(&args),
+        Command::Start(args) => start(args),
         Command::Ctl(args) => {
             let client =
                 VmmClient::new(&args.socket).with_timeout(Duration::from_secs_f64(args.timeout));
@@ -255,6 +237,88 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::from(report.verdict.exit_code()))
         }
     }
+}
+
+/// `luvmm run`.
+fn run(args: &cli::RunArgs) -> Result<ExitCode, CommandError> {
+    seccomp::init(args.common.seccomp)?;
+    let config = cli::vm_config(args)?;
+    let serial = outputs::open_outputs(&config.serial, config.api_socket.as_deref())?;
+    runtime::block_exit_signals().map_err(CommandError::Signals)?;
+    let kvm = vstate::vm::open_kvm()?;
+    vstate::vcpu::register_kick_signal().map_err(CommandError::KickSignal)?;
+    let mut vmm = builder::build_for_boot(&kvm, &config, serial)?;
+    vmm.set_launch(LaunchRecord::new(
+        &config.serial,
+        config.api_socket.as_deref(),
+    ));
+    let api = config
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
+    let _console = outputs::RawConsole::enter(&config.serial);
+    finish(runtime::run(vmm, api, || {}))
+}
+
+/// `luvmm start`: VM `vm` restored from its session when one waits for it (after a host
+/// live update), booted from its config otherwise. On a host without /dev/liveupdate no
+/// session can wait; on one with it, the agent must answer, or the unit fails and is tried
+/// again: booting afresh a VM whose session waits would run it twice.
+fn start(args: cli::StartArgs) -> Result<ExitCode, CommandError> {
+    let waits = if Path::new(luvmm_liveupdate::luo::DEVICE_PATH).exists() {
+        let agent = AgentClient::new(&args.agent_socket);
+        let wait = Duration::from_secs(args.agent_wait);
+        let ledger =
+            wait_for_agent(&agent, &args.agent_socket, wait).map_err(RestoreError::from)?;
+        ledger.session_waits(&args.vm)
+    } else {
+        false
+    };
+    let common = cli::CommonArgs {
+        serial: None,
+        api_socket: None,
+        seccomp: args.seccomp,
+    };
+    if waits {
+        log::info!(
+            "VM {}: its session waits after a host update; restoring it",
+            args.vm
+        );
+        return restore(&cli::RestoreArgs {
+            session: Some(args.vm),
+            agent_socket: args.agent_socket,
+            agent_wait: args.agent_wait,
+            from_socket: None,
+            state: None,
+            state_fd: None,
+            memory_fd: Vec::new(),
+            common,
+        });
+    }
+    let config = args
+        .config
+        .unwrap_or_else(|| Path::new(cli::VM_CONFIG_DIR).join(format!("{}.json", args.vm)));
+    log::info!(
+        "VM {}: no session waits for it; booting it from {}",
+        args.vm,
+        config.display()
+    );
+    run(&cli::RunArgs {
+        config: Some(config),
+        payload: None,
+        initrd: None,
+        memory_mib: None,
+        vcpus: None,
+        cmdline: None,
+        boot: None,
+        cpu_template: None,
+        vfio: Vec::new(),
+        vfio_trap_bars: false,
+        vfio_backend: None,
+        thp: None,
+        common,
+    })
 }
 
 /// How the agent starts its holder: this program, `agent hold`, on the agent's socket and
