@@ -20,10 +20,11 @@ demo_pkgs=(binutils)
 # libelf, openssl headers, rsync for `make headers`, static libc for the LUO selftests, perl
 # for checkpatch of the project's patches); cpio, gzip and a static busybox for its initramfs;
 # Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid; systemd's
-# systemd-analyze, which verifies the project's unit files.
+# systemd-analyze, which verifies the project's unit files; librsvg's rsvg-convert, which
+# renders the drill's timeline picture in its test.
 bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
           rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg
-          systemd)
+          systemd librsvg2-bin)
 # QEMU 10 or newer for L1: 7.2's TCG (bookworm's) loses L1's own timer interrupt now and then
 # while a nested Linux guest idles, which stops the bed for tens of seconds or for good. On
 # bookworm it comes from bookworm-backports, which this step adds to apt's sources.

@@ -35,8 +35,19 @@ pub enum GuestError {
         status: std::process::ExitStatus,
         log: String,
     },
-    #[error("{vm}: no {what} within {STEP_TIMEOUT:?}")]
-    Timeout { vm: String, what: &'static str },
+    #[error(
+        "{vm}: waited {} s for {what} in vain; its console ends: {console}; its luvmm's log \
+         ends: {log}",
+        STEP_TIMEOUT.as_secs()
+    )]
+    Timeout {
+        vm: String,
+        what: &'static str,
+        console: String,
+        log: String,
+    },
+    #[error("{vm}: its check line is not a Linux judge's: {line}")]
+    Unreadable { vm: String, line: String },
     #[error("{vm}: API")]
     Api {
         vm: String,
@@ -211,6 +222,14 @@ enum Outputs {
     Recorded,
 }
 
+/// The last 16 lines of the file at `path`, on one line, for failure reports.
+fn tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(16)..].join(" | ")
+}
+
 impl Guest {
     /// Boots the test payload with `memory_mib` and the `bdfs` passed through, every RAM page
     /// filled (the payload's default), with transparent huge pages asked for if `thp`.
@@ -341,9 +360,7 @@ impl Guest {
 
     /// The last lines luvmm wrote to its stderr, for failure reports.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(16)..].join(" | ")
+        tail(&self.stderr)
     }
 
     /// Waits until `done` holds, failing if luvmm exits or the step times out.
@@ -369,6 +386,8 @@ impl Guest {
                 return Err(GuestError::Timeout {
                     vm: self.vm.clone(),
                     what,
+                    console: tail(&self.serial),
+                    log: self.log_tail(),
                 });
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -431,9 +450,9 @@ impl Guest {
     /// The Linux judge's next check, read.
     pub fn linux_check(&self) -> Result<(String, LinuxCheck), GuestError> {
         let line = self.check()?;
-        let check = parse_linux_check(&line).ok_or_else(|| GuestError::Timeout {
+        let check = parse_linux_check(&line).ok_or_else(|| GuestError::Unreadable {
             vm: self.vm.clone(),
-            what: "a Linux judge's check",
+            line: line.clone(),
         })?;
         Ok((line, check))
     }
