@@ -83,6 +83,9 @@ pub struct LaunchRecord {
     pub serial: SerialOutput,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    /// Its vCPUs, for the restore to make before it claims the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
 }
 
 impl LaunchRecord {
@@ -98,6 +101,7 @@ impl LaunchRecord {
                 other => other.clone(),
             },
             api_socket: api_socket.map(absolute),
+            vcpus: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 use luvmm_devices::guest_control::GuestControl;
 use luvmm_devices::pci::bus::{PciBarWindow, PciBus, PciConfigIo};
 use luvmm_devices::power::GuestPower;
@@ -204,9 +204,17 @@ pub struct RestoreArgs {
     /// How long gathering these took (taking the fds, or claiming and retrieving the
     /// session's state and RAM), for the restore's timings.
     pub gather_ms: f64,
-    /// After a live update: the KVM VM, made before the session was claimed, and how long
-    /// that and asking this host's KVM what it offers took.
-    pub vm_ahead: Option<(KvmVm, f64)>,
+    /// After a live update: what was made before the session was claimed.
+    pub ahead: Option<VmAhead>,
+}
+
+/// The KVM VM and vCPUs a restore after a kexec made before it claimed the session.
+pub struct VmAhead {
+    pub vm: KvmVm,
+    /// vCPU `i`'s KVM object, `i` from 0; used only if the state has as many.
+    pub vcpus: Vec<VcpuFd>,
+    /// How long making them and asking this host's KVM what it offers took.
+    pub took_ms: f64,
 }
 
 /// Where a restored VM comes from, with what each origin brings for its devices.
@@ -308,18 +316,29 @@ fn restore_onto(kvm: &Kvm, shell: Option<Shell>, args: RestoreArgs) -> Result<Vm
     let (vm, ram, vcpu_fds, ahead) = match shell {
         Some(shell) => (shell.vm, shell.ram, Some(shell.vcpus), shell.devices),
         None => {
-            let vm = match args.vm_ahead {
-                Some((vm, ahead_ms)) => {
-                    timings.built_ahead_ms = Some(ahead_ms);
-                    vm
+            let (vm, vcpu_fds) = match args.ahead {
+                // vCPUs made for another count than the state's are of no use: a VM takes
+                // each id once, so the state's are made on a new VM.
+                Some(ahead) if ahead.vcpus.is_empty() || ahead.vcpus.len() == saved.vcpus.len() => {
+                    timings.built_ahead_ms = Some(ahead.took_ms);
+                    let vcpus = (!ahead.vcpus.is_empty()).then_some(ahead.vcpus);
+                    (ahead.vm, vcpus)
                 }
-                None => KvmVm::new(kvm)?,
+                Some(ahead) => {
+                    log::warn!(
+                        "{} vCPUs were made before the claim, the state has {}: made again",
+                        ahead.vcpus.len(),
+                        saved.vcpus.len()
+                    );
+                    (KvmVm::new(kvm)?, None)
+                }
+                None => (KvmVm::new(kvm)?, None),
             };
             timings.vm_ms = lap.next();
             let ram = GuestRam::adopt(&saved.memory, args.memfds, saved.memory_thp)?;
             vm.register_memory(&ram)?;
             timings.memory_ms = lap.next();
-            (vm, ram, None, None)
+            (vm, ram, vcpu_fds, None)
         }
     };
     vm.restore_state(&saved.vm)?;

@@ -15,7 +15,7 @@ use luvmm_devices::serial::SerialOut;
 use luvmm_resources::state::{self, StateError};
 
 use crate::api::client::{ClientError, VmmClient};
-use crate::builder::{Origin, RestoreArgs};
+use crate::builder::{Origin, RestoreArgs, VmAhead};
 use crate::faults::{self, Fault};
 use crate::passthrough::{HandedDevice, HandedDeviceManifest, HandedDevices};
 use crate::shell::{Shell, ShellError};
@@ -138,7 +138,11 @@ pub fn collect(
                 },
                 serial,
                 gather_ms: 0.0,
-                vm_ahead: Some((before.vm, before.took_ms)),
+                ahead: Some(VmAhead {
+                    vm: before.vm,
+                    vcpus: before.vcpus,
+                    took_ms: before.took_ms,
+                }),
             };
             (args, Some(retrieved.session), None)
         }
@@ -179,7 +183,7 @@ fn from_inherited(
         origin: Origin::Saved,
         serial,
         gather_ms: 0.0,
-        vm_ahead: None,
+        ahead: None,
     })
 }
 
@@ -330,7 +334,7 @@ fn from_socket(socket: &Path, serial: SerialOut) -> Result<(RestoreArgs, Takeove
         },
         serial,
         gather_ms: 0.0,
-        vm_ahead: None,
+        ahead: None,
     };
     Ok((args, takeover))
 }

@@ -312,9 +312,13 @@ impl Vmm {
         }
     }
 
-    /// Records what this VMM was launched with, for the agent to keep across a host update.
+    /// Records what this VMM was launched with, and its vCPU count, for the agent to keep
+    /// across a host update.
     pub fn set_launch(&mut self, launch: LaunchRecord) {
-        self.launch = Some(launch);
+        self.launch = Some(LaunchRecord {
+            vcpus: u32::try_from(self.vcpus.len()).ok(),
+            ..launch
+        });
     }
 
     /// What this VMM was launched with, once recorded.

@@ -366,12 +366,17 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
                 agent_socket,
                 agent_wait,
             } => {
-                let before = BeforeClaim::make(&kvm).map_err(RestoreError::from)?;
+                let mut before = BeforeClaim::make(&kvm).map_err(RestoreError::from)?;
                 let agent = AgentClient::new(agent_socket);
                 let ledger = wait_for_agent(&agent, agent_socket, *agent_wait)
                     .map_err(RestoreError::from)?;
-                let recorded = launch_record(&ledger, vm_id).map_err(RestoreError::from)?;
-                (Some(before), recorded.unwrap_or_default())
+                let recorded = launch_record(&ledger, vm_id)
+                    .map_err(RestoreError::from)?
+                    .unwrap_or_default();
+                if let Some(vcpus) = recorded.vcpus {
+                    before.make_vcpus(vcpus).map_err(RestoreError::from)?;
+                }
+                (Some(before), recorded)
             }
             _ => (None, LaunchRecord::default()),
         };

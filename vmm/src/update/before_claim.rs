@@ -12,6 +12,9 @@ use kvm_ioctls::Kvm;
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError, Ledger};
 use luvmm_resources::config::LaunchRecord;
 
+use kvm_ioctls::VcpuFd;
+
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{KvmVm, VmError};
 use crate::vstate::x86_64::host_kvm::{HostKvm, ProbeError};
 
@@ -21,6 +24,8 @@ pub struct BeforeClaim {
     pub host: HostKvm,
     /// The VM, made empty: it gets its RAM and state once they are retrieved.
     pub vm: KvmVm,
+    /// vCPU `i`'s KVM object, `i` from 0, when the launch record said how many.
+    pub vcpus: Vec<VcpuFd>,
     /// How long making these took.
     pub took_ms: f64,
 }
@@ -32,6 +37,8 @@ pub enum BeforeClaimError {
     Probe(#[from] ProbeError),
     #[error("cannot make the KVM VM")]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
     #[error("asked the agent for {waited_s} s")]
     NoAgent {
         waited_s: u64,
@@ -55,8 +62,23 @@ impl BeforeClaim {
         Ok(BeforeClaim {
             host,
             vm,
+            vcpus: Vec::new(),
             took_ms: started.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// Makes the VM's `count` vCPUs (as its launch record says), unless KVM allows fewer:
+    /// the state's own count is checked once it is retrieved.
+    pub fn make_vcpus(&mut self, count: u32) -> Result<(), BeforeClaimError> {
+        if count == 0 || count > self.host.max_vcpus {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.vcpus = (0..count)
+            .map(|id| Vcpu::create_fd(&self.vm, id))
+            .collect::<Result<_, _>>()?;
+        self.took_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(())
     }
 }
 
@@ -147,5 +169,19 @@ mod tests {
             launch_record(&ledger, "vm2"),
             Err(BeforeClaimError::Record { .. })
         ));
+    }
+
+    #[test]
+    fn the_vcpus_the_record_names_are_made_before_the_claim() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let mut before = BeforeClaim::make(&kvm).expect("before the claim");
+        assert!(before.vcpus.is_empty());
+        before.make_vcpus(2).expect("two vCPUs");
+        assert_eq!(before.vcpus.len(), 2);
+        // A count KVM cannot give is left to the state's own check.
+        let mut other = BeforeClaim::make(&kvm).expect("before the claim");
+        let beyond = other.host.max_vcpus + 1;
+        other.make_vcpus(beyond).expect("nothing made");
+        assert!(other.vcpus.is_empty());
     }
 }

@@ -46,7 +46,7 @@ fn args(state: VmState, ram_bytes: u64, origin: Origin) -> RestoreArgs {
         origin,
         serial: Box::new(std::io::sink()),
         gather_ms: 0.0,
-        vm_ahead: None,
+        ahead: None,
     }
 }
 
