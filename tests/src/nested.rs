@@ -54,6 +54,9 @@ fn run_script(script: &str, args: &[&Path]) -> String {
 /// the initramfs under `work`. Both scripts first check that the setup step installed the
 /// bed's tools (QEMU, the kernel build, busybox) and fail naming it if not.
 pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
+    // Not while an L1 runs: a kernel build or an initramfs's gzip beside a running L1 starves
+    // its TCG vCPU, and a Linux guest in it then reports stalls it would never have.
+    let _turn = one_l1_at_a_time();
     // One kernel per test process, built or found once even when tests run in parallel.
     static KERNEL: OnceLock<PathBuf> = OnceLock::new();
     let kernel_dir = KERNEL
@@ -69,6 +72,8 @@ pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
 /// `into` as `guest-vmlinux`, `guest-bzImage` and `guest-initrd.cpio.gz`, the names the
 /// scenarios use under /luvmm/bin.
 pub fn linux_guest(into: &Path) -> Vec<PathBuf> {
+    // Not while an L1 runs (see `prepare`).
+    let _turn = one_l1_at_a_time();
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     let dir = GUEST
         .get_or_init(|| PathBuf::from(run_script("guest-kernel.sh", &[])))
@@ -154,7 +159,8 @@ pub fn run_l1(
     .expect("boot L1 under QEMU")
 }
 
-/// Held while an L1 runs, by the scenario tests and the drill tests alike.
+/// Held while an L1 runs, by the scenario tests and the drill tests alike, and while a test
+/// prepares what its L1 boots, so that no CPU-bound preparation runs beside an L1.
 pub fn one_l1_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     lock(&ONE_AT_A_TIME)
