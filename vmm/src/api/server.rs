@@ -255,30 +255,29 @@ impl ApiServer {
         }
     }
 
-    /// Stops watching client `index` and sends it `replies`, in order.
-    fn finish(&mut self, index: usize, replies: &[Reply], ops: &mut EventOps) {
+    /// Stops watching client `index`, for its answer; the timer moves to the next deadline.
+    fn take(&mut self, index: usize, ops: &mut EventOps) -> Client {
         let client = self.clients.remove(index);
         let _ = ops.remove(Events::empty(&client.stream));
-        for reply in replies {
-            send_reply(&client.stream, reply);
-        }
         self.arm_timer();
+        client
     }
 
     /// Reads what client `index` sent; once its request is whole (or broken), answers it.
     fn serve(&mut self, index: usize, ops: &mut EventOps) {
-        let client = &mut self.clients[index];
-        let reading = read_request(client);
+        let reading = read_request(&mut self.clients[index]);
+        if matches!(reading, Reading::More) {
+            return;
+        }
+        let mut client = self.take(index, ops);
         let replies: Vec<Reply> = match reading {
-            Reading::More => return,
-            Reading::Gone => Vec::new(),
+            Reading::More | Reading::Gone => Vec::new(),
             Reading::Refused(response) => vec![response.into()],
             Reading::Request(req, more) => {
-                let stream = client.stream.try_clone();
-                let reply = self.handle(req, stream.ok().as_ref(), ops);
+                let reply = self.handle(req, &client.stream, ops);
                 let mut replies = vec![reply];
                 // What came after the request, before or while it was handled.
-                if more || has_more(&mut self.clients[index].stream) {
+                if more || has_more(&mut client.stream) {
                     replies.push(
                         Response::error(
                             400,
@@ -290,7 +289,9 @@ impl ApiServer {
                 replies
             }
         };
-        self.finish(index, &replies, ops);
+        for reply in &replies {
+            send_reply(&client.stream, reply);
+        }
     }
 
     /// The read timer fired: every client past its deadline gets 408.
@@ -304,16 +305,16 @@ impl ApiServer {
                 READ_TIMEOUT.as_secs()
             );
             let timeout = format!("no complete request within {} s", READ_TIMEOUT.as_secs());
-            self.finish(index, &[Response::error(408, &timeout).into()], ops);
+            let client = self.take(index, ops);
+            send_reply(&client.stream, &Response::error(408, &timeout).into());
         }
-        self.arm_timer();
     }
 
     /// Answers `req`; `client` is its connection, watched when it is a handover's target.
     fn handle(
         &mut self,
         req: super::http::Request,
-        client: Option<&UnixStream>,
+        client: &UnixStream,
         ops: &mut EventOps,
     ) -> Reply {
         let action = match route(&req) {
@@ -326,13 +327,13 @@ impl ApiServer {
         let shared = self.vmm.clone();
         let mut vmm = lock(&shared);
         let reply = dispatch(&mut vmm, action);
-        if let (true, 200, Some(client)) = (watch, reply.response.status, client) {
+        if watch && reply.response.status == 200 {
             self.watch_target(client, &mut vmm, ops);
         }
-        if let (true, 204, Some(pid)) =
-            (completing, reply.response.status, client.and_then(peer_pid))
-        {
-            vmm.record_moved_to(pid);
+        if completing && reply.response.status == 204 {
+            if let Some(pid) = peer_pid(client) {
+                vmm.record_moved_to(pid);
+            }
         }
         reply
     }
