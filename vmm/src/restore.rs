@@ -95,8 +95,9 @@ pub type Gathered = (
 );
 
 /// Collects the state and memfds for `build_from_saved` (after a live update, its state checked
-/// against `kvm`, the KVM the VM will be rebuilt on, on the VM `before` made if it was made
-/// already), and what must be finished or confirmed once the VM is rebuilt.
+/// against `kvm`, the KVM the VM will be rebuilt on, on the VM `before` made if the caller
+/// made it, and waited for the agent, already), and what must be finished or confirmed once
+/// the VM is rebuilt.
 pub fn collect(
     source: RestoreSource,
     serial: SerialOut,
@@ -115,12 +116,16 @@ pub fn collect(
             agent_wait,
         } => {
             // What needs no session first, while the agent may still be starting.
+            let agent = AgentClient::new(&agent_socket);
+            // A caller that made `before` has heard from the agent already.
             let before = match before {
                 Some(before) => before,
-                None => BeforeClaim::make(kvm)?,
+                None => {
+                    let before = BeforeClaim::make(kvm)?;
+                    wait_for_agent(&agent, &agent_socket, agent_wait)?;
+                    before
+                }
             };
-            let agent = AgentClient::new(&agent_socket);
-            wait_for_agent(&agent, &agent_socket, agent_wait)?;
             started = Instant::now();
             let retrieved = retrieve(&vm_id, &agent, &before.host)?;
             let keeper = AgentKeeper::new(Box::new(AgentClient::new(&agent_socket)), &vm_id);

@@ -347,8 +347,10 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     // What can fail before the VM's holder is asked for anything.
     let prepare = || -> Result<_, CommandError> {
         let source = cli::restore_source(args)?;
-        // What the flags name is refused at once, before anything waits for the agent.
-        if args.common.serial.is_some() || args.common.api_socket.is_some() {
+        // After a kexec, what the flags name is refused at once, before anything waits for
+        // the agent; other restores open their outputs once, below.
+        let session = matches!(source, RestoreSource::Session { .. });
+        if session && (args.common.serial.is_some() || args.common.api_socket.is_some()) {
             let serial = args.common.serial.clone().unwrap_or(SerialOutput::Discard);
             let api_path = args.common.api_socket.as_deref();
             match &args.from_socket {
