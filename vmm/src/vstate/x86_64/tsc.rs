@@ -84,6 +84,7 @@ pub fn restore_tsc_rate(
         return Ok(false);
     };
     let mut plan = rate_plan(saved, host, kvm_scales)?;
+    let ppm = drift_ppm(saved, host);
     if matches!(plan, RatePlan::Set | RatePlan::CatchUp { .. }) {
         match vcpu.set_tsc_khz(saved) {
             Ok(()) => {}
@@ -92,11 +93,9 @@ pub fn restore_tsc_rate(
             // below the vCPU's can be outside it, and is refused where KVM cannot scale. The
             // vCPU goes back to the rate it was made with (KVM had already taken the refused
             // one for its arithmetic), as for a rate within a recalibration's drift.
-            Err(_) if !kvm_scales && drift_ppm(saved, host) <= TSC_DRIFT_PPM => {
+            Err(_) if !kvm_scales && ppm <= TSC_DRIFT_PPM => {
                 let _ = vcpu.set_tsc_khz(host);
-                plan = RatePlan::Unscaled {
-                    ppm: drift_ppm(saved, host),
-                };
+                plan = RatePlan::Unscaled { ppm };
             }
             Err(source) => {
                 return Err(TscError::Rate {
@@ -111,7 +110,7 @@ pub fn restore_tsc_rate(
         RatePlan::Keep => Ok(false),
         RatePlan::Set => {
             log::info!("vCPU {id}: TSC set from {host} kHz to the saved {saved} kHz");
-            Ok(kvm_scales && drift_ppm(saved, host) > KVM_TOLERANCE_PPM)
+            Ok(kvm_scales && ppm > KVM_TOLERANCE_PPM)
         }
         RatePlan::CatchUp { ppm } => {
             log::warn!(
