@@ -22,6 +22,8 @@ fn bench_restore_in_the_bed_measures_handovers_with_passthrough_devices() {
             "32",
             "--devices",
             "0,2",
+            "--rounds",
+            "3",
             "--json",
         ])
         .args(bed.luvmm_args())

@@ -64,7 +64,10 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
     luvmm_tests::require_kvm();
     let payload = luvmm_tests::payload();
     let out = std::process::Command::new(luvmm_tests::luvmm_bin())
-        .args(["bench", "restore", "--sizes", "16", "--json", "--payload"])
+        .args([
+            "bench", "restore", "--sizes", "16", "--rounds", "3", "--json",
+        ])
+        .arg("--payload")
         .arg(&payload)
         .output()
         .expect("run luvmm bench");
@@ -90,7 +93,12 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
     );
     assert!(size["min_blackout_ms"].as_f64() <= size["max_blackout_ms"].as_f64());
     assert_eq!(size["devices"], 0, "{report}");
-    assert_eq!(report["rounds_per_size"], 9, "{report}");
+    assert_eq!(report["rounds_per_size"], 3, "{report}");
+    let blackouts = size["blackouts_ms"]
+        .as_array()
+        .expect("every round's blackout");
+    assert_eq!(blackouts.len(), 3, "{report}");
+    assert!(blackouts.contains(&median["blackout_ms"]), "{report}");
     assert_eq!(
         report["flatness"],
         serde_json::json!([[0, 1.0]]),
@@ -134,6 +142,16 @@ fn the_restore_benchmark_reports_figures_and_names_a_failure() {
         stderr.contains("1 passthrough device(s) asked for"),
         "{stderr}"
     );
+    let (status, stderr) = luvmm_tests::run_luvmm(&[
+        "bench",
+        "restore",
+        "--rounds",
+        "0",
+        "--payload",
+        payload.to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("--rounds"), "{stderr}");
 }
 
 #[test]

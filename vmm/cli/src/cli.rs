@@ -410,6 +410,10 @@ pub enum BenchKind {
         /// vfio-pci, so more than 0 needs them (the nested bed's `edu` devices with --kernel).
         #[arg(long, value_delimiter = ',', default_value = "0")]
         devices: Vec<u32>,
+        /// Measured rounds per size and device count (after one not counted); the median and
+        /// the extremes are reported.
+        #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u32).range(1..=999))]
+        rounds: u32,
         /// Run it inside the nested bed's L1 booted from this kernel (tests/nested/kernel.sh),
         /// with as many `edu` devices as the largest count asks.
         #[arg(long, requires = "initrd")]

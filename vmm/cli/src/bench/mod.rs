@@ -78,6 +78,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             payload,
             sizes,
             devices,
+            rounds,
             kernel: Some(kernel),
             initrd: Some(initrd),
             json,
@@ -87,15 +88,17 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             payload: &payload,
             sizes: &sizes,
             devices: &devices,
+            rounds,
             json,
         }),
         BenchKind::Restore {
             payload,
             sizes,
             devices,
+            rounds,
             json,
             ..
-        } => restore::run(&payload, &sizes, &devices, json),
+        } => restore::run(&payload, &sizes, &devices, rounds as usize, json),
         BenchKind::Update(args) => update::run(&args),
     }
 }

@@ -18,10 +18,6 @@ use super::{flatness, io, BenchError, STEP_TIMEOUT};
 use crate::drill::guest::serial_lines;
 use crate::drill::watch::{vfio_pci_devices, VFIO_PCI};
 
-/// Rounds per size; the median is reported with the extremes, so one slow round does not
-/// decide.
-const ROUNDS: usize = 9;
-
 /// One handover's blackout and its parts, in ms.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Round {
@@ -50,6 +46,9 @@ pub struct SizeResult {
     median: Round,
     min_blackout_ms: f64,
     max_blackout_ms: f64,
+    /// Every round's blackout in the order measured: round k of each size ran in the same
+    /// stretch, so sizes can be compared round by round.
+    blackouts_ms: Vec<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,10 +61,16 @@ pub struct RestoreReport {
     devices_over_none: Vec<(u64, f64)>,
 }
 
-/// Runs `bench restore` here: each size and device count `ROUNDS` times (after one handover
+/// Runs `bench restore` here: each size and device count `rounds` times (after one handover
 /// not counted), a guest with devices given the first functions bound to vfio-pci.
-pub fn run(payload: &Path, sizes: &[u64], devices: &[u32], json: bool) -> Result<(), BenchError> {
-    let report = measure(payload, sizes, devices)?;
+pub fn run(
+    payload: &Path,
+    sizes: &[u64],
+    devices: &[u32],
+    rounds: usize,
+    json: bool,
+) -> Result<(), BenchError> {
+    let report = measure(payload, sizes, devices, rounds)?;
     if json {
         println!(
             "{}",
@@ -77,7 +82,12 @@ pub fn run(payload: &Path, sizes: &[u64], devices: &[u32], json: bool) -> Result
     Ok(())
 }
 
-fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreReport, BenchError> {
+fn measure(
+    payload: &Path,
+    sizes: &[u64],
+    devices: &[u32],
+    rounds_per_size: usize,
+) -> Result<RestoreReport, BenchError> {
     let most = devices.iter().copied().max().unwrap_or(0);
     let bound = if most == 0 {
         Vec::new()
@@ -106,25 +116,32 @@ fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreRepo
         // Round by round across the sizes, so that whatever else this host does in a stretch
         // of the run weighs on every size alike, not on whichever was measured then.
         let mut rounds: Vec<Vec<Round>> = sizes.iter().map(|_| Vec::new()).collect();
-        for round in 1..=ROUNDS {
+        for round in 1..=rounds_per_size {
             for (&mib, measured_rounds) in sizes.iter().zip(rounds.iter_mut()) {
                 let measured = handover_once(payload, mib, bdfs)?;
                 eprintln!(
-                    "bench restore: {mib} MiB, {count} device(s), round {round}/{ROUNDS}: \
-                     blackout {:.2} ms",
-                    measured.blackout_ms
+                    "bench restore: {mib} MiB, {count} device(s), round {round}/{rounds_per_size}: \
+                     blackout {:.2} ms (save {:.2}, transfer {:.2}, load {:.2}, confirm and run \
+                     {:.2})",
+                    measured.blackout_ms,
+                    measured.save_ms,
+                    measured.transfer_ms,
+                    measured.load_ms,
+                    measured.confirm_and_run_ms
                 );
                 measured_rounds.push(measured);
             }
         }
         for (&mib, mut rounds) in sizes.iter().zip(rounds) {
+            let blackouts_ms: Vec<f64> = rounds.iter().map(|r| r.blackout_ms).collect();
             rounds.sort_by(|a, b| a.blackout_ms.total_cmp(&b.blackout_ms));
             results.push(SizeResult {
                 memory_mib: mib,
                 devices: count,
                 min_blackout_ms: rounds[0].blackout_ms,
-                max_blackout_ms: rounds[ROUNDS - 1].blackout_ms,
-                median: rounds.swap_remove(ROUNDS / 2),
+                max_blackout_ms: rounds[rounds_per_size - 1].blackout_ms,
+                median: rounds.swap_remove(rounds_per_size / 2),
+                blackouts_ms,
             });
         }
     }
@@ -139,7 +156,7 @@ fn measure(payload: &Path, sizes: &[u64], devices: &[u32]) -> Result<RestoreRepo
         (count, flatness(&medians))
     };
     Ok(RestoreReport {
-        rounds_per_size: ROUNDS,
+        rounds_per_size,
         flatness: devices.iter().map(|&count| flatness_of(count)).collect(),
         devices_over_none: if most == 0 {
             Vec::new()

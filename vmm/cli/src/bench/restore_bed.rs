@@ -19,6 +19,7 @@ pub struct InBed<'a> {
     pub payload: &'a Path,
     pub sizes: &'a [u64],
     pub devices: &'a [u32],
+    pub rounds: u32,
     pub json: bool,
 }
 
@@ -37,9 +38,10 @@ pub fn run_in_bed(args: &InBed<'_>) -> Result<(), BenchError> {
     let list = |items: Vec<String>| items.join(",");
     let hook = format!(
         "#!/bin/sh\n/luvmm/bin/luvmm bench restore --payload {L1_PAYLOAD} --sizes {} \
-         --devices {} --json | sed 's/^/{REPORT_MARK}/'\n",
+         --devices {} --rounds {} --json | sed 's/^/{REPORT_MARK}/'\n",
         list(args.sizes.iter().map(u64::to_string).collect()),
         list(args.devices.iter().map(u32::to_string).collect()),
+        args.rounds,
     );
     let (luvmm, payload) = (bed::read(&exe)?, bed::read(args.payload)?);
     let image = bed::extend_initrd(
