@@ -95,3 +95,94 @@ fn start_boots_from_the_config_where_no_session_can_wait() {
         "{stderr}"
     );
 }
+
+/// `luvmm update run` finds the host's VMs from their configs (as `luvmm start` boots them),
+/// leaves out a VM whose VMM does not answer, and on a host where the pre-flight finds a
+/// blocker (here: no agent) stops with exit 3 having touched nothing. Bad input is refused
+/// in words an operator knows. The update itself runs in the nested bed (`host_update`).
+#[test]
+fn update_run_finds_the_hosts_vms_and_a_blocked_one_touches_nothing() {
+    let dir = TestDir::new("units-update-run");
+    let vms = [Vm::start_unit(&dir, "vm1"), Vm::start_unit(&dir, "vm2")];
+    let config = std::fs::read_to_string(dir.join("vm1.json")).expect("vm1's config");
+    let gone = config.replace("vm1.sock", "vm3.sock");
+    std::fs::write(dir.join("vm3.json"), gone).expect("write vm3's config");
+    let agent = dir.join("agent.sock");
+    let out = Command::new(luvmm_bin())
+        .args([
+            "update",
+            "run",
+            "--kernel",
+            "/nonexistent/bzImage",
+            "--json",
+        ])
+        .arg("--vm-dir")
+        .arg(dir.path())
+        .arg("--agent-socket")
+        .arg(&agent)
+        .output()
+        .expect("run luvmm update run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["outcome"], "blocked", "{report}");
+    let found: Vec<&str> = report["vms"]
+        .as_array()
+        .expect("the VMs found")
+        .iter()
+        .filter_map(|v| v["vm"].as_str())
+        .collect();
+    assert_eq!(found, ["vm1", "vm2"], "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(agent.to_str().unwrap())),
+        "the missing agent is named: {report}"
+    );
+    assert!(stderr.contains("vm3: left out: not running"), "{stderr}");
+    for vm in &vms {
+        let status = vm.client().status().expect("GET /vm");
+        assert_eq!(status.phase, VmPhase::Running);
+        assert_eq!(status.update_vm_id, None, "nothing was staged");
+        assert!(vm.check().ok);
+    }
+
+    let refused = |args: &[&str], code: i32, says: &str| {
+        let out = Command::new(luvmm_bin())
+            .args(["update", "run", "--kernel", "/nonexistent/bzImage"])
+            .args(args)
+            .output()
+            .expect("run luvmm update run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(says) || stdout.contains(says),
+            "{args:?}: {stdout}{stderr}"
+        );
+    };
+    refused(&["--vm", "vm1"], 2, "\"vm1\": say ID=API_SOCKET");
+    let empty = dir.join("none");
+    std::fs::create_dir_all(&empty).expect("an empty VM directory");
+    refused(&["--vm-dir", empty.to_str().unwrap()], 1, "no VM to update");
+    refused(
+        &["--vm-dir", "/nonexistent/vms"],
+        1,
+        "cannot read /nonexistent/vms",
+    );
+
+    // `update status` without an agent names the socket it tried.
+    let out = Command::new(luvmm_bin())
+        .args(["update", "status", "--agent-socket"])
+        .arg(&agent)
+        .output()
+        .expect("run luvmm update status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(agent.to_str().unwrap()), "{stderr}");
+    for vm in vms {
+        vm.client().shutdown(false).expect("PUT /vm/shutdown");
+        assert!(vm.wait_exit().success());
+    }
+}

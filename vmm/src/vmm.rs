@@ -87,6 +87,12 @@ pub enum VmmError {
          a VM with devices"
     )]
     NotMovable { bdfs: Vec<String> },
+    /// A VM holding a host live update's session cannot move: the session stays here.
+    #[error(
+        "cannot hand over: the VM holds host live update session luvmm-{vm_id}; `ctl update \
+         cancel` first"
+    )]
+    UpdateHeld { vm_id: String },
     /// Handover needs a state saved since the last resume.
     #[error("no current saved state: save the paused VM first")]
     NoCurrentState,
@@ -224,6 +230,10 @@ pub struct VmStatus {
     /// nothing of it any more and waits to be shut down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_to_pid: Option<u32>,
+    /// The VM id under which a host live update is staged (the guest runs, its RAM in the
+    /// session) or prepared (`preserved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_vm_id: Option<String>,
 }
 
 /// The eventfds the event loop watches for the VM.
@@ -244,13 +254,15 @@ impl VmEvents {
     }
 }
 
-/// A prepared live update, held until the kexec or a cancel.
+/// A staged or prepared live update, held until the kexec or a cancel.
 pub struct PreparedUpdate {
     pub vm_id: String,
     /// The agent that holds the other copy of the session.
     pub agent: Box<dyn UpdateAgent>,
     /// This process's copy of the session: closing it (and the agent's) unpreserves all.
     pub session: Box<dyn PreserveSession>,
+    /// What the stage (the part before the pause) did.
+    pub staged: crate::update::stage::Staged,
 }
 
 struct SavedState {
@@ -542,6 +554,7 @@ impl Vmm {
             state_current: self.saved.as_ref().is_some_and(|s| s.current),
             restore_timings: self.restore_timings.clone(),
             moved_to_pid: self.moved_to_pid,
+            update_vm_id: self.update.as_ref().map(|u| u.vm_id.clone()),
         }
     }
 

@@ -254,6 +254,27 @@ pub enum UpdateCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The whole host's update: the pre-flight, every VM staged while its guest runs, then all
+    /// prepared together, then the kexec; any failure or the deadline calls it off for every
+    /// VM.
+    ///
+    /// Exit status: 0 the host is kexecing, 3 blocked by the pre-flight (nothing touched), 4
+    /// called off with every guest back as it was, 1 failed (some guest's whereabouts unknown,
+    /// or nothing could start), 2 usage.
+    Run(crate::host_update::run::RunArgs),
+    /// After the kexec: whether every VM of the last update is back, and when, or which is not
+    /// and why (from the agent's ledger).
+    ///
+    /// Exit status: 0 every VM back (or no update on record), 3 some VM not back or an update
+    /// under way, 1 the agent does not answer.
+    Status {
+        /// The agent's socket.
+        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// After the kexec, for a VM that will not be restored: finish VM ID's session without
     /// restoring it, so that the devices it preserved can be opened again (until then the
     /// kernel refuses every normal open of them with EBUSY). Guest RAM is dropped.
@@ -356,6 +377,15 @@ impl CtlRequest {
             CtlRequest::Check => VmmAction::Check,
             CtlRequest::Guest { request } => VmmAction::GuestRequest(request),
             CtlRequest::Shutdown { force } => VmmAction::Shutdown(ShutdownBody { force }),
+            CtlRequest::Update(UpdateRequest::Stage {
+                vm_id,
+                agent_socket,
+                require_preserved_devices,
+            }) => VmmAction::StageUpdate(PrepareBody {
+                vm_id,
+                agent_socket,
+                require_preserved_devices,
+            }),
             CtlRequest::Update(UpdateRequest::Prepare {
                 vm_id,
                 agent_socket,
@@ -372,6 +402,19 @@ impl CtlRequest {
 
 #[derive(Debug, Subcommand)]
 pub enum UpdateRequest {
+    /// Stage the VM's update while its guest runs on: the pre-flight, its session, its RAM
+    /// preserved; a later `prepare` with the same id pauses it and preserves the rest.
+    Stage {
+        /// The VM's id: its session is luvmm-<id>.
+        #[arg(long)]
+        vm_id: String,
+        /// The agent's socket.
+        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+        /// Refuse if a passthrough device cannot be preserved.
+        #[arg(long)]
+        require_preserved_devices: bool,
+    },
     /// Preserve the VM into its LUO session through the agent (RAM while it runs, then pause,
     /// devices, state) and tell the agent it is ready; it stays paused until the kexec.
     Prepare {
@@ -385,7 +428,8 @@ pub enum UpdateRequest {
         #[arg(long)]
         require_preserved_devices: bool,
     },
-    /// Call a prepared update off: the session is released and the guest resumes in place.
+    /// Call a staged or prepared update off: the session is released and the guest runs on
+    /// in place.
     Cancel,
 }
 

@@ -185,6 +185,25 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::Update(UpdateCommand::Run(args)) => {
+            let report = luvmm::host_update::run::run(&args);
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::from(report.outcome.exit_code()))
+        }
+        Command::Update(UpdateCommand::Status { agent_socket, json }) => {
+            let ledger = AgentClient::new(&agent_socket).status()?;
+            let report = luvmm::host_update::status::of(&ledger);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(ExitCode::from(report.verdict.exit_code()))
+        }
         Command::Update(UpdateCommand::Check { args, json }) => {
             let report = luvmm::preflight::run(&args);
             if json {

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::update::check::VmCheck;
 use crate::update::prepare::PrepareReport;
+use crate::update::stage::StageReport;
 use crate::vmm::{HandoverManifest, SaveReport, StageManifest, VmStatus};
 use crate::vstate::interrupts::MAX_GSI;
 
@@ -176,7 +177,23 @@ impl VmmClient {
         self.call(&VmmAction::GuestRequest(request)).map(drop)
     }
 
-    /// Prepares the VM's host live update through the agent at `agent_socket`.
+    /// Stages the VM's host live update through the agent at `agent_socket`: its RAM goes into
+    /// its session while the guest runs on.
+    pub fn stage_update(
+        &self,
+        vm_id: &str,
+        agent_socket: &Path,
+        require_preserved_devices: bool,
+    ) -> Result<StageReport, ClientError> {
+        self.call_json(&VmmAction::StageUpdate(PrepareBody {
+            vm_id: vm_id.to_string(),
+            agent_socket: agent_socket.to_path_buf(),
+            require_preserved_devices,
+        }))
+    }
+
+    /// Prepares the VM's host live update through the agent at `agent_socket` (from its stage,
+    /// if it was staged).
     pub fn prepare_update(
         &self,
         vm_id: &str,

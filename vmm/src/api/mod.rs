@@ -8,6 +8,7 @@
 //! | PUT    | `/vm/save`     | `{"export_path": "FILE"}`?    | 200 `{state_bytes, pause_to_saved_ms}` |
 //! | PUT    | `/vm/check`    |                               | 204 (the guest prints a check) |
 //! | PUT    | `/vm/guest-request` | `{"request": "devices"}` (`check`, `devices`, `irq_in_flight`, `irq_landed`) | 204 |
+//! | PUT    | `/vm/update/stage` | `{"vm_id", "agent_socket", "require_preserved_devices"?}` | 200 stage report (RAM in the session, the guest running) |
 //! | PUT    | `/vm/update/prepare` | `{"vm_id", "agent_socket", "require_preserved_devices"?}` | 200 prepare report (VM `preserved`) |
 //! | PUT    | `/vm/update/check` | `{"agent_socket"}`       | 200 this VM's pre-flight (devices, blockers, warnings) |
 //! | PUT    | `/vm/update/cancel` |                          | 204 (session released, VM resumed) |
@@ -50,6 +51,7 @@ pub enum VmmAction {
     Save { export_path: Option<PathBuf> },
     Check,
     GuestRequest(GuestRequest),
+    StageUpdate(PrepareBody),
     PrepareUpdate(PrepareBody),
     CheckUpdate(CheckBody),
     CancelUpdate,
@@ -69,6 +71,7 @@ impl VmmAction {
             VmmAction::Save { .. } => Endpoint::Save,
             VmmAction::Check => Endpoint::Check,
             VmmAction::GuestRequest(_) => Endpoint::GuestRequest,
+            VmmAction::StageUpdate(_) => Endpoint::StageUpdate,
             VmmAction::PrepareUpdate(_) => Endpoint::PrepareUpdate,
             VmmAction::CheckUpdate(_) => Endpoint::CheckUpdate,
             VmmAction::CancelUpdate => Endpoint::CancelUpdate,
@@ -89,7 +92,9 @@ impl VmmAction {
             VmmAction::GuestRequest(request) => {
                 serde_json::to_string(&GuestRequestBody { request: *request })?
             }
-            VmmAction::PrepareUpdate(body) => serde_json::to_string(body)?,
+            VmmAction::StageUpdate(body) | VmmAction::PrepareUpdate(body) => {
+                serde_json::to_string(body)?
+            }
             VmmAction::CheckUpdate(body) => serde_json::to_string(body)?,
             VmmAction::Handover(body) => serde_json::to_string(body)?,
             VmmAction::CompleteHandover(body) => serde_json::to_string(body)?,
@@ -110,6 +115,7 @@ pub enum Endpoint {
     Save,
     Check,
     GuestRequest,
+    StageUpdate,
     PrepareUpdate,
     CheckUpdate,
     CancelUpdate,
@@ -120,13 +126,14 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::Status,
         Endpoint::Pause,
         Endpoint::Resume,
         Endpoint::Save,
         Endpoint::Check,
         Endpoint::GuestRequest,
+        Endpoint::StageUpdate,
         Endpoint::PrepareUpdate,
         Endpoint::CheckUpdate,
         Endpoint::CancelUpdate,
@@ -145,6 +152,7 @@ impl Endpoint {
             Endpoint::Save => ("PUT", "/vm/save"),
             Endpoint::Check => ("PUT", "/vm/check"),
             Endpoint::GuestRequest => ("PUT", "/vm/guest-request"),
+            Endpoint::StageUpdate => ("PUT", "/vm/update/stage"),
             Endpoint::PrepareUpdate => ("PUT", "/vm/update/prepare"),
             Endpoint::CheckUpdate => ("PUT", "/vm/update/check"),
             Endpoint::CancelUpdate => ("PUT", "/vm/update/cancel"),
@@ -168,6 +176,7 @@ impl Endpoint {
         match self {
             Endpoint::Status
             | Endpoint::Save
+            | Endpoint::StageUpdate
             | Endpoint::PrepareUpdate
             | Endpoint::CheckUpdate
             | Endpoint::StageHandover
@@ -196,6 +205,7 @@ impl Endpoint {
             Endpoint::GuestRequest => {
                 required_body::<GuestRequestBody>(body).map(|r| VmmAction::GuestRequest(r.request))
             }
+            Endpoint::StageUpdate => required_body::<PrepareBody>(body).map(VmmAction::StageUpdate),
             Endpoint::PrepareUpdate => {
                 required_body::<PrepareBody>(body).map(VmmAction::PrepareUpdate)
             }
@@ -228,7 +238,7 @@ pub struct CheckBody {
     pub agent_socket: PathBuf,
 }
 
-/// What `PUT /vm/update/prepare` takes.
+/// What `PUT /vm/update/stage` and `PUT /vm/update/prepare` take.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareBody {
@@ -236,6 +246,15 @@ pub struct PrepareBody {
     pub agent_socket: PathBuf,
     #[serde(default)]
     pub require_preserved_devices: bool,
+}
+
+impl PrepareBody {
+    fn options(&self) -> PrepareOptions<'_> {
+        PrepareOptions {
+            vm_id: &self.vm_id,
+            require_preserved_devices: self.require_preserved_devices,
+        }
+    }
 }
 
 /// What `PUT /vm/handover` takes. A target that runs the guest only once it confirmed asks
@@ -370,16 +389,13 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
         VmmAction::Resume => done(vmm.resume()).into(),
         VmmAction::Check => done(vmm.request(GuestRequest::Check)).into(),
         VmmAction::GuestRequest(request) => done(vmm.request(request)).into(),
-        VmmAction::PrepareUpdate(body) => {
-            let options = PrepareOptions {
-                vm_id: &body.vm_id,
-                require_preserved_devices: body.require_preserved_devices,
-            };
+        VmmAction::StageUpdate(body) => {
             let agent = Box::new(AgentClient::new(&body.agent_socket));
-            match update::prepare::prepare(vmm, agent, &options) {
-                Ok(report) => Response::json(200, &report).into(),
-                Err(e) => update_error_response(&e).into(),
-            }
+            json_or_error(update::stage::stage(vmm, agent, &body.options()))
+        }
+        VmmAction::PrepareUpdate(body) => {
+            let agent = Box::new(AgentClient::new(&body.agent_socket));
+            json_or_error(update::prepare::prepare(vmm, agent, &body.options()))
         }
         VmmAction::CancelUpdate => done(update::cancel::cancel(vmm)).into(),
         VmmAction::CheckUpdate(body) => {
@@ -403,6 +419,14 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
     }
 }
 
+/// A report of an update step, or why it failed.
+fn json_or_error<T: Serialize>(result: Result<T, UpdateError>) -> Reply {
+    match result {
+        Ok(report) => Response::json(200, &report).into(),
+        Err(e) => update_error_response(&e).into(),
+    }
+}
+
 /// A manifest with the fds it describes, or the VM's refusal.
 fn with_fds<T: Serialize>(handed: Result<(T, Vec<OwnedFd>), VmmError>) -> Reply {
     match handed {
@@ -418,6 +442,9 @@ fn with_fds<T: Serialize>(handed: Result<(T, Vec<OwnedFd>), VmmError>) -> Reply 
 fn update_error_response(e: &UpdateError) -> Response {
     match e {
         UpdateError::Vm(e) => error_response(e),
+        UpdateError::AlreadyStaged { .. } | UpdateError::StagedAs { .. } => {
+            Response::error(409, &error_chain(e))
+        }
         _ => Response::error(500, &error_chain(e)),
     }
 }
@@ -427,6 +454,7 @@ fn error_response(e: &VmmError) -> Response {
         VmmError::WrongPhase { .. }
         | VmmError::NoCurrentState
         | VmmError::NotMovable { .. }
+        | VmmError::UpdateHeld { .. }
         | VmmError::HandoverPending => 409,
         VmmError::WrongToken => 403,
         // The caller named a destination the VMM will not write.

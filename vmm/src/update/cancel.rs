@@ -1,4 +1,4 @@
-//! Calling a prepared update off: asked by the operator (`luvmm ctl update cancel`), decided
+//! Calling a staged or prepared update off: asked by the operator (`luvmm ctl update cancel`), decided
 //! by the agent (a VM was not ready by the deadline, or the kexec failed), or after a prepare
 //! step failed. The agent releases its copy of the session and this process closes its own
 //! (the kernel unpreserves everything once both are gone), the devices' interrupts come back
@@ -12,30 +12,41 @@ use luvmm_resources::errors::error_chain;
 use crate::update::vm::UpdateVm;
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
 
-/// Calls a prepared update off on the operator's word; the guest resumes.
+/// Calls a staged or prepared update off on the operator's word. A prepared (paused) guest
+/// resumes; a staged one runs on as it was.
 pub fn cancel(vm: &mut impl UpdateVm) -> Result<(), VmmError> {
-    if vm.phase() != VmPhase::Preserved {
-        return Err(VmmError::WrongPhase {
-            request: "cancel an update",
-            phase: vm.phase(),
-        });
+    let refused = VmmError::WrongPhase {
+        request: "cancel an update",
+        phase: vm.phase(),
+    };
+    if !holds_update(vm) {
+        return Err(refused);
     }
+    let resume = vm.phase() == VmPhase::Preserved;
     match vm.prepared().take() {
         Some(prepared) => {
-            call_off(vm, prepared, true);
+            call_off(vm, prepared, resume);
             Ok(())
         }
-        None => Err(VmmError::WrongPhase {
-            request: "cancel an update",
-            phase: vm.phase(),
-        }),
+        None => Err(refused),
     }
 }
 
-/// While `Preserved`: if the agent called this VM's update off, or no longer knows it, the
-/// guest resumes in place. An agent that does not answer is asked again next time.
+/// Whether the VM holds an update: prepared (`Preserved`), or staged (running or paused with
+/// its session).
+fn holds_update(vm: &mut impl UpdateVm) -> bool {
+    match vm.phase() {
+        VmPhase::Preserved => true,
+        VmPhase::Running | VmPhase::Paused => vm.prepared().is_some(),
+        _ => false,
+    }
+}
+
+/// While staged or prepared: if the agent called this VM's update off, or no longer knows it,
+/// the update is called off here too (a prepared guest resumes in place). An agent that does
+/// not answer is asked again next time.
 pub fn follow_agent(vm: &mut impl UpdateVm) {
-    if vm.phase() != VmPhase::Preserved {
+    if !holds_update(vm) {
         return;
     }
     let Some(prepared) = vm.prepared().take() else {
@@ -52,8 +63,9 @@ pub fn follow_agent(vm: &mut impl UpdateVm) {
         }
     };
     if called_off {
-        log::warn!("the agent called the update off; the guest resumes in place");
-        call_off(vm, prepared, true);
+        log::warn!("the agent called the update off; the guest runs on in place");
+        let resume = vm.phase() == VmPhase::Preserved;
+        call_off(vm, prepared, resume);
     } else {
         *vm.prepared() = Some(prepared);
     }

@@ -3,7 +3,8 @@
 //! Before the kexec, in the running VMM:
 //! - [`check`]: a VM's part of the pre-flight, and the [`check::Blocker`]s (the host's part,
 //!   which asks each VMM for this one, is the `luvmm` binary's `preflight`);
-//! - [`prepare`]: preserve RAM while the guest runs, pause, preserve devices and state;
+//! - [`stage`]: the pre-flight, the session and the RAM preserve, the guest running;
+//! - [`prepare`]: stage if not staged, then pause, preserve devices and state;
 //! - [`cancel`]: call a prepared update off (asked, or by the agent), the guest resumed.
 //!
 //! After it, in a new VMM (`luvmm restore --session`):
@@ -31,6 +32,7 @@ pub mod prepare;
 pub mod release;
 pub mod retrieve;
 pub mod retry;
+pub mod stage;
 #[cfg(test)]
 mod tests;
 pub mod vm;
@@ -62,6 +64,13 @@ pub enum UpdateError {
          --require-preserved-devices was given"
     )]
     DeviceNotPreserved { bdf: String },
+    #[error("an update is already staged for this VM, as VM {vm_id:?}")]
+    AlreadyStaged { vm_id: String },
+    #[error(
+        "this VM's update was staged as VM {staged:?}, not {asked:?}: prepare it under that id, \
+         or cancel it first"
+    )]
+    StagedAs { staged: String, asked: String },
     #[error(
         "the pre-flight refuses the update: {}",
         check::Blocker::join(blockers)

@@ -1,19 +1,15 @@
 //! Before the kexec: put everything the VM needs into its LUO session.
 //!
-//! 0. The VM's part of the pre-flight (`check.rs`): the memfd handler, every device on
-//!    iommufd and in D0, and with `require_preserved_devices` a handler for each. A refusal
-//!    here has touched nothing.
-//! 1. Subscribe to the agent (it creates session `luvmm-<vm id>` and keeps a copy).
-//! 2. Preserve every RAM memfd **while the guest runs**: PRESERVE_FD pins and fills every
-//!    page (about 4 ms/MiB in the bed), which must not be in the blackout.
-//! 3. Pause; turn every device's VFIO interrupts off and check it is in D0 (a preserved device
+//! 1. Stage the VM if it is not staged yet (`stage.rs`): the pre-flight, the subscription and
+//!    the RAM preserve, **while the guest runs**.
+//! 2. Pause; turn every device's VFIO interrupts off and check it is in D0 (a preserved device
 //!    must have none enabled when the kernel freezes it).
-//! 4. Preserve each device's cdev; a kernel without a VFIO handler says ENOENT, and the
+//! 3. Preserve each device's cdev; a kernel without a VFIO handler says ENOENT, and the
 //!    device is then opened again after the kexec (refused instead with
 //!    `require_preserved_devices`).
-//! 5. Save the state, with the token map and every phase's time, into the state memfd, and
+//! 4. Save the state, with the token map and every phase's time, into the state memfd, and
 //!    preserve it last, so it describes everything before it.
-//! 6. Tell the agent the VM is ready; it stays paused until the kexec.
+//! 5. Tell the agent the VM is ready; it stays paused until the kexec.
 //!
 //! Any failure calls the update off (`cancel.rs`) and the guest resumes where it was.
 
@@ -25,12 +21,12 @@ use luvmm_liveupdate::agent::ledger::now_ms;
 use luvmm_liveupdate::luo::{LuoError, Token};
 use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
 use luvmm_resources::errors::error_chain;
-use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, RAM_TOKEN_BASE, STATE_TOKEN};
+use luvmm_resources::state::{UpdateRecord, DEVICE_TOKEN_BASE, STATE_TOKEN};
 use serde::{Deserialize, Serialize};
 
 use crate::passthrough::DeviceFile;
 use crate::update::cancel::call_off;
-use crate::update::check::check_vm;
+use crate::update::stage::{stage, Staged};
 use crate::update::vm::UpdateVm;
 use crate::update::UpdateError;
 use crate::vmm::{PreparedUpdate, VmPhase, VmmError};
@@ -65,9 +61,9 @@ pub struct PrepareOptions<'a> {
     pub require_preserved_devices: bool,
 }
 
-/// Prepares the running VM for a host live update (steps above). On success the VM is
-/// `Preserved`: paused, everything in its session, waiting for the kexec or a cancel; it
-/// holds the session and `agent` until then.
+/// Prepares the running VM for a host live update (steps above), from its stage if it was
+/// staged under the same id. On success the VM is `Preserved`: paused, everything in its
+/// session, waiting for the kexec or a cancel; it holds the session and its agent until then.
 pub fn prepare(
     vm: &mut impl UpdateVm,
     agent: Box<dyn UpdateAgent>,
@@ -80,18 +76,28 @@ pub fn prepare(
         }
         .into());
     }
-    let preflight = check_vm(vm, agent.as_ref())?;
-    preflight.refuse_prepare(options.require_preserved_devices)?;
-    let session = agent.subscribe(options.vm_id, vm.launch().as_ref())?;
-    let prepared = PreparedUpdate {
-        vm_id: options.vm_id.to_string(),
-        agent,
-        session,
+    match vm.prepared().as_ref() {
+        None => {
+            stage(vm, agent, options)?;
+        }
+        Some(held) if held.vm_id != options.vm_id => {
+            return Err(UpdateError::StagedAs {
+                staged: held.vm_id.clone(),
+                asked: options.vm_id.to_string(),
+            })
+        }
+        Some(_) => {}
+    }
+    let Some(prepared) = vm.prepared().take() else {
+        return Err(VmmError::WrongPhase {
+            request: "prepare an update",
+            phase: vm.phase(),
+        }
+        .into());
     };
     let was_running = vm.phase() == VmPhase::Running;
-    match preserve_all(vm, &prepared, options) {
-        Ok(mut report) => {
-            report.warnings = preflight.warnings;
+    match preserve_the_rest(vm, &prepared, options) {
+        Ok(report) => {
             *vm.prepared() = Some(prepared);
             vm.set_phase(VmPhase::Preserved);
             log::info!(
@@ -120,9 +126,10 @@ struct Phases {
 }
 
 impl Phases {
-    fn start() -> Phases {
+    /// Starts after the stage, whose RAM preserve is the first phase.
+    fn after(staged: &Staged) -> Phases {
         Phases {
-            ms: BTreeMap::new(),
+            ms: BTreeMap::from([("preserve_ram".to_string(), staged.preserve_ram_ms)]),
             lap: Instant::now(),
         }
     }
@@ -135,18 +142,14 @@ impl Phases {
     }
 }
 
-fn preserve_all(
+fn preserve_the_rest(
     vm: &mut impl UpdateVm,
     prepared: &PreparedUpdate,
     options: &PrepareOptions<'_>,
 ) -> Result<PrepareReport, UpdateError> {
     let session = prepared.session.as_ref();
-    let mut phases = Phases::start();
-    let mut times = BTreeMap::from([("prepare".to_string(), now_ms())]);
-    for (index, memfd) in vm.ram_files().into_iter().enumerate() {
-        session.preserve(memfd, RAM_TOKEN_BASE + index as u64)?;
-    }
-    phases.done("preserve_ram");
+    let mut phases = Phases::after(&prepared.staged);
+    let mut times = BTreeMap::from([("prepare".to_string(), prepared.staged.at_ms)]);
     times.insert("pause".into(), now_ms());
     vm.pause()?;
     phases.done("pause");
@@ -175,7 +178,7 @@ fn preserve_all(
         devices,
         ram_mib: vm.ram_mib(),
         phases_ms: phases.ms,
-        warnings: Vec::new(),
+        warnings: prepared.staged.warnings.clone(),
     })
 }
 

@@ -24,6 +24,7 @@ use super::finish::{finish_session, report_failed};
 use super::prepare::{prepare, PrepareOptions};
 use super::release::{release, ReleaseError};
 use super::retrieve::{retrieve, ClaimError, HostDeviceError, RetrieveError, StateRefused};
+use super::stage::stage;
 use super::vm::UpdateVm;
 use super::UpdateError;
 use crate::passthrough::{DeviceFile, QuiesceError};
@@ -369,6 +370,99 @@ fn a_preserved_vm_follows_the_agent_call_off_and_waits_while_it_does_not_answer(
     assert_eq!(vm.phase, VmPhase::Running);
     assert!(!vm.quiesced && vm.prepared.is_none());
     assert!(host.preserved(SESSION).is_empty());
+}
+
+#[test]
+fn a_staged_vm_runs_on_with_only_its_ram_preserved_and_its_prepare_does_the_rest() {
+    let host = FakeHost::new();
+    let mut vm = FakeVm::running();
+    let staged = stage(&mut vm, Box::new(host.agent()), &options(false)).expect("stage");
+    assert_eq!(vm.phase, VmPhase::Running, "the guest runs on");
+    assert!(!vm.quiesced && vm.saved.is_none());
+    assert!(staged.phases_ms.contains_key("preserve_ram"));
+    assert_eq!(host.ledger().vms[0].phase, AgentPhase::Subscribed);
+    assert_eq!(
+        host.preserved(SESSION).len(),
+        2,
+        "the two RAM memfds and nothing else"
+    );
+    // A second stage, or a prepare under another id, is refused and changes nothing.
+    assert!(matches!(
+        stage(&mut vm, Box::new(host.agent()), &options(false)),
+        Err(UpdateError::AlreadyStaged { .. })
+    ));
+    let other = PrepareOptions {
+        vm_id: "vm2",
+        require_preserved_devices: false,
+    };
+    assert!(matches!(
+        prepare(&mut vm, Box::new(host.agent()), &other),
+        Err(UpdateError::StagedAs { .. })
+    ));
+    assert_eq!(vm.phase, VmPhase::Running);
+    host.take_log();
+
+    let report = prepare(&mut vm, Box::new(host.agent()), &options(false)).expect("prepare");
+    assert_eq!(vm.phase, VmPhase::Preserved);
+    let log: Vec<String> = host
+        .take_log()
+        .into_iter()
+        .filter(|l| l.starts_with("preserve") || l.contains("subscribe"))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            "preserve luvmm-vm1 0x200",
+            "preserve luvmm-vm1 0x201",
+            "preserve luvmm-vm1 0x5",
+        ],
+        "no second subscription or RAM preserve: the devices and the state only"
+    );
+    assert_eq!(
+        report.phases_ms.get("preserve_ram"),
+        staged.phases_ms.get("preserve_ram"),
+        "the stage's RAM preserve is reported as the prepare's first phase"
+    );
+    assert_eq!(host.ledger().vms[0].phase, AgentPhase::Ready);
+}
+
+#[test]
+fn a_staged_update_called_off_leaves_the_guest_as_it_was() {
+    // By the operator: a running guest runs on, a paused one stays paused.
+    for paused in [false, true] {
+        let host = FakeHost::new();
+        let mut vm = FakeVm::running();
+        if paused {
+            vm.phase = VmPhase::Paused;
+        }
+        stage(&mut vm, Box::new(host.agent()), &options(false)).expect("stage");
+        cancel(&mut vm).expect("cancel a staged update");
+        let expected = if paused {
+            VmPhase::Paused
+        } else {
+            VmPhase::Running
+        };
+        assert_eq!(vm.phase, expected);
+        vm.phase = VmPhase::Running;
+        assert_called_off(&vm, &host, "a staged update cancelled");
+    }
+    // By the agent (a deadline passed).
+    let host = FakeHost::new();
+    let mut vm = FakeVm::running();
+    stage(&mut vm, Box::new(host.agent()), &options(false)).expect("stage");
+    follow_agent(&mut vm);
+    assert!(vm.prepared.is_some(), "the update still goes on");
+    host.call_off_all();
+    follow_agent(&mut vm);
+    assert_called_off(&vm, &host, "a staged update the agent called off");
+    // By a failed RAM preserve.
+    let host = FakeHost::new();
+    host.set_faults(faults(|f| {
+        f.preserve_fails.insert(RAM_TOKEN_BASE + 1);
+    }));
+    let mut vm = FakeVm::running();
+    assert!(stage(&mut vm, Box::new(host.agent()), &options(false)).is_err());
+    assert_called_off(&vm, &host, "a failed stage");
 }
 
 /// A host after a kexec whose agent holds VM vm1's session: the golden 1.2 state (two vCPUs,

@@ -137,6 +137,11 @@ impl Vmm {
     /// A VM with devices on the legacy VFIO container cannot move to another process: their
     /// group and container fds cannot be adopted there.
     pub(super) fn check_movable(&self) -> Result<(), VmmError> {
+        if let Some(update) = &self.update {
+            return Err(VmmError::UpdateHeld {
+                vm_id: update.vm_id.clone(),
+            });
+        }
         let legacy = self.devices.passthrough.legacy_bdfs();
         if legacy.is_empty() {
             Ok(())
