@@ -571,6 +571,14 @@ mod tests {
     fn each_ctl_request_asks_for_its_action_with_its_flags() {
         assert_eq!(ctl(&["status"]), VmmAction::Status);
         assert_eq!(ctl(&["update", "cancel"]), VmmAction::CancelUpdate);
+        assert_eq!(
+            ctl(&["update", "stage", "--vm-id", "vm1"]),
+            VmmAction::StageUpdate(PrepareBody {
+                vm_id: "vm1".into(),
+                agent_socket: PathBuf::from(DEFAULT_AGENT_SOCKET),
+                require_preserved_devices: false,
+            })
+        );
         assert_eq!(ctl(&["save"]), VmmAction::Save { export_path: None });
         assert_eq!(
             ctl(&["save", "--export", "/tmp/vm.state"]),

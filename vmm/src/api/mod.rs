@@ -529,6 +529,11 @@ mod tests {
             },
             VmmAction::Check,
             VmmAction::GuestRequest(GuestRequest::IrqInFlight),
+            VmmAction::StageUpdate(PrepareBody {
+                vm_id: "vm1".into(),
+                agent_socket: "/run/agent.sock".into(),
+                require_preserved_devices: false,
+            }),
             VmmAction::PrepareUpdate(PrepareBody {
                 vm_id: "vm1".into(),
                 agent_socket: "/run/agent.sock".into(),
