@@ -29,7 +29,9 @@ pub enum Blocker {
     )]
     LegacyContainer { bdf: String },
     #[error(
-        "this kernel has no LUO handler for memfds ({found:?}): guest RAM cannot be preserved"
+        "this kernel has no LUO handler for memfds (its probe: {}): guest RAM cannot be \
+         preserved",
+        found.as_ref().map_or("no answer".to_string(), HandlerStatus::to_string)
     )]
     NoMemfdHandler { found: Option<HandlerStatus> },
     #[error("{reason}; {luo}")]
@@ -121,7 +123,7 @@ pub fn check_vm(vm: &impl UpdateVm, agent: &dyn UpdateAgent) -> Result<VmCheck, 
     for ((bdf, in_d0), handler) in probed.into_iter().zip(handlers.into_iter().skip(1)) {
         if handler != HandlerStatus::Present {
             check.warnings.push(format!(
-                "{bdf}: this kernel cannot preserve it ({handler:?}): it will be opened \
+                "{bdf}: this kernel cannot preserve it (its LUO handler: {handler}): it will be opened \
                  again after the kexec, and its own state (queues, registers) is lost"
             ));
         }

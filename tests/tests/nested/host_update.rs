@@ -1,0 +1,90 @@
+//! The `host-update` scenario: `luvmm update run` and `luvmm update status` as an operator
+//! runs them, across a real kexec, with VMs started by `luvmm start` from their configs.
+
+use luvmm_tests::nested::Results;
+use serde_json::Value;
+
+use crate::scenario::{boot_scenario, fail, require_no_failure, require_ok, require_second_kernel};
+
+/// One command updates the host: it finds the VMs from their configs, stops on the
+/// pre-flight's blocker, calls everything off when one VM cannot be staged (every guest runs
+/// on), and otherwise stages every VM while its guest runs, prepares them together and
+/// kexecs. After the kexec `luvmm start` brings each VM back from its session and `update
+/// status` tells the outcome. The guests' own checks judge what came back.
+#[test]
+fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
+    let run = boot_scenario(
+        "nested-host-update",
+        "host-update",
+        &["edu"],
+        &[luvmm_tests::payload()],
+    );
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    require_ok(
+        &run,
+        "host_update_",
+        &[
+            "device_round_1",
+            "run_blocked_by_the_preflight_touches_nothing",
+            "run_called_off_leaves_every_guest_running",
+            "device_round_2",
+            "status_names_the_vms_not_back",
+            "device_round_3",
+            "status_says_every_vm_is_back",
+        ],
+    );
+    let results = run.results();
+    // The guests' own checks: a's three (two before, one after the kexec at its resume, one
+    // asked after), b's two before and one after; each VM's seed stays its own, every page
+    // intact.
+    let checks: Vec<luvmm_tests::Check> = results
+        .iter()
+        .filter_map(|r| r.strip_prefix("host-update check "))
+        .map(luvmm_tests::parse_check)
+        .collect();
+    if checks.len() != 7 || !checks.iter().all(|c| c.ok) {
+        fail(&run, &format!("guest checks: {checks:#?}"));
+    }
+    let seeds: std::collections::BTreeSet<_> = checks.iter().map(|c| c.seed.clone()).collect();
+    if seeds.len() != 2 {
+        fail(&run, &format!("two guests, two seeds: {checks:#?}"));
+    }
+    // The barrier, by the agent's own clock: no VM was ready (paused, everything preserved)
+    // before every VM had begun its stage.
+    let ledger: Value = results
+        .iter()
+        .find_map(|r| r.strip_prefix("host-update ledger "))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_else(|| fail(&run, "no ledger after the kexec"));
+    let times = |key: &str| -> Vec<u64> {
+        ledger["vms"]
+            .as_array()
+            .map(|vms| {
+                vms.iter()
+                    .filter_map(|vm| vm["times_ms"][key].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (subscribed, ready) = (times("subscribed"), times("ready"));
+    if subscribed.len() != 2 || ready.len() != 2 {
+        fail(&run, &format!("both VMs through the kexec: {ledger}"));
+    }
+    if subscribed.iter().max() > ready.iter().min() {
+        fail(
+            &run,
+            &format!("a VM was ready before every VM was staged: {ledger}"),
+        );
+    }
+    let status: Value = results
+        .iter()
+        .find_map(|r| r.strip_prefix("host-update status exit=0 "))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_else(|| fail(&run, "no update status after the restores"));
+    for vm in status["vms"].as_array().into_iter().flatten() {
+        if vm["phase"] != "finished" || vm["back_after_kexec_ms"].as_u64().is_none() {
+            fail(&run, &format!("not back: {vm}"));
+        }
+    }
+}
