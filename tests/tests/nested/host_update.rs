@@ -86,5 +86,9 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
         if vm["phase"] != "finished" || vm["back_after_kexec_ms"].as_u64().is_none() {
             fail(&run, &format!("not back: {vm}"));
         }
+        // Its restore's own phases, from its VMM on the socket the launch record names.
+        if vm["restore"]["finish_ms"].as_f64().is_none() {
+            fail(&run, &format!("no restore phases: {vm}"));
+        }
     }
 }

@@ -196,7 +196,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
         }
         Command::Update(UpdateCommand::Status { agent_socket, json }) => {
             let ledger = AgentClient::new(&agent_socket).status()?;
-            let report = luvmm::host_update::status::of(&ledger);
+            let report = luvmm::host_update::status::gather(&ledger);
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

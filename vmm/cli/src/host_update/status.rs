@@ -3,7 +3,12 @@
 //! which is not and why. For a fleet tool rolling hosts one by one, the exit status is the
 //! verdict ([`Verdict::exit_code`]).
 
+use std::time::Duration;
+
 use luvmm_liveupdate::agent::{Ledger, VmPhase, VmRecord};
+use luvmm_resources::config::LaunchRecord;
+use luvmm_vmm::api::client::VmmClient;
+use luvmm_vmm::vmm::RestoreTimings;
 use serde::{Deserialize, Serialize};
 
 /// The last update on this host, as a whole.
@@ -50,6 +55,10 @@ pub struct VmOutcome {
     pub why_not: Option<String>,
     /// How many restores claimed its session in this boot.
     pub claims: u32,
+    /// Once back: its restore's phases, as its VMM reports them on the API socket its launch
+    /// record names (absent when that VMM does not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreTimings>,
 }
 
 /// What `update status --json` prints.
@@ -65,7 +74,33 @@ pub struct StatusReport {
     pub vms: Vec<VmOutcome>,
 }
 
-/// The report for `ledger`.
+/// How long `update status` waits for a VMM's answer.
+const VMM_WAIT: Duration = Duration::from_secs(2);
+
+/// The report for `ledger`, with each VM's restore phases asked of its VMM.
+pub fn gather(ledger: &Ledger) -> StatusReport {
+    let mut report = of(ledger);
+    for (outcome, record) in report.vms.iter_mut().zip(&ledger.vms) {
+        if outcome.back_at_ms.is_none() {
+            continue;
+        }
+        let socket = record
+            .launch
+            .clone()
+            .and_then(|l| serde_json::from_value::<LaunchRecord>(l).ok())
+            .and_then(|l| l.api_socket);
+        outcome.restore = socket.and_then(|socket| {
+            VmmClient::new(&socket)
+                .with_timeout(VMM_WAIT)
+                .status()
+                .ok()
+                .and_then(|s| s.restore_timings)
+        });
+    }
+    report
+}
+
+/// The report for `ledger` alone.
 pub fn of(ledger: &Ledger) -> StatusReport {
     let kexec_at_ms = ledger.times_ms.get("kexec").copied();
     let vms: Vec<VmOutcome> = ledger.vms.iter().map(|r| outcome(r, kexec_at_ms)).collect();
@@ -116,6 +151,7 @@ fn outcome(record: &VmRecord, kexec_at_ms: Option<u64>) -> VmOutcome {
         ready_to_back_ms: since(record.times_ms.get("ready").copied()),
         why_not,
         claims: record.claims,
+        restore: None,
     }
 }
 
@@ -126,7 +162,19 @@ impl StatusReport {
         for vm in &self.vms {
             match (&vm.why_not, vm.back_after_kexec_ms) {
                 (None, Some(ms)) => {
-                    text.push_str(&format!("{}: back, {ms} ms after the kexec\n", vm.vm))
+                    let restore = vm.restore.as_ref().map_or(String::new(), |t| {
+                        format!(
+                            " (its restore: claim and retrieve {:.1} ms, build {:.1} ms, \
+                             FINISH {:.1} ms)",
+                            t.gather_ms,
+                            t.check_ms + t.vm_ms + t.memory_ms + t.devices_ms + t.vcpus_ms,
+                            t.finish_ms.unwrap_or_default()
+                        )
+                    });
+                    text.push_str(&format!(
+                        "{}: back, {ms} ms after the kexec{restore}\n",
+                        vm.vm
+                    ))
                 }
                 (None, None) => text.push_str(&format!("{}: {}\n", vm.vm, phase_word(vm.phase))),
                 (Some(why), _) => text.push_str(&format!("{}: not back: {why}\n", vm.vm)),
