@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::host_update::barrier::{stage_and_prepare, BarrierOptions, CalledOff, HostVm, Progress};
 use crate::preflight::{self, CheckArgs};
 use luvmm_liveupdate::agent::{AgentClient, AgentClientError};
 use luvmm_liveupdate::luo::kexec;
@@ -72,6 +73,8 @@ pub enum StepError {
     Initrd(#[from] BedError),
     #[error("the agent took the update but no kexec came within {KEXEC_WAIT:?}")]
     NoKexec,
+    #[error("the update was called off for every VM")]
+    CalledOff(#[source] CalledOff),
 }
 
 /// Runs stage `stage` of the plan in `/luvmm/drill.json`. Returns after the last stage, or
@@ -330,8 +333,9 @@ fn update(
     watch.close(Err(StepError::NoKexec))
 }
 
-/// Prepares every VM; if one fails, calls the update off for every VM prepared so far and
-/// has each guest show it went on in place.
+/// Puts every VM into its session as `luvmm update run` does (every VM staged while its
+/// guest runs, then all prepared together); if one fails, the update is off for every VM, and
+/// each guest must show it went on in place.
 fn prepare_all(
     round: u32,
     plan: &Plan,
@@ -339,34 +343,65 @@ fn prepare_all(
     before: Vec<String>,
     agent_socket: &Path,
 ) -> Result<(), StepError> {
-    let mut prepared: Vec<&Guest> = Vec::new();
-    for ((guest, _), check_before) in guests.iter().zip(&before) {
-        emit(&phase(&guest.vm, "prepare"));
-        match guest.prepare(agent_socket, plan.vfio_handler != VfioHandler::Off) {
-            Ok(report) => {
-                emit(&phase(&guest.vm, "paused"));
+    let vms: Vec<HostVm> = guests
+        .iter()
+        .map(|(guest, _)| HostVm {
+            vm: guest.vm.clone(),
+            socket: guest.socket.clone(),
+        })
+        .collect();
+    let shmem_huge_kib = shmem_huge_kib();
+    let checks: Vec<(&str, &str)> = guests
+        .iter()
+        .zip(&before)
+        .map(|((guest, _), check)| (guest.vm.as_str(), check.as_str()))
+        .collect();
+    let progress = |step: Progress<'_>| match step {
+        Progress::Prepared(run) => {
+            emit(&phase(&run.vm, "paused"));
+            if let Some(report) = run.prepare.clone() {
+                let check_before = checks
+                    .iter()
+                    .find(|(vm, _)| *vm == run.vm)
+                    .map(|(_, check)| check.to_string())
+                    .unwrap_or_default();
                 emit(&Event::Prepared {
                     round,
-                    vm: guest.vm.clone(),
-                    check_before: check_before.clone(),
+                    vm: run.vm.clone(),
+                    check_before,
                     report,
-                    shmem_huge_kib: shmem_huge_kib(),
+                    shmem_huge_kib,
                 });
-                prepared.push(guest);
-            }
-            Err(e) => {
-                // One VM failed (and its luvmm called its own prepare off): the update is off
-                // for every VM, and each guest must show it went on in place.
-                for other in &prepared {
-                    other.cancel()?;
-                }
-                went_on(round, guests, before)?;
-                return Err(e.into());
             }
         }
+        Progress::Staged(run) => emit(&phase(&run.vm, "staged")),
+        Progress::Preparing(run) => emit(&phase(&run.vm, "prepare")),
+        Progress::Failed(_) | Progress::CallingOff { .. } | Progress::LeftInPlace(_) => {}
+    };
+    for (guest, _) in guests {
+        emit(&phase(&guest.vm, "stage"));
     }
-    Ok(())
+    let barrier = stage_and_prepare(
+        &vms,
+        &BarrierOptions {
+            agent_socket,
+            require_preserved_devices: plan.vfio_handler != VfioHandler::Off,
+            deadline: Instant::now() + PREPARE_DEADLINE,
+        },
+        &progress,
+    );
+    match barrier.result {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            // Every VM's update is called off already; each guest must show it went on.
+            went_on(round, guests, before)?;
+            Err(StepError::CalledOff(why))
+        }
+    }
 }
+
+/// How long every VM of a drill may take to be staged and prepared, under TCG.
+const PREPARE_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Round `round`'s second half for one VM: restore it from its session (the open watcher
 /// runs from the agent's start), then its guest's own evidence.

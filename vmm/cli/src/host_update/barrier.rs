@@ -55,9 +55,13 @@ pub struct VmRun {
 /// Something worth telling the operator while the barrier runs.
 pub enum Progress<'a> {
     Staged(&'a VmRun),
+    /// Its prepare begins: the guest is about to be paused.
+    Preparing(&'a VmRun),
     Prepared(&'a VmRun),
     Failed(&'a VmRun),
-    CallingOff { reason: &'a str },
+    CallingOff {
+        reason: &'a str,
+    },
     LeftInPlace(&'a VmRun),
 }
 
@@ -176,6 +180,9 @@ fn step_one(
     };
     let client = VmmClient::new(&run.socket).with_timeout(left.max(Duration::from_millis(1)));
     run.times_ms.insert(begun.into(), now_ms());
+    if let Step::Prepare = step {
+        progress(Progress::Preparing(run));
+    }
     let outcome = match step {
         Step::Stage => client
             .stage_update(

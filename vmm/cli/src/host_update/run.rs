@@ -320,6 +320,7 @@ fn tell(progress: Progress<'_>) {
                 run.vm
             ));
         }
+        Progress::Preparing(_) => {}
         Progress::Failed(run) => say(&format!(
             "{}: failed: {}",
             run.vm,

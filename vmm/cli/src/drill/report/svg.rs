@@ -207,6 +207,7 @@ fn colour(phase: &str) -> &'static str {
         "boot" | "agent" => "#9ecae1",
         "dma" | "check" | "running" => "#a1d99b",
         "prepare" | "preflight" => "#fdd49e",
+        "stage" | "staged" => "#fee6ce",
         "paused" => "#fc9272",
         "kexec" => "#d94801",
         "restore" => "#bcbddc",
