@@ -239,7 +239,7 @@ pub struct CheckBody {
 }
 
 /// What `PUT /vm/update/stage` and `PUT /vm/update/prepare` take.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareBody {
     pub vm_id: String,
