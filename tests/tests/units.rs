@@ -108,6 +108,7 @@ fn update_run_finds_the_hosts_vms_and_a_blocked_one_touches_nothing() {
     let gone = config.replace("vm1.sock", "vm3.sock");
     std::fs::write(dir.join("vm3.json"), gone).expect("write vm3's config");
     let agent = dir.join("agent.sock");
+    let svg = dir.join("run.svg");
     let out = Command::new(luvmm_bin())
         .args([
             "update",
@@ -116,6 +117,8 @@ fn update_run_finds_the_hosts_vms_and_a_blocked_one_touches_nothing() {
             "/nonexistent/bzImage",
             "--json",
         ])
+        .arg("--svg")
+        .arg(&svg)
         .arg("--vm-dir")
         .arg(dir.path())
         .arg("--agent-socket")
@@ -141,6 +144,20 @@ fn update_run_finds_the_hosts_vms_and_a_blocked_one_touches_nothing() {
         "the missing agent is named: {report}"
     );
     assert!(stderr.contains("vm3: left out: not running"), "{stderr}");
+    // The timeline, with its verdict, renders (librsvg, installed by tests/setup.sh).
+    let picture = std::fs::read_to_string(&svg).expect("the timeline");
+    assert!(picture.contains("blocked by the pre-flight"), "{picture}");
+    let png = dir.join("run.png");
+    let rendered = Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(&svg)
+        .output()
+        .expect("rsvg-convert");
+    assert!(rendered.status.success(), "{rendered:?}");
+    assert!(std::fs::read(&png)
+        .expect("the PNG")
+        .starts_with(b"\x89PNG"));
     for vm in &vms {
         let status = vm.client().status().expect("GET /vm");
         assert_eq!(status.phase, VmPhase::Running);

@@ -72,12 +72,13 @@ JSON
         "exit $code: $(cat blocked.json) $(cat blocked.err)"
 
     luvmm update run $next --agent-socket $agent_sock --known-good-kernel \
-        --require-preserved-devices --json > off.json 2> off.err
+        --require-preserved-devices --json --svg off.svg > off.json 2> off.err
     code=$?
     sed 's/^/LUVMM-L1 log update run (called off): /' off.err
     result host_update_run_called_off_leaves_every_guest_running \
         $([ $code = 4 ] && grep -q '"outcome":"called_off"' off.json \
             && grep -q '"vm":"b".*"staged"' off.json \
+            && grep -q ">failed</text>" off.svg && grep -q "called off: running" off.svg \
             && [ "$(phase a.sock)" = running ] && [ "$(phase b.sock)" = running ] \
             && ! luvmm ctl --socket b.sock status | grep -q update_vm_id \
             && luvmm agent status --socket $agent_sock | grep -q '"vms":\[\]'; echo $?) \

@@ -7,3 +7,4 @@ pub mod cli;
 pub mod drill;
 pub mod host_update;
 pub mod preflight;
+pub mod timeline;

@@ -4,5 +4,6 @@
 //! the VMM's own (`luvmm_vmm::update`), asked through each VMM's control API.
 
 pub mod barrier;
+mod picture;
 pub mod run;
 pub mod status;

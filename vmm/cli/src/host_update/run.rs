@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use luvmm_liveupdate::agent::ledger::now_ms;
 use luvmm_liveupdate::agent::{AgentClient, DEFAULT_AGENT_SOCKET};
 use luvmm_liveupdate::luo::kexec;
 use luvmm_resources::config::VmConfig;
@@ -56,6 +57,10 @@ pub struct RunArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Draw the run's timeline into this SVG file, before the kexec is asked for (and again
+    /// if the update is called off).
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
 fn host_vm(text: &str) -> Result<HostVm, String> {
@@ -103,8 +108,13 @@ pub struct RunReport {
     pub reason: Option<String>,
     pub kernel: PathBuf,
     pub preflight: CheckReport,
+    /// When the run started, in ms since the Unix epoch.
+    pub started_at_ms: u64,
     /// Milliseconds the pre-flight took (it loads and unloads the next kernel).
     pub preflight_ms: f64,
+    /// When the agent was asked for the kexec, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kexec_asked_at_ms: Option<u64>,
     /// Milliseconds the agent took to load the next kernel and answer, before its kexec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kexec_load_ms: Option<f64>,
@@ -120,7 +130,9 @@ pub fn run(args: &RunArgs) -> RunReport {
         reason: None,
         kernel: args.kernel.clone(),
         preflight: CheckReport::default(),
+        started_at_ms: now_ms(),
         preflight_ms: 0.0,
+        kexec_asked_at_ms: None,
         kexec_load_ms: None,
         vms: Vec::new(),
     };
@@ -179,6 +191,7 @@ pub fn run(args: &RunArgs) -> RunReport {
     if !report.preflight.blockers.is_empty() {
         report.outcome = Outcome::Blocked;
         report.reason = Some(Blocker::join(&report.preflight.blockers));
+        draw(args, &report);
         return report;
     }
     let barrier = stage_and_prepare(
@@ -198,12 +211,17 @@ pub fn run(args: &RunArgs) -> RunReport {
         } else {
             Outcome::Failed
         };
+        draw(args, &report);
         return report;
     }
     say(&format!(
         "every VM is prepared: kexec into {}",
         args.kernel.display()
     ));
+    // The picture comes first: a kexec that goes ends this process.
+    report.kexec_asked_at_ms = Some(now_ms());
+    report.outcome = Outcome::Kexec;
+    draw(args, &report);
     let asked = Instant::now();
     let agent = AgentClient::new(&args.agent_socket);
     match agent.update(
@@ -227,9 +245,19 @@ pub fn run(args: &RunArgs) -> RunReport {
             } else {
                 Outcome::Failed
             };
+            draw(args, &report);
         }
     }
     report
+}
+
+/// Writes the timeline with `--svg`; a failure to is said, and changes nothing else.
+fn draw(args: &RunArgs, report: &RunReport) {
+    if let Some(path) = &args.svg {
+        if let Err(e) = std::fs::write(path, report.to_svg()) {
+            say(&format!("cannot write {}: {e}", path.display()));
+        }
+    }
 }
 
 /// The VMs to update: those named, then those whose config is in the VM directory and whose
@@ -361,17 +389,25 @@ impl RunReport {
                     .unwrap_or_default()
             ));
         }
+        text.push_str(&self.verdict_line());
+        text.push('\n');
+        text
+    }
+
+    /// The outcome in a line, with its reason.
+    pub fn verdict_line(&self) -> String {
         let verdict = match self.outcome {
-            Outcome::Kexec => "every VM prepared; the host is kexecing".to_string(),
+            Outcome::Kexec => format!(
+                "every VM prepared ({}); the host is kexecing",
+                self.vms.len()
+            ),
             Outcome::Blocked => "blocked by the pre-flight; nothing was touched".to_string(),
             Outcome::CalledOff => "called off; every guest is back as it was".to_string(),
             Outcome::Failed => "failed".to_string(),
         };
-        text.push_str(&format!("verdict: {verdict}"));
-        if let Some(reason) = &self.reason {
-            text.push_str(&format!(" ({reason})"));
+        match &self.reason {
+            Some(reason) => format!("luvmm update run: {verdict} ({reason})"),
+            None => format!("luvmm update run: {verdict}"),
         }
-        text.push('\n');
-        text
     }
 }

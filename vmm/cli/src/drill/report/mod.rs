@@ -165,11 +165,4 @@ const RESTORE_PHASES: [&str; 7] = [
     "finish",
 ];
 
-/// One phase of one timeline row.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Span {
-    pub row: String,
-    pub phase: String,
-    pub start_s: f64,
-    pub end_s: f64,
-}
+pub use crate::timeline::Span;
