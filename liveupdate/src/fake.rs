@@ -268,6 +268,11 @@ impl UpdateAgent for FakeAgent {
         Ok(host.ledger.clone())
     }
 
+    fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError> {
+        let host = self.0.agent_call("status", vm)?;
+        Ok(host.ledger.of(Some(vm)))
+    }
+
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {
         let host = self.0.agent_call("probe", "")?;
         let device = host

@@ -55,6 +55,8 @@ pub trait UpdateAgent: Send + Sync {
     fn failed(&self, vm: &str, reason: &str) -> Result<(), AgentClientError>;
     /// The agent's ledger.
     fn status(&self) -> Result<Ledger, AgentClientError>;
+    /// The agent's ledger with only VM `vm`'s record.
+    fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError>;
     /// Whether the agent's kernel can preserve a memfd and each of `fds`.
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError>;
     /// After the kexec: VM `vm`'s incoming session (a copy: the agent keeps its own until the
@@ -122,6 +124,10 @@ impl UpdateAgent for AgentClient {
 
     fn status(&self) -> Result<Ledger, AgentClientError> {
         AgentClient::status(self)
+    }
+
+    fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError> {
+        AgentClient::status_of(self, vm)
     }
 
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {

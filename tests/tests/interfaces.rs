@@ -281,7 +281,8 @@ fn the_agents_messages_match_their_schemas() {
             devices: vec!["0000:00:03.0".into()],
         },
         Request::Release { vm: vm() },
-        Request::Status {},
+        Request::Status { vm: None },
+        Request::Status { vm: Some(vm()) },
         Request::Update {
             kernel: "/boot/vmlinuz".into(),
             initrd: Some("/boot/initrd.img".into()),

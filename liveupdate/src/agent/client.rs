@@ -172,8 +172,20 @@ impl AgentClient {
 
     /// The agent's ledger.
     pub fn status(&self) -> Result<Ledger, AgentClientError> {
+        self.ledger_of(None)
+    }
+
+    /// The agent's ledger with only VM `vm`'s record.
+    pub fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError> {
+        self.ledger_of(Some(vm))
+    }
+
+    fn ledger_of(&self, vm: Option<&str>) -> Result<Ledger, AgentClientError> {
         let op = "status";
-        let (reply, _) = self.call(op, &Request::Status {})?;
+        let request = Request::Status {
+            vm: vm.map(str::to_string),
+        };
+        let (reply, _) = self.call(op, &request)?;
         reply.ledger.ok_or_else(|| AgentClientError::BadReply {
             op,
             reason: "no ledger".into(),

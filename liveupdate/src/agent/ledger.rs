@@ -133,6 +133,18 @@ impl Ledger {
             .ok_or_else(|| LedgerError::UnknownVm { vm: vm.to_string() })
     }
 
+    /// The ledger with only VM `vm`'s record (and the agent-wide times), or all of it.
+    pub fn of(&self, vm: Option<&str>) -> Ledger {
+        match vm {
+            None => self.clone(),
+            Some(vm) => Ledger {
+                vms: self.vms.iter().filter(|r| r.vm == vm).cloned().collect(),
+                updates: self.updates,
+                times_ms: self.times_ms.clone(),
+            },
+        }
+    }
+
     /// Whether VM `vm`'s session waits to be restored: the kexec is over and no restore
     /// finished it (one that claimed it and died leaves it to the next claim).
     pub fn session_waits(&self, vm: &str) -> bool {
@@ -619,5 +631,37 @@ mod tests {
         // The VM id that would give a session of the same name, were the separator a dash.
         let vm = &probe["luvmm.".len()..];
         assert_ne!(session_of(vm).map(|s| s.to_string()), Ok(probe.clone()));
+    }
+
+    /// A host of 1000 VMs through a whole update, each step on every VM: every session
+    /// handed out once, every VM finished, nothing mixed up between them.
+    #[test]
+    fn a_host_of_1000_vms_goes_through_an_update() {
+        let mut ledger = Ledger::default();
+        let vms: Vec<String> = (0..1000).map(|i| format!("vm-{i:04}")).collect();
+        for vm in &vms {
+            ledger.subscribe(vm, 1).unwrap();
+        }
+        assert_eq!(ledger.not_ready().len(), 1000);
+        for vm in &vms {
+            ledger.ready(vm, 2, &[]).unwrap();
+        }
+        ledger.check_update().expect("every VM ready");
+        let mut ledger = ledger.after_kexec(3);
+        let claimant = Claimant { pid: 7, started: 1 };
+        for vm in &vms {
+            let session = ledger.claim(vm, 4, claimant, &|_| true).unwrap();
+            assert_eq!(session.to_string(), format!("luvmm-{vm}"));
+            ledger.finished(vm, 5).unwrap();
+        }
+        assert!(ledger
+            .vms
+            .iter()
+            .all(|r| r.phase == VmPhase::Finished && r.claims == 1));
+        assert!(!ledger.has_incoming());
+        let one = ledger.of(Some("vm-0999"));
+        assert_eq!(one.vms.len(), 1);
+        assert_eq!(one.vms[0].vm, "vm-0999");
+        assert_eq!(one.updates, 1);
     }
 }

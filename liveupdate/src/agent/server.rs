@@ -511,11 +511,11 @@ impl Agent {
                 log::warn!("agent: VM {vm}'s restore failed ({reason}); its session is kept");
                 Ok((Reply::ok(), none(), After::Nothing))
             }
-            Request::Status {} => {
+            Request::Status { vm } => {
                 self.ledger.reap("*", now, &keep::alive);
                 Ok((
                     Reply {
-                        ledger: Some(self.ledger.clone()),
+                        ledger: Some(self.ledger.of(vm.as_deref())),
                         ..Reply::ok()
                     },
                     none(),

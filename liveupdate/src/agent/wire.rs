@@ -40,8 +40,12 @@ pub enum Request {
     },
     /// The VM calls its update off: the agent closes its copy of the session.
     Release { vm: String },
-    /// The ledger.
-    Status {},
+    /// The ledger; with `vm`, only that VM's record (what a VMM following its own update
+    /// needs, whatever the number of VMs on the host).
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
+    },
     /// Load the next kernel and kexec into it once every VM is ready: at once (refused if one
     /// is not), or within `deadline_s` seconds, after which everyone's update is called off.
     Update {
@@ -317,5 +321,44 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A host of 1000 VMs, each with 8 devices and a launch record: the whole ledger crosses
+    /// the socket within `MAX_REPLY`, and the record one VMM asks for stays small.
+    #[test]
+    fn a_ledger_of_1000_vms_crosses_the_socket_and_one_vms_record_stays_small() {
+        let mut ledger = Ledger::default();
+        let devices: Vec<String> = (0..8).map(|i| format!("0000:00:{:02x}.0", i + 3)).collect();
+        for i in 0..1000 {
+            let vm = format!("vm-{i:04}");
+            ledger.subscribe(&vm, 1_000 + i).unwrap();
+            let launch = serde_json::json!({
+                "serial": {"file": format!("/var/log/luvmm/{vm}.log")},
+                "api_socket": format!("/run/luvmm/{vm}.sock"),
+                "vcpus": 4,
+            });
+            ledger.record_launch(&vm, launch).unwrap();
+            ledger.ready(&vm, 5_000 + i, &devices).unwrap();
+        }
+        ledger.check_update().expect("every VM ready");
+        let ledger = ledger.after_kexec(9_000);
+        let (a, b) = UnixStream::pair().unwrap();
+        let whole = Reply {
+            ledger: Some(ledger.clone()),
+            ..Reply::ok()
+        };
+        let sender = std::thread::spawn(move || send_line(&a, &whole, &[]).map(|()| a));
+        let (line, _) = recv_line(&b, MAX_REPLY).expect("the whole ledger");
+        let _a = sender.join().unwrap().expect("sent");
+        assert!(line.len() < MAX_REPLY / 16, "{} bytes", line.len());
+        let back: Reply = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back.ledger.as_ref().map(|l| l.vms.len()), Some(1000));
+        assert_eq!(back.ledger.unwrap(), ledger);
+        let one = serde_json::to_vec(&Reply {
+            ledger: Some(ledger.of(Some("vm-0500"))),
+            ..Reply::ok()
+        })
+        .unwrap();
+        assert!(one.len() < 1024, "{} bytes for one VM", one.len());
     }
 }

@@ -108,7 +108,7 @@ mod tests {
             .expect("the ledger file");
         let (line, _) = recv_line(&stream, MAX_REQUEST).expect("a request");
         let request: Request = serde_json::from_slice(&line).expect("a JSON request");
-        assert_eq!(request, Request::Status {});
+        assert_eq!(request, Request::Status { vm: None });
         kexec::current_cmdline().expect("/proc/cmdline");
         let memfd = OwnedFd::from(probe::scratch_memfd().expect("a scratch memfd"));
         let reply = Reply {

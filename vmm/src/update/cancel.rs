@@ -52,7 +52,7 @@ pub fn follow_agent(vm: &mut impl UpdateVm) {
     let Some(prepared) = vm.prepared().take() else {
         return;
     };
-    let called_off = match prepared.agent.status() {
+    let called_off = match prepared.agent.status_of(&prepared.vm_id) {
         Ok(ledger) => !ledger
             .vms
             .iter()

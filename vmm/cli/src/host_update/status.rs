@@ -77,27 +77,44 @@ pub struct StatusReport {
 /// How long `update status` waits for a VMM's answer.
 const VMM_WAIT: Duration = Duration::from_secs(2);
 
+/// VMMs asked at once by `update status`, so that a host of many VMs, some of them hung,
+/// still gets its answer in a few `VMM_WAIT`s.
+const ASKED_AT_ONCE: usize = 32;
+
 /// The report for `ledger`, with each VM's restore phases asked of its VMM.
 pub fn gather(ledger: &Ledger) -> StatusReport {
     let mut report = of(ledger);
-    for (outcome, record) in report.vms.iter_mut().zip(&ledger.vms) {
-        if outcome.back_at_ms.is_none() {
-            continue;
+    let mut asks: Vec<(&mut VmOutcome, &VmRecord)> = report
+        .vms
+        .iter_mut()
+        .zip(&ledger.vms)
+        .filter(|(outcome, _)| outcome.back_at_ms.is_some())
+        .collect();
+    let per_thread = asks.len().div_ceil(ASKED_AT_ONCE).max(1);
+    std::thread::scope(|scope| {
+        for chunk in asks.chunks_mut(per_thread) {
+            scope.spawn(move || {
+                for (outcome, record) in chunk.iter_mut() {
+                    outcome.restore = restore_timings(record);
+                }
+            });
         }
-        let socket = record
-            .launch
-            .clone()
-            .and_then(|l| serde_json::from_value::<LaunchRecord>(l).ok())
-            .and_then(|l| l.api_socket);
-        outcome.restore = socket.and_then(|socket| {
-            VmmClient::new(&socket)
-                .with_timeout(VMM_WAIT)
-                .status()
-                .ok()
-                .and_then(|s| s.restore_timings)
-        });
-    }
+    });
     report
+}
+
+/// VM `record`'s restore phases, from its VMM on the API socket its launch record names.
+fn restore_timings(record: &VmRecord) -> Option<RestoreTimings> {
+    let socket = record
+        .launch
+        .clone()
+        .and_then(|l| serde_json::from_value::<LaunchRecord>(l).ok())
+        .and_then(|l| l.api_socket)?;
+    VmmClient::new(&socket)
+        .with_timeout(VMM_WAIT)
+        .status()
+        .ok()
+        .and_then(|s| s.restore_timings)
 }
 
 /// The report for `ledger` alone.
@@ -289,6 +306,34 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("not every VM is back (1 of 4)"), "{text}");
+    }
+
+    #[test]
+    fn a_host_of_1000_vms_is_reported_whole() {
+        let mut vms: Vec<VmRecord> = (0..1000)
+            .map(|i| {
+                let mut r = record(
+                    &format!("vm-{i:04}"),
+                    VmPhase::Finished,
+                    &[("ready", 9_000), ("finished", 12_000 + i)],
+                );
+                r.launch =
+                    Some(serde_json::json!({"api_socket": format!("/nonexistent/{i}.sock")}));
+                r
+            })
+            .collect();
+        vms[999].phase = VmPhase::Incoming;
+        let report = gather(&ledger(vms, 1));
+        assert_eq!(report.vms.len(), 1000);
+        assert_eq!(report.verdict, Verdict::NotAllBack);
+        assert_eq!(report.vms[998].back_after_kexec_ms, Some(2_998));
+        assert!(
+            report.vms.iter().all(|v| v.restore.is_none()),
+            "no VMM answers here"
+        );
+        assert!(report
+            .to_text()
+            .contains("not every VM is back (999 of 1000)"));
     }
 
     #[test]
