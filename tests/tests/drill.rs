@@ -454,3 +454,55 @@ fn a_drill_plan_outside_the_bed_is_refused_by_name() {
         assert!(stderr.contains(refusal), "{stderr}");
     }
 }
+
+/// A host of eight VMs, devices on three of them: every VM is staged while its guest runs,
+/// then all are prepared together, the host kexecs and every VM comes back. Each guest's own
+/// check says it kept everything, each device does a DMA round trip with its MSI, and no VM
+/// was paused before every VM had been staged.
+#[test]
+fn a_drill_of_eight_vms_some_with_devices_loses_nothing() {
+    let (code, report, svg, _work) = drill(
+        "drill-eight",
+        &["--vms", "8", "--devices", "1", "--devices-on", "3"],
+    );
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+    let updates = rounds(&report, "update");
+    assert_eq!(updates.len(), 1, "{report}");
+    let vms = updates[0]["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 8, "{report}");
+    for vm in vms {
+        assert_eq!(vm["guest_check"], "ok", "{vm}");
+        let (seed0, checks0, _) = check_fields(&vm["check_before"]);
+        let (seed1, checks1, _) = check_fields(&vm["check_after"]);
+        assert_eq!(seed0, seed1, "{vm}");
+        assert!(checks1 > checks0, "{vm}");
+        let name = vm["vm"].as_str().unwrap_or_default();
+        let with_devices = ["vm1", "vm2", "vm3"].contains(&name);
+        let devices = vm["devices"].as_array().expect("devices");
+        assert_eq!(devices.len(), usize::from(with_devices), "{vm}");
+        for dev in devices {
+            let line = dev["round_line"].as_str().unwrap_or_default();
+            assert!(line.ends_with(" dma=ok irq=msi id=ok"), "{vm}");
+        }
+    }
+    // The barrier, on the drill's timeline (L1's console lines by the host's clock).
+    let spans = report["timeline"].as_array().expect("the timeline");
+    let starts = |phase: &str| -> Vec<f64> {
+        spans
+            .iter()
+            .filter(|s| s["phase"] == phase)
+            .filter_map(|s| s["start_s"].as_f64())
+            .collect()
+    };
+    let (staged, paused) = (starts("staged"), starts("paused"));
+    assert_eq!((staged.len(), paused.len()), (8, 8), "{report}");
+    let last_staged = staged.iter().copied().fold(f64::MIN, f64::max);
+    let first_paused = paused.iter().copied().fold(f64::MAX, f64::min);
+    assert!(
+        last_staged <= first_paused,
+        "a VM paused at {first_paused} s before the last was staged at {last_staged} s"
+    );
+    for vm in 1..=8 {
+        assert!(svg.contains(&format!(">vm{vm}</text>")), "vm{vm} not drawn");
+    }
+}

@@ -13,6 +13,7 @@
 //! - [`client`]: what a VMM calls.
 
 pub mod client;
+pub mod clients;
 pub mod holder;
 pub mod keep;
 pub mod ledger;

@@ -13,24 +13,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
+use crate::agent::clients::Clients;
 use crate::agent::holder::{holder_socket, Holder};
 use crate::agent::keep::{self, Kept, Previous, TakeOverError};
 use crate::agent::ledger::{
     now_ms, Claimant, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN,
 };
-use crate::agent::wire::{recv_line, send_line, KeptFiles, Reply, Request, MAX_REPLY, MAX_REQUEST};
+use crate::agent::wire::{send_line, KeptFiles, Reply, Request, MAX_REPLY};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
 use crate::luo::{IncomingSession, LiveUpdate, LuoError, OutgoingSession, SessionName};
 use crate::unix::{self, BindError};
-
-/// How long a client has to send its request.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The agent could not start or went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -300,44 +296,34 @@ impl Agent {
         }
     }
 
-    /// Serves clients on its socket (created 0600) until the kexec. The loop sleeps in `poll`
-    /// until a client connects or a pending update's deadline comes.
+    /// Serves clients on its socket (created 0600) until the kexec, on one thread
+    /// (`clients.rs`): it sleeps until some client's request is whole, one times out, or a
+    /// pending update's deadline comes.
     pub fn serve(mut self) -> Result<(), AgentError> {
         let socket = self.socket.clone();
         let socket = socket.as_path();
         let listener = bind_socket(socket)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| AgentError::Socket {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let mut clients = Clients::new(listener).map_err(|source| AgentError::Socket {
+            path: socket.to_path_buf(),
+            source,
+        })?;
         log::info!("agent: serving {}", socket.display());
         loop {
             self.watch_pending();
-            // poll on one fd fails only for want of kernel memory: the agent, which holds every
-            // VM's session, keeps going rather than exit.
-            if let Err(e) = wait_for_client(&listener, self.until_deadline()) {
-                log::warn!("agent: waiting for clients: {e}");
-                continue;
-            }
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    let (reply, fds, after) = self.serve_one(&stream);
-                    let fds: Vec<&OwnedFd> = fds.iter().collect();
-                    if let Err(e) = send_line(&stream, &reply, &fds) {
-                        log::warn!("agent: cannot send the reply: {e}");
-                    }
-                    drop(stream);
-                    self.keep_ledger();
-                    if let After::Kexec(agent_session) = after {
-                        self.kexec(agent_session);
-                    }
+            for asked in clients.wait(self.until_deadline()) {
+                let (reply, fds, after) = match asked.request {
+                    Ok((line, fds)) => self.serve_one(&asked.stream, &line, fds),
+                    Err(why) => (Reply::error(why), Vec::new(), After::Nothing),
+                };
+                let fds: Vec<&OwnedFd> = fds.iter().collect();
+                if let Err(e) = send_line(&asked.stream, &reply, &fds) {
+                    log::warn!("agent: cannot send the reply: {e}");
                 }
-                // Woken by the deadline, or the client left before its turn.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => log::warn!("agent: accept: {e}"),
+                drop(asked.stream);
+                self.keep_ledger();
+                if let After::Kexec(agent_session) = after {
+                    self.kexec(agent_session);
+                }
             }
         }
     }
@@ -413,17 +399,21 @@ impl Agent {
         }
     }
 
-    fn serve_one(&mut self, stream: &UnixStream) -> (Reply, Vec<OwnedFd>, After) {
-        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-        let request = match recv_line(stream, MAX_REQUEST) {
-            Ok((line, fds)) => serde_json::from_slice::<Request>(&line)
-                .map(|request| (request, fds))
-                .map_err(|e| format!("bad request: {e}")),
-            Err(e) => Err(format!("cannot read the request: {e}")),
-        };
-        let (request, fds) = match request {
+    fn serve_one(
+        &mut self,
+        stream: &UnixStream,
+        line: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> (Reply, Vec<OwnedFd>, After) {
+        let request = match serde_json::from_slice::<Request>(line) {
             Ok(request) => request,
-            Err(message) => return (Reply::error(message), Vec::new(), After::Nothing),
+            Err(e) => {
+                return (
+                    Reply::error(format!("bad request: {e}")),
+                    Vec::new(),
+                    After::Nothing,
+                )
+            }
         };
         let peer = match peer_of(stream) {
             Ok(peer) => peer,
@@ -725,23 +715,6 @@ pub(crate) fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     })
 }
 
-/// Blocks until `listener` has a client waiting or `timeout` (if any) passes. A timeout is
-/// rounded up to whole milliseconds, so a deadline is never woken for just before it.
-fn wait_for_client(listener: &UnixListener, timeout: Option<Duration>) -> nix::Result<()> {
-    let timeout = match timeout {
-        None => PollTimeout::NONE,
-        Some(t) => {
-            let ms = t.as_nanos().div_ceil(1_000_000);
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-        }
-    };
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, timeout) {
-        Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,21 +742,6 @@ mod tests {
     }
 
     use crate::agent::ledger::{VmPhase, VmRecord};
-
-    #[test]
-    fn the_wait_ends_on_a_connection_or_at_the_deadline() {
-        let dir = std::env::temp_dir().join(format!("luvmm-agent-wait-{}", std::process::id()));
-        let path = dir.join("agent.sock");
-        let listener = bind_socket(&path).unwrap();
-        let started = Instant::now();
-        wait_for_client(&listener, Some(Duration::from_millis(30))).unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(30));
-        let _client = UnixStream::connect(&path).unwrap();
-        // No deadline: only the connection can end this wait.
-        wait_for_client(&listener, None).unwrap();
-        assert!(listener.accept().is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn the_ledger_reads_back_from_its_memfd() {

@@ -34,8 +34,8 @@ pub(super) fn allow_list() -> Result<AllowList, BackendError> {
         .any(libc::SYS_unlink)
         // A socket left by an agent that was killed: tried, then replaced.
         .any(libc::SYS_connect)
-        // Clients, one at a time, with fds both ways and a read timeout; the deadline of a
-        // pending update.
+        // Clients, read side by side on one thread (non-blocking, polled together), with fds
+        // both ways and a write timeout; the deadline of a pending update.
         .any(libc::SYS_poll)
         .any(libc::SYS_ppoll)
         .any(libc::SYS_accept4)

@@ -7,6 +7,7 @@
 pub mod restore;
 pub mod restore_bed;
 pub mod update;
+pub mod update_scale;
 
 use std::time::Duration;
 

@@ -25,6 +25,11 @@ pub struct UpdateBenchArgs {
     /// `edu` devices per VM.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 3])]
     pub devices: Vec<u32>,
+    /// Instead: one drill per number of VMs on the host (each of the first size, with the
+    /// first device count on the first half of the VMs), each VM's blackout against a lone
+    /// VM's.
+    #[arg(long, value_delimiter = ',', value_name = "N[,N...]")]
+    pub vms: Vec<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +73,15 @@ pub struct UpdateReport {
 
 /// Runs one drill per size and device count and prints the figures.
 pub fn run(args: &UpdateBenchArgs) -> Result<(), BenchError> {
+    if !args.vms.is_empty() {
+        let scale = super::update_scale::ScaleArgs {
+            bed: &args.bed,
+            vms: &args.vms,
+            memory_mib: args.sizes.first().copied().unwrap_or(64),
+            devices: args.devices.first().copied().unwrap_or(1),
+        };
+        return super::update_scale::run(&scale, args.json);
+    }
     let mut results = Vec::new();
     for &devices in &args.devices {
         for &memory_mib in &args.sizes {
@@ -78,6 +92,7 @@ pub fn run(args: &UpdateBenchArgs) -> Result<(), BenchError> {
                 vms: 1,
                 memory_mib: Some(memory_mib),
                 devices,
+                devices_on: None,
                 rounds: 1,
                 cancel_first: false,
                 json: false,

@@ -108,6 +108,9 @@ pub struct Plan {
     pub memory_mib: u64,
     /// `edu` devices (payload) or NVMe controllers (Linux) per VM.
     pub devices: u32,
+    /// Only the first this many VMs have devices (all of them when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices_on: Option<u32>,
     pub rounds: u32,
     pub cancel_first: bool,
     pub vfio_handler: VfioHandler,
@@ -145,13 +148,20 @@ impl Plan {
                 self.devices
             ));
         }
-        if self.vms * self.devices > MAX_BED_DEVICES {
+        if self.devices_on.is_some_and(|on| on > self.vms) {
+            return bad(format!(
+                "--devices-on must be at most --vms ({}), not {}",
+                self.vms,
+                self.devices_on.unwrap_or_default()
+            ));
+        }
+        if self.device_count() > MAX_BED_DEVICES {
             return bad(format!(
                 "--devices {} for {} VMs is {} edu devices, more than the {MAX_BED_DEVICES} \
                  free slots of L1's PCI bus",
                 self.devices,
-                self.vms,
-                self.vms * self.devices
+                self.vms_with_devices(),
+                self.device_count()
             ));
         }
         if !(1..=MAX_ROUNDS).contains(&self.rounds) {
@@ -182,6 +192,41 @@ impl Plan {
             ));
         }
         Ok(())
+    }
+
+    /// How many VMs have devices.
+    pub fn vms_with_devices(&self) -> u32 {
+        self.devices_on.unwrap_or(self.vms).min(self.vms)
+    }
+
+    /// The devices of VM `index` (in boot order).
+    pub fn devices_of(&self, index: usize) -> u32 {
+        if index < self.vms_with_devices() as usize {
+            self.devices
+        } else {
+            0
+        }
+    }
+
+    /// The devices of the VM named `vm` (`vm1` is the first booted).
+    pub fn devices_of_vm(&self, vm: &str) -> u32 {
+        vm.strip_prefix("vm")
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| n.checked_sub(1))
+            .map_or(0, |index| self.devices_of(index))
+    }
+
+    /// Every VM's devices together.
+    pub fn device_count(&self) -> u32 {
+        self.vms_with_devices() * self.devices
+    }
+
+    /// VM `index`'s share of `bdfs`: the first VMs' devices come first.
+    pub fn share<'a>(&self, bdfs: &'a [String], index: usize) -> &'a [String] {
+        let per_vm = self.devices as usize;
+        let first = (index * per_vm).min(bdfs.len());
+        let last = (first + self.devices_of(index) as usize).min(bdfs.len());
+        &bdfs[first..last]
     }
 
     /// L1's memory: its own 2 GiB, and twice the guests' (their memfds and what LUO keeps).
@@ -269,6 +314,9 @@ pub struct DrillArgs {
     /// for Linux.
     #[arg(long, default_value_t = 1)]
     pub devices: u32,
+    /// Only the first N VMs get devices; the others have none [default: every VM].
+    #[arg(long, value_name = "N")]
+    pub devices_on: Option<u32>,
     /// Updates back to back.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
@@ -297,6 +345,7 @@ impl DrillArgs {
             vms: self.vms,
             memory_mib: self.memory_mib.unwrap_or(default_mib),
             devices: self.devices,
+            devices_on: self.devices_on,
             rounds: self.rounds,
             cancel_first: self.cancel_first,
             vfio_handler: self.bed.vfio_handler,
@@ -391,7 +440,7 @@ impl GuestFiles {
 /// L1's QEMU devices and drives for the plan: an `edu` per payload device; an NVMe controller
 /// per Linux device, each with a sparse namespace file in `work`.
 fn l1_devices(plan: &Plan, work: &Path) -> Result<(Vec<String>, Vec<String>), DrillError> {
-    let count = plan.vms * plan.devices;
+    let count = plan.device_count();
     if plan.guest == GuestKind::Payload {
         return Ok(((0..count).map(|_| "edu".to_string()).collect(), Vec::new()));
     }
@@ -510,6 +559,7 @@ mod tests {
             vms: 2,
             memory_mib: 64,
             devices: 2,
+            devices_on: None,
             rounds: 1,
             cancel_first: false,
             vfio_handler: VfioHandler::Off,
@@ -553,6 +603,33 @@ mod tests {
     }
 
     #[test]
+    fn devices_on_gives_the_first_vms_their_devices_and_the_others_none() {
+        let plan = Plan {
+            vms: 4,
+            devices: 2,
+            devices_on: Some(2),
+            ..plan()
+        };
+        let bdfs: Vec<String> = (0..4).map(|i| format!("0000:00:0{}.0", i + 3)).collect();
+        assert_eq!(plan.device_count(), 4);
+        assert_eq!(plan.share(&bdfs, 0), &bdfs[0..2]);
+        assert_eq!(plan.share(&bdfs, 1), &bdfs[2..4]);
+        assert!(plan.share(&bdfs, 2).is_empty() && plan.share(&bdfs, 3).is_empty());
+        assert_eq!(
+            ["vm1", "vm2", "vm3", "vm4", "nonsense"].map(|vm| plan.devices_of_vm(vm)),
+            [2, 2, 0, 0, 0]
+        );
+        assert_eq!(
+            Plan {
+                devices_on: None,
+                ..plan
+            }
+            .device_count(),
+            8
+        );
+    }
+
+    #[test]
     fn plans_outside_the_bed_are_refused_by_name() {
         assert!(plan().validate().is_ok());
         for (vms, devices) in [(1, 8), (3, 8), (7, 4)] {
@@ -590,6 +667,13 @@ mod tests {
             ),
             (
                 Plan {
+                    devices_on: Some(3),
+                    ..plan()
+                },
+                "--devices-on",
+            ),
+            (
+                Plan {
                     memory_mib: 8,
                     ..plan()
                 },
@@ -606,6 +690,14 @@ mod tests {
             let e = bad.validate().expect_err("refused").to_string();
             assert!(e.starts_with(flag), "{e}");
         }
+        // Devices on some VMs only fit where devices on all would not.
+        let some = Plan {
+            vms: 8,
+            devices: 7,
+            devices_on: Some(4),
+            ..plan()
+        };
+        assert!(some.validate().is_ok());
         assert_eq!(plan().l1_memory_mib(), 3072);
         assert_eq!(
             Plan {

@@ -102,7 +102,7 @@ fn stage_steps(stage: u32, round: &mut u32) -> Result<(), StepError> {
         .map_err(|e| StepError::Io(format!("create {}", work.display()), e))?;
     // The bed binds every edu device and NVMe controller to vfio-pci.
     let bdfs = vfio_pci_devices().map_err(|e| StepError::Io(format!("list {VFIO_PCI}"), e))?;
-    let needed = plan.vms as usize * plan.devices as usize;
+    let needed = plan.device_count() as usize;
     if bdfs.len() < needed {
         return Err(StepError::Devices {
             needed,
@@ -153,10 +153,9 @@ fn boot_all(
     agent_socket: &Path,
 ) -> Result<Vec<GuestWithDevices>, StepError> {
     let mut guests = Vec::new();
-    let per_vm = plan.devices as usize;
     for index in 0..plan.vms as usize {
         let vm = vm_id(index);
-        let devices = &bdfs[index * per_vm..(index + 1) * per_vm];
+        let devices = plan.share(bdfs, index);
         emit(&phase(&vm, "boot"));
         let guest = match plan.guest {
             GuestKind::Payload => Guest::boot(
@@ -215,10 +214,9 @@ fn restore_all(
     }
     agent.wait_answering(work, agent_socket)?;
     emit(&phase(HOST_ROW, "running"));
-    let per_vm = plan.devices as usize;
     let mut guests = Vec::new();
     for (index, guest) in started.into_iter().enumerate() {
-        let devices = bdfs[index * per_vm..(index + 1) * per_vm].to_vec();
+        let devices = plan.share(bdfs, index).to_vec();
         let guest = restored(round, plan, guest)?;
         guests.push((guest, devices));
     }

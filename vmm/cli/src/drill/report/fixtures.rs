@@ -24,6 +24,7 @@ fn plan(handler: VfioHandler, guest: GuestKind) -> Plan {
         vms: 1,
         memory_mib: 64,
         devices: 1,
+        devices_on: None,
         rounds: 1,
         cancel_first: false,
         vfio_handler: handler,

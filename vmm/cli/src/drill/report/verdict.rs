@@ -112,12 +112,12 @@ pub(super) fn judge_rounds(plan: &Plan, rounds: &[RoundReport], failures: &mut V
             if vm.guest_check != "ok" {
                 failures.push(format!("{name} {}: {}", vm.vm, vm.guest_check));
             }
-            if vm.devices.len() != plan.devices as usize {
+            let expected = plan.devices_of_vm(&vm.vm);
+            if vm.devices.len() != expected as usize {
                 failures.push(format!(
-                    "{name} {}: {} of {} devices reported",
+                    "{name} {}: {} of {expected} devices reported",
                     vm.vm,
                     vm.devices.len(),
-                    plan.devices
                 ));
             }
             for device in &vm.devices {
