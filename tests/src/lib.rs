@@ -4,6 +4,7 @@
 
 pub mod l1;
 pub mod nested;
+pub mod schema;
 pub mod vfio_raw;
 
 use std::fs::File;

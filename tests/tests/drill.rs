@@ -37,6 +37,8 @@ fn drill(name: &str, flags: &[&str]) -> (i32, Value, String, TestDir) {
             console(&work.join("drill"))
         )
     });
+    // Whatever the drill found, its report has the documented shape.
+    luvmm_tests::schema::assert_report("DrillReport", &report);
     let svg = std::fs::read_to_string(&svg).unwrap_or_default();
     (out.status.code().unwrap_or(-1), report, svg, work)
 }

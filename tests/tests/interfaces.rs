@@ -1,47 +1,23 @@
 //! The interfaces others build on, held to their written descriptions: the control API to
 //! `vmm/api/openapi.json` (every route in both, every response of a live VMM valid against
-//! the schema the document gives for its status), and the agent's wire protocol to
-//! `liveupdate/agent-protocol.schema.json`.
+//! the schema the document gives for its status), the agent's wire protocol to
+//! `liveupdate/agent-protocol.schema.json`, and what the operator commands print with
+//! `--json` to `vmm/cli/reports.schema.json` (the drill's report in every drill test).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use luvmm_devices::guest_control::GuestRequest;
-use luvmm_tests::{TestDir, Vm};
+use luvmm_tests::schema::{assert_report, assert_valid, document, validator};
+use luvmm_tests::{luvmm_bin, TestDir, Vm};
 use luvmm_vmm::api::{
     CheckBody, CompleteHandoverBody, Endpoint, HandoverBody, PrepareBody, ShutdownBody, VmmAction,
 };
 use serde_json::{json, Value};
-
-fn read_json(relative: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative);
-    let text = std::fs::read_to_string(&path).expect("read the document");
-    serde_json::from_str(&text).expect("the document is JSON")
-}
-
-/// A validator for the schema at `pointer` of `doc`, its `$ref`s resolved within `doc`.
-fn validator(doc: &Value, pointer: &str) -> jsonschema::Validator {
-    let mut root = doc.clone();
-    root["$ref"] = json!(format!("#{pointer}"));
-    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
-    jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{pointer}: {e}"))
-}
-
-fn assert_valid(doc: &Value, pointer: &str, instance: &Value, what: &str) {
-    let errors: Vec<String> = validator(doc, pointer)
-        .iter_errors(instance)
-        .map(|e| format!("{} at {}", e, e.instance_path))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{what}: {instance} against {pointer}: {errors:#?}"
-    );
-}
 
 /// The standard reason phrase of each status the API sends.
 fn reason_phrase(status: u16) -> &'static str {
@@ -86,7 +62,7 @@ fn call(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String, St
 
 #[test]
 fn api_matches_its_openapi_document() {
-    let doc = read_json("vmm/api/openapi.json");
+    let doc = document("vmm/api/openapi.json");
     // Every route in the server is in the document, and nothing else is.
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
@@ -265,7 +241,7 @@ fn the_agents_messages_match_their_schemas() {
     use luvmm_liveupdate::agent::Ledger;
     use luvmm_liveupdate::luo::probe::HandlerStatus;
 
-    let doc = read_json("liveupdate/agent-protocol.schema.json");
+    let doc = document("liveupdate/agent-protocol.schema.json");
     let vm = || "vm-1".to_string();
     let requests = [
         Request::Subscribe {
@@ -402,4 +378,75 @@ fn the_agents_messages_match_their_schemas() {
         let instance = serde_json::to_value(reply).expect("a reply encodes");
         assert_valid(&doc, "/$defs/Reply", &instance, "a reply");
     }
+}
+
+/// What `update check`, `update run`, `update status` and `host-check` print with `--json`,
+/// from the commands themselves where this host can run them.
+#[test]
+fn operator_reports_match_their_schemas() {
+    let json_of = |args: &[&str]| -> (Option<i32>, Value) {
+        let out = Command::new(luvmm_bin())
+            .args(args)
+            .output()
+            .expect("run luvmm");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stdout}"));
+        (out.status.code(), report)
+    };
+    let (code, host) = json_of(&["host-check", "--json"]);
+    assert_eq!(code, Some(3), "no LUO here: {host}");
+    assert_report("HostCheckReport", &host);
+
+    let dir = TestDir::new("interfaces-reports");
+    let agent = dir.join("agent.sock");
+    let agent = agent.to_str().expect("a UTF-8 path");
+    let (code, check) = json_of(&[
+        "update",
+        "check",
+        "--kernel",
+        "/nonexistent",
+        "--agent-socket",
+        agent,
+        "--json",
+    ]);
+    assert_eq!(code, Some(3), "{check}");
+    assert_report("UpdateCheckReport", &check);
+
+    let vm = Vm::boot(&dir, "vm", &[]);
+    let named = format!("vm1={}", vm.socket.display());
+    let (code, run) = json_of(&[
+        "update",
+        "run",
+        "--kernel",
+        "/nonexistent",
+        "--vm",
+        &named,
+        "--vm-dir",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "--agent-socket",
+        agent,
+        "--json",
+    ]);
+    assert_eq!(code, Some(3), "{run}");
+    assert_report("UpdateRunReport", &run);
+
+    // `update status` needs an agent after a kexec: its report, from the ledger such an agent
+    // keeps, through the function the command prints.
+    let mut ledger = luvmm_liveupdate::agent::Ledger::default();
+    for vm in ["a", "b"] {
+        ledger.subscribe(vm, 1_000).expect("subscribe");
+        ledger.ready(vm, 2_000, &[]).expect("ready");
+    }
+    let mut ledger = ledger.after_kexec(9_000);
+    let claimant = luvmm_liveupdate::agent::ledger::Claimant { pid: 1, started: 1 };
+    ledger
+        .claim("a", 9_100, claimant, &|_| true)
+        .expect("claim");
+    ledger.finished("a", 9_500).expect("finished");
+    let status = luvmm::host_update::status::gather(&ledger);
+    assert_report(
+        "UpdateStatusReport",
+        &serde_json::to_value(&status).expect("JSON"),
+    );
 }

@@ -82,6 +82,7 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
         .find_map(|r| r.strip_prefix("host-update status exit=0 "))
         .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or_else(|| fail(&run, "no update status after the restores"));
+    luvmm_tests::schema::assert_report("UpdateStatusReport", &status);
     for vm in status["vms"].as_array().into_iter().flatten() {
         if vm["phase"] != "finished" || vm["back_after_kexec_ms"].as_u64().is_none() {
             fail(&run, &format!("not back: {vm}"));
