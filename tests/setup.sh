@@ -108,4 +108,9 @@ if [ ${#missing_tools[@]} -gt 0 ]; then
     echo "setup.sh: installing cargo-fuzz $cargo_fuzz_version from crates.io"
     cargo install --locked --quiet cargo-fuzz --version "$cargo_fuzz_version"
 fi
+# The crates of the workspace and of the fuzz targets (their Cargo.lock files pin them), so
+# that no test step downloads anything.
+for manifest in Cargo.toml tests/fuzz/Cargo.toml; do
+    cargo fetch --locked --manifest-path "$(dirname "$0")/../$manifest" --quiet
+done
 echo "setup.sh: $profile ready"
