@@ -14,10 +14,11 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::agent::ledger::{session_of, Claimant};
+use crate::agent::VmPhase;
 use crate::agent::{AgentClientError, KeptFiles, Ledger};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{LuoError, SessionName, Token};
-use crate::seams::{PreserveSession, RetrieveSession, UpdateAgent};
+use crate::seams::{PhaseWatch, PreserveSession, RetrieveSession, UpdateAgent};
 
 /// What to make fail. Tokens are the session's tokens; agent operations are named as in
 /// [`UpdateAgent`] (`"subscribe"`, `"ready"`, `"release"`, `"finished"`, `"status"`,
@@ -273,6 +274,16 @@ impl UpdateAgent for FakeAgent {
         Ok(host.ledger.of(Some(vm)))
     }
 
+    fn watch(&self, vm: &str) -> Result<Box<dyn PhaseWatch>, AgentClientError> {
+        let host = self.0.agent_call("watch", vm)?;
+        let told = host.ledger.vms.iter().find(|r| r.vm == vm).map(|r| r.phase);
+        Ok(Box::new(FakeWatch {
+            host: self.0.clone(),
+            vm: vm.to_string(),
+            told,
+        }))
+    }
+
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {
         let host = self.0.agent_call("probe", "")?;
         let device = host
@@ -475,6 +486,34 @@ fn ioctl_error(session: String, op: &'static str, errno: i32) -> LuoError {
         op,
         meaning: format!("injected errno {errno}"),
         source: io::Error::from_raw_os_error(errno),
+    }
+}
+
+/// A watch on one VM of a [`FakeHost`]'s agent: told of each change of its phase. The fault
+/// `agent_refuses: "watching"` ends it, as an agent that went away would.
+struct FakeWatch {
+    host: FakeHost,
+    vm: String,
+    told: Option<VmPhase>,
+}
+
+impl PhaseWatch for FakeWatch {
+    fn told(&mut self) -> io::Result<Option<Ledger>> {
+        let host = self.host.host();
+        if host.faults.agent_refuses.contains("watching") {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let now = host
+            .ledger
+            .vms
+            .iter()
+            .find(|r| r.vm == self.vm)
+            .map(|r| r.phase);
+        if now == self.told {
+            return Ok(None);
+        }
+        self.told = now;
+        Ok(Some(host.ledger.of(Some(&self.vm))))
     }
 }
 

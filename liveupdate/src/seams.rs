@@ -10,6 +10,7 @@
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
+use crate::agent::client::AgentWatch;
 use crate::agent::{AgentClient, AgentClientError, KeptFiles, Ledger};
 use crate::luo::probe::HandlerStatus;
 use crate::luo::{IncomingSession, LuoError, OutgoingSession, SessionName, Token};
@@ -35,6 +36,18 @@ pub trait RetrieveSession: Send {
     fn finish(&self) -> Result<(), LuoError>;
 }
 
+/// What the agent told of one VM since it was last asked (`told`), without waiting.
+pub trait PhaseWatch: Send {
+    /// The VM's latest record, `None` when nothing new came, an error once the telling ended.
+    fn told(&mut self) -> std::io::Result<Option<Ledger>>;
+}
+
+impl PhaseWatch for AgentWatch {
+    fn told(&mut self) -> std::io::Result<Option<Ledger>> {
+        AgentWatch::told(self)
+    }
+}
+
 /// The live-update agent, as a VMM sees it.
 pub trait UpdateAgent: Send + Sync {
     /// Subscribes VM `vm`: its new outgoing session (the agent keeps a copy until the kexec),
@@ -57,6 +70,8 @@ pub trait UpdateAgent: Send + Sync {
     fn status(&self) -> Result<Ledger, AgentClientError>;
     /// The agent's ledger with only VM `vm`'s record.
     fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError>;
+    /// Asks to be told of each change of VM `vm`'s record.
+    fn watch(&self, vm: &str) -> Result<Box<dyn PhaseWatch>, AgentClientError>;
     /// Whether the agent's kernel can preserve a memfd and each of `fds`.
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError>;
     /// After the kexec: VM `vm`'s incoming session (a copy: the agent keeps its own until the
@@ -128,6 +143,10 @@ impl UpdateAgent for AgentClient {
 
     fn status_of(&self, vm: &str) -> Result<Ledger, AgentClientError> {
         AgentClient::status_of(self, vm)
+    }
+
+    fn watch(&self, vm: &str) -> Result<Box<dyn PhaseWatch>, AgentClientError> {
+        Ok(Box::new(AgentClient::watch(self, vm)?))
     }
 
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {

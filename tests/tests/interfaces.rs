@@ -271,6 +271,7 @@ fn the_agents_messages_match_their_schemas() {
             cmdline: None,
             deadline_s: None,
         },
+        Request::Watch { vm: vm() },
         Request::Claim { vm: vm() },
         Request::Finished { vm: vm() },
         Request::Failed {

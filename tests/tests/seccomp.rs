@@ -215,15 +215,15 @@ fn nothing_lost_seccomp_a_prepare_talks_to_the_agent_under_the_event_loops_filte
     let agent = fake_agent(UnixListener::bind(&agent_socket).expect("bind the fake agent"));
     let mut vm = Run::start(&dir, &[], false);
     vm.guest_checks_ok();
-    // Connect, fds both ways, a reply timeout, PRESERVE_FD on the session: all from the
-    // filtered event loop. The prepare fails only at the PRESERVE_FD, as it must here.
+    // Connect, fds both ways, a reply timeout, the watch made non-blocking, PRESERVE_FD on the
+    // session: all from the filtered event loop. The prepare fails only at the PRESERVE_FD, as it must here.
     let refused = VmmClient::new(&vm.socket)
         .prepare_update("vm1", &agent_socket, false)
         .expect_err("a session that is /dev/null cannot take RAM");
     assert!(refused.to_string().contains("PRESERVE_FD"), "{refused}");
     assert_eq!(
         agent.join().expect("the fake agent"),
-        ["probe", "subscribe", "release"]
+        ["probe", "subscribe", "watch", "release"]
     );
     vm.guest_checks_ok();
 }

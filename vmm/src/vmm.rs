@@ -19,7 +19,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use luvmm_liveupdate::seams::{PreserveSession, UpdateAgent};
+use luvmm_liveupdate::seams::{PhaseWatch, PreserveSession, UpdateAgent};
 
 pub use self::export::ExportError;
 pub(crate) use self::handover::open_pidfd;
@@ -263,6 +263,8 @@ pub struct PreparedUpdate {
     pub session: Box<dyn PreserveSession>,
     /// What the stage (the part before the pause) did.
     pub staged: crate::update::stage::Staged,
+    /// The agent telling of this VM's changes (a call-off); without it, the VMM asks.
+    pub watch: Option<Box<dyn PhaseWatch>>,
 }
 
 struct SavedState {

@@ -56,6 +56,17 @@ impl AgentClient {
         request: &Request,
         fds: &[&OwnedFd],
     ) -> Result<(Reply, Vec<OwnedFd>), AgentClientError> {
+        self.exchange(op, request, fds)
+            .map(|(_, reply, fds)| (reply, fds))
+    }
+
+    /// One request and its reply, on a connection left open for whatever follows.
+    fn exchange(
+        &self,
+        op: &'static str,
+        request: &Request,
+        fds: &[&OwnedFd],
+    ) -> Result<(UnixStream, Reply, Vec<OwnedFd>), AgentClientError> {
         let io = |source| AgentClientError::Io {
             socket: self.socket.clone(),
             source,
@@ -82,7 +93,7 @@ impl AgentClient {
                 message: reply.error.unwrap_or_default(),
             });
         }
-        Ok((reply, fds))
+        Ok((stream, reply, fds))
     }
 
     /// The session fd a reply must carry, with its name.
@@ -170,6 +181,22 @@ impl AgentClient {
         Ok(reply.kept.map(|note| KeptFiles { note, fds }))
     }
 
+    /// Asks to be told of each change of VM `vm`'s record (see [`AgentWatch`]).
+    pub fn watch(&self, vm: &str) -> Result<AgentWatch, AgentClientError> {
+        let op = "watch";
+        let (stream, _, _) = self.exchange(op, &Request::Watch { vm: vm.into() }, &[])?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|source| AgentClientError::Io {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        Ok(AgentWatch {
+            stream,
+            pending: Vec::new(),
+        })
+    }
+
     /// The agent's ledger.
     pub fn status(&self) -> Result<Ledger, AgentClientError> {
         self.ledger_of(None)
@@ -232,5 +259,45 @@ impl AgentClient {
         let (reply, fds) = self.call(op, &Request::Claim { vm: vm.into() })?;
         let (fd, name) = Self::session_fd(op, reply, fds)?;
         Ok(IncomingSession::from_fd(fd, name))
+    }
+}
+
+/// A connection on which the agent tells of each change of one VM's record.
+pub struct AgentWatch {
+    stream: UnixStream,
+    /// Bytes of a line not whole yet.
+    pending: Vec<u8>,
+}
+
+impl AgentWatch {
+    /// What the agent told since the last call, without waiting: the VM's latest record (a
+    /// ledger with that VM only, empty once it left), or `None` when nothing new came. An
+    /// error when the connection ended (the VM's update is over, or the agent went away)
+    /// or the agent sent something that does not parse.
+    pub fn told(&mut self) -> std::io::Result<Option<Ledger>> {
+        let mut chunk = [0u8; 16 * 1024];
+        let mut latest = None;
+        loop {
+            match std::io::Read::read(&mut self.stream, &mut chunk) {
+                Ok(0) if latest.is_some() => return Ok(latest),
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(latest),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let reply: Reply = serde_json::from_slice(&line[..end])
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                latest = reply.ledger.or(latest);
+            }
+            if self.pending.len() > MAX_REPLY {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a line longer than the agent may send",
+                ));
+            }
+        }
     }
 }

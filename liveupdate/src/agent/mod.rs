@@ -18,6 +18,7 @@ pub mod holder;
 pub mod keep;
 pub mod ledger;
 pub mod server;
+pub mod watchers;
 pub mod wire;
 
 pub use client::{AgentClient, AgentClientError};

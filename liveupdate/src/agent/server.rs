@@ -22,6 +22,7 @@ use crate::agent::keep::{self, Kept, Previous, TakeOverError};
 use crate::agent::ledger::{
     now_ms, Claimant, Ledger, LedgerError, VmPhase, AGENT_SESSION, LEDGER_TOKEN,
 };
+use crate::agent::watchers::{Watchers, MAX_WATCHERS};
 use crate::agent::wire::{send_line, KeptFiles, Reply, Request, MAX_REPLY};
 use crate::luo::kexec::{self, KexecError};
 use crate::luo::probe::{self, HandlerStatus};
@@ -57,11 +58,15 @@ pub enum AgentError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Kexec(#[from] KexecError),
+    #[error("the agent is busy: {what}")]
+    Busy { what: String },
 }
 
 /// What a request leads to after its reply is sent.
 enum After {
     Nothing,
+    /// The connection is kept, and told of each change of this VM (`Request::Watch`).
+    Watch(String),
     /// The next kernel is loaded and the ledger preserved: jump.
     Kexec(OutgoingSession),
 }
@@ -121,6 +126,8 @@ pub struct Agent {
     /// or released.
     agent_session: Option<IncomingSession>,
     pending: Option<PendingUpdate>,
+    /// Connections told of their VM's changes.
+    watchers: Watchers,
 }
 
 impl Agent {
@@ -184,6 +191,7 @@ impl Agent {
             holder: None,
             agent_session,
             pending: None,
+            watchers: Watchers::default(),
         };
         if agent.ledger.has_incoming() {
             match Holder::ensure(&holder_socket(socket), holder) {
@@ -310,6 +318,7 @@ impl Agent {
         log::info!("agent: serving {}", socket.display());
         loop {
             self.watch_pending();
+            self.watchers.tell(&self.ledger);
             for asked in clients.wait(self.until_deadline()) {
                 let (reply, fds, after) = match asked.request {
                     Ok((line, fds)) => self.serve_one(&asked.stream, &line, fds),
@@ -319,11 +328,13 @@ impl Agent {
                 if let Err(e) = send_line(&asked.stream, &reply, &fds) {
                     log::warn!("agent: cannot send the reply: {e}");
                 }
-                drop(asked.stream);
                 self.keep_ledger();
-                if let After::Kexec(agent_session) = after {
-                    self.kexec(agent_session);
+                match after {
+                    After::Nothing => {}
+                    After::Watch(vm) => self.watchers.add(&vm, asked.stream, &self.ledger),
+                    After::Kexec(agent_session) => self.kexec(agent_session),
                 }
+                self.watchers.tell(&self.ledger);
             }
         }
     }
@@ -483,6 +494,22 @@ impl Agent {
                 self.hold(&held_kept(&vm), &note, &refs);
                 self.kept.insert(vm, KeptFiles { note, fds });
                 Ok((Reply::ok(), none(), After::Nothing))
+            }
+            Request::Watch { vm } => {
+                let record = self.ledger.of(Some(&vm));
+                if record.vms.is_empty() {
+                    return Err(LedgerError::UnknownVm { vm }.into());
+                }
+                if self.watchers.full() {
+                    return Err(AgentError::Busy {
+                        what: format!("{MAX_WATCHERS} connections are told of their VMs"),
+                    });
+                }
+                let reply = Reply {
+                    ledger: Some(record),
+                    ..Reply::ok()
+                };
+                Ok((reply, none(), After::Watch(vm)))
             }
             Request::Kept { vm } => {
                 self.ledger.check_claimant(&vm, peer)?;

@@ -56,6 +56,12 @@ pub enum Request {
         #[serde(default)]
         deadline_s: Option<u64>,
     },
+    /// Tell this connection of each change of VM `vm`'s record: the reply is its record now
+    /// (a ledger with that VM only), then one such reply line per change of its phase, an
+    /// empty one once it left the ledger. The agent closes the connection once the VM's
+    /// update is over (cancelled, finished or gone) and at the kexec. A VMM following its
+    /// update is told of a call-off this way instead of asking every second.
+    Watch { vm: String },
     /// After the kexec: hand the VM's incoming session over (a copy: the agent keeps its own
     /// until the VM is finished); the reply carries it.
     Claim { vm: String },

@@ -26,8 +26,8 @@ pub(super) fn allow_list(kick: i32) -> Result<AllowList, BackendError> {
         .any(libc::SYS_epoll_wait)
         .any(libc::SYS_epoll_pwait)
         .any(libc::SYS_epoll_ctl)
-        // The API's clients (SCM_RIGHTS replies for a handover), its read deadline, and the
-        // update's one-second poll of the agent.
+        // The API's clients (SCM_RIGHTS replies for a handover), its read deadline, and what
+        // the agent tells of the update (or, where it cannot, the update's poll of it).
         .any(libc::SYS_accept4)
         .any(libc::SYS_recvfrom)
         .any(libc::SYS_recvmsg)

@@ -43,16 +43,32 @@ fn holds_update(vm: &mut impl UpdateVm) -> bool {
 }
 
 /// While staged or prepared: if the agent called this VM's update off, or no longer knows it,
-/// the update is called off here too (a prepared guest resumes in place). An agent that does
-/// not answer is asked again next time.
+/// the update is called off here too (a prepared guest resumes in place). The agent tells of
+/// that on the VM's watch; without one (or once it ended) the agent is asked, and an agent
+/// that does not answer is asked again next time.
 pub fn follow_agent(vm: &mut impl UpdateVm) {
     if !holds_update(vm) {
         return;
     }
-    let Some(prepared) = vm.prepared().take() else {
+    let Some(mut prepared) = vm.prepared().take() else {
         return;
     };
-    let called_off = match prepared.agent.status_of(&prepared.vm_id) {
+    // What the agent told since the last look; asked only without a watch, or once the
+    // watch ended (the agent went away and may be back).
+    let told = match prepared.watch.as_mut().map(|watch| watch.told()) {
+        Some(Ok(None)) => {
+            *vm.prepared() = Some(prepared);
+            return;
+        }
+        Some(Ok(Some(ledger))) => Ok(ledger),
+        Some(Err(e)) => {
+            log::info!("update: the agent's telling ended ({e}); asking it from now on");
+            prepared.watch = None;
+            prepared.agent.status_of(&prepared.vm_id)
+        }
+        None => prepared.agent.status_of(&prepared.vm_id),
+    };
+    let called_off = match told {
         Ok(ledger) => !ledger
             .vms
             .iter()

@@ -75,11 +75,23 @@ pub fn stage(
     let preflight = check_vm(vm, agent.as_ref())?;
     preflight.refuse_prepare(options.require_preserved_devices)?;
     let session = agent.subscribe(options.vm_id, vm.launch().as_ref())?;
+    // Told of a call-off by the agent, rather than asking it every second; an agent that
+    // cannot tell is asked.
+    let watch = agent
+        .watch(options.vm_id)
+        .inspect_err(|e| {
+            log::info!(
+                "update: the agent will not tell of this VM's changes ({}); asking it instead",
+                error_chain(e)
+            )
+        })
+        .ok();
     let mut prepared = PreparedUpdate {
         vm_id: options.vm_id.to_string(),
         agent,
         session,
         staged: Staged::default(),
+        watch,
     };
     let start = Instant::now();
     let preserved = vm

@@ -465,6 +465,50 @@ fn a_staged_update_called_off_leaves_the_guest_as_it_was() {
     assert_called_off(&vm, &host, "a failed stage");
 }
 
+#[test]
+fn a_vm_is_told_of_a_call_off_and_asks_the_agent_only_once_the_telling_ended() {
+    let asked = |host: &FakeHost| {
+        host.take_log()
+            .iter()
+            .filter(|l| l.as_str() == "agent status vm1")
+            .count()
+    };
+    // Told: ticks with nothing new ask the agent nothing; the call-off is acted on.
+    let host = FakeHost::new();
+    let mut vm = FakeVm::running();
+    prepare(&mut vm, Box::new(host.agent()), &options(false)).expect("prepare");
+    host.take_log();
+    for _ in 0..3 {
+        follow_agent(&mut vm);
+    }
+    assert_eq!(asked(&host), 0, "nothing asked while the agent tells");
+    assert_eq!(vm.phase, VmPhase::Preserved);
+    host.call_off_all();
+    follow_agent(&mut vm);
+    assert_eq!(vm.phase, VmPhase::Running, "told of the call-off");
+    assert!(vm.prepared.is_none());
+
+    // The telling ended (the agent went away): the VM asks from then on, and still follows.
+    let host = FakeHost::new();
+    let mut vm = FakeVm::running();
+    stage(&mut vm, Box::new(host.agent()), &options(false)).expect("stage");
+    host.set_faults(faults(|f| {
+        f.agent_refuses = BTreeSet::from(["watching"]);
+    }));
+    host.take_log();
+    follow_agent(&mut vm);
+    follow_agent(&mut vm);
+    assert_eq!(
+        asked(&host),
+        2,
+        "asked once per tick after the telling ended"
+    );
+    assert!(vm.prepared.as_ref().is_some_and(|p| p.watch.is_none()));
+    host.call_off_all();
+    follow_agent(&mut vm);
+    assert_called_off(&vm, &host, "a call-off asked for");
+}
+
 /// A host after a kexec whose agent holds VM vm1's session: the golden 1.2 state (two vCPUs,
 /// 4 MiB of RAM) saved for a live update, edited by `edit`, and a RAM memfd of its size.
 fn after_kexec(edit: impl FnOnce(&mut VmState), devices: &[&str]) -> FakeHost {
