@@ -377,25 +377,37 @@ impl CtlRequest {
             CtlRequest::Check => VmmAction::Check,
             CtlRequest::Guest { request } => VmmAction::GuestRequest(request),
             CtlRequest::Shutdown { force } => VmmAction::Shutdown(ShutdownBody { force }),
-            CtlRequest::Update(UpdateRequest::Stage {
-                vm_id,
-                agent_socket,
-                require_preserved_devices,
-            }) => VmmAction::StageUpdate(PrepareBody {
-                vm_id,
-                agent_socket,
-                require_preserved_devices,
-            }),
-            CtlRequest::Update(UpdateRequest::Prepare {
-                vm_id,
-                agent_socket,
-                require_preserved_devices,
-            }) => VmmAction::PrepareUpdate(PrepareBody {
-                vm_id,
-                agent_socket,
-                require_preserved_devices,
-            }),
+            CtlRequest::Update(UpdateRequest::Stage(target)) => {
+                VmmAction::StageUpdate(target.into_body())
+            }
+            CtlRequest::Update(UpdateRequest::Prepare(target)) => {
+                VmmAction::PrepareUpdate(target.into_body())
+            }
             CtlRequest::Update(UpdateRequest::Cancel) => VmmAction::CancelUpdate,
+        }
+    }
+}
+
+/// Which VM's update, through which agent (`ctl update stage` and `prepare`).
+#[derive(Debug, Args)]
+pub struct UpdateTarget {
+    /// The VM's id: its session is luvmm-<id>.
+    #[arg(long)]
+    vm_id: String,
+    /// The agent's socket.
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+    agent_socket: PathBuf,
+    /// Refuse, and call the update off, if a passthrough device cannot be preserved.
+    #[arg(long)]
+    require_preserved_devices: bool,
+}
+
+impl UpdateTarget {
+    fn into_body(self) -> PrepareBody {
+        PrepareBody {
+            vm_id: self.vm_id,
+            agent_socket: self.agent_socket,
+            require_preserved_devices: self.require_preserved_devices,
         }
     }
 }
@@ -404,30 +416,10 @@ impl CtlRequest {
 pub enum UpdateRequest {
     /// Stage the VM's update while its guest runs on: the pre-flight, its session, its RAM
     /// preserved; a later `prepare` with the same id pauses it and preserves the rest.
-    Stage {
-        /// The VM's id: its session is luvmm-<id>.
-        #[arg(long)]
-        vm_id: String,
-        /// The agent's socket.
-        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
-        agent_socket: PathBuf,
-        /// Refuse if a passthrough device cannot be preserved.
-        #[arg(long)]
-        require_preserved_devices: bool,
-    },
+    Stage(UpdateTarget),
     /// Preserve the VM into its LUO session through the agent (RAM while it runs, then pause,
     /// devices, state) and tell the agent it is ready; it stays paused until the kexec.
-    Prepare {
-        /// The VM's id: its session is luvmm-<id>.
-        #[arg(long)]
-        vm_id: String,
-        /// The agent's socket.
-        #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
-        agent_socket: PathBuf,
-        /// Refuse, and call the update off, if a passthrough device cannot be preserved.
-        #[arg(long)]
-        require_preserved_devices: bool,
-    },
+    Prepare(UpdateTarget),
     /// Call a staged or prepared update off: the session is released and the guest runs on
     /// in place.
     Cancel,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{flatness, BenchError};
 use crate::drill::report::{DrillReport, Span, PAUSED_PHASES};
-use crate::drill::{self, BedArgs, DrillArgs, GuestKind};
+use crate::drill::{self, BedArgs, DrillArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct UpdateBenchArgs {
@@ -86,19 +86,7 @@ pub fn run(args: &UpdateBenchArgs) -> Result<(), BenchError> {
     for &devices in &args.devices {
         for &memory_mib in &args.sizes {
             eprintln!("bench update: {memory_mib} MiB, {devices} device(s)");
-            let drill = DrillArgs {
-                bed: args.bed.clone(),
-                guest: GuestKind::Payload,
-                vms: 1,
-                memory_mib: Some(memory_mib),
-                devices,
-                devices_on: None,
-                rounds: 1,
-                cancel_first: false,
-                json: false,
-                svg: None,
-                test_faults: None,
-            };
+            let drill = DrillArgs::one_update(&args.bed, 1, memory_mib, devices, None);
             let report = drill::run(&drill)?;
             if !report.ok {
                 return Err(BenchError::DrillFailed {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::BenchError;
 use crate::drill::report::DrillReport;
-use crate::drill::{self, BedArgs, DrillArgs, GuestKind};
+use crate::drill::{self, BedArgs, DrillArgs};
 
 /// What one run of the scale benchmark measures.
 pub struct ScaleArgs<'a> {
@@ -51,19 +51,13 @@ pub fn run(args: &ScaleArgs<'_>, json: bool) -> Result<(), BenchError> {
             "bench update: {vms} VM(s) of {} MiB, {} device(s) on {with_devices} of them",
             args.memory_mib, args.devices
         );
-        let drill = DrillArgs {
-            bed: args.bed.clone(),
-            guest: GuestKind::Payload,
+        let drill = DrillArgs::one_update(
+            args.bed,
             vms,
-            memory_mib: Some(args.memory_mib),
-            devices: args.devices,
-            devices_on: Some(with_devices),
-            rounds: 1,
-            cancel_first: false,
-            json: false,
-            svg: None,
-            test_faults: None,
-        };
+            args.memory_mib,
+            args.devices,
+            Some(with_devices),
+        );
         let report = drill::run(&drill)?;
         if !report.ok {
             return Err(BenchError::DrillFailed {

@@ -336,6 +336,30 @@ pub struct DrillArgs {
 }
 
 impl DrillArgs {
+    /// One update of `vms` payload VMs of `memory_mib`, with `devices` each on the first
+    /// `devices_on` (all when `None`), as the benchmarks run it: no table, no picture.
+    pub fn one_update(
+        bed: &BedArgs,
+        vms: u32,
+        memory_mib: u64,
+        devices: u32,
+        devices_on: Option<u32>,
+    ) -> DrillArgs {
+        DrillArgs {
+            bed: bed.clone(),
+            guest: GuestKind::Payload,
+            vms,
+            memory_mib: Some(memory_mib),
+            devices,
+            devices_on,
+            rounds: 1,
+            cancel_first: false,
+            json: false,
+            svg: None,
+            test_faults: None,
+        }
+    }
+
     fn plan(&self) -> Plan {
         let default_mib = match self.guest {
             GuestKind::Payload => 64,

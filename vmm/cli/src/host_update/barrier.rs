@@ -52,6 +52,17 @@ pub struct VmRun {
     pub left: Option<String>,
 }
 
+impl VmRun {
+    /// `vm`, nothing done yet.
+    pub fn of(vm: &HostVm) -> VmRun {
+        VmRun {
+            vm: vm.vm.clone(),
+            socket: vm.socket.clone(),
+            ..VmRun::default()
+        }
+    }
+}
+
 /// Something worth telling the operator while the barrier runs.
 pub enum Progress<'a> {
     Staged(&'a VmRun),
@@ -92,14 +103,7 @@ pub fn stage_and_prepare(
     options: &BarrierOptions<'_>,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> BarrierOutcome {
-    let mut runs: Vec<VmRun> = vms
-        .iter()
-        .map(|v| VmRun {
-            vm: v.vm.clone(),
-            socket: v.socket.clone(),
-            ..VmRun::default()
-        })
-        .collect();
+    let mut runs: Vec<VmRun> = vms.iter().map(VmRun::of).collect();
     let mut result = step_all(&mut runs, options, Step::Stage, progress);
     if result.is_ok() {
         result = step_all(&mut runs, options, Step::Prepare, progress);

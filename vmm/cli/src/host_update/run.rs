@@ -159,14 +159,7 @@ pub fn run(args: &RunArgs) -> RunReport {
         Some(Ok(line)) => Some(line),
         None => None,
     };
-    report.vms = vms
-        .iter()
-        .map(|v| VmRun {
-            vm: v.vm.clone(),
-            socket: v.socket.clone(),
-            ..VmRun::default()
-        })
-        .collect();
+    report.vms = vms.iter().map(VmRun::of).collect();
     say(&format!(
         "pre-flight: the host and {} VM(s): {}",
         vms.len(),
