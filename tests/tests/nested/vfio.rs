@@ -91,7 +91,9 @@ fn vfio_scenario(name: &str, bed: VfioBed) {
 
     // Direct-mapped BARs (first run) must not exit; trapped ones (second run) do. The guest's
     // own clock says so: a read that exits to luvmm through L1's KVM costs thousands of times
-    // more cycles than one that does not (about 175-300 against 570,000 or more here).
+    // more cycles than one that does not (about 175-500 against 280,000-570,000 here). A mapped
+    // BAR that exited would cost what a trapped one does (a ratio near 1); L1's TCG stalls
+    // have raised a mapped figure to 3380 cycles once (87x), so the bar is 20x.
     let mmio: Vec<(&str, f64)> = results
         .iter()
         .filter_map(|r| r.strip_prefix("serial LUVMM-DEV mmio "))
@@ -108,7 +110,7 @@ fn vfio_scenario(name: &str, bed: VfioBed) {
         assert_eq!(bdf, trapped_bdf, "{mmio:?}");
         let ratio = exiting / mapped.max(1.0);
         println!("nested figure: {bdf} BAR read trapped/mapped {ratio:.0}x ({exiting} vs {mapped} cycles)");
-        if ratio < 100.0 {
+        if ratio < 20.0 {
             fail(
                 &run,
                 &format!("{bdf}: a mapped BAR read costs {mapped} cycles, a trapped one {exiting}: the mapped BAR still exits"),
