@@ -199,6 +199,17 @@ pub use luvmm::drill::judge::{
 /// A raw API exchange: status and body. For requests the typed client
 /// ([`luvmm_vmm::api::client::VmmClient`]) would not send: malformed ones, odd bodies.
 pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = api_with_phrase(socket, method, path, body);
+    (status, body)
+}
+
+/// [`api`], with the status line's reason phrase too.
+pub fn api_with_phrase(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut stream =
         UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     let request = format!(
@@ -210,24 +221,28 @@ pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String)
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("set a read timeout");
     stream.write_all(request.as_bytes()).expect("send request");
-    read_reply(&mut stream)
+    read_whole_reply(&mut stream)
 }
 
 /// Reads a whole reply (the server closes after it) and splits status and body.
 pub fn read_reply(stream: &mut UnixStream) -> (u16, String) {
+    let (status, _, body) = read_whole_reply(stream);
+    (status, body)
+}
+
+/// A whole reply: its status, reason phrase and body.
+fn read_whole_reply(stream: &mut UnixStream) -> (u16, String, String) {
     let mut text = String::new();
     stream.read_to_string(&mut text).expect("read reply");
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let mut words = head.lines().next().unwrap_or_default().splitn(3, ' ');
+    let _version = words.next();
+    let status = words
+        .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP reply: {text:?}"));
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
+    let phrase = words.next().unwrap_or_default().to_string();
+    (status, phrase, body.to_string())
 }
 
 /// A luvmm process serving a VM, killed when dropped.

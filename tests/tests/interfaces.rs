@@ -5,15 +5,11 @@
 //! `--json` to `vmm/cli/reports.schema.json` (the drill's report in every drill test).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use luvmm_devices::guest_control::GuestRequest;
 use luvmm_tests::schema::{assert_report, assert_valid, document, validator};
-use luvmm_tests::{luvmm_bin, TestDir, Vm};
+use luvmm_tests::{api_with_phrase, luvmm_bin, TestDir, Vm};
 use luvmm_vmm::api::{
     CheckBody, CompleteHandoverBody, Endpoint, HandoverBody, PrepareBody, ShutdownBody, VmmAction,
 };
@@ -35,29 +31,6 @@ fn reason_phrase(status: u16) -> &'static str {
         503 => "Service Unavailable",
         _ => panic!("status {status} is not one the API documents"),
     }
-}
-
-/// One raw request: the status, its reason phrase and the body (fds sent with a reply are
-/// dropped by the read).
-fn call(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String, String) {
-    let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("a read timeout");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read the reply");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP reply");
-    let status_line = head.lines().next().unwrap_or_default();
-    let mut words = status_line.splitn(3, ' ');
-    let _version = words.next();
-    let status = words.next().and_then(|s| s.parse().ok()).expect("a status");
-    let phrase = words.next().unwrap_or_default().to_string();
-    (status, phrase, body.to_string())
 }
 
 #[test]
@@ -191,7 +164,7 @@ fn api_matches_its_openapi_document() {
     ];
     let mut asked = BTreeSet::new();
     for (method, path, body, expected) in steps {
-        let (status, phrase, reply) = call(&vm.socket, method, path, &body);
+        let (status, phrase, reply) = api_with_phrase(&vm.socket, method, path, &body);
         let what = format!("{method} {path} {body}");
         assert_eq!(status, expected, "{what}: {reply}");
         assert_eq!(phrase, reason_phrase(status), "{what}");
@@ -222,7 +195,7 @@ fn api_matches_its_openapi_document() {
     let dir = TestDir::new("api-openapi-errors");
     let vm = Vm::boot(&dir, "vm", &[]);
     for (method, path, expected) in [("GET", "/nope", 404), ("GET", "/vm/pause", 405)] {
-        let (status, phrase, reply) = call(&vm.socket, method, path, "");
+        let (status, phrase, reply) = api_with_phrase(&vm.socket, method, path, "");
         assert_eq!(
             (status, phrase.as_str()),
             (expected, reason_phrase(expected))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::agent::wire::MAX_REQUEST;
+use crate::agent::wire::{MAX_FDS, MAX_REQUEST};
 use crate::unix::FdReader;
 
 /// How long a client has to send its whole request.
@@ -21,10 +21,6 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections read at once; one more is answered at once that the agent is busy. A host's
 /// VMMs each hold one only while they ask something.
 pub const MAX_CLIENTS: usize = 256;
-
-/// Most fds one request carries: the fds a probe asks about, one per passthrough device of a
-/// VM (its PCI bus has 32 slots).
-const MAX_FDS: usize = 32;
 
 /// A connection whose request is not whole yet.
 struct Client {

@@ -318,6 +318,8 @@ impl Agent {
         log::info!("agent: serving {}", socket.display());
         loop {
             self.watch_pending();
+            // Once per turn: after the requests just handled and any call-off, each watcher
+            // hears its VM's latest phase before the loop sleeps again.
             self.watchers.tell(&self.ledger);
             for asked in clients.wait(self.until_deadline()) {
                 let (reply, fds, after) = match asked.request {
@@ -334,7 +336,6 @@ impl Agent {
                     After::Watch(vm) => self.watchers.add(&vm, asked.stream, &self.ledger),
                     After::Kexec(agent_session) => self.kexec(agent_session),
                 }
-                self.watchers.tell(&self.ledger);
             }
         }
     }

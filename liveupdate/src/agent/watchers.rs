@@ -1,5 +1,5 @@
-//! Connections that asked to be told of a VM's changes (`Request::Watch`): after every request
-//! and every call-off, each is sent its VM's record if the VM's phase changed since it was last
+//! Connections that asked to be told of a VM's changes (`Request::Watch`): once per turn of the
+//! agent's loop (after the requests it handled and any call-off), each is sent its VM's record if the VM's phase changed since it was last
 //! told, and closed once the VM's update is over. A VMM following its update is told of a
 //! call-off this way, instead of asking every second.
 
@@ -71,15 +71,6 @@ impl Watchers {
             !over(now)
         });
     }
-
-    /// How many connections are being told.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -112,11 +103,11 @@ mod tests {
         let ready = told(&vmm_end);
         assert_eq!(ready.vms.len(), 1);
         assert_eq!(ready.vms[0].phase, VmPhase::Ready);
-        assert_eq!(watchers.len(), 1);
+        assert_eq!(watchers.0.len(), 1);
         ledger.cancel_all(4);
         watchers.tell(&ledger);
         assert_eq!(told(&vmm_end).vms[0].phase, VmPhase::Cancelled);
-        assert!(watchers.is_empty(), "closed once the update is over");
+        assert!(watchers.0.is_empty(), "closed once the update is over");
         assert!(
             recv_line(&vmm_end, MAX_REPLY).is_err(),
             "the connection ends"
@@ -133,6 +124,6 @@ mod tests {
         drop(vmm_end);
         ledger.ready("vm1", 2, &[]).unwrap();
         watchers.tell(&ledger);
-        assert!(watchers.is_empty());
+        assert!(watchers.0.is_empty());
     }
 }

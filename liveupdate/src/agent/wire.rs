@@ -152,7 +152,7 @@ impl KeptFiles {
 
 /// Most fds one line carries: a session, or the fds a probe asks about, one per passthrough
 /// device of a VM. A VM's devices sit on its one PCI bus, which has 32 slots.
-const MAX_FDS: usize = 32;
+pub(crate) const MAX_FDS: usize = 32;
 
 /// Sends `value` as one line, with `fds` attached.
 pub fn send_line<T: Serialize>(

@@ -133,7 +133,7 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 
 /// Makes a path absolute against this process's directory: the VMM that receives it runs
 /// elsewhere, and would otherwise resolve it against its own.
-fn absolute_path(text: &str) -> Result<PathBuf, String> {
+pub(crate) fn absolute_path(text: &str) -> Result<PathBuf, String> {
     std::path::absolute(text).map_err(|e| format!("{text:?}: {e}"))
 }
 

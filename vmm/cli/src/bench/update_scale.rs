@@ -103,11 +103,7 @@ fn blackouts(report: &DrillReport) -> Vec<f64> {
         .flat_map(|r| r.vms.iter())
         .filter_map(|v| Some((v.vm.as_str(), *v.phases_ms.get("blackout")?)))
         .collect();
-    vms.sort_by_key(|(vm, _)| {
-        vm.strip_prefix("vm")
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(u32::MAX)
-    });
+    vms.sort_by_key(|(vm, _)| drill::vm_index(vm).unwrap_or(usize::MAX));
     vms.into_iter().map(|(_, ms)| ms).collect()
 }
 

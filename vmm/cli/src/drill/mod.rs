@@ -208,12 +208,9 @@ impl Plan {
         }
     }
 
-    /// The devices of the VM named `vm` (`vm1` is the first booted).
+    /// The devices of the VM named `vm`.
     pub fn devices_of_vm(&self, vm: &str) -> u32 {
-        vm.strip_prefix("vm")
-            .and_then(|n| n.parse::<usize>().ok())
-            .and_then(|n| n.checked_sub(1))
-            .map_or(0, |index| self.devices_of(index))
+        vm_index(vm).map_or(0, |index| self.devices_of(index))
     }
 
     /// Every VM's devices together.
@@ -233,6 +230,16 @@ impl Plan {
     fn l1_memory_mib(&self) -> u64 {
         (2048 + 2 * u64::from(self.vms) * self.memory_mib).max(3072)
     }
+}
+
+/// The name of a drill's VM `index` (in boot order): `vm1` is the first.
+pub fn vm_id(index: usize) -> String {
+    format!("vm{}", index + 1)
+}
+
+/// The boot-order index of the drill's VM named `vm`, as [`vm_id`] names it.
+pub fn vm_index(vm: &str) -> Option<usize> {
+    vm.strip_prefix("vm")?.parse::<usize>().ok()?.checked_sub(1)
 }
 
 /// The drill could not run (a drill that ran and found a loss is a report, not an error).

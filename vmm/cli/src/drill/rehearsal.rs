@@ -27,7 +27,8 @@ use super::guest::{luvmm, Guest, GuestError};
 use super::judge::LINUX_CHECK;
 use super::watch::{vfio_pci_devices, OpenWatch, Opens, WatchError, VFIO_PCI};
 use super::{
-    with_boot, GuestKind, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN, L1_STAGED_INITRD,
+    vm_id, with_boot, GuestKind, Plan, VfioHandler, L1_NEXT_KERNEL, L1_PAYLOAD, L1_PLAN,
+    L1_STAGED_INITRD,
 };
 
 /// Where the L1 half keeps its sockets and logs (tmpfs: gone with the kernel).
@@ -602,10 +603,6 @@ fn shmem_huge_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn vm_id(index: usize) -> String {
-    format!("vm{}", index + 1)
 }
 
 fn phase(row: &str, phase: &str) -> Event {

@@ -148,39 +148,57 @@ fn step_all(
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<(), CalledOff> {
     let done = step.names().1;
-    std::thread::scope(|scope| {
-        for run in runs.iter_mut() {
-            scope.spawn(move || step_one(run, options, step, progress));
-        }
+    let failures: Vec<(String, Failure)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .iter_mut()
+            .map(|run| scope.spawn(move || step_one(run, options, step, progress)))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().ok()?.err())
+            .collect()
     });
-    if let Some(failed) = runs.iter().find(|r| r.error.is_some()) {
-        let reason = failed.error.clone().unwrap_or_default();
-        if reason == DEADLINE {
-            return Err(CalledOff::Deadline { step: done });
-        }
-        return Err(CalledOff::VmFailed {
-            vm: failed.vm.clone(),
+    match failures.into_iter().next() {
+        None => Ok(()),
+        Some((_, Failure::Deadline)) => Err(CalledOff::Deadline { step: done }),
+        Some((vm, Failure::Vm(reason))) => Err(CalledOff::VmFailed {
+            vm,
             step: done,
             reason,
-        });
+        }),
     }
-    Ok(())
+}
+
+/// Why one VM's step failed.
+enum Failure {
+    /// The deadline came first.
+    Deadline,
+    /// Its VMM refused or failed, as said.
+    Vm(String),
 }
 
 /// What a VM's `error` says when the deadline came first.
 const DEADLINE: &str = "the deadline passed first";
 
+/// Runs `step` on `run`'s VM; a failure is also written in `run.error` for the report, with
+/// the VM's id.
 fn step_one(
     run: &mut VmRun,
     options: &BarrierOptions<'_>,
     step: Step,
     progress: &(dyn Fn(Progress<'_>) + Sync),
-) {
+) -> Result<(), (String, Failure)> {
     let (begun, done) = step.names();
-    let Some(left) = options.deadline.checked_duration_since(Instant::now()) else {
-        run.error = Some(DEADLINE.into());
+    let failed = |run: &mut VmRun, failure: Failure| {
+        run.error = Some(match &failure {
+            Failure::Deadline => DEADLINE.to_string(),
+            Failure::Vm(reason) => reason.clone(),
+        });
         progress(Progress::Failed(run));
-        return;
+        Err((run.vm.clone(), failure))
+    };
+    let Some(left) = options.deadline.checked_duration_since(Instant::now()) else {
+        return failed(run, Failure::Deadline);
     };
     let client = VmmClient::new(&run.socket).with_timeout(left.max(Duration::from_millis(1)));
     run.times_ms.insert(begun.into(), now_ms());
@@ -210,15 +228,10 @@ fn step_one(
                 Step::Stage => Progress::Staged(run),
                 Step::Prepare => Progress::Prepared(run),
             });
+            Ok(())
         }
-        Err(ClientError::Timeout { .. }) => {
-            run.error = Some(DEADLINE.into());
-            progress(Progress::Failed(run));
-        }
-        Err(e) => {
-            run.error = Some(error_chain(&e));
-            progress(Progress::Failed(run));
-        }
+        Err(ClientError::Timeout { .. }) => failed(run, Failure::Deadline),
+        Err(e) => failed(run, Failure::Vm(error_chain(&e))),
     }
 }
 

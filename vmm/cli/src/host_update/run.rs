@@ -17,7 +17,7 @@ use luvmm_vmm::update::check::Blocker;
 use serde::{Deserialize, Serialize};
 
 use super::barrier::{stage_and_prepare, BarrierOptions, HostVm, Progress, VmRun};
-use crate::cli::VM_CONFIG_DIR;
+use crate::cli::{absolute_path, VM_CONFIG_DIR};
 use crate::preflight::{self, CheckArgs, CheckReport};
 
 /// `luvmm update run` flags.
@@ -67,7 +67,7 @@ fn host_vm(text: &str) -> Result<HostVm, String> {
     match text.split_once('=') {
         Some((vm, socket)) if !vm.is_empty() && !socket.is_empty() => Ok(HostVm {
             vm: vm.to_string(),
-            socket: std::path::absolute(socket).map_err(|e| format!("{socket:?}: {e}"))?,
+            socket: absolute_path(socket)?,
         }),
         _ => Err(format!("{text:?}: say ID=API_SOCKET")),
     }
@@ -223,10 +223,7 @@ pub fn run(args: &RunArgs) -> RunReport {
         cmdline.as_deref(),
         None,
     ) {
-        Ok(()) => {
-            report.kexec_load_ms = Some(asked.elapsed().as_secs_f64() * 1e3);
-            report.outcome = Outcome::Kexec;
-        }
+        Ok(()) => report.kexec_load_ms = Some(asked.elapsed().as_secs_f64() * 1e3),
         Err(e) => {
             // The agent refused or could not load the kernel: the update is off for everyone.
             let reason = format!("the agent did not kexec: {}", error_chain(&e));

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use luvmm_liveupdate::agent::{Ledger, VmPhase, VmRecord};
-use luvmm_resources::config::LaunchRecord;
 use luvmm_vmm::api::client::VmmClient;
+use luvmm_vmm::update::before_claim::launch_record;
 use luvmm_vmm::vmm::RestoreTimings;
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +95,7 @@ pub fn gather(ledger: &Ledger) -> StatusReport {
         for chunk in asks.chunks_mut(per_thread) {
             scope.spawn(move || {
                 for (outcome, record) in chunk.iter_mut() {
-                    outcome.restore = restore_timings(record);
+                    outcome.restore = restore_timings(ledger, &record.vm);
                 }
             });
         }
@@ -103,13 +103,9 @@ pub fn gather(ledger: &Ledger) -> StatusReport {
     report
 }
 
-/// VM `record`'s restore phases, from its VMM on the API socket its launch record names.
-fn restore_timings(record: &VmRecord) -> Option<RestoreTimings> {
-    let socket = record
-        .launch
-        .clone()
-        .and_then(|l| serde_json::from_value::<LaunchRecord>(l).ok())
-        .and_then(|l| l.api_socket)?;
+/// VM `vm`'s restore phases, from its VMM on the API socket its launch record names.
+fn restore_timings(ledger: &Ledger, vm: &str) -> Option<RestoreTimings> {
+    let socket = launch_record(ledger, vm).ok().flatten()?.api_socket?;
     VmmClient::new(&socket)
         .with_timeout(VMM_WAIT)
         .status()
