@@ -21,10 +21,11 @@ demo_pkgs=(binutils)
 # for checkpatch of the project's patches); cpio, gzip and a static busybox for its initramfs;
 # Debian's keyring and dpkg-deb to fetch and unpack linux-source-7.2 from sid; systemd's
 # systemd-analyze, which verifies the project's unit files; librsvg's rsvg-convert, which
-# renders the drill's timeline picture in its test.
+# renders the drill's timeline picture in its test; debootstrap and zstd for the systemd L1's
+# root, Debian sid's systemd (nested/sid-root.sh, built at the end of this step).
 bed_pkgs=("${demo_pkgs[@]}" qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev
           rsync cpio gzip xz-utils patch perl busybox-static file debian-archive-keyring dpkg
-          systemd librsvg2-bin)
+          systemd librsvg2-bin debootstrap zstd)
 # QEMU 10 or newer for L1: 7.2's TCG (bookworm's) loses L1's own timer interrupt now and then
 # while a nested Linux guest idles, which stops the bed for tens of seconds or for good. On
 # bookworm it comes from bookworm-backports, which this step adds to apt's sources.
@@ -66,6 +67,12 @@ if [ "$profile" = all ] && ! cargo fuzz --version 2>/dev/null | grep -q "$cargo_
     missing_tools+=("cargo-fuzz@$cargo_fuzz_version")
 fi
 
+# The systemd L1's root: built last, with debootstrap, by this step.
+sid_root=$(dirname "$0")/nested/sid-root.sh
+if [ "$profile" != demo ] && ! bash "$sid_root" --check >/dev/null 2>&1; then
+    missing_tools+=("sid-root")
+fi
+
 if [ $check_only = 1 ]; then
     if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_components[@]} -gt 0 ] || [ ${#missing_tools[@]} -gt 0 ]; then
         echo "missing: ${missing_pkgs[*]} ${missing_components[*]} ${missing_tools[*]}; run: bash tests/setup.sh${1:+ $profile}" >&2
@@ -104,9 +111,13 @@ if [ ${#missing_components[@]} -gt 0 ]; then
     echo "setup.sh: adding rustup components ${missing_components[*]}"
     rustup component add "${missing_components[@]}"
 fi
-if [ ${#missing_tools[@]} -gt 0 ]; then
+if [[ " ${missing_tools[*]} " == *" cargo-fuzz@"* ]]; then
     echo "setup.sh: installing cargo-fuzz $cargo_fuzz_version from crates.io"
     cargo install --locked --quiet cargo-fuzz --version "$cargo_fuzz_version"
+fi
+if [[ " ${missing_tools[*]} " == *" sid-root "* ]]; then
+    echo "setup.sh: building the systemd L1's root (Debian sid, debootstrap)"
+    bash "$sid_root" >/dev/null
 fi
 # The crates of the workspace and of the fuzz targets (their Cargo.lock files pin them), so
 # that no test step downloads anything.

@@ -13,6 +13,7 @@
 pub mod agent;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod fdstore;
 pub mod luo;
 pub mod seams;
 pub mod unix;

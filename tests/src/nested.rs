@@ -68,6 +68,17 @@ pub fn prepare(work: &Path, binaries: &[PathBuf]) -> Bed {
     Bed { kernel_dir, initrd }
 }
 
+/// As [`prepare`], for an L1 whose init is Debian sid's systemd (`systemd-initramfs.sh`, on
+/// the root the setup step built with `sid-root.sh`).
+pub fn prepare_systemd(work: &Path, binaries: &[PathBuf]) -> Bed {
+    let _turn = one_l1_at_a_time();
+    let kernel_dir = PathBuf::from(run_script("kernel.sh", &[]));
+    let mut args: Vec<&Path> = vec![work, &kernel_dir];
+    args.extend(binaries.iter().map(PathBuf::as_path));
+    let initrd = PathBuf::from(run_script("systemd-initramfs.sh", &args));
+    Bed { kernel_dir, initrd }
+}
+
 /// The Linux microVM guest from `guest-kernel.sh` (built once, then cached), copied into
 /// `into` as `guest-vmlinux`, `guest-bzImage` and `guest-initrd.cpio.gz`, the names the
 /// scenarios use under /luvmm/bin.

@@ -15,10 +15,39 @@ pub struct HostReport {
     pub vfio_devices: Vec<HostVfioDevice>,
     /// Why no VFIO device could be bound for the handler probe, if one was tried.
     pub vfio_probe_error: Option<String>,
+    /// Who holds the VMs' sessions through a kexec on this host.
+    pub session_holder: SessionHolder,
     /// What all of the above allows.
     pub verdict: Verdict,
     /// Why the verdict is not `ready`, one reason each.
     pub blockers: Vec<String>,
+}
+
+/// Who holds the VMs' sessions through a kexec: systemd (PID 1, 261 or later, keeps each
+/// `luvmm@` service's session in its fd store) or luvmm's agent (everywhere else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum SessionHolder {
+    Systemd {
+        version: u32,
+    },
+    Agent {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        systemd: Option<u32>,
+    },
+}
+
+impl SessionHolder {
+    /// This host's, from PID 1.
+    pub fn of_host() -> SessionHolder {
+        use luvmm_liveupdate::fdstore::{host_systemd, preserves_fd_stores};
+        match host_systemd() {
+            Some(version) if preserves_fd_stores(Some(version)) => {
+                SessionHolder::Systemd { version }
+            }
+            systemd => SessionHolder::Agent { systemd },
+        }
+    }
 }
 
 /// What a live update on this host would keep; `host-check` exits with its code.
@@ -148,6 +177,7 @@ pub fn run() -> HostReport {
         vfio_backend,
         vfio_devices,
         vfio_probe_error,
+        session_holder: SessionHolder::of_host(),
         verdict,
         blockers,
     }
@@ -183,6 +213,19 @@ impl HostReport {
         if let Some(e) = &self.vfio_probe_error {
             text.push_str(&format!("VFIO probe:               {e}\n"));
         }
+        text.push_str(&format!(
+            "session holder:           {}\n",
+            match self.session_holder {
+                SessionHolder::Systemd { version } => format!(
+                    "systemd {version} (each luvmm@ service keeps its session in its fd store; \
+                     no agent may hold /dev/liveupdate)"
+                ),
+                SessionHolder::Agent { systemd: Some(v) } => format!(
+                    "the luvmm agent (systemd {v} does not preserve fd stores; 261 or later does)"
+                ),
+                SessionHolder::Agent { systemd: None } => "the luvmm agent".to_string(),
+            }
+        ));
         text.push_str(&format!(
             "verdict:                  {}\n",
             match self.verdict {

@@ -7,7 +7,6 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use luvmm_liveupdate::agent::AgentClient;
 use luvmm_liveupdate::seams::RetrieveSession;
 
 use kvm_ioctls::Kvm;
@@ -20,7 +19,8 @@ use crate::faults::{self, Fault};
 use crate::passthrough::{HandedDevice, HandedDeviceManifest, HandedDevices};
 use crate::shell::{Shell, ShellError};
 use crate::takeover::Takeover;
-use crate::update::before_claim::{wait_for_agent, BeforeClaim, BeforeClaimError};
+use crate::update::before_claim::{BeforeClaim, BeforeClaimError};
+use crate::update::holder::Holder;
 use crate::update::retrieve::{retrieve, RetrieveError};
 use crate::update::retry::AgentKeeper;
 use crate::vmm::{HandoverTicket, StageManifest, StagedDevices};
@@ -29,13 +29,9 @@ use crate::vmm::{HandoverTicket, StageManifest, StagedDevices};
 pub enum RestoreSource {
     /// Ask the VMM behind this API socket to hand its VM over.
     Socket(PathBuf),
-    /// After a host live update: VM `vm_id`'s session, claimed from the agent, which is
-    /// waited for up to `agent_wait` if it is not listening yet.
-    Session {
-        vm_id: String,
-        agent_socket: PathBuf,
-        agent_wait: Duration,
-    },
+    /// After a host live update: VM `vm_id`'s session, claimed from its holder (an agent is
+    /// waited for if it is not listening yet).
+    Session { vm_id: String, holder: Holder },
     /// Fds this process inherited, plus the state from an fd or a file.
     Inherited {
         state: StateSource,
@@ -110,25 +106,21 @@ pub fn collect(
             let (args, takeover) = from_socket(&socket, serial)?;
             (args, None, Some(takeover))
         }
-        RestoreSource::Session {
-            vm_id,
-            agent_socket,
-            agent_wait,
-        } => {
+        RestoreSource::Session { vm_id, holder } => {
             // What needs no session first, while the agent may still be starting.
-            let agent = AgentClient::new(&agent_socket);
-            // A caller that made `before` has heard from the agent already.
+            let agent = holder.client();
+            // A caller that made `before` has heard from the holder already.
             let before = match before {
                 Some(before) => before,
                 None => {
                     let before = BeforeClaim::make(kvm)?;
-                    wait_for_agent(&agent, &agent_socket, agent_wait)?;
+                    holder.ledger()?;
                     before
                 }
             };
             started = Instant::now();
-            let retrieved = retrieve(&vm_id, &agent, &before.host)?;
-            let keeper = AgentKeeper::new(Box::new(AgentClient::new(&agent_socket)), &vm_id);
+            let retrieved = retrieve(&vm_id, agent.as_ref(), &before.host)?;
+            let keeper = AgentKeeper::new(holder.client(), &vm_id);
             let args = RestoreArgs {
                 state: retrieved.state,
                 state_bytes: retrieved.state_bytes,

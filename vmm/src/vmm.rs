@@ -19,6 +19,8 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use luvmm_liveupdate::agent::AgentClient;
+use luvmm_liveupdate::fdstore::FdStore;
 use luvmm_liveupdate::seams::{PhaseWatch, PreserveSession, UpdateAgent};
 
 pub use self::export::ExportError;
@@ -297,6 +299,10 @@ pub struct Vmm {
     moved_to_pid: Option<u32>,
     /// What this VMM was launched with that a restore after a host update needs again.
     pub(crate) launch: Option<LaunchRecord>,
+    /// The fd store of the service this VMM runs as, where it holds the VM's session across a
+    /// host update on a host whose systemd preserves fd stores; elsewhere each update request
+    /// names the agent.
+    fd_store: Option<FdStore>,
     events: VmEvents,
 }
 
@@ -322,6 +328,7 @@ impl Vmm {
             handover: None,
             moved_to_pid: None,
             launch: None,
+            fd_store: None,
             events,
         }
     }
@@ -333,6 +340,20 @@ impl Vmm {
             vcpus: u32::try_from(self.vcpus.len()).ok(),
             ..launch
         });
+    }
+
+    /// Holds this VM's session in `store` for the next host update, not with the agent.
+    pub fn set_fd_store(&mut self, store: FdStore) {
+        self.fd_store = Some(store);
+    }
+
+    /// Who holds the session of this VM's next update: its fd store if it has one, else the
+    /// agent on `agent_socket` (as the request named it).
+    pub fn update_holder(&self, agent_socket: &Path) -> Box<dyn UpdateAgent> {
+        match &self.fd_store {
+            Some(store) => Box::new(store.clone()),
+            None => Box::new(AgentClient::new(agent_socket)),
+        }
     }
 
     /// What this VMM was launched with, once recorded.

@@ -28,6 +28,9 @@ pub enum AgentClientError {
     Refused { op: &'static str, message: String },
     #[error("the agent's reply to {op} does not parse: {reason}")]
     BadReply { op: &'static str, reason: String },
+    /// On a host whose systemd holds the sessions, its fd store stands in for the agent.
+    #[error("systemd's fd store")]
+    FdStore(#[source] Box<crate::fdstore::FdStoreError>),
 }
 
 /// The agent behind a socket.

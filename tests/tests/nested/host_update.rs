@@ -93,3 +93,66 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
         }
     }
 }
+
+/// Where systemd (262, Debian sid's, as L1's init) holds the sessions: the repository's
+/// `luvmm@.service` runs VMs `a` and `b`; `luvmm update run` finds no agent and lets each VMM
+/// push its session into its service's fd store, then runs `systemctl kexec`. After it
+/// systemd hands each service its session back at start, and both VMs come back with no
+/// command typed. The guests' own checks judge what came back.
+#[test]
+fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
+    let work = luvmm_tests::TestDir::new("nested-host-update-systemd");
+    let binaries = [luvmm_tests::luvmm_bin(), luvmm_tests::payload()];
+    let bed = luvmm_tests::nested::prepare_systemd(work.path(), &binaries);
+    let run = luvmm_tests::nested::run_l1(
+        &bed,
+        "systemd-host-update",
+        "systemd.show_status=false",
+        &[],
+        &[],
+        std::time::Duration::from_secs(900),
+    );
+    for r in run.results() {
+        println!("L1: {r}");
+    }
+    if run.timed_out {
+        fail(&run, "L1 did not power off within the timeout");
+    }
+    require_second_kernel(&run);
+    require_no_failure(&run);
+    require_ok(
+        &run,
+        "host_update_systemd_",
+        &[
+            "a_restored_from_its_fd_store",
+            "b_restored_from_its_fd_store",
+            "stores_emptied",
+        ],
+    );
+    // Both stages' init was systemd 262 or later, and host-check said it holds the sessions.
+    for stage in [1, 2] {
+        let (_, report) = crate::scenario::hostcheck(&run, stage);
+        luvmm_tests::schema::assert_report("HostCheckReport", &report);
+        if report["session_holder"]["by"] != "systemd" {
+            fail(
+                &run,
+                &format!("stage {stage}: {}", report["session_holder"]),
+            );
+        }
+    }
+    // The guests' own checks: two before the kexec, four after (at the resume and asked),
+    // each VM's seed its own, every page intact.
+    let checks: Vec<luvmm_tests::Check> = run
+        .results()
+        .iter()
+        .filter_map(|r| r.strip_prefix("host-update check "))
+        .map(luvmm_tests::parse_check)
+        .collect();
+    if checks.len() != 6 || !checks.iter().all(|c| c.ok) {
+        fail(&run, &format!("guest checks: {checks:#?}"));
+    }
+    let seeds: std::collections::BTreeSet<_> = checks.iter().map(|c| c.seed.clone()).collect();
+    if seeds.len() != 2 {
+        fail(&run, &format!("two guests, two seeds: {checks:#?}"));
+    }
+}

@@ -288,6 +288,14 @@ pub enum UpdateCommand {
     },
 }
 
+/// Who holds a VM's session across a host update (`luvmm start --holder`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionHolder {
+    Auto,
+    Agent,
+    FdStore,
+}
+
 /// Where `luvmm start` finds a VM's config when none is named.
 pub const VM_CONFIG_DIR: &str = "/etc/luvmm";
 
@@ -306,6 +314,12 @@ pub struct StartArgs {
     /// whether a session waits for the VM.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub agent_wait: u64,
+    /// Who holds the VM's session across a host update: the agent; systemd's fd store of
+    /// this service (systemd 261 or later, the unit with FileDescriptorStoreMax= and
+    /// FileDescriptorStorePreserve=yes); or auto: the fd store where systemd preserves it
+    /// and this process has one, the agent elsewhere.
+    #[arg(long, value_enum, default_value_t = SessionHolder::Auto)]
+    pub holder: SessionHolder,
     /// Run each thread under its seccomp filter (on), or without (off, for debugging).
     #[arg(long, default_value = "on", value_name = "on|off")]
     pub seccomp: SeccompMode,
@@ -527,8 +541,10 @@ pub fn restore_source(
     if let Some(vm_id) = &args.session {
         return Ok(RestoreSource::Session {
             vm_id: vm_id.clone(),
-            agent_socket: args.agent_socket.clone(),
-            agent_wait: std::time::Duration::from_secs(args.agent_wait),
+            holder: luvmm_vmm::update::holder::Holder::agent(
+                &args.agent_socket,
+                std::time::Duration::from_secs(args.agent_wait),
+            ),
         });
     }
     let state = match (&args.state, args.state_fd) {

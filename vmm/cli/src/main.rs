@@ -8,6 +8,7 @@ use clap::Parser;
 use luvmm::cli::{self, AgentAction, Cli, Command, UpdateCommand};
 use luvmm::{bench, drill};
 use luvmm_liveupdate::agent::{holder, Agent, AgentClient, AgentClientError, AgentError};
+use luvmm_liveupdate::fdstore::{FdStore, FdStoreError};
 use luvmm_liveupdate::luo::kexec::KexecError;
 use luvmm_resources::config::{ConfigError, LaunchRecord, SerialOutput};
 use luvmm_resources::errors::error_chain;
@@ -22,6 +23,7 @@ use luvmm_vmm::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use luvmm_vmm::takeover::{self, TakeoverError, VmFate};
 use luvmm_vmm::update::before_claim::{launch_record, wait_for_agent, BeforeClaim};
 use luvmm_vmm::update::finish::FinishError;
+use luvmm_vmm::update::holder::Holder;
 use luvmm_vmm::update::release::ReleaseError;
 use luvmm_vmm::vmm::{VmPhase, Vmm};
 use luvmm_vmm::vstate::vm::VmError;
@@ -37,6 +39,8 @@ enum CommandError {
     SelfExe(#[source] std::io::Error),
     #[error("cannot build the VM config")]
     Config(#[from] ConfigError),
+    #[error("--holder fd-store")]
+    FdStore(#[from] FdStoreError),
     #[error("cannot use KVM")]
     Kvm(#[from] VmError),
     #[error("cannot block SIGINT and SIGTERM for the event loop")]
@@ -109,8 +113,8 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> Result<ExitCode, CommandError> {
     match command {
-        Command::Run(args) => run(&args),
-        Command::Restore(args) => restore(&args),
+        Command::Run(args) => run(&args, None),
+        Command::Restore(args) => restore(&args, None),
         Command::Start(args) => start(args),
         Command::Ctl(args) => {
             let client =
@@ -135,6 +139,17 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
                 rebuild_ledger,
                 seccomp,
             } => {
+                // Where systemd holds the sessions the agent must not hold /dev/liveupdate:
+                // LUO admits one opener, and systemd needs it at the kexec and at boot.
+                if let host_check::SessionHolder::Systemd { version } =
+                    host_check::SessionHolder::of_host()
+                {
+                    log::warn!(
+                        "systemd {version} holds the VMs' sessions on this host (each luvmm@ \
+                         service's fd store); the agent is not needed and does not start"
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
                 seccomp::init(seccomp)?;
                 let agent = Agent::start(
                     &args.socket,
@@ -259,7 +274,7 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
 }
 
 /// `luvmm run`.
-fn run(args: &cli::RunArgs) -> Result<ExitCode, CommandError> {
+fn run(args: &cli::RunArgs, fd_store: Option<FdStore>) -> Result<ExitCode, CommandError> {
     seccomp::init(args.common.seccomp)?;
     let config = cli::vm_config(args)?;
     let serial = outputs::open_outputs(&config.serial, config.api_socket.as_deref())?;
@@ -271,6 +286,9 @@ fn run(args: &cli::RunArgs) -> Result<ExitCode, CommandError> {
         &config.serial,
         config.api_socket.as_deref(),
     ));
+    if let Some(store) = fd_store {
+        vmm.set_fd_store(store);
+    }
     let api = config
         .api_socket
         .as_deref()
@@ -281,11 +299,15 @@ fn run(args: &cli::RunArgs) -> Result<ExitCode, CommandError> {
 }
 
 /// `luvmm start`: VM `vm` restored from its session when one waits for it (after a host
-/// live update), booted from its config otherwise. On a host without /dev/liveupdate no
-/// session can wait; on one with it, the agent must answer, or the unit fails and is tried
-/// again: booting afresh a VM whose session waits would run it twice.
+/// live update), booted from its config otherwise. Where systemd holds the session (its fd
+/// store, see `--holder`), it passed the session at start if one waits. Elsewhere, on a host
+/// without /dev/liveupdate no session can wait; on one with it, the agent must answer, or the
+/// unit fails and is tried again: booting afresh a VM whose session waits would run it twice.
 fn start(args: cli::StartArgs) -> Result<ExitCode, CommandError> {
-    let waits = if Path::new(luvmm_liveupdate::luo::DEVICE_PATH).exists() {
+    let fd_store = session_fd_store(args.holder)?;
+    let waits = if let Some(store) = &fd_store {
+        store.session_waits()
+    } else if Path::new(luvmm_liveupdate::luo::DEVICE_PATH).exists() {
         let agent = AgentClient::new(&args.agent_socket);
         let wait = Duration::from_secs(args.agent_wait);
         let ledger =
@@ -304,16 +326,19 @@ fn start(args: cli::StartArgs) -> Result<ExitCode, CommandError> {
             "VM {}: its session waits after a host update; restoring it",
             args.vm
         );
-        return restore(&cli::RestoreArgs {
-            session: Some(args.vm),
-            agent_socket: args.agent_socket,
-            agent_wait: args.agent_wait,
-            from_socket: None,
-            state: None,
-            state_fd: None,
-            memory_fd: Vec::new(),
-            common,
-        });
+        return restore(
+            &cli::RestoreArgs {
+                session: Some(args.vm),
+                agent_socket: args.agent_socket,
+                agent_wait: args.agent_wait,
+                from_socket: None,
+                state: None,
+                state_fd: None,
+                memory_fd: Vec::new(),
+                common,
+            },
+            fd_store,
+        );
     }
     let config = args
         .config
@@ -323,21 +348,46 @@ fn start(args: cli::StartArgs) -> Result<ExitCode, CommandError> {
         args.vm,
         config.display()
     );
-    run(&cli::RunArgs {
-        config: Some(config),
-        payload: None,
-        initrd: None,
-        memory_mib: None,
-        vcpus: None,
-        cmdline: None,
-        boot: None,
-        cpu_template: None,
-        vfio: Vec::new(),
-        vfio_trap_bars: false,
-        vfio_backend: None,
-        thp: None,
-        common,
-    })
+    run(
+        &cli::RunArgs {
+            config: Some(config),
+            payload: None,
+            initrd: None,
+            memory_mib: None,
+            vcpus: None,
+            cmdline: None,
+            boot: None,
+            cpu_template: None,
+            vfio: Vec::new(),
+            vfio_trap_bars: false,
+            vfio_backend: None,
+            thp: None,
+            common,
+        },
+        fd_store,
+    )
+}
+
+/// The fd store `luvmm start` holds the VM's session in, as `--holder` asks: `auto` takes it
+/// where PID 1 is a systemd that preserves fd stores and this service has one.
+fn session_fd_store(holder: cli::SessionHolder) -> Result<Option<FdStore>, CommandError> {
+    use luvmm_liveupdate::fdstore::{host_systemd, preserves_fd_stores};
+    match holder {
+        cli::SessionHolder::Agent => Ok(None),
+        cli::SessionHolder::FdStore => Ok(Some(FdStore::from_env()?)),
+        cli::SessionHolder::Auto => {
+            if !preserves_fd_stores(host_systemd()) {
+                return Ok(None);
+            }
+            match FdStore::from_env() {
+                Ok(store) => Ok(Some(store)),
+                Err(e) => {
+                    log::warn!("{e}; the agent holds the VM's session");
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 /// How the agent starts its holder: this program, `agent hold`, on the agent's socket and
@@ -361,11 +411,26 @@ fn holder_command(socket: &Path, mode: SeccompMode) -> Result<std::process::Comm
 /// `luvmm restore`. Everything that can fail is done before a handover is confirmed (or a
 /// session finished): the API socket bound beside its path, the VM rebuilt. A restore from a
 /// handover that fails says where the VM is; once it asked for the VM, it gives it back first.
-fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
+fn restore(args: &cli::RestoreArgs, fd_store: Option<FdStore>) -> Result<ExitCode, CommandError> {
     seccomp::init(args.common.seccomp)?;
+    // The session's holder after a kexec: the fd store `luvmm start` passes, else the agent.
+    let holder = match (&fd_store, &args.session) {
+        (Some(store), Some(_)) => Some(Holder::FdStore(store.clone())),
+        (None, Some(_)) => Some(Holder::agent(
+            &args.agent_socket,
+            Duration::from_secs(args.agent_wait),
+        )),
+        (_, None) => None,
+    };
     // What can fail before the VM's holder is asked for anything.
     let prepare = || -> Result<_, CommandError> {
-        let source = cli::restore_source(args)?;
+        let source = match (cli::restore_source(args)?, &holder) {
+            (RestoreSource::Session { vm_id, .. }, Some(holder)) => RestoreSource::Session {
+                vm_id,
+                holder: holder.clone(),
+            },
+            (source, _) => source,
+        };
         // After a kexec, what the flags name is refused at once, before anything waits for
         // the agent; other restores open their outputs once, below.
         let session = matches!(source, RestoreSource::Session { .. });
@@ -382,15 +447,9 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
         // After a kexec: KVM asked and the VM made while the agent may still be starting;
         // then what the VM's VMM was launched with, for what no flag says.
         let (before, recorded) = match &source {
-            RestoreSource::Session {
-                vm_id,
-                agent_socket,
-                agent_wait,
-            } => {
+            RestoreSource::Session { vm_id, holder } => {
                 let mut before = BeforeClaim::make(&kvm).map_err(RestoreError::from)?;
-                let agent = AgentClient::new(agent_socket);
-                let ledger = wait_for_agent(&agent, agent_socket, *agent_wait)
-                    .map_err(RestoreError::from)?;
+                let ledger = holder.ledger().map_err(RestoreError::from)?;
                 let recorded = launch_record(&ledger, vm_id)
                     .map_err(RestoreError::from)?
                     .unwrap_or_default();
@@ -431,14 +490,18 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
             }
             // For the next update of this VM.
             vmm.set_launch(launch);
+            if let Some(store) = &fd_store {
+                vmm.set_fd_store(store.clone());
+            }
             Ok::<_, CommandError>(vmm)
         })();
         match (built, &args.session) {
             (Ok(vmm), _) => Ok((vmm, api, takeover)),
             // After the claim: the agent keeps the session for the next restore.
             (Err(e), Some(vm_id)) if session.is_some() => {
-                let agent = AgentClient::new(&args.agent_socket);
-                update::finish::report_failed(&agent, vm_id, &e);
+                if let Some(holder) = &holder {
+                    update::finish::report_failed(holder.client().as_ref(), vm_id, &e);
+                }
                 Err(e)
             }
             (Err(e), _) => Err(e),
@@ -476,8 +539,8 @@ fn restore(args: &cli::RestoreArgs) -> Result<ExitCode, CommandError> {
     log::info!("restored; resuming");
     // After a live update the agent learns the VM is done once its guest runs again.
     let tell_agent = || {
-        if let Some(vm_id) = &args.session {
-            update::finish::report_finished(&AgentClient::new(&args.agent_socket), vm_id);
+        if let (Some(vm_id), Some(holder)) = (&args.session, &holder) {
+            update::finish::report_finished(holder.client().as_ref(), vm_id);
         }
     };
     let serial_to = vmm.launched_with().map(|l| l.serial.clone());

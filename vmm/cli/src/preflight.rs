@@ -47,6 +47,34 @@ pub struct CheckArgs {
     /// The next kernel is known to carry the LUO file handlers this one has.
     #[arg(long)]
     pub known_good_kernel: bool,
+    /// Who holds the VMs' sessions through the kexec: the agent, or systemd (its services'
+    /// fd stores, systemd 261 or later); auto: systemd where PID 1 is such a systemd and no
+    /// agent answers.
+    #[arg(long, value_enum, default_value_t = HostHolder::Auto)]
+    pub holder: HostHolder,
+}
+
+/// Who holds the VMs' sessions through a host's kexec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostHolder {
+    Auto,
+    Agent,
+    Systemd,
+}
+
+impl HostHolder {
+    /// Whether systemd holds them here: `auto` decides by PID 1's version and the agent.
+    pub fn is_systemd(self, agent_socket: &std::path::Path) -> bool {
+        use luvmm_liveupdate::fdstore::{host_systemd, preserves_fd_stores};
+        match self {
+            HostHolder::Agent => false,
+            HostHolder::Systemd => true,
+            HostHolder::Auto => {
+                preserves_fd_stores(host_systemd())
+                    && AgentClient::new(agent_socket).status().is_err()
+            }
+        }
+    }
 }
 
 /// The pre-flight's verdict.
@@ -89,30 +117,62 @@ impl CheckReport {
     }
 }
 
+/// Whether this kernel preserves a memfd, tried in a scratch session on /dev/liveupdate
+/// (waited for while a VMM creating its session has it).
+fn probe_memfd_handler() -> Result<HandlerStatus, LuoError> {
+    let started = std::time::Instant::now();
+    let device = loop {
+        match LiveUpdate::open() {
+            Err(LuoError::Busy) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    };
+    let memfd = luvmm_liveupdate::luo::probe::scratch_memfd().map_err(LuoError::Open)?;
+    Ok(luvmm_liveupdate::luo::probe::try_preserve(
+        &device,
+        std::os::fd::AsFd::as_fd(&memfd),
+    ))
+}
+
 /// Runs the pre-flight.
 pub fn run(args: &CheckArgs) -> CheckReport {
     let mut report = CheckReport::default();
     let agent = AgentClient::new(&args.agent_socket);
-    match agent.status() {
-        Ok(_) => match agent.probe(&[]) {
-            Ok(handlers) if handlers.first() == Some(&HandlerStatus::Present) => {}
-            Ok(handlers) => report.blockers.push(Blocker::NoMemfdHandler {
-                found: handlers.first().cloned(),
+    if args.holder.is_systemd(&args.agent_socket) {
+        // Each VMM creates its own session; this process probes the device as they will.
+        match probe_memfd_handler() {
+            Ok(HandlerStatus::Present) => {}
+            Ok(found) => report
+                .blockers
+                .push(Blocker::NoMemfdHandler { found: Some(found) }),
+            Err(e) => report.blockers.push(Blocker::LuoProbe {
+                reason: error_chain(&e),
             }),
-            Err(e) => report.blockers.push(Blocker::AgentProbe {
-                reason: e.to_string(),
-            }),
-        },
-        Err(e) => {
-            let luo = match LiveUpdate::open() {
-                Ok(_) => "LUO is free".to_string(),
-                Err(LuoError::Busy) => "and /dev/liveupdate is held by another process".into(),
-                Err(other) => other.to_string(),
-            };
-            report.blockers.push(Blocker::NoAgent {
-                reason: e.to_string(),
-                luo,
-            });
+        }
+    } else {
+        match agent.status() {
+            Ok(_) => match agent.probe(&[]) {
+                Ok(handlers) if handlers.first() == Some(&HandlerStatus::Present) => {}
+                Ok(handlers) => report.blockers.push(Blocker::NoMemfdHandler {
+                    found: handlers.first().cloned(),
+                }),
+                Err(e) => report.blockers.push(Blocker::AgentProbe {
+                    reason: e.to_string(),
+                }),
+            },
+            Err(e) => {
+                let luo = match LiveUpdate::open() {
+                    Ok(_) => "LUO is free".to_string(),
+                    Err(LuoError::Busy) => "and /dev/liveupdate is held by another process".into(),
+                    Err(other) => other.to_string(),
+                };
+                report.blockers.push(Blocker::NoAgent {
+                    reason: e.to_string(),
+                    luo,
+                });
+            }
         }
     }
     let cmdline = match (&args.cmdline, &args.append) {

@@ -38,7 +38,6 @@ use crate::update::prepare::PrepareOptions;
 use crate::update::{self, UpdateError};
 use crate::vmm::{ExportError, Vmm, VmmError};
 use http::{Request, Response};
-use luvmm_liveupdate::agent::AgentClient;
 use luvmm_resources::errors::error_chain;
 use luvmm_resources::json::{decode_object, kind};
 
@@ -390,16 +389,17 @@ pub fn dispatch(vmm: &mut Vmm, action: VmmAction) -> Reply {
         VmmAction::Check => done(vmm.request(GuestRequest::Check)).into(),
         VmmAction::GuestRequest(request) => done(vmm.request(request)).into(),
         VmmAction::StageUpdate(body) => {
-            let agent = Box::new(AgentClient::new(&body.agent_socket));
+            let agent = vmm.update_holder(&body.agent_socket);
             json_or_error(update::stage::stage(vmm, agent, &body.options()))
         }
         VmmAction::PrepareUpdate(body) => {
-            let agent = Box::new(AgentClient::new(&body.agent_socket));
+            let agent = vmm.update_holder(&body.agent_socket);
             json_or_error(update::prepare::prepare(vmm, agent, &body.options()))
         }
         VmmAction::CancelUpdate => done(update::cancel::cancel(vmm)).into(),
         VmmAction::CheckUpdate(body) => {
-            match update::check::check_vm(vmm, &AgentClient::new(&body.agent_socket)) {
+            let agent = vmm.update_holder(&body.agent_socket);
+            match update::check::check_vm(vmm, agent.as_ref()) {
                 Ok(check) => Response::json(200, &check).into(),
                 Err(e) => update_error_response(&e).into(),
             }

@@ -81,6 +81,13 @@ pub(super) fn allow_list(kick: i32) -> Result<AllowList, BackendError> {
         .any(libc::SYS_readlink)
         .any(libc::SYS_readlinkat)
         // A live update's prepare: RAM, devices and state preserved into the VM's session.
-        .ioctls(&ioctls::luo_session())?;
+        .ioctls(&ioctls::luo_session())?
+        // Where systemd holds the session (fdstore): the session created on /dev/liveupdate
+        // (opened with openat, then closed), the fd store told with datagrams (socket and
+        // sendmsg, above) and a barrier (a pipe whose end systemd closes, polled); the device
+        // is waited for, a few ms at a time, while another VMM creates its session.
+        .ioctls(&ioctls::luo_device())?
+        .any(libc::SYS_pipe2)
+        .any(libc::SYS_clock_nanosleep);
     Ok(list)
 }

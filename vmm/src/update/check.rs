@@ -38,6 +38,8 @@ pub enum Blocker {
     NoAgent { reason: String, luo: String },
     #[error("the agent's probe failed: {reason}")]
     AgentProbe { reason: String },
+    #[error("systemd holds the sessions on this host, but /dev/liveupdate could not be probed: {reason}")]
+    LuoProbe { reason: String },
     #[error("the next kernel's command line lacks liveupdate=on: {cmdline}")]
     NoLiveUpdateOn { cmdline: String },
     #[error("the next kernel does not load: {reason}")]

@@ -16,6 +16,8 @@
 //! - rebuild: [`crate::builder::build_from_saved`] with [`crate::builder::Origin::LiveUpdate`],
 //!   which gets the devices already retrieved and knows nothing of LUO;
 //! - [`finish`]: FINISH the session, and tell the agent once the guest runs again;
+//!
+//! The session's holder, the agent or systemd's fd store, is picked in [`holder`].
 //! - resume: [`crate::runtime::run`].
 //!
 //! Or, for a VM not restored here, [`release`]: finish its session so its devices can be
@@ -28,6 +30,7 @@ pub mod before_claim;
 pub mod cancel;
 pub mod check;
 pub mod finish;
+pub mod holder;
 pub mod prepare;
 pub mod release;
 pub mod retrieve;

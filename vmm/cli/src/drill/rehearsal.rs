@@ -293,6 +293,7 @@ fn update(
         // The drill is how an operator finds out whether the pair is good: it runs the
         // update and lets the guests judge.
         known_good_kernel: true,
+        holder: preflight::HostHolder::Agent,
     });
     emit(&Event::Preflight {
         round,

@@ -117,6 +117,7 @@ mod tests {
             preflight_ms: 200.0,
             kexec_asked_at_ms: kexec,
             kexec_load_ms: None,
+            holder: None,
             vms,
         }
     }

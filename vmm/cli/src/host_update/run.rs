@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use luvmm_liveupdate::agent::ledger::now_ms;
 use luvmm_liveupdate::agent::{AgentClient, DEFAULT_AGENT_SOCKET};
 use luvmm_liveupdate::luo::kexec;
+
+use crate::preflight::HostHolder;
 use luvmm_resources::config::VmConfig;
 use luvmm_resources::errors::error_chain;
 use luvmm_vmm::api::client::VmmClient;
@@ -47,6 +49,12 @@ pub struct RunArgs {
     /// The agent's socket.
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
+    /// Who holds the sessions through the kexec: the agent (asked to kexec), or systemd (each
+    /// VM's service keeps its session in its fd store; this command loads the kernel and runs
+    /// `systemctl kexec`); auto: systemd where PID 1 is systemd 261 or later and no agent
+    /// answers.
+    #[arg(long, value_enum, default_value_t = HostHolder::Auto)]
+    pub holder: HostHolder,
     /// The next kernel is known to carry the LUO file handlers this one has (the pre-flight
     /// blocks otherwise).
     #[arg(long)]
@@ -118,6 +126,9 @@ pub struct RunReport {
     /// Milliseconds the agent took to load the next kernel and answer, before its kexec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kexec_load_ms: Option<f64>,
+    /// Who held the sessions: `agent` or `systemd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
     pub vms: Vec<VmRun>,
 }
 
@@ -134,6 +145,7 @@ pub fn run(args: &RunArgs) -> RunReport {
         preflight_ms: 0.0,
         kexec_asked_at_ms: None,
         kexec_load_ms: None,
+        holder: None,
         vms: Vec::new(),
     };
     let vms = match host_vms(args) {
@@ -160,6 +172,8 @@ pub fn run(args: &RunArgs) -> RunReport {
         None => None,
     };
     report.vms = vms.iter().map(VmRun::of).collect();
+    let systemd = args.holder.is_systemd(&args.agent_socket);
+    report.holder = Some(if systemd { "systemd" } else { "agent" }.to_string());
     say(&format!(
         "pre-flight: the host and {} VM(s): {}",
         vms.len(),
@@ -176,6 +190,11 @@ pub fn run(args: &RunArgs) -> RunReport {
         agent_socket: args.agent_socket.clone(),
         vms: vms.iter().map(|v| v.socket.clone()).collect(),
         known_good_kernel: args.known_good_kernel,
+        holder: if systemd {
+            HostHolder::Systemd
+        } else {
+            HostHolder::Agent
+        },
     });
     report.preflight_ms = start.elapsed().as_secs_f64() * 1e3;
     for w in &report.preflight.warnings {
@@ -216,17 +235,22 @@ pub fn run(args: &RunArgs) -> RunReport {
     report.outcome = Outcome::Kexec;
     draw(args, &report);
     let asked = Instant::now();
-    let agent = AgentClient::new(&args.agent_socket);
-    match agent.update(
-        &args.kernel,
-        args.initrd.as_deref(),
-        cmdline.as_deref(),
-        None,
-    ) {
+    let kexec = if systemd {
+        systemd_kexec(args, cmdline.as_deref())
+    } else {
+        AgentClient::new(&args.agent_socket)
+            .update(
+                &args.kernel,
+                args.initrd.as_deref(),
+                cmdline.as_deref(),
+                None,
+            )
+            .map_err(|e| format!("the agent did not kexec: {}", error_chain(&e)))
+    };
+    match kexec {
         Ok(()) => report.kexec_load_ms = Some(asked.elapsed().as_secs_f64() * 1e3),
-        Err(e) => {
-            // The agent refused or could not load the kernel: the update is off for everyone.
-            let reason = format!("the agent did not kexec: {}", error_chain(&e));
+        Err(reason) => {
+            // The kernel did not load or the kexec was refused: the update is off for everyone.
             tell(Progress::CallingOff { reason: &reason });
             report.reason = Some(reason);
             let in_place = super::barrier::call_off_all(&mut report.vms, &tell);
@@ -239,6 +263,30 @@ pub fn run(args: &RunArgs) -> RunReport {
         }
     }
     report
+}
+
+/// With systemd holding the sessions: loads the next kernel, then asks systemd to kexec into
+/// it. systemd stops the VMs' services (each VM is prepared: its session, in its fd store,
+/// has everything), preserves the fd stores and kexecs.
+fn systemd_kexec(args: &RunArgs, cmdline: Option<&str>) -> Result<(), String> {
+    let line = match cmdline {
+        Some(line) => line.to_string(),
+        None => kexec::current_cmdline().map_err(|e| error_chain(&e))?,
+    };
+    kexec::load(&args.kernel, args.initrd.as_deref(), Some(&line))
+        .map_err(|e| format!("the next kernel did not load: {}", error_chain(&e)))?;
+    let status = std::process::Command::new("systemctl")
+        .arg("kexec")
+        .status()
+        .map_err(|e| format!("cannot run systemctl kexec: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        if let Err(e) = kexec::unload() {
+            say(&format!("the loaded kernel did not unload: {e}"));
+        }
+        Err(format!("systemctl kexec failed ({status})"))
+    }
 }
 
 /// Writes the timeline with `--svg`; a failure to is said, and changes nothing else.

@@ -1,0 +1,74 @@
+#!/bin/sh
+# The host-wide update where systemd holds the sessions (an L1 booted with Debian sid's
+# systemd as init, from systemd-initramfs.sh): VMs a and b run as luvmm@a and luvmm@b, the
+# repository's unit, started by systemd from their configs. No agent runs.
+#   stage 1: both guests checked; `luvmm host-check` says systemd holds the sessions; `luvmm
+#            update run` stages every VM (each VMM creates its own session and pushes it into
+#            its service's fd store), prepares them together, loads the kernel and runs
+#            `systemctl kexec`.
+#   stage 2: systemd hands each service its session back at start; both VMs are restored by
+#            their units with no command typed; each guest's own check after the resume, and
+#            one more asked.
+stage=$1
+cd /tmp
+. /luvmm/steps.sh
+log_of() { echo "/var/log/luvmm-$1.log"; }
+sock_of() { echo "/run/luvmm-$1.sock"; }
+check() { # check VM NTH: asks the guest for its memory check, prints it once whole
+    luvmm ctl --socket "$(sock_of "$1")" check >/dev/null
+    wait_line "$(log_of "$1")" "LUVMM-CHECK" "$2"
+    whole_lines "$(log_of "$1")"
+    echo "LUVMM-L1 host-update check $(last_whole "$(log_of "$1")" LUVMM-CHECK)"
+}
+journal() { # journal VM: the unit's log, as lines of this console
+    journalctl -q -o cat -u "luvmm@$1.service" -b --no-pager | sed "s/^/LUVMM-L1 log luvmm@$1: /"
+}
+running() { # running VM: waits until its unit's VM runs
+    i=0
+    while [ "$(phase "$(sock_of "$1")")" != running ] && [ $i -lt 600 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    [ "$(phase "$(sock_of "$1")")" = running ]
+}
+
+for vm in a b; do
+    running $vm || echo "LUVMM-L1 test host_update_systemd_vm_${vm}_runs FAIL $(systemctl status luvmm@$vm --no-pager 2>&1 | tr '\n' ' ')"
+done
+hostcheck
+case "$stage" in
+1)
+    for vm in a b; do
+        wait_line "$(log_of $vm)" "LUVMM-BOOT"
+        check $vm 1
+    done
+    # The progress goes to the console as it comes: the kexec ends this stage.
+    mkfifo progress
+    sed 's/^/LUVMM-L1 log update run: /' < progress &
+    echo "LUVMM-L1 host-update kexec now"
+    luvmm update run --kernel /boot/bzImage --initrd /boot/initrd-stage2.img \
+        --append luvmm.stage=2 --known-good-kernel --json > run.json 2> progress
+    code=$?
+    sleep 60
+    echo "LUVMM-L1 test host_update_systemd_kexec FAIL still here: exit $code $(cat run.json)"
+    journal a
+    journal b
+    ;;
+2)
+    for vm in a b; do
+        journal $vm
+        result "host_update_systemd_${vm}_restored_from_its_fd_store" \
+            $(journalctl -q -o cat -u "luvmm@$vm.service" -b | grep -q "its session waits after a host update; restoring it" \
+                && [ "$(phase "$(sock_of $vm)")" = running ]; echo $?) \
+            "$(systemctl status luvmm@$vm --no-pager 2>&1 | tr '\n' ' ')"
+        # Each restore asks its guest for a check at the resume: the first line after the kexec.
+        wait_line "$(log_of $vm)" "LUVMM-CHECK"
+        whole_lines "$(log_of $vm)"
+        echo "LUVMM-L1 host-update check $(last_whole "$(log_of $vm)" LUVMM-CHECK)"
+        check $vm 2
+    done
+    # The sessions are finished and gone from the stores: nothing holds /dev/liveupdate.
+    result host_update_systemd_stores_emptied \
+        $(for vm in a b; do systemctl show -p NFileDescriptorStore --value luvmm@$vm; done | grep -qv '^0$'; [ $? = 1 ]; echo $?) \
+        "$(for vm in a b; do echo "$vm: $(systemctl show -p NFileDescriptorStore luvmm@$vm)"; done)"
+    ;;
+esac
