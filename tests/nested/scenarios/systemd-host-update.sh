@@ -2,8 +2,9 @@
 # The host-wide update where systemd holds the sessions (an L1 booted with Debian sid's
 # systemd as init, from systemd-initramfs.sh): VMs a and b run as luvmm@a and luvmm@b, the
 # repository's unit, started by systemd from their configs. No agent runs.
-#   stage 1: both guests checked; `luvmm host-check` says systemd holds the sessions; `luvmm
-#            update run` stages every VM (each VMM creates its own session and pushes it into
+#   stage 1: both guests checked; `luvmm host-check` says systemd holds the sessions; a's
+#            update staged, prepared and called off: its session goes into its service's fd
+#            store and out again, the guest runs on; then `luvmm update run` stages every VM (each VMM creates its own session and pushes it into
 #            its service's fd store), prepares them together, loads the kernel and runs
 #            `systemctl kexec`.
 #   stage 2: systemd hands each service its session back at start; both VMs are restored by
@@ -41,6 +42,19 @@ case "$stage" in
         wait_line "$(log_of $vm)" "LUVMM-BOOT"
         check $vm 1
     done
+    stored() { systemctl show -p NFileDescriptorStore --value luvmm@a; }
+    luvmm ctl --socket "$(sock_of a)" update stage --vm-id a > stage.out 2>&1
+    staged=$(stored)
+    luvmm ctl --socket "$(sock_of a)" update prepare --vm-id a > prepare.out 2>&1
+    prepared=$(stored)
+    luvmm ctl --socket "$(sock_of a)" update cancel > cancel.out 2>&1
+    left=$(stored)
+    # The session at the stage; its record beside it at the prepare; nothing once called off.
+    result host_update_systemd_a_called_off_leaves_nothing_in_its_store \
+        $([ "$staged" = 1 ] && [ "$prepared" = 2 ] && [ "$left" = 0 ] \
+            && [ "$(phase "$(sock_of a)")" = running ]; echo $?) \
+        "stored: staged $staged, prepared $prepared, left $left; $(cat stage.out prepare.out cancel.out | tr '\n' ' ')"
+    check a 2
     # The progress goes to the console as it comes: the kexec ends this stage.
     mkfifo progress
     sed 's/^/LUVMM-L1 log update run: /' < progress &

@@ -95,8 +95,9 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
 }
 
 /// Where systemd (262, Debian sid's, as L1's init) holds the sessions: the repository's
-/// `luvmm@.service` runs VMs `a` and `b`; `luvmm update run` finds no agent and lets each VMM
-/// push its session into its service's fd store, then runs `systemctl kexec`. After it
+/// `luvmm@.service` runs VMs `a` and `b`. An update of `a` called off leaves nothing in its
+/// service's fd store. `luvmm update run` finds no agent and lets each VMM push its session
+/// into its service's fd store, then runs `systemctl kexec`. After it
 /// systemd hands each service its session back at start, and both VMs come back with no
 /// command typed. The guests' own checks judge what came back.
 #[test]
@@ -124,6 +125,7 @@ fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
         &run,
         "host_update_systemd_",
         &[
+            "a_called_off_leaves_nothing_in_its_store",
             "a_restored_from_its_fd_store",
             "b_restored_from_its_fd_store",
             "stores_emptied",
@@ -140,15 +142,15 @@ fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
             );
         }
     }
-    // The guests' own checks: two before the kexec, four after (at the resume and asked),
-    // each VM's seed its own, every page intact.
+    // The guests' own checks: three before the kexec (a's second after its call-off), four
+    // after (at the resume and asked), each VM's seed its own, every page intact.
     let checks: Vec<luvmm_tests::Check> = run
         .results()
         .iter()
         .filter_map(|r| r.strip_prefix("host-update check "))
         .map(luvmm_tests::parse_check)
         .collect();
-    if checks.len() != 6 || !checks.iter().all(|c| c.ok) {
+    if checks.len() != 7 || !checks.iter().all(|c| c.ok) {
         fail(&run, &format!("guest checks: {checks:#?}"));
     }
     let seeds: std::collections::BTreeSet<_> = checks.iter().map(|c| c.seed.clone()).collect();

@@ -408,7 +408,8 @@ pub struct UpdateTarget {
     /// The VM's id: its session is luvmm-<id>.
     #[arg(long)]
     vm_id: String,
-    /// The agent's socket.
+    /// The agent's socket (not asked by a VMM whose service keeps its session in its fd
+    /// store: `luvmm start` where systemd holds the sessions).
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     agent_socket: PathBuf,
     /// Refuse, and call the update off, if a passthrough device cannot be preserved.
