@@ -216,6 +216,9 @@ pub struct RestoreTimings {
     /// From the pause in the process that handed the VM over to the first resume here (both
     /// read the same wall clock): the guest's blackout. Set once this VM ran.
     pub blackout_ms: Option<f64>,
+    /// When the guest first ran here, in ms since the Unix epoch (the end of the blackout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at_ms: Option<u64>,
 }
 
 /// What `status` reports.
@@ -431,6 +434,10 @@ impl Vmm {
                 if let (Some(timings), Some(blackout)) = (&mut self.restore_timings, blackout) {
                     if timings.blackout_ms.is_none() {
                         timings.blackout_ms = Some(blackout.as_secs_f64() * 1e3);
+                        timings.resumed_at_ms = SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .and_then(|d| u64::try_from(d.as_millis()).ok());
                     }
                 }
                 self.phase = VmPhase::Running;

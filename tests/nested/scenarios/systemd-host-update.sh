@@ -42,6 +42,8 @@ case "$stage" in
         wait_line "$(log_of $vm)" "LUVMM-BOOT"
         check $vm 1
     done
+    luvmm update status --json > status.json 2> status.err
+    echo "LUVMM-L1 host-update status before exit=$? $(cat status.json) $(cat status.err)"
     stored() { systemctl show -p NFileDescriptorStore --value luvmm@a; }
     luvmm ctl --socket "$(sock_of a)" update stage --vm-id a > stage.out 2>&1
     staged=$(stored)
@@ -80,6 +82,10 @@ case "$stage" in
         echo "LUVMM-L1 host-update check $(last_whole "$(log_of $vm)" LUVMM-CHECK)"
         check $vm 2
     done
+    echo "LUVMM-L1 systemd kexecs $(systemctl show -p KExecCount --value)"
+    luvmm update status --json > status.json 2> status.err
+    echo "LUVMM-L1 host-update status exit=$? $(cat status.json) $(cat status.err)"
+    luvmm update status | sed 's/^/LUVMM-L1 log update status: /'
     # The sessions are finished and gone from the stores: nothing holds /dev/liveupdate.
     result host_update_systemd_stores_emptied \
         $(for vm in a b; do systemctl show -p NFileDescriptorStore --value luvmm@$vm; done | grep -qv '^0$'; [ $? = 1 ]; echo $?) \

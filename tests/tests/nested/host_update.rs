@@ -142,6 +142,34 @@ fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
             );
         }
     }
+    // `update status` from the units and VMMs: no update before the kexec (systemd counts
+    // none), every VM back after it.
+    let status = |prefix: &str| -> Value {
+        run.results()
+            .iter()
+            .find_map(|r| r.strip_prefix(prefix))
+            .and_then(|text| serde_json::from_str(text.trim()).ok())
+            .unwrap_or_else(|| fail(&run, &format!("no {prefix:?} line")))
+    };
+    let before = status("host-update status before exit=0 ");
+    luvmm_tests::schema::assert_report("UpdateStatusReport", &before);
+    if before["verdict"] != "no_update" || before["vms"] != serde_json::json!([]) {
+        fail(&run, &format!("before the kexec: {before}"));
+    }
+    let after = status("host-update status exit=0 ");
+    luvmm_tests::schema::assert_report("UpdateStatusReport", &after);
+    let vms = after["vms"].as_array().cloned().unwrap_or_default();
+    if after["verdict"] != "all_back" || after["updates"] != 1 || vms.len() != 2 {
+        fail(&run, &format!("after the kexec: {after}"));
+    }
+    for vm in &vms {
+        if vm["phase"] != "finished"
+            || vm["back_after_kexec_ms"].as_u64().is_none()
+            || vm["restore"]["finish_ms"].as_f64().is_none()
+        {
+            fail(&run, &format!("not back: {vm}"));
+        }
+    }
     // The guests' own checks: three before the kexec (a's second after its call-off), four
     // after (at the resume and asked), each VM's seed its own, every page intact.
     let checks: Vec<luvmm_tests::Check> = run

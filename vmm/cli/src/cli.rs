@@ -263,7 +263,8 @@ pub enum UpdateCommand {
     /// or nothing could start), 2 usage.
     Run(crate::host_update::run::RunArgs),
     /// After the kexec: whether every VM of the last update is back, and when, or which is not
-    /// and why (from the agent's ledger).
+    /// and why (from the agent's ledger; where systemd held the sessions, from each VM's unit
+    /// and VMM).
     ///
     /// Exit status: 0 every VM back (or no update on record), 3 some VM not back or an update
     /// under way, 1 the agent does not answer.
@@ -271,6 +272,13 @@ pub enum UpdateCommand {
         /// The agent's socket.
         #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
         agent_socket: PathBuf,
+        /// Who held the sessions (see `update run --holder`).
+        #[arg(long, value_enum, default_value_t = crate::preflight::HostHolder::Auto)]
+        holder: crate::preflight::HostHolder,
+        /// Where systemd held them: the VMs are those configured here (ID.json, run as
+        /// luvmm@ID.service).
+        #[arg(long, value_name = "DIR", default_value = VM_CONFIG_DIR)]
+        vm_dir: PathBuf,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,

@@ -41,6 +41,8 @@ enum CommandError {
     Config(#[from] ConfigError),
     #[error("--holder fd-store")]
     FdStore(#[from] FdStoreError),
+    #[error("the VMs' configs: {0}")]
+    VmDir(String),
     #[error("cannot use KVM")]
     Kvm(#[from] VmError),
     #[error("cannot block SIGINT and SIGTERM for the event loop")]
@@ -209,9 +211,20 @@ fn execute(command: Command) -> Result<ExitCode, CommandError> {
             }
             Ok(ExitCode::from(report.outcome.exit_code()))
         }
-        Command::Update(UpdateCommand::Status { agent_socket, json }) => {
-            let ledger = AgentClient::new(&agent_socket).status()?;
-            let report = luvmm::host_update::status::gather(&ledger);
+        Command::Update(UpdateCommand::Status {
+            agent_socket,
+            holder,
+            vm_dir,
+            json,
+        }) => {
+            use luvmm::host_update::status_systemd;
+            let report = if holder.is_systemd(&agent_socket) {
+                let vms = status_systemd::configured_vms(&vm_dir).map_err(CommandError::VmDir)?;
+                status_systemd::gather(&vms, &status_systemd::Host)
+            } else {
+                let ledger = AgentClient::new(&agent_socket).status()?;
+                luvmm::host_update::status::gather(&ledger)
+            };
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

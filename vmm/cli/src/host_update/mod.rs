@@ -7,3 +7,4 @@ pub mod barrier;
 mod picture;
 pub mod run;
 pub mod status;
+pub mod status_systemd;
