@@ -35,6 +35,11 @@ for vm in a b; do
     ln -s ../luvmm@.service "$units/multi-user.target.wants/luvmm@$vm.service"
 done
 ln -s ../luvmm-bed.service "$units/multi-user.target.wants/luvmm-bed.service"
+# b calls a staged or prepared update off by itself after 8 s without a kexec (300 s by
+# default), for the scenario's late stage.
+mkdir -p "$units/luvmm@b.service.d"
+printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/luvmm start --vm %%i --agent-socket /run/luvmm/agent.sock --update-limit 8\n' \
+    > "$units/luvmm@b.service.d/limit.conf"
 # Nothing else takes the serial console; nothing asks on it.
 for unit in serial-getty@ttyS0.service getty@tty1.service systemd-firstboot.service; do
     ln -s /dev/null "$units/$unit"

@@ -47,6 +47,9 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a VMM waits for `/dev/liveupdate` while another opener (a VMM creating its own
 /// session, systemd at a kexec) has it.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// How long a staged or prepared update may wait for its kexec before the VMM calls it off
+/// by itself, unless told otherwise ([`FdStore::with_update_limit`]).
+pub const DEFAULT_UPDATE_LIMIT: Duration = Duration::from_secs(300);
 
 /// The first systemd that carries service fd stores across a kexec through LUO.
 pub const FIRST_PRESERVING_SYSTEMD: u32 = 261;
@@ -131,6 +134,10 @@ pub struct Record {
 pub struct FdStore {
     notify: NotifySocket,
     state: Arc<Mutex<State>>,
+    /// No agent calls an update off where systemd holds the session: a staged or prepared
+    /// update still waiting for its kexec this long after its stage (the command that drove
+    /// it died, say) is called off by the VMM itself, its guest resumed in place.
+    update_limit: Duration,
 }
 
 struct State {
@@ -178,6 +185,15 @@ impl FdStore {
                 record,
                 kept_pushed: 0,
             })),
+            update_limit: DEFAULT_UPDATE_LIMIT,
+        }
+    }
+
+    /// The same holder, calling an update off by itself after `limit` (see `update_limit`).
+    pub fn with_update_limit(self, limit: Duration) -> FdStore {
+        FdStore {
+            update_limit: limit,
+            ..self
         }
     }
 
@@ -357,12 +373,22 @@ fn phase_key(phase: VmPhase) -> &'static str {
     }
 }
 
-/// Nobody calls a VM's update off from outside on a systemd host: the VMM's own API does.
-struct NeverTold;
+/// Where systemd holds the session no agent calls a VM's update off: the VMM's own API does,
+/// or this, once the update's limit has passed without a kexec. It then tells of a ledger
+/// without the VM, which is how a VMM learns its update is off.
+struct UpdateLimit {
+    until: Instant,
+    told: bool,
+}
 
-impl PhaseWatch for NeverTold {
+impl PhaseWatch for UpdateLimit {
     fn told(&mut self) -> std::io::Result<Option<Ledger>> {
-        Ok(None)
+        if self.told || Instant::now() < self.until {
+            return Ok(None);
+        }
+        self.told = true;
+        log::warn!("the update did not kexec within its limit; calling it off");
+        Ok(Some(Ledger::default()))
     }
 }
 
@@ -446,7 +472,10 @@ impl UpdateAgent for FdStore {
     }
 
     fn watch(&self, _vm: &str) -> Result<Box<dyn PhaseWatch>, AgentClientError> {
-        Ok(Box::new(NeverTold))
+        Ok(Box::new(UpdateLimit {
+            until: Instant::now() + self.update_limit,
+            told: false,
+        }))
     }
 
     fn probe(&self, fds: &[&OwnedFd]) -> Result<Vec<HandlerStatus>, AgentClientError> {

@@ -171,3 +171,17 @@ fn the_host_systemd_version_is_read_from_systemctl() {
     assert!(preserves_fd_stores(Some(261)) && !preserves_fd_stores(Some(260)));
     assert!(!preserves_fd_stores(None));
 }
+
+#[test]
+fn an_update_that_did_not_kexec_within_its_limit_is_told_off_once() {
+    let manager = Manager::start("limit");
+    let store = FdStore::new(manager.socket.clone(), Vec::new())
+        .with_update_limit(Duration::from_millis(100));
+    let mut watch = store.watch("vm1").unwrap();
+    assert_eq!(watch.told().unwrap(), None);
+    std::thread::sleep(Duration::from_millis(150));
+    // A ledger without the VM: its update is off.
+    assert_eq!(watch.told().unwrap(), Some(Ledger::default()));
+    assert_eq!(watch.told().unwrap(), None);
+    drop(manager.stop());
+}

@@ -4,7 +4,9 @@
 # repository's unit, started by systemd from their configs. No agent runs.
 #   stage 1: both guests checked; `luvmm host-check` says systemd holds the sessions; a's
 #            update staged, prepared and called off: its session goes into its service's fd
-#            store and out again, the guest runs on; then `luvmm update run` stages every VM (each VMM creates its own session and pushes it into
+#            store and out again, the guest runs on; `update run --deadline 5` with b's VMM
+#            stopped calls everyone off at the deadline; b's stage, driven no further, is
+#            called off by b itself at its update limit; then `luvmm update run` stages every VM (each VMM creates its own session and pushes it into
 #            its service's fd store), prepares them together, loads the kernel and runs
 #            `systemctl kexec`.
 #   stage 2: systemd hands each service its session back at start; both VMs are restored by
@@ -57,6 +59,36 @@ case "$stage" in
             && [ "$(phase "$(sock_of a)")" = running ]; echo $?) \
         "stored: staged $staged, prepared $prepared, left $left; $(cat stage.out prepare.out cancel.out | tr '\n' ' ')"
     check a 2
+    # update run's own deadline, with b's VMM stopped (SIGSTOP): b does not answer, and at
+    # the deadline the update is called off for every VM, each left as it was.
+    pid_b=$(systemctl show -p MainPID --value luvmm@b)
+    kill -STOP "$pid_b"
+    luvmm update run --kernel /boot/bzImage --initrd /boot/initrd-stage2.img \
+        --append luvmm.stage=2 --known-good-kernel --deadline 5 --json > deadline.json 2> deadline.err
+    code=$?
+    kill -CONT "$pid_b"
+    stored_b() { systemctl show -p NFileDescriptorStore --value luvmm@b; }
+    result host_update_systemd_run_deadline_calls_everyone_off \
+        $([ $code = 4 ] && grep -q '"outcome":"called_off"' deadline.json \
+            && grep -q 'the deadline passed' deadline.json \
+            && [ "$(phase "$(sock_of a)")" = running ] && [ "$(stored)" = 0 ] \
+            && [ "$(phase "$(sock_of b)")" = running ] && [ "$(stored_b)" = 0 ]; echo $?) \
+        "exit $code: $(cat deadline.json) $(cat deadline.err); stored a $(stored) b $(stored_b)"
+    # A stage nobody drives on: b calls it off by itself at its update limit (8 s in its
+    # unit's drop-in), its store emptied, its guest running on.
+    luvmm ctl --socket "$(sock_of b)" update stage --vm-id b > stage-b.out 2>&1
+    staged_b=$(stored_b)
+    i=0
+    while ! journalctl -q -o cat -u luvmm@b.service -b | grep -q "update called off" && [ $i -lt 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    result host_update_systemd_b_calls_an_undriven_stage_off_at_its_limit \
+        $([ "$staged_b" = 1 ] \
+            && journalctl -q -o cat -u luvmm@b.service -b | grep -q "did not kexec within its limit" \
+            && [ "$(phase "$(sock_of b)")" = running ] && [ "$(stored_b)" = 0 ]; echo $?) \
+        "staged: $staged_b stored; b: $(phase "$(sock_of b)"), stored $(stored_b); $(cat stage-b.out)"
+    check a 3
+    check b 2
     # The progress goes to the console as it comes: the kexec ends this stage.
     mkfifo progress
     sed 's/^/LUVMM-L1 log update run: /' < progress &

@@ -43,7 +43,7 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
         .filter_map(|r| r.strip_prefix("host-update check "))
         .map(luvmm_tests::parse_check)
         .collect();
-    if checks.len() != 7 || !checks.iter().all(|c| c.ok) {
+    if checks.len() != 9 || !checks.iter().all(|c| c.ok) {
         fail(&run, &format!("guest checks: {checks:#?}"));
     }
     let seeds: std::collections::BTreeSet<_> = checks.iter().map(|c| c.seed.clone()).collect();
@@ -96,7 +96,8 @@ fn host_update_run_updates_every_vm_and_status_says_they_are_back() {
 
 /// Where systemd (262, Debian sid's, as L1's init) holds the sessions: the repository's
 /// `luvmm@.service` runs VMs `a` and `b`. An update of `a` called off leaves nothing in its
-/// service's fd store. `luvmm update run` finds no agent and lets each VMM push its session
+/// service's fd store; `update run`'s deadline calls everyone off while `b`'s VMM is stopped;
+/// `b`, staged with nobody driving the update on, calls it off itself at its update limit. `luvmm update run` finds no agent and lets each VMM push its session
 /// into its service's fd store, then runs `systemctl kexec`. After it
 /// systemd hands each service its session back at start, and both VMs come back with no
 /// command typed. The guests' own checks judge what came back.
@@ -126,6 +127,8 @@ fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
         "host_update_systemd_",
         &[
             "a_called_off_leaves_nothing_in_its_store",
+            "run_deadline_calls_everyone_off",
+            "b_calls_an_undriven_stage_off_at_its_limit",
             "a_restored_from_its_fd_store",
             "b_restored_from_its_fd_store",
             "stores_emptied",
@@ -170,15 +173,16 @@ fn host_update_systemd_brings_both_vms_back_after_systemctl_kexec() {
             fail(&run, &format!("not back: {vm}"));
         }
     }
-    // The guests' own checks: three before the kexec (a's second after its call-off), four
-    // after (at the resume and asked), each VM's seed its own, every page intact.
+    // The guests' own checks: five before the kexec (a's second after its call-off, a's
+    // third after the deadline, b's second after its limit), four after (at the resume and asked), each
+    // VM's seed its own, every page intact.
     let checks: Vec<luvmm_tests::Check> = run
         .results()
         .iter()
         .filter_map(|r| r.strip_prefix("host-update check "))
         .map(luvmm_tests::parse_check)
         .collect();
-    if checks.len() != 7 || !checks.iter().all(|c| c.ok) {
+    if checks.len() != 9 || !checks.iter().all(|c| c.ok) {
         fail(&run, &format!("guest checks: {checks:#?}"));
     }
     let seeds: std::collections::BTreeSet<_> = checks.iter().map(|c| c.seed.clone()).collect();

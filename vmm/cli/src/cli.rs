@@ -328,6 +328,11 @@ pub struct StartArgs {
     /// and this process has one, the agent elsewhere.
     #[arg(long, value_enum, default_value_t = SessionHolder::Auto)]
     pub holder: SessionHolder,
+    /// With the fd store as the holder: seconds a staged or prepared update may wait for its
+    /// kexec before this VMM calls it off by itself and resumes its guest (no agent does it
+    /// there, should the command driving the update die).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub update_limit: u64,
     /// Run each thread under its seccomp filter (on), or without (off, for debugging).
     #[arg(long, default_value = "on", value_name = "on|off")]
     pub seccomp: SeccompMode,

@@ -317,7 +317,8 @@ fn run(args: &cli::RunArgs, fd_store: Option<FdStore>) -> Result<ExitCode, Comma
 /// without /dev/liveupdate no session can wait; on one with it, the agent must answer, or the
 /// unit fails and is tried again: booting afresh a VM whose session waits would run it twice.
 fn start(args: cli::StartArgs) -> Result<ExitCode, CommandError> {
-    let fd_store = session_fd_store(args.holder)?;
+    let fd_store = session_fd_store(args.holder)?
+        .map(|store| store.with_update_limit(Duration::from_secs(args.update_limit)));
     let waits = if let Some(store) = &fd_store {
         store.session_waits()
     } else if Path::new(luvmm_liveupdate::luo::DEVICE_PATH).exists() {
