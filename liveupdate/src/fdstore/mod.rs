@@ -10,7 +10,8 @@
 //! `/dev/liveupdate` for long; no agent runs.
 //!
 //! [`FdStore`] is the VMM's holder ([`UpdateAgent`]) for that: the session under
-//! [`SESSION_FDNAME`], a small record of what the restore checks first under
+//! `luvmm-session-BOOT` (the boot it was created in, so that a session this boot's VMM left
+//! behind, exiting before any kexec, is told from one that crossed a kexec), a small record of what the restore checks first under
 //! [`RECORD_FDNAME`] (a memfd, which systemd preserves in its own session), and the files a
 //! failed restore leaves for the next try under `luvmm-kept-N`.
 
@@ -32,8 +33,8 @@ use crate::luo::{IncomingSession, LiveUpdate, LuoError};
 use crate::seams::{PhaseWatch, PreserveSession, RetrieveSession, UpdateAgent};
 use notify::NotifySocket;
 
-/// The fd store name of the VM's LUO session.
-pub const SESSION_FDNAME: &str = "luvmm-session";
+/// The fd store name of the VM's LUO session, before the id of the boot that created it.
+pub const SESSION_FDNAME: &str = "luvmm-session-";
 /// The fd store name of the memfd with the VM's [`Record`].
 pub const RECORD_FDNAME: &str = "luvmm-record";
 /// The fd store name of the note of the files a failed restore kept.
@@ -47,6 +48,9 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a VMM waits for `/dev/liveupdate` while another opener (a VMM creating its own
 /// session, systemd at a kexec) has it.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// This boot's id, which the kernel makes anew at each boot (a kexec too).
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
 /// How long a staged or prepared update may wait for its kexec before the VMM calls it off
 /// by itself, unless told otherwise ([`FdStore::with_update_limit`]).
 pub const DEFAULT_UPDATE_LIMIT: Duration = Duration::from_secs(300);
@@ -103,10 +107,12 @@ pub enum FdStoreError {
     DeviceBusy { waited_ms: u128 },
     #[error("the VM's LUO session")]
     Luo(#[from] LuoError),
-    #[error("systemd handed back no session for VM {vm} (no {SESSION_FDNAME} in LISTEN_FDNAMES)")]
+    #[error("systemd handed back no session for VM {vm} (no {SESSION_FDNAME}* in LISTEN_FDNAMES)")]
     NoSession { vm: String },
     #[error("the record {RECORD_FDNAME} systemd handed back")]
     Record(#[source] std::io::Error),
+    #[error("cannot read this boot's id ({BOOT_ID})")]
+    BootId(#[source] std::io::Error),
     #[error("more than {MAX_KEPT} files to keep for the next restore")]
     TooManyKept,
 }
@@ -138,6 +144,8 @@ pub struct FdStore {
     /// update still waiting for its kexec this long after its stage (the command that drove
     /// it died, say) is called off by the VMM itself, its guest resumed in place.
     update_limit: Duration,
+    /// The id of this boot, in the name the session is stored under.
+    boot_id: String,
 }
 
 struct State {
@@ -158,18 +166,26 @@ impl FdStore {
             std::env::var_os("NOTIFY_SOCKET").as_deref(),
             std::env::var("FDSTORE").ok().as_deref(),
         )?;
-        Ok(FdStore::new(notify, notify::take_listen_fds()))
+        let boot_id = std::fs::read_to_string(BOOT_ID).map_err(FdStoreError::BootId)?;
+        let store = FdStore::new(notify, notify::take_listen_fds(), boot_id.trim());
+        store.drop_left_behind()?;
+        Ok(store)
     }
 
-    /// The holder that tells `notify` and starts with `passed`. A session passed with its
-    /// record stands in the ledger as `incoming`, as the agent's would after the kexec.
-    pub fn new(notify: NotifySocket, passed: Vec<(String, OwnedFd)>) -> FdStore {
+    /// The holder that tells `notify`, in boot `boot_id`, and starts with `passed`. A session
+    /// passed with its record stands in the ledger as `incoming`, as the agent's would after
+    /// the kexec. One this boot created was left by a VMM that exited before any kexec (see
+    /// [`FdStore::drop_left_behind`]).
+    pub fn new(notify: NotifySocket, passed: Vec<(String, OwnedFd)>, boot_id: &str) -> FdStore {
         let mut by_name: BTreeMap<String, Vec<OwnedFd>> = BTreeMap::new();
         for (name, fd) in passed {
             by_name.entry(name).or_default().push(fd);
         }
+        let crossed = by_name
+            .keys()
+            .any(|n| n.starts_with(SESSION_FDNAME) && *n != session_fdname(boot_id));
         let record = match by_name.get(RECORD_FDNAME).and_then(|fds| fds.first()) {
-            Some(fd) if by_name.contains_key(SESSION_FDNAME) => match read_record(fd.as_fd()) {
+            Some(fd) if crossed => match read_record(fd.as_fd()) {
                 Ok(record) => Some(incoming(record)),
                 Err(e) => {
                     log::warn!("the record systemd handed back is unreadable: {e}");
@@ -186,7 +202,37 @@ impl FdStore {
                 kept_pushed: 0,
             })),
             update_limit: DEFAULT_UPDATE_LIMIT,
+            boot_id: boot_id.to_string(),
         }
+    }
+
+    /// Drops a session this boot created, and what was stored beside it, if systemd passed
+    /// one: its VMM exited (a crash, `systemctl restart`) before any kexec, the guest with
+    /// it. LUO retrieves nothing from a session before a kexec, so no restore could use it;
+    /// kept, it would make every start try one, and carry a stale VM across the next kexec.
+    /// The VM boots afresh from its config.
+    pub fn drop_left_behind(&self) -> Result<(), FdStoreError> {
+        let ours = session_fdname(&self.boot_id);
+        if !self.state().passed.contains_key(&ours) {
+            return Ok(());
+        }
+        log::warn!(
+            "the VM's session of this boot was left in the fd store by a VMM that exited before \
+             the kexec (its guest went with it): dropped; the VM boots afresh"
+        );
+        self.drop_update()?;
+        self.state().passed.clear();
+        Ok(())
+    }
+
+    /// The name and fd of a session systemd passed that crossed a kexec.
+    fn passed_session<'a>(&self, state: &'a State) -> Option<(&'a String, &'a OwnedFd)> {
+        let ours = session_fdname(&self.boot_id);
+        state
+            .passed
+            .iter()
+            .filter(|(name, _)| name.starts_with(SESSION_FDNAME) && **name != ours)
+            .find_map(|(name, fds)| Some((name, fds.first()?)))
     }
 
     /// The same holder, calling an update off by itself after `limit` (see `update_limit`).
@@ -199,7 +245,7 @@ impl FdStore {
 
     /// Whether systemd handed a session back at start: a restore waits.
     pub fn session_waits(&self) -> bool {
-        self.state().passed.contains_key(SESSION_FDNAME)
+        self.passed_session(&self.state()).is_some()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -258,7 +304,17 @@ impl FdStore {
     }
 
     fn drop_update(&self) -> Result<(), FdStoreError> {
-        self.remove(SESSION_FDNAME)?;
+        let passed: Vec<String> = self
+            .state()
+            .passed
+            .keys()
+            .filter(|n| n.starts_with(SESSION_FDNAME))
+            .cloned()
+            .collect();
+        for name in passed {
+            self.remove(&name)?;
+        }
+        self.remove(&session_fdname(&self.boot_id))?;
         self.remove(RECORD_FDNAME)?;
         self.drop_kept()?;
         self.settle()
@@ -293,6 +349,11 @@ fn store_socket(
         .and_then(|s| NotifySocket::parse(s.as_bytes()))
         .filter(|_| store > 0)
         .ok_or(FdStoreError::NoStore)
+}
+
+/// The fd store name of a session created in boot `boot_id`.
+fn session_fdname(boot_id: &str) -> String {
+    format!("{SESSION_FDNAME}{}", boot_id.replace('-', ""))
 }
 
 /// `/dev/liveupdate`, waited for while another opener has it.
@@ -406,7 +467,7 @@ impl UpdateAgent for FdStore {
         let session = open_device()?
             .create_session(&name)
             .map_err(FdStoreError::from)?;
-        self.push(SESSION_FDNAME, session.as_fd())?;
+        self.push(&session_fdname(&self.boot_id), session.as_fd())?;
         self.settle()?;
         self.state().record = None;
         self.record_phase(vm, VmPhase::Subscribed);
@@ -499,10 +560,8 @@ impl UpdateAgent for FdStore {
         })?;
         let copy = {
             let state = self.state();
-            let fd = state
-                .passed
-                .get(SESSION_FDNAME)
-                .and_then(|fds| fds.first())
+            let (_, fd) = self
+                .passed_session(&state)
                 .ok_or_else(|| FdStoreError::NoSession { vm: vm.to_string() })?;
             fd.try_clone().map_err(|source| FdStoreError::Notify {
                 what: "a copy of the session",

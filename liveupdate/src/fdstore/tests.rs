@@ -9,11 +9,21 @@ use std::thread::JoinHandle;
 use super::*;
 use crate::agent::ledger::VmPhase;
 
+/// This boot's id, and the one before the kexec.
+const BOOT: &str = "0b5c2d1e-6f7a-4b8c-9d0e-1f2a3b4c5d6e";
+const EARLIER_BOOT: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+
 /// A service manager's fd store, served on its own thread until `stop`.
 struct Manager {
     dir: PathBuf,
     socket: NotifySocket,
-    thread: Option<JoinHandle<Vec<(String, OwnedFd)>>>,
+    thread: Option<JoinHandle<Served>>,
+}
+
+/// The store as the manager left it, and every name it was asked to drop.
+struct Served {
+    store: Vec<(String, OwnedFd)>,
+    removed: Vec<String>,
 }
 
 impl Manager {
@@ -33,16 +43,21 @@ impl Manager {
     }
 
     /// Stops serving; the store as the next start of the service gets it.
-    fn stop(mut self) -> Vec<(String, OwnedFd)> {
+    fn stop(self) -> Vec<(String, OwnedFd)> {
+        self.stop_served().store
+    }
+
+    fn stop_served(mut self) -> Served {
         self.socket.send("STOP=1", &[]).unwrap();
-        let store = self.thread.take().unwrap().join().unwrap();
+        let served = self.thread.take().unwrap().join().unwrap();
         std::fs::remove_dir_all(&self.dir).unwrap();
-        store
+        served
     }
 }
 
-fn serve(server: &UnixDatagram) -> Vec<(String, OwnedFd)> {
+fn serve(server: &UnixDatagram) -> Served {
     let mut store: Vec<(String, OwnedFd)> = Vec::new();
+    let mut removed = Vec::new();
     loop {
         let (text, fds) = super::notify::receive(server);
         let field = |key: &str| {
@@ -51,7 +66,7 @@ fn serve(server: &UnixDatagram) -> Vec<(String, OwnedFd)> {
                 .map(str::to_string)
         };
         if field("STOP=").is_some() {
-            return store;
+            return Served { store, removed };
         }
         if field("BARRIER=").is_some() {
             drop(fds);
@@ -60,6 +75,7 @@ fn serve(server: &UnixDatagram) -> Vec<(String, OwnedFd)> {
         let name = field("FDNAME=").unwrap_or_else(|| "stored".into());
         if field("FDSTOREREMOVE=").is_some() {
             store.retain(|(n, _)| *n != name);
+            removed.push(name);
         } else if field("FDSTORE=").is_some() {
             store.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
         }
@@ -73,7 +89,7 @@ fn memfd_with(text: &str) -> OwnedFd {
 #[test]
 fn what_a_failed_restore_keeps_comes_back_at_the_next_start_and_goes_when_finished() {
     let manager = Manager::start("kept");
-    let store = FdStore::new(manager.socket.clone(), Vec::new());
+    let store = FdStore::new(manager.socket.clone(), Vec::new(), BOOT);
     let (a, b) = (memfd_with("iommufd"), memfd_with("other"));
     store.keep("vm1", "{\"bound\":[]}", &[&a, &b]).unwrap();
     // Kept again: the earlier set is replaced, not added to.
@@ -83,7 +99,7 @@ fn what_a_failed_restore_keeps_comes_back_at_the_next_start_and_goes_when_finish
     assert_eq!(names, ["luvmm-kept-note", "luvmm-kept-0"]);
 
     let manager = Manager::start("kept2");
-    let next = FdStore::new(manager.socket.clone(), passed);
+    let next = FdStore::new(manager.socket.clone(), passed, BOOT);
     let kept = next.kept("vm1").unwrap().unwrap();
     assert_eq!(kept.note, "{\"bound\":[1]}");
     assert_eq!(kept.fds.len(), 1);
@@ -96,7 +112,7 @@ fn what_a_failed_restore_keeps_comes_back_at_the_next_start_and_goes_when_finish
 #[test]
 fn the_record_written_at_ready_tells_the_claim_the_devices_and_a_claim_needs_a_session() {
     let manager = Manager::start("record");
-    let store = FdStore::new(manager.socket.clone(), Vec::new());
+    let store = FdStore::new(manager.socket.clone(), Vec::new(), BOOT);
     let devices = vec!["0000:00:03.0".to_string()];
     store.ready("vm1", &devices).unwrap();
     assert_eq!(store.status().unwrap().vms[0].phase, VmPhase::Ready);
@@ -107,7 +123,7 @@ fn the_record_written_at_ready_tells_the_claim_the_devices_and_a_claim_needs_a_s
     // After the kexec, without the session: nothing to claim, and it says so.
     let manager = Manager::start("record2");
     let record = passed.remove(0);
-    let next = FdStore::new(manager.socket.clone(), vec![record]);
+    let next = FdStore::new(manager.socket.clone(), vec![record], BOOT);
     assert!(!next.session_waits());
     let err = next.claim("vm1").err().unwrap();
     assert!(err.to_string().contains("fd store"), "{err}");
@@ -124,9 +140,10 @@ fn a_claim_hands_out_a_copy_of_the_session_systemd_passed() {
     let store = FdStore::new(
         manager.socket.clone(),
         vec![
-            (SESSION_FDNAME.to_string(), session),
+            (session_fdname(EARLIER_BOOT), session),
             (RECORD_FDNAME.to_string(), record),
         ],
+        BOOT,
     );
     assert!(store.session_waits());
     // Before the claim the ledger has the VM as the agent's would after the kexec: incoming,
@@ -175,7 +192,7 @@ fn the_host_systemd_version_is_read_from_systemctl() {
 #[test]
 fn an_update_that_did_not_kexec_within_its_limit_is_told_off_once() {
     let manager = Manager::start("limit");
-    let store = FdStore::new(manager.socket.clone(), Vec::new())
+    let store = FdStore::new(manager.socket.clone(), Vec::new(), BOOT)
         .with_update_limit(Duration::from_millis(100));
     let mut watch = store.watch("vm1").unwrap();
     assert_eq!(watch.told().unwrap(), None);
@@ -184,4 +201,32 @@ fn an_update_that_did_not_kexec_within_its_limit_is_told_off_once() {
     assert_eq!(watch.told().unwrap(), Some(Ledger::default()));
     assert_eq!(watch.told().unwrap(), None);
     drop(manager.stop());
+}
+
+#[test]
+fn a_session_this_boot_left_behind_is_dropped_and_the_vm_boots_afresh() {
+    let manager = Manager::start("left");
+    let passed = vec![
+        (
+            session_fdname(BOOT),
+            memfd_with("an outgoing session stands in"),
+        ),
+        (
+            RECORD_FDNAME.to_string(),
+            memfd_with("{\"vm\":\"vm1\",\"devices\":[]}"),
+        ),
+    ];
+    let store = FdStore::new(manager.socket.clone(), passed, BOOT);
+    // Nothing to restore from: LUO retrieves nothing before a kexec.
+    assert!(!store.session_waits());
+    assert!(store.status().unwrap().vms.is_empty());
+    store.drop_left_behind().unwrap();
+    let removed = manager.stop_served().removed;
+    assert!(removed.contains(&session_fdname(BOOT)), "{removed:?}");
+    assert!(removed.contains(&RECORD_FDNAME.to_string()), "{removed:?}");
+    // The name carries the boot id without its dashes.
+    assert_eq!(
+        session_fdname(BOOT),
+        "luvmm-session-0b5c2d1e6f7a4b8c9d0e1f2a3b4c5d6e"
+    );
 }

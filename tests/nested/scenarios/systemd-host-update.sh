@@ -11,7 +11,8 @@
 #            `systemctl kexec`.
 #   stage 2: systemd hands each service its session back at start; both VMs are restored by
 #            their units with no command typed; each guest's own check after the resume, and
-#            one more asked.
+#            one more asked; `update status`. Then b staged and its unit restarted: the session
+#            its VMM left behind is dropped and b boots afresh.
 stage=$1
 cd /tmp
 . /luvmm/steps.sh
@@ -122,5 +123,16 @@ case "$stage" in
     result host_update_systemd_stores_emptied \
         $(for vm in a b; do systemctl show -p NFileDescriptorStore --value luvmm@$vm; done | grep -qv '^0$'; [ $? = 1 ]; echo $?) \
         "$(for vm in a b; do echo "$vm: $(systemctl show -p NFileDescriptorStore luvmm@$vm)"; done)"
+    # A VMM that exits while staged (here `systemctl restart`) leaves its session in its
+    # store; the next start drops it (LUO retrieves nothing before a kexec) and boots afresh.
+    luvmm ctl --socket "$(sock_of b)" update stage --vm-id b > restage.out 2>&1
+    staged_b=$(systemctl show -p NFileDescriptorStore --value luvmm@b)
+    systemctl restart luvmm@b
+    running b
+    result host_update_systemd_b_restarted_while_staged_boots_afresh \
+        $([ "$staged_b" = 1 ] && [ "$(phase "$(sock_of b)")" = running ] \
+            && journalctl -q -o cat -u luvmm@b.service -b | grep -q "left in the fd store by a VMM that exited" \
+            && [ "$(systemctl show -p NFileDescriptorStore --value luvmm@b)" = 0 ]; echo $?) \
+        "staged: $staged_b stored; b: $(phase "$(sock_of b)"), stored $(systemctl show -p NFileDescriptorStore --value luvmm@b); $(cat restage.out)"
     ;;
 esac
