@@ -13,6 +13,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use vcpu_thread::VcpuThreadError;
+
+mod vcpu_thread;
+
 /// Setting up or running L1 failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BedError {
@@ -32,6 +36,8 @@ pub enum BedError {
     TooBig { path: PathBuf, size: usize },
     #[error("cannot start qemu-system-x86_64 (the bed's setup installs it)")]
     Qemu(#[source] std::io::Error),
+    #[error(transparent)]
+    VcpuThread(#[from] VcpuThreadError),
 }
 
 /// A file to put into L1's initramfs.
@@ -188,11 +194,21 @@ pub fn run_l1(
         .args(["-append", &append])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .arg("-no-reboot")
+        // Names QEMU's threads, so that L1's vCPU thread can be found and kept on one CPU.
+        .args(["-name", "luvmm-l1,debug-threads=on"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(BedError::Qemu)?;
+    // A process id fits an i32: the kernel's pid_max is at most 2^22.
+    let pinned =
+        vcpu_thread::pin_vcpu_thread(child.id() as i32, || matches!(child.try_wait(), Ok(None)));
+    if let Err(err) = pinned {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(err.into());
+    }
     let (tx, rx) = mpsc::channel();
     let streams = [
         child
