@@ -12,6 +12,7 @@ pub mod regs;
 pub mod state;
 pub mod tsc;
 pub mod tsc_carry;
+pub mod tsc_rate;
 pub mod xsave;
 
 use msr::MsrError;

@@ -10,8 +10,9 @@
 use kvm_ioctls::VcpuFd;
 
 /// How far a restored vCPU's TSC may run from the saved rate when KVM cannot scale it: a host
-/// kernel's own recalibration across a kexec (seen: 111 to 1709 ppm in the bed under TCG),
-/// not another machine. 1 %, the window in which Linux itself takes a refined calibration
+/// kernel's own recalibration across a kexec, not another machine. KVM built into a kernel
+/// keeps the kernel's first, quick calibration (seen 111 to 1709 ppm off under TCG, see
+/// [`super::tsc_rate`]). 1 %, the window in which Linux itself takes a refined calibration
 /// for the same clock.
 const TSC_DRIFT_PPM: u64 = 10_000;
 

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 pub use vcpu_thread::VcpuThreadError;
 
+use luvmm_vmm::vstate::x86_64::tsc_rate::{measure_tsc_khz, ClockError};
+
 mod vcpu_thread;
 
 /// Setting up or running L1 failed.
@@ -38,6 +40,8 @@ pub enum BedError {
     Qemu(#[source] std::io::Error),
     #[error(transparent)]
     VcpuThread(#[from] VcpuThreadError),
+    #[error("cannot measure this host's TSC rate for L1")]
+    TscRate(#[source] ClockError),
 }
 
 /// A file to put into L1's initramfs.
@@ -171,7 +175,13 @@ pub fn run_l1(
     // no_timer_check: on a loaded host a TCG vCPU can miss the timer ticks Linux counts while
     // it checks the IO-APIC timer during boot, and with interrupt remapping on that check
     // panics ("timer doesn't work through Interrupt-remapped IO-APIC") instead of falling back.
-    let append = format!("{BED_CMDLINE} {}", spec.append);
+    // tsc_early_khz: L1's KVM is built in, so it runs its guests' TSCs and kvmclocks at L1's
+    // first, quick TSC calibration, which under TCG is now and then 0.11 % off (2593.2 MHz for
+    // this machine's 2596.1) while L1's own clock keeps the refined rate; a Linux L2 guest on
+    // such an L1 stalled (RCU stalls at boot, soft lockups of minutes after a restore: shown
+    // by booting L1 with tsc_early_khz=2593218). Measured here, L1's rate is the TSC's own.
+    let tsc_khz = measure_tsc_khz().map_err(BedError::TscRate)?;
+    let append = format!("{BED_CMDLINE} tsc_early_khz={tsc_khz} {}", spec.append);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,kernel-irqchip=split"])
         .args(["-accel", "tcg,thread=multi"])
