@@ -73,6 +73,12 @@ fn luo_sessions_survive_a_real_kexec_in_the_nested_bed() {
         let (code, report) = hostcheck(&run, stage);
         // Memory can be preserved, the edu device cannot: exit 4, as documented.
         assert_eq!(report["verdict"], "memory_only", "stage {stage}: {report}");
+        // The bed gives L1 its TSC's rate: KVM runs guests at it, and nothing is warned of.
+        assert_eq!(
+            report["warnings"],
+            serde_json::json!([]),
+            "stage {stage}: {report}"
+        );
         assert_eq!(code, 4, "stage {stage}: host-check exit code");
         let lu = &report["liveupdate"];
         assert_eq!(lu["luo"], "available", "stage {stage}: {report}");

@@ -11,6 +11,7 @@ mod scenario;
 
 mod agent;
 mod handover;
+mod host_check;
 mod host_update;
 mod kexec_fails;
 mod linux;

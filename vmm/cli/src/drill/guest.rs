@@ -270,9 +270,13 @@ impl Guest {
         thp: bool,
     ) -> Result<Guest, GuestError> {
         // A 2 s watchdog: a CPU that sees 4 s pass unannounced is a soft lockup, so a blackout
-        // the guest was not told of (`KVM_KVMCLOCK_CTRL`) shows in its log.
-        let mut cmdline =
-            String::from("console=ttyS0 tsc=nowatchdog watchdog_thresh=2 luvmm.judge.mem_pct=40");
+        // the guest was not told of (`KVM_KVMCLOCK_CTRL`) shows in its log. nohz=off keeps the
+        // tick running in idle: an interrupt that wakes a CPU whose tick had stopped touches
+        // the watchdog first (7.2's tick_nohz_irq_enter), so a blackout that began while the
+        // guest idled went unreported, and the damage check failed to fail now and then.
+        let mut cmdline = String::from(
+            "console=ttyS0 tsc=nowatchdog nohz=off watchdog_thresh=2 luvmm.judge.mem_pct=40",
+        );
         if handler.resets_devices() {
             cmdline.push_str(" nvme_core.io_timeout=3 nvme_core.admin_timeout=3");
         }

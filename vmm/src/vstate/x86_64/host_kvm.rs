@@ -56,6 +56,11 @@ impl HostKvm {
         })
     }
 
+    /// The rate a new vCPU's TSC runs at here, in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
     /// Whether a vCPU here can run at the saved TSC rate `saved` kHz: KVM scales it, or this
     /// host's own rate is within the drift a restore accepts.
     pub fn check_tsc_rate(&self, saved: u32) -> Result<(), TscError> {

@@ -6,6 +6,10 @@ use serde::Serialize;
 
 use luvmm_resources::errors::error_chain;
 
+pub use kvm_tsc::KvmTsc;
+
+mod kvm_tsc;
+
 /// The report: LUO's capabilities and the VFIO devices that could be passed through.
 #[derive(Debug, Serialize)]
 pub struct HostReport {
@@ -17,10 +21,14 @@ pub struct HostReport {
     pub vfio_probe_error: Option<String>,
     /// Who holds the VMs' sessions through a kexec on this host.
     pub session_holder: SessionHolder,
+    /// KVM's TSC rate for new vCPUs against the TSC's own; `null` without `/dev/kvm`.
+    pub kvm_tsc: Option<KvmTsc>,
     /// What all of the above allows.
     pub verdict: Verdict,
     /// Why the verdict is not `ready`, one reason each.
     pub blockers: Vec<String>,
+    /// What does not stop an update but harms the guests here.
+    pub warnings: Vec<String>,
 }
 
 /// Who holds the VMs' sessions through a kexec: systemd (PID 1, 261 or later, keeps each
@@ -172,14 +180,18 @@ pub fn run() -> HostReport {
     let liveupdate = probe(candidate);
     let vfio_backend = vfio_path();
     let (verdict, blockers) = verdict(&liveupdate, vfio_backend, &vfio_devices);
+    let kvm_tsc = KvmTsc::of_host();
+    let warnings = kvm_tsc.iter().filter_map(KvmTsc::warning).collect();
     HostReport {
         liveupdate,
         vfio_backend,
         vfio_devices,
         vfio_probe_error,
         session_holder: SessionHolder::of_host(),
+        kvm_tsc,
         verdict,
         blockers,
+        warnings,
     }
 }
 
@@ -227,6 +239,16 @@ impl HostReport {
             }
         ));
         text.push_str(&format!(
+            "KVM TSC rate:             {}\n",
+            match &self.kvm_tsc {
+                Some(tsc) => format!(
+                    "{} kHz for new vCPUs; the TSC ticks at {} kHz ({} ppm apart)",
+                    tsc.kvm_khz, tsc.measured_khz, tsc.ppm
+                ),
+                None => "unknown (no usable /dev/kvm)".to_string(),
+            }
+        ));
+        text.push_str(&format!(
             "verdict:                  {}\n",
             match self.verdict {
                 Verdict::Ready => "ready: guest memory and passthrough devices can be preserved",
@@ -236,6 +258,9 @@ impl HostReport {
         ));
         for blocker in &self.blockers {
             text.push_str(&format!("blocker:                  {blocker}\n"));
+        }
+        for warning in &self.warnings {
+            text.push_str(&format!("warning:                  {warning}\n"));
         }
         text
     }
