@@ -38,18 +38,15 @@ pub enum VcpuThreadError {
 }
 
 /// Keeps QEMU `qemu`'s vCPU thread on the last host CPU this process may use, once QEMU has
-/// started it. Returns that CPU, or `None` where there is only one CPU (nothing moves) or
-/// QEMU exited first (its exit is the run's to report).
-pub fn pin_vcpu_thread(
-    qemu: i32,
-    mut alive: impl FnMut() -> bool,
-) -> Result<Option<usize>, VcpuThreadError> {
+/// started it. Nothing is done where there is only one CPU (nothing moves) or where QEMU
+/// exited first (its exit is the run's to report).
+pub fn pin_vcpu_thread(qemu: i32, mut alive: impl FnMut() -> bool) -> Result<(), VcpuThreadError> {
     let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(VcpuThreadError::OwnAffinity)?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
         .collect();
     let Some(&cpu) = cpus.last().filter(|_| cpus.len() > 1) else {
-        return Ok(None);
+        return Ok(());
     };
     let tasks = Path::new("/proc").join(qemu.to_string()).join("task");
     let started = Instant::now();
@@ -58,7 +55,7 @@ pub fn pin_vcpu_thread(
             break tid;
         }
         if !alive() {
-            return Ok(None);
+            return Ok(());
         }
         if started.elapsed() > FIND_TIMEOUT {
             return Err(VcpuThreadError::NotFound { qemu });
@@ -72,8 +69,7 @@ pub fn pin_vcpu_thread(
         tid,
         cpu,
         source,
-    })?;
-    Ok(Some(cpu))
+    })
 }
 
 /// The id of the thread named `name` among `tasks` (a `/proc/PID/task` directory).
