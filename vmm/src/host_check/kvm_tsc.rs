@@ -10,11 +10,8 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use crate::vstate::x86_64::host_kvm::HostKvm;
+use crate::vstate::x86_64::tsc::{drift_ppm, KVM_TOLERANCE_PPM};
 use crate::vstate::x86_64::tsc_rate::measure_tsc_khz;
-
-/// How far KVM's rate may be from the measured one: KVM's own tolerance, within which it
-/// takes another rate as the same. A measurement is good to a few ppm.
-const TOLERANCE_PPM: u64 = 250;
 
 /// KVM's TSC rate for a new vCPU against the TSC's own, measured here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,18 +32,18 @@ impl KvmTsc {
     }
 
     fn new(kvm_khz: u32, measured_khz: u32) -> KvmTsc {
-        let ppm =
-            u64::from(kvm_khz.abs_diff(measured_khz)) * 1_000_000 / u64::from(measured_khz.max(1));
         KvmTsc {
             kvm_khz,
             measured_khz,
-            ppm,
+            ppm: drift_ppm(measured_khz, kvm_khz),
         }
     }
 
-    /// What an operator should know, where KVM's rate is off.
+    /// What an operator should know, where KVM's rate is further from the TSC's than KVM's
+    /// own tolerance (within which it takes another rate as the same; a measurement is good
+    /// to a few ppm).
     pub fn warning(&self) -> Option<String> {
-        (self.ppm > TOLERANCE_PPM).then(|| {
+        (self.ppm > KVM_TOLERANCE_PPM).then(|| {
             format!(
                 "KVM runs new vCPUs' TSCs at {} kHz, but this host's TSC ticks at {} kHz \
                  ({} ppm apart): KVM kept the kernel's first TSC calibration, and its Linux \

@@ -36,7 +36,7 @@ pub enum TscError {
 
 /// How far KVM lets a requested rate be from the host's and still runs the vCPU at the host's
 /// own, unscaled (its `tsc_tolerance_ppm` default).
-const KVM_TOLERANCE_PPM: u64 = 250;
+pub(crate) const KVM_TOLERANCE_PPM: u64 = 250;
 
 /// What a restore does with the saved TSC rate, once this host's is known.
 #[derive(Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ pub fn restore_tsc_rate(
 }
 
 /// `host`'s distance from `saved`, in parts per million of `saved`.
-fn drift_ppm(saved: u32, host: u32) -> u64 {
+pub(crate) fn drift_ppm(saved: u32, host: u32) -> u64 {
     u64::from(saved.abs_diff(host)) * 1_000_000 / u64::from(saved.max(1))
 }
 

@@ -51,8 +51,7 @@ fn tsc_and_clock() -> Result<(u64, u64), ClockError> {
         let now = clock_gettime(ClockId::CLOCK_MONOTONIC_RAW).map_err(ClockError)?;
         let after = rdtsc();
         if after.wrapping_sub(before) <= PAIR_CYCLES {
-            let ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
-                + u64::try_from(now.tv_nsec()).unwrap_or(0);
+            let ns = u64::try_from(Duration::from(now).as_nanos()).unwrap_or(u64::MAX);
             return Ok((before / 2 + after / 2, ns));
         }
     }
@@ -67,6 +66,7 @@ fn rdtsc() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::x86_64::tsc::drift_ppm;
 
     #[test]
     fn the_measured_rate_is_a_plausible_tsc_and_repeats() {
@@ -75,7 +75,7 @@ mod tests {
         // Any x86_64 TSC of the last two decades: 100 MHz to 10 GHz.
         assert!((100_000..10_000_000).contains(&first), "{first} kHz");
         // Two measurements agree within 0.1 %: enough to tell KVM's 0.11 %-off rate.
-        let apart = u64::from(first.abs_diff(second)) * 1_000_000 / u64::from(first);
+        let apart = drift_ppm(first, second);
         assert!(
             apart < 1_000,
             "{first} and {second} kHz are {apart} ppm apart"

@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use vcpu_thread::VcpuThreadError;
@@ -18,6 +18,17 @@ pub use vcpu_thread::VcpuThreadError;
 use luvmm_vmm::vstate::x86_64::tsc_rate::{measure_tsc_khz, ClockError};
 
 mod vcpu_thread;
+
+/// This host's TSC rate, measured once per process (a quarter of a second) for every L1 it
+/// boots.
+fn host_tsc_khz() -> Result<u32, BedError> {
+    static MEASURED: OnceLock<u32> = OnceLock::new();
+    if let Some(&khz) = MEASURED.get() {
+        return Ok(khz);
+    }
+    let khz = measure_tsc_khz().map_err(BedError::TscRate)?;
+    Ok(*MEASURED.get_or_init(|| khz))
+}
 
 /// Setting up or running L1 failed.
 #[derive(Debug, thiserror::Error)]
@@ -180,8 +191,11 @@ pub fn run_l1(
     // this machine's 2596.1) while L1's own clock keeps the refined rate; a Linux L2 guest on
     // such an L1 stalled (RCU stalls at boot, soft lockups of minutes after a restore: shown
     // by booting L1 with tsc_early_khz=2593218). Measured here, L1's rate is the TSC's own.
-    let tsc_khz = measure_tsc_khz().map_err(BedError::TscRate)?;
-    let append = format!("{BED_CMDLINE} tsc_early_khz={tsc_khz} {}", spec.append);
+    let append = format!(
+        "{BED_CMDLINE} tsc_early_khz={} {}",
+        host_tsc_khz()?,
+        spec.append
+    );
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,kernel-irqchip=split"])
         .args(["-accel", "tcg,thread=multi"])
